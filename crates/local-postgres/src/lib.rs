@@ -1,0 +1,286 @@
+//! A private PostgreSQL cluster started from the server binaries installed on this machine.
+//!
+//! The engine uses it as its embedded default database when no database is configured, and the
+//! test harness uses it when `DATABASE_URL` is unset: one mechanism for both.
+//!
+//! * The server listens only on a Unix socket inside its own data directory (mode 0700, trust
+//!   authentication), so nothing else on the machine can reach it.
+//! * PostgreSQL refuses to run as root. When this process is root, the cluster belongs to an
+//!   unprivileged user (`postgres` when the distribution created it, otherwise `engine-pg`,
+//!   created on demand) and every server command runs as that user.
+//! * A watchdog process holds the read end of a pipe whose write end only this process holds. When
+//!   this process exits for any reason, SIGKILL included, the pipe closes and the watchdog stops
+//!   the server (and, for an ephemeral cluster, removes its directory).
+
+mod binaries;
+mod owner;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+
+pub use binaries::find_bin_dir;
+pub use owner::Owner;
+
+/// The role and database a new cluster is created with.
+pub const SUPERUSER: &str = "engine";
+/// The database created in a new cluster.
+pub const DATABASE: &str = "engine";
+const PORT: u16 = 5432;
+/// Unix socket paths are limited to 107 bytes; the socket file name adds 15.
+const MAX_SOCKET_DIR_LEN: usize = 90;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no PostgreSQL server binaries found (looked for initdb and pg_ctl on PATH and in \
+         /usr/lib/postgresql/*/bin); install PostgreSQL (Debian/Ubuntu: `apt-get install postgresql`, \
+         Fedora: `dnf install postgresql-server`) or point the engine at an existing server with \
+         DATABASE_URL or database.url"
+    )]
+    NoBinaries,
+    #[error("cannot prepare an unprivileged user for PostgreSQL: {0}")]
+    Owner(String),
+    #[error("{action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("`{command}` failed ({status}): {output}")]
+    Command { command: String, status: String, output: String },
+    #[error(
+        "the PostgreSQL directory {path} is not usable by user {user}: every parent directory must be \
+         searchable by that user; choose a data directory under /var/lib or /tmp"
+    )]
+    Unreachable { path: PathBuf, user: String },
+    #[error("the PostgreSQL directory path {0} is too long for a Unix socket (at most {MAX_SOCKET_DIR_LEN} bytes)")]
+    PathTooLong(PathBuf),
+}
+
+/// How to set up the cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The cluster's data directory; created (with its parents) when missing.
+    pub data_dir: PathBuf,
+    /// Throw-away cluster for tests: no fsync, and the directory is removed when it stops.
+    pub ephemeral: bool,
+}
+
+/// A running cluster. Stopped by [`LocalPostgres::stop`], on drop, or by the watchdog when this
+/// process dies.
+pub struct LocalPostgres {
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    owner: Owner,
+    watchdog: Option<(Child, ChildStdin)>,
+    running: bool,
+}
+
+impl LocalPostgres {
+    /// Initialises the cluster when needed and starts it. Blocking: call it before entering
+    /// latency-sensitive code, or from `spawn_blocking`.
+    pub fn start(options: Options) -> Result<Self, Error> {
+        let bin_dir = find_bin_dir().ok_or(Error::NoBinaries)?;
+        let owner = Owner::for_this_process().map_err(Error::Owner)?;
+        let data_dir = absolute(&options.data_dir)?;
+        if data_dir.as_os_str().len() > MAX_SOCKET_DIR_LEN {
+            return Err(Error::PathTooLong(data_dir));
+        }
+        prepare_dir(&data_dir, &owner)?;
+
+        let mut pg = LocalPostgres { bin_dir, data_dir, owner, watchdog: None, running: false };
+        let fresh = !pg.data_dir.join("PG_VERSION").exists();
+        if fresh {
+            pg.initdb(options.ephemeral)?;
+        }
+        pg.write_settings(options.ephemeral)?;
+        pg.stop_leftover_server();
+        // The watchdog first: from here on, whatever happens to this process, the server stops.
+        pg.watchdog = Some(pg.spawn_watchdog(options.ephemeral)?);
+        pg.run(&mut pg.pg_ctl(["start", "-w", "-t", "120", "-l"]).arg(pg.data_dir.join("server.log")))?;
+        pg.running = true;
+        if fresh {
+            pg.run(
+                pg.command("createdb")
+                    .args(["-h"])
+                    .arg(&pg.data_dir)
+                    .args(["-p", &PORT.to_string(), "-U", SUPERUSER, DATABASE]),
+            )?;
+        }
+        tracing::info!(data_dir = %pg.data_dir.display(), user = %pg.owner.name, "started local PostgreSQL");
+        Ok(pg)
+    }
+
+    /// A connection URL for `database` on this cluster (over its Unix socket).
+    pub fn url_for(&self, database: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}@localhost:{PORT}/{database}?host={}",
+            self.data_dir.display()
+        )
+    }
+
+    /// A connection URL for the cluster's own database.
+    pub fn url(&self) -> String {
+        self.url_for(DATABASE)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Stops the server (fast shutdown: open sessions are ended, committed work is kept).
+    pub fn stop(mut self) -> Result<(), Error> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), Error> {
+        let result = if self.running {
+            self.running = false;
+            self.run(&mut self.pg_ctl(["stop", "-m", "fast", "-w", "-t", "60"])).map(drop)
+        } else {
+            Ok(())
+        };
+        if let Some((mut child, stdin)) = self.watchdog.take() {
+            drop(stdin); // the watchdog now tidies up (an ephemeral directory) and exits
+            let _ = child.wait();
+        }
+        result
+    }
+
+    fn initdb(&self, ephemeral: bool) -> Result<(), Error> {
+        let mut initdb = self.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C"]);
+        if ephemeral {
+            initdb.arg("--no-sync");
+        }
+        self.run(&mut initdb)?;
+        let conf = self.data_dir.join("postgresql.conf");
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .map_err(|source| Error::Io { action: "open", path: conf.clone(), source })?;
+        writeln!(file, "\ninclude_if_exists = 'engine.conf'")
+            .map_err(|source| Error::Io { action: "write", path: conf, source })
+    }
+
+    /// Settings rewritten at every start, so a moved directory keeps working.
+    fn write_settings(&self, ephemeral: bool) -> Result<(), Error> {
+        let mut settings = format!(
+            "# Written by the engine at every start; edit postgresql.conf instead.\n\
+             listen_addresses = ''\n\
+             unix_socket_directories = '{}'\n\
+             unix_socket_permissions = 0700\n\
+             port = {PORT}\n",
+            self.data_dir.display().to_string().replace('\'', "''")
+        );
+        if ephemeral {
+            settings.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
+        }
+        let path = self.data_dir.join("engine.conf");
+        fs::write(&path, settings).map_err(|source| Error::Io { action: "write", path: path.clone(), source })?;
+        self.owner.chown(&path).map_err(Error::Owner)
+    }
+
+    /// A server left running by an engine that was killed before its watchdog could act.
+    fn stop_leftover_server(&self) {
+        if self.data_dir.join("postmaster.pid").exists() {
+            let stopped = self.run(&mut self.pg_ctl(["stop", "-m", "fast", "-w", "-t", "60"]));
+            if stopped.is_ok() {
+                tracing::warn!(data_dir = %self.data_dir.display(), "stopped a PostgreSQL server left running by an earlier process");
+            }
+        }
+    }
+
+    fn spawn_watchdog(&self, ephemeral: bool) -> Result<(Child, ChildStdin), Error> {
+        let script = if ephemeral {
+            r#"read _ ; "$0" -D "$1" stop -m immediate -w >/dev/null 2>&1 ; rm -rf "$1""#
+        } else {
+            r#"read _ ; "$0" -D "$1" stop -m fast -w >/dev/null 2>&1 ; true"#
+        };
+        let mut sh = Command::new("/bin/sh");
+        sh.arg("-c").arg(script).arg(self.bin_dir.join("pg_ctl")).arg(&self.data_dir);
+        sh.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+        sh.process_group(0);
+        self.owner.apply(&mut sh);
+        let mut child = sh
+            .spawn()
+            .map_err(|source| Error::Io { action: "spawn watchdog for", path: self.data_dir.clone(), source })?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        Ok((child, stdin))
+    }
+
+    fn pg_ctl<const N: usize>(&self, args: [&str; N]) -> Command {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D").arg(&self.data_dir).args(args);
+        cmd
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(program));
+        cmd.stdin(Stdio::null());
+        // Keep terminal signals (Ctrl-C to the foreground group) away from the server: its life
+        // is managed by `stop` and the watchdog.
+        cmd.process_group(0);
+        self.owner.apply(&mut cmd);
+        cmd
+    }
+
+    fn run(&self, cmd: &mut Command) -> Result<Output, Error> {
+        let described = format!("{cmd:?}");
+        let output = cmd
+            .output()
+            .map_err(|source| Error::Io { action: "run", path: PathBuf::from(cmd.get_program()), source })?;
+        if output.status.success() {
+            return Ok(output);
+        }
+        let mut text = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        if text.is_empty() {
+            text = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        }
+        let log = self.data_dir.join("server.log");
+        if let Ok(log_text) = fs::read_to_string(&log) {
+            let tail: Vec<&str> = log_text.lines().rev().take(5).collect();
+            if !tail.is_empty() {
+                text.push_str(&format!(
+                    "\nlast lines of {}:\n{}",
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+        }
+        Err(Error::Command { command: described, status: output.status.to_string(), output: text })
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown() {
+            tracing::warn!(%error, "stopping local PostgreSQL");
+        }
+    }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, Error> {
+    std::path::absolute(path).map_err(|source| Error::Io { action: "resolve", path: path.to_path_buf(), source })
+}
+
+/// Creates the directory, hands it to the owner with mode 0700 and checks the owner can reach it.
+fn prepare_dir(dir: &Path, owner: &Owner) -> Result<(), Error> {
+    fs::create_dir_all(dir).map_err(|source| Error::Io { action: "create", path: dir.to_path_buf(), source })?;
+    owner.chown(dir).map_err(Error::Owner)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|source| Error::Io { action: "set permissions on", path: dir.to_path_buf(), source })?;
+    if !owner.is_current() {
+        let mut probe = Command::new("/bin/sh");
+        probe.arg("-c").arg(r#"test -w "$0" && test -x "$0""#).arg(dir);
+        owner.apply(&mut probe);
+        let reachable = probe.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success());
+        if !matches!(reachable, Ok(true)) {
+            return Err(Error::Unreachable { path: dir.to_path_buf(), user: owner.name.clone() });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! One bounded batch: a short transaction whose statements are capped by `statement_timeout` and
+//! `lock_timeout`, so a batch can never hold locks or run for long.
+
+use std::time::Duration;
+
+use sqlx::{PgPool, Postgres, Transaction};
+
+/// Limits applied to every statement of a batch's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
+}
+
+/// Opens a transaction whose statements obey `limits` (`SET LOCAL`: they end with it).
+pub async fn begin(pool: &PgPool, limits: BatchLimits) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)")
+        .bind(millis(limits.statement_timeout))
+        .bind(millis(limits.lock_timeout))
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+fn millis(duration: Duration) -> String {
+    format!("{}ms", duration.as_millis().max(1))
+}
+
+/// True when PostgreSQL cancelled a statement for running past `statement_timeout` or waiting
+/// past `lock_timeout`.
+pub fn is_timeout(error: &sqlx::Error) -> bool {
+    matches!(
+        error.as_database_error().and_then(|e| e.code()).as_deref(),
+        Some("57014") | Some("55P03")
+    )
+}

@@ -1,0 +1,14 @@
+//! All of the engine's SQL: the data model, the migrations and the queries behind each retention
+//! task. Functions take `impl PgExecutor` (or a connection) so callers choose pool or transaction.
+//! Queries are plain runtime SQL: several are assembled from fragments, and one style throughout
+//! keeps the crate buildable without a database.
+
+pub mod batch;
+pub mod clock;
+pub mod sessions;
+pub mod task_lock;
+
+pub use sqlx::PgPool;
+
+/// The schema migrations in `migrations/`, applied by `engine migrate` and at start-up.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

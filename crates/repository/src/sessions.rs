@@ -1,0 +1,167 @@
+//! The sessions rule: a `user_sessions` row is due when it has expired (`expires_at < now`), or
+//! when it is anonymous (`user_id IS NULL`) and older than the anonymous TTL.
+//!
+//! Each part of the rule is purged by walking its own index in key order, `(expires_at, id)` and
+//! `(created_at, id) WHERE user_id IS NULL`, with a cursor: every batch starts where the last one
+//! stopped, so a batch reads only the rows it deletes, however large the table, and a whole purge
+//! is linear in the rows due. No OFFSET, no re-scan of what earlier batches passed.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgExecutor};
+use uuid::Uuid;
+
+/// The instants a run evaluates the rule against, fixed at the start of the run from the
+/// database's clock. A session that becomes due during a run waits for the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionCutoffs {
+    /// Sessions with `expires_at` before this are due.
+    pub expired_before: DateTime<Utc>,
+    /// Anonymous sessions with `created_at` before this are due.
+    pub anonymous_created_before: DateTime<Utc>,
+}
+
+impl SessionCutoffs {
+    pub fn at(now: DateTime<Utc>, anonymous_ttl: chrono::Duration) -> Self {
+        SessionCutoffs { expired_before: now, anonymous_created_before: now - anonymous_ttl }
+    }
+}
+
+/// The two parts of the rule, each purged along its own index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionRule {
+    /// `expires_at < cutoff`.
+    Expired,
+    /// `user_id IS NULL AND created_at < cutoff`.
+    AnonymousStale,
+}
+
+impl SessionRule {
+    pub const ALL: [SessionRule; 2] = [SessionRule::Expired, SessionRule::AnonymousStale];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionRule::Expired => "expired",
+            SessionRule::AnonymousStale => "anonymous",
+        }
+    }
+
+    fn cutoff(self, cutoffs: &SessionCutoffs) -> DateTime<Utc> {
+        match self {
+            SessionRule::Expired => cutoffs.expired_before,
+            SessionRule::AnonymousStale => cutoffs.anonymous_created_before,
+        }
+    }
+
+    /// The index key column the part is walked along.
+    fn key(self) -> &'static str {
+        match self {
+            SessionRule::Expired => "expires_at",
+            SessionRule::AnonymousStale => "created_at",
+        }
+    }
+
+    /// The predicate, with `$1` the cutoff and `{t}` the table alias.
+    fn predicate(self, t: &str) -> String {
+        match self {
+            SessionRule::Expired => format!("{t}.expires_at < $1"),
+            SessionRule::AnonymousStale => format!("{t}.user_id IS NULL AND {t}.created_at < $1"),
+        }
+    }
+}
+
+/// Where the next batch of a part starts: just past the last row deleted, in index order.
+/// The key is kept as PostgreSQL's own text so that any stored timestamp, `-infinity` included,
+/// round-trips exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    key: String,
+    id: Uuid,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub deleted: u64,
+    /// Where the next batch starts; `None` when this batch deleted nothing.
+    pub next: Option<Cursor>,
+}
+
+#[derive(FromRow)]
+struct BatchRow {
+    deleted: i64,
+    last_key: Option<String>,
+    last_id: Option<Uuid>,
+}
+
+/// Deletes up to `limit` due rows of one part of the rule, in index order after `after`.
+///
+/// Rows locked by someone else (another runner, or a request refreshing the session) are skipped,
+/// never waited for, so concurrent runners cannot deadlock or delete the same row; the outer
+/// DELETE repeats the predicate so only rows that are due when locked are removed.
+pub async fn delete_batch(
+    executor: impl PgExecutor<'_>,
+    rule: SessionRule,
+    cutoffs: &SessionCutoffs,
+    after: Option<&Cursor>,
+    limit: u32,
+) -> Result<BatchOutcome, sqlx::Error> {
+    let key = rule.key();
+    let after_clause = if after.is_some() { format!("AND (s.{key}, s.id) > ($3::timestamptz, $4)") } else { String::new() };
+    let sql = format!(
+        "WITH picked AS (
+             SELECT s.id FROM user_sessions s
+             WHERE {pick} {after_clause}
+             ORDER BY s.{key}, s.id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         ), deleted AS (
+             DELETE FROM user_sessions d USING picked
+             WHERE d.id = picked.id AND {recheck}
+             RETURNING d.{key} AS key, d.id
+         ), last AS (
+             SELECT key::text AS key, id FROM deleted ORDER BY deleted.key DESC, id DESC LIMIT 1
+         )
+         SELECT (SELECT count(*) FROM deleted) AS deleted,
+                (SELECT key FROM last) AS last_key,
+                (SELECT id FROM last) AS last_id",
+        pick = rule.predicate("s"),
+        recheck = rule.predicate("d"),
+    );
+    let mut query = sqlx::query_as::<_, BatchRow>(&sql).bind(rule.cutoff(cutoffs)).bind(i64::from(limit));
+    if let Some(cursor) = after {
+        query = query.bind(&cursor.key).bind(cursor.id);
+    }
+    let row = query.fetch_one(executor).await?;
+    let next = match (row.last_key, row.last_id) {
+        (Some(key), Some(id)) => Some(Cursor { key, id }),
+        _ => None,
+    };
+    Ok(BatchOutcome { deleted: row.deleted as u64, next })
+}
+
+/// How many rows each part of the rule would delete now (a row due under both parts counts as
+/// expired). Reads only the due rows, through the two indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, FromRow)]
+pub struct DueCounts {
+    pub expired: i64,
+    pub anonymous: i64,
+}
+
+impl DueCounts {
+    pub fn total(&self) -> i64 {
+        self.expired + self.anonymous
+    }
+}
+
+pub async fn count_due(executor: impl PgExecutor<'_>, cutoffs: &SessionCutoffs) -> Result<DueCounts, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE expires_at < $1) AS expired,
+                count(*) FILTER (WHERE NOT expires_at < $1) AS anonymous
+         FROM user_sessions
+         WHERE expires_at < $1 OR (user_id IS NULL AND created_at < $2)",
+    )
+    .bind(cutoffs.expired_before)
+    .bind(cutoffs.anonymous_created_before)
+    .fetch_one(executor)
+    .await
+}

@@ -1,0 +1,272 @@
+//! Running tasks: once ([`run_once`], for `engine retention run` and each scheduled run) and on
+//! their schedules ([`Controller`], for `engine serve`).
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use repository::task_lock::TaskLock;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::schedule::{self, Schedule};
+use crate::task::{Completion, MaintenanceTask, RunContext, RunReport, TaskError};
+
+/// A finished run.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_id: Uuid,
+    pub report: RunReport,
+    pub elapsed: Duration,
+}
+
+/// What [`run_once`] did.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    Ran(RunSummary),
+    /// Another runner (this engine's loop, another replica, a manual run) holds the task's lock.
+    Busy,
+}
+
+/// Runs `task` once: takes its cross-replica lock (or returns [`RunOutcome::Busy`] at once),
+/// deletes until nothing is due, the task's deadline passes or `cancel` fires, and releases the
+/// lock. Every log line of the run carries the task's name and a fresh run id.
+pub async fn run_once(
+    task: &dyn MaintenanceTask,
+    pool: &PgPool,
+    cancel: &CancellationToken,
+) -> Result<RunOutcome, TaskError> {
+    let run_id = Uuid::now_v7();
+    let span = tracing::info_span!("retention_run", task = task.name(), %run_id);
+    async {
+        let Some(lock) = TaskLock::try_acquire(pool, task.name()).await? else {
+            tracing::debug!("another runner holds the task; skipping");
+            return Ok(RunOutcome::Busy);
+        };
+        let schedule = task.schedule();
+        let ctx = RunContext::new(pool.clone(), run_id, cancel.clone(), schedule.max_run_time);
+        let started = Instant::now();
+        tracing::info!("run started");
+        let result = task.run(&ctx).await;
+        let elapsed = started.elapsed();
+        match lock.release().await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("the task's lock was lost during the run (database connection reset)"),
+            Err(error) => tracing::debug!(%error, "releasing the task's lock; closing its connection releases it"),
+        }
+        let report = result?;
+        tracing::info!(
+            deleted = report.deleted,
+            batches = report.batches,
+            elapsed_ms = elapsed.as_millis() as u64,
+            completion = report.completion.as_str(),
+            "run finished"
+        );
+        Ok(RunOutcome::Ran(RunSummary { run_id, report, elapsed }))
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs every task on its own schedule until cancelled.
+pub struct Controller {
+    pool: PgPool,
+    tasks: Vec<Arc<dyn MaintenanceTask>>,
+}
+
+impl Controller {
+    pub fn new(pool: PgPool, tasks: Vec<Arc<dyn MaintenanceTask>>) -> Self {
+        Controller { pool, tasks }
+    }
+
+    /// Runs until `cancel` fires, then waits for every task to finish its batch in flight.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut loops = JoinSet::new();
+        for task in self.tasks {
+            let (pool, cancel) = (self.pool.clone(), cancel.child_token());
+            let name = task.name();
+            loops.spawn(
+                async move {
+                    let run = || {
+                        let (task, pool, cancel) = (task.clone(), pool.clone(), cancel.clone());
+                        async move { run_once(task.as_ref(), &pool, &cancel).await }
+                    };
+                    let schedule = || task.schedule();
+                    drive(schedule, run, &cancel, fastrand::f64).await
+                }
+                .instrument(tracing::info_span!("retention_task", task = name)),
+            );
+        }
+        while loops.join_next().await.is_some() {}
+        tracing::info!("retention controller stopped");
+    }
+}
+
+/// How a loop iteration went, for choosing the next delay.
+enum Step {
+    Succeeded { work_left: bool },
+    Busy,
+    Failed,
+}
+
+/// One task's loop: first run after a random part of the interval, then every (jittered)
+/// interval; after a failure, capped exponential backoff instead. A failing or panicking run never
+/// ends the loop; only `cancel` does, and never in the middle of a run.
+async fn drive<S, R, F>(schedule: S, run: R, cancel: &CancellationToken, mut draw: impl FnMut() -> f64)
+where
+    S: Fn() -> Schedule,
+    R: Fn() -> F,
+    F: Future<Output = Result<RunOutcome, TaskError>>,
+{
+    let mut delay = schedule::first_delay(schedule().interval, draw());
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let step = match AssertUnwindSafe(run()).catch_unwind().await {
+            Ok(Ok(RunOutcome::Ran(summary))) => {
+                Step::Succeeded { work_left: summary.report.completion == Completion::DeadlineReached }
+            }
+            Ok(Ok(RunOutcome::Busy)) => Step::Busy,
+            Ok(Err(error)) => {
+                tracing::error!(error = %error_chain(&error), "run failed");
+                Step::Failed
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(error = %TaskError::Panicked(message), "run failed");
+                Step::Failed
+            }
+        };
+        let interval = schedule().interval;
+        delay = match step {
+            Step::Succeeded { work_left } => {
+                failures = 0;
+                if work_left {
+                    tracing::info!("run stopped at its deadline with work left; continuing shortly");
+                    schedule::CATCH_UP_PAUSE
+                } else {
+                    schedule::jittered(interval, draw())
+                }
+            }
+            Step::Busy => schedule::jittered(interval, draw()),
+            Step::Failed => {
+                failures = failures.saturating_add(1);
+                let delay = schedule::backoff(failures, draw());
+                tracing::warn!(failures, retry_in_ms = delay.as_millis() as u64, "retrying after backoff");
+                delay
+            }
+        };
+    }
+}
+
+/// An error and its sources, one line: "database error: pool timed out ...".
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(60);
+
+    fn schedule() -> Schedule {
+        Schedule { interval: INTERVAL, max_run_time: Duration::from_secs(10) }
+    }
+
+    fn ran(completion: Completion) -> Result<RunOutcome, TaskError> {
+        let report = RunReport { completion, ..Default::default() };
+        Ok(RunOutcome::Ran(RunSummary { run_id: Uuid::nil(), report, elapsed: Duration::ZERO }))
+    }
+
+    /// Drives a loop whose runs answer from `script` (then succeed), records when each run
+    /// started (relative to the start), and stops it at `until`.
+    async fn start_times(script: Vec<&'static str>, until: Duration) -> Vec<Duration> {
+        let start = Instant::now();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let calls = AtomicU32::new(0);
+        let cancel = CancellationToken::new();
+        let stopper = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(until).await;
+                cancel.cancel();
+            })
+        };
+        let run = || {
+            starts.lock().unwrap().push(start.elapsed());
+            let n = calls.fetch_add(1, Ordering::SeqCst) as usize;
+            let answer = script.get(n).copied().unwrap_or("ok");
+            async move {
+                match answer {
+                    "ok" => ran(Completion::Done),
+                    "deadline" => ran(Completion::DeadlineReached),
+                    "busy" => Ok(RunOutcome::Busy),
+                    "err" => Err(TaskError::Panicked("scripted failure".into())),
+                    "panic" => panic!("scripted panic"),
+                    other => unreachable!("{other}"),
+                }
+            }
+        };
+        drive(schedule, run, &cancel, || 0.5).await;
+        stopper.await.unwrap();
+        let times = starts.lock().unwrap().clone();
+        times
+    }
+
+    fn secs(values: &[u64]) -> Vec<Duration> {
+        values.iter().map(|s| Duration::from_secs(*s)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_every_interval_after_a_jittered_first_delay() {
+        // first delay: min(60s, 30s) * 0.5 = 15s; then the interval (draw 0.5 = no jitter).
+        let times = start_times(vec![], Duration::from_secs(200)).await;
+        assert_eq!(times, secs(&[15, 75, 135, 195]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_and_panics_back_off_exponentially_and_success_resets() {
+        let times = start_times(vec!["err", "panic", "err", "ok", "err"], Duration::from_secs(160)).await;
+        // 15 (err) +5 -> 20 (panic) +10 -> 30 (err) +20 -> 50 (ok) +60 -> 110 (err) +5 -> 115 (ok) +60
+        assert_eq!(times, secs(&[15, 20, 30, 50, 110, 115]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_stopped_by_its_deadline_continues_after_a_short_pause() {
+        let times = start_times(vec!["deadline", "deadline", "busy"], Duration::from_secs(100)).await;
+        assert_eq!(times, secs(&[15, 20, 25, 85]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancellation_ends_the_wait_at_once() {
+        let start = Instant::now();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        drive(schedule, || async { ran(Completion::Done) }, &cancel, || 0.5).await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,18 @@
+//! The retention controller: maintenance tasks that keep the engine's tables bounded, each on its
+//! own interval, one runner per task across every engine on a database.
+//!
+//! * [`MaintenanceTask`] is what a task implements: a name, its schedule, one run, a dry run.
+//!   A new task is one file in `tasks/` and one line in [`tasks::all`].
+//! * [`run_once`] runs a task a single time under its cross-replica lock, with a run id on every
+//!   log line, a deadline and cancellation between batches.
+//! * [`Controller`] runs every task's loop until its `CancellationToken` is cancelled.
+
+mod controller;
+pub mod schedule;
+pub mod settings;
+mod task;
+pub mod tasks;
+
+pub use controller::{run_once, Controller, RunOutcome, RunSummary};
+pub use settings::{RetentionSettings, SettingError};
+pub use task::{Completion, DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};

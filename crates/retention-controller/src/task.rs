@@ -1,0 +1,112 @@
+//! What a maintenance task is, and what one run of it reports.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::schedule::Schedule;
+
+/// One maintenance task. Implementations delete in bounded batches, each committed on its own,
+/// and call [`RunContext::interrupted`] between batches.
+#[async_trait::async_trait]
+pub trait MaintenanceTask: Send + Sync + 'static {
+    /// The task's name on the command line, in logs and in the database.
+    fn name(&self) -> &'static str;
+
+    /// How often the task runs and how long one run may take. Read before every run.
+    fn schedule(&self) -> Schedule;
+
+    /// Deletes what is due, batch by batch, until nothing is, the deadline passes or the run is
+    /// cancelled. Nothing due is success.
+    async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError>;
+
+    /// Counts what a run would delete now, deleting nothing.
+    async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError>;
+}
+
+/// What a run may use and must obey.
+pub struct RunContext {
+    pub pool: PgPool,
+    pub run_id: Uuid,
+    cancel: CancellationToken,
+    deadline: Instant,
+}
+
+impl RunContext {
+    pub fn new(pool: PgPool, run_id: Uuid, cancel: CancellationToken, max_run_time: Duration) -> Self {
+        RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time }
+    }
+
+    /// Why the run must stop before its next batch, if it must.
+    pub fn interrupted(&self) -> Option<Completion> {
+        if self.cancel.is_cancelled() {
+            Some(Completion::Cancelled)
+        } else if Instant::now() >= self.deadline {
+            Some(Completion::DeadlineReached)
+        } else {
+            None
+        }
+    }
+}
+
+/// How a run ended (errors aside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Completion {
+    /// Nothing due is left (as of the run's start).
+    #[default]
+    Done,
+    /// The run's deadline passed between batches; the rest waits for the next run.
+    DeadlineReached,
+    /// Shutdown or Ctrl-C: the batch in flight was committed, no new one started.
+    Cancelled,
+}
+
+impl Completion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Completion::Done => "done",
+            Completion::DeadlineReached => "deadline reached",
+            Completion::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a run deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunReport {
+    pub deleted: u64,
+    pub batches: u64,
+    /// Rows deleted per part of the task's rule, in the task's order.
+    pub by_rule: Vec<(&'static str, u64)>,
+    pub completion: Completion,
+}
+
+impl RunReport {
+    /// Counts one committed batch of `rule`.
+    pub fn record_batch(&mut self, rule: &'static str, deleted: u64) {
+        self.deleted += deleted;
+        self.batches += 1;
+        match self.by_rule.iter_mut().find(|(name, _)| *name == rule) {
+            Some((_, n)) => *n += deleted,
+            None => self.by_rule.push((rule, deleted)),
+        }
+    }
+}
+
+/// What a run would delete now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DryRunReport {
+    pub due: u64,
+    pub by_rule: Vec<(&'static str, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("the run panicked: {0}")]
+    Panicked(String),
+}
