@@ -1,1 +1,53 @@
-fn main() {}
+//! `engine`: loads the settings, opens the database (the configured one, or a private local
+//! PostgreSQL) and runs a command.
+
+mod cli;
+mod database;
+mod http;
+mod retention;
+mod serve;
+mod settings;
+mod shutdown;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command, RetentionCommand};
+use crate::settings::Settings;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Migrate => database::migrate(&settings).await.map(|()| ExitCode::SUCCESS),
+            Command::Serve => serve::serve(&settings).await.map(|()| ExitCode::SUCCESS),
+            Command::Retention(RetentionCommand::Run { tasks, dry_run }) => {
+                retention::run(&settings, &tasks, dry_run).await
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

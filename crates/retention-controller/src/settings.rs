@@ -41,8 +41,6 @@ pub struct RetentionSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionsSettings {
-    /// Whether `engine serve` schedules the task at all.
-    pub enabled: bool,
     /// Time between runs.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
@@ -65,7 +63,6 @@ pub struct SessionsSettings {
 impl Default for SessionsSettings {
     fn default() -> Self {
         SessionsSettings {
-            enabled: true,
             interval: DEFAULT_SESSIONS_INTERVAL,
             anonymous_ttl: DEFAULT_ANONYMOUS_TTL,
             batch_size: DEFAULT_BATCH_SIZE,

@@ -89,6 +89,21 @@ impl RunReport {
     pub fn record_batch(&mut self, rule: &'static str, deleted: u64) {
         self.deleted += deleted;
         self.batches += 1;
+        self.add_to_rule(rule, deleted);
+    }
+
+    /// Adds a later run's report to this one (a manual run that spans several runs); the
+    /// completion becomes the later run's.
+    pub fn absorb(&mut self, later: RunReport) {
+        self.deleted += later.deleted;
+        self.batches += later.batches;
+        for (rule, deleted) in later.by_rule {
+            self.add_to_rule(rule, deleted);
+        }
+        self.completion = later.completion;
+    }
+
+    fn add_to_rule(&mut self, rule: &'static str, deleted: u64) {
         match self.by_rule.iter_mut().find(|(name, _)| *name == rule) {
             Some((_, n)) => *n += deleted,
             None => self.by_rule.push((rule, deleted)),

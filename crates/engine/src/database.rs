@@ -1,0 +1,95 @@
+//! The engine's database: `DATABASE_URL`, else `database.url`, else a private PostgreSQL the
+//! engine starts under its data directory and stops when it exits.
+
+use anyhow::Context;
+use local_postgres::LocalPostgres;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+use crate::settings::Settings;
+
+pub struct Database {
+    pub pool: PgPool,
+    embedded: Option<LocalPostgres>,
+}
+
+impl Database {
+    /// Connects (starting the embedded server when nothing is configured) and applies migrations
+    /// when `migrate` is set.
+    pub async fn open(settings: &Settings, migrate: bool) -> anyhow::Result<Database> {
+        let configured = std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty()).or(settings.database.url.clone());
+        let (url, embedded) = match configured {
+            Some(url) => (url, None),
+            None => {
+                let data_dir = settings.data_dir().join("postgres");
+                tracing::info!(data_dir = %data_dir.display(), "no database configured; starting a private PostgreSQL");
+                let options = local_postgres::Options { data_dir, ephemeral: false };
+                let local = tokio::task::spawn_blocking(move || LocalPostgres::start(options))
+                    .await?
+                    .context("starting the embedded PostgreSQL (no DATABASE_URL or database.url is set)")?;
+                (local.url(), Some(local))
+            }
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.database.max_connections)
+            .acquire_timeout(settings.database.connect_timeout)
+            .connect(&url)
+            .await
+            .with_context(|| format!("connecting to the database at {}", redact(&url)))?;
+        if migrate {
+            repository::MIGRATOR.run(&pool).await.context("applying database migrations")?;
+        }
+        Ok(Database { pool, embedded })
+    }
+
+    /// Closes the pool, then stops the embedded server if there is one.
+    pub async fn close(self) {
+        self.pool.close().await;
+        if let Some(local) = self.embedded {
+            match tokio::task::spawn_blocking(move || local.stop()).await {
+                Ok(Ok(())) => tracing::info!("stopped the embedded PostgreSQL"),
+                Ok(Err(error)) => tracing::warn!(%error, "stopping the embedded PostgreSQL"),
+                Err(error) => tracing::warn!(%error, "stopping the embedded PostgreSQL"),
+            }
+        }
+    }
+}
+
+/// `engine migrate`.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let db = Database::open(settings, false).await?;
+    let result = repository::MIGRATOR.run(&db.pool).await.context("applying database migrations");
+    if result.is_ok() {
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap_or(0);
+        println!("migrations: {applied} applied, database is up to date");
+    }
+    db.close().await;
+    result.map(drop)
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(super::redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact("postgres:///db?host=/tmp"), "postgres:///db?host=/tmp");
+    }
+}

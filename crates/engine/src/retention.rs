@@ -1,0 +1,102 @@
+//! `engine retention run`: the selected tasks once each, until nothing is due.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use retention_controller::{run_once, tasks, Completion, MaintenanceTask, RunOutcome, RunReport};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::database::Database;
+use crate::settings::Settings;
+use crate::shutdown;
+
+/// How often a manual run retries while another runner holds a task.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+
+pub async fn run(settings: &Settings, selected: &[String], dry_run: bool) -> anyhow::Result<ExitCode> {
+    let cancel = CancellationToken::new();
+    shutdown::cancel_on_signal(cancel.clone())?;
+    let db = Database::open(settings, settings.database.migrate).await?;
+    let chosen: Vec<_> = tasks::all(&settings.retention)
+        .into_iter()
+        .filter(|task| selected.is_empty() || selected.iter().any(|name| name == task.name()))
+        .collect();
+
+    let mut failed = false;
+    for task in &chosen {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let result = if dry_run { dry_run_task(task.as_ref(), &db.pool).await } else { run_task(task.as_ref(), &db.pool, &cancel).await };
+        if let Err(error) = result {
+            println!("{}: failed: {error:#}", task.name());
+            failed = true;
+        }
+    }
+    db.close().await;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else if cancel.is_cancelled() {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn dry_run_task(task: &dyn MaintenanceTask, pool: &PgPool) -> anyhow::Result<()> {
+    let report = task.dry_run(pool).await?;
+    println!("{}: would delete {} rows ({}) [dry run: nothing deleted]", task.name(), report.due, parts(&report.by_rule));
+    Ok(())
+}
+
+/// Runs until a run ends with nothing due: a run that stops at its deadline is followed by
+/// another, and a task held by another runner is waited for.
+async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &CancellationToken) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut total = RunReport::default();
+    let mut runs = 0u32;
+    let mut waiting_said = false;
+    loop {
+        match run_once(task, pool, cancel).await? {
+            RunOutcome::Ran(summary) => {
+                runs += 1;
+                total.absorb(summary.report);
+                if total.completion != Completion::DeadlineReached {
+                    break;
+                }
+            }
+            RunOutcome::Busy => {
+                if !waiting_said {
+                    eprintln!("{}: another runner is running this task; waiting for it to finish", task.name());
+                    waiting_said = true;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => {
+                        total.completion = Completion::Cancelled;
+                        break;
+                    }
+                    _ = tokio::time::sleep(BUSY_RETRY) => {}
+                }
+            }
+        }
+    }
+    let note = match total.completion {
+        Completion::Cancelled => " [cancelled: the batch in flight was committed; run again to finish]",
+        _ => "",
+    };
+    println!(
+        "{}: deleted {} rows in {} batches ({}) in {:.2}s{}{note}",
+        task.name(),
+        total.deleted,
+        total.batches,
+        parts(&total.by_rule),
+        started.elapsed().as_secs_f64(),
+        if runs > 1 { format!(" over {runs} runs") } else { String::new() },
+    );
+    Ok(())
+}
+
+fn parts(by_rule: &[(&'static str, u64)]) -> String {
+    by_rule.iter().map(|(rule, n)| format!("{rule}: {n}")).collect::<Vec<_>>().join(", ")
+}

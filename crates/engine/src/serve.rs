@@ -1,0 +1,33 @@
+//! `engine serve`: the retention controller and the admin server, until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use retention_controller::{tasks, Controller};
+use tokio_util::sync::CancellationToken;
+
+use crate::database::Database;
+use crate::settings::Settings;
+use crate::{http, shutdown};
+
+pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
+    let root = CancellationToken::new();
+    shutdown::cancel_on_signal(root.clone())?;
+    let listener = tokio::net::TcpListener::bind(settings.http.addr)
+        .await
+        .with_context(|| format!("binding the admin server to http.addr = {}", settings.http.addr))?;
+    let db = Database::open(settings, settings.database.migrate).await?;
+
+    let tasks = tasks::all(&settings.retention);
+    let names: Vec<&str> = tasks.iter().map(|task| task.name()).collect();
+    let controller = tokio::spawn(Controller::new(db.pool.clone(), tasks).run(root.child_token()));
+
+    tracing::info!(addr = %listener.local_addr()?, tasks = ?names, "engine serving");
+    let admin = axum::serve(listener, http::router()).with_graceful_shutdown(root.child_token().cancelled_owned());
+    let served = admin.await.context("admin server");
+    root.cancel(); // if the server failed, stop the controller too
+    if let Err(error) = controller.await {
+        tracing::error!(%error, "retention controller ended abnormally");
+    }
+    db.close().await;
+    tracing::info!("engine stopped");
+    served
+}

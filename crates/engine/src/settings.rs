@@ -1,0 +1,152 @@
+//! The engine's whole settings tree, loaded once at start-up: built-in defaults, then an optional
+//! TOML file (`--config` or `ENGINE_CONFIG`), then `ENGINE__SECTION__KEY` environment variables.
+//! Loading validates every value; an error names the key, the value and what is allowed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use retention_controller::RetentionSettings;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub http: HttpSettings,
+    /// Where the engine keeps its own files (the embedded PostgreSQL cluster). Default:
+    /// `/var/lib/engine` for root, `$XDG_DATA_HOME/engine` (`~/.local/share/engine`) otherwise.
+    pub data_dir: Option<PathBuf>,
+    pub retention: RetentionSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// PostgreSQL URL. `DATABASE_URL` wins over it; with neither, the engine starts its own
+    /// private PostgreSQL under `data_dir`.
+    pub url: Option<String>,
+    /// Apply pending migrations when `serve` or `retention run` starts.
+    pub migrate: bool,
+    pub max_connections: u32,
+    /// How long to wait for a connection (at start-up, and from the pool).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings { url: None, migrate: true, max_connections: 8, connect_timeout: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address of the admin server (`/healthz`).
+    pub addr: SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings { addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address") }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read the configuration file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    OutOfRange(Vec<String>),
+}
+
+impl Settings {
+    /// Loads and validates the settings.
+    pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+        let defaults = Config::try_from(&Settings::default()).map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let mut builder = Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(SettingsError::File { path: path.to_path_buf(), message: "no such file".into() });
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(Environment::with_prefix("ENGINE").prefix_separator("__").separator("__"));
+        let settings: Settings = builder
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| match (file, &e) {
+                (Some(path), config::ConfigError::FileParse { .. }) => {
+                    SettingsError::File { path: path.to_path_buf(), message: e.to_string() }
+                }
+                _ => SettingsError::Invalid(explain(&e.to_string())),
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let mut errors: Vec<String> =
+            self.retention.validate("retention").into_iter().map(|e| e.to_string()).collect();
+        if !(1..=100).contains(&self.database.max_connections) {
+            errors.push(format!(
+                "database.max_connections = {} is not allowed: a whole number from 1 to 100",
+                self.database.max_connections
+            ));
+        }
+        if self.database.connect_timeout < Duration::from_millis(100) {
+            errors.push(format!(
+                "database.connect_timeout = {:?} is not allowed: a duration of at least 100ms",
+                humantime::format_duration(self.database.connect_timeout).to_string()
+            ));
+        }
+        if matches!(&self.database.url, Some(url) if url.trim().is_empty()) {
+            errors.push("database.url = \"\" is not allowed: a PostgreSQL URL (postgres://...), or leave it unset".into());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(SettingsError::OutOfRange(errors))
+        }
+    }
+
+    /// The engine's data directory, defaulted as documented on [`Settings::data_dir`].
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/engine");
+    }
+    let data_home = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")));
+    data_home.map_or_else(|| PathBuf::from(".engine-data"), |dir| dir.join("engine"))
+}
+
+/// Adds what is allowed to the `config` crate's terse messages about the value types it knows.
+fn explain(message: &str) -> String {
+    let hint = if message.contains("timeout")
+        || message.contains("interval")
+        || message.contains("ttl")
+        || message.contains("max_run_time")
+    {
+        " (durations are written like \"90s\", \"15m\", \"24h\", \"7days\")"
+    } else if message.contains("http.addr") {
+        " (an address and port, like \"127.0.0.1:8080\" or \"[::]:8080\")"
+    } else if message.contains("unknown field") {
+        " (see docs/configuration.md for every key)"
+    } else {
+        ""
+    };
+    format!("{message}{hint}")
+}

@@ -1,0 +1,321 @@
+//! The `engine` binary from the outside: configuration errors, `migrate`, `retention run` (with
+//! and without `--dry-run`), the embedded default database, and `serve` with graceful shutdown.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use testkit::TestDatabase;
+use uuid::Uuid;
+
+/// The engine with a clean environment: no inherited ENGINE__*/DATABASE_URL settings.
+fn engine() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("ENGINE") || key == "DATABASE_URL" || key == "RUST_LOG" {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn text(output: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// Runs `engine retention run` with one bad setting and checks it is refused with a message
+/// naming `expected` parts, before touching any database.
+fn assert_refused(env: &[(&str, &str)], args: &[&str], expected: &[&str]) {
+    let mut cmd = engine();
+    // A database that does not exist: a refusal must come before any connection attempt.
+    cmd.env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none");
+    cmd.envs(env.iter().copied());
+    let output = cmd.args(if args.is_empty() { &["retention", "run"][..] } else { args }).output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2), "env {env:?}: stdout {stdout} stderr {stderr}");
+    for part in expected {
+        assert!(stderr.contains(part), "env {env:?}: expected {part:?} in: {stderr}");
+    }
+    assert!(!stderr.contains("connecting to the database"), "refused before connecting: {stderr}");
+}
+
+#[test]
+fn each_invalid_setting_is_refused_with_its_key_value_and_what_is_allowed() {
+    assert_refused(
+        &[("ENGINE__RETENTION__SESSIONS__INTERVAL", "soon")],
+        &[],
+        &["retention.sessions.interval", "soon", "\"90s\""],
+    );
+    assert_refused(
+        &[("ENGINE__RETENTION__SESSIONS__ANONYMOUS_TTL", "30s")],
+        &[],
+        &["retention.sessions.anonymous_ttl = \"30s\"", "a duration from 1m to 100years"],
+    );
+    assert_refused(
+        &[("ENGINE__RETENTION__SESSIONS__INTERVAL", "0s")],
+        &[],
+        &["retention.sessions.interval = \"0s\"", "a duration from 1s to 7days"],
+    );
+    assert_refused(
+        &[("ENGINE__RETENTION__SESSIONS__BATCH_SIZE", "0")],
+        &[],
+        &["retention.sessions.batch_size = \"0\"", "from 1 to 100000"],
+    );
+    assert_refused(
+        &[("ENGINE__RETENTION__SESSIONS__BATCH_SIZE", "lots")],
+        &[],
+        &["retention.sessions.batch_size", "lots", "integer"],
+    );
+    assert_refused(
+        &[("ENGINE__RETENTION__QUEUE_ITEMS__INTERVAL", "8days")],
+        &[],
+        &["retention.queue_items.interval = \"8days\"", "from 1s to 7days"],
+    );
+    assert_refused(
+        &[("ENGINE__RETENTION__TASK_HISTORY__INTERVAL", "-5m")],
+        &[],
+        &["retention.task_history.interval", "-5m"],
+    );
+    assert_refused(&[("ENGINE__HTTP__ADDR", "localhost")], &["serve"], &["http.addr", "127.0.0.1:8080"]);
+    assert_refused(&[("ENGINE__RETENTION__SESIONS__INTERVAL", "1h")], &[], &["unknown field `sesions`", "sessions"]);
+    assert_refused(&[("ENGINE__DATABASE__MAX_CONNECTIONS", "0")], &[], &["database.max_connections = 0", "1 to 100"]);
+    assert_refused(&[("ENGINE__DATABASE__MIGRATE", "maybe")], &[], &["database.migrate", "maybe"]);
+}
+
+#[test]
+fn a_config_file_is_layered_under_the_environment_and_its_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("engine.toml");
+    std::fs::write(&file, "[retention.sessions]\nanonymous_ttl = \"10s\"\n").unwrap();
+    let path = file.to_str().unwrap();
+    assert_refused(&[], &["--config", path, "retention", "run"], &["retention.sessions.anonymous_ttl = \"10s\""]);
+    assert_refused(&[("ENGINE_CONFIG", path)], &[], &["retention.sessions.anonymous_ttl = \"10s\""]);
+
+    std::fs::write(&file, "[retention.sessions\n").unwrap();
+    assert_refused(&[], &["--config", path, "retention", "run"], &[path]);
+    assert_refused(&[], &["--config", "/nonexistent/engine.toml", "retention", "run"], &["/nonexistent/engine.toml", "no such file"]);
+}
+
+#[test]
+fn an_unknown_task_is_refused_with_the_names_allowed() {
+    let output = engine().args(["retention", "run", "--task", "sesions"]).output().unwrap();
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr.contains("invalid value 'sesions'") && stderr.contains("[possible values: sessions]"), "{stderr}");
+}
+
+async fn seed(db: &TestDatabase) -> (Vec<Uuid>, Vec<Uuid>) {
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&db.pool).await.unwrap();
+    let minute = chrono::Duration::minutes(1);
+    let day = chrono::Duration::days(1);
+    let mut due = Vec::new();
+    let mut kept = Vec::new();
+    for (anonymous, created, expires, is_due) in [
+        (false, now - day, now - minute, true),
+        (false, now - day, now + minute, false),
+        (true, now - day - minute, now + day, true),
+        (true, now - day + minute, now + day, false),
+    ] {
+        let user: Option<Uuid> = if anonymous {
+            None
+        } else {
+            Some(
+                sqlx::query_scalar("INSERT INTO users (id, email) VALUES (gen_random_uuid(), gen_random_uuid()::text) RETURNING id")
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap(),
+            )
+        };
+        let id: Uuid = sqlx::query_scalar(
+            "INSERT INTO user_sessions (id, user_id, created_at, expires_at) VALUES (gen_random_uuid(), $1, $2, $3) RETURNING id",
+        )
+        .bind(user)
+        .bind(created)
+        .bind(expires)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if is_due { due.push(id) } else { kept.push(id) }
+    }
+    kept.sort();
+    (due, kept)
+}
+
+async fn session_ids(db: &TestDatabase) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT id FROM user_sessions ORDER BY id").fetch_all(&db.pool).await.unwrap()
+}
+
+#[tokio::test]
+async fn retention_run_deletes_the_due_sessions_and_dry_run_deletes_nothing() {
+    let db = TestDatabase::new().await;
+    let (_, kept) = seed(&db).await;
+    let before = session_ids(&db).await;
+
+    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--dry-run"]).output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("sessions: would delete 2 rows (expired: 1, anonymous: 1) [dry run: nothing deleted]"), "{stdout}");
+    assert_eq!(session_ids(&db).await, before);
+
+    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--task", "sessions"]).output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("sessions: deleted 2 rows in 2 batches (expired: 1, anonymous: 1)"), "{stdout}");
+    assert_eq!(session_ids(&db).await, kept);
+    // Every log line of the run carries its run id.
+    let run_lines: Vec<&str> = stderr.lines().filter(|l| l.contains("run started") || l.contains("run finished")).collect();
+    assert_eq!(run_lines.len(), 2, "{stderr}");
+    assert!(run_lines.iter().all(|l| l.contains("run_id=") && l.contains("task=\"sessions\"")), "{stderr}");
+
+    // Nothing due is success.
+    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run"]).output().unwrap();
+    assert!(output.status.success());
+    assert!(text(&output).0.contains("sessions: deleted 0 rows"));
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent() {
+    let db = TestDatabase::new().await; // already migrated by the harness
+    for _ in 0..2 {
+        let output = engine().env("DATABASE_URL", &db.url).arg("migrate").output().unwrap();
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{stderr}");
+        assert!(stdout.contains("database is up to date"), "{stdout}");
+    }
+}
+
+#[test]
+fn a_failing_run_exits_non_zero_and_says_why() {
+    let output = engine()
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("ENGINE__DATABASE__CONNECT_TIMEOUT", "1s")
+        .args(["retention", "run"])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("connecting to the database at postgres://nobody@127.0.0.1:1/none"), "{stderr}");
+}
+
+#[test]
+fn without_a_database_or_server_binaries_the_engine_says_what_to_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = engine()
+        .env("ENGINE_PG_BIN_DIR", dir.path())
+        .env("ENGINE__DATA_DIR", dir.path())
+        .args(["retention", "run"])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no PostgreSQL server binaries found"), "{stderr}");
+    assert!(stderr.contains("apt-get install postgresql") && stderr.contains("DATABASE_URL"), "{stderr}");
+}
+
+#[test]
+fn without_a_database_the_engine_runs_on_its_own_private_postgresql() {
+    let dir = tempfile::tempdir().unwrap();
+    // Reachable by the unprivileged user the cluster runs as when the tests run as root.
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for _ in 0..2 {
+        // The second start reuses the cluster the first one created.
+        let output = engine().env("ENGINE__DATA_DIR", dir.path()).args(["retention", "run"]).output().unwrap();
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{stderr}");
+        assert!(stdout.contains("sessions: deleted 0 rows"), "{stdout}");
+        assert!(stderr.contains("stopped the embedded PostgreSQL"), "{stderr}");
+    }
+    assert!(dir.path().join("postgres/PG_VERSION").exists());
+    assert!(!dir.path().join("postgres/postmaster.pid").exists(), "the server was stopped");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn serve_answers_healthz_purges_and_stops_on_sigterm_mid_purge() {
+    let db = TestDatabase::new().await;
+    let (_, kept) = seed(&db).await;
+    // A backlog that takes many batches.
+    sqlx::query(
+        "INSERT INTO user_sessions (created_at, expires_at) SELECT now() - interval '3 days', now() - interval '2 days'
+         FROM generate_series(1, 60000)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let port = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = engine()
+        .env("DATABASE_URL", &db.url)
+        .env("ENGINE__HTTP__ADDR", format!("127.0.0.1:{port}"))
+        .env("ENGINE__RETENTION__SESSIONS__INTERVAL", "1s")
+        .env("ENGINE__RETENTION__SESSIONS__BATCH_SIZE", "200")
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+
+    wait_until("/healthz", Duration::from_secs(30), || {
+        http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200") && r.contains(r#"{"status":"ok"}"#))
+    });
+    let total = 60_004i64;
+    let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_sessions").fetch_one(&db.pool).await.unwrap() };
+    let start = Instant::now();
+    while count().await == total {
+        assert!(start.elapsed() < Duration::from_secs(30), "the purge never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let stopping = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopping.elapsed() < Duration::from_secs(5), "serve did not stop within 5 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let logs = std::fs::read_to_string(log.path()).unwrap();
+    assert!(status.success(), "exit {status:?}: {logs}");
+    assert!(logs.contains("shutting down") && logs.contains("engine stopped"), "{logs}");
+
+    // Stopped mid-purge: only whole 200-row batches of the expired part were committed.
+    let left = count().await;
+    let deleted = total - left;
+    assert!(left > kept.len() as i64, "SIGTERM came before the purge could finish: {logs}");
+    assert_eq!(deleted % 200, 0, "deleted {deleted}: {logs}");
+    assert!(logs.contains("completion=\"cancelled\""), "{logs}");
+    let ids = session_ids(&db).await;
+    assert!(kept.iter().all(|id| ids.contains(id)), "every keeper survives");
+
+    // The next run finishes the job and leaves exactly the keepers.
+    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run"]).output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(session_ids(&db).await, kept);
+}
