@@ -211,3 +211,63 @@ async fn racing_batches_without_the_lock_never_deadlock_or_delete_a_keeper() {
     assert_eq!(deleted, due as u64);
     assert_eq!(session_ids(&db.pool).await, kept);
 }
+
+/// A task whose every run panics, counting its attempts.
+struct Exploding {
+    attempts: Arc<std::sync::atomic::AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl MaintenanceTask for Exploding {
+    fn name(&self) -> &'static str {
+        "exploding"
+    }
+    fn schedule(&self) -> retention_controller::schedule::Schedule {
+        retention_controller::schedule::Schedule { interval: Duration::from_secs(1), max_run_time: Duration::from_secs(10) }
+    }
+    async fn run(&self, _: &retention_controller::RunContext) -> Result<retention_controller::RunReport, retention_controller::TaskError> {
+        self.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        panic!("boom");
+    }
+    async fn dry_run(&self, _: &sqlx::PgPool) -> Result<retention_controller::DryRunReport, retention_controller::TaskError> {
+        Ok(Default::default())
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_run_is_an_error_and_releases_its_lock() {
+    let db = TestDatabase::new().await;
+    let task = Exploding { attempts: Default::default() };
+    let result = run_once(&task, &db.pool, &CancellationToken::new()).await;
+    assert!(matches!(result, Err(retention_controller::TaskError::Panicked(ref m)) if m == "boom"), "{result:?}");
+    let mut free = false;
+    for _ in 0..100 {
+        if TaskLock::try_acquire(&db.pool, "exploding").await.unwrap().is_some() {
+            free = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(free, "the panicked run's lock was released");
+}
+
+#[tokio::test]
+async fn one_failing_task_does_not_stop_the_others() {
+    let db = TestDatabase::new().await;
+    let kept = seed_backlog(&db.pool, 2_000, 50).await;
+    let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let settings = SessionsSettings { interval: Duration::from_secs(1), batch_size: 300, ..Default::default() };
+    let tasks: Vec<Arc<dyn MaintenanceTask>> =
+        vec![Arc::new(Exploding { attempts: attempts.clone() }), Arc::new(SessionsTask::new(settings))];
+    let cancel = CancellationToken::new();
+    let controller = tokio::spawn(Controller::new(db.pool.clone(), tasks).run(cancel.clone()));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while session_count(&db.pool).await > kept.len() as i64 || attempts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "sessions were not purged while another task failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), controller).await.unwrap().unwrap();
+    assert_eq!(session_ids(&db.pool).await, kept);
+}

@@ -53,14 +53,23 @@ pub async fn run_once(
         let ctx = RunContext::new(pool.clone(), run_id, cancel.clone(), schedule.max_run_time);
         let started = Instant::now();
         tracing::info!("run started");
-        let result = task.run(&ctx).await;
+        let result = match AssertUnwindSafe(task.run(&ctx)).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => Err(TaskError::Panicked(panic_message(panic.as_ref()))),
+        };
         let elapsed = started.elapsed();
         match lock.release().await {
             Ok(true) => {}
             Ok(false) => tracing::warn!("the task's lock was lost during the run (database connection reset)"),
             Err(error) => tracing::debug!(%error, "releasing the task's lock; closing its connection releases it"),
         }
-        let report = result?;
+        let report = match result {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::error!(error = %error_chain(&error), elapsed_ms = elapsed.as_millis() as u64, "run failed");
+                return Err(error);
+            }
+        };
         tracing::info!(
             deleted = report.deleted,
             batches = report.batches,
@@ -136,17 +145,10 @@ where
                 Step::Succeeded { work_left: summary.report.completion == Completion::DeadlineReached }
             }
             Ok(Ok(RunOutcome::Busy)) => Step::Busy,
-            Ok(Err(error)) => {
-                tracing::error!(error = %error_chain(&error), "run failed");
-                Step::Failed
-            }
+            // run_once has logged the run's own errors, with its run id.
+            Ok(Err(_)) => Step::Failed,
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(error = %TaskError::Panicked(message), "run failed");
+                tracing::error!(error = %TaskError::Panicked(panic_message(panic.as_ref())), "run failed");
                 Step::Failed
             }
         };
@@ -170,6 +172,14 @@ where
             }
         };
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// An error and its sources, one line: "database error: pool timed out ...".
