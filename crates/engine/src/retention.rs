@@ -85,8 +85,9 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
         Completion::Cancelled => " [cancelled: the batch in flight was committed; run again to finish]",
         _ => "",
     };
+    let counters = if total.counters.is_empty() { String::new() } else { format!(" [{}]", parts(&total.counters)) };
     println!(
-        "{}: deleted {} rows in {} batches ({}) in {:.2}s{}{note}",
+        "{}: deleted {} rows in {} batches ({}){counters} in {:.2}s{}{note}",
         task.name(),
         total.deleted,
         total.batches,

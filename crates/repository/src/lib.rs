@@ -5,8 +5,13 @@
 
 pub mod batch;
 pub mod clock;
+pub mod history;
+pub mod partitions;
+pub mod queue_items;
 pub mod sessions;
 pub mod task_lock;
+pub mod tenants;
+pub mod watermarks;
 
 pub use sqlx::PgPool;
 

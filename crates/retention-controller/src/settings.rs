@@ -24,6 +24,8 @@ pub const DEFAULT_QUEUE_ITEMS_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// Rows per batch. At the ~90k rows/s an index-ordered delete reaches on a 2-core machine, a
 /// 5,000-row batch commits in roughly 50 ms: short locks, few round trips.
 pub const DEFAULT_BATCH_SIZE: u32 = 5_000;
+/// Tasks per history batch: each task takes its events and queue items with it.
+pub const DEFAULT_HISTORY_BATCH_SIZE: u32 = 1_000;
 pub const DEFAULT_MAX_RUN_TIME: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,6 +37,7 @@ pub struct RetentionSettings {
     pub sessions: SessionsSettings,
     pub queue_items: QueueItemsSettings,
     pub task_history: TaskHistorySettings,
+    pub partitions: PartitionsSettings,
 }
 
 /// `retention.sessions.*`: the sessions task.
@@ -79,33 +82,112 @@ impl SessionsSettings {
     }
 }
 
-/// `retention.queue_items.*`. Accepted and validated now; the task that uses it arrives with
-/// run-history retention.
+/// `retention.queue_items.*`: the queue-items task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueItemsSettings {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// Queue items examined per batch.
+    pub batch_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub max_run_time: Duration,
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
 }
 
 impl Default for QueueItemsSettings {
     fn default() -> Self {
-        QueueItemsSettings { interval: DEFAULT_QUEUE_ITEMS_INTERVAL }
+        QueueItemsSettings {
+            interval: DEFAULT_QUEUE_ITEMS_INTERVAL,
+            batch_size: DEFAULT_BATCH_SIZE,
+            max_run_time: DEFAULT_MAX_RUN_TIME,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+        }
     }
 }
 
-/// `retention.task_history.*`. Accepted and validated now; the task that uses it arrives with
-/// run-history retention.
+impl QueueItemsSettings {
+    pub fn schedule(&self) -> Schedule {
+        Schedule { interval: self.interval, max_run_time: self.max_run_time }
+    }
+}
+
+/// `retention.task_history.*`: the task-history task (per-tenant retention of tasks, their
+/// events and queue items; deleted tenants; orphan events).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TaskHistorySettings {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// A deleted tenant's history is kept this long after `deleted_at`, then all of it goes.
+    #[serde(with = "humantime_serde")]
+    pub deleted_tenant_grace: Duration,
+    /// Tasks deleted per batch (with their events and queue items).
+    pub batch_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub max_run_time: Duration,
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
 }
 
 impl Default for TaskHistorySettings {
     fn default() -> Self {
-        TaskHistorySettings { interval: DEFAULT_HISTORY_INTERVAL }
+        TaskHistorySettings {
+            interval: DEFAULT_HISTORY_INTERVAL,
+            deleted_tenant_grace: DAY,
+            batch_size: DEFAULT_HISTORY_BATCH_SIZE,
+            max_run_time: DEFAULT_MAX_RUN_TIME,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+        }
+    }
+}
+
+impl TaskHistorySettings {
+    pub fn schedule(&self) -> Schedule {
+        Schedule { interval: self.interval, max_run_time: self.max_run_time }
+    }
+}
+
+/// `retention.partitions.*`: the partitions task (day partitions of the history tables).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartitionsSettings {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Days of partitions kept ready ahead of today (today included).
+    pub premake_days: u32,
+    /// Longest wait for the parents' lock when attaching or removing a day; the day is retried on
+    /// the next run when it cannot be had.
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_run_time: Duration,
+}
+
+impl Default for PartitionsSettings {
+    fn default() -> Self {
+        PartitionsSettings {
+            interval: HOUR,
+            premake_days: 7,
+            lock_timeout: SECOND,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            max_run_time: DEFAULT_MAX_RUN_TIME,
+        }
+    }
+}
+
+impl PartitionsSettings {
+    pub fn schedule(&self) -> Schedule {
+        Schedule { interval: self.interval, max_run_time: self.max_run_time }
     }
 }
 
@@ -129,23 +211,51 @@ impl RetentionSettings {
     pub fn validate(&self, prefix: &str) -> Vec<SettingError> {
         let mut errors = Vec::new();
         let s = &self.sessions;
-        let key = |name: &str| format!("{prefix}.sessions.{name}");
-        check_duration(&mut errors, key("interval"), s.interval, SECOND..=7 * DAY);
-        check_duration(&mut errors, key("anonymous_ttl"), s.anonymous_ttl, MINUTE..=CENTURY);
-        check_duration(&mut errors, key("max_run_time"), s.max_run_time, SECOND..=DAY);
-        check_duration(&mut errors, key("statement_timeout"), s.statement_timeout, Duration::from_millis(100)..=HOUR);
-        check_duration(&mut errors, key("lock_timeout"), s.lock_timeout, Duration::from_millis(10)..=10 * MINUTE);
-        if !(1..=100_000).contains(&s.batch_size) {
+        let key = |task: &str, name: &str| format!("{prefix}.{task}.{name}");
+        check_run(&mut errors, &key("sessions", ""), s.interval, s.batch_size, s.max_run_time, s.statement_timeout, s.lock_timeout);
+        check_duration(&mut errors, key("sessions", "anonymous_ttl"), s.anonymous_ttl, MINUTE..=CENTURY);
+        let q = &self.queue_items;
+        check_run(&mut errors, &key("queue_items", ""), q.interval, q.batch_size, q.max_run_time, q.statement_timeout, q.lock_timeout);
+        let h = &self.task_history;
+        check_run(&mut errors, &key("task_history", ""), h.interval, h.batch_size, h.max_run_time, h.statement_timeout, h.lock_timeout);
+        check_duration(&mut errors, key("task_history", "deleted_tenant_grace"), h.deleted_tenant_grace, Duration::ZERO..=CENTURY);
+        let p = &self.partitions;
+        check_duration(&mut errors, key("partitions", "interval"), p.interval, SECOND..=7 * DAY);
+        check_duration(&mut errors, key("partitions", "max_run_time"), p.max_run_time, SECOND..=DAY);
+        check_duration(&mut errors, key("partitions", "statement_timeout"), p.statement_timeout, Duration::from_millis(100)..=HOUR);
+        check_duration(&mut errors, key("partitions", "lock_timeout"), p.lock_timeout, Duration::from_millis(10)..=10 * MINUTE);
+        if !(1..=90).contains(&p.premake_days) {
             errors.push(SettingError {
-                key: key("batch_size"),
-                value: s.batch_size.to_string(),
-                allowed: "a whole number of rows from 1 to 100000".into(),
+                key: key("partitions", "premake_days"),
+                value: p.premake_days.to_string(),
+                allowed: "a whole number of days from 1 to 90".into(),
             });
         }
-        check_duration(&mut errors, format!("{prefix}.queue_items.interval"), self.queue_items.interval, SECOND..=7 * DAY);
-        check_duration(&mut errors, format!("{prefix}.task_history.interval"), self.task_history.interval, SECOND..=7 * DAY);
         errors
     }
+}
+
+/// The settings every batching task has; `prefix` ends with a dot.
+fn check_run(
+    errors: &mut Vec<SettingError>,
+    prefix: &str,
+    interval: Duration,
+    batch_size: u32,
+    max_run_time: Duration,
+    statement_timeout: Duration,
+    lock_timeout: Duration,
+) {
+    check_duration(errors, format!("{prefix}interval"), interval, SECOND..=7 * DAY);
+    if !(1..=100_000).contains(&batch_size) {
+        errors.push(SettingError {
+            key: format!("{prefix}batch_size"),
+            value: batch_size.to_string(),
+            allowed: "a whole number of rows from 1 to 100000".into(),
+        });
+    }
+    check_duration(errors, format!("{prefix}max_run_time"), max_run_time, SECOND..=DAY);
+    check_duration(errors, format!("{prefix}statement_timeout"), statement_timeout, Duration::from_millis(100)..=HOUR);
+    check_duration(errors, format!("{prefix}lock_timeout"), lock_timeout, Duration::from_millis(10)..=10 * MINUTE);
 }
 
 fn check_duration(errors: &mut Vec<SettingError>, key: String, value: Duration, allowed: RangeInclusive<Duration>) {
@@ -179,9 +289,9 @@ mod tests {
         settings.sessions.anonymous_ttl = Duration::from_secs(59);
         let errors = settings.validate("retention");
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["retention.sessions.interval", "retention.sessions.anonymous_ttl", "retention.sessions.batch_size"]);
+        assert_eq!(keys, ["retention.sessions.interval", "retention.sessions.batch_size", "retention.sessions.anonymous_ttl"]);
         assert_eq!(
-            errors[1].to_string(),
+            errors[2].to_string(),
             "retention.sessions.anonymous_ttl = \"59s\" is not allowed: a duration from 1m to 100years"
         );
     }

@@ -81,15 +81,28 @@ pub struct RunReport {
     pub batches: u64,
     /// Rows deleted per part of the task's rule, in the task's order.
     pub by_rule: Vec<(&'static str, u64)>,
+    /// Other things a run did, by name (partitions created, days dropped).
+    pub counters: Vec<(&'static str, u64)>,
     pub completion: Completion,
 }
 
 impl RunReport {
     /// Counts one committed batch of `rule`.
     pub fn record_batch(&mut self, rule: &'static str, deleted: u64) {
-        self.deleted += deleted;
         self.batches += 1;
-        self.add_to_rule(rule, deleted);
+        self.add_rows(rule, deleted);
+    }
+
+    /// Counts rows deleted under `rule` outside the batch count (children deleted with a batch,
+    /// partitions dropped whole).
+    pub fn add_rows(&mut self, rule: &'static str, deleted: u64) {
+        self.deleted += deleted;
+        add_to(&mut self.by_rule, rule, deleted);
+    }
+
+    /// Counts something other than deleted rows.
+    pub fn count(&mut self, what: &'static str, n: u64) {
+        add_to(&mut self.counters, what, n);
     }
 
     /// Adds a later run's report to this one (a manual run that spans several runs); the
@@ -98,16 +111,19 @@ impl RunReport {
         self.deleted += later.deleted;
         self.batches += later.batches;
         for (rule, deleted) in later.by_rule {
-            self.add_to_rule(rule, deleted);
+            add_to(&mut self.by_rule, rule, deleted);
+        }
+        for (what, n) in later.counters {
+            add_to(&mut self.counters, what, n);
         }
         self.completion = later.completion;
     }
+}
 
-    fn add_to_rule(&mut self, rule: &'static str, deleted: u64) {
-        match self.by_rule.iter_mut().find(|(name, _)| *name == rule) {
-            Some((_, n)) => *n += deleted,
-            None => self.by_rule.push((rule, deleted)),
-        }
+fn add_to(by_rule: &mut Vec<(&'static str, u64)>, rule: &'static str, n: u64) {
+    match by_rule.iter_mut().find(|(name, _)| *name == rule) {
+        Some((_, total)) => *total += n,
+        None => by_rule.push((rule, n)),
     }
 }
 
@@ -116,6 +132,13 @@ impl RunReport {
 pub struct DryRunReport {
     pub due: u64,
     pub by_rule: Vec<(&'static str, u64)>,
+}
+
+impl DryRunReport {
+    pub fn add(&mut self, rule: &'static str, due: u64) {
+        self.due += due;
+        add_to(&mut self.by_rule, rule, due);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

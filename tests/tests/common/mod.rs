@@ -76,3 +76,118 @@ pub fn sorted(mut ids: Vec<Uuid>) -> Vec<Uuid> {
     ids.sort();
     ids
 }
+
+/// Inserts a tenant naming only the contract's columns; `retention` is SQL interval text or
+/// `None` for NULL (keep forever).
+pub async fn insert_tenant(pool: &PgPool, retention: Option<&str>, deleted_at: Option<DateTime<Utc>>) -> Uuid {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO tenants (id, slug, name, data_retention_period, deleted_at)
+         VALUES ($1, $2, $2, $3::interval, $4)",
+    )
+    .bind(id)
+    .bind(format!("t-{id}"))
+    .bind(retention)
+    .bind(deleted_at)
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
+
+/// A task's key: `(id, inserted_at)`.
+pub type TaskKey = (Uuid, DateTime<Utc>);
+
+pub async fn insert_task(
+    pool: &PgPool,
+    tenant: Uuid,
+    status: &str,
+    inserted_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+) -> TaskKey {
+    let id = Uuid::new_v4();
+    sqlx::query("INSERT INTO tasks (id, tenant_id, status, inserted_at, finished_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(id)
+        .bind(tenant)
+        .bind(status)
+        .bind(inserted_at)
+        .bind(finished_at)
+        .execute(pool)
+        .await
+        .unwrap();
+    (id, inserted_at)
+}
+
+pub async fn insert_event(pool: &PgPool, tenant: Uuid, task: TaskKey, created_at: DateTime<Utc>) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
+         VALUES ($1, $2, $3, 'progress', $4) RETURNING id",
+    )
+    .bind(tenant)
+    .bind(task.0)
+    .bind(task.1)
+    .bind(created_at)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+pub async fn insert_queue_item(pool: &PgPool, tenant: Uuid, task: TaskKey) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO queue_items (tenant_id, task_id, task_inserted_at) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(tenant)
+    .bind(task.0)
+    .bind(task.1)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+pub async fn task_keys(pool: &PgPool) -> Vec<TaskKey> {
+    sqlx::query_as("SELECT id, inserted_at FROM tasks ORDER BY id, inserted_at").fetch_all(pool).await.unwrap()
+}
+
+pub async fn event_ids(pool: &PgPool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM task_events ORDER BY id").fetch_all(pool).await.unwrap()
+}
+
+pub async fn queue_item_ids(pool: &PgPool) -> Vec<i64> {
+    sqlx::query_scalar("SELECT id FROM queue_items ORDER BY id").fetch_all(pool).await.unwrap()
+}
+
+pub fn sorted_keys(mut keys: Vec<TaskKey>) -> Vec<TaskKey> {
+    keys.sort();
+    keys
+}
+
+pub fn sorted_ids(mut ids: Vec<i64>) -> Vec<i64> {
+    ids.sort();
+    ids
+}
+
+/// Runs `task` once to completion (it must not be held elsewhere).
+pub async fn run_task(task: &dyn retention_controller::MaintenanceTask, pool: &PgPool) -> retention_controller::RunReport {
+    match retention_controller::run_once(task, pool, &tokio_util::sync::CancellationToken::new()).await.unwrap() {
+        retention_controller::RunOutcome::Ran(summary) => summary.report,
+        retention_controller::RunOutcome::Busy => panic!("{} is held elsewhere", task.name()),
+    }
+}
+
+/// Names of the attached day partitions of `tasks`.
+pub async fn day_partitions(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'tasks'::regclass AND c.relname <> 'tasks_default' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Creates the day partitions for `day` (as the partitions task would have, back then).
+pub async fn create_day(pool: &PgPool, day: chrono::NaiveDate) {
+    let mut tx = pool.begin().await.unwrap();
+    repository::partitions::create_day(&mut tx, day).await.unwrap();
+    tx.commit().await.unwrap();
+}

@@ -7,15 +7,23 @@ use std::sync::Arc;
 use crate::settings::RetentionSettings;
 use crate::task::MaintenanceTask;
 
+pub mod partitions;
+pub mod queue_items;
 pub mod sessions;
+pub mod task_history;
 
 /// Every task, built from the settings, in the order `engine retention run` runs them.
 pub fn all(settings: &RetentionSettings) -> Vec<Arc<dyn MaintenanceTask>> {
-    vec![Arc::new(sessions::SessionsTask::new(settings.sessions.clone()))]
+    vec![
+        Arc::new(partitions::PartitionsTask::new(settings.partitions.clone(), settings.task_history.deleted_tenant_grace)),
+        Arc::new(task_history::TaskHistoryTask::new(settings.task_history.clone())),
+        Arc::new(queue_items::QueueItemsTask::new(settings.queue_items.clone())),
+        Arc::new(sessions::SessionsTask::new(settings.sessions.clone())),
+    ]
 }
 
 /// Every task's name, in the order of [`all`]: what `engine retention run --task` accepts.
-pub const NAMES: &[&str] = &[sessions::NAME];
+pub const NAMES: &[&str] = &[partitions::NAME, task_history::NAME, queue_items::NAME, sessions::NAME];
 
 #[cfg(test)]
 mod tests {

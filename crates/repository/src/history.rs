@@ -1,0 +1,217 @@
+//! Row-level deletes of run history: a task goes together with its events and queue items, in
+//! one statement (so one transaction), so no crash can leave orphans behind.
+//!
+//! Deletes work one partition of `tasks` at a time (the caller skips partitions that are wholly
+//! due: those are dropped whole instead, see [`crate::partitions`]).
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{FromRow, PgExecutor};
+use uuid::Uuid;
+
+use crate::tenants::HistoryRules;
+
+pub(crate) const FINAL: &str = "('succeeded', 'failed', 'cancelled')";
+pub(crate) const ACTIVE: &str = "('queued', 'running')";
+
+/// A partition of `tasks`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    pub name: String,
+    /// The UTC day a `tasks_pYYYYMMDD` partition holds; `None` for the default partition and any
+    /// partition the engine did not create.
+    pub day: Option<NaiveDate>,
+}
+
+impl Partition {
+    /// The matching `task_events` partition of a day partition.
+    pub fn events_name(&self) -> Option<String> {
+        self.day.map(crate::partitions::events_partition_name)
+    }
+}
+
+/// Every attached partition of `tasks`, oldest day first, others last.
+pub async fn task_partitions(executor: impl PgExecutor<'_>) -> Result<Vec<Partition>, sqlx::Error> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'tasks'::regclass AND NOT i.inhdetachpending",
+    )
+    .fetch_all(executor)
+    .await?;
+    let mut partitions: Vec<Partition> =
+        names.into_iter().map(|name| Partition { day: crate::partitions::day_of(&name, "tasks"), name }).collect();
+    partitions.sort_by(|a, b| (a.day.is_none(), a.day, &a.name).cmp(&(b.day.is_none(), b.day, &b.name)));
+    Ok(partitions)
+}
+
+/// What one batch deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromRow)]
+pub struct Deleted {
+    pub tasks: i64,
+    pub events: i64,
+    pub queue_items: i64,
+}
+
+/// Deletes up to `limit` tasks of `partition` that are due under a live tenant's retention
+/// (final, and finished before the tenant's cutoff), with their events and queue items.
+pub async fn delete_retained_batch(
+    executor: impl PgExecutor<'_>,
+    partition: &str,
+    rules: &HistoryRules,
+    limit: u32,
+) -> Result<Deleted, sqlx::Error> {
+    if rules.live.is_empty() {
+        return Ok(Deleted::default());
+    }
+    let (tenants, cutoffs): (Vec<Uuid>, Vec<DateTime<Utc>>) = rules.live.iter().copied().unzip();
+    let victims = format!(
+        "SELECT v.id, v.inserted_at FROM unnest($1::uuid[], $2::timestamptz[]) AS r(tenant_id, cutoff)
+         CROSS JOIN LATERAL (
+             SELECT t.id, t.inserted_at FROM {p} t
+             WHERE t.tenant_id = r.tenant_id AND t.status IN {FINAL}
+               AND coalesce(t.finished_at, t.inserted_at) < r.cutoff
+             ORDER BY coalesce(t.finished_at, t.inserted_at)
+             LIMIT $3
+             FOR UPDATE SKIP LOCKED
+         ) v
+         LIMIT $3",
+        p = ident(partition)
+    );
+    sqlx::query_as(&delete_with_children(partition, &victims))
+        .bind(tenants)
+        .bind(cutoffs)
+        .bind(i64::from(limit))
+        .fetch_one(executor)
+        .await
+}
+
+/// Deletes up to `limit` tasks of `partition` that belong to purged tenants (deleted longer ago
+/// than the grace period), whatever their state, with their events and queue items.
+pub async fn delete_purged_batch(
+    executor: impl PgExecutor<'_>,
+    partition: &str,
+    purged: &[Uuid],
+    limit: u32,
+) -> Result<Deleted, sqlx::Error> {
+    if purged.is_empty() {
+        return Ok(Deleted::default());
+    }
+    let victims = format!(
+        "SELECT t.id, t.inserted_at FROM {p} t WHERE t.tenant_id = ANY($1::uuid[])
+         LIMIT $2 FOR UPDATE SKIP LOCKED",
+        p = ident(partition)
+    );
+    sqlx::query_as(&delete_with_children(partition, &victims))
+        .bind(purged)
+        .bind(i64::from(limit))
+        .fetch_one(executor)
+        .await
+}
+
+/// One statement deleting the tasks `victims` selects (`id`, `inserted_at`, locked) and every
+/// event and queue item that names them.
+fn delete_with_children(partition: &str, victims: &str) -> String {
+    format!(
+        "WITH victims AS MATERIALIZED ({victims}),
+         events AS (
+             DELETE FROM task_events e USING victims v
+             WHERE e.task_id = v.id AND e.task_inserted_at = v.inserted_at RETURNING 1
+         ), queue AS (
+             DELETE FROM queue_items q USING victims v
+             WHERE q.task_id = v.id AND q.task_inserted_at = v.inserted_at RETURNING 1
+         ), gone AS (
+             DELETE FROM {p} t USING victims v
+             WHERE t.id = v.id AND t.inserted_at = v.inserted_at RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM gone) AS tasks,
+                (SELECT count(*) FROM events) AS events,
+                (SELECT count(*) FROM queue) AS queue_items",
+        p = ident(partition)
+    )
+}
+
+/// Deletes up to `limit` events older than `created_before` whose task does not exist, among
+/// events with ids in `(after, up_to]`. Returns the rows deleted and the highest id examined.
+pub async fn delete_orphan_events_batch(
+    executor: impl PgExecutor<'_>,
+    after: i64,
+    created_before: DateTime<Utc>,
+    limit: u32,
+) -> Result<OrphanBatch, sqlx::Error> {
+    sqlx::query_as(
+        "WITH scanned AS MATERIALIZED (
+             SELECT e.id, e.task_inserted_at, e.created_at < $2 AS old_enough,
+                    NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at) AS orphan
+             FROM task_events e WHERE e.id > $1 ORDER BY e.id LIMIT $3
+         ), gone AS (
+             DELETE FROM task_events e USING scanned s
+             WHERE e.id = s.id AND e.task_inserted_at = s.task_inserted_at AND s.old_enough AND s.orphan
+               AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM gone) AS deleted,
+                (SELECT count(*) FROM scanned) AS scanned,
+                (SELECT max(id) FROM scanned) AS last_id,
+                (SELECT min(id) FROM scanned WHERE orphan AND NOT old_enough) AS first_undecided",
+    )
+    .bind(after)
+    .bind(created_before)
+    .bind(i64::from(limit))
+    .fetch_one(executor)
+    .await
+}
+
+/// What one orphan-events batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromRow)]
+pub struct OrphanBatch {
+    pub deleted: i64,
+    pub scanned: i64,
+    /// The highest event id examined.
+    pub last_id: Option<i64>,
+    /// The lowest id of an orphan too young to delete: the watermark may not pass it.
+    pub first_undecided: Option<i64>,
+}
+
+/// A double-quoted SQL identifier.
+pub(crate) fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Tasks of one partition that a run would delete now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromRow)]
+pub struct DueCounts {
+    pub retained: i64,
+    pub purged: i64,
+}
+
+/// Counts what [`delete_retained_batch`] and [`delete_purged_batch`] would delete from one
+/// partition (tasks only), through the same indexes.
+pub async fn count_due(executor: impl PgExecutor<'_>, partition: &str, rules: &HistoryRules) -> Result<DueCounts, sqlx::Error> {
+    let (tenants, cutoffs): (Vec<Uuid>, Vec<DateTime<Utc>>) = rules.live.iter().copied().unzip();
+    sqlx::query_as(&format!(
+        "SELECT (SELECT coalesce(sum(n), 0)::bigint FROM unnest($1::uuid[], $2::timestamptz[]) AS r(tenant_id, cutoff)
+                 CROSS JOIN LATERAL (
+                     SELECT count(*) AS n FROM {p} t
+                     WHERE t.tenant_id = r.tenant_id AND t.status IN {FINAL}
+                       AND coalesce(t.finished_at, t.inserted_at) < r.cutoff) c) AS retained,
+                (SELECT count(*) FROM {p} t WHERE t.tenant_id = ANY($3::uuid[])) AS purged",
+        p = ident(partition)
+    ))
+    .bind(tenants)
+    .bind(cutoffs)
+    .bind(&rules.purged)
+    .fetch_one(executor)
+    .await
+}
+
+/// Orphan events older than `created_before` among the events after the watermark `after`.
+pub async fn count_orphan_events(executor: impl PgExecutor<'_>, after: i64, created_before: DateTime<Utc>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM task_events e
+         WHERE e.id > $1 AND e.created_at < $2
+           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)",
+    )
+    .bind(after)
+    .bind(created_before)
+    .fetch_one(executor)
+    .await
+}

@@ -1,0 +1,263 @@
+//! Day partitions of `tasks` (on `inserted_at`) and `task_events` (on `task_inserted_at`), named
+//! `tasks_pYYYYMMDD` and `task_events_pYYYYMMDD`, each covering one UTC day. Rows at any other
+//! date live in the `_default` partitions, so an insert never fails.
+//!
+//! Removing a day is one short transaction: DETACH both partitions, re-check that every row in
+//! them is due, move any row that is not (a task that raced in) back through the parent (it lands
+//! in the default partition), delete the day's queue items, DROP both tables. A crash at any point
+//! rolls all of it back; there is never a half-detached day to finish.
+//!
+//! Why not `DETACH ... CONCURRENTLY`: PostgreSQL refuses it on a table that has a default
+//! partition, and the default partition is what lets an insert at any date succeed. The plain
+//! DETACH takes an ACCESS EXCLUSIVE lock on the parent for the few milliseconds of the
+//! transaction; `lock_timeout` bounds how long it may wait (and so how long other sessions can
+//! queue behind it), and a day that cannot get its lock is retried on the next run.
+
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use sqlx::{PgConnection, PgExecutor};
+
+use crate::history::{ident, ACTIVE, FINAL};
+use crate::tenants::grace_interval;
+
+const TASK_COLUMNS: &str = "id, tenant_id, status, inserted_at, finished_at, payload";
+const EVENT_COLUMNS: &str = "id, tenant_id, task_id, task_inserted_at, event_type, created_at, data";
+
+pub fn tasks_partition_name(day: NaiveDate) -> String {
+    format!("tasks_p{}", day.format("%Y%m%d"))
+}
+
+pub fn events_partition_name(day: NaiveDate) -> String {
+    format!("task_events_p{}", day.format("%Y%m%d"))
+}
+
+/// The day of a partition named `{table}_pYYYYMMDD`.
+pub fn day_of(name: &str, table: &str) -> Option<NaiveDate> {
+    let digits = name.strip_prefix(table)?.strip_prefix("_p")?;
+    if digits.len() != 8 {
+        return None;
+    }
+    NaiveDate::parse_from_str(digits, "%Y%m%d").ok()
+}
+
+/// The instants a day partition covers: `[start, end)`.
+pub fn bounds(day: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
+    let start = day.and_time(NaiveTime::MIN).and_utc();
+    (start, start + chrono::Duration::days(1))
+}
+
+/// Whether the day's task partition is attached.
+pub async fn day_exists(executor: impl PgExecutor<'_>, day: NaiveDate) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                        WHERE i.inhparent = 'tasks'::regclass AND c.relname = $1)",
+    )
+    .bind(tasks_partition_name(day))
+    .fetch_one(executor)
+    .await
+}
+
+/// Creates and attaches the day's partitions of `tasks` and `task_events` in one transaction
+/// (the caller's), first moving any rows of that day out of the default partitions. Returns the
+/// number of rows moved.
+pub async fn create_day(conn: &mut PgConnection, day: NaiveDate) -> Result<i64, sqlx::Error> {
+    let (start, end) = bounds(day);
+    let mut moved = 0;
+    for (parent, key, name, columns) in [
+        ("tasks", "inserted_at", tasks_partition_name(day), TASK_COLUMNS),
+        ("task_events", "task_inserted_at", events_partition_name(day), EVENT_COLUMNS),
+    ] {
+        let (table, default) = (ident(&name), ident(&format!("{parent}_default")));
+        sqlx::query(&format!("CREATE TABLE {table} (LIKE {parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
+            .execute(&mut *conn)
+            .await?;
+        // Lets ATTACH skip scanning the new table.
+        sqlx::query(&format!(
+            "ALTER TABLE {table} ADD CONSTRAINT {check} CHECK ({key} >= '{start}' AND {key} < '{end}')",
+            check = ident(&format!("{name}_range")),
+            start = start.to_rfc3339(),
+            end = end.to_rfc3339(),
+        ))
+        .execute(&mut *conn)
+        .await?;
+        let result = sqlx::query(&format!(
+            "WITH moved AS (DELETE FROM {default} WHERE {key} >= $1 AND {key} < $2 RETURNING {columns})
+             INSERT INTO {table} ({columns}) SELECT {columns} FROM moved"
+        ))
+        .bind(start)
+        .bind(end)
+        .execute(&mut *conn)
+        .await?;
+        moved += result.rows_affected() as i64;
+        sqlx::query(&format!(
+            "ALTER TABLE {parent} ATTACH PARTITION {table} FOR VALUES FROM ('{start}') TO ('{end}')",
+            start = start.to_rfc3339(),
+            end = end.to_rfc3339(),
+        ))
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(&format!("ALTER TABLE {table} DROP CONSTRAINT {check}", check = ident(&format!("{name}_range"))))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(moved)
+}
+
+/// What removing a day did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DayRemoval {
+    /// Tasks and events dropped with the partitions.
+    pub tasks_dropped: i64,
+    pub events_dropped: i64,
+    pub queue_items_deleted: i64,
+    /// Rows that turned out not to be due after all and were moved to the default partitions.
+    pub tasks_kept: i64,
+    pub events_kept: i64,
+}
+
+/// Removes a day whose rows were all found due, in the caller's transaction (see the module
+/// documentation). `lock_timeout` caps the wait for the parents' locks.
+pub async fn remove_day(
+    conn: &mut PgConnection,
+    day: NaiveDate,
+    now: DateTime<Utc>,
+    deleted_grace: Duration,
+    lock_timeout: Duration,
+) -> Result<DayRemoval, sqlx::Error> {
+    let (tasks, events) = (ident(&tasks_partition_name(day)), ident(&events_partition_name(day)));
+    let (start, end) = bounds(day);
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", lock_timeout.as_millis().max(1)))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(&format!("ALTER TABLE tasks DETACH PARTITION {tasks}")).execute(&mut *conn).await?;
+    sqlx::query(&format!("ALTER TABLE task_events DETACH PARTITION {events}")).execute(&mut *conn).await?;
+
+    // The caller found every row due; with the day detached, nothing can arrive any more. Check
+    // again: if a row raced in (or a task was revived) it goes back through the parent, landing
+    // in the default partition. Only that rare path reads the whole day.
+    let (tasks_name, events_name) = (tasks_partition_name(day), events_partition_name(day));
+    let still_due = is_wholly_due(&mut *conn, &tasks_name, &events_name, now, deleted_grace).await?;
+    let (tasks_total, events_total): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass),
+                (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $2::regclass)",
+    )
+    .bind(&tasks)
+    .bind(&events)
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut removal = DayRemoval { tasks_dropped: tasks_total, events_dropped: events_total, ..Default::default() };
+    if still_due {
+        removal.queue_items_deleted = sqlx::query(
+            "DELETE FROM queue_items WHERE task_inserted_at >= $1 AND task_inserted_at < $2",
+        )
+        .bind(start)
+        .bind(end)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected() as i64;
+    } else {
+        move_survivors(&mut *conn, &mut removal, &tasks, &events, (start, end), now, deleted_grace).await?;
+    }
+    sqlx::query(&format!("DROP TABLE {tasks}, {events}")).execute(&mut *conn).await?;
+    Ok(removal)
+}
+
+/// The slow path of [`remove_day`]: copies every row that is not due back into the parents.
+async fn move_survivors(
+    conn: &mut PgConnection,
+    removal: &mut DayRemoval,
+    tasks: &str,
+    events: &str,
+    (start, end): (DateTime<Utc>, DateTime<Utc>),
+    now: DateTime<Utc>,
+    deleted_grace: Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "CREATE TEMPORARY TABLE day_survivors ON COMMIT DROP AS
+         SELECT t.* FROM {tasks} t LEFT JOIN tenants tn ON tn.id = t.tenant_id
+         WHERE NOT coalesce(
+             (tn.deleted_at IS NOT NULL AND tn.deleted_at < $1 - $2)
+             OR (tn.deleted_at IS NULL AND t.status IN {FINAL}
+                 AND coalesce(t.finished_at, t.inserted_at) < retention_cutoff($1, tn.data_retention_period)),
+             false)"
+    ))
+    .bind(now)
+    .bind(grace_interval(deleted_grace))
+    .execute(&mut *conn)
+    .await?;
+    let tasks_kept = sqlx::query(&format!("INSERT INTO tasks ({TASK_COLUMNS}) SELECT {TASK_COLUMNS} FROM day_survivors"))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected() as i64;
+    let events_kept = sqlx::query(&format!(
+        "INSERT INTO task_events ({EVENT_COLUMNS}) OVERRIDING SYSTEM VALUE
+         SELECT {EVENT_COLUMNS} FROM {events} e
+         WHERE e.created_at >= $1 - interval '1 hour'
+            OR EXISTS (SELECT 1 FROM day_survivors s WHERE s.id = e.task_id AND s.inserted_at = e.task_inserted_at)"
+    ))
+    .bind(now)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected() as i64;
+    removal.queue_items_deleted = sqlx::query(
+        "DELETE FROM queue_items q WHERE q.task_inserted_at >= $1 AND q.task_inserted_at < $2
+           AND NOT EXISTS (SELECT 1 FROM day_survivors s WHERE s.id = q.task_id AND s.inserted_at = q.task_inserted_at)",
+    )
+    .bind(start)
+    .bind(end)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected() as i64;
+    removal.tasks_kept = tasks_kept;
+    removal.events_kept = events_kept;
+    removal.tasks_dropped = (removal.tasks_dropped - tasks_kept).max(0);
+    removal.events_dropped = (removal.events_dropped - events_kept).max(0);
+    Ok(())
+}
+
+/// Whether every row of a day's task partition and its events partition is due: every tenant
+/// present is purged, or live with a retention period, no queued or running task, and its last
+/// finished task before its cutoff; and no event is younger than an hour. Reads one index probe
+/// per tenant present, not the partition.
+pub async fn is_wholly_due(
+    executor: impl PgExecutor<'_>,
+    tasks_partition: &str,
+    events_partition: &str,
+    now: DateTime<Utc>,
+    deleted_grace: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
+    let sql = format!(
+        "WITH RECURSIVE present(tenant_id) AS (
+             (SELECT tenant_id FROM {p} ORDER BY tenant_id LIMIT 1)
+             UNION ALL
+             SELECT (SELECT t.tenant_id FROM {p} t WHERE t.tenant_id > present.tenant_id ORDER BY t.tenant_id LIMIT 1)
+             FROM present WHERE present.tenant_id IS NOT NULL
+         )
+         SELECT NOT EXISTS (
+             SELECT 1 FROM present LEFT JOIN tenants tn ON tn.id = present.tenant_id
+             WHERE present.tenant_id IS NOT NULL AND NOT coalesce(
+                 (tn.deleted_at IS NOT NULL AND tn.deleted_at < $1 - $2)
+                 OR (tn.deleted_at IS NULL AND tn.data_retention_period IS NOT NULL
+                     AND NOT EXISTS (SELECT 1 FROM {p} a WHERE a.tenant_id = present.tenant_id AND a.status IN {ACTIVE})
+                     AND coalesce(
+                         (SELECT max(coalesce(f.finished_at, f.inserted_at)) FROM {p} f
+                          WHERE f.tenant_id = present.tenant_id AND f.status IN {FINAL}),
+                         '-infinity') < retention_cutoff($1, tn.data_retention_period)),
+                 false)
+         ) AND NOT EXISTS (SELECT 1 FROM {e} e WHERE e.created_at >= $1 - interval '1 hour')",
+        p = ident(tasks_partition),
+        e = ident(events_partition),
+    );
+    sqlx::query_scalar(&sql).bind(now).bind(grace_interval(deleted_grace)).fetch_one(executor).await
+}
+
+/// No retention is shorter than an hour (the database refuses it) and orphan events are kept an
+/// hour: a day that ended less than an hour ago cannot be wholly due.
+pub const MIN_AGE: chrono::Duration = chrono::Duration::hours(1);
+
+/// Whether a day is old enough to be checked for removal.
+pub fn removal_candidate(day: NaiveDate, now: DateTime<Utc>) -> bool {
+    bounds(day).1 <= now - MIN_AGE
+}

@@ -1,0 +1,118 @@
+//! Tenants and their retention settings.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::types::PgInterval;
+use sqlx::{FromRow, PgExecutor};
+use uuid::Uuid;
+
+/// A tenant as the retention settings see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: Uuid,
+    pub slug: String,
+    pub name: String,
+    /// How long finished run history is kept; `None` keeps it forever.
+    pub retention: Option<Duration>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+#[derive(FromRow)]
+struct TenantRow {
+    id: Uuid,
+    slug: String,
+    name: String,
+    retention_seconds: Option<f64>,
+    deleted_at: Option<DateTime<Utc>>,
+}
+
+impl From<TenantRow> for Tenant {
+    fn from(row: TenantRow) -> Self {
+        Tenant {
+            id: row.id,
+            slug: row.slug,
+            name: row.name,
+            retention: row.retention_seconds.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            deleted_at: row.deleted_at,
+        }
+    }
+}
+
+const COLUMNS: &str =
+    "id, slug, name, extract(epoch FROM data_retention_period)::float8 AS retention_seconds, deleted_at";
+
+/// The tenant whose id or slug is `key` (an id wins when `key` parses as one).
+pub async fn find(executor: impl PgExecutor<'_>, key: &str) -> Result<Option<Tenant>, sqlx::Error> {
+    let id = Uuid::parse_str(key).ok();
+    let row: Option<TenantRow> =
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM tenants WHERE id = $1 OR ($1 IS NULL AND slug = $2)"))
+            .bind(id)
+            .bind(key)
+            .fetch_optional(executor)
+            .await?;
+    Ok(row.map(Tenant::from))
+}
+
+/// Sets a tenant's retention (`None`: keep forever). Returns the updated tenant, or `None` when
+/// there is no such tenant. The database refuses periods under one hour.
+pub async fn set_retention(
+    executor: impl PgExecutor<'_>,
+    id: Uuid,
+    retention: Option<Duration>,
+) -> Result<Option<Tenant>, sqlx::Error> {
+    let interval = retention.map(|d| PgInterval { months: 0, days: 0, microseconds: d.as_micros() as i64 });
+    let row: Option<TenantRow> = sqlx::query_as(&format!(
+        "UPDATE tenants SET data_retention_period = $2 WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(interval)
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map(Tenant::from))
+}
+
+/// What the run-history rules say for every tenant at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryRules {
+    /// Live tenants with a retention period, and the instant before which their finished history
+    /// is due.
+    pub live: Vec<(Uuid, DateTime<Utc>)>,
+    /// Tenants deleted longer ago than the grace period: all of their history is due.
+    pub purged: Vec<Uuid>,
+}
+
+/// Evaluates every tenant's retention at `now`.
+pub async fn history_rules(
+    executor: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+    deleted_grace: Duration,
+) -> Result<HistoryRules, sqlx::Error> {
+    let rows: Vec<(Uuid, Option<DateTime<Utc>>, bool)> = sqlx::query_as(
+        "SELECT id,
+                CASE WHEN deleted_at IS NULL THEN retention_cutoff($1, data_retention_period) END,
+                deleted_at IS NOT NULL AND deleted_at < $1 - $2
+         FROM tenants
+         WHERE (deleted_at IS NULL AND data_retention_period IS NOT NULL
+                AND retention_cutoff($1, data_retention_period) > '-infinity')
+            OR deleted_at < $1 - $2
+         ORDER BY id",
+    )
+    .bind(now)
+    .bind(grace_interval(deleted_grace))
+    .fetch_all(executor)
+    .await?;
+    let mut rules = HistoryRules::default();
+    for (id, cutoff, purged) in rows {
+        match (purged, cutoff) {
+            (true, _) => rules.purged.push(id),
+            (false, Some(cutoff)) => rules.live.push((id, cutoff)),
+            (false, None) => {}
+        }
+    }
+    Ok(rules)
+}
+
+pub(crate) fn grace_interval(grace: Duration) -> PgInterval {
+    PgInterval { months: 0, days: 0, microseconds: grace.as_micros().min(i64::MAX as u128) as i64 }
+}

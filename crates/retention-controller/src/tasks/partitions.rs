@@ -1,0 +1,126 @@
+//! `partitions`: keeps day partitions of `tasks` and `task_events` ready ahead of today, and
+//! removes a past day whole once every row in it is due under every tenant's rules (see
+//! `repository::partitions` for how, and why a day holding a queued or running task of a live
+//! tenant is never dropped).
+
+use chrono::{DateTime, NaiveDate, Utc};
+use repository::{clock, history, partitions, PgPool};
+
+use crate::schedule::Schedule;
+use crate::settings::PartitionsSettings;
+use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
+
+pub const NAME: &str = "partitions";
+
+pub struct PartitionsTask {
+    settings: PartitionsSettings,
+    /// The grace after which a deleted tenant's rows are due (`retention.task_history`).
+    deleted_tenant_grace: std::time::Duration,
+}
+
+impl PartitionsTask {
+    pub fn new(settings: PartitionsSettings, deleted_tenant_grace: std::time::Duration) -> Self {
+        PartitionsTask { settings, deleted_tenant_grace }
+    }
+
+    fn days_ahead(&self, now: DateTime<Utc>) -> impl Iterator<Item = NaiveDate> {
+        let today = now.date_naive();
+        (0..i64::from(self.settings.premake_days)).map(move |n| today + chrono::Duration::days(n))
+    }
+
+    /// Past days whose rows are all due now.
+    async fn removable_days(&self, pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<NaiveDate>, TaskError> {
+        let mut days = Vec::new();
+        for partition in history::task_partitions(pool).await? {
+            let (Some(day), Some(events)) = (partition.day, partition.events_name()) else { continue };
+            if partitions::removal_candidate(day, now)
+                && partitions::is_wholly_due(pool, &partition.name, &events, now, self.deleted_tenant_grace).await?
+            {
+                days.push(day);
+            }
+        }
+        Ok(days)
+    }
+}
+
+/// A lock the DDL could not get in time: retried on the next run, not a failure.
+fn is_lock_timeout(error: &sqlx::Error) -> bool {
+    error.as_database_error().and_then(|e| e.code()).as_deref() == Some("55P03")
+}
+
+#[async_trait::async_trait]
+impl MaintenanceTask for PartitionsTask {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schedule(&self) -> Schedule {
+        self.settings.schedule()
+    }
+
+    async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
+        let now = clock::now(&ctx.pool).await?;
+        let mut report = RunReport::default();
+        let limits = repository::batch::BatchLimits {
+            statement_timeout: self.settings.statement_timeout,
+            lock_timeout: self.settings.lock_timeout,
+        };
+        for day in self.days_ahead(now) {
+            if partitions::day_exists(&ctx.pool, day).await? {
+                continue;
+            }
+            let mut tx = repository::batch::begin(&ctx.pool, limits).await?;
+            match partitions::create_day(&mut tx, day).await {
+                Ok(moved) => {
+                    tx.commit().await?;
+                    tracing::info!(%day, moved_from_default = moved, "created day partitions");
+                    report.count("days created", 1);
+                }
+                Err(error) if is_lock_timeout(&error) => {
+                    tracing::warn!(%day, "could not lock the history tables in time to add a day; retrying next run");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        for day in self.removable_days(&ctx.pool, now).await? {
+            if let Some(stop) = ctx.interrupted() {
+                report.completion = stop;
+                break;
+            }
+            let mut tx = repository::batch::begin(&ctx.pool, limits).await?;
+            match partitions::remove_day(&mut tx, day, now, self.deleted_tenant_grace, self.settings.lock_timeout).await {
+                Ok(removal) => {
+                    tx.commit().await?;
+                    tracing::info!(
+                        %day,
+                        tasks = removal.tasks_dropped,
+                        events = removal.events_dropped,
+                        queue_items = removal.queue_items_deleted,
+                        kept = removal.tasks_kept,
+                        "dropped day partitions"
+                    );
+                    report.batches += 1;
+                    report.count("days dropped", 1);
+                    report.add_rows("tasks", removal.tasks_dropped as u64);
+                    report.add_rows("events", removal.events_dropped as u64);
+                    report.add_rows("queue-items", removal.queue_items_deleted as u64);
+                }
+                Err(error) if is_lock_timeout(&error) => {
+                    tracing::warn!(%day, "could not lock the history tables in time to drop a day; retrying next run");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(report)
+    }
+
+    async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
+        let now = clock::now(pool).await?;
+        let mut report = DryRunReport::default();
+        for day in self.removable_days(pool, now).await? {
+            tracing::info!(%day, "would drop this day's partitions");
+            report.add("days", 1);
+        }
+        Ok(report)
+    }
+}

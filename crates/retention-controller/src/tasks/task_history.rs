@@ -1,0 +1,165 @@
+//! `task-history`: per-tenant retention of run history.
+//!
+//! * For each live tenant (`deleted_at IS NULL`) with a `data_retention_period` P: tasks whose
+//!   status is final (succeeded, failed, cancelled) and whose `finished_at` (else `inserted_at`)
+//!   is older than now - P, with their events and queue items, in one transaction per batch.
+//!   Queued and running tasks of a live tenant are never deleted; NULL retention keeps forever.
+//! * Tenants deleted more than `deleted_tenant_grace` ago: every task, event and queue item.
+//! * Events older than an hour whose task does not exist (orphans).
+//!
+//! Days whose rows are all due are left to the `partitions` task, which drops them whole.
+
+use repository::batch::{self, BatchLimits};
+use repository::history::{self, Deleted, Partition};
+use repository::tenants::{self, HistoryRules};
+use repository::{clock, partitions, watermarks, PgPool};
+
+use crate::schedule::Schedule;
+use crate::settings::TaskHistorySettings;
+use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
+
+pub const NAME: &str = "task-history";
+const ORPHAN_WATERMARK: &str = "task-history.orphan-events";
+
+pub struct TaskHistoryTask {
+    settings: TaskHistorySettings,
+}
+
+impl TaskHistoryTask {
+    pub fn new(settings: TaskHistorySettings) -> Self {
+        TaskHistoryTask { settings }
+    }
+
+    fn limits(&self) -> BatchLimits {
+        BatchLimits { statement_timeout: self.settings.statement_timeout, lock_timeout: self.settings.lock_timeout }
+    }
+
+    /// The partitions whose rows are deleted row by row: all but the days that are wholly due.
+    async fn row_partitions(&self, pool: &PgPool, now: chrono::DateTime<chrono::Utc>) -> Result<Vec<Partition>, TaskError> {
+        let mut kept = Vec::new();
+        for partition in history::task_partitions(pool).await? {
+            if let (Some(day), Some(events)) = (partition.day, partition.events_name()) {
+                if partitions::removal_candidate(day, now)
+                    && partitions::is_wholly_due(pool, &partition.name, &events, now, self.settings.deleted_tenant_grace).await?
+                {
+                    tracing::debug!(partition = %partition.name, "wholly due; left for the partitions task");
+                    continue;
+                }
+            }
+            kept.push(partition);
+        }
+        Ok(kept)
+    }
+
+    /// Deletes batch after batch from one partition until a batch comes back short.
+    async fn purge_partition(
+        &self,
+        ctx: &RunContext,
+        partition: &str,
+        rules: &HistoryRules,
+        report: &mut RunReport,
+    ) -> Result<bool, TaskError> {
+        let limit = self.settings.batch_size;
+        for (rule, purged) in [("retention", false), ("deleted-tenants", true)] {
+            loop {
+                if let Some(stop) = ctx.interrupted() {
+                    report.completion = stop;
+                    return Ok(false);
+                }
+                let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+                let deleted = if purged {
+                    history::delete_purged_batch(&mut *tx, partition, &rules.purged, limit).await?
+                } else {
+                    history::delete_retained_batch(&mut *tx, partition, rules, limit).await?
+                };
+                tx.commit().await?;
+                record(report, rule, deleted);
+                if deleted.tasks < i64::from(limit) {
+                    break;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Walks events that arrived since the last run and deletes orphans older than an hour.
+    async fn purge_orphan_events(&self, ctx: &RunContext, now: chrono::DateTime<chrono::Utc>, report: &mut RunReport) -> Result<(), TaskError> {
+        let limit = self.settings.batch_size.max(1000);
+        let mut position = watermarks::get(&ctx.pool, ORPHAN_WATERMARK).await?;
+        let mut safe = position;
+        let mut undecided = false;
+        loop {
+            if let Some(stop) = ctx.interrupted() {
+                report.completion = stop;
+                break;
+            }
+            let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+            let batch = history::delete_orphan_events_batch(&mut *tx, position, now - partitions::MIN_AGE, limit).await?;
+            if let Some(first) = batch.first_undecided {
+                // A young orphan: the watermark stays before it until it is an hour old.
+                if !undecided {
+                    safe = first - 1;
+                    undecided = true;
+                }
+            }
+            if let Some(last) = batch.last_id {
+                position = last;
+                if !undecided {
+                    safe = last;
+                }
+            }
+            watermarks::set(&mut *tx, ORPHAN_WATERMARK, safe).await?;
+            tx.commit().await?;
+            report.record_batch("orphan-events", batch.deleted as u64);
+            if batch.scanned < i64::from(limit) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn record(report: &mut RunReport, rule: &'static str, deleted: Deleted) {
+    report.record_batch(rule, deleted.tasks as u64);
+    report.add_rows("events", deleted.events as u64);
+    report.add_rows("queue-items", deleted.queue_items as u64);
+}
+
+#[async_trait::async_trait]
+impl MaintenanceTask for TaskHistoryTask {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schedule(&self) -> Schedule {
+        self.settings.schedule()
+    }
+
+    async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
+        let now = clock::now(&ctx.pool).await?;
+        let rules = tenants::history_rules(&ctx.pool, now, self.settings.deleted_tenant_grace).await?;
+        tracing::debug!(live = rules.live.len(), purged = rules.purged.len(), "tenant rules");
+        let mut report = RunReport::default();
+        for partition in self.row_partitions(&ctx.pool, now).await? {
+            if !self.purge_partition(ctx, &partition.name, &rules, &mut report).await? {
+                return Ok(report);
+            }
+        }
+        self.purge_orphan_events(ctx, now, &mut report).await?;
+        Ok(report)
+    }
+
+    async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
+        let now = clock::now(pool).await?;
+        let rules = tenants::history_rules(pool, now, self.settings.deleted_tenant_grace).await?;
+        let mut report = DryRunReport::default();
+        for partition in self.row_partitions(pool, now).await? {
+            let due = history::count_due(pool, &partition.name, &rules).await?;
+            report.add("retention", due.retained as u64);
+            report.add("deleted-tenants", due.purged as u64);
+        }
+        let orphans = history::count_orphan_events(pool, watermarks::get(pool, ORPHAN_WATERMARK).await?, now - partitions::MIN_AGE).await?;
+        report.add("orphan-events", orphans as u64);
+        Ok(report)
+    }
+}

@@ -1,0 +1,202 @@
+//! Run-history retention, row for row: per-tenant windows, status-awareness, deleted tenants,
+//! orphan events, and queue items.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Duration as Span;
+use common::*;
+use retention_controller::settings::{QueueItemsSettings, TaskHistorySettings};
+use retention_controller::tasks::queue_items::QueueItemsTask;
+use retention_controller::tasks::task_history::TaskHistoryTask;
+
+fn history() -> TaskHistoryTask {
+    TaskHistoryTask::new(TaskHistorySettings::default())
+}
+
+/// A task with one event and one queue item; returns all three keys.
+async fn task_with_children(
+    pool: &sqlx::PgPool,
+    tenant: uuid::Uuid,
+    status: &str,
+    inserted_at: chrono::DateTime<chrono::Utc>,
+    finished_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> (TaskKey, i64, i64) {
+    let task = insert_task(pool, tenant, status, inserted_at, finished_at).await;
+    let event = insert_event(pool, tenant, task, inserted_at).await;
+    let item = insert_queue_item(pool, tenant, task).await;
+    (task, event, item)
+}
+
+#[derive(Default)]
+struct Expect {
+    tasks: Vec<TaskKey>,
+    events: Vec<i64>,
+    items: Vec<i64>,
+}
+
+impl Expect {
+    fn add(&mut self, (task, event, item): (TaskKey, i64, i64)) {
+        self.tasks.push(task);
+        self.events.push(event);
+        self.items.push(item);
+    }
+}
+
+#[tokio::test]
+async fn each_tenant_keeps_exactly_its_own_window_and_never_an_active_task() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let long_ago = now - Span::days(400);
+    let (mut gone, mut kept) = (Expect::default(), Expect::default());
+
+    for (retention, period) in [("2 days", Span::days(2)), ("10 days", Span::days(10)), ("90 minutes", Span::minutes(90))] {
+        let tenant = insert_tenant(pool, Some(retention), None).await;
+        let cutoff = now - period;
+        for status in ["succeeded", "failed", "cancelled"] {
+            // finished a minute before / after the cutoff
+            gone.add(task_with_children(pool, tenant, status, long_ago, Some(cutoff - MINUTE)).await);
+            kept.add(task_with_children(pool, tenant, status, long_ago, Some(cutoff + MINUTE)).await);
+        }
+        // no finished_at: inserted_at counts
+        gone.add(task_with_children(pool, tenant, "failed", cutoff - MINUTE, None).await);
+        kept.add(task_with_children(pool, tenant, "failed", cutoff + MINUTE, None).await);
+        // queued and running: never, however old
+        for status in ["queued", "running"] {
+            kept.add(task_with_children(pool, tenant, status, long_ago, None).await);
+            kept.add(task_with_children(pool, tenant, status, long_ago, Some(long_ago)).await);
+        }
+    }
+    // NULL retention keeps forever; a tenant id with no tenant row is named by no rule.
+    let forever = insert_tenant(pool, None, None).await;
+    kept.add(task_with_children(pool, forever, "succeeded", long_ago, Some(long_ago)).await);
+    let unknown = uuid::Uuid::new_v4();
+    kept.add(task_with_children(pool, unknown, "succeeded", long_ago, Some(long_ago)).await);
+
+    let report = run_task(&history(), pool).await;
+
+    assert_eq!(task_keys(pool).await, sorted_keys(kept.tasks));
+    assert_eq!(event_ids(pool).await, sorted_ids(kept.events));
+    assert_eq!(queue_item_ids(pool).await, sorted_ids(kept.items));
+    let removed = gone.tasks.len() as u64;
+    assert_eq!(report.by_rule[..3], [("retention", removed), ("events", removed), ("queue-items", removed)]);
+}
+
+#[tokio::test]
+async fn a_deleted_tenant_loses_everything_after_the_grace_and_nothing_before() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let grace = Span::hours(24);
+    let recent = now - Span::hours(1);
+    let (mut gone, mut kept) = (Expect::default(), Expect::default());
+
+    let past_grace = insert_tenant(pool, None, Some(now - grace - MINUTE)).await;
+    let within_grace = insert_tenant(pool, Some("1 hour"), Some(now - grace + MINUTE)).await;
+    for status in ["queued", "running", "succeeded"] {
+        gone.add(task_with_children(pool, past_grace, status, recent, None).await);
+        // Within the grace the tenant is not live, so even its long-finished tasks stay.
+        kept.add(task_with_children(pool, within_grace, status, now - Span::days(30), Some(now - Span::days(30))).await);
+    }
+    let report = run_task(&history(), pool).await;
+
+    assert_eq!(task_keys(pool).await, sorted_keys(kept.tasks));
+    assert_eq!(event_ids(pool).await, sorted_ids(kept.events));
+    assert_eq!(queue_item_ids(pool).await, sorted_ids(kept.items));
+    assert!(report.by_rule.contains(&("deleted-tenants", 3)), "{report:?}");
+
+    // A configured grace moves the line.
+    let settings = TaskHistorySettings { deleted_tenant_grace: Duration::from_secs(3600), ..Default::default() };
+    run_task(&TaskHistoryTask::new(settings), pool).await;
+    assert_eq!(task_keys(pool).await, vec![]);
+}
+
+#[tokio::test]
+async fn a_changed_retention_applies_at_the_next_run() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let tenant = insert_tenant(pool, Some("30 days"), None).await;
+    let old = insert_task(pool, tenant, "succeeded", now - Span::days(5), Some(now - Span::days(5))).await;
+    let young = insert_task(pool, tenant, "succeeded", now - Span::days(1), Some(now - Span::days(1))).await;
+    let task = history();
+
+    run_task(&task, pool).await;
+    assert_eq!(task_keys(pool).await, sorted_keys(vec![old, young]));
+
+    repository::tenants::set_retention(pool, tenant, Some(Duration::from_secs(3 * 86_400))).await.unwrap();
+    run_task(&task, pool).await;
+    assert_eq!(task_keys(pool).await, vec![young]);
+
+    repository::tenants::set_retention(pool, tenant, None).await.unwrap();
+    sqlx::query("UPDATE tasks SET finished_at = now() - interval '1000 days'").execute(pool).await.unwrap();
+    run_task(&task, pool).await;
+    assert_eq!(task_keys(pool).await, vec![young], "forever keeps");
+}
+
+#[tokio::test]
+async fn orphan_events_go_after_an_hour_and_the_watermark_waits_for_young_ones() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let tenant = insert_tenant(pool, None, None).await;
+    let task = insert_task(pool, tenant, "running", now - Span::days(3), None).await;
+    let missing: TaskKey = (uuid::Uuid::new_v4(), now - Span::days(3));
+    let wrong_instant: TaskKey = (task.0, task.1 - Span::seconds(1)); // right id, other inserted_at
+
+    let old_orphan = insert_event(pool, tenant, missing, now - Span::hours(1) - MINUTE).await;
+    let young_orphan = insert_event(pool, tenant, missing, now - Span::hours(1) + MINUTE).await;
+    let old_mismatch = insert_event(pool, tenant, wrong_instant, now - Span::hours(2)).await;
+    let linked_old = insert_event(pool, tenant, task, now - Span::days(2)).await;
+    let later_old_orphan = insert_event(pool, tenant, missing, now - Span::days(1)).await;
+
+    let report = run_task(&history(), pool).await;
+    assert!(report.by_rule.contains(&("orphan-events", 3)), "{report:?}");
+    assert_eq!(event_ids(pool).await, vec![young_orphan, linked_old]);
+    let _ = (old_orphan, old_mismatch, later_old_orphan);
+
+    // The young orphan ages past the hour: the next run finds it although it was seen before.
+    sqlx::query("UPDATE task_events SET created_at = now() - interval '2 hours' WHERE id = $1")
+        .bind(young_orphan)
+        .execute(pool)
+        .await
+        .unwrap();
+    run_task(&history(), pool).await;
+    assert_eq!(event_ids(pool).await, vec![linked_old]);
+}
+
+#[tokio::test]
+async fn queue_items_go_when_their_task_is_gone_or_finished_or_their_tenant_deleted() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let live = insert_tenant(pool, None, None).await;
+    let deleted = insert_tenant(pool, None, Some(now - MINUTE)).await;
+    let mut kept = Vec::new();
+    let mut gone = Vec::new();
+
+    for status in ["queued", "running"] {
+        let task = insert_task(pool, live, status, now - Span::days(2), None).await;
+        kept.push(insert_queue_item(pool, live, task).await);
+        let task = insert_task(pool, deleted, status, now - Span::days(2), None).await;
+        gone.push(insert_queue_item(pool, deleted, task).await);
+    }
+    for status in ["succeeded", "failed", "cancelled"] {
+        let task = insert_task(pool, live, status, now - Span::days(2), Some(now - MINUTE)).await;
+        gone.push(insert_queue_item(pool, live, task).await);
+    }
+    gone.push(insert_queue_item(pool, live, (uuid::Uuid::new_v4(), now)).await);
+    let active = insert_task(pool, live, "queued", now, None).await;
+    gone.push(insert_queue_item(pool, live, (active.0, active.1 + Span::seconds(1))).await);
+    // an unknown tenant with a live task: no rule names it
+    let unknown = uuid::Uuid::new_v4();
+    let task = insert_task(pool, unknown, "queued", now, None).await;
+    kept.push(insert_queue_item(pool, unknown, task).await);
+
+    let report = run_task(&QueueItemsTask::new(QueueItemsSettings { batch_size: 3, ..Default::default() }), pool).await;
+
+    assert_eq!(queue_item_ids(pool).await, sorted_ids(kept));
+    assert_eq!(report.deleted, gone.len() as u64);
+}
