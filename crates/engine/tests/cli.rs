@@ -107,7 +107,7 @@ fn an_unknown_task_is_refused_with_the_names_allowed() {
     let output = engine().args(["retention", "run", "--task", "sesions"]).output().unwrap();
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr.contains("invalid value 'sesions'") && stderr.contains("[possible values: sessions]"), "{stderr}");
+    assert!(stderr.contains("invalid value 'sesions'") && stderr.contains("[possible values: partitions, task-history, queue-items, sessions]"), "{stderr}");
 }
 
 async fn seed(db: &TestDatabase) -> (Vec<Uuid>, Vec<Uuid>) {
