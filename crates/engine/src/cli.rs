@@ -25,6 +25,33 @@ pub enum Command {
     /// Retention tasks on demand.
     #[command(subcommand)]
     Retention(RetentionCommand),
+    /// Tenant settings.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// A tenant's run-history retention (data_retention_period).
+    #[command(subcommand)]
+    Retention(TenantRetentionCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantRetentionCommand {
+    /// Show how long the tenant's finished run history is kept.
+    Get {
+        /// The tenant's id or slug.
+        tenant: String,
+    },
+    /// Change it; applies at the next task-history run.
+    Set {
+        /// The tenant's id or slug.
+        tenant: String,
+        /// A duration from 1h to 100years ("30days", "720h", "1h 30m") or "forever".
+        #[arg(allow_hyphen_values = true, value_name = "DURATION|forever")]
+        retention: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

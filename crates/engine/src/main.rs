@@ -8,6 +8,7 @@ mod retention;
 mod serve;
 mod settings;
 mod shutdown;
+mod tenant;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command, RetentionCommand};
+use crate::cli::{Cli, Command, RetentionCommand, TenantCommand};
 use crate::settings::Settings;
 
 fn main() -> ExitCode {
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
             Command::Retention(RetentionCommand::Run { tasks, dry_run }) => {
                 retention::run(&settings, &tasks, dry_run).await
             }
+            Command::Tenant(TenantCommand::Retention(command)) => tenant::retention(&settings, command).await,
         }
     });
     match result {

@@ -21,7 +21,11 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let controller = tokio::spawn(Controller::new(db.pool.clone(), tasks).run(root.child_token()));
 
     tracing::info!(addr = %listener.local_addr()?, tasks = ?names, "engine serving");
-    let admin = axum::serve(listener, http::router()).with_graceful_shutdown(root.child_token().cancelled_owned());
+    let state = http::AppState { pool: db.pool.clone(), admin_token: settings.http.admin_token.as_deref().map(Into::into) };
+    if state.admin_token.is_none() {
+        tracing::info!("http.admin_token is not set: the /api/v1 admin API refuses every request");
+    }
+    let admin = axum::serve(listener, http::router(state)).with_graceful_shutdown(root.child_token().cancelled_owned());
     let served = admin.await.context("admin server");
     root.cancel(); // if the server failed, stop the controller too
     if let Err(error) = controller.await {

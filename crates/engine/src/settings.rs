@@ -46,15 +46,20 @@ impl Default for DatabaseSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Address of the admin server (`/healthz`).
+    /// Address of the admin server (`/healthz`, `/api/v1/...`).
     pub addr: SocketAddr,
+    /// Bearer token that `/api/v1/...` requests must carry. Unset: the API refuses every request.
+    pub admin_token: Option<String>,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        HttpSettings { addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address") }
+        HttpSettings { addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"), admin_token: None }
     }
 }
+
+/// Shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -105,6 +110,14 @@ impl Settings {
                 "database.connect_timeout = {:?} is not allowed: a duration of at least 100ms",
                 humantime::format_duration(self.database.connect_timeout).to_string()
             ));
+        }
+        if let Some(token) = &self.http.admin_token {
+            if token.len() < MIN_ADMIN_TOKEN_LEN || token.chars().any(char::is_whitespace) {
+                errors.push(format!(
+                    "http.admin_token (value hidden, {} characters) is not allowed: at least {MIN_ADMIN_TOKEN_LEN} characters without spaces",
+                    token.len()
+                ));
+            }
         }
         if matches!(&self.database.url, Some(url) if url.trim().is_empty()) {
             errors.push("database.url = \"\" is not allowed: a PostgreSQL URL (postgres://...), or leave it unset".into());

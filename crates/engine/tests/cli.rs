@@ -1,33 +1,18 @@
 //! The `engine` binary from the outside: configuration errors, `migrate`, `retention run` (with
 //! and without `--dry-run`), the embedded default database, and `serve` with graceful shutdown.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use common::*;
 
 use chrono::{DateTime, Utc};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use testkit::TestDatabase;
 use uuid::Uuid;
-
-/// The engine with a clean environment: no inherited ENGINE__*/DATABASE_URL settings.
-fn engine() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key.starts_with("ENGINE") || key == "DATABASE_URL" || key == "RUST_LOG" {
-            cmd.env_remove(key.as_ref());
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-fn text(output: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
-}
 
 /// Runs `engine retention run` with one bad setting and checks it is refused with a message
 /// naming `expected` parts, before touching any database.
@@ -235,27 +220,6 @@ fn without_a_database_the_engine_runs_on_its_own_private_postgresql() {
     assert!(!dir.path().join("postgres/postmaster.pid").exists(), "the server was stopped");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[tokio::test]
 async fn serve_answers_healthz_purges_and_stops_on_sigterm_mid_purge() {
     let db = TestDatabase::new().await;
@@ -282,7 +246,7 @@ async fn serve_answers_healthz_purges_and_stops_on_sigterm_mid_purge() {
         .unwrap();
 
     wait_until("/healthz", Duration::from_secs(30), || {
-        http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200") && r.contains(r#"{"status":"ok"}"#))
+        http(port, "GET", "/healthz", &[], None).is_some_and(|(status, body)| status == 200 && body.contains(r#"{"status":"ok"}"#))
     });
     let total = 60_004i64;
     let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_sessions").fetch_one(&db.pool).await.unwrap() };

@@ -12,6 +12,7 @@ pub mod schedule;
 pub mod settings;
 mod task;
 pub mod tasks;
+pub mod tenant_retention;
 
 pub use controller::{run_once, Controller, RunOutcome, RunSummary};
 pub use settings::{RetentionSettings, SettingError};

@@ -1,0 +1,171 @@
+//! Tenant retention settings over the CLI and the admin API: reading, changing, validation,
+//! authentication and unknown tenants. A refused change changes nothing.
+
+mod common;
+
+use common::*;
+use testkit::TestDatabase;
+use uuid::Uuid;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+async fn tenant(db: &TestDatabase, slug: &str) -> Uuid {
+    sqlx::query_scalar("INSERT INTO tenants (id, slug, name) VALUES (gen_random_uuid(), $1, $1) RETURNING id")
+        .bind(slug)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// The stored period as PostgreSQL prints it, or "NULL".
+async fn stored(db: &TestDatabase, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT coalesce(data_retention_period::text, 'NULL') FROM tenants WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+fn cli(db: &TestDatabase, args: &[&str]) -> (i32, String, String) {
+    let output = engine().env("DATABASE_URL", &db.url).args(["tenant", "retention"]).args(args).output().unwrap();
+    let (stdout, stderr) = text(&output);
+    (output.status.code().unwrap_or(-1), stdout, stderr)
+}
+
+const BAD_VALUES: [(&str, &str); 6] = [
+    ("soon", "not a duration"),
+    ("", "it is empty"),
+    ("0s", "it is zero"),
+    ("-1h", "it is negative"),
+    ("59m", "it is below 1 hour"),
+    ("101years", "it is above 100 years"),
+];
+
+#[tokio::test]
+async fn the_cli_reads_and_changes_retention_by_slug_or_id() {
+    let db = TestDatabase::new().await;
+    let id = tenant(&db, "acme").await;
+
+    let (code, stdout, _) = cli(&db, &["get", "acme"]);
+    assert_eq!(code, 0);
+    assert_eq!(stdout.trim(), format!("tenant acme ({id}): data_retention_period = 30days"));
+
+    let (code, stdout, _) = cli(&db, &["set", &id.to_string(), "7days"]);
+    assert_eq!(code, 0);
+    assert_eq!(stdout.trim(), format!("tenant acme ({id}): data_retention_period 30days -> 7days (applies at the next task-history run)"));
+    assert_eq!(stored(&db, id).await, "168:00:00");
+
+    let (code, _, _) = cli(&db, &["set", "acme", "forever"]);
+    assert_eq!(code, 0);
+    assert_eq!(stored(&db, id).await, "NULL");
+    assert!(cli(&db, &["get", "acme"]).1.contains("data_retention_period = forever"));
+}
+
+#[tokio::test]
+async fn the_cli_refuses_bad_values_and_unknown_tenants_and_changes_nothing() {
+    let db = TestDatabase::new().await;
+    let id = tenant(&db, "acme").await;
+    for (value, reason) in BAD_VALUES {
+        let (code, _, stderr) = cli(&db, &["set", "acme", value]);
+        assert_eq!(code, 2, "{value:?}: {stderr}");
+        assert!(stderr.contains(&format!("invalid retention {value:?}: {reason}")), "{value:?}: {stderr}");
+        assert!(stderr.contains("allowed: a duration from 1h to 100years"), "{stderr}");
+        assert_eq!(stored(&db, id).await, "30 days");
+    }
+    for args in [&["get", "nope"][..], &["set", "nope", "7days"], &["set", &Uuid::new_v4().to_string(), "7days"]] {
+        let (code, _, stderr) = cli(&db, args);
+        assert_eq!(code, 2, "{args:?}");
+        assert!(stderr.contains("no tenant with id or slug"), "{stderr}");
+    }
+    assert_eq!(stored(&db, id).await, "30 days");
+}
+
+fn bearer() -> (&'static str, String) {
+    ("Authorization", format!("Bearer {TOKEN}"))
+}
+
+#[tokio::test]
+async fn the_api_needs_the_bearer_token() {
+    let db = TestDatabase::new().await;
+    let id = tenant(&db, "acme").await;
+    let path = format!("/api/v1/tenants/{id}/retention");
+
+    let disabled = Served::start(&db.url, &[]);
+    let (status, body) = http(disabled.port, "GET", &path, &[], None).unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("http.admin_token"), "{body}");
+    drop(disabled);
+
+    let served = Served::start(&db.url, &[("ENGINE__HTTP__ADMIN_TOKEN", TOKEN)]);
+    for headers in [vec![], vec![("Authorization", "Bearer wrong-token-0123456789".to_string())], vec![("Authorization", TOKEN.to_string())]] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, body) = http(served.port, "GET", &path, &headers, None).unwrap();
+        assert_eq!(status, 401, "{headers:?}: {body}");
+        let (status, _) = http(served.port, "PUT", &path, &headers, Some(r#"{"data_retention_period":"1h"}"#)).unwrap();
+        assert_eq!(status, 401);
+    }
+    assert_eq!(stored(&db, id).await, "30 days");
+    let (key, value) = bearer();
+    let (status, body) = http(served.port, "GET", &path, &[(key, &value)], None).unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn the_api_reads_and_changes_retention_and_refuses_bad_requests() {
+    let db = TestDatabase::new().await;
+    let id = tenant(&db, "acme").await;
+    let served = Served::start(&db.url, &[("ENGINE__HTTP__ADMIN_TOKEN", TOKEN)]);
+    let (key, value) = bearer();
+    let auth = [(key, value.as_str())];
+    let path = format!("/api/v1/tenants/{id}/retention");
+
+    let (status, body) = http(served.port, "GET", &path, &auth, None).unwrap();
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["tenant_id"], id.to_string());
+    assert_eq!(json["slug"], "acme");
+    assert_eq!(json["data_retention_period"], "30days");
+    assert_eq!(json["seconds"], 30 * 86_400);
+
+    let (status, body) = http(served.port, "PUT", &path, &auth, Some(r#"{"data_retention_period":"36h"}"#)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""data_retention_period":"1day 12h""#), "{body}");
+    assert_eq!(stored(&db, id).await, "36:00:00");
+    // By slug too; null and "forever" keep forever.
+    let (status, _) = http(served.port, "PUT", "/api/v1/tenants/acme/retention", &auth, Some(r#"{"data_retention_period":null}"#)).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(stored(&db, id).await, "NULL");
+    let (status, _) = http(served.port, "PUT", &path, &auth, Some(r#"{"data_retention_period":"2h"}"#)).unwrap();
+    assert_eq!(status, 200);
+
+    for (value, reason) in BAD_VALUES {
+        let request = serde_json::json!({ "data_retention_period": value }).to_string();
+        let (status, body) = http(served.port, "PUT", &path, &auth, Some(&request)).unwrap();
+        assert_eq!(status, 400, "{value:?}: {body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(json["error"].as_str().unwrap().contains(reason), "{body}");
+    }
+    for malformed in ["not json", "{}", r#"{"data_retention_period": 3600}"#, r#"{"data_retention_period":"2h","x":1}"#, "[]"] {
+        let (status, body) = http(served.port, "PUT", &path, &auth, Some(malformed)).unwrap();
+        assert_eq!(status, 400, "{malformed}: {body}");
+        assert!(body.contains(r#""error""#), "{body}");
+    }
+    assert_eq!(stored(&db, id).await, "02:00:00", "refused requests changed nothing");
+
+    for unknown in [Uuid::new_v4().to_string(), "nope".to_string()] {
+        let path = format!("/api/v1/tenants/{unknown}/retention");
+        let (status, body) = http(served.port, "GET", &path, &auth, None).unwrap();
+        assert_eq!(status, 404, "{body}");
+        let (status, _) = http(served.port, "PUT", &path, &auth, Some(r#"{"data_retention_period":"2h"}"#)).unwrap();
+        assert_eq!(status, 404);
+    }
+}
+
+#[test]
+fn a_short_admin_token_is_refused_at_start_up() {
+    let output = engine().env("ENGINE__HTTP__ADMIN_TOKEN", "short").env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none").arg("serve").output().unwrap();
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr.contains("http.admin_token (value hidden, 5 characters) is not allowed: at least 16 characters"), "{stderr}");
+    assert!(!stderr.contains("short\""), "the token itself is never printed: {stderr}");
+}
