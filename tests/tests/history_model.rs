@@ -1,6 +1,6 @@
 //! A randomized test: generate tenants, retentions and history across day partitions and the
 //! default partition, run the controller's tasks, and compare the survivors with a plain model
-//! of the rules.
+//! of the rules (including which due rows wait for their day to be dropped whole).
 //!
 //! Every generated instant sits half a minute off a whole-minute distance from the base time, and
 //! every period is whole minutes, so no row is within 30 s of a cutoff: the few seconds between
@@ -49,6 +49,66 @@ fn ago(base: DateTime<Utc>, minutes: i64) -> DateTime<Utc> {
     base - Span::minutes(minutes) - Span::seconds(30)
 }
 
+const FINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
+/// The day partitions at run time, and which rows the tasks remove, by the documented rules:
+/// a past day (ended over an hour ago) whose rows are all due is dropped whole; in a past day that
+/// time alone will drop (no rows kept forever, of unknown tenants, or queued/running), the due
+/// rows of the tenants with the longest retention present wait for that drop; every other due row
+/// is deleted.
+fn removed(
+    tasks: &[Task],
+    events: &[Event],
+    tenants: &HashMap<Uuid, Tenant>,
+    days: &HashSet<chrono::NaiveDate>,
+    now: DateTime<Utc>,
+) -> HashSet<TaskKey> {
+    let day_of = |t: &Task| {
+        let day = t.key.1.date_naive();
+        days.contains(&day).then_some(day)
+    };
+    let mut removed = HashSet::new();
+    let mut by_day: HashMap<chrono::NaiveDate, Vec<&Task>> = HashMap::new();
+    for task in tasks {
+        match day_of(task) {
+            Some(day) if repository::partitions::removal_candidate(day, now) => by_day.entry(day).or_default().push(task),
+            _ => {
+                if task_due(task, tenants, now) {
+                    removed.insert(task.key);
+                }
+            }
+        }
+    }
+    for (day, in_day) in by_day {
+        let kind = |t: &Task| match tenants.get(&t.tenant) {
+            None => "unknown",
+            Some(tn) => match (tn.deleted_at, tn.retention) {
+                (Some(at), _) if at < now - GRACE => "purged",
+                (Some(_), _) => "deleted",
+                (None, None) => "forever",
+                (None, Some(_)) => "live",
+            },
+        };
+        let active = |t: &Task| !FINAL.contains(&t.status);
+        let young_events = events.iter().any(|e| e.task.1.date_naive() == day && e.created_at >= now - Span::hours(1));
+        let wholly_due = !young_events
+            && in_day.iter().all(|t| kind(t) == "purged" || (kind(t) == "live" && !active(t) && task_due(t, tenants, now)));
+        if wholly_due {
+            removed.extend(in_day.iter().map(|t| t.key));
+            continue;
+        }
+        let blocked = in_day.iter().any(|t| matches!(kind(t), "forever" | "unknown") || (kind(t) == "live" && active(t)));
+        let longest = in_day.iter().filter(|t| kind(t) == "live").filter_map(|t| tenants[&t.tenant].retention).max();
+        for t in &in_day {
+            let deferred = !blocked && kind(t) == "live" && tenants[&t.tenant].retention == longest;
+            if task_due(t, tenants, now) && !deferred {
+                removed.insert(t.key);
+            }
+        }
+    }
+    removed
+}
+
 fn task_due(task: &Task, tenants: &HashMap<Uuid, Tenant>, now: DateTime<Utc>) -> bool {
     let Some(tenant) = tenants.get(&task.tenant) else { return false };
     match (tenant.deleted_at, tenant.retention) {
@@ -77,8 +137,9 @@ async fn scenario(seed: u64) {
     let now = db_now(pool).await;
     let today = now.date_naive();
     // Day partitions for the last 40 days and a week ahead; rows outside land in the default.
-    for n in -40..7 {
-        create_day(pool, today + Span::days(n)).await;
+    let days: HashSet<chrono::NaiveDate> = (-40..7).map(|n| today + Span::days(n)).collect();
+    for day in &days {
+        create_day(pool, *day).await;
     }
 
     let periods = [Some(Span::hours(1)), Some(Span::days(1)), Some(Span::days(3)), Some(Span::days(20)), None];
@@ -148,8 +209,8 @@ async fn scenario(seed: u64) {
 
     // The model.
     let existed: HashSet<TaskKey> = tasks_seeded.iter().map(|t| t.key).collect();
-    let surviving: HashSet<TaskKey> =
-        tasks_seeded.iter().filter(|t| !task_due(t, &tenants, now)).map(|t| t.key).collect();
+    let gone = removed(&tasks_seeded, &events, &tenants, &days, now);
+    let surviving: HashSet<TaskKey> = existed.difference(&gone).copied().collect();
     let status_of: HashMap<TaskKey, &str> = tasks_seeded.iter().map(|t| (t.key, t.status)).collect();
     let expected_tasks = sorted_keys(surviving.iter().copied().collect());
     let expected_events = sorted_ids(
@@ -159,6 +220,7 @@ async fn scenario(seed: u64) {
                 if existed.contains(&e.task) {
                     surviving.contains(&e.task)
                 } else {
+                    // An orphan: gone after an hour (or with its day, which needs it to be that old).
                     e.created_at >= now - Span::hours(1)
                 }
             })

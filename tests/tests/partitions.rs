@@ -113,13 +113,19 @@ async fn a_wholly_due_day_is_dropped_whole_and_every_other_day_is_kept() {
     for kept in [running_day.day, forever_day.day, fresh_day.day, young_day.day] {
         assert!(days.contains(&name(kept)), "{kept} kept: {days:?}");
     }
+    // The fresh-event day is due but for an hour-young orphan event: its rows wait for the drop
+    // that comes once the event is an hour old, rather than going row by row.
     let mut tasks = vec![running, kept_forever];
     tasks.extend(young_day.tasks.iter().copied());
+    tasks.extend(fresh_day.tasks.iter().copied());
     assert_eq!(task_keys(pool).await, sorted_keys(tasks));
     let mut events = vec![running_event, fresh_event];
     events.extend(young_day.events.iter().copied());
+    events.extend(fresh_day.events.iter().copied());
     assert_eq!(event_ids(pool).await, sorted_ids(events));
-    assert_eq!(queue_item_ids(pool).await, sorted_ids(young_day.items.clone()));
+    let mut items = young_day.items.clone();
+    items.extend(fresh_day.items.iter().copied());
+    assert_eq!(queue_item_ids(pool).await, sorted_ids(items));
     // The running task stayed in its own day's partition.
     assert_eq!(home_of(pool, running).await, name(running_day.day));
 }
@@ -189,4 +195,46 @@ async fn rows_at_out_of_range_dates_follow_the_same_rules() {
     run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
 
     assert_eq!(task_keys(pool).await, sorted_keys(vec![ancient_running, future_done]));
+}
+
+#[tokio::test]
+async fn in_a_past_day_the_longest_retention_waits_for_the_drop_and_shorter_ones_go_row_by_row() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let day = now.date_naive() - Span::days(10);
+    create_day(pool, day).await;
+    let short = insert_tenant(pool, Some("2 days"), None).await;
+    let long = insert_tenant(pool, Some("9 days 12 hours"), None).await;
+    let at = repository::partitions::bounds(day).0 + Span::hours(1);
+    // The long tenant's first task is due (finished 9.5 days + 1 minute ago), its second not yet.
+    let long_due = insert_task(pool, long, "succeeded", at, Some(now - Span::hours(9 * 24 + 12) - MINUTE)).await;
+    let long_young = insert_task(pool, long, "succeeded", at, Some(now - Span::hours(9 * 24 + 12) + MINUTE)).await;
+    let short_due = insert_task(pool, short, "succeeded", at, Some(at)).await;
+
+    for task in retention_controller::tasks::all(&Default::default()) {
+        run_task(task.as_ref(), pool).await;
+    }
+    // The short tenant's row went at once; the long tenant's due row waits for its day.
+    assert_eq!(task_keys(pool).await, sorted_keys(vec![long_due, long_young]));
+    let _ = short_due;
+
+    // Once everything in the day is due, the day goes whole.
+    sqlx::query("UPDATE tasks SET finished_at = finished_at - interval '2 minutes' WHERE id = $1")
+        .bind(long_young.0)
+        .execute(pool)
+        .await
+        .unwrap();
+    let report = run_task(&partitions_task(), pool).await;
+    assert!(report.counters.contains(&("days dropped", 1)), "{report:?}");
+    assert!(task_keys(pool).await.is_empty());
+
+    // The same day with a running task can never be dropped by time alone: due rows go row by row.
+    let day = now.date_naive() - Span::days(12);
+    create_day(pool, day).await;
+    let at = repository::partitions::bounds(day).0;
+    let running = insert_task(pool, long, "running", at, None).await;
+    insert_task(pool, long, "succeeded", at, Some(now - Span::days(10))).await;
+    run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
+    assert_eq!(task_keys(pool).await, vec![running]);
 }

@@ -23,7 +23,7 @@ impl Database {
             None => {
                 let data_dir = settings.data_dir().join("postgres");
                 tracing::info!(data_dir = %data_dir.display(), "no database configured; starting a private PostgreSQL");
-                let options = local_postgres::Options { data_dir, ephemeral: false };
+                let options = local_postgres::Options::persistent(data_dir);
                 let local = tokio::task::spawn_blocking(move || LocalPostgres::start(options))
                     .await?
                     .context("starting the embedded PostgreSQL (no DATABASE_URL or database.url is set)")?;

@@ -62,8 +62,25 @@ pub enum Error {
 pub struct Options {
     /// The cluster's data directory; created (with its parents) when missing.
     pub data_dir: PathBuf,
-    /// Throw-away cluster for tests: no fsync, and the directory is removed when it stops.
+    /// Throw-away cluster: the directory is removed when the server stops, and unless `durable`
+    /// is set, fsync and full-page writes are off (fast tests, no crash safety).
     pub ephemeral: bool,
+    /// Keep PostgreSQL's crash-safety settings even for an ephemeral cluster (benchmarks).
+    pub durable: bool,
+    /// Extra `postgresql.conf` settings, such as `("shared_buffers", "1GB")`.
+    pub settings: Vec<(String, String)>,
+}
+
+impl Options {
+    /// A persistent cluster with PostgreSQL's defaults.
+    pub fn persistent(data_dir: PathBuf) -> Self {
+        Options { data_dir, ephemeral: false, durable: true, settings: Vec::new() }
+    }
+
+    /// A throw-away cluster for tests.
+    pub fn throwaway(data_dir: PathBuf) -> Self {
+        Options { data_dir, ephemeral: true, durable: false, settings: Vec::new() }
+    }
 }
 
 /// A running cluster. Stopped by [`LocalPostgres::stop`], on drop, or by the watchdog when this
@@ -93,7 +110,7 @@ impl LocalPostgres {
         if fresh {
             pg.initdb(options.ephemeral)?;
         }
-        pg.write_settings(options.ephemeral)?;
+        pg.write_settings(&options)?;
         pg.stop_leftover_server();
         // The watchdog first: from here on, whatever happens to this process, the server stops.
         pg.watchdog = Some(pg.spawn_watchdog(options.ephemeral)?);
@@ -167,7 +184,7 @@ impl LocalPostgres {
     }
 
     /// Settings rewritten at every start, so a moved directory keeps working.
-    fn write_settings(&self, ephemeral: bool) -> Result<(), Error> {
+    fn write_settings(&self, options: &Options) -> Result<(), Error> {
         let mut settings = format!(
             "# Written by the engine at every start; edit postgresql.conf instead.\n\
              listen_addresses = ''\n\
@@ -176,8 +193,11 @@ impl LocalPostgres {
              port = {PORT}\n",
             self.data_dir.display().to_string().replace('\'', "''")
         );
-        if ephemeral {
+        if options.ephemeral && !options.durable {
             settings.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
+        }
+        for (key, value) in &options.settings {
+            settings.push_str(&format!("{key} = '{}'\n", value.replace('\'', "''")));
         }
         let path = self.data_dir.join("engine.conf");
         fs::write(&path, settings).map_err(|source| Error::Io { action: "write", path: path.clone(), source })?;

@@ -16,10 +16,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{FromRow, PgConnection, PgExecutor};
+use uuid::Uuid;
 
 use crate::history::{ident, ACTIVE, FINAL};
-use crate::tenants::grace_interval;
+use crate::tenants::{grace_interval, HistoryRules};
 
 const TASK_COLUMNS: &str = "id, tenant_id, status, inserted_at, finished_at, payload";
 const EVENT_COLUMNS: &str = "id, tenant_id, task_id, task_inserted_at, event_type, created_at, data";
@@ -138,7 +139,7 @@ pub async fn remove_day(
     // again: if a row raced in (or a task was revived) it goes back through the parent, landing
     // in the default partition. Only that rare path reads the whole day.
     let (tasks_name, events_name) = (tasks_partition_name(day), events_partition_name(day));
-    let still_due = is_wholly_due(&mut *conn, &tasks_name, &events_name, now, deleted_grace).await?;
+    let still_due = summarise_day(&mut *conn, day, (&tasks_name, &events_name), now, deleted_grace).await?.wholly_due();
     let (tasks_total, events_total): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass),
                 (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $2::regclass)",
@@ -217,40 +218,136 @@ async fn move_survivors(
     Ok(())
 }
 
-/// Whether every row of a day's task partition and its events partition is due: every tenant
-/// present is purged, or live with a retention period, no queued or running task, and its last
-/// finished task before its cutoff; and no event is younger than an hour. Reads one index probe
-/// per tenant present, not the partition.
-pub async fn is_wholly_due(
-    executor: impl PgExecutor<'_>,
-    tasks_partition: &str,
-    events_partition: &str,
+/// What a day holds, tenant by tenant, as far as the retention rules care. Read with one index
+/// probe or two per tenant present, never by scanning the day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaySummary {
+    pub tenants: Vec<TenantInDay>,
+    /// An event of that day was written less than an hour ago (it may be a young orphan).
+    pub young_events: bool,
+}
+
+/// One tenant's rows in a day.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct TenantInDay {
+    pub tenant_id: Uuid,
+    /// `live` (with a retention period), `forever` (NULL retention), `deleted` (within the grace),
+    /// `purged` (deleted past the grace) or `unknown` (no such tenant).
+    pub kind: String,
+    /// The live tenant's retention period, in seconds.
+    pub retention_seconds: Option<f64>,
+    /// Some task of the tenant that day is queued or running.
+    pub has_active: bool,
+    /// Some finished task of the tenant that day is due.
+    pub any_due: bool,
+    /// Every finished task of the tenant that day is due (true when there are none).
+    pub all_due: bool,
+}
+
+impl DaySummary {
+    /// Every row of the day is due: it can be dropped whole.
+    pub fn wholly_due(&self) -> bool {
+        !self.young_events
+            && self.tenants.iter().all(|t| t.kind == "purged" || (t.kind == "live" && !t.has_active && t.all_due))
+    }
+
+    /// Time alone will never make the day wholly due: rows kept forever, rows of unknown tenants,
+    /// or a queued or running task (which may never finish). Such a day is cleaned row by row.
+    pub fn blocked(&self) -> bool {
+        self.tenants.iter().any(|t| t.kind == "forever" || t.kind == "unknown" || (t.kind == "live" && t.has_active))
+    }
+
+    /// The rules to apply row by row in this day. A past day (`droppable`: it ended over an hour
+    /// ago) that will be dropped whole once its longest-retention tenants' rows are due waits for
+    /// that drop: only shorter-retention tenants' due rows (and purged tenants' rows) are deleted
+    /// before it, and a wholly due day is left to the partitions task. A blocked day, or one not
+    /// yet droppable, applies every rule. Tenants with nothing due are left out, so an empty
+    /// result means no statement is needed.
+    pub fn row_rules(&self, rules: &HistoryRules, droppable: bool) -> HistoryRules {
+        if droppable && self.wholly_due() {
+            return HistoryRules::default(); // the partitions task drops it whole
+        }
+        let longest = self
+            .tenants
+            .iter()
+            .filter(|t| t.kind == "live")
+            .filter_map(|t| t.retention_seconds)
+            .fold(0.0f64, f64::max);
+        let blocked = !droppable || self.blocked();
+        let wanted = |id: &Uuid| {
+            self.tenants.iter().any(|t| {
+                t.tenant_id == *id && t.kind == "live" && t.any_due && (blocked || t.retention_seconds.unwrap_or(0.0) < longest)
+            })
+        };
+        HistoryRules {
+            live: rules.live.iter().filter(|(id, _)| wanted(id)).copied().collect(),
+            purged: rules
+                .purged
+                .iter()
+                .filter(|id| self.tenants.iter().any(|t| t.tenant_id == **id && t.kind == "purged"))
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+/// Summarises one day. `tasks` and `events` name the tables to read: the parents (`tasks`,
+/// `task_events`, pruned to the day by its range, one statement text for every day) or a day's
+/// detached tables.
+pub async fn summarise_day(
+    conn: &mut PgConnection,
+    day: NaiveDate,
+    tables: (&str, &str),
     now: DateTime<Utc>,
-    deleted_grace: std::time::Duration,
-) -> Result<bool, sqlx::Error> {
-    let sql = format!(
+    deleted_grace: Duration,
+) -> Result<DaySummary, sqlx::Error> {
+    let (start, end) = bounds(day);
+    let (t, e) = (ident(tables.0), ident(tables.1));
+    let in_day = "inserted_at >= $1 AND inserted_at < $2";
+    let tenants: Vec<TenantInDay> = sqlx::query_as(&format!(
         "WITH RECURSIVE present(tenant_id) AS (
-             (SELECT tenant_id FROM {p} ORDER BY tenant_id LIMIT 1)
+             (SELECT tenant_id FROM {t} WHERE {in_day} ORDER BY tenant_id LIMIT 1)
              UNION ALL
-             SELECT (SELECT t.tenant_id FROM {p} t WHERE t.tenant_id > present.tenant_id ORDER BY t.tenant_id LIMIT 1)
+             SELECT (SELECT x.tenant_id FROM {t} x WHERE x.{in_day} AND x.tenant_id > present.tenant_id
+                     ORDER BY x.tenant_id LIMIT 1)
              FROM present WHERE present.tenant_id IS NOT NULL
+         ), described AS (
+             SELECT p.tenant_id,
+                    CASE WHEN tn.id IS NULL THEN 'unknown'
+                         WHEN tn.deleted_at < $3 - $4 THEN 'purged'
+                         WHEN tn.deleted_at IS NOT NULL THEN 'deleted'
+                         WHEN tn.data_retention_period IS NULL THEN 'forever'
+                         ELSE 'live' END AS kind,
+                    extract(epoch FROM tn.data_retention_period)::float8 AS retention_seconds,
+                    retention_cutoff($3, tn.data_retention_period) AS cutoff
+             FROM present p LEFT JOIN tenants tn ON tn.id = p.tenant_id
+             WHERE p.tenant_id IS NOT NULL
          )
-         SELECT NOT EXISTS (
-             SELECT 1 FROM present LEFT JOIN tenants tn ON tn.id = present.tenant_id
-             WHERE present.tenant_id IS NOT NULL AND NOT coalesce(
-                 (tn.deleted_at IS NOT NULL AND tn.deleted_at < $1 - $2)
-                 OR (tn.deleted_at IS NULL AND tn.data_retention_period IS NOT NULL
-                     AND NOT EXISTS (SELECT 1 FROM {p} a WHERE a.tenant_id = present.tenant_id AND a.status IN {ACTIVE})
-                     AND coalesce(
-                         (SELECT max(coalesce(f.finished_at, f.inserted_at)) FROM {p} f
-                          WHERE f.tenant_id = present.tenant_id AND f.status IN {FINAL}),
-                         '-infinity') < retention_cutoff($1, tn.data_retention_period)),
-                 false)
-         ) AND NOT EXISTS (SELECT 1 FROM {e} e WHERE e.created_at >= $1 - interval '1 hour')",
-        p = ident(tasks_partition),
-        e = ident(events_partition),
-    );
-    sqlx::query_scalar(&sql).bind(now).bind(grace_interval(deleted_grace)).fetch_one(executor).await
+         SELECT d.tenant_id, d.kind,
+                CASE WHEN d.kind = 'live' THEN d.retention_seconds END AS retention_seconds,
+                EXISTS (SELECT 1 FROM {t} a WHERE a.{in_day} AND a.tenant_id = d.tenant_id AND a.status IN {ACTIVE}) AS has_active,
+                coalesce((SELECT min(coalesce(f.finished_at, f.inserted_at)) FROM {t} f
+                          WHERE f.{in_day} AND f.tenant_id = d.tenant_id AND f.status IN {FINAL}) < d.cutoff, false) AS any_due,
+                coalesce((SELECT max(coalesce(f.finished_at, f.inserted_at)) FROM {t} f
+                          WHERE f.{in_day} AND f.tenant_id = d.tenant_id AND f.status IN {FINAL}) < d.cutoff, true) AS all_due
+         FROM described d
+         ORDER BY d.tenant_id"
+    ))
+    .bind(start)
+    .bind(end)
+    .bind(now)
+    .bind(grace_interval(deleted_grace))
+    .fetch_all(&mut *conn)
+    .await?;
+    let young_events: bool = sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {e} WHERE task_inserted_at >= $1 AND task_inserted_at < $2 AND created_at >= $3 - interval '1 hour')"
+    ))
+    .bind(start)
+    .bind(end)
+    .bind(now)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(DaySummary { tenants, young_events })
 }
 
 /// No retention is shorter than an hour (the database refuses it) and orphan events are kept an

@@ -5,11 +5,20 @@
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 
-/// Proof that this process is the only runner of one task. Dropping it closes its connection,
-/// which releases the lock.
+/// Proof that this process is the only runner of one task. [`TaskLock::release`] unlocks and
+/// returns the connection to the pool; dropping it without that (a panic) closes the connection
+/// instead, which releases the lock, so a lock can never ride along in the pool.
 pub struct TaskLock {
     task: String,
-    conn: PoolConnection<Postgres>,
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl Drop for TaskLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
 }
 
 impl TaskLock {
@@ -23,19 +32,21 @@ impl TaskLock {
         if !acquired {
             return Ok(None);
         }
-        // However this value is dropped (a panic included), the connection is closed rather than
-        // returned to the pool with the lock still on it.
-        conn.close_on_drop();
-        Ok(Some(TaskLock { task: task.to_owned(), conn }))
+        Ok(Some(TaskLock { task: task.to_owned(), conn: Some(conn) }))
     }
 
     /// Releases the lock now, reporting whether it was still held (it is lost if the connection
     /// broke during the run).
     pub async fn release(mut self) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+        let mut conn = self.conn.take().expect("a lock holds its connection until released");
+        let released = sqlx::query_scalar("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
             .bind(lock_name(&self.task))
-            .fetch_one(&mut *self.conn)
-            .await
+            .fetch_one(&mut *conn)
+            .await;
+        if !matches!(released, Ok(true)) {
+            conn.close_on_drop();
+        }
+        released
     }
 }
 

@@ -36,10 +36,7 @@ fn server() -> &'static Server {
                 .tempdir()
                 .expect("create a temporary directory for the test cluster")
                 .keep();
-            let local = local_postgres::LocalPostgres::start(local_postgres::Options {
-                data_dir: dir,
-                ephemeral: true,
-            })
+            let local = local_postgres::LocalPostgres::start(local_postgres::Options::throwaway(dir))
             .unwrap_or_else(|e| panic!("cannot start a private PostgreSQL for the tests: {e}"));
             Server { admin_url: local.url(), _local: Some(local), private: true }
         }

@@ -30,11 +30,14 @@ impl PartitionsTask {
 
     /// Past days whose rows are all due now.
     async fn removable_days(&self, pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<NaiveDate>, TaskError> {
+        let mut conn = pool.acquire().await?;
         let mut days = Vec::new();
-        for partition in history::task_partitions(pool).await? {
-            let (Some(day), Some(events)) = (partition.day, partition.events_name()) else { continue };
+        for partition in history::task_partitions(&mut *conn).await? {
+            let Some(day) = partition.day else { continue };
             if partitions::removal_candidate(day, now)
-                && partitions::is_wholly_due(pool, &partition.name, &events, now, self.deleted_tenant_grace).await?
+                && partitions::summarise_day(&mut conn, day, ("tasks", "task_events"), now, self.deleted_tenant_grace)
+                    .await?
+                    .wholly_due()
             {
                 days.push(day);
             }

@@ -7,11 +7,15 @@
 //! * Tenants deleted more than `deleted_tenant_grace` ago: every task, event and queue item.
 //! * Events older than an hour whose task does not exist (orphans).
 //!
-//! Days whose rows are all due are left to the `partitions` task, which drops them whole.
+//! Days are left to the `partitions` task, which drops a day whole once all of its rows are
+//! due: row deletes in a day take only the rows of tenants whose retention is shorter than the
+//! longest one present, unless the day can never be dropped by time alone (rows kept forever,
+//! unknown tenants, queued or running tasks), when every due row goes row by row.
 
 use repository::batch::{self, BatchLimits};
 use repository::history::{self, Deleted, Partition};
 use repository::tenants::{self, HistoryRules};
+use chrono::{DateTime, Utc};
 use repository::{clock, partitions, watermarks, PgPool};
 
 use crate::schedule::Schedule;
@@ -34,21 +38,25 @@ impl TaskHistoryTask {
         BatchLimits { statement_timeout: self.settings.statement_timeout, lock_timeout: self.settings.lock_timeout }
     }
 
-    /// The partitions whose rows are deleted row by row: all but the days that are wholly due.
-    async fn row_partitions(&self, pool: &PgPool, now: chrono::DateTime<chrono::Utc>) -> Result<Vec<Partition>, TaskError> {
-        let mut kept = Vec::new();
-        for partition in history::task_partitions(pool).await? {
-            if let (Some(day), Some(events)) = (partition.day, partition.events_name()) {
-                if partitions::removal_candidate(day, now)
-                    && partitions::is_wholly_due(pool, &partition.name, &events, now, self.settings.deleted_tenant_grace).await?
-                {
-                    tracing::debug!(partition = %partition.name, "wholly due; left for the partitions task");
-                    continue;
+    /// Each partition with the rules to apply in it row by row: every rule in the default (and
+    /// any foreign) partition; in a day, what its summary leaves to row deletes (see
+    /// `DaySummary::row_rules`). Partitions with nothing to delete are left out.
+    async fn plan(&self, pool: &PgPool, now: DateTime<Utc>, rules: &HistoryRules) -> Result<Vec<(Partition, HistoryRules)>, TaskError> {
+        let mut conn = pool.acquire().await?;
+        let mut plan = Vec::new();
+        for partition in history::task_partitions(&mut *conn).await? {
+            let here = match partition.day {
+                Some(day) => {
+                    let summary = partitions::summarise_day(&mut conn, day, ("tasks", "task_events"), now, self.settings.deleted_tenant_grace).await?;
+                    summary.row_rules(rules, partitions::removal_candidate(day, now))
                 }
+                None => rules.clone(),
+            };
+            if !here.live.is_empty() || !here.purged.is_empty() {
+                plan.push((partition, here));
             }
-            kept.push(partition);
         }
-        Ok(kept)
+        Ok(plan)
     }
 
     /// Deletes batch after batch from one partition until a batch comes back short.
@@ -140,8 +148,8 @@ impl MaintenanceTask for TaskHistoryTask {
         let rules = tenants::history_rules(&ctx.pool, now, self.settings.deleted_tenant_grace).await?;
         tracing::debug!(live = rules.live.len(), purged = rules.purged.len(), "tenant rules");
         let mut report = RunReport::default();
-        for partition in self.row_partitions(&ctx.pool, now).await? {
-            if !self.purge_partition(ctx, &partition.name, &rules, &mut report).await? {
+        for (partition, here) in self.plan(&ctx.pool, now, &rules).await? {
+            if !self.purge_partition(ctx, &partition.name, &here, &mut report).await? {
                 return Ok(report);
             }
         }
@@ -153,8 +161,8 @@ impl MaintenanceTask for TaskHistoryTask {
         let now = clock::now(pool).await?;
         let rules = tenants::history_rules(pool, now, self.settings.deleted_tenant_grace).await?;
         let mut report = DryRunReport::default();
-        for partition in self.row_partitions(pool, now).await? {
-            let due = history::count_due(pool, &partition.name, &rules).await?;
+        for (partition, here) in self.plan(pool, now, &rules).await? {
+            let due = history::count_due(pool, &partition.name, &here).await?;
             report.add("retention", due.retained as u64);
             report.add("deleted-tenants", due.purged as u64);
         }

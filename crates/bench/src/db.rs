@@ -1,0 +1,58 @@
+//! The benchmark's database: `DATABASE_URL`, or a private, durable PostgreSQL (fsync and
+//! full-page writes on, shared_buffers 1GB, as in the field notes) in a temporary directory.
+
+use std::time::Instant;
+
+use local_postgres::{LocalPostgres, Options};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+pub struct BenchDb {
+    pub pool: PgPool,
+    _local: Option<LocalPostgres>,
+}
+
+pub async fn open() -> anyhow::Result<BenchDb> {
+    let (url, local) = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => (url, None),
+        _ => {
+            let dir = tempfile::Builder::new().prefix("engine-bench-pg-").tempdir()?.keep();
+            let mut options = Options::throwaway(dir);
+            options.durable = true;
+            options.settings = vec![
+                ("shared_buffers".into(), "1GB".into()),
+                ("max_wal_size".into(), "8GB".into()),
+                ("checkpoint_timeout".into(), "30min".into()),
+            ];
+            let local = tokio::task::spawn_blocking(move || LocalPostgres::start(options)).await??;
+            (local.url(), Some(local))
+        }
+    };
+    let pool = PgPoolOptions::new().max_connections(4).connect(&url).await?;
+    repository::MIGRATOR.run(&pool).await?;
+    Ok(BenchDb { pool, _local: local })
+}
+
+/// Current WAL position, for measuring the WAL a step writes.
+pub async fn wal_lsn(pool: &PgPool) -> anyhow::Result<String> {
+    Ok(sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(pool).await?)
+}
+
+pub async fn wal_since(pool: &PgPool, lsn: &str) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)::bigint")
+        .bind(lsn)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Runs `sql`, printing how long it took.
+pub async fn step(pool: &PgPool, what: &str, sql: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    sqlx::query(sql).execute(pool).await?;
+    eprintln!("  {what}: {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn mb(bytes: i64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
