@@ -28,7 +28,8 @@ pub async fn open() -> anyhow::Result<BenchDb> {
             (local.url(), Some(local))
         }
     };
-    let pool = PgPoolOptions::new().max_connections(4).connect(&url).await?;
+    let options = url.parse::<sqlx::postgres::PgConnectOptions>()?.statement_cache_capacity(2000);
+    let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await?;
     repository::MIGRATOR.run(&pool).await?;
     Ok(BenchDb { pool, _local: local })
 }

@@ -30,6 +30,11 @@ enum Bench {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Quiet unless RUST_LOG asks (RUST_LOG=retention_controller=debug shows every batch).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().bench {
         Bench::History { rows, due } => history::run(rows, due).await,
     }

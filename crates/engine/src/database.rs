@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use local_postgres::LocalPostgres;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 use crate::settings::Settings;
@@ -30,10 +30,15 @@ impl Database {
                 (local.url(), Some(local))
             }
         };
+        // Room for each day partition's prepared statements, so their plans stay cached.
+        let options = url
+            .parse::<PgConnectOptions>()
+            .with_context(|| format!("parsing the database URL {}", redact(&url)))?
+            .statement_cache_capacity(2000);
         let pool = PgPoolOptions::new()
             .max_connections(settings.database.max_connections)
             .acquire_timeout(settings.database.connect_timeout)
-            .connect(&url)
+            .connect_with(options)
             .await
             .with_context(|| format!("connecting to the database at {}", redact(&url)))?;
         if migrate {

@@ -10,14 +10,32 @@ use sqlx::{PgPool, Postgres, Transaction};
 pub struct BatchLimits {
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
+    /// Reuse one generic plan per prepared statement (see
+    /// [`crate::partitions::prefer_generic_plans`]): for statements over many partitions, whose
+    /// planning costs more than their run.
+    pub generic_plans: bool,
+}
+
+impl BatchLimits {
+    pub fn new(statement_timeout: Duration, lock_timeout: Duration) -> Self {
+        BatchLimits { statement_timeout, lock_timeout, generic_plans: false }
+    }
+
+    pub fn with_generic_plans(self) -> Self {
+        BatchLimits { generic_plans: true, ..self }
+    }
 }
 
 /// Opens a transaction whose statements obey `limits` (`SET LOCAL`: they end with it).
 pub async fn begin(pool: &PgPool, limits: BatchLimits) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)")
-        .bind(millis(limits.statement_timeout))
-        .bind(millis(limits.lock_timeout))
+    sqlx::query(
+        "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true),
+                set_config('plan_cache_mode', $3, true)",
+    )
+    .bind(millis(limits.statement_timeout))
+    .bind(millis(limits.lock_timeout))
+    .bind(if limits.generic_plans { "force_generic_plan" } else { "auto" })
         .execute(&mut *tx)
         .await?;
     Ok(tx)

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
-use sqlx::{FromRow, PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::history::{ident, ACTIVE, FINAL};
@@ -228,7 +228,7 @@ pub struct DaySummary {
 }
 
 /// One tenant's rows in a day.
-#[derive(Debug, Clone, PartialEq, FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TenantInDay {
     pub tenant_id: Uuid,
     /// `live` (with a retention period), `forever` (NULL retention), `deleted` (within the grace),
@@ -291,9 +291,10 @@ impl DaySummary {
     }
 }
 
-/// Summarises one day. `tasks` and `events` name the tables to read: the parents (`tasks`,
-/// `task_events`, pruned to the day by its range, one statement text for every day) or a day's
-/// detached tables.
+/// Summarises one day from its partitions (attached or detached) `tables`: (tasks, events).
+/// Callers summarising many days should call [`prefer_generic_plans`] on the connection first:
+/// planning the statement costs more than running it, and a cached generic plan per day makes a
+/// summary cost its index probes alone.
 pub async fn summarise_day(
     conn: &mut PgConnection,
     day: NaiveDate,
@@ -304,7 +305,7 @@ pub async fn summarise_day(
     let (start, end) = bounds(day);
     let (t, e) = (ident(tables.0), ident(tables.1));
     let in_day = "inserted_at >= $1 AND inserted_at < $2";
-    let tenants: Vec<TenantInDay> = sqlx::query_as(&format!(
+    let rows: Vec<(Option<Uuid>, Option<String>, Option<f64>, bool, bool, bool, bool)> = sqlx::query_as(&format!(
         "WITH RECURSIVE present(tenant_id) AS (
              (SELECT tenant_id FROM {t} WHERE {in_day} ORDER BY tenant_id LIMIT 1)
              UNION ALL
@@ -329,9 +330,15 @@ pub async fn summarise_day(
                 coalesce((SELECT min(coalesce(f.finished_at, f.inserted_at)) FROM {t} f
                           WHERE f.{in_day} AND f.tenant_id = d.tenant_id AND f.status IN {FINAL}) < d.cutoff, false) AS any_due,
                 coalesce((SELECT max(coalesce(f.finished_at, f.inserted_at)) FROM {t} f
-                          WHERE f.{in_day} AND f.tenant_id = d.tenant_id AND f.status IN {FINAL}) < d.cutoff, true) AS all_due
+                          WHERE f.{in_day} AND f.tenant_id = d.tenant_id AND f.status IN {FINAL}) < d.cutoff, true) AS all_due,
+                false AS young_events
          FROM described d
-         ORDER BY d.tenant_id"
+         UNION ALL
+         -- One more row, last, carrying whether an event of the day is under an hour old.
+         SELECT NULL, NULL, NULL, false, false, false,
+                EXISTS (SELECT 1 FROM {e} WHERE task_inserted_at >= $1 AND task_inserted_at < $2
+                                            AND created_at >= $3 - interval '1 hour')
+         ORDER BY 1 NULLS LAST"
     ))
     .bind(start)
     .bind(end)
@@ -339,15 +346,27 @@ pub async fn summarise_day(
     .bind(grace_interval(deleted_grace))
     .fetch_all(&mut *conn)
     .await?;
-    let young_events: bool = sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {e} WHERE task_inserted_at >= $1 AND task_inserted_at < $2 AND created_at >= $3 - interval '1 hour')"
-    ))
-    .bind(start)
-    .bind(end)
-    .bind(now)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(DaySummary { tenants, young_events })
+    let mut summary = DaySummary { tenants: Vec::new(), young_events: false };
+    for (tenant_id, kind, retention_seconds, has_active, any_due, all_due, young_events) in rows {
+        match (tenant_id, kind) {
+            (Some(tenant_id), Some(kind)) => {
+                summary.tenants.push(TenantInDay { tenant_id, kind, retention_seconds, has_active, any_due, all_due })
+            }
+            _ => summary.young_events = young_events,
+        }
+    }
+    Ok(summary)
+}
+
+/// Makes the connection reuse one generic plan per prepared statement (pruning partitions when
+/// it runs), instead of planning the statement again at each execution, until
+/// [`default_plans`] is called.
+pub async fn prefer_generic_plans(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET plan_cache_mode = force_generic_plan").execute(conn).await.map(drop)
+}
+
+pub async fn default_plans(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("RESET plan_cache_mode").execute(conn).await.map(drop)
 }
 
 /// No retention is shorter than an hour (the database refuses it) and orphan events are kept an

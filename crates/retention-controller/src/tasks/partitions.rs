@@ -31,17 +31,19 @@ impl PartitionsTask {
     /// Past days whose rows are all due now.
     async fn removable_days(&self, pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<NaiveDate>, TaskError> {
         let mut conn = pool.acquire().await?;
+        partitions::prefer_generic_plans(&mut conn).await?;
         let mut days = Vec::new();
         for partition in history::task_partitions(&mut *conn).await? {
             let Some(day) = partition.day else { continue };
             if partitions::removal_candidate(day, now)
-                && partitions::summarise_day(&mut conn, day, ("tasks", "task_events"), now, self.deleted_tenant_grace)
+                && partitions::summarise_day(&mut conn, day, (&partition.name, &repository::partitions::events_partition_name(day)), now, self.deleted_tenant_grace)
                     .await?
                     .wholly_due()
             {
                 days.push(day);
             }
         }
+        partitions::default_plans(&mut conn).await?;
         Ok(days)
     }
 }
@@ -64,10 +66,7 @@ impl MaintenanceTask for PartitionsTask {
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let now = clock::now(&ctx.pool).await?;
         let mut report = RunReport::default();
-        let limits = repository::batch::BatchLimits {
-            statement_timeout: self.settings.statement_timeout,
-            lock_timeout: self.settings.lock_timeout,
-        };
+        let limits = repository::batch::BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout);
         for day in self.days_ahead(now) {
             if partitions::day_exists(&ctx.pool, day).await? {
                 continue;

@@ -32,7 +32,7 @@ impl MaintenanceTask for QueueItemsTask {
 
     /// One pass over the queue in id order: each batch examines the next `batch_size` items.
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
-        let limits = BatchLimits { statement_timeout: self.settings.statement_timeout, lock_timeout: self.settings.lock_timeout };
+        let limits = BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans();
         let mut report = RunReport::default();
         let mut after = 0i64;
         loop {

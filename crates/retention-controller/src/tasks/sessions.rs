@@ -27,7 +27,7 @@ impl SessionsTask {
     }
 
     fn limits(&self) -> BatchLimits {
-        BatchLimits { statement_timeout: self.settings.statement_timeout, lock_timeout: self.settings.lock_timeout }
+        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout)
     }
 }
 

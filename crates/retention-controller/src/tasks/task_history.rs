@@ -35,7 +35,7 @@ impl TaskHistoryTask {
     }
 
     fn limits(&self) -> BatchLimits {
-        BatchLimits { statement_timeout: self.settings.statement_timeout, lock_timeout: self.settings.lock_timeout }
+        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans()
     }
 
     /// Each partition with the rules to apply in it row by row: every rule in the default (and
@@ -43,11 +43,12 @@ impl TaskHistoryTask {
     /// `DaySummary::row_rules`). Partitions with nothing to delete are left out.
     async fn plan(&self, pool: &PgPool, now: DateTime<Utc>, rules: &HistoryRules) -> Result<Vec<(Partition, HistoryRules)>, TaskError> {
         let mut conn = pool.acquire().await?;
+        partitions::prefer_generic_plans(&mut conn).await?;
         let mut plan = Vec::new();
         for partition in history::task_partitions(&mut *conn).await? {
             let here = match partition.day {
                 Some(day) => {
-                    let summary = partitions::summarise_day(&mut conn, day, ("tasks", "task_events"), now, self.settings.deleted_tenant_grace).await?;
+                    let summary = partitions::summarise_day(&mut conn, day, (&partition.name, &repository::partitions::events_partition_name(day)), now, self.settings.deleted_tenant_grace).await?;
                     summary.row_rules(rules, partitions::removal_candidate(day, now))
                 }
                 None => rules.clone(),
@@ -56,6 +57,7 @@ impl TaskHistoryTask {
                 plan.push((partition, here));
             }
         }
+        partitions::default_plans(&mut conn).await?;
         Ok(plan)
     }
 
