@@ -120,10 +120,11 @@ pub async fn run(rows: i64, due: i64) -> anyhow::Result<()> {
     let lsn = wal_lsn(pool).await?;
     let started = Instant::now();
     let (mut deleted, mut batches, mut longest) = (0i64, 0u64, Duration::ZERO);
+    let mut cursors = history::Cursors::new();
     loop {
         let batch_started = Instant::now();
         let mut tx = batch::begin(pool, limits).await?;
-        let out = history::delete_retained_batch(&mut *tx, &tasks_b, &rules, limit).await?;
+        let out = history::delete_retained_batch(&mut *tx, &tasks_b, &rules, &mut cursors, limit).await?;
         tx.commit().await?;
         longest = longest.max(batch_started.elapsed());
         deleted += out.tasks;

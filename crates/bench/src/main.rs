@@ -32,7 +32,7 @@ enum Bench {
 async fn main() -> anyhow::Result<()> {
     // Quiet unless RUST_LOG asks (RUST_LOG=retention_controller=debug shows every batch).
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,sqlx=error".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().bench {

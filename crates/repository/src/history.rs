@@ -51,24 +51,34 @@ pub struct Deleted {
     pub queue_items: i64,
 }
 
+/// Where each tenant's walk of one partition has reached: the finish instant of the last task
+/// deleted, as PostgreSQL's text (so `-infinity` round-trips). The next batch starts there, so a
+/// batch never re-reads the index entries of rows earlier batches deleted (which stay on the index
+/// pages, and even in the heap while any older snapshot is open, until vacuum).
+pub type Cursors = std::collections::HashMap<Uuid, String>;
+
 /// Deletes up to `limit` tasks of `partition` that are due under a live tenant's retention
-/// (final, and finished before the tenant's cutoff), with their events and queue items.
+/// (final, and finished before the tenant's cutoff), with their events and queue items, walking
+/// each tenant's `tasks_finished_due_idx` range from its cursor; advances the cursors.
 pub async fn delete_retained_batch(
     executor: impl PgExecutor<'_>,
     partition: &str,
     rules: &HistoryRules,
+    cursors: &mut Cursors,
     limit: u32,
 ) -> Result<Deleted, sqlx::Error> {
     if rules.live.is_empty() {
         return Ok(Deleted::default());
     }
     let (tenants, cutoffs): (Vec<Uuid>, Vec<DateTime<Utc>>) = rules.live.iter().copied().unzip();
+    let after: Vec<String> = tenants.iter().map(|id| cursors.get(id).cloned().unwrap_or_else(|| "-infinity".into())).collect();
     let victims = format!(
-        "SELECT v.id, v.inserted_at FROM unnest($1::uuid[], $2::timestamptz[]) AS r(tenant_id, cutoff)
+        "SELECT v.id, v.inserted_at FROM unnest($1::uuid[], $2::timestamptz[], $4::text[]) AS r(tenant_id, cutoff, after_key)
          CROSS JOIN LATERAL (
              SELECT t.id, t.inserted_at FROM {p} t
              WHERE t.tenant_id = r.tenant_id AND t.status IN {FINAL}
                AND coalesce(t.finished_at, t.inserted_at) < r.cutoff
+               AND coalesce(t.finished_at, t.inserted_at) >= r.after_key::timestamptz
              ORDER BY coalesce(t.finished_at, t.inserted_at)
              LIMIT $3
              FOR UPDATE SKIP LOCKED
@@ -76,12 +86,37 @@ pub async fn delete_retained_batch(
          LIMIT $3",
         p = ident(partition)
     );
-    sqlx::query_as(&delete_with_children(partition, &victims))
-        .bind(tenants)
-        .bind(cutoffs)
-        .bind(i64::from(limit))
-        .fetch_one(executor)
-        .await
+    let rows: Vec<(Uuid, i64, String, i64, i64)> = sqlx::query_as(&format!(
+        "WITH victims AS MATERIALIZED ({victims}),
+         events AS (
+             DELETE FROM task_events e USING victims v
+             WHERE e.task_id = v.id AND e.task_inserted_at = v.inserted_at RETURNING 1
+         ), queue AS (
+             DELETE FROM queue_items q USING victims v
+             WHERE q.task_id = v.id AND q.task_inserted_at = v.inserted_at RETURNING 1
+         ), gone AS (
+             DELETE FROM {p} t USING victims v
+             WHERE t.id = v.id AND t.inserted_at = v.inserted_at
+             RETURNING t.tenant_id, coalesce(t.finished_at, t.inserted_at) AS key
+         )
+         SELECT g.tenant_id, count(*), max(g.key)::text,
+                (SELECT count(*) FROM events), (SELECT count(*) FROM queue)
+         FROM gone g GROUP BY g.tenant_id",
+        p = ident(partition)
+    ))
+    .bind(tenants)
+    .bind(cutoffs)
+    .bind(i64::from(limit))
+    .bind(after)
+    .fetch_all(executor)
+    .await?;
+    let mut deleted = Deleted::default();
+    for (tenant, tasks, last_key, events, queue_items) in rows {
+        deleted.tasks += tasks;
+        (deleted.events, deleted.queue_items) = (events, queue_items);
+        cursors.insert(tenant, last_key);
+    }
+    Ok(deleted)
 }
 
 /// Deletes up to `limit` tasks of `partition` that belong to purged tenants (deleted longer ago

@@ -140,14 +140,8 @@ pub async fn remove_day(
     // in the default partition. Only that rare path reads the whole day.
     let (tasks_name, events_name) = (tasks_partition_name(day), events_partition_name(day));
     let still_due = summarise_day(&mut *conn, day, (&tasks_name, &events_name), now, deleted_grace).await?.wholly_due();
-    let (tasks_total, events_total): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass),
-                (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $2::regclass)",
-    )
-    .bind(&tasks)
-    .bind(&events)
-    .fetch_one(&mut *conn)
-    .await?;
+    let tasks_total = estimated_rows(&mut *conn, &tasks_name).await?;
+    let events_total = estimated_rows(&mut *conn, &events_name).await?;
     let mut removal = DayRemoval { tasks_dropped: tasks_total, events_dropped: events_total, ..Default::default() };
     if still_due {
         removal.queue_items_deleted = sqlx::query(
@@ -356,6 +350,15 @@ pub async fn summarise_day(
         }
     }
     Ok(summary)
+}
+
+/// The planner's estimate of a table's rows (0 before its first ANALYZE): what a drop reports,
+/// since counting a day would read all of it.
+pub async fn estimated_rows(executor: impl PgExecutor<'_>, table: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass")
+        .bind(ident(table))
+        .fetch_one(executor)
+        .await
 }
 
 /// Makes the connection reuse one generic plan per prepared statement (pruning partitions when

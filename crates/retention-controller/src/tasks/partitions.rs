@@ -120,8 +120,11 @@ impl MaintenanceTask for PartitionsTask {
         let now = clock::now(pool).await?;
         let mut report = DryRunReport::default();
         for day in self.removable_days(pool, now).await? {
-            tracing::info!(%day, "would drop this day's partitions");
-            report.add("days", 1);
+            let tasks = partitions::estimated_rows(pool, &partitions::tasks_partition_name(day)).await?;
+            let events = partitions::estimated_rows(pool, &partitions::events_partition_name(day)).await?;
+            tracing::info!(%day, tasks, events, "would drop this day's partitions (row counts are planner estimates)");
+            report.add("tasks (estimated)", tasks as u64);
+            report.add("events (estimated)", events as u64);
         }
         Ok(report)
     }

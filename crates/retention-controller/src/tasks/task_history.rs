@@ -71,6 +71,7 @@ impl TaskHistoryTask {
     ) -> Result<bool, TaskError> {
         let limit = self.settings.batch_size;
         for (rule, purged) in [("retention", false), ("deleted-tenants", true)] {
+            let mut cursors = history::Cursors::new();
             loop {
                 if let Some(stop) = ctx.interrupted() {
                     report.completion = stop;
@@ -80,7 +81,7 @@ impl TaskHistoryTask {
                 let deleted = if purged {
                     history::delete_purged_batch(&mut *tx, partition, &rules.purged, limit).await?
                 } else {
-                    history::delete_retained_batch(&mut *tx, partition, rules, limit).await?
+                    history::delete_retained_batch(&mut *tx, partition, rules, &mut cursors, limit).await?
                 };
                 tx.commit().await?;
                 record(report, rule, deleted);
