@@ -168,6 +168,22 @@ async fn a_row_that_races_into_a_day_being_dropped_survives_in_the_default_parti
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    // As after a crash right after the DETACH: the next partitions run drops the detached tables.
+    let detached: Vec<String> = sqlx::query_scalar("SELECT relname::text FROM pg_class WHERE relname IN ($1, $2) ORDER BY 1")
+        .bind(name(day.day))
+        .bind(repository::partitions::events_partition_name(day.day))
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(detached.len(), 2, "detached, not yet dropped");
+    run_task(&partitions_task(), pool).await;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname IN ($1, $2)")
+        .bind(name(day.day))
+        .bind(repository::partitions::events_partition_name(day.day))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the next run finished the removal");
 
     assert_eq!((removal.tasks_kept, removal.events_kept), (1, 1));
     assert_eq!(task_keys(pool).await, vec![late]);

@@ -48,8 +48,10 @@ fn millis(duration: Duration) -> String {
 /// True when PostgreSQL cancelled a statement for running past `statement_timeout` or waiting
 /// past `lock_timeout`.
 pub fn is_timeout(error: &sqlx::Error) -> bool {
-    matches!(
-        error.as_database_error().and_then(|e| e.code()).as_deref(),
-        Some("57014") | Some("55P03")
-    )
+    is_lock_timeout(error) || error.as_database_error().and_then(|e| e.code()).as_deref() == Some("57014")
+}
+
+/// True when PostgreSQL gave up waiting for a lock (`lock_timeout`).
+pub fn is_lock_timeout(error: &sqlx::Error) -> bool {
+    error.as_database_error().and_then(|e| e.code()).as_deref() == Some("55P03")
 }

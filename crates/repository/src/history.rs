@@ -44,7 +44,7 @@ pub async fn task_partitions(executor: impl PgExecutor<'_>) -> Result<Vec<Partit
 }
 
 /// What one batch deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromRow)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Deleted {
     pub tasks: i64,
     pub events: i64,
@@ -86,37 +86,30 @@ pub async fn delete_retained_batch(
          LIMIT $3",
         p = ident(partition)
     );
-    let rows: Vec<(Uuid, i64, String, i64, i64)> = sqlx::query_as(&format!(
-        "WITH victims AS MATERIALIZED ({victims}),
-         events AS (
-             DELETE FROM task_events e USING victims v
-             WHERE e.task_id = v.id AND e.task_inserted_at = v.inserted_at RETURNING 1
-         ), queue AS (
-             DELETE FROM queue_items q USING victims v
-             WHERE q.task_id = v.id AND q.task_inserted_at = v.inserted_at RETURNING 1
-         ), gone AS (
-             DELETE FROM {p} t USING victims v
-             WHERE t.id = v.id AND t.inserted_at = v.inserted_at
-             RETURNING t.tenant_id, coalesce(t.finished_at, t.inserted_at) AS key
-         )
-         SELECT g.tenant_id, count(*), max(g.key)::text,
-                (SELECT count(*) FROM events), (SELECT count(*) FROM queue)
-         FROM gone g GROUP BY g.tenant_id",
-        p = ident(partition)
-    ))
-    .bind(tenants)
-    .bind(cutoffs)
-    .bind(i64::from(limit))
-    .bind(after)
-    .fetch_all(executor)
-    .await?;
+    let rows: Vec<DeletedRow> = sqlx::query_as(&delete_with_children(partition, &victims))
+        .bind(tenants)
+        .bind(cutoffs)
+        .bind(i64::from(limit))
+        .bind(after)
+        .fetch_all(executor)
+        .await?;
+    Ok(tally(rows, Some(cursors)))
+}
+
+/// Per tenant: tasks deleted and the last finish instant deleted; then the batch's events and
+/// queue items (the same on every row).
+type DeletedRow = (Uuid, i64, String, i64, i64);
+
+fn tally(rows: Vec<DeletedRow>, mut cursors: Option<&mut Cursors>) -> Deleted {
     let mut deleted = Deleted::default();
     for (tenant, tasks, last_key, events, queue_items) in rows {
         deleted.tasks += tasks;
         (deleted.events, deleted.queue_items) = (events, queue_items);
-        cursors.insert(tenant, last_key);
+        if let Some(cursors) = cursors.as_deref_mut() {
+            cursors.insert(tenant, last_key);
+        }
     }
-    Ok(deleted)
+    deleted
 }
 
 /// Deletes up to `limit` tasks of `partition` that belong to purged tenants (deleted longer ago
@@ -135,15 +128,16 @@ pub async fn delete_purged_batch(
          LIMIT $2 FOR UPDATE SKIP LOCKED",
         p = ident(partition)
     );
-    sqlx::query_as(&delete_with_children(partition, &victims))
+    let rows: Vec<DeletedRow> = sqlx::query_as(&delete_with_children(partition, &victims))
         .bind(purged)
         .bind(i64::from(limit))
-        .fetch_one(executor)
-        .await
+        .fetch_all(executor)
+        .await?;
+    Ok(tally(rows, None))
 }
 
 /// One statement deleting the tasks `victims` selects (`id`, `inserted_at`, locked) and every
-/// event and queue item that names them.
+/// event and queue item that names them; one [`DeletedRow`] per tenant.
 fn delete_with_children(partition: &str, victims: &str) -> String {
     format!(
         "WITH victims AS MATERIALIZED ({victims}),
@@ -155,11 +149,12 @@ fn delete_with_children(partition: &str, victims: &str) -> String {
              WHERE q.task_id = v.id AND q.task_inserted_at = v.inserted_at RETURNING 1
          ), gone AS (
              DELETE FROM {p} t USING victims v
-             WHERE t.id = v.id AND t.inserted_at = v.inserted_at RETURNING 1
+             WHERE t.id = v.id AND t.inserted_at = v.inserted_at
+             RETURNING t.tenant_id, coalesce(t.finished_at, t.inserted_at) AS key
          )
-         SELECT (SELECT count(*) FROM gone) AS tasks,
-                (SELECT count(*) FROM events) AS events,
-                (SELECT count(*) FROM queue) AS queue_items",
+         SELECT g.tenant_id, count(*), max(g.key)::text,
+                (SELECT count(*) FROM events), (SELECT count(*) FROM queue)
+         FROM gone g GROUP BY g.tenant_id",
         p = ident(partition)
     )
 }

@@ -4,8 +4,10 @@
 //!
 //! Removing a day is one short transaction: DETACH both partitions, re-check that every row in
 //! them is due, move any row that is not (a task that raced in) back through the parent (it lands
-//! in the default partition), delete the day's queue items, DROP both tables. A crash at any point
-//! rolls all of it back; there is never a half-detached day to finish.
+//! in the default partition), delete the day's queue items. A crash rolls all of it back. The
+//! detached tables are then dropped in a transaction of their own, so the parents' lock is not
+//! held while the files are removed; a crash between the two leaves detached tables that the next
+//! run drops ([`drop_detached_days`]).
 //!
 //! Why not `DETACH ... CONCURRENTLY`: PostgreSQL refuses it on a table that has a default
 //! partition, and the default partition is what lets an insert at any date succeed. The plain
@@ -117,8 +119,9 @@ pub struct DayRemoval {
     pub events_kept: i64,
 }
 
-/// Removes a day whose rows were all found due, in the caller's transaction (see the module
-/// documentation). `lock_timeout` caps the wait for the parents' locks.
+/// Detaches a day whose rows were all found due, in the caller's transaction (see the module
+/// documentation), leaving two standalone tables for [`drop_detached_days`]. `lock_timeout` caps
+/// the wait for the parents' locks.
 pub async fn remove_day(
     conn: &mut PgConnection,
     day: NaiveDate,
@@ -155,8 +158,27 @@ pub async fn remove_day(
     } else {
         move_survivors(&mut *conn, &mut removal, &tasks, &events, (start, end), now, deleted_grace).await?;
     }
-    sqlx::query(&format!("DROP TABLE {tasks}, {events}")).execute(&mut *conn).await?;
     Ok(removal)
+}
+
+/// Drops day tables that are no longer partitions: those [`remove_day`] detached (its caller
+/// drops them right after, in a transaction of their own, so the parents' lock is not held while
+/// the files are removed), and any a crash left between the two. Only `tasks_pYYYYMMDD` and
+/// `task_events_pYYYYMMDD` tables are touched; rename a detached day to keep it. Returns the days
+/// whose tables were dropped.
+pub async fn drop_detached_days(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = current_schema() AND c.relkind = 'r' AND NOT c.relispartition
+           AND (c.relname ~ '^tasks_p[0-9]{8}$' OR c.relname ~ '^task_events_p[0-9]{8}$')
+         ORDER BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for name in &names {
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", ident(name))).execute(&mut *conn).await?;
+    }
+    Ok(names)
 }
 
 /// The slow path of [`remove_day`]: copies every row that is not due back into the parents.

@@ -48,11 +48,6 @@ impl PartitionsTask {
     }
 }
 
-/// A lock the DDL could not get in time: retried on the next run, not a failure.
-fn is_lock_timeout(error: &sqlx::Error) -> bool {
-    error.as_database_error().and_then(|e| e.code()).as_deref() == Some("55P03")
-}
-
 #[async_trait::async_trait]
 impl MaintenanceTask for PartitionsTask {
     fn name(&self) -> &'static str {
@@ -67,6 +62,13 @@ impl MaintenanceTask for PartitionsTask {
         let now = clock::now(&ctx.pool).await?;
         let mut report = RunReport::default();
         let limits = repository::batch::BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout);
+        // Finish a removal a crash interrupted after its DETACH.
+        let mut conn = ctx.pool.acquire().await?;
+        let leftovers = partitions::drop_detached_days(&mut conn).await?;
+        if !leftovers.is_empty() {
+            tracing::warn!(tables = ?leftovers, "dropped day tables left detached by an interrupted run");
+        }
+        drop(conn);
         for day in self.days_ahead(now) {
             if partitions::day_exists(&ctx.pool, day).await? {
                 continue;
@@ -78,7 +80,8 @@ impl MaintenanceTask for PartitionsTask {
                     tracing::info!(%day, moved_from_default = moved, "created day partitions");
                     report.count("days created", 1);
                 }
-                Err(error) if is_lock_timeout(&error) => {
+                // A lock the DDL could not get in time: retried on the next run, not a failure.
+                Err(error) if repository::batch::is_lock_timeout(&error) => {
                     tracing::warn!(%day, "could not lock the history tables in time to add a day; retrying next run");
                 }
                 Err(error) => return Err(error.into()),
@@ -93,6 +96,9 @@ impl MaintenanceTask for PartitionsTask {
             match partitions::remove_day(&mut tx, day, now, self.deleted_tenant_grace, self.settings.lock_timeout).await {
                 Ok(removal) => {
                     tx.commit().await?;
+                    // The files go outside the parents' lock.
+                    let mut conn = ctx.pool.acquire().await?;
+                    partitions::drop_detached_days(&mut conn).await?;
                     tracing::info!(
                         %day,
                         tasks = removal.tasks_dropped,
@@ -107,7 +113,8 @@ impl MaintenanceTask for PartitionsTask {
                     report.add_rows("events", removal.events_dropped as u64);
                     report.add_rows("queue-items", removal.queue_items_deleted as u64);
                 }
-                Err(error) if is_lock_timeout(&error) => {
+                // A lock the DDL could not get in time: retried on the next run, not a failure.
+                Err(error) if repository::batch::is_lock_timeout(&error) => {
                     tracing::warn!(%day, "could not lock the history tables in time to drop a day; retrying next run");
                 }
                 Err(error) => return Err(error.into()),
