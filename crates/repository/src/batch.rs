@@ -45,12 +45,6 @@ fn millis(duration: Duration) -> String {
     format!("{}ms", duration.as_millis().max(1))
 }
 
-/// True when PostgreSQL cancelled a statement for running past `statement_timeout` or waiting
-/// past `lock_timeout`.
-pub fn is_timeout(error: &sqlx::Error) -> bool {
-    is_lock_timeout(error) || error.as_database_error().and_then(|e| e.code()).as_deref() == Some("57014")
-}
-
 /// True when PostgreSQL gave up waiting for a lock (`lock_timeout`).
 pub fn is_lock_timeout(error: &sqlx::Error) -> bool {
     error.as_database_error().and_then(|e| e.code()).as_deref() == Some("55P03")

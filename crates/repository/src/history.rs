@@ -22,13 +22,6 @@ pub struct Partition {
     pub day: Option<NaiveDate>,
 }
 
-impl Partition {
-    /// The matching `task_events` partition of a day partition.
-    pub fn events_name(&self) -> Option<String> {
-        self.day.map(crate::partitions::events_partition_name)
-    }
-}
-
 /// Every attached partition of `tasks`, oldest day first, others last.
 pub async fn task_partitions(executor: impl PgExecutor<'_>) -> Result<Vec<Partition>, sqlx::Error> {
     let names: Vec<String> = sqlx::query_scalar(
