@@ -200,3 +200,24 @@ async fn queue_items_go_when_their_task_is_gone_or_finished_or_their_tenant_dele
     assert_eq!(queue_item_ids(pool).await, sorted_ids(kept));
     assert_eq!(report.deleted, gone.len() as u64);
 }
+
+#[tokio::test]
+async fn a_purged_tenant_is_walked_batch_by_batch_to_the_end() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let gone = insert_tenant(pool, Some("1 hour"), Some(now - Span::days(3))).await;
+    let live = insert_tenant(pool, None, None).await;
+    let mut kept = Vec::new();
+    for n in 0..25 {
+        let status = ["queued", "running", "succeeded"][n % 3];
+        insert_task(pool, gone, status, now - Span::hours(n as i64), None).await;
+        kept.push(insert_task(pool, live, status, now - Span::hours(n as i64), None).await);
+    }
+    let settings = TaskHistorySettings { batch_size: 4, ..Default::default() };
+    let report = run_task(&TaskHistoryTask::new(settings), pool).await;
+    assert_eq!(task_keys(pool).await, sorted_keys(kept));
+    assert!(report.by_rule.contains(&("deleted-tenants", 25)), "{report:?}");
+    // 25 = six full batches and a short one, after the one (empty) retention batch.
+    assert_eq!(report.batches, 1 + 7 + 1, "{report:?}");
+}

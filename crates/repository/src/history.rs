@@ -79,7 +79,7 @@ pub async fn delete_retained_batch(
          LIMIT $3",
         p = ident(partition)
     );
-    let rows: Vec<DeletedRow> = sqlx::query_as(&delete_with_children(partition, &victims))
+    let rows: Vec<DeletedRow> = sqlx::query_as(&delete_with_children(partition, &victims, "max(g.key)::text"))
         .bind(tenants)
         .bind(cutoffs)
         .bind(i64::from(limit))
@@ -89,7 +89,7 @@ pub async fn delete_retained_batch(
     Ok(tally(rows, Some(cursors)))
 }
 
-/// Per tenant: tasks deleted and the last finish instant deleted; then the batch's events and
+/// Per tenant: tasks deleted and the position reached (as text); then the batch's events and
 /// queue items (the same on every row).
 type DeletedRow = (Uuid, i64, String, i64, i64);
 
@@ -105,33 +105,41 @@ fn tally(rows: Vec<DeletedRow>, mut cursors: Option<&mut Cursors>) -> Deleted {
     deleted
 }
 
-/// Deletes up to `limit` tasks of `partition` that belong to purged tenants (deleted longer ago
-/// than the grace period), whatever their state, with their events and queue items.
+/// Deletes up to `limit` tasks of `partition` that belong to `tenant`, a purged tenant (deleted
+/// longer ago than the grace period), whatever their state, with their events and queue items.
+/// Walks `tasks_tenant_id_id_idx` from `after` (the last id deleted; `None` to start) and
+/// returns the new position with the counts.
 pub async fn delete_purged_batch(
     executor: impl PgExecutor<'_>,
     partition: &str,
-    purged: &[Uuid],
+    tenant: Uuid,
+    after: Option<Uuid>,
     limit: u32,
-) -> Result<Deleted, sqlx::Error> {
-    if purged.is_empty() {
-        return Ok(Deleted::default());
-    }
+) -> Result<(Deleted, Option<Uuid>), sqlx::Error> {
+    // `>=`: a task id may repeat with another inserted_at; the rows already deleted at that id
+    // are passed again, once.
+    let from = if after.is_some() { "AND t.id >= $3" } else { "" };
     let victims = format!(
-        "SELECT t.id, t.inserted_at FROM {p} t WHERE t.tenant_id = ANY($1::uuid[])
-         LIMIT $2 FOR UPDATE SKIP LOCKED",
+        "SELECT t.id, t.inserted_at FROM {p} t WHERE t.tenant_id = $1 {from}
+         ORDER BY t.id LIMIT $2 FOR UPDATE SKIP LOCKED",
         p = ident(partition)
     );
-    let rows: Vec<DeletedRow> = sqlx::query_as(&delete_with_children(partition, &victims))
-        .bind(purged)
-        .bind(i64::from(limit))
-        .fetch_all(executor)
-        .await?;
-    Ok(tally(rows, None))
+    let sql = delete_with_children(partition, &victims, "max(g.id::text)");
+    let mut query = sqlx::query_as(&sql)
+        .bind(tenant)
+        .bind(i64::from(limit));
+    if let Some(after) = after {
+        query = query.bind(after);
+    }
+    let rows: Vec<DeletedRow> = query.fetch_all(executor).await?;
+    let last = rows.first().and_then(|row| Uuid::parse_str(&row.2).ok());
+    Ok((tally(rows, None), last.or(after)))
 }
 
 /// One statement deleting the tasks `victims` selects (`id`, `inserted_at`, locked) and every
-/// event and queue item that names them; one [`DeletedRow`] per tenant.
-fn delete_with_children(partition: &str, victims: &str) -> String {
+/// event and queue item that names them; one [`DeletedRow`] per tenant, whose position is
+/// `position` over the deleted rows `g` (`g.id`, `g.key`).
+fn delete_with_children(partition: &str, victims: &str, position: &str) -> String {
     format!(
         "WITH victims AS MATERIALIZED ({victims}),
          events AS (
@@ -143,9 +151,9 @@ fn delete_with_children(partition: &str, victims: &str) -> String {
          ), gone AS (
              DELETE FROM {p} t USING victims v
              WHERE t.id = v.id AND t.inserted_at = v.inserted_at
-             RETURNING t.tenant_id, coalesce(t.finished_at, t.inserted_at) AS key
+             RETURNING t.tenant_id, t.id, coalesce(t.finished_at, t.inserted_at) AS key
          )
-         SELECT g.tenant_id, count(*), max(g.key)::text,
+         SELECT g.tenant_id, count(*), {position},
                 (SELECT count(*) FROM events), (SELECT count(*) FROM queue)
          FROM gone g GROUP BY g.tenant_id",
         p = ident(partition)

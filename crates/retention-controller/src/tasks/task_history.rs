@@ -69,25 +69,36 @@ impl TaskHistoryTask {
         rules: &HistoryRules,
         report: &mut RunReport,
     ) -> Result<bool, TaskError> {
-        let limit = self.settings.batch_size;
-        for (rule, purged) in [("retention", false), ("deleted-tenants", true)] {
-            let mut cursors = history::Cursors::new();
+        let limit = i64::from(self.settings.batch_size);
+        let mut cursors = history::Cursors::new();
+        loop {
+            if let Some(stop) = ctx.interrupted() {
+                report.completion = stop;
+                return Ok(false);
+            }
+            let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+            let deleted = history::delete_retained_batch(&mut *tx, partition, rules, &mut cursors, self.settings.batch_size).await?;
+            tx.commit().await?;
+            record(report, "retention", deleted);
+            if deleted.tasks < limit {
+                break;
+            }
+        }
+        for tenant in &rules.purged {
+            let mut after = None;
             loop {
                 if let Some(stop) = ctx.interrupted() {
                     report.completion = stop;
                     return Ok(false);
                 }
                 let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
-                let deleted = if purged {
-                    history::delete_purged_batch(&mut *tx, partition, &rules.purged, limit).await?
-                } else {
-                    history::delete_retained_batch(&mut *tx, partition, rules, &mut cursors, limit).await?
-                };
+                let (deleted, next) = history::delete_purged_batch(&mut *tx, partition, *tenant, after, self.settings.batch_size).await?;
                 tx.commit().await?;
-                record(report, rule, deleted);
-                if deleted.tasks < i64::from(limit) {
+                record(report, "deleted-tenants", deleted);
+                if deleted.tasks < limit {
                     break;
                 }
+                after = next;
             }
         }
         Ok(true)
