@@ -11,7 +11,7 @@ pub struct BatchLimits {
     pub statement_timeout: Duration,
     pub lock_timeout: Duration,
     /// Reuse one generic plan per prepared statement (see
-    /// [`crate::partitions::prefer_generic_plans`]): for statements over many partitions, whose
+    /// [`crate::partitions::summarise_partitions`]): for statements over many partitions, whose
     /// planning costs more than their run.
     pub generic_plans: bool,
 }

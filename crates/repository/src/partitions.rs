@@ -18,10 +18,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
-use crate::history::{ident, ACTIVE, FINAL};
+use crate::history::{ident, task_partitions, Partition, ACTIVE, FINAL};
 use crate::tenants::{grace_interval, HistoryRules};
 
 const TASK_COLUMNS: &str = "id, tenant_id, status, inserted_at, finished_at, payload";
@@ -308,9 +308,7 @@ impl DaySummary {
 }
 
 /// Summarises one day from its partitions (attached or detached) `tables`: (tasks, events).
-/// Callers summarising many days should call [`prefer_generic_plans`] on the connection first:
-/// planning the statement costs more than running it, and a cached generic plan per day makes a
-/// summary cost its index probes alone.
+/// [`summarise_partitions`] does every attached day at once, under cached plans.
 pub async fn summarise_day(
     conn: &mut PgConnection,
     day: NaiveDate,
@@ -383,15 +381,30 @@ pub async fn estimated_rows(executor: impl PgExecutor<'_>, table: &str) -> Resul
         .await
 }
 
-/// Makes the connection reuse one generic plan per prepared statement (pruning partitions when
-/// it runs), instead of planning the statement again at each execution, until
-/// [`default_plans`] is called.
-pub async fn prefer_generic_plans(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SET plan_cache_mode = force_generic_plan").execute(conn).await.map(drop)
-}
-
-pub async fn default_plans(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("RESET plan_cache_mode").execute(conn).await.map(drop)
+/// Every attached partition of `tasks`, oldest day first, with its day's summary (`None` for the
+/// default partition and any the engine did not create). One transaction with cached generic
+/// plans (`SET LOCAL`, so the setting cannot outlive it, even on an error): planning a summary
+/// costs more than running it, and a generic plan per day makes a summary cost its probes alone.
+pub async fn summarise_partitions(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    deleted_grace: Duration,
+) -> Result<Vec<(Partition, Option<DaySummary>)>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('plan_cache_mode', 'force_generic_plan', true)").execute(&mut *tx).await?;
+    let mut summaries = Vec::new();
+    for partition in task_partitions(&mut *tx).await? {
+        let summary = match partition.day {
+            Some(day) => {
+                let tables = (partition.name.as_str(), events_partition_name(day));
+                Some(summarise_day(&mut tx, day, (tables.0, &tables.1), now, deleted_grace).await?)
+            }
+            None => None,
+        };
+        summaries.push((partition, summary));
+    }
+    tx.commit().await?;
+    Ok(summaries)
 }
 
 /// No retention is shorter than an hour (the database refuses it) and orphan events are kept an

@@ -4,7 +4,7 @@
 //! tenant is never dropped).
 
 use chrono::{DateTime, NaiveDate, Utc};
-use repository::{clock, history, partitions, PgPool};
+use repository::{clock, partitions, PgPool};
 
 use crate::schedule::Schedule;
 use crate::settings::PartitionsSettings;
@@ -30,21 +30,14 @@ impl PartitionsTask {
 
     /// Past days whose rows are all due now.
     async fn removable_days(&self, pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<NaiveDate>, TaskError> {
-        let mut conn = pool.acquire().await?;
-        partitions::prefer_generic_plans(&mut conn).await?;
-        let mut days = Vec::new();
-        for partition in history::task_partitions(&mut *conn).await? {
-            let Some(day) = partition.day else { continue };
-            if partitions::removal_candidate(day, now)
-                && partitions::summarise_day(&mut conn, day, (&partition.name, &repository::partitions::events_partition_name(day)), now, self.deleted_tenant_grace)
-                    .await?
-                    .wholly_due()
-            {
-                days.push(day);
-            }
-        }
-        partitions::default_plans(&mut conn).await?;
-        Ok(days)
+        Ok(partitions::summarise_partitions(pool, now, self.deleted_tenant_grace)
+            .await?
+            .into_iter()
+            .filter_map(|(partition, summary)| {
+                let day = partition.day?;
+                (partitions::removal_candidate(day, now) && summary?.wholly_due()).then_some(day)
+            })
+            .collect())
     }
 }
 

@@ -42,22 +42,16 @@ impl TaskHistoryTask {
     /// any foreign) partition; in a day, what its summary leaves to row deletes (see
     /// `DaySummary::row_rules`). Partitions with nothing to delete are left out.
     async fn plan(&self, pool: &PgPool, now: DateTime<Utc>, rules: &HistoryRules) -> Result<Vec<(Partition, HistoryRules)>, TaskError> {
-        let mut conn = pool.acquire().await?;
-        partitions::prefer_generic_plans(&mut conn).await?;
         let mut plan = Vec::new();
-        for partition in history::task_partitions(&mut *conn).await? {
-            let here = match partition.day {
-                Some(day) => {
-                    let summary = partitions::summarise_day(&mut conn, day, (&partition.name, &repository::partitions::events_partition_name(day)), now, self.settings.deleted_tenant_grace).await?;
-                    summary.row_rules(rules, partitions::removal_candidate(day, now))
-                }
-                None => rules.clone(),
+        for (partition, summary) in partitions::summarise_partitions(pool, now, self.settings.deleted_tenant_grace).await? {
+            let here = match (partition.day, summary) {
+                (Some(day), Some(summary)) => summary.row_rules(rules, partitions::removal_candidate(day, now)),
+                _ => rules.clone(),
             };
             if !here.live.is_empty() || !here.purged.is_empty() {
                 plan.push((partition, here));
             }
         }
-        partitions::default_plans(&mut conn).await?;
         Ok(plan)
     }
 
