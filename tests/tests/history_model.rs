@@ -202,7 +202,6 @@ async fn scenario(seed: u64) {
     // The controller's tasks, in their order, with small batches so every path loops.
     let mut settings = retention_controller::RetentionSettings::default();
     settings.task_history.batch_size = 7;
-    settings.queue_items.batch_size = 11;
     for task in tasks::all(&settings) {
         run_task(task.as_ref(), pool).await;
     }

@@ -195,7 +195,7 @@ async fn queue_items_go_when_their_task_is_gone_or_finished_or_their_tenant_dele
     let task = insert_task(pool, unknown, "queued", now, None).await;
     kept.push(insert_queue_item(pool, unknown, task).await);
 
-    let report = run_task(&QueueItemsTask::new(QueueItemsSettings { batch_size: 3, ..Default::default() }), pool).await;
+    let report = run_task(&QueueItemsTask::new(QueueItemsSettings::default()), pool).await;
 
     assert_eq!(queue_item_ids(pool).await, sorted_ids(kept));
     assert_eq!(report.deleted, gone.len() as u64);

@@ -8,7 +8,7 @@ use std::time::Duration as StdDuration;
 use common::*;
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::SessionsTask;
-use retention_controller::{run_once, Completion, MaintenanceTask, RunOutcome, RunSummary};
+use retention_controller::{run_once_with, Completion, MaintenanceTask, RunOutcome, RunSummary};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -17,7 +17,7 @@ fn task(settings: SessionsSettings) -> SessionsTask {
 }
 
 async fn run(task: &SessionsTask, pool: &sqlx::PgPool) -> RunSummary {
-    match run_once(task, pool, &CancellationToken::new()).await.expect("run succeeds") {
+    match run_once_with(task, pool, &CancellationToken::new(), &fixed_batches()).await.expect("run succeeds") {
         RunOutcome::Ran(summary) => summary,
         RunOutcome::Busy => panic!("nobody else holds the task"),
     }

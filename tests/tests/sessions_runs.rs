@@ -10,7 +10,7 @@ use common::*;
 use repository::task_lock::TaskLock;
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::{SessionsTask, NAME};
-use retention_controller::{run_once, Completion, Controller, MaintenanceTask, RunOutcome, RunSummary};
+use retention_controller::{run_once, run_once_with, Completion, Controller, MaintenanceTask, RunOutcome, RunSummary};
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -47,7 +47,7 @@ async fn cancellation_mid_purge_commits_whole_batches_and_deletes_nothing_else()
     let cancel = CancellationToken::new();
     let run = tokio::spawn({
         let (task, pool, cancel) = (task.clone(), db.pool.clone(), cancel.clone());
-        async move { run_once(task.as_ref(), &pool, &cancel).await }
+        async move { run_once_with(task.as_ref(), &pool, &cancel, &fixed_batches()).await }
     });
     // Cancel as soon as the first batches have committed.
     while session_count(&db.pool).await == total {

@@ -64,5 +64,9 @@ pub enum RetentionCommand {
         /// Report what would be deleted; delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Pause after each batch for RATIO times its duration, sparing the foreground (default:
+        /// full speed). Without a value: retention.pacing.pause_ratio.
+        #[arg(long, value_name = "RATIO", num_args = 0..=1, conflicts_with = "dry_run")]
+        pace: Option<Option<f64>>,
     },
 }

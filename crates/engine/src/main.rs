@@ -4,6 +4,7 @@
 mod cli;
 mod database;
 mod http;
+mod progress;
 mod retention;
 mod serve;
 mod settings;
@@ -39,8 +40,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Migrate => database::migrate(&settings).await.map(|()| ExitCode::SUCCESS),
             Command::Serve => serve::serve(&settings).await.map(|()| ExitCode::SUCCESS),
-            Command::Retention(RetentionCommand::Run { tasks, dry_run }) => {
-                retention::run(&settings, &tasks, dry_run).await
+            Command::Retention(RetentionCommand::Run { tasks, dry_run, pace }) => {
+                retention::run(&settings, &tasks, dry_run, pace).await
             }
             Command::Tenant(TenantCommand::Retention(command)) => tenant::retention(&settings, command).await,
         }

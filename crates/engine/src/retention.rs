@@ -1,20 +1,36 @@
 //! `engine retention run`: the selected tasks once each, until nothing is due.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use retention_controller::{run_once, tasks, Completion, MaintenanceTask, RunOutcome, RunReport};
+use retention_controller::settings::check_pause_ratio;
+use retention_controller::{run_once_with, tasks, Completion, MaintenanceTask, RunOptions, RunOutcome, RunReport};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::database::Database;
+use crate::progress::Meter;
 use crate::settings::Settings;
 use crate::shutdown;
 
 /// How often a manual run retries while another runner holds a task.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 
-pub async fn run(settings: &Settings, selected: &[String], dry_run: bool) -> anyhow::Result<ExitCode> {
+/// `pace`: `None` for full speed, `Some(None)` for the configured `retention.pacing.pause_ratio`,
+/// `Some(Some(ratio))` for that ratio.
+pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: Option<Option<f64>>) -> anyhow::Result<ExitCode> {
+    let pacing = &settings.retention.pacing;
+    let pause_ratio = match pace {
+        None => 0.0,
+        Some(None) => pacing.pause_ratio,
+        Some(Some(ratio)) => ratio,
+    };
+    if let Some(error) = check_pause_ratio("--pace", pause_ratio) {
+        eprintln!("error: {error}");
+        return Ok(ExitCode::from(2));
+    }
+    let options = RunOptions { batch_time: pacing.batch_time, pause_ratio, progress: None };
     let cancel = CancellationToken::new();
     shutdown::cancel_on_signal(cancel.clone())?;
     let db = Database::open(settings, settings.database.migrate).await?;
@@ -28,7 +44,7 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool) -> any
         if cancel.is_cancelled() {
             break;
         }
-        let result = if dry_run { dry_run_task(task.as_ref(), &db.pool).await } else { run_task(task.as_ref(), &db.pool, &cancel).await };
+        let result = if dry_run { dry_run_task(task.as_ref(), &db.pool).await } else { run_task(task.as_ref(), &db.pool, &cancel, &options).await };
         if let Err(error) = result {
             println!("{}: failed: {error:#}", task.name());
             failed = true;
@@ -52,15 +68,22 @@ async fn dry_run_task(task: &dyn MaintenanceTask, pool: &PgPool) -> anyhow::Resu
 
 /// Runs until a run ends with nothing due: a run that stops at its deadline is followed by
 /// another, and a task held by another runner is waited for.
-async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &CancellationToken) -> anyhow::Result<()> {
+async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &CancellationToken, options: &RunOptions) -> anyhow::Result<()> {
     let started = Instant::now();
+    let meter = Meter::new(task.name(), std::io::stderr().is_terminal());
+    let options = RunOptions { progress: Some(meter.callback()), ..options.clone() };
     let mut total = RunReport::default();
     let mut runs = 0u32;
     let mut waiting_said = false;
     loop {
-        match run_once(task, pool, cancel).await? {
+        let outcome = run_once_with(task, pool, cancel, &options).await;
+        if outcome.is_err() {
+            meter.finish();
+        }
+        match outcome? {
             RunOutcome::Ran(summary) => {
                 runs += 1;
+                meter.run_ended(summary.report.deleted);
                 total.absorb(summary.report);
                 if total.completion != Completion::DeadlineReached {
                     break;
@@ -81,6 +104,7 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
             }
         }
     }
+    meter.finish();
     let note = match total.completion {
         Completion::Cancelled => " [cancelled: the batch in flight was committed; run again to finish]",
         _ => "",

@@ -49,3 +49,10 @@ fn millis(duration: Duration) -> String {
 pub fn is_lock_timeout(error: &sqlx::Error) -> bool {
     error.as_database_error().and_then(|e| e.code()).as_deref() == Some("55P03")
 }
+
+/// True when a statement hit `statement_timeout` or `lock_timeout`: the batch was rolled back and
+/// a smaller one may succeed.
+pub fn is_timeout(error: &sqlx::Error) -> bool {
+    let code = error.as_database_error().and_then(|e| e.code());
+    matches!(code.as_deref(), Some("55P03" | "57014"))
+}

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod clock;
+pub mod heap;
 pub mod history;
 pub mod partitions;
 pub mod queue_items;

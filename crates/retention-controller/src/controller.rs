@@ -16,7 +16,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::schedule::{self, Schedule};
-use crate::task::{Completion, MaintenanceTask, RunContext, RunReport, TaskError};
+use crate::task::{Completion, MaintenanceTask, RunContext, RunOptions, RunReport, TaskError};
 
 /// A finished run.
 #[derive(Debug, Clone)]
@@ -42,6 +42,16 @@ pub async fn run_once(
     pool: &PgPool,
     cancel: &CancellationToken,
 ) -> Result<RunOutcome, TaskError> {
+    run_once_with(task, pool, cancel, &RunOptions::default()).await
+}
+
+/// [`run_once`], paced and watched as `options` say.
+pub async fn run_once_with(
+    task: &dyn MaintenanceTask,
+    pool: &PgPool,
+    cancel: &CancellationToken,
+    options: &RunOptions,
+) -> Result<RunOutcome, TaskError> {
     let run_id = Uuid::now_v7();
     let span = tracing::info_span!("retention_run", task = task.name(), %run_id);
     async {
@@ -50,7 +60,7 @@ pub async fn run_once(
             return Ok(RunOutcome::Busy);
         };
         let schedule = task.schedule();
-        let ctx = RunContext::new(pool.clone(), run_id, cancel.clone(), schedule.max_run_time);
+        let ctx = RunContext::new(pool.clone(), run_id, cancel.clone(), schedule.max_run_time, options.clone());
         let started = Instant::now();
         tracing::info!("run started");
         let result = match AssertUnwindSafe(task.run(&ctx)).catch_unwind().await {
@@ -87,24 +97,30 @@ pub async fn run_once(
 pub struct Controller {
     pool: PgPool,
     tasks: Vec<Arc<dyn MaintenanceTask>>,
+    options: RunOptions,
 }
 
 impl Controller {
+    /// Runs at full speed unless [`Controller::with_options`] paces them.
     pub fn new(pool: PgPool, tasks: Vec<Arc<dyn MaintenanceTask>>) -> Self {
-        Controller { pool, tasks }
+        Controller { pool, tasks, options: RunOptions::default() }
+    }
+
+    pub fn with_options(self, options: RunOptions) -> Self {
+        Controller { options, ..self }
     }
 
     /// Runs until `cancel` fires, then waits for every task to finish its batch in flight.
     pub async fn run(self, cancel: CancellationToken) {
         let mut loops = JoinSet::new();
         for task in self.tasks {
-            let (pool, cancel) = (self.pool.clone(), cancel.child_token());
+            let (pool, cancel, options) = (self.pool.clone(), cancel.child_token(), self.options.clone());
             let name = task.name();
             loops.spawn(
                 async move {
                     let run = || {
-                        let (task, pool, cancel) = (task.clone(), pool.clone(), cancel.clone());
-                        async move { run_once(task.as_ref(), &pool, &cancel).await }
+                        let (task, pool, cancel, options) = (task.clone(), pool.clone(), cancel.clone(), options.clone());
+                        async move { run_once_with(task.as_ref(), &pool, &cancel, &options).await }
                     };
                     let schedule = || task.schedule();
                     drive(schedule, run, &cancel, fastrand::f64).await

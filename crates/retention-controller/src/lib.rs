@@ -7,13 +7,16 @@
 //!   log line, a deadline and cancellation between batches.
 //! * [`Controller`] runs every task's loop until its `CancellationToken` is cancelled.
 
+pub mod batching;
+mod block_walk;
 mod controller;
 pub mod schedule;
 pub mod settings;
+mod statistics;
 mod task;
 pub mod tasks;
 pub mod tenant_retention;
 
-pub use controller::{run_once, Controller, RunOutcome, RunSummary};
+pub use controller::{run_once, run_once_with, Controller, RunOutcome, RunSummary};
 pub use settings::{RetentionSettings, SettingError};
-pub use task::{Completion, DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
+pub use task::{Completion, DryRunReport, MaintenanceTask, Progress, ProgressFn, RunContext, RunOptions, RunReport, TaskError};

@@ -21,23 +21,56 @@ pub const DEFAULT_SESSIONS_INTERVAL: Duration = HOUR;
 pub const DEFAULT_ANONYMOUS_TTL: Duration = DAY;
 pub const DEFAULT_HISTORY_INTERVAL: Duration = Duration::from_secs(15 * 60);
 pub const DEFAULT_QUEUE_ITEMS_INTERVAL: Duration = Duration::from_secs(5 * 60);
-/// Rows per batch. At the ~90k rows/s an index-ordered delete reaches on a 2-core machine, a
-/// 5,000-row batch commits in roughly 50 ms: short locks, few round trips.
+/// The most rows an index-walk batch takes (batches adapt below it toward the batch duration).
+/// At the ~90k rows/s an index-ordered delete reaches on a 2-core machine, 5,000 rows take
+/// roughly 50 ms.
 pub const DEFAULT_BATCH_SIZE: u32 = 5_000;
 /// Tasks per history batch: each task takes its events and queue items with it.
 pub const DEFAULT_HISTORY_BATCH_SIZE: u32 = 1_000;
 pub const DEFAULT_MAX_RUN_TIME: Duration = Duration::from_secs(10 * 60);
+/// The duration a batch aims at. See docs/benchmarks.md for how it was chosen.
+pub const DEFAULT_BATCH_TIME: Duration = Duration::from_millis(20);
+/// Background runs pause this many times each batch's duration after it.
+pub const DEFAULT_PAUSE_RATIO: f64 = 4.0;
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `retention.*`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionSettings {
+    pub pacing: PacingSettings,
     pub sessions: SessionsSettings,
     pub queue_items: QueueItemsSettings,
     pub task_history: TaskHistorySettings,
     pub partitions: PartitionsSettings,
+}
+
+/// `retention.pacing.*`: how hard every task's batches press on the database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PacingSettings {
+    /// The duration each batch aims at: batch sizes (rows, or heap pages for a block walk) grow
+    /// and shrink toward it, within each task's `batch_size`.
+    #[serde(with = "humantime_serde")]
+    pub batch_time: Duration,
+    /// Runs of `engine serve` (and `engine retention run --pace`) pause after each batch for this
+    /// many times the batch's duration: 0 is full speed, 4 leaves the database alone 80% of the
+    /// time. Manual runs are full speed unless `--pace` asks.
+    pub pause_ratio: f64,
+}
+
+impl Default for PacingSettings {
+    fn default() -> Self {
+        PacingSettings { batch_time: DEFAULT_BATCH_TIME, pause_ratio: DEFAULT_PAUSE_RATIO }
+    }
+}
+
+impl PacingSettings {
+    /// How the background controller runs: paced.
+    pub fn paced(&self) -> crate::RunOptions {
+        crate::RunOptions { batch_time: self.batch_time, pause_ratio: self.pause_ratio, progress: None }
+    }
 }
 
 /// `retention.sessions.*`: the sessions task.
@@ -50,7 +83,8 @@ pub struct SessionsSettings {
     /// Anonymous sessions (no user) older than this are deleted even before they expire.
     #[serde(with = "humantime_serde")]
     pub anonymous_ttl: Duration,
-    /// Rows deleted per batch (one short transaction each).
+    /// The most rows a batch of the index walk takes (one short transaction each); batches adapt
+    /// below it toward `retention.pacing.batch_time`. The heap walk sizes its batches in pages.
     pub batch_size: u32,
     /// A run stops between batches once it has run this long; the next run carries on.
     #[serde(with = "humantime_serde")]
@@ -88,8 +122,6 @@ impl SessionsSettings {
 pub struct QueueItemsSettings {
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Queue items examined per batch.
-    pub batch_size: u32,
     #[serde(with = "humantime_serde")]
     pub max_run_time: Duration,
     #[serde(with = "humantime_serde")]
@@ -102,7 +134,6 @@ impl Default for QueueItemsSettings {
     fn default() -> Self {
         QueueItemsSettings {
             interval: DEFAULT_QUEUE_ITEMS_INTERVAL,
-            batch_size: DEFAULT_BATCH_SIZE,
             max_run_time: DEFAULT_MAX_RUN_TIME,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
@@ -126,7 +157,8 @@ pub struct TaskHistorySettings {
     /// A deleted tenant's history is kept this long after `deleted_at`, then all of it goes.
     #[serde(with = "humantime_serde")]
     pub deleted_tenant_grace: Duration,
-    /// Tasks deleted per batch (with their events and queue items).
+    /// The most tasks a batch deletes (with their events and queue items); batches adapt below
+    /// it toward `retention.pacing.batch_time`.
     pub batch_size: u32,
     #[serde(with = "humantime_serde")]
     pub max_run_time: Duration,
@@ -210,14 +242,21 @@ impl RetentionSettings {
     /// normally `retention`).
     pub fn validate(&self, prefix: &str) -> Vec<SettingError> {
         let mut errors = Vec::new();
-        let s = &self.sessions;
         let key = |task: &str, name: &str| format!("{prefix}.{task}.{name}");
-        check_run(&mut errors, &key("sessions", ""), s.interval, s.batch_size, s.max_run_time, s.statement_timeout, s.lock_timeout);
+        let pacing = &self.pacing;
+        check_duration(&mut errors, key("pacing", "batch_time"), pacing.batch_time, Duration::from_millis(1)..=10 * SECOND);
+        if let Some(error) = check_pause_ratio(&key("pacing", "pause_ratio"), pacing.pause_ratio) {
+            errors.push(error);
+        }
+        let s = &self.sessions;
+        check_batch_size(&mut errors, &key("sessions", ""), s.batch_size);
+        check_run(&mut errors, &key("sessions", ""), s.interval, s.max_run_time, s.statement_timeout, s.lock_timeout);
         check_duration(&mut errors, key("sessions", "anonymous_ttl"), s.anonymous_ttl, MINUTE..=CENTURY);
         let q = &self.queue_items;
-        check_run(&mut errors, &key("queue_items", ""), q.interval, q.batch_size, q.max_run_time, q.statement_timeout, q.lock_timeout);
+        check_run(&mut errors, &key("queue_items", ""), q.interval, q.max_run_time, q.statement_timeout, q.lock_timeout);
         let h = &self.task_history;
-        check_run(&mut errors, &key("task_history", ""), h.interval, h.batch_size, h.max_run_time, h.statement_timeout, h.lock_timeout);
+        check_batch_size(&mut errors, &key("task_history", ""), h.batch_size);
+        check_run(&mut errors, &key("task_history", ""), h.interval, h.max_run_time, h.statement_timeout, h.lock_timeout);
         check_duration(&mut errors, key("task_history", "deleted_tenant_grace"), h.deleted_tenant_grace, Duration::ZERO..=CENTURY);
         let p = &self.partitions;
         check_duration(&mut errors, key("partitions", "interval"), p.interval, SECOND..=7 * DAY);
@@ -235,17 +274,19 @@ impl RetentionSettings {
     }
 }
 
-/// The settings every batching task has; `prefix` ends with a dot.
-fn check_run(
-    errors: &mut Vec<SettingError>,
-    prefix: &str,
-    interval: Duration,
-    batch_size: u32,
-    max_run_time: Duration,
-    statement_timeout: Duration,
-    lock_timeout: Duration,
-) {
-    check_duration(errors, format!("{prefix}interval"), interval, SECOND..=7 * DAY);
+/// The largest pause ratio: one batch a minute for a 20 ms batch.
+const MAX_PAUSE_RATIO: f64 = 3_000.0;
+
+/// A pause ratio: a number from 0 (full speed) to [`MAX_PAUSE_RATIO`].
+pub fn check_pause_ratio(key: &str, ratio: f64) -> Option<SettingError> {
+    (!(0.0..=MAX_PAUSE_RATIO).contains(&ratio)).then(|| SettingError {
+        key: key.into(),
+        value: ratio.to_string(),
+        allowed: format!("a number from 0 (full speed) to {MAX_PAUSE_RATIO}: the pause after each batch, in multiples of its duration"),
+    })
+}
+
+fn check_batch_size(errors: &mut Vec<SettingError>, prefix: &str, batch_size: u32) {
     if !(1..=100_000).contains(&batch_size) {
         errors.push(SettingError {
             key: format!("{prefix}batch_size"),
@@ -253,6 +294,11 @@ fn check_run(
             allowed: "a whole number of rows from 1 to 100000".into(),
         });
     }
+}
+
+/// The settings every batching task has; `prefix` ends with a dot.
+fn check_run(errors: &mut Vec<SettingError>, prefix: &str, interval: Duration, max_run_time: Duration, statement_timeout: Duration, lock_timeout: Duration) {
+    check_duration(errors, format!("{prefix}interval"), interval, SECOND..=7 * DAY);
     check_duration(errors, format!("{prefix}max_run_time"), max_run_time, SECOND..=DAY);
     check_duration(errors, format!("{prefix}statement_timeout"), statement_timeout, Duration::from_millis(100)..=HOUR);
     check_duration(errors, format!("{prefix}lock_timeout"), lock_timeout, Duration::from_millis(10)..=10 * MINUTE);
@@ -289,7 +335,7 @@ mod tests {
         settings.sessions.anonymous_ttl = Duration::from_secs(59);
         let errors = settings.validate("retention");
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["retention.sessions.interval", "retention.sessions.batch_size", "retention.sessions.anonymous_ttl"]);
+        assert_eq!(keys, ["retention.sessions.batch_size", "retention.sessions.interval", "retention.sessions.anonymous_ttl"]);
         assert_eq!(
             errors[2].to_string(),
             "retention.sessions.anonymous_ttl = \"59s\" is not allowed: a duration from 1m to 100years"

@@ -1,5 +1,6 @@
 //! What a maintenance task is, and what one run of it reports.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -7,7 +8,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::batching::BatchSizer;
 use crate::schedule::Schedule;
+use crate::settings::DEFAULT_BATCH_TIME;
 
 /// One maintenance task. Implementations delete in bounded batches, each committed on its own,
 /// and call [`RunContext::interrupted`] between batches.
@@ -27,17 +30,64 @@ pub trait MaintenanceTask: Send + Sync + 'static {
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError>;
 }
 
+/// How a run paces itself, and who watches it.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// The duration each batch aims at: batch sizes adapt toward it.
+    pub batch_time: Duration,
+    /// After each batch, pause this many times the batch's duration: 0 is full speed, 4 leaves
+    /// the database to others four fifths of the time.
+    pub pause_ratio: f64,
+    /// Called after every batch.
+    pub progress: Option<ProgressFn>,
+}
+
+/// Receives a run's progress after every batch.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Rows deleted so far in this run.
+    pub deleted: u64,
+    /// An estimate of the rows still due, when the task can tell.
+    pub left: Option<u64>,
+}
+
+impl Default for RunOptions {
+    /// Full speed, with the default batch duration.
+    fn default() -> Self {
+        RunOptions { batch_time: DEFAULT_BATCH_TIME, pause_ratio: 0.0, progress: None }
+    }
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("batch_time", &self.batch_time)
+            .field("pause_ratio", &self.pause_ratio)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Pages a block walk starts with (1 MB of heap); it grows toward the batch duration from there.
+const FIRST_BLOCK_BATCH: u32 = 128;
+/// Pages a block-walk batch never exceeds (128 MB of heap).
+const MAX_BLOCK_BATCH: u32 = 16_384;
+
 /// What a run may use and must obey.
 pub struct RunContext {
     pub pool: PgPool,
     pub run_id: Uuid,
     cancel: CancellationToken,
     deadline: Instant,
+    options: RunOptions,
 }
 
 impl RunContext {
-    pub fn new(pool: PgPool, run_id: Uuid, cancel: CancellationToken, max_run_time: Duration) -> Self {
-        RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time }
+    pub fn new(pool: PgPool, run_id: Uuid, cancel: CancellationToken, max_run_time: Duration, options: RunOptions) -> Self {
+        RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time, options }
     }
 
     /// Why the run must stop before its next batch, if it must.
@@ -48,6 +98,31 @@ impl RunContext {
             Some(Completion::DeadlineReached)
         } else {
             None
+        }
+    }
+
+    /// Sizes for batches of at most `max_rows` rows, starting at `max_rows`.
+    pub fn row_sizer(&self, max_rows: u32) -> BatchSizer {
+        BatchSizer::new(max_rows, 1, max_rows, self.options.batch_time)
+    }
+
+    /// Sizes for block-walk batches, in pages.
+    pub fn block_sizer(&self) -> BatchSizer {
+        BatchSizer::new(FIRST_BLOCK_BATCH, 1, MAX_BLOCK_BATCH, self.options.batch_time)
+    }
+
+    /// After every committed batch: reports progress, then pauses in proportion to the batch's
+    /// duration when the run is paced (cut short by cancellation).
+    pub async fn batch_done(&self, elapsed: Duration, report: &RunReport, left: Option<u64>) {
+        if let Some(progress) = &self.options.progress {
+            progress(Progress { deleted: report.deleted, left });
+        }
+        if self.options.pause_ratio > 0.0 {
+            let pause = elapsed.mul_f64(self.options.pause_ratio);
+            tokio::select! {
+                _ = self.cancel.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
         }
     }
 }
@@ -91,6 +166,14 @@ impl RunReport {
     pub fn record_batch(&mut self, rule: &'static str, deleted: u64) {
         self.batches += 1;
         self.add_rows(rule, deleted);
+    }
+
+    /// Counts one committed batch that deleted rows under several rules.
+    pub fn record_batch_parts(&mut self, parts: &[(&'static str, u64)]) {
+        self.batches += 1;
+        for (rule, deleted) in parts {
+            self.add_rows(rule, *deleted);
+        }
     }
 
     /// Counts rows deleted under `rule` outside the batch count (children deleted with a batch,

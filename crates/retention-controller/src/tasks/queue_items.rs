@@ -2,13 +2,17 @@
 //! (succeeded, failed, cancelled), or whose tenant has `deleted_at` set. Nothing else.
 
 use repository::batch::{self, BatchLimits};
-use repository::{queue_items, PgPool};
+use repository::{heap, queue_items, PgPool};
 
+use crate::block_walk::walk_blocks;
 use crate::schedule::Schedule;
 use crate::settings::QueueItemsSettings;
-use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
+use crate::statistics::refresh_after_purge;
+use crate::task::{Completion, DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
 
 pub const NAME: &str = "queue-items";
+const TABLE: &str = "queue_items";
+const RULE: &str = "unrunnable";
 
 pub struct QueueItemsTask {
     settings: QueueItemsSettings,
@@ -30,31 +34,28 @@ impl MaintenanceTask for QueueItemsTask {
         self.settings.schedule()
     }
 
-    /// One pass over the queue in id order: each batch examines the next `batch_size` items.
+    /// One pass over the queue's heap in block ranges: every item is examined once.
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let limits = BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans();
+        let size = heap::size(&ctx.pool, TABLE).await?;
         let mut report = RunReport::default();
-        let mut after = 0i64;
-        loop {
-            if let Some(stop) = ctx.interrupted() {
-                report.completion = stop;
-                break;
-            }
-            let mut tx = batch::begin(&ctx.pool, limits).await?;
-            let batch = queue_items::delete_batch(&mut *tx, after, self.settings.batch_size).await?;
+        let pool = &ctx.pool;
+        walk_blocks(ctx, &mut report, size.pages, |range| async move {
+            let mut tx = batch::begin(pool, limits).await?;
+            let deleted = queue_items::delete_block_range(&mut *tx, range).await?;
             tx.commit().await?;
-            report.record_batch("unrunnable", batch.deleted as u64);
-            match batch.last_id {
-                Some(last) if batch.scanned >= i64::from(self.settings.batch_size) => after = last,
-                _ => break,
-            }
+            Ok(vec![(RULE, deleted as u64)])
+        })
+        .await?;
+        if report.completion == Completion::Done {
+            refresh_after_purge(ctx, TABLE, size, &mut report).await?;
         }
         Ok(report)
     }
 
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let mut report = DryRunReport::default();
-        report.add("unrunnable", queue_items::count_due(pool).await? as u64);
+        report.add(RULE, queue_items::count_due(pool).await? as u64);
         Ok(report)
     }
 }

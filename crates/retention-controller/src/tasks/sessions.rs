@@ -1,18 +1,48 @@
 //! `sessions`: deletes every `user_sessions` row that has expired (`expires_at < now`) or that
 //! is anonymous (`user_id IS NULL`) and was created more than `anonymous_ttl` ago. Nothing else.
+//!
+//! A run chooses its walk from the planner's estimate of the rows due: a few (the usual dozens an
+//! hour) go along the rule's indexes, costing O(due rows); a backlog (at least one due row per
+//! heap page) goes in one pass over the heap in block ranges, at the speed of one bare DELETE. An
+//! index walk that finds far more than estimated switches to the heap walk.
 
 use repository::batch::{self, BatchLimits};
 use repository::sessions::{self, Cursor, SessionCutoffs, SessionRule};
-use repository::{clock, PgPool};
+use repository::{clock, heap, PgPool};
+use tokio::time::Instant;
 
+use crate::batching::Settled;
+use crate::block_walk::walk_blocks;
 use crate::schedule::Schedule;
 use crate::settings::SessionsSettings;
-use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
+use crate::statistics::refresh_after_purge;
+use crate::task::{Completion, DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
 
 pub const NAME: &str = "sessions";
 
 pub struct SessionsTask {
     settings: SessionsSettings,
+}
+
+/// Due rows per heap page from which one pass over the heap costs less than walking the indexes:
+/// an index walk pays a random page read per row, a heap walk a sequential read per page.
+const HEAP_WALK_ROWS_PER_PAGE: f64 = 1.0;
+/// Below this many pages (8 MB) either walk takes milliseconds; the index walk never waits on a
+/// row lock, so small tables keep it.
+const HEAP_WALK_MIN_PAGES: u32 = 1_024;
+
+const TABLE: &str = "user_sessions";
+
+fn heap_walk_pays(due: f64, pages: u32) -> bool {
+    pages >= HEAP_WALK_MIN_PAGES && due >= HEAP_WALK_ROWS_PER_PAGE * f64::from(pages)
+}
+
+/// How the index walk ended.
+enum IndexWalk {
+    Finished,
+    Interrupted,
+    /// It deleted enough rows that the heap walk would have been cheaper: the estimate was stale.
+    OverBudget,
 }
 
 impl SessionsTask {
@@ -29,6 +59,59 @@ impl SessionsTask {
     fn limits(&self) -> BatchLimits {
         BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout)
     }
+
+    /// Each part of the rule along its index, from a cursor, in batches of at most `batch_size`.
+    async fn walk_indexes(
+        &self,
+        ctx: &RunContext,
+        cutoffs: &SessionCutoffs,
+        pages: u32,
+        estimate: f64,
+        report: &mut RunReport,
+    ) -> Result<IndexWalk, TaskError> {
+        let mut sizer = ctx.row_sizer(self.settings.batch_size);
+        for rule in SessionRule::ALL {
+            let mut cursor: Option<Cursor> = None;
+            loop {
+                if let Some(stop) = ctx.interrupted() {
+                    report.completion = stop;
+                    return Ok(IndexWalk::Interrupted);
+                }
+                if heap_walk_pays(report.deleted as f64, pages) {
+                    return Ok(IndexWalk::OverBudget);
+                }
+                let limit = sizer.size();
+                let started = Instant::now();
+                let result = async {
+                    let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+                    let outcome = sessions::delete_batch(&mut *tx, rule, cutoffs, cursor.as_ref(), limit).await?;
+                    tx.commit().await?;
+                    Ok(outcome)
+                }
+                .await;
+                let elapsed = started.elapsed();
+                let outcome = match sizer.settle(elapsed, result) {
+                    Settled::Done(outcome) => outcome,
+                    Settled::Retry(error) => {
+                        tracing::warn!(rule = rule.name(), %error, next_limit = sizer.size(), "batch timed out; retrying smaller");
+                        continue;
+                    }
+                    Settled::GaveUp(error) => return Err(error.into()),
+                };
+                report.record_batch(rule.name(), outcome.deleted);
+                tracing::debug!(rule = rule.name(), deleted = outcome.deleted, elapsed_ms = elapsed.as_millis() as u64, "batch committed");
+                let left = (estimate - report.deleted as f64).max(0.0) as u64;
+                ctx.batch_done(elapsed, report, Some(left)).await;
+                // A short batch reached the end of the due rows (rows locked by a concurrent
+                // request were skipped; the next run sees them again).
+                if outcome.deleted < u64::from(limit) {
+                    break;
+                }
+                cursor = outcome.next;
+            }
+        }
+        Ok(IndexWalk::Finished)
+    }
 }
 
 #[async_trait::async_trait]
@@ -43,29 +126,36 @@ impl MaintenanceTask for SessionsTask {
 
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let cutoffs = self.cutoffs(&ctx.pool).await?;
-        tracing::debug!(expired_before = %cutoffs.expired_before, anonymous_created_before = %cutoffs.anonymous_created_before, "cutoffs");
-        let limit = self.settings.batch_size;
+        let size = heap::size(&ctx.pool, TABLE).await?;
+        let estimate = sessions::estimate_due(&ctx.pool, &cutoffs).await?;
+        tracing::debug!(expired_before = %cutoffs.expired_before, anonymous_created_before = %cutoffs.anonymous_created_before, pages = size.pages, estimate, "cutoffs");
         let mut report = RunReport::default();
-        for rule in SessionRule::ALL {
-            let mut cursor: Option<Cursor> = None;
-            loop {
-                if let Some(stop) = ctx.interrupted() {
-                    report.completion = stop;
-                    return Ok(report);
+        let mut walk_heap = heap_walk_pays(estimate, size.pages);
+        if !walk_heap {
+            match self.walk_indexes(ctx, &cutoffs, size.pages, estimate, &mut report).await? {
+                IndexWalk::Finished => {}
+                IndexWalk::Interrupted => return Ok(report),
+                IndexWalk::OverBudget => {
+                    tracing::info!(deleted = report.deleted, pages = size.pages, "far more rows due than estimated; walking the heap for the rest");
+                    walk_heap = true;
                 }
-                let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
-                let outcome = sessions::delete_batch(&mut *tx, rule, &cutoffs, cursor.as_ref(), limit).await?;
-                tx.commit().await?;
-                report.record_batch(rule.name(), outcome.deleted);
-                tracing::debug!(rule = rule.name(), deleted = outcome.deleted, "batch committed");
-                // A short batch reached the end of the due rows (rows locked by a concurrent
-                // request were skipped; the next run sees them again).
-                if outcome.deleted < u64::from(limit) {
-                    break;
-                }
-                cursor = outcome.next;
             }
         }
+        if walk_heap {
+            tracing::info!(pages = size.pages, estimate, "backlog: walking the heap in block ranges");
+            let (pool, limits) = (&ctx.pool, self.limits());
+            walk_blocks(ctx, &mut report, size.pages, |range| async move {
+                let mut tx = batch::begin(pool, limits).await?;
+                let gone = sessions::delete_block_range(&mut *tx, &cutoffs, range).await?;
+                tx.commit().await?;
+                Ok(vec![(SessionRule::Expired.name(), gone.expired as u64), (SessionRule::AnonymousStale.name(), gone.anonymous as u64)])
+            })
+            .await?;
+            if report.completion != Completion::Done {
+                return Ok(report);
+            }
+        }
+        refresh_after_purge(ctx, TABLE, size, &mut report).await?;
         Ok(report)
     }
 

@@ -18,6 +18,9 @@ use repository::tenants::{self, HistoryRules};
 use chrono::{DateTime, Utc};
 use repository::{clock, partitions, watermarks, PgPool};
 
+use tokio::time::Instant;
+
+use crate::batching::{BatchSizer, Settled};
 use crate::schedule::Schedule;
 use crate::settings::TaskHistorySettings;
 use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
@@ -63,18 +66,27 @@ impl TaskHistoryTask {
         rules: &HistoryRules,
         report: &mut RunReport,
     ) -> Result<bool, TaskError> {
-        let limit = i64::from(self.settings.batch_size);
+        let mut sizer = ctx.row_sizer(self.settings.batch_size);
         let mut cursors = history::Cursors::new();
         loop {
             if let Some(stop) = ctx.interrupted() {
                 report.completion = stop;
                 return Ok(false);
             }
-            let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
-            let deleted = history::delete_retained_batch(&mut *tx, partition, rules, &mut cursors, self.settings.batch_size).await?;
-            tx.commit().await?;
-            record(report, "retention", deleted);
-            if deleted.tasks < limit {
+            let limit = sizer.size();
+            // The cursors move only with a committed batch.
+            let mut moved = cursors.clone();
+            let started = Instant::now();
+            let result = async {
+                let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+                let deleted = history::delete_retained_batch(&mut *tx, partition, rules, &mut moved, limit).await?;
+                tx.commit().await?;
+                Ok(deleted)
+            }
+            .await;
+            let Some(deleted) = self.settle(ctx, &mut sizer, started, result, report, "retention").await? else { continue };
+            cursors = moved;
+            if deleted.tasks < i64::from(limit) {
                 break;
             }
         }
@@ -85,17 +97,49 @@ impl TaskHistoryTask {
                     report.completion = stop;
                     return Ok(false);
                 }
-                let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
-                let (deleted, next) = history::delete_purged_batch(&mut *tx, partition, *tenant, after, self.settings.batch_size).await?;
-                tx.commit().await?;
-                record(report, "deleted-tenants", deleted);
-                if deleted.tasks < limit {
+                let limit = sizer.size();
+                let started = Instant::now();
+                let result = async {
+                    let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+                    let deleted = history::delete_purged_batch(&mut *tx, partition, *tenant, after, limit).await?;
+                    tx.commit().await?;
+                    Ok(deleted)
+                }
+                .await;
+                let Some((deleted, next)) = self.settle(ctx, &mut sizer, started, result, report, "deleted-tenants").await? else { continue };
+                if deleted.tasks < i64::from(limit) {
                     break;
                 }
                 after = next;
             }
         }
         Ok(true)
+    }
+
+    /// Records a history batch: its rows when committed (then paces), `None` when it timed out
+    /// and is to be retried smaller.
+    async fn settle<T: HasDeleted>(
+        &self,
+        ctx: &RunContext,
+        sizer: &mut BatchSizer,
+        started: Instant,
+        result: Result<T, sqlx::Error>,
+        report: &mut RunReport,
+        rule: &'static str,
+    ) -> Result<Option<T>, TaskError> {
+        let elapsed = started.elapsed();
+        match sizer.settle(elapsed, result) {
+            Settled::Done(value) => {
+                record(report, rule, value.deleted());
+                ctx.batch_done(elapsed, report, None).await;
+                Ok(Some(value))
+            }
+            Settled::Retry(error) => {
+                tracing::warn!(rule, %error, next_limit = sizer.size(), "batch timed out; retrying smaller");
+                Ok(None)
+            }
+            Settled::GaveUp(error) => Err(error.into()),
+        }
     }
 
     /// Walks events that arrived since the last run and deletes orphans older than an hour.
@@ -109,6 +153,7 @@ impl TaskHistoryTask {
                 report.completion = stop;
                 break;
             }
+            let started = Instant::now();
             let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
             let batch = history::delete_orphan_events_batch(&mut *tx, position, now - partitions::MIN_AGE, limit).await?;
             if let Some(first) = batch.first_undecided {
@@ -127,11 +172,29 @@ impl TaskHistoryTask {
             watermarks::set(&mut *tx, ORPHAN_WATERMARK, safe).await?;
             tx.commit().await?;
             report.record_batch("orphan-events", batch.deleted as u64);
+            ctx.batch_done(started.elapsed(), report, None).await;
             if batch.scanned < i64::from(limit) {
                 break;
             }
         }
         Ok(())
+    }
+}
+
+/// What a history batch returns, whatever else it carries.
+trait HasDeleted {
+    fn deleted(&self) -> Deleted;
+}
+
+impl HasDeleted for Deleted {
+    fn deleted(&self) -> Deleted {
+        *self
+    }
+}
+
+impl<C> HasDeleted for (Deleted, C) {
+    fn deleted(&self) -> Deleted {
+        self.0
     }
 }
 

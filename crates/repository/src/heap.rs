@@ -1,0 +1,74 @@
+//! Walking a table by physical block ranges.
+//!
+//! A batch `WHERE ctid >= '(start,0)' AND ctid < '(end,0)' AND <rule>` is a Tid Range Scan
+//! (PostgreSQL 14+): it reads exactly the pages `start..end`, in file order, whatever the rule.
+//! Walking `0..pages` in such batches deletes a backlog at the speed of one bare `DELETE` (a
+//! sequential pass over the heap) while each transaction stays small, and no batch reads what an
+//! earlier one passed: the whole walk reads the table once.
+
+use sqlx::PgExecutor;
+
+/// Pages `start..end` of a table's heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRange {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl BlockRange {
+    pub fn pages(&self) -> u32 {
+        self.end - self.start
+    }
+
+    /// The first tid of the range and the first past it, as `tid` literals for `$n::tid`.
+    pub(crate) fn tids(&self) -> (String, String) {
+        (format!("({},0)", self.start), format!("({},0)", self.end))
+    }
+}
+
+/// A table's size now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TableSize {
+    /// Pages in the heap. Pages added later (new rows) are not walked: their rows are seconds old.
+    pub pages: u32,
+    /// The planner's estimate of its rows (`reltuples`; 0 when never analyzed).
+    pub rows: f64,
+}
+
+pub async fn size(executor: impl PgExecutor<'_>, table: &str) -> Result<TableSize, sqlx::Error> {
+    let (pages, rows): (i64, f32) = sqlx::query_as(
+        "SELECT pg_relation_size(c.oid) / current_setting('block_size')::bigint, greatest(c.reltuples, 0)
+         FROM pg_class c WHERE c.oid = $1::regclass",
+    )
+    .bind(table)
+    .fetch_one(executor)
+    .await?;
+    Ok(TableSize { pages: u32::try_from(pages).unwrap_or(u32::MAX), rows: f64::from(rows) })
+}
+
+/// Refreshes the planner's statistics for `table` (a sample of at most 30,000 pages by default:
+/// bounded, and it takes no lock that blocks reads or writes).
+pub async fn analyze(executor: impl PgExecutor<'_>, table: &str) -> Result<(), sqlx::Error> {
+    // The name is one of the engine's own tables, never input.
+    sqlx::query(&format!("ANALYZE {table}")).execute(executor).await?;
+    Ok(())
+}
+
+/// The row estimate of a text plan's top node (`... (cost=0.00..1.00 rows=42 width=0)`).
+pub(crate) fn plan_rows(plan_first_line: &str) -> f64 {
+    plan_first_line
+        .split_once("rows=")
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|digits| digits.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_top_nodes_row_estimate() {
+        let line = "Bitmap Heap Scan on user_sessions  (cost=52.10..4242.60 rows=2598000 width=4)";
+        assert_eq!(super::plan_rows(line), 2_598_000.0);
+        assert_eq!(super::plan_rows("Result  (cost=0.00..0.01 rows=1 width=4)"), 1.0);
+    }
+}

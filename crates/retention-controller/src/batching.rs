@@ -1,0 +1,184 @@
+//! How big each batch is: sizes that steer toward a target batch duration, and shrink when a
+//! batch hits its statement or lock timeout.
+
+use std::time::Duration;
+
+use repository::batch;
+
+/// Steers a batch size (rows, or pages for block walks) so that a batch takes about `target`.
+///
+/// After each batch the cost of one unit is updated (a rise is averaged in, so one slow batch
+/// behind a checkpoint does not halve the next; a fall is taken at once) and the next size is
+/// `target / cost`, moving at most a factor of two per batch, within `min..=max`. A batch that times out is rolled back and the size
+/// halves at once; [`Settled::GaveUp`] comes after [`GIVE_UP_AFTER`] timeouts in a row at `min`.
+#[derive(Debug, Clone)]
+pub struct BatchSizer {
+    size: u32,
+    min: u32,
+    max: u32,
+    target: Duration,
+    /// Seconds per unit, averaged over recent batches.
+    unit_cost: Option<f64>,
+    timeouts_at_min: u32,
+}
+
+/// Timeouts in a row at the smallest size before a batch is given up.
+pub const GIVE_UP_AFTER: u32 = 3;
+
+/// What became of one batch.
+#[derive(Debug)]
+pub enum Settled<T, E = sqlx::Error> {
+    /// Committed.
+    Done(T),
+    /// Timed out and rolled back: run it again, smaller.
+    Retry(E),
+    /// Failed for another reason, or timed out [`GIVE_UP_AFTER`] times at the smallest size.
+    GaveUp(E),
+}
+
+impl BatchSizer {
+    pub fn new(initial: u32, min: u32, max: u32, target: Duration) -> Self {
+        let min = min.max(1);
+        let max = max.max(min);
+        BatchSizer { size: initial.clamp(min, max), min, max, target, unit_cost: None, timeouts_at_min: 0 }
+    }
+
+    /// The size of the next batch.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Records a batch's result and how long it took (begin to commit).
+    pub fn settle<T>(&mut self, elapsed: Duration, result: Result<T, sqlx::Error>) -> Settled<T> {
+        self.settle_by(elapsed, result, batch::is_timeout)
+    }
+
+    fn settle_by<T, E>(&mut self, elapsed: Duration, result: Result<T, E>, is_timeout: fn(&E) -> bool) -> Settled<T, E> {
+        match result {
+            Ok(value) => {
+                self.succeeded(elapsed);
+                Settled::Done(value)
+            }
+            Err(error) if is_timeout(&error) => {
+                if self.size == self.min {
+                    self.timeouts_at_min += 1;
+                    if self.timeouts_at_min >= GIVE_UP_AFTER {
+                        self.timeouts_at_min = 0;
+                        return Settled::GaveUp(error);
+                    }
+                }
+                self.size = (self.size / 2).max(self.min);
+                // What was learnt about the cost no longer holds (a lock, a bad plan).
+                self.unit_cost = None;
+                Settled::Retry(error)
+            }
+            Err(error) => Settled::GaveUp(error),
+        }
+    }
+
+    fn succeeded(&mut self, elapsed: Duration) {
+        self.timeouts_at_min = 0;
+        let cost = elapsed.as_secs_f64() / f64::from(self.size);
+        let average = match self.unit_cost {
+            Some(previous) if cost > previous => 0.7 * previous + 0.3 * cost,
+            _ => cost,
+        };
+        self.unit_cost = Some(average);
+        let wanted = if average > 0.0 { self.target.as_secs_f64() / average } else { f64::from(self.max) };
+        let current = f64::from(self.size);
+        let next = wanted.clamp(current / 2.0, current * 2.0).clamp(f64::from(self.min), f64::from(self.max));
+        self.size = next.round() as u32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TARGET: Duration = Duration::from_millis(20);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A batch's error: `true` when it was a timeout.
+    fn settle(sizer: &mut BatchSizer, timed_out: bool) -> Settled<(), bool> {
+        sizer.settle_by(ms(1), Err(timed_out), |timed_out| *timed_out)
+    }
+
+    #[test]
+    fn grows_at_most_twofold_toward_the_target() {
+        let mut sizer = BatchSizer::new(100, 1, 10_000, TARGET);
+        // 100 units in 1 ms: the target would allow 2,000; the size doubles.
+        assert!(matches!(sizer.settle(ms(1), Ok(())), Settled::Done(())));
+        assert_eq!(sizer.size(), 200);
+        sizer.settle(ms(2), Ok(()));
+        assert_eq!(sizer.size(), 400);
+    }
+
+    #[test]
+    fn settles_at_the_size_that_meets_the_target() {
+        let mut sizer = BatchSizer::new(1_000, 1, 10_000, TARGET);
+        // 10 µs a unit, every time: 2,000 units make 20 ms.
+        for _ in 0..20 {
+            let elapsed = Duration::from_micros(10 * u64::from(sizer.size()));
+            sizer.settle(elapsed, Ok(()));
+        }
+        assert_eq!(sizer.size(), 2_000);
+    }
+
+    #[test]
+    fn one_slow_batch_shrinks_less_than_its_own_cost_says() {
+        let mut sizer = BatchSizer::new(1_000, 1, 10_000, TARGET);
+        sizer.settle(ms(20), Ok(()));
+        assert_eq!(sizer.size(), 1_000);
+        // Ten times slower once: the average cost rises 3.7x, not 10x.
+        sizer.settle(ms(200), Ok(()));
+        assert_eq!(sizer.size(), 500);
+        let after = sizer.size();
+        sizer.settle(Duration::from_micros(20 * u64::from(after)), Ok(()));
+        assert!(sizer.size() > after, "{}", sizer.size());
+    }
+
+    #[test]
+    fn stays_within_its_bounds() {
+        let mut sizer = BatchSizer::new(50, 10, 64, TARGET);
+        for _ in 0..5 {
+            sizer.settle(Duration::ZERO, Ok(()));
+        }
+        assert_eq!(sizer.size(), 64);
+        for _ in 0..10 {
+            sizer.settle(Duration::from_secs(5), Ok(()));
+        }
+        assert_eq!(sizer.size(), 10);
+    }
+
+    #[test]
+    fn timeouts_halve_the_size_and_give_up_after_three_at_the_smallest() {
+        let mut sizer = BatchSizer::new(8, 1, 64, TARGET);
+        for expected in [4, 2, 1, 1, 1] {
+            assert!(matches!(settle(&mut sizer, true), Settled::Retry(true)));
+            assert_eq!(sizer.size(), expected);
+        }
+        assert!(matches!(settle(&mut sizer, true), Settled::GaveUp(true)));
+        // The count starts again: the next range gets its own three tries.
+        assert!(matches!(settle(&mut sizer, true), Settled::Retry(true)));
+    }
+
+    #[test]
+    fn a_success_resets_the_timeouts_at_the_smallest_size() {
+        let mut sizer = BatchSizer::new(1, 1, 64, TARGET);
+        settle(&mut sizer, true);
+        settle(&mut sizer, true);
+        sizer.settle(ms(100), Ok(()));
+        settle(&mut sizer, true);
+        assert!(matches!(settle(&mut sizer, true), Settled::Retry(true)));
+    }
+
+    #[test]
+    fn other_errors_give_up_at_once() {
+        let mut sizer = BatchSizer::new(64, 1, 64, TARGET);
+        assert!(matches!(settle(&mut sizer, false), Settled::GaveUp(false)));
+        assert_eq!(sizer.size(), 64);
+    }
+}
