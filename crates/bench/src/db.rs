@@ -9,7 +9,29 @@ use sqlx::PgPool;
 
 pub struct BenchDb {
     pub pool: PgPool,
+    /// The connection URL of the bench's own database.
+    pub url: String,
     _local: Option<LocalPostgres>,
+}
+
+impl BenchDb {
+    /// The URL of another database on the same server.
+    pub fn url_for(&self, database: &str) -> String {
+        with_database(&self.url, database)
+    }
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_end..].find('/').map_or(base.len(), |i| authority_end + i);
+    let mut out = format!("{}/{database}", &base[..path_start]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
 }
 
 pub async fn open() -> anyhow::Result<BenchDb> {
@@ -23,6 +45,9 @@ pub async fn open() -> anyhow::Result<BenchDb> {
                 ("shared_buffers".into(), "1GB".into()),
                 ("max_wal_size".into(), "8GB".into()),
                 ("checkpoint_timeout".into(), "30min".into()),
+                // For the longest statement a run issues.
+                ("shared_preload_libraries".into(), "pg_stat_statements".into()),
+                ("pg_stat_statements.track".into(), "all".into()),
             ];
             let local = tokio::task::spawn_blocking(move || LocalPostgres::start(options)).await??;
             (local.url(), Some(local))
@@ -31,7 +56,7 @@ pub async fn open() -> anyhow::Result<BenchDb> {
     let options = url.parse::<sqlx::postgres::PgConnectOptions>()?.statement_cache_capacity(2000);
     let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await?;
     repository::MIGRATOR.run(&pool).await?;
-    Ok(BenchDb { pool, _local: local })
+    Ok(BenchDb { pool, url, _local: local })
 }
 
 /// Current WAL position, for measuring the WAL a step writes.
@@ -56,4 +81,14 @@ pub async fn step(pool: &PgPool, what: &str, sql: &str) -> anyhow::Result<()> {
 
 pub fn mb(bytes: i64) -> f64 {
     bytes as f64 / 1_048_576.0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn another_database_on_the_same_server() {
+        assert_eq!(super::with_database("postgres://u@localhost:5432/engine?host=/tmp/x", "copy"), "postgres://u@localhost:5432/copy?host=/tmp/x");
+        assert_eq!(super::with_database("postgres://u:p@db/engine", "copy"), "postgres://u:p@db/copy");
+        assert_eq!(super::with_database("postgres://db", "copy"), "postgres://db/copy");
+    }
 }

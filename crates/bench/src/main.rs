@@ -1,9 +1,13 @@
 //! Benchmarks that print figures measured against a baseline in the same run.
 //!
 //! `cargo run --release -p bench -- history --rows 10000000`
+//! `cargo run --release -p bench -- sessions --rows 2598000`
 
 mod db;
 mod history;
+mod sessions;
+
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +30,30 @@ enum Bench {
         #[arg(long, default_value_t = 100)]
         due: i64,
     },
+    /// Purging the reported 2.6M-row sessions backlog: the engine at full speed and paced, a bare
+    /// DELETE and the common LIMIT 1000 loop on identical copies, with a foreground workload;
+    /// then a steady-state run with 100 due rows among many kept.
+    Sessions {
+        /// Due rows in the backlog (6,000 more are kept).
+        #[arg(long, default_value_t = 2_598_000)]
+        rows: i64,
+        /// How long the LIMIT 1000 loop may run before its total is extrapolated.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        cte_budget: Duration,
+        /// A paced run with this pause ratio; repeat for several (default: one run with the
+        /// engine's retention.pacing.pause_ratio).
+        #[arg(long)]
+        pace: Vec<f64>,
+        /// retention.pacing.batch_time for the paced run (default: the engine's).
+        #[arg(long)]
+        batch_time: Option<String>,
+        /// retention.pacing.full_speed_batch_time for the full-speed run (default: the engine's).
+        #[arg(long)]
+        full_speed_batch_time: Option<String>,
+        /// Kept rows in the steady-state measurement (0 skips it).
+        #[arg(long, default_value_t = 10_000_000)]
+        steady_rows: i64,
+    },
 }
 
 #[tokio::main]
@@ -37,5 +65,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().bench {
         Bench::History { rows, due } => history::run(rows, due).await,
+        Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows } => {
+            sessions::run(sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows }).await
+        }
     }
 }

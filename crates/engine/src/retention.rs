@@ -30,7 +30,7 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
         eprintln!("error: {error}");
         return Ok(ExitCode::from(2));
     }
-    let options = RunOptions { batch_time: pacing.batch_time, pause_ratio, progress: None };
+    let options = pacing.run_options(pause_ratio);
     let cancel = CancellationToken::new();
     shutdown::cancel_on_signal(cancel.clone())?;
     let db = Database::open(settings, settings.database.migrate).await?;
@@ -111,12 +111,13 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
     };
     let counters = if total.counters.is_empty() { String::new() } else { format!(" [{}]", parts(&total.counters)) };
     println!(
-        "{}: deleted {} rows in {} batches ({}){counters} in {:.2}s{}{note}",
+        "{}: deleted {} rows in {} batches ({}){counters} in {:.2}s, longest batch {} ms{}{note}",
         task.name(),
         total.deleted,
         total.batches,
         parts(&total.by_rule),
         started.elapsed().as_secs_f64(),
+        total.longest_batch.as_millis(),
         if runs > 1 { format!(" over {runs} runs") } else { String::new() },
     );
     Ok(())

@@ -1,5 +1,11 @@
 //! One bounded batch: a short transaction whose statements are capped by `statement_timeout` and
 //! `lock_timeout`, so a batch can never hold locks or run for long.
+//!
+//! Batches commit asynchronously (`synchronous_commit = off`): a commit returns without waiting
+//! for its WAL to reach the disk (the WAL writer flushes it within ~0.6 s). Waiting made a purge
+//! three times slower than one bare DELETE (a flush per batch). What a crash can cost is the last
+//! batches' deletions: those rows reappear, still due, and the next run deletes them again. A
+//! crash can never make a batch delete more: every batch is atomic and re-checks its rule.
 
 use std::time::Duration;
 
@@ -31,7 +37,7 @@ pub async fn begin(pool: &PgPool, limits: BatchLimits) -> Result<Transaction<'st
     let mut tx = pool.begin().await?;
     sqlx::query(
         "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true),
-                set_config('plan_cache_mode', $3, true)",
+                set_config('plan_cache_mode', $3, true), set_config('synchronous_commit', 'off', true)",
     )
     .bind(millis(limits.statement_timeout))
     .bind(millis(limits.lock_timeout))

@@ -46,12 +46,43 @@ pub async fn size(executor: impl PgExecutor<'_>, table: &str) -> Result<TableSiz
     Ok(TableSize { pages: u32::try_from(pages).unwrap_or(u32::MAX), rows: f64::from(rows) })
 }
 
-/// Refreshes the planner's statistics for `table` (a sample of at most 30,000 pages by default:
-/// bounded, and it takes no lock that blocks reads or writes).
-pub async fn analyze(executor: impl PgExecutor<'_>, table: &str) -> Result<(), sqlx::Error> {
+/// Statistics target of the ANALYZE after a purge: a sample of 300 x 10 = 3,000 pages instead of
+/// the default 30,000, which took 1.1-1.4 s on a 1 GB table just emptied (measured). Coarser
+/// histograms, until autovacuum's next ANALYZE (after a tenth of what is left has changed).
+const QUICK_STATISTICS_TARGET: &str = "10";
+
+/// How long ANALYZE waits for its lock. The lock it needs conflicts only with VACUUM and other
+/// ANALYZEs; after a purge that is usually autovacuum, which PostgreSQL cancels when it blocks a
+/// lock request for `deadlock_timeout` (1 s): waiting would cost a second and kill the vacuum.
+const ANALYZE_LOCK_TIMEOUT: &str = "100ms";
+
+/// What became of an ANALYZE request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Analyzed {
+    Done,
+    /// Another process (autovacuum, as a rule) is vacuuming or analyzing the table; autovacuum
+    /// analyzes it after its vacuum.
+    Busy,
+}
+
+/// Refreshes the planner's statistics for `table` from a small sample (no lock that blocks
+/// reads or writes), unless a vacuum or analyze is already under way on it.
+pub async fn analyze(pool: &sqlx::PgPool, table: &str) -> Result<Analyzed, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('default_statistics_target', $1, true), set_config('lock_timeout', $2, true)")
+        .bind(QUICK_STATISTICS_TARGET)
+        .bind(ANALYZE_LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
     // The name is one of the engine's own tables, never input.
-    sqlx::query(&format!("ANALYZE {table}")).execute(executor).await?;
-    Ok(())
+    match sqlx::query(&format!("ANALYZE {table}")).execute(&mut *tx).await {
+        Ok(_) => {
+            tx.commit().await?;
+            Ok(Analyzed::Done)
+        }
+        Err(error) if crate::batch::is_lock_timeout(&error) => Ok(Analyzed::Busy),
+        Err(error) => Err(error),
+    }
 }
 
 /// The row estimate of a text plan's top node (`... (cost=0.00..1.00 rows=42 width=0)`).

@@ -14,7 +14,8 @@ use crate::task::{RunContext, RunReport, TaskError};
 ///
 /// A range that times out is retried smaller; one that still times out at a single page (a row
 /// lock held for longer than `lock_timeout`, again and again) is left for the next run and
-/// counted as `pages skipped`. Stops between batches when the run is interrupted.
+/// counted as `pages skipped`. Stops between batches when the run is interrupted. The pages passed
+/// are counted as `heap pages walked`.
 pub async fn walk_blocks<F, Fut>(ctx: &RunContext, report: &mut RunReport, pages: u32, mut delete: F) -> Result<(), TaskError>
 where
     F: FnMut(BlockRange) -> Fut,
@@ -35,6 +36,7 @@ where
         match sizer.settle(elapsed, result) {
             Settled::Done(parts) => {
                 report.record_batch_parts(&parts);
+                report.count("heap pages walked", u64::from(range.pages()));
                 next = range.end;
                 let left = estimate_left(report.deleted - deleted_before, next, pages);
                 tracing::debug!(from = range.start, to = range.end, elapsed_ms = elapsed.as_millis() as u64, "block batch committed");
@@ -46,6 +48,7 @@ where
             Settled::GaveUp(error) if repository::batch::is_timeout(&error) => {
                 tracing::warn!(page = range.start, %error, "page skipped: it kept timing out; the next run retries it");
                 report.count("pages skipped", u64::from(range.pages()));
+                report.count("heap pages walked", u64::from(range.pages()));
                 next = range.end;
             }
             Settled::GaveUp(error) => return Err(error.into()),

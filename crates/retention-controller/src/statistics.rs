@@ -1,13 +1,14 @@
 //! Keeping the planner's statistics true after a large purge.
 //!
-//! Autovacuum analyzes a table once a tenth of it has changed, but only after it gets to it: its
-//! worker VACUUMs first (throttled, minutes for a large table), and until then the planner plans
-//! every query for the rows that are gone. So a run that deleted a large share of a table runs
-//! `ANALYZE` itself (a bounded sample, no blocking lock). The VACUUM that makes the space reusable
-//! is left to autovacuum: it is throttled, which is what the foreground needs, and it starts by
-//! itself past the same threshold.
+//! Autovacuum analyzes a table once a tenth of it has changed, but only when it gets to it (its
+//! naptime is a minute, and its worker VACUUMs first, throttled, minutes for a large table); until
+//! then the planner plans every query for the rows that are gone. So a run that deleted a large
+//! share of a table runs `ANALYZE` itself, from a small sample, waiting at most 100 ms for its
+//! lock: if autovacuum already holds the table, it is left to finish and analyze (waiting longer
+//! would cancel it). The VACUUM that makes the space reusable is left to autovacuum: it is
+//! throttled, which is what the foreground needs, and it starts by itself past the same threshold.
 
-use repository::heap::{self, TableSize};
+use repository::heap::{self, Analyzed, TableSize};
 
 use crate::task::{RunContext, RunReport, TaskError};
 
@@ -27,9 +28,16 @@ pub async fn refresh_after_purge(ctx: &RunContext, table: &str, before: TableSiz
         return Ok(());
     }
     let started = tokio::time::Instant::now();
-    heap::analyze(&ctx.pool, table).await?;
-    tracing::info!(table, deleted = report.deleted, elapsed_ms = started.elapsed().as_millis() as u64, "analyzed after a large purge");
-    report.count("analyzed", 1);
+    match heap::analyze(&ctx.pool, table).await? {
+        Analyzed::Done => {
+            tracing::info!(table, deleted = report.deleted, elapsed_ms = started.elapsed().as_millis() as u64, "analyzed after a large purge");
+            report.count("analyzed", 1);
+        }
+        Analyzed::Busy => {
+            tracing::info!(table, "not analyzed: autovacuum is processing the table and analyzes it next");
+            report.count("analyze left to autovacuum", 1);
+        }
+    }
     Ok(())
 }
 

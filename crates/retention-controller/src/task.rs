@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::batching::BatchSizer;
 use crate::schedule::Schedule;
-use crate::settings::DEFAULT_BATCH_TIME;
+use crate::settings::DEFAULT_FULL_SPEED_BATCH_TIME;
 
 /// One maintenance task. Implementations delete in bounded batches, each committed on its own,
 /// and call [`RunContext::interrupted`] between batches.
@@ -55,9 +55,9 @@ pub struct Progress {
 }
 
 impl Default for RunOptions {
-    /// Full speed, with the default batch duration.
+    /// Full speed, with the default full-speed batch duration.
     fn default() -> Self {
-        RunOptions { batch_time: DEFAULT_BATCH_TIME, pause_ratio: 0.0, progress: None }
+        RunOptions { batch_time: DEFAULT_FULL_SPEED_BATCH_TIME, pause_ratio: 0.0, progress: None }
     }
 }
 
@@ -113,7 +113,8 @@ impl RunContext {
 
     /// After every committed batch: reports progress, then pauses in proportion to the batch's
     /// duration when the run is paced (cut short by cancellation).
-    pub async fn batch_done(&self, elapsed: Duration, report: &RunReport, left: Option<u64>) {
+    pub async fn batch_done(&self, elapsed: Duration, report: &mut RunReport, left: Option<u64>) {
+        report.longest_batch = report.longest_batch.max(elapsed);
         if let Some(progress) = &self.options.progress {
             progress(Progress { deleted: report.deleted, left });
         }
@@ -158,6 +159,8 @@ pub struct RunReport {
     pub by_rule: Vec<(&'static str, u64)>,
     /// Other things a run did, by name (partitions created, days dropped).
     pub counters: Vec<(&'static str, u64)>,
+    /// The longest committed batch, begin to commit.
+    pub longest_batch: Duration,
     pub completion: Completion,
 }
 
@@ -199,6 +202,7 @@ impl RunReport {
         for (what, n) in later.counters {
             add_to(&mut self.counters, what, n);
         }
+        self.longest_batch = self.longest_batch.max(later.longest_batch);
         self.completion = later.completion;
     }
 }

@@ -166,14 +166,14 @@ pub fn sorted_ids(mut ids: Vec<i64>) -> Vec<i64> {
     ids
 }
 
-/// Runs `task` once to completion (it must not be held elsewhere).
 /// Full speed, with batches that never adapt (every batch is well under an hour), so that tests
 /// can count them.
 pub fn fixed_batches() -> retention_controller::RunOptions {
     retention_controller::RunOptions { batch_time: std::time::Duration::from_secs(3600), ..Default::default() }
 }
 
-/// Runs `task` once at full speed with [`fixed_batches`].
+/// Runs `task` once to completion (it must not be held elsewhere), at full speed with
+/// [`fixed_batches`].
 pub async fn run_task(task: &dyn retention_controller::MaintenanceTask, pool: &PgPool) -> retention_controller::RunReport {
     let cancel = tokio_util::sync::CancellationToken::new();
     match retention_controller::run_once_with(task, pool, &cancel, &fixed_batches()).await.unwrap() {

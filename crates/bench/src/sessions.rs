@@ -1,0 +1,541 @@
+//! `bench sessions`: purging the reported sessions backlog, against one bare DELETE of the same
+//! rows on an identical copy, in the same run.
+//!
+//! The backlog: `rows` anonymous sessions created over 30 days (every one past the 24 h TTL) and
+//! 6,000 kept (5,991 anonymous from the last hour, 9 logged in), ~370 bytes a row as reported.
+//! It is seeded once, vacuumed and analyzed (as autovacuum would have), and each strategy runs on
+//! its own copy (`CREATE DATABASE ... TEMPLATE`) right after a CHECKPOINT, while a foreground
+//! workload (200 requests/s: session lookups by id and inserts) measures its latency:
+//!
+//! 1. idle: the foreground alone;
+//! 2. one bare `DELETE ... WHERE <rule>`;
+//! 3. the common fix: a loop of `WITH s AS (SELECT id ... ORDER BY created_at LIMIT 1000 FOR
+//!    UPDATE SKIP LOCKED) DELETE ... USING s` (stopped after a time budget and extrapolated);
+//! 4. `engine retention run --task sessions` (full speed), as a separate process;
+//! 5. the same with `--pace` (what `engine serve` does).
+//!
+//! Then the steady state: `steady_rows` kept sessions and 100 due, one sessions run in-process.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use retention_controller::settings::SessionsSettings;
+use retention_controller::tasks::sessions::SessionsTask;
+use retention_controller::{run_once_with, RunOptions, RunOutcome};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::{self, mb, BenchDb};
+
+const SEED_DB: &str = "sessions_seed";
+const KEPT_ANONYMOUS: i64 = 5_991;
+const KEPT_LOGGED_IN: i64 = 9;
+/// Foreground requests a second, half lookups, half inserts.
+const FOREGROUND_RATE: u32 = 200;
+const IDLE_FOR: Duration = Duration::from_secs(15);
+/// The rule as the engine applies it with the default 24 h anonymous TTL.
+const RULE: &str = "expires_at < now() OR (user_id IS NULL AND created_at < now() - interval '24 hours')";
+
+pub struct Args {
+    pub rows: i64,
+    pub cte_budget: Duration,
+    pub pace: Vec<f64>,
+    pub batch_time: Option<String>,
+    pub full_speed_batch_time: Option<String>,
+    pub steady_rows: i64,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let engine = engine_binary()?;
+    let bench = db::open().await?;
+    let has_statements = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&bench.pool).await.is_ok()
+        && sqlx::query("SELECT pg_stat_statements_reset()").execute(&bench.pool).await.is_ok();
+    println!("bench sessions: {} due rows, {} kept", args.rows, KEPT_ANONYMOUS + KEPT_LOGGED_IN);
+    seed(&bench, args.rows).await?;
+
+    let mut results = Vec::new();
+    let idle = {
+        let copy = Copy::create(&bench, "idle").await?;
+        let foreground = Foreground::start(&copy.pool).await?;
+        tokio::time::sleep(IDLE_FOR).await;
+        let latencies = foreground.stop().await;
+        copy.drop(&bench).await?;
+        latencies
+    };
+    eprintln!("  idle foreground: {}", idle.describe());
+
+    results.push(measure(&bench, "bare DELETE", has_statements, |copy| async move {
+        let gone = sqlx::query(&format!("DELETE FROM user_sessions WHERE {RULE}")).execute(&copy.pool).await?.rows_affected();
+        Ok(Outcome { deleted: gone, note: String::new(), extrapolated_to: None, peak_rss_kb: None })
+    })
+    .await?);
+
+    let budget = args.cte_budget;
+    let due = args.rows as u64;
+    results.push(measure(&bench, "CTE LIMIT 1000 loop", has_statements, move |copy| async move {
+        let started = Instant::now();
+        let mut deleted = 0u64;
+        loop {
+            let n = sqlx::query(&format!(
+                "WITH s AS (SELECT id FROM user_sessions WHERE {RULE} ORDER BY created_at LIMIT 1000 FOR UPDATE SKIP LOCKED)
+                 DELETE FROM user_sessions d USING s WHERE d.id = s.id"
+            ))
+            .execute(&copy.pool)
+            .await?
+            .rows_affected();
+            deleted += n;
+            if n == 0 || started.elapsed() >= budget {
+                break;
+            }
+        }
+        let elapsed = started.elapsed();
+        let extrapolated_to = (deleted < due).then(|| elapsed.mul_f64(due as f64 / deleted.max(1) as f64));
+        Ok(Outcome { deleted, note: String::new(), extrapolated_to, peak_rss_kb: None })
+    })
+    .await?);
+
+    let env = engine_env(&args);
+    results.push(measure(&bench, "engine, full speed", has_statements, |copy| {
+        let (engine, env) = (engine.clone(), env.clone());
+        async move { run_engine(&engine, &copy.url, &env, &[]).await }
+    })
+    .await?);
+    let paces: Vec<Option<f64>> = if args.pace.is_empty() { vec![None] } else { args.pace.iter().copied().map(Some).collect() };
+    for pace in paces {
+        let (name, pace_args): (&'static str, Vec<String>) = match pace {
+            Some(ratio) => (Box::leak(format!("engine, --pace {ratio}").into_boxed_str()), vec!["--pace".into(), ratio.to_string()]),
+            None => ("engine, paced (default)", vec!["--pace".into()]),
+        };
+        results.push(measure(&bench, name, has_statements, |copy| {
+            let (engine, env, pace_args) = (engine.clone(), env.clone(), pace_args.clone());
+            async move { run_engine(&engine, &copy.url, &env, &pace_args).await }
+        })
+        .await?);
+    }
+
+    print_report(&idle, &results);
+    if args.steady_rows > 0 {
+        steady_state(&bench, args.steady_rows).await?;
+    }
+    Ok(())
+}
+
+/// What one strategy did.
+struct Outcome {
+    deleted: u64,
+    note: String,
+    /// The time the whole purge would take, when the strategy was stopped early.
+    extrapolated_to: Option<Duration>,
+    peak_rss_kb: Option<u64>,
+}
+
+struct Measured {
+    name: &'static str,
+    wall: Duration,
+    outcome: Outcome,
+    wal_bytes: i64,
+    longest_statement: Option<(f64, String)>,
+    foreground: Latencies,
+}
+
+/// Runs `purge` on a fresh copy after a CHECKPOINT, with the foreground running.
+async fn measure<F, Fut>(bench: &BenchDb, name: &'static str, has_statements: bool, purge: F) -> anyhow::Result<Measured>
+where
+    F: FnOnce(Arc<Copy>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
+{
+    let copy = Arc::new(Copy::create(bench, "run").await?);
+    sqlx::query("CHECKPOINT").execute(&bench.pool).await?;
+    if has_statements {
+        sqlx::query("SELECT pg_stat_statements_reset()").execute(&bench.pool).await?;
+    }
+    let lsn = db::wal_lsn(&bench.pool).await?;
+    let foreground = Foreground::start(&copy.pool).await?;
+    let started = Instant::now();
+    let outcome = purge(copy.clone()).await?;
+    let wall = started.elapsed();
+    let foreground = foreground.stop().await;
+    let wal_bytes = db::wal_since(&bench.pool, &lsn).await?;
+    let longest_statement = if has_statements { longest_statement(&bench.pool, &copy.name).await? } else { None };
+    if let Some((ms, query)) = &longest_statement {
+        eprintln!("  {name}: longest statement {ms:.0} ms: {query}");
+    }
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM user_sessions WHERE created_at < now() - interval '2 hours' AND user_id IS NULL")
+        .fetch_one(&copy.pool)
+        .await?;
+    eprintln!(
+        "  {name}: {} rows in {:.2}s{}{}, {left} due rows left; foreground {}",
+        outcome.deleted,
+        wall.as_secs_f64(),
+        outcome.extrapolated_to.map(|t| format!(" (whole purge extrapolated: {:.0}s)", t.as_secs_f64())).unwrap_or_default(),
+        outcome.note,
+        foreground.describe()
+    );
+    Arc::into_inner(copy).context("copy still in use")?.drop(bench).await?;
+    Ok(Measured { name, wall, outcome, wal_bytes, longest_statement, foreground })
+}
+
+/// The longest single execution of any statement in database `name` (the foreground's excluded),
+/// and the statement.
+async fn longest_statement(pool: &PgPool, name: &str) -> anyhow::Result<Option<(f64, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT s.max_exec_time, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 90)
+         FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+         WHERE d.datname = $1 AND s.query NOT LIKE '/* foreground */%'
+         ORDER BY s.max_exec_time DESC LIMIT 1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?)
+}
+
+fn print_report(idle: &Latencies, results: &[Measured]) {
+    let bare = results[0].wall.as_secs_f64();
+    println!();
+    println!("| strategy | wall | vs bare DELETE | rows | WAL | longest statement | foreground p50 / p99 | engine peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|");
+    println!("| (idle) | | | | | | {:.2} / {:.2} ms | |", idle.p50_ms, idle.p99_ms);
+    for m in results {
+        let (wall, note) = match m.outcome.extrapolated_to {
+            Some(whole) => (whole.as_secs_f64(), " (extrapolated)"),
+            None => (m.wall.as_secs_f64(), ""),
+        };
+        println!(
+            "| {} | {:.2} s{note} | {:.2}x | {} | {:.0} MB | {} | {:.2} / {:.2} ms ({:.1}x / {:.1}x idle) | {} |",
+            m.name,
+            wall,
+            wall / bare,
+            m.outcome.deleted,
+            mb(m.wal_bytes),
+            m.longest_statement.as_ref().map(|(ms, _)| format!("{ms:.0} ms")).unwrap_or_else(|| "n/a".into()),
+            m.foreground.p50_ms,
+            m.foreground.p99_ms,
+            m.foreground.p50_ms / idle.p50_ms,
+            m.foreground.p99_ms / idle.p99_ms,
+            m.outcome.peak_rss_kb.map(|kb| format!("{:.1} MB", kb as f64 / 1024.0)).unwrap_or_default(),
+        );
+    }
+}
+
+// ----- seeding -----------------------------------------------------------------------------
+
+async fn seed(bench: &BenchDb, rows: i64) -> anyhow::Result<()> {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {SEED_DB}")).execute(&bench.pool).await?;
+    let pool = fresh_database(bench, SEED_DB).await?;
+    let started = Instant::now();
+    eprintln!("seeding {rows} due sessions over 30 days...");
+    let chunk = 500_000i64;
+    let mut done = 0;
+    while done < rows {
+        let n = chunk.min(rows - done);
+        // Created evenly between 30 days and 25 hours ago, expiring 30 days after creation;
+        // ~280 bytes of session data each, as in the report (969 MB for 2.6M rows).
+        sqlx::query(
+            "INSERT INTO user_sessions (user_id, data, created_at, updated_at, expires_at)
+             SELECT NULL,
+                    jsonb_build_object('csrf', md5(g::text), 'ua', repeat('Mozilla/5.0 ', 14), 'ip', '10.1.2.3',
+                                       'flash', md5((g * 7)::text)),
+                    c, c, c + interval '30 days'
+             FROM generate_series($1::bigint, $2::bigint) g,
+                  LATERAL (SELECT now() - interval '25 hours' - (g::float8 / $3) * (interval '30 days' - interval '25 hours') AS c) t",
+        )
+        .bind(done + 1)
+        .bind(done + n)
+        .bind(rows as f64)
+        .execute(&pool)
+        .await?;
+        done += n;
+        eprintln!("  {done} rows ({:.0}s)", started.elapsed().as_secs_f64());
+    }
+    // The kept: anonymous sessions of the last hour and nine logged-in users' old sessions.
+    sqlx::query(
+        "INSERT INTO user_sessions (user_id, data, created_at, updated_at, expires_at)
+         SELECT NULL, jsonb_build_object('csrf', md5(g::text)), c, c, c + interval '30 days'
+         FROM generate_series(1, $1) g, LATERAL (SELECT now() - (g % 3600) * interval '1 second' AS c) t",
+    )
+    .bind(KEPT_ANONYMOUS)
+    .execute(&pool)
+    .await?;
+    for _ in 0..KEPT_LOGGED_IN {
+        let user: Uuid = sqlx::query_scalar("INSERT INTO users (email) VALUES (gen_random_uuid()::text || '@example.test') RETURNING id")
+            .fetch_one(&pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO user_sessions (user_id, created_at, updated_at, expires_at)
+             VALUES ($1, now() - interval '20 days', now(), now() + interval '10 days')",
+        )
+        .bind(user)
+        .execute(&pool)
+        .await?;
+    }
+    db::step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE user_sessions").await?;
+    let size: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('user_sessions')").fetch_one(&pool).await?;
+    let heap: i64 = sqlx::query_scalar("SELECT pg_relation_size('user_sessions')").fetch_one(&pool).await?;
+    eprintln!("  seeded in {:.0}s: table {:.0} MB with indexes, heap {:.0} MB", started.elapsed().as_secs_f64(), mb(size), mb(heap));
+    pool.close().await;
+    Ok(())
+}
+
+/// An identical copy of the seeded database.
+struct Copy {
+    name: String,
+    url: String,
+    pool: PgPool,
+}
+
+impl Copy {
+    async fn create(bench: &BenchDb, purpose: &str) -> anyhow::Result<Copy> {
+        let name = format!("sessions_{purpose}");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&bench.pool).await?;
+        sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {SEED_DB} STRATEGY FILE_COPY")).execute(&bench.pool).await?;
+        let url = bench.url_for(&name);
+        let pool = connect(&url, 4).await?;
+        // Warm the cache the same way for every strategy: the heap and its indexes.
+        sqlx::query("SELECT count(*) FROM user_sessions").execute(&pool).await?;
+        Ok(Copy { name, url, pool })
+    }
+
+    async fn drop(self, bench: &BenchDb) -> anyhow::Result<()> {
+        self.pool.close().await;
+        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name)).execute(&bench.pool).await?;
+        Ok(())
+    }
+}
+
+/// A new, migrated database.
+async fn fresh_database(bench: &BenchDb, name: &str) -> anyhow::Result<PgPool> {
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&bench.pool).await?;
+    let pool = connect(&bench.url_for(name), 4).await?;
+    repository::MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+async fn connect(url: &str, connections: u32) -> anyhow::Result<PgPool> {
+    let options = url.parse::<PgConnectOptions>()?;
+    Ok(PgPoolOptions::new().max_connections(connections).connect_with(options).await?)
+}
+
+// ----- the engine as a separate process ----------------------------------------------------
+
+/// The release `engine` binary next to this one, built first if need be.
+fn engine_binary() -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name("engine");
+    eprintln!("building the engine (cargo build --release -p engine)...");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo).args(["build", "--release", "--quiet", "-p", "engine"]).status()?;
+    anyhow::ensure!(status.success(), "building the engine failed");
+    anyhow::ensure!(path.exists(), "{} not found after building it", path.display());
+    Ok(path)
+}
+
+fn engine_env(args: &Args) -> Vec<(String, String)> {
+    let mut env = vec![("RUST_LOG".to_string(), "warn".to_string())];
+    if let Some(batch_time) = &args.batch_time {
+        env.push(("ENGINE__RETENTION__PACING__BATCH_TIME".into(), batch_time.clone()));
+    }
+    if let Some(batch_time) = &args.full_speed_batch_time {
+        env.push(("ENGINE__RETENTION__PACING__FULL_SPEED_BATCH_TIME".into(), batch_time.clone()));
+    }
+    env
+}
+
+/// `engine retention run --task sessions [extra]` on `url`; its peak RSS is read from /proc while
+/// it runs (VmHWM, the high-water mark, sampled every 50 ms).
+async fn run_engine(engine: &PathBuf, url: &str, env: &[(String, String)], extra: &[String]) -> anyhow::Result<Outcome> {
+    let child = tokio::process::Command::new(engine)
+        .args(["retention", "run", "--task", "sessions"])
+        .args(extra)
+        .env("DATABASE_URL", url)
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pid = child.id().context("engine pid")?;
+    let peak = Arc::new(Mutex::new(0u64));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(kb) = vm_hwm_kb(pid) {
+                    let mut peak = peak.lock().unwrap();
+                    *peak = (*peak).max(kb);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let output = child.wait_with_output().await?;
+    sampler.abort();
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    anyhow::ensure!(output.status.success(), "engine failed: {stdout}");
+    let deleted = stdout
+        .split_once("deleted ")
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no row count in the engine's output: {stdout}"))?;
+    let peak_rss_kb = Some(*peak.lock().unwrap());
+    Ok(Outcome { deleted, note: format!(" [{stdout}]"), extrapolated_to: None, peak_rss_kb })
+}
+
+fn vm_hwm_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ----- the foreground ----------------------------------------------------------------------
+
+/// Requests at a fixed rate (open loop: a slow request does not delay the next one's start),
+/// alternating a lookup of a kept session by id and the insert of a new anonymous session.
+/// A request's latency runs from its scheduled start to its answer.
+struct Foreground {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<Vec<Duration>>,
+}
+
+struct Latencies {
+    p50_ms: f64,
+    p99_ms: f64,
+    count: usize,
+}
+
+impl Latencies {
+    fn describe(&self) -> String {
+        format!("p50 {:.2} ms, p99 {:.2} ms over {} requests", self.p50_ms, self.p99_ms, self.count)
+    }
+}
+
+impl Foreground {
+    async fn start(pool: &PgPool) -> anyhow::Result<Foreground> {
+        let ids: Vec<Uuid> = sqlx::query_scalar("/* foreground */ SELECT id FROM user_sessions WHERE created_at > now() - interval '2 hours' OR user_id IS NOT NULL")
+            .fetch_all(pool)
+            .await?;
+        anyhow::ensure!(!ids.is_empty(), "no kept sessions to look up");
+        let stop = CancellationToken::new();
+        let (pool, token) = (pool.clone(), stop.clone());
+        let handle = tokio::spawn(async move {
+            let latencies = Arc::new(Mutex::new(Vec::new()));
+            let mut ticker = tokio::time::interval(Duration::from_secs(1) / FOREGROUND_RATE);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut requests = tokio::task::JoinSet::new();
+            let mut n = 0usize;
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    tick = ticker.tick() => {
+                        n += 1;
+                        let (pool, latencies) = (pool.clone(), latencies.clone());
+                        let id = ids[n % ids.len()];
+                        let lookup = n % 2 == 0;
+                        requests.spawn(async move {
+                            let result = if lookup {
+                                sqlx::query("/* foreground */ SELECT data FROM user_sessions WHERE id = $1").bind(id).fetch_optional(&pool).await.map(|_| ())
+                            } else {
+                                sqlx::query("/* foreground */ INSERT INTO user_sessions (expires_at) VALUES (now() + interval '30 days')").execute(&pool).await.map(|_| ())
+                            };
+                            if result.is_ok() {
+                                latencies.lock().unwrap().push(tick.elapsed());
+                            }
+                        });
+                        while requests.try_join_next().is_some() {}
+                    }
+                }
+            }
+            while requests.join_next().await.is_some() {}
+            let latencies = latencies.lock().unwrap().clone();
+            latencies
+        });
+        Ok(Foreground { stop, handle })
+    }
+
+    async fn stop(self) -> Latencies {
+        self.stop.cancel();
+        let mut latencies = self.handle.await.unwrap_or_default();
+        latencies.sort();
+        let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+        Latencies { p50_ms: ms(at(0.5)), p99_ms: ms(at(0.99)), count: latencies.len() }
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+// ----- steady state ------------------------------------------------------------------------
+
+/// `kept` live sessions, then five times: 100 due sessions appear, one sessions run removes them.
+/// Against a bare DELETE of 100 due rows by the same rule on the same table.
+async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
+    sqlx::query("DROP DATABASE IF EXISTS sessions_steady").execute(&bench.pool).await?;
+    let pool = fresh_database(bench, "sessions_steady").await?;
+    eprintln!("steady state: seeding {kept} kept sessions...");
+    let started = Instant::now();
+    let chunk = 1_000_000i64;
+    let mut done = 0;
+    while done < kept {
+        let n = chunk.min(kept - done);
+        sqlx::query(
+            "INSERT INTO user_sessions (user_id, created_at, updated_at, expires_at)
+             SELECT NULL, now() - (g % 82800) * interval '1 second', now(), now() + interval '30 days'
+             FROM generate_series(1, $1) g",
+        )
+        .bind(n)
+        .execute(&pool)
+        .await?;
+        done += n;
+    }
+    db::step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE user_sessions").await?;
+    eprintln!("  seeded in {:.0}s", started.elapsed().as_secs_f64());
+
+    let seed_due = |pool: PgPool| async move {
+        sqlx::query(
+            "INSERT INTO user_sessions (user_id, created_at, updated_at, expires_at)
+             SELECT NULL, now() - interval '25 hours', now(), now() + interval '1 day' FROM generate_series(1, 50)
+             UNION ALL
+             SELECT NULL, now() - interval '1 hour', now(), now() - interval '1 minute' FROM generate_series(1, 50)",
+        )
+        .execute(&pool)
+        .await
+    };
+    let task = SessionsTask::new(SessionsSettings::default());
+    let options = RunOptions::default();
+    // A long-lived pool, as in `engine serve`: warm its plans first.
+    for _ in 0..3 {
+        seed_due(pool.clone()).await?;
+        run_once_with(&task, &pool, &CancellationToken::new(), &options).await?;
+    }
+    let (mut engine_runs, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        seed_due(pool.clone()).await?;
+        match run_once_with(&task, &pool, &CancellationToken::new(), &options).await? {
+            RunOutcome::Ran(summary) => {
+                anyhow::ensure!(summary.report.deleted == 100, "the run deleted {} rows, not 100", summary.report.deleted);
+                engine_runs.push(summary.elapsed);
+            }
+            RunOutcome::Busy => anyhow::bail!("the task was busy"),
+        }
+        seed_due(pool.clone()).await?;
+        let started = Instant::now();
+        let gone = sqlx::query(&format!("DELETE FROM user_sessions WHERE {RULE}")).execute(&pool).await?.rows_affected();
+        bare.push(started.elapsed());
+        anyhow::ensure!(gone == 100, "the bare DELETE deleted {gone} rows, not 100");
+    }
+    engine_runs.sort();
+    bare.sort();
+    println!();
+    println!(
+        "steady state, 100 due among {kept} kept: sessions run median {:.1} ms, max {:.1} ms; bare DELETE median {:.1} ms ({} runs each)",
+        ms(engine_runs[engine_runs.len() / 2]),
+        ms(*engine_runs.last().unwrap()),
+        ms(bare[bare.len() / 2]),
+        engine_runs.len()
+    );
+    pool.close().await;
+    sqlx::query("DROP DATABASE sessions_steady WITH (FORCE)").execute(&bench.pool).await?;
+    Ok(())
+}
