@@ -66,7 +66,7 @@ pub enum RetentionCommand {
         dry_run: bool,
         /// Pause after each batch for RATIO times its duration, sparing the foreground (default:
         /// full speed). Without a value: retention.pacing.pause_ratio.
-        #[arg(long, value_name = "RATIO", num_args = 0..=1, conflicts_with = "dry_run")]
+        #[arg(long, value_name = "RATIO", num_args = 0..=1, allow_negative_numbers = true, conflicts_with = "dry_run")]
         pace: Option<Option<f64>>,
     },
 }

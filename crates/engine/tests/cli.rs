@@ -71,6 +71,21 @@ fn each_invalid_setting_is_refused_with_its_key_value_and_what_is_allowed() {
     assert_refused(&[("ENGINE__RETENTION__SESIONS__INTERVAL", "1h")], &[], &["unknown field `sesions`", "sessions"]);
     assert_refused(&[("ENGINE__DATABASE__MAX_CONNECTIONS", "0")], &[], &["database.max_connections = 0", "1 to 100"]);
     assert_refused(&[("ENGINE__DATABASE__MIGRATE", "maybe")], &[], &["database.migrate", "maybe"]);
+    assert_refused(
+        &[("ENGINE__RETENTION__PACING__PAUSE_RATIO", "-1")],
+        &[],
+        &["retention.pacing.pause_ratio = \"-1\"", "a number from 0 (full speed) to 3000"],
+    );
+    assert_refused(
+        &[("ENGINE__RETENTION__PACING__BATCH_TIME", "0s")],
+        &[],
+        &["retention.pacing.batch_time = \"0s\"", "a duration from 1ms to 10s"],
+    );
+    assert_refused(&[], &["retention", "run", "--pace", "5000"], &["--pace = \"5000\"", "a number from 0 (full speed) to 3000"]);
+    assert_refused(&[], &["retention", "run", "--pace", "-2"], &["--pace = \"-2\""]);
+    assert_refused(&[], &["retention", "run", "--pace", "fast"], &["invalid value 'fast' for '--pace [<RATIO>]'"]);
+    // The queue-items walk sizes itself: the key is gone, and an old config says so.
+    assert_refused(&[("ENGINE__RETENTION__QUEUE_ITEMS__BATCH_SIZE", "100")], &[], &["unknown field `batch_size`"]);
 }
 
 #[test]
@@ -162,6 +177,20 @@ async fn retention_run_deletes_the_due_sessions_and_dry_run_deletes_nothing() {
     let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run"]).output().unwrap();
     assert!(output.status.success());
     assert!(text(&output).0.contains("sessions: deleted 0 rows"));
+}
+
+#[tokio::test]
+async fn a_paced_run_deletes_the_same_rows_and_prints_no_terminal_codes_to_a_pipe() {
+    let db = TestDatabase::new().await;
+    let (_, kept) = seed(&db).await;
+
+    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--task", "sessions", "--pace", "1"]).output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("sessions: deleted 2 rows in 2 batches (expired: 1, anonymous: 1)"), "{stdout}");
+    assert!(stdout.contains("longest batch"), "{stdout}");
+    assert_eq!(session_ids(&db).await, kept);
+    assert!(!stderr.contains('\r') && !stderr.contains("\x1b[2K"), "progress redraws only on a terminal: {stderr:?}");
 }
 
 #[tokio::test]
