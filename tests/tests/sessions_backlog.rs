@@ -15,22 +15,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Inserts `n` sessions carrying ~300 bytes of data (about 24 to a page, so that a few tens of
-/// thousands fill the 1,024 pages from which the heap walk is considered). Returns their ids.
+/// `n` sessions with ~300 bytes of data each, so that a few tens of thousands fill the 1,024
+/// pages from which the heap walk is considered.
 async fn insert_padded(pool: &PgPool, n: i64, user: Option<Uuid>, created_at: DateTime<Utc>, expires_at: DateTime<Utc>) -> Vec<Uuid> {
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO user_sessions (user_id, data, created_at, updated_at, expires_at)
-         SELECT $1, jsonb_build_object('pad', repeat('x', 300)), $2, $2, $3 FROM generate_series(1, $4)
-         RETURNING id",
-    )
-    .bind(user)
-    .bind(created_at)
-    .bind(expires_at)
-    .bind(n)
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    sorted(ids)
+    insert_padded_sessions(pool, n, user, created_at, expires_at, 300).await
 }
 
 /// A backlog of `due` rows for each part of the rule (`2 * due` in all), interleaved on the heap with rows a minute on

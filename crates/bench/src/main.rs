@@ -53,6 +53,9 @@ enum Bench {
         /// Kept rows in the steady-state measurement (0 skips it).
         #[arg(long, default_value_t = 10_000_000)]
         steady_rows: i64,
+        /// Only the steady-state measurement.
+        #[arg(long)]
+        steady_only: bool,
     },
 }
 
@@ -65,8 +68,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().bench {
         Bench::History { rows, due } => history::run(rows, due).await,
-        Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows } => {
-            sessions::run(sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows }).await
+        Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only } => {
+            sessions::run(sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only }).await
         }
     }
 }

@@ -48,11 +48,16 @@ pub struct Args {
     pub batch_time: Option<String>,
     pub full_speed_batch_time: Option<String>,
     pub steady_rows: i64,
+    /// Only the steady-state measurement.
+    pub steady_only: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let engine = engine_binary()?;
     let bench = db::open().await?;
+    if args.steady_only {
+        return steady_state(&bench, args.steady_rows).await;
+    }
+    let engine = engine_binary()?;
     let has_statements = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&bench.pool).await.is_ok()
         && sqlx::query("SELECT pg_stat_statements_reset()").execute(&bench.pool).await.is_ok();
     println!("bench sessions: {} due rows, {} kept", args.rows, KEPT_ANONYMOUS + KEPT_LOGGED_IN);
@@ -495,9 +500,9 @@ async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
     let seed_due = |pool: PgPool| async move {
         sqlx::query(
             "INSERT INTO user_sessions (user_id, created_at, updated_at, expires_at)
-             SELECT NULL, now() - interval '25 hours', now(), now() + interval '1 day' FROM generate_series(1, 50)
+             SELECT NULL::uuid, now() - interval '25 hours', now(), now() + interval '1 day' FROM generate_series(1, 50)
              UNION ALL
-             SELECT NULL, now() - interval '1 hour', now(), now() - interval '1 minute' FROM generate_series(1, 50)",
+             SELECT NULL::uuid, now() - interval '1 hour', now(), now() - interval '1 minute' FROM generate_series(1, 50)",
         )
         .execute(&pool)
         .await

@@ -28,16 +28,16 @@ pub const DEFAULT_BATCH_SIZE: u32 = 5_000;
 /// Tasks per history batch: each task takes its events and queue items with it.
 pub const DEFAULT_HISTORY_BATCH_SIZE: u32 = 1_000;
 pub const DEFAULT_MAX_RUN_TIME: Duration = Duration::from_secs(10 * 60);
-/// The duration a paced batch aims at: each commit's WAL stays small (foreground commits flush
-/// behind it). With [`DEFAULT_PAUSE_RATIO`] the foreground's p99 stayed within 1.8x of idle while
-/// the 2.6M-row backlog went in ~4x the time of one bare DELETE (docs/benchmarks.md).
+/// The duration a paced batch aims at: each commit's WAL stays small (foreground commits queue
+/// behind its flush). See docs/benchmarks.md for the measurements behind the paced defaults.
 pub const DEFAULT_BATCH_TIME: Duration = Duration::from_millis(10);
-/// The duration a full-speed batch aims at: long enough that per-batch costs vanish (the walk
-/// matched one bare DELETE), short enough that a batch's two statements stay well under 250 ms.
-pub const DEFAULT_FULL_SPEED_BATCH_TIME: Duration = Duration::from_millis(150);
-/// Background runs pause this many times each batch's duration after it: the database is left
-/// to the foreground two thirds of the time.
-pub const DEFAULT_PAUSE_RATIO: f64 = 2.0;
+/// The duration a full-speed batch aims at. With asynchronous commits a batch's fixed cost is
+/// small: 50 ms batches purged the backlog as fast as 100-200 ms ones (0.78x a bare DELETE) and
+/// leave room for a disk stall (batches of 2-3x the target were seen) under 250 ms.
+pub const DEFAULT_FULL_SPEED_BATCH_TIME: Duration = Duration::from_millis(50);
+/// Background runs pause this many times each batch's duration after it: at 1 the database is
+/// the foreground's half of the time, and the foreground's p99 stayed within 1.4-1.9x of idle.
+pub const DEFAULT_PAUSE_RATIO: f64 = 1.0;
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -65,8 +65,8 @@ pub struct PacingSettings {
     #[serde(with = "humantime_serde")]
     pub full_speed_batch_time: Duration,
     /// Runs of `engine serve` (and `engine retention run --pace`) pause after each batch for this
-    /// many times the batch's duration: 0 is full speed, 4 leaves the database alone 80% of the
-    /// time. Manual runs are full speed unless `--pace` asks.
+    /// many times the batch's duration: 0 is full speed, 1 leaves the database alone half of the
+    /// time, 4 four fifths. Manual runs are full speed unless `--pace` asks.
     pub pause_ratio: f64,
 }
 

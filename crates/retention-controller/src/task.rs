@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use repository::batch::BatchLimits;
 use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -99,6 +100,12 @@ impl RunContext {
         } else {
             None
         }
+    }
+
+    /// `limits` for this run: full-speed runs commit asynchronously, paced ones synchronously
+    /// (see [`repository::batch`]).
+    pub fn batch_limits(&self, limits: BatchLimits) -> BatchLimits {
+        limits.with_async_commit(self.options.pause_ratio == 0.0)
     }
 
     /// Sizes for batches of at most `max_rows` rows, starting at `max_rows`.
@@ -234,4 +241,38 @@ pub enum TaskError {
     Database(#[from] sqlx::Error),
     #[error("the run panicked: {0}")]
     Panicked(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(pause_ratio: f64) -> RunContext {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@localhost/none").unwrap();
+        let options = RunOptions { pause_ratio, ..Default::default() };
+        RunContext::new(pool, Uuid::nil(), CancellationToken::new(), Duration::from_secs(1), options)
+    }
+
+    #[tokio::test]
+    async fn full_speed_commits_asynchronously_and_paced_runs_do_not() {
+        let limits = BatchLimits::new(Duration::from_secs(1), Duration::from_secs(1));
+        assert!(context(0.0).batch_limits(limits).async_commit);
+        assert!(!context(1.0).batch_limits(limits).async_commit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pause_is_proportional_to_the_batch_and_cut_short_by_cancellation() {
+        let ctx = context(3.0);
+        let mut report = RunReport::default();
+        let started = Instant::now();
+        ctx.batch_done(Duration::from_millis(20), &mut report, None).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(60));
+        assert_eq!(report.longest_batch, Duration::from_millis(20));
+
+        ctx.cancel.cancel();
+        let started = Instant::now();
+        ctx.batch_done(Duration::from_secs(10), &mut report, None).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(report.longest_batch, Duration::from_secs(10));
+    }
 }

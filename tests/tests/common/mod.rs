@@ -52,14 +52,29 @@ pub async fn insert_sessions(
     created_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
 ) -> Vec<Uuid> {
+    insert_padded_sessions(pool, n, user_id, created_at, expires_at, 0).await
+}
+
+/// [`insert_sessions`] with `pad` bytes of session data each (none when 0): at 300, about 24
+/// rows fill a heap page.
+pub async fn insert_padded_sessions(
+    pool: &PgPool,
+    n: i64,
+    user_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    pad: i32,
+) -> Vec<Uuid> {
     let mut ids: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO user_sessions (user_id, created_at, updated_at, expires_at)
-         SELECT $1, $2, $2, $3 FROM generate_series(1, $4) RETURNING id",
+        "INSERT INTO user_sessions (user_id, data, created_at, updated_at, expires_at)
+         SELECT $1, CASE WHEN $5 > 0 THEN jsonb_build_object('pad', repeat('x', $5)) END, $2, $2, $3
+         FROM generate_series(1, $4) RETURNING id",
     )
     .bind(user_id)
     .bind(created_at)
     .bind(expires_at)
     .bind(n)
+    .bind(pad)
     .fetch_all(pool)
     .await
     .unwrap();

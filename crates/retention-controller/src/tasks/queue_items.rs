@@ -36,7 +36,7 @@ impl MaintenanceTask for QueueItemsTask {
 
     /// One pass over the queue's heap in block ranges: every item is examined once.
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
-        let limits = BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans();
+        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
         let size = heap::size(&ctx.pool, TABLE).await?;
         let mut report = RunReport::default();
         let pool = &ctx.pool;

@@ -37,8 +37,8 @@ impl TaskHistoryTask {
         TaskHistoryTask { settings }
     }
 
-    fn limits(&self) -> BatchLimits {
-        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans()
+    fn limits(&self, ctx: &RunContext) -> BatchLimits {
+        ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans())
     }
 
     /// Each partition with the rules to apply in it row by row: every rule in the default (and
@@ -78,7 +78,7 @@ impl TaskHistoryTask {
             let mut moved = cursors.clone();
             let started = Instant::now();
             let result = async {
-                let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+                let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
                 let deleted = history::delete_retained_batch(&mut *tx, partition, rules, &mut moved, limit).await?;
                 tx.commit().await?;
                 Ok(deleted)
@@ -100,7 +100,7 @@ impl TaskHistoryTask {
                 let limit = sizer.size();
                 let started = Instant::now();
                 let result = async {
-                    let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+                    let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
                     let deleted = history::delete_purged_batch(&mut *tx, partition, *tenant, after, limit).await?;
                     tx.commit().await?;
                     Ok(deleted)
@@ -154,7 +154,7 @@ impl TaskHistoryTask {
                 break;
             }
             let started = Instant::now();
-            let mut tx = batch::begin(&ctx.pool, self.limits()).await?;
+            let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
             let batch = history::delete_orphan_events_batch(&mut *tx, position, now - partitions::MIN_AGE, limit).await?;
             if let Some(first) = batch.first_undecided {
                 // A young orphan: the watermark stays before it until it is an hour old.
