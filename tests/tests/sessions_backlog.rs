@@ -45,7 +45,7 @@ async fn heap_pages(pool: &PgPool) -> i64 {
 async fn run(pool: &PgPool, settings: SessionsSettings, options: &RunOptions) -> RunReport {
     match run_once_with(&SessionsTask::new(settings), pool, &CancellationToken::new(), options).await.unwrap() {
         RunOutcome::Ran(summary) => summary.report,
-        RunOutcome::Busy => panic!("nobody else holds the task"),
+        other => panic!("nobody else holds the task, nor paused it: {other:?}"),
     }
 }
 

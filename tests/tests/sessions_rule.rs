@@ -19,7 +19,7 @@ fn task(settings: SessionsSettings) -> SessionsTask {
 async fn run(task: &SessionsTask, pool: &sqlx::PgPool) -> RunSummary {
     match run_once_with(task, pool, &CancellationToken::new(), &fixed_batches()).await.expect("run succeeds") {
         RunOutcome::Ran(summary) => summary,
-        RunOutcome::Busy => panic!("nobody else holds the task"),
+        other => panic!("nobody else holds the task, nor paused it: {other:?}"),
     }
 }
 

@@ -32,7 +32,7 @@ async fn session_count(pool: &sqlx::PgPool) -> i64 {
 fn ran(outcome: RunOutcome) -> RunSummary {
     match outcome {
         RunOutcome::Ran(summary) => summary,
-        RunOutcome::Busy => panic!("expected the run to take the lock"),
+        other => panic!("expected the run to take the lock: {other:?}"),
     }
 }
 
@@ -139,6 +139,7 @@ async fn concurrent_runs_share_the_work_without_deadlock_or_overlap() {
                         ran += 1;
                     }
                     RunOutcome::Busy => busy += 1,
+                    RunOutcome::Paused => panic!("nobody paused the task"),
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

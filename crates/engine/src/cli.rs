@@ -69,4 +69,17 @@ pub enum RetentionCommand {
         #[arg(long, value_name = "RATIO", num_args = 0..=1, allow_negative_numbers = true, conflicts_with = "dry_run")]
         pace: Option<Option<f64>>,
     },
+    /// Stop a task on every replica until it is resumed (a run in progress finishes first).
+    Pause {
+        #[arg(value_parser = PossibleValuesParser::new(retention_controller::tasks::NAMES))]
+        task: String,
+    },
+    /// Let a paused task run again, from its next scheduled run.
+    Resume {
+        #[arg(value_parser = PossibleValuesParser::new(retention_controller::tasks::NAMES))]
+        task: String,
+    },
+    /// Per task: paused or not, the last run and how it ended, rows, when it is next due, and
+    /// where it is running now.
+    Status,
 }

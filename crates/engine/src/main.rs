@@ -43,6 +43,9 @@ fn main() -> ExitCode {
             Command::Retention(RetentionCommand::Run { tasks, dry_run, pace }) => {
                 retention::run(&settings, &tasks, dry_run, pace).await
             }
+            Command::Retention(RetentionCommand::Pause { task }) => retention::set_paused(&settings, &task, true).await,
+            Command::Retention(RetentionCommand::Resume { task }) => retention::set_paused(&settings, &task, false).await,
+            Command::Retention(RetentionCommand::Status) => retention::status(&settings).await,
             Command::Tenant(TenantCommand::Retention(command)) => tenant::retention(&settings, command).await,
         }
     });

@@ -89,6 +89,11 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
                     break;
                 }
             }
+            RunOutcome::Paused => {
+                meter.finish();
+                println!("{0}: paused, nothing deleted (`engine retention resume {0}` lets it run again)", task.name());
+                return Ok(());
+            }
             RunOutcome::Busy => {
                 if !waiting_said {
                     eprintln!("{}: another runner is running this task; waiting for it to finish", task.name());
@@ -125,4 +130,52 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
 
 fn parts(by_rule: &[(&'static str, u64)]) -> String {
     by_rule.iter().map(|(rule, n)| format!("{rule}: {n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// `engine retention pause|resume <task>`: persisted in `maintenance_tasks`, read by every
+/// replica before each run.
+pub async fn set_paused(settings: &Settings, task: &str, paused: bool) -> anyhow::Result<ExitCode> {
+    let db = Database::open(settings, settings.database.migrate).await?;
+    let changed = repository::maintenance::set_paused(&db.pool, task, paused).await?;
+    db.close().await;
+    let state = if paused { "paused" } else { "resumed" };
+    if changed {
+        println!("{task}: {state}{}", if paused { " on every replica (a run in progress finishes first)" } else { "" });
+    } else {
+        println!("{task}: already {}", if paused { "paused" } else { "running on its schedule" });
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `engine retention status`: one line per task.
+pub async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let db = Database::open(settings, settings.database.migrate).await?;
+    println!("{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} running on", "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)");
+    for task in tasks::all(&settings.retention) {
+        let state = repository::maintenance::state(&db.pool, task.name()).await?;
+        let held = repository::task_lock::is_held(&db.pool, task.name()).await?;
+        let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+        let next_due = match (state.paused, state.last_finished_at) {
+            (true, _) => "paused".to_string(),
+            (false, Some(finished)) => {
+                let interval = chrono::Duration::from_std(task.schedule().interval).unwrap_or(chrono::Duration::MAX);
+                time(finished.checked_add_signed(interval)).unwrap_or_else(|| "-".into())
+            }
+            (false, None) if held => "running now".into(),
+            (false, None) => "on the next start".into(),
+        };
+        let running_on = if held { state.running_on.clone().unwrap_or_else(|| "another session".into()) } else { "-".into() };
+        println!(
+            "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} {}",
+            task.name(),
+            if state.paused { "yes" } else { "no" },
+            time(state.last_started_at).unwrap_or_else(|| "never".into()),
+            state.last_outcome.as_deref().unwrap_or(if held { "running" } else { "-" }),
+            state.last_rows.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+            next_due,
+            running_on,
+        );
+    }
+    db.close().await;
+    Ok(ExitCode::SUCCESS)
 }

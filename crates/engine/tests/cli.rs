@@ -194,6 +194,44 @@ async fn a_paced_run_deletes_the_same_rows_and_prints_no_terminal_codes_to_a_pip
 }
 
 #[tokio::test]
+async fn pause_resume_and_status_are_persisted_and_obeyed() {
+    let db = TestDatabase::new().await;
+    let (_, kept) = seed(&db).await;
+    let before = session_ids(&db).await;
+    let run = |args: &[&str]| {
+        let output = engine().env("DATABASE_URL", &db.url).args(args).output().unwrap();
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        stdout
+    };
+
+    assert!(run(&["retention", "pause", "sessions"]).contains("sessions: paused on every replica"));
+    assert!(run(&["retention", "pause", "sessions"]).contains("sessions: already paused"));
+    let stdout = run(&["retention", "run", "--task", "sessions"]);
+    assert!(stdout.contains("sessions: paused, nothing deleted (`engine retention resume sessions`"), "{stdout}");
+    assert_eq!(session_ids(&db).await, before);
+    let status = run(&["retention", "status"]);
+    let line = |task: &str| status.lines().find(|l| l.starts_with(&format!("{task} "))).unwrap_or_else(|| panic!("{task}: {status}")).to_string();
+    let words = |task: &str| line(task).split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(words("sessions")[..3], ["sessions", "yes", "never"], "{status}");
+    assert!(line("sessions").contains("paused"), "{status}");
+
+    assert!(run(&["retention", "resume", "sessions"]).contains("sessions: resumed"));
+    let stdout = run(&["retention", "run", "--task", "sessions"]);
+    assert!(stdout.contains("sessions: deleted 2 rows"), "{stdout}");
+    assert_eq!(session_ids(&db).await, kept);
+    let status = run(&["retention", "status"]);
+    let sessions: Vec<String> = status.lines().find(|l| l.starts_with("sessions ")).unwrap().split_whitespace().map(str::to_string).collect();
+    // task, paused, date, time, outcome, rows, next-due date, next-due time, running on
+    assert_eq!((sessions[1].as_str(), sessions[4].as_str(), sessions[5].as_str(), sessions[8].as_str()), ("no", "done", "2", "-"), "{status}");
+    assert!(status.lines().any(|l| l.starts_with("queue-items ") && l.contains("never")), "tasks that never ran are listed: {status}");
+
+    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "pause", "session"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output).1.contains("[possible values: partitions, task-history, queue-items, sessions]"));
+}
+
+#[tokio::test]
 async fn migrate_is_idempotent() {
     let db = TestDatabase::new().await; // already migrated by the harness
     for _ in 0..2 {

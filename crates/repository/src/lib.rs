@@ -7,6 +7,7 @@ pub mod batch;
 pub mod clock;
 pub mod heap;
 pub mod history;
+pub mod maintenance;
 pub mod partitions;
 pub mod queue_items;
 pub mod sessions;

@@ -53,3 +53,15 @@ impl TaskLock {
 fn lock_name(task: &str) -> String {
     format!("engine.retention.{task}")
 }
+
+/// Whether some session holds `task`'s lock now (a run is in progress somewhere).
+pub async fn is_held(executor: impl sqlx::PgExecutor<'_>, task: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks
+                        WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                          AND ((classid::bigint << 32) | objid::bigint) = hashtextextended($1, 0))",
+    )
+    .bind(lock_name(task))
+    .fetch_one(executor)
+    .await
+}

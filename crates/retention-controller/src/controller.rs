@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use repository::maintenance::{self, Outcome};
 use repository::task_lock::TaskLock;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -32,6 +33,8 @@ pub enum RunOutcome {
     Ran(RunSummary),
     /// Another runner (this engine's loop, another replica, a manual run) holds the task's lock.
     Busy,
+    /// An operator paused the task (`engine retention pause`).
+    Paused,
 }
 
 /// Runs `task` once: takes its cross-replica lock (or returns [`RunOutcome::Busy`] at once),
@@ -59,6 +62,22 @@ pub async fn run_once_with(
             tracing::debug!("another runner holds the task; skipping");
             return Ok(RunOutcome::Busy);
         };
+        let paused = match maintenance::is_paused(pool, task.name()).await {
+            Ok(paused) => paused,
+            Err(error) => {
+                release(lock).await;
+                return Err(error.into());
+            }
+        };
+        if paused {
+            tracing::debug!("the task is paused; skipping");
+            release(lock).await;
+            return Ok(RunOutcome::Paused);
+        }
+        if let Err(error) = maintenance::run_started(pool, run_id, task.name(), replica()).await {
+            release(lock).await;
+            return Err(error.into());
+        }
         let schedule = task.schedule();
         let ctx = RunContext::new(pool.clone(), run_id, cancel.clone(), schedule.max_run_time, options.clone());
         let started = Instant::now();
@@ -68,11 +87,14 @@ pub async fn run_once_with(
             Err(panic) => Err(TaskError::Panicked(panic_message(panic.as_ref()))),
         };
         let elapsed = started.elapsed();
-        match lock.release().await {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!("the task's lock was lost during the run (database connection reset)"),
-            Err(error) => tracing::debug!(%error, "releasing the task's lock; closing its connection releases it"),
+        let recorded = match &result {
+            Ok(report) => maintenance::run_finished(pool, run_id, task.name(), report.deleted, outcome_of(report.completion), None).await,
+            Err(error) => maintenance::run_finished(pool, run_id, task.name(), 0, Outcome::Failed, Some(&error_chain(error))).await,
+        };
+        if let Err(error) = recorded {
+            tracing::warn!(%error, "recording the run in maintenance_runs failed");
         }
+        release(lock).await;
         let report = match result {
             Ok(report) => report,
             Err(error) => {
@@ -92,6 +114,36 @@ pub async fn run_once_with(
     }
     .instrument(span)
     .await
+}
+
+async fn release(lock: TaskLock) {
+    match lock.release().await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!("the task's lock was lost during the run (database connection reset)"),
+        Err(error) => tracing::debug!(%error, "releasing the task's lock; closing its connection releases it"),
+    }
+}
+
+fn outcome_of(completion: Completion) -> Outcome {
+    match completion {
+        Completion::Done => Outcome::Done,
+        Completion::DeadlineReached => Outcome::DeadlineReached,
+        Completion::Cancelled => Outcome::Cancelled,
+    }
+}
+
+/// This process, as named in `maintenance_runs`: `host:pid`.
+pub fn replica() -> &'static str {
+    static REPLICA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    REPLICA.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown-host".into());
+        format!("{host}:{}", std::process::id())
+    })
 }
 
 /// Runs every task on its own schedule until cancelled.
@@ -161,7 +213,7 @@ where
             Ok(Ok(RunOutcome::Ran(summary))) => {
                 Step::Succeeded { work_left: summary.report.completion == Completion::DeadlineReached }
             }
-            Ok(Ok(RunOutcome::Busy)) => Step::Busy,
+            Ok(Ok(RunOutcome::Busy | RunOutcome::Paused)) => Step::Busy,
             // run_once has logged the run's own errors, with its run id.
             Ok(Err(_)) => Step::Failed,
             Err(panic) => {

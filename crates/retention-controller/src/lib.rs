@@ -17,6 +17,6 @@ mod task;
 pub mod tasks;
 pub mod tenant_retention;
 
-pub use controller::{run_once, run_once_with, Controller, RunOutcome, RunSummary};
+pub use controller::{replica, run_once, run_once_with, Controller, RunOutcome, RunSummary};
 pub use settings::{RetentionSettings, SettingError};
 pub use task::{Completion, DryRunReport, MaintenanceTask, Progress, ProgressFn, RunContext, RunOptions, RunReport, TaskError};

@@ -193,7 +193,7 @@ pub async fn run_task(task: &dyn retention_controller::MaintenanceTask, pool: &P
     let cancel = tokio_util::sync::CancellationToken::new();
     match retention_controller::run_once_with(task, pool, &cancel, &fixed_batches()).await.unwrap() {
         retention_controller::RunOutcome::Ran(summary) => summary.report,
-        retention_controller::RunOutcome::Busy => panic!("{} is held elsewhere", task.name()),
+        other => panic!("{} did not run: {other:?}", task.name()),
     }
 }
 

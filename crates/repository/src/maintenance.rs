@@ -1,0 +1,147 @@
+//! The retention controller's own state: which tasks an operator paused, and the run log
+//! (`maintenance_runs`, one row per run, kept bounded).
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgExecutor};
+use uuid::Uuid;
+
+/// Runs kept per task in `maintenance_runs`; older ones are deleted as each run finishes.
+pub const RUNS_KEPT_PER_TASK: i64 = 500;
+
+/// Whether an operator paused `task`.
+pub async fn is_paused(executor: impl PgExecutor<'_>, task: &str) -> Result<bool, sqlx::Error> {
+    let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM maintenance_tasks WHERE task = $1")
+        .bind(task)
+        .fetch_optional(executor)
+        .await?;
+    Ok(paused.unwrap_or(false))
+}
+
+/// Pauses or resumes `task`; returns whether that changed anything.
+pub async fn set_paused(executor: impl PgExecutor<'_>, task: &str, paused: bool) -> Result<bool, sqlx::Error> {
+    let changed: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO maintenance_tasks AS m (task, paused, paused_at) VALUES ($1, $2, CASE WHEN $2 THEN now() END)
+         ON CONFLICT (task) DO UPDATE
+             SET paused = excluded.paused, paused_at = excluded.paused_at, updated_at = now()
+             WHERE m.paused IS DISTINCT FROM excluded.paused
+         RETURNING true",
+    )
+    .bind(task)
+    .bind(paused)
+    .fetch_optional(executor)
+    .await?;
+    Ok(changed.unwrap_or(false))
+}
+
+/// Records that run `run_id` of `task` started on `replica`. Call it holding the task's lock:
+/// earlier runs of the task still marked as running were abandoned (their runner died) and are
+/// recorded as failed.
+pub async fn run_started(executor: impl PgExecutor<'_>, run_id: Uuid, task: &str, replica: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH abandoned AS (
+             UPDATE maintenance_runs SET finished_at = now(), outcome = 'failed',
+                    error = 'abandoned: its runner stopped before the run finished'
+             WHERE task = $2 AND finished_at IS NULL
+         ), run AS (
+             INSERT INTO maintenance_runs (run_id, task, replica, started_at) VALUES ($1, $2, $3, now())
+         )
+         INSERT INTO maintenance_tasks AS m (task, last_run_id, last_started_at) VALUES ($2, $1, now())
+         ON CONFLICT (task) DO UPDATE SET last_run_id = $1, last_started_at = now(), last_finished_at = NULL,
+                                           last_outcome = NULL, last_rows = NULL, updated_at = now()",
+    )
+    .bind(run_id)
+    .bind(task)
+    .bind(replica)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// How a run ended, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    DeadlineReached,
+    Cancelled,
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::DeadlineReached => "deadline reached",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Records how run `run_id` ended, and trims the task's log to [`RUNS_KEPT_PER_TASK`] runs.
+pub async fn run_finished(
+    executor: impl PgExecutor<'_>,
+    run_id: Uuid,
+    task: &str,
+    rows: u64,
+    outcome: Outcome,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH run AS (
+             UPDATE maintenance_runs SET finished_at = now(), rows = $3, outcome = $4, error = $5
+             WHERE run_id = $1
+         ), state AS (
+             UPDATE maintenance_tasks
+             SET last_finished_at = now(), last_outcome = $4, last_rows = $3, updated_at = now(),
+                 last_success_at = CASE WHEN $4 = 'failed' THEN last_success_at ELSE now() END
+             WHERE task = $2 AND last_run_id = $1
+         )
+         DELETE FROM maintenance_runs r
+         WHERE r.task = $2 AND r.run_id IN (
+             SELECT run_id FROM maintenance_runs WHERE task = $2 ORDER BY started_at DESC OFFSET $6
+         )",
+    )
+    .bind(run_id)
+    .bind(task)
+    .bind(rows as i64)
+    .bind(outcome.as_str())
+    .bind(error)
+    .bind(RUNS_KEPT_PER_TASK)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// What `engine retention status` shows of one task.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct TaskState {
+    pub task: String,
+    pub paused: bool,
+    pub last_run_id: Option<Uuid>,
+    pub last_started_at: Option<DateTime<Utc>>,
+    pub last_finished_at: Option<DateTime<Utc>>,
+    pub last_outcome: Option<String>,
+    pub last_rows: Option<i64>,
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// The replica of the newest run that has not finished, if any.
+    pub running_on: Option<String>,
+}
+
+/// The recorded state of `task` (defaults when it never ran nor was paused).
+pub async fn state(executor: impl PgExecutor<'_>, task: &str) -> Result<TaskState, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT $1::text AS task, coalesce(m.paused, false) AS paused, m.last_run_id, m.last_started_at,
+                m.last_finished_at, m.last_outcome, m.last_rows, m.last_success_at,
+                (SELECT r.replica FROM maintenance_runs r WHERE r.task = $1 AND r.finished_at IS NULL
+                 ORDER BY r.started_at DESC LIMIT 1) AS running_on
+         FROM (SELECT 1) one LEFT JOIN maintenance_tasks m ON m.task = $1",
+    )
+    .bind(task)
+    .fetch_one(executor)
+    .await
+}
+
+/// Runs in the log of `task`, newest first.
+pub async fn run_count(executor: impl PgExecutor<'_>, task: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = $1").bind(task).fetch_one(executor).await
+}

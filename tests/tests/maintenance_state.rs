@@ -1,0 +1,153 @@
+//! Operator controls and the run log: pausing is obeyed, every run is recorded, the log stays
+//! bounded, abandoned runs are closed.
+
+mod common;
+
+use common::*;
+use repository::maintenance::{self, RUNS_KEPT_PER_TASK};
+use repository::task_lock::{self, TaskLock};
+use retention_controller::settings::SessionsSettings;
+use retention_controller::tasks::sessions::{SessionsTask, NAME};
+use retention_controller::{run_once, MaintenanceTask, RunContext, RunOutcome, RunReport, TaskError};
+use tokio_util::sync::CancellationToken;
+
+async fn seed(pool: &sqlx::PgPool) -> Vec<uuid::Uuid> {
+    let now = db_now(pool).await;
+    let user = Some(insert_user(pool).await);
+    insert_sessions(pool, 30, user, now - chrono::Duration::days(2), now - MINUTE).await;
+    insert_sessions(pool, 10, user, now - chrono::Duration::days(2), now + MINUTE).await
+}
+
+#[tokio::test]
+async fn a_paused_task_deletes_nothing_until_resumed() {
+    let db = TestDatabase::new().await;
+    let kept = seed(&db.pool).await;
+    let task = SessionsTask::new(SessionsSettings::default());
+
+    assert!(maintenance::set_paused(&db.pool, NAME, true).await.unwrap());
+    assert!(!maintenance::set_paused(&db.pool, NAME, true).await.unwrap(), "pausing twice changes nothing");
+    let outcome = run_once(&task, &db.pool, &CancellationToken::new()).await.unwrap();
+    assert!(matches!(outcome, RunOutcome::Paused), "{outcome:?}");
+    assert_eq!(session_ids(&db.pool).await.len(), 40);
+    assert_eq!(maintenance::run_count(&db.pool, NAME).await.unwrap(), 0, "a skipped run is not a run");
+    assert!(TaskLock::try_acquire(&db.pool, NAME).await.unwrap().is_some(), "the lock was released");
+
+    assert!(maintenance::set_paused(&db.pool, NAME, false).await.unwrap());
+    let RunOutcome::Ran(summary) = run_once(&task, &db.pool, &CancellationToken::new()).await.unwrap() else { panic!("ran") };
+    assert_eq!(summary.report.deleted, 30);
+    assert_eq!(session_ids(&db.pool).await, kept);
+}
+
+#[tokio::test]
+async fn every_run_is_recorded_with_its_outcome_and_replica() {
+    let db = TestDatabase::new().await;
+    seed(&db.pool).await;
+    let task = SessionsTask::new(SessionsSettings::default());
+
+    let RunOutcome::Ran(summary) = run_once(&task, &db.pool, &CancellationToken::new()).await.unwrap() else { panic!("ran") };
+
+    let (run_id, task_name, replica, rows, outcome, error, finished): (uuid::Uuid, String, String, i64, String, Option<String>, bool) =
+        sqlx::query_as("SELECT run_id, task, replica, rows, outcome, error, finished_at >= started_at FROM maintenance_runs")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((run_id, task_name.as_str(), rows, outcome.as_str(), error, finished), (summary.run_id, NAME, 30, "done", None, true));
+    assert_eq!(replica, retention_controller::replica());
+    assert!(replica.ends_with(&format!(":{}", std::process::id())), "{replica}");
+    let state = maintenance::state(&db.pool, NAME).await.unwrap();
+    assert_eq!((state.last_run_id, state.last_outcome.as_deref(), state.last_rows), (Some(summary.run_id), Some("done"), Some(30)));
+    assert!(state.last_success_at.is_some() && state.running_on.is_none() && !state.paused);
+}
+
+struct Failing;
+
+#[async_trait::async_trait]
+impl MaintenanceTask for Failing {
+    fn name(&self) -> &'static str {
+        "failing"
+    }
+    fn schedule(&self) -> retention_controller::schedule::Schedule {
+        retention_controller::schedule::Schedule { interval: std::time::Duration::from_secs(60), max_run_time: std::time::Duration::from_secs(10) }
+    }
+    async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
+        sqlx::query("SELECT * FROM no_such_table").execute(&ctx.pool).await?;
+        Ok(RunReport::default())
+    }
+    async fn dry_run(&self, _pool: &sqlx::PgPool) -> Result<retention_controller::DryRunReport, TaskError> {
+        Ok(Default::default())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_run_is_recorded_with_its_error_and_keeps_the_last_success() {
+    let db = TestDatabase::new().await;
+    assert!(run_once(&Failing, &db.pool, &CancellationToken::new()).await.is_err());
+    let (outcome, error): (String, String) =
+        sqlx::query_as("SELECT outcome, error FROM maintenance_runs WHERE task = 'failing'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(outcome, "failed");
+    assert!(error.contains("no_such_table"), "{error}");
+    let state = maintenance::state(&db.pool, "failing").await.unwrap();
+    assert_eq!((state.last_outcome.as_deref(), state.last_success_at), (Some("failed"), None));
+}
+
+#[tokio::test]
+async fn runs_abandoned_by_a_dead_runner_are_closed_by_the_next_run() {
+    let db = TestDatabase::new().await;
+    let dead = uuid::Uuid::now_v7();
+    maintenance::run_started(&db.pool, dead, NAME, "gone-host:1").await.unwrap();
+    assert_eq!(maintenance::state(&db.pool, NAME).await.unwrap().running_on.as_deref(), Some("gone-host:1"));
+
+    run_once(&SessionsTask::new(SessionsSettings::default()), &db.pool, &CancellationToken::new()).await.unwrap();
+
+    let (outcome, error): (String, String) =
+        sqlx::query_as("SELECT outcome, error FROM maintenance_runs WHERE run_id = $1").bind(dead).fetch_one(&db.pool).await.unwrap();
+    assert_eq!(outcome, "failed");
+    assert!(error.starts_with("abandoned"), "{error}");
+    assert_eq!(maintenance::state(&db.pool, NAME).await.unwrap().running_on, None);
+}
+
+#[tokio::test]
+async fn the_run_log_keeps_the_newest_runs_of_each_task() {
+    let db = TestDatabase::new().await;
+    // A long history: more runs than are kept, all older than the next one.
+    sqlx::query(
+        "INSERT INTO maintenance_runs (run_id, task, replica, started_at, finished_at, rows, outcome)
+         SELECT gen_random_uuid(), t, 'old:1', now() - g * interval '1 minute', now() - g * interval '1 minute', 0, 'done'
+         FROM generate_series(1, $1) g, (VALUES ('sessions'), ('queue-items')) tasks(t)",
+    )
+    .bind(RUNS_KEPT_PER_TASK + 20)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let oldest_kept: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT started_at FROM maintenance_runs WHERE task = 'sessions' ORDER BY started_at DESC OFFSET $1 LIMIT 1")
+            .bind(RUNS_KEPT_PER_TASK - 2)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+
+    let RunOutcome::Ran(summary) = run_once(&SessionsTask::new(SessionsSettings::default()), &db.pool, &CancellationToken::new()).await.unwrap()
+    else {
+        panic!("ran")
+    };
+
+    assert_eq!(maintenance::run_count(&db.pool, NAME).await.unwrap(), RUNS_KEPT_PER_TASK);
+    let oldest_left: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT min(started_at) FROM maintenance_runs WHERE task = 'sessions'").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(oldest_left, oldest_kept, "the oldest runs went, the newest stayed");
+    let newest: uuid::Uuid =
+        sqlx::query_scalar("SELECT run_id FROM maintenance_runs WHERE task = 'sessions' ORDER BY started_at DESC LIMIT 1").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(newest, summary.run_id);
+    assert_eq!(maintenance::run_count(&db.pool, "queue-items").await.unwrap(), RUNS_KEPT_PER_TASK + 20, "other tasks' logs untouched");
+}
+
+#[tokio::test]
+async fn a_held_task_lock_is_visible() {
+    let db = TestDatabase::new().await;
+    assert!(!task_lock::is_held(&db.pool, NAME).await.unwrap());
+    let lock = TaskLock::try_acquire(&db.pool, NAME).await.unwrap().unwrap();
+    assert!(task_lock::is_held(&db.pool, NAME).await.unwrap());
+    assert!(!task_lock::is_held(&db.pool, "queue-items").await.unwrap());
+    assert!(lock.release().await.unwrap());
+    assert!(!task_lock::is_held(&db.pool, NAME).await.unwrap());
+}
