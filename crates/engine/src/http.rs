@@ -1,7 +1,9 @@
-//! The admin HTTP server: `/healthz`, and the tenant retention API under `/api/v1`, which needs
+//! The admin HTTP server: `/healthz` (the process is up), `/readyz` (the database answers),
+//! `/metrics` (Prometheus text format), and the tenant retention API under `/api/v1`, which needs
 //! `Authorization: Bearer <http.admin_token>`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Request, State};
@@ -10,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use repository::tenants::Tenant;
 use retention_controller::tenant_retention::{self, RetentionError};
 use serde_json::{json, Value};
@@ -19,13 +22,44 @@ use sqlx::PgPool;
 pub struct AppState {
     pub pool: PgPool,
     pub admin_token: Option<Arc<str>>,
+    pub metrics: Option<PrometheusHandle>,
 }
+
+/// How long `/readyz` waits for the database.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/tenants/{id}/retention", get(get_retention).put(put_retention))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new().route("/healthz", get(healthz)).merge(api).with_state(state)
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .with_state(state)
+}
+
+/// Readiness: the database answers a query within 2 s. 503 while it does not (a restart, a
+/// failover): the engine keeps running, and its tasks back off and carry on once it is back.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let probe = tokio::time::timeout(READY_TIMEOUT, sqlx::query("SELECT 1").execute(&state.pool)).await;
+    match probe {
+        Ok(Ok(_)) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Err(failure)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("the database is unreachable: {failure}")),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the database did not answer within 2s"),
+    }
+}
+
+/// Prometheus text format (see `retention_controller::telemetry` for the metrics).
+async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => {
+            handle.run_upkeep();
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, "metrics are not recorded by this process"),
+    }
 }
 
 /// Liveness: the process is up and serving. Says nothing about the database.

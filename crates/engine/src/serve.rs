@@ -1,12 +1,21 @@
 //! `engine serve`: the retention controller and the admin server, until SIGINT or SIGTERM.
 
 use anyhow::Context;
-use retention_controller::{tasks, Controller};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use retention_controller::{tasks, telemetry, Controller};
 use tokio_util::sync::CancellationToken;
 
 use crate::database::Database;
 use crate::settings::Settings;
 use crate::{http, shutdown};
+
+/// Installs the process's Prometheus recorder: run durations in buckets from 10 ms to 30 min.
+fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 600.0, 1800.0];
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(telemetry::RUN_DURATION.into()), &buckets)?
+        .install_recorder()?)
+}
 
 pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let root = CancellationToken::new();
@@ -21,7 +30,11 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let controller = tokio::spawn(Controller::new(db.pool.clone(), tasks).with_options(settings.retention.pacing.paced()).run(root.child_token()));
 
     tracing::info!(addr = %listener.local_addr()?, tasks = ?names, "engine serving");
-    let state = http::AppState { pool: db.pool.clone(), admin_token: settings.http.admin_token.as_deref().map(Into::into) };
+    let state = http::AppState {
+        pool: db.pool.clone(),
+        admin_token: settings.http.admin_token.as_deref().map(Into::into),
+        metrics: Some(metrics_recorder()?),
+    };
     if state.admin_token.is_none() {
         tracing::info!("http.admin_token is not set: the /api/v1 admin API refuses every request");
     }

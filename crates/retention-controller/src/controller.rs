@@ -17,6 +17,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::schedule::{self, Schedule};
+use crate::telemetry;
 use crate::task::{Completion, MaintenanceTask, RunContext, RunOptions, RunReport, TaskError};
 
 /// A finished run.
@@ -60,6 +61,7 @@ pub async fn run_once_with(
     async {
         let Some(lock) = TaskLock::try_acquire(pool, task.name()).await? else {
             tracing::debug!("another runner holds the task; skipping");
+            telemetry::run_skipped(task.name(), "busy");
             return Ok(RunOutcome::Busy);
         };
         let paused = match maintenance::is_paused(pool, task.name()).await {
@@ -72,6 +74,7 @@ pub async fn run_once_with(
         if paused {
             tracing::debug!("the task is paused; skipping");
             release(lock).await;
+            telemetry::run_skipped(task.name(), "paused");
             return Ok(RunOutcome::Paused);
         }
         if let Err(error) = maintenance::run_started(pool, run_id, task.name(), replica()).await {
@@ -81,6 +84,7 @@ pub async fn run_once_with(
         let schedule = task.schedule();
         let ctx = RunContext::new(pool.clone(), run_id, cancel.clone(), schedule.max_run_time, options.clone());
         let started = Instant::now();
+        telemetry::running(task.name(), replica(), true);
         tracing::info!("run started");
         let result = match AssertUnwindSafe(task.run(&ctx)).catch_unwind().await {
             Ok(result) => result,
@@ -94,6 +98,8 @@ pub async fn run_once_with(
         if let Err(error) = recorded {
             tracing::warn!(%error, "recording the run in maintenance_runs failed");
         }
+        telemetry::run_finished(task.name(), elapsed, result.as_ref().ok());
+        telemetry::running(task.name(), replica(), false);
         release(lock).await;
         let report = match result {
             Ok(report) => report,

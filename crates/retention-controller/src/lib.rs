@@ -14,6 +14,7 @@ pub mod schedule;
 pub mod settings;
 mod statistics;
 mod task;
+pub mod telemetry;
 pub mod tasks;
 pub mod tenant_retention;
 

@@ -1,0 +1,71 @@
+//! What `engine serve` tells an operator: `/metrics` after a purge, and `/readyz` through a
+//! database outage, from outside the process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqlx::{Connection, Executor};
+use testkit::TestDatabase;
+
+/// The value of the one metric line named `name` whose labels include every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
+        .find(|line| labels.iter().all(|label| line.contains(label)))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
+    let db = TestDatabase::new().await;
+    sqlx::query(
+        "INSERT INTO user_sessions (user_id, created_at, expires_at)
+         SELECT NULL, now() - interval '2 days', now() + interval '28 days' FROM generate_series(1, 7)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let served = Served::start(&db.url, &[("ENGINE__RETENTION__SESSIONS__INTERVAL", "1s")]);
+    let get = |path: &str| http(served.port, "GET", path, &[], None).unwrap_or((0, String::new()));
+
+    wait_until("the sessions run", Duration::from_secs(30), || {
+        metric(&get("/metrics").1, "retention_runs_total", &["task=\"sessions\"", "outcome=\"done\""]).is_some_and(|n| n >= 1.0)
+    });
+    let (status, text) = get("/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric(&text, "retention_rows_deleted_total", &["task=\"sessions\"", "rule=\"anonymous\""]), Some(7.0), "{text}");
+    assert!(metric(&text, "retention_last_success_timestamp_seconds", &["task=\"sessions\""]).is_some_and(|t| t > 1.7e9), "{text}");
+    assert!(metric(&text, "retention_run_duration_seconds_count", &["task=\"sessions\""]).is_some_and(|n| n >= 1.0), "{text}");
+    assert!(text.contains("retention_task_running{"), "{text}");
+    assert_eq!(get("/readyz").0, 200);
+
+    // The database goes away (connections refused, every session cut), then comes back.
+    // From another database of the server: a database cannot shut itself out.
+    let name = db.name().to_string();
+    let mut admin = sqlx::PgConnection::connect(&db.url.replacen(&format!("/{name}"), "/postgres", 1)).await.unwrap();
+    admin.execute(format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false").as_str()).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    wait_until("/readyz to report the outage", Duration::from_secs(20), || get("/readyz").0 == 503);
+    let (_, body) = get("/readyz");
+    assert!(body.contains("the database"), "{body}");
+    assert_eq!(get("/healthz").0, 200, "liveness does not depend on the database");
+
+    admin.execute(format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true").as_str()).await.unwrap();
+    wait_until("/readyz to recover", Duration::from_secs(20), || get("/readyz").0 == 200);
+    // And the tasks carry on without a restart: a new due row goes.
+    drop(admin);
+    sqlx::query("INSERT INTO user_sessions (user_id, created_at, expires_at) VALUES (NULL, now(), now() - interval '1 minute')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    wait_until("the next sessions run after the outage", Duration::from_secs(60), || {
+        metric(&get("/metrics").1, "retention_rows_deleted_total", &["task=\"sessions\"", "rule=\"expired\""]).is_some_and(|n| n >= 1.0)
+    });
+}

@@ -1,0 +1,50 @@
+//! The controller's metrics, through the `metrics` facade (the engine installs a Prometheus
+//! recorder for `GET /metrics`; without one, these calls do nothing).
+//!
+//! | metric | labels | meaning |
+//! |---|---|---|
+//! | `retention_runs_total` | `task`, `outcome` | runs by outcome: `done`, `deadline_reached`, `cancelled`, `failed`, and skipped ones: `busy` (held elsewhere), `paused` |
+//! | `retention_rows_deleted_total` | `task`, `rule` | rows deleted, by part of the task's rule |
+//! | `retention_run_events_total` | `task`, `event` | other things runs did: `days dropped`, `days created`, `heap pages walked`, `pages skipped`, `analyzed`, ... |
+//! | `retention_run_duration_seconds` | `task` | histogram of run durations |
+//! | `retention_last_success_timestamp_seconds` | `task` | Unix time of the last run that did not fail |
+//! | `retention_task_running` | `task`, `replica` | 1 while this replica holds the task and runs it |
+
+use std::time::Duration;
+
+use crate::task::{Completion, RunReport};
+
+pub const RUN_DURATION: &str = "retention_run_duration_seconds";
+
+pub(crate) fn completion_label(completion: Completion) -> &'static str {
+    match completion {
+        Completion::Done => "done",
+        Completion::DeadlineReached => "deadline_reached",
+        Completion::Cancelled => "cancelled",
+    }
+}
+
+pub(crate) fn run_skipped(task: &'static str, why: &'static str) {
+    metrics::counter!("retention_runs_total", "task" => task, "outcome" => why).increment(1);
+}
+
+pub(crate) fn running(task: &'static str, replica: &'static str, running: bool) {
+    metrics::gauge!("retention_task_running", "task" => task, "replica" => replica).set(if running { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn run_finished(task: &'static str, elapsed: Duration, report: Option<&RunReport>) {
+    metrics::histogram!(RUN_DURATION, "task" => task).record(elapsed.as_secs_f64());
+    let Some(report) = report else {
+        metrics::counter!("retention_runs_total", "task" => task, "outcome" => "failed").increment(1);
+        return;
+    };
+    metrics::counter!("retention_runs_total", "task" => task, "outcome" => completion_label(report.completion)).increment(1);
+    for (rule, rows) in &report.by_rule {
+        metrics::counter!("retention_rows_deleted_total", "task" => task, "rule" => *rule).increment(*rows);
+    }
+    for (event, n) in &report.counters {
+        metrics::counter!("retention_run_events_total", "task" => task, "event" => *event).increment(*n);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    metrics::gauge!("retention_last_success_timestamp_seconds", "task" => task).set(now.as_secs_f64());
+}
