@@ -30,7 +30,8 @@ async fn a_paused_task_deletes_nothing_until_resumed() {
     assert!(matches!(outcome, RunOutcome::Paused), "{outcome:?}");
     assert_eq!(session_ids(&db.pool).await.len(), 40);
     assert_eq!(maintenance::run_count(&db.pool, NAME).await.unwrap(), 0, "a skipped run is not a run");
-    assert!(TaskLock::try_acquire(&db.pool, NAME).await.unwrap().is_some(), "the lock was released");
+    let lock = TaskLock::try_acquire(&db.pool, NAME).await.unwrap().expect("the lock was released");
+    assert!(lock.release().await.unwrap());
 
     assert!(maintenance::set_paused(&db.pool, NAME, false).await.unwrap());
     let RunOutcome::Ran(summary) = run_once(&task, &db.pool, &CancellationToken::new()).await.unwrap() else { panic!("ran") };
@@ -150,4 +151,31 @@ async fn a_held_task_lock_is_visible() {
     assert!(!task_lock::is_held(&db.pool, "queue-items").await.unwrap());
     assert!(lock.release().await.unwrap());
     assert!(!task_lock::is_held(&db.pool, NAME).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_scheduled_run_waits_out_the_interval_of_a_run_on_any_replica_and_a_manual_one_does_not() {
+    let db = TestDatabase::new().await;
+    seed(&db.pool).await;
+    let interval = std::time::Duration::from_secs(3600);
+    let task = SessionsTask::new(SessionsSettings { interval, ..Default::default() });
+    let scheduled = retention_controller::RunOptions { scheduled: true, ..Default::default() };
+    let cancel = CancellationToken::new();
+
+    // Never ran: due at once.
+    let RunOutcome::Ran(first) = retention_controller::run_once_with(&task, &db.pool, &cancel, &scheduled).await.unwrap() else {
+        panic!("due")
+    };
+    assert_eq!(first.report.deleted, 30);
+    // Another replica's loop, a moment later: not due for about an hour.
+    let outcome = retention_controller::run_once_with(&task, &db.pool, &cancel, &scheduled).await.unwrap();
+    let RunOutcome::NotDue(wait) = outcome else { panic!("{outcome:?}") };
+    assert!(wait > interval - std::time::Duration::from_secs(60) && wait <= interval, "{wait:?}");
+    assert_eq!(maintenance::run_count(&db.pool, NAME).await.unwrap(), 1, "a skipped run is not recorded");
+    // An operator's run is not held to the schedule.
+    assert!(matches!(run_once(&task, &db.pool, &cancel).await.unwrap(), RunOutcome::Ran(_)));
+
+    // A last run that failed does not push the next one back.
+    sqlx::query("UPDATE maintenance_tasks SET last_outcome = 'failed' WHERE task = $1").bind(NAME).execute(&db.pool).await.unwrap();
+    assert!(matches!(retention_controller::run_once_with(&task, &db.pool, &cancel, &scheduled).await.unwrap(), RunOutcome::Ran(_)));
 }

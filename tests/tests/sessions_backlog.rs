@@ -186,7 +186,7 @@ async fn a_paced_run_is_cancelled_during_its_pause() {
     sqlx::query("ANALYZE user_sessions").execute(&db.pool).await.unwrap();
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM user_sessions").fetch_one(&db.pool).await.unwrap();
     // Each batch is followed by a pause 3,000 times as long: the run sits in its first pause.
-    let options = RunOptions { pause_ratio: 3_000.0, batch_time: Duration::from_millis(5), progress: None };
+    let options = RunOptions { pause_ratio: 3_000.0, batch_time: Duration::from_millis(5), ..Default::default() };
     let cancel = CancellationToken::new();
     let task = Arc::new(SessionsTask::new(SessionsSettings::default()));
     let running = tokio::spawn({

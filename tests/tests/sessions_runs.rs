@@ -139,7 +139,7 @@ async fn concurrent_runs_share_the_work_without_deadlock_or_overlap() {
                         ran += 1;
                     }
                     RunOutcome::Busy => busy += 1,
-                    RunOutcome::Paused => panic!("nobody paused the task"),
+                    other => panic!("manual runs are neither paused nor scheduled: {other:?}"),
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

@@ -89,6 +89,7 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
                     break;
                 }
             }
+            RunOutcome::NotDue(_) => unreachable!("manual runs are not scheduled"),
             RunOutcome::Paused => {
                 meter.finish();
                 println!("{0}: paused, nothing deleted (`engine retention resume {0}` lets it run again)", task.name());

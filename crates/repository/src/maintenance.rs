@@ -145,3 +145,19 @@ pub async fn state(executor: impl PgExecutor<'_>, task: &str) -> Result<TaskStat
 pub async fn run_count(executor: impl PgExecutor<'_>, task: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = $1").bind(task).fetch_one(executor).await
 }
+
+/// How long until `task` is next due on its schedule of `interval`, counted from the end of its
+/// last run on any replica; `None` when it is due now (it never ran, its last run did not finish
+/// with nothing left, or the interval has passed).
+pub async fn not_due_for(executor: impl PgExecutor<'_>, task: &str, interval: std::time::Duration) -> Result<Option<std::time::Duration>, sqlx::Error> {
+    let remaining: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM last_finished_at + make_interval(secs => $2) - now())::float8
+         FROM maintenance_tasks WHERE task = $1 AND last_outcome = 'done'",
+    )
+    .bind(task)
+    .bind(interval.as_secs_f64())
+    .fetch_optional(executor)
+    .await?
+    .flatten();
+    Ok(remaining.filter(|secs| *secs > 0.0).map(std::time::Duration::from_secs_f64))
+}

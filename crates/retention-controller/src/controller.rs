@@ -36,6 +36,9 @@ pub enum RunOutcome {
     Busy,
     /// An operator paused the task (`engine retention pause`).
     Paused,
+    /// A scheduled run found the task's last run (on any replica) finished less than an
+    /// interval ago; it is due after this long.
+    NotDue(Duration),
 }
 
 /// Runs `task` once: takes its cross-replica lock (or returns [`RunOutcome::Busy`] at once),
@@ -76,6 +79,20 @@ pub async fn run_once_with(
             release(lock).await;
             telemetry::run_skipped(task.name(), "paused");
             return Ok(RunOutcome::Paused);
+        }
+        if options.scheduled {
+            match maintenance::not_due_for(pool, task.name(), task.schedule().interval).await {
+                Ok(None) => {}
+                Ok(Some(wait)) => {
+                    tracing::debug!(due_in_ms = wait.as_millis() as u64, "ran elsewhere recently; not due yet");
+                    release(lock).await;
+                    return Ok(RunOutcome::NotDue(wait));
+                }
+                Err(error) => {
+                    release(lock).await;
+                    return Err(error.into());
+                }
+            }
         }
         if let Err(error) = maintenance::run_started(pool, run_id, task.name(), replica()).await {
             release(lock).await;
@@ -173,7 +190,8 @@ impl Controller {
     pub async fn run(self, cancel: CancellationToken) {
         let mut loops = JoinSet::new();
         for task in self.tasks {
-            let (pool, cancel, options) = (self.pool.clone(), cancel.child_token(), self.options.clone());
+            let options = RunOptions { scheduled: true, ..self.options.clone() };
+            let (pool, cancel) = (self.pool.clone(), cancel.child_token());
             let name = task.name();
             loops.spawn(
                 async move {
@@ -196,6 +214,7 @@ impl Controller {
 enum Step {
     Succeeded { work_left: bool },
     Busy,
+    NotDue(Duration),
     Failed,
 }
 
@@ -220,6 +239,7 @@ where
                 Step::Succeeded { work_left: summary.report.completion == Completion::DeadlineReached }
             }
             Ok(Ok(RunOutcome::Busy | RunOutcome::Paused)) => Step::Busy,
+            Ok(Ok(RunOutcome::NotDue(wait))) => Step::NotDue(wait),
             // run_once has logged the run's own errors, with its run id.
             Ok(Err(_)) => Step::Failed,
             Err(panic) => {
@@ -239,6 +259,9 @@ where
                 }
             }
             Step::Busy => schedule::jittered(interval, draw()),
+            // Another replica ran it: due when its interval ends, plus up to a tenth of an
+            // interval so that replicas do not all wake at once.
+            Step::NotDue(wait) => wait + interval.mul_f64(0.1 * draw()),
             Step::Failed => {
                 failures = failures.saturating_add(1);
                 let delay = schedule::backoff(failures, draw());
@@ -310,6 +333,7 @@ mod tests {
                     "ok" => ran(Completion::Done),
                     "deadline" => ran(Completion::DeadlineReached),
                     "busy" => Ok(RunOutcome::Busy),
+                    "not due" => Ok(RunOutcome::NotDue(Duration::from_secs(20))),
                     "err" => Err(TaskError::Panicked("scripted failure".into())),
                     "panic" => panic!("scripted panic"),
                     other => unreachable!("{other}"),
@@ -344,6 +368,13 @@ mod tests {
     async fn a_run_stopped_by_its_deadline_continues_after_a_short_pause() {
         let times = start_times(vec!["deadline", "deadline", "busy"], Duration::from_secs(100)).await;
         assert_eq!(times, secs(&[15, 20, 25, 85]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_not_yet_due_waits_until_it_is() {
+        // 15 (not due in 20s) +20 +3 (a tenth of 60s at draw 0.5) -> 38 (ok) +60 -> 98
+        let times = start_times(vec!["not due"], Duration::from_secs(100)).await;
+        assert_eq!(times, secs(&[15, 38, 98]));
     }
 
     #[tokio::test(start_paused = true)]

@@ -84,7 +84,7 @@ impl PacingSettings {
     /// Paced by `pause_ratio` (0: full speed), with the batch duration that goes with it.
     pub fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
         let batch_time = if pause_ratio > 0.0 { self.batch_time } else { self.full_speed_batch_time };
-        crate::RunOptions { batch_time, pause_ratio, progress: None }
+        crate::RunOptions { batch_time, pause_ratio, progress: None, scheduled: false }
     }
 
     /// How the background controller runs.

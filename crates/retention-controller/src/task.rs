@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub pause_ratio: f64,
     /// Called after every batch.
     pub progress: Option<ProgressFn>,
+    /// A scheduled run (the controller's loop): skipped while the task's last run, on any
+    /// replica, finished less than an interval ago. Manual runs are not.
+    pub scheduled: bool,
 }
 
 /// Receives a run's progress after every batch.
@@ -58,7 +61,7 @@ pub struct Progress {
 impl Default for RunOptions {
     /// Full speed, with the default full-speed batch duration.
     fn default() -> Self {
-        RunOptions { batch_time: DEFAULT_FULL_SPEED_BATCH_TIME, pause_ratio: 0.0, progress: None }
+        RunOptions { batch_time: DEFAULT_FULL_SPEED_BATCH_TIME, pause_ratio: 0.0, progress: None, scheduled: false }
     }
 }
 
@@ -68,6 +71,7 @@ impl std::fmt::Debug for RunOptions {
             .field("batch_time", &self.batch_time)
             .field("pause_ratio", &self.pause_ratio)
             .field("progress", &self.progress.is_some())
+            .field("scheduled", &self.scheduled)
             .finish()
     }
 }
