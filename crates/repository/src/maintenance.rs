@@ -8,15 +8,6 @@ use uuid::Uuid;
 /// Runs kept per task in `maintenance_runs`; older ones are deleted as each run finishes.
 pub const RUNS_KEPT_PER_TASK: i64 = 500;
 
-/// Whether an operator paused `task`.
-pub async fn is_paused(executor: impl PgExecutor<'_>, task: &str) -> Result<bool, sqlx::Error> {
-    let paused: Option<bool> = sqlx::query_scalar("SELECT paused FROM maintenance_tasks WHERE task = $1")
-        .bind(task)
-        .fetch_optional(executor)
-        .await?;
-    Ok(paused.unwrap_or(false))
-}
-
 /// Pauses or resumes `task`; returns whether that changed anything.
 pub async fn set_paused(executor: impl PgExecutor<'_>, task: &str, paused: bool) -> Result<bool, sqlx::Error> {
     let changed: Option<bool> = sqlx::query_scalar(
@@ -146,18 +137,29 @@ pub async fn run_count(executor: impl PgExecutor<'_>, task: &str) -> Result<i64,
     sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = $1").bind(task).fetch_one(executor).await
 }
 
-/// How long until `task` is next due on its schedule of `interval`, counted from the end of its
-/// last run on any replica; `None` when it is due now (it never ran, its last run did not finish
-/// with nothing left, or the interval has passed).
-pub async fn not_due_for(executor: impl PgExecutor<'_>, task: &str, interval: std::time::Duration) -> Result<Option<std::time::Duration>, sqlx::Error> {
-    let remaining: Option<f64> = sqlx::query_scalar(
-        "SELECT extract(epoch FROM last_finished_at + make_interval(secs => $2) - now())::float8
-         FROM maintenance_tasks WHERE task = $1 AND last_outcome = 'done'",
+/// What decides whether a run of a task may start now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gate {
+    /// An operator paused the task.
+    pub paused: bool,
+    /// How long until the task is next due on its schedule, counted from the end of its last run
+    /// on any replica; `None` when it is due now (it never ran, its last run did not finish with
+    /// nothing left, or the interval has passed).
+    pub due_in: Option<std::time::Duration>,
+}
+
+/// The gate of `task`, whose runs are `interval` apart; one read of `maintenance_tasks`.
+pub async fn gate(executor: impl PgExecutor<'_>, task: &str, interval: std::time::Duration) -> Result<Gate, sqlx::Error> {
+    let row: Option<(bool, Option<f64>)> = sqlx::query_as(
+        "SELECT paused,
+                CASE WHEN last_outcome = 'done'
+                     THEN extract(epoch FROM last_finished_at + make_interval(secs => $2) - now())::float8 END
+         FROM maintenance_tasks WHERE task = $1",
     )
     .bind(task)
     .bind(interval.as_secs_f64())
     .fetch_optional(executor)
-    .await?
-    .flatten();
-    Ok(remaining.filter(|secs| *secs > 0.0).map(std::time::Duration::from_secs_f64))
+    .await?;
+    let (paused, remaining) = row.unwrap_or((false, None));
+    Ok(Gate { paused, due_in: remaining.filter(|secs| *secs > 0.0).map(std::time::Duration::from_secs_f64) })
 }

@@ -67,36 +67,16 @@ pub async fn run_once_with(
             telemetry::run_skipped(task.name(), "busy");
             return Ok(RunOutcome::Busy);
         };
-        let paused = match maintenance::is_paused(pool, task.name()).await {
-            Ok(paused) => paused,
+        match admit(task, pool, run_id, options).await {
+            Ok(None) => {}
+            Ok(Some(skipped)) => {
+                release(lock).await;
+                return Ok(skipped);
+            }
             Err(error) => {
                 release(lock).await;
                 return Err(error.into());
             }
-        };
-        if paused {
-            tracing::debug!("the task is paused; skipping");
-            release(lock).await;
-            telemetry::run_skipped(task.name(), "paused");
-            return Ok(RunOutcome::Paused);
-        }
-        if options.scheduled {
-            match maintenance::not_due_for(pool, task.name(), task.schedule().interval).await {
-                Ok(None) => {}
-                Ok(Some(wait)) => {
-                    tracing::debug!(due_in_ms = wait.as_millis() as u64, "ran elsewhere recently; not due yet");
-                    release(lock).await;
-                    return Ok(RunOutcome::NotDue(wait));
-                }
-                Err(error) => {
-                    release(lock).await;
-                    return Err(error.into());
-                }
-            }
-        }
-        if let Err(error) = maintenance::run_started(pool, run_id, task.name(), replica()).await {
-            release(lock).await;
-            return Err(error.into());
         }
         let schedule = task.schedule();
         let ctx = RunContext::new(pool.clone(), run_id, cancel.clone(), schedule.max_run_time, options.clone());
@@ -108,14 +88,14 @@ pub async fn run_once_with(
             Err(panic) => Err(TaskError::Panicked(panic_message(panic.as_ref()))),
         };
         let elapsed = started.elapsed();
-        let recorded = match &result {
-            Ok(report) => maintenance::run_finished(pool, run_id, task.name(), report.deleted, outcome_of(report.completion), None).await,
-            Err(error) => maintenance::run_finished(pool, run_id, task.name(), 0, Outcome::Failed, Some(&error_chain(error))).await,
+        let (outcome, rows, error) = match &result {
+            Ok(report) => (outcome_of(report.completion), report.deleted, None),
+            Err(error) => (Outcome::Failed, 0, Some(error_chain(error))),
         };
-        if let Err(error) = recorded {
+        if let Err(error) = maintenance::run_finished(pool, run_id, task.name(), rows, outcome, error.as_deref()).await {
             tracing::warn!(%error, "recording the run in maintenance_runs failed");
         }
-        telemetry::run_finished(task.name(), elapsed, result.as_ref().ok());
+        telemetry::run_finished(task.name(), elapsed, outcome, result.as_ref().ok());
         telemetry::running(task.name(), replica(), false);
         release(lock).await;
         let report = match result {
@@ -137,6 +117,23 @@ pub async fn run_once_with(
     }
     .instrument(span)
     .await
+}
+
+/// Under the task's lock: whether the run may start (`None`, and it is recorded as started) or
+/// is skipped, because the task is paused or, for a scheduled run, not due yet.
+async fn admit(task: &dyn MaintenanceTask, pool: &PgPool, run_id: Uuid, options: &RunOptions) -> Result<Option<RunOutcome>, sqlx::Error> {
+    let gate = maintenance::gate(pool, task.name(), task.schedule().interval).await?;
+    if gate.paused {
+        tracing::debug!("the task is paused; skipping");
+        telemetry::run_skipped(task.name(), "paused");
+        return Ok(Some(RunOutcome::Paused));
+    }
+    if let (true, Some(wait)) = (options.scheduled, gate.due_in) {
+        tracing::debug!(due_in_ms = wait.as_millis() as u64, "ran elsewhere recently; not due yet");
+        return Ok(Some(RunOutcome::NotDue(wait)));
+    }
+    maintenance::run_started(pool, run_id, task.name(), replica()).await?;
+    Ok(None)
 }
 
 async fn release(lock: TaskLock) {

@@ -3,7 +3,7 @@
 //!
 //! | metric | labels | meaning |
 //! |---|---|---|
-//! | `retention_runs_total` | `task`, `outcome` | runs by outcome: `done`, `deadline_reached`, `cancelled`, `failed`, and skipped ones: `busy` (held elsewhere), `paused` |
+//! | `retention_runs_total` | `task`, `outcome` | runs by outcome: `done`, `deadline reached`, `cancelled`, `failed`, and skipped ones: `busy` (held elsewhere), `paused` |
 //! | `retention_rows_deleted_total` | `task`, `rule` | rows deleted, by part of the task's rule |
 //! | `retention_run_events_total` | `task`, `event` | other things runs did: `days dropped`, `days created`, `heap pages walked`, `pages skipped`, `analyzed`, ... |
 //! | `retention_run_duration_seconds` | `task` | histogram of run durations |
@@ -12,17 +12,11 @@
 
 use std::time::Duration;
 
-use crate::task::{Completion, RunReport};
+use repository::maintenance::Outcome;
+
+use crate::task::RunReport;
 
 pub const RUN_DURATION: &str = "retention_run_duration_seconds";
-
-pub(crate) fn completion_label(completion: Completion) -> &'static str {
-    match completion {
-        Completion::Done => "done",
-        Completion::DeadlineReached => "deadline_reached",
-        Completion::Cancelled => "cancelled",
-    }
-}
 
 pub(crate) fn run_skipped(task: &'static str, why: &'static str) {
     metrics::counter!("retention_runs_total", "task" => task, "outcome" => why).increment(1);
@@ -32,13 +26,11 @@ pub(crate) fn running(task: &'static str, replica: &'static str, running: bool) 
     metrics::gauge!("retention_task_running", "task" => task, "replica" => replica).set(if running { 1.0 } else { 0.0 });
 }
 
-pub(crate) fn run_finished(task: &'static str, elapsed: Duration, report: Option<&RunReport>) {
+/// A run ended with `outcome`; `report` is what it did, unless it failed.
+pub(crate) fn run_finished(task: &'static str, elapsed: Duration, outcome: Outcome, report: Option<&RunReport>) {
     metrics::histogram!(RUN_DURATION, "task" => task).record(elapsed.as_secs_f64());
-    let Some(report) = report else {
-        metrics::counter!("retention_runs_total", "task" => task, "outcome" => "failed").increment(1);
-        return;
-    };
-    metrics::counter!("retention_runs_total", "task" => task, "outcome" => completion_label(report.completion)).increment(1);
+    metrics::counter!("retention_runs_total", "task" => task, "outcome" => outcome.as_str()).increment(1);
+    let Some(report) = report else { return };
     for (rule, rows) in &report.by_rule {
         metrics::counter!("retention_rows_deleted_total", "task" => task, "rule" => *rule).increment(*rows);
     }

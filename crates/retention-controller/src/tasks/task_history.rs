@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use repository::{clock, partitions, watermarks, PgPool};
 
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::batching::{BatchSizer, Settled};
 use crate::schedule::Schedule;
@@ -81,10 +82,10 @@ impl TaskHistoryTask {
                 let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
                 let deleted = history::delete_retained_batch(&mut *tx, partition, rules, &mut moved, limit).await?;
                 tx.commit().await?;
-                Ok(deleted)
+                Ok((deleted, None))
             }
             .await;
-            let Some(deleted) = self.settle(ctx, &mut sizer, started, result, report, "retention").await? else { continue };
+            let Some((deleted, _)) = self.settle(ctx, &mut sizer, started, result, report, "retention").await? else { continue };
             cursors = moved;
             if deleted.tasks < i64::from(limit) {
                 break;
@@ -101,9 +102,9 @@ impl TaskHistoryTask {
                 let started = Instant::now();
                 let result = async {
                     let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
-                    let deleted = history::delete_purged_batch(&mut *tx, partition, *tenant, after, limit).await?;
+                    let batch = history::delete_purged_batch(&mut *tx, partition, *tenant, after, limit).await?;
                     tx.commit().await?;
-                    Ok(deleted)
+                    Ok(batch)
                 }
                 .await;
                 let Some((deleted, next)) = self.settle(ctx, &mut sizer, started, result, report, "deleted-tenants").await? else { continue };
@@ -116,23 +117,23 @@ impl TaskHistoryTask {
         Ok(true)
     }
 
-    /// Records a history batch: its rows when committed (then paces), `None` when it timed out
-    /// and is to be retried smaller.
-    async fn settle<T: HasDeleted>(
+    /// Records a history batch (what it deleted, and where a purge continues): its rows when
+    /// committed (then paces), `None` when it timed out and is to be retried smaller.
+    async fn settle(
         &self,
         ctx: &RunContext,
         sizer: &mut BatchSizer,
         started: Instant,
-        result: Result<T, sqlx::Error>,
+        result: Result<(Deleted, Option<Uuid>), sqlx::Error>,
         report: &mut RunReport,
         rule: &'static str,
-    ) -> Result<Option<T>, TaskError> {
+    ) -> Result<Option<(Deleted, Option<Uuid>)>, TaskError> {
         let elapsed = started.elapsed();
         match sizer.settle(elapsed, result) {
-            Settled::Done(value) => {
-                record(report, rule, value.deleted());
+            Settled::Done(batch) => {
+                record(report, rule, batch.0);
                 ctx.batch_done(elapsed, report, None).await;
-                Ok(Some(value))
+                Ok(Some(batch))
             }
             Settled::Retry(error) => {
                 tracing::warn!(rule, %error, next_limit = sizer.size(), "batch timed out; retrying smaller");
@@ -178,23 +179,6 @@ impl TaskHistoryTask {
             }
         }
         Ok(())
-    }
-}
-
-/// What a history batch returns, whatever else it carries.
-trait HasDeleted {
-    fn deleted(&self) -> Deleted;
-}
-
-impl HasDeleted for Deleted {
-    fn deleted(&self) -> Deleted {
-        *self
-    }
-}
-
-impl<C> HasDeleted for (Deleted, C) {
-    fn deleted(&self) -> Deleted {
-        self.0
     }
 }
 
