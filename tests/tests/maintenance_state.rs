@@ -5,10 +5,13 @@ mod common;
 
 use common::*;
 use repository::maintenance::{self, RUNS_KEPT_PER_TASK};
-use repository::task_lock::{self, TaskLock};
+use repository::lease::{self, Lease, Renewal};
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::{SessionsTask, NAME};
 use retention_controller::{run_once, MaintenanceTask, RunContext, RunOutcome, RunReport, TaskError};
+use std::time::Duration;
+
+use retention_controller::Completion;
 use tokio_util::sync::CancellationToken;
 
 async fn seed(pool: &sqlx::PgPool) -> Vec<uuid::Uuid> {
@@ -30,8 +33,7 @@ async fn a_paused_task_deletes_nothing_until_resumed() {
     assert!(matches!(outcome, RunOutcome::Paused), "{outcome:?}");
     assert_eq!(session_ids(&db.pool).await.len(), 40);
     assert_eq!(maintenance::run_count(&db.pool, NAME).await.unwrap(), 0, "a skipped run is not a run");
-    let lock = TaskLock::try_acquire(&db.pool, NAME).await.unwrap().expect("the lock was released");
-    assert!(lock.release().await.unwrap());
+    assert_eq!(lease::holder(&db.pool, NAME).await.unwrap(), None, "a skipped run leaves the lease free");
 
     assert!(maintenance::set_paused(&db.pool, NAME, false).await.unwrap());
     let RunOutcome::Ran(summary) = run_once(&task, &db.pool, &CancellationToken::new()).await.unwrap() else { panic!("ran") };
@@ -57,7 +59,7 @@ async fn every_run_is_recorded_with_its_outcome_and_replica() {
     assert!(replica.ends_with(&format!(":{}", std::process::id())), "{replica}");
     let state = maintenance::state(&db.pool, NAME).await.unwrap();
     assert_eq!((state.last_run_id, state.last_outcome.as_deref(), state.last_rows), (Some(summary.run_id), Some("done"), Some(30)));
-    assert!(state.last_success_at.is_some() && state.running_on.is_none() && !state.paused);
+    assert!(state.last_success_at.is_some() && state.holder.is_none() && !state.paused);
 }
 
 struct Failing;
@@ -95,8 +97,10 @@ async fn a_failed_run_is_recorded_with_its_error_and_keeps_the_last_success() {
 async fn runs_abandoned_by_a_dead_runner_are_closed_by_the_next_run() {
     let db = TestDatabase::new().await;
     let dead = uuid::Uuid::now_v7();
+    Lease::try_acquire(&db.pool, NAME, dead, "gone-host:1", SHORT_TTL).await.unwrap().expect("free");
     maintenance::run_started(&db.pool, dead, NAME, "gone-host:1").await.unwrap();
-    assert_eq!(maintenance::state(&db.pool, NAME).await.unwrap().running_on.as_deref(), Some("gone-host:1"));
+    assert_eq!(maintenance::state(&db.pool, NAME).await.unwrap().holder.as_deref(), Some("gone-host:1"));
+    tokio::time::sleep(SHORT_TTL).await; // the dead runner renews nothing: its lease expires
 
     run_once(&SessionsTask::new(SessionsSettings::default()), &db.pool, &CancellationToken::new()).await.unwrap();
 
@@ -104,7 +108,7 @@ async fn runs_abandoned_by_a_dead_runner_are_closed_by_the_next_run() {
         sqlx::query_as("SELECT outcome, error FROM maintenance_runs WHERE run_id = $1").bind(dead).fetch_one(&db.pool).await.unwrap();
     assert_eq!(outcome, "failed");
     assert!(error.starts_with("abandoned"), "{error}");
-    assert_eq!(maintenance::state(&db.pool, NAME).await.unwrap().running_on, None);
+    assert_eq!(maintenance::state(&db.pool, NAME).await.unwrap().holder, None);
 }
 
 #[tokio::test]
@@ -142,15 +146,126 @@ async fn the_run_log_keeps_the_newest_runs_of_each_task() {
     assert_eq!(maintenance::run_count(&db.pool, "queue-items").await.unwrap(), RUNS_KEPT_PER_TASK + 20, "other tasks' logs untouched");
 }
 
+const SHORT_TTL: Duration = Duration::from_millis(1_200);
+
 #[tokio::test]
-async fn a_held_task_lock_is_visible() {
+async fn a_lease_is_exclusive_until_released_or_expired() {
     let db = TestDatabase::new().await;
-    assert!(!task_lock::is_held(&db.pool, NAME).await.unwrap());
-    let lock = TaskLock::try_acquire(&db.pool, NAME).await.unwrap().unwrap();
-    assert!(task_lock::is_held(&db.pool, NAME).await.unwrap());
-    assert!(!task_lock::is_held(&db.pool, "queue-items").await.unwrap());
-    assert!(lock.release().await.unwrap());
-    assert!(!task_lock::is_held(&db.pool, NAME).await.unwrap());
+    let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let ttl = Duration::from_secs(60);
+    let held = Lease::try_acquire(&db.pool, NAME, a, "host-a:1", ttl).await.unwrap().expect("free");
+    assert_eq!(Lease::try_acquire(&db.pool, NAME, b, "host-b:1", ttl).await.unwrap(), None);
+    assert_eq!(lease::holder(&db.pool, NAME).await.unwrap().as_deref(), Some("host-a:1"));
+    assert_eq!(lease::holder(&db.pool, "queue-items").await.unwrap(), None, "leases are per task");
+    assert_eq!(held.renew(&db.pool).await.unwrap(), Renewal::Renewed { paused: false });
+    maintenance::set_paused(&db.pool, NAME, true).await.unwrap();
+    assert_eq!(held.renew(&db.pool).await.unwrap(), Renewal::Renewed { paused: true }, "a renewal sees a pause");
+    maintenance::set_paused(&db.pool, NAME, false).await.unwrap();
+
+    assert!(held.release(&db.pool).await.unwrap());
+    assert_eq!(lease::holder(&db.pool, NAME).await.unwrap(), None);
+    let taken = Lease::try_acquire(&db.pool, NAME, b, "host-b:1", SHORT_TTL).await.unwrap().expect("released");
+    assert_eq!(held.renew(&db.pool).await.unwrap(), Renewal::Lost);
+    assert!(!held.release(&db.pool).await.unwrap(), "a lost lease is not released from its new holder");
+    assert_eq!(lease::holder(&db.pool, NAME).await.unwrap().as_deref(), Some("host-b:1"));
+
+    // host-b dies holding the lease: nobody gets it before it expires, anybody after.
+    assert_eq!(Lease::try_acquire(&db.pool, NAME, a, "host-a:1", ttl).await.unwrap(), None);
+    tokio::time::sleep(SHORT_TTL).await;
+    assert_eq!(lease::holder(&db.pool, NAME).await.unwrap(), None, "expired");
+    assert!(Lease::try_acquire(&db.pool, NAME, a, "host-a:1", ttl).await.unwrap().is_some());
+    assert_eq!(taken.renew(&db.pool).await.unwrap(), Renewal::Lost);
+}
+
+#[tokio::test]
+async fn of_many_concurrent_takers_exactly_one_gets_the_lease() {
+    let db = TestDatabase::new().await;
+    for round in 0..5 {
+        let task = format!("race-{round}");
+        let takers = (0..16).map(|i| {
+            let (pool, task) = (db.pool.clone(), task.clone());
+            tokio::spawn(async move {
+                Lease::try_acquire(&pool, &task, uuid::Uuid::now_v7(), &format!("host-{i}:1"), Duration::from_secs(60)).await.unwrap()
+            })
+        });
+        let winners = futures::future::join_all(takers).await.into_iter().filter(|taken| taken.as_ref().unwrap().is_some()).count();
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
+
+/// Runs until interrupted, one 50 ms "batch" at a time.
+struct Endless;
+
+#[async_trait::async_trait]
+impl MaintenanceTask for Endless {
+    fn name(&self) -> &'static str {
+        "endless"
+    }
+    fn schedule(&self) -> retention_controller::schedule::Schedule {
+        retention_controller::schedule::Schedule { interval: Duration::from_secs(60), max_run_time: Duration::from_secs(60) }
+    }
+    async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
+        let mut report = RunReport::default();
+        loop {
+            if let Some(stop) = ctx.interrupted() {
+                report.completion = stop;
+                return Ok(report);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            report.record_batch("nothing", 0);
+        }
+    }
+    async fn dry_run(&self, _pool: &sqlx::PgPool) -> Result<retention_controller::DryRunReport, TaskError> {
+        Ok(Default::default())
+    }
+}
+
+/// Runs [`Endless`] with 3 s leases (renewed every second) until `interfere` has been applied
+/// half a second in; returns the run's outcome, how long after `interfere` it ended, and the
+/// error recorded with it.
+async fn interfered_run(db: &TestDatabase, interfere: &str) -> (String, Duration, Option<String>) {
+    let options = retention_controller::RunOptions { lease_ttl: Duration::from_secs(3), ..Default::default() };
+    let cancel = CancellationToken::new();
+    let run = retention_controller::run_once_with(&Endless, &db.pool, &cancel, &options);
+    let interference = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::query(interfere).execute(&db.pool).await.unwrap();
+        tokio::time::Instant::now()
+    };
+    let guard = async {
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        cancel.cancel();
+    };
+    let (outcome, at) = tokio::select! {
+        both = async { tokio::join!(run, interference) } => both,
+        _ = guard => unreachable!(),
+    };
+    let stopped_after = at.elapsed();
+    assert!(matches!(outcome.unwrap(), RunOutcome::Ran(ref s) if s.report.completion == Completion::Cancelled));
+    let (outcome, error): (String, Option<String>) =
+        sqlx::query_as("SELECT outcome, error FROM maintenance_runs WHERE task = 'endless'").fetch_one(&db.pool).await.unwrap();
+    (outcome, stopped_after, error)
+}
+
+#[tokio::test]
+async fn a_pause_stops_a_run_in_progress_at_its_next_lease_renewal() {
+    let db = TestDatabase::new().await;
+    let (outcome, after, error) = interfered_run(&db, "INSERT INTO maintenance_tasks (task, paused) VALUES ('endless', true)
+        ON CONFLICT (task) DO UPDATE SET paused = true").await;
+    assert_eq!((outcome.as_str(), error.as_deref()), ("cancelled", Some("paused by an operator")));
+    assert!(after <= Duration::from_millis(1_500), "stopped {after:?} after the pause");
+    assert_eq!(lease::holder(&db.pool, "endless").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_run_whose_lease_was_taken_stops() {
+    let db = TestDatabase::new().await;
+    // As if the lease had expired and another replica had taken it.
+    let (outcome, after, error) = interfered_run(&db, "UPDATE maintenance_tasks SET lease_run_id = gen_random_uuid(),
+        lease_holder = 'other:1' WHERE task = 'endless'").await;
+    assert_eq!((outcome.as_str(), error.as_deref()), ("cancelled", Some("lease lost: another runner took the task")));
+    assert!(after <= Duration::from_millis(1_500), "stopped {after:?} after losing the lease");
+    assert_eq!(lease::holder(&db.pool, "endless").await.unwrap().as_deref(), Some("other:1"), "the new holder keeps it");
 }
 
 #[tokio::test]

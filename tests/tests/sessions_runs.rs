@@ -1,5 +1,5 @@
 //! How sessions runs behave around their edges: cancellation in the middle of a purge, the run
-//! deadline, the cross-replica lock, and several controllers on one database at once.
+//! deadline, the cross-replica lease, and several controllers on one database at once.
 
 mod common;
 
@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use repository::task_lock::TaskLock;
+use repository::lease::{self, Lease};
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::{SessionsTask, NAME};
 use retention_controller::{run_once, run_once_with, Completion, Controller, MaintenanceTask, RunOutcome, RunSummary};
@@ -32,7 +32,7 @@ async fn session_count(pool: &sqlx::PgPool) -> i64 {
 fn ran(outcome: RunOutcome) -> RunSummary {
     match outcome {
         RunOutcome::Ran(summary) => summary,
-        other => panic!("expected the run to take the lock: {other:?}"),
+        other => panic!("expected the run to take the lease: {other:?}"),
     }
 }
 
@@ -89,32 +89,15 @@ async fn a_task_held_by_another_runner_is_skipped_without_deleting() {
     let kept = seed_backlog(&db.pool, 10, 5).await;
     let task = SessionsTask::new(SessionsSettings::default());
 
-    let held = TaskLock::try_acquire(&db.pool, NAME).await.unwrap().expect("lock is free");
-    assert!(TaskLock::try_acquire(&db.pool, NAME).await.unwrap().is_none(), "the lock is exclusive");
+    let held = Lease::try_acquire(&db.pool, NAME, uuid::Uuid::now_v7(), "other:1", Duration::from_secs(60)).await.unwrap().expect("free");
     let outcome = run_once(&task, &db.pool, &CancellationToken::new()).await.unwrap();
     assert!(matches!(outcome, RunOutcome::Busy));
     assert_eq!(session_count(&db.pool).await, 10 + kept.len() as i64);
 
-    assert!(held.release().await.unwrap());
+    assert!(held.release(&db.pool).await.unwrap());
     let summary = ran(run_once(&task, &db.pool, &CancellationToken::new()).await.unwrap());
     assert_eq!(summary.report.deleted, 10);
     assert_eq!(session_ids(&db.pool).await, kept);
-}
-
-#[tokio::test]
-async fn a_dropped_lock_is_released_with_its_connection() {
-    let db = TestDatabase::new().await;
-    let held = TaskLock::try_acquire(&db.pool, NAME).await.unwrap().expect("lock is free");
-    drop(held); // as when a run panics: the connection is closed, not pooled with the lock on it
-    let mut again = None;
-    for _ in 0..100 {
-        again = TaskLock::try_acquire(&db.pool, NAME).await.unwrap();
-        if again.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(again.is_some(), "the lock came back");
 }
 
 #[tokio::test]
@@ -181,8 +164,8 @@ async fn two_controllers_on_one_database_purge_exactly_the_due_rows() {
 }
 
 #[tokio::test]
-async fn racing_batches_without_the_lock_never_deadlock_or_delete_a_keeper() {
-    // Defence in depth: even if two runners raced past the lock (a lost connection), SKIP LOCKED
+async fn racing_batches_without_the_lease_never_deadlock_or_delete_a_keeper() {
+    // Defence in depth: even if two runners raced past the lease (an expired one), SKIP LOCKED
     // batches neither wait on each other nor remove anything outside the rule.
     let db = TestDatabase::new().await;
     let due = 20_000i64;
@@ -236,20 +219,12 @@ impl MaintenanceTask for Exploding {
 }
 
 #[tokio::test]
-async fn a_panicking_run_is_an_error_and_releases_its_lock() {
+async fn a_panicking_run_is_an_error_and_releases_its_lease() {
     let db = TestDatabase::new().await;
     let task = Exploding { attempts: Default::default() };
     let result = run_once(&task, &db.pool, &CancellationToken::new()).await;
     assert!(matches!(result, Err(retention_controller::TaskError::Panicked(ref m)) if m == "boom"), "{result:?}");
-    let mut free = false;
-    for _ in 0..100 {
-        if TaskLock::try_acquire(&db.pool, "exploding").await.unwrap().is_some() {
-            free = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(free, "the panicked run's lock was released");
+assert_eq!(lease::holder(&db.pool, "exploding").await.unwrap(), None, "the panicked run's lease was released");
 }
 
 #[tokio::test]

@@ -69,7 +69,7 @@ pub enum RetentionCommand {
         #[arg(long, value_name = "RATIO", num_args = 0..=1, allow_negative_numbers = true, conflicts_with = "dry_run")]
         pace: Option<Option<f64>>,
     },
-    /// Stop a task on every replica until it is resumed (a run in progress finishes first).
+    /// Stop a task on every replica until it is resumed (a run in progress stops after its batch in flight).
     Pause {
         #[arg(value_parser = PossibleValuesParser::new(retention_controller::tasks::NAMES))]
         task: String,

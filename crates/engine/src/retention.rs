@@ -30,7 +30,7 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
         eprintln!("error: {error}");
         return Ok(ExitCode::from(2));
     }
-    let options = pacing.run_options(pause_ratio);
+    let options = settings.retention.run_options(pause_ratio);
     let cancel = CancellationToken::new();
     shutdown::cancel_on_signal(cancel.clone())?;
     let db = Database::open(settings, settings.database.migrate).await?;
@@ -63,6 +63,14 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
 async fn dry_run_task(task: &dyn MaintenanceTask, pool: &PgPool) -> anyhow::Result<()> {
     let report = task.dry_run(pool).await?;
     println!("{}: would delete {} rows ({}) [dry run: nothing deleted]", task.name(), report.due, parts(&report.by_rule));
+    let ids: Vec<_> = report.by_tenant.iter().map(|(id, _)| *id).collect();
+    let slugs = repository::tenants::slugs(pool, &ids).await?;
+    let mut by_tenant = report.by_tenant.clone();
+    by_tenant.sort_by(|(a, x), (b, y)| y.cmp(x).then(a.cmp(b)));
+    for (tenant, tasks) in by_tenant {
+        let slug = slugs.get(&tenant).map(String::as_str).unwrap_or("(no such tenant)");
+        println!("  tenant {slug} ({tenant}): {tasks} tasks, with their events and queue items");
+    }
     Ok(())
 }
 
@@ -134,14 +142,14 @@ fn parts(by_rule: &[(&'static str, u64)]) -> String {
 }
 
 /// `engine retention pause|resume <task>`: persisted in `maintenance_tasks`, read by every
-/// replica before each run.
+/// replica before each run and by a run in progress when it renews its lease.
 pub async fn set_paused(settings: &Settings, task: &str, paused: bool) -> anyhow::Result<ExitCode> {
     let db = Database::open(settings, settings.database.migrate).await?;
     let changed = repository::maintenance::set_paused(&db.pool, task, paused).await?;
     db.close().await;
     let state = if paused { "paused" } else { "resumed" };
     if changed {
-        println!("{task}: {state}{}", if paused { " on every replica (a run in progress finishes first)" } else { "" });
+        println!("{task}: {state}{}", if paused { " on every replica (a run in progress stops after its batch in flight, within seconds)" } else { "" });
     } else {
         println!("{task}: already {}", if paused { "paused" } else { "running on its schedule" });
     }
@@ -154,7 +162,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     println!("{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} running on", "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)");
     for task in tasks::all(&settings.retention) {
         let state = repository::maintenance::state(&db.pool, task.name()).await?;
-        let held = repository::task_lock::is_held(&db.pool, task.name()).await?;
+        let held = state.holder.is_some();
         let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
         let next_due = match (state.paused, state.last_finished_at) {
             (true, _) => "paused".to_string(),
@@ -165,7 +173,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
             (false, None) if held => "running now".into(),
             (false, None) => "on the next start".into(),
         };
-        let running_on = if held { state.running_on.clone().unwrap_or_else(|| "another session".into()) } else { "-".into() };
+        let running_on = state.holder.clone().unwrap_or_else(|| "-".into());
         println!(
             "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} {}",
             task.name(),

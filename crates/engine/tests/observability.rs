@@ -28,7 +28,25 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let served = Served::start(&db.url, &[("ENGINE__RETENTION__SESSIONS__INTERVAL", "1s")]);
+    // A tenant keeping a day of history: three tasks are past it, two are not.
+    let tenant: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO tenants (slug, name, data_retention_period) VALUES ('acme', 'Acme', '1 day') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+         SELECT $1, 'succeeded', now() - g * interval '1 hour', now() - g * interval '1 hour' FROM unnest(array[1, 2, 30, 31, 32]) g",
+    )
+    .bind(tenant)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let served = Served::start(
+        &db.url,
+        &[("ENGINE__RETENTION__SESSIONS__INTERVAL", "1s"), ("ENGINE__RETENTION__TASK_HISTORY__INTERVAL", "1s")],
+    );
     let get = |path: &str| http(served.port, "GET", path, &[], None).unwrap_or((0, String::new()));
 
     wait_until("the sessions run", Duration::from_secs(30), || {
@@ -39,7 +57,14 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
     assert_eq!(metric(&text, "retention_rows_deleted_total", &["task=\"sessions\"", "rule=\"anonymous\""]), Some(7.0), "{text}");
     assert!(metric(&text, "retention_last_success_timestamp_seconds", &["task=\"sessions\""]).is_some_and(|t| t > 1.7e9), "{text}");
     assert!(metric(&text, "retention_run_duration_seconds_count", &["task=\"sessions\""]).is_some_and(|n| n >= 1.0), "{text}");
-    assert!(text.contains("retention_task_running{"), "{text}");
+    assert!(text.contains("retention_lease_held{"), "{text}");
+    assert_eq!(metric(&text, "retention_rows_due", &["task=\"sessions\""]), Some(0.0), "nothing left after a run: {text}");
+    wait_until("the task-history run", Duration::from_secs(30), || {
+        let tenant_label = format!("tenant=\"{tenant}\"");
+        metric(&get("/metrics").1, "retention_tenant_rows_deleted_total", &["task=\"task-history\"", &tenant_label]) == Some(3.0)
+    });
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(tenant).fetch_one(&db.pool).await.unwrap();
+    assert_eq!(left, 2, "the two tasks within the day stay");
     assert_eq!(get("/readyz").0, 200);
 
     // The database goes away (connections refused, every session cut), then comes back.

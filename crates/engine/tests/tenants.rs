@@ -169,3 +169,60 @@ fn a_short_admin_token_is_refused_at_start_up() {
     assert!(stderr.contains("http.admin_token (value hidden, 5 characters) is not allowed: at least 16 characters"), "{stderr}");
     assert!(!stderr.contains("short\""), "the token itself is never printed: {stderr}");
 }
+
+/// Inserts finished tasks of `tenant`, one per age in hours.
+async fn finished_tasks(db: &TestDatabase, tenant: Uuid, hours_ago: &[i32]) {
+    sqlx::query(
+        "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+         SELECT $1, 'succeeded', now() - g * interval '1 hour', now() - g * interval '1 hour' FROM unnest($2::int[]) g",
+    )
+    .bind(tenant)
+    .bind(hours_ago)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_dry_run_counts_what_would_go_per_tenant_and_the_run_deletes_exactly_that() {
+    let db = TestDatabase::new().await;
+    let acme = tenant(&db, "acme").await;
+    let globex = tenant(&db, "globex").await;
+    let forever = tenant(&db, "keeps-forever").await;
+    sqlx::query("UPDATE tenants SET data_retention_period = CASE WHEN id = $3 THEN NULL ELSE interval '1 day' END WHERE id IN ($1, $2, $3)")
+        .bind(acme)
+        .bind(globex)
+        .bind(forever)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    finished_tasks(&db, acme, &[1, 30, 40, 50]).await;
+    finished_tasks(&db, globex, &[23, 25, 26]).await;
+    finished_tasks(&db, forever, &[100, 200]).await;
+
+    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--dry-run", "--task", "task-history"]).output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "task-history: would delete 5 rows (retention: 5, deleted-tenants: 0, orphan-events: 0) [dry run: nothing deleted]\n\
+             \x20 tenant acme ({acme}): 3 tasks, with their events and queue items\n\
+             \x20 tenant globex ({globex}): 2 tasks, with their events and queue items\n"
+        )
+    );
+    let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tasks").fetch_one(&db.pool).await.unwrap() };
+    assert_eq!(count().await, 9, "a dry run deletes nothing");
+
+    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--task", "task-history"]).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output).1);
+    let left: Vec<(Uuid, i32)> = sqlx::query_as(
+        "SELECT tenant_id, round(extract(epoch FROM now() - finished_at) / 3600)::int FROM tasks ORDER BY 1, 2",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut expected = vec![(acme, 1), (globex, 23), (forever, 100), (forever, 200)];
+    expected.sort();
+    assert_eq!(left, expected);
+}

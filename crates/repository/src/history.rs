@@ -37,11 +37,13 @@ pub async fn task_partitions(executor: impl PgExecutor<'_>) -> Result<Vec<Partit
 }
 
 /// What one batch deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Deleted {
     pub tasks: i64,
     pub events: i64,
     pub queue_items: i64,
+    /// Tasks per tenant.
+    pub by_tenant: Vec<(Uuid, i64)>,
 }
 
 /// Where each tenant's walk of one partition has reached: the finish instant of the last task
@@ -97,6 +99,7 @@ fn tally(rows: Vec<DeletedRow>, mut cursors: Option<&mut Cursors>) -> Deleted {
     let mut deleted = Deleted::default();
     for (tenant, tasks, last_key, events, queue_items) in rows {
         deleted.tasks += tasks;
+        deleted.by_tenant.push((tenant, tasks));
         (deleted.events, deleted.queue_items) = (events, queue_items);
         if let Some(cursors) = cursors.as_deref_mut() {
             cursors.insert(tenant, last_key);
@@ -207,30 +210,37 @@ pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Tasks of one partition that a run would delete now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromRow)]
-pub struct DueCounts {
+/// Tasks of one tenant in one partition that a run would delete now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromRow)]
+pub struct TenantDue {
+    pub tenant_id: Uuid,
+    /// Under the live tenant's retention.
     pub retained: i64,
+    /// Of a tenant deleted longer ago than the grace period.
     pub purged: i64,
 }
 
-/// Counts what [`delete_retained_batch`] and [`delete_purged_batch`] would delete from one
-/// partition (tasks only), through the same indexes.
-pub async fn count_due(executor: impl PgExecutor<'_>, partition: &str, rules: &HistoryRules) -> Result<DueCounts, sqlx::Error> {
+/// Counts, per tenant with any, what [`delete_retained_batch`] and [`delete_purged_batch`] would
+/// delete from one partition (tasks; each goes with its events and queue items), through the
+/// same indexes.
+pub async fn count_due(executor: impl PgExecutor<'_>, partition: &str, rules: &HistoryRules) -> Result<Vec<TenantDue>, sqlx::Error> {
     let (tenants, cutoffs): (Vec<Uuid>, Vec<DateTime<Utc>>) = rules.live.iter().copied().unzip();
     sqlx::query_as(&format!(
-        "SELECT (SELECT coalesce(sum(n), 0)::bigint FROM unnest($1::uuid[], $2::timestamptz[]) AS r(tenant_id, cutoff)
-                 CROSS JOIN LATERAL (
-                     SELECT count(*) AS n FROM {p} t
-                     WHERE t.tenant_id = r.tenant_id AND t.status IN {FINAL}
-                       AND coalesce(t.finished_at, t.inserted_at) < r.cutoff) c) AS retained,
-                (SELECT count(*) FROM {p} t WHERE t.tenant_id = ANY($3::uuid[])) AS purged",
+        "SELECT r.tenant_id, c.n AS retained, 0::bigint AS purged
+         FROM unnest($1::uuid[], $2::timestamptz[]) AS r(tenant_id, cutoff)
+         CROSS JOIN LATERAL (
+             SELECT count(*) AS n FROM {p} t
+             WHERE t.tenant_id = r.tenant_id AND t.status IN {FINAL}
+               AND coalesce(t.finished_at, t.inserted_at) < r.cutoff) c
+         WHERE c.n > 0
+         UNION ALL
+         SELECT t.tenant_id, 0, count(*) FROM {p} t WHERE t.tenant_id = ANY($3::uuid[]) GROUP BY t.tenant_id",
         p = ident(partition)
     ))
     .bind(tenants)
     .bind(cutoffs)
     .bind(&rules.purged)
-    .fetch_one(executor)
+    .fetch_all(executor)
     .await
 }
 

@@ -7,11 +7,11 @@ pub mod batch;
 pub mod clock;
 pub mod heap;
 pub mod history;
+pub mod lease;
 pub mod maintenance;
 pub mod partitions;
 pub mod queue_items;
 pub mod sessions;
-pub mod task_lock;
 pub mod tenants;
 pub mod watermarks;
 

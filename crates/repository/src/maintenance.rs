@@ -24,7 +24,7 @@ pub async fn set_paused(executor: impl PgExecutor<'_>, task: &str, paused: bool)
     Ok(changed.unwrap_or(false))
 }
 
-/// Records that run `run_id` of `task` started on `replica`. Call it holding the task's lock:
+/// Records that run `run_id` of `task` started on `replica`. Call it holding the task's lease:
 /// earlier runs of the task still marked as running were abandoned (their runner died) and are
 /// recorded as failed.
 pub async fn run_started(executor: impl PgExecutor<'_>, run_id: Uuid, task: &str, replica: &str) -> Result<(), sqlx::Error> {
@@ -114,8 +114,8 @@ pub struct TaskState {
     pub last_outcome: Option<String>,
     pub last_rows: Option<i64>,
     pub last_success_at: Option<DateTime<Utc>>,
-    /// The replica of the newest run that has not finished, if any.
-    pub running_on: Option<String>,
+    /// The replica holding the task's lease (running it) now, if any.
+    pub holder: Option<String>,
 }
 
 /// The recorded state of `task` (defaults when it never ran nor was paused).
@@ -123,8 +123,7 @@ pub async fn state(executor: impl PgExecutor<'_>, task: &str) -> Result<TaskStat
     sqlx::query_as(
         "SELECT $1::text AS task, coalesce(m.paused, false) AS paused, m.last_run_id, m.last_started_at,
                 m.last_finished_at, m.last_outcome, m.last_rows, m.last_success_at,
-                (SELECT r.replica FROM maintenance_runs r WHERE r.task = $1 AND r.finished_at IS NULL
-                 ORDER BY r.started_at DESC LIMIT 1) AS running_on
+                CASE WHEN m.lease_expires_at > now() THEN m.lease_holder END AS holder
          FROM (SELECT 1) one LEFT JOIN maintenance_tasks m ON m.task = $1",
     )
     .bind(task)

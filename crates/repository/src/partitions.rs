@@ -381,6 +381,14 @@ pub async fn estimated_rows(executor: impl PgExecutor<'_>, table: &str) -> Resul
         .await
 }
 
+/// Tasks per tenant in one partition of `tasks`: what a dry run of a drop reports (it reads the
+/// whole day, which only an operator's dry run does).
+pub async fn tasks_by_tenant(executor: impl PgExecutor<'_>, partition: &str) -> Result<Vec<(uuid::Uuid, i64)>, sqlx::Error> {
+    sqlx::query_as(&format!("SELECT tenant_id, count(*) FROM {} GROUP BY tenant_id ORDER BY tenant_id", ident(partition)))
+        .fetch_all(executor)
+        .await
+}
+
 /// Every attached partition of `tasks`, oldest day first, with its day's summary (`None` for the
 /// default partition and any the engine did not create). One transaction with cached generic
 /// plans (`SET LOCAL`, so the setting cannot outlive it, even on an error): planning a summary

@@ -54,6 +54,13 @@ pub async fn find(executor: impl PgExecutor<'_>, key: &str) -> Result<Option<Ten
     Ok(row.map(Tenant::from))
 }
 
+/// The slugs of those of `ids` that are tenants (ids of deleted tenants included).
+pub async fn slugs(executor: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<std::collections::HashMap<Uuid, String>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, slug FROM tenants WHERE id = ANY($1)").bind(ids).fetch_all(executor).await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Sets a tenant's retention (`None`: keep forever). Returns the updated tenant, or `None` when
 /// there is no such tenant. The database refuses periods under one hour.
 pub async fn set_retention(

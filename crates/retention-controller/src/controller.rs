@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use repository::maintenance::{self, Outcome};
-use repository::task_lock::TaskLock;
+use repository::lease::{Lease, Renewal};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::schedule::{self, Schedule};
 use crate::telemetry;
-use crate::task::{Completion, MaintenanceTask, RunContext, RunOptions, RunReport, TaskError};
+use crate::task::{Completion, MaintenanceTask, Progress, ProgressFn, RunContext, RunOptions, RunReport, TaskError};
 
 /// A finished run.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ pub struct RunSummary {
 #[derive(Debug, Clone)]
 pub enum RunOutcome {
     Ran(RunSummary),
-    /// Another runner (this engine's loop, another replica, a manual run) holds the task's lock.
+    /// Another runner (this engine's loop, another replica, a manual run) holds the task's lease.
     Busy,
     /// An operator paused the task (`engine retention pause`).
     Paused,
@@ -41,9 +41,10 @@ pub enum RunOutcome {
     NotDue(Duration),
 }
 
-/// Runs `task` once: takes its cross-replica lock (or returns [`RunOutcome::Busy`] at once),
-/// deletes until nothing is due, the task's deadline passes or `cancel` fires, and releases the
-/// lock. Every log line of the run carries the task's name and a fresh run id.
+/// Runs `task` once: takes its cross-replica lease (or returns [`RunOutcome::Busy`] at once),
+/// deletes until nothing is due, the task's deadline passes, `cancel` fires or the lease keeper
+/// stops it, and releases the lease. Every log line of the run carries the task's name and a
+/// fresh run id.
 pub async fn run_once(
     task: &dyn MaintenanceTask,
     pool: &PgPool,
@@ -62,42 +63,57 @@ pub async fn run_once_with(
     let run_id = Uuid::now_v7();
     let span = tracing::info_span!("retention_run", task = task.name(), %run_id);
     async {
-        let Some(lock) = TaskLock::try_acquire(pool, task.name()).await? else {
-            tracing::debug!("another runner holds the task; skipping");
+        let asked = Instant::now();
+        let Some(lease) = Lease::try_acquire(pool, task.name(), run_id, replica(), options.lease_ttl).await? else {
+            tracing::debug!("another runner holds the task's lease; skipping");
             telemetry::run_skipped(task.name(), "busy");
             return Ok(RunOutcome::Busy);
         };
         match admit(task, pool, run_id, options).await {
             Ok(None) => {}
             Ok(Some(skipped)) => {
-                release(lock).await;
+                release(&lease, pool).await;
                 return Ok(skipped);
             }
             Err(error) => {
-                release(lock).await;
+                release(&lease, pool).await;
                 return Err(error.into());
             }
         }
         let schedule = task.schedule();
-        let ctx = RunContext::new(pool.clone(), run_id, cancel.clone(), schedule.max_run_time, options.clone());
+        // The run stops when shut down or when its lease keeper says so.
+        let stop = cancel.child_token();
+        let ctx = RunContext::new(pool.clone(), run_id, stop.clone(), schedule.max_run_time, publishing_rows_left(task.name(), options));
         let started = Instant::now();
-        telemetry::running(task.name(), replica(), true);
+        telemetry::lease_held(task.name(), replica(), true);
         tracing::info!("run started");
-        let result = match AssertUnwindSafe(task.run(&ctx)).catch_unwind().await {
-            Ok(result) => result,
-            Err(panic) => Err(TaskError::Panicked(panic_message(panic.as_ref()))),
+        let run = AssertUnwindSafe(task.run(&ctx)).catch_unwind();
+        tokio::pin!(run);
+        let mut stopped_by = None;
+        let result = tokio::select! {
+            result = &mut run => result,
+            reason = keep(&lease, pool, asked) => {
+                tracing::warn!(reason = reason.as_str(), "stopping the run after its batch in flight");
+                stopped_by = Some(reason);
+                stop.cancel();
+                run.await
+            }
         };
+        let result = result.unwrap_or_else(|panic| Err(TaskError::Panicked(panic_message(panic.as_ref()))));
         let elapsed = started.elapsed();
         let (outcome, rows, error) = match &result {
-            Ok(report) => (outcome_of(report.completion), report.deleted, None),
+            Ok(report) => (outcome_of(report.completion), report.deleted, stopped_by.map(|r| r.as_str().to_owned())),
             Err(error) => (Outcome::Failed, 0, Some(error_chain(error))),
         };
         if let Err(error) = maintenance::run_finished(pool, run_id, task.name(), rows, outcome, error.as_deref()).await {
             tracing::warn!(%error, "recording the run in maintenance_runs failed");
         }
         telemetry::run_finished(task.name(), elapsed, outcome, result.as_ref().ok());
-        telemetry::running(task.name(), replica(), false);
-        release(lock).await;
+        release(&lease, pool).await;
+        telemetry::lease_held(task.name(), replica(), false);
+        if options.scheduled && matches!(&result, Ok(report) if report.completion == Completion::Done) {
+            publish_rows_due(task, pool).await;
+        }
         let report = match result {
             Ok(report) => report,
             Err(error) => {
@@ -119,7 +135,7 @@ pub async fn run_once_with(
     .await
 }
 
-/// Under the task's lock: whether the run may start (`None`, and it is recorded as started) or
+/// Under the task's lease: whether the run may start (`None`, and it is recorded as started) or
 /// is skipped, because the task is paused or, for a scheduled run, not due yet.
 async fn admit(task: &dyn MaintenanceTask, pool: &PgPool, run_id: Uuid, options: &RunOptions) -> Result<Option<RunOutcome>, sqlx::Error> {
     let gate = maintenance::gate(pool, task.name(), task.schedule().interval).await?;
@@ -136,11 +152,85 @@ async fn admit(task: &dyn MaintenanceTask, pool: &PgPool, run_id: Uuid, options:
     Ok(None)
 }
 
-async fn release(lock: TaskLock) {
-    match lock.release().await {
+/// `options` whose progress callback also publishes the run's estimate of the rows left.
+fn publishing_rows_left(task: &'static str, options: &RunOptions) -> RunOptions {
+    let inner = options.progress.clone();
+    let progress: ProgressFn = Arc::new(move |progress: Progress| {
+        if let Some(left) = progress.left {
+            telemetry::rows_due(task, left);
+        }
+        if let Some(inner) = &inner {
+            inner(progress);
+        }
+    });
+    RunOptions { progress: Some(progress), ..options.clone() }
+}
+
+/// How long counting what became due during a run may take (it is small right after a run that
+/// left nothing due); past it the gauge keeps its value.
+const DUE_COUNT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Publishes what is due now (after a run that left nothing due: what arrived since it began).
+async fn publish_rows_due(task: &dyn MaintenanceTask, pool: &PgPool) {
+    match tokio::time::timeout(DUE_COUNT_TIMEOUT, task.dry_run(pool)).await {
+        Ok(Ok(due)) => telemetry::rows_due(task.name(), due.due),
+        Ok(Err(error)) => tracing::debug!(error = %error_chain(&error), "counting the rows due failed"),
+        Err(_) => tracing::debug!("counting the rows due took too long; skipped"),
+    }
+}
+
+/// Why a lease keeper stopped its run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseStop {
+    Paused,
+    Lost,
+    Unconfirmed,
+}
+
+impl LeaseStop {
+    /// As recorded in `maintenance_runs.error` of the (cancelled) run.
+    fn as_str(self) -> &'static str {
+        match self {
+            LeaseStop::Paused => "paused by an operator",
+            LeaseStop::Lost => "lease lost: another runner took the task",
+            LeaseStop::Unconfirmed => "lease not renewed for half its time to live (database unreachable)",
+        }
+    }
+}
+
+/// Renews `lease` every third of its time to live while its run goes on, and returns (which
+/// stops the run after its batch in flight) when an operator paused the task, when the lease was
+/// lost, or when no renewal was confirmed for half the time to live, which is before any other
+/// runner can take it. `asked` is when the lease was asked for: its expiry counts from no earlier.
+async fn keep(lease: &Lease, pool: &PgPool, asked: Instant) -> LeaseStop {
+    let every = lease.ttl / 3;
+    let mut confirmed = asked;
+    loop {
+        tokio::time::sleep(every).await;
+        let sent = Instant::now();
+        match tokio::time::timeout(every, lease.renew(pool)).await {
+            Ok(Ok(Renewal::Renewed { paused })) => {
+                confirmed = sent;
+                if paused {
+                    return LeaseStop::Paused;
+                }
+            }
+            Ok(Ok(Renewal::Lost)) => return LeaseStop::Lost,
+            Ok(Err(error)) => tracing::warn!(%error, "renewing the task's lease failed; retrying"),
+            Err(_) => tracing::warn!(timeout_ms = every.as_millis() as u64, "renewing the task's lease timed out; retrying"),
+        }
+        if confirmed.elapsed() >= lease.ttl / 2 {
+            return LeaseStop::Unconfirmed;
+        }
+    }
+}
+
+/// Clears the lease; if that fails (the database is unreachable) it expires on its own.
+async fn release(lease: &Lease, pool: &PgPool) {
+    match lease.release(pool).await {
         Ok(true) => {}
-        Ok(false) => tracing::warn!("the task's lock was lost during the run (database connection reset)"),
-        Err(error) => tracing::debug!(%error, "releasing the task's lock; closing its connection releases it"),
+        Ok(false) => tracing::warn!("the task's lease had passed to another runner before the run ended"),
+        Err(error) => tracing::warn!(%error, ttl_ms = lease.ttl.as_millis() as u64, "releasing the task's lease failed; it expires on its own"),
     }
 }
 

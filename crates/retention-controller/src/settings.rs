@@ -40,16 +40,47 @@ pub const DEFAULT_FULL_SPEED_BATCH_TIME: Duration = Duration::from_millis(50);
 pub const DEFAULT_PAUSE_RATIO: f64 = 1.0;
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// A dead runner holds its task at most this long; its run renews the lease every third of it.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
 /// `retention.*`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionSettings {
+    /// How long a task's lease outlives its holder's last renewal: after a replica dies (or hangs,
+    /// or loses the database) another takes its tasks within this. Renewed every third of it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
     pub pacing: PacingSettings,
     pub sessions: SessionsSettings,
     pub queue_items: QueueItemsSettings,
     pub task_history: TaskHistorySettings,
     pub partitions: PartitionsSettings,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings {
+            lease_ttl: DEFAULT_LEASE_TTL,
+            pacing: PacingSettings::default(),
+            sessions: SessionsSettings::default(),
+            queue_items: QueueItemsSettings::default(),
+            task_history: TaskHistorySettings::default(),
+            partitions: PartitionsSettings::default(),
+        }
+    }
+}
+
+impl RetentionSettings {
+    /// Runs paced by `pause_ratio` (0: full speed), under leases of `lease_ttl`.
+    pub fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
+        crate::RunOptions { lease_ttl: self.lease_ttl, ..self.pacing.run_options(pause_ratio) }
+    }
+
+    /// How the background controller runs: paced by `retention.pacing.pause_ratio`.
+    pub fn paced(&self) -> crate::RunOptions {
+        self.run_options(self.pacing.pause_ratio)
+    }
 }
 
 /// `retention.pacing.*`: how hard every task's batches press on the database.
@@ -82,14 +113,9 @@ impl Default for PacingSettings {
 
 impl PacingSettings {
     /// Paced by `pause_ratio` (0: full speed), with the batch duration that goes with it.
-    pub fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
+    fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
         let batch_time = if pause_ratio > 0.0 { self.batch_time } else { self.full_speed_batch_time };
-        crate::RunOptions { batch_time, pause_ratio, progress: None, scheduled: false }
-    }
-
-    /// How the background controller runs.
-    pub fn paced(&self) -> crate::RunOptions {
-        self.run_options(self.pause_ratio)
+        crate::RunOptions { batch_time, pause_ratio, ..Default::default() }
     }
 }
 
@@ -263,6 +289,7 @@ impl RetentionSettings {
     pub fn validate(&self, prefix: &str) -> Vec<SettingError> {
         let mut errors = Vec::new();
         let key = |task: &str, name: &str| format!("{prefix}.{task}.{name}");
+        check_duration(&mut errors, format!("{prefix}.lease_ttl"), self.lease_ttl, 3 * SECOND..=10 * MINUTE);
         let pacing = &self.pacing;
         check_duration(&mut errors, key("pacing", "batch_time"), pacing.batch_time, Duration::from_millis(1)..=10 * SECOND);
         check_duration(&mut errors, key("pacing", "full_speed_batch_time"), pacing.full_speed_batch_time, Duration::from_millis(1)..=10 * SECOND);

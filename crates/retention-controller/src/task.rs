@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::batching::BatchSizer;
 use crate::schedule::Schedule;
-use crate::settings::DEFAULT_FULL_SPEED_BATCH_TIME;
+use crate::settings::{DEFAULT_FULL_SPEED_BATCH_TIME, DEFAULT_LEASE_TTL};
 
 /// One maintenance task. Implementations delete in bounded batches, each committed on its own,
 /// and call [`RunContext::interrupted`] between batches.
@@ -44,6 +44,9 @@ pub struct RunOptions {
     /// A scheduled run (the controller's loop): skipped while the task's last run, on any
     /// replica, finished less than an interval ago. Manual runs are not.
     pub scheduled: bool,
+    /// How long the task's lease outlives its last renewal: a runner that dies holds the task
+    /// this long at most. The run renews it every third of this.
+    pub lease_ttl: Duration,
 }
 
 /// Receives a run's progress after every batch.
@@ -61,7 +64,13 @@ pub struct Progress {
 impl Default for RunOptions {
     /// Full speed, with the default full-speed batch duration.
     fn default() -> Self {
-        RunOptions { batch_time: DEFAULT_FULL_SPEED_BATCH_TIME, pause_ratio: 0.0, progress: None, scheduled: false }
+        RunOptions {
+            batch_time: DEFAULT_FULL_SPEED_BATCH_TIME,
+            pause_ratio: 0.0,
+            progress: None,
+            scheduled: false,
+            lease_ttl: DEFAULT_LEASE_TTL,
+        }
     }
 }
 
@@ -72,6 +81,7 @@ impl std::fmt::Debug for RunOptions {
             .field("pause_ratio", &self.pause_ratio)
             .field("progress", &self.progress.is_some())
             .field("scheduled", &self.scheduled)
+            .field("lease_ttl", &self.lease_ttl)
             .finish()
     }
 }
@@ -168,6 +178,9 @@ pub struct RunReport {
     pub batches: u64,
     /// Rows deleted per part of the task's rule, in the task's order.
     pub by_rule: Vec<(&'static str, u64)>,
+    /// Rows of tenant-owned tables deleted row by row, per tenant (tasks with their events and
+    /// queue items), for tasks whose rules are per tenant.
+    pub by_tenant: Vec<(Uuid, u64)>,
     /// Other things a run did, by name (partitions created, days dropped).
     pub counters: Vec<(&'static str, u64)>,
     /// The longest committed batch, begin to commit.
@@ -197,6 +210,11 @@ impl RunReport {
         add_to(&mut self.by_rule, rule, deleted);
     }
 
+    /// Counts `rows` deleted for `tenant` (already counted under a rule).
+    pub fn add_tenant_rows(&mut self, tenant: Uuid, rows: u64) {
+        add_to(&mut self.by_tenant, tenant, rows);
+    }
+
     /// Counts something other than deleted rows.
     pub fn count(&mut self, what: &'static str, n: u64) {
         add_to(&mut self.counters, what, n);
@@ -213,15 +231,18 @@ impl RunReport {
         for (what, n) in later.counters {
             add_to(&mut self.counters, what, n);
         }
+        for (tenant, n) in later.by_tenant {
+            add_to(&mut self.by_tenant, tenant, n);
+        }
         self.longest_batch = self.longest_batch.max(later.longest_batch);
         self.completion = later.completion;
     }
 }
 
-fn add_to(by_rule: &mut Vec<(&'static str, u64)>, rule: &'static str, n: u64) {
-    match by_rule.iter_mut().find(|(name, _)| *name == rule) {
+fn add_to<K: PartialEq>(totals: &mut Vec<(K, u64)>, key: K, n: u64) {
+    match totals.iter_mut().find(|(k, _)| *k == key) {
         Some((_, total)) => *total += n,
-        None => by_rule.push((rule, n)),
+        None => totals.push((key, n)),
     }
 }
 
@@ -230,12 +251,20 @@ fn add_to(by_rule: &mut Vec<(&'static str, u64)>, rule: &'static str, n: u64) {
 pub struct DryRunReport {
     pub due: u64,
     pub by_rule: Vec<(&'static str, u64)>,
+    /// Tasks due per tenant (each goes with its events and queue items), for tasks whose rules
+    /// are per tenant.
+    pub by_tenant: Vec<(Uuid, u64)>,
 }
 
 impl DryRunReport {
     pub fn add(&mut self, rule: &'static str, due: u64) {
         self.due += due;
         add_to(&mut self.by_rule, rule, due);
+    }
+
+    /// Counts `due` tasks of `tenant` (already counted under a rule).
+    pub fn add_tenant(&mut self, tenant: Uuid, due: u64) {
+        add_to(&mut self.by_tenant, tenant, due);
     }
 }
 

@@ -5,10 +5,13 @@
 //! |---|---|---|
 //! | `retention_runs_total` | `task`, `outcome` | runs by outcome: `done`, `deadline reached`, `cancelled`, `failed`, and skipped ones: `busy` (held elsewhere), `paused` |
 //! | `retention_rows_deleted_total` | `task`, `rule` | rows deleted, by part of the task's rule |
+//! | `retention_tenant_rows_deleted_total` | `task`, `tenant` | tasks deleted row by row, per tenant id (`task-history`) |
+//! | `retention_partitions_dropped_total` | `task` | days dropped whole, each its `tasks` and `task_events` partitions (`partitions`) |
+//! | `retention_rows_due` | `task` | estimate of rows due: live during a run that can tell, counted after a run that finished with nothing left |
 //! | `retention_run_events_total` | `task`, `event` | other things runs did: `days dropped`, `days created`, `heap pages walked`, `pages skipped`, `analyzed`, ... |
 //! | `retention_run_duration_seconds` | `task` | histogram of run durations |
 //! | `retention_last_success_timestamp_seconds` | `task` | Unix time of the last run that did not fail |
-//! | `retention_task_running` | `task`, `replica` | 1 while this replica holds the task and runs it |
+//! | `retention_lease_held` | `task`, `replica` | 1 while this replica holds the task's lease (runs it) |
 
 use std::time::Duration;
 
@@ -22,8 +25,12 @@ pub(crate) fn run_skipped(task: &'static str, why: &'static str) {
     metrics::counter!("retention_runs_total", "task" => task, "outcome" => why).increment(1);
 }
 
-pub(crate) fn running(task: &'static str, replica: &'static str, running: bool) {
-    metrics::gauge!("retention_task_running", "task" => task, "replica" => replica).set(if running { 1.0 } else { 0.0 });
+pub(crate) fn lease_held(task: &'static str, replica: &'static str, held: bool) {
+    metrics::gauge!("retention_lease_held", "task" => task, "replica" => replica).set(if held { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn rows_due(task: &'static str, rows: u64) {
+    metrics::gauge!("retention_rows_due", "task" => task).set(rows as f64);
 }
 
 /// A run ended with `outcome`; `report` is what it did, unless it failed.
@@ -34,8 +41,14 @@ pub(crate) fn run_finished(task: &'static str, elapsed: Duration, outcome: Outco
     for (rule, rows) in &report.by_rule {
         metrics::counter!("retention_rows_deleted_total", "task" => task, "rule" => *rule).increment(*rows);
     }
+    for (tenant, rows) in &report.by_tenant {
+        metrics::counter!("retention_tenant_rows_deleted_total", "task" => task, "tenant" => tenant.to_string()).increment(*rows);
+    }
     for (event, n) in &report.counters {
         metrics::counter!("retention_run_events_total", "task" => task, "event" => *event).increment(*n);
+        if *event == crate::tasks::partitions::DAYS_DROPPED {
+            metrics::counter!("retention_partitions_dropped_total", "task" => task).increment(*n);
+        }
     }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     metrics::gauge!("retention_last_success_timestamp_seconds", "task" => task).set(now.as_secs_f64());

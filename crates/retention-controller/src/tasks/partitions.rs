@@ -11,6 +11,8 @@ use crate::settings::PartitionsSettings;
 use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
 
 pub const NAME: &str = "partitions";
+/// The run-report counter of days whose partitions were dropped whole.
+pub const DAYS_DROPPED: &str = "days dropped";
 
 pub struct PartitionsTask {
     settings: PartitionsSettings,
@@ -101,7 +103,7 @@ impl MaintenanceTask for PartitionsTask {
                         "dropped day partitions"
                     );
                     report.batches += 1;
-                    report.count("days dropped", 1);
+                    report.count(DAYS_DROPPED, 1);
                     report.add_rows("tasks", removal.tasks_dropped as u64);
                     report.add_rows("events", removal.events_dropped as u64);
                     report.add_rows("queue-items", removal.queue_items_deleted as u64);
@@ -120,11 +122,15 @@ impl MaintenanceTask for PartitionsTask {
         let now = clock::now(pool).await?;
         let mut report = DryRunReport::default();
         for day in self.removable_days(pool, now).await? {
-            let tasks = partitions::estimated_rows(pool, &partitions::tasks_partition_name(day)).await?;
+            let by_tenant = partitions::tasks_by_tenant(pool, &partitions::tasks_partition_name(day)).await?;
             let events = partitions::estimated_rows(pool, &partitions::events_partition_name(day)).await?;
-            tracing::info!(%day, tasks, events, "would drop this day's partitions (row counts are planner estimates)");
-            report.add("tasks (estimated)", tasks as u64);
+            let tasks: i64 = by_tenant.iter().map(|(_, n)| n).sum();
+            tracing::info!(%day, tasks, events, "would drop this day's partitions (events are a planner estimate)");
+            report.add("tasks", tasks as u64);
             report.add("events (estimated)", events as u64);
+            for (tenant, n) in by_tenant {
+                report.add_tenant(tenant, n as u64);
+            }
         }
         Ok(report)
     }

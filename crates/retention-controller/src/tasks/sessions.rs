@@ -170,6 +170,7 @@ impl MaintenanceTask for SessionsTask {
                 (SessionRule::Expired.name(), due.expired as u64),
                 (SessionRule::AnonymousStale.name(), due.anonymous as u64),
             ],
+            ..Default::default()
         })
     }
 }

@@ -131,7 +131,7 @@ impl TaskHistoryTask {
         let elapsed = started.elapsed();
         match sizer.settle(elapsed, result) {
             Settled::Done(batch) => {
-                record(report, rule, batch.0);
+                record(report, rule, &batch.0);
                 ctx.batch_done(elapsed, report, None).await;
                 Ok(Some(batch))
             }
@@ -182,8 +182,11 @@ impl TaskHistoryTask {
     }
 }
 
-fn record(report: &mut RunReport, rule: &'static str, deleted: Deleted) {
+fn record(report: &mut RunReport, rule: &'static str, deleted: &Deleted) {
     report.record_batch(rule, deleted.tasks as u64);
+    for (tenant, tasks) in &deleted.by_tenant {
+        report.add_tenant_rows(*tenant, *tasks as u64);
+    }
     report.add_rows("events", deleted.events as u64);
     report.add_rows("queue-items", deleted.queue_items as u64);
 }
@@ -217,9 +220,11 @@ impl MaintenanceTask for TaskHistoryTask {
         let rules = tenants::history_rules(pool, now, self.settings.deleted_tenant_grace).await?;
         let mut report = DryRunReport::default();
         for (partition, here) in self.plan(pool, now, &rules).await? {
-            let due = history::count_due(pool, &partition.name, &here).await?;
-            report.add("retention", due.retained as u64);
-            report.add("deleted-tenants", due.purged as u64);
+            for due in history::count_due(pool, &partition.name, &here).await? {
+                report.add("retention", due.retained as u64);
+                report.add("deleted-tenants", due.purged as u64);
+                report.add_tenant(due.tenant_id, (due.retained + due.purged) as u64);
+            }
         }
         let orphans = history::count_orphan_events(pool, watermarks::get(pool, ORPHAN_WATERMARK).await?, now - partitions::MIN_AGE).await?;
         report.add("orphan-events", orphans as u64);
