@@ -282,12 +282,13 @@ impl Controller {
             let name = task.name();
             loops.spawn(
                 async move {
+                    let lease_ttl = options.lease_ttl;
                     let run = || {
                         let (task, pool, cancel, options) = (task.clone(), pool.clone(), cancel.clone(), options.clone());
                         async move { run_once_with(task.as_ref(), &pool, &cancel, &options).await }
                     };
                     let schedule = || task.schedule();
-                    drive(schedule, run, &cancel, fastrand::f64).await
+                    drive(schedule, run, lease_ttl, &cancel, fastrand::f64).await
                 }
                 .instrument(tracing::info_span!("retention_task", task = name)),
             );
@@ -306,9 +307,11 @@ enum Step {
 }
 
 /// One task's loop: first run after a random part of the interval, then every (jittered)
-/// interval; after a failure, capped exponential backoff instead. A failing or panicking run never
-/// ends the loop; only `cancel` does, and never in the middle of a run.
-async fn drive<S, R, F>(schedule: S, run: R, cancel: &CancellationToken, mut draw: impl FnMut() -> f64)
+/// interval; after a failure, capped exponential backoff instead. A task held elsewhere or paused
+/// is asked again after about a lease's time to live (`recheck`): its holder may have died, an
+/// operator may resume it. A failing or panicking run never ends the loop; only `cancel` does, and
+/// never in the middle of a run.
+async fn drive<S, R, F>(schedule: S, run: R, recheck: Duration, cancel: &CancellationToken, mut draw: impl FnMut() -> f64)
 where
     S: Fn() -> Schedule,
     R: Fn() -> F,
@@ -345,7 +348,10 @@ where
                     schedule::jittered(interval, draw())
                 }
             }
-            Step::Busy => schedule::jittered(interval, draw()),
+            // Cheap (one statement when held, three when paused), and it bounds how long a dead
+            // holder's task or a resumed task waits. A holder that is alive finishes its run, and
+            // the next check finds the task not due.
+            Step::Busy => recheck.mul_f64(1.0 + 0.5 * draw()).min(interval),
             // Another replica ran it: due when its interval ends, plus up to a tenth of an
             // interval so that replicas do not all wake at once.
             Step::NotDue(wait) => wait + interval.mul_f64(0.1 * draw()),
@@ -387,6 +393,7 @@ mod tests {
     use super::*;
 
     const INTERVAL: Duration = Duration::from_secs(60);
+    const RECHECK: Duration = Duration::from_secs(8);
 
     fn schedule() -> Schedule {
         Schedule { interval: INTERVAL, max_run_time: Duration::from_secs(10) }
@@ -420,6 +427,7 @@ mod tests {
                     "ok" => ran(Completion::Done),
                     "deadline" => ran(Completion::DeadlineReached),
                     "busy" => Ok(RunOutcome::Busy),
+                    "paused" => Ok(RunOutcome::Paused),
                     "not due" => Ok(RunOutcome::NotDue(Duration::from_secs(20))),
                     "err" => Err(TaskError::Panicked("scripted failure".into())),
                     "panic" => panic!("scripted panic"),
@@ -427,7 +435,7 @@ mod tests {
                 }
             }
         };
-        drive(schedule, run, &cancel, || 0.5).await;
+        drive(schedule, run, RECHECK, &cancel, || 0.5).await;
         stopper.await.unwrap();
         let times = starts.lock().unwrap().clone();
         times
@@ -453,8 +461,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_run_stopped_by_its_deadline_continues_after_a_short_pause() {
-        let times = start_times(vec!["deadline", "deadline", "busy"], Duration::from_secs(100)).await;
+        let times = start_times(vec!["deadline", "deadline", "ok"], Duration::from_secs(100)).await;
         assert_eq!(times, secs(&[15, 20, 25, 85]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_held_elsewhere_or_paused_is_asked_again_after_about_a_lease() {
+        // 15 (busy) +8*1.25 -> 25 (paused) +10 -> 35 (ok) +60 -> 95
+        let times = start_times(vec!["busy", "paused", "ok"], Duration::from_secs(100)).await;
+        assert_eq!(times, secs(&[15, 25, 35, 95]));
     }
 
     #[tokio::test(start_paused = true)]
@@ -469,7 +484,7 @@ mod tests {
         let start = Instant::now();
         let cancel = CancellationToken::new();
         cancel.cancel();
-        drive(schedule, || async { ran(Completion::Done) }, &cancel, || 0.5).await;
+        drive(schedule, || async { ran(Completion::Done) }, RECHECK, &cancel, || 0.5).await;
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }
