@@ -53,3 +53,24 @@ pub(crate) fn run_finished(task: &'static str, elapsed: Duration, outcome: Outco
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     metrics::gauge!("retention_last_success_timestamp_seconds", "task" => task).set(now.as_secs_f64());
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every metric the Grafana dashboard in `deploy/` queries is one this module records.
+    #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let dashboard = include_str!("../../../deploy/grafana/retention-dashboard.json");
+        let source = include_str!("telemetry.rs");
+        let mut queried: Vec<&str> = dashboard
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("retention_"))
+            .map(|word| word.strip_suffix("_bucket").unwrap_or(word))
+            .collect();
+        queried.sort();
+        queried.dedup();
+        assert!(queried.len() >= 8, "{queried:?}");
+        for metric in queried {
+            assert!(source.contains(&format!("\"{metric}\"")), "{metric} is not recorded");
+        }
+    }
+}
