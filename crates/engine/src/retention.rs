@@ -159,7 +159,7 @@ pub async fn set_paused(settings: &Settings, task: &str, paused: bool) -> anyhow
 /// `engine retention status`: one line per task.
 pub async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     let db = Database::open(settings, settings.database.migrate).await?;
-    println!("{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} running on", "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)");
+    println!("{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} holder", "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)");
     for task in tasks::all(&settings.retention) {
         let state = repository::maintenance::state(&db.pool, task.name()).await?;
         let held = state.holder.is_some();
@@ -173,7 +173,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
             (false, None) if held => "running now".into(),
             (false, None) => "on the next start".into(),
         };
-        let running_on = state.holder.clone().unwrap_or_else(|| "-".into());
+        let holder = state.holder.clone().unwrap_or_else(|| "-".into());
         println!(
             "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} {}",
             task.name(),
@@ -182,7 +182,7 @@ pub async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
             state.last_outcome.as_deref().unwrap_or(if held { "running" } else { "-" }),
             state.last_rows.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
             next_due,
-            running_on,
+            holder,
         );
     }
     db.close().await;

@@ -222,13 +222,42 @@ async fn pause_resume_and_status_are_persisted_and_obeyed() {
     assert_eq!(session_ids(&db).await, kept);
     let status = run(&["retention", "status"]);
     let sessions: Vec<String> = status.lines().find(|l| l.starts_with("sessions ")).unwrap().split_whitespace().map(str::to_string).collect();
-    // task, paused, date, time, outcome, rows, next-due date, next-due time, running on
+    // task, paused, date, time, outcome, rows, next-due date, next-due time, holder
     assert_eq!((sessions[1].as_str(), sessions[4].as_str(), sessions[5].as_str(), sessions[8].as_str()), ("no", "done", "2", "-"), "{status}");
     assert!(status.lines().any(|l| l.starts_with("queue-items ") && l.contains("never")), "tasks that never ran are listed: {status}");
+    // Another replica holds the task now.
+    sqlx::query(
+        "UPDATE maintenance_tasks SET lease_run_id = gen_random_uuid(), lease_holder = 'other-host:42',
+                lease_expires_at = now() + interval '1 minute' WHERE task = 'sessions'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let status = run(&["retention", "status"]);
+    assert!(status.lines().any(|l| l.starts_with("sessions ") && l.ends_with(" other-host:42")), "{status}");
 
     let output = engine().env("DATABASE_URL", &db.url).args(["retention", "pause", "session"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output).1.contains("[possible values: partitions, task-history, queue-items, sessions]"));
+}
+
+#[tokio::test]
+async fn the_kubernetes_configmap_holds_a_valid_configuration() {
+    let db = TestDatabase::new().await;
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/k8s/configmap.yaml")).unwrap();
+    // The block under `engine.toml: |`, without its indentation.
+    let toml: String = manifest
+        .lines()
+        .skip_while(|line| !line.trim_start().starts_with("engine.toml: |"))
+        .skip(1)
+        .take_while(|line| line.is_empty() || line.starts_with("    "))
+        .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
+        .collect();
+    assert!(toml.contains("[retention"), "{toml}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &toml).unwrap();
+    let output = engine().env("DATABASE_URL", &db.url).arg("--config").arg(file.path()).args(["retention", "status"]).output().unwrap();
+    assert!(output.status.success(), "{toml}\n{}", text(&output).1);
 }
 
 #[tokio::test]
