@@ -105,7 +105,7 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
             }
             RunOutcome::Busy => {
                 if !waiting_said {
-                    eprintln!("{}: another runner is running this task; waiting for it to finish", task.name());
+                    eprintln!("{}: another runner holds this task (`engine retention status` names it); waiting for it to finish or for its lease to expire", task.name());
                     waiting_said = true;
                 }
                 tokio::select! {
