@@ -43,14 +43,33 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
     .execute(&db.pool)
     .await
     .unwrap();
+    // And a past day of its history, wholly due: the partitions task drops it whole.
+    let day = chrono::Utc::now().date_naive() - chrono::Duration::days(10);
+    let mut conn = db.pool.acquire().await.unwrap();
+    repository::partitions::create_day(&mut conn, day).await.unwrap();
+    drop(conn);
+    sqlx::query(
+        "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+         SELECT $1, 'succeeded', $2::date + interval '12 hours', $2::date + interval '13 hours' FROM generate_series(1, 4)",
+    )
+    .bind(tenant)
+    .bind(day)
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let served = Served::start(
         &db.url,
-        &[("ENGINE__RETENTION__SESSIONS__INTERVAL", "1s"), ("ENGINE__RETENTION__TASK_HISTORY__INTERVAL", "1s")],
+        &[
+            ("ENGINE__RETENTION__SESSIONS__INTERVAL", "1s"),
+            ("ENGINE__RETENTION__TASK_HISTORY__INTERVAL", "1s"),
+            ("ENGINE__RETENTION__PARTITIONS__INTERVAL", "1s"),
+        ],
     );
     let get = |path: &str| http(served.port, "GET", path, &[], None).unwrap_or((0, String::new()));
 
+    // What is due is counted last, after the run is recorded and its lease released: nothing.
     wait_until("the sessions run", Duration::from_secs(30), || {
-        metric(&get("/metrics").1, "retention_runs_total", &["task=\"sessions\"", "outcome=\"done\""]).is_some_and(|n| n >= 1.0)
+        metric(&get("/metrics").1, "retention_rows_due", &["task=\"sessions\""]) == Some(0.0)
     });
     let (status, text) = get("/metrics");
     assert_eq!(status, 200);
@@ -58,13 +77,22 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
     assert!(metric(&text, "retention_last_success_timestamp_seconds", &["task=\"sessions\""]).is_some_and(|t| t > 1.7e9), "{text}");
     assert!(metric(&text, "retention_run_duration_seconds_count", &["task=\"sessions\""]).is_some_and(|n| n >= 1.0), "{text}");
     assert!(text.contains("retention_lease_held{"), "{text}");
-    assert_eq!(metric(&text, "retention_rows_due", &["task=\"sessions\""]), Some(0.0), "nothing left after a run: {text}");
+    assert!(metric(&text, "retention_runs_total", &["task=\"sessions\"", "outcome=\"done\""]).is_some_and(|n| n >= 1.0), "{text}");
     wait_until("the task-history run", Duration::from_secs(30), || {
         let tenant_label = format!("tenant=\"{tenant}\"");
         metric(&get("/metrics").1, "retention_tenant_rows_deleted_total", &["task=\"task-history\"", &tenant_label]) == Some(3.0)
     });
+    wait_until("the day's drop", Duration::from_secs(30), || {
+        metric(&get("/metrics").1, "retention_partitions_dropped_total", &["task=\"partitions\""]) == Some(1.0)
+    });
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(tenant).fetch_one(&db.pool).await.unwrap();
     assert_eq!(left, 2, "the two tasks within the day stay");
+    let text = get("/metrics").1;
+    assert_eq!(
+        metric(&text, "retention_tenant_rows_deleted_total", &["task=\"task-history\""]),
+        Some(3.0),
+        "the dropped day's tasks went with the day, not row by row: {text}"
+    );
     assert_eq!(get("/readyz").0, 200);
 
     // The database goes away (connections refused, every session cut), then comes back.
