@@ -87,22 +87,14 @@ pub async fn run_once_with(
         let started = Instant::now();
         telemetry::lease_held(task.name(), replica(), true);
         tracing::info!("run started");
-        let run = AssertUnwindSafe(task.run(&ctx)).catch_unwind();
-        tokio::pin!(run);
-        let mut stopped_by = None;
-        let result = tokio::select! {
-            result = &mut run => result,
-            reason = keep(&lease, pool, asked) => {
-                tracing::warn!(reason = reason.as_str(), "stopping the run after its batch in flight");
-                stopped_by = Some(reason);
-                stop.cancel();
-                run.await
-            }
-        };
-        let result = result.unwrap_or_else(|panic| Err(TaskError::Panicked(panic_message(panic.as_ref()))));
+        let (result, stopped_by) = run_beside_keeper(task, &ctx, &stop, &lease, pool, asked).await;
         let elapsed = started.elapsed();
         let (outcome, rows, error) = match &result {
-            Ok(report) => (outcome_of(report.completion), report.deleted, stopped_by.map(|r| r.as_str().to_owned())),
+            Ok(report) => {
+                // Why a cancelled run stopped, when it was not a shutdown.
+                let reason = stopped_by.filter(|_| report.completion == Completion::Cancelled);
+                (outcome_of(report.completion), report.deleted, reason.map(|r| r.as_str().to_owned()))
+            }
             Err(error) => (Outcome::Failed, 0, Some(error_chain(error))),
         };
         if let Err(error) = maintenance::run_finished(pool, run_id, task.name(), rows, outcome, error.as_deref()).await {
@@ -150,6 +142,30 @@ async fn admit(task: &dyn MaintenanceTask, pool: &PgPool, run_id: Uuid, options:
     }
     maintenance::run_started(pool, run_id, task.name(), replica()).await?;
     Ok(None)
+}
+
+/// Runs `task` with its lease keeper beside it (one tokio task, so nothing outlives the run); when
+/// the keeper returns, `stop` makes the run end after its batch in flight. Returns the run's result
+/// (a panic as an error) and why the keeper stopped it, if it did.
+async fn run_beside_keeper(
+    task: &dyn MaintenanceTask,
+    ctx: &RunContext,
+    stop: &CancellationToken,
+    lease: &Lease,
+    pool: &PgPool,
+    asked: Instant,
+) -> (Result<RunReport, TaskError>, Option<LeaseStop>) {
+    let run = AssertUnwindSafe(task.run(ctx)).catch_unwind();
+    tokio::pin!(run);
+    let (result, stopped_by) = tokio::select! {
+        result = &mut run => (result, None),
+        reason = keep(lease, pool, asked) => {
+            tracing::warn!(reason = reason.as_str(), "stopping the run after its batch in flight");
+            stop.cancel();
+            (run.await, Some(reason))
+        }
+    };
+    (result.unwrap_or_else(|panic| Err(TaskError::Panicked(panic_message(panic.as_ref())))), stopped_by)
 }
 
 /// `options` whose progress callback also publishes the run's estimate of the rows left.
