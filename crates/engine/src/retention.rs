@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use retention_controller::settings::check_pause_ratio;
-use retention_controller::{run_once_with, tasks, Completion, MaintenanceTask, RunOptions, RunOutcome, RunReport};
+use retention_controller::{run_once_with, tasks, Completion, MaintenanceTask, RunOptions, RunOutcome, RunReport, StopReason};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -81,6 +81,7 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
     let meter = Meter::new(task.name(), std::io::stderr().is_terminal());
     let options = RunOptions { progress: Some(meter.callback()), ..options.clone() };
     let mut total = RunReport::default();
+    let mut stopped_because = None;
     let mut runs = 0u32;
     let mut waiting_said = false;
     loop {
@@ -93,6 +94,7 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
                 runs += 1;
                 meter.run_ended(summary.report.deleted);
                 total.absorb(summary.report);
+                stopped_because = summary.stopped_because;
                 if total.completion != Completion::DeadlineReached {
                     break;
                 }
@@ -119,9 +121,10 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
         }
     }
     meter.finish();
-    let note = match total.completion {
-        Completion::Cancelled => " [cancelled: the batch in flight was committed; run again to finish]",
-        _ => "",
+    let note = match (total.completion, stopped_because) {
+        (Completion::Cancelled, Some(reason)) => format!(" [stopped: {}; the batch in flight was committed]", reason.as_str()),
+        (Completion::Cancelled, None) => " [cancelled: the batch in flight was committed; run again to finish]".into(),
+        _ => String::new(),
     };
     let counters = if total.counters.is_empty() { String::new() } else { format!(" [{}]", parts(&total.counters)) };
     println!(
@@ -134,7 +137,11 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
         total.longest_batch.as_millis(),
         if runs > 1 { format!(" over {runs} runs") } else { String::new() },
     );
-    Ok(())
+    // A pause is the operator's choice; a lease lost or not renewed left work undone.
+    match stopped_because {
+        Some(reason @ (StopReason::LeaseLost | StopReason::LeaseNotRenewed)) => anyhow::bail!("{}; run again to finish", reason.as_str()),
+        _ => Ok(()),
+    }
 }
 
 fn parts(by_rule: &[(&'static str, u64)]) -> String {

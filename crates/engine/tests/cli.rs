@@ -242,6 +242,44 @@ async fn pause_resume_and_status_are_persisted_and_obeyed() {
 }
 
 #[tokio::test]
+async fn a_pause_stops_a_manual_run_in_progress_within_seconds() {
+    let db = TestDatabase::new().await;
+    let (_, kept) = seed(&db).await;
+    sqlx::query(
+        "INSERT INTO user_sessions (created_at, expires_at) SELECT now() - interval '3 days', now() - interval '2 days'
+         FROM generate_series(1, 20000)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Paced to a crawl: a batch, then a pause of 3000 times its duration.
+    let run = engine()
+        .env("DATABASE_URL", &db.url)
+        .env("ENGINE__RETENTION__LEASE_TTL", "3s")
+        .args(["retention", "run", "--task", "sessions", "--pace", "3000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_sessions").fetch_one(&db.pool).await.unwrap() };
+    let start = Instant::now();
+    while count().await == 20_004 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the run never deleted anything");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let paused = engine().env("DATABASE_URL", &db.url).args(["retention", "pause", "sessions"]).output().unwrap();
+    assert!(paused.status.success());
+    let pausing = Instant::now();
+    let output = run.wait_with_output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert!(pausing.elapsed() < Duration::from_secs(5), "stopped {:?} after the pause: {stderr}", pausing.elapsed());
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("[stopped: paused by an operator; the batch in flight was committed]"), "{stdout}");
+    let ids = session_ids(&db).await;
+    assert!(ids.len() > kept.len() && kept.iter().all(|id| ids.contains(id)), "stopped part way, keepers intact");
+}
+
+#[tokio::test]
 async fn the_kubernetes_configmap_holds_a_valid_configuration() {
     let db = TestDatabase::new().await;
     let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/k8s/configmap.yaml")).unwrap();

@@ -26,6 +26,8 @@ pub struct RunSummary {
     pub run_id: Uuid,
     pub report: RunReport,
     pub elapsed: Duration,
+    /// Why a cancelled run stopped, when it was not a shutdown.
+    pub stopped_because: Option<StopReason>,
 }
 
 /// What [`run_once`] did.
@@ -89,12 +91,12 @@ pub async fn run_once_with(
         tracing::info!("run started");
         let (result, stopped_by) = run_beside_keeper(task, &ctx, &stop, &lease, pool, asked).await;
         let elapsed = started.elapsed();
+        let stopped_because = match &result {
+            Ok(report) if report.completion == Completion::Cancelled => stopped_by,
+            _ => None,
+        };
         let (outcome, rows, error) = match &result {
-            Ok(report) => {
-                // Why a cancelled run stopped, when it was not a shutdown.
-                let reason = stopped_by.filter(|_| report.completion == Completion::Cancelled);
-                (outcome_of(report.completion), report.deleted, reason.map(|r| r.as_str().to_owned()))
-            }
+            Ok(report) => (outcome_of(report.completion), report.deleted, stopped_because.map(|r| r.as_str().to_owned())),
             Err(error) => (Outcome::Failed, 0, Some(error_chain(error))),
         };
         if let Err(error) = maintenance::run_finished(pool, run_id, task.name(), rows, outcome, error.as_deref()).await {
@@ -121,7 +123,7 @@ pub async fn run_once_with(
             completion = report.completion.as_str(),
             "run finished"
         );
-        Ok(RunOutcome::Ran(RunSummary { run_id, report, elapsed }))
+        Ok(RunOutcome::Ran(RunSummary { run_id, report, elapsed, stopped_because }))
     }
     .instrument(span)
     .await
@@ -154,7 +156,7 @@ async fn run_beside_keeper(
     lease: &Lease,
     pool: &PgPool,
     asked: Instant,
-) -> (Result<RunReport, TaskError>, Option<LeaseStop>) {
+) -> (Result<RunReport, TaskError>, Option<StopReason>) {
     let run = AssertUnwindSafe(task.run(ctx)).catch_unwind();
     tokio::pin!(run);
     let (result, stopped_by) = tokio::select! {
@@ -195,21 +197,25 @@ async fn publish_rows_due(task: &dyn MaintenanceTask, pool: &PgPool) {
     }
 }
 
-/// Why a lease keeper stopped its run.
+/// Why a run's lease keeper stopped it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LeaseStop {
+pub enum StopReason {
+    /// An operator paused the task.
     Paused,
-    Lost,
-    Unconfirmed,
+    /// The lease is no longer this run's: it expired and another runner took it, or an operator
+    /// cleared it.
+    LeaseLost,
+    /// No renewal succeeded for half the lease's time to live (the database was unreachable).
+    LeaseNotRenewed,
 }
 
-impl LeaseStop {
+impl StopReason {
     /// As recorded in `maintenance_runs.error` of the (cancelled) run.
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
-            LeaseStop::Paused => "paused by an operator",
-            LeaseStop::Lost => "lease lost: another runner took the task",
-            LeaseStop::Unconfirmed => "lease not renewed for half its time to live (database unreachable)",
+            StopReason::Paused => "paused by an operator",
+            StopReason::LeaseLost => "lease lost: another runner took the task",
+            StopReason::LeaseNotRenewed => "lease not renewed for half its time to live (database unreachable)",
         }
     }
 }
@@ -218,7 +224,7 @@ impl LeaseStop {
 /// stops the run after its batch in flight) when an operator paused the task, when the lease was
 /// lost, or when no renewal was confirmed for half the time to live, which is before any other
 /// runner can take it. `asked` is when the lease was asked for: its expiry counts from no earlier.
-async fn keep(lease: &Lease, pool: &PgPool, asked: Instant) -> LeaseStop {
+async fn keep(lease: &Lease, pool: &PgPool, asked: Instant) -> StopReason {
     let every = lease.ttl / 3;
     let mut confirmed = asked;
     loop {
@@ -228,15 +234,15 @@ async fn keep(lease: &Lease, pool: &PgPool, asked: Instant) -> LeaseStop {
             Ok(Ok(Renewal::Renewed { paused })) => {
                 confirmed = sent;
                 if paused {
-                    return LeaseStop::Paused;
+                    return StopReason::Paused;
                 }
             }
-            Ok(Ok(Renewal::Lost)) => return LeaseStop::Lost,
+            Ok(Ok(Renewal::Lost)) => return StopReason::LeaseLost,
             Ok(Err(error)) => tracing::warn!(%error, "renewing the task's lease failed; retrying"),
             Err(_) => tracing::warn!(timeout_ms = every.as_millis() as u64, "renewing the task's lease timed out; retrying"),
         }
         if confirmed.elapsed() >= lease.ttl / 2 {
-            return LeaseStop::Unconfirmed;
+            return StopReason::LeaseNotRenewed;
         }
     }
 }
@@ -417,7 +423,7 @@ mod tests {
 
     fn ran(completion: Completion) -> Result<RunOutcome, TaskError> {
         let report = RunReport { completion, ..Default::default() };
-        Ok(RunOutcome::Ran(RunSummary { run_id: Uuid::nil(), report, elapsed: Duration::ZERO }))
+        Ok(RunOutcome::Ran(RunSummary { run_id: Uuid::nil(), report, elapsed: Duration::ZERO, stopped_because: None }))
     }
 
     /// Drives a loop whose runs answer from `script` (then succeed), records when each run

@@ -3,7 +3,7 @@
 //!
 //! * [`MaintenanceTask`] is what a task implements: a name, its schedule, one run, a dry run.
 //!   A new task is one file in `tasks/` and one line in [`tasks::all`].
-//! * [`run_once`] runs a task a single time under its cross-replica lock, with a run id on every
+//! * [`run_once`] runs a task a single time under its cross-replica lease, with a run id on every
 //!   log line, a deadline and cancellation between batches.
 //! * [`Controller`] runs every task's loop until its `CancellationToken` is cancelled.
 
@@ -18,6 +18,6 @@ pub mod telemetry;
 pub mod tasks;
 pub mod tenant_retention;
 
-pub use controller::{replica, run_once, run_once_with, Controller, RunOutcome, RunSummary};
+pub use controller::{replica, run_once, run_once_with, Controller, RunOutcome, RunSummary, StopReason};
 pub use settings::{RetentionSettings, SettingError};
 pub use task::{Completion, DryRunReport, MaintenanceTask, Progress, ProgressFn, RunContext, RunOptions, RunReport, TaskError};
