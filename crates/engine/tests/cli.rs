@@ -147,6 +147,27 @@ async fn seed(db: &TestDatabase) -> (Vec<Uuid>, Vec<Uuid>) {
     (due, kept)
 }
 
+/// `n` sessions that expired two days ago.
+async fn expired_backlog(db: &TestDatabase, n: i64) {
+    sqlx::query(
+        "INSERT INTO user_sessions (created_at, expires_at) SELECT now() - interval '3 days', now() - interval '2 days'
+         FROM generate_series(1, $1)",
+    )
+    .bind(n)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+/// Waits until fewer than `total` sessions are left: a purge has committed its first batch.
+async fn wait_for_the_first_deletes(db: &TestDatabase, total: i64) {
+    let start = Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_sessions").fetch_one(&db.pool).await.unwrap() == total {
+        assert!(start.elapsed() < Duration::from_secs(30), "the purge never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn session_ids(db: &TestDatabase) -> Vec<Uuid> {
     sqlx::query_scalar("SELECT id FROM user_sessions ORDER BY id").fetch_all(&db.pool).await.unwrap()
 }
@@ -245,13 +266,7 @@ async fn pause_resume_and_status_are_persisted_and_obeyed() {
 async fn a_pause_stops_a_manual_run_in_progress_within_seconds() {
     let db = TestDatabase::new().await;
     let (_, kept) = seed(&db).await;
-    sqlx::query(
-        "INSERT INTO user_sessions (created_at, expires_at) SELECT now() - interval '3 days', now() - interval '2 days'
-         FROM generate_series(1, 20000)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    expired_backlog(&db, 20_000).await;
     // Paced to a crawl: a batch, then a pause of 3000 times its duration.
     let run = engine()
         .env("DATABASE_URL", &db.url)
@@ -261,12 +276,7 @@ async fn a_pause_stops_a_manual_run_in_progress_within_seconds() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_sessions").fetch_one(&db.pool).await.unwrap() };
-    let start = Instant::now();
-    while count().await == 20_004 {
-        assert!(start.elapsed() < Duration::from_secs(30), "the run never deleted anything");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_the_first_deletes(&db, 20_004).await;
     let paused = engine().env("DATABASE_URL", &db.url).args(["retention", "pause", "sessions"]).output().unwrap();
     assert!(paused.status.success());
     let pausing = Instant::now();
@@ -359,13 +369,7 @@ async fn serve_answers_healthz_purges_and_stops_on_sigterm_mid_purge() {
     let db = TestDatabase::new().await;
     let (_, kept) = seed(&db).await;
     // A backlog that takes many batches.
-    sqlx::query(
-        "INSERT INTO user_sessions (created_at, expires_at) SELECT now() - interval '3 days', now() - interval '2 days'
-         FROM generate_series(1, 60000)",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    expired_backlog(&db, 60_000).await;
     let port = free_port();
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = engine()
@@ -384,11 +388,7 @@ async fn serve_answers_healthz_purges_and_stops_on_sigterm_mid_purge() {
     });
     let total = 60_004i64;
     let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM user_sessions").fetch_one(&db.pool).await.unwrap() };
-    let start = Instant::now();
-    while count().await == total {
-        assert!(start.elapsed() < Duration::from_secs(30), "the purge never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_the_first_deletes(&db, total).await;
 
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let stopping = Instant::now();

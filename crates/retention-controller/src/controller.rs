@@ -105,8 +105,8 @@ pub async fn run_once_with(
         telemetry::run_finished(task.name(), elapsed, outcome, result.as_ref().ok());
         release(&lease, pool).await;
         telemetry::lease_held(task.name(), replica(), false);
-        if options.scheduled && matches!(&result, Ok(report) if report.completion == Completion::Done) {
-            publish_rows_due(task, pool).await;
+        if matches!(&result, Ok(report) if report.completion == Completion::Done) {
+            telemetry::rows_due(task.name(), 0); // as of the run's start, nothing is left
         }
         let report = match result {
             Ok(report) => report,
@@ -182,19 +182,6 @@ fn publishing_rows_left(task: &'static str, options: &RunOptions) -> RunOptions 
         }
     });
     RunOptions { progress: Some(progress), ..options.clone() }
-}
-
-/// How long counting what became due during a run may take (it is small right after a run that
-/// left nothing due); past it the gauge keeps its value.
-const DUE_COUNT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Publishes what is due now (after a run that left nothing due: what arrived since it began).
-async fn publish_rows_due(task: &dyn MaintenanceTask, pool: &PgPool) {
-    match tokio::time::timeout(DUE_COUNT_TIMEOUT, task.dry_run(pool)).await {
-        Ok(Ok(due)) => telemetry::rows_due(task.name(), due.due),
-        Ok(Err(error)) => tracing::debug!(error = %error_chain(&error), "counting the rows due failed"),
-        Err(_) => tracing::debug!("counting the rows due took too long; skipped"),
-    }
 }
 
 /// Why a run's lease keeper stopped it.

@@ -7,7 +7,7 @@
 //! | `retention_rows_deleted_total` | `task`, `rule` | rows deleted, by part of the task's rule |
 //! | `retention_tenant_rows_deleted_total` | `task`, `tenant` | tasks deleted row by row, per tenant id (`task-history`) |
 //! | `retention_partitions_dropped_total` | `task` | days dropped whole, each its `tasks` and `task_events` partitions (`partitions`) |
-//! | `retention_rows_due` | `task` | estimate of rows due: live during a run that can tell, counted after a run that finished with nothing left |
+//! | `retention_rows_due` | `task` | estimate of rows still due: live during a run that can tell (`sessions`), 0 when a run leaves nothing due |
 //! | `retention_run_events_total` | `task`, `event` | other things runs did: `days dropped`, `days created`, `heap pages walked`, `pages skipped`, `analyzed`, ... |
 //! | `retention_run_duration_seconds` | `task` | histogram of run durations |
 //! | `retention_last_success_timestamp_seconds` | `task` | Unix time of the last run that did not fail |
