@@ -103,6 +103,16 @@ async fn a_wholly_due_day_is_dropped_whole_and_every_other_day_is_kept() {
 
     // task-history first: it deletes due rows around what must stay, and leaves wholly due days.
     run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
+    // A dry run counts exactly the tasks of the days it would drop, per tenant.
+    let before = day_partitions(pool).await;
+    let preview = retention_controller::MaintenanceTask::dry_run(&partitions_task(), pool).await.unwrap();
+    let mut by_tenant = preview.by_tenant.clone();
+    by_tenant.sort();
+    let mut expected = vec![(short, 4), (gone_tenant, 5)];
+    expected.sort();
+    assert_eq!(by_tenant, expected);
+    assert_eq!(preview.by_rule.first(), Some(&("tasks", 9)));
+    assert_eq!(day_partitions(pool).await, before, "a dry run drops nothing");
     let report = run_task(&partitions_task(), pool).await;
     assert!(report.counters.contains(&("days dropped", 2)), "{report:?}");
 
