@@ -59,6 +59,32 @@ pub async fn open() -> anyhow::Result<BenchDb> {
     Ok(BenchDb { pool, url, _local: local })
 }
 
+/// A new, migrated database on the bench's server.
+pub async fn fresh_database(bench: &BenchDb, name: &str) -> anyhow::Result<PgPool> {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&bench.pool).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&bench.pool).await?;
+    let pool = connect(&bench.url_for(name), 4).await?;
+    repository::MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+/// An identical copy of `template` (which must have no connections), as `name`.
+pub async fn copy_database(bench: &BenchDb, template: &str, name: &str) -> anyhow::Result<PgPool> {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&bench.pool).await?;
+    sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY")).execute(&bench.pool).await?;
+    connect(&bench.url_for(name), 4).await
+}
+
+pub async fn drop_database(bench: &BenchDb, name: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&bench.pool).await?;
+    Ok(())
+}
+
+pub async fn connect(url: &str, connections: u32) -> anyhow::Result<PgPool> {
+    let options = url.parse::<sqlx::postgres::PgConnectOptions>()?.statement_cache_capacity(2000);
+    Ok(PgPoolOptions::new().max_connections(connections).connect_with(options).await?)
+}
+
 /// Current WAL position, for measuring the WAL a step writes.
 pub async fn wal_lsn(pool: &PgPool) -> anyhow::Result<String> {
     Ok(sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(pool).await?)

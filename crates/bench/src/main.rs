@@ -1,6 +1,6 @@
 //! Benchmarks that print figures measured against a baseline in the same run.
 //!
-//! `cargo run --release -p bench -- history --rows 10000000`
+//! `cargo run --release -p bench -- history`
 //! `cargo run --release -p bench -- sessions --rows 2598000`
 
 mod db;
@@ -20,15 +20,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Removing a day of history by partition drop versus row deletes, and a steady-state
-    /// task-history run with a few due rows among many kept.
+    /// Run history: the steady state (a few due rows among many kept), a past day rewritten
+    /// against row deletes, and a backlog deleted row by row against a bare DELETE.
     History {
-        /// Rows in the day that is removed (and in the kept history).
+        /// Sections to run (steady, compaction, backlog); default: all three.
+        #[arg(long = "section", value_parser = ["steady", "compaction", "backlog"])]
+        sections: Vec<String>,
+        /// Steady state: tenants keeping long windows.
+        #[arg(long, default_value_t = 1_000)]
+        tenants: usize,
+        /// Steady state: days of history.
+        #[arg(long, default_value_t = 60)]
+        days: i64,
+        /// Steady state: tasks kept over those days.
         #[arg(long, default_value_t = 10_000_000)]
         rows: i64,
-        /// Due rows among the kept history in the steady-state run.
+        /// Steady state: due tasks arriving between runs.
         #[arg(long, default_value_t = 100)]
         due: i64,
+        /// Steady state: measured runs (after five warm-up runs).
+        #[arg(long, default_value_t = 9)]
+        samples: usize,
+        /// Compaction: due tasks in the day.
+        #[arg(long, default_value_t = 1_000_000)]
+        day_rows: i64,
+        /// Compaction: tasks the day keeps.
+        #[arg(long, default_value_t = 100_000)]
+        kept: i64,
+        /// Backlog: due tasks (each with two events).
+        #[arg(long, default_value_t = 1_000_000)]
+        backlog_tasks: i64,
+        #[arg(long, default_value_t = 100)]
+        backlog_tenants: usize,
+        #[arg(long, default_value_t = 30)]
+        backlog_days: i64,
     },
     /// Purging the reported 2.6M-row sessions backlog: the engine at full speed and paced, a bare
     /// DELETE and the common LIMIT 1000 loop on identical copies, with a foreground workload;
@@ -67,7 +92,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().bench {
-        Bench::History { rows, due } => history::run(rows, due).await,
+        Bench::History { sections, tenants, days, rows, due, samples, day_rows, kept, backlog_tasks, backlog_tenants, backlog_days } => {
+            history::run(history::Args { sections, tenants, days, rows, due, samples, day_rows, kept, backlog_tasks, backlog_tenants, backlog_days }).await
+        }
         Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only } => {
             sessions::run(sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only }).await
         }

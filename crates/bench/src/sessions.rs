@@ -25,7 +25,6 @@ use anyhow::Context;
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::SessionsTask;
 use retention_controller::{run_once_with, RunOptions, RunOutcome};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -231,7 +230,7 @@ fn print_report(idle: &Latencies, results: &[Measured]) {
 
 async fn seed(bench: &BenchDb, rows: i64) -> anyhow::Result<()> {
     sqlx::query(&format!("DROP DATABASE IF EXISTS {SEED_DB}")).execute(&bench.pool).await?;
-    let pool = fresh_database(bench, SEED_DB).await?;
+    let pool = db::fresh_database(bench, SEED_DB).await?;
     let started = Instant::now();
     eprintln!("seeding {rows} due sessions over 30 days...");
     let chunk = 500_000i64;
@@ -299,7 +298,7 @@ impl Copy {
         sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&bench.pool).await?;
         sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {SEED_DB} STRATEGY FILE_COPY")).execute(&bench.pool).await?;
         let url = bench.url_for(&name);
-        let pool = connect(&url, 4).await?;
+        let pool = db::connect(&url, 4).await?;
         // Warm the cache the same way for every strategy: the heap and its indexes.
         sqlx::query("SELECT count(*) FROM user_sessions").execute(&pool).await?;
         Ok(Copy { name, url, pool })
@@ -310,19 +309,6 @@ impl Copy {
         sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name)).execute(&bench.pool).await?;
         Ok(())
     }
-}
-
-/// A new, migrated database.
-async fn fresh_database(bench: &BenchDb, name: &str) -> anyhow::Result<PgPool> {
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&bench.pool).await?;
-    let pool = connect(&bench.url_for(name), 4).await?;
-    repository::MIGRATOR.run(&pool).await?;
-    Ok(pool)
-}
-
-async fn connect(url: &str, connections: u32) -> anyhow::Result<PgPool> {
-    let options = url.parse::<PgConnectOptions>()?;
-    Ok(PgPoolOptions::new().max_connections(connections).connect_with(options).await?)
 }
 
 // ----- the engine as a separate process ----------------------------------------------------
@@ -477,7 +463,7 @@ fn ms(duration: Duration) -> f64 {
 /// Against a bare DELETE of 100 due rows by the same rule on the same table.
 async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
     sqlx::query("DROP DATABASE IF EXISTS sessions_steady").execute(&bench.pool).await?;
-    let pool = fresh_database(bench, "sessions_steady").await?;
+    let pool = db::fresh_database(bench, "sessions_steady").await?;
     eprintln!("steady state: seeding {kept} kept sessions...");
     let started = Instant::now();
     let chunk = 1_000_000i64;

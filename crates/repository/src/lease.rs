@@ -2,11 +2,12 @@
 //! (`lease_run_id`, `lease_holder`, `lease_expires_at`). It is taken only when free or expired,
 //! by the database's clock, in one conditional upsert, so two replicas can never both take it; its
 //! holder renews it while the run goes on and clears it at the end. A holder that dies, hangs or
-//! loses the database stops renewing, and its lease expires after its time to live.
+//! loses the database stops renewing, and its lease expires after its time to live. Its writes
+//! commit without waiting for the disk (see `batch::begin_bookkeeping` for why that is safe).
 
 use std::time::Duration;
 
-use sqlx::PgExecutor;
+use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
 /// A lease on one task, held by run `run_id`.
@@ -29,13 +30,14 @@ pub enum Renewal {
 impl Lease {
     /// Takes `task`'s lease for run `run_id` of `holder` if no unexpired lease exists; never waits.
     pub async fn try_acquire(
-        executor: impl PgExecutor<'_>,
+        pool: &PgPool,
         task: &str,
         run_id: Uuid,
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<Lease>, sqlx::Error> {
         // Concurrent takers queue on the row; the second sees the first's lease and takes nothing.
+        let mut tx = crate::batch::begin_bookkeeping(pool).await?;
         let taken: Option<bool> = sqlx::query_scalar(
             "INSERT INTO maintenance_tasks AS m (task, lease_run_id, lease_holder, lease_expires_at)
              VALUES ($1, $2, $3, now() + make_interval(secs => $4))
@@ -49,13 +51,15 @@ impl Lease {
         .bind(run_id)
         .bind(holder)
         .bind(ttl.as_secs_f64())
-        .fetch_optional(executor)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(taken.map(|_| Lease { task: task.to_owned(), run_id, ttl }))
     }
 
     /// Extends the lease by its time to live from now, if it is still ours.
-    pub async fn renew(&self, executor: impl PgExecutor<'_>) -> Result<Renewal, sqlx::Error> {
+    pub async fn renew(&self, pool: &PgPool) -> Result<Renewal, sqlx::Error> {
+        let mut tx = crate::batch::begin_bookkeeping(pool).await?;
         let paused: Option<bool> = sqlx::query_scalar(
             "UPDATE maintenance_tasks SET lease_expires_at = now() + make_interval(secs => $3)
              WHERE task = $1 AND lease_run_id = $2
@@ -64,8 +68,9 @@ impl Lease {
         .bind(&self.task)
         .bind(self.run_id)
         .bind(self.ttl.as_secs_f64())
-        .fetch_optional(executor)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(match paused {
             Some(paused) => Renewal::Renewed { paused },
             None => Renewal::Lost,
@@ -73,17 +78,76 @@ impl Lease {
     }
 
     /// Clears the lease, if it is still ours; returns whether it was.
-    pub async fn release(&self, executor: impl PgExecutor<'_>) -> Result<bool, sqlx::Error> {
+    pub async fn release(&self, pool: &PgPool) -> Result<bool, sqlx::Error> {
+        let mut tx = crate::batch::begin_bookkeeping(pool).await?;
         let released = sqlx::query(
             "UPDATE maintenance_tasks SET lease_run_id = NULL, lease_holder = NULL, lease_expires_at = NULL
              WHERE task = $1 AND lease_run_id = $2",
         )
         .bind(&self.task)
         .bind(self.run_id)
-        .execute(executor)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(released.rows_affected() == 1)
     }
+}
+
+/// How asking to start a run of a task went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// The lease is this run's and the run is recorded as started.
+    Started(Lease),
+    /// Another runner holds an unexpired lease.
+    Busy,
+    /// An operator paused the task: nothing was taken.
+    Paused,
+    /// A scheduled run found the task's last run finished with nothing left less than an
+    /// interval ago: nothing was taken; it is due after this long.
+    NotDue(Duration),
+}
+
+/// Starts run `run_id` of `task` on `holder`, in one transaction: takes the task's lease if no
+/// unexpired lease exists, then, unless the task is paused or (for a `scheduled` run whose runs
+/// are `interval` apart) not due yet, records the run as started (see
+/// `maintenance::record_run_started`). Otherwise it takes nothing.
+pub async fn start_run(
+    pool: &PgPool,
+    task: &str,
+    run_id: Uuid,
+    holder: &str,
+    ttl: Duration,
+    scheduled_every: Option<Duration>,
+) -> Result<Start, sqlx::Error> {
+    let mut tx = crate::batch::begin_bookkeeping(pool).await?;
+    let taken: Option<(bool, Option<f64>)> = sqlx::query_as(
+        "INSERT INTO maintenance_tasks AS m (task, lease_run_id, lease_holder, lease_expires_at)
+         VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+         ON CONFLICT (task) DO UPDATE
+             SET lease_run_id = excluded.lease_run_id, lease_holder = excluded.lease_holder,
+                 lease_expires_at = excluded.lease_expires_at
+             WHERE m.lease_expires_at IS NULL OR m.lease_expires_at <= now()
+         RETURNING m.paused,
+                   CASE WHEN m.last_outcome = 'done'
+                        THEN extract(epoch FROM m.last_finished_at + make_interval(secs => $5) - now())::float8 END",
+    )
+    .bind(task)
+    .bind(run_id)
+    .bind(holder)
+    .bind(ttl.as_secs_f64())
+    .bind(scheduled_every.unwrap_or_default().as_secs_f64())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((paused, due_in)) = taken else { return Ok(Start::Busy) };
+    if paused {
+        return Ok(Start::Paused);
+    }
+    if let (Some(_), Some(wait)) = (scheduled_every, due_in.filter(|secs| *secs > 0.0)) {
+        return Ok(Start::NotDue(Duration::from_secs_f64(wait)));
+    }
+    crate::maintenance::record_run_started(&mut *tx, run_id, task, holder).await?;
+    tx.commit().await?;
+    Ok(Start::Started(Lease { task: task.to_owned(), run_id, ttl }))
 }
 
 /// Who holds `task`'s lease now (an unexpired lease), if anyone.

@@ -9,7 +9,6 @@ pub mod heap;
 pub mod history;
 pub mod lease;
 pub mod maintenance;
-pub mod partitions;
 pub mod queue_items;
 pub mod sessions;
 pub mod tenants;

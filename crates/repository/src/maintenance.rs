@@ -1,8 +1,9 @@
 //! The retention controller's own state: which tasks an operator paused, and the run log
-//! (`maintenance_runs`, one row per run, kept bounded).
+//! (`maintenance_runs`, one row per run, kept bounded). The run log commits without waiting for
+//! the disk (`batch::begin_bookkeeping`); a pause or resume is an operator's act and waits.
 
 use chrono::{DateTime, Utc};
-use sqlx::{FromRow, PgExecutor};
+use sqlx::{FromRow, PgExecutor, PgPool};
 use uuid::Uuid;
 
 /// Runs kept per task in `maintenance_runs`; older ones are deleted as each run finishes.
@@ -24,10 +25,10 @@ pub async fn set_paused(executor: impl PgExecutor<'_>, task: &str, paused: bool)
     Ok(changed.unwrap_or(false))
 }
 
-/// Records that run `run_id` of `task` started on `replica`. Call it holding the task's lease:
-/// earlier runs of the task still marked as running were abandoned (their runner died) and are
-/// recorded as failed.
-pub async fn run_started(executor: impl PgExecutor<'_>, run_id: Uuid, task: &str, replica: &str) -> Result<(), sqlx::Error> {
+/// Records that run `run_id` of `task` started on `replica`, in the caller's transaction, which
+/// holds the task's lease (see `lease::start_run`): earlier runs of the task still marked as
+/// running were abandoned (their runner died) and are recorded as failed.
+pub async fn record_run_started(executor: impl PgExecutor<'_>, run_id: Uuid, task: &str, replica: &str) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH abandoned AS (
              UPDATE maintenance_runs SET finished_at = now(), outcome = 'failed',
@@ -45,6 +46,14 @@ pub async fn run_started(executor: impl PgExecutor<'_>, run_id: Uuid, task: &str
     .bind(replica)
     .execute(executor)
     .await?;
+    Ok(())
+}
+
+/// Records that run `run_id` of `task` started on `replica` (for a caller holding the lease).
+pub async fn run_started(pool: &PgPool, run_id: Uuid, task: &str, replica: &str) -> Result<(), sqlx::Error> {
+    let mut tx = crate::batch::begin_bookkeeping(pool).await?;
+    record_run_started(&mut *tx, run_id, task, replica).await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -68,8 +77,47 @@ impl Outcome {
     }
 }
 
+/// Records how run `run_id` ended and trims the task's log to [`RUNS_KEPT_PER_TASK`] runs, then
+/// releases the run's lease, in one transaction. Returns whether the lease was still the run's.
+pub async fn finish_run(
+    pool: &PgPool,
+    run_id: Uuid,
+    task: &str,
+    rows: u64,
+    outcome: Outcome,
+    error: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = crate::batch::begin_bookkeeping(pool).await?;
+    record_run_finished(&mut *tx, run_id, task, rows, outcome, error).await?;
+    let released = sqlx::query(
+        "UPDATE maintenance_tasks SET lease_run_id = NULL, lease_holder = NULL, lease_expires_at = NULL
+         WHERE task = $1 AND lease_run_id = $2",
+    )
+    .bind(task)
+    .bind(run_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(released == 1)
+}
+
 /// Records how run `run_id` ended, and trims the task's log to [`RUNS_KEPT_PER_TASK`] runs.
 pub async fn run_finished(
+    pool: &PgPool,
+    run_id: Uuid,
+    task: &str,
+    rows: u64,
+    outcome: Outcome,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = crate::batch::begin_bookkeeping(pool).await?;
+    record_run_finished(&mut *tx, run_id, task, rows, outcome, error).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn record_run_finished(
     executor: impl PgExecutor<'_>,
     run_id: Uuid,
     task: &str,

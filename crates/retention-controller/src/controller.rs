@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use repository::maintenance::{self, Outcome};
-use repository::lease::{Lease, Renewal};
+use repository::lease::{self, Lease, Renewal, Start};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -66,22 +66,25 @@ pub async fn run_once_with(
     let span = tracing::info_span!("retention_run", task = task.name(), %run_id);
     async {
         let asked = Instant::now();
-        let Some(lease) = Lease::try_acquire(pool, task.name(), run_id, replica(), options.lease_ttl).await? else {
-            tracing::debug!("another runner holds the task's lease; skipping");
-            telemetry::run_skipped(task.name(), "busy");
-            return Ok(RunOutcome::Busy);
+        // The lease, the pause and schedule check, and the run's record: one transaction.
+        let scheduled_every = options.scheduled.then(|| task.schedule().interval);
+        let lease = match lease::start_run(pool, task.name(), run_id, replica(), options.lease_ttl, scheduled_every).await? {
+            Start::Started(lease) => lease,
+            Start::Busy => {
+                tracing::debug!("another runner holds the task's lease; skipping");
+                telemetry::run_skipped(task.name(), "busy");
+                return Ok(RunOutcome::Busy);
+            }
+            Start::Paused => {
+                tracing::debug!("the task is paused; skipping");
+                telemetry::run_skipped(task.name(), "paused");
+                return Ok(RunOutcome::Paused);
+            }
+            Start::NotDue(wait) => {
+                tracing::debug!(due_in_ms = wait.as_millis() as u64, "ran elsewhere recently; not due yet");
+                return Ok(RunOutcome::NotDue(wait));
+            }
         };
-        match admit(task, pool, run_id, options).await {
-            Ok(None) => {}
-            Ok(Some(skipped)) => {
-                release(&lease, pool).await;
-                return Ok(skipped);
-            }
-            Err(error) => {
-                release(&lease, pool).await;
-                return Err(error.into());
-            }
-        }
         let schedule = task.schedule();
         // The run stops when shut down or when its lease keeper says so.
         let stop = cancel.child_token();
@@ -99,11 +102,16 @@ pub async fn run_once_with(
             Ok(report) => (outcome_of(report.completion), report.deleted, stopped_because.map(|r| r.as_str().to_owned())),
             Err(error) => (Outcome::Failed, 0, Some(error_chain(error))),
         };
-        if let Err(error) = maintenance::run_finished(pool, run_id, task.name(), rows, outcome, error.as_deref()).await {
-            tracing::warn!(%error, "recording the run in maintenance_runs failed");
+        // The run's record and the lease's release: one transaction. If it fails (the database
+        // is unreachable) the lease expires on its own.
+        match maintenance::finish_run(pool, run_id, task.name(), rows, outcome, error.as_deref()).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("the task's lease had passed to another runner before the run ended"),
+            Err(error) => {
+                tracing::warn!(%error, ttl_ms = lease.ttl.as_millis() as u64, "recording the run's end failed; its lease expires on its own")
+            }
         }
         telemetry::run_finished(task.name(), elapsed, outcome, result.as_ref().ok());
-        release(&lease, pool).await;
         telemetry::lease_held(task.name(), replica(), false);
         if matches!(&result, Ok(report) if report.completion == Completion::Done) {
             telemetry::rows_due(task.name(), 0); // as of the run's start, nothing is left
@@ -127,23 +135,6 @@ pub async fn run_once_with(
     }
     .instrument(span)
     .await
-}
-
-/// Under the task's lease: whether the run may start (`None`, and it is recorded as started) or
-/// is skipped, because the task is paused or, for a scheduled run, not due yet.
-async fn admit(task: &dyn MaintenanceTask, pool: &PgPool, run_id: Uuid, options: &RunOptions) -> Result<Option<RunOutcome>, sqlx::Error> {
-    let gate = maintenance::gate(pool, task.name(), task.schedule().interval).await?;
-    if gate.paused {
-        tracing::debug!("the task is paused; skipping");
-        telemetry::run_skipped(task.name(), "paused");
-        return Ok(Some(RunOutcome::Paused));
-    }
-    if let (true, Some(wait)) = (options.scheduled, gate.due_in) {
-        tracing::debug!(due_in_ms = wait.as_millis() as u64, "ran elsewhere recently; not due yet");
-        return Ok(Some(RunOutcome::NotDue(wait)));
-    }
-    maintenance::run_started(pool, run_id, task.name(), replica()).await?;
-    Ok(None)
 }
 
 /// Runs `task` with its lease keeper beside it (one tokio task, so nothing outlives the run); when
@@ -231,15 +222,6 @@ async fn keep(lease: &Lease, pool: &PgPool, asked: Instant) -> StopReason {
         if confirmed.elapsed() >= lease.ttl / 2 {
             return StopReason::LeaseNotRenewed;
         }
-    }
-}
-
-/// Clears the lease; if that fails (the database is unreachable) it expires on its own.
-async fn release(lease: &Lease, pool: &PgPool) {
-    match lease.release(pool).await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!("the task's lease had passed to another runner before the run ended"),
-        Err(error) => tracing::warn!(%error, ttl_ms = lease.ttl.as_millis() as u64, "releasing the task's lease failed; it expires on its own"),
     }
 }
 

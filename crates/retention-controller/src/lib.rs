@@ -10,6 +10,8 @@
 pub mod batching;
 mod block_walk;
 mod controller;
+mod history;
+pub mod history_policy;
 pub mod schedule;
 pub mod settings;
 mod statistics;

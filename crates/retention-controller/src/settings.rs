@@ -40,6 +40,8 @@ pub const DEFAULT_FULL_SPEED_BATCH_TIME: Duration = Duration::from_millis(50);
 pub const DEFAULT_PAUSE_RATIO: f64 = 1.0;
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest wait for the history tables' lock when a range is attached, rewritten or dropped.
+pub const DEFAULT_HISTORY_LOCK_TIMEOUT: Duration = SECOND;
 /// A dead runner holds its task at most this long; its run renews the lease every third of it.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -203,6 +205,10 @@ pub struct TaskHistorySettings {
     /// A deleted tenant's history is kept this long after `deleted_at`, then all of it goes.
     #[serde(with = "humantime_serde")]
     pub deleted_tenant_grace: Duration,
+    /// Whether a past range that keeps little next to what is due may be rewritten with only
+    /// its kept rows (its old partitions dropped whole), when that costs less than deleting the
+    /// due rows one batch at a time. Off: every due row goes by row deletes.
+    pub compaction: bool,
     /// The most tasks a batch deletes (with their events and queue items); batches adapt below
     /// it toward `retention.pacing.batch_time`.
     pub batch_size: u32,
@@ -219,6 +225,7 @@ impl Default for TaskHistorySettings {
         TaskHistorySettings {
             interval: DEFAULT_HISTORY_INTERVAL,
             deleted_tenant_grace: DAY,
+            compaction: true,
             batch_size: DEFAULT_HISTORY_BATCH_SIZE,
             max_run_time: DEFAULT_MAX_RUN_TIME,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
@@ -256,7 +263,7 @@ impl Default for PartitionsSettings {
         PartitionsSettings {
             interval: HOUR,
             premake_days: 7,
-            lock_timeout: SECOND,
+            lock_timeout: DEFAULT_HISTORY_LOCK_TIMEOUT,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             max_run_time: DEFAULT_MAX_RUN_TIME,
         }

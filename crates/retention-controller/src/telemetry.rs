@@ -6,7 +6,8 @@
 //! | `retention_runs_total` | `task`, `outcome` | runs by outcome: `done`, `deadline reached`, `cancelled`, `failed`, and skipped ones: `busy` (held elsewhere), `paused` |
 //! | `retention_rows_deleted_total` | `task`, `rule` | rows deleted, by part of the task's rule |
 //! | `retention_tenant_rows_deleted_total` | `task`, `tenant` | tasks deleted row by row, per tenant id (`task-history`) |
-//! | `retention_partitions_dropped_total` | `task` | days dropped whole, each its `tasks` and `task_events` partitions (`partitions`) |
+//! | `retention_partitions_dropped_total` | `task` | ranges of run history replaced by a rewrite (compaction or merge), each a `tasks` and a `task_events` partition dropped whole |
+//! | `retention_history_lock_seconds` | `task` | histogram of how long the history tables' exclusive lock was held to attach or swap ranges |
 //! | `retention_rows_due` | `task` | estimate of rows still due: live during a run that can tell (`sessions`), 0 when a run leaves nothing due |
 //! | `retention_run_events_total` | `task`, `event` | other things runs did: `days dropped`, `days created`, `heap pages walked`, `pages skipped`, `analyzed`, ... |
 //! | `retention_run_duration_seconds` | `task` | histogram of run durations |
@@ -29,6 +30,10 @@ pub(crate) fn lease_held(task: &'static str, replica: &'static str, held: bool) 
     metrics::gauge!("retention_lease_held", "task" => task, "replica" => replica).set(if held { 1.0 } else { 0.0 });
 }
 
+pub(crate) fn history_lock_held(task: &'static str, held: Duration) {
+    metrics::histogram!("retention_history_lock_seconds", "task" => task).record(held.as_secs_f64());
+}
+
 pub(crate) fn rows_due(task: &'static str, rows: u64) {
     metrics::gauge!("retention_rows_due", "task" => task).set(rows as f64);
 }
@@ -46,7 +51,7 @@ pub(crate) fn run_finished(task: &'static str, elapsed: Duration, outcome: Outco
     }
     for (event, n) in &report.counters {
         metrics::counter!("retention_run_events_total", "task" => task, "event" => *event).increment(*n);
-        if *event == crate::tasks::partitions::DAYS_DROPPED {
+        if *event == crate::history::RANGES_REPLACED {
             metrics::counter!("retention_partitions_dropped_total", "task" => task).increment(*n);
         }
     }

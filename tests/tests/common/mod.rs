@@ -190,6 +190,7 @@ pub fn fixed_batches() -> retention_controller::RunOptions {
 /// Runs `task` once to completion (it must not be held elsewhere), at full speed with
 /// [`fixed_batches`].
 pub async fn run_task(task: &dyn retention_controller::MaintenanceTask, pool: &PgPool) -> retention_controller::RunReport {
+    show_logs();
     let cancel = tokio_util::sync::CancellationToken::new();
     match retention_controller::run_once_with(task, pool, &cancel, &fixed_batches()).await.unwrap() {
         retention_controller::RunOutcome::Ran(summary) => summary.report,
@@ -197,20 +198,83 @@ pub async fn run_task(task: &dyn retention_controller::MaintenanceTask, pool: &P
     }
 }
 
-/// Names of the attached day partitions of `tasks`.
+/// Names of the attached partitions of `tasks` other than the default and the future ones.
 pub async fn day_partitions(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = 'tasks'::regclass AND c.relname <> 'tasks_default' ORDER BY 1",
+         WHERE i.inhparent = 'tasks'::regclass AND c.relname NOT IN ('tasks_default', 'tasks_future') ORDER BY 1",
     )
     .fetch_all(pool)
     .await
     .unwrap()
 }
 
-/// Creates the day partitions for `day` (as the partitions task would have, back then).
+/// Makes sure `day` has a range of its own: before the managed area, by moving its start back
+/// (every day from `day` on gets one); ahead, by carving days out of the future range.
 pub async fn create_day(pool: &PgPool, day: chrono::NaiveDate) {
     let mut tx = pool.begin().await.unwrap();
-    repository::partitions::create_day(&mut tx, day).await.unwrap();
+    repository::history::ranges::take_layout_lock(&mut tx, true).await.unwrap();
+    let wait = std::time::Duration::from_secs(5);
+    repository::history::ranges::extend_back(&mut tx, day, wait).await.unwrap();
+    repository::history::ranges::carve_days(&mut tx, day, wait).await.unwrap();
     tx.commit().await.unwrap();
+}
+
+/// The start of a UTC day.
+pub fn day_start(day: chrono::NaiveDate) -> DateTime<Utc> {
+    repository::history::ranges::day_start(day)
+}
+
+/// A task with one event (created at its insertion) and one queue item; returns all three keys.
+pub async fn insert_task_with_children(
+    pool: &PgPool,
+    tenant: Uuid,
+    status: &str,
+    inserted_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+) -> (TaskKey, i64, i64) {
+    let task = insert_task(pool, tenant, status, inserted_at, finished_at).await;
+    let event = insert_event(pool, tenant, task, inserted_at).await;
+    let item = insert_queue_item(pool, tenant, task).await;
+    (task, event, item)
+}
+
+/// Rows expected to be left.
+#[derive(Default)]
+pub struct Expect {
+    pub tasks: Vec<TaskKey>,
+    pub events: Vec<i64>,
+    pub items: Vec<i64>,
+}
+
+impl Expect {
+    /// A task kept with its event and its queue item.
+    pub fn add(&mut self, (task, event, item): (TaskKey, i64, i64)) {
+        self.tasks.push(task);
+        self.events.push(event);
+        self.items.push(item);
+    }
+
+    /// A task kept with its event whose queue item is due (the queue-items rule: the task is
+    /// finished, or its tenant deleted).
+    pub fn add_without_item(&mut self, (task, event, _): (TaskKey, i64, i64)) {
+        self.tasks.push(task);
+        self.events.push(event);
+    }
+}
+
+/// Fails naming only the rows that differ between what is left and what should be.
+pub fn same<T: Ord + std::fmt::Debug + Clone>(actual: Vec<T>, expected: Vec<T>, what: &str) {
+    if actual != expected {
+        let gone_wrongly: Vec<&T> = expected.iter().filter(|x| !actual.contains(x)).collect();
+        let kept_wrongly: Vec<&T> = actual.iter().filter(|x| !expected.contains(x)).collect();
+        panic!("{what}: deleted but should be kept: {gone_wrongly:?}; left but should be deleted: {kept_wrongly:?}");
+    }
+}
+
+/// With `RUST_LOG` set, the engine's logs go to the test's output (`--nocapture` shows them).
+pub fn show_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    }
 }

@@ -16,7 +16,10 @@ pub mod task_history;
 pub fn all(settings: &RetentionSettings) -> Vec<Arc<dyn MaintenanceTask>> {
     vec![
         Arc::new(partitions::PartitionsTask::new(settings.partitions.clone(), settings.task_history.deleted_tenant_grace)),
-        Arc::new(task_history::TaskHistoryTask::new(settings.task_history.clone())),
+        Arc::new(
+            task_history::TaskHistoryTask::new(settings.task_history.clone())
+                .with_compaction_lock_timeout(settings.partitions.lock_timeout),
+        ),
         Arc::new(queue_items::QueueItemsTask::new(settings.queue_items.clone())),
         Arc::new(sessions::SessionsTask::new(settings.sessions.clone())),
     ]

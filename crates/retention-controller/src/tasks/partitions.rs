@@ -1,22 +1,31 @@
-//! `partitions`: keeps day partitions of `tasks` and `task_events` ready ahead of today, and
-//! removes a past day whole once every row in it is due under every tenant's rules (see
-//! `repository::partitions` for how, and why a day holding a queued or running task of a live
-//! tenant is never dropped).
+//! `partitions`: keeps the layout of run history (see `repository::history`) in shape:
+//!
+//! * days ahead: today and the next `premake_days - 1` days each get a range, carved out of the
+//!   future range (which takes any later instant, so no insert ever fails);
+//! * the catalog and the engine's records agree: a partition pair attached by hand is adopted, a
+//!   range detached by hand is forgotten (never touched) and its hole filled with an empty range;
+//! * the number of attached partitions stays bounded whatever is kept forever: ranges older than
+//!   every finite retention merge by quarter of a month, then month, then year
+//!   (`history_policy::merge_plan`), each merge a rewrite that copies what the ranges keep;
+//! * tables the engine detached are dropped (by OID), also those a crash left behind.
 
-use chrono::{DateTime, NaiveDate, Utc};
-use repository::{clock, partitions, PgPool};
+use chrono::{DateTime, Utc};
+use repository::batch::{self, BatchLimits};
+use repository::history::{detached, facts, ranges, Range, RangeKind};
+use repository::{clock, PgPool};
 
+use crate::history::{self as shared, RemovedAs, RewriteWith};
+use crate::history_policy::{cold_horizon, merge_plan, Span};
 use crate::schedule::Schedule;
 use crate::settings::PartitionsSettings;
 use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
 
 pub const NAME: &str = "partitions";
-/// The run-report counter of days whose partitions were dropped whole.
-pub const DAYS_DROPPED: &str = "days dropped";
 
 pub struct PartitionsTask {
     settings: PartitionsSettings,
-    /// The grace after which a deleted tenant's rows are due (`retention.task_history`).
+    /// The grace after which a deleted tenant's rows are due (`retention.task_history`): a merge
+    /// copies only what is kept.
     deleted_tenant_grace: std::time::Duration,
 }
 
@@ -25,20 +34,75 @@ impl PartitionsTask {
         PartitionsTask { settings, deleted_tenant_grace }
     }
 
-    fn days_ahead(&self, now: DateTime<Utc>) -> impl Iterator<Item = NaiveDate> {
-        let today = now.date_naive();
-        (0..i64::from(self.settings.premake_days)).map(move |n| today + chrono::Duration::days(n))
+    fn limits(&self) -> BatchLimits {
+        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_history_write().with_generic_plans()
     }
 
-    /// Past days whose rows are all due now.
-    async fn removable_days(&self, pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<NaiveDate>, TaskError> {
-        Ok(partitions::summarise_partitions(pool, now, self.deleted_tenant_grace)
+    /// The last day to have a range: today plus `premake_days - 1`.
+    fn through(&self, now: DateTime<Utc>) -> chrono::NaiveDate {
+        now.date_naive() + chrono::Duration::days(i64::from(self.settings.premake_days.max(1)) - 1)
+    }
+
+    /// Reconciles the layout with the catalog and carves the days ahead, in one transaction under
+    /// the layout lock. Another runner changing the layout, or a lock not had in time, leaves it
+    /// to the next run.
+    async fn shape_layout(&self, pool: &PgPool, now: DateTime<Utc>, report: &mut RunReport) -> Result<(), TaskError> {
+        if ranges::in_shape(pool, self.through(now)).await? {
+            return Ok(());
+        }
+        let mut tx = batch::begin(pool, self.limits()).await?;
+        if !ranges::take_layout_lock(&mut tx, false).await? {
+            tracing::info!("another runner is changing the history layout; days ahead are checked next run");
+            return Ok(());
+        }
+        let reconciled = ranges::reconcile(&mut tx).await?;
+        let carved = match ranges::carve_days(&mut tx, self.through(now), self.settings.lock_timeout).await {
+            Ok(carved) => carved,
+            // A lock the DDL could not get in time: retried on the next run, not a failure.
+            Err(error) if batch::is_lock_timeout(&error) => {
+                tracing::warn!("could not lock the history tables in time to add days; retrying next run");
+                return Ok(());
+            }
+            Err(error) => return Err(error.into()),
+        };
+        tx.commit().await?;
+        if !reconciled.adopted.is_empty() {
+            tracing::warn!(partitions = ?reconciled.adopted, "adopted partitions attached by hand; their facts are rebuilt before use");
+            report.count("partitions adopted", reconciled.adopted.len() as u64);
+        }
+        if !reconciled.forgotten.is_empty() {
+            tracing::warn!(partitions = ?reconciled.forgotten, "partitions were detached by hand: left alone, and their instants given to an empty range");
+        }
+        if !reconciled.filled.is_empty() {
+            report.count("holes filled", reconciled.filled.len() as u64);
+        }
+        if !carved.days.is_empty() {
+            tracing::info!(days = ?carved.days, rows_moved = carved.rows_moved, lock_ms = carved.locked.as_millis() as u64, "created day ranges");
+            report.count("days created", carved.days.len() as u64);
+            crate::telemetry::history_lock_held(NAME, carved.locked);
+        }
+        Ok(())
+    }
+
+    /// The merges due now: groups of adjacent cold ranges.
+    async fn merges(&self, pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<Vec<Range>>, TaskError> {
+        let horizon = cold_horizon(now, facts::longest_window(pool).await?);
+        let finite: Vec<Range> = ranges::all(pool)
             .await?
             .into_iter()
-            .filter_map(|(partition, summary)| {
-                let day = partition.day?;
-                (partitions::removal_candidate(day, now) && summary?.wholly_due()).then_some(day)
+            .filter(|r| r.kind == RangeKind::Range && r.lower.is_some() && r.upper.is_some())
+            .collect();
+        let spans: Vec<Span> = finite
+            .iter()
+            .map(|r| Span {
+                lower: r.lower.unwrap(),
+                upper: r.upper.unwrap(),
+                mergeable: !r.is_live(now) && !r.needs_settle(now),
             })
+            .collect();
+        Ok(merge_plan(&spans, horizon)
+            .into_iter()
+            .map(|group| group.into_iter().map(|i| finite[i].clone()).collect())
             .collect())
     }
 }
@@ -54,82 +118,64 @@ impl MaintenanceTask for PartitionsTask {
     }
 
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
-        let now = clock::now(&ctx.pool).await?;
         let mut report = RunReport::default();
-        let limits = repository::batch::BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout);
-        // Finish a removal a crash interrupted after its DETACH.
-        let mut conn = ctx.pool.acquire().await?;
-        let leftovers = partitions::drop_detached_days(&mut conn).await?;
-        if !leftovers.is_empty() {
-            tracing::warn!(tables = ?leftovers, "dropped day tables left detached by an interrupted run");
+        let limits = self.limits();
+        // Tables detached by an earlier rewrite whose drop did not happen (a crash, a reader).
+        let leftovers = detached::drop_recorded(&ctx.pool, self.settings.lock_timeout).await?;
+        if !leftovers.dropped.is_empty() {
+            tracing::warn!(tables = ?leftovers.dropped, "dropped tables an interrupted run had detached");
         }
-        drop(conn);
-        for day in self.days_ahead(now) {
-            if partitions::day_exists(&ctx.pool, day).await? {
-                continue;
-            }
-            let mut tx = repository::batch::begin(&ctx.pool, limits).await?;
-            match partitions::create_day(&mut tx, day).await {
-                Ok(moved) => {
-                    tx.commit().await?;
-                    tracing::info!(%day, moved_from_default = moved, "created day partitions");
-                    report.count("days created", 1);
-                }
-                // A lock the DDL could not get in time: retried on the next run, not a failure.
-                Err(error) if repository::batch::is_lock_timeout(&error) => {
-                    tracing::warn!(%day, "could not lock the history tables in time to add a day; retrying next run");
-                }
-                Err(error) => return Err(error.into()),
-            }
+        if !leftovers.left_alone.is_empty() {
+            tracing::warn!(tables = ?leftovers.left_alone, "tables the engine detached were renamed or attached again: left alone");
         }
-        for day in self.removable_days(&ctx.pool, now).await? {
+        let now = clock::now(&ctx.pool).await?;
+        self.shape_layout(&ctx.pool, now, &mut report).await?;
+        shared::refresh_facts(ctx, limits, &mut report).await?;
+        for group in self.merges(&ctx.pool, now).await? {
             if let Some(stop) = ctx.interrupted() {
                 report.completion = stop;
                 break;
             }
-            let mut tx = repository::batch::begin(&ctx.pool, limits).await?;
-            match partitions::remove_day(&mut tx, day, now, self.deleted_tenant_grace, self.settings.lock_timeout).await {
-                Ok(removal) => {
-                    tx.commit().await?;
-                    // The files go outside the parents' lock.
-                    let mut conn = ctx.pool.acquire().await?;
-                    partitions::drop_detached_days(&mut conn).await?;
-                    tracing::info!(
-                        %day,
-                        tasks = removal.tasks_dropped,
-                        events = removal.events_dropped,
-                        queue_items = removal.queue_items_deleted,
-                        kept = removal.tasks_kept,
-                        "dropped day partitions"
-                    );
-                    report.batches += 1;
-                    report.count(DAYS_DROPPED, 1);
-                    report.add_rows("tasks", removal.tasks_dropped as u64);
-                    report.add_rows("events", removal.events_dropped as u64);
-                    report.add_rows("queue-items", removal.queue_items_deleted as u64);
-                }
-                // A lock the DDL could not get in time: retried on the next run, not a failure.
-                Err(error) if repository::batch::is_lock_timeout(&error) => {
-                    tracing::warn!(%day, "could not lock the history tables in time to drop a day; retrying next run");
-                }
-                Err(error) => return Err(error.into()),
+            let with = RewriteWith {
+                task: NAME,
+                grace: self.deleted_tenant_grace,
+                limits,
+                lock_timeout: self.settings.lock_timeout,
+                // A merge can wait for the next run.
+                wait: false,
+                removed_as: RemovedAs::Tables,
+            };
+            let merged = shared::rewrite(ctx, &group, with, &mut report).await?;
+            if merged.is_some() {
+                report.count("ranges merged", 1);
             }
         }
         Ok(report)
     }
 
+    /// What a run would do now: the days it would create and the ranges it would merge (merges
+    /// drop nothing that `task-history` has not already deleted, as a rule).
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let now = clock::now(pool).await?;
         let mut report = DryRunReport::default();
-        for day in self.removable_days(pool, now).await? {
-            let by_tenant = partitions::tasks_by_tenant(pool, &partitions::tasks_partition_name(day)).await?;
-            let events = partitions::estimated_rows(pool, &partitions::events_partition_name(day)).await?;
-            let tasks: i64 = by_tenant.iter().map(|(_, n)| n).sum();
-            tracing::info!(%day, tasks, events, "would drop this day's partitions (events are a planner estimate)");
-            report.add("tasks", tasks as u64);
-            report.add("events (estimated)", events as u64);
-            for (tenant, n) in by_tenant {
-                report.add_tenant(tenant, n as u64);
+        let future = ranges::all(pool).await?.into_iter().find(|r| r.kind == RangeKind::Future);
+        if let Some(lower) = future.and_then(|f| f.lower) {
+            let missing = (self.through(now) - lower.date_naive()).num_days() + 1;
+            if missing > 0 {
+                tracing::info!(from = %lower.date_naive(), days = missing, "would create day ranges");
+            }
+        }
+        for group in self.merges(pool, now).await? {
+            let names: Vec<&str> = group.iter().map(|r| r.tasks_name.as_str()).collect();
+            tracing::info!(ranges = ?names, "would merge these ranges into one");
+            for range in &group {
+                for pair in facts::pairs_of(pool, range.tasks_relid, self.deleted_tenant_grace).await? {
+                    let due = pair.due_estimate().round() as u64;
+                    if due > 0 {
+                        report.add("tasks (estimated)", due);
+                        report.add_tenant(pair.tenant_id, due);
+                    }
+                }
             }
         }
         Ok(report)

@@ -1,27 +1,34 @@
-//! `task-history`: per-tenant retention of run history.
+//! `task-history`: per-tenant retention of run history. After a run that ends `done`, no task
+//! that was due when it started remains, nor its events and queue items.
 //!
-//! * For each live tenant (`deleted_at IS NULL`) with a `data_retention_period` P: tasks whose
-//!   status is final (succeeded, failed, cancelled) and whose `finished_at` (else `inserted_at`)
-//!   is older than now - P, with their events and queue items, in one transaction per batch.
-//!   Queued and running tasks of a live tenant are never deleted; NULL retention keeps forever.
-//! * Tenants deleted more than `deleted_tenant_grace` ago: every task, event and queue item.
-//! * Events older than an hour whose task does not exist (orphans).
+//! * Due (`retention_task_due`, the one rule): a final task (succeeded, failed, cancelled) of a
+//!   live tenant whose `finished_at` (else `inserted_at`) is older than now minus its
+//!   `data_retention_period`; every task of a tenant deleted more than `deleted_tenant_grace` ago.
+//!   Queued and running tasks of a live tenant never; NULL retention keeps forever; rows of a
+//!   tenant id with no tenants row are named by no rule. Evaluated against the tenant's row as it
+//!   is in every batch.
+//! * Orphan events (whose task does not exist) older than an hour.
 //!
-//! Days are left to the `partitions` task, which drops a day whole once all of its rows are
-//! due: row deletes in a day take only the rows of tenants whose retention is shorter than the
-//! longest one present, unless the day can never be dropped by time alone (rows kept forever,
-//! unknown tenants, queued or running tasks), when every due row goes row by row.
+//! The run finds what is due from the facts (`repository::history::facts`): the (range, tenant)
+//! pairs whose next due instant has come, the pairs of purged tenants, and, in ranges whose own
+//! day is still live, one probe per tenant whose window is shorter than the range's age. For each
+//! range it then chooses (`history_policy::choose`, by the costs measured here) between deleting
+//! the due rows one batch at a time and rewriting the range with only what it keeps.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use repository::batch::{self, BatchLimits};
-use repository::history::{self, Deleted, Partition};
-use repository::tenants::{self, HistoryRules};
-use chrono::{DateTime, Utc};
-use repository::{clock, partitions, watermarks, PgPool};
-
+use repository::history::deletes::{self, PairRef, Walk};
+use repository::history::facts::{self, Pair};
+use repository::history::{ranges, Range, RangeKind, ORPHAN_AGE};
+use repository::{clock, watermarks, PgPool};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::batching::{BatchSizer, Settled};
+use crate::batching::Settled;
+use crate::history::{self as shared, RemovedAs, RewriteWith};
+use crate::history_policy::{choose, Costs, Estimate, Removal};
 use crate::schedule::Schedule;
 use crate::settings::TaskHistorySettings;
 use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
@@ -31,122 +38,173 @@ const ORPHAN_WATERMARK: &str = "task-history.orphan-events";
 
 pub struct TaskHistoryTask {
     settings: TaskHistorySettings,
+    /// The wait for the parents' lock when a range is compacted.
+    compaction_lock_timeout: Duration,
+    /// The measured costs, and when they were read: they move slowly, so a run reads them at
+    /// most every few minutes.
+    costs: std::sync::Mutex<Option<(Costs, std::time::Instant)>>,
 }
+
+/// How long measured costs are used before they are read again.
+const COSTS_READ_EVERY: Duration = Duration::from_secs(300);
+
+/// How one pair's row deletes ended.
+enum PairDone {
+    Finished,
+    Interrupted,
+    /// The range is being rewritten (or is gone): plan again once the rewrite is over.
+    RangeMissing,
+}
+
+/// What row deletes cost in a run: the time their batches took and the tasks they deleted.
+#[derive(Default)]
+struct RowDeleteCost {
+    spent: Duration,
+    tasks: u64,
+}
+
+/// The work of one run, range by range.
+type Plan = Vec<(Range, Vec<Pair>)>;
 
 impl TaskHistoryTask {
     pub fn new(settings: TaskHistorySettings) -> Self {
-        TaskHistoryTask { settings }
+        TaskHistoryTask { settings, compaction_lock_timeout: crate::settings::DEFAULT_HISTORY_LOCK_TIMEOUT, costs: Default::default() }
+    }
+
+    /// Compactions wait this long at most for the history tables' lock (`retention.partitions.lock_timeout`).
+    pub fn with_compaction_lock_timeout(self, lock_timeout: Duration) -> Self {
+        TaskHistoryTask { compaction_lock_timeout: lock_timeout, ..self }
     }
 
     fn limits(&self, ctx: &RunContext) -> BatchLimits {
         ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans())
+            .with_history_write()
     }
 
-    /// Each partition with the rules to apply in it row by row: every rule in the default (and
-    /// any foreign) partition; in a day, what its summary leaves to row deletes (see
-    /// `DaySummary::row_rules`). Partitions with nothing to delete are left out.
-    async fn plan(&self, pool: &PgPool, now: DateTime<Utc>, rules: &HistoryRules) -> Result<Vec<(Partition, HistoryRules)>, TaskError> {
-        let mut plan = Vec::new();
-        for (partition, summary) in partitions::summarise_partitions(pool, now, self.settings.deleted_tenant_grace).await? {
-            let here = match (partition.day, summary) {
-                (Some(day), Some(summary)) => summary.row_rules(rules, partitions::removal_candidate(day, now)),
-                _ => rules.clone(),
-            };
-            if !here.live.is_empty() || !here.purged.is_empty() {
-                plan.push((partition, here));
+    /// Every range with something due now, with its due pairs, and the database's clock.
+    async fn plan(&self, pool: &PgPool) -> Result<(Plan, chrono::DateTime<chrono::Utc>), TaskError> {
+        let mut tx = repository::batch::begin_bookkeeping(pool).await?;
+        let now = clock::now(&mut *tx).await?;
+        let grace = self.settings.deleted_tenant_grace;
+        let all = ranges::all(&mut *tx).await?;
+        let mut pairs = facts::due_pairs(&mut *tx, grace).await?;
+        for range in all.iter().filter(|r| r.is_live(now)) {
+            for probed in facts::probe(&mut *tx, range, grace).await? {
+                if !pairs.iter().any(|p| p.tasks_relid == probed.tasks_relid && p.tenant_id == probed.tenant_id) {
+                    pairs.push(probed);
+                }
             }
         }
-        Ok(plan)
+        tx.commit().await?;
+        let mut by_range: BTreeMap<u32, Vec<Pair>> = BTreeMap::new();
+        for pair in pairs {
+            by_range.entry(pair.tasks_relid.0).or_default().push(pair);
+        }
+        Ok((all.into_iter().filter_map(|range| by_range.remove(&range.tasks_relid.0).map(|pairs| (range, pairs))).collect(), now))
     }
 
-    /// Deletes batch after batch from one partition until a batch comes back short.
-    async fn purge_partition(
+    /// Deletes the due rows of one pair, batch by batch, then probes the pair again.
+    async fn delete_pair(
         &self,
         ctx: &RunContext,
-        partition: &str,
-        rules: &HistoryRules,
+        range: &Range,
+        pair: &Pair,
         report: &mut RunReport,
-    ) -> Result<bool, TaskError> {
+        cost: &mut RowDeleteCost,
+    ) -> Result<(PairDone, i64), TaskError> {
+        let target = PairRef::new(range, pair.tenant_id);
+        let mut walk = if pair.purged { Walk::purged() } else { Walk::retained() };
+        let rule = if pair.purged { "deleted-tenants" } else { "retention" };
         let mut sizer = ctx.row_sizer(self.settings.batch_size);
-        let mut cursors = history::Cursors::new();
-        loop {
-            if let Some(stop) = ctx.interrupted() {
-                report.completion = stop;
-                return Ok(false);
+        let mut deleted_here = 0i64;
+        let outcome = loop {
+            if ctx.interrupted().is_some() {
+                break PairDone::Interrupted;
             }
             let limit = sizer.size();
-            // The cursors move only with a committed batch.
-            let mut moved = cursors.clone();
+            let mut moved = walk.clone();
             let started = Instant::now();
             let result = async {
                 let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
-                let deleted = history::delete_retained_batch(&mut *tx, partition, rules, &mut moved, limit).await?;
+                let done = deletes::delete_batch(&mut *tx, &target, &mut moved, self.settings.deleted_tenant_grace, limit).await?;
+                // A missing range needs no facts (and its transaction may have failed on a
+                // dropped table: nothing more may run in it).
+                if !done.range_missing && done.examined < i64::from(limit) {
+                    // The walk ends with this batch: the pair's facts move on in its transaction.
+                    let deleted = deleted_here + done.deleted.tasks;
+                    facts::resummarise(&mut tx, &[(range.tasks_relid, pair.tenant_id, -deleted)]).await?;
+                }
                 tx.commit().await?;
-                Ok((deleted, None))
+                Ok(done)
             }
             .await;
-            let Some((deleted, _)) = self.settle(ctx, &mut sizer, started, result, report, "retention").await? else { continue };
-            cursors = moved;
-            if deleted.tasks < i64::from(limit) {
-                break;
+            let elapsed = started.elapsed();
+            let done = match sizer.settle(elapsed, result) {
+                Settled::Done(done) => done,
+                Settled::Retry(error) => {
+                    tracing::warn!(rule, %error, next_limit = sizer.size(), "batch timed out; retrying smaller");
+                    continue;
+                }
+                Settled::GaveUp(error) => return Err(error.into()),
+            };
+            if done.range_missing {
+                break PairDone::RangeMissing;
             }
-        }
-        for tenant in &rules.purged {
-            let mut after = None;
-            loop {
-                if let Some(stop) = ctx.interrupted() {
-                    report.completion = stop;
-                    return Ok(false);
-                }
-                let limit = sizer.size();
-                let started = Instant::now();
-                let result = async {
-                    let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
-                    let batch = history::delete_purged_batch(&mut *tx, partition, *tenant, after, limit).await?;
-                    tx.commit().await?;
-                    Ok(batch)
-                }
-                .await;
-                let Some((deleted, next)) = self.settle(ctx, &mut sizer, started, result, report, "deleted-tenants").await? else { continue };
-                if deleted.tasks < i64::from(limit) {
-                    break;
-                }
-                after = next;
+            walk = moved;
+            cost.spent += elapsed;
+            cost.tasks += done.deleted.tasks as u64;
+            deleted_here += done.deleted.tasks;
+            report.record_batch(rule, done.deleted.tasks as u64);
+            report.add_tenant_rows(pair.tenant_id, done.deleted.tasks as u64);
+            report.add_rows("events", done.deleted.events as u64);
+            report.add_rows("queue-items", done.deleted.queue_items as u64);
+            ctx.batch_done(elapsed, report, None).await;
+            if done.examined < i64::from(limit) {
+                break PairDone::Finished;
             }
-        }
-        Ok(true)
+        };
+        Ok((outcome, deleted_here))
     }
 
-    /// Records a history batch (what it deleted, and where a purge continues): its rows when
-    /// committed (then paces), `None` when it timed out and is to be retried smaller.
-    async fn settle(
-        &self,
-        ctx: &RunContext,
-        sizer: &mut BatchSizer,
-        started: Instant,
-        result: Result<(Deleted, Option<Uuid>), sqlx::Error>,
-        report: &mut RunReport,
-        rule: &'static str,
-    ) -> Result<Option<(Deleted, Option<Uuid>)>, TaskError> {
-        let elapsed = started.elapsed();
-        match sizer.settle(elapsed, result) {
-            Settled::Done(batch) => {
-                record(report, rule, &batch.0);
-                ctx.batch_done(elapsed, report, None).await;
-                Ok(Some(batch))
+    /// The measured costs, read again every [`COSTS_READ_EVERY`].
+    async fn costs(&self, pool: &PgPool) -> Result<Costs, TaskError> {
+        if let Some((costs, read)) = *self.costs.lock().unwrap() {
+            if read.elapsed() < COSTS_READ_EVERY {
+                return Ok(costs);
             }
-            Settled::Retry(error) => {
-                tracing::warn!(rule, %error, next_limit = sizer.size(), "batch timed out; retrying smaller");
-                Ok(None)
-            }
-            Settled::GaveUp(error) => Err(error.into()),
         }
+        let costs = shared::load_costs(pool).await?;
+        *self.costs.lock().unwrap() = Some((costs, std::time::Instant::now()));
+        Ok(costs)
+    }
+
+    /// Whether rewriting `range` (keeping what it keeps) costs less than deleting its due rows.
+    fn rewrite_pays(range: &Range, rows: i64, pairs: &[Pair], now: chrono::DateTime<chrono::Utc>, costs: &Costs) -> bool {
+        let rewritable = range.kind == RangeKind::Range && !range.is_live(now) && range.upper.is_some_and(|u| u <= now);
+        let due: f64 = pairs.iter().map(Pair::due_estimate).sum();
+        let rows = (rows as f64).max(due);
+        let choice = choose(Estimate { rows, due, rewritable }, costs);
+        tracing::debug!(
+            range = range.tasks_name,
+            rows,
+            due = due.round(),
+            row_deletes_s = costs.row_deletes(due),
+            rewrite_s = costs.rewrite(rows, rows - due),
+            ?choice,
+            "chose how the range's due rows leave"
+        );
+        choice == Removal::Rewrite
     }
 
     /// Walks events that arrived since the last run and deletes orphans older than an hour.
     async fn purge_orphan_events(&self, ctx: &RunContext, now: chrono::DateTime<chrono::Utc>, report: &mut RunReport) -> Result<(), TaskError> {
         let limit = self.settings.batch_size.max(1000);
+        // Not a history write: a range being rewritten must see these deletes in the change log.
+        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
         let mut position = watermarks::get(&ctx.pool, ORPHAN_WATERMARK).await?;
+        if !deletes::events_after(&ctx.pool, position).await? {
+            return Ok(()); // no event since the last walk
+        }
         let mut safe = position;
         let mut undecided = false;
         loop {
@@ -155,8 +213,8 @@ impl TaskHistoryTask {
                 break;
             }
             let started = Instant::now();
-            let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
-            let batch = history::delete_orphan_events_batch(&mut *tx, position, now - partitions::MIN_AGE, limit).await?;
+            let mut tx = batch::begin(&ctx.pool, limits).await?;
+            let batch = deletes::delete_orphan_events_batch(&mut *tx, position, now - ORPHAN_AGE, limit).await?;
             if let Some(first) = batch.first_undecided {
                 // A young orphan: the watermark stays before it until it is an hour old.
                 if !undecided {
@@ -182,15 +240,6 @@ impl TaskHistoryTask {
     }
 }
 
-fn record(report: &mut RunReport, rule: &'static str, deleted: &Deleted) {
-    report.record_batch(rule, deleted.tasks as u64);
-    for (tenant, tasks) in &deleted.by_tenant {
-        report.add_tenant_rows(*tenant, *tasks as u64);
-    }
-    report.add_rows("events", deleted.events as u64);
-    report.add_rows("queue-items", deleted.queue_items as u64);
-}
-
 #[async_trait::async_trait]
 impl MaintenanceTask for TaskHistoryTask {
     fn name(&self) -> &'static str {
@@ -202,31 +251,99 @@ impl MaintenanceTask for TaskHistoryTask {
     }
 
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
-        let now = clock::now(&ctx.pool).await?;
-        let rules = tenants::history_rules(&ctx.pool, now, self.settings.deleted_tenant_grace).await?;
-        tracing::debug!(live = rules.live.len(), purged = rules.purged.len(), "tenant rules");
         let mut report = RunReport::default();
-        for (partition, here) in self.plan(&ctx.pool, now, &rules).await? {
-            if !self.purge_partition(ctx, &partition.name, &here, &mut report).await? {
-                return Ok(report);
+        let limits = self.limits(ctx);
+        shared::refresh_facts(ctx, limits, &mut report).await?;
+        let mut costs: Option<Costs> = None;
+        let mut cost = RowDeleteCost::default();
+        // A second pass only for pairs whose range was being rewritten under the first.
+        let mut now = clock::now(&ctx.pool).await?;
+        for pass in 0..2 {
+            let (plan, planned_at) = self.plan(&ctx.pool).await?;
+            now = planned_at;
+            let mut missing = false;
+            for (range, pairs) in plan {
+                if let Some(stop) = ctx.interrupted() {
+                    report.completion = stop;
+                    return Ok(report);
+                }
+                let rewritable = self.settings.compaction && range.kind == RangeKind::Range && !range.is_live(now);
+                if rewritable {
+                    if costs.is_none() {
+                        costs = Some(self.costs(&ctx.pool).await?);
+                    }
+                    let rows = pairs.first().map_or(0, |p| p.range_rows);
+                    if Self::rewrite_pays(&range, rows, &pairs, now, costs.as_ref().unwrap()) {
+                        let purged: Vec<Uuid> = pairs.iter().filter(|p| p.purged).map(|p| p.tenant_id).collect();
+                        let with = RewriteWith {
+                            task: NAME,
+                            grace: self.settings.deleted_tenant_grace,
+                            limits,
+                            lock_timeout: self.compaction_lock_timeout,
+                            // A carve or a merge holding the layout usually ends soon.
+                            wait: true,
+                            removed_as: RemovedAs::Rules { purged: &purged },
+                        };
+                        let rewritten = shared::rewrite(ctx, std::slice::from_ref(&range), with, &mut report).await?;
+                        if rewritten.is_some() {
+                            report.count("ranges compacted", 1);
+                            continue;
+                        }
+                    }
+                }
+                // A walk that ends early (interrupted) leaves its pair's facts to be probed here.
+                let mut touched = Vec::new();
+                let mut interrupted = false;
+                for pair in &pairs {
+                    let (done, deleted) = self.delete_pair(ctx, &range, pair, &mut report, &mut cost).await?;
+                    if matches!(done, PairDone::Interrupted) {
+                        touched.push((range.tasks_relid, pair.tenant_id, -deleted));
+                    }
+                    match done {
+                        PairDone::Finished => {}
+                        PairDone::Interrupted => {
+                            interrupted = true;
+                            break;
+                        }
+                        PairDone::RangeMissing => {
+                            missing = true;
+                            break;
+                        }
+                    }
+                }
+                if !touched.is_empty() {
+                    let mut tx = repository::batch::begin_bookkeeping(&ctx.pool).await?;
+                    facts::resummarise(&mut tx, &touched).await?;
+                    tx.commit().await?;
+                }
+                if interrupted {
+                    report.completion = ctx.interrupted().unwrap_or_default();
+                    return Ok(report);
+                }
             }
+            if !missing || pass == 1 {
+                break;
+            }
+            // Another runner is rewriting a range: once it is done, the range's due rows are
+            // either gone with it or in the new range, which the next plan names.
+            let mut tx = batch::begin(&ctx.pool, BatchLimits::new(self.settings.max_run_time, self.settings.max_run_time)).await?;
+            ranges::take_layout_lock(&mut tx, true).await?;
+            tx.commit().await?;
         }
+        shared::observe_row_deletes(&ctx.pool, cost.tasks, cost.spent).await?;
         self.purge_orphan_events(ctx, now, &mut report).await?;
         Ok(report)
     }
 
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let now = clock::now(pool).await?;
-        let rules = tenants::history_rules(pool, now, self.settings.deleted_tenant_grace).await?;
         let mut report = DryRunReport::default();
-        for (partition, here) in self.plan(pool, now, &rules).await? {
-            for due in history::count_due(pool, &partition.name, &here).await? {
-                report.add("retention", due.retained as u64);
-                report.add("deleted-tenants", due.purged as u64);
-                report.add_tenant(due.tenant_id, (due.retained + due.purged) as u64);
-            }
+        for due in deletes::count_due(pool, self.settings.deleted_tenant_grace).await? {
+            report.add("retention", due.retained as u64);
+            report.add("deleted-tenants", due.purged as u64);
+            report.add_tenant(due.tenant_id, (due.retained + due.purged) as u64);
         }
-        let orphans = history::count_orphan_events(pool, watermarks::get(pool, ORPHAN_WATERMARK).await?, now - partitions::MIN_AGE).await?;
+        let orphans = deletes::count_orphan_events(pool, watermarks::get(pool, ORPHAN_WATERMARK).await?, now - ORPHAN_AGE).await?;
         report.add("orphan-events", orphans as u64);
         Ok(report)
     }

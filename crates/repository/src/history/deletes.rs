@@ -1,0 +1,269 @@
+//! Row deletes of run history: one statement (so one transaction) deletes a batch of tasks with
+//! their events and queue items, so no crash can leave orphans behind.
+//!
+//! A batch works on one tenant's rows in one range, naming the range's partitions (a plan over
+//! one table costs a fraction of a millisecond; over the parent it grows with the partitions),
+//! while holding the range's `history_ranges` row in share mode: a range being rewritten is
+//! skipped (the batch reports it missing), never waited for or failed on. If the range was
+//! replaced meanwhile its row is gone and the batch touches nothing, whichever table its names
+//! now denote; if its tables were dropped, the batch reports it missing too. Every victim is checked by `retention_task_due` against the tenant's row as it is
+//! when the batch runs: a tenant put on hold (set to forever), or restored, mid-run stops losing
+//! rows at the next batch.
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::types::Oid;
+use sqlx::{FromRow, PgExecutor};
+use uuid::Uuid;
+
+use super::{due, interval, FINAL};
+
+/// How a pair's batches walk its rows, and where they have reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walk {
+    /// A live tenant's final tasks by finish instant (`tasks_finished_due_idx`), up to its cutoff,
+    /// from the instant reached (PostgreSQL text, so `-infinity` round-trips).
+    Retained { after: String },
+    /// Every task of a tenant deleted longer ago than the grace, by id (`tasks_tenant_id_id_idx`).
+    Purged { after: Option<Uuid> },
+}
+
+impl Walk {
+    pub fn retained() -> Walk {
+        Walk::Retained { after: "-infinity".into() }
+    }
+
+    pub fn purged() -> Walk {
+        Walk::Purged { after: None }
+    }
+}
+
+/// What one batch deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    pub tasks: i64,
+    pub events: i64,
+    pub queue_items: i64,
+}
+
+/// One batch's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    pub deleted: Deleted,
+    /// Tasks the batch looked at (locked rows of others skipped): fewer than its limit ends the walk.
+    pub examined: i64,
+    /// The range is being rewritten, or is gone: nothing was done, the pair must be planned again.
+    /// If its tables were dropped, the statement failed and so has the caller's transaction:
+    /// nothing more may run in it.
+    pub range_missing: bool,
+}
+
+#[derive(FromRow)]
+struct BatchRow {
+    tasks: i64,
+    events: i64,
+    queue_items: i64,
+    examined: i64,
+    present: bool,
+    last_key: Option<String>,
+    last_id: Option<Uuid>,
+}
+
+/// The rows of a pair to delete: those of `tenant_id` in the range whose partitions are
+/// `tasks_relid` (named `tasks_table`) and `events_table`.
+#[derive(Debug, Clone)]
+pub struct PairRef {
+    pub tasks_relid: Oid,
+    pub tasks_table: String,
+    pub events_table: String,
+    pub tenant_id: Uuid,
+}
+
+impl PairRef {
+    pub fn new(range: &super::Range, tenant_id: Uuid) -> PairRef {
+        PairRef { tasks_relid: range.tasks_relid, tasks_table: range.tasks_name.clone(), events_table: range.events_name.clone(), tenant_id }
+    }
+}
+
+/// Deletes up to `limit` due tasks of the pair, with their events and queue items, walking as
+/// `walk` says and moving it on.
+pub async fn delete_batch(
+    executor: impl PgExecutor<'_>,
+    pair: &PairRef,
+    walk: &mut Walk,
+    grace: std::time::Duration,
+    limit: u32,
+) -> Result<Batch, sqlx::Error> {
+    let (access, cursor) = match walk {
+        Walk::Retained { after } => (
+            format!(
+                "t.status IN {FINAL}
+                 AND coalesce(t.finished_at, t.inserted_at) < retention_cutoff(now(), tn.data_retention_period)
+                 AND coalesce(t.finished_at, t.inserted_at) >= $3::timestamptz
+                 ORDER BY coalesce(t.finished_at, t.inserted_at)"
+            ),
+            after.clone(),
+        ),
+        Walk::Purged { after } => (
+            // `>=`: a task id may repeat with another inserted_at; rows already deleted at that id
+            // are passed again, once.
+            "t.id >= $3::uuid ORDER BY t.id".to_string(),
+            after.map_or_else(|| Uuid::nil().to_string(), |id| id.to_string()),
+        ),
+    };
+    let sql = format!(
+        "WITH r AS MATERIALIZED (SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR SHARE SKIP LOCKED),
+         tn AS MATERIALIZED (SELECT id, data_retention_period, deleted_at FROM tenants WHERE id = $2),
+         candidates AS MATERIALIZED (
+             SELECT c.* FROM r, tn CROSS JOIN LATERAL (
+                 SELECT t.id, t.inserted_at, t.status, t.finished_at FROM {tasks_table} t
+                 WHERE t.tenant_id = $2 AND {access}
+                 LIMIT $4
+                 FOR UPDATE OF t SKIP LOCKED) c
+         ),
+         victims AS MATERIALIZED (
+             SELECT c.id, c.inserted_at FROM candidates c, tn WHERE {rule}
+         ),
+         events AS (
+             DELETE FROM {events_table} e USING victims v
+             WHERE e.task_id = v.id AND e.task_inserted_at = v.inserted_at RETURNING 1
+         ), queue AS (
+             DELETE FROM queue_items q USING victims v
+             WHERE q.task_id = v.id AND q.task_inserted_at = v.inserted_at RETURNING 1
+         ), gone AS (
+             DELETE FROM {tasks_table} t USING victims v
+             WHERE t.id = v.id AND t.inserted_at = v.inserted_at
+             RETURNING t.id, coalesce(t.finished_at, t.inserted_at) AS key
+         )
+         SELECT (SELECT count(*) FROM gone) AS tasks, (SELECT count(*) FROM events) AS events,
+                (SELECT count(*) FROM queue) AS queue_items, (SELECT count(*) FROM candidates) AS examined,
+                EXISTS (SELECT 1 FROM r) AS present,
+                (SELECT max(key)::text FROM gone) AS last_key, (SELECT max(id::text)::uuid FROM gone) AS last_id",
+        rule = due("c", "tn", "now()", "$5"),
+        tasks_table = pair.tasks_table,
+        events_table = pair.events_table,
+    );
+    let result: Result<BatchRow, sqlx::Error> = sqlx::query_as(&sql)
+        .bind(pair.tasks_relid)
+        .bind(pair.tenant_id)
+        .bind(cursor)
+        .bind(i64::from(limit))
+        .bind(interval(grace))
+        .fetch_one(executor)
+        .await;
+    let row = match result {
+        Ok(row) => row,
+        Err(error) if is_undefined_table(&error) => {
+            return Ok(Batch { deleted: Deleted::default(), examined: 0, range_missing: true });
+        }
+        Err(error) => return Err(error),
+    };
+    match walk {
+        Walk::Retained { after } => {
+            if let Some(key) = row.last_key {
+                *after = key;
+            }
+        }
+        Walk::Purged { after } => {
+            if row.last_id.is_some() {
+                *after = row.last_id;
+            }
+        }
+    }
+    Ok(Batch {
+        deleted: Deleted { tasks: row.tasks, events: row.events, queue_items: row.queue_items },
+        examined: row.examined,
+        range_missing: !row.present,
+    })
+}
+
+/// Whether a statement named a table that no longer exists (a range dropped meanwhile).
+pub(crate) fn is_undefined_table(error: &sqlx::Error) -> bool {
+    error.as_database_error().and_then(|e| e.code()).as_deref() == Some("42P01")
+}
+
+/// Deletes up to `limit` events older than `created_before` whose task does not exist, among
+/// events with ids after `after`. Returns the rows deleted and the highest id examined.
+pub async fn delete_orphan_events_batch(
+    executor: impl PgExecutor<'_>,
+    after: i64,
+    created_before: DateTime<Utc>,
+    limit: u32,
+) -> Result<OrphanBatch, sqlx::Error> {
+    sqlx::query_as(
+        "WITH scanned AS MATERIALIZED (
+             SELECT e.id, e.task_inserted_at, e.created_at < $2 AS old_enough,
+                    NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at) AS orphan
+             FROM task_events e WHERE e.id > $1 ORDER BY e.id LIMIT $3
+         ), gone AS (
+             DELETE FROM task_events e USING scanned s
+             WHERE e.id = s.id AND e.task_inserted_at = s.task_inserted_at AND s.old_enough AND s.orphan
+               AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)
+             RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM gone) AS deleted,
+                (SELECT count(*) FROM scanned) AS scanned,
+                (SELECT max(id) FROM scanned) AS last_id,
+                (SELECT min(id) FROM scanned WHERE orphan AND NOT old_enough) AS first_undecided",
+    )
+    .bind(after)
+    .bind(created_before)
+    .bind(i64::from(limit))
+    .fetch_one(executor)
+    .await
+}
+
+/// Whether an event may have arrived after the watermark `after`: the identity sequence has
+/// handed out a higher id (committed or not). One read of the sequence, whatever the partitions.
+pub async fn events_after(executor: impl PgExecutor<'_>, after: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT last_value > $1 FROM task_events_id_seq").bind(after).fetch_one(executor).await
+}
+
+/// What one orphan-events batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromRow)]
+pub struct OrphanBatch {
+    pub deleted: i64,
+    pub scanned: i64,
+    /// The highest event id examined.
+    pub last_id: Option<i64>,
+    /// The lowest id of an orphan too young to delete: the watermark may not pass it.
+    pub first_undecided: Option<i64>,
+}
+
+/// Orphan events older than `created_before` among the events after the watermark `after`.
+pub async fn count_orphan_events(executor: impl PgExecutor<'_>, after: i64, created_before: DateTime<Utc>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM task_events e
+         WHERE e.id > $1 AND e.created_at < $2
+           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)",
+    )
+    .bind(after)
+    .bind(created_before)
+    .fetch_one(executor)
+    .await
+}
+
+/// Tasks of one tenant that a run would delete now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromRow)]
+pub struct TenantDue {
+    pub tenant_id: Uuid,
+    /// Under the live tenant's retention.
+    pub retained: i64,
+    /// Of a tenant deleted longer ago than the grace period.
+    pub purged: i64,
+}
+
+/// Counts, per tenant with any, every task due now by the rule (each goes with its events and
+/// queue items). Reads all of `tasks`: for an operator's dry run.
+pub async fn count_due(executor: impl PgExecutor<'_>, grace: std::time::Duration) -> Result<Vec<TenantDue>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT t.tenant_id, count(*) FILTER (WHERE tn.deleted_at IS NULL) AS retained,
+                count(*) FILTER (WHERE tn.deleted_at IS NOT NULL) AS purged
+         FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id
+         WHERE {}
+         GROUP BY t.tenant_id ORDER BY t.tenant_id",
+        due("t", "tn", "now()", "$1")
+    ))
+    .bind(interval(grace))
+    .fetch_all(executor)
+    .await
+}
