@@ -1,0 +1,342 @@
+//! Compaction: a past range that keeps little next to what is due is rewritten with only its
+//! kept rows (the old partitions leave whole); one that keeps much loses its due rows one batch
+//! at a time. Writers never lose a write to a range being rewritten, and a tenant's rules changed
+//! meanwhile are obeyed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Duration as Span;
+use common::*;
+use retention_controller::settings::{QueueItemsSettings, TaskHistorySettings};
+use retention_controller::tasks::queue_items::QueueItemsTask;
+use retention_controller::tasks::task_history::TaskHistoryTask;
+use retention_controller::{run_once_with, RunOptions, RunOutcome};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+fn history() -> TaskHistoryTask {
+    TaskHistoryTask::new(TaskHistorySettings::default())
+}
+
+/// The OID of the `tasks` partition holding the instant `at`.
+async fn partition_at(pool: &PgPool, at: chrono::DateTime<chrono::Utc>) -> u32 {
+    let oid: sqlx::postgres::types::Oid =
+        sqlx::query_scalar("SELECT tasks_relid FROM history_ranges WHERE lower <= $1 AND upper > $1").bind(at).fetch_one(pool).await.unwrap();
+    oid.0
+}
+
+async fn seed_due(pool: &PgPool, tenant: Uuid, at: chrono::DateTime<chrono::Utc>, n: i64) {
+    sqlx::query(
+        "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+                    SELECT $1, 'succeeded', $2, $2 + interval '1 hour' FROM generate_series(1, $3) RETURNING id, inserted_at)
+         INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
+         SELECT $1, id, inserted_at, 'done', inserted_at FROM t",
+    )
+    .bind(tenant)
+    .bind(at)
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_past_day_that_keeps_little_is_compacted_and_every_kept_row_survives() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let day = now.date_naive() - Span::days(10);
+    create_day(pool, day).await;
+    let at = day_start(day) + Span::hours(12);
+    let daily = insert_tenant(pool, Some("1 day"), None).await;
+    let forever = insert_tenant(pool, None, None).await;
+    let in_grace = insert_tenant(pool, Some("1 hour"), Some(now - Span::hours(2))).await;
+    let purged = insert_tenant(pool, Some("30 days"), Some(now - Span::days(2))).await;
+    let unknown = Uuid::new_v4();
+    seed_due(pool, daily, at, 5_000).await;
+    let mut kept = Expect::default();
+    let mut gone = Expect::default();
+    kept.add(insert_task_with_children(pool, daily, "running", at, None).await);
+    kept.add(insert_task_with_children(pool, daily, "queued", at, None).await);
+    kept.add_without_item(insert_task_with_children(pool, daily, "succeeded", at, Some(now - Span::hours(1))).await);
+    kept.add_without_item(insert_task_with_children(pool, forever, "succeeded", at, Some(at)).await);
+    kept.add_without_item(insert_task_with_children(pool, in_grace, "running", at, None).await);
+    kept.add_without_item(insert_task_with_children(pool, in_grace, "failed", at, Some(at)).await);
+    kept.add_without_item(insert_task_with_children(pool, unknown, "succeeded", at, Some(at)).await);
+    gone.add(insert_task_with_children(pool, purged, "running", at, None).await);
+    gone.add(insert_task_with_children(pool, daily, "cancelled", at, Some(at)).await);
+    // An orphan event a minute old is kept (its task may not be committed yet); an old one is not.
+    let young_orphan = insert_event(pool, daily, (Uuid::new_v4(), at), now - MINUTE).await;
+    kept.events.push(young_orphan);
+    insert_event(pool, daily, (Uuid::new_v4(), at), now - Span::hours(2)).await;
+    let before = partition_at(pool, at).await;
+
+    let report = run_task(&history(), pool).await;
+
+    assert!(report.counters.contains(&("ranges compacted", 1)), "{report:?}");
+    assert_ne!(partition_at(pool, at).await, before, "the day is a new partition");
+    same(task_keys(pool).await, sorted_keys(kept.tasks.clone()), "tasks");
+    same(event_ids(pool).await, sorted_ids(kept.events.clone()), "events");
+    // The queue items of the tasks that went, went with them.
+    let items = queue_item_ids(pool).await;
+    assert!(gone.items.iter().all(|i| !items.contains(i)), "{items:?}");
+    // The kept finished tasks' items are due under the queue-items rule; the active ones' stay.
+    run_task(&QueueItemsTask::new(QueueItemsSettings::default()), pool).await;
+    same(queue_item_ids(pool).await, sorted_ids(kept.items.clone()), "queue items");
+    assert_eq!(report.by_rule.iter().find(|(r, _)| *r == "retention").map(|(_, n)| *n), Some(5_001));
+    assert_eq!(report.by_rule.iter().find(|(r, _)| *r == "deleted-tenants").map(|(_, n)| *n), Some(1));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM history_detached").fetch_one(pool).await.unwrap();
+    assert_eq!(left, 0, "the old partitions were dropped");
+    // Nothing is left due: a second run deletes nothing.
+    let again = run_task(&history(), pool).await;
+    assert_eq!(again.deleted, 0, "{again:?}");
+}
+
+#[tokio::test]
+async fn a_day_that_keeps_much_loses_its_few_due_rows_one_by_one() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let day = now.date_naive() - Span::days(10);
+    create_day(pool, day).await;
+    let at = day_start(day) + Span::hours(12);
+    let forever = insert_tenant(pool, None, None).await;
+    let daily = insert_tenant(pool, Some("1 day"), None).await;
+    seed_due(pool, forever, at, 5_000).await;
+    let due = insert_task_with_children(pool, daily, "succeeded", at, Some(at)).await;
+    let before = partition_at(pool, at).await;
+
+    let report = run_task(&history(), pool).await;
+
+    assert_eq!(partition_at(pool, at).await, before, "no rewrite for one row");
+    assert_eq!(report.deleted, 3, "the task, its event and its queue item: {report:?}");
+    assert!(!task_keys(pool).await.contains(&due.0));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(pool).await.unwrap();
+    assert_eq!(left, 5_000);
+}
+
+/// What the writers committed, and so must find.
+#[derive(Default)]
+struct Ledger {
+    /// Task -> its latest payload counter (None: deleted).
+    tasks: HashMap<TaskKey, Option<i64>>,
+    events: Vec<i64>,
+}
+
+/// Inserts, updates and deletes tasks of `day` (all kept: running tasks of a live tenant),
+/// and inserts their events, one short transaction each, until `stop`; records each write once
+/// it is committed.
+async fn writer(pool: PgPool, tenant: Uuid, day: chrono::DateTime<chrono::Utc>, seed: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> Ledger {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut ledger = Ledger::default();
+    let mut mine: Vec<TaskKey> = Vec::new();
+    let mut counter = 0i64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        // A few hundred writes a second between the writers: far more than an old day sees.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        counter += 1;
+        match rng.u8(..10) {
+            0..=3 => {
+                let at = day + Span::seconds(rng.i64(0..86_399));
+                let key: TaskKey = sqlx::query_as(
+                    "INSERT INTO tasks (tenant_id, status, inserted_at, payload) VALUES ($1, 'running', $2, jsonb_build_object('n', $3::bigint))
+                     RETURNING id, inserted_at",
+                )
+                .bind(tenant)
+                .bind(at)
+                .bind(counter)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                ledger.tasks.insert(key, Some(counter));
+                mine.push(key);
+            }
+            4..=6 if !mine.is_empty() => {
+                let key = mine[rng.usize(..mine.len())];
+                let updated = sqlx::query("UPDATE tasks SET payload = jsonb_build_object('n', $3::bigint) WHERE id = $1 AND inserted_at = $2")
+                    .bind(key.0)
+                    .bind(key.1)
+                    .bind(counter)
+                    .execute(&pool)
+                    .await
+                    .unwrap()
+                    .rows_affected();
+                assert_eq!(updated, 1, "a kept task of this writer vanished: {key:?}");
+                ledger.tasks.insert(key, Some(counter));
+            }
+            7..=8 if !mine.is_empty() => {
+                let key = mine[rng.usize(..mine.len())];
+                let inserted: Result<i64, sqlx::Error> = sqlx::query_scalar(
+                    "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type) VALUES ($1, $2, $3, 'progress') RETURNING id",
+                )
+                .bind(tenant)
+                .bind(key.0)
+                .bind(key.1)
+                .fetch_one(&pool)
+                .await;
+                match inserted {
+                    Ok(id) => ledger.events.push(id),
+                    Err(error) => {
+                        let dump: Vec<(String, i64, String, String)> = sqlx::query_as(
+                            "SELECT tableoid::regclass::text, id, task_id::text, created_at::text FROM task_events WHERE id IN
+                               (SELECT max(id) FROM task_events) OR id > (SELECT max(id) - 3 FROM task_events) ORDER BY id",
+                        )
+                        .fetch_all(&pool)
+                        .await
+                        .unwrap();
+                        let seq: i64 = sqlx::query_scalar("SELECT last_value FROM task_events_id_seq").fetch_one(&pool).await.unwrap();
+                        panic!("{error}: seq {seq} tail {dump:?}");
+                    }
+                }
+            }
+            9 if !mine.is_empty() => {
+                let key = mine.swap_remove(rng.usize(..mine.len()));
+                sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2").bind(key.0).bind(key.1).execute(&pool).await.unwrap();
+                ledger.tasks.insert(key, None);
+                // Its events stay: orphans, deleted by the orphan rule after an hour.
+            }
+            _ => {}
+        }
+    }
+    ledger
+}
+
+#[tokio::test]
+async fn writers_lose_nothing_to_a_day_being_compacted() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let day = now.date_naive() - Span::days(10);
+    create_day(pool, day).await;
+    let start = day_start(day);
+    let daily = insert_tenant(pool, Some("1 day"), None).await;
+    let forever = insert_tenant(pool, None, None).await;
+    // Kept rows to copy (so each copy takes a while) and, each round, due rows that make
+    // compaction the cheaper way.
+    seed_due(pool, forever, start + Span::hours(1), 15_000).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4).map(|n| tokio::spawn(writer(pool.clone(), daily, start, 7 + n, stop.clone()))).collect();
+    let mut compactions = 0;
+    for round in 0..4 {
+        seed_due(pool, daily, start + Span::hours(2), 40_000).await;
+        // The choice follows measured costs; this test is about the writers, so each round starts
+        // from the default costs, by which compaction is cheaper here.
+        sqlx::query("DELETE FROM retention_costs").execute(pool).await.unwrap();
+        let started = std::time::Instant::now();
+        let report = run_task(&history(), pool).await;
+        println!("round {round}: {:?} {report:?}", started.elapsed());
+        let _ = round;
+        compactions += report.counters.iter().find(|(c, _)| *c == "ranges compacted").map_or(0, |(_, n)| *n);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ledger = Ledger::default();
+    for writer in writers {
+        let part = writer.await.unwrap();
+        ledger.tasks.extend(part.tasks);
+        ledger.events.extend(part.events);
+    }
+    assert!(compactions >= 3, "the day was compacted while the writers ran: {compactions}");
+    assert!(ledger.tasks.len() > 100, "the writers wrote during the compactions: {}", ledger.tasks.len());
+
+    let found: HashMap<TaskKey, i64> = sqlx::query_as::<_, (Uuid, chrono::DateTime<chrono::Utc>, i64)>(
+        "SELECT id, inserted_at, (payload->>'n')::bigint FROM tasks WHERE tenant_id = $1",
+    )
+    .bind(daily)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(id, at, n)| ((id, at), n))
+    .collect();
+    let expected: HashMap<TaskKey, i64> = ledger.tasks.iter().filter_map(|(k, v)| v.map(|n| (*k, n))).collect();
+    let lost: Vec<_> = expected.iter().filter(|(k, n)| found.get(k) != Some(n)).collect();
+    let revived: Vec<_> = found.keys().filter(|k| !expected.contains_key(k)).collect();
+    assert!(lost.is_empty(), "writes lost ({} of {}): {:?}", lost.len(), expected.len(), &lost[..lost.len().min(5)]);
+    assert!(revived.is_empty(), "tasks that should not exist: {revived:?}");
+    let events = event_ids(pool).await;
+    let missing: Vec<_> = ledger.events.iter().filter(|e| !events.contains(e)).collect();
+    assert!(missing.is_empty(), "events lost: {missing:?}");
+    let forever_left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(forever).fetch_one(pool).await.unwrap();
+    assert_eq!(forever_left, 15_000);
+}
+
+/// A tenant put on hold (set to keep forever) while its range's kept rows are being copied: the
+/// swap sees the rules changed and gives up; nothing of the tenant is deleted.
+#[tokio::test]
+async fn rules_changed_during_the_copy_stop_the_swap() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let day = now.date_naive() - Span::days(10);
+    create_day(pool, day).await;
+    let daily = insert_tenant(pool, Some("1 day"), None).await;
+    seed_due(pool, daily, day_start(day) + Span::hours(3), 5_000).await;
+    // Hold a lock the swap needs, so the run waits between its copy and its swap.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE ONLY tasks IN ACCESS SHARE MODE").execute(&mut *holder).await.unwrap();
+    let task = TaskHistoryTask::new(TaskHistorySettings::default()).with_compaction_lock_timeout(Duration::from_secs(60));
+    let run = {
+        let pool = pool.clone();
+        tokio::spawn(async move { run_task(&task, &pool).await })
+    };
+    let waiting = "SELECT count(*) FROM pg_locks WHERE relation = 'tasks'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted";
+    let started = std::time::Instant::now();
+    while sqlx::query_scalar::<_, i64>(waiting).fetch_one(pool).await.unwrap() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the swap never waited for its lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    repository::tenants::set_retention(pool, daily, None).await.unwrap();
+    holder.rollback().await.unwrap();
+    let report = run.await.unwrap();
+
+    assert!(!report.counters.iter().any(|(c, _)| *c == "ranges compacted"), "{report:?}");
+    assert_eq!(report.deleted, 0, "{report:?}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(pool).await.unwrap();
+    assert_eq!(left, 5_000);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events").fetch_one(pool).await.unwrap();
+    assert_eq!(left, 5_000);
+}
+
+/// A tenant put on hold (forever) between two batches of its row deletes loses nothing more.
+#[tokio::test]
+async fn a_hold_set_mid_run_stops_the_tenants_deletes_at_the_next_batch() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let day = now.date_naive() - Span::days(10);
+    create_day(pool, day).await;
+    let daily = insert_tenant(pool, Some("1 day"), None).await;
+    for n in 0..30 {
+        let at = day_start(day) + Span::minutes(n);
+        insert_task(pool, daily, "succeeded", at, Some(at)).await;
+    }
+    let first_batch = Arc::new(tokio::sync::Notify::new());
+    let notify = first_batch.clone();
+    let options = RunOptions {
+        // A long pause after each batch: the hold lands in it.
+        pause_ratio: 300.0,
+        batch_time: Duration::from_secs(3600),
+        progress: Some(Arc::new(move |_| notify.notify_one())),
+        ..Default::default()
+    };
+    let task = TaskHistoryTask::new(TaskHistorySettings { batch_size: 5, ..Default::default() });
+    let run = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            match run_once_with(&task, &pool, &tokio_util::sync::CancellationToken::new(), &options).await.unwrap() {
+                RunOutcome::Ran(summary) => summary.report,
+                other => panic!("{other:?}"),
+            }
+        })
+    };
+    first_batch.notified().await;
+    repository::tenants::set_retention(pool, daily, None).await.unwrap();
+    let report = run.await.unwrap();
+
+    assert_eq!(report.by_rule.iter().find(|(r, _)| *r == "retention").map(|(_, n)| *n), Some(5), "{report:?}");
+    assert_eq!(task_keys(pool).await.len(), 25);
+}

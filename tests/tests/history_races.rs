@@ -1,0 +1,53 @@
+//! `task-history` and `partitions` running at once, on ranges both want to rewrite (the first to
+//! compact a day, the second to merge cold days): neither fails the other, and after both end
+//! nothing that was due when they started is left.
+
+mod common;
+
+use chrono::Duration as Span;
+use common::*;
+use retention_controller::settings::{PartitionsSettings, TaskHistorySettings};
+use retention_controller::tasks::partitions::PartitionsTask;
+use retention_controller::tasks::task_history::TaskHistoryTask;
+
+#[tokio::test]
+async fn the_history_tasks_never_fail_each_other() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let first = now.date_naive() - Span::days(24);
+    create_day(pool, first).await;
+    let daily = insert_tenant(pool, Some("1 day"), None).await;
+    let forever = insert_tenant(pool, None, None).await;
+    let history = TaskHistoryTask::new(TaskHistorySettings::default());
+    let partitions = PartitionsTask::new(PartitionsSettings::default(), std::time::Duration::from_secs(86_400));
+    let mut kept = 0i64;
+    for round in 0..4 {
+        // Every past day gets due rows (enough that compacting it pays) and a few kept ones.
+        sqlx::query(
+            "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+             SELECT CASE WHEN g % 100 = 0 THEN $2 ELSE $1 END, 'succeeded', d + interval '6 hours', d + interval '7 hours'
+             FROM generate_series($3::timestamptz, $4::timestamptz, interval '1 day') d, generate_series(1, 3000) g",
+        )
+        .bind(daily)
+        .bind(forever)
+        .bind(day_start(first))
+        .bind(day_start(now.date_naive() - Span::days(2)))
+        .execute(pool)
+        .await
+        .unwrap();
+        kept += 23 * 30;
+        let (a, b) = tokio::join!(run_task(&history, pool), run_task(&partitions, pool));
+        let due_left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id
+             WHERE retention_task_due(t.status, t.finished_at, t.inserted_at, tn.id, tn.data_retention_period, tn.deleted_at, $1, interval '1 day')",
+        )
+        .bind(now)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(due_left, 0, "round {round}: {a:?} {b:?}");
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(pool).await.unwrap();
+        assert_eq!(left, kept, "round {round}: only the forever tenant's rows are left");
+    }
+}
