@@ -69,17 +69,19 @@ pub struct Options {
     pub durable: bool,
     /// Extra `postgresql.conf` settings, such as `("shared_buffers", "1GB")`.
     pub settings: Vec<(String, String)>,
+    /// Environment variables for the server's processes (a test's `LD_PRELOAD` of libfaketime).
+    pub env: Vec<(String, String)>,
 }
 
 impl Options {
     /// A persistent cluster with PostgreSQL's defaults.
     pub fn persistent(data_dir: PathBuf) -> Self {
-        Options { data_dir, ephemeral: false, durable: true, settings: Vec::new() }
+        Options { data_dir, ephemeral: false, durable: true, settings: Vec::new(), env: Vec::new() }
     }
 
     /// A throw-away cluster for tests.
     pub fn throwaway(data_dir: PathBuf) -> Self {
-        Options { data_dir, ephemeral: true, durable: false, settings: Vec::new() }
+        Options { data_dir, ephemeral: true, durable: false, settings: Vec::new(), env: Vec::new() }
     }
 }
 
@@ -114,7 +116,9 @@ impl LocalPostgres {
         pg.stop_leftover_server();
         // The watchdog first: from here on, whatever happens to this process, the server stops.
         pg.watchdog = Some(pg.spawn_watchdog(options.ephemeral)?);
-        pg.run(&mut pg.pg_ctl(["start", "-w", "-t", "120", "-l"]).arg(pg.data_dir.join("server.log")))?;
+        let mut start = pg.pg_ctl(["start", "-w", "-t", "120", "-l"]);
+        start.arg(pg.data_dir.join("server.log")).envs(options.env.iter().map(|(k, v)| (k, v)));
+        pg.run(&mut start)?;
         pg.running = true;
         if fresh {
             pg.run(

@@ -54,6 +54,18 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates the database. Each test calls this once.
     pub async fn new() -> TestDatabase {
+        TestDatabase::migrated_by(&repository::MIGRATOR).await
+    }
+
+    /// Creates the database with only the migrations older than `version` applied: a database
+    /// of an earlier release, for a test of an upgrade (which then runs `repository::MIGRATOR`).
+    pub async fn before_migration(version: i64) -> TestDatabase {
+        let older: Vec<sqlx::migrate::Migration> = repository::MIGRATOR.iter().filter(|m| m.version < version).cloned().collect();
+        let migrator = sqlx::migrate::Migrator { migrations: std::borrow::Cow::Owned(older), ..sqlx::migrate::Migrator::DEFAULT };
+        TestDatabase::migrated_by(&migrator).await
+    }
+
+    async fn migrated_by(migrator: &sqlx::migrate::Migrator) -> TestDatabase {
         let server = tokio::task::spawn_blocking(server).await.expect("start the test server");
         let name = format!("engine_test_{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::Relaxed));
         let admin: PgConnectOptions = server.admin_url.parse().expect("DATABASE_URL is a PostgreSQL URL");
@@ -68,7 +80,7 @@ impl TestDatabase {
             .connect_with(options.clone())
             .await
             .expect("connect to the test database");
-        repository::MIGRATOR.run(&pool).await.expect("migrate the test database");
+        migrator.run(&pool).await.expect("migrate the test database");
         let url = url_with_database(&server.admin_url, &name);
         TestDatabase { pool, url, name }
     }
