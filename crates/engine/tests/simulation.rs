@@ -13,7 +13,6 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use chrono::{DateTime, Duration as Span, NaiveDate, TimeZone, Utc};
 use common::*;

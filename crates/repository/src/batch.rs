@@ -63,15 +63,17 @@ pub async fn begin_on(conn: &mut PgConnection, limits: BatchLimits) -> Result<Tr
 /// after its time to live, a run record or a refresh of facts lost is simply not there (the
 /// facts' log entries come back with it).
 pub async fn begin_bookkeeping(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan").await
+    pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off").await
 }
 
 /// `BEGIN` and the `SET LOCAL`s of `limits`, as one simple query. Every value is the engine's
-/// own (durations, fixed words): nothing here comes from input.
+/// own (durations, fixed words): nothing here comes from input. JIT compilation is off: the
+/// engine's statements are short, and a generic plan's cost (estimated without its parameters'
+/// values) easily crosses `jit_above_cost`, after which compiling took 750 ms of a 130 ms query.
 fn begin_statement(limits: BatchLimits) -> String {
     format!(
         "BEGIN; SET LOCAL statement_timeout = '{}'; SET LOCAL lock_timeout = '{}'; SET LOCAL plan_cache_mode = {}; \
-         SET LOCAL synchronous_commit = {}; SET LOCAL engine.retention_write = '{}'",
+         SET LOCAL synchronous_commit = {}; SET LOCAL engine.retention_write = '{}'; SET LOCAL jit = off",
         millis(limits.statement_timeout),
         millis(limits.lock_timeout),
         if limits.generic_plans { "force_generic_plan" } else { "auto" },

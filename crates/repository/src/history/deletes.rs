@@ -215,7 +215,7 @@ pub async fn delete_orphan_events_batch(
 /// Whether an event may have arrived after the watermark `after`: the identity sequence has
 /// handed out a higher id (committed or not). One read of the sequence, whatever the partitions.
 pub async fn events_after(executor: impl PgExecutor<'_>, after: i64) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT last_value > $1 FROM task_events_id_seq").bind(after).fetch_one(executor).await
+    sqlx::query_scalar("SELECT is_called AND last_value > $1 FROM task_events_id_seq").bind(after).fetch_one(executor).await
 }
 
 /// What one orphan-events batch did.

@@ -247,7 +247,9 @@ pub struct Pair {
 }
 
 /// Pairs with something due now: those whose next due instant has come, and every pair of a
-/// tenant deleted longer ago than `grace`. Ranges that are live are not trusted: see [`probe`].
+/// tenant deleted longer ago than `grace`. Each part starts from its index (`next_due_at`, the
+/// deleted tenants), so the cost is the pairs found, not all pairs. Ranges that are live are not
+/// trusted: see [`probe`].
 pub async fn due_pairs(executor: impl PgExecutor<'_>, grace: std::time::Duration) -> Result<Vec<Pair>, sqlx::Error> {
     sqlx::query_as(
         "SELECT p.tasks_relid, p.tenant_id, coalesce(tn.deleted_at < now() - $1, false) AS purged,
@@ -256,12 +258,14 @@ pub async fn due_pairs(executor: impl PgExecutor<'_>, grace: std::time::Duration
                      THEN retention_cutoff(now(), tn.data_retention_period) END AS cutoff,
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = p.tasks_relid) AS range_rows
          FROM history_range_tenants p LEFT JOIN tenants tn ON tn.id = p.tenant_id
-         WHERE (p.tasks_relid, p.tenant_id) IN (
-             SELECT tasks_relid, tenant_id FROM history_range_tenants WHERE next_due_at <= now()
-             UNION
-             SELECT q.tasks_relid, q.tenant_id FROM history_range_tenants q
-             WHERE q.tenant_id IN (SELECT id FROM tenants WHERE deleted_at < now() - $1))
-         ORDER BY p.tasks_relid, p.tenant_id",
+         WHERE p.next_due_at <= now()
+         UNION
+         SELECT p.tasks_relid, p.tenant_id, true AS purged, p.rows, p.active, p.oldest_final, p.newest_final,
+                NULL::timestamptz AS cutoff,
+                (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = p.tasks_relid) AS range_rows
+         FROM tenants tn JOIN history_range_tenants p ON p.tenant_id = tn.id
+         WHERE tn.deleted_at < now() - $1
+         ORDER BY 1, 2",
     )
     .bind(super::interval(grace))
     .fetch_all(executor)
@@ -274,12 +278,14 @@ pub async fn due_pairs(executor: impl PgExecutor<'_>, grace: std::time::Duration
 /// checked with one index probe.
 pub async fn probe(executor: impl PgExecutor<'_>, range: &Range, grace: std::time::Duration) -> Result<Vec<Pair>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT $1::oid AS tasks_relid, tn.id AS tenant_id, tn.deleted_at IS NOT NULL AS purged,
+        "WITH b AS MATERIALIZED (SELECT $2::timestamptz AS lower)
+         SELECT $1::oid AS tasks_relid, tn.id AS tenant_id, tn.deleted_at IS NOT NULL AS purged,
                 0::bigint AS rows, 0::bigint AS active, NULL::timestamptz AS oldest_final, NULL::timestamptz AS newest_final,
                 CASE WHEN tn.deleted_at IS NULL THEN retention_cutoff(now(), tn.data_retention_period) END AS cutoff,
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = $1) AS range_rows
-         FROM tenants tn
-         WHERE (tn.deleted_at IS NULL AND retention_next_due($2::timestamptz, tn.data_retention_period, NULL) <= now()
+         FROM tenants tn, b
+         WHERE (tn.data_retention_period IS NOT NULL OR tn.deleted_at IS NOT NULL)
+           AND (tn.deleted_at IS NULL AND retention_next_due(b.lower, tn.data_retention_period, NULL) <= now()
                 AND EXISTS (SELECT 1 FROM {table} t WHERE t.tenant_id = tn.id AND t.status IN {FINAL}
                                AND coalesce(t.finished_at, t.inserted_at) < retention_cutoff(now(), tn.data_retention_period)))
             OR (tn.deleted_at < now() - $3 AND EXISTS (SELECT 1 FROM {table} t WHERE t.tenant_id = tn.id))

@@ -26,7 +26,7 @@ use repository::{clock, watermarks, PgPool};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::batching::Settled;
+use crate::batching::{BatchSizer, Settled};
 use crate::history::{self as shared, RemovedAs, RewriteWith};
 use crate::history_policy::{choose, Costs, Estimate, Removal};
 use crate::schedule::Schedule;
@@ -111,11 +111,11 @@ impl TaskHistoryTask {
         pair: &Pair,
         report: &mut RunReport,
         cost: &mut RowDeleteCost,
+        sizer: &mut BatchSizer,
     ) -> Result<(PairDone, i64), TaskError> {
         let target = PairRef::new(range, pair.tenant_id);
         let mut walk = if pair.purged { Walk::purged() } else { Walk::retained() };
         let rule = if pair.purged { "deleted-tenants" } else { "retention" };
-        let mut sizer = ctx.row_sizer(self.settings.batch_size);
         let mut deleted_here = 0i64;
         let outcome = loop {
             if ctx.interrupted().is_some() {
@@ -256,6 +256,8 @@ impl MaintenanceTask for TaskHistoryTask {
         shared::refresh_facts(ctx, limits, &mut report).await?;
         let mut costs: Option<Costs> = None;
         let mut cost = RowDeleteCost::default();
+        // One sizer for the run: what one pair's batches learnt sizes the next pair's.
+        let mut sizer = ctx.row_sizer(self.settings.batch_size);
         // A second pass only for pairs whose range was being rewritten under the first.
         let mut now = clock::now(&ctx.pool).await?;
         for pass in 0..2 {
@@ -295,7 +297,7 @@ impl MaintenanceTask for TaskHistoryTask {
                 let mut touched = Vec::new();
                 let mut interrupted = false;
                 for pair in &pairs {
-                    let (done, deleted) = self.delete_pair(ctx, &range, pair, &mut report, &mut cost).await?;
+                    let (done, deleted) = self.delete_pair(ctx, &range, pair, &mut report, &mut cost, &mut sizer).await?;
                     if matches!(done, PairDone::Interrupted) {
                         touched.push((range.tasks_relid, pair.tenant_id, -deleted));
                     }
