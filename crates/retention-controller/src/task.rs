@@ -122,6 +122,11 @@ impl RunContext {
         limits.with_async_commit(self.options.pause_ratio == 0.0)
     }
 
+    /// The duration each batch of this run aims at.
+    pub fn batch_time(&self) -> Duration {
+        self.options.batch_time
+    }
+
     /// Sizes for batches of at most `max_rows` rows, starting at `max_rows`.
     pub fn row_sizer(&self, max_rows: u32) -> BatchSizer {
         BatchSizer::new(max_rows, 1, max_rows, self.options.batch_time)

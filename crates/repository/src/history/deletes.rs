@@ -181,19 +181,26 @@ pub(crate) fn is_undefined_table(error: &sqlx::Error) -> bool {
     error.as_database_error().and_then(|e| e.code()).as_deref() == Some("42P01")
 }
 
-/// Deletes up to `limit` events older than `created_before` whose task does not exist, among
-/// events with ids after `after`. Returns the rows deleted and the highest id examined.
+/// The highest event id handed out so far (committed or not), or 0. One read of the sequence.
+pub async fn last_event_id(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM task_events_id_seq").fetch_one(executor).await
+}
+
+/// Deletes the events with ids in `(after, up_to]` that are older than `created_before` and whose
+/// task does not exist. A range of ids, not a number of rows: a batch costs the ids it passes, also
+/// right after a mass delete, when the index is full of dead entries that a search for the next
+/// live rows would have to step through.
 pub async fn delete_orphan_events_batch(
     executor: impl PgExecutor<'_>,
     after: i64,
+    up_to: i64,
     created_before: DateTime<Utc>,
-    limit: u32,
 ) -> Result<OrphanBatch, sqlx::Error> {
     sqlx::query_as(
         "WITH scanned AS MATERIALIZED (
-             SELECT e.id, e.task_inserted_at, e.created_at < $2 AS old_enough,
+             SELECT e.id, e.task_inserted_at, e.created_at < $3 AS old_enough,
                     NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at) AS orphan
-             FROM task_events e WHERE e.id > $1 ORDER BY e.id LIMIT $3
+             FROM task_events e WHERE e.id > $1 AND e.id <= $2
          ), gone AS (
              DELETE FROM task_events e USING scanned s
              WHERE e.id = s.id AND e.task_inserted_at = s.task_inserted_at AND s.old_enough AND s.orphan
@@ -202,20 +209,13 @@ pub async fn delete_orphan_events_batch(
          )
          SELECT (SELECT count(*) FROM gone) AS deleted,
                 (SELECT count(*) FROM scanned) AS scanned,
-                (SELECT max(id) FROM scanned) AS last_id,
                 (SELECT min(id) FROM scanned WHERE orphan AND NOT old_enough) AS first_undecided",
     )
     .bind(after)
+    .bind(up_to)
     .bind(created_before)
-    .bind(i64::from(limit))
     .fetch_one(executor)
     .await
-}
-
-/// Whether an event may have arrived after the watermark `after`: the identity sequence has
-/// handed out a higher id (committed or not). One read of the sequence, whatever the partitions.
-pub async fn events_after(executor: impl PgExecutor<'_>, after: i64) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT is_called AND last_value > $1 FROM task_events_id_seq").bind(after).fetch_one(executor).await
 }
 
 /// What one orphan-events batch did.
@@ -223,8 +223,6 @@ pub async fn events_after(executor: impl PgExecutor<'_>, after: i64) -> Result<b
 pub struct OrphanBatch {
     pub deleted: i64,
     pub scanned: i64,
-    /// The highest event id examined.
-    pub last_id: Option<i64>,
     /// The lowest id of an orphan too young to delete: the watermark may not pass it.
     pub first_undecided: Option<i64>,
 }

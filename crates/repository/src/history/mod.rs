@@ -66,14 +66,6 @@ impl RangeKind {
             _ => RangeKind::Range,
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RangeKind::Default => "default",
-            RangeKind::Range => "range",
-            RangeKind::Future => "future",
-        }
-    }
 }
 
 /// One attached range: a partition of `tasks` and one of `task_events` covering `[lower, upper)`.
@@ -90,8 +82,6 @@ pub struct Range {
     pub rows: i64,
     /// When its facts were last rebuilt from its rows (`None`: never).
     pub settled_at: Option<DateTime<Utc>>,
-    /// A rebuild is waiting for older transactions to finish.
-    pub settle_pending: bool,
     pub tasks_name: String,
     pub events_name: String,
 }
@@ -105,7 +95,6 @@ pub(crate) struct RangeRow {
     kind: String,
     rows: i64,
     settled_at: Option<DateTime<Utc>>,
-    settle_pending: bool,
     tasks_name: String,
     events_name: String,
 }
@@ -120,7 +109,6 @@ impl From<RangeRow> for Range {
             kind: RangeKind::parse(&row.kind),
             rows: row.rows,
             settled_at: row.settled_at,
-            settle_pending: row.settle_pending,
             tasks_name: row.tasks_name,
             events_name: row.events_name,
         }
@@ -131,7 +119,7 @@ impl From<RangeRow> for Range {
 pub(crate) const RANGE_COLUMNS: &str = "r.tasks_relid, r.events_relid,
     CASE WHEN r.lower = '-infinity' THEN NULL ELSE r.lower END AS lower,
     CASE WHEN r.upper = 'infinity' THEN NULL ELSE r.upper END AS upper,
-    r.kind, r.rows, r.settled_at, r.settle_xid IS NOT NULL AS settle_pending,
+    r.kind, r.rows, r.settled_at,
     r.tasks_relid::regclass::text AS tasks_name, r.events_relid::regclass::text AS events_name";
 
 impl Range {
@@ -161,14 +149,6 @@ impl Range {
             Some(settled) => self.upper.is_some_and(|upper| settled < upper && upper <= now),
         }
     }
-
-    /// Whether the range is exactly one UTC day.
-    pub fn is_day(&self) -> bool {
-        match (self.lower, self.upper) {
-            (Some(lower), Some(upper)) => upper - lower == chrono::Duration::days(1) && lower.time() == chrono::NaiveTime::MIN,
-            _ => false,
-        }
-    }
 }
 
 /// A double-quoted SQL identifier.
@@ -195,7 +175,6 @@ mod tests {
             kind: RangeKind::Range,
             rows: 0,
             settled_at,
-            settle_pending: false,
             tasks_name: String::new(),
             events_name: String::new(),
         }
@@ -215,7 +194,5 @@ mod tests {
         assert!(range(Some(at(10, 0)), Some(at(11, 0)), None).needs_settle(at(1, 0)), "adopted: never rebuilt");
         let future = range(Some(at(17, 0)), None, Some(at(10, 0)));
         assert!(!future.is_live(at(16, 0)) && future.is_live(at(17, 0)) && !future.needs_settle(at(30, 0)));
-        assert!(range(Some(at(10, 0)), Some(at(11, 0)), None).is_day());
-        assert!(!range(Some(at(10, 0)), Some(at(12, 0)), None).is_day());
     }
 }

@@ -26,15 +26,6 @@ pub async fn all(executor: impl PgExecutor<'_>) -> Result<Vec<Range>, sqlx::Erro
     Ok(rows.into_iter().map(Range::from).collect())
 }
 
-/// One range by its partition of `tasks`, if it is still attached and managed.
-pub async fn get(executor: impl PgExecutor<'_>, tasks_relid: Oid) -> Result<Option<Range>, sqlx::Error> {
-    let row: Option<RangeRow> = sqlx::query_as(&format!("SELECT {RANGE_COLUMNS} FROM history_ranges r WHERE r.tasks_relid = $1"))
-        .bind(tasks_relid)
-        .fetch_optional(executor)
-        .await?;
-    Ok(row.map(Range::from))
-}
-
 /// A transaction-scoped lock that serialises every change the engine makes to the layout.
 const LAYOUT_LOCK: i64 = 0x656e_6769_6e65_4c59; // "engineLY"
 

@@ -150,6 +150,15 @@ impl TaskHistoryTask {
             if done.range_missing {
                 break PairDone::RangeMissing;
             }
+            tracing::debug!(
+                rule,
+                range = range.tasks_name,
+                tenant = %pair.tenant_id,
+                tasks = done.deleted.tasks,
+                events = done.deleted.events,
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "batch committed"
+            );
             walk = moved;
             cost.spent += elapsed;
             cost.tasks += done.deleted.tasks as u64;
@@ -196,49 +205,65 @@ impl TaskHistoryTask {
         choice == Removal::Rewrite
     }
 
-    /// Walks events that arrived since the last run and deletes orphans older than an hour.
+    /// Walks the events that arrived since the last run, by ranges of ids, and deletes orphans
+    /// older than an hour. The watermark never passes an orphan younger than that, so it is seen
+    /// again once it is old enough.
     async fn purge_orphan_events(&self, ctx: &RunContext, now: chrono::DateTime<chrono::Utc>, report: &mut RunReport) -> Result<(), TaskError> {
-        let limit = self.settings.batch_size.max(1000);
         // Not a history write: a range being rewritten must see these deletes in the change log.
         let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
         let mut position = watermarks::get(&ctx.pool, ORPHAN_WATERMARK).await?;
-        if !deletes::events_after(&ctx.pool, position).await? {
+        let end = deletes::last_event_id(&ctx.pool).await?;
+        if end <= position {
             return Ok(()); // no event since the last walk
         }
+        let mut sizer = BatchSizer::new(ORPHAN_IDS_FIRST, ORPHAN_IDS_MIN, ORPHAN_IDS_MAX, ctx.batch_time());
         let mut safe = position;
         let mut undecided = false;
-        loop {
+        while position < end {
             if let Some(stop) = ctx.interrupted() {
                 report.completion = stop;
                 break;
             }
+            let up_to = position.saturating_add(i64::from(sizer.size())).min(end);
             let started = Instant::now();
-            let mut tx = batch::begin(&ctx.pool, limits).await?;
-            let batch = deletes::delete_orphan_events_batch(&mut *tx, position, now - ORPHAN_AGE, limit).await?;
-            if let Some(first) = batch.first_undecided {
-                // A young orphan: the watermark stays before it until it is an hour old.
-                if !undecided {
-                    safe = first - 1;
-                    undecided = true;
+            let result = async {
+                let mut tx = batch::begin(&ctx.pool, limits).await?;
+                let batch = deletes::delete_orphan_events_batch(&mut *tx, position, up_to, now - ORPHAN_AGE).await?;
+                let mut next_safe = safe;
+                if let Some(first) = batch.first_undecided.filter(|_| !undecided) {
+                    // A young orphan: the watermark stays before it until it is an hour old.
+                    next_safe = first - 1;
+                } else if !undecided {
+                    next_safe = up_to;
                 }
+                watermarks::set(&mut *tx, ORPHAN_WATERMARK, next_safe).await?;
+                tx.commit().await?;
+                Ok((batch, next_safe))
             }
-            if let Some(last) = batch.last_id {
-                position = last;
-                if !undecided {
-                    safe = last;
+            .await;
+            let elapsed = started.elapsed();
+            let (batch, next_safe) = match sizer.settle(elapsed, result) {
+                Settled::Done(done) => done,
+                Settled::Retry(error) => {
+                    tracing::warn!(%error, next_ids = sizer.size(), "orphan-events batch timed out; retrying smaller");
+                    continue;
                 }
-            }
-            watermarks::set(&mut *tx, ORPHAN_WATERMARK, safe).await?;
-            tx.commit().await?;
+                Settled::GaveUp(error) => return Err(error.into()),
+            };
+            undecided |= batch.first_undecided.is_some();
+            safe = next_safe;
+            position = up_to;
             report.record_batch("orphan-events", batch.deleted as u64);
-            ctx.batch_done(started.elapsed(), report, None).await;
-            if batch.scanned < i64::from(limit) {
-                break;
-            }
+            ctx.batch_done(elapsed, report, None).await;
         }
         Ok(())
     }
 }
+
+/// Event ids an orphan-events batch walks: the first batch's, and the bounds its size adapts in.
+const ORPHAN_IDS_FIRST: u32 = 10_000;
+const ORPHAN_IDS_MIN: u32 = 100;
+const ORPHAN_IDS_MAX: u32 = 1_000_000;
 
 #[async_trait::async_trait]
 impl MaintenanceTask for TaskHistoryTask {
