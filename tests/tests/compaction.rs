@@ -29,6 +29,13 @@ async fn partition_at(pool: &PgPool, at: chrono::DateTime<chrono::Utc>) -> u32 {
     oid.0
 }
 
+/// A day ten days back, given a range of its own.
+async fn a_past_day(pool: &PgPool) -> chrono::NaiveDate {
+    let day = db_now(pool).await.date_naive() - Span::days(10);
+    create_day(pool, day).await;
+    day
+}
+
 async fn seed_due(pool: &PgPool, tenant: Uuid, at: chrono::DateTime<chrono::Utc>, n: i64) {
     sqlx::query(
         "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
@@ -49,8 +56,7 @@ async fn a_past_day_that_keeps_little_is_compacted_and_every_kept_row_survives()
     let db = TestDatabase::new().await;
     let pool = &db.pool;
     let now = db_now(pool).await;
-    let day = now.date_naive() - Span::days(10);
-    create_day(pool, day).await;
+    let day = a_past_day(pool).await;
     let at = day_start(day) + Span::hours(12);
     let daily = insert_tenant(pool, Some("1 day"), None).await;
     let forever = insert_tenant(pool, None, None).await;
@@ -100,9 +106,7 @@ async fn a_past_day_that_keeps_little_is_compacted_and_every_kept_row_survives()
 async fn a_day_that_keeps_much_loses_its_few_due_rows_one_by_one() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
-    let now = db_now(pool).await;
-    let day = now.date_naive() - Span::days(10);
-    create_day(pool, day).await;
+    let day = a_past_day(pool).await;
     let at = day_start(day) + Span::hours(12);
     let forever = insert_tenant(pool, None, None).await;
     let daily = insert_tenant(pool, Some("1 day"), None).await;
@@ -209,9 +213,7 @@ async fn writer(pool: PgPool, tenant: Uuid, day: chrono::DateTime<chrono::Utc>, 
 async fn writers_lose_nothing_to_a_day_being_compacted() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
-    let now = db_now(pool).await;
-    let day = now.date_naive() - Span::days(10);
-    create_day(pool, day).await;
+    let day = a_past_day(pool).await;
     let start = day_start(day);
     let daily = insert_tenant(pool, Some("1 day"), None).await;
     let forever = insert_tenant(pool, None, None).await;
@@ -270,9 +272,7 @@ async fn writers_lose_nothing_to_a_day_being_compacted() {
 async fn rules_changed_during_the_copy_stop_the_swap() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
-    let now = db_now(pool).await;
-    let day = now.date_naive() - Span::days(10);
-    create_day(pool, day).await;
+    let day = a_past_day(pool).await;
     let daily = insert_tenant(pool, Some("1 day"), None).await;
     seed_due(pool, daily, day_start(day) + Span::hours(3), 5_000).await;
     // Hold a lock the swap needs, so the run waits between its copy and its swap.
@@ -306,9 +306,7 @@ async fn rules_changed_during_the_copy_stop_the_swap() {
 async fn a_hold_set_mid_run_stops_the_tenants_deletes_at_the_next_batch() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
-    let now = db_now(pool).await;
-    let day = now.date_naive() - Span::days(10);
-    create_day(pool, day).await;
+    let day = a_past_day(pool).await;
     let daily = insert_tenant(pool, Some("1 day"), None).await;
     for n in 0..30 {
         let at = day_start(day) + Span::minutes(n);

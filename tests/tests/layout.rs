@@ -22,15 +22,6 @@ fn day_name(day: NaiveDate) -> String {
     format!("tasks_p{}", day.format("%Y%m%d"))
 }
 
-async fn home_of(pool: &sqlx::PgPool, task: TaskKey) -> String {
-    sqlx::query_scalar("SELECT tableoid::regclass::text FROM tasks WHERE id = $1 AND inserted_at = $2")
-        .bind(task.0)
-        .bind(task.1)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use repository::maintenance::{self, RUNS_KEPT_PER_TASK};
-use repository::lease::{self, Lease, Renewal};
+use repository::lease::{self, Renewal};
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::{SessionsTask, NAME};
 use retention_controller::{run_once, MaintenanceTask, RunContext, RunOutcome, RunReport, TaskError};
@@ -96,9 +96,7 @@ async fn a_failed_run_is_recorded_with_its_error_and_keeps_the_last_success() {
 #[tokio::test]
 async fn runs_abandoned_by_a_dead_runner_are_closed_by_the_next_run() {
     let db = TestDatabase::new().await;
-    let dead = uuid::Uuid::now_v7();
-    Lease::try_acquire(&db.pool, NAME, dead, "gone-host:1", SHORT_TTL).await.unwrap().expect("free");
-    maintenance::run_started(&db.pool, dead, NAME, "gone-host:1").await.unwrap();
+    let dead = take_lease(&db.pool, NAME, "gone-host:1", SHORT_TTL).await.expect("free").run_id;
     assert_eq!(maintenance::state(&db.pool, NAME).await.unwrap().holder.as_deref(), Some("gone-host:1"));
     tokio::time::sleep(SHORT_TTL).await; // the dead runner renews nothing: its lease expires
 
@@ -151,10 +149,9 @@ const SHORT_TTL: Duration = Duration::from_millis(1_200);
 #[tokio::test]
 async fn a_lease_is_exclusive_until_released_or_expired() {
     let db = TestDatabase::new().await;
-    let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
     let ttl = Duration::from_secs(60);
-    let held = Lease::try_acquire(&db.pool, NAME, a, "host-a:1", ttl).await.unwrap().expect("free");
-    assert_eq!(Lease::try_acquire(&db.pool, NAME, b, "host-b:1", ttl).await.unwrap(), None);
+    let held = take_lease(&db.pool, NAME, "host-a:1", ttl).await.expect("free");
+    assert_eq!(take_lease(&db.pool, NAME, "host-b:1", ttl).await, None);
     assert_eq!(lease::holder(&db.pool, NAME).await.unwrap().as_deref(), Some("host-a:1"));
     assert_eq!(lease::holder(&db.pool, "queue-items").await.unwrap(), None, "leases are per task");
     assert_eq!(held.renew(&db.pool).await.unwrap(), Renewal::Renewed { paused: false });
@@ -164,16 +161,16 @@ async fn a_lease_is_exclusive_until_released_or_expired() {
 
     assert!(held.release(&db.pool).await.unwrap());
     assert_eq!(lease::holder(&db.pool, NAME).await.unwrap(), None);
-    let taken = Lease::try_acquire(&db.pool, NAME, b, "host-b:1", SHORT_TTL).await.unwrap().expect("released");
+    let taken = take_lease(&db.pool, NAME, "host-b:1", SHORT_TTL).await.expect("released");
     assert_eq!(held.renew(&db.pool).await.unwrap(), Renewal::Lost);
     assert!(!held.release(&db.pool).await.unwrap(), "a lost lease is not released from its new holder");
     assert_eq!(lease::holder(&db.pool, NAME).await.unwrap().as_deref(), Some("host-b:1"));
 
     // host-b dies holding the lease: nobody gets it before it expires, anybody after.
-    assert_eq!(Lease::try_acquire(&db.pool, NAME, a, "host-a:1", ttl).await.unwrap(), None);
+    assert_eq!(take_lease(&db.pool, NAME, "host-a:1", ttl).await, None);
     tokio::time::sleep(SHORT_TTL).await;
     assert_eq!(lease::holder(&db.pool, NAME).await.unwrap(), None, "expired");
-    assert!(Lease::try_acquire(&db.pool, NAME, a, "host-a:1", ttl).await.unwrap().is_some());
+    assert!(take_lease(&db.pool, NAME, "host-a:1", ttl).await.is_some());
     assert_eq!(taken.renew(&db.pool).await.unwrap(), Renewal::Lost);
 }
 
@@ -185,7 +182,7 @@ async fn of_many_concurrent_takers_exactly_one_gets_the_lease() {
         let takers = (0..16).map(|i| {
             let (pool, task) = (db.pool.clone(), task.clone());
             tokio::spawn(async move {
-                Lease::try_acquire(&pool, &task, uuid::Uuid::now_v7(), &format!("host-{i}:1"), Duration::from_secs(60)).await.unwrap()
+                take_lease(&pool, &task, &format!("host-{i}:1"), Duration::from_secs(60)).await
             })
         });
         let winners = futures::future::join_all(takers).await.into_iter().filter(|taken| taken.as_ref().unwrap().is_some()).count();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use repository::lease::{self, Lease};
+use repository::lease;
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::{SessionsTask, NAME};
 use retention_controller::{run_once, run_once_with, Completion, Controller, MaintenanceTask, RunOutcome, RunSummary};
@@ -89,7 +89,7 @@ async fn a_task_held_by_another_runner_is_skipped_without_deleting() {
     let kept = seed_backlog(&db.pool, 10, 5).await;
     let task = SessionsTask::new(SessionsSettings::default());
 
-    let held = Lease::try_acquire(&db.pool, NAME, uuid::Uuid::now_v7(), "other:1", Duration::from_secs(60)).await.unwrap().expect("free");
+    let held = take_lease(&db.pool, NAME, "other:1", Duration::from_secs(60)).await.expect("free");
     let outcome = run_once(&task, &db.pool, &CancellationToken::new()).await.unwrap();
     assert!(matches!(outcome, RunOutcome::Busy));
     assert_eq!(session_count(&db.pool).await, 10 + kept.len() as i64);

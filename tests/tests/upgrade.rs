@@ -27,15 +27,6 @@ async fn old_day(pool: &sqlx::PgPool, day: NaiveDate) {
     }
 }
 
-async fn home_of(pool: &sqlx::PgPool, task: TaskKey) -> String {
-    sqlx::query_scalar("SELECT tableoid::regclass::text FROM tasks WHERE id = $1 AND inserted_at = $2")
-        .bind(task.0)
-        .bind(task.1)
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn an_earlier_layout_is_converted_in_place_and_keeps_every_row() {
     let db = TestDatabase::before_migration(RANGES).await;

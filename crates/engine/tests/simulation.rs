@@ -273,9 +273,12 @@ async fn finish_long_runners(pool: &PgPool, ledger: &mut Ledger, start: DateTime
     }
 }
 
+/// A task row to insert: id, tenant, status, inserted_at, finished_at.
+type NewTask = (Uuid, Uuid, &'static str, DateTime<Utc>, Option<DateTime<Utc>>);
+
 /// The day's work: tasks inserted between midnight and 11:00, with their events and queue items.
 async fn insert_day(pool: &PgPool, ledger: &mut Ledger, tenants: &[Uuid], day: i64, start: DateTime<Utc>) {
-    let mut rows: Vec<(Uuid, Uuid, &'static str, DateTime<Utc>, Option<DateTime<Utc>>)> = Vec::new();
+    let mut rows: Vec<NewTask> = Vec::new();
     for (n, tenant) in tenants.iter().enumerate() {
         let active = match n {
             96 => day % 2 == 0,

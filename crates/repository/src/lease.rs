@@ -28,35 +28,6 @@ pub enum Renewal {
 }
 
 impl Lease {
-    /// Takes `task`'s lease for run `run_id` of `holder` if no unexpired lease exists; never waits.
-    pub async fn try_acquire(
-        pool: &PgPool,
-        task: &str,
-        run_id: Uuid,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<Option<Lease>, sqlx::Error> {
-        // Concurrent takers queue on the row; the second sees the first's lease and takes nothing.
-        let mut tx = crate::batch::begin_bookkeeping(pool).await?;
-        let taken: Option<bool> = sqlx::query_scalar(
-            "INSERT INTO maintenance_tasks AS m (task, lease_run_id, lease_holder, lease_expires_at)
-             VALUES ($1, $2, $3, now() + make_interval(secs => $4))
-             ON CONFLICT (task) DO UPDATE
-                 SET lease_run_id = excluded.lease_run_id, lease_holder = excluded.lease_holder,
-                     lease_expires_at = excluded.lease_expires_at
-                 WHERE m.lease_expires_at IS NULL OR m.lease_expires_at <= now()
-             RETURNING true",
-        )
-        .bind(task)
-        .bind(run_id)
-        .bind(holder)
-        .bind(ttl.as_secs_f64())
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(taken.map(|_| Lease { task: task.to_owned(), run_id, ttl }))
-    }
-
     /// Extends the lease by its time to live from now, if it is still ours.
     pub async fn renew(&self, pool: &PgPool) -> Result<Renewal, sqlx::Error> {
         let mut tx = crate::batch::begin_bookkeeping(pool).await?;
@@ -80,17 +51,23 @@ impl Lease {
     /// Clears the lease, if it is still ours; returns whether it was.
     pub async fn release(&self, pool: &PgPool) -> Result<bool, sqlx::Error> {
         let mut tx = crate::batch::begin_bookkeeping(pool).await?;
-        let released = sqlx::query(
-            "UPDATE maintenance_tasks SET lease_run_id = NULL, lease_holder = NULL, lease_expires_at = NULL
-             WHERE task = $1 AND lease_run_id = $2",
-        )
-        .bind(&self.task)
-        .bind(self.run_id)
-        .execute(&mut *tx)
-        .await?;
+        let released = clear(&mut *tx, &self.task, self.run_id).await?;
         tx.commit().await?;
-        Ok(released.rows_affected() == 1)
+        Ok(released)
     }
+}
+
+/// Clears `task`'s lease if run `run_id` holds it; returns whether it did.
+pub(crate) async fn clear(executor: impl PgExecutor<'_>, task: &str, run_id: Uuid) -> Result<bool, sqlx::Error> {
+    let cleared = sqlx::query(
+        "UPDATE maintenance_tasks SET lease_run_id = NULL, lease_holder = NULL, lease_expires_at = NULL
+         WHERE task = $1 AND lease_run_id = $2",
+    )
+    .bind(task)
+    .bind(run_id)
+    .execute(executor)
+    .await?;
+    Ok(cleared.rows_affected() == 1)
 }
 
 /// How asking to start a run of a task went.

@@ -49,14 +49,6 @@ pub async fn record_run_started(executor: impl PgExecutor<'_>, run_id: Uuid, tas
     Ok(())
 }
 
-/// Records that run `run_id` of `task` started on `replica` (for a caller holding the lease).
-pub async fn run_started(pool: &PgPool, run_id: Uuid, task: &str, replica: &str) -> Result<(), sqlx::Error> {
-    let mut tx = crate::batch::begin_bookkeeping(pool).await?;
-    record_run_started(&mut *tx, run_id, task, replica).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
 /// How a run ended, as recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -89,32 +81,9 @@ pub async fn finish_run(
 ) -> Result<bool, sqlx::Error> {
     let mut tx = crate::batch::begin_bookkeeping(pool).await?;
     record_run_finished(&mut *tx, run_id, task, rows, outcome, error).await?;
-    let released = sqlx::query(
-        "UPDATE maintenance_tasks SET lease_run_id = NULL, lease_holder = NULL, lease_expires_at = NULL
-         WHERE task = $1 AND lease_run_id = $2",
-    )
-    .bind(task)
-    .bind(run_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let released = crate::lease::clear(&mut *tx, task, run_id).await?;
     tx.commit().await?;
-    Ok(released == 1)
-}
-
-/// Records how run `run_id` ended, and trims the task's log to [`RUNS_KEPT_PER_TASK`] runs.
-pub async fn run_finished(
-    pool: &PgPool,
-    run_id: Uuid,
-    task: &str,
-    rows: u64,
-    outcome: Outcome,
-    error: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    let mut tx = crate::batch::begin_bookkeeping(pool).await?;
-    record_run_finished(&mut *tx, run_id, task, rows, outcome, error).await?;
-    tx.commit().await?;
-    Ok(())
+    Ok(released)
 }
 
 async fn record_run_finished(
@@ -182,31 +151,4 @@ pub async fn state(executor: impl PgExecutor<'_>, task: &str) -> Result<TaskStat
 /// Runs in the log of `task`, newest first.
 pub async fn run_count(executor: impl PgExecutor<'_>, task: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = $1").bind(task).fetch_one(executor).await
-}
-
-/// What decides whether a run of a task may start now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gate {
-    /// An operator paused the task.
-    pub paused: bool,
-    /// How long until the task is next due on its schedule, counted from the end of its last run
-    /// on any replica; `None` when it is due now (it never ran, its last run did not finish with
-    /// nothing left, or the interval has passed).
-    pub due_in: Option<std::time::Duration>,
-}
-
-/// The gate of `task`, whose runs are `interval` apart; one read of `maintenance_tasks`.
-pub async fn gate(executor: impl PgExecutor<'_>, task: &str, interval: std::time::Duration) -> Result<Gate, sqlx::Error> {
-    let row: Option<(bool, Option<f64>)> = sqlx::query_as(
-        "SELECT paused,
-                CASE WHEN last_outcome = 'done'
-                     THEN extract(epoch FROM last_finished_at + make_interval(secs => $2) - now())::float8 END
-         FROM maintenance_tasks WHERE task = $1",
-    )
-    .bind(task)
-    .bind(interval.as_secs_f64())
-    .fetch_optional(executor)
-    .await?;
-    let (paused, remaining) = row.unwrap_or((false, None));
-    Ok(Gate { paused, due_in: remaining.filter(|secs| *secs > 0.0).map(std::time::Duration::from_secs_f64) })
 }

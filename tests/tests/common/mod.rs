@@ -220,6 +220,26 @@ pub async fn create_day(pool: &PgPool, day: chrono::NaiveDate) {
     tx.commit().await.unwrap();
 }
 
+/// The partition (table) that holds `task`.
+pub async fn home_of(pool: &PgPool, task: TaskKey) -> String {
+    sqlx::query_scalar("SELECT tableoid::regclass::text FROM tasks WHERE id = $1 AND inserted_at = $2")
+        .bind(task.0)
+        .bind(task.1)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Takes `task`'s lease for a run of `holder` the way a run starts (recording it as started), or
+/// `None` when another runner holds it.
+pub async fn take_lease(pool: &PgPool, task: &str, holder: &str, ttl: std::time::Duration) -> Option<repository::lease::Lease> {
+    match repository::lease::start_run(pool, task, Uuid::now_v7(), holder, ttl, None).await.unwrap() {
+        repository::lease::Start::Started(lease) => Some(lease),
+        repository::lease::Start::Busy => None,
+        other => panic!("{task}: {other:?}"),
+    }
+}
+
 /// The start of a UTC day.
 pub fn day_start(day: chrono::NaiveDate) -> DateTime<Utc> {
     repository::history::ranges::day_start(day)
