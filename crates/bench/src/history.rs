@@ -246,7 +246,6 @@ async fn steady(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     println!("  bare DELETE of the same rows         median {:>7.1} ms   max {:>7.1} ms", ms(bare_median), ms(*bare.last().unwrap()));
     println!("  ratio runs / bare DELETE: {:.2}x   (goal: at most 3x)", ms(engine_median) / ms(bare_median).max(0.001));
     pool.close().await;
-    if std::env::var_os("BENCH_KEEP").is_some() { return Ok(()); }
     db::drop_database(bench, "history_steady").await
 }
 

@@ -186,21 +186,23 @@ pub async fn last_event_id(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::E
     sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM task_events_id_seq").fetch_one(executor).await
 }
 
-/// Deletes the events with ids in `(after, up_to]` that are older than `created_before` and whose
-/// task does not exist. A range of ids, not a number of rows: a batch costs the ids it passes, also
-/// right after a mass delete, when the index is full of dead entries that a search for the next
-/// live rows would have to step through.
+/// Deletes the events among the first `limit` with ids in `(after, up_to]` that are older than
+/// `created_before` and whose task does not exist. Bounded both ways: by a range of ids, so that a
+/// batch right after a mass delete, when the index is full of dead entries, costs the ids it
+/// passes and not every dead entry up to the next live row; and by rows, so that a range of ids
+/// that turns out dense costs no more than `limit` rows.
 pub async fn delete_orphan_events_batch(
     executor: impl PgExecutor<'_>,
     after: i64,
     up_to: i64,
+    limit: u32,
     created_before: DateTime<Utc>,
 ) -> Result<OrphanBatch, sqlx::Error> {
     sqlx::query_as(
         "WITH scanned AS MATERIALIZED (
-             SELECT e.id, e.task_inserted_at, e.created_at < $3 AS old_enough,
+             SELECT e.id, e.task_inserted_at, e.created_at < $4 AS old_enough,
                     NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at) AS orphan
-             FROM task_events e WHERE e.id > $1 AND e.id <= $2
+             FROM task_events e WHERE e.id > $1 AND e.id <= $2 ORDER BY e.id LIMIT $3
          ), gone AS (
              DELETE FROM task_events e USING scanned s
              WHERE e.id = s.id AND e.task_inserted_at = s.task_inserted_at AND s.old_enough AND s.orphan
@@ -208,11 +210,12 @@ pub async fn delete_orphan_events_batch(
              RETURNING 1
          )
          SELECT (SELECT count(*) FROM gone) AS deleted,
-                (SELECT count(*) FROM scanned) AS scanned,
+                CASE WHEN (SELECT count(*) FROM scanned) < $3 THEN $2 ELSE (SELECT max(id) FROM scanned) END AS walked_to,
                 (SELECT min(id) FROM scanned WHERE orphan AND NOT old_enough) AS first_undecided",
     )
     .bind(after)
     .bind(up_to)
+    .bind(i64::from(limit))
     .bind(created_before)
     .fetch_one(executor)
     .await
@@ -222,7 +225,8 @@ pub async fn delete_orphan_events_batch(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, FromRow)]
 pub struct OrphanBatch {
     pub deleted: i64,
-    pub scanned: i64,
+    /// The id the walk reached: `up_to`, or the last id examined when the row limit stopped it.
+    pub walked_to: i64,
     /// The lowest id of an orphan too young to delete: the watermark may not pass it.
     pub first_undecided: Option<i64>,
 }

@@ -228,13 +228,14 @@ impl TaskHistoryTask {
             let started = Instant::now();
             let result = async {
                 let mut tx = batch::begin(&ctx.pool, limits).await?;
-                let batch = deletes::delete_orphan_events_batch(&mut *tx, position, up_to, now - ORPHAN_AGE).await?;
+                let rows = sizer.size().min(ORPHAN_ROWS_MAX);
+                let batch = deletes::delete_orphan_events_batch(&mut *tx, position, up_to, rows, now - ORPHAN_AGE).await?;
                 let mut next_safe = safe;
                 if let Some(first) = batch.first_undecided.filter(|_| !undecided) {
                     // A young orphan: the watermark stays before it until it is an hour old.
                     next_safe = first - 1;
                 } else if !undecided {
-                    next_safe = up_to;
+                    next_safe = batch.walked_to;
                 }
                 watermarks::set(&mut *tx, ORPHAN_WATERMARK, next_safe).await?;
                 tx.commit().await?;
@@ -252,7 +253,7 @@ impl TaskHistoryTask {
             };
             undecided |= batch.first_undecided.is_some();
             safe = next_safe;
-            position = up_to;
+            position = batch.walked_to;
             report.record_batch("orphan-events", batch.deleted as u64);
             ctx.batch_done(elapsed, report, None).await;
         }
@@ -264,6 +265,9 @@ impl TaskHistoryTask {
 const ORPHAN_IDS_FIRST: u32 = 10_000;
 const ORPHAN_IDS_MIN: u32 = 100;
 const ORPHAN_IDS_MAX: u32 = 1_000_000;
+/// Events an orphan-events batch examines at most: a span of ids sized on sparse ids (those of a
+/// dropped range, say) may turn out dense, and costs no more than this (about 10 ms of probes).
+const ORPHAN_ROWS_MAX: u32 = 10_000;
 
 #[async_trait::async_trait]
 impl MaintenanceTask for TaskHistoryTask {
