@@ -68,10 +68,23 @@ pub async fn fresh_database(bench: &BenchDb, name: &str) -> anyhow::Result<PgPoo
     Ok(pool)
 }
 
-/// An identical copy of `template` (which must have no connections), as `name`.
+/// An identical copy of `template`, as `name`. A template must have no connections: those the
+/// bench closed may take a moment to leave, and autovacuum may have entered it, so any left are
+/// ended first.
 pub async fn copy_database(bench: &BenchDb, template: &str, name: &str) -> anyhow::Result<PgPool> {
     sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&bench.pool).await?;
-    sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY")).execute(&bench.pool).await?;
+    let mut attempts = 0;
+    loop {
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+            .bind(template)
+            .execute(&bench.pool)
+            .await?;
+        let created = sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY")).execute(&bench.pool).await;
+        match created {
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55006") && attempts < 5 => attempts += 1,
+            other => break other.map(drop)?,
+        }
+    }
     connect(&bench.url_for(name), 4).await
 }
 

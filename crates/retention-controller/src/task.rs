@@ -141,6 +141,7 @@ impl RunContext {
     /// duration when the run is paced (cut short by cancellation).
     pub async fn batch_done(&self, elapsed: Duration, report: &mut RunReport, left: Option<u64>) {
         report.longest_batch = report.longest_batch.max(elapsed);
+        tracing::trace!(batch = report.batches, deleted_so_far = report.deleted, elapsed_ms = elapsed.as_millis() as u64, "batch done");
         if let Some(progress) = &self.options.progress {
             progress(Progress { deleted: report.deleted, left });
         }
