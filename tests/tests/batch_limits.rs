@@ -19,7 +19,7 @@ async fn settings(conn: &mut sqlx::PgConnection) -> (String, String, String) {
 #[tokio::test]
 async fn a_batch_sets_its_timeouts_and_commit_mode_locally() {
     let db = TestDatabase::new().await;
-    let defaults = settings(&mut *db.pool.acquire().await.unwrap()).await;
+    let defaults = settings(&mut db.pool.acquire().await.unwrap()).await;
     let limits = BatchLimits::new(Duration::from_millis(1500), Duration::from_millis(20));
 
     let mut tx = batch::begin(&db.pool, limits.with_async_commit(true)).await.unwrap();
@@ -33,6 +33,6 @@ async fn a_batch_sets_its_timeouts_and_commit_mode_locally() {
     // Back on the pool, every connection has the server's defaults again (the test server does
     // not wait for flushes at all).
     for _ in 0..3 {
-        assert_eq!(settings(&mut *db.pool.acquire().await.unwrap()).await, defaults);
+        assert_eq!(settings(&mut db.pool.acquire().await.unwrap()).await, defaults);
     }
 }

@@ -8,7 +8,7 @@ use repository::maintenance::{self, RUNS_KEPT_PER_TASK};
 use repository::lease::{self, Renewal};
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::{SessionsTask, NAME};
-use retention_controller::{run_once, MaintenanceTask, RunContext, RunOutcome, RunReport, TaskError};
+use retention_controller::{run_once, run_once_with, MaintenanceTask, RunContext, RunOptions, RunOutcome, RunReport, StopReason, TaskError};
 use std::time::Duration;
 
 use retention_controller::Completion;
@@ -290,4 +290,46 @@ async fn a_scheduled_run_waits_out_the_interval_of_a_run_on_any_replica_and_a_ma
     // A last run that failed does not push the next one back.
     sqlx::query("UPDATE maintenance_tasks SET last_outcome = 'failed' WHERE task = $1").bind(NAME).execute(&db.pool).await.unwrap();
     assert!(matches!(retention_controller::run_once_with(&task, &db.pool, &cancel, &scheduled).await.unwrap(), RunOutcome::Ran(_)));
+}
+
+/// One "batch" that holds a connection for 2.5 s, as a batch waiting on a lock would.
+struct Slow;
+
+#[async_trait::async_trait]
+impl MaintenanceTask for Slow {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    fn schedule(&self) -> retention_controller::schedule::Schedule {
+        retention_controller::schedule::Schedule { interval: Duration::from_secs(60), max_run_time: Duration::from_secs(60) }
+    }
+    async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
+        let mut report = RunReport::default();
+        sqlx::query("SELECT pg_sleep(2.5)").execute(&ctx.pool).await?;
+        report.record_batch("nothing", 0);
+        report.completion = ctx.interrupted().unwrap_or_default();
+        Ok(report)
+    }
+    async fn dry_run(&self, _pool: &sqlx::PgPool) -> Result<retention_controller::DryRunReport, TaskError> {
+        Ok(Default::default())
+    }
+}
+
+#[tokio::test]
+async fn renewals_on_their_own_connections_never_wait_behind_batches() {
+    let db = TestDatabase::new().await;
+    // `database.max_connections = 1`: the batch holds the only connection past half the TTL.
+    let one = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.url).await.unwrap();
+    let options = RunOptions { lease_ttl: Duration::from_secs(3), ..Default::default() };
+
+    // Renewing through the run's pool, the keeper cannot get a connection and stops the run.
+    let RunOutcome::Ran(shared) = run_once_with(&Slow, &one, &CancellationToken::new(), &options).await.unwrap() else { panic!("ran") };
+    assert_eq!(shared.report.completion, Completion::Cancelled);
+    assert_eq!(shared.stopped_because, Some(StopReason::LeaseNotRenewed));
+
+    // With connections of their own (as the engine gives its keepers), the run ends done.
+    let keepers = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.url).await.unwrap();
+    let options = RunOptions { lease_pool: Some(keepers), ..options };
+    let RunOutcome::Ran(own) = run_once_with(&Slow, &one, &CancellationToken::new(), &options).await.unwrap() else { panic!("ran") };
+    assert_eq!((own.report.completion, own.stopped_because), (Completion::Done, None));
 }

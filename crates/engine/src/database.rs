@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use local_postgres::LocalPostgres;
+use retention_controller::RunOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
@@ -10,8 +11,16 @@ use crate::settings::Settings;
 
 pub struct Database {
     pub pool: PgPool,
+    /// Connections of their own for the lease keepers (at most [`LEASE_CONNECTIONS`], opened
+    /// when first needed), beside `database.max_connections` for everything else: a renewal
+    /// never waits behind batches holding every connection of `pool`.
+    pub lease_pool: PgPool,
     embedded: Option<LocalPostgres>,
 }
+
+/// The lease keepers' connections: a renewal takes a few milliseconds every third of
+/// `retention.lease_ttl`, so two serve every task's keeper.
+pub const LEASE_CONNECTIONS: u32 = 2;
 
 impl Database {
     /// Connects (starting the embedded server when nothing is configured) and applies migrations
@@ -38,18 +47,28 @@ impl Database {
         let pool = PgPoolOptions::new()
             .max_connections(settings.database.max_connections)
             .acquire_timeout(settings.database.connect_timeout)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .with_context(|| format!("connecting to the database at {}", redact(&url)))?;
+        let lease_pool = PgPoolOptions::new()
+            .max_connections(LEASE_CONNECTIONS)
+            .acquire_timeout(settings.database.connect_timeout)
+            .connect_lazy_with(options);
         if migrate {
             repository::MIGRATOR.run(&pool).await.context("applying database migrations")?;
         }
-        Ok(Database { pool, embedded })
+        Ok(Database { pool, lease_pool, embedded })
     }
 
-    /// Closes the pool, then stops the embedded server if there is one.
+    /// `options` with lease renewals on the keepers' own connections.
+    pub fn run_options(&self, options: RunOptions) -> RunOptions {
+        RunOptions { lease_pool: Some(self.lease_pool.clone()), ..options }
+    }
+
+    /// Closes the pools, then stops the embedded server if there is one.
     pub async fn close(self) {
         self.pool.close().await;
+        self.lease_pool.close().await;
         if let Some(local) = self.embedded {
             match tokio::task::spawn_blocking(move || local.stop()).await {
                 Ok(Ok(())) => tracing::info!("stopped the embedded PostgreSQL"),

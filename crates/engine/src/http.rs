@@ -79,7 +79,7 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     match given {
         Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => next.run(request).await,
         _ => {
@@ -88,6 +88,14 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
             response
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is case-insensitive (RFC
+/// 7235, 2.1) and may be followed by more than one space.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    let token = rest.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Compares without stopping at the first difference, so timing does not reveal the token.
@@ -140,5 +148,20 @@ async fn put_retention(State(state): State<AppState>, Path(id): Path<String>, pa
     match tenant_retention::set(&state.pool, &id, &value).await {
         Ok(change) => body(&change.tenant).into_response(),
         Err(err) => failure(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR abc", "Bearer  abc"] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value:?}");
+        }
+        for value in ["Basic abc", "Bearerabc", "Bearer", "Bearer ", "Token abc", ""] {
+            assert_eq!(bearer_token(value), None, "{value:?}");
+        }
     }
 }

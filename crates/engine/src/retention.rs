@@ -30,10 +30,10 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
         eprintln!("error: {error}");
         return Ok(ExitCode::from(2));
     }
-    let options = settings.retention.run_options(pause_ratio);
     let cancel = CancellationToken::new();
     shutdown::cancel_on_signal(cancel.clone())?;
     let db = Database::open(settings, settings.database.migrate).await?;
+    let options = db.run_options(settings.retention.run_options(pause_ratio));
     let chosen: Vec<_> = tasks::all(&settings.retention)
         .into_iter()
         .filter(|task| selected.is_empty() || selected.iter().any(|name| name == task.name()))

@@ -27,7 +27,7 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
 
     let tasks = tasks::all(&settings.retention);
     let names: Vec<&str> = tasks.iter().map(|task| task.name()).collect();
-    let controller = tokio::spawn(Controller::new(db.pool.clone(), tasks).with_options(settings.retention.paced()).run(root.child_token()));
+    let controller = tokio::spawn(Controller::new(db.pool.clone(), tasks).with_options(db.run_options(settings.retention.paced())).run(root.child_token()));
 
     tracing::info!(addr = %listener.local_addr()?, tasks = ?names, "engine serving");
     let state = http::AppState {

@@ -105,9 +105,9 @@ impl Settings {
                 self.database.max_connections
             ));
         }
-        if self.database.connect_timeout < Duration::from_millis(100) {
+        if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&self.database.connect_timeout) {
             errors.push(format!(
-                "database.connect_timeout = {:?} is not allowed: a duration of at least 100ms",
+                "database.connect_timeout = {:?} is not allowed: a duration from 100ms to 5m",
                 humantime::format_duration(self.database.connect_timeout).to_string()
             ));
         }

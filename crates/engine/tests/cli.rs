@@ -79,8 +79,19 @@ fn each_invalid_setting_is_refused_with_its_key_value_and_what_is_allowed() {
     assert_refused(
         &[("ENGINE__RETENTION__PACING__BATCH_TIME", "0s")],
         &[],
-        &["retention.pacing.batch_time = \"0s\"", "a duration from 1ms to 10s"],
+        &["retention.pacing.batch_time = \"0s\"", "a duration from 1ms to 1s"],
     );
+    assert_refused(
+        &[("ENGINE__RETENTION__TASK_HISTORY__DELETED_TENANT_GRACE", "0s")],
+        &[],
+        &["retention.task_history.deleted_tenant_grace = \"0s\"", "a duration from 1h to 100years"],
+    );
+    assert_refused(
+        &[("ENGINE__RETENTION__PARTITIONS__LOCK_TIMEOUT", "10m")],
+        &[],
+        &["retention.partitions.lock_timeout = \"10m\"", "a duration from 10ms to 5s"],
+    );
+    assert_refused(&[("ENGINE__DATABASE__CONNECT_TIMEOUT", "1h")], &[], &["database.connect_timeout = \"1h\"", "from 100ms to 5m"]);
     assert_refused(&[], &["retention", "run", "--pace", "5000"], &["--pace = \"5000\"", "a number from 0 (full speed) to 3000"]);
     assert_refused(&[], &["retention", "run", "--pace", "-2"], &["--pace = \"-2\""]);
     assert_refused(&[], &["retention", "run", "--pace", "fast"], &["invalid value 'fast' for '--pace [<RATIO>]'"]);

@@ -108,6 +108,12 @@ async fn the_api_needs_the_bearer_token() {
     let (key, value) = bearer();
     let (status, body) = http(served.port, "GET", &path, &[(key, &value)], None).unwrap();
     assert_eq!(status, 200, "{body}");
+    // RFC 7235: the scheme is case-insensitive.
+    for scheme in ["bearer", "BEARER"] {
+        let value = format!("{scheme} {TOKEN}");
+        let (status, body) = http(served.port, "GET", &path, &[(key, &value)], None).unwrap();
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
 }
 
 #[tokio::test]

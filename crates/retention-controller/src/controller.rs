@@ -92,7 +92,8 @@ pub async fn run_once_with(
         let started = Instant::now();
         telemetry::lease_held(task.name(), replica(), true);
         tracing::info!("run started");
-        let (result, stopped_by) = run_beside_keeper(task, &ctx, &stop, &lease, pool, asked).await;
+        let lease_pool = options.lease_pool.as_ref().unwrap_or(pool);
+        let (result, stopped_by) = run_beside_keeper(task, &ctx, &stop, &lease, lease_pool, asked).await;
         let elapsed = started.elapsed();
         let stopped_because = match &result {
             Ok(report) if report.completion == Completion::Cancelled => stopped_by,

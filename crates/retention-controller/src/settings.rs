@@ -298,8 +298,9 @@ impl RetentionSettings {
         let key = |task: &str, name: &str| format!("{prefix}.{task}.{name}");
         check_duration(&mut errors, format!("{prefix}.lease_ttl"), self.lease_ttl, 3 * SECOND..=10 * MINUTE);
         let pacing = &self.pacing;
-        check_duration(&mut errors, key("pacing", "batch_time"), pacing.batch_time, Duration::from_millis(1)..=10 * SECOND);
-        check_duration(&mut errors, key("pacing", "full_speed_batch_time"), pacing.full_speed_batch_time, Duration::from_millis(1)..=10 * SECOND);
+        // A batch is one transaction: longer ones hold their row locks and WAL that long.
+        check_duration(&mut errors, key("pacing", "batch_time"), pacing.batch_time, Duration::from_millis(1)..=SECOND);
+        check_duration(&mut errors, key("pacing", "full_speed_batch_time"), pacing.full_speed_batch_time, Duration::from_millis(1)..=SECOND);
         if let Some(error) = check_pause_ratio(&key("pacing", "pause_ratio"), pacing.pause_ratio) {
             errors.push(error);
         }
@@ -312,12 +313,13 @@ impl RetentionSettings {
         let h = &self.task_history;
         check_batch_size(&mut errors, &key("task_history", ""), h.batch_size);
         check_run(&mut errors, &key("task_history", ""), h.interval, h.max_run_time, h.statement_timeout, h.lock_timeout);
-        check_duration(&mut errors, key("task_history", "deleted_tenant_grace"), h.deleted_tenant_grace, Duration::ZERO..=CENTURY);
+        // Time to undo a mistaken soft delete before the tenant's history goes.
+        check_duration(&mut errors, key("task_history", "deleted_tenant_grace"), h.deleted_tenant_grace, HOUR..=CENTURY);
         let p = &self.partitions;
         check_duration(&mut errors, key("partitions", "interval"), p.interval, SECOND..=7 * DAY);
         check_duration(&mut errors, key("partitions", "max_run_time"), p.max_run_time, SECOND..=DAY);
         check_duration(&mut errors, key("partitions", "statement_timeout"), p.statement_timeout, Duration::from_millis(100)..=HOUR);
-        check_duration(&mut errors, key("partitions", "lock_timeout"), p.lock_timeout, Duration::from_millis(10)..=10 * MINUTE);
+        check_duration(&mut errors, key("partitions", "lock_timeout"), p.lock_timeout, Duration::from_millis(10)..=MAX_LOCK_TIMEOUT);
         if !(1..=90).contains(&p.premake_days) {
             errors.push(SettingError {
                 key: key("partitions", "premake_days"),
@@ -328,6 +330,11 @@ impl RetentionSettings {
         errors
     }
 }
+
+/// The longest any lock wait may last. A waiting lock request queues every later conflicting
+/// request behind it (a DETACH waiting for `tasks` stops every query on `tasks`), so a wait must
+/// give up within seconds; what it was for is retried later.
+const MAX_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest pause ratio: one batch a minute for a 20 ms batch.
 const MAX_PAUSE_RATIO: f64 = 3_000.0;
@@ -356,7 +363,7 @@ fn check_run(errors: &mut Vec<SettingError>, prefix: &str, interval: Duration, m
     check_duration(errors, format!("{prefix}interval"), interval, SECOND..=7 * DAY);
     check_duration(errors, format!("{prefix}max_run_time"), max_run_time, SECOND..=DAY);
     check_duration(errors, format!("{prefix}statement_timeout"), statement_timeout, Duration::from_millis(100)..=HOUR);
-    check_duration(errors, format!("{prefix}lock_timeout"), lock_timeout, Duration::from_millis(10)..=10 * MINUTE);
+    check_duration(errors, format!("{prefix}lock_timeout"), lock_timeout, Duration::from_millis(10)..=MAX_LOCK_TIMEOUT);
 }
 
 fn check_duration(errors: &mut Vec<SettingError>, key: String, value: Duration, allowed: RangeInclusive<Duration>) {
@@ -395,5 +402,29 @@ mod tests {
             errors[2].to_string(),
             "retention.sessions.anonymous_ttl = \"59s\" is not allowed: a duration from 1m to 100years"
         );
+    }
+
+    #[test]
+    fn unsafe_values_are_refused() {
+        let mut settings = RetentionSettings::default();
+        settings.task_history.deleted_tenant_grace = Duration::ZERO;
+        settings.partitions.lock_timeout = 10 * MINUTE;
+        settings.sessions.lock_timeout = 6 * SECOND;
+        settings.pacing.batch_time = 2 * SECOND;
+        let errors: Vec<String> = settings.validate("retention").iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "retention.pacing.batch_time = \"2s\" is not allowed: a duration from 1ms to 1s",
+                "retention.sessions.lock_timeout = \"6s\" is not allowed: a duration from 10ms to 5s",
+                "retention.task_history.deleted_tenant_grace = \"0s\" is not allowed: a duration from 1h to 100years",
+                "retention.partitions.lock_timeout = \"10m\" is not allowed: a duration from 10ms to 5s",
+            ]
+        );
+        settings.task_history.deleted_tenant_grace = HOUR;
+        settings.partitions.lock_timeout = 5 * SECOND;
+        settings.sessions.lock_timeout = 5 * SECOND;
+        settings.pacing.batch_time = SECOND;
+        assert_eq!(settings.validate("retention"), vec![]);
     }
 }

@@ -47,6 +47,10 @@ pub struct RunOptions {
     /// How long the task's lease outlives its last renewal: a runner that dies holds the task
     /// this long at most. The run renews it every third of this.
     pub lease_ttl: Duration,
+    /// The pool lease renewals go through. Give them connections of their own (the engine does,
+    /// see `Database::open`) so that they never wait behind batches holding every connection of
+    /// the run's pool; unset, they share the run's pool.
+    pub lease_pool: Option<PgPool>,
 }
 
 /// Receives a run's progress after every batch.
@@ -70,6 +74,7 @@ impl Default for RunOptions {
             progress: None,
             scheduled: false,
             lease_ttl: DEFAULT_LEASE_TTL,
+            lease_pool: None,
         }
     }
 }
@@ -118,7 +123,19 @@ impl RunContext {
 
     /// `limits` for this run: full-speed runs commit asynchronously, paced ones synchronously
     /// (see [`repository::batch`]).
+    ///
+    /// A batch's `statement_timeout` is at most half the lease's time to live: the lease keeper
+    /// gives up half a TTL after its last confirmed renewal, so a batch in flight at that moment
+    /// ends (commits or times out) before the lease can pass to another runner.
     pub fn batch_limits(&self, limits: BatchLimits) -> BatchLimits {
+        let statement_timeout = limits.statement_timeout.min(self.options.lease_ttl / 2);
+        BatchLimits { statement_timeout, ..limits }.with_async_commit(self.options.pause_ratio == 0.0)
+    }
+
+    /// `limits` for this run's statements that locks protect rather than the lease (a rewrite
+    /// holds its ranges and the layout lock; facts are bookkeeping any runner may redo): like
+    /// [`RunContext::batch_limits`], without the lease's bound on `statement_timeout`.
+    pub fn locked_limits(&self, limits: BatchLimits) -> BatchLimits {
         limits.with_async_commit(self.options.pause_ratio == 0.0)
     }
 
@@ -297,6 +314,16 @@ mod tests {
         let limits = BatchLimits::new(Duration::from_secs(1), Duration::from_secs(1));
         assert!(context(0.0).batch_limits(limits).async_commit);
         assert!(!context(1.0).batch_limits(limits).async_commit);
+    }
+
+    #[tokio::test]
+    async fn a_batch_cannot_outlive_its_lease() {
+        let limits = BatchLimits::new(Duration::from_secs(30), Duration::from_secs(5));
+        let ctx = context(1.0); // the default lease: 10 s
+        assert_eq!(ctx.batch_limits(limits).statement_timeout, Duration::from_secs(5));
+        assert_eq!(ctx.batch_limits(limits).lock_timeout, Duration::from_secs(5));
+        let short = BatchLimits::new(Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!(ctx.batch_limits(short).statement_timeout, Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]

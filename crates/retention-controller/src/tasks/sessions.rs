@@ -148,7 +148,7 @@ impl MaintenanceTask for SessionsTask {
             let (pool, limits) = (&ctx.pool, self.limits(ctx));
             walk_blocks(ctx, &mut report, size.pages, |range| async move {
                 let mut tx = batch::begin(pool, limits).await?;
-                let gone = sessions::delete_block_range(&mut *tx, &cutoffs, range).await?;
+                let gone = sessions::delete_block_range(&mut tx, &cutoffs, range).await?;
                 tx.commit().await?;
                 Ok(vec![(SessionRule::Expired.name(), gone.expired as u64), (SessionRule::AnonymousStale.name(), gone.anonymous as u64)])
             })

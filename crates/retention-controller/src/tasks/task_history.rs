@@ -76,9 +76,18 @@ impl TaskHistoryTask {
         TaskHistoryTask { compaction_lock_timeout: lock_timeout, ..self }
     }
 
+    /// Row-delete batches' limits.
     fn limits(&self, ctx: &RunContext) -> BatchLimits {
-        ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans())
-            .with_history_write()
+        ctx.batch_limits(self.base_limits())
+    }
+
+    /// The facts' and rewrites' limits: statements protected by locks rather than the lease.
+    fn locked_limits(&self, ctx: &RunContext) -> BatchLimits {
+        ctx.locked_limits(self.base_limits())
+    }
+
+    fn base_limits(&self) -> BatchLimits {
+        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans().with_history_write()
     }
 
     /// Every range with something due now, with its due pairs, and the database's clock.
@@ -283,7 +292,7 @@ impl MaintenanceTask for TaskHistoryTask {
 
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let mut report = RunReport::default();
-        let limits = self.limits(ctx);
+        let limits = self.locked_limits(ctx);
         shared::refresh_facts(ctx, limits, &mut report).await?;
         let mut costs: Option<Costs> = None;
         let mut cost = RowDeleteCost::default();
