@@ -65,13 +65,17 @@ impl Database {
         RunOptions { lease_pool: Some(self.lease_pool.clone()), ..options }
     }
 
-    /// Closes the pools, then stops the embedded server if there is one.
+    /// Closes the pools, then leaves the embedded server if there is one: it stops unless other
+    /// engine processes still use it.
     pub async fn close(self) {
         self.pool.close().await;
         self.lease_pool.close().await;
         if let Some(local) = self.embedded {
             match tokio::task::spawn_blocking(move || local.stop()).await {
-                Ok(Ok(())) => tracing::info!("stopped the embedded PostgreSQL"),
+                Ok(Ok(local_postgres::Left::Stopped)) => tracing::info!("stopped the embedded PostgreSQL"),
+                Ok(Ok(local_postgres::Left::StillInUse)) => {
+                    tracing::info!("left the embedded PostgreSQL running for the other engine processes using it")
+                }
                 Ok(Err(error)) => tracing::warn!(%error, "stopping the embedded PostgreSQL"),
                 Err(error) => tracing::warn!(%error, "stopping the embedded PostgreSQL"),
             }

@@ -8,19 +8,26 @@
 //! * PostgreSQL refuses to run as root. When this process is root, the cluster belongs to an
 //!   unprivileged user (`postgres` when the distribution created it, otherwise `engine-pg`,
 //!   created on demand) and every server command runs as that user.
-//! * A watchdog process holds the read end of a pipe whose write end only this process holds. When
-//!   this process exits for any reason, SIGKILL included, the pipe closes and the watchdog stops
-//!   the server (and, for an ephemeral cluster, removes its directory).
+//! * Any number of processes may use one data directory: the first starts the server, the others
+//!   join it, and the last to leave stops it. Each process has a watchdog, a child that holds a
+//!   shared lock (`flock`) on `<data dir>.users.lock` (beside the data directory, which initdb
+//!   wants empty) for it and the read end of
+//!   a pipe whose write end only this process holds. When this process exits for any reason,
+//!   SIGKILL included, the pipe closes; the watchdog then drops its shared lock and, if no other
+//!   process holds one, stops the server (and, for an ephemeral cluster, removes its directory).
+//!   Starting, joining and leaving are serialised by `<data dir>.start.lock`.
 
 mod binaries;
 mod owner;
 
 use std::fs;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+
+use nix::fcntl::{Flock, FlockArg};
 
 pub use binaries::find_bin_dir;
 pub use owner::Owner;
@@ -85,15 +92,28 @@ impl Options {
     }
 }
 
-/// A running cluster. Stopped by [`LocalPostgres::stop`], on drop, or by the watchdog when this
-/// process dies.
+/// A running cluster this process uses. Left by [`LocalPostgres::stop`], on drop, or by the
+/// watchdog when this process dies; the server stops when its last user leaves.
 pub struct LocalPostgres {
     bin_dir: PathBuf,
     data_dir: PathBuf,
     owner: Owner,
-    watchdog: Option<(Child, ChildStdin)>,
-    running: bool,
+    watchdog: Option<Watchdog>,
 }
+
+/// What leaving the cluster did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// This process was the last to use it: the server was stopped.
+    Stopped,
+    /// Other processes still use it: the server keeps running for them.
+    StillInUse,
+}
+
+/// Serialises starting, joining and leaving the cluster: `<data dir>.start.lock`.
+const START_LOCK: &str = "start.lock";
+/// Held shared by every user's watchdog while its process lives: `<data dir>.users.lock`.
+const USERS_LOCK: &str = "users.lock";
 
 impl LocalPostgres {
     /// Initialises the cluster when needed and starts it. Blocking: call it before entering
@@ -107,19 +127,26 @@ impl LocalPostgres {
         }
         prepare_dir(&data_dir, &owner)?;
 
-        let mut pg = LocalPostgres { bin_dir, data_dir, owner, watchdog: None, running: false };
+        let mut pg = LocalPostgres { bin_dir, data_dir, owner, watchdog: None };
+        let _starting = pg.lock(START_LOCK, FlockArg::LockExclusive)?;
         let fresh = !pg.data_dir.join("PG_VERSION").exists();
         if fresh {
             pg.initdb(options.ephemeral)?;
         }
-        pg.write_settings(&options)?;
-        pg.stop_leftover_server();
-        // The watchdog first: from here on, whatever happens to this process, the server stops.
+        let alone = pg.lock(USERS_LOCK, FlockArg::LockExclusiveNonblock).is_ok();
+        if alone {
+            pg.stop_leftover_server();
+        }
+        // The watchdog first: from here on, whatever happens to this process, it leaves.
         pg.watchdog = Some(pg.spawn_watchdog(options.ephemeral)?);
+        if pg.server_running() {
+            tracing::info!(data_dir = %pg.data_dir.display(), "joined the local PostgreSQL another process started");
+            return Ok(pg);
+        }
+        pg.write_settings(&options)?;
         let mut start = pg.pg_ctl(["start", "-w", "-t", "120", "-l"]);
         start.arg(pg.data_dir.join("server.log")).envs(options.env.iter().map(|(k, v)| (k, v)));
         pg.run(&mut start)?;
-        pg.running = true;
         if fresh {
             pg.run(
                 pg.command("createdb")
@@ -149,23 +176,50 @@ impl LocalPostgres {
         &self.data_dir
     }
 
-    /// Stops the server (fast shutdown: open sessions are ended, committed work is kept).
-    pub fn stop(mut self) -> Result<(), Error> {
-        self.shutdown()
+    /// Leaves the cluster: the server stops (fast shutdown: open sessions are ended, committed
+    /// work is kept) unless other processes still use it.
+    pub fn stop(mut self) -> Result<Left, Error> {
+        self.leave()
     }
 
-    fn shutdown(&mut self) -> Result<(), Error> {
-        let result = if self.running {
-            self.running = false;
-            self.run(&mut self.pg_ctl(["stop", "-m", "fast", "-w", "-t", "60"])).map(drop)
-        } else {
-            Ok(())
-        };
-        if let Some((mut child, stdin)) = self.watchdog.take() {
-            drop(stdin); // the watchdog now tidies up (an ephemeral directory) and exits
-            let _ = child.wait();
+    fn leave(&mut self) -> Result<Left, Error> {
+        let Some(mut watchdog) = self.watchdog.take() else { return Ok(Left::StillInUse) };
+        drop(watchdog.pipe); // the watchdog now leaves for this process
+        let mut said = String::new();
+        let _ = watchdog.said.read_line(&mut said);
+        let _ = watchdog.child.wait();
+        match said.trim() {
+            "stopped" => Ok(Left::Stopped),
+            "in use" => Ok(Left::StillInUse),
+            other => Err(Error::Command {
+                command: "the watchdog's stop".into(),
+                status: "unexpected answer".into(),
+                output: format!("{other:?}; see {}", self.data_dir.join("server.log").display()),
+            }),
         }
-        result
+    }
+
+    /// `<data dir>.<name>`, beside the data directory.
+    fn lock_path(&self, name: &str) -> PathBuf {
+        let mut path = self.data_dir.clone().into_os_string();
+        path.push(format!(".{name}"));
+        PathBuf::from(path)
+    }
+
+    /// Opens (creating it, for the owner) a lock file beside the data directory and locks it.
+    fn lock(&self, name: &str, how: FlockArg) -> Result<Flock<fs::File>, Error> {
+        let path = self.lock_path(name);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| Error::Io { action: "open", path: path.clone(), source })?;
+        self.owner.chown(&path).map_err(Error::Owner)?;
+        Flock::lock(file, how).map_err(|(_, errno)| Error::Io { action: "lock", path, source: errno.into() })
+    }
+
+    fn server_running(&self) -> bool {
+        self.pg_ctl(["status"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     }
 
     fn initdb(&self, ephemeral: bool) -> Result<(), Error> {
@@ -208,32 +262,56 @@ impl LocalPostgres {
         self.owner.chown(&path).map_err(Error::Owner)
     }
 
-    /// A server left running by an engine that was killed before its watchdog could act.
+    /// A server nobody uses (its last user and that user's watchdog were both killed): stopped,
+    /// so that it restarts with this process's settings.
     fn stop_leftover_server(&self) {
         if self.data_dir.join("postmaster.pid").exists() {
             let stopped = self.run(&mut self.pg_ctl(["stop", "-m", "fast", "-w", "-t", "60"]));
             if stopped.is_ok() {
-                tracing::warn!(data_dir = %self.data_dir.display(), "stopped a PostgreSQL server left running by an earlier process");
+                tracing::warn!(data_dir = %self.data_dir.display(), "stopped a PostgreSQL server left running with no process using it");
             }
         }
     }
 
-    fn spawn_watchdog(&self, ephemeral: bool) -> Result<(Child, ChildStdin), Error> {
-        let script = if ephemeral {
-            r#"read _ ; "$0" -D "$1" stop -m immediate -w >/dev/null 2>&1 ; rm -rf "$1""#
+    /// Starts this process's watchdog and waits until it holds its shared lock on the users' lock
+    /// file. When the pipe closes, it takes the start lock, drops its shared lock, and stops the
+    /// server if no other watchdog holds one; it says `stopped` or `in use`.
+    fn spawn_watchdog(&self, ephemeral: bool) -> Result<Watchdog, Error> {
+        let stop = if ephemeral {
+            r#""$0" -D "$1" stop -m immediate -w >/dev/null 2>&1 ; rm -rf "$1" "$2" "$3""#
         } else {
-            r#"read _ ; "$0" -D "$1" stop -m fast -w >/dev/null 2>&1 ; true"#
+            r#""$0" -D "$1" stop -m fast -w -t 60 >/dev/null 2>&1"#
         };
+        let script = format!(
+            r#"exec 8>>"$2" 9>>"$3" || exit 1
+flock -s 9 || exit 1
+echo ready
+read _
+flock -x 8
+flock -u 9
+if flock -n -x 9; then {stop} ; echo stopped ; else echo "in use" ; fi"#
+        );
         let mut sh = Command::new("/bin/sh");
         sh.arg("-c").arg(script).arg(self.bin_dir.join("pg_ctl")).arg(&self.data_dir);
-        sh.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+        sh.arg(self.lock_path(START_LOCK)).arg(self.lock_path(USERS_LOCK));
+        sh.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
         sh.process_group(0);
         self.owner.apply(&mut sh);
-        let mut child = sh
-            .spawn()
-            .map_err(|source| Error::Io { action: "spawn watchdog for", path: self.data_dir.clone(), source })?;
-        let stdin = child.stdin.take().expect("stdin is piped");
-        Ok((child, stdin))
+        let spawn_error = |source| Error::Io { action: "spawn watchdog for", path: self.data_dir.clone(), source };
+        let mut child = sh.spawn().map_err(spawn_error)?;
+        let pipe = child.stdin.take().expect("stdin is piped");
+        let mut said = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut ready = String::new();
+        said.read_line(&mut ready).map_err(spawn_error)?;
+        if ready.trim() != "ready" {
+            let _ = child.wait();
+            return Err(Error::Command {
+                command: "the watchdog (/bin/sh and util-linux's flock)".into(),
+                status: "did not start".into(),
+                output: format!("could not lock {}; is `flock` installed?", self.lock_path(USERS_LOCK).display()),
+            });
+        }
+        Ok(Watchdog { child, pipe, said })
     }
 
     fn pg_ctl<const N: usize>(&self, args: [&str; N]) -> Command {
@@ -279,9 +357,16 @@ impl LocalPostgres {
     }
 }
 
+/// This process's watchdog: it leaves the cluster for this process when `pipe` closes.
+struct Watchdog {
+    child: Child,
+    pipe: ChildStdin,
+    said: BufReader<ChildStdout>,
+}
+
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
-        if let Err(error) = self.shutdown() {
+        if let Err(error) = self.leave() {
             tracing::warn!(%error, "stopping local PostgreSQL");
         }
     }
