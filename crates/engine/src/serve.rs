@@ -24,6 +24,7 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin server to http.addr = {}", settings.http.addr))?;
     let db = Database::open(settings, settings.database.migrate).await?;
+    telemetry::configure(settings.metrics.tenant_series as usize, settings.metrics.replica.clone());
 
     let tasks = tasks::all(&settings.retention);
     let names: Vec<&str> = tasks.iter().map(|task| task.name()).collect();

@@ -21,7 +21,28 @@ pub struct Settings {
     /// `/var/lib/engine` for root, `$XDG_DATA_HOME/engine` (`~/.local/share/engine`) otherwise.
     pub data_dir: Option<PathBuf>,
     pub retention: RetentionSettings,
+    pub metrics: MetricsSettings,
 }
+
+/// `metrics.*`: what `GET /metrics` exports, bounded whatever the number of tenants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Tenants that get a `retention_tenant_rows_deleted_total` series of their own: the first
+    /// this many the process sees; the others are counted under `tenant="other"`. 0: none.
+    pub tenant_series: u32,
+    /// The `replica` label. Default: the host name (in Kubernetes, the pod's name).
+    pub replica: Option<String>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings { tenant_series: retention_controller::telemetry::DEFAULT_TENANT_SERIES as u32, replica: None }
+    }
+}
+
+/// Most tenants `metrics.tenant_series` may name.
+pub const MAX_TENANT_SERIES: u32 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -116,6 +137,20 @@ impl Settings {
                 errors.push(format!(
                     "http.admin_token (value hidden, {} characters) is not allowed: at least {MIN_ADMIN_TOKEN_LEN} characters without spaces",
                     token.len()
+                ));
+            }
+        }
+        if self.metrics.tenant_series > MAX_TENANT_SERIES {
+            errors.push(format!(
+                "metrics.tenant_series = {} is not allowed: a whole number from 0 to {MAX_TENANT_SERIES} (each is a series per task)",
+                self.metrics.tenant_series
+            ));
+        }
+        if let Some(replica) = &self.metrics.replica {
+            let fine = !replica.is_empty() && replica.len() <= 100 && replica.chars().all(|c| c.is_ascii_graphic());
+            if !fine {
+                errors.push(format!(
+                    "metrics.replica = {replica:?} is not allowed: 1 to 100 visible ASCII characters (a host or pod name), or leave it unset"
                 ));
             }
         }

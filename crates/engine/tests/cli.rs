@@ -91,6 +91,7 @@ fn each_invalid_setting_is_refused_with_its_key_value_and_what_is_allowed() {
         &[],
         &["retention.partitions.lock_timeout = \"10m\"", "a duration from 10ms to 5s"],
     );
+    assert_refused(&[("ENGINE__METRICS__TENANT_SERIES", "5000")], &[], &["metrics.tenant_series = 5000", "from 0 to 1000"]);
     assert_refused(&[("ENGINE__DATABASE__CONNECT_TIMEOUT", "1h")], &[], &["database.connect_timeout = \"1h\"", "from 100ms to 5m"]);
     assert_refused(&[], &["retention", "run", "--pace", "5000"], &["--pace = \"5000\"", "a number from 0 (full speed) to 3000"]);
     assert_refused(&[], &["retention", "run", "--pace", "-2"], &["--pace = \"-2\""]);

@@ -90,6 +90,11 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
     assert!(metric(&text, "retention_last_success_timestamp_seconds", &["task=\"sessions\""]).is_some_and(|t| t > 1.7e9), "{text}");
     assert!(metric(&text, "retention_run_duration_seconds_count", &["task=\"sessions\""]).is_some_and(|n| n >= 1.0), "{text}");
     assert!(text.contains("retention_lease_held{"), "{text}");
+    // The replica label is the host's name, the same after a restart (not `host:pid`).
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for line in text.lines().filter(|l| l.starts_with("retention_lease_held{")) {
+        assert!(line.contains(&format!("replica=\"{host}\"")), "{line}");
+    }
     assert!(metric(&text, "retention_runs_total", &["task=\"sessions\"", "outcome=\"done\""]).is_some_and(|n| n >= 1.0), "{text}");
     // The day goes whole, by whichever history task gets to it first: `task-history` compacts
     // it, or `partitions` merges it with its neighbours (every window is a day, so it is cold).

@@ -90,7 +90,7 @@ pub async fn run_once_with(
         let stop = cancel.child_token();
         let ctx = RunContext::new(pool.clone(), run_id, stop.clone(), schedule.max_run_time, publishing_rows_left(task.name(), options));
         let started = Instant::now();
-        telemetry::lease_held(task.name(), replica(), true);
+        telemetry::lease_held(task.name(), true);
         tracing::info!("run started");
         let lease_pool = options.lease_pool.as_ref().unwrap_or(pool);
         let (result, stopped_by) = run_beside_keeper(task, &ctx, &stop, &lease, lease_pool, asked).await;
@@ -113,7 +113,7 @@ pub async fn run_once_with(
             }
         }
         telemetry::run_finished(task.name(), elapsed, outcome, result.as_ref().ok());
-        telemetry::lease_held(task.name(), replica(), false);
+        telemetry::lease_held(task.name(), false);
         if matches!(&result, Ok(report) if report.completion == Completion::Done) {
             telemetry::rows_due(task.name(), 0); // as of the run's start, nothing is left
         }
@@ -234,18 +234,20 @@ fn outcome_of(completion: Completion) -> Outcome {
     }
 }
 
-/// This process, as named in `maintenance_runs`: `host:pid`.
+/// This process, as named in `maintenance_runs` and as a lease's holder: `host:pid`.
 pub fn replica() -> &'static str {
     static REPLICA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    REPLICA.get_or_init(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "unknown-host".into());
-        format!("{host}:{}", std::process::id())
-    })
+    REPLICA.get_or_init(|| format!("{}:{}", host_name(), std::process::id()))
+}
+
+/// The host's name (in Kubernetes, the pod's).
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
 }
 
 /// Runs every task on its own schedule until cancelled.

@@ -5,29 +5,78 @@
 //! |---|---|---|
 //! | `retention_runs_total` | `task`, `outcome` | runs by outcome: `done`, `deadline reached`, `cancelled`, `failed`, and skipped ones: `busy` (held elsewhere), `paused` |
 //! | `retention_rows_deleted_total` | `task`, `rule` | rows deleted, by part of the task's rule |
-//! | `retention_tenant_rows_deleted_total` | `task`, `tenant` | tasks deleted row by row, per tenant id (`task-history`) |
+//! | `retention_tenant_rows_deleted_total` | `task`, `tenant` | tasks deleted row by row, per tenant id (`task-history`); the first [`configure`]d number of tenants this process sees get a series each, every other tenant is counted under `tenant="other"` |
 //! | `retention_partitions_dropped_total` | `task` | ranges of run history replaced by a rewrite (compaction or merge), each a `tasks` and a `task_events` partition dropped whole |
 //! | `retention_history_lock_seconds` | `task` | histogram of how long the history tables' exclusive lock was held to attach or swap ranges |
 //! | `retention_rows_due` | `task` | estimate of rows still due: live during a run that can tell (`sessions`), 0 when a run leaves nothing due |
 //! | `retention_run_events_total` | `task`, `event` | other things runs did: `days dropped`, `days created`, `heap pages walked`, `pages skipped`, `analyzed`, ... |
 //! | `retention_run_duration_seconds` | `task` | histogram of run durations |
 //! | `retention_last_success_timestamp_seconds` | `task` | Unix time of the last run that did not fail |
-//! | `retention_lease_held` | `task`, `replica` | 1 while this replica holds the task's lease (runs it) |
+//! | `retention_lease_held` | `task`, `replica` | 1 while this replica holds the task's lease (runs it); `replica` is the configured name, by default the host name (a pod's name), the same across restarts |
 
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use repository::maintenance::Outcome;
+use uuid::Uuid;
 
 use crate::task::RunReport;
 
 pub const RUN_DURATION: &str = "retention_run_duration_seconds";
 
+/// Tenants with a series of their own unless [`configure`]d otherwise.
+pub const DEFAULT_TENANT_SERIES: usize = 20;
+/// The `tenant` label of the tenants beyond the limit.
+pub const OTHER_TENANTS: &str = "other";
+
+static TENANTS: Mutex<Option<TenantLabels>> = Mutex::new(None);
+static REPLICA: OnceLock<String> = OnceLock::new();
+
+/// Sets, once per process and before any run, how many tenants get a series of their own and
+/// the `replica` label. Unset: [`DEFAULT_TENANT_SERIES`] and the host name.
+pub fn configure(tenant_series: usize, replica: Option<String>) {
+    *TENANTS.lock().unwrap() = Some(TenantLabels::new(tenant_series));
+    if let Some(replica) = replica {
+        let _ = REPLICA.set(replica);
+    }
+}
+
+/// The `replica` label: stable across restarts, unlike the `host:pid` that names a process in
+/// the run log.
+pub fn replica_label() -> &'static str {
+    REPLICA.get_or_init(crate::controller::host_name)
+}
+
+/// `tenant` labels, bounded: the first `limit` tenants seen keep their id, the rest share
+/// [`OTHER_TENANTS`], so a process exports at most `limit + 1` series per task whatever the
+/// number of tenants.
+#[derive(Debug)]
+pub struct TenantLabels {
+    limit: usize,
+    named: HashSet<Uuid>,
+}
+
+impl TenantLabels {
+    pub fn new(limit: usize) -> Self {
+        TenantLabels { limit, named: HashSet::new() }
+    }
+
+    pub fn label(&mut self, tenant: Uuid) -> String {
+        if self.named.contains(&tenant) || (self.named.len() < self.limit && self.named.insert(tenant)) {
+            tenant.to_string()
+        } else {
+            OTHER_TENANTS.to_string()
+        }
+    }
+}
+
 pub(crate) fn run_skipped(task: &'static str, why: &'static str) {
     metrics::counter!("retention_runs_total", "task" => task, "outcome" => why).increment(1);
 }
 
-pub(crate) fn lease_held(task: &'static str, replica: &'static str, held: bool) {
-    metrics::gauge!("retention_lease_held", "task" => task, "replica" => replica).set(if held { 1.0 } else { 0.0 });
+pub(crate) fn lease_held(task: &'static str, held: bool) {
+    metrics::gauge!("retention_lease_held", "task" => task, "replica" => replica_label()).set(if held { 1.0 } else { 0.0 });
 }
 
 pub(crate) fn history_lock_held(task: &'static str, held: Duration) {
@@ -46,8 +95,12 @@ pub(crate) fn run_finished(task: &'static str, elapsed: Duration, outcome: Outco
     for (rule, rows) in &report.by_rule {
         metrics::counter!("retention_rows_deleted_total", "task" => task, "rule" => *rule).increment(*rows);
     }
-    for (tenant, rows) in &report.by_tenant {
-        metrics::counter!("retention_tenant_rows_deleted_total", "task" => task, "tenant" => tenant.to_string()).increment(*rows);
+    if !report.by_tenant.is_empty() {
+        let mut labels = TENANTS.lock().unwrap();
+        let labels = labels.get_or_insert_with(|| TenantLabels::new(DEFAULT_TENANT_SERIES));
+        for (tenant, rows) in &report.by_tenant {
+            metrics::counter!("retention_tenant_rows_deleted_total", "task" => task, "tenant" => labels.label(*tenant)).increment(*rows);
+        }
     }
     for (event, n) in &report.counters {
         metrics::counter!("retention_run_events_total", "task" => task, "event" => *event).increment(*n);
@@ -61,6 +114,22 @@ pub(crate) fn run_finished(task: &'static str, elapsed: Duration, outcome: Outco
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// 10,000 tenants make at most `limit + 1` series; a named tenant stays named.
+    #[test]
+    fn tenant_labels_are_bounded() {
+        let mut labels = TenantLabels::new(3);
+        let tenants: Vec<Uuid> = (0..10_000).map(|_| Uuid::new_v4()).collect();
+        let seen: HashSet<String> = tenants.iter().map(|t| labels.label(*t)).collect();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(seen.contains(OTHER_TENANTS));
+        assert_eq!(labels.label(tenants[1]), tenants[1].to_string());
+        assert_eq!(labels.label(tenants[9_999]), OTHER_TENANTS);
+        let mut none = TenantLabels::new(0);
+        assert_eq!(none.label(tenants[0]), OTHER_TENANTS);
+    }
+
     /// Every metric the Grafana dashboard in `deploy/` queries is one this module records.
     #[test]
     fn the_dashboard_queries_only_metrics_that_exist() {
