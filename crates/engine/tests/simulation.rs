@@ -28,18 +28,7 @@ const TASKS_PER_TENANT_A_DAY: usize = 40;
 const GRACE: Span = Span::hours(24);
 const PREMAKE_DAYS: i64 = 7;
 
-/// libfaketime, as Debian installs it.
-fn libfaketime(threaded: bool) -> PathBuf {
-    let name = if threaded { "libfaketimeMT.so.1" } else { "libfaketime.so.1" };
-    let found = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path().join("faketime").join(name))
-        .chain([PathBuf::from("/usr/lib/faketime").join(name)])
-        .find(|path| path.exists());
-    found.unwrap_or_else(|| panic!("{name} not found: install libfaketime (Debian package `faketime`); .ci/run does"))
-}
+use testkit::libfaketime;
 
 /// The simulated clock: an offset from the real one, in a file libfaketime reads at every call.
 struct Clock {

@@ -9,6 +9,8 @@ use std::time::Duration;
 use futures::FutureExt;
 use repository::maintenance::{self, Outcome};
 use repository::lease::{self, Lease, Renewal, Start};
+
+use crate::clock_guard;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -93,7 +95,12 @@ pub async fn run_once_with(
         telemetry::lease_held(task.name(), true);
         tracing::info!("run started");
         let lease_pool = options.lease_pool.as_ref().unwrap_or(pool);
-        let (result, stopped_by) = run_beside_keeper(task, &ctx, &stop, &lease, lease_pool, asked).await;
+        // Nothing is deleted under a clock that cannot be trusted.
+        let (result, stopped_by) = match clock_guard::check(pool, options.max_clock_skew).await {
+            Ok(Ok(())) => run_beside_keeper(task, &ctx, &stop, &lease, lease_pool, asked).await,
+            Ok(Err(clock)) => (Err(TaskError::Clock(clock)), None),
+            Err(error) => (Err(TaskError::Database(error)), None),
+        };
         let elapsed = started.elapsed();
         let stopped_because = match &result {
             Ok(report) if report.completion == Completion::Cancelled => stopped_by,

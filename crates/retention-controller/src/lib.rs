@@ -9,6 +9,7 @@
 
 pub mod batching;
 mod block_walk;
+pub mod clock_guard;
 mod controller;
 mod history;
 pub mod history_policy;

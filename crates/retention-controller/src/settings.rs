@@ -42,6 +42,8 @@ pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest wait for the history tables' lock when a range is attached, rewritten or dropped.
 pub const DEFAULT_HISTORY_LOCK_TIMEOUT: Duration = SECOND;
+/// How far the clocks may disagree before runs refuse to delete.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 /// A dead runner holds its task at most this long; its run renews the lease every third of it.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -53,6 +55,10 @@ pub struct RetentionSettings {
     /// or loses the database) another takes its tasks within this. Renewed every third of it.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// How far the database's clock may be from this process's, or jump between two runs, before
+    /// a run fails and deletes nothing (every cutoff comes from the database's clock).
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
     pub pacing: PacingSettings,
     pub sessions: SessionsSettings,
     pub queue_items: QueueItemsSettings,
@@ -64,6 +70,7 @@ impl Default for RetentionSettings {
     fn default() -> Self {
         RetentionSettings {
             lease_ttl: DEFAULT_LEASE_TTL,
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             pacing: PacingSettings::default(),
             sessions: SessionsSettings::default(),
             queue_items: QueueItemsSettings::default(),
@@ -76,7 +83,7 @@ impl Default for RetentionSettings {
 impl RetentionSettings {
     /// Runs paced by `pause_ratio` (0: full speed), under leases of `lease_ttl`.
     pub fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
-        crate::RunOptions { lease_ttl: self.lease_ttl, ..self.pacing.run_options(pause_ratio) }
+        crate::RunOptions { lease_ttl: self.lease_ttl, max_clock_skew: self.max_clock_skew, ..self.pacing.run_options(pause_ratio) }
     }
 
     /// How the background controller runs: paced by `retention.pacing.pause_ratio`.
@@ -297,6 +304,7 @@ impl RetentionSettings {
         let mut errors = Vec::new();
         let key = |task: &str, name: &str| format!("{prefix}.{task}.{name}");
         check_duration(&mut errors, format!("{prefix}.lease_ttl"), self.lease_ttl, 3 * SECOND..=10 * MINUTE);
+        check_duration(&mut errors, format!("{prefix}.max_clock_skew"), self.max_clock_skew, SECOND..=HOUR);
         let pacing = &self.pacing;
         // A batch is one transaction: longer ones hold their row locks and WAL that long.
         check_duration(&mut errors, key("pacing", "batch_time"), pacing.batch_time, Duration::from_millis(1)..=SECOND);

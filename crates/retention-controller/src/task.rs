@@ -51,6 +51,9 @@ pub struct RunOptions {
     /// see `Database::open`) so that they never wait behind batches holding every connection of
     /// the run's pool; unset, they share the run's pool.
     pub lease_pool: Option<PgPool>,
+    /// How far the database's clock may be from this process's (and from where it should be
+    /// since the last run) before a run refuses to delete: see [`crate::clock_guard`].
+    pub max_clock_skew: Duration,
 }
 
 /// Receives a run's progress after every batch.
@@ -75,6 +78,7 @@ impl Default for RunOptions {
             scheduled: false,
             lease_ttl: DEFAULT_LEASE_TTL,
             lease_pool: None,
+            max_clock_skew: crate::settings::DEFAULT_MAX_CLOCK_SKEW,
         }
     }
 }
@@ -297,6 +301,8 @@ pub enum TaskError {
     Database(#[from] sqlx::Error),
     #[error("the run panicked: {0}")]
     Panicked(String),
+    #[error(transparent)]
+    Clock(#[from] crate::clock_guard::ClockError),
 }
 
 #[cfg(test)]

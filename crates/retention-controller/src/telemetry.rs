@@ -12,6 +12,7 @@
 //! | `retention_run_events_total` | `task`, `event` | other things runs did: `days dropped`, `days created`, `heap pages walked`, `pages skipped`, `analyzed`, ... |
 //! | `retention_run_duration_seconds` | `task` | histogram of run durations |
 //! | `retention_last_success_timestamp_seconds` | `task` | Unix time of the last run that did not fail |
+//! | `retention_clock_skew_seconds` | | the database's clock minus this process's at the last check before a run; past `retention.max_clock_skew` either way, runs fail and delete nothing |
 //! | `retention_lease_held` | `task`, `replica` | 1 while this replica holds the task's lease (runs it); `replica` is the configured name, by default the host name (a pod's name), the same across restarts |
 
 use std::collections::HashSet;
@@ -77,6 +78,10 @@ pub(crate) fn run_skipped(task: &'static str, why: &'static str) {
 
 pub(crate) fn lease_held(task: &'static str, held: bool) {
     metrics::gauge!("retention_lease_held", "task" => task, "replica" => replica_label()).set(if held { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn clock_skew(seconds: f64) {
+    metrics::gauge!("retention_clock_skew_seconds").set(seconds);
 }
 
 pub(crate) fn history_lock_held(task: &'static str, held: Duration) {

@@ -133,3 +133,17 @@ mod tests {
         assert_eq!(url_with_database("postgres://h", "t"), "postgres://h/t");
     }
 }
+
+/// libfaketime as Debian installs it (package `faketime`), for a PostgreSQL or an engine whose
+/// clock a test sets: `threaded` is the variant for multi-threaded programs.
+pub fn libfaketime(threaded: bool) -> std::path::PathBuf {
+    let name = if threaded { "libfaketimeMT.so.1" } else { "libfaketime.so.1" };
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("faketime").join(name))
+        .chain([std::path::PathBuf::from("/usr/lib/faketime").join(name)])
+        .find(|path| path.exists());
+    found.unwrap_or_else(|| panic!("{name} not found: install libfaketime (Debian package `faketime`); .ci/run does"))
+}

@@ -5,6 +5,7 @@ use chrono::{DateTime, Duration, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+#[allow(unused_imports)]
 pub use testkit::TestDatabase;
 
 pub const MINUTE: Duration = Duration::minutes(1);
