@@ -22,3 +22,44 @@ pub async fn set(executor: impl PgExecutor<'_>, name: &str, position: i64) -> Re
     .await?;
     Ok(())
 }
+
+/// The end a walk may reach: ids up to `end` were all taken by transactions that have ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub end: i64,
+    /// Every transaction that could have taken an id up to `end` has ended.
+    pub settled: bool,
+}
+
+/// The walk's pending end, if one was recorded, and whether it has settled.
+pub async fn pending(executor: impl PgExecutor<'_>, name: &str) -> Result<Option<Pending>, sqlx::Error> {
+    let row: Option<(i64, bool)> = sqlx::query_as(
+        "SELECT pending_position,
+                NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pending_snapshot) x WHERE pg_xact_status(x) = 'in progress')
+         FROM retention_watermarks WHERE name = $1 AND pending_position IS NOT NULL",
+    )
+    .bind(name)
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map(|(end, settled)| Pending { end, settled }))
+}
+
+/// Records `end` (the sequence's last value, read before this call) as the walk's pending end,
+/// with the transactions in progress now: it settles once they have all ended (others, newer,
+/// do not hold it up). An id is taken by the statement that inserts its row, which has a
+/// transaction id by then or within microseconds (the row's insert assigns it), so every
+/// transaction that took an id up to `end` is among them or has ended. (An id taken by an explicit `nextval()` long before the insert,
+/// in a transaction with no id yet, is not covered; the engine's writers never do that.)
+pub async fn set_pending(executor: impl PgExecutor<'_>, name: &str, end: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO retention_watermarks (name, position, pending_position, pending_snapshot)
+         VALUES ($1, 0, $2, pg_current_snapshot())
+         ON CONFLICT (name) DO UPDATE
+         SET pending_position = excluded.pending_position, pending_snapshot = excluded.pending_snapshot, updated_at = now()",
+    )
+    .bind(name)
+    .bind(end)
+    .execute(executor)
+    .await?;
+    Ok(())
+}

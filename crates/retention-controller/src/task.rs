@@ -114,6 +114,18 @@ impl RunContext {
         RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time, options }
     }
 
+    /// This run's context with a nearer deadline: `share` of the time left (0 to 1).
+    pub fn narrowed(&self, share: f64) -> RunContext {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        RunContext {
+            pool: self.pool.clone(),
+            run_id: self.run_id,
+            cancel: self.cancel.clone(),
+            deadline: Instant::now() + left.mul_f64(share.clamp(0.0, 1.0)),
+            options: self.options.clone(),
+        }
+    }
+
     /// Why the run must stop before its next batch, if it must.
     pub fn interrupted(&self) -> Option<Completion> {
         if self.cancel.is_cancelled() {

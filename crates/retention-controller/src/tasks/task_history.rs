@@ -216,14 +216,35 @@ impl TaskHistoryTask {
 
     /// Walks the events that arrived since the last run, by ranges of ids, and deletes orphans
     /// older than an hour. The watermark never passes an orphan younger than that, so it is seen
-    /// again once it is old enough.
+    /// again once it is old enough; and the walk never passes the ids of a transaction that may
+    /// still commit (see [`watermarks::set_pending`]), so an event committed late is walked too.
+    /// A batch that keeps timing out ends the walk, not the run: the next run resumes it.
     async fn purge_orphan_events(&self, ctx: &RunContext, now: chrono::DateTime<chrono::Utc>, report: &mut RunReport) -> Result<(), TaskError> {
         // Not a history write: a range being rewritten must see these deletes in the change log.
         let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
         let mut position = watermarks::get(&ctx.pool, ORPHAN_WATERMARK).await?;
-        let end = deletes::last_event_id(&ctx.pool).await?;
+        let mut pending = match watermarks::pending(&ctx.pool, ORPHAN_WATERMARK).await? {
+            Some(pending) => pending,
+            None => self.next_pending(ctx).await?,
+        };
+        // Most transactions last milliseconds: wait a little for those that were open.
+        let waited = Instant::now();
+        while !pending.settled && waited.elapsed() < ORPHAN_SETTLE_WAIT && ctx.interrupted().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            pending = watermarks::pending(&ctx.pool, ORPHAN_WATERMARK).await?.unwrap_or(pending);
+        }
+        if !pending.settled {
+            tracing::debug!(end = pending.end, "transactions that may hold event ids up to the walk's end are still open; the orphan walk waits");
+            report.count("orphan walk waiting", 1);
+            return Ok(());
+        }
+        let end = pending.end;
         if end <= position {
-            return Ok(()); // no event since the last walk
+            // Everything settled was walked: the next end for the next run, if events arrived.
+            if deletes::last_event_id(&ctx.pool).await? > end {
+                self.next_pending(ctx).await?;
+            }
+            return Ok(());
         }
         let mut sizer = BatchSizer::new(ORPHAN_IDS_FIRST, ORPHAN_IDS_MIN, ORPHAN_IDS_MAX, ctx.batch_time());
         let mut safe = position;
@@ -258,7 +279,11 @@ impl TaskHistoryTask {
                     tracing::warn!(%error, next_ids = sizer.size(), "orphan-events batch timed out; retrying smaller");
                     continue;
                 }
-                Settled::GaveUp(error) => return Err(error.into()),
+                Settled::GaveUp(error) => {
+                    tracing::warn!(%error, position, "an orphan-events batch keeps timing out; the walk resumes at the next run");
+                    report.count("orphan walk stopped", 1);
+                    return Ok(());
+                }
             };
             undecided |= batch.first_undecided.is_some();
             safe = next_safe;
@@ -266,9 +291,22 @@ impl TaskHistoryTask {
             report.record_batch("orphan-events", batch.deleted as u64);
             ctx.batch_done(elapsed, report, None).await;
         }
+        if position >= end {
+            self.next_pending(ctx).await?;
+        }
         Ok(())
     }
+
+    /// Records the events' last id as the orphan walk's next end.
+    async fn next_pending(&self, ctx: &RunContext) -> Result<watermarks::Pending, TaskError> {
+        let end = deletes::last_event_id(&ctx.pool).await?;
+        watermarks::set_pending(&ctx.pool, ORPHAN_WATERMARK, end).await?;
+        Ok(watermarks::pending(&ctx.pool, ORPHAN_WATERMARK).await?.expect("just recorded"))
+    }
 }
+
+/// How long the orphan walk waits for the transactions open when its end was recorded.
+const ORPHAN_SETTLE_WAIT: Duration = Duration::from_secs(2);
 
 /// Event ids an orphan-events batch walks: the first batch's, and the bounds its size adapts in.
 const ORPHAN_IDS_FIRST: u32 = 10_000;
@@ -292,8 +330,34 @@ impl MaintenanceTask for TaskHistoryTask {
 
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let mut report = RunReport::default();
+        // The due rows get most of the run; the orphan walk keeps the rest, so that a purge that
+        // reaches its deadline does not starve it.
+        let now = self.purge_due(&ctx.narrowed(PURGE_SHARE), &mut report).await?;
+        let purged = report.completion;
+        if purged == crate::Completion::Cancelled {
+            return Ok(report);
+        }
+        self.purge_orphan_events(ctx, now, &mut report).await?;
+        if purged != crate::Completion::Done {
+            report.completion = purged;
+        }
+        Ok(report)
+    }
+
+    async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
+        self.count_due(pool).await
+    }
+}
+
+/// The share of a run's time the due rows get before the orphan walk.
+const PURGE_SHARE: f64 = 0.9;
+
+impl TaskHistoryTask {
+    /// Deletes what is due, range by range; returns the database's clock as of the last plan.
+    /// Stops early (setting the report's completion) when `ctx` is interrupted.
+    async fn purge_due(&self, ctx: &RunContext, report: &mut RunReport) -> Result<chrono::DateTime<chrono::Utc>, TaskError> {
         let limits = self.locked_limits(ctx);
-        shared::refresh_facts(ctx, limits, &mut report).await?;
+        shared::refresh_facts(ctx, limits, report).await?;
         let mut costs: Option<Costs> = None;
         let mut cost = RowDeleteCost::default();
         // One sizer for the run: what one pair's batches learnt sizes the next pair's.
@@ -307,7 +371,7 @@ impl MaintenanceTask for TaskHistoryTask {
             for (range, pairs) in plan {
                 if let Some(stop) = ctx.interrupted() {
                     report.completion = stop;
-                    return Ok(report);
+                    return Ok(now);
                 }
                 let rewritable = self.settings.compaction && range.kind == RangeKind::Range && !range.is_live(now);
                 if rewritable {
@@ -326,7 +390,7 @@ impl MaintenanceTask for TaskHistoryTask {
                             wait: true,
                             removed_as: RemovedAs::Rules { purged: &purged },
                         };
-                        let rewritten = shared::rewrite(ctx, std::slice::from_ref(&range), with, &mut report).await?;
+                        let rewritten = shared::rewrite(ctx, std::slice::from_ref(&range), with, report).await?;
                         if rewritten.is_some() {
                             report.count("ranges compacted", 1);
                             continue;
@@ -337,7 +401,7 @@ impl MaintenanceTask for TaskHistoryTask {
                 let mut touched = Vec::new();
                 let mut interrupted = false;
                 for pair in &pairs {
-                    let (done, deleted) = self.delete_pair(ctx, &range, pair, &mut report, &mut cost, &mut sizer).await?;
+                    let (done, deleted) = self.delete_pair(ctx, &range, pair, report, &mut cost, &mut sizer).await?;
                     if matches!(done, PairDone::Interrupted) {
                         touched.push((range.tasks_relid, pair.tenant_id, -deleted));
                     }
@@ -360,7 +424,7 @@ impl MaintenanceTask for TaskHistoryTask {
                 }
                 if interrupted {
                     report.completion = ctx.interrupted().unwrap_or_default();
-                    return Ok(report);
+                    return Ok(now);
                 }
             }
             if !missing || pass == 1 {
@@ -373,11 +437,11 @@ impl MaintenanceTask for TaskHistoryTask {
             tx.commit().await?;
         }
         shared::observe_row_deletes(&ctx.pool, cost.tasks, cost.spent).await?;
-        self.purge_orphan_events(ctx, now, &mut report).await?;
-        Ok(report)
+        Ok(now)
     }
 
-    async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
+    /// What a run would delete now.
+    async fn count_due(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let now = clock::now(pool).await?;
         let mut report = DryRunReport::default();
         for due in deletes::count_due(pool, self.settings.deleted_tenant_grace).await? {

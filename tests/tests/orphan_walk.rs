@@ -1,0 +1,86 @@
+//! The orphan-events walk against writers that hold transactions open: an event committed late,
+//! below ids already walked, is still found; a batch that keeps timing out on a held row ends the
+//! walk, not the run. Each test holds a transaction across a run, and the walk waits for the
+//! transactions open when it recorded its end, so these tests take turns (and have this test
+//! process's cluster to themselves).
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Duration as Span;
+use common::*;
+use retention_controller::settings::TaskHistorySettings;
+use retention_controller::tasks::task_history::TaskHistoryTask;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn history() -> TaskHistoryTask {
+    TaskHistoryTask::new(TaskHistorySettings::default())
+}
+
+#[tokio::test]
+async fn an_orphan_event_committed_late_below_the_watermark_is_still_found() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let tenant = insert_tenant(pool, None, None).await;
+    let missing: TaskKey = (uuid::Uuid::new_v4(), now - Span::days(3));
+    // A writer takes an event id and commits late; meanwhile a later id commits.
+    let mut late = pool.begin().await.unwrap();
+    let late_id: i64 = sqlx::query_scalar(
+        "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
+         VALUES ($1, $2, $3, 'progress', $4) RETURNING id",
+    )
+    .bind(tenant)
+    .bind(missing.0)
+    .bind(missing.1)
+    .bind(now - Span::hours(2))
+    .fetch_one(&mut *late)
+    .await
+    .unwrap();
+    let early = insert_event(pool, tenant, missing, now - Span::hours(2)).await;
+    assert!(early > late_id);
+
+    // While the writer's transaction is open, the walk does not pass its ids.
+    let report = run_task(&history(), pool).await;
+    assert!(!report.by_rule.iter().any(|(rule, _)| *rule == "orphan-events"), "{report:?}");
+    assert!(report.counters.contains(&("orphan walk waiting", 1)), "{report:?}");
+    late.commit().await.unwrap();
+    assert_eq!(event_ids(pool).await, vec![late_id, early]);
+
+    // Once it committed, both orphans go: the late one was not left behind the watermark.
+    let report = run_task(&history(), pool).await;
+    assert!(report.by_rule.contains(&("orphan-events", 2)), "{report:?}");
+    assert_eq!(event_ids(pool).await, Vec::<i64>::new());
+}
+
+#[tokio::test]
+async fn an_orphan_batch_that_keeps_timing_out_ends_the_walk_not_the_run() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let tenant = insert_tenant(pool, None, None).await;
+    let missing: TaskKey = (uuid::Uuid::new_v4(), now - Span::days(3));
+    let settings = TaskHistorySettings { lock_timeout: Duration::from_millis(10), ..Default::default() };
+    let task = TaskHistoryTask::new(settings);
+    // Young when first walked: the watermark waits before it.
+    let orphan = insert_event(pool, tenant, missing, now - Span::minutes(30)).await;
+    run_task(&task, pool).await;
+    sqlx::query("UPDATE task_events SET created_at = created_at - interval '2 hours' WHERE id = $1").bind(orphan).execute(pool).await.unwrap();
+    // A writer holds the orphan's row: every batch that reaches it waits out its lock_timeout.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM task_events WHERE id = $1 FOR UPDATE").bind(orphan).execute(&mut *holder).await.unwrap();
+
+    let report = run_task(&task, pool).await;
+    assert_eq!(report.completion, retention_controller::Completion::Done);
+    assert!(report.counters.contains(&("orphan walk stopped", 1)), "{report:?}");
+    assert_eq!(event_ids(pool).await, vec![orphan]);
+
+    holder.rollback().await.unwrap();
+    let report = run_task(&task, pool).await;
+    assert!(report.by_rule.contains(&("orphan-events", 1)), "{report:?}");
+    assert_eq!(event_ids(pool).await, Vec::<i64>::new());
+}
