@@ -147,6 +147,34 @@ async fn orphan_events_go_after_an_hour_and_the_watermark_waits_for_young_ones()
 }
 
 #[tokio::test]
+async fn a_purge_that_reaches_its_deadline_leaves_time_for_the_orphan_walk() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let tenant = insert_tenant(pool, Some("1 day"), None).await;
+    // 20,000 due tasks in batches of one: far more than the run's 3 s.
+    sqlx::query(
+        "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+         SELECT $1, 'succeeded', $2, $2 FROM generate_series(1, 20000)",
+    )
+    .bind(tenant)
+    .bind(now - Span::days(3))
+    .execute(pool)
+    .await
+    .unwrap();
+    let missing: TaskKey = (uuid::Uuid::new_v4(), now - Span::days(3));
+    let orphan = insert_event(pool, tenant, missing, now - Span::hours(2)).await;
+    let settings = TaskHistorySettings { batch_size: 1, max_run_time: Duration::from_secs(3), compaction: false, ..Default::default() };
+
+    let report = run_task(&TaskHistoryTask::new(settings), pool).await;
+    assert_eq!(report.completion, retention_controller::Completion::DeadlineReached);
+    let deleted = report.by_rule.iter().find(|(rule, _)| *rule == "retention").map_or(0, |(_, n)| *n);
+    assert!(deleted > 0 && deleted < 20_000, "{report:?}");
+    assert!(report.by_rule.contains(&("orphan-events", 1)), "{report:?}");
+    assert!(!event_ids(pool).await.contains(&orphan));
+}
+
+#[tokio::test]
 async fn queue_items_go_when_their_task_is_gone_or_finished_or_their_tenant_deleted() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
@@ -178,6 +206,53 @@ async fn queue_items_go_when_their_task_is_gone_or_finished_or_their_tenant_dele
 
     assert_eq!(queue_item_ids(pool).await, sorted_ids(kept));
     assert_eq!(report.deleted, gone.len() as u64);
+}
+
+/// Between walks of the heap, a run reads only what is due: items whose task finished or was
+/// deleted (recorded by a trigger) and items of deleted tenants.
+#[tokio::test]
+async fn between_sweeps_queue_items_go_without_walking_the_heap() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let live = insert_tenant(pool, None, None).await;
+    let task = QueueItemsTask::new(QueueItemsSettings::default());
+    let mut kept = Vec::new();
+    let mut running = Vec::new();
+    for _ in 0..50 {
+        let t = insert_task(pool, live, "running", now - Span::hours(1), None).await;
+        kept.push(insert_queue_item(pool, live, t).await);
+        running.push(t);
+    }
+    // The first run walks the heap once (nothing is due).
+    let first = run_task(&task, pool).await;
+    assert!(first.counters.iter().any(|(c, _)| *c == "heap swept"), "{first:?}");
+
+    // A task finishes, another is deleted, a tenant is deleted.
+    sqlx::query("UPDATE tasks SET status = 'succeeded', finished_at = now() WHERE id = $1").bind(running[0].0).execute(pool).await.unwrap();
+    sqlx::query("DELETE FROM tasks WHERE id = $1").bind(running[1].0).execute(pool).await.unwrap();
+    let doomed = insert_tenant(pool, None, None).await;
+    let t = insert_task(pool, doomed, "queued", now, None).await;
+    let of_doomed = insert_queue_item(pool, doomed, t).await;
+    sqlx::query("UPDATE tenants SET deleted_at = now() WHERE id = $1").bind(doomed).execute(pool).await.unwrap();
+    // An item added for a task already finished: no trigger sees it; the next sweep does.
+    let done = insert_task(pool, live, "succeeded", now - Span::hours(1), Some(now - MINUTE)).await;
+    let late_item = insert_queue_item(pool, live, done).await;
+
+    let report = run_task(&task, pool).await;
+    assert!(!report.counters.iter().any(|(c, _)| *c == "heap pages walked"), "no heap walk: {report:?}");
+    assert_eq!(report.deleted, 3, "{report:?}");
+    let mut left = kept[2..].to_vec();
+    left.push(late_item);
+    assert_eq!(queue_item_ids(pool).await, sorted_ids(left.clone()));
+    let _ = of_doomed;
+
+    // A sweep is due once `sweep_interval` has passed: it finds the late item.
+    sqlx::query("UPDATE retention_watermarks SET position = position - 86400 WHERE name = 'queue-items.swept-at'").execute(pool).await.unwrap();
+    let report = run_task(&task, pool).await;
+    assert!(report.counters.iter().any(|(c, _)| *c == "heap swept"), "{report:?}");
+    assert_eq!(report.deleted, 1);
+    assert_eq!(queue_item_ids(pool).await, sorted_ids(kept[2..].to_vec()));
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 
 mod db;
 mod history;
+mod queue_items;
 mod sessions;
 
 use std::time::Duration;
@@ -58,6 +59,18 @@ enum Bench {
     /// Purging the reported 2.6M-row sessions backlog: the engine at full speed and paced, a bare
     /// DELETE and the common LIMIT 1000 loop on identical copies, with a foreground workload;
     /// then a steady-state run with 100 due rows among many kept.
+    /// The queue-items task's steady state: a few due items among many live ones, against a bare DELETE
+    QueueItems {
+        /// Live queue items (over 10,000 running tasks)
+        #[arg(long, default_value_t = 10_000_000)]
+        items: i64,
+        /// Due items arriving between runs
+        #[arg(long, default_value_t = 100)]
+        due: i64,
+        /// Measured runs (after three warm-up runs)
+        #[arg(long, default_value_t = 9)]
+        samples: usize,
+    },
     Sessions {
         /// Due rows in the backlog (6,000 more are kept).
         #[arg(long, default_value_t = 2_598_000)]
@@ -95,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::History { sections, tenants, days, rows, due, samples, day_rows, kept, backlog_tasks, backlog_tenants, backlog_days } => {
             history::run(history::Args { sections, tenants, days, rows, due, samples, day_rows, kept, backlog_tasks, backlog_tenants, backlog_days }).await
         }
+        Bench::QueueItems { items, due, samples } => queue_items::run(queue_items::Args { items, due, samples }).await,
         Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only } => {
             sessions::run(sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only }).await
         }

@@ -43,3 +43,67 @@ pub async fn count_due(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error
     .fetch_one(executor)
     .await
 }
+
+/// What one batch of recorded candidates did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct CandidateBatch {
+    /// Candidates taken from `queue_item_candidates`.
+    pub candidates: i64,
+    /// Their due queue items deleted.
+    pub deleted: i64,
+}
+
+/// Takes up to `limit` recorded candidates (tasks with queue items that finished or were
+/// deleted) and deletes their queue items that are due, checked again against the rule now.
+/// Items a worker holds are skipped: the heap walk finds them if they stay.
+pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64) -> Result<CandidateBatch, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "WITH taken AS (
+             DELETE FROM queue_item_candidates
+             WHERE ctid = ANY (ARRAY (SELECT ctid FROM queue_item_candidates LIMIT $1 FOR UPDATE SKIP LOCKED))
+             RETURNING task_id, task_inserted_at
+         ), due AS (
+             SELECT q.id FROM queue_items q
+             WHERE (q.task_id, q.task_inserted_at) IN (SELECT task_id, task_inserted_at FROM taken) AND ({due})
+             FOR UPDATE OF q SKIP LOCKED
+         ), gone AS (
+             DELETE FROM queue_items q WHERE q.id IN (SELECT id FROM due) RETURNING 1
+         )
+         SELECT (SELECT count(*) FROM taken) AS candidates, (SELECT count(*) FROM gone) AS deleted",
+        due = due()
+    ))
+    .bind(limit)
+    .fetch_one(executor)
+    .await
+}
+
+/// Deletes up to `limit` queue items of deleted tenants, found through the tenant index.
+pub async fn delete_of_deleted_tenants_batch(executor: impl PgExecutor<'_>, limit: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH due AS (
+             SELECT q.id FROM tenants tn JOIN queue_items q ON q.tenant_id = tn.id
+             WHERE tn.deleted_at IS NOT NULL
+             LIMIT $1
+             FOR UPDATE OF q SKIP LOCKED
+         ), gone AS (
+             DELETE FROM queue_items q WHERE q.id IN (SELECT id FROM due) RETURNING 1
+         )
+         SELECT count(*) FROM gone",
+    )
+    .bind(limit)
+    .fetch_one(executor)
+    .await
+}
+
+/// Whether the heap is due a walk: the last complete one (its start, in Unix seconds, kept as
+/// the watermark `swept_at`) was `every_seconds` ago or more, or there was none.
+pub async fn sweep_due(executor: impl PgExecutor<'_>, swept_at: &str, every_seconds: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce((SELECT position FROM retention_watermarks WHERE name = $1), 0)
+                <= extract(epoch FROM now())::bigint - $2",
+    )
+    .bind(swept_at)
+    .bind(every_seconds)
+    .fetch_one(executor)
+    .await
+}

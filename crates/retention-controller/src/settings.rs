@@ -183,6 +183,11 @@ pub struct QueueItemsSettings {
     pub statement_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
+    /// Time between walks of the whole table. Between them, runs delete only the items recorded
+    /// as candidates (their task finished or was deleted) and those of deleted tenants; a walk
+    /// also finds anything else (an item added for a task already finished).
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
 }
 
 impl Default for QueueItemsSettings {
@@ -192,6 +197,7 @@ impl Default for QueueItemsSettings {
             max_run_time: DEFAULT_MAX_RUN_TIME,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            sweep_interval: DAY,
         }
     }
 }
@@ -318,6 +324,7 @@ impl RetentionSettings {
         check_duration(&mut errors, key("sessions", "anonymous_ttl"), s.anonymous_ttl, MINUTE..=CENTURY);
         let q = &self.queue_items;
         check_run(&mut errors, &key("queue_items", ""), q.interval, q.max_run_time, q.statement_timeout, q.lock_timeout);
+        check_duration(&mut errors, key("queue_items", "sweep_interval"), q.sweep_interval, MINUTE..=30 * DAY);
         let h = &self.task_history;
         check_batch_size(&mut errors, &key("task_history", ""), h.batch_size);
         check_run(&mut errors, &key("task_history", ""), h.interval, h.max_run_time, h.statement_timeout, h.lock_timeout);
