@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration as StdDuration;
 
 use common::*;
+use repository::sessions::{self, SessionRule};
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::SessionsTask;
 use retention_controller::{run_once_with, Completion, MaintenanceTask, RunOutcome, RunSummary};
@@ -164,17 +165,24 @@ async fn each_batch_reads_its_rule_index_not_the_table() {
     insert_sessions(&db.pool, 20_000, None, now - MINUTE, now + day).await;
     sqlx::query("ANALYZE user_sessions").execute(&db.pool).await.unwrap();
 
-    for (index, sql) in [
-        ("user_sessions_expires_at_idx", "SELECT id FROM user_sessions s WHERE s.expires_at < $1 AND (s.expires_at, s.id) > ($1, gen_random_uuid()) ORDER BY s.expires_at, s.id LIMIT 5000 FOR UPDATE SKIP LOCKED"),
-        ("user_sessions_anonymous_created_at_idx", "SELECT id FROM user_sessions s WHERE s.user_id IS NULL AND s.created_at < $1 AND (s.created_at, s.id) > ($1, gen_random_uuid()) ORDER BY s.created_at, s.id LIMIT 5000 FOR UPDATE SKIP LOCKED"),
-    ] {
-        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {sql}"))
-            .bind(now)
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-        let plan = plan.join("\n");
-        assert!(plan.contains(&format!("Index Scan using {index}")), "{plan}");
-        assert!(!plan.contains("Seq Scan") && !plan.contains("Sort"), "{plan}");
+    // The very statements the task issues, for a first batch and for later ones.
+    let limit = i64::from(SessionsSettings::default().batch_size);
+    let cases = [
+        (SessionRule::Expired, "user_sessions_expires_at_idx"),
+        (SessionRule::AnonymousStale, "user_sessions_anonymous_created_at_idx"),
+    ];
+    for ((rule, index), with_cursor) in cases.into_iter().flat_map(|case| [(case, false), (case, true)]) {
+        let explain = format!("EXPLAIN {}", sessions::delete_batch_sql(rule, with_cursor));
+        let mut query = sqlx::query_scalar::<_, String>(&explain).bind(now).bind(limit);
+        if with_cursor {
+            query = query.bind(now.to_rfc3339()).bind(Uuid::nil());
+        }
+        let plan = query.fetch_all(&db.pool).await.unwrap().join("\n");
+        // Picking walks the rule's index in order: no sort, no scan of the table. (The batch's
+        // last row is found by sorting the batch itself, after the delete.)
+        let picking = plan.split("CTE picked").nth(1).and_then(|rest| rest.split("CTE deleted").next()).unwrap_or("");
+        assert!(picking.contains(&format!("Index Scan using {index}")), "{rule:?}, cursor {with_cursor}: {plan}");
+        assert!(!picking.contains("Sort"), "{rule:?}, cursor {with_cursor}: {plan}");
+        assert!(!plan.contains("Seq Scan"), "{rule:?}, cursor {with_cursor}: {plan}");
     }
 }

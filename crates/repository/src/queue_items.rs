@@ -67,7 +67,7 @@ pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64) 
              WHERE (q.task_id, q.task_inserted_at) IN (SELECT task_id, task_inserted_at FROM taken) AND ({due})
              FOR UPDATE OF q SKIP LOCKED
          ), gone AS (
-             DELETE FROM queue_items q WHERE q.id IN (SELECT id FROM due) RETURNING 1
+             DELETE FROM queue_items q WHERE q.id = ANY (ARRAY (SELECT id FROM due)) RETURNING 1
          )
          SELECT (SELECT count(*) FROM taken) AS candidates, (SELECT count(*) FROM gone) AS deleted",
         due = due()
@@ -86,7 +86,7 @@ pub async fn delete_of_deleted_tenants_batch(executor: impl PgExecutor<'_>, limi
              LIMIT $1
              FOR UPDATE OF q SKIP LOCKED
          ), gone AS (
-             DELETE FROM queue_items q WHERE q.id IN (SELECT id FROM due) RETURNING 1
+             DELETE FROM queue_items q WHERE q.id = ANY (ARRAY (SELECT id FROM due)) RETURNING 1
          )
          SELECT count(*) FROM gone",
     )

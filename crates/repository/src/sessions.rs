@@ -99,6 +99,35 @@ struct BatchRow {
     last_id: Option<Uuid>,
 }
 
+/// The statement [`delete_batch`] issues: `$1` the cutoff, `$2` the limit and, `with_cursor`,
+/// `$3` and `$4` the cursor's key (text) and id. Public so that a test can EXPLAIN it.
+pub fn delete_batch_sql(rule: SessionRule, with_cursor: bool) -> String {
+    let key = rule.key();
+    let after_clause = if with_cursor { format!("AND (s.{key}, s.id) > ($3::timestamptz, $4)") } else { String::new() };
+    format!(
+        "WITH picked AS (
+             SELECT s.id FROM user_sessions s
+             WHERE {pick} {after_clause}
+             ORDER BY s.{key}, s.id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         ), deleted AS (
+             -- By primary key: a join with `picked` may be planned as a hash of the whole table
+             -- when most of it is due.
+             DELETE FROM user_sessions d
+             WHERE d.id = ANY (ARRAY (SELECT id FROM picked)) AND {recheck}
+             RETURNING d.{key} AS key, d.id
+         ), last AS (
+             SELECT key::text AS key, id FROM deleted ORDER BY deleted.key DESC, id DESC LIMIT 1
+         )
+         SELECT (SELECT count(*) FROM deleted) AS deleted,
+                (SELECT key FROM last) AS last_key,
+                (SELECT id FROM last) AS last_id",
+        pick = rule.predicate("s"),
+        recheck = rule.predicate("d"),
+    )
+}
+
 /// Deletes up to `limit` due rows of one part of the rule, in index order after `after`.
 ///
 /// Rows locked by someone else (another runner, or a request refreshing the session) are skipped,
@@ -111,28 +140,7 @@ pub async fn delete_batch(
     after: Option<&Cursor>,
     limit: u32,
 ) -> Result<BatchOutcome, sqlx::Error> {
-    let key = rule.key();
-    let after_clause = if after.is_some() { format!("AND (s.{key}, s.id) > ($3::timestamptz, $4)") } else { String::new() };
-    let sql = format!(
-        "WITH picked AS (
-             SELECT s.id FROM user_sessions s
-             WHERE {pick} {after_clause}
-             ORDER BY s.{key}, s.id
-             LIMIT $2
-             FOR UPDATE SKIP LOCKED
-         ), deleted AS (
-             DELETE FROM user_sessions d USING picked
-             WHERE d.id = picked.id AND {recheck}
-             RETURNING d.{key} AS key, d.id
-         ), last AS (
-             SELECT key::text AS key, id FROM deleted ORDER BY deleted.key DESC, id DESC LIMIT 1
-         )
-         SELECT (SELECT count(*) FROM deleted) AS deleted,
-                (SELECT key FROM last) AS last_key,
-                (SELECT id FROM last) AS last_id",
-        pick = rule.predicate("s"),
-        recheck = rule.predicate("d"),
-    );
+    let sql = delete_batch_sql(rule, after.is_some());
     let mut query = sqlx::query_as::<_, BatchRow>(&sql).bind(rule.cutoff(cutoffs)).bind(i64::from(limit));
     if let Some(cursor) = after {
         query = query.bind(&cursor.key).bind(cursor.id);
