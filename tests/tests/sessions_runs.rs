@@ -3,14 +3,14 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use repository::lease;
 use retention_controller::settings::SessionsSettings;
 use retention_controller::tasks::sessions::{SessionsTask, NAME};
-use retention_controller::{run_once, run_once_with, Completion, Controller, MaintenanceTask, RunOutcome, RunSummary};
+use retention_controller::{run_once, run_once_with, Completion, Controller, MaintenanceTask, ProgressFn, RunOptions, RunOutcome, RunSummary};
 use sqlx::postgres::PgPoolOptions;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -109,14 +109,20 @@ async fn concurrent_runs_share_the_work_without_deadlock_or_overlap() {
 
     // Four "replicas", each with its own pool, start runs at the same moment, repeatedly, until
     // nothing is due. Only one may hold the task at a time; every row is deleted exactly once.
+    // Independently of the run log, each batch notes when it ended and in which run.
+    let batches: Arc<Mutex<Vec<(usize, u32, Instant)>>> = Arc::default();
     let mut replicas = Vec::new();
-    for _ in 0..4 {
+    for replica in 0..4 {
         let pool = PgPoolOptions::new().max_connections(3).connect(&db.url).await.unwrap();
         let task = task.clone();
+        let batches = batches.clone();
         replicas.push(tokio::spawn(async move {
             let (mut deleted, mut ran, mut busy) = (0u64, 0u32, 0u32);
-            for _ in 0..40 {
-                match run_once(task.as_ref(), &pool, &CancellationToken::new()).await.unwrap() {
+            for attempt in 0..40 {
+                let noted = batches.clone();
+                let progress: ProgressFn = Arc::new(move |_| noted.lock().unwrap().push((replica, attempt, Instant::now())));
+                let options = RunOptions { progress: Some(progress), ..Default::default() };
+                match run_once_with(task.as_ref(), &pool, &CancellationToken::new(), &options).await.unwrap() {
                     RunOutcome::Ran(summary) => {
                         deleted += summary.report.deleted;
                         ran += 1;
@@ -132,6 +138,20 @@ async fn concurrent_runs_share_the_work_without_deadlock_or_overlap() {
     let results = futures::future::join_all(replicas).await;
     let results: Vec<(u64, u32, u32)> = results.into_iter().map(Result::unwrap).collect();
 
+    // Each run's batches span an interval; no two runs' intervals meet.
+    let mut spans: std::collections::BTreeMap<(usize, u32), (Instant, Instant)> = Default::default();
+    for (replica, attempt, at) in batches.lock().unwrap().iter().copied() {
+        let span = spans.entry((replica, attempt)).or_insert((at, at));
+        span.0 = span.0.min(at);
+        span.1 = span.1.max(at);
+    }
+    let mut spans: Vec<((usize, u32), (Instant, Instant))> = spans.into_iter().collect();
+    spans.sort_by_key(|(_, (first, _))| *first);
+    assert!(spans.len() > 1, "{spans:?}");
+    for pair in spans.windows(2) {
+        let ((run, (_, last)), (next, (first, _))) = (pair[0], pair[1]);
+        assert!(last < first, "run {run:?} was still deleting after run {next:?} began");
+    }
     assert_eq!(results.iter().map(|r| r.0).sum::<u64>(), due as u64, "{results:?}");
     assert!(results.iter().map(|r| r.2).sum::<u32>() > 0, "some attempts found the task held: {results:?}");
     assert_eq!(session_ids(&db.pool).await, kept);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -154,20 +154,79 @@ async fn assert_exactly(pool: &PgPool, expected: &Expected) {
     assert_eq!((events, orphan_events, orphan_items), (expected.events, 0, 0), "events stay with their tasks; no orphans");
 }
 
-/// No two runs of one task overlapped, across every replica: each run (a killed one is closed
-/// when the next one starts) ended before the next began.
-async fn assert_runs_never_overlapped(pool: &PgPool) {
-    let runs: Vec<(String, String, chrono::DateTime<chrono::Utc>, Option<chrono::DateTime<chrono::Utc>>)> =
-        sqlx::query_as("SELECT task, replica, started_at, finished_at FROM maintenance_runs ORDER BY task, started_at")
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    assert!(!runs.is_empty());
+/// A run as the replicas' own logs tell it: when it started and when it finished, or when the
+/// test killed its replica.
+#[derive(Debug)]
+struct LoggedRun {
+    task: String,
+    run_id: String,
+    log: usize,
+    started: chrono::DateTime<chrono::Utc>,
+    ended: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every run in the replicas' logs. `killed_at[i]` is when the test killed the replica that
+/// wrote log `i` (a killed run ends then).
+fn logged_runs(logs: &[std::path::PathBuf], killed_at: &[chrono::DateTime<chrono::Utc>]) -> Vec<LoggedRun> {
+    let mut runs = Vec::new();
+    for (log, path) in logs.iter().enumerate() {
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut open: HashMap<String, LoggedRun> = HashMap::new();
+        for line in text.lines() {
+            let field = |name: &str| line.split(&format!("{name}=")).nth(1).map(|rest| rest.split([' ', '}']).next().unwrap().trim_matches('"').to_string());
+            let (Some(task), Some(run_id)) = (field("task"), field("run_id")) else { continue };
+            let Some(at) = line.split_whitespace().next().and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok()) else { continue };
+            if line.ends_with("run started") {
+                open.insert(run_id.clone(), LoggedRun { task, run_id, log, started: at, ended: killed_at[log] });
+            } else if line.contains("run finished") {
+                if let Some(mut run) = open.remove(&run_id) {
+                    run.ended = at;
+                    runs.push(run);
+                }
+            }
+        }
+        runs.extend(open.into_values()); // killed mid-run: they end with the kill
+    }
+    runs
+}
+
+/// Replicas started by a test, each with its log, and when the test killed each (never: the
+/// end of time).
+struct Fleet {
+    url: String,
+    dir: tempfile::TempDir,
+    logs: Vec<std::path::PathBuf>,
+    killed_at: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Fleet {
+    fn new(url: &str) -> Fleet {
+        Fleet { url: url.to_string(), dir: tempfile::tempdir().unwrap(), logs: Vec::new(), killed_at: Vec::new() }
+    }
+
+    /// A replica, and the index of its log.
+    fn start(&mut self, env: &[(&str, &str)]) -> (Served, usize) {
+        let path = self.dir.path().join(format!("replica-{}.log", self.logs.len()));
+        let served = Served::start_logging(&self.url, env, std::fs::File::create(&path).unwrap());
+        self.logs.push(path);
+        self.killed_at.push(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+        (served, self.logs.len() - 1)
+    }
+}
+
+/// No two runs of one task overlapped, across every replica, by the replicas' own logs and the
+/// instants of the test's kills (not by the run log, where the next run closes a killed one).
+fn assert_runs_never_overlapped(runs: &mut [LoggedRun]) {
+    runs.sort_by_key(|run| (run.task.clone(), run.started));
+    assert!(runs.len() > 3, "{runs:?}");
     for pair in runs.windows(2) {
-        let ((task, replica, _, finished), (next_task, next_replica, next_started, _)) = (&pair[0], &pair[1]);
-        if task == next_task {
-            let finished = finished.unwrap_or_else(|| panic!("a {task} run on {replica} never finished, yet another started"));
-            assert!(finished <= *next_started, "{task}: a run on {replica} overlapped the next one on {next_replica}");
+        let (run, next) = (&pair[0], &pair[1]);
+        if run.task == next.task {
+            assert!(
+                run.ended <= next.started,
+                "{}: run {} (log {}) lasted until {}, after run {} (log {}) started at {}",
+                run.task, run.run_id, run.log, run.ended, next.run_id, next.log, next.started
+            );
         }
     }
 }
@@ -215,15 +274,18 @@ async fn replicas_killed_at_random_moments_lose_nothing_orphan_nothing_and_conve
     eprintln!("kill schedule seed: {seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
 
-    let mut replicas: Vec<Served> = (0..3).map(|_| Served::start(&db.url, SLOW_REPLICA)).collect();
+    let mut fleet = Fleet::new(&db.url);
+    let mut replicas: Vec<(Served, usize)> = (0..3).map(|_| fleet.start(SLOW_REPLICA)).collect();
     let mut last_due = due(&db.pool).await;
     let mut kills = 0;
     // Up to twelve kills, for as long as the purge lasts.
     while kills < 12 && last_due != (0, 0) {
         tokio::time::sleep(Duration::from_millis(rng.u64(200..1_500))).await;
         let victim = rng.usize(..replicas.len());
-        replicas[victim].child.kill().unwrap(); // SIGKILL
-        replicas[victim].child.wait().unwrap();
+        let killed = chrono::Utc::now();
+        replicas[victim].0.child.kill().unwrap(); // SIGKILL
+        replicas[victim].0.child.wait().unwrap();
+        fleet.killed_at[replicas[victim].1] = killed;
         kills += 1;
         // Committed progress stays: what is due never grows back.
         let now_due = due(&db.pool).await;
@@ -236,13 +298,18 @@ async fn replicas_killed_at_random_moments_lose_nothing_orphan_nothing_and_conve
             .await
             .unwrap();
         assert_eq!(kept_sessions, expected.sessions.len() as i64, "after kill {kills}");
-        replicas[victim] = Served::start(&db.url, SLOW_REPLICA);
+        replicas[victim] = fleet.start(SLOW_REPLICA);
     }
-    assert!(kills >= 4, "only {kills} kills landed before the purge finished");
-    drop(replicas); // SIGKILL, all at once, whatever they were doing
+    assert!(kills >= 1, "the purge finished before the first kill");
+    // SIGKILL, all at once, whatever they were doing.
+    let killed = chrono::Utc::now();
+    for (_, log) in &replicas {
+        fleet.killed_at[*log] = killed;
+    }
+    drop(replicas);
 
     // One full-speed replica finishes the job.
-    let finisher = Served::start(&db.url, FAST_REPLICA);
+    let (finisher, _) = fleet.start(FAST_REPLICA);
     wait_converged(&db.pool, Duration::from_secs(120)).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(finisher.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let mut finisher = finisher;
@@ -250,7 +317,7 @@ async fn replicas_killed_at_random_moments_lose_nothing_orphan_nothing_and_conve
     assert!(finisher.child.wait().unwrap().success());
 
     assert_exactly(&db.pool, &expected).await;
-    assert_runs_never_overlapped(&db.pool).await;
+    assert_runs_never_overlapped(&mut logged_runs(&fleet.logs, &fleet.killed_at));
     let abandoned: i64 =
         sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE error LIKE 'abandoned%'").fetch_one(&db.pool).await.unwrap();
     eprintln!("{kills} kills; due when they ended: {last_due:?}; runs abandoned by a kill: {abandoned}");

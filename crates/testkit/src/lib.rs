@@ -122,18 +122,6 @@ fn url_with_database(url: &str, name: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::url_with_database;
-
-    #[test]
-    fn replaces_only_the_database() {
-        assert_eq!(url_with_database("postgres://u:p@h:5/db?sslmode=disable", "x"), "postgres://u:p@h:5/x?sslmode=disable");
-        assert_eq!(url_with_database("postgres://u@localhost:5432/engine?host=/tmp/a", "t1"), "postgres://u@localhost:5432/t1?host=/tmp/a");
-        assert_eq!(url_with_database("postgres://h", "t"), "postgres://h/t");
-    }
-}
-
 /// libfaketime as Debian installs it (package `faketime`), for a PostgreSQL or an engine whose
 /// clock a test sets: `threaded` is the variant for multi-threaded programs.
 pub fn libfaketime(threaded: bool) -> std::path::PathBuf {
@@ -146,4 +134,16 @@ pub fn libfaketime(threaded: bool) -> std::path::PathBuf {
         .chain([std::path::PathBuf::from("/usr/lib/faketime").join(name)])
         .find(|path| path.exists());
     found.unwrap_or_else(|| panic!("{name} not found: install libfaketime (Debian package `faketime`); .ci/run does"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::url_with_database;
+
+    #[test]
+    fn replaces_only_the_database() {
+        assert_eq!(url_with_database("postgres://u:p@h:5/db?sslmode=disable", "x"), "postgres://u:p@h:5/x?sslmode=disable");
+        assert_eq!(url_with_database("postgres://u@localhost:5432/engine?host=/tmp/a", "t1"), "postgres://u@localhost:5432/t1?host=/tmp/a");
+        assert_eq!(url_with_database("postgres://h", "t"), "postgres://h/t");
+    }
 }

@@ -64,6 +64,11 @@ pub struct Served {
 
 impl Served {
     pub fn start(database_url: &str, env: &[(&str, &str)]) -> Served {
+        Served::start_logging(database_url, env, Stdio::null())
+    }
+
+    /// [`Served::start`], its log (stderr) going to `log`.
+    pub fn start_logging(database_url: &str, env: &[(&str, &str)], log: impl Into<Stdio>) -> Served {
         let port = free_port();
         let child = engine()
             .env("DATABASE_URL", database_url)
@@ -71,7 +76,7 @@ impl Served {
             .envs(env.iter().copied())
             .arg("serve")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         wait_until("/healthz", Duration::from_secs(30), || http(port, "GET", "/healthz", &[], None).is_some_and(|(s, _)| s == 200));
