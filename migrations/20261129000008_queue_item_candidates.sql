@@ -1,25 +1,30 @@
 -- Queue items that may have become due, so that `queue-items` finds them without walking the
--- whole table: a task with queue items that finished or was deleted is recorded here by a
--- statement trigger on `tasks` (one probe of `queue_items_task_idx` per finished or deleted
--- task). Items of deleted tenants are found through `queue_items_tenant_id_idx`; anything else
--- (an item added for a task already finished) by the periodic heap walk.
+-- whole table: a task with queue items that finishes, or that something other than the engine's
+-- own purge deletes, is recorded here by a row trigger on `tasks`. The triggers' WHEN clauses
+-- keep every other write free of them: an update that does not finish a task, and the engine's
+-- purge batches (which delete queue items with their tasks) never call the function. Items of
+-- deleted tenants are found through `queue_items_tenant_id_idx`; anything else (an item added
+-- for a task already finished) by the periodic heap walk.
 CREATE TABLE queue_item_candidates (
     task_id          uuid        NOT NULL,
     task_inserted_at timestamptz NOT NULL,
     logged_at        timestamptz NOT NULL DEFAULT now()
 );
 
-CREATE FUNCTION queue_items_log_candidates() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION queue_items_log_candidate() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    task tasks%ROWTYPE := CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
 BEGIN
-    INSERT INTO queue_item_candidates (task_id, task_inserted_at)
-    SELECT DISTINCT t.id, t.inserted_at FROM changed t
-    WHERE (TG_OP = 'DELETE' OR t.status IN ('succeeded', 'failed', 'cancelled'))
-      AND EXISTS (SELECT 1 FROM queue_items q WHERE q.task_id = t.id AND q.task_inserted_at = t.inserted_at);
+    IF EXISTS (SELECT 1 FROM queue_items q WHERE q.task_id = task.id AND q.task_inserted_at = task.inserted_at) THEN
+        INSERT INTO queue_item_candidates (task_id, task_inserted_at) VALUES (task.id, task.inserted_at);
+    END IF;
     RETURN NULL;
 END
 $$;
 
-CREATE TRIGGER queue_items_candidates_on_update AFTER UPDATE ON tasks
-    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION queue_items_log_candidates();
-CREATE TRIGGER queue_items_candidates_on_delete AFTER DELETE ON tasks
-    REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION queue_items_log_candidates();
+CREATE TRIGGER queue_items_candidate_on_finish AFTER UPDATE OF status ON tasks FOR EACH ROW
+    WHEN (NEW.status IN ('succeeded', 'failed', 'cancelled') AND OLD.status NOT IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION queue_items_log_candidate();
+CREATE TRIGGER queue_items_candidate_on_delete AFTER DELETE ON tasks FOR EACH ROW
+    WHEN (current_setting('engine.retention_write', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION queue_items_log_candidate();

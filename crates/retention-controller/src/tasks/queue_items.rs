@@ -1,8 +1,8 @@
 //! `queue-items`: deletes queue items whose task no longer exists, whose task is in a final state
 //! (succeeded, failed, cancelled), or whose tenant has `deleted_at` set. Nothing else.
 //!
-//! Steady state costs the items due: a trigger on `tasks` records the tasks with queue items that
-//! finish or are deleted (`queue_item_candidates`), and deleted tenants' items are found through
+//! Steady state costs the items due: row triggers on `tasks` record the tasks with queue items
+//! that finish or are deleted (`queue_item_candidates`), and deleted tenants' items are found through
 //! the tenant index. A walk of the whole heap runs on the first run and every `sweep_interval`.
 
 use repository::batch::{self, BatchLimits};
