@@ -29,17 +29,7 @@ async fn an_orphan_event_committed_late_below_the_watermark_is_still_found() {
     let missing: TaskKey = (uuid::Uuid::new_v4(), now - Span::days(3));
     // A writer takes an event id and commits late; meanwhile a later id commits.
     let mut late = pool.begin().await.unwrap();
-    let late_id: i64 = sqlx::query_scalar(
-        "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
-         VALUES ($1, $2, $3, 'progress', $4) RETURNING id",
-    )
-    .bind(tenant)
-    .bind(missing.0)
-    .bind(missing.1)
-    .bind(now - Span::hours(2))
-    .fetch_one(&mut *late)
-    .await
-    .unwrap();
+    let late_id = insert_event(&mut *late, tenant, missing, now - Span::hours(2)).await;
     let early = insert_event(pool, tenant, missing, now - Span::hours(2)).await;
     assert!(early > late_id);
 

@@ -295,10 +295,8 @@ struct Copy {
 impl Copy {
     async fn create(bench: &BenchDb, purpose: &str) -> anyhow::Result<Copy> {
         let name = format!("sessions_{purpose}");
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name}")).execute(&bench.pool).await?;
-        sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {SEED_DB} STRATEGY FILE_COPY")).execute(&bench.pool).await?;
+        let pool = db::copy_database(bench, SEED_DB, &name).await?;
         let url = bench.url_for(&name);
-        let pool = db::connect(&url, 4).await?;
         // Warm the cache the same way for every strategy: the heap and its indexes.
         sqlx::query("SELECT count(*) FROM user_sessions").execute(&pool).await?;
         Ok(Copy { name, url, pool })

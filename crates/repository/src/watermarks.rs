@@ -33,11 +33,9 @@ pub struct Pending {
 
 /// The walk's pending end, if one was recorded, and whether it has settled.
 pub async fn pending(executor: impl PgExecutor<'_>, name: &str) -> Result<Option<Pending>, sqlx::Error> {
-    let row: Option<(i64, bool)> = sqlx::query_as(
-        "SELECT pending_position,
-                NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pending_snapshot) x WHERE pg_xact_status(x) = 'in progress')
-         FROM retention_watermarks WHERE name = $1 AND pending_position IS NOT NULL",
-    )
+    let row: Option<(i64, bool)> = sqlx::query_as(&format!(
+        "SELECT pending_position, {SETTLED} FROM retention_watermarks WHERE name = $1 AND pending_position IS NOT NULL"
+    ))
     .bind(name)
     .fetch_optional(executor)
     .await?;
@@ -50,16 +48,20 @@ pub async fn pending(executor: impl PgExecutor<'_>, name: &str) -> Result<Option
 /// transaction id by then or within microseconds (the row's insert assigns it), so every
 /// transaction that took an id up to `end` is among them or has ended. (An id taken by an explicit `nextval()` long before the insert,
 /// in a transaction with no id yet, is not covered; the engine's writers never do that.)
-pub async fn set_pending(executor: impl PgExecutor<'_>, name: &str, end: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
+pub async fn set_pending(executor: impl PgExecutor<'_>, name: &str, end: i64) -> Result<Pending, sqlx::Error> {
+    let (end, settled): (i64, bool) = sqlx::query_as(&format!(
         "INSERT INTO retention_watermarks (name, position, pending_position, pending_snapshot)
          VALUES ($1, 0, $2, pg_current_snapshot())
          ON CONFLICT (name) DO UPDATE
-         SET pending_position = excluded.pending_position, pending_snapshot = excluded.pending_snapshot, updated_at = now()",
-    )
+         SET pending_position = excluded.pending_position, pending_snapshot = excluded.pending_snapshot, updated_at = now()
+         RETURNING pending_position, {SETTLED}"
+    ))
     .bind(name)
     .bind(end)
-    .execute(executor)
+    .fetch_one(executor)
     .await?;
-    Ok(())
+    Ok(Pending { end, settled })
 }
+
+/// Whether every transaction in progress when `pending_snapshot` was taken has ended.
+const SETTLED: &str = "NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pending_snapshot) x WHERE pg_xact_status(x) = 'in progress')";

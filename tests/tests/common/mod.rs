@@ -134,7 +134,8 @@ pub async fn insert_task(
     (id, inserted_at)
 }
 
-pub async fn insert_event(pool: &PgPool, tenant: Uuid, task: TaskKey, created_at: DateTime<Utc>) -> i64 {
+/// An event, through `executor`: the pool, or a transaction a test keeps open.
+pub async fn insert_event(executor: impl sqlx::PgExecutor<'_>, tenant: Uuid, task: TaskKey, created_at: DateTime<Utc>) -> i64 {
     sqlx::query_scalar(
         "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
          VALUES ($1, $2, $3, 'progress', $4) RETURNING id",
@@ -143,7 +144,7 @@ pub async fn insert_event(pool: &PgPool, tenant: Uuid, task: TaskKey, created_at
     .bind(task.0)
     .bind(task.1)
     .bind(created_at)
-    .fetch_one(pool)
+    .fetch_one(executor)
     .await
     .unwrap()
 }
