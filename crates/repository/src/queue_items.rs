@@ -77,19 +77,21 @@ pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64) 
     .await
 }
 
-/// Deletes up to `limit` queue items of deleted tenants, found through the tenant index.
+/// Deletes up to `limit` queue items of deleted tenants, found through the tenant index (and
+/// checked against the one rule, like every other statement here).
 pub async fn delete_of_deleted_tenants_batch(executor: impl PgExecutor<'_>, limit: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(&format!(
         "WITH due AS (
-             SELECT q.id FROM tenants tn JOIN queue_items q ON q.tenant_id = tn.id
-             WHERE tn.deleted_at IS NOT NULL
+             SELECT q.id FROM tenants t JOIN queue_items q ON q.tenant_id = t.id
+             WHERE t.deleted_at IS NOT NULL AND ({due})
              LIMIT $1
              FOR UPDATE OF q SKIP LOCKED
          ), gone AS (
              DELETE FROM queue_items q WHERE q.id = ANY (ARRAY (SELECT id FROM due)) RETURNING 1
          )
          SELECT count(*) FROM gone",
-    )
+        due = due()
+    ))
     .bind(limit)
     .fetch_one(executor)
     .await
