@@ -338,3 +338,107 @@ async fn a_hold_set_mid_run_stops_the_tenants_deletes_at_the_next_batch() {
     assert_eq!(report.by_rule.iter().find(|(r, _)| *r == "retention").map(|(_, n)| *n), Some(5), "{report:?}");
     assert_eq!(task_keys(pool).await.len(), 25);
 }
+
+/// Row deletes of a past day whose due rows are dense go in one pass over its pages, every
+/// tenant at once, by exactly the rule; the facts come out exact.
+#[tokio::test]
+async fn a_dense_day_is_swept_page_by_page_by_exactly_the_rule() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let day = a_past_day(pool).await;
+    let at = day_start(day) + Span::hours(12);
+    let daily = insert_tenant(pool, Some("1 day"), None).await;
+    let weekly = insert_tenant(pool, Some("7 days"), None).await;
+    let forever = insert_tenant(pool, None, None).await;
+    let in_grace = insert_tenant(pool, Some("1 hour"), Some(now - Span::hours(2))).await;
+    let purged = insert_tenant(pool, Some("30 days"), Some(now - Span::days(2))).await;
+    let unknown = Uuid::new_v4();
+    seed_due(pool, daily, at, 15_000).await;
+    seed_due(pool, weekly, at, 5_000).await;
+    let (mut kept, mut gone) = (Expect::default(), Expect::default());
+    kept.add(insert_task_with_children(pool, daily, "running", at, None).await);
+    kept.add(insert_task_with_children(pool, daily, "queued", at, None).await);
+    // A minute on either side of each cutoff.
+    kept.add_without_item(insert_task_with_children(pool, daily, "succeeded", at, Some(now - Span::days(1) + MINUTE)).await);
+    gone.add(insert_task_with_children(pool, daily, "failed", at, Some(now - Span::days(1) - MINUTE)).await);
+    kept.add_without_item(insert_task_with_children(pool, weekly, "cancelled", at, Some(now - Span::days(7) + MINUTE)).await);
+    gone.add(insert_task_with_children(pool, weekly, "cancelled", at, Some(now - Span::days(7) - MINUTE)).await);
+    kept.add_without_item(insert_task_with_children(pool, forever, "succeeded", at, Some(at)).await);
+    kept.add_without_item(insert_task_with_children(pool, in_grace, "failed", at, Some(at)).await);
+    kept.add_without_item(insert_task_with_children(pool, unknown, "succeeded", at, Some(at)).await);
+    gone.add(insert_task_with_children(pool, purged, "running", at, None).await);
+    let range = partition_at(pool, at).await;
+    let settings = TaskHistorySettings { compaction: false, ..Default::default() };
+
+    let report = run_task(&TaskHistoryTask::new(settings.clone()), pool).await;
+
+    assert!(report.counters.contains(&("ranges swept", 1)), "{report:?}");
+    assert_eq!(partition_at(pool, at).await, range, "row deletes: the day stays");
+    same(task_keys(pool).await, sorted_keys(kept.tasks.clone()), "tasks");
+    same(event_ids(pool).await, sorted_ids(kept.events.clone()), "events");
+    let items = queue_item_ids(pool).await;
+    assert!(gone.items.iter().all(|i| !items.contains(i)) && kept.items.iter().all(|i| items.contains(i)), "{items:?}");
+    let rows = |rule: &str| report.by_rule.iter().find(|(r, _)| *r == rule).map(|(_, n)| *n);
+    assert_eq!(rows("retention"), Some(20_002), "{report:?}");
+    assert_eq!(rows("deleted-tenants"), Some(1), "{report:?}");
+    assert_eq!(rows("events"), Some(20_003), "{report:?}");
+    assert_eq!(rows("queue-items"), Some(3), "{report:?}");
+    // The facts say what the day holds now, tenant by tenant.
+    let facts: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT tenant_id, rows FROM history_range_tenants WHERE tasks_relid = $1::oid ORDER BY tenant_id",
+    )
+    .bind(i64::from(range))
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let actual: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT tenant_id, count(*) FROM tasks GROUP BY tenant_id ORDER BY tenant_id").fetch_all(pool).await.unwrap();
+    assert_eq!(facts, actual);
+    let again = run_task(&TaskHistoryTask::new(settings), pool).await;
+    assert_eq!(again.deleted, 0, "{again:?}");
+}
+
+/// A tenant put on hold between two batches of a sweep loses nothing more.
+#[tokio::test]
+async fn a_hold_set_mid_sweep_stops_the_tenants_deletes_at_the_next_batch() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let day = a_past_day(pool).await;
+    let at = day_start(day) + Span::hours(12);
+    let daily = insert_tenant(pool, Some("1 day"), None).await;
+    let other = insert_tenant(pool, Some("1 day"), None).await;
+    seed_due(pool, daily, at, 15_000).await;
+    seed_due(pool, other, at, 15_000).await;
+    let first_batch = Arc::new(tokio::sync::Notify::new());
+    let notify = first_batch.clone();
+    let options = RunOptions {
+        // A pause of twenty times the first batch: the hold lands in it.
+        pause_ratio: 20.0,
+        batch_time: Duration::from_secs(3600),
+        progress: Some(Arc::new(move |_| notify.notify_one())),
+        ..Default::default()
+    };
+    let task = TaskHistoryTask::new(TaskHistorySettings { compaction: false, ..Default::default() });
+    let run = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            match run_once_with(&task, &pool, &tokio_util::sync::CancellationToken::new(), &options).await.unwrap() {
+                RunOutcome::Ran(summary) => summary.report,
+                other => panic!("{other:?}"),
+            }
+        })
+    };
+    first_batch.notified().await;
+    let left_then: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(daily).fetch_one(pool).await.unwrap();
+    repository::tenants::set_retention(pool, daily, None).await.unwrap();
+    let report = run.await.unwrap();
+
+    assert!(report.counters.contains(&("ranges swept", 1)), "{report:?}");
+    assert!(report.batches >= 2, "{report:?}");
+    assert!(left_then > 0 && left_then < 15_000, "the first batch took part of the tenant's rows: {left_then} left");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(daily).fetch_one(pool).await.unwrap();
+    assert_eq!(left, left_then, "nothing more after the hold");
+    let others: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(other).fetch_one(pool).await.unwrap();
+    assert_eq!(others, 0, "the other tenant's rows all went");
+}

@@ -329,6 +329,15 @@ pub async fn pairs_of(executor: impl PgExecutor<'_>, tasks_relid: Oid, grace: st
 }
 
 impl Pair {
+    /// Whether the facts say the pair holds a due task: any row of a purged tenant, or a final
+    /// task finished before a live tenant's cutoff.
+    pub fn is_due(&self) -> bool {
+        if self.purged {
+            return self.rows > 0;
+        }
+        matches!((self.cutoff, self.oldest_final), (Some(cutoff), Some(oldest)) if oldest < cutoff)
+    }
+
     /// An estimate of the pair's due tasks: all of a purged tenant's; of a live tenant's final
     /// tasks, the share whose finish instants lie before the cutoff (assuming them spread evenly
     /// between the oldest and the newest).

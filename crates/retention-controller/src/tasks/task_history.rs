@@ -22,11 +22,13 @@ use repository::batch::{self, BatchLimits};
 use repository::history::deletes::{self, PairRef, Walk};
 use repository::history::facts::{self, Pair};
 use repository::history::{ranges, Range, RangeKind, ORPHAN_AGE};
-use repository::{clock, watermarks, PgPool};
+use repository::{clock, heap, watermarks, PgPool};
+use sqlx::postgres::types::Oid;
 use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::batching::{BatchSizer, Settled};
+use crate::block_walk::walk_blocks;
 use crate::history::{self as shared, RemovedAs, RewriteWith};
 use crate::history_policy::{choose, Costs, Estimate, Removal};
 use crate::schedule::Schedule;
@@ -55,6 +57,31 @@ enum PairDone {
     /// The range is being rewritten (or is gone): plan again once the rewrite is over.
     RangeMissing,
 }
+
+/// How a sweep of a range's pages ended.
+enum Swept {
+    /// Every page was walked; the facts say these pairs still hold due rows.
+    Done { still_due: Vec<Pair> },
+    Interrupted,
+    /// The range is being rewritten (or is gone): plan again once the rewrite is over.
+    RangeMissing,
+}
+
+/// What a sweep's batches have deleted so far, per tenant, and whether they found the range gone.
+#[derive(Default)]
+struct SweepState {
+    gone: BTreeMap<Uuid, i64>,
+    missing: bool,
+}
+
+/// A range is swept page by page, rather than walked pair by pair through the indexes, when it has
+/// at least this many pages and at least this many due tasks a page. The index walk costs ~40 µs
+/// a task with its events (a probe and a lock per task, a statement and a facts probe per
+/// tenant); a sweep reads every page (~30 µs a page of ~90 tasks) and deletes at the speed of one
+/// bare DELETE (`bench history`, backlog section).
+const SWEEP_ROWS_PER_PAGE: f64 = 1.0;
+/// 1 MB: below it either way takes milliseconds, and the index walk never waits on a row lock.
+const SWEEP_MIN_PAGES: u32 = 128;
 
 /// What row deletes cost in a run: the time their batches took and the tasks they deleted.
 #[derive(Default)]
@@ -182,6 +209,91 @@ impl TaskHistoryTask {
             }
         };
         Ok((outcome, deleted_here))
+    }
+
+    /// The pages of `range`'s tasks partition when one pass over them (a sweep) pays better than
+    /// walking its due pairs through the indexes: the range is past (no writer is filling it),
+    /// large enough to matter, and its due tasks are dense on its pages.
+    async fn sweep_pays(&self, ctx: &RunContext, range: &Range, pairs: &[Pair], now: chrono::DateTime<chrono::Utc>) -> Result<Option<u32>, TaskError> {
+        if range.kind == RangeKind::Future || range.is_live(now) {
+            return Ok(None);
+        }
+        let due: f64 = pairs.iter().map(Pair::due_estimate).sum();
+        if due < SWEEP_ROWS_PER_PAGE * f64::from(SWEEP_MIN_PAGES) {
+            return Ok(None);
+        }
+        let pages = match heap::size(&ctx.pool, &range.tasks_name).await {
+            Ok(size) => size.pages,
+            // Dropped since it was planned: the row deletes find it missing.
+            Err(error) if deletes::is_undefined_table(&error) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let pays = pages >= SWEEP_MIN_PAGES && due >= SWEEP_ROWS_PER_PAGE * f64::from(pages);
+        tracing::debug!(range = range.tasks_name, pages, due = due.round(), pays, "a sweep of the range's pages or its pairs' indexes");
+        Ok(pays.then_some(pages))
+    }
+
+    /// Deletes every due task on the first `pages` pages of `range`'s tasks partition, whatever its
+    /// tenant, in block-range batches (see [`deletes::delete_block_range`]); then probes the
+    /// facts of every tenant of the range, and returns the pairs they still say are due: rows that
+    /// were locked past `lock_timeout` (their pages skipped), or moved to a later page by an
+    /// update after the walk passed them. Those go by the index walk.
+    async fn sweep_range(&self, ctx: &RunContext, range: &Range, pages: u32, report: &mut RunReport) -> Result<Swept, TaskError> {
+        // Custom plans: the statement names one partition, and its plan depends on the batch's size.
+        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_history_write());
+        let grace = self.settings.deleted_tenant_grace;
+        let state = std::sync::Arc::new(std::sync::Mutex::new(SweepState::default()));
+        tracing::info!(range = range.tasks_name, pages, "sweeping the range's pages: its due rows are dense");
+        walk_blocks(ctx, report, pages, |blocks| {
+            let (pool, state, range) = (ctx.pool.clone(), state.clone(), range.clone());
+            async move {
+                if state.lock().unwrap().missing {
+                    return Ok(Vec::new());
+                }
+                let mut tx = batch::begin(&pool, limits).await?;
+                let batch = deletes::delete_block_range(&mut *tx, &range, blocks, grace).await?;
+                if batch.range_missing {
+                    state.lock().unwrap().missing = true;
+                    return Ok(Vec::new());
+                }
+                tx.commit().await?;
+                let (mut retained, mut purged) = (0u64, 0u64);
+                let mut state = state.lock().unwrap();
+                for gone in &batch.tenants {
+                    *state.gone.entry(gone.tenant_id).or_default() += gone.tasks;
+                    *(if gone.purged { &mut purged } else { &mut retained }) += gone.tasks as u64;
+                }
+                Ok(vec![
+                    ("retention", retained),
+                    ("deleted-tenants", purged),
+                    ("events", batch.events as u64),
+                    ("queue-items", batch.queue_items as u64),
+                ])
+            }
+        })
+        .await?;
+        let SweepState { gone, missing } = std::mem::take(&mut *state.lock().unwrap());
+        for (tenant, tasks) in &gone {
+            report.add_tenant_rows(*tenant, *tasks as u64);
+        }
+        if missing {
+            return Ok(Swept::RangeMissing);
+        }
+        report.count("ranges swept", 1);
+        let mut tx = repository::batch::begin_bookkeeping(&ctx.pool).await?;
+        let mut probes: Vec<(Oid, Uuid, i64)> = gone.iter().map(|(tenant, tasks)| (range.tasks_relid, *tenant, -tasks)).collect();
+        for pair in facts::pairs_of(&mut *tx, range.tasks_relid, grace).await? {
+            if !gone.contains_key(&pair.tenant_id) {
+                probes.push((range.tasks_relid, pair.tenant_id, 0));
+            }
+        }
+        facts::resummarise(&mut tx, &probes).await?;
+        let still_due: Vec<Pair> = facts::pairs_of(&mut *tx, range.tasks_relid, grace).await?.into_iter().filter(Pair::is_due).collect();
+        tx.commit().await?;
+        if ctx.interrupted().is_some() {
+            return Ok(Swept::Interrupted);
+        }
+        Ok(Swept::Done { still_due })
     }
 
     /// The measured costs, read again every [`COSTS_READ_EVERY`].
@@ -392,6 +504,20 @@ impl TaskHistoryTask {
                         let rewritten = shared::rewrite(ctx, std::slice::from_ref(&range), with, report).await?;
                         if rewritten.is_some() {
                             report.count("ranges compacted", 1);
+                            continue;
+                        }
+                    }
+                }
+                let mut pairs = pairs;
+                if let Some(pages) = self.sweep_pays(ctx, &range, &pairs, now).await? {
+                    match self.sweep_range(ctx, &range, pages, report).await? {
+                        Swept::Done { still_due } => pairs = still_due,
+                        Swept::Interrupted => {
+                            report.completion = ctx.interrupted().unwrap_or_default();
+                            return Ok(now);
+                        }
+                        Swept::RangeMissing => {
+                            missing = true;
                             continue;
                         }
                     }
