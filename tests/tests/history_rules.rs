@@ -152,12 +152,14 @@ async fn a_purge_that_reaches_its_deadline_leaves_time_for_the_orphan_walk() {
     let pool = &db.pool;
     let now = db_now(pool).await;
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
-    // 20,000 due tasks in batches of one: far more than the run's 3 s.
+    // 20,000 due tasks in batches of one: far more than the run's 3 s. In today's range (finished
+    // "3 days ago"), which is live: walked through the indexes, never swept page by page.
     sqlx::query(
         "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
-         SELECT $1, 'succeeded', $2, $2 FROM generate_series(1, 20000)",
+         SELECT $1, 'succeeded', $2, $3 FROM generate_series(1, 20000)",
     )
     .bind(tenant)
+    .bind(now)
     .bind(now - Span::days(3))
     .execute(pool)
     .await

@@ -28,6 +28,48 @@ pub enum Command {
     /// Tenant settings.
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Legal holds: a tenant, or one task, that no retention rule deletes while held.
+    #[command(subcommand)]
+    Hold(HoldCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldCommand {
+    /// Hold every task of a tenant, or one task, until removed or until an instant.
+    ///
+    /// Example: engine hold add --tenant acme --reason "litigation #42" --until 2027-06-30
+    Add {
+        /// The tenant's id or slug.
+        #[arg(long)]
+        tenant: String,
+        /// Hold only this task (its id); default: every task of the tenant.
+        #[arg(long, value_name = "TASK_ID")]
+        task: Option<String>,
+        /// Why (recorded with the hold).
+        #[arg(long)]
+        reason: String,
+        /// When the hold ends by itself: RFC 3339 (2027-06-30T12:00:00Z) or a date (midnight UTC).
+        #[arg(long, value_name = "INSTANT")]
+        until: Option<String>,
+    },
+    /// List the holds in force (with --all, also removed and ended ones).
+    List {
+        /// Only this tenant's (id or slug).
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        all: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a hold now (recorded with who and why).
+    Remove {
+        /// The hold's id, as `hold add` and `hold list` show it.
+        id: i64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,18 +81,30 @@ pub enum TenantCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TenantRetentionCommand {
-    /// Show how long the tenant's finished run history is kept.
+    /// Show how long the tenant's finished run history is kept: the default and each status's window.
     Get {
         /// The tenant's id or slug.
         tenant: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Change it; applies at the next task-history run.
+    /// Change the default window, or one status's; applies at the next task-history run.
+    ///
+    /// Example: engine tenant retention set acme 30days --status failed --dry-run
     Set {
         /// The tenant's id or slug.
         tenant: String,
-        /// A duration from 1h to 100years ("30days", "720h", "1h 30m") or "forever".
-        #[arg(allow_hyphen_values = true, value_name = "DURATION|forever")]
+        /// A duration from 1h to 100years ("30days", "720h", "1h 30m") or "forever"; with
+        /// --status also "default" (the status follows data_retention_period again).
+        #[arg(allow_hyphen_values = true, value_name = "DURATION|forever|default")]
         retention: String,
+        /// Set the window of tasks that ended in this status only.
+        #[arg(long, value_parser = PossibleValuesParser::new(["succeeded", "failed", "cancelled"]))]
+        status: Option<String>,
+        /// Print what the next run would delete under the new setting; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -82,4 +136,21 @@ pub enum RetentionCommand {
     /// Per task: paused or not, the last run and how it ended, rows, when it is next due, and
     /// where it is running now.
     Status,
+    /// Deletion receipts: per run, tenant and rule, what was deleted and the instants it spanned.
+    ///
+    /// Example: engine retention receipts --tenant acme --since 2026-11-01 --json
+    Receipts {
+        /// Only this tenant's (id or slug).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only receipts of runs since this instant (RFC 3339 or a date).
+        #[arg(long, value_name = "INSTANT")]
+        since: Option<String>,
+        /// At most this many (oldest first).
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use repository::tenants::Tenant;
-use retention_controller::tenant_retention::{self, RetentionError};
+use retention_controller::holds::{self, HoldError, HoldRequest};
+use retention_controller::tenant_retention::{self, RetentionError, Setting};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
@@ -22,6 +22,10 @@ use sqlx::PgPool;
 pub struct AppState {
     pub pool: PgPool,
     pub admin_token: Option<Arc<str>>,
+    /// Recorded as who added or removed a hold through the API.
+    pub admin_token_name: Arc<str>,
+    /// For previews: what `task-history` counts as a deleted tenant's grace.
+    pub deleted_tenant_grace: Duration,
     pub metrics: Option<PrometheusHandle>,
 }
 
@@ -31,6 +35,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/tenants/{id}/retention", get(get_retention).put(put_retention))
+        .route("/api/v1/holds", get(list_holds).post(add_hold))
+        .route("/api/v1/holds/{id}", get(get_hold).delete(remove_hold))
+        .route("/api/v1/receipts", get(list_receipts))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -103,19 +110,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn body(tenant: &Tenant) -> Json<Value> {
-    Json(json!({
-        "tenant_id": tenant.id,
-        "slug": tenant.slug,
-        "data_retention_period": tenant_retention::describe(tenant.retention),
-        "seconds": tenant.retention.map(|d| d.as_secs()),
-        "deleted_at": tenant.deleted_at.map(|at| at.to_rfc3339()),
-    }))
-}
-
 fn failure(err: RetentionError) -> Response {
     match err {
-        RetentionError::Invalid { .. } => error(StatusCode::BAD_REQUEST, err.to_string()),
+        RetentionError::Invalid { .. } | RetentionError::InvalidStatus(_) => error(StatusCode::BAD_REQUEST, err.to_string()),
         RetentionError::UnknownTenant(_) => error(StatusCode::NOT_FOUND, err.to_string()),
         RetentionError::Database(message) => {
             tracing::error!(error = %message, "tenant retention API");
@@ -126,28 +123,181 @@ fn failure(err: RetentionError) -> Response {
 
 async fn get_retention(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     match tenant_retention::get(&state.pool, &id).await {
-        Ok(tenant) => body(&tenant).into_response(),
+        Ok(tenant) => Json(crate::tenant::body(&tenant)).into_response(),
         Err(err) => failure(err),
     }
 }
 
-const PUT_SHAPE: &str = r#"the body must be JSON {"data_retention_period": "<duration from 1h to 100years>" | "forever" | null}"#;
+const PUT_SHAPE: &str = r#"the body must be JSON {"data_retention_period": <window>, "by_status": {"succeeded"|"failed"|"cancelled": <window> | "default"}}, with either key or both; a window is a duration from 1h to 100years, "forever" or null (forever)"#;
 
-async fn put_retention(State(state): State<AppState>, Path(id): Path<String>, payload: Result<Json<Value>, JsonRejection>) -> Response {
+#[derive(serde::Deserialize)]
+struct DryRun {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// The settings a PUT body asks for, all validated; `None` when the body has another shape.
+fn put_settings(payload: &Value) -> Option<Result<Vec<Setting>, RetentionError>> {
+    let object = payload.as_object()?;
+    if object.is_empty() || object.keys().any(|k| k != "data_retention_period" && k != "by_status") {
+        return None;
+    }
+    let window = |value: &Value| match value {
+        Value::String(text) => Some(text.clone()),
+        Value::Null => Some("forever".to_string()),
+        _ => None,
+    };
+    let mut settings = Vec::new();
+    if let Some(value) = object.get("data_retention_period") {
+        match Setting::parse(None, &window(value)?) {
+            Ok(setting) => settings.push(setting),
+            Err(error) => return Some(Err(error)),
+        }
+    }
+    if let Some(by_status) = object.get("by_status") {
+        for (status, value) in by_status.as_object()? {
+            let value = window(value)?;
+            let parsed = tenant_retention::parse_status(status).and_then(|s| Setting::parse(Some(s), &value));
+            match parsed {
+                Ok(setting) => settings.push(setting),
+                Err(error) => return Some(Err(error)),
+            }
+        }
+    }
+    Some(Ok(settings))
+}
+
+async fn put_retention(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<DryRun>,
+    payload: Result<Json<Value>, JsonRejection>,
+) -> Response {
     let Ok(Json(payload)) = payload else {
         return error(StatusCode::BAD_REQUEST, PUT_SHAPE);
     };
-    let value = match payload.as_object() {
-        Some(object) if object.len() == 1 => match object.get("data_retention_period") {
-            Some(Value::String(text)) => text.clone(),
-            Some(Value::Null) => "forever".to_string(),
-            _ => return error(StatusCode::BAD_REQUEST, PUT_SHAPE),
-        },
+    let settings = match put_settings(&payload) {
+        Some(Ok(settings)) if !settings.is_empty() => settings,
+        Some(Err(err)) => return failure(err),
         _ => return error(StatusCode::BAD_REQUEST, PUT_SHAPE),
     };
-    match tenant_retention::set(&state.pool, &id, &value).await {
-        Ok(change) => body(&change.tenant).into_response(),
+    if query.dry_run {
+        return match tenant_retention::preview(&state.pool, &id, &settings, state.deleted_tenant_grace).await {
+            Ok(preview) => {
+                let tasks: serde_json::Map<String, Value> = preview.tasks.iter().map(|(status, n)| (status.clone(), json!(n))).collect();
+                Json(json!({
+                    "dry_run": true,
+                    "tenant": crate::tenant::body(&preview.after),
+                    "would_delete": { "tasks": tasks, "events": preview.events },
+                }))
+                .into_response()
+            }
+            Err(err) => failure(err),
+        };
+    }
+    match tenant_retention::set(&state.pool, &id, &settings).await {
+        Ok(change) => Json(crate::tenant::body(&change.tenant)).into_response(),
         Err(err) => failure(err),
+    }
+}
+
+fn hold_failure(err: HoldError) -> Response {
+    if let HoldError::Database(message) = &err {
+        tracing::error!(error = %message, "holds API");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable");
+    }
+    if err.is_not_found() {
+        return error(StatusCode::NOT_FOUND, err.to_string());
+    }
+    if matches!(err, HoldError::AlreadyRemoved(_)) {
+        return error(StatusCode::CONFLICT, err.to_string());
+    }
+    error(StatusCode::BAD_REQUEST, err.to_string())
+}
+
+#[derive(serde::Deserialize)]
+struct HoldsQuery {
+    tenant: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_holds(State(state): State<AppState>, Query(query): Query<HoldsQuery>) -> Response {
+    match holds::list(&state.pool, query.tenant.as_deref(), query.all).await {
+        Ok(list) => Json(json!({ "holds": list.iter().map(crate::hold::hold_json).collect::<Vec<_>>() })).into_response(),
+        Err(err) => hold_failure(err),
+    }
+}
+
+async fn get_hold(State(state): State<AppState>, Path(id): Path<i64>) -> Response {
+    match repository::holds::get(&state.pool, id).await {
+        Ok(Some(hold)) => Json(crate::hold::hold_json(&hold)).into_response(),
+        Ok(None) => hold_failure(HoldError::UnknownHold(id)),
+        Err(err) => hold_failure(err.into()),
+    }
+}
+
+const HOLD_SHAPE: &str = r#"the body must be JSON {"tenant": "<id or slug>", "task": "<task id>" (optional), "reason": "<why>", "until": "<RFC 3339 instant or date>" (optional)}"#;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldBody {
+    tenant: String,
+    task: Option<String>,
+    reason: String,
+    until: Option<String>,
+}
+
+async fn add_hold(State(state): State<AppState>, payload: Result<Json<HoldBody>, JsonRejection>) -> Response {
+    let Ok(Json(body)) = payload else {
+        return error(StatusCode::BAD_REQUEST, HOLD_SHAPE);
+    };
+    let request = HoldRequest { tenant: body.tenant, task: body.task, reason: body.reason, until: body.until };
+    match holds::add(&state.pool, &request, &state.admin_token_name).await {
+        Ok(hold) => (StatusCode::CREATED, Json(crate::hold::hold_json(&hold))).into_response(),
+        Err(err) => hold_failure(err),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RemoveQuery {
+    reason: Option<String>,
+}
+
+async fn remove_hold(State(state): State<AppState>, Path(id): Path<i64>, Query(query): Query<RemoveQuery>) -> Response {
+    match holds::remove(&state.pool, id, &state.admin_token_name, query.reason.as_deref()).await {
+        Ok(hold) => Json(crate::hold::hold_json(&hold)).into_response(),
+        Err(err) => hold_failure(err),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ReceiptsQuery {
+    tenant: Option<String>,
+    since: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_receipts(State(state): State<AppState>, Query(query): Query<ReceiptsQuery>) -> Response {
+    let since = match query.since.as_deref().map(holds::parse_until).transpose() {
+        Ok(since) => since,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "invalid since: allowed: an RFC 3339 instant or a date (2026-11-01)"),
+    };
+    let limit = query.limit.unwrap_or(1000);
+    if !(1..=100_000).contains(&limit) {
+        return error(StatusCode::BAD_REQUEST, format!("invalid limit {limit}: allowed: 1 to 100000"));
+    }
+    let tenant_id = match query.tenant.as_deref() {
+        Some(key) => match repository::tenants::find(&state.pool, key).await {
+            Ok(Some(tenant)) => Some(tenant.id),
+            Ok(None) => return error(StatusCode::NOT_FOUND, format!("no tenant with id or slug {key:?}")),
+            Err(err) => return hold_failure(err.into()),
+        },
+        None => None,
+    };
+    match repository::receipts::list(&state.pool, tenant_id, since, limit).await {
+        Ok(list) => Json(json!({ "receipts": list.iter().map(crate::hold::receipt_json).collect::<Vec<_>>() })).into_response(),
+        Err(err) => hold_failure(err.into()),
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod cli;
 mod database;
+mod hold;
 mod http;
 mod progress;
 mod retention;
@@ -46,7 +47,11 @@ fn main() -> ExitCode {
             Command::Retention(RetentionCommand::Pause { task }) => retention::set_paused(&settings, &task, true).await,
             Command::Retention(RetentionCommand::Resume { task }) => retention::set_paused(&settings, &task, false).await,
             Command::Retention(RetentionCommand::Status) => retention::status(&settings).await,
+            Command::Retention(RetentionCommand::Receipts { tenant, since, limit, json }) => {
+                retention::receipts(&settings, tenant.as_deref(), since.as_deref(), limit, json).await
+            }
             Command::Tenant(TenantCommand::Retention(command)) => tenant::retention(&settings, command).await,
+            Command::Hold(command) => hold::hold(&settings, command).await,
         }
     });
     match result {

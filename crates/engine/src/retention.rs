@@ -195,3 +195,47 @@ pub async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
     db.close().await;
     Ok(ExitCode::SUCCESS)
 }
+
+/// `engine retention receipts`: the deletion receipts, oldest first.
+pub async fn receipts(settings: &Settings, tenant: Option<&str>, since: Option<&str>, limit: i64, json: bool) -> anyhow::Result<ExitCode> {
+    let since = match since.map(retention_controller::holds::parse_until).transpose() {
+        Ok(since) => since,
+        Err(_) => {
+            eprintln!(
+                "error: invalid --since {:?}: allowed: an instant in RFC 3339 (2026-11-01T00:00:00Z) or a date (2026-11-01)",
+                since.unwrap_or_default()
+            );
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if limit < 1 {
+        eprintln!("error: invalid --limit {limit}: allowed: 1 or more");
+        return Ok(ExitCode::from(2));
+    }
+    let db = Database::open(settings, settings.database.migrate).await?;
+    let tenant_id = match tenant {
+        Some(key) => match repository::tenants::find(&db.pool, key).await? {
+            Some(t) => Some(t.id),
+            None => {
+                db.close().await;
+                eprintln!("error: no tenant with id or slug {key:?}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => None,
+    };
+    let receipts = repository::receipts::list(&db.pool, tenant_id, since, limit).await;
+    db.close().await;
+    let receipts = receipts?;
+    for receipt in &receipts {
+        if json {
+            println!("{}", crate::hold::receipt_json(receipt));
+        } else {
+            println!("{}", crate::hold::describe_receipt(receipt));
+        }
+    }
+    if receipts.is_empty() && !json {
+        println!("no receipts");
+    }
+    Ok(ExitCode::SUCCESS)
+}

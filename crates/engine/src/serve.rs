@@ -34,6 +34,8 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let state = http::AppState {
         pool: db.pool.clone(),
         admin_token: settings.http.admin_token.as_deref().map(Into::into),
+        admin_token_name: settings.http.admin_token_name.as_str().into(),
+        deleted_tenant_grace: settings.retention.task_history.deleted_tenant_grace,
         metrics: Some(metrics_recorder()?),
     };
     if state.admin_token.is_none() {

@@ -71,11 +71,13 @@ pub struct HttpSettings {
     pub addr: SocketAddr,
     /// Bearer token that `/api/v1/...` requests must carry. Unset: the API refuses every request.
     pub admin_token: Option<String>,
+    /// The name recorded as who added or removed a hold through the API with that token.
+    pub admin_token_name: String,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        HttpSettings { addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"), admin_token: None }
+        HttpSettings { addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"), admin_token: None, admin_token_name: "admin".into() }
     }
 }
 
@@ -139,6 +141,10 @@ impl Settings {
                     token.len()
                 ));
             }
+        }
+        let name = &self.http.admin_token_name;
+        if name.trim().is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            errors.push(format!("http.admin_token_name = {name:?} is not allowed: 1 to 64 printable characters"));
         }
         if self.metrics.tenant_series > MAX_TENANT_SERIES {
             errors.push(format!(

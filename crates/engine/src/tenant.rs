@@ -2,7 +2,9 @@
 
 use std::process::ExitCode;
 
-use retention_controller::tenant_retention::{self, RetentionError};
+use repository::tenants::Tenant;
+use retention_controller::tenant_retention::{self, RetentionError, Setting};
+use serde_json::{json, Value};
 
 use crate::cli::TenantRetentionCommand;
 use crate::database::Database;
@@ -10,26 +12,36 @@ use crate::settings::Settings;
 
 pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> anyhow::Result<ExitCode> {
     // Refuse a bad value before touching (or starting) any database.
-    if let TenantRetentionCommand::Set { retention, .. } = &command {
-        if let Err(error) = tenant_retention::parse(retention) {
-            eprintln!("error: {error}");
-            return Ok(ExitCode::from(2));
+    let setting = match &command {
+        TenantRetentionCommand::Set { retention, status, .. } => {
+            match status.as_deref().map(tenant_retention::parse_status).transpose().and_then(|s| Setting::parse(s, retention)) {
+                Ok(setting) => Some(setting),
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
         }
-    }
+        TenantRetentionCommand::Get { .. } => None,
+    };
     let db = Database::open(settings, settings.database.migrate).await?;
-    let result = match &command {
-        TenantRetentionCommand::Get { tenant } => tenant_retention::get(&db.pool, tenant).await.map(|t| {
-            let deleted = t.deleted_at.map(|at| format!(" [deleted at {at}]")).unwrap_or_default();
-            format!(
-                "tenant {} ({}): data_retention_period = {}{deleted}",
-                t.slug,
-                t.id,
-                tenant_retention::describe(t.retention)
-            )
+    let grace = settings.retention.task_history.deleted_tenant_grace;
+    let result = match (&command, setting) {
+        (TenantRetentionCommand::Get { tenant, json }, _) => tenant_retention::get(&db.pool, tenant).await.map(|t| {
+            if *json {
+                body(&t).to_string()
+            } else {
+                let deleted = t.deleted_at.map(|at| format!(" [deleted at {at}]")).unwrap_or_default();
+                format!("tenant {} ({}): {}{deleted}", t.slug, t.id, tenant_retention::windows(&t))
+            }
         }),
-        TenantRetentionCommand::Set { tenant, retention } => {
-            tenant_retention::set(&db.pool, tenant, retention).await.map(|change| change.to_string())
+        (TenantRetentionCommand::Set { tenant, dry_run: true, .. }, Some(setting)) => {
+            tenant_retention::preview(&db.pool, tenant, &[setting], grace).await.map(|preview| preview.to_string())
         }
+        (TenantRetentionCommand::Set { tenant, .. }, Some(setting)) => {
+            tenant_retention::set(&db.pool, tenant, &[setting]).await.map(|change| change.to_string())
+        }
+        (TenantRetentionCommand::Set { .. }, None) => unreachable!("parsed above"),
     };
     db.close().await;
     match result {
@@ -37,10 +49,33 @@ pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> 
             println!("{line}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(error @ (RetentionError::Invalid { .. } | RetentionError::UnknownTenant(_))) => {
+        Err(error @ (RetentionError::Invalid { .. } | RetentionError::InvalidStatus(_) | RetentionError::UnknownTenant(_))) => {
             eprintln!("error: {error}");
             Ok(ExitCode::from(2))
         }
         Err(error) => Err(error.into()),
     }
+}
+
+/// A tenant's windows as the CLI's `--json` and the API show them: the default, each status's own
+/// window (`null`: forever), and the window each status gets in effect.
+pub fn body(tenant: &Tenant) -> Value {
+    let by_status: serde_json::Map<String, Value> = tenant
+        .by_status
+        .iter()
+        .map(|(status, window)| (status.as_str().to_string(), json!(tenant_retention::describe(*window))))
+        .collect();
+    let effective: serde_json::Map<String, Value> = repository::tenants::FinalStatus::ALL
+        .iter()
+        .map(|status| (status.as_str().to_string(), json!(tenant_retention::describe(tenant.window(*status)))))
+        .collect();
+    json!({
+        "tenant_id": tenant.id,
+        "slug": tenant.slug,
+        "data_retention_period": tenant_retention::describe(tenant.retention),
+        "seconds": tenant.retention.map(|d| d.as_secs()),
+        "by_status": by_status,
+        "effective": effective,
+        "deleted_at": tenant.deleted_at.map(|at| at.to_rfc3339()),
+    })
 }

@@ -4,7 +4,7 @@
 use sqlx::PgExecutor;
 
 use crate::heap::BlockRange;
-use crate::history::FINAL;
+use crate::history::{held, FINAL};
 
 /// Deletes the due queue items on the pages of `range` (see [`crate::heap`]): one pass over the
 /// table in block ranges examines every item once. Items locked by a worker are skipped.
@@ -27,13 +27,16 @@ pub async fn delete_block_range(executor: impl PgExecutor<'_>, range: BlockRange
     .await
 }
 
-/// A queue item `q` is due when its tenant is deleted or its task is gone or final.
+/// A queue item `q` is due when its tenant is deleted or its task is gone or final, and no hold
+/// covers its task (or its tenant).
 fn due() -> String {
     format!(
-        "EXISTS (SELECT 1 FROM tenants tn WHERE tn.id = q.tenant_id AND tn.deleted_at IS NOT NULL)
-         OR NOT EXISTS (SELECT 1 FROM tasks t
-                        WHERE t.id = q.task_id AND t.inserted_at = q.task_inserted_at
-                          AND t.status NOT IN {FINAL})"
+        "(EXISTS (SELECT 1 FROM tenants tn WHERE tn.id = q.tenant_id AND tn.deleted_at IS NOT NULL)
+          OR NOT EXISTS (SELECT 1 FROM tasks t
+                         WHERE t.id = q.task_id AND t.inserted_at = q.task_inserted_at
+                           AND t.status NOT IN {FINAL}))
+         AND NOT {held}",
+        held = held("q.tenant_id", "q.task_id", "now()")
     )
 }
 

@@ -6,7 +6,7 @@ use std::future::Future;
 use repository::heap::BlockRange;
 use tokio::time::Instant;
 
-use crate::batching::Settled;
+use crate::batching::{BatchSizer, Settled};
 use crate::task::{RunContext, RunReport, TaskError};
 
 /// Deletes through pages `0..pages` in ranges, calling `delete` for each; `delete` runs one
@@ -16,12 +16,27 @@ use crate::task::{RunContext, RunReport, TaskError};
 /// lock held for longer than `lock_timeout`, again and again) is left for the next run and
 /// counted as `pages skipped`. Stops between batches when the run is interrupted. The pages passed
 /// are counted as `heap pages walked`.
-pub async fn walk_blocks<F, Fut>(ctx: &RunContext, report: &mut RunReport, pages: u32, mut delete: F) -> Result<(), TaskError>
+pub async fn walk_blocks<F, Fut>(ctx: &RunContext, report: &mut RunReport, pages: u32, delete: F) -> Result<(), TaskError>
 where
     F: FnMut(BlockRange) -> Fut,
     Fut: Future<Output = Result<Vec<(&'static str, u64)>, sqlx::Error>> + Send,
 {
-    let mut sizer = ctx.block_sizer();
+    walk_blocks_sized(ctx, report, pages, &mut ctx.block_sizer(), delete).await
+}
+
+/// [`walk_blocks`] with the caller's sizer: walks of several tables alike (the ranges of run
+/// history) start each from the size the last one reached.
+pub async fn walk_blocks_sized<F, Fut>(
+    ctx: &RunContext,
+    report: &mut RunReport,
+    pages: u32,
+    sizer: &mut BatchSizer,
+    mut delete: F,
+) -> Result<(), TaskError>
+where
+    F: FnMut(BlockRange) -> Fut,
+    Fut: Future<Output = Result<Vec<(&'static str, u64)>, sqlx::Error>> + Send,
+{
     let deleted_before = report.deleted;
     let mut next = 0u32;
     while next < pages {

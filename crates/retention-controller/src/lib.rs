@@ -13,6 +13,7 @@ pub mod clock_guard;
 mod controller;
 mod history;
 pub mod history_policy;
+pub mod holds;
 pub mod schedule;
 pub mod settings;
 mod statistics;

@@ -231,7 +231,13 @@ pub struct TaskHistorySettings {
     pub statement_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
+    /// How long deletion receipts (`retention_receipts`, `engine retention receipts`) are kept.
+    #[serde(with = "humantime_serde")]
+    pub receipts_keep: Duration,
 }
+
+/// Deletion receipts are kept this long by default: over a year, for yearly audits.
+pub const DEFAULT_RECEIPTS_KEEP: Duration = Duration::from_secs(400 * 86_400);
 
 impl Default for TaskHistorySettings {
     fn default() -> Self {
@@ -243,6 +249,7 @@ impl Default for TaskHistorySettings {
             max_run_time: DEFAULT_MAX_RUN_TIME,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            receipts_keep: DEFAULT_RECEIPTS_KEEP,
         }
     }
 }
@@ -330,6 +337,7 @@ impl RetentionSettings {
         check_run(&mut errors, &key("task_history", ""), h.interval, h.max_run_time, h.statement_timeout, h.lock_timeout);
         // Time to undo a mistaken soft delete before the tenant's history goes.
         check_duration(&mut errors, key("task_history", "deleted_tenant_grace"), h.deleted_tenant_grace, HOUR..=CENTURY);
+        check_duration(&mut errors, key("task_history", "receipts_keep"), h.receipts_keep, DAY..=CENTURY);
         let p = &self.partitions;
         check_duration(&mut errors, key("partitions", "interval"), p.interval, SECOND..=7 * DAY);
         check_duration(&mut errors, key("partitions", "max_run_time"), p.max_run_time, SECOND..=DAY);

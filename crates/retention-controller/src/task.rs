@@ -167,7 +167,12 @@ impl RunContext {
 
     /// Sizes for block-walk batches, in pages.
     pub fn block_sizer(&self) -> BatchSizer {
-        BatchSizer::new(FIRST_BLOCK_BATCH, 1, MAX_BLOCK_BATCH, self.options.batch_time)
+        self.block_sizer_from(FIRST_BLOCK_BATCH)
+    }
+
+    /// Sizes for block-walk batches, starting at `first` pages.
+    pub fn block_sizer_from(&self, first: u32) -> BatchSizer {
+        BatchSizer::new(first, 1, MAX_BLOCK_BATCH, self.options.batch_time)
     }
 
     /// After every committed batch: reports progress, then pauses in proportion to the batch's

@@ -1,10 +1,12 @@
 //! Reading and changing a tenant's run-history retention (`engine tenant retention ...` and
-//! `/api/v1/tenants/{id}/retention`). A change applies at the next `task-history` run.
+//! `/api/v1/tenants/{id}/retention`): the default window (`data_retention_period`) and a window per
+//! final status. A change applies at the next `task-history` run; a preview shows what it would
+//! delete, changing nothing.
 
 use std::fmt;
 use std::time::Duration;
 
-use repository::tenants::{self, Tenant};
+use repository::tenants::{self, FinalStatus, StatusWindow, Tenant};
 use repository::PgPool;
 
 pub const MIN_RETENTION: Duration = Duration::from_secs(3600);
@@ -20,6 +22,8 @@ pub enum RetentionError {
     Invalid { value: String, reason: String },
     #[error("no tenant with id or slug {0:?}")]
     UnknownTenant(String),
+    #[error("invalid status {0:?}: allowed: succeeded, failed, cancelled")]
+    InvalidStatus(String),
     #[error("database error: {0}")]
     Database(String),
 }
@@ -63,41 +67,141 @@ pub fn describe(retention: Option<Duration>) -> String {
     }
 }
 
+/// A final status as the operator writes it (`--status`, the API's `by_status` keys).
+pub fn parse_status(value: &str) -> Result<FinalStatus, RetentionError> {
+    FinalStatus::parse(value.trim()).ok_or_else(|| RetentionError::InvalidStatus(value.to_string()))
+}
+
 /// The tenant whose id or slug is `key`.
 pub async fn get(pool: &PgPool, key: &str) -> Result<Tenant, RetentionError> {
     tenants::find(pool, key).await?.ok_or_else(|| RetentionError::UnknownTenant(key.to_string()))
 }
 
+/// One change of a tenant's windows: the default (`status` `None`), or one status's window
+/// (`Own`, or back to the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setting {
+    pub status: Option<FinalStatus>,
+    pub window: StatusWindow,
+}
+
+impl Setting {
+    /// Parses `value` (a duration or `forever`; for a status also `default`) for `status`.
+    pub fn parse(status: Option<FinalStatus>, value: &str) -> Result<Setting, RetentionError> {
+        if value.trim().eq_ignore_ascii_case("default") {
+            if status.is_none() {
+                return Err(RetentionError::Invalid {
+                    value: value.to_string(),
+                    reason: "only a status's window can go back to the default (give --status, or by_status in the API)".into(),
+                });
+            }
+            return Ok(Setting { status, window: StatusWindow::Default });
+        }
+        Ok(Setting { status, window: StatusWindow::Own(parse(value)?) })
+    }
+}
+
 /// A change made by [`set`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
-    pub before: Option<Duration>,
+    pub before: Tenant,
     pub tenant: Tenant,
 }
 
 impl fmt::Display for Change {
+    /// `tenant acme (id): data_retention_period 30days -> 7days, failed default -> 90days (...)`:
+    /// what changed (a status's `default` is its following `data_retention_period`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let own = |t: &Tenant, status: FinalStatus| {
+            t.by_status.iter().find(|(s, _)| *s == status).map_or_else(|| "default".to_string(), |(_, w)| describe(*w))
+        };
+        let mut changes = Vec::new();
+        if self.before.retention != self.tenant.retention || self.before.by_status == self.tenant.by_status {
+            changes.push(format!("data_retention_period {} -> {}", describe(self.before.retention), describe(self.tenant.retention)));
+        }
+        for status in FinalStatus::ALL {
+            let (before, after) = (own(&self.before, status), own(&self.tenant, status));
+            if before != after {
+                changes.push(format!("{} {before} -> {after}", status.as_str()));
+            }
+        }
+        write!(f, "tenant {} ({}): {} (applies at the next task-history run)", self.tenant.slug, self.tenant.id, changes.join(", "))
+    }
+}
+
+/// A tenant's windows in one line: `data_retention_period = 7days, failed = 30days`.
+pub fn windows(tenant: &Tenant) -> String {
+    let mut text = format!("data_retention_period = {}", describe(tenant.retention));
+    for (status, window) in &tenant.by_status {
+        text.push_str(&format!(", {} = {}", status.as_str(), describe(*window)));
+    }
+    text
+}
+
+/// Applies `settings` to the tenant `tenant_id` in the caller's transaction.
+async fn apply(conn: &mut sqlx::PgConnection, tenant_id: uuid::Uuid, settings: &[Setting]) -> Result<Tenant, RetentionError> {
+    let mut updated = None;
+    for setting in settings {
+        updated = match setting.status {
+            None => match setting.window {
+                StatusWindow::Own(window) => tenants::set_retention(&mut *conn, tenant_id, window).await?,
+                StatusWindow::Default => return Err(RetentionError::Invalid {
+                    value: "default".into(),
+                    reason: "only a status's window can go back to the default".into(),
+                }),
+            },
+            Some(status) => tenants::set_status_retention(&mut *conn, tenant_id, status, setting.window).await?,
+        };
+    }
+    updated.ok_or_else(|| RetentionError::UnknownTenant(tenant_id.to_string()))
+}
+
+/// Sets the windows of the tenant whose id or slug is `key`: every setting is validated before
+/// this is called, and all apply in one transaction, or none.
+pub async fn set(pool: &PgPool, key: &str, settings: &[Setting]) -> Result<Change, RetentionError> {
+    let before = get(pool, key).await?;
+    let mut tx = pool.begin().await?;
+    let updated = apply(&mut tx, before.id, settings).await?;
+    tx.commit().await?;
+    tracing::info!(tenant_id = %updated.id, slug = %updated.slug, before = %windows(&before), after = %windows(&updated), "tenant retention changed");
+    Ok(Change { before, tenant: updated })
+}
+
+/// What the next run would delete of a tenant under new settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preview {
+    pub before: Tenant,
+    pub after: Tenant,
+    /// Tasks per final status (and `queued`/`running` of a deleted tenant), in status order.
+    pub tasks: Vec<(String, i64)>,
+    pub events: i64,
+}
+
+impl fmt::Display for Preview {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total: i64 = self.tasks.iter().map(|(_, n)| n).sum();
+        let by_status: Vec<String> = self.tasks.iter().map(|(status, n)| format!("{status} {n}")).collect();
         write!(
             f,
-            "tenant {} ({}): data_retention_period {} -> {} (applies at the next task-history run)",
-            self.tenant.slug,
-            self.tenant.id,
-            describe(self.before),
-            describe(self.tenant.retention)
+            "dry run, nothing changed: tenant {} ({}) with {}: the next task-history run would delete {total} tasks ({}) and {} events",
+            self.after.slug,
+            self.after.id,
+            windows(&self.after),
+            if by_status.is_empty() { "none".to_string() } else { by_status.join(", ") },
+            self.events
         )
     }
 }
 
-/// Validates `value` first, then sets the retention of the tenant whose id or slug is `key`.
-/// Nothing changes unless both are valid.
-pub async fn set(pool: &PgPool, key: &str, value: &str) -> Result<Change, RetentionError> {
-    let retention = parse(value)?;
-    let tenant = get(pool, key).await?;
-    let updated = tenants::set_retention(pool, tenant.id, retention)
-        .await?
-        .ok_or_else(|| RetentionError::UnknownTenant(key.to_string()))?;
-    tracing::info!(tenant_id = %updated.id, slug = %updated.slug, before = %describe(tenant.retention), after = %describe(updated.retention), "tenant retention changed");
-    Ok(Change { before: tenant.retention, tenant: updated })
+/// What the next `task-history` run would delete of the tenant `key` under `settings`, by the
+/// rule itself: the settings are applied in a transaction that is rolled back.
+pub async fn preview(pool: &PgPool, key: &str, settings: &[Setting], grace: std::time::Duration) -> Result<Preview, RetentionError> {
+    let before = get(pool, key).await?;
+    let mut tx = pool.begin().await?;
+    let after = apply(&mut tx, before.id, settings).await?;
+    let due = repository::history::deletes::preview_tenant(&mut tx, before.id, grace).await?;
+    tx.rollback().await?;
+    Ok(Preview { before, after, tasks: due.tasks, events: due.events })
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use sqlx::postgres::types::Oid;
 use sqlx::{FromRow, PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
-use super::{Range, ACTIVE, FINAL};
+use super::{next_due, tenant_held, Range, ACTIVE, FINAL};
 use crate::batch::{self, BatchLimits};
 
 /// Rebuilds the facts of the range whose `tasks` partition is `tasks_relid` from its rows, in the
@@ -43,11 +43,12 @@ pub async fn rebuild(conn: &mut PgConnection, tasks_relid: Oid) -> Result<i64, s
          ), ins AS (
              INSERT INTO history_range_tenants (tasks_relid, tenant_id, rows, active, oldest_final, newest_final, next_due_at)
              SELECT $1, s.tenant_id, s.rows, s.active, s.oldest, s.newest,
-                    retention_next_due(s.oldest, tn.data_retention_period, tn.deleted_at)
+                    {next_due}
              FROM summary s LEFT JOIN tenants tn ON tn.id = s.tenant_id
              RETURNING rows
          )
-         SELECT coalesce(sum(rows), 0)::bigint FROM ins"
+         SELECT coalesce(sum(rows), 0)::bigint FROM ins",
+        next_due = next_due("s.oldest", "tn"),
     ))
     .bind(tasks_relid)
     .fetch_one(&mut *conn)
@@ -137,17 +138,18 @@ pub async fn refresh(pool: &PgPool, limits: BatchLimits) -> Result<Refreshed, sq
         return Ok(Refreshed::default());
     }
     let mut tx = batch::begin(pool, bookkeeping(limits)).await?;
-    let tenants: Vec<Uuid> = sqlx::query_scalar(
+    let tenants: Vec<Uuid> = sqlx::query_scalar(&format!(
         "WITH gone AS (DELETE FROM history_changes WHERE relid = 0 RETURNING tenant_id),
               changed AS (SELECT DISTINCT tenant_id FROM gone),
               updated AS (
                   UPDATE history_range_tenants p
-                  SET next_due_at = retention_next_due(p.oldest_final, tn.data_retention_period, tn.deleted_at)
+                  SET next_due_at = {next_due}
                   FROM changed c LEFT JOIN tenants tn ON tn.id = c.tenant_id
                   WHERE p.tenant_id = c.tenant_id
                   RETURNING 1)
          SELECT tenant_id FROM changed",
-    )
+        next_due = next_due("p.oldest_final", "tn"),
+    ))
     .fetch_all(&mut *tx)
     .await?;
     let changed: Vec<(Oid, Uuid, i64)> = sqlx::query_as(
@@ -198,7 +200,7 @@ pub async fn resummarise(conn: &mut PgConnection, pairs: &[(Oid, Uuid, i64)]) ->
                  DELETE FROM history_range_tenants p USING probed
                  WHERE p.tasks_relid = probed.relid AND p.tenant_id = probed.tenant_id AND probed.least_rows = 0
              ), kept AS (
-                 SELECT probed.*, retention_next_due(probed.oldest, tn.data_retention_period, tn.deleted_at) AS next_due
+                 SELECT probed.*, {next_due} AS next_due
                  FROM probed LEFT JOIN tenants tn ON tn.id = probed.tenant_id
                  WHERE probed.least_rows > 0
              ), updated AS (
@@ -212,7 +214,8 @@ pub async fn resummarise(conn: &mut PgConnection, pairs: &[(Oid, Uuid, i64)]) ->
              SELECT kept.relid, kept.tenant_id, greatest(kept.delta, kept.least_rows), kept.active, kept.oldest, kept.newest, kept.next_due
              FROM kept
              WHERE NOT EXISTS (SELECT 1 FROM updated u WHERE u.tasks_relid = kept.relid AND u.tenant_id = kept.tenant_id)
-             ON CONFLICT (tasks_relid, tenant_id) DO NOTHING"
+             ON CONFLICT (tasks_relid, tenant_id) DO NOTHING",
+            next_due = next_due("probed.oldest", "tn"),
         ))
         .bind(relid)
         .bind(&tenants)
@@ -251,22 +254,23 @@ pub struct Pair {
 /// deleted tenants), so the cost is the pairs found, not all pairs. Ranges that are live are not
 /// trusted: see [`probe`].
 pub async fn due_pairs(executor: impl PgExecutor<'_>, grace: std::time::Duration) -> Result<Vec<Pair>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as(&format!(
         "SELECT p.tasks_relid, p.tenant_id, coalesce(tn.deleted_at < now() - $1, false) AS purged,
                 p.rows, p.active, p.oldest_final, p.newest_final,
-                CASE WHEN tn.deleted_at IS NULL AND retention_cutoff(now(), tn.data_retention_period) > '-infinity'
-                     THEN retention_cutoff(now(), tn.data_retention_period) END AS cutoff,
+                CASE WHEN tn.deleted_at IS NULL AND retention_cutoff(now(), tn.shortest_retention_period) > '-infinity'
+                     THEN retention_cutoff(now(), tn.shortest_retention_period) END AS cutoff,
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = p.tasks_relid) AS range_rows
          FROM history_range_tenants p LEFT JOIN tenants tn ON tn.id = p.tenant_id
-         WHERE p.next_due_at <= now()
+         WHERE p.next_due_at <= now() AND NOT {held}
          UNION
          SELECT p.tasks_relid, p.tenant_id, true AS purged, p.rows, p.active, p.oldest_final, p.newest_final,
                 NULL::timestamptz AS cutoff,
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = p.tasks_relid) AS range_rows
          FROM tenants tn JOIN history_range_tenants p ON p.tenant_id = tn.id
-         WHERE tn.deleted_at < now() - $1
+         WHERE tn.deleted_at < now() - $1 AND NOT {held}
          ORDER BY 1, 2",
-    )
+        held = tenant_held("p.tenant_id", "now()"),
+    ))
     .bind(super::interval(grace))
     .fetch_all(executor)
     .await
@@ -281,16 +285,18 @@ pub async fn probe(executor: impl PgExecutor<'_>, range: &Range, grace: std::tim
         "WITH b AS MATERIALIZED (SELECT $2::timestamptz AS lower)
          SELECT $1::oid AS tasks_relid, tn.id AS tenant_id, tn.deleted_at IS NOT NULL AS purged,
                 0::bigint AS rows, 0::bigint AS active, NULL::timestamptz AS oldest_final, NULL::timestamptz AS newest_final,
-                CASE WHEN tn.deleted_at IS NULL THEN retention_cutoff(now(), tn.data_retention_period) END AS cutoff,
+                CASE WHEN tn.deleted_at IS NULL THEN retention_cutoff(now(), tn.shortest_retention_period) END AS cutoff,
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = $1) AS range_rows
          FROM tenants tn, b
-         WHERE (tn.data_retention_period IS NOT NULL OR tn.deleted_at IS NOT NULL)
-           AND (tn.deleted_at IS NULL AND retention_next_due(b.lower, tn.data_retention_period, NULL) <= now()
+         WHERE NOT {held}
+           AND (tn.shortest_retention_period IS NOT NULL OR tn.deleted_at IS NOT NULL)
+           AND (tn.deleted_at IS NULL AND retention_next_due(b.lower, tn.shortest_retention_period, NULL) <= now()
                 AND EXISTS (SELECT 1 FROM {table} t WHERE t.tenant_id = tn.id AND t.status IN {FINAL}
-                               AND coalesce(t.finished_at, t.inserted_at) < retention_cutoff(now(), tn.data_retention_period)))
-            OR (tn.deleted_at < now() - $3 AND EXISTS (SELECT 1 FROM {table} t WHERE t.tenant_id = tn.id))
+                               AND coalesce(t.finished_at, t.inserted_at) < retention_cutoff(now(), tn.shortest_retention_period)))
+            OR (tn.deleted_at < now() - $3 AND NOT {held} AND EXISTS (SELECT 1 FROM {table} t WHERE t.tenant_id = tn.id))
          ORDER BY tn.id",
         table = range.tasks_name,
+        held = tenant_held("tn.id", "now()"),
     ))
     .bind(range.tasks_relid)
     .bind(range.lower_text())
@@ -299,12 +305,15 @@ pub async fn probe(executor: impl PgExecutor<'_>, range: &Range, grace: std::tim
     .await
 }
 
-/// The longest finite retention among live tenants (`None` when every live tenant keeps forever,
+/// The longest finite window (of any final status) among live tenants (`None` when every live tenant keeps forever,
 /// or there are none).
 pub async fn longest_window(executor: impl PgExecutor<'_>) -> Result<Option<std::time::Duration>, sqlx::Error> {
     let seconds: Option<f64> = sqlx::query_scalar(
-        "SELECT max(extract(epoch FROM data_retention_period))::float8 FROM tenants
-         WHERE deleted_at IS NULL AND data_retention_period < interval '1000 years'",
+        "SELECT max(extract(epoch FROM w.period))::float8
+         FROM tenants tn, LATERAL (VALUES (coalesce(tn.succeeded_retention_period, tn.data_retention_period)),
+                                          (coalesce(tn.failed_retention_period, tn.data_retention_period)),
+                                          (coalesce(tn.cancelled_retention_period, tn.data_retention_period))) AS w(period)
+         WHERE tn.deleted_at IS NULL AND w.period < interval '1000 years'",
     )
     .fetch_one(executor)
     .await?;
@@ -316,8 +325,8 @@ pub async fn pairs_of(executor: impl PgExecutor<'_>, tasks_relid: Oid, grace: st
     sqlx::query_as(
         "SELECT p.tasks_relid, p.tenant_id, coalesce(tn.deleted_at < now() - $2, false) AS purged,
                 p.rows, p.active, p.oldest_final, p.newest_final,
-                CASE WHEN tn.deleted_at IS NULL AND retention_cutoff(now(), tn.data_retention_period) > '-infinity'
-                     THEN retention_cutoff(now(), tn.data_retention_period) END AS cutoff,
+                CASE WHEN tn.deleted_at IS NULL AND retention_cutoff(now(), tn.shortest_retention_period) > '-infinity'
+                     THEN retention_cutoff(now(), tn.shortest_retention_period) END AS cutoff,
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = $1) AS range_rows
          FROM history_range_tenants p LEFT JOIN tenants tn ON tn.id = p.tenant_id
          WHERE p.tasks_relid = $1 ORDER BY p.tenant_id",

@@ -28,7 +28,8 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::ranges::{self, take_layout_lock};
-use super::{detached, due, interval, Range, RangeKind, ENGINE_WRITE, ORPHAN_AGE};
+use super::deletes::{Receipt, RECEIPT_INSERT, RECEIPT_UPSERT};
+use super::{detached, due, held, interval, Range, RangeKind, ENGINE_WRITE, ORPHAN_AGE};
 use crate::batch::{self, BatchLimits};
 
 /// What a rewrite did.
@@ -61,6 +62,9 @@ impl Rewritten {
 pub struct DroppedTasks {
     pub tenant_id: Uuid,
     pub tasks: i64,
+    /// Their events (the tenant's events in the sources less those in the new range).
+    #[sqlx(default)]
+    pub events: i64,
     pub oldest: Option<DateTime<Utc>>,
     pub newest: Option<DateTime<Utc>>,
 }
@@ -89,7 +93,8 @@ impl NotRewritten {
 /// Replaces `sources` (adjacent ranges of finite bounds, oldest first) by one range holding their
 /// kept rows. `limits` bound each statement (the copy is one statement per table) and, when
 /// `wait` says so, the wait for another runner's layout change to end; `lock_timeout` bounds the
-/// wait for the parents' lock.
+/// wait for the parents' lock. What went is added to `receipt`'s run, per tenant, right after the
+/// swap commits.
 pub async fn rewrite(
     pool: &PgPool,
     sources: &[Range],
@@ -97,6 +102,7 @@ pub async fn rewrite(
     limits: BatchLimits,
     lock_timeout: Duration,
     wait: bool,
+    receipt: &Receipt,
 ) -> Result<Result<Rewritten, NotRewritten>, sqlx::Error> {
     let (Some(first), Some(last)) = (sources.first(), sources.last()) else {
         return Err(sqlx::Error::Protocol("a rewrite needs at least one source range".into()));
@@ -168,11 +174,13 @@ pub async fn rewrite(
     events_kept += sqlx::query(&format!(
         "INSERT INTO {new_events_name}
          SELECT e.* FROM task_events e
-         WHERE e.task_inserted_at >= $1::timestamptz AND e.task_inserted_at < $2::timestamptz AND e.created_at >= now() - $3
+         WHERE e.task_inserted_at >= $1::timestamptz AND e.task_inserted_at < $2::timestamptz
+           AND (e.created_at >= now() - $3 OR {held})
            AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)
            -- A task deleted since the tasks were copied: its events were copied with it above (the
            -- replay then removes both).
-           AND NOT EXISTS (SELECT 1 FROM {new_tasks_name} k WHERE k.id = e.task_id AND k.inserted_at = e.task_inserted_at)"
+           AND NOT EXISTS (SELECT 1 FROM {new_tasks_name} k WHERE k.id = e.task_id AND k.inserted_at = e.task_inserted_at)",
+        held = held("e.tenant_id", "e.task_id", "now()"),
     ))
     .bind(&lower_text)
     .bind(&upper_text)
@@ -259,7 +267,7 @@ pub async fn rewrite(
     // 4. After the commit: what went (the detached sources against the kept keys), then the
     // tables themselves and the queue items of the tasks that went.
     let mut dropped: Vec<DroppedTasks> = Vec::new();
-    let mut events_dropped = 0i64;
+    let mut events_by_tenant: std::collections::BTreeMap<Uuid, i64> = Default::default();
     for (relid, parent) in &detached_tables {
         if *parent == "tasks" {
             let per_tenant: Vec<DroppedTasks> = sqlx::query_as(&format!(
@@ -283,13 +291,32 @@ pub async fn rewrite(
                 }
             }
         } else {
-            let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", regclass(&mut conn, *relid).await?))
-                .fetch_one(&mut *conn)
-                .await?;
-            events_dropped += total;
+            let counts: Vec<(Uuid, i64)> =
+                sqlx::query_as(&format!("SELECT tenant_id, count(*) FROM {} GROUP BY tenant_id", regclass(&mut conn, *relid).await?))
+                    .fetch_all(&mut *conn)
+                    .await?;
+            for (tenant, n) in counts {
+                *events_by_tenant.entry(tenant).or_default() += n;
+            }
         }
     }
-    events_dropped = (events_dropped - events_kept).max(0);
+    let kept_events: Vec<(Uuid, i64)> =
+        sqlx::query_as(&format!("SELECT tenant_id, count(*) FROM {} GROUP BY tenant_id", regclass(&mut conn, new_events).await?))
+            .fetch_all(&mut *conn)
+            .await?;
+    for (tenant, n) in kept_events {
+        if let Some(total) = events_by_tenant.get_mut(&tenant) {
+            *total -= n;
+        }
+    }
+    for (tenant, events) in events_by_tenant.into_iter().filter(|(_, n)| *n > 0) {
+        match dropped.iter_mut().find(|d| d.tenant_id == tenant) {
+            Some(d) => d.events = events,
+            None => dropped.push(DroppedTasks { tenant_id: tenant, tasks: 0, events, oldest: None, newest: None }),
+        }
+    }
+    let events_dropped = dropped.iter().map(|d| d.events).sum();
+    record_receipts(&mut conn, receipt, &dropped).await?;
     sqlx::query("TRUNCATE pg_temp.history_rewrite_kept").execute(&mut *conn).await?;
     drop(conn);
     detached::drop_recorded(pool, limits.lock_timeout).await?;
@@ -481,6 +508,34 @@ async fn replay_changes(
 
 /// Deletes the queue items of `[lower, upper)` whose task no longer exists (they went with a
 /// rewrite), in batches.
+/// Adds what a rewrite dropped to the run's receipts, one row per tenant, under the rule of the
+/// tenant's state (deleted or not).
+async fn record_receipts(conn: &mut PgConnection, receipt: &Receipt, dropped: &[DroppedTasks]) -> Result<(), sqlx::Error> {
+    let tenants: Vec<Uuid> = dropped.iter().map(|d| d.tenant_id).collect();
+    let tasks: Vec<i64> = dropped.iter().map(|d| d.tasks).collect();
+    let events: Vec<i64> = dropped.iter().map(|d| d.events).collect();
+    let oldest: Vec<Option<DateTime<Utc>>> = dropped.iter().map(|d| d.oldest).collect();
+    let newest: Vec<Option<DateTime<Utc>>> = dropped.iter().map(|d| d.newest).collect();
+    sqlx::query(&format!(
+        "{RECEIPT_INSERT}
+         SELECT $1, d.tenant_id, CASE WHEN tn.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END, $2,
+                d.tasks, d.events, 0, d.oldest, d.newest
+         FROM unnest($3::uuid[], $4::int8[], $5::int8[], $6::timestamptz[], $7::timestamptz[]) AS d(tenant_id, tasks, events, oldest, newest)
+         LEFT JOIN tenants tn ON tn.id = d.tenant_id
+         {RECEIPT_UPSERT}"
+    ))
+    .bind(receipt.run_id)
+    .bind(receipt.task)
+    .bind(&tenants)
+    .bind(&tasks)
+    .bind(&events)
+    .bind(&oldest)
+    .bind(&newest)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 async fn delete_queue_items_of_gone_tasks(pool: &PgPool, lower: &str, upper: &str, limits: BatchLimits) -> Result<i64, sqlx::Error> {
     let mut total = 0;
     loop {

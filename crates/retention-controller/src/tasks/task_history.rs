@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::batching::{BatchSizer, Settled};
-use crate::block_walk::walk_blocks;
+use crate::block_walk::walk_blocks_sized;
 use crate::history::{self as shared, RemovedAs, RewriteWith};
 use crate::history_policy::{choose, Costs, Estimate, Removal};
 use crate::schedule::Schedule;
@@ -49,6 +49,11 @@ pub struct TaskHistoryTask {
 
 /// How long measured costs are used before they are read again.
 const COSTS_READ_EVERY: Duration = Duration::from_secs(300);
+
+/// The receipts this run's deletes add to.
+fn receipt(ctx: &RunContext) -> deletes::Receipt {
+    deletes::Receipt { run_id: ctx.run_id, task: NAME }
+}
 
 /// How one pair's row deletes ended.
 enum PairDone {
@@ -82,6 +87,13 @@ struct SweepState {
 const SWEEP_ROWS_PER_PAGE: f64 = 1.0;
 /// 1 MB: below it either way takes milliseconds, and the index walk never waits on a row lock.
 const SWEEP_MIN_PAGES: u32 = 128;
+/// A sweep batch of at least 1/8 of its range's pages deletes the batch's events by one read of
+/// the range's events partition (~0.2 µs an event) rather than an index probe each (~5 µs): past
+/// that share the read costs less (25-35% faster batches on a day of the backlog). Batches of the
+/// default 50 ms hold about a tenth of a day of 33,000 tasks; of 200 ms, a third.
+const SWEEP_HASH_SHARE: u64 = 8;
+/// The pages of a run's first sweep batch.
+const SWEEP_FIRST_PAGES: u32 = 16;
 
 /// What row deletes cost in a run: the time their batches took and the tasks they deleted.
 #[derive(Default)]
@@ -162,7 +174,7 @@ impl TaskHistoryTask {
             let started = Instant::now();
             let result = async {
                 let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
-                let done = deletes::delete_batch(&mut *tx, &target, &mut moved, self.settings.deleted_tenant_grace, limit).await?;
+                let done = deletes::delete_batch(&mut *tx, &target, &mut moved, self.settings.deleted_tenant_grace, limit, &receipt(ctx)).await?;
                 // A missing range needs no facts (and its transaction may have failed on a
                 // dropped table: nothing more may run in it).
                 if !done.range_missing && done.examined < i64::from(limit) {
@@ -238,20 +250,29 @@ impl TaskHistoryTask {
     /// facts of every tenant of the range, and returns the pairs they still say are due: rows that
     /// were locked past `lock_timeout` (their pages skipped), or moved to a later page by an
     /// update after the walk passed them. Those go by the index walk.
-    async fn sweep_range(&self, ctx: &RunContext, range: &Range, pages: u32, report: &mut RunReport) -> Result<Swept, TaskError> {
-        // Custom plans: the statement names one partition, and its plan depends on the batch's size.
-        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_history_write());
+    async fn sweep_range(
+        &self,
+        ctx: &RunContext,
+        range: &Range,
+        pages: u32,
+        sizer: &mut BatchSizer,
+        report: &mut RunReport,
+    ) -> Result<Swept, TaskError> {
+        let limits = self.limits(ctx);
         let grace = self.settings.deleted_tenant_grace;
         let state = std::sync::Arc::new(std::sync::Mutex::new(SweepState::default()));
         tracing::info!(range = range.tasks_name, pages, "sweeping the range's pages: its due rows are dense");
-        walk_blocks(ctx, report, pages, |blocks| {
+        let receipt = receipt(ctx);
+        walk_blocks_sized(ctx, report, pages, sizer, |blocks| {
             let (pool, state, range) = (ctx.pool.clone(), state.clone(), range.clone());
             async move {
                 if state.lock().unwrap().missing {
                     return Ok(Vec::new());
                 }
                 let mut tx = batch::begin(&pool, limits).await?;
-                let batch = deletes::delete_block_range(&mut *tx, &range, blocks, grace).await?;
+                // A batch of an eighth of the range or more: one read of its events beats a probe each.
+                let hash_events = u64::from(blocks.pages()) * SWEEP_HASH_SHARE >= u64::from(pages);
+                let batch = deletes::delete_block_range(&mut tx, &range, blocks, grace, hash_events, &receipt).await?;
                 if batch.range_missing {
                     state.lock().unwrap().missing = true;
                     return Ok(Vec::new());
@@ -371,7 +392,7 @@ impl TaskHistoryTask {
             let result = async {
                 let mut tx = batch::begin(&ctx.pool, limits).await?;
                 let rows = sizer.size().min(ORPHAN_ROWS_MAX);
-                let batch = deletes::delete_orphan_events_batch(&mut *tx, position, up_to, rows, now - ORPHAN_AGE).await?;
+                let batch = deletes::delete_orphan_events_batch(&mut *tx, position, up_to, rows, now - ORPHAN_AGE, &receipt(ctx)).await?;
                 let mut next_safe = safe;
                 if let Some(first) = batch.first_undecided.filter(|_| !undecided) {
                     // A young orphan: the watermark stays before it until it is an hour old.
@@ -409,12 +430,37 @@ impl TaskHistoryTask {
         Ok(())
     }
 
+    /// Deletes the deletion receipts older than `receipts_keep`, a bounded batch at a time (they
+    /// are nobody's data: counted as `receipts`, under no tenant).
+    async fn purge_receipts(&self, ctx: &RunContext, now: chrono::DateTime<chrono::Utc>, report: &mut RunReport) -> Result<(), TaskError> {
+        let before = now - chrono::Duration::from_std(self.settings.receipts_keep).unwrap_or(chrono::Duration::MAX);
+        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout));
+        while ctx.interrupted().is_none() {
+            let started = Instant::now();
+            let mut tx = batch::begin(&ctx.pool, limits).await?;
+            let deleted = repository::receipts::delete_older_than(&mut *tx, before, RECEIPTS_BATCH).await?;
+            tx.commit().await?;
+            if deleted == 0 {
+                break;
+            }
+            report.record_batch("receipts", deleted as u64);
+            ctx.batch_done(started.elapsed(), report, None).await;
+            if deleted < RECEIPTS_BATCH {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Records the events' last id as the orphan walk's next end.
     async fn next_pending(&self, ctx: &RunContext) -> Result<watermarks::Pending, TaskError> {
         let end = deletes::last_event_id(&ctx.pool).await?;
         Ok(watermarks::set_pending(&ctx.pool, ORPHAN_WATERMARK, end).await?)
     }
 }
+
+/// Receipts deleted per batch once past their keep.
+const RECEIPTS_BATCH: i64 = 5_000;
 
 /// How long the orphan walk waits for the transactions open when its end was recorded.
 const ORPHAN_SETTLE_WAIT: Duration = Duration::from_secs(2);
@@ -449,6 +495,7 @@ impl MaintenanceTask for TaskHistoryTask {
             return Ok(report);
         }
         self.purge_orphan_events(ctx, now, &mut report).await?;
+        self.purge_receipts(ctx, now, &mut report).await?;
         if purged != crate::Completion::Done {
             report.completion = purged;
         }
@@ -473,6 +520,9 @@ impl TaskHistoryTask {
         let mut cost = RowDeleteCost::default();
         // One sizer for the run: what one pair's batches learnt sizes the next pair's.
         let mut sizer = ctx.row_sizer(self.settings.batch_size);
+        // And one for the sweeps: the ranges of a backlog are alike. It starts small, since a
+        // range's pages hold its events' cost too (128 pages took 160-280 ms where 50 ms was the aim).
+        let mut block_sizer = ctx.block_sizer_from(SWEEP_FIRST_PAGES);
         // A second pass only for pairs whose range was being rewritten under the first.
         let mut now = clock::now(&ctx.pool).await?;
         for pass in 0..2 {
@@ -510,7 +560,7 @@ impl TaskHistoryTask {
                 }
                 let mut pairs = pairs;
                 if let Some(pages) = self.sweep_pays(ctx, &range, &pairs, now).await? {
-                    match self.sweep_range(ctx, &range, pages, report).await? {
+                    match self.sweep_range(ctx, &range, pages, &mut block_sizer, report).await? {
                         Swept::Done { still_due } => pairs = still_due,
                         Swept::Interrupted => {
                             report.completion = ctx.interrupted().unwrap_or_default();

@@ -1,0 +1,63 @@
+//! Deletion receipts: per run, tenant and rule, what was deleted (written by the deleting
+//! statements themselves, see `history::deletes::Receipt`), kept for a time of their own.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgExecutor};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct Receipt {
+    pub run_id: Uuid,
+    pub tenant_id: Uuid,
+    /// The tenant's slug, when the tenant still has a row.
+    pub slug: Option<String>,
+    pub rule: String,
+    pub task: String,
+    pub tasks: i64,
+    pub events: i64,
+    pub queue_items: i64,
+    /// The earliest and latest instant the rule counted from among the rows deleted (a task's
+    /// finish, else its insertion; an orphan event's creation).
+    pub oldest: Option<DateTime<Utc>>,
+    pub newest: Option<DateTime<Utc>>,
+    /// When the run first and last deleted under this receipt.
+    pub first_at: DateTime<Utc>,
+    pub last_at: DateTime<Utc>,
+}
+
+/// Receipts, oldest first: of one tenant or all, written since `since` (or all).
+pub async fn list(
+    executor: impl PgExecutor<'_>,
+    tenant_id: Option<Uuid>,
+    since: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<Receipt>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.run_id, r.tenant_id, tn.slug, r.rule, r.task, r.tasks, r.events, r.queue_items, r.oldest, r.newest,
+                r.first_at, r.last_at
+         FROM retention_receipts r LEFT JOIN tenants tn ON tn.id = r.tenant_id
+         WHERE ($1::uuid IS NULL OR r.tenant_id = $1) AND ($2::timestamptz IS NULL OR r.first_at >= $2)
+         ORDER BY r.first_at, r.tenant_id, r.rule
+         LIMIT $3",
+    )
+    .bind(tenant_id)
+    .bind(since)
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+}
+
+/// Deletes up to `limit` receipts written before `before`; returns how many.
+pub async fn delete_older_than(executor: impl PgExecutor<'_>, before: DateTime<Utc>, limit: i64) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH gone AS (
+             DELETE FROM retention_receipts WHERE ctid = ANY (ARRAY (
+                 SELECT ctid FROM retention_receipts WHERE first_at < $1 ORDER BY first_at LIMIT $2 FOR UPDATE SKIP LOCKED))
+             RETURNING 1)
+         SELECT count(*) FROM gone",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_one(executor)
+    .await
+}
