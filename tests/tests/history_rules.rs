@@ -152,7 +152,7 @@ async fn a_purge_that_reaches_its_deadline_leaves_time_for_the_orphan_walk() {
     let pool = &db.pool;
     let now = db_now(pool).await;
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
-    // 20,000 due tasks in batches of one: far more than the run's 3 s. In today's range (finished
+    // 20,000 due tasks in batches of one: far more than the run's 6 s. In today's range (finished
     // "3 days ago"), which is live: walked through the indexes, never swept page by page.
     sqlx::query(
         "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
@@ -166,7 +166,7 @@ async fn a_purge_that_reaches_its_deadline_leaves_time_for_the_orphan_walk() {
     .unwrap();
     let missing: TaskKey = (uuid::Uuid::new_v4(), now - Span::days(3));
     let orphan = insert_event(pool, tenant, missing, now - Span::hours(2)).await;
-    let settings = TaskHistorySettings { batch_size: 1, max_run_time: Duration::from_secs(3), compaction: false, ..Default::default() };
+    let settings = TaskHistorySettings { batch_size: 1, max_run_time: Duration::from_secs(6), compaction: false, ..Default::default() };
 
     let report = run_task(&TaskHistoryTask::new(settings), pool).await;
     assert_eq!(report.completion, retention_controller::Completion::DeadlineReached);

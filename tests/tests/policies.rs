@@ -367,3 +367,24 @@ async fn receipts_match_what_was_deleted_exactly() {
     assert_eq!((last.tasks, last.events, last.rule.as_str()), (5_000, 5_000, "retention"), "{compacted:?}");
     assert_eq!((last.oldest, last.newest), (Some(day2), Some(day2)));
 }
+
+/// The queue-items task's deletions get receipts too, per tenant, under `queue-items`.
+#[tokio::test]
+async fn queue_item_receipts_match_the_items_deleted() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let a = insert_tenant(pool, None, None).await;
+    let b = insert_tenant(pool, None, None).await;
+    for (tenant, finished) in [(a, 3), (b, 1)] {
+        for _ in 0..finished {
+            insert_task_with_children(pool, tenant, "succeeded", now, Some(now)).await;
+        }
+        insert_task_with_children(pool, tenant, "running", now, None).await;
+    }
+    let report = run_task(&QueueItemsTask::new(QueueItemsSettings::default()), pool).await;
+    assert_eq!(report.deleted, 4, "{report:?}");
+    let receipts = repository::receipts::list(pool, None, None, 100).await.unwrap();
+    let got: BTreeMap<Uuid, (String, i64)> = receipts.iter().map(|r| (r.tenant_id, (r.rule.clone(), r.queue_items))).collect();
+    assert_eq!(got, BTreeMap::from([(a, ("queue-items".to_string(), 3)), (b, ("queue-items".to_string(), 1))]));
+}

@@ -4,11 +4,12 @@
 use sqlx::PgExecutor;
 
 use crate::heap::BlockRange;
+use crate::history::deletes::{Receipt, RECEIPT_INSERT, RECEIPT_UPSERT};
 use crate::history::{held, FINAL};
 
 /// Deletes the due queue items on the pages of `range` (see [`crate::heap`]): one pass over the
 /// table in block ranges examines every item once. Items locked by a worker are skipped.
-pub async fn delete_block_range(executor: impl PgExecutor<'_>, range: BlockRange) -> Result<i64, sqlx::Error> {
+pub async fn delete_block_range(executor: impl PgExecutor<'_>, range: BlockRange, receipt: &Receipt) -> Result<i64, sqlx::Error> {
     let (from, to) = range.tids();
     sqlx::query_scalar(&format!(
         "WITH due AS (
@@ -16,13 +17,16 @@ pub async fn delete_block_range(executor: impl PgExecutor<'_>, range: BlockRange
              WHERE q.ctid >= $1::tid AND q.ctid < $2::tid AND ({due})
              FOR UPDATE OF q SKIP LOCKED
          ), gone AS (
-             DELETE FROM queue_items q WHERE q.ctid = ANY (ARRAY (SELECT ctid FROM due)) RETURNING 1
-         )
+             DELETE FROM queue_items q WHERE q.ctid = ANY (ARRAY (SELECT ctid FROM due)) RETURNING q.tenant_id, q.inserted_at
+         ), {receipt}
          SELECT count(*) FROM gone",
-        due = due()
+        due = due(),
+        receipt = receipt_cte("$3", "$4"),
     ))
     .bind(from)
     .bind(to)
+    .bind(receipt.run_id)
+    .bind(receipt.task)
     .fetch_one(executor)
     .await
 }
@@ -37,6 +41,19 @@ fn due() -> String {
                            AND t.status NOT IN {FINAL}))
          AND NOT {held}",
         held = held("q.tenant_id", "q.task_id", "now()")
+    )
+}
+
+/// The CTE adding a batch's deletions (`gone`: the items' tenant and insertion instant) to the
+/// run's receipts under the rule `queue-items`, in the deleting statement.
+fn receipt_cte(run_id: &str, task: &str) -> String {
+    format!(
+        "receipt AS (
+             {RECEIPT_INSERT}
+             SELECT {run_id}::uuid, g.tenant_id, 'queue-items', {task}::text, 0, 0, count(*), min(g.inserted_at), max(g.inserted_at)
+             FROM gone g GROUP BY g.tenant_id
+             {RECEIPT_UPSERT}
+         )"
     )
 }
 
@@ -59,7 +76,7 @@ pub struct CandidateBatch {
 /// Takes up to `limit` recorded candidates (tasks with queue items that finished or were
 /// deleted) and deletes their queue items that are due, checked again against the rule now.
 /// Items a worker holds are skipped: the heap walk finds them if they stay.
-pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64) -> Result<CandidateBatch, sqlx::Error> {
+pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64, receipt: &Receipt) -> Result<CandidateBatch, sqlx::Error> {
     sqlx::query_as(&format!(
         "WITH taken AS (
              DELETE FROM queue_item_candidates
@@ -70,19 +87,22 @@ pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64) 
              WHERE (q.task_id, q.task_inserted_at) IN (SELECT task_id, task_inserted_at FROM taken) AND ({due})
              FOR UPDATE OF q SKIP LOCKED
          ), gone AS (
-             DELETE FROM queue_items q WHERE q.id = ANY (ARRAY (SELECT id FROM due)) RETURNING 1
-         )
+             DELETE FROM queue_items q WHERE q.id = ANY (ARRAY (SELECT id FROM due)) RETURNING q.tenant_id, q.inserted_at
+         ), {receipt}
          SELECT (SELECT count(*) FROM taken) AS candidates, (SELECT count(*) FROM gone) AS deleted",
-        due = due()
+        due = due(),
+        receipt = receipt_cte("$2", "$3"),
     ))
     .bind(limit)
+    .bind(receipt.run_id)
+    .bind(receipt.task)
     .fetch_one(executor)
     .await
 }
 
 /// Deletes up to `limit` queue items of deleted tenants, found through the tenant index (and
 /// checked against the one rule, like every other statement here).
-pub async fn delete_of_deleted_tenants_batch(executor: impl PgExecutor<'_>, limit: i64) -> Result<i64, sqlx::Error> {
+pub async fn delete_of_deleted_tenants_batch(executor: impl PgExecutor<'_>, limit: i64, receipt: &Receipt) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(&format!(
         "WITH due AS (
              SELECT q.id FROM tenants t JOIN queue_items q ON q.tenant_id = t.id
@@ -90,12 +110,15 @@ pub async fn delete_of_deleted_tenants_batch(executor: impl PgExecutor<'_>, limi
              LIMIT $1
              FOR UPDATE OF q SKIP LOCKED
          ), gone AS (
-             DELETE FROM queue_items q WHERE q.id = ANY (ARRAY (SELECT id FROM due)) RETURNING 1
-         )
+             DELETE FROM queue_items q WHERE q.id = ANY (ARRAY (SELECT id FROM due)) RETURNING q.tenant_id, q.inserted_at
+         ), {receipt}
          SELECT count(*) FROM gone",
-        due = due()
+        due = due(),
+        receipt = receipt_cte("$2", "$3"),
     ))
     .bind(limit)
+    .bind(receipt.run_id)
+    .bind(receipt.task)
     .fetch_one(executor)
     .await
 }

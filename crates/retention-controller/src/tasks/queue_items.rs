@@ -54,6 +54,8 @@ impl MaintenanceTask for QueueItemsTask {
         let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
         let mut report = RunReport::default();
         let pool = &ctx.pool;
+        let receipt = repository::history::deletes::Receipt { run_id: ctx.run_id, task: NAME };
+        let receipt = &receipt;
         let mut sizer = ctx.row_sizer(CANDIDATES_PER_BATCH);
         loop {
             if let Some(stop) = ctx.interrupted() {
@@ -64,8 +66,8 @@ impl MaintenanceTask for QueueItemsTask {
             let started = Instant::now();
             let result = async {
                 let mut tx = batch::begin(pool, limits).await?;
-                let candidates = queue_items::delete_candidates_batch(&mut *tx, limit).await?;
-                let of_deleted_tenants = queue_items::delete_of_deleted_tenants_batch(&mut *tx, limit).await?;
+                let candidates = queue_items::delete_candidates_batch(&mut *tx, limit, receipt).await?;
+                let of_deleted_tenants = queue_items::delete_of_deleted_tenants_batch(&mut *tx, limit, receipt).await?;
                 tx.commit().await?;
                 Ok((candidates, of_deleted_tenants))
             }
@@ -95,7 +97,7 @@ impl MaintenanceTask for QueueItemsTask {
         let size = heap::size(pool, TABLE).await?;
         walk_blocks(ctx, &mut report, size.pages, |range| async move {
             let mut tx = batch::begin(pool, limits).await?;
-            let deleted = queue_items::delete_block_range(&mut *tx, range).await?;
+            let deleted = queue_items::delete_block_range(&mut *tx, range, receipt).await?;
             tx.commit().await?;
             Ok(vec![(RULE, deleted as u64)])
         })
