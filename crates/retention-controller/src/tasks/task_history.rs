@@ -87,13 +87,6 @@ struct SweepState {
 const SWEEP_ROWS_PER_PAGE: f64 = 1.0;
 /// 1 MB: below it either way takes milliseconds, and the index walk never waits on a row lock.
 const SWEEP_MIN_PAGES: u32 = 128;
-/// A sweep batch of at least 1/8 of its range's pages deletes the batch's events by one read of
-/// the range's events partition (~0.2 µs an event) rather than an index probe each (~5 µs): past
-/// that share the read costs less (25-35% faster batches on a day of the backlog, measured by
-/// hand). Batches of the default 50 ms hold about a tenth of a day of 33,000 tasks; of 200 ms, a
-/// third. (Raising 50 ms batches to an eighth of the day to get there made them slower in the
-/// engine, 1.5-2 ms a page against 1.4 probed: its plans are generic.)
-const SWEEP_HASH_SHARE: u64 = 8;
 /// The pages of a run's first sweep batch.
 const SWEEP_FIRST_PAGES: u32 = 16;
 
@@ -272,9 +265,7 @@ impl TaskHistoryTask {
                     return Ok(Vec::new());
                 }
                 let mut tx = batch::begin(&pool, limits).await?;
-                // A batch of an eighth of the range or more: one read of its events beats a probe each.
-                let hash_events = u64::from(blocks.pages()) * SWEEP_HASH_SHARE >= u64::from(pages);
-                let batch = deletes::delete_block_range(&mut tx, &range, blocks, grace, hash_events, &receipt).await?;
+                let batch = deletes::delete_block_range(&mut *tx, &range, blocks, grace, &receipt).await?;
                 if batch.range_missing {
                     state.lock().unwrap().missing = true;
                     return Ok(Vec::new());
