@@ -29,26 +29,9 @@ async fn partition_at(pool: &PgPool, at: chrono::DateTime<chrono::Utc>) -> u32 {
     oid.0
 }
 
-/// A day ten days back, given a range of its own.
-async fn a_past_day(pool: &PgPool) -> chrono::NaiveDate {
-    let day = db_now(pool).await.date_naive() - Span::days(10);
-    create_day(pool, day).await;
-    day
-}
-
+/// Due tasks (finished an hour after their insertion) of `tenant` at `at`, with an event each.
 async fn seed_due(pool: &PgPool, tenant: Uuid, at: chrono::DateTime<chrono::Utc>, n: i64) {
-    sqlx::query(
-        "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
-                    SELECT $1, 'succeeded', $2, $2 + interval '1 hour' FROM generate_series(1, $3) RETURNING id, inserted_at)
-         INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
-         SELECT $1, id, inserted_at, 'done', inserted_at FROM t",
-    )
-    .bind(tenant)
-    .bind(at)
-    .bind(n)
-    .execute(pool)
-    .await
-    .unwrap();
+    seed_tasks(pool, tenant, "succeeded", at, at + Span::hours(1), n).await;
 }
 
 #[tokio::test]

@@ -40,27 +40,14 @@ async fn hold(pool: &PgPool, tenant: Uuid, task: Option<Uuid>, until: Option<Dat
     holds::add(pool, &request, "test").await.unwrap().id
 }
 
-/// A day ten days back, given a range of its own.
-async fn a_past_day(pool: &PgPool) -> DateTime<Utc> {
-    let day = db_now(pool).await.date_naive() - Span::days(10);
-    create_day(pool, day).await;
-    day_start(day) + Span::hours(12)
+/// Noon of a day ten days back, given a range of its own.
+async fn a_past_noon(pool: &PgPool) -> DateTime<Utc> {
+    day_start(a_past_day(pool).await) + Span::hours(12)
 }
 
+/// `n` tasks of `tenant` in `status` inserted and finished at `at`, with an event each.
 async fn seed(pool: &PgPool, tenant: Uuid, status: &str, at: DateTime<Utc>, n: i64) {
-    sqlx::query(
-        "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
-                    SELECT $1, $2, $3, $3 FROM generate_series(1, $4) RETURNING id, inserted_at)
-         INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
-         SELECT $1, id, inserted_at, 'done', inserted_at FROM t",
-    )
-    .bind(tenant)
-    .bind(status)
-    .bind(at)
-    .bind(n)
-    .execute(pool)
-    .await
-    .unwrap();
+    seed_tasks(pool, tenant, status, at, at, n).await;
 }
 
 async fn count(pool: &PgPool, sql: &str, tenant: Uuid) -> i64 {
@@ -116,7 +103,7 @@ async fn each_final_status_keeps_exactly_its_own_window() {
 async fn a_dense_day_swept_and_one_walked_keep_each_status_window() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
-    let at = a_past_day(pool).await;
+    let at = a_past_noon(pool).await;
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
     set(pool, tenant, Some("failed"), "30days").await;
     seed(pool, tenant, "succeeded", at, 15_000).await;
@@ -141,7 +128,7 @@ async fn holds_survive_every_deleting_path_until_removed() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
     let now = db_now(pool).await;
-    let at = a_past_day(pool).await;
+    let at = a_past_noon(pool).await;
     let long_ago = now - Span::days(400);
     // A held tenant, a tenant with one held task (in a dense day that is swept), a deleted tenant
     // past its grace with a held task, and a tenant held until an hour from now.
@@ -194,7 +181,7 @@ async fn holds_survive_every_deleting_path_until_removed() {
 async fn a_compacted_day_keeps_its_held_rows() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
-    let at = a_past_day(pool).await;
+    let at = a_past_noon(pool).await;
     let daily = insert_tenant(pool, Some("1 day"), None).await;
     let held = insert_tenant(pool, Some("1 day"), None).await;
     seed(pool, daily, "succeeded", at, 3_000).await;
@@ -316,7 +303,7 @@ async fn receipts_match_what_was_deleted_exactly() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
     let now = db_now(pool).await;
-    let at = a_past_day(pool).await;
+    let at = a_past_noon(pool).await;
     let swept = insert_tenant(pool, Some("1 day"), None).await;
     let walked = insert_tenant(pool, Some("1 day"), None).await;
     let purged = insert_tenant(pool, Some("1 day"), Some(now - Span::days(3))).await;

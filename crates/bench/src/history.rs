@@ -300,7 +300,7 @@ async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         let foreground = Foreground::start(&pool, forever[0]).await?;
         let lsn = wal_lsn(&pool).await?;
         let started = Instant::now();
-        let receipt = repository::history::deletes::Receipt { run_id: uuid::Uuid::new_v4(), task: "bench" };
+        let receipt = repository::receipts::RunReceipt { run_id: uuid::Uuid::new_v4(), task: "bench" };
         let done = rewrite::rewrite(&pool, &[range], grace, limits, Duration::from_secs(5), true, &receipt)
             .await?
             .map_err(|why| anyhow::anyhow!("not rewritten: {}", why.as_str()))?;

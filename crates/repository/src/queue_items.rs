@@ -4,12 +4,12 @@
 use sqlx::PgExecutor;
 
 use crate::heap::BlockRange;
-use crate::history::deletes::{Receipt, RECEIPT_INSERT, RECEIPT_UPSERT};
+use crate::receipts::{self, RunReceipt};
 use crate::history::{held, FINAL};
 
 /// Deletes the due queue items on the pages of `range` (see [`crate::heap`]): one pass over the
 /// table in block ranges examines every item once. Items locked by a worker are skipped.
-pub async fn delete_block_range(executor: impl PgExecutor<'_>, range: BlockRange, receipt: &Receipt) -> Result<i64, sqlx::Error> {
+pub async fn delete_block_range(executor: impl PgExecutor<'_>, range: BlockRange, receipt: &RunReceipt) -> Result<i64, sqlx::Error> {
     let (from, to) = range.tids();
     sqlx::query_scalar(&format!(
         "WITH due AS (
@@ -47,14 +47,11 @@ fn due() -> String {
 /// The CTE adding a batch's deletions (`gone`: the items' tenant and insertion instant) to the
 /// run's receipts under the rule `queue-items`, in the deleting statement.
 fn receipt_cte(run_id: &str, task: &str) -> String {
-    format!(
-        "receipt AS (
-             {RECEIPT_INSERT}
-             SELECT {run_id}::uuid, g.tenant_id, 'queue-items', {task}::text, 0, 0, count(*), min(g.inserted_at), max(g.inserted_at)
-             FROM gone g GROUP BY g.tenant_id
-             {RECEIPT_UPSERT}
-         )"
-    )
+    let add = receipts::add(&format!(
+        "SELECT {run_id}::uuid, g.tenant_id, 'queue-items', {task}::text, 0, 0, count(*), min(g.inserted_at), max(g.inserted_at)
+         FROM gone g GROUP BY g.tenant_id"
+    ));
+    format!("receipt AS ({add})")
 }
 
 /// How many queue items are due now.
@@ -76,7 +73,7 @@ pub struct CandidateBatch {
 /// Takes up to `limit` recorded candidates (tasks with queue items that finished or were
 /// deleted) and deletes their queue items that are due, checked again against the rule now.
 /// Items a worker holds are skipped: the heap walk finds them if they stay.
-pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64, receipt: &Receipt) -> Result<CandidateBatch, sqlx::Error> {
+pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64, receipt: &RunReceipt) -> Result<CandidateBatch, sqlx::Error> {
     sqlx::query_as(&format!(
         "WITH taken AS (
              DELETE FROM queue_item_candidates
@@ -102,7 +99,7 @@ pub async fn delete_candidates_batch(executor: impl PgExecutor<'_>, limit: i64, 
 
 /// Deletes up to `limit` queue items of deleted tenants, found through the tenant index (and
 /// checked against the one rule, like every other statement here).
-pub async fn delete_of_deleted_tenants_batch(executor: impl PgExecutor<'_>, limit: i64, receipt: &Receipt) -> Result<i64, sqlx::Error> {
+pub async fn delete_of_deleted_tenants_batch(executor: impl PgExecutor<'_>, limit: i64, receipt: &RunReceipt) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(&format!(
         "WITH due AS (
              SELECT q.id FROM tenants t JOIN queue_items q ON q.tenant_id = t.id

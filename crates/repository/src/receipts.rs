@@ -5,6 +5,29 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgExecutor};
 use uuid::Uuid;
 
+/// Which run's receipts a deleting statement adds to.
+#[derive(Debug, Clone, Copy)]
+pub struct RunReceipt {
+    pub run_id: Uuid,
+    /// The maintenance task deleting (`task-history`, `queue-items`, `partitions`).
+    pub task: &'static str,
+}
+
+/// A statement (or a CTE's body) adding the rows of `select` to the receipts: `select` yields
+/// (run, tenant, rule, task, tasks, events, queue items, oldest, newest), one row per tenant and
+/// rule; a receipt already there for that run, tenant and rule grows by them.
+pub(crate) fn add(select: &str) -> String {
+    format!(
+        "INSERT INTO retention_receipts AS rr (run_id, tenant_id, rule, task, tasks, events, queue_items, oldest, newest)
+         {select}
+         ON CONFLICT (run_id, tenant_id, rule) DO UPDATE
+         SET tasks = rr.tasks + excluded.tasks, events = rr.events + excluded.events,
+             queue_items = rr.queue_items + excluded.queue_items,
+             oldest = least(rr.oldest, excluded.oldest), newest = greatest(rr.newest, excluded.newest), last_at = now()"
+    )
+}
+
+/// A receipt as read back.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct Receipt {
     pub run_id: Uuid,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use repository::batch::BatchLimits;
 use repository::history::rewrite::{self, NotRewritten, Rewritten};
-use repository::history::deletes::Receipt;
+use repository::receipts::RunReceipt;
 use repository::history::{costs, facts, Range};
 use uuid::Uuid;
 
@@ -86,7 +86,7 @@ pub struct RewriteWith<'a> {
 pub async fn rewrite(ctx: &RunContext, sources: &[Range], with: RewriteWith<'_>, report: &mut RunReport) -> Result<Option<Rewritten>, TaskError> {
     let RewriteWith { task, grace, limits, lock_timeout, wait, removed_as } = with;
     let started = tokio::time::Instant::now();
-    let done = match rewrite::rewrite(&ctx.pool, sources, grace, limits, lock_timeout, wait, &Receipt { run_id: ctx.run_id, task }).await? {
+    let done = match rewrite::rewrite(&ctx.pool, sources, grace, limits, lock_timeout, wait, &RunReceipt { run_id: ctx.run_id, task }).await? {
         Ok(done) => done,
         Err(why) => {
             let level_warn = why == NotRewritten::LockTimeout;

@@ -222,6 +222,32 @@ pub async fn create_day(pool: &PgPool, day: chrono::NaiveDate) {
     tx.commit().await.unwrap();
 }
 
+/// A day ten days back, given a range of its own.
+pub async fn a_past_day(pool: &PgPool) -> chrono::NaiveDate {
+    let day = db_now(pool).await.date_naive() - chrono::Duration::days(10);
+    create_day(pool, day).await;
+    day
+}
+
+/// `n` tasks of `tenant` in `status`, inserted at `at` and finished at `finished_at`, each with one
+/// event: in one statement, for days of thousands of rows.
+pub async fn seed_tasks(pool: &PgPool, tenant: Uuid, status: &str, at: DateTime<Utc>, finished_at: DateTime<Utc>, n: i64) {
+    sqlx::query(
+        "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+                    SELECT $1, $2, $3, $4 FROM generate_series(1, $5) RETURNING id, inserted_at)
+         INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
+         SELECT $1, id, inserted_at, 'done', inserted_at FROM t",
+    )
+    .bind(tenant)
+    .bind(status)
+    .bind(at)
+    .bind(finished_at)
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// The partition (table) that holds `task`.
 pub async fn home_of(pool: &PgPool, task: TaskKey) -> String {
     sqlx::query_scalar("SELECT tableoid::regclass::text FROM tasks WHERE id = $1 AND inserted_at = $2")

@@ -16,6 +16,7 @@ use sqlx::{FromRow, PgExecutor};
 use uuid::Uuid;
 
 use super::{due, held, interval, FINAL};
+use crate::receipts::{self, RunReceipt};
 
 /// How a pair's batches walk its rows, and where they have reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,24 +37,6 @@ impl Walk {
         Walk::Purged { after: None }
     }
 }
-
-/// Which run's receipts a batch adds to: what it deletes is recorded per tenant and rule in
-/// `retention_receipts`, in the statement that deletes it.
-#[derive(Debug, Clone, Copy)]
-pub struct Receipt {
-    pub run_id: Uuid,
-    /// The maintenance task deleting (`task-history`).
-    pub task: &'static str,
-}
-
-/// The head of a statement adding to receipts: followed by a SELECT of (run, tenant, rule, task,
-/// tasks, events, queue items, oldest, newest) and [`RECEIPT_UPSERT`].
-pub(crate) const RECEIPT_INSERT: &str =
-    "INSERT INTO retention_receipts AS rr (run_id, tenant_id, rule, task, tasks, events, queue_items, oldest, newest)";
-pub(crate) const RECEIPT_UPSERT: &str = "ON CONFLICT (run_id, tenant_id, rule) DO UPDATE
-     SET tasks = rr.tasks + excluded.tasks, events = rr.events + excluded.events,
-         queue_items = rr.queue_items + excluded.queue_items,
-         oldest = least(rr.oldest, excluded.oldest), newest = greatest(rr.newest, excluded.newest), last_at = now()";
 
 /// What one batch deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,7 +97,7 @@ pub async fn delete_batch(
     walk: &mut Walk,
     grace: std::time::Duration,
     limit: u32,
-    receipt: &Receipt,
+    receipt: &RunReceipt,
 ) -> Result<Batch, sqlx::Error> {
     let (access, order, cursor) = match walk {
         Walk::Retained { after } => (
@@ -159,11 +142,6 @@ pub async fn delete_batch(
              RETURNING t.id, coalesce(t.finished_at, t.inserted_at) AS key
          ), receipt AS (
              {receipt}
-             SELECT $6::uuid, $2::uuid, CASE WHEN tn.deleted_at IS NULL THEN 'retention' ELSE 'deleted-tenants' END, $7::text,
-                    g.tasks, (SELECT count(*) FROM events), (SELECT count(*) FROM queue), g.oldest, g.newest
-             FROM tn, (SELECT count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM gone) g
-             WHERE g.tasks > 0
-             {upsert}
          )
          SELECT (SELECT count(*) FROM gone) AS tasks, (SELECT count(*) FROM events) AS events,
                 (SELECT count(*) FROM queue) AS queue_items, (SELECT count(*) FROM candidates) AS examined,
@@ -171,8 +149,12 @@ pub async fn delete_batch(
                 (SELECT max(key)::text FROM gone) AS last_key, (SELECT max(id::text)::uuid FROM gone) AS last_id",
         rule = due("c", "tn", "now()", "$5"),
         candidate_rule = due("t", "tn", "now()", "$5"),
-        receipt = RECEIPT_INSERT,
-        upsert = RECEIPT_UPSERT,
+        receipt = receipts::add(
+            "SELECT $6::uuid, $2::uuid, CASE WHEN tn.deleted_at IS NULL THEN 'retention' ELSE 'deleted-tenants' END, $7::text,
+                    g.tasks, (SELECT count(*) FROM events), (SELECT count(*) FROM queue), g.oldest, g.newest
+             FROM tn, (SELECT count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM gone) g
+             WHERE g.tasks > 0"
+        ),
         tasks_table = pair.tasks_table,
         events_table = pair.events_table,
     );
@@ -260,7 +242,7 @@ pub async fn delete_block_range(
     range: &super::Range,
     blocks: crate::heap::BlockRange,
     grace: std::time::Duration,
-    receipt: &Receipt,
+    receipt: &RunReceipt,
 ) -> Result<SweepBatch, sqlx::Error> {
     let (from, to) = blocks.tids();
     let sql = format!(
@@ -281,12 +263,6 @@ pub async fn delete_block_range(
              SELECT tenant_id, purged, count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM gone GROUP BY tenant_id, purged
          ), receipt AS (
              {receipt}
-             SELECT $5::uuid, b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END, $6::text, b.tasks,
-                    coalesce(e.n, 0), coalesce(q.n, 0), b.oldest, b.newest
-             FROM by_tenant b
-             LEFT JOIN (SELECT tenant_id, count(*) AS n FROM events GROUP BY tenant_id) e ON e.tenant_id = b.tenant_id
-             LEFT JOIN (SELECT tenant_id, count(*) AS n FROM queue GROUP BY tenant_id) q ON q.tenant_id = b.tenant_id
-             {upsert}
          )
          SELECT (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM queue) AS queue_items,
                 EXISTS (SELECT 1 FROM r) AS present,
@@ -294,8 +270,13 @@ pub async fn delete_block_range(
                 coalesce((SELECT array_agg(purged ORDER BY tenant_id) FROM by_tenant), '{{}}') AS purged,
                 coalesce((SELECT array_agg(tasks ORDER BY tenant_id) FROM by_tenant), '{{}}') AS tasks",
         rule = due("t", "tn", "now()", "$4"),
-        receipt = RECEIPT_INSERT,
-        upsert = RECEIPT_UPSERT,
+        receipt = receipts::add(
+            "SELECT $5::uuid, b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END, $6::text, b.tasks,
+                    coalesce(e.n, 0), coalesce(q.n, 0), b.oldest, b.newest
+             FROM by_tenant b
+             LEFT JOIN (SELECT tenant_id, count(*) AS n FROM events GROUP BY tenant_id) e ON e.tenant_id = b.tenant_id
+             LEFT JOIN (SELECT tenant_id, count(*) AS n FROM queue GROUP BY tenant_id) q ON q.tenant_id = b.tenant_id"
+        ),
         tasks_table = range.tasks_name,
         events_table = range.events_name,
     );
@@ -347,7 +328,7 @@ pub async fn delete_orphan_events_batch(
     up_to: i64,
     limit: u32,
     created_before: DateTime<Utc>,
-    receipt: &Receipt,
+    receipt: &RunReceipt,
 ) -> Result<OrphanBatch, sqlx::Error> {
     sqlx::query_as(&format!(
         "WITH scanned AS MATERIALIZED (
@@ -362,16 +343,15 @@ pub async fn delete_orphan_events_batch(
              RETURNING e.tenant_id, e.created_at
          ), receipt AS (
              {receipt}
-             SELECT $5::uuid, g.tenant_id, 'orphan-events', $6::text, 0, count(*), 0, min(g.created_at), max(g.created_at)
-             FROM gone g GROUP BY g.tenant_id
-             {upsert}
          )
          SELECT (SELECT count(*) FROM gone) AS deleted,
                 CASE WHEN (SELECT count(*) FROM scanned) < $3 THEN $2 ELSE (SELECT max(id) FROM scanned) END AS walked_to,
                 (SELECT min(id) FROM scanned WHERE orphan AND NOT old_enough) AS first_undecided",
         held = held("e.tenant_id", "e.task_id", "now()"),
-        receipt = RECEIPT_INSERT,
-        upsert = RECEIPT_UPSERT,
+        receipt = receipts::add(
+            "SELECT $5::uuid, g.tenant_id, 'orphan-events', $6::text, 0, count(*), 0, min(g.created_at), max(g.created_at)
+             FROM gone g GROUP BY g.tenant_id"
+        ),
     ))
     .bind(after)
     .bind(up_to)

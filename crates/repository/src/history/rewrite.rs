@@ -28,9 +28,9 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::ranges::{self, take_layout_lock};
-use super::deletes::{Receipt, RECEIPT_INSERT, RECEIPT_UPSERT};
 use super::{detached, due, held, interval, Range, RangeKind, ENGINE_WRITE, ORPHAN_AGE};
 use crate::batch::{self, BatchLimits};
+use crate::receipts::{self, RunReceipt};
 
 /// What a rewrite did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +102,7 @@ pub async fn rewrite(
     limits: BatchLimits,
     lock_timeout: Duration,
     wait: bool,
-    receipt: &Receipt,
+    receipt: &RunReceipt,
 ) -> Result<Result<Rewritten, NotRewritten>, sqlx::Error> {
     let (Some(first), Some(last)) = (sources.first(), sources.last()) else {
         return Err(sqlx::Error::Protocol("a rewrite needs at least one source range".into()));
@@ -510,19 +510,17 @@ async fn replay_changes(
 /// rewrite), in batches.
 /// Adds what a rewrite dropped to the run's receipts, one row per tenant, under the rule of the
 /// tenant's state (deleted or not).
-async fn record_receipts(conn: &mut PgConnection, receipt: &Receipt, dropped: &[DroppedTasks]) -> Result<(), sqlx::Error> {
+async fn record_receipts(conn: &mut PgConnection, receipt: &RunReceipt, dropped: &[DroppedTasks]) -> Result<(), sqlx::Error> {
     let tenants: Vec<Uuid> = dropped.iter().map(|d| d.tenant_id).collect();
     let tasks: Vec<i64> = dropped.iter().map(|d| d.tasks).collect();
     let events: Vec<i64> = dropped.iter().map(|d| d.events).collect();
     let oldest: Vec<Option<DateTime<Utc>>> = dropped.iter().map(|d| d.oldest).collect();
     let newest: Vec<Option<DateTime<Utc>>> = dropped.iter().map(|d| d.newest).collect();
-    sqlx::query(&format!(
-        "{RECEIPT_INSERT}
-         SELECT $1, d.tenant_id, CASE WHEN tn.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END, $2,
+    sqlx::query(&receipts::add(
+        "SELECT $1, d.tenant_id, CASE WHEN tn.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END, $2,
                 d.tasks, d.events, 0, d.oldest, d.newest
          FROM unnest($3::uuid[], $4::int8[], $5::int8[], $6::timestamptz[], $7::timestamptz[]) AS d(tenant_id, tasks, events, oldest, newest)
-         LEFT JOIN tenants tn ON tn.id = d.tenant_id
-         {RECEIPT_UPSERT}"
+         LEFT JOIN tenants tn ON tn.id = d.tenant_id",
     ))
     .bind(receipt.run_id)
     .bind(receipt.task)

@@ -54,7 +54,7 @@ impl MaintenanceTask for QueueItemsTask {
         let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
         let mut report = RunReport::default();
         let pool = &ctx.pool;
-        let receipt = repository::history::deletes::Receipt { run_id: ctx.run_id, task: NAME };
+        let receipt = repository::receipts::RunReceipt { run_id: ctx.run_id, task: NAME };
         let receipt = &receipt;
         let mut sizer = ctx.row_sizer(CANDIDATES_PER_BATCH);
         loop {

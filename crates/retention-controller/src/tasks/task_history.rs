@@ -22,6 +22,7 @@ use repository::batch::{self, BatchLimits};
 use repository::history::deletes::{self, PairRef, Walk};
 use repository::history::facts::{self, Pair};
 use repository::history::{ranges, Range, RangeKind, ORPHAN_AGE};
+use repository::receipts::RunReceipt;
 use repository::{clock, heap, watermarks, PgPool};
 use sqlx::postgres::types::Oid;
 use tokio::time::Instant;
@@ -51,8 +52,8 @@ pub struct TaskHistoryTask {
 const COSTS_READ_EVERY: Duration = Duration::from_secs(300);
 
 /// The receipts this run's deletes add to.
-fn receipt(ctx: &RunContext) -> deletes::Receipt {
-    deletes::Receipt { run_id: ctx.run_id, task: NAME }
+fn receipt(ctx: &RunContext) -> RunReceipt {
+    RunReceipt { run_id: ctx.run_id, task: NAME }
 }
 
 /// How one pair's row deletes ended.
