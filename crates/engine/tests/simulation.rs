@@ -4,7 +4,8 @@
 //!
 //! 100 tenants with windows of 1, 3, 7 and 14 days; two keeping forever, active only some days;
 //! one task in 40 running for 10 days before it finishes; queued work that never finishes; a
-//! tenant deleted on day 8; a window shortened on day 12; a tenant switched to forever on day 16.
+//! tenant deleted on day 8; a failed-task window of its own on day 10; a window shortened on day
+//! 12; a tenant held from day 14 to 20; a tenant switched to forever on day 16.
 //! After every run: nothing that must be kept is gone (tasks, their events, their queue items),
 //! nothing that was due is left, no event outlives its task, and the attached partitions stay
 //! within the longest finite window, the days made ahead, and a small constant.
@@ -61,6 +62,10 @@ impl Clock {
 #[derive(Clone, Copy)]
 struct Tenant {
     window: Option<Span>,
+    /// A window of its own for failed tasks (`None`: as `window`; `Some(None)`: forever).
+    failed_window: Option<Option<Span>>,
+    /// A hold on the whole tenant, until then.
+    held_until: Option<DateTime<Utc>>,
     deleted_at: Option<DateTime<Utc>>,
 }
 
@@ -79,14 +84,22 @@ impl Task {
     }
 }
 
-/// The contract: a task is due when its tenant was deleted longer ago than the grace, or it is
-/// final and finished (else inserted) before its live tenant's window.
+/// The contract: nothing is due while a hold covers its tenant; else a task is due when its tenant
+/// was deleted longer ago than the grace, or it is final and finished (else inserted) before its
+/// live tenant's window for its status.
 fn due(task: &Task, inserted_at: DateTime<Utc>, tenant: &Tenant, at: DateTime<Utc>) -> bool {
+    if tenant.held_until.is_some_and(|until| until > at) {
+        return false;
+    }
     if let Some(deleted) = tenant.deleted_at {
         return deleted < at - GRACE;
     }
     let finished = matches!(task.status, "succeeded" | "failed" | "cancelled");
-    match tenant.window {
+    let window = match (task.status, tenant.failed_window) {
+        ("failed", Some(own)) => own,
+        _ => tenant.window,
+    };
+    match window {
         Some(window) => finished && task.key_instant(inserted_at) < at - window,
         None => false,
     }
@@ -154,7 +167,7 @@ async fn thirty_two_days_under_a_moving_clock() {
             .execute(&pool)
             .await
             .unwrap();
-        ledger.tenants.insert(id, Tenant { window, deleted_at: None });
+        ledger.tenants.insert(id, Tenant { window, failed_window: None, held_until: None, deleted_at: None });
         ids.push(id);
     }
     let (deleted, shortened, held) = (ids[98], ids[99], ids[5]);
@@ -178,6 +191,17 @@ async fn thirty_two_days_under_a_moving_clock() {
         if day == 16 {
             sqlx::query("UPDATE tenants SET data_retention_period = NULL WHERE id = $1").bind(held).execute(&pool).await.unwrap();
             ledger.tenants.get_mut(&held).unwrap().window = None;
+        }
+        if day == 10 {
+            // Failed tasks of a 14-day tenant kept a day.
+            engine_run(&["tenant", "retention", "set", "tenant-7", "1day", "--status", "failed"]);
+            ledger.tenants.get_mut(&ids[7]).unwrap().failed_window = Some(Some(Span::days(1)));
+        }
+        if day == 14 {
+            // A 3-day tenant held for six days: nothing of it goes until then, everything due after.
+            let until = noon(20);
+            engine_run(&["hold", "add", "--tenant", "tenant-9", "--reason", "simulation", "--until", &until.to_rfc3339()]);
+            ledger.tenants.get_mut(&ids[9]).unwrap().held_until = Some(until);
         }
         finish_long_runners(&pool, &mut ledger, start, now).await;
         insert_day(&pool, &mut ledger, &ids, day, start).await;
@@ -378,11 +402,26 @@ async fn check(pool: &PgPool, ledger: &mut Ledger, now: DateTime<Utc>, day: i64)
     let orphans = events.difference(&expected).count();
     let missing = expected.difference(&events).count();
     assert_eq!((orphans, missing), (0, 0), "day {day}: events of deleted tasks left, and kept events missing");
-    // Queue items: those of queued or running tasks of live tenants.
+    // Queue items: those of queued or running tasks of live tenants, and every one of a tenant
+    // held now. Once a hold ends, its tenant's items of finished tasks wait for the next walk of
+    // the whole table (the queue-items contract: within `sweep_interval`, a day, plus a run).
     let items: HashSet<i64> = sqlx::query_scalar("SELECT id FROM queue_items").fetch_all(pool).await.unwrap().into_iter().collect();
-    ledger.items.retain(|_, key| {
-        ledger.tasks.get(key).is_some_and(|t| matches!(t.status, "queued" | "running") && ledger.tenants[&t.tenant].deleted_at.is_none())
+    let waiting = |tenant: &Tenant| tenant.held_until.is_some_and(|until| until <= now && now < until + Span::days(2));
+    let mut expected = HashSet::new();
+    let mut may_stay = HashSet::new();
+    ledger.items.retain(|id, key| {
+        let Some(task) = ledger.tasks.get(key) else { return false };
+        let tenant = &ledger.tenants[&task.tenant];
+        if (matches!(task.status, "queued" | "running") && tenant.deleted_at.is_none()) || tenant.held_until.is_some_and(|until| until > now) {
+            expected.insert(*id);
+            true
+        } else if waiting(tenant) {
+            may_stay.insert(*id);
+            true
+        } else {
+            false
+        }
     });
-    let expected: HashSet<i64> = ledger.items.keys().copied().collect();
-    assert_eq!(items, expected, "day {day}: queue items");
+    let left: HashSet<i64> = items.difference(&may_stay).copied().collect();
+    assert_eq!(left, expected, "day {day}: queue items");
 }
