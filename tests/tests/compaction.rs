@@ -425,3 +425,58 @@ async fn a_hold_set_mid_sweep_stops_the_tenants_deletes_at_the_next_batch() {
     let others: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(other).fetch_one(pool).await.unwrap();
     assert_eq!(others, 0, "the other tenant's rows all went");
 }
+
+/// A sweep on four connections at once, in batches of a few pages each holding every tenant:
+/// exactly the rule, no deadlock on the receipts they all add to, and receipts that count what
+/// went, tenant by tenant.
+#[tokio::test]
+async fn a_sweep_on_four_connections_deletes_exactly_the_rule_with_exact_receipts() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let day = a_past_day(pool).await;
+    let at = day_start(day) + Span::hours(12);
+    let mut tenants = Vec::new();
+    for n in 0..40 {
+        tenants.push(insert_tenant(pool, if n % 10 == 0 { None } else { Some("1 day") }, None).await);
+    }
+    // Every page holds every tenant: 1,000 tasks each, interleaved, with an event each.
+    sqlx::query(
+        "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+                    SELECT ($1::uuid[])[1 + n % 40], 'succeeded', $2, $2 + interval '1 hour' FROM generate_series(0, 39999) n
+                    RETURNING id, tenant_id, inserted_at)
+         INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
+         SELECT tenant_id, id, inserted_at, 'done', inserted_at FROM t",
+    )
+    .bind(&tenants)
+    .bind(at)
+    .execute(pool)
+    .await
+    .unwrap();
+    let kept: Vec<Uuid> = tenants.iter().step_by(10).copied().collect();
+    let kept_tasks: Vec<TaskKey> =
+        sqlx::query_as("SELECT id, inserted_at FROM tasks WHERE tenant_id = ANY ($1)").bind(&kept).fetch_all(pool).await.unwrap();
+    let options = RunOptions { parallelism: 4, batch_time: Duration::from_millis(1), ..Default::default() };
+    let task = TaskHistoryTask::new(TaskHistorySettings { compaction: false, ..Default::default() });
+
+    let summary = match run_once_with(&task, pool, &tokio_util::sync::CancellationToken::new(), &options).await.unwrap() {
+        RunOutcome::Ran(summary) => summary,
+        other => panic!("{other:?}"),
+    };
+
+    let report = &summary.report;
+    assert!(report.counters.contains(&("ranges swept", 1)), "{report:?}");
+    assert!(report.batches >= 20, "small batches, so that the workers overlap: {report:?}");
+    same(task_keys(pool).await, sorted_keys(kept_tasks), "tasks");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events").fetch_one(pool).await.unwrap();
+    assert_eq!(events, 4_000);
+    let receipts: Vec<(Uuid, i64, i64)> =
+        sqlx::query_as("SELECT tenant_id, tasks, events FROM retention_receipts WHERE run_id = $1 AND rule = 'retention' ORDER BY tenant_id")
+            .bind(summary.run_id)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut expected: Vec<(Uuid, i64, i64)> =
+        tenants.iter().filter(|t| !kept.contains(t)).map(|t| (*t, 1_000, 1_000)).collect();
+    expected.sort();
+    assert_eq!(receipts, expected);
+}

@@ -128,6 +128,12 @@ impl Settings {
                 self.database.max_connections
             ));
         }
+        if self.retention.parallelism > self.database.max_connections {
+            errors.push(format!(
+                "retention.parallelism = {} is not allowed: at most database.max_connections ({}), since each worker holds a connection",
+                self.retention.parallelism, self.database.max_connections
+            ));
+        }
         if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&self.database.connect_timeout) {
             errors.push(format!(
                 "database.connect_timeout = {:?} is not allowed: a duration from 100ms to 5m",

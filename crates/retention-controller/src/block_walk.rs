@@ -2,6 +2,7 @@
 //! own short transaction, sized toward the run's batch duration and paced like every batch.
 
 use std::future::Future;
+use std::sync::Mutex;
 
 use repository::heap::BlockRange;
 use tokio::time::Instant;
@@ -12,64 +13,143 @@ use crate::task::{RunContext, RunReport, TaskError};
 /// Deletes through pages `0..pages` in ranges, calling `delete` for each; `delete` runs one
 /// transaction and returns the rows it deleted by rule.
 ///
+/// At full speed, [`RunContext::block_workers`] workers (`retention.parallelism`) each take the
+/// next range not yet taken, so that their statements never touch the same pages: one DELETE
+/// uses one core, and independent ranges can use the others.
+///
 /// A range that times out is retried smaller; one that still times out at a single page (a row
 /// lock held for longer than `lock_timeout`, again and again) is left for the next run and
-/// counted as `pages skipped`. Stops between batches when the run is interrupted. The pages passed
-/// are counted as `heap pages walked`.
+/// counted as `pages skipped`. Stops between batches when the run is interrupted, and every
+/// worker stops after its batch in flight when one fails. The pages passed are counted as
+/// `heap pages walked`.
 pub async fn walk_blocks<F, Fut>(ctx: &RunContext, report: &mut RunReport, pages: u32, delete: F) -> Result<(), TaskError>
 where
-    F: FnMut(BlockRange) -> Fut,
+    F: Fn(BlockRange) -> Fut,
     Fut: Future<Output = Result<Vec<(&'static str, u64)>, sqlx::Error>> + Send,
 {
     walk_blocks_sized(ctx, report, pages, &mut ctx.block_sizer(), delete).await
 }
 
 /// [`walk_blocks`] with the caller's sizer: walks of several tables alike (the ranges of run
-/// history) start each from the size the last one reached.
+/// history) start each from the size the last one reached. The workers share it.
 pub async fn walk_blocks_sized<F, Fut>(
     ctx: &RunContext,
     report: &mut RunReport,
     pages: u32,
     sizer: &mut BatchSizer,
-    mut delete: F,
+    delete: F,
 ) -> Result<(), TaskError>
 where
-    F: FnMut(BlockRange) -> Fut,
+    F: Fn(BlockRange) -> Fut,
     Fut: Future<Output = Result<Vec<(&'static str, u64)>, sqlx::Error>> + Send,
 {
-    let deleted_before = report.deleted;
-    let mut next = 0u32;
-    while next < pages {
-        if let Some(stop) = ctx.interrupted() {
-            report.completion = stop;
-            return Ok(());
+    let walk = Mutex::new(Walk { next: 0, walked: 0, pages, deleted_before: report.deleted, failed: false, sizer, report });
+    let workers = (0..ctx.block_workers()).map(|_| worker(ctx, &walk, &delete));
+    let outcomes = futures::future::join_all(workers).await;
+    outcomes.into_iter().collect()
+}
+
+/// What the workers of one walk share.
+struct Walk<'a> {
+    /// The first page no worker has taken yet.
+    next: u32,
+    /// Pages done (deleted through, or skipped).
+    walked: u32,
+    pages: u32,
+    deleted_before: u64,
+    /// A worker failed: the others stop after their batch in flight.
+    failed: bool,
+    sizer: &'a mut BatchSizer,
+    report: &'a mut RunReport,
+}
+
+impl Walk<'_> {
+    /// The next batch's pages: the rest of `taken` (a range this worker took and has not finished),
+    /// else a new range from `next`, cut to the sizer's size; `None` when nothing is left or the
+    /// walk must stop.
+    fn next_batch(&mut self, ctx: &RunContext, taken: &mut Option<BlockRange>) -> Option<BlockRange> {
+        if self.failed {
+            return None;
         }
-        let range = BlockRange { start: next, end: next.saturating_add(sizer.size()).min(pages) };
+        if let Some(stop) = ctx.interrupted() {
+            self.report.completion = stop;
+            return None;
+        }
+        let size = self.sizer.size();
+        let rest = match taken.take() {
+            Some(rest) => rest,
+            None if self.next < self.pages => {
+                let range = BlockRange { start: self.next, end: self.next.saturating_add(size).min(self.pages) };
+                self.next = range.end;
+                range
+            }
+            None => return None,
+        };
+        let batch = BlockRange { start: rest.start, end: rest.start.saturating_add(size).min(rest.end) };
+        if batch.end < rest.end {
+            *taken = Some(BlockRange { start: batch.end, end: rest.end });
+        }
+        Some(batch)
+    }
+}
+
+/// One worker: batches until the walk is done, stopped or failed.
+async fn worker<F, Fut>(ctx: &RunContext, walk: &Mutex<Walk<'_>>, delete: &F) -> Result<(), TaskError>
+where
+    F: Fn(BlockRange) -> Fut,
+    Fut: Future<Output = Result<Vec<(&'static str, u64)>, sqlx::Error>> + Send,
+{
+    let mut taken = None;
+    loop {
+        let (range, shared) = {
+            let mut walk = walk.lock().unwrap();
+            let Some(range) = walk.next_batch(ctx, &mut taken) else {
+                return Ok(());
+            };
+            // Pages left to take: the other workers are busy too.
+            (range, walk.next < walk.pages)
+        };
         let started = Instant::now();
         let result = delete(range).await;
         let elapsed = started.elapsed();
-        match sizer.settle(elapsed, result) {
-            Settled::Done(parts) => {
-                report.record_batch_parts(&parts);
-                report.count("heap pages walked", u64::from(range.pages()));
-                next = range.end;
-                let left = estimate_left(report.deleted - deleted_before, next, pages);
-                tracing::debug!(from = range.start, to = range.end, elapsed_ms = elapsed.as_millis() as u64, "block batch committed");
-                ctx.batch_done(elapsed, report, Some(left)).await;
+        {
+            let mut walk = walk.lock().unwrap();
+            let walk = &mut *walk;
+            let settled = match result {
+                // The walk's tail, where some workers are done, runs faster than its body: learning
+                // from it would size the next walk's first batches (all workers busy) 2-3x over.
+                Ok(parts) if !shared => Settled::Done(parts),
+                result => walk.sizer.settle(elapsed, result),
+            };
+            match settled {
+                Settled::Done(parts) => {
+                    walk.report.record_batch_parts(&parts);
+                    walk.report.count("heap pages walked", u64::from(range.pages()));
+                    walk.walked += range.pages();
+                    let left = estimate_left(walk.report.deleted - walk.deleted_before, walk.walked, walk.pages);
+                    tracing::debug!(from = range.start, to = range.end, elapsed_ms = elapsed.as_millis() as u64, "block batch committed");
+                    ctx.batch_recorded(elapsed, walk.report, Some(left));
+                }
+                Settled::Retry(error) => {
+                    tracing::warn!(from = range.start, to = range.end, %error, next_pages = walk.sizer.size(), "batch timed out; retrying smaller");
+                    taken = Some(BlockRange { start: range.start, end: taken.map_or(range.end, |rest| rest.end) });
+                    continue;
+                }
+                Settled::GaveUp(error) if repository::batch::is_timeout(&error) => {
+                    tracing::warn!(page = range.start, %error, "page skipped: it kept timing out; the next run retries it");
+                    walk.report.count("pages skipped", u64::from(range.pages()));
+                    walk.report.count("heap pages walked", u64::from(range.pages()));
+                    walk.walked += range.pages();
+                    continue;
+                }
+                Settled::GaveUp(error) => {
+                    walk.failed = true;
+                    return Err(error.into());
+                }
             }
-            Settled::Retry(error) => {
-                tracing::warn!(from = range.start, to = range.end, %error, next_pages = sizer.size(), "batch timed out; retrying smaller");
-            }
-            Settled::GaveUp(error) if repository::batch::is_timeout(&error) => {
-                tracing::warn!(page = range.start, %error, "page skipped: it kept timing out; the next run retries it");
-                report.count("pages skipped", u64::from(range.pages()));
-                report.count("heap pages walked", u64::from(range.pages()));
-                next = range.end;
-            }
-            Settled::GaveUp(error) => return Err(error.into()),
         }
+        ctx.pause_after(elapsed).await;
     }
-    Ok(())
 }
 
 /// Rows still due on the pages not yet walked, assuming they hold as many as the pages walked.
@@ -82,6 +162,104 @@ fn estimate_left(deleted: u64, walked: u32, pages: u32) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::RunOptions;
+
+    fn context(parallelism: u32, pause_ratio: f64) -> RunContext {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@localhost/none").unwrap();
+        let options = RunOptions { parallelism, pause_ratio, ..Default::default() };
+        RunContext::new(pool, Uuid::nil(), CancellationToken::new(), Duration::from_secs(60), options)
+    }
+
+    /// Walks 1,000 pages in batches of 7 with `delete` taking 1 ms a batch (one row deleted a
+    /// page); returns the ranges deleted, in the order they started, and the most in flight at once.
+    async fn walk(ctx: &RunContext, fail_at: Option<u32>) -> (Result<(), TaskError>, Vec<BlockRange>, usize, RunReport) {
+        let (ranges, in_flight, most) = (Mutex::new(Vec::new()), AtomicUsize::new(0), AtomicUsize::new(0));
+        let mut report = RunReport::default();
+        let mut sizer = BatchSizer::new(7, 7, 7, Duration::from_millis(50));
+        let result = walk_blocks_sized(ctx, &mut report, 1_000, &mut sizer, |range| {
+            ranges.lock().unwrap().push(range);
+            let (in_flight, most) = (&in_flight, &most);
+            async move {
+                most.fetch_max(in_flight.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                if fail_at.is_some_and(|page| range.start <= page && page < range.end) {
+                    return Err(sqlx::Error::RowNotFound);
+                }
+                Ok(vec![("rule", u64::from(range.pages()))])
+            }
+        })
+        .await;
+        (result, ranges.into_inner().unwrap(), most.into_inner(), report)
+    }
+
+    /// Every page exactly once: sorted, the ranges tile `0..pages` with no gap and no overlap.
+    fn assert_tiles(ranges: &[BlockRange], pages: u32) {
+        let mut sorted = ranges.to_vec();
+        sorted.sort_by_key(|r| r.start);
+        let mut next = 0;
+        for range in &sorted {
+            assert_eq!(range.start, next, "{sorted:?}");
+            assert!(range.end > range.start);
+            next = range.end;
+        }
+        assert_eq!(next, pages);
+    }
+
+    #[tokio::test]
+    async fn workers_share_the_pages_each_once_and_run_at_once() {
+        let ctx = context(2, 0.0);
+        let (result, ranges, most, report) = walk(&ctx, None).await;
+        result.unwrap();
+        assert_tiles(&ranges, 1_000);
+        assert_eq!(most, 2, "two workers at full speed");
+        assert_eq!(report.deleted, 1_000);
+        assert_eq!(report.batches, ranges.len() as u64);
+        assert_eq!(report.counters, vec![("heap pages walked", 1_000)]);
+    }
+
+    #[tokio::test]
+    async fn a_paced_walk_uses_one_connection() {
+        let ctx = context(4, 0.01);
+        let (result, ranges, most, report) = walk(&ctx, None).await;
+        result.unwrap();
+        assert_tiles(&ranges, 1_000);
+        assert_eq!(most, 1);
+        assert_eq!(report.deleted, 1_000);
+        assert_eq!(context(4, 0.0).block_workers(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_failing_batch_stops_every_worker_after_its_batch_in_flight() {
+        let ctx = context(3, 0.0);
+        let (result, ranges, _, report) = walk(&ctx, Some(500)).await;
+        assert!(matches!(result, Err(TaskError::Database(sqlx::Error::RowNotFound))), "{result:?}");
+        // Nothing started after the failure but the other two workers' batches in flight.
+        let failed = ranges.iter().position(|r| r.start <= 500 && 500 < r.end).unwrap();
+        assert!(ranges.len() <= failed + 3, "{} batches after the failing one", ranges.len() - failed - 1);
+        assert!(ranges.iter().all(|r| r.end <= 500 + 3 * 7), "{ranges:?}");
+        assert_eq!(report.deleted, u64::from(ranges.iter().map(|r| r.pages()).sum::<u32>()) - 7);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_walk_starts_no_batch() {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@localhost/none").unwrap();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let ctx = RunContext::new(pool, Uuid::nil(), cancel, Duration::from_secs(60), RunOptions::default());
+        let (result, ranges, _, report) = walk(&ctx, None).await;
+        result.unwrap();
+        assert!(ranges.is_empty());
+        assert_eq!(report.completion, crate::Completion::Cancelled);
+    }
+
     #[test]
     fn what_is_left_is_extrapolated_from_the_pages_walked() {
         assert_eq!(super::estimate_left(1_000, 25, 100), 3_000);

@@ -44,6 +44,11 @@ pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HISTORY_LOCK_TIMEOUT: Duration = SECOND;
 /// How far the clocks may disagree before runs refuse to delete.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+/// Connections a full-speed block walk deletes on at once. One DELETE runs on one core; two
+/// walking disjoint block ranges use a 2-core machine's both (docs/benchmarks.md).
+pub const DEFAULT_PARALLELISM: u32 = 2;
+/// The most connections a block walk may use at once.
+pub const MAX_PARALLELISM: u32 = 16;
 /// A dead runner holds its task at most this long; its run renews the lease every third of it.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -59,6 +64,9 @@ pub struct RetentionSettings {
     /// a run fails and deletes nothing (every cutoff comes from the database's clock).
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// Connections a full-speed run's block walks (sessions' heap walk, run history's sweeps)
+    /// delete on at once, each on block ranges of its own. Paced runs use one.
+    pub parallelism: u32,
     pub pacing: PacingSettings,
     pub sessions: SessionsSettings,
     pub queue_items: QueueItemsSettings,
@@ -71,6 +79,7 @@ impl Default for RetentionSettings {
         RetentionSettings {
             lease_ttl: DEFAULT_LEASE_TTL,
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
+            parallelism: DEFAULT_PARALLELISM,
             pacing: PacingSettings::default(),
             sessions: SessionsSettings::default(),
             queue_items: QueueItemsSettings::default(),
@@ -83,7 +92,12 @@ impl Default for RetentionSettings {
 impl RetentionSettings {
     /// Runs paced by `pause_ratio` (0: full speed), under leases of `lease_ttl`.
     pub fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
-        crate::RunOptions { lease_ttl: self.lease_ttl, max_clock_skew: self.max_clock_skew, ..self.pacing.run_options(pause_ratio) }
+        crate::RunOptions {
+            lease_ttl: self.lease_ttl,
+            max_clock_skew: self.max_clock_skew,
+            parallelism: self.parallelism,
+            ..self.pacing.run_options(pause_ratio)
+        }
     }
 
     /// How the background controller runs: paced by `retention.pacing.pause_ratio`.
@@ -318,6 +332,13 @@ impl RetentionSettings {
         let key = |task: &str, name: &str| format!("{prefix}.{task}.{name}");
         check_duration(&mut errors, format!("{prefix}.lease_ttl"), self.lease_ttl, 3 * SECOND..=10 * MINUTE);
         check_duration(&mut errors, format!("{prefix}.max_clock_skew"), self.max_clock_skew, SECOND..=HOUR);
+        if !(1..=MAX_PARALLELISM).contains(&self.parallelism) {
+            errors.push(SettingError {
+                key: format!("{prefix}.parallelism"),
+                value: self.parallelism.to_string(),
+                allowed: format!("a whole number of connections from 1 to {MAX_PARALLELISM}"),
+            });
+        }
         let pacing = &self.pacing;
         // A batch is one transaction: longer ones hold their row locks and WAL that long.
         check_duration(&mut errors, key("pacing", "batch_time"), pacing.batch_time, Duration::from_millis(1)..=SECOND);

@@ -54,6 +54,8 @@ pub struct RunOptions {
     /// How far the database's clock may be from this process's (and from where it should be
     /// since the last run) before a run refuses to delete: see [`crate::clock_guard`].
     pub max_clock_skew: Duration,
+    /// Connections a full-speed block walk deletes on at once, each on its own block ranges.
+    pub parallelism: u32,
 }
 
 /// Receives a run's progress after every batch.
@@ -79,6 +81,7 @@ impl Default for RunOptions {
             lease_ttl: DEFAULT_LEASE_TTL,
             lease_pool: None,
             max_clock_skew: crate::settings::DEFAULT_MAX_CLOCK_SKEW,
+            parallelism: crate::settings::DEFAULT_PARALLELISM,
         }
     }
 }
@@ -91,6 +94,7 @@ impl std::fmt::Debug for RunOptions {
             .field("progress", &self.progress.is_some())
             .field("scheduled", &self.scheduled)
             .field("lease_ttl", &self.lease_ttl)
+            .field("parallelism", &self.parallelism)
             .finish()
     }
 }
@@ -160,6 +164,16 @@ impl RunContext {
         self.options.batch_time
     }
 
+    /// How many connections a block walk deletes on at once: `parallelism` at full speed, one
+    /// when paced (a paced run leaves the database to the foreground between its batches).
+    pub fn block_workers(&self) -> usize {
+        if self.options.pause_ratio > 0.0 {
+            1
+        } else {
+            self.options.parallelism.max(1) as usize
+        }
+    }
+
     /// Sizes for batches of at most `max_rows` rows, starting at `max_rows`.
     pub fn row_sizer(&self, max_rows: u32) -> BatchSizer {
         BatchSizer::new(max_rows, 1, max_rows, self.options.batch_time)
@@ -178,11 +192,21 @@ impl RunContext {
     /// After every committed batch: reports progress, then pauses in proportion to the batch's
     /// duration when the run is paced (cut short by cancellation).
     pub async fn batch_done(&self, elapsed: Duration, report: &mut RunReport, left: Option<u64>) {
+        self.batch_recorded(elapsed, report, left);
+        self.pause_after(elapsed).await;
+    }
+
+    /// The first half of [`RunContext::batch_done`]: the longest batch and the progress.
+    pub fn batch_recorded(&self, elapsed: Duration, report: &mut RunReport, left: Option<u64>) {
         report.longest_batch = report.longest_batch.max(elapsed);
         tracing::trace!(batch = report.batches, deleted_so_far = report.deleted, elapsed_ms = elapsed.as_millis() as u64, "batch done");
         if let Some(progress) = &self.options.progress {
             progress(Progress { deleted: report.deleted, left });
         }
+    }
+
+    /// The second half of [`RunContext::batch_done`]: the pause of a paced run.
+    pub async fn pause_after(&self, elapsed: Duration) {
         if self.options.pause_ratio > 0.0 {
             let pause = elapsed.mul_f64(self.options.pause_ratio);
             tokio::select! {
