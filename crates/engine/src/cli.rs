@@ -6,7 +6,18 @@ use clap::builder::PossibleValuesParser;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "engine", version, about = "Workflow engine with a retention controller that keeps every table bounded")]
+#[command(
+    name = "engine",
+    version,
+    about = "Workflow engine with a retention controller that keeps every table bounded",
+    after_help = "Examples:
+  engine demo                          # seed a demo database, watch retention clean it, open the status page
+  engine retention run --dry-run       # what every task would delete now, deleting nothing
+  engine retention run                 # run every task once, at full speed
+  engine serve                         # the controller on its schedule, the status page and admin API
+
+No database configured: the engine starts a private PostgreSQL of its own (see README.md)."
+)]
 pub struct Cli {
     /// TOML configuration file, layered over the built-in defaults and under ENGINE__* variables.
     #[arg(long, global = true, env = "ENGINE_CONFIG", value_name = "FILE")]
@@ -19,25 +30,47 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply the database migrations (idempotent).
+    #[command(after_help = "Example: DATABASE_URL=postgres://engine@db/engine engine migrate")]
     Migrate,
-    /// Run the engine: migrations, the retention controller and the admin HTTP server.
+    /// Run the engine: migrations, the retention controller (paced) and the admin server with the status page.
+    #[command(after_help = "Example: ENGINE__HTTP__ADDR=0.0.0.0:8080 engine serve   # then open http://<host>:8080/")]
     Serve,
-    /// Retention tasks on demand.
-    #[command(subcommand)]
+    /// Seed a demo database on the embedded PostgreSQL, clean it as `serve` would, and show the status page.
+    #[command(after_help = "Examples:
+  engine demo                      # about 400,000 rows; a minute or so
+  engine demo --scale reported     # the reported 2.6M-session backlog and 30 days of run history")]
+    Demo {
+        /// How much to seed: `small` (about a tenth of `reported`) or `reported` (the 2.6M
+        /// anonymous sessions of the field report, with run history to match).
+        #[arg(long, value_enum, default_value_t = DemoScale::Small)]
+        scale: DemoScale,
+        /// Run on this server instead of the embedded one (in a database `engine_demo` the demo
+        /// creates there, dropping any earlier one; needs CREATEDB).
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
+    /// Retention tasks on demand: run, pause, resume, status, receipts.
+    #[command(subcommand, after_help = "Example: engine retention status")]
     Retention(RetentionCommand),
-    /// Tenant settings.
-    #[command(subcommand)]
+    /// Tenant settings: how long each tenant's run history is kept.
+    #[command(subcommand, after_help = "Example: engine tenant retention get acme")]
     Tenant(TenantCommand),
     /// Legal holds: a tenant, or one task, that no retention rule deletes while held.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Example: engine hold list")]
     Hold(HoldCommand),
+}
+
+/// How much `engine demo` seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoScale {
+    Small,
+    Reported,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum HoldCommand {
     /// Hold every task of a tenant, or one task, until removed or until an instant.
-    ///
-    /// Example: engine hold add --tenant acme --reason "litigation #42" --until 2027-06-30
+    #[command(after_help = "Example: engine hold add --tenant acme --reason \"litigation #42\" --until 2027-06-30")]
     Add {
         /// The tenant's id or slug.
         #[arg(long)]
@@ -53,6 +86,7 @@ pub enum HoldCommand {
         until: Option<String>,
     },
     /// List the holds in force (with --all, also removed and ended ones).
+    #[command(after_help = "Example: engine hold list --tenant acme --all --json")]
     List {
         /// Only this tenant's (id or slug).
         #[arg(long)]
@@ -64,6 +98,7 @@ pub enum HoldCommand {
         json: bool,
     },
     /// End a hold now (recorded with who and why).
+    #[command(after_help = "Example: engine hold remove 7 --reason \"case closed\"")]
     Remove {
         /// The hold's id, as `hold add` and `hold list` show it.
         id: i64,
@@ -74,14 +109,15 @@ pub enum HoldCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
-    /// A tenant's run-history retention (data_retention_period).
-    #[command(subcommand)]
+    /// A tenant's run-history retention (data_retention_period, and windows per final status).
+    #[command(subcommand, after_help = "Example: engine tenant retention set acme 30days")]
     Retention(TenantRetentionCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TenantRetentionCommand {
     /// Show how long the tenant's finished run history is kept: the default and each status's window.
+    #[command(after_help = "Example: engine tenant retention get acme --json")]
     Get {
         /// The tenant's id or slug.
         tenant: String,
@@ -90,8 +126,10 @@ pub enum TenantRetentionCommand {
         json: bool,
     },
     /// Change the default window, or one status's; applies at the next task-history run.
-    ///
-    /// Example: engine tenant retention set acme 30days --status failed --dry-run
+    #[command(after_help = "Examples:
+  engine tenant retention set acme 30days --dry-run     # what the next run would delete; changes nothing
+  engine tenant retention set acme 90days --status failed
+  engine tenant retention set acme default --status failed")]
     Set {
         /// The tenant's id or slug.
         tenant: String,
@@ -111,6 +149,10 @@ pub enum TenantRetentionCommand {
 #[derive(Debug, Subcommand)]
 pub enum RetentionCommand {
     /// Run tasks once, until nothing is due, and print what each deleted.
+    #[command(after_help = "Examples:
+  engine retention run --dry-run                 # what would go, deleting nothing
+  engine retention run --task sessions --pace    # one task, paced as `serve` runs it
+  engine retention run --json                    # one JSON object per task (docs/operations.md)")]
     Run {
         /// Run only this task (repeat for several). Default: every task.
         #[arg(long = "task", value_name = "NAME", value_parser = PossibleValuesParser::new(retention_controller::tasks::NAMES))]
@@ -122,23 +164,31 @@ pub enum RetentionCommand {
         /// full speed). Without a value: retention.pacing.pause_ratio.
         #[arg(long, value_name = "RATIO", num_args = 0..=1, allow_negative_numbers = true, conflicts_with = "dry_run")]
         pace: Option<Option<f64>>,
+        /// One JSON object per task on stdout, instead of a line for people.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop a task on every replica until it is resumed (a run in progress stops after its batch in flight).
+    #[command(after_help = "Example: engine retention pause task-history")]
     Pause {
         #[arg(value_parser = PossibleValuesParser::new(retention_controller::tasks::NAMES))]
         task: String,
     },
     /// Let a paused task run again, from its next scheduled run.
+    #[command(after_help = "Example: engine retention resume task-history")]
     Resume {
         #[arg(value_parser = PossibleValuesParser::new(retention_controller::tasks::NAMES))]
         task: String,
     },
-    /// Per task: paused or not, the last run and how it ended, rows, when it is next due, and
-    /// where it is running now.
-    Status,
+    /// Per task: paused or not, the last run and how it ended, rows, when it is next due, and who runs it now.
+    #[command(after_help = "Example: engine retention status --json")]
+    Status {
+        /// One JSON object per task, with an estimate of the rows due now (docs/operations.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Deletion receipts: per run, tenant and rule, what was deleted and the instants it spanned.
-    ///
-    /// Example: engine retention receipts --tenant acme --since 2026-11-01 --json
+    #[command(after_help = "Example: engine retention receipts --tenant acme --since 2026-11-01 --json")]
     Receipts {
         /// Only this tenant's (id or slug).
         #[arg(long)]
@@ -153,4 +203,28 @@ pub enum RetentionCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command, at every level: a one-line description and an example.
+    #[test]
+    fn every_command_says_what_it_does_and_shows_an_example() {
+        fn check(command: &clap::Command, path: &str, checked: &mut Vec<String>) {
+            let about = command.get_about().map(|a| a.to_string()).unwrap_or_default();
+            assert!(!about.is_empty() && !about.contains('\n'), "{path}: no one-line description");
+            let after = command.get_after_help().map(|a| a.to_string()).unwrap_or_default();
+            assert!(after.contains("Example") && after.contains("engine "), "{path}: no example");
+            checked.push(path.to_string());
+            for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+                check(sub, &format!("{path} {}", sub.get_name()), checked);
+            }
+        }
+        let mut checked = Vec::new();
+        check(&super::Cli::command(), "engine", &mut checked);
+        assert!(checked.contains(&"engine demo".to_string()) && checked.contains(&"engine retention receipts".to_string()), "{checked:?}");
+        assert_eq!(checked.len(), 18, "{checked:?}");
+    }
 }

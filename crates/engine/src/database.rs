@@ -26,30 +26,59 @@ impl Database {
     /// Connects (starting the embedded server when nothing is configured) and applies migrations
     /// when `migrate` is set.
     pub async fn open(settings: &Settings, migrate: bool) -> anyhow::Result<Database> {
-        let configured = std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty()).or(settings.database.url.clone());
-        let (url, embedded) = match configured {
+        let (url, embedded) = match configured_url(settings) {
             Some(url) => (url, None),
             None => {
-                let data_dir = settings.data_dir().join("postgres");
-                tracing::info!(data_dir = %data_dir.display(), "no database configured; starting a private PostgreSQL");
-                let options = local_postgres::Options::persistent(data_dir);
-                let local = tokio::task::spawn_blocking(move || LocalPostgres::start(options))
-                    .await?
-                    .context("starting the embedded PostgreSQL (no DATABASE_URL or database.url is set)")?;
+                let local = start_embedded(settings).await?;
                 (local.url(), Some(local))
             }
         };
+        let options = url.parse::<PgConnectOptions>().with_context(|| format!("parsing the database URL {}", redact(&url)))?;
+        Database::connect(settings, options, &redact(&url), embedded, migrate).await
+    }
+
+    /// A database of its own, `database`, made afresh (an earlier one is dropped) on the server
+    /// at `server_url`, or on the embedded server when that is `None`; migrated.
+    pub async fn open_fresh(settings: &Settings, server_url: Option<&str>, database: &str) -> anyhow::Result<Database> {
+        let (server, embedded) = match server_url {
+            Some(url) => (url.to_string(), None),
+            None => {
+                let local = start_embedded(settings).await?;
+                (local.url(), Some(local))
+            }
+        };
+        let options = server.parse::<PgConnectOptions>().with_context(|| format!("parsing the database URL {}", redact(&server)))?;
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.database.connect_timeout)
+            .connect_with(options.clone())
+            .await
+            .with_context(|| format!("connecting to the database at {}", redact(&server)))?;
+        let made = async {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&admin).await?;
+            sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await
+        }
+        .await;
+        admin.close().await;
+        made.with_context(|| format!("making the database {database} (the role needs CREATEDB)"))?;
+        Database::connect(settings, options.database(database), &format!("{} (database {database})", redact(&server)), embedded, true).await
+    }
+
+    async fn connect(
+        settings: &Settings,
+        options: PgConnectOptions,
+        shown: &str,
+        embedded: Option<LocalPostgres>,
+        migrate: bool,
+    ) -> anyhow::Result<Database> {
         // Room for each day partition's prepared statements, so their plans stay cached.
-        let options = url
-            .parse::<PgConnectOptions>()
-            .with_context(|| format!("parsing the database URL {}", redact(&url)))?
-            .statement_cache_capacity(2000);
+        let options = options.statement_cache_capacity(2000);
         let pool = PgPoolOptions::new()
             .max_connections(settings.database.max_connections)
             .acquire_timeout(settings.database.connect_timeout)
             .connect_with(options.clone())
             .await
-            .with_context(|| format!("connecting to the database at {}", redact(&url)))?;
+            .with_context(|| format!("connecting to the database at {shown}"))?;
         let lease_pool = PgPoolOptions::new()
             .max_connections(LEASE_CONNECTIONS)
             .acquire_timeout(settings.database.connect_timeout)
@@ -81,6 +110,21 @@ impl Database {
             }
         }
     }
+}
+
+/// The database the settings name: `DATABASE_URL`, else `database.url`.
+pub fn configured_url(settings: &Settings) -> Option<String> {
+    std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty()).or(settings.database.url.clone())
+}
+
+/// Starts (or joins) the private PostgreSQL under `data_dir`.
+async fn start_embedded(settings: &Settings) -> anyhow::Result<LocalPostgres> {
+    let data_dir = settings.data_dir().join("postgres");
+    tracing::info!(data_dir = %data_dir.display(), "no database configured; starting a private PostgreSQL");
+    let options = local_postgres::Options::persistent(data_dir);
+    tokio::task::spawn_blocking(move || LocalPostgres::start(options))
+        .await?
+        .context("starting the embedded PostgreSQL (no DATABASE_URL or database.url is set)")
 }
 
 /// `engine migrate`.

@@ -1,5 +1,5 @@
-//! The admin HTTP server: `/healthz` (the process is up), `/readyz` (the database answers),
-//! `/metrics` (Prometheus text format), and the tenant retention API under `/api/v1`, which needs
+//! The admin HTTP server: `/` (the status page), `/healthz` (the process is up), `/readyz` (the
+//! database answers), `/metrics` (Prometheus text format), and the tenant retention API under `/api/v1`, which needs
 //! `Authorization: Bearer <http.admin_token>`.
 
 use std::sync::Arc;
@@ -9,11 +9,12 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use retention_controller::holds::{self, HoldError, HoldRequest};
+use retention_controller::MaintenanceTask;
 use retention_controller::tenant_retention::{self, RetentionError, Setting};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -27,6 +28,8 @@ pub struct AppState {
     /// For previews: what `task-history` counts as a deleted tenant's grace.
     pub deleted_tenant_grace: Duration,
     pub metrics: Option<PrometheusHandle>,
+    /// The tasks the status page shows (their schedules, and estimates of the rows due).
+    pub tasks: Arc<Vec<Arc<dyn MaintenanceTask>>>,
 }
 
 /// How long `/readyz` waits for the database.
@@ -43,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(status_page))
         .merge(api)
         .with_state(state)
 }
@@ -66,6 +70,23 @@ async fn metrics(State(state): State<AppState>) -> Response {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
         }
         None => error(StatusCode::NOT_FOUND, "metrics are not recorded by this process"),
+    }
+}
+
+/// The status page (see [`crate::status_page`]): open like `/metrics`, and like it without
+/// tenant data.
+async fn status_page(State(state): State<AppState>) -> Response {
+    match crate::status_page::Snapshot::read(&state.pool, &state.tasks).await {
+        Ok(snapshot) => Html(crate::status_page::render(&snapshot)).into_response(),
+        Err(failure) => {
+            tracing::warn!(error = %failure, "status page");
+            let body = format!(
+                "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"{}\"><title>engine · retention status</title></head><body><h1>Retention status</h1><p id=\"unavailable\">The database did not answer; this page tries again every {} s.</p></body></html>",
+                crate::status_page::REFRESH_SECONDS,
+                crate::status_page::REFRESH_SECONDS
+            );
+            (StatusCode::SERVICE_UNAVAILABLE, Html(body)).into_response()
+        }
     }
 }
 

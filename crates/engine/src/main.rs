@@ -1,15 +1,20 @@
 //! `engine`: loads the settings, opens the database (the configured one, or a private local
 //! PostgreSQL) and runs a command.
 
+mod chart;
 mod cli;
 mod database;
+mod demo;
 mod hold;
 mod http;
+mod human;
 mod progress;
 mod retention;
 mod serve;
 mod settings;
 mod shutdown;
+mod status;
+mod status_page;
 mod tenant;
 
 use std::io::IsTerminal;
@@ -23,8 +28,10 @@ use crate::settings::Settings;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo's own output says what happens; its logs only what went wrong.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) { "warn,sqlx=error" } else { "info,sqlx=warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -41,12 +48,13 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Migrate => database::migrate(&settings).await.map(|()| ExitCode::SUCCESS),
             Command::Serve => serve::serve(&settings).await.map(|()| ExitCode::SUCCESS),
-            Command::Retention(RetentionCommand::Run { tasks, dry_run, pace }) => {
-                retention::run(&settings, &tasks, dry_run, pace).await
+            Command::Demo { scale, database_url } => demo::demo(&settings, scale, database_url.as_deref()).await,
+            Command::Retention(RetentionCommand::Run { tasks, dry_run, pace, json }) => {
+                retention::run(&settings, &tasks, dry_run, pace, json).await
             }
             Command::Retention(RetentionCommand::Pause { task }) => retention::set_paused(&settings, &task, true).await,
             Command::Retention(RetentionCommand::Resume { task }) => retention::set_paused(&settings, &task, false).await,
-            Command::Retention(RetentionCommand::Status) => retention::status(&settings).await,
+            Command::Retention(RetentionCommand::Status { json }) => retention::status(&settings, json).await,
             Command::Retention(RetentionCommand::Receipts { tenant, since, limit, json }) => {
                 retention::receipts(&settings, tenant.as_deref(), since.as_deref(), limit, json).await
             }

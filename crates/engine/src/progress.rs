@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use retention_controller::{Progress, ProgressFn};
 
+use crate::human::thousands;
+
 const TERMINAL_EVERY: Duration = Duration::from_millis(200);
 const LINES_EVERY: Duration = Duration::from_secs(30);
 
@@ -88,18 +90,6 @@ pub fn describe(task: &str, deleted: u64, left: Option<u64>, elapsed: Duration) 
     line
 }
 
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,12 +99,5 @@ mod tests {
         let line = describe("sessions", 1_200_000, Some(1_400_000), Duration::from_secs(2));
         assert_eq!(line, "sessions: 1,200,000 rows deleted, 600,000 rows/s, about 1,400,000 left (3s)");
         assert_eq!(describe("task-history", 999, None, Duration::from_secs(1)), "task-history: 999 rows deleted, 999 rows/s");
-    }
-
-    #[test]
-    fn thousands_are_grouped() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(1_000), "1,000");
-        assert_eq!(thousands(2_598_000), "2,598,000");
     }
 }

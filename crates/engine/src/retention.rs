@@ -9,8 +9,12 @@ use retention_controller::{run_once_with, tasks, Completion, MaintenanceTask, Ru
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use serde_json::{json, Value};
+
 use crate::database::Database;
+use crate::human::{self, thousands};
 use crate::progress::Meter;
+use crate::status;
 use crate::settings::Settings;
 use crate::shutdown;
 
@@ -18,8 +22,9 @@ use crate::shutdown;
 const BUSY_RETRY: Duration = Duration::from_secs(1);
 
 /// `pace`: `None` for full speed, `Some(None)` for the configured `retention.pacing.pause_ratio`,
-/// `Some(Some(ratio))` for that ratio.
-pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: Option<Option<f64>>) -> anyhow::Result<ExitCode> {
+/// `Some(Some(ratio))` for that ratio. With `json`, one JSON object per task on stdout (see
+/// docs/operations.md, "Output for scripts").
+pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: Option<Option<f64>>, json: bool) -> anyhow::Result<ExitCode> {
     let pacing = &settings.retention.pacing;
     let pause_ratio = match pace {
         None => 0.0,
@@ -44,10 +49,21 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
         if cancel.is_cancelled() {
             break;
         }
-        let result = if dry_run { dry_run_task(task.as_ref(), &db.pool).await } else { run_task(task.as_ref(), &db.pool, &cancel, &options).await };
-        if let Err(error) = result {
-            println!("{}: failed: {error:#}", task.name());
-            failed = true;
+        let printed = if dry_run {
+            dry_run_task(task.as_ref(), &db.pool, json).await
+        } else {
+            run_task(task.as_ref(), &db.pool, &cancel, &options).await.map(|ran| ran.print(json))
+        };
+        match printed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) | Err(error) => {
+                if json {
+                    println!("{}", json!({ "task": task.name(), "error": format!("{error:#}") }));
+                } else {
+                    println!("{}: failed: {error:#}", task.name());
+                }
+                failed = true;
+            }
         }
     }
     db.close().await;
@@ -60,29 +76,113 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
     })
 }
 
-async fn dry_run_task(task: &dyn MaintenanceTask, pool: &PgPool) -> anyhow::Result<()> {
+async fn dry_run_task(task: &dyn MaintenanceTask, pool: &PgPool, json: bool) -> anyhow::Result<anyhow::Result<()>> {
     let report = task.dry_run(pool).await?;
-    println!("{}: would delete {} rows ({}) [dry run: nothing deleted]", task.name(), report.due, parts(&report.by_rule));
     let ids: Vec<_> = report.by_tenant.iter().map(|(id, _)| *id).collect();
     let slugs = repository::tenants::slugs(pool, &ids).await?;
     let mut by_tenant = report.by_tenant.clone();
     by_tenant.sort_by(|(a, x), (b, y)| y.cmp(x).then(a.cmp(b)));
+    if json {
+        let tenants: Vec<Value> =
+            by_tenant.iter().map(|(id, tasks)| json!({ "tenant_id": id, "slug": slugs.get(id), "tasks": tasks })).collect();
+        println!(
+            "{}",
+            json!({ "task": task.name(), "dry_run": true, "due": report.due, "by_rule": counts(&report.by_rule), "by_tenant": tenants })
+        );
+        return Ok(Ok(()));
+    }
+    if report.due == 0 {
+        println!("{}: nothing due [dry run]", task.name());
+    } else {
+        println!("{}: would delete {} rows{} [dry run: nothing deleted]", task.name(), thousands(report.due), parts(&report.by_rule));
+    }
     for (tenant, tasks) in by_tenant {
         let slug = slugs.get(&tenant).map(String::as_str).unwrap_or("(no such tenant)");
-        println!("  tenant {slug} ({tenant}): {tasks} tasks, with their events and queue items");
+        println!("  tenant {slug} ({tenant}): {} tasks, with their events and queue items", thousands(tasks));
     }
-    Ok(())
+    Ok(Ok(()))
+}
+
+/// What a manual run of one task did, over every run it took.
+struct Ran {
+    task: &'static str,
+    report: RunReport,
+    elapsed: Duration,
+    runs: u32,
+    stopped_because: Option<StopReason>,
+    /// The task was paused: nothing ran.
+    paused: bool,
+}
+
+impl Ran {
+    /// Prints the summary line (or JSON object); a lease lost or not renewed left work undone,
+    /// which is an error, where a pause is the operator's choice.
+    fn print(&self, json: bool) -> anyhow::Result<()> {
+        if json {
+            println!("{}", self.json());
+        } else {
+            println!("{}", self.describe());
+        }
+        match self.stopped_because {
+            Some(reason @ (StopReason::LeaseLost | StopReason::LeaseNotRenewed)) => anyhow::bail!("{}; run again to finish", reason.as_str()),
+            _ => Ok(()),
+        }
+    }
+
+    /// "sessions: deleted 2,598,000 rows in 312 batches (expired: 1,000, anonymous-stale:
+    /// 2,597,000) in 3.2 s, longest batch 61 ms"; "partitions: nothing due; days created: 7 (150 ms)".
+    fn describe(&self) -> String {
+        let (task, total) = (self.task, &self.report);
+        if self.paused {
+            return format!("{task}: paused, nothing deleted (`engine retention resume {task}` lets it run again)");
+        }
+        let counters: Vec<_> = total.counters.iter().filter(|(_, n)| *n > 0).map(|(what, n)| format!("{what}: {}", thousands(*n))).collect();
+        let counters = if counters.is_empty() { String::new() } else { format!("; {}", counters.join(", ")) };
+        let over = if self.runs > 1 { format!(" over {} runs", self.runs) } else { String::new() };
+        let note = match (total.completion, self.stopped_because) {
+            (Completion::Cancelled, Some(reason)) => format!(" [stopped: {}; the batch in flight was committed]", reason.as_str()),
+            (Completion::Cancelled, None) => " [cancelled: the batch in flight was committed; run again to finish]".into(),
+            _ => String::new(),
+        };
+        if total.deleted == 0 {
+            return format!("{task}: nothing due{counters} ({}{over}){note}", human::duration(self.elapsed));
+        }
+        format!(
+            "{task}: deleted {} rows in {} {}{}{counters} in {}{over}, longest batch {}{note}",
+            thousands(total.deleted),
+            thousands(total.batches),
+            if total.batches == 1 { "batch" } else { "batches" },
+            parts(&total.by_rule),
+            human::duration(self.elapsed),
+            human::duration(total.longest_batch),
+        )
+    }
+
+    fn json(&self) -> Value {
+        let total = &self.report;
+        json!({
+            "task": self.task,
+            "paused": self.paused,
+            "deleted": total.deleted,
+            "batches": total.batches,
+            "by_rule": counts(&total.by_rule),
+            "counters": counts(&total.counters),
+            "seconds": (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+            "longest_batch_ms": total.longest_batch.as_millis() as u64,
+            "runs": self.runs,
+            "completion": total.completion.as_str(),
+            "stopped_because": self.stopped_because.map(StopReason::as_str),
+        })
+    }
 }
 
 /// Runs until a run ends with nothing due: a run that stops at its deadline is followed by
 /// another, and a task held by another runner is waited for.
-async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &CancellationToken, options: &RunOptions) -> anyhow::Result<()> {
+async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &CancellationToken, options: &RunOptions) -> anyhow::Result<Ran> {
     let started = Instant::now();
     let meter = Meter::new(task.name(), std::io::stderr().is_terminal());
     let options = RunOptions { progress: Some(meter.callback()), ..options.clone() };
-    let mut total = RunReport::default();
-    let mut stopped_because = None;
-    let mut runs = 0u32;
+    let mut ran = Ran { task: task.name(), report: RunReport::default(), elapsed: Duration::ZERO, runs: 0, stopped_because: None, paused: false };
     let mut waiting_said = false;
     loop {
         let outcome = run_once_with(task, pool, cancel, &options).await;
@@ -91,19 +191,18 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
         }
         match outcome? {
             RunOutcome::Ran(summary) => {
-                runs += 1;
+                ran.runs += 1;
                 meter.run_ended(summary.report.deleted);
-                total.absorb(summary.report);
-                stopped_because = summary.stopped_because;
-                if total.completion != Completion::DeadlineReached {
+                ran.report.absorb(summary.report);
+                ran.stopped_because = summary.stopped_because;
+                if ran.report.completion != Completion::DeadlineReached {
                     break;
                 }
             }
             RunOutcome::NotDue(_) => unreachable!("manual runs are not scheduled"),
             RunOutcome::Paused => {
-                meter.finish();
-                println!("{0}: paused, nothing deleted (`engine retention resume {0}` lets it run again)", task.name());
-                return Ok(());
+                ran.paused = true;
+                break;
             }
             RunOutcome::Busy => {
                 if !waiting_said {
@@ -112,7 +211,7 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => {
-                        total.completion = Completion::Cancelled;
+                        ran.report.completion = Completion::Cancelled;
                         break;
                     }
                     _ = tokio::time::sleep(BUSY_RETRY) => {}
@@ -121,31 +220,24 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
         }
     }
     meter.finish();
-    let note = match (total.completion, stopped_because) {
-        (Completion::Cancelled, Some(reason)) => format!(" [stopped: {}; the batch in flight was committed]", reason.as_str()),
-        (Completion::Cancelled, None) => " [cancelled: the batch in flight was committed; run again to finish]".into(),
-        _ => String::new(),
-    };
-    let counters = if total.counters.is_empty() { String::new() } else { format!(" [{}]", parts(&total.counters)) };
-    println!(
-        "{}: deleted {} rows in {} batches ({}){counters} in {:.2}s, longest batch {} ms{}{note}",
-        task.name(),
-        total.deleted,
-        total.batches,
-        parts(&total.by_rule),
-        started.elapsed().as_secs_f64(),
-        total.longest_batch.as_millis(),
-        if runs > 1 { format!(" over {runs} runs") } else { String::new() },
-    );
-    // A pause is the operator's choice; a lease lost or not renewed left work undone.
-    match stopped_because {
-        Some(reason @ (StopReason::LeaseLost | StopReason::LeaseNotRenewed)) => anyhow::bail!("{}; run again to finish", reason.as_str()),
-        _ => Ok(()),
+    ran.elapsed = started.elapsed();
+    Ok(ran)
+}
+
+/// " (expired: 1,000, anonymous-stale: 2,597,000)", leaving out the parts that deleted nothing;
+/// empty when every part did.
+fn parts(by_rule: &[(&'static str, u64)]) -> String {
+    let parts: Vec<_> = by_rule.iter().filter(|(_, n)| *n > 0).map(|(rule, n)| format!("{rule}: {}", thousands(*n))).collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
     }
 }
 
-fn parts(by_rule: &[(&'static str, u64)]) -> String {
-    by_rule.iter().map(|(rule, n)| format!("{rule}: {n}")).collect::<Vec<_>>().join(", ")
+/// `{"expired": 1000, ...}`.
+fn counts(by_rule: &[(&'static str, u64)]) -> Value {
+    Value::Object(by_rule.iter().map(|(rule, n)| (rule.to_string(), json!(n))).collect())
 }
 
 /// `engine retention pause|resume <task>`: persisted in `maintenance_tasks`, read by every
@@ -163,36 +255,31 @@ pub async fn set_paused(settings: &Settings, task: &str, paused: bool) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-/// `engine retention status`: one line per task.
-pub async fn status(settings: &Settings) -> anyhow::Result<ExitCode> {
+/// `engine retention status`: one line per task, or with `json` one JSON object per task.
+pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let db = Database::open(settings, settings.database.migrate).await?;
+    let states = status::tasks(&db.pool, &tasks::all(&settings.retention), json).await;
+    db.close().await;
+    let states = states?;
+    if json {
+        for state in &states {
+            println!("{}", serde_json::to_string(state)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     println!("{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} holder", "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)");
-    for task in tasks::all(&settings.retention) {
-        let state = repository::maintenance::state(&db.pool, task.name()).await?;
-        let held = state.holder.is_some();
-        let time = |t: Option<chrono::DateTime<chrono::Utc>>| t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
-        let next_due = match (state.paused, state.last_finished_at) {
-            (true, _) => "paused".to_string(),
-            (false, Some(finished)) => {
-                let interval = chrono::Duration::from_std(task.schedule().interval).unwrap_or(chrono::Duration::MAX);
-                time(finished.checked_add_signed(interval)).unwrap_or_else(|| "-".into())
-            }
-            (false, None) if held => "running now".into(),
-            (false, None) => "on the next start".into(),
-        };
-        let holder = state.holder.clone().unwrap_or_else(|| "-".into());
+    for state in states {
         println!(
             "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} {}",
-            task.name(),
+            state.task,
             if state.paused { "yes" } else { "no" },
-            time(state.last_started_at).unwrap_or_else(|| "never".into()),
-            state.last_outcome.as_deref().unwrap_or(if held { "running" } else { "-" }),
-            state.last_rows.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
-            next_due,
-            holder,
+            state.last_run_at.map(status::format_time).unwrap_or_else(|| "never".into()),
+            state.outcome.as_deref().unwrap_or("-"),
+            state.rows.map(|n| thousands(n as u64)).unwrap_or_else(|| "-".into()),
+            state.next_due.describe(),
+            state.holder.as_deref().unwrap_or("-"),
         );
     }
-    db.close().await;
     Ok(ExitCode::SUCCESS)
 }
 

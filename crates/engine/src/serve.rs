@@ -1,8 +1,11 @@
 //! `engine serve`: the retention controller and the admin server, until SIGINT or SIGTERM.
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use retention_controller::{tasks, telemetry, Controller};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::database::Database;
@@ -24,10 +27,19 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin server to http.addr = {}", settings.http.addr))?;
     let db = Database::open(settings, settings.database.migrate).await?;
-    telemetry::configure(settings.metrics.tenant_series as usize, settings.metrics.replica.clone());
+    let served = run(settings, &db, listener, root).await;
+    db.close().await;
+    tracing::info!("engine stopped");
+    served
+}
 
+/// The retention controller (paced) and the admin server on `listener`, until `root` is
+/// cancelled (or the server fails, which cancels it).
+pub async fn run(settings: &Settings, db: &Database, listener: TcpListener, root: CancellationToken) -> anyhow::Result<()> {
+    telemetry::configure(settings.metrics.tenant_series as usize, settings.metrics.replica.clone());
     let tasks = tasks::all(&settings.retention);
     let names: Vec<&str> = tasks.iter().map(|task| task.name()).collect();
+    let shown = Arc::new(tasks.clone());
     let controller = tokio::spawn(Controller::new(db.pool.clone(), tasks).with_options(db.run_options(settings.retention.paced())).run(root.child_token()));
 
     tracing::info!(addr = %listener.local_addr()?, tasks = ?names, "engine serving");
@@ -37,6 +49,7 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
         admin_token_name: settings.http.admin_token_name.as_str().into(),
         deleted_tenant_grace: settings.retention.task_history.deleted_tenant_grace,
         metrics: Some(metrics_recorder()?),
+        tasks: shown,
     };
     if state.admin_token.is_none() {
         tracing::info!("http.admin_token is not set: the /api/v1 admin API refuses every request");
@@ -47,7 +60,5 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     if let Err(error) = controller.await {
         tracing::error!(%error, "retention controller ended abnormally");
     }
-    db.close().await;
-    tracing::info!("engine stopped");
     served
 }

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod clock;
+pub mod demo;
 pub mod heap;
 pub mod history;
 pub mod holds;

@@ -8,6 +8,8 @@ use uuid::Uuid;
 
 /// Runs kept per task in `maintenance_runs`; older ones are deleted as each run finishes.
 pub const RUNS_KEPT_PER_TASK: i64 = 500;
+/// Hours of rows deleted per task kept in `maintenance_rows_by_hour` (31 days).
+pub const HOURS_KEPT: i64 = 31 * 24;
 
 /// Pauses or resumes `task`; returns whether that changed anything.
 pub async fn set_paused(executor: impl PgExecutor<'_>, task: &str, paused: bool) -> Result<bool, sqlx::Error> {
@@ -103,6 +105,13 @@ async fn record_run_finished(
              SET last_finished_at = now(), last_outcome = $4, last_rows = $3, updated_at = now(),
                  last_success_at = CASE WHEN $4 = 'failed' THEN last_success_at ELSE now() END
              WHERE task = $2 AND last_run_id = $1
+         ), hourly AS (
+             INSERT INTO maintenance_rows_by_hour AS h (task, hour, rows, runs, failed)
+             VALUES ($2, date_trunc('hour', now()), $3, 1, CASE WHEN $4 = 'failed' THEN 1 ELSE 0 END)
+             ON CONFLICT (task, hour) DO UPDATE
+             SET rows = h.rows + excluded.rows, runs = h.runs + 1, failed = h.failed + excluded.failed
+         ), old_hours AS (
+             DELETE FROM maintenance_rows_by_hour WHERE hour < now() - $7::interval
          )
          DELETE FROM maintenance_runs r
          WHERE r.task = $2 AND r.run_id IN (
@@ -115,6 +124,7 @@ async fn record_run_finished(
     .bind(outcome.as_str())
     .bind(error)
     .bind(RUNS_KEPT_PER_TASK)
+    .bind(format!("{HOURS_KEPT} hours"))
     .execute(executor)
     .await?;
     Ok(())
@@ -151,4 +161,80 @@ pub async fn state(executor: impl PgExecutor<'_>, task: &str) -> Result<TaskStat
 /// Runs in the log of `task`, newest first.
 pub async fn run_count(executor: impl PgExecutor<'_>, task: &str) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = $1").bind(task).fetch_one(executor).await
+}
+
+/// Rows deleted by one task in one hour (the hour its runs finished).
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct HourRows {
+    pub task: String,
+    pub hour: DateTime<Utc>,
+    pub rows: i64,
+    pub runs: i32,
+    pub failed: i32,
+}
+
+/// Rows deleted per task and hour since `since`, oldest first.
+pub async fn rows_by_hour(executor: impl PgExecutor<'_>, since: DateTime<Utc>) -> Result<Vec<HourRows>, sqlx::Error> {
+    sqlx::query_as("SELECT task, hour, rows, runs, failed FROM maintenance_rows_by_hour WHERE hour >= $1 ORDER BY hour, task")
+        .bind(since)
+        .fetch_all(executor)
+        .await
+}
+
+/// A run that failed, as the run log has it.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct FailedRun {
+    pub run_id: Uuid,
+    pub task: String,
+    pub replica: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+/// The `limit` most recent failed runs, newest first.
+pub async fn failed_runs(executor: impl PgExecutor<'_>, limit: i64) -> Result<Vec<FailedRun>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT run_id, task, replica, started_at, finished_at, error FROM maintenance_runs
+         WHERE outcome = 'failed' ORDER BY started_at DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+}
+
+/// One of the tables retention keeps bounded, as the catalog sees it.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct TableSize {
+    pub table: String,
+    /// Heap, indexes and TOAST, summed over every partition.
+    pub bytes: i64,
+    /// Live rows as the statistics count them (updated as transactions commit, not exact).
+    pub live_rows: i64,
+    /// Partitions attached (0 for a plain table).
+    pub partitions: i64,
+}
+
+/// The tables retention deletes from, with their size and live rows.
+pub const BOUNDED_TABLES: [&str; 5] = ["user_sessions", "queue_items", "tasks", "task_events", "retention_receipts"];
+
+/// Size and live rows of each of [`BOUNDED_TABLES`], partitions summed into their parent.
+pub async fn table_sizes(executor: impl PgExecutor<'_>) -> Result<Vec<TableSize>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT t.name AS table,
+                coalesce(sum(pg_total_relation_size(l.relid)), 0)::bigint AS bytes,
+                coalesce(sum(s.n_live_tup), 0)::bigint AS live_rows,
+                (count(*) FILTER (WHERE l.level = 1))::bigint AS partitions
+         FROM unnest($1::text[]) WITH ORDINALITY AS t(name, n)
+         CROSS JOIN LATERAL (
+             SELECT p.relid::oid AS relid, p.level FROM pg_partition_tree(t.name::regclass) p WHERE p.isleaf
+             UNION ALL
+             SELECT c.oid, 0 FROM pg_class c WHERE c.oid = t.name::regclass AND c.relkind = 'r'
+         ) l
+         LEFT JOIN pg_stat_user_tables s ON s.relid = l.relid
+         GROUP BY t.name, t.n ORDER BY t.n",
+    )
+    .bind(BOUNDED_TABLES.as_slice())
+    .fetch_all(executor)
+    .await
 }

@@ -29,6 +29,12 @@ pub trait MaintenanceTask: Send + Sync + 'static {
 
     /// Counts what a run would delete now, deleting nothing.
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError>;
+
+    /// An estimate of the rows due now that costs next to nothing (statistics, the facts), for
+    /// the status page; `None` when the task cannot tell cheaply.
+    async fn estimate_due(&self, _pool: &PgPool) -> Result<Option<u64>, TaskError> {
+        Ok(None)
+    }
 }
 
 /// How a run paces itself, and who watches it.

@@ -110,6 +110,11 @@ impl MaintenanceTask for QueueItemsTask {
         Ok(report)
     }
 
+    /// The count itself: queue items are few next to the tables they refer to.
+    async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
+        Ok(Some(queue_items::count_due(pool).await? as u64))
+    }
+
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let mut report = DryRunReport::default();
         report.add(RULE, queue_items::count_due(pool).await? as u64);

@@ -161,6 +161,11 @@ impl MaintenanceTask for SessionsTask {
         Ok(report)
     }
 
+    async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
+        let cutoffs = self.cutoffs(pool).await?;
+        Ok(Some(sessions::estimate_due(pool, &cutoffs).await?.round() as u64))
+    }
+
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let cutoffs = self.cutoffs(pool).await?;
         let due = sessions::count_due(pool, &cutoffs).await?;

@@ -496,6 +496,13 @@ impl MaintenanceTask for TaskHistoryTask {
         Ok(report)
     }
 
+    /// From the facts: each due (range, tenant) pair's estimate (tasks only, without their
+    /// events), as the run plans them.
+    async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
+        let pairs = facts::due_pairs(pool, self.settings.deleted_tenant_grace).await?;
+        Ok(Some(pairs.iter().map(Pair::due_estimate).sum::<f64>().round() as u64))
+    }
+
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         self.count_due(pool).await
     }

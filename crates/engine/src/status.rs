@@ -1,0 +1,114 @@
+//! Where each retention task stands: what `engine retention status` prints (as a table or JSON)
+//! and the status page shows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use retention_controller::MaintenanceTask;
+use serde::Serialize;
+use sqlx::PgPool;
+
+/// How long an estimate of the rows due may take before it is left out.
+const ESTIMATE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One task's state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskStatus {
+    pub task: &'static str,
+    pub paused: bool,
+    /// When its last run started, on any replica.
+    pub last_run_at: Option<DateTime<Utc>>,
+    /// `done`, `deadline reached`, `cancelled`, `failed`; `running` while it runs; none before a first run.
+    pub outcome: Option<String>,
+    /// Rows its last finished run deleted.
+    pub rows: Option<i64>,
+    pub next_due: NextDue,
+    /// The replica running it now.
+    pub holder: Option<String>,
+    /// An estimate of the rows due now, when the task can tell cheaply (`with_estimates`).
+    pub rows_due: Option<u64>,
+}
+
+/// When a task runs next.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", content = "at", rename_all = "snake_case")]
+pub enum NextDue {
+    Paused,
+    RunningNow,
+    /// About then: an interval after the last run finished (each replica adds ±10% jitter).
+    At(DateTime<Utc>),
+    /// It never ran: as soon as a controller starts.
+    OnNextStart,
+}
+
+impl NextDue {
+    pub fn describe(&self) -> String {
+        match self {
+            NextDue::Paused => "paused".into(),
+            NextDue::RunningNow => "running now".into(),
+            NextDue::At(at) => format_time(*at),
+            NextDue::OnNextStart => "on the next start".into(),
+        }
+    }
+}
+
+/// "2026-11-29 14:03:07".
+pub fn format_time(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// Every task's state, in `tasks`' order; with `with_estimates`, also the rows due now (each
+/// estimate bounded by [`ESTIMATE_TIMEOUT`], left out when it fails or takes longer).
+pub async fn tasks(pool: &PgPool, tasks: &[Arc<dyn MaintenanceTask>], with_estimates: bool) -> anyhow::Result<Vec<TaskStatus>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let state = repository::maintenance::state(pool, task.name()).await?;
+        let running = state.holder.is_some();
+        let next_due = match (state.paused, state.last_finished_at) {
+            (true, _) => NextDue::Paused,
+            (false, _) if running => NextDue::RunningNow,
+            (false, Some(finished)) => {
+                let interval = chrono::Duration::from_std(task.schedule().interval).unwrap_or(chrono::Duration::MAX);
+                finished.checked_add_signed(interval).map_or(NextDue::OnNextStart, NextDue::At)
+            }
+            (false, None) => NextDue::OnNextStart,
+        };
+        let rows_due = if with_estimates {
+            match tokio::time::timeout(ESTIMATE_TIMEOUT, task.estimate_due(pool)).await {
+                Ok(Ok(estimate)) => estimate,
+                Ok(Err(error)) => {
+                    tracing::warn!(task = task.name(), error = %error, "estimating the rows due");
+                    None
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        out.push(TaskStatus {
+            task: task.name(),
+            paused: state.paused,
+            last_run_at: state.last_started_at,
+            outcome: state.last_outcome.or_else(|| running.then(|| "running".to_string())),
+            rows: state.last_rows,
+            next_due,
+            holder: state.holder,
+            rows_due,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_due_serialises_with_its_state() {
+        let at = DateTime::parse_from_rfc3339("2026-11-29T14:03:07Z").unwrap().with_timezone(&Utc);
+        assert_eq!(serde_json::to_value(NextDue::At(at)).unwrap(), serde_json::json!({"state": "at", "at": "2026-11-29T14:03:07Z"}));
+        assert_eq!(serde_json::to_value(NextDue::Paused).unwrap(), serde_json::json!({"state": "paused"}));
+        assert_eq!(NextDue::At(at).describe(), "2026-11-29 14:03:07");
+    }
+}
