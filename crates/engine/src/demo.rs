@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use repository::demo::DemoSize;
+use repository::demo::{DemoSize, Seeded};
 use retention_controller::tasks;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +61,7 @@ pub async fn demo(settings: &Settings, scale: DemoScale, server_url: Option<&str
 async fn show(settings: &Settings, db: &Database, size: DemoSize, listener: TcpListener, url: &str, root: CancellationToken) -> anyhow::Result<()> {
     let started = Instant::now();
     println!("seeding...");
-    repository::demo::seed(&db.pool, size, |what| println!("  {what}")).await?;
+    repository::demo::seed(&db.pool, size, |seeded| println!("  {}", describe(seeded))).await?;
     println!("seeded in {}", duration(started.elapsed()));
     let before = Tables::read(&db.pool).await?;
     let wal = repository::demo::wal_lsn(&db.pool).await?;
@@ -85,6 +85,21 @@ async fn show(settings: &Settings, db: &Database, size: DemoSize, listener: TcpL
     served
 }
 
+fn describe(seeded: Seeded) -> String {
+    let n = |n: i64| thousands(n.max(0) as u64);
+    match seeded {
+        Seeded::Sessions { anonymous, logged_in } => {
+            format!("{} anonymous sessions created over 30 days, and {logged_in} logged-in users' sessions", n(anonymous))
+        }
+        Seeded::Tenants { tenants, deleted } => format!("{tenants} tenants keeping 1 day to 30 days or forever, {deleted} of them deleted"),
+        Seeded::History { tasks, events, days } => format!("{} finished tasks with {} events over {days} days", n(tasks), n(events)),
+        Seeded::QueueItems { of_gone_tasks, of_queued_tasks } => {
+            format!("{} queue items whose task is gone, {} of queued tasks", n(of_gone_tasks), n(of_queued_tasks))
+        }
+        Seeded::OrphanEvents { events } => format!("{} events whose task is gone", n(events)),
+    }
+}
+
 /// Shows each task's progress until every task has finished a run since `since`; `false` when
 /// stopped first (Ctrl-C).
 async fn watch(db: &Database, settings: &Settings, since: DateTime<Utc>, root: &CancellationToken) -> anyhow::Result<bool> {
@@ -97,12 +112,17 @@ async fn watch(db: &Database, settings: &Settings, since: DateTime<Utc>, root: &
             return Ok(false);
         }
         let states = status::tasks(&db.pool, &all, false).await?;
-        let done = |s: &status::TaskStatus| s.holder.is_none() && s.last_run_at.is_some_and(|at| at >= since) && s.outcome.is_some();
+        let deleted = repository::maintenance::rows_since(&db.pool, since).await?;
+        let rows = |task: &str| thousands(deleted.iter().find(|(t, _)| t == task).map_or(0, |(_, n)| (*n).max(0) as u64));
+        // A run that stopped at its deadline is followed by another at once: not done yet.
+        let done = |s: &status::TaskStatus| {
+            s.holder.is_none() && s.last_run_at.is_some_and(|at| at >= since) && matches!(s.outcome.as_deref(), Some("done" | "failed" | "cancelled"))
+        };
         let line = states
             .iter()
             .map(|s| {
                 if done(s) {
-                    format!("{} {} ({} rows)", s.task, s.outcome.as_deref().unwrap_or("-"), thousands(s.rows.unwrap_or(0).max(0) as u64))
+                    format!("{} {} ({} rows)", s.task, s.outcome.as_deref().unwrap_or("-"), rows(s.task))
                 } else if s.holder.is_some() {
                     format!("{} running", s.task)
                 } else {

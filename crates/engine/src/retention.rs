@@ -224,7 +224,7 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
     Ok(ran)
 }
 
-/// " (expired: 1,000, anonymous-stale: 2,597,000)", leaving out the parts that deleted nothing;
+/// " (expired: 1,000, anonymous: 2,597,000)", leaving out the parts that deleted nothing;
 /// empty when every part did.
 fn parts(by_rule: &[(&'static str, u64)]) -> String {
     let parts: Vec<_> = by_rule.iter().filter(|(_, n)| *n > 0).map(|(rule, n)| format!("{rule}: {}", thousands(*n))).collect();

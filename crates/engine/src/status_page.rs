@@ -79,7 +79,7 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.3rem .6
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .outcome-done{color:#2e7d32}.outcome-failed{color:#c62828;font-weight:600}.paused{color:#ad6800;font-weight:600}
 .legend span{display:inline-block;margin-right:1rem;font-size:.85rem}.legend i{display:inline-block;width:.8rem;height:.8rem;margin-right:.3rem;vertical-align:-1px}
-figure{margin:.5rem 0 1rem}figcaption{font-size:.85rem;color:#555}.error{font-family:ui-monospace,monospace;font-size:.8rem;white-space:pre-wrap}";
+td:first-child{white-space:nowrap}figure{margin:.5rem 0 1rem}figcaption{font-size:.85rem;color:#555}.error{font-family:ui-monospace,monospace;font-size:.8rem;white-space:pre-wrap}";
 
 fn tasks_section(page: &mut String, tasks: &[TaskStatus]) {
     page.push_str(

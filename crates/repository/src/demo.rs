@@ -38,18 +38,28 @@ pub const TENANT_WINDOWS: [Option<&str>; 10] =
 pub const TENANTS: usize = 50;
 const DELETED_TENANTS: usize = 3;
 
-/// Seeds everything; `step` is told what each part seeded.
-pub async fn seed(pool: &PgPool, size: DemoSize, mut step: impl FnMut(&str)) -> Result<(), sqlx::Error> {
+/// What one part of [`seed`] put in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seeded {
+    Sessions { anonymous: i64, logged_in: i64 },
+    Tenants { tenants: usize, deleted: usize },
+    History { tasks: i64, events: i64, days: i64 },
+    QueueItems { of_gone_tasks: i64, of_queued_tasks: i64 },
+    OrphanEvents { events: i64 },
+}
+
+/// Seeds everything; `step` is told what each part seeded as it goes.
+pub async fn seed(pool: &PgPool, size: DemoSize, mut step: impl FnMut(Seeded)) -> Result<(), sqlx::Error> {
     seed_sessions(pool, size.anonymous_sessions).await?;
-    step(&format!("{} anonymous sessions over 30 days, and {LOGGED_IN_USERS} logged-in users' sessions", size.anonymous_sessions));
+    step(Seeded::Sessions { anonymous: size.anonymous_sessions, logged_in: LOGGED_IN_USERS });
     let tenants = seed_tenants(pool).await?;
-    step(&format!("{TENANTS} tenants keeping 1 day to 30 days or forever, {DELETED_TENANTS} of them deleted"));
+    step(Seeded::Tenants { tenants: TENANTS, deleted: DELETED_TENANTS });
     seed_history(pool, &tenants, size.tasks_per_day).await?;
-    step(&format!("{} tasks with {} events over {DAYS} days", size.tasks_per_day * DAYS, 2 * size.tasks_per_day * DAYS));
+    step(Seeded::History { tasks: size.tasks_per_day * DAYS, events: 2 * size.tasks_per_day * DAYS, days: DAYS });
     seed_queue_items(pool, &tenants, size.queue_items).await?;
-    step(&format!("{} queue items whose task is gone, and {} of queued tasks", size.queue_items, size.queue_items));
+    step(Seeded::QueueItems { of_gone_tasks: size.queue_items, of_queued_tasks: size.queue_items });
     seed_orphan_events(pool, &tenants, size.orphan_events).await?;
-    step(&format!("{} events whose task is gone", size.orphan_events));
+    step(Seeded::OrphanEvents { events: size.orphan_events });
     sqlx::query("ANALYZE").execute(pool).await?;
     Ok(())
 }

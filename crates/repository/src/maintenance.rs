@@ -181,6 +181,14 @@ pub async fn rows_by_hour(executor: impl PgExecutor<'_>, since: DateTime<Utc>) -
         .await
 }
 
+/// Rows deleted per task by the runs that started at or after `since` (finished or not yet).
+pub async fn rows_since(executor: impl PgExecutor<'_>, since: DateTime<Utc>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT task, coalesce(sum(rows), 0)::bigint FROM maintenance_runs WHERE started_at >= $1 GROUP BY task")
+        .bind(since)
+        .fetch_all(executor)
+        .await
+}
+
 /// A run that failed, as the run log has it.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct FailedRun {
