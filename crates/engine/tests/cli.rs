@@ -206,10 +206,45 @@ async fn retention_run_deletes_the_due_sessions_and_dry_run_deletes_nothing() {
     assert_eq!(run_lines.len(), 2, "{stderr}");
     assert!(run_lines.iter().all(|l| l.contains("run_id=") && l.contains("task=\"sessions\"")), "{stderr}");
 
-    // Nothing due is success.
+    // Nothing due is success, and says so.
     let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run"]).output().unwrap();
     assert!(output.status.success());
-    assert!(text(&output).0.contains("sessions: deleted 0 rows"));
+    let stdout = text(&output).0;
+    assert!(stdout.lines().any(|l| l.starts_with("sessions: nothing due; ") || l.starts_with("sessions: nothing due (")), "{stdout}");
+    assert!(!stdout.contains("()") && !stdout.contains("[]"), "no empty parts: {stdout}");
+}
+
+/// `--json`: one object per task, for scripts, with the same figures as the human line.
+#[tokio::test]
+async fn run_and_status_print_json_for_scripts() {
+    let db = TestDatabase::new().await;
+    seed(&db).await;
+    let run = |args: &[&str]| {
+        let output = engine().env("DATABASE_URL", &db.url).args(args).output().unwrap();
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect::<Vec<_>>()
+    };
+
+    let due = run(&["retention", "run", "--dry-run", "--task", "sessions", "--json"]);
+    assert_eq!(due, vec![serde_json::json!({"task": "sessions", "dry_run": true, "due": 2, "by_rule": {"expired": 1, "anonymous": 1}, "by_tenant": []})]);
+    let ran = run(&["retention", "run", "--json"]);
+    assert_eq!(ran.iter().map(|o| o["task"].as_str().unwrap()).collect::<Vec<_>>(), ["partitions", "task-history", "queue-items", "sessions"]);
+    let sessions = &ran[3];
+    assert_eq!((sessions["deleted"].as_u64(), sessions["batches"].as_u64()), (Some(2), Some(2)), "{sessions}");
+    assert_eq!(sessions["by_rule"], serde_json::json!({"expired": 1, "anonymous": 1}));
+    assert_eq!((sessions["completion"].as_str(), sessions["runs"].as_u64(), sessions["paused"].as_bool()), (Some("done"), Some(1), Some(false)));
+    assert!(sessions["seconds"].as_f64().is_some() && sessions["longest_batch_ms"].as_u64().is_some(), "{sessions}");
+    assert!(ran[0]["counters"]["days created"].as_u64().is_some_and(|n| n > 0), "{}", ran[0]);
+
+    let status = run(&["retention", "status", "--json"]);
+    assert_eq!(status.len(), 4);
+    let sessions = status.iter().find(|o| o["task"] == "sessions").unwrap();
+    assert_eq!((sessions["outcome"].as_str(), sessions["rows"].as_i64(), sessions["paused"].as_bool()), (Some("done"), Some(2), Some(false)), "{sessions}");
+    assert_eq!(sessions["next_due"]["state"], "at", "{sessions}");
+    // The planner's estimate (a table this small has no statistics to speak of).
+    assert!(sessions["rows_due"].is_u64(), "{sessions}");
+    assert!(sessions["holder"].is_null() && sessions["last_run_at"].is_string(), "{sessions}");
 }
 
 #[tokio::test]
@@ -369,7 +404,7 @@ fn without_a_database_the_engine_runs_on_its_own_private_postgresql() {
         let output = engine().env("ENGINE__DATA_DIR", dir.path()).args(["retention", "run"]).output().unwrap();
         let (stdout, stderr) = text(&output);
         assert!(output.status.success(), "{stderr}");
-        assert!(stdout.contains("sessions: deleted 0 rows"), "{stdout}");
+        assert!(stdout.contains("sessions: nothing due"), "{stdout}");
         assert!(stderr.contains("stopped the embedded PostgreSQL"), "{stderr}");
     }
     assert!(dir.path().join("postgres/PG_VERSION").exists());

@@ -212,7 +212,7 @@ async fn a_dry_run_counts_what_would_go_per_tenant_and_the_run_deletes_exactly_t
     assert_eq!(
         stdout,
         format!(
-            "task-history: would delete 5 rows (retention: 5, deleted-tenants: 0, orphan-events: 0) [dry run: nothing deleted]\n\
+            "task-history: would delete 5 rows (retention: 5) [dry run: nothing deleted]\n\
              \x20 tenant acme ({acme}): 3 tasks, with their events and queue items\n\
              \x20 tenant globex ({globex}): 2 tasks, with their events and queue items\n"
         )
