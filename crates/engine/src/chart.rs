@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use crate::human::thousands;
+use retention_controller::human::thousands;
 
 /// One bar: its label and the rows of each series (in the chart's series order).
 pub struct Bar {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoScale;
 use crate::database::{self, Database};
-use crate::human::{bytes, duration, thousands};
+use retention_controller::human::{bytes, duration, thousands};
 use crate::settings::Settings;
 use crate::{serve, shutdown, status};
 

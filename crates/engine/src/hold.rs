@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use repository::holds::Hold;
 use repository::receipts::Receipt;
 use retention_controller::holds::{self, HoldError, HoldRequest};
+use retention_controller::human::thousands;
 use serde_json::{json, Value};
 
 use crate::cli::HoldCommand;
@@ -101,8 +102,8 @@ pub fn describe_receipt(r: &Receipt) -> String {
         r.tenant_id,
         r.task,
         r.rule,
-        r.tasks,
-        r.events,
-        r.queue_items
+        thousands(r.tasks.max(0) as u64),
+        thousands(r.events.max(0) as u64),
+        thousands(r.queue_items.max(0) as u64)
     )
 }

@@ -7,7 +7,6 @@ mod database;
 mod demo;
 mod hold;
 mod http;
-mod human;
 mod progress;
 mod retention;
 mod serve;

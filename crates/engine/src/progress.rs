@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use retention_controller::{Progress, ProgressFn};
 
-use crate::human::thousands;
+use retention_controller::human::thousands;
 
 const TERMINAL_EVERY: Duration = Duration::from_millis(200);
 const LINES_EVERY: Duration = Duration::from_secs(30);

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use serde_json::{json, Value};
 
 use crate::database::Database;
-use crate::human::{self, thousands};
+use retention_controller::human::{self, thousands};
 use crate::progress::Meter;
 use crate::status;
 use crate::settings::Settings;

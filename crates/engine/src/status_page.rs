@@ -11,7 +11,7 @@ use retention_controller::MaintenanceTask;
 use sqlx::PgPool;
 
 use crate::chart::{self, Bar};
-use crate::human::{bytes, thousands};
+use retention_controller::human::{bytes, thousands};
 use crate::status::{self, TaskStatus};
 
 /// Seconds between the page's refreshes.

@@ -14,6 +14,7 @@ mod controller;
 mod history;
 pub mod history_policy;
 pub mod holds;
+pub mod human;
 pub mod schedule;
 pub mod settings;
 mod statistics;

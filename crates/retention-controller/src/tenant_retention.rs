@@ -9,6 +9,8 @@ use std::time::Duration;
 use repository::tenants::{self, FinalStatus, StatusWindow, Tenant};
 use repository::PgPool;
 
+use crate::human::thousands;
+
 pub const MIN_RETENTION: Duration = Duration::from_secs(3600);
 /// 100 years as humantime counts them (365.25 days each).
 pub const MAX_RETENTION: Duration = Duration::from_secs(3_155_760_000);
@@ -180,15 +182,17 @@ pub struct Preview {
 impl fmt::Display for Preview {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let total: i64 = self.tasks.iter().map(|(_, n)| n).sum();
-        let by_status: Vec<String> = self.tasks.iter().map(|(status, n)| format!("{status} {n}")).collect();
+        let n = |n: i64| thousands(n.max(0) as u64);
+        let by_status: Vec<String> = self.tasks.iter().map(|(status, count)| format!("{status} {}", n(*count))).collect();
         write!(
             f,
-            "dry run, nothing changed: tenant {} ({}) with {}: the next task-history run would delete {total} tasks ({}) and {} events",
+            "dry run, nothing changed: tenant {} ({}) with {}: the next task-history run would delete {} tasks ({}) and {} events",
             self.after.slug,
             self.after.id,
             windows(&self.after),
+            n(total),
             if by_status.is_empty() { "none".to_string() } else { by_status.join(", ") },
-            self.events
+            n(self.events)
         )
     }
 }
