@@ -56,10 +56,7 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         backlog_days: i64,
     },
-    /// Purging the reported 2.6M-row sessions backlog: the engine at full speed and paced, a bare
-    /// DELETE and the common LIMIT 1000 loop on identical copies, with a foreground workload;
-    /// then a steady-state run with 100 due rows among many kept.
-    /// The queue-items task's steady state: a few due items among many live ones, against a bare DELETE
+    /// The queue-items task's steady state: a few due items among many live ones, against a bare DELETE.
     QueueItems {
         /// Live queue items (over 10,000 running tasks)
         #[arg(long, default_value_t = 10_000_000)]
@@ -71,6 +68,9 @@ enum Bench {
         #[arg(long, default_value_t = 9)]
         samples: usize,
     },
+    /// Purging the reported 2.6M-row sessions backlog: the engine at full speed and paced, a bare
+    /// DELETE and the common LIMIT 1000 loop on identical copies, with a foreground workload;
+    /// then a steady-state run with 100 due rows among many kept.
     Sessions {
         /// Due rows in the backlog (6,000 more are kept).
         #[arg(long, default_value_t = 2_598_000)]
