@@ -94,6 +94,13 @@ enum Bench {
         /// Only the steady-state measurement.
         #[arg(long)]
         steady_only: bool,
+        /// Rounds of every strategy, each on fresh copies (the LIMIT 1000 loop only in the
+        /// first); with more than one, medians and ranges of the ratios.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// retention.parallelism for the engine's runs (default: the engine's).
+        #[arg(long)]
+        parallelism: Option<u32>,
     },
 }
 
@@ -109,8 +116,9 @@ async fn main() -> anyhow::Result<()> {
             history::run(history::Args { sections, tenants, days, rows, due, samples, day_rows, kept, backlog_tasks, backlog_tenants, backlog_days }).await
         }
         Bench::QueueItems { items, due, samples } => queue_items::run(queue_items::Args { items, due, samples }).await,
-        Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only } => {
-            sessions::run(sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only }).await
+        Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only, runs, parallelism } => {
+            let args = sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only, runs, parallelism };
+            sessions::run(args).await
         }
     }
 }

@@ -49,6 +49,10 @@ pub struct Args {
     pub steady_rows: i64,
     /// Only the steady-state measurement.
     pub steady_only: bool,
+    /// Rounds of every strategy (each on fresh copies); with more than one, medians and ranges.
+    pub runs: usize,
+    /// `retention.parallelism` for the engine's runs (default: the engine's).
+    pub parallelism: Option<u32>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -62,9 +66,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("bench sessions: {} due rows, {} kept", args.rows, KEPT_ANONYMOUS + KEPT_LOGGED_IN);
     seed(&bench, args.rows).await?;
 
+    let mut rounds = Vec::new();
+    for round in 0..args.runs.max(1) {
+        if args.runs > 1 {
+            println!("\n== run {} of {}", round + 1, args.runs);
+        }
+        let (idle, results) = one_round(&bench, &args, &engine, has_statements, round == 0).await?;
+        print_report(&idle, &results);
+        rounds.push((idle, results));
+    }
+    if rounds.len() > 1 {
+        print_summary(&rounds);
+    }
+    if args.steady_rows > 0 {
+        steady_state(&bench, args.steady_rows).await?;
+    }
+    Ok(())
+}
+
+
+/// Every strategy once, each on its own copy, with the idle foreground measured first; the
+/// LIMIT 1000 loop only when `with_cte` (it is the common fix's reference, not a goal).
+async fn one_round(bench: &BenchDb, args: &Args, engine: &PathBuf, has_statements: bool, with_cte: bool) -> anyhow::Result<(Latencies, Vec<Measured>)> {
     let mut results = Vec::new();
     let idle = {
-        let copy = Copy::create(&bench, "idle").await?;
+        let copy = Copy::create(bench, "idle").await?;
         let foreground = Foreground::start(&copy.pool).await?;
         tokio::time::sleep(IDLE_FOR).await;
         let latencies = foreground.stop().await;
@@ -73,7 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     eprintln!("  idle foreground: {}", idle.describe());
 
-    results.push(measure(&bench, "bare DELETE", has_statements, |copy| async move {
+    results.push(measure(bench, "bare DELETE", has_statements, |copy| async move {
         let gone = sqlx::query(&format!("DELETE FROM user_sessions WHERE {RULE}")).execute(&copy.pool).await?.rows_affected();
         Ok(Outcome { deleted: gone, note: String::new(), extrapolated_to: None, peak_rss_kb: None })
     })
@@ -81,7 +107,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let budget = args.cte_budget;
     let due = args.rows as u64;
-    results.push(measure(&bench, "CTE LIMIT 1000 loop", has_statements, move |copy| async move {
+    if with_cte {
+    results.push(measure(bench, "CTE LIMIT 1000 loop", has_statements, move |copy| async move {
         let started = Instant::now();
         let mut deleted = 0u64;
         loop {
@@ -102,9 +129,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Ok(Outcome { deleted, note: String::new(), extrapolated_to, peak_rss_kb: None })
     })
     .await?);
+    }
 
-    let env = engine_env(&args);
-    results.push(measure(&bench, "engine, full speed", has_statements, |copy| {
+    let env = engine_env(args);
+    results.push(measure(bench, "engine, full speed", has_statements, |copy| {
         let (engine, env) = (engine.clone(), env.clone());
         async move { run_engine(&engine, &copy.url, &env, &[]).await }
     })
@@ -115,18 +143,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Some(ratio) => (Box::leak(format!("engine, --pace {ratio}").into_boxed_str()), vec!["--pace".into(), ratio.to_string()]),
             None => ("engine, paced (default)", vec!["--pace".into()]),
         };
-        results.push(measure(&bench, name, has_statements, |copy| {
+        results.push(measure(bench, name, has_statements, |copy| {
             let (engine, env, pace_args) = (engine.clone(), env.clone(), pace_args.clone());
             async move { run_engine(&engine, &copy.url, &env, &pace_args).await }
         })
         .await?);
     }
 
-    print_report(&idle, &results);
-    if args.steady_rows > 0 {
-        steady_state(&bench, args.steady_rows).await?;
-    }
-    Ok(())
+    Ok((idle, results))
 }
 
 /// What one strategy did.
@@ -224,6 +248,42 @@ fn print_report(idle: &Latencies, results: &[Measured]) {
             m.outcome.peak_rss_kb.map(|kb| format!("{:.1} MB", kb as f64 / 1024.0)).unwrap_or_default(),
         );
     }
+}
+
+/// Medians and ranges over the runs, each ratio against its own run's bare DELETE and idle
+/// foreground.
+fn print_summary(rounds: &[(Latencies, Vec<Measured>)]) {
+    let mut names: Vec<&'static str> = Vec::new();
+    for (_, results) in rounds {
+        for m in results {
+            if !names.contains(&m.name) {
+                names.push(m.name);
+            }
+        }
+    }
+    println!("\n== {} runs: median (range)", rounds.len());
+    println!("| strategy | vs bare DELETE | foreground p99 vs idle | foreground p99 vs the bare DELETE's |");
+    println!("|---|---|---|---|");
+    for name in names {
+        let (mut walls, mut p99_idle, mut p99_bare) = (Vec::new(), Vec::new(), Vec::new());
+        for (idle, results) in rounds {
+            let bare = &results[0];
+            if let Some(m) = results.iter().find(|m| m.name == name) {
+                let wall = m.outcome.extrapolated_to.unwrap_or(m.wall).as_secs_f64();
+                walls.push(wall / bare.wall.as_secs_f64());
+                p99_idle.push(m.foreground.p99_ms / idle.p99_ms);
+                p99_bare.push(m.foreground.p99_ms / bare.foreground.p99_ms);
+            }
+        }
+        println!("| {name} | {} | {} | {} |", spread(&mut walls), spread(&mut p99_idle), spread(&mut p99_bare));
+    }
+}
+
+/// "0.84x (0.79-0.91x)".
+fn spread(values: &mut [f64]) -> String {
+    values.sort_by(f64::total_cmp);
+    let median = values[values.len() / 2];
+    format!("{median:.2}x ({:.2}-{:.2}x)", values[0], values[values.len() - 1])
 }
 
 // ----- seeding -----------------------------------------------------------------------------
@@ -329,6 +389,9 @@ fn engine_env(args: &Args) -> Vec<(String, String)> {
     }
     if let Some(batch_time) = &args.full_speed_batch_time {
         env.push(("ENGINE__RETENTION__PACING__FULL_SPEED_BATCH_TIME".into(), batch_time.clone()));
+    }
+    if let Some(parallelism) = args.parallelism {
+        env.push(("ENGINE__RETENTION__PARALLELISM".into(), parallelism.to_string()));
     }
     env
 }

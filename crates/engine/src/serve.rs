@@ -15,9 +15,11 @@ use crate::{http, shutdown};
 /// Installs the process's Prometheus recorder: run durations in buckets from 10 ms to 30 min.
 fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
     let buckets = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 600.0, 1800.0];
-    Ok(PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(telemetry::RUN_DURATION.into()), &buckets)?
-        .install_recorder()?)
+        .install_recorder()?;
+    telemetry::describe();
+    Ok(handle)
 }
 
 pub async fn serve(settings: &Settings) -> anyhow::Result<()> {

@@ -116,6 +116,13 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
         "{text}"
     );
     assert_eq!(get("/readyz").0, 200);
+    // Every metric family carries its HELP text (what `promtool check metrics` asks for).
+    let families: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    assert!(families.len() >= 9, "{text}");
+    for family in families {
+        let help = text.lines().find_map(|l| l.strip_prefix(&format!("# HELP {family} "))).unwrap_or_default();
+        assert!(help.len() > 20, "{family} has no HELP: {text}");
+    }
 
     // The database goes away (connections refused, every session cut), then comes back.
     // From another database of the server: a database cannot shut itself out.

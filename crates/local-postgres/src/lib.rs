@@ -37,6 +37,8 @@ pub const SUPERUSER: &str = "engine";
 /// The database created in a new cluster.
 pub const DATABASE: &str = "engine";
 const PORT: u16 = 5432;
+/// The replication slot a standby made by [`Options::standby`] streams from.
+pub const STANDBY_SLOT: &str = "engine_standby";
 /// Unix socket paths are limited to 107 bytes; the socket file name adds 15.
 const MAX_SOCKET_DIR_LEN: usize = 90;
 
@@ -78,17 +80,25 @@ pub struct Options {
     pub settings: Vec<(String, String)>,
     /// Environment variables for the server's processes (a test's `LD_PRELOAD` of libfaketime).
     pub env: Vec<(String, String)>,
+    /// Make a fresh cluster as a streaming standby of this primary's data directory (a running
+    /// local cluster): `pg_basebackup -R` instead of initdb. It replays the primary's WAL, read-only.
+    pub standby_of: Option<PathBuf>,
 }
 
 impl Options {
     /// A persistent cluster with PostgreSQL's defaults.
     pub fn persistent(data_dir: PathBuf) -> Self {
-        Options { data_dir, ephemeral: false, durable: true, settings: Vec::new(), env: Vec::new() }
+        Options { data_dir, ephemeral: false, durable: true, settings: Vec::new(), env: Vec::new(), standby_of: None }
     }
 
     /// A throw-away cluster for tests.
     pub fn throwaway(data_dir: PathBuf) -> Self {
-        Options { data_dir, ephemeral: true, durable: false, settings: Vec::new(), env: Vec::new() }
+        Options { data_dir, ephemeral: true, durable: false, settings: Vec::new(), env: Vec::new(), standby_of: None }
+    }
+
+    /// A throw-away streaming standby of the running local cluster at `primary` (tests).
+    pub fn standby(data_dir: PathBuf, primary: &Path) -> Self {
+        Options { standby_of: Some(primary.to_path_buf()), ..Options::throwaway(data_dir) }
     }
 }
 
@@ -130,8 +140,10 @@ impl LocalPostgres {
         let mut pg = LocalPostgres { bin_dir, data_dir, owner, watchdog: None };
         let _starting = pg.lock(START_LOCK, FlockArg::LockExclusive)?;
         let fresh = !pg.data_dir.join("PG_VERSION").exists();
-        if fresh {
-            pg.initdb(options.ephemeral)?;
+        match (&options.standby_of, fresh) {
+            (Some(primary), true) => pg.base_backup(primary)?,
+            (None, true) => pg.initdb(options.ephemeral)?,
+            _ => {}
         }
         let alone = pg.lock(USERS_LOCK, FlockArg::LockExclusiveNonblock).is_ok();
         if alone {
@@ -147,7 +159,7 @@ impl LocalPostgres {
         let mut start = pg.pg_ctl(["start", "-w", "-t", "120", "-l"]);
         start.arg(pg.data_dir.join("server.log")).envs(options.env.iter().map(|(k, v)| (k, v)));
         pg.run(&mut start)?;
-        if fresh {
+        if fresh && options.standby_of.is_none() {
             pg.run(
                 pg.command("createdb")
                     .args(["-h"])
@@ -239,6 +251,29 @@ impl LocalPostgres {
             .map_err(|source| Error::Io { action: "open", path: conf.clone(), source })?;
         writeln!(file, "\ninclude_if_exists = 'engine.conf'")
             .map_err(|source| Error::Io { action: "write", path: conf, source })
+    }
+
+    /// A copy of the running cluster at `primary` that follows it: `standby.signal` and
+    /// `primary_conninfo` (over the primary's Unix socket) written by `pg_basebackup -R`.
+    fn base_backup(&self, primary: &Path) -> Result<(), Error> {
+        let mut backup = self.command("pg_basebackup");
+        backup
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-h")
+            .arg(primary)
+            .args(["-p", &PORT.to_string(), "-U", SUPERUSER, "-X", "stream", "-R", "--checkpoint=fast", "--no-sync"])
+            // A slot of its own: the primary keeps the WAL it has not received, however far behind.
+            .args(["--create-slot", "--slot", STANDBY_SLOT]);
+        // The primary's postgresql.conf comes along (with its include of engine.conf, which this
+        // cluster rewrites for itself at start), and so does the lock file of its socket, which
+        // lives in its data directory: this cluster's server would take it for another's.
+        self.run(&mut backup)?;
+        let lock = self.data_dir.join(format!(".s.PGSQL.{PORT}.lock"));
+        match fs::remove_file(&lock) {
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => Err(Error::Io { action: "remove", path: lock, source }),
+            _ => Ok(()),
+        }
     }
 
     /// Settings rewritten at every start, so a moved directory keeps working.

@@ -13,6 +13,7 @@ pub mod lease;
 pub mod maintenance;
 pub mod queue_items;
 pub mod receipts;
+pub mod replication;
 pub mod sessions;
 pub mod tenants;
 pub mod watermarks;

@@ -20,6 +20,7 @@ pub mod settings;
 mod statistics;
 mod task;
 pub mod telemetry;
+pub mod throttle;
 pub mod tasks;
 pub mod tenant_retention;
 

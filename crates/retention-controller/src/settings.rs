@@ -67,6 +67,7 @@ pub struct RetentionSettings {
     /// Connections a full-speed run's block walks (sessions' heap walk, run history's sweeps)
     /// delete on at once, each on block ranges of its own. Paced runs use one.
     pub parallelism: u32,
+    pub throttle: ThrottleSettings,
     pub pacing: PacingSettings,
     pub sessions: SessionsSettings,
     pub queue_items: QueueItemsSettings,
@@ -80,6 +81,7 @@ impl Default for RetentionSettings {
             lease_ttl: DEFAULT_LEASE_TTL,
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             parallelism: DEFAULT_PARALLELISM,
+            throttle: ThrottleSettings::default(),
             pacing: PacingSettings::default(),
             sessions: SessionsSettings::default(),
             queue_items: QueueItemsSettings::default(),
@@ -96,6 +98,7 @@ impl RetentionSettings {
             lease_ttl: self.lease_ttl,
             max_clock_skew: self.max_clock_skew,
             parallelism: self.parallelism,
+            throttle: Some(std::sync::Arc::new(crate::throttle::ReplicaThrottle::new(self.throttle.clone()))),
             ..self.pacing.run_options(pause_ratio)
         }
     }
@@ -274,6 +277,37 @@ impl TaskHistorySettings {
     }
 }
 
+/// `retention.throttle.*`: waiting for the standbys (see [`crate::throttle`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThrottleSettings {
+    /// Purges wait between batches while a connected standby is more than this far behind, until
+    /// it is under half of it. `0s` turns the throttle off.
+    #[serde(with = "humantime_serde")]
+    pub max_replica_lag: Duration,
+    /// A standby whose replay position has not moved for this long while behind is stalled, and
+    /// purges stop waiting for it (until it moves again).
+    #[serde(with = "humantime_serde")]
+    pub max_replica_stall: Duration,
+    /// How often the standbys are read (at most; only between batches).
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+pub const DEFAULT_MAX_REPLICA_LAG: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_REPLICA_STALL: Duration = Duration::from_secs(5 * 60);
+pub const DEFAULT_THROTTLE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        ThrottleSettings {
+            max_replica_lag: DEFAULT_MAX_REPLICA_LAG,
+            max_replica_stall: DEFAULT_MAX_REPLICA_STALL,
+            check_interval: DEFAULT_THROTTLE_CHECK_INTERVAL,
+        }
+    }
+}
+
 /// `retention.partitions.*`: the partitions task (day partitions of the history tables).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -339,6 +373,12 @@ impl RetentionSettings {
                 allowed: format!("a whole number of connections from 1 to {MAX_PARALLELISM}"),
             });
         }
+        let throttle = &self.throttle;
+        if !throttle.max_replica_lag.is_zero() {
+            check_duration(&mut errors, format!("{prefix}.throttle.max_replica_lag"), throttle.max_replica_lag, SECOND..=HOUR);
+        }
+        check_duration(&mut errors, format!("{prefix}.throttle.max_replica_stall"), throttle.max_replica_stall, 10 * SECOND..=DAY);
+        check_duration(&mut errors, format!("{prefix}.throttle.check_interval"), throttle.check_interval, Duration::from_millis(100)..=10 * SECOND);
         let pacing = &self.pacing;
         // A batch is one transaction: longer ones hold their row locks and WAL that long.
         check_duration(&mut errors, key("pacing", "batch_time"), pacing.batch_time, Duration::from_millis(1)..=SECOND);

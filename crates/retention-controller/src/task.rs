@@ -62,6 +62,9 @@ pub struct RunOptions {
     pub max_clock_skew: Duration,
     /// Connections a full-speed block walk deletes on at once, each on its own block ranges.
     pub parallelism: u32,
+    /// Waits between batches while a standby is too far behind; shared by every run of the
+    /// process. `None`: never waits (tests and benchmarks that do not ask for it).
+    pub throttle: Option<Arc<crate::throttle::ReplicaThrottle>>,
 }
 
 /// Receives a run's progress after every batch.
@@ -88,6 +91,7 @@ impl Default for RunOptions {
             lease_pool: None,
             max_clock_skew: crate::settings::DEFAULT_MAX_CLOCK_SKEW,
             parallelism: crate::settings::DEFAULT_PARALLELISM,
+            throttle: None,
         }
     }
 }
@@ -211,14 +215,24 @@ impl RunContext {
         }
     }
 
-    /// The second half of [`RunContext::batch_done`]: the pause of a paced run.
+    /// The second half of [`RunContext::batch_done`]: the pause of a paced run, then the wait
+    /// for the standbys (see [`crate::throttle`]).
     pub async fn pause_after(&self, elapsed: Duration) {
+        self.pace(elapsed).await;
+        if let Some(throttle) = &self.options.throttle {
+            throttle.wait(&self.pool, &self.cancel).await;
+        }
+    }
+
+    async fn pace(&self, elapsed: Duration) {
         if self.options.pause_ratio > 0.0 {
             let pause = elapsed.mul_f64(self.options.pause_ratio);
+            let started = Instant::now();
             tokio::select! {
                 _ = self.cancel.cancelled() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
+            crate::telemetry::throttled_for("pace", started.elapsed());
         }
     }
 }

@@ -72,6 +72,85 @@ impl TenantLabels {
     }
 }
 
+/// What kind of series a metric is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric: name, kind, unit and what it means (its Prometheus HELP).
+pub const METRICS: &[(&str, Kind, metrics::Unit, &str)] = &[
+    ("retention_runs_total", Kind::Counter, metrics::Unit::Count, "Runs by task and outcome: done, deadline reached, cancelled, failed; skipped ones: busy (held elsewhere), paused."),
+    ("retention_rows_deleted_total", Kind::Counter, metrics::Unit::Count, "Rows deleted, by task and part of its rule (rows)."),
+    ("retention_tenant_rows_deleted_total", Kind::Counter, metrics::Unit::Count, "Tasks deleted row by row per tenant, each with its events and queue items (rows); tenants past metrics.tenant_series are summed under tenant=\"other\"."),
+    ("retention_partitions_dropped_total", Kind::Counter, metrics::Unit::Count, "Ranges of run history replaced by a rewrite (compaction or merge), each a tasks and a task_events partition dropped whole."),
+    ("retention_history_lock_seconds", Kind::Histogram, metrics::Unit::Seconds, "How long the history tables' exclusive lock was held to attach, swap or drop ranges (seconds)."),
+    ("retention_rows_due", Kind::Gauge, metrics::Unit::Count, "Estimate of the rows still due (rows): live during a run that can tell, 0 when a run leaves nothing due."),
+    ("retention_run_events_total", Kind::Counter, metrics::Unit::Count, "Other things runs did, by event: days created, ranges compacted, heap pages walked, pages skipped, analyzed, ..."),
+    (RUN_DURATION, Kind::Histogram, metrics::Unit::Seconds, "Run durations, by task (seconds)."),
+    ("retention_last_success_timestamp_seconds", Kind::Gauge, metrics::Unit::Seconds, "Unix time of the task's last run that did not fail (seconds since the epoch)."),
+    ("retention_clock_skew_seconds", Kind::Gauge, metrics::Unit::Seconds, "The database's clock minus this process's at the last check before a run (seconds); past retention.max_clock_skew either way, runs fail and delete nothing."),
+    ("retention_lease_held", Kind::Gauge, metrics::Unit::Count, "1 while this replica holds the task's lease (runs it), else 0."),
+    ("retention_throttled", Kind::Gauge, metrics::Unit::Count, "1 while a run waits for a standby to catch up (retention.throttle.max_replica_lag), else 0."),
+    ("retention_throttled_seconds_total", Kind::Counter, metrics::Unit::Seconds, "Time runs spent waiting between batches, by reason: replica_lag (a standby too far behind), pace (the pause of a paced run) (seconds)."),
+    ("retention_replica_lag_seconds", Kind::Gauge, metrics::Unit::Seconds, "How far each connected standby is behind as the throttle last saw it: the age of the oldest WAL it has not replayed (seconds)."),
+    ("retention_replica_lag_bytes", Kind::Gauge, metrics::Unit::Bytes, "WAL written on the primary and not yet replayed by each connected standby, as the throttle last saw it (bytes)."),
+    ("retention_replication_slots_inactive", Kind::Gauge, metrics::Unit::Count, "Replication slots with no standby attached, seen at the throttle's first check: they keep WAL, and retention does not wait for them."),
+    ("retention_standbys_stalled_total", Kind::Counter, metrics::Unit::Count, "Times a standby's replay position stood still for retention.throttle.max_replica_stall while behind, after which purges stopped waiting for it."),
+];
+
+/// Gives every metric of [`METRICS`] its HELP text and unit. Call once the process's recorder
+/// is installed (descriptions go to the recorder installed when they are given).
+pub fn describe() {
+    for (name, kind, unit, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(*name, *unit, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *unit, *help),
+            Kind::Histogram => metrics::describe_histogram!(*name, *unit, *help),
+        }
+    }
+}
+
+pub(crate) fn throttled(waiting: bool) {
+    metrics::gauge!("retention_throttled").set(if waiting { 1.0 } else { 0.0 });
+}
+
+/// Time spent waiting for `reason`; a `stalled` standby is counted, not timed.
+pub(crate) fn throttled_for(reason: &'static str, waited: Duration) {
+    if reason == "stalled" {
+        metrics::counter!("retention_standbys_stalled_total").increment(1);
+    } else {
+        // Counters count whole units: the fraction of a second is carried to the next wait.
+        static CARRIED: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
+        let mut carried = CARRIED.lock().unwrap();
+        let total = match carried.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, left)) => {
+                *left += waited;
+                left
+            }
+            None => {
+                carried.push((reason, waited));
+                &mut carried.last_mut().unwrap().1
+            }
+        };
+        let whole = total.as_secs();
+        *total -= Duration::from_secs(whole);
+        metrics::counter!("retention_throttled_seconds_total", "reason" => reason).increment(whole);
+    }
+}
+
+/// A standby's lag as last seen; `None` once it disconnected (the series then reads 0).
+pub(crate) fn replica_lag(standby: &str, lag: Option<Duration>, bytes: Option<i64>) {
+    metrics::gauge!("retention_replica_lag_seconds", "standby" => standby.to_string()).set(lag.map_or(0.0, |l| l.as_secs_f64()));
+    metrics::gauge!("retention_replica_lag_bytes", "standby" => standby.to_string()).set(bytes.unwrap_or(0) as f64);
+}
+
+pub(crate) fn inactive_slots(n: usize) {
+    metrics::gauge!("retention_replication_slots_inactive").set(n as f64);
+}
+
 pub(crate) fn run_skipped(task: &'static str, why: &'static str) {
     metrics::counter!("retention_runs_total", "task" => task, "outcome" => why).increment(1);
 }

@@ -1,0 +1,57 @@
+//! What the primary knows of its standbys (`pg_stat_replication`, `pg_replication_slots`): what
+//! the retention throttle waits on. Reading the LSN columns needs the `pg_monitor` role (or a
+//! superuser); without it they read as NULL.
+
+use sqlx::{FromRow, PgExecutor};
+
+/// One standby connected to this server (a walsender), as it reported itself last.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct Standby {
+    /// `application_name`, else the walsender's pid.
+    pub name: String,
+    /// `streaming`, `catchup`, `startup`, `backup`, `stopping`.
+    pub state: String,
+    /// The WAL position it has replayed, as `pg_lsn` text; NULL without `pg_monitor`.
+    pub replay_lsn: Option<String>,
+    /// Bytes of WAL written on the primary and not yet replayed there.
+    pub lag_bytes: Option<i64>,
+    /// PostgreSQL's own measure of replay lag (seconds); NULL once it has caught up and idles.
+    pub replay_lag_seconds: Option<f64>,
+}
+
+/// The standbys streaming from this server now, and the server's current WAL position.
+pub async fn standbys(executor: impl PgExecutor<'_>) -> Result<(String, Vec<Standby>), sqlx::Error> {
+    let rows: Vec<(String, Option<String>, Option<String>, Option<String>, Option<i64>, Option<f64>)> = sqlx::query_as(
+        "SELECT pg_current_wal_lsn()::text, s.name, s.state, s.replay_lsn, s.lag_bytes, s.replay_lag_seconds
+         FROM (SELECT 1) one LEFT JOIN (
+             SELECT coalesce(nullif(application_name, ''), pid::text) AS name, state, replay_lsn::text AS replay_lsn,
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS lag_bytes,
+                    extract(epoch FROM replay_lag)::float8 AS replay_lag_seconds
+             FROM pg_stat_replication) s ON true",
+    )
+    .fetch_all(executor)
+    .await?;
+    let current = rows.first().map(|r| r.0.clone()).unwrap_or_default();
+    let standbys = rows
+        .into_iter()
+        .filter_map(|(_, name, state, replay_lsn, lag_bytes, replay_lag_seconds)| {
+            Some(Standby { name: name?, state: state.unwrap_or_default(), replay_lsn, lag_bytes, replay_lag_seconds })
+        })
+        .collect();
+    Ok((current, standbys))
+}
+
+/// Bytes between two WAL positions (`to - from`), computed by the server.
+pub async fn lsn_diff(executor: impl PgExecutor<'_>, to: &str, from: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_wal_lsn_diff($1::pg_lsn, $2::pg_lsn)::bigint").bind(to).bind(from).fetch_one(executor).await
+}
+
+/// Replication slots no standby is using, with the WAL each holds back (bytes).
+pub async fn inactive_slots(executor: impl PgExecutor<'_>) -> Result<Vec<(String, Option<i64>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+         FROM pg_replication_slots WHERE NOT active ORDER BY slot_name",
+    )
+    .fetch_all(executor)
+    .await
+}
