@@ -400,7 +400,7 @@ fn engine_env(args: &Args) -> Vec<(String, String)> {
 /// it runs (VmHWM, the high-water mark, sampled every 50 ms).
 async fn run_engine(engine: &PathBuf, url: &str, env: &[(String, String)], extra: &[String]) -> anyhow::Result<Outcome> {
     let child = tokio::process::Command::new(engine)
-        .args(["retention", "run", "--task", "sessions"])
+        .args(["retention", "run", "--task", "sessions", "--json"])
         .args(extra)
         .env("DATABASE_URL", url)
         .envs(env.iter().cloned())
@@ -425,13 +425,11 @@ async fn run_engine(engine: &PathBuf, url: &str, env: &[(String, String)], extra
     sampler.abort();
     let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
     anyhow::ensure!(output.status.success(), "engine failed: {stdout}");
-    let deleted = stdout
-        .split_once("deleted ")
-        .and_then(|(_, rest)| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no row count in the engine's output: {stdout}"))?;
+    let report: serde_json::Value = serde_json::from_str(&stdout).with_context(|| format!("the engine's --json output: {stdout}"))?;
+    let deleted = report["deleted"].as_u64().with_context(|| format!("no row count in the engine's output: {stdout}"))?;
+    let note = format!(" [{} batches, longest {} ms]", report["batches"], report["longest_batch_ms"]);
     let peak_rss_kb = Some(*peak.lock().unwrap());
-    Ok(Outcome { deleted, note: format!(" [{stdout}]"), extrapolated_to: None, peak_rss_kb })
+    Ok(Outcome { deleted, note, extrapolated_to: None, peak_rss_kb })
 }
 
 fn vm_hwm_kb(pid: u32) -> Option<u64> {

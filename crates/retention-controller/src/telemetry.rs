@@ -14,6 +14,13 @@
 //! | `retention_last_success_timestamp_seconds` | `task` | Unix time of the last run that did not fail |
 //! | `retention_clock_skew_seconds` | | the database's clock minus this process's at the last check before a run; past `retention.max_clock_skew` either way, runs fail and delete nothing |
 //! | `retention_lease_held` | `task`, `replica` | 1 while this replica holds the task's lease (runs it); `replica` is the configured name, by default the host name (a pod's name), the same across restarts |
+//! | `retention_throttled` | | 1 while a run waits for a standby (see [`crate::throttle`]) |
+//! | `retention_throttled_seconds_total` | `reason` | time runs waited between batches: `replica_lag`, `pace` |
+//! | `retention_replica_lag_seconds`, `retention_replica_lag_bytes` | `standby` | each connected standby's lag as last seen |
+//! | `retention_replication_slots_inactive` | | replication slots with no standby attached |
+//! | `retention_standbys_stalled_total` | | standbys no longer waited for after standing still |
+//!
+//! [`METRICS`] gives each its HELP text and unit ([`describe`]).
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
