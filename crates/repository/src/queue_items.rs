@@ -54,6 +54,13 @@ fn receipt_cte(run_id: &str, task: &str) -> String {
     format!("receipt AS ({add})")
 }
 
+/// The planner's estimate of the queue items due now: no row is read (a count of a large queue
+/// takes seconds, and the status page asks every few seconds).
+pub async fn estimate_due(executor: impl PgExecutor<'_>) -> Result<f64, sqlx::Error> {
+    let plan: String = sqlx::query_scalar(&format!("EXPLAIN SELECT 1 FROM queue_items q WHERE {}", due())).fetch_one(executor).await?;
+    Ok(crate::heap::plan_rows(&plan))
+}
+
 /// How many queue items are due now.
 pub async fn count_due(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(&format!("SELECT count(*) FROM queue_items q WHERE {}", due()))

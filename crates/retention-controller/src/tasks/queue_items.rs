@@ -110,9 +110,9 @@ impl MaintenanceTask for QueueItemsTask {
         Ok(report)
     }
 
-    /// The count itself: queue items are few next to the tables they refer to.
+    /// The planner's estimate (see [`queue_items::estimate_due`]).
     async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
-        Ok(Some(queue_items::count_due(pool).await? as u64))
+        Ok(Some(queue_items::estimate_due(pool).await?.round() as u64))
     }
 
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
