@@ -37,7 +37,7 @@ pub enum Command {
     Serve,
     /// Seed a demo database on the embedded PostgreSQL, clean it as `serve` would, and show the status page.
     #[command(after_help = "Examples:
-  engine demo                      # about 400,000 rows; a minute or so
+  engine demo                      # about half a million rows; a minute and a half or so
   engine demo --scale reported     # the reported 2.6M-session backlog and 30 days of run history")]
     Demo {
         /// How much to seed: `small` (about a tenth of `reported`) or `reported` (the 2.6M
