@@ -98,18 +98,6 @@ pub async fn connect(url: &str, connections: u32) -> anyhow::Result<PgPool> {
     Ok(PgPoolOptions::new().max_connections(connections).connect_with(options).await?)
 }
 
-/// Current WAL position, for measuring the WAL a step writes.
-pub async fn wal_lsn(pool: &PgPool) -> anyhow::Result<String> {
-    Ok(sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(pool).await?)
-}
-
-pub async fn wal_since(pool: &PgPool, lsn: &str) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)::bigint")
-        .bind(lsn)
-        .fetch_one(pool)
-        .await?)
-}
-
 /// Runs `sql`, printing how long it took.
 pub async fn step(pool: &PgPool, what: &str, sql: &str) -> anyhow::Result<()> {
     let started = Instant::now();

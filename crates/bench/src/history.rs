@@ -26,7 +26,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::{self, mb, step, wal_lsn, wal_since, BenchDb};
+use repository::replication::{wal_position, wal_since};
+
+use crate::db::{self, mb, step, BenchDb};
 
 /// What to measure, and at what size.
 pub struct Args {
@@ -298,7 +300,7 @@ async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         let range = ranges::all(&pool).await?.into_iter().find(|r| r.lower == Some(ranges::day_start(day))).expect("the day's range");
         step(&pool, "CHECKPOINT", "CHECKPOINT").await?;
         let foreground = Foreground::start(&pool, forever[0]).await?;
-        let lsn = wal_lsn(&pool).await?;
+        let lsn = wal_position(&pool).await?;
         let started = Instant::now();
         let receipt = repository::receipts::RunReceipt { run_id: uuid::Uuid::new_v4(), task: "bench" };
         let done = rewrite::rewrite(&pool, &[range], grace, limits, Duration::from_secs(5), true, &receipt)
@@ -319,7 +321,7 @@ async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     // The baseline: the same due rows, deleted by the task with compaction off.
     step(&pool, "CHECKPOINT", "CHECKPOINT").await?;
     let rows_only = TaskHistoryTask::new(TaskHistorySettings { compaction: false, ..Default::default() });
-    let lsn = wal_lsn(&pool).await?;
+    let lsn = wal_position(&pool).await?;
     let started = Instant::now();
     let report = run_task(&rows_only, &pool).await?;
     let wall = started.elapsed();
@@ -431,7 +433,7 @@ async fn backlog(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         sqlx::query("SELECT count(*) FROM tasks").execute(&pool).await?;
         sqlx::query("SELECT count(*) FROM task_events").execute(&pool).await?;
         step(&pool, "CHECKPOINT", "CHECKPOINT").await?;
-        let lsn = wal_lsn(&pool).await?;
+        let lsn = wal_position(&pool).await?;
         let started = Instant::now();
         let detail = match kind {
             0 => {

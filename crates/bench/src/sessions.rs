@@ -29,6 +29,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use repository::replication::{wal_position, wal_since};
+
 use crate::db::{self, mb, BenchDb};
 
 const SEED_DB: &str = "sessions_seed";
@@ -182,13 +184,13 @@ where
     if has_statements {
         sqlx::query("SELECT pg_stat_statements_reset()").execute(&bench.pool).await?;
     }
-    let lsn = db::wal_lsn(&bench.pool).await?;
+    let lsn = wal_position(&bench.pool).await?;
     let foreground = Foreground::start(&copy.pool).await?;
     let started = Instant::now();
     let outcome = purge(copy.clone()).await?;
     let wall = started.elapsed();
     let foreground = foreground.stop().await;
-    let wal_bytes = db::wal_since(&bench.pool, &lsn).await?;
+    let wal_bytes = wal_since(&bench.pool, &lsn).await?;
     let longest_statement = if has_statements { longest_statement(&bench.pool, &copy.name).await? } else { None };
     if let Some((ms, query)) = &longest_statement {
         eprintln!("  {name}: longest statement {ms:.0} ms: {query}");

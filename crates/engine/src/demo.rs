@@ -64,7 +64,7 @@ async fn show(settings: &Settings, db: &Database, size: DemoSize, listener: TcpL
     repository::demo::seed(&db.pool, size, |seeded| println!("  {}", describe(seeded))).await?;
     println!("seeded in {}", duration(started.elapsed()));
     let before = Tables::read(&db.pool).await?;
-    let wal = repository::demo::wal_lsn(&db.pool).await?;
+    let wal = repository::replication::wal_position(&db.pool).await?;
     let since: DateTime<Utc> = repository::clock::now(&db.pool).await?;
 
     println!("\nrunning the retention controller as `engine serve` does (paced); status page: {url}");
@@ -74,7 +74,7 @@ async fn show(settings: &Settings, db: &Database, size: DemoSize, listener: TcpL
         let finished = watch(db, settings, since, &root).await;
         if let Ok(true) = finished {
             let after = Tables::read(&db.pool).await?;
-            let written = repository::demo::wal_since(&db.pool, &wal).await?;
+            let written = repository::replication::wal_since(&db.pool, &wal).await?;
             print_summary(&before, &after, cleaning.elapsed(), written);
             println!("\nstatus page: {url}   (Ctrl-C to stop)");
         }

@@ -206,13 +206,3 @@ pub async fn row_counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error
     }
     Ok(counts)
 }
-
-/// The server's WAL position, as text for `pg_wal_lsn_diff`.
-pub async fn wal_lsn(pool: &PgPool) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(pool).await
-}
-
-/// Bytes of WAL written since `lsn`.
-pub async fn wal_since(pool: &PgPool, lsn: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::bigint").bind(lsn).fetch_one(pool).await
-}

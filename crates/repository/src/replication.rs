@@ -41,9 +41,19 @@ pub async fn standbys(executor: impl PgExecutor<'_>) -> Result<(String, Vec<Stan
     Ok((current, standbys))
 }
 
-/// Bytes between two WAL positions (`to - from`), computed by the server.
-pub async fn lsn_diff(executor: impl PgExecutor<'_>, to: &str, from: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_wal_lsn_diff($1::pg_lsn, $2::pg_lsn)::bigint").bind(to).bind(from).fetch_one(executor).await
+/// The WAL inserted so far (`pg_current_wal_insert_lsn`, which counts WAL not yet written out,
+/// as asynchronous commits leave it), as `pg_lsn` text: the start of a measurement of the WAL a
+/// piece of work writes (see [`wal_since`]).
+pub async fn wal_position(executor: impl PgExecutor<'_>) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(executor).await
+}
+
+/// Bytes of WAL inserted since `position` (from [`wal_position`]).
+pub async fn wal_since(executor: impl PgExecutor<'_>, position: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)::bigint")
+        .bind(position)
+        .fetch_one(executor)
+        .await
 }
 
 /// Replication slots no standby is using, with the WAL each holds back (bytes).

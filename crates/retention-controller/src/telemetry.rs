@@ -124,28 +124,29 @@ pub(crate) fn throttled(waiting: bool) {
     metrics::gauge!("retention_throttled").set(if waiting { 1.0 } else { 0.0 });
 }
 
-/// Time spent waiting for `reason`; a `stalled` standby is counted, not timed.
+/// A standby stood still past `max_replica_stall`: no longer waited for.
+pub(crate) fn standby_stalled() {
+    metrics::counter!("retention_standbys_stalled_total").increment(1);
+}
+
+/// Time spent waiting for `reason`.
 pub(crate) fn throttled_for(reason: &'static str, waited: Duration) {
-    if reason == "stalled" {
-        metrics::counter!("retention_standbys_stalled_total").increment(1);
-    } else {
-        // Counters count whole units: the fraction of a second is carried to the next wait.
-        static CARRIED: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
-        let mut carried = CARRIED.lock().unwrap();
-        let total = match carried.iter_mut().find(|(r, _)| *r == reason) {
-            Some((_, left)) => {
-                *left += waited;
-                left
-            }
-            None => {
-                carried.push((reason, waited));
-                &mut carried.last_mut().unwrap().1
-            }
-        };
-        let whole = total.as_secs();
-        *total -= Duration::from_secs(whole);
-        metrics::counter!("retention_throttled_seconds_total", "reason" => reason).increment(whole);
-    }
+    // Counters count whole units: the fraction of a second is carried to the next wait.
+    static CARRIED: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
+    let mut carried = CARRIED.lock().unwrap();
+    let total = match carried.iter_mut().find(|(r, _)| *r == reason) {
+        Some((_, left)) => {
+            *left += waited;
+            left
+        }
+        None => {
+            carried.push((reason, waited));
+            &mut carried.last_mut().unwrap().1
+        }
+    };
+    let whole = total.as_secs();
+    *total -= Duration::from_secs(whole);
+    metrics::counter!("retention_throttled_seconds_total", "reason" => reason).increment(whole);
 }
 
 /// A standby's lag as last seen; `None` once it disconnected (the series then reads 0).

@@ -175,7 +175,7 @@ impl ReplicaThrottle {
                         standby = standby.name, stalled_s = now.duration_since(since).as_secs(),
                         "standby stalled (its replay position has not moved): purges no longer wait for it until it moves again"
                     );
-                    telemetry::throttled_for("stalled", Duration::ZERO);
+                    telemetry::standby_stalled();
                     state.stalled.push(standby.name.clone());
                 }
                 continue;
