@@ -51,3 +51,40 @@ async fn the_history_tasks_never_fail_each_other() {
         assert_eq!(left, kept, "round {round}: only the forever tenant's rows are left");
     }
 }
+
+#[tokio::test]
+async fn a_batch_planned_before_a_carve_finds_the_range_moved_and_the_run_plans_again() {
+    // Seen in CI: the demo's task-history run planned a deleted tenant's running tasks in the
+    // future range (today had no range of its own yet); `partitions` then carved today out of it,
+    // moving them into a new range, and the batches, finding nothing left where they were
+    // planned, ended the run `done` with the tasks still there.
+    use repository::history::deletes::{self, PairRef, Walk};
+    use repository::history::{ranges, RangeKind};
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let doomed = insert_tenant(pool, None, Some(now - Span::days(2))).await;
+    let future = ranges::all(pool).await.unwrap().into_iter().find(|r| r.kind == RangeKind::Future).unwrap();
+    let at = future.lower.unwrap().max(now) + Span::hours(1);
+    let task = insert_task(pool, doomed, "running", at, None).await;
+    assert_eq!(home_of(pool, task).await, future.tasks_name);
+    let planned = PairRef::new(&future, doomed);
+
+    // The carve moves the task into a day of its own; the future range keeps its table.
+    let mut tx = pool.begin().await.unwrap();
+    ranges::take_layout_lock(&mut tx, true).await.unwrap();
+    ranges::carve_days(&mut tx, at.date_naive(), std::time::Duration::from_secs(5)).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_ne!(home_of(pool, task).await, future.tasks_name);
+
+    let receipt = repository::receipts::RunReceipt { run_id: uuid::Uuid::now_v7(), task: "task-history" };
+    let batch = deletes::delete_batch(pool, &planned, &mut Walk::purged(), std::time::Duration::from_secs(86_400), 100, &receipt)
+        .await
+        .unwrap();
+    assert!(batch.range_missing, "a batch on the range as planned must find it moved: {batch:?}");
+    assert_eq!(task_keys(pool).await, vec![task]);
+
+    // A run plans the new range and deletes the task.
+    run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
+    assert_eq!(task_keys(pool).await, vec![]);
+}

@@ -277,3 +277,31 @@ async fn a_purged_tenant_is_walked_batch_by_batch_to_the_end() {
     // Batches of at most four tasks: at least seven of them for the 25.
     assert!(report.batches >= 7, "{report:?}");
 }
+
+#[tokio::test]
+async fn a_deleted_tenant_loses_its_active_tasks_from_past_days_as_from_today() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let today = now.date_naive();
+    create_day(pool, today - Span::days(3)).await;
+    let doomed = insert_tenant(pool, Some("1 day"), Some(now - Span::days(2))).await;
+    let forever = insert_tenant(pool, None, None).await;
+    let mut kept = Expect::default();
+    for back in 1..=3 {
+        let day = day_start(today - Span::days(back));
+        seed_tasks(pool, doomed, "succeeded", day + Span::hours(1), day + Span::hours(2), 200).await;
+        insert_task_with_children(pool, doomed, "running", day + Span::hours(23), None).await;
+        kept.add(insert_task_with_children(pool, forever, "succeeded", day + Span::hours(1), Some(day + Span::hours(2))).await);
+        kept.add(insert_task_with_children(pool, forever, "running", day + Span::hours(23), None).await);
+    }
+    insert_task_with_children(pool, doomed, "running", now - MINUTE, None).await;
+    kept.add(insert_task_with_children(pool, forever, "running", now - MINUTE, None).await);
+
+    let report = run_task(&history(), pool).await;
+
+    assert_eq!(task_keys(pool).await, sorted_keys(kept.tasks));
+    assert_eq!(event_ids(pool).await, sorted_ids(kept.events));
+    assert_eq!(queue_item_ids(pool).await, sorted_ids(kept.items));
+    assert!(report.by_rule.contains(&("deleted-tenants", 3 * 201 + 1)), "{report:?}");
+}

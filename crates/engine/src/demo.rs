@@ -100,7 +100,7 @@ fn describe(seeded: Seeded) -> String {
     }
 }
 
-/// Shows each task's progress until every task has finished a run since `since`; `false` when
+/// Shows each task's progress until every task has completed a run (`done`) since `since`; `false` when
 /// stopped first (Ctrl-C).
 async fn watch(db: &Database, settings: &Settings, since: DateTime<Utc>, root: &CancellationToken) -> anyhow::Result<bool> {
     let all = tasks::all(&settings.retention);
@@ -114,15 +114,17 @@ async fn watch(db: &Database, settings: &Settings, since: DateTime<Utc>, root: &
         let states = status::tasks(&db.pool, &all, false).await?;
         let deleted = repository::maintenance::rows_since(&db.pool, since).await?;
         let rows = |task: &str| thousands(deleted.iter().find(|(t, _)| t == task).map_or(0, |(_, n)| (*n).max(0) as u64));
-        // A run that stopped at its deadline is followed by another at once: not done yet.
-        let done = |s: &status::TaskStatus| {
-            s.holder.is_none() && s.last_run_at.is_some_and(|at| at >= since) && matches!(s.outcome.as_deref(), Some("done" | "failed" | "cancelled"))
-        };
+        // A run that stopped at its deadline is followed by another at once, and one that failed
+        // by a retry after a backoff: not done yet.
+        let ran = |s: &status::TaskStatus| s.holder.is_none() && s.last_run_at.is_some_and(|at| at >= since);
+        let done = |s: &status::TaskStatus| ran(s) && s.outcome.as_deref() == Some("done");
         let line = states
             .iter()
             .map(|s| {
                 if done(s) {
-                    format!("{} {} ({} rows)", s.task, s.outcome.as_deref().unwrap_or("-"), rows(s.task))
+                    format!("{} done ({} rows)", s.task, rows(s.task))
+                } else if ran(s) && s.outcome.as_deref() == Some("failed") {
+                    format!("{} failed, retrying (see the status page)", s.task)
                 } else if s.holder.is_some() {
                     format!("{} running", s.task)
                 } else {

@@ -76,9 +76,9 @@ async fn the_demo_cleans_a_database_of_its_own_by_the_rules_and_serves_the_statu
                        WHERE t.status IN ('succeeded', 'failed', 'cancelled')
                          AND coalesce(t.finished_at, t.inserted_at)
                              < (SELECT last_started_at FROM maintenance_tasks WHERE task = 'task-history') - tn.data_retention_period";
-    assert_eq!(scalar(&demo, past_window).await, 0, "finished tasks past their tenant's window");
+    assert_eq!(scalar(&demo, past_window).await, 0, "finished tasks past their tenant's window:\n{output}");
     let of_deleted = "SELECT count(*) FROM tasks t JOIN tenants tn ON tn.id = t.tenant_id WHERE tn.deleted_at IS NOT NULL";
-    assert_eq!(scalar(&demo, of_deleted).await, 0, "the deleted tenants' tasks");
+    assert_eq!(scalar(&demo, of_deleted).await, 0, "the deleted tenants' tasks:\n{output}");
     // Five tenants keep forever: 40 tasks a day each over 30 days, all there.
     let forever = "SELECT count(*) FROM tasks t JOIN tenants tn ON tn.id = t.tenant_id
                    WHERE tn.data_retention_period IS NULL AND t.status IN ('succeeded', 'failed', 'cancelled')";

@@ -364,6 +364,9 @@ pub enum TaskError {
     Panicked(String),
     #[error(transparent)]
     Clock(#[from] crate::clock_guard::ClockError),
+    /// The run could not finish what was due for a reason that may pass by the next run.
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! while holding the range's `history_ranges` row in share mode: a range being rewritten is
 //! skipped (the batch reports it missing), never waited for or failed on. If the range was
 //! replaced meanwhile its row is gone and the batch touches nothing, whichever table its names
-//! now denote; if its tables were dropped, the batch reports it missing too. Every victim is checked by `retention_task_due` against the tenant's row as it is
+//! now denote; if its bounds moved (a carve), or its tables were dropped, the batch reports it
+//! missing too. Every victim is checked by `retention_task_due` against the tenant's row as it is
 //! when the batch runs: a tenant put on hold (set to forever), or restored, mid-run stops losing
 //! rows at the next batch.
 
@@ -52,7 +53,8 @@ pub struct Batch {
     pub deleted: Deleted,
     /// Tasks the batch looked at (locked rows of others skipped): fewer than its limit ends the walk.
     pub examined: i64,
-    /// The range is being rewritten, or is gone: nothing was done, the pair must be planned again.
+    /// The range is being rewritten or carved, is gone, or its bounds moved since it was planned:
+    /// nothing was done, the pair must be planned again.
     /// If its tables were dropped, the statement failed and so has the caller's transaction:
     /// nothing more may run in it.
     pub range_missing: bool,
@@ -74,6 +76,10 @@ struct BatchRow {
 #[derive(Debug, Clone)]
 pub struct PairRef {
     pub tasks_relid: Oid,
+    /// The range's bounds as planned (SQL text): a batch finds the range missing once they have
+    /// changed (a carve moves the future range's start, and its rows, elsewhere).
+    pub lower: String,
+    pub upper: String,
     pub tasks_table: String,
     pub events_table: String,
     pub tenant_id: Uuid,
@@ -81,7 +87,14 @@ pub struct PairRef {
 
 impl PairRef {
     pub fn new(range: &super::Range, tenant_id: Uuid) -> PairRef {
-        PairRef { tasks_relid: range.tasks_relid, tasks_table: range.tasks_name.clone(), events_table: range.events_name.clone(), tenant_id }
+        PairRef {
+            tasks_relid: range.tasks_relid,
+            lower: range.lower_text(),
+            upper: range.upper_text(),
+            tasks_table: range.tasks_name.clone(),
+            events_table: range.events_name.clone(),
+            tenant_id,
+        }
     }
 }
 
@@ -117,7 +130,7 @@ pub async fn delete_batch(
         ),
     };
     let sql = format!(
-        "WITH r AS MATERIALIZED (SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR SHARE SKIP LOCKED),
+        "WITH r AS MATERIALIZED ({planned}),
          tn AS MATERIALIZED (SELECT * FROM tenants WHERE id = $2),
          candidates AS MATERIALIZED (
              SELECT c.* FROM r, tn CROSS JOIN LATERAL (
@@ -155,6 +168,7 @@ pub async fn delete_batch(
              FROM tn, (SELECT count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM gone) g
              WHERE g.tasks > 0"
         ),
+        planned = planned_range("$1", "$8", "$9"),
         tasks_table = pair.tasks_table,
         events_table = pair.events_table,
     );
@@ -166,6 +180,8 @@ pub async fn delete_batch(
         .bind(interval(grace))
         .bind(receipt.run_id)
         .bind(receipt.task)
+        .bind(&pair.lower)
+        .bind(&pair.upper)
         .fetch_one(executor)
         .await;
     let row = match result {
@@ -250,7 +266,7 @@ pub async fn delete_block_range(
 ) -> Result<SweepBatch, sqlx::Error> {
     let (from, to) = blocks.tids();
     let sql = format!(
-        "WITH r AS MATERIALIZED (SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR SHARE SKIP LOCKED),
+        "WITH r AS MATERIALIZED ({planned}),
          gone AS (
              DELETE FROM {tasks_table} t USING tenants tn
              WHERE EXISTS (SELECT 1 FROM r) AND t.ctid >= $2::tid AND t.ctid < $3::tid
@@ -282,6 +298,7 @@ pub async fn delete_block_range(
              LEFT JOIN (SELECT tenant_id, count(*) AS n FROM queue GROUP BY tenant_id) q ON q.tenant_id = b.tenant_id
              ORDER BY b.tenant_id"
         ),
+        planned = planned_range("$1", "$7", "$8"),
         tasks_table = range.tasks_name,
         events_table = range.events_name,
     );
@@ -292,6 +309,8 @@ pub async fn delete_block_range(
         .bind(interval(grace))
         .bind(receipt.run_id)
         .bind(receipt.task)
+        .bind(range.lower_text())
+        .bind(range.upper_text())
         .fetch_one(executor)
         .await;
     let row = match result {
@@ -307,6 +326,17 @@ pub async fn delete_block_range(
         .map(|((tenant_id, purged), tasks)| TenantGone { tenant_id, purged, tasks })
         .collect();
     Ok(SweepBatch { tenants, events: row.events, queue_items: row.queue_items, range_missing: !row.present })
+}
+
+/// The range a batch was planned on, still as planned: its `history_ranges` row (relid `relid`)
+/// with the bounds `lower` and `upper` (SQL text parameters), in share mode. Empty when the range is
+/// being rewritten or carved (its row is locked), was replaced (its row is gone), or had its bounds
+/// moved (a carve of the future range moves its start, and the rows before it, to new ranges).
+fn planned_range(relid: &str, lower: &str, upper: &str) -> String {
+    format!(
+        "SELECT 1 FROM history_ranges WHERE tasks_relid = {relid}
+           AND lower = {lower}::timestamptz AND upper = {upper}::timestamptz FOR SHARE SKIP LOCKED"
+    )
 }
 
 /// Whether a statement named a table that no longer exists (a range dropped meanwhile).

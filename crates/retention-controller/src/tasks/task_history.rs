@@ -508,6 +508,10 @@ impl MaintenanceTask for TaskHistoryTask {
     }
 }
 
+/// Plans a run makes at most: a range rewritten or carved under one pass (by `partitions`, or
+/// another process) is planned again in the next.
+const PLAN_PASSES: usize = 3;
+
 /// The share of a run's time the due rows get before the orphan walk.
 const PURGE_SHARE: f64 = 0.9;
 
@@ -524,9 +528,9 @@ impl TaskHistoryTask {
         // And one for the sweeps: the ranges of a backlog are alike. It starts small, since a
         // range's pages hold its events' cost too (128 pages took 160-280 ms where 50 ms was the aim).
         let mut block_sizer = ctx.block_sizer_from(SWEEP_FIRST_PAGES);
-        // A second pass only for pairs whose range was being rewritten under the first.
+        // Another pass only for pairs whose range was rewritten or carved under the last one.
         let mut now = clock::now(&ctx.pool).await?;
-        for pass in 0..2 {
+        for pass in 1..=PLAN_PASSES {
             let (plan, planned_at) = self.plan(&ctx.pool).await?;
             now = planned_at;
             let mut missing = false;
@@ -603,8 +607,14 @@ impl TaskHistoryTask {
                     return Ok(now);
                 }
             }
-            if !missing || pass == 1 {
+            if !missing {
                 break;
+            }
+            if pass == PLAN_PASSES {
+                // Not `done`: due rows may be left in ranges that moved under every pass.
+                return Err(TaskError::Incomplete(format!(
+                    "ranges were rewritten or carved under each of {PLAN_PASSES} passes; what is still due waits for the next run"
+                )));
             }
             // Another runner is rewriting a range: once it is done, the range's due rows are
             // either gone with it or in the new range, which the next plan names.
