@@ -11,10 +11,31 @@ pub struct BenchDb {
     pub pool: PgPool,
     /// The connection URL of the bench's own database.
     pub url: String,
-    _local: Option<LocalPostgres>,
+    local: Option<LocalPostgres>,
+    /// A streaming standby of the private server, when asked for ([`BenchDb::start_standby`]).
+    standby: Option<LocalPostgres>,
 }
 
 impl BenchDb {
+    /// Starts a streaming standby of the bench's private server (`pg_basebackup`, on a slot),
+    /// beside it on this machine; the primary reports its replay in `pg_stat_replication`.
+    pub async fn start_standby(&mut self) -> anyhow::Result<()> {
+        let Some(primary) = &self.local else {
+            anyhow::bail!("--standby needs the bench's own server: unset DATABASE_URL");
+        };
+        let from = primary.data_dir().to_path_buf();
+        let dir = tempfile::Builder::new().prefix("engine-bench-standby-").tempdir()?.keep();
+        // Reachable by the unprivileged user the server runs as when the bench runs as root.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let standby = tokio::task::spawn_blocking(move || LocalPostgres::start(Options::standby(dir.join("pg"), &from))).await??;
+        self.standby = Some(standby);
+        Ok(())
+    }
+
+    pub fn has_standby(&self) -> bool {
+        self.standby.is_some()
+    }
+
     /// The URL of another database on the same server.
     pub fn url_for(&self, database: &str) -> String {
         with_database(&self.url, database)
@@ -56,7 +77,7 @@ pub async fn open() -> anyhow::Result<BenchDb> {
     let options = url.parse::<sqlx::postgres::PgConnectOptions>()?.statement_cache_capacity(2000);
     let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await?;
     repository::MIGRATOR.run(&pool).await?;
-    Ok(BenchDb { pool, url, _local: local })
+    Ok(BenchDb { pool, url, local, standby: None })
 }
 
 /// A new, migrated database on the bench's server.

@@ -101,6 +101,10 @@ enum Bench {
         /// retention.parallelism for the engine's runs (default: the engine's).
         #[arg(long)]
         parallelism: Option<u32>,
+        /// Start a streaming standby of the bench's server (pg_basebackup, on this machine) and
+        /// report how far behind each strategy left it; the engine's runs throttle on it.
+        #[arg(long)]
+        standby: bool,
     },
 }
 
@@ -116,8 +120,8 @@ async fn main() -> anyhow::Result<()> {
             history::run(history::Args { sections, tenants, days, rows, due, samples, day_rows, kept, backlog_tasks, backlog_tenants, backlog_days }).await
         }
         Bench::QueueItems { items, due, samples } => queue_items::run(queue_items::Args { items, due, samples }).await,
-        Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only, runs, parallelism } => {
-            let args = sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only, runs, parallelism };
+        Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only, runs, parallelism, standby } => {
+            let args = sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only, runs, parallelism, standby };
             sessions::run(args).await
         }
     }

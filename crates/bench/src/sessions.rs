@@ -55,10 +55,16 @@ pub struct Args {
     pub runs: usize,
     /// `retention.parallelism` for the engine's runs (default: the engine's).
     pub parallelism: Option<u32>,
+    /// A streaming standby beside the bench's server, its lag sampled during every purge.
+    pub standby: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let bench = db::open().await?;
+    let mut bench = db::open().await?;
+    if args.standby {
+        bench.start_standby().await?;
+        println!("with a streaming standby on this machine (the engine's runs wait while it is over retention.throttle.max_replica_lag behind)");
+    }
     if args.steady_only {
         return steady_state(&bench, args.steady_rows).await;
     }
@@ -171,6 +177,72 @@ struct Measured {
     wal_bytes: i64,
     longest_statement: Option<(f64, String)>,
     foreground: Latencies,
+    standby: Option<StandbyLag>,
+}
+
+/// How far the standby fell behind during a purge (`--standby`), as the primary saw it.
+struct StandbyLag {
+    /// The worst `replay_lag` sampled every 100 ms.
+    worst: Duration,
+    /// The most WAL written and not yet replayed.
+    worst_bytes: i64,
+    /// From the purge's end until the standby had replayed everything.
+    caught_up_after: Duration,
+}
+
+/// Samples `pg_stat_replication` every 100 ms until stopped; returns the worst lag and bytes.
+struct LagSampler {
+    stop: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<(Duration, i64)>>,
+}
+
+impl LagSampler {
+    fn start(pool: &PgPool) -> LagSampler {
+        let (pool, stop) = (pool.clone(), CancellationToken::new());
+        let token = stop.clone();
+        let handle = tokio::spawn(async move {
+            let (mut worst, mut worst_bytes) = (Duration::ZERO, 0i64);
+            while !token.is_cancelled() {
+                let row: Option<(Option<f64>, Option<i64>)> = sqlx::query_as(
+                    "SELECT extract(epoch FROM replay_lag)::float8, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint
+                     FROM pg_stat_replication",
+                )
+                .fetch_optional(&pool)
+                .await?;
+                if let Some((lag, bytes)) = row {
+                    worst = worst.max(Duration::from_secs_f64(lag.unwrap_or(0.0).max(0.0)));
+                    worst_bytes = worst_bytes.max(bytes.unwrap_or(0));
+                }
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            Ok((worst, worst_bytes))
+        });
+        LagSampler { stop, handle }
+    }
+
+    async fn stop(self) -> anyhow::Result<(Duration, i64)> {
+        self.stop.cancel();
+        self.handle.await?
+    }
+}
+
+/// Waits until the standby has replayed all the primary has written; returns how long it took.
+async fn standby_caught_up(pool: &PgPool) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let behind: Option<i64> = sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint FROM pg_stat_replication")
+            .fetch_optional(pool)
+            .await?
+            .flatten();
+        if behind.is_some_and(|b| b <= 0) {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "the standby did not catch up in 10 minutes ({behind:?} bytes behind)");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Runs `purge` on a fresh copy after a CHECKPOINT, with the foreground running.
@@ -184,13 +256,26 @@ where
     if has_statements {
         sqlx::query("SELECT pg_stat_statements_reset()").execute(&bench.pool).await?;
     }
+    if bench.has_standby() {
+        standby_caught_up(&bench.pool).await?;
+    }
     let lsn = wal_position(&bench.pool).await?;
+    let sampler = bench.has_standby().then(|| LagSampler::start(&bench.pool));
     let foreground = Foreground::start(&copy.pool).await?;
     let started = Instant::now();
     let outcome = purge(copy.clone()).await?;
     let wall = started.elapsed();
     let foreground = foreground.stop().await;
     let wal_bytes = wal_since(&bench.pool, &lsn).await?;
+    let standby = match sampler {
+        Some(sampler) => {
+            let (worst, worst_bytes) = sampler.stop().await?;
+            let caught_up_after = standby_caught_up(&bench.pool).await?;
+            eprintln!("  {name}: the standby was at most {:.2} s ({}) behind, and caught up {:.2} s after the end", worst.as_secs_f64(), mb(worst_bytes), caught_up_after.as_secs_f64());
+            Some(StandbyLag { worst, worst_bytes, caught_up_after })
+        }
+        None => None,
+    };
     let longest_statement = if has_statements { longest_statement(&bench.pool, &copy.name).await? } else { None };
     if let Some((ms, query)) = &longest_statement {
         eprintln!("  {name}: longest statement {ms:.0} ms: {query}");
@@ -207,7 +292,7 @@ where
         foreground.describe()
     );
     Arc::into_inner(copy).context("copy still in use")?.drop(bench).await?;
-    Ok(Measured { name, wall, outcome, wal_bytes, longest_statement, foreground })
+    Ok(Measured { name, wall, outcome, wal_bytes, longest_statement, foreground, standby })
 }
 
 /// The longest single execution of any statement in database `name` (the foreground's excluded),
@@ -227,16 +312,16 @@ async fn longest_statement(pool: &PgPool, name: &str) -> anyhow::Result<Option<(
 fn print_report(idle: &Latencies, results: &[Measured]) {
     let bare = results[0].wall.as_secs_f64();
     println!();
-    println!("| strategy | wall | vs bare DELETE | rows | WAL | longest statement | foreground p50 / p99 | engine peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|");
-    println!("| (idle) | | | | | | {:.2} / {:.2} ms | |", idle.p50_ms, idle.p99_ms);
+    println!("| strategy | wall | vs bare DELETE | rows | WAL | longest statement | foreground p50 / p99 | engine peak RSS | standby: worst lag, WAL behind, caught up after the end |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| (idle) | | | | | | {:.2} / {:.2} ms | | |", idle.p50_ms, idle.p99_ms);
     for m in results {
         let (wall, note) = match m.outcome.extrapolated_to {
             Some(whole) => (whole.as_secs_f64(), " (extrapolated)"),
             None => (m.wall.as_secs_f64(), ""),
         };
         println!(
-            "| {} | {:.2} s{note} | {:.2}x | {} | {:.0} MB | {} | {:.2} / {:.2} ms ({:.1}x / {:.1}x idle) | {} |",
+            "| {} | {:.2} s{note} | {:.2}x | {} | {:.0} MB | {} | {:.2} / {:.2} ms ({:.1}x / {:.1}x idle) | {} | {} |",
             m.name,
             wall,
             wall / bare,
@@ -248,6 +333,10 @@ fn print_report(idle: &Latencies, results: &[Measured]) {
             m.foreground.p50_ms / idle.p50_ms,
             m.foreground.p99_ms / idle.p99_ms,
             m.outcome.peak_rss_kb.map(|kb| format!("{:.1} MB", kb as f64 / 1024.0)).unwrap_or_default(),
+            m.standby
+                .as_ref()
+                .map(|s| format!("{:.2} s, {:.0} MB, {:.2} s", s.worst.as_secs_f64(), mb(s.worst_bytes), s.caught_up_after.as_secs_f64()))
+                .unwrap_or_default(),
         );
     }
 }
@@ -385,7 +474,9 @@ fn engine_binary() -> anyhow::Result<PathBuf> {
 }
 
 fn engine_env(args: &Args) -> Vec<(String, String)> {
-    let mut env = vec![("RUST_LOG".to_string(), "warn".to_string())];
+    // BENCH_ENGINE_LOG=info shows the engine's own account of its runs.
+    let log = std::env::var("BENCH_ENGINE_LOG").unwrap_or_else(|_| "warn".into());
+    let mut env = vec![("RUST_LOG".to_string(), log)];
     if let Some(batch_time) = &args.batch_time {
         env.push(("ENGINE__RETENTION__PACING__BATCH_TIME".into(), batch_time.clone()));
     }
@@ -429,7 +520,10 @@ async fn run_engine(engine: &PathBuf, url: &str, env: &[(String, String)], extra
     anyhow::ensure!(output.status.success(), "engine failed: {stdout}");
     let report: serde_json::Value = serde_json::from_str(&stdout).with_context(|| format!("the engine's --json output: {stdout}"))?;
     let deleted = report["deleted"].as_u64().with_context(|| format!("no row count in the engine's output: {stdout}"))?;
-    let note = format!(" [{} batches, longest {} ms]", report["batches"], report["longest_batch_ms"]);
+    let note = format!(
+        " [{} batches, longest {} ms; the run {} s of it, counters {}]",
+        report["batches"], report["longest_batch_ms"], report["seconds"], report["counters"]
+    );
     let peak_rss_kb = Some(*peak.lock().unwrap());
     Ok(Outcome { deleted, note, extrapolated_to: None, peak_rss_kb })
 }
@@ -561,13 +655,17 @@ async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
         seed_due(pool.clone()).await?;
         run_once_with(&task, &pool, &CancellationToken::new(), &options).await?;
     }
-    let (mut engine_runs, mut bare) = (Vec::new(), Vec::new());
+    let (mut engine_runs, mut whole_runs, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..7 {
         seed_due(pool.clone()).await?;
-        match run_once_with(&task, &pool, &CancellationToken::new(), &options).await? {
+        let started = Instant::now();
+        let outcome = run_once_with(&task, &pool, &CancellationToken::new(), &options).await?;
+        let whole = started.elapsed();
+        match outcome {
             RunOutcome::Ran(summary) => {
                 anyhow::ensure!(summary.report.deleted == 100, "the run deleted {} rows, not 100", summary.report.deleted);
                 engine_runs.push(summary.elapsed);
+                whole_runs.push(whole);
             }
             other => anyhow::bail!("the task did not run: {other:?}"),
         }
@@ -578,14 +676,20 @@ async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
         anyhow::ensure!(gone == 100, "the bare DELETE deleted {gone} rows, not 100");
     }
     engine_runs.sort();
+    whole_runs.sort();
     bare.sort();
+    let median = |v: &[Duration]| ms(v[v.len() / 2]);
     println!();
     println!(
-        "steady state, 100 due among {kept} kept: sessions run median {:.1} ms, max {:.1} ms; bare DELETE median {:.1} ms ({} runs each)",
-        ms(engine_runs[engine_runs.len() / 2]),
+        "steady state, 100 due among {kept} kept ({} runs each): bare DELETE median {:.1} ms; sessions run median {:.1} ms ({:.1}x), max {:.1} ms; \
+         with the lease taken and released (the whole run_once_with) median {:.1} ms ({:.1}x)",
+        engine_runs.len(),
+        median(&bare),
+        median(&engine_runs),
+        median(&engine_runs) / median(&bare),
         ms(*engine_runs.last().unwrap()),
-        ms(bare[bare.len() / 2]),
-        engine_runs.len()
+        median(&whole_runs),
+        median(&whole_runs) / median(&bare),
     );
     pool.close().await;
     sqlx::query("DROP DATABASE sessions_steady WITH (FORCE)").execute(&bench.pool).await?;
