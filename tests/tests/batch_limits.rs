@@ -36,3 +36,42 @@ async fn a_batch_sets_its_timeouts_and_commit_mode_locally() {
         assert_eq!(settings(&mut db.pool.acquire().await.unwrap()).await, defaults);
     }
 }
+
+#[tokio::test]
+async fn batches_compress_their_wal_when_the_role_may_set_it_and_run_as_before_when_not() {
+    use retention_controller::settings::WalCompressionMethod;
+    use retention_controller::wal_compression::WalCompression;
+    let db = TestDatabase::new().await;
+    let wal_compression = |conn: &'static str| format!("SELECT current_setting('wal_compression') /* {conn} */");
+    let server_default: String = sqlx::query_scalar(&wal_compression("default")).fetch_one(&db.pool).await.unwrap();
+    let limits = BatchLimits::new(Duration::from_secs(1), Duration::from_secs(1));
+
+    // The tests' role is a superuser: it may.
+    let compression = WalCompression::new(WalCompressionMethod::Lz4).unwrap();
+    assert_eq!(compression.for_batches(&db.pool).await, Some("lz4"));
+    let mut tx = batch::begin(&db.pool, limits.with_wal_compression(Some("lz4"))).await.unwrap();
+    let set: String = sqlx::query_scalar(&wal_compression("batch")).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(set, "lz4");
+    tx.commit().await.unwrap();
+    for _ in 0..3 {
+        let after: String = sqlx::query_scalar(&wal_compression("after")).fetch_one(&db.pool).await.unwrap();
+        assert_eq!(after, server_default, "for the batch's transaction only");
+    }
+    assert!(WalCompression::new(WalCompressionMethod::Off).is_none());
+
+    // An ordinary role may not, until granted the parameter (PostgreSQL 15+).
+    let role = format!("plain_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN")).execute(&db.pool).await.unwrap();
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse::<sqlx::postgres::PgConnectOptions>().unwrap().username(&role);
+    let plain = sqlx::PgPool::connect_with(options.clone()).await.unwrap();
+    let refused = batch::wal_compression_settable(&plain, "lz4").await.unwrap();
+    assert!(refused.as_ref().is_err_and(|reason| reason.contains("wal_compression")), "{refused:?}");
+    assert_eq!(WalCompression::new(WalCompressionMethod::Lz4).unwrap().for_batches(&plain).await, None);
+    plain.close().await;
+    sqlx::query(&format!("GRANT SET ON PARAMETER wal_compression TO {role}")).execute(&db.pool).await.unwrap();
+    let granted = sqlx::PgPool::connect_with(options).await.unwrap();
+    assert_eq!(WalCompression::new(WalCompressionMethod::Lz4).unwrap().for_batches(&granted).await, Some("lz4"));
+    granted.close().await;
+    sqlx::query(&format!("REVOKE SET ON PARAMETER wal_compression FROM {role}")).execute(&db.pool).await.unwrap();
+    sqlx::query(&format!("DROP ROLE {role}")).execute(&db.pool).await.unwrap();
+}

@@ -25,11 +25,14 @@ pub struct BatchLimits {
     pub async_commit: bool,
     /// The batch writes run history and keeps the facts itself: the change log skips its writes.
     pub history_write: bool,
+    /// `wal_compression` for the batch's full-page images (`lz4`, `pglz`, `zstd`), when the role
+    /// may set it (see [`wal_compression_settable`]).
+    pub wal_compression: Option<&'static str>,
 }
 
 impl BatchLimits {
     pub fn new(statement_timeout: Duration, lock_timeout: Duration) -> Self {
-        BatchLimits { statement_timeout, lock_timeout, generic_plans: false, async_commit: false, history_write: false }
+        BatchLimits { statement_timeout, lock_timeout, generic_plans: false, async_commit: false, history_write: false, wal_compression: None }
     }
 
     pub fn with_generic_plans(self) -> Self {
@@ -42,6 +45,24 @@ impl BatchLimits {
 
     pub fn with_history_write(self) -> Self {
         BatchLimits { history_write: true, ..self }
+    }
+
+    pub fn with_wal_compression(self, wal_compression: Option<&'static str>) -> Self {
+        BatchLimits { wal_compression, ..self }
+    }
+}
+
+/// Whether this role may set `wal_compression` to `method` in its transactions: a superuser, or
+/// a role granted `SET ON PARAMETER wal_compression` (PostgreSQL 15+), on a server built with
+/// the method. `Ok(Err(reason))` when it may not (PostgreSQL's words).
+pub async fn wal_compression_settable(pool: &PgPool, method: &'static str) -> Result<Result<(), String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let result = sqlx::query(&format!("SET LOCAL wal_compression = {method}")).execute(&mut *tx).await;
+    match result {
+        Ok(_) => Ok(Ok(())),
+        // permission denied (42501), or a method the server was built without (22023)
+        Err(sqlx::Error::Database(error)) if matches!(error.code().as_deref(), Some("42501" | "22023")) => Ok(Err(error.message().to_owned())),
+        Err(error) => Err(error),
     }
 }
 
@@ -73,12 +94,13 @@ pub async fn begin_bookkeeping(pool: &PgPool) -> Result<Transaction<'static, Pos
 fn begin_statement(limits: BatchLimits) -> String {
     format!(
         "BEGIN; SET LOCAL statement_timeout = '{}'; SET LOCAL lock_timeout = '{}'; SET LOCAL plan_cache_mode = {}; \
-         SET LOCAL synchronous_commit = {}; SET LOCAL engine.retention_write = '{}'; SET LOCAL jit = off",
+         SET LOCAL synchronous_commit = {}; SET LOCAL engine.retention_write = '{}'; SET LOCAL jit = off{}",
         millis(limits.statement_timeout),
         millis(limits.lock_timeout),
         if limits.generic_plans { "force_generic_plan" } else { "auto" },
         if limits.async_commit { "off" } else { "on" },
         if limits.history_write { "on" } else { "" },
+        limits.wal_compression.map(|method| format!("; SET LOCAL wal_compression = {method}")).unwrap_or_default(),
     )
 }
 

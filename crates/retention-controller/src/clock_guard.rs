@@ -32,8 +32,9 @@ pub enum ClockError {
     Jumped { then: DateTime<Utc>, database: DateTime<Utc>, elapsed: String, jump: String, max: String },
 }
 
-/// Compares the clocks; `Ok(Ok(()))` when they agree within `max_skew`.
-pub async fn check(pool: &PgPool, max_skew: Duration) -> Result<Result<(), ClockError>, sqlx::Error> {
+/// Compares the clocks; `Ok(Ok(database's clock))` when they agree within `max_skew` (a run's
+/// cutoffs may start from that reading: it is no later than the run's first statement).
+pub async fn check(pool: &PgPool, max_skew: Duration) -> Result<Result<DateTime<Utc>, ClockError>, sqlx::Error> {
     let sent_wall = SystemTime::now();
     let sent = boot_clock();
     let database: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(pool).await?;
@@ -48,7 +49,7 @@ pub async fn check(pool: &PgPool, max_skew: Duration) -> Result<Result<(), Clock
     if verdict.is_ok() {
         *last = Some((database, sent));
     }
-    Ok(verdict)
+    Ok(verdict.map(|()| database))
 }
 
 /// The verdict on the database's clock reading `database` while this process's read `process`,

@@ -90,14 +90,16 @@ pub async fn run_once_with(
         let schedule = task.schedule();
         // The run stops when shut down or when its lease keeper says so.
         let stop = cancel.child_token();
-        let ctx = RunContext::new(pool.clone(), run_id, stop.clone(), schedule.max_run_time, publishing_rows_left(task.name(), options));
+        let ctx = RunContext::new(pool.clone(), run_id, stop.clone(), schedule.max_run_time, publishing_rows_left(task.name(), options))
+            .with_wal_compression()
+            .await;
         let started = Instant::now();
         telemetry::lease_held(task.name(), true);
         tracing::info!("run started");
         let lease_pool = options.lease_pool.as_ref().unwrap_or(pool);
         // Nothing is deleted under a clock that cannot be trusted.
         let (result, stopped_by) = match clock_guard::check(pool, options.max_clock_skew).await {
-            Ok(Ok(())) => run_beside_keeper(task, &ctx, &stop, &lease, lease_pool, asked).await,
+            Ok(Ok(database_clock)) => run_beside_keeper(task, &ctx.with_clock(database_clock), &stop, &lease, lease_pool, asked).await,
             Ok(Err(clock)) => (Err(TaskError::Clock(clock)), None),
             Err(error) => (Err(TaskError::Database(error)), None),
         };

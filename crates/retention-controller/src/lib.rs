@@ -21,6 +21,7 @@ mod statistics;
 mod task;
 pub mod telemetry;
 pub mod throttle;
+pub mod wal_compression;
 pub mod tasks;
 pub mod tenant_retention;
 

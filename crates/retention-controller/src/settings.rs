@@ -52,6 +52,42 @@ pub const MAX_PARALLELISM: u32 = 16;
 /// A dead runner holds its task at most this long; its run renews the lease every third of it.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 
+/// `retention.wal_compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum WalCompressionMethod {
+    Off,
+    Pglz,
+    Lz4,
+    Zstd,
+}
+
+impl TryFrom<String> for WalCompressionMethod {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "off" => Ok(WalCompressionMethod::Off),
+            "pglz" => Ok(WalCompressionMethod::Pglz),
+            "lz4" => Ok(WalCompressionMethod::Lz4),
+            "zstd" => Ok(WalCompressionMethod::Zstd),
+            other => Err(format!("{other:?} is not allowed: one of \"off\", \"pglz\", \"lz4\", \"zstd\"")),
+        }
+    }
+}
+
+impl WalCompressionMethod {
+    /// The value of PostgreSQL's `wal_compression` (`None`: leave the server's).
+    pub fn as_sql(self) -> Option<&'static str> {
+        match self {
+            WalCompressionMethod::Off => None,
+            WalCompressionMethod::Pglz => Some("pglz"),
+            WalCompressionMethod::Lz4 => Some("lz4"),
+            WalCompressionMethod::Zstd => Some("zstd"),
+        }
+    }
+}
+
 /// `retention.*`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -67,6 +103,9 @@ pub struct RetentionSettings {
     /// Connections a full-speed run's block walks (sessions' heap walk, run history's sweeps)
     /// delete on at once, each on block ranges of its own. Paced runs use one.
     pub parallelism: u32,
+    /// How the engine's batches compress the full-page images they write to the WAL (`off`,
+    /// `pglz`, `lz4`, `zstd`): see [`crate::wal_compression`].
+    pub wal_compression: WalCompressionMethod,
     pub throttle: ThrottleSettings,
     pub pacing: PacingSettings,
     pub sessions: SessionsSettings,
@@ -81,6 +120,7 @@ impl Default for RetentionSettings {
             lease_ttl: DEFAULT_LEASE_TTL,
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             parallelism: DEFAULT_PARALLELISM,
+            wal_compression: WalCompressionMethod::Lz4,
             throttle: ThrottleSettings::default(),
             pacing: PacingSettings::default(),
             sessions: SessionsSettings::default(),
@@ -99,6 +139,7 @@ impl RetentionSettings {
             max_clock_skew: self.max_clock_skew,
             parallelism: self.parallelism,
             throttle: Some(std::sync::Arc::new(crate::throttle::ReplicaThrottle::new(self.throttle.clone()))),
+            wal_compression: crate::wal_compression::WalCompression::new(self.wal_compression).map(std::sync::Arc::new),
             ..self.pacing.run_options(pause_ratio)
         }
     }
@@ -467,6 +508,18 @@ fn check_duration(errors: &mut Vec<SettingError>, key: String, value: Duration, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wal_compression_method_is_one_postgresql_knows_or_off() {
+        assert_eq!(WalCompressionMethod::try_from("lz4".to_string()), Ok(WalCompressionMethod::Lz4));
+        assert_eq!(WalCompressionMethod::try_from("off".to_string()).unwrap().as_sql(), None);
+        assert_eq!(WalCompressionMethod::try_from("zstd".to_string()).unwrap().as_sql(), Some("zstd"));
+        assert_eq!(
+            WalCompressionMethod::try_from("gzip".to_string()),
+            Err("\"gzip\" is not allowed: one of \"off\", \"pglz\", \"lz4\", \"zstd\"".to_string())
+        );
+        assert_eq!(RetentionSettings::default().wal_compression, WalCompressionMethod::Lz4);
+    }
 
     #[test]
     fn defaults_are_valid() {

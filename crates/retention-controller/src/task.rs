@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use repository::batch::BatchLimits;
 use sqlx::PgPool;
 use tokio::time::Instant;
@@ -65,6 +67,9 @@ pub struct RunOptions {
     /// Waits between batches while a standby is too far behind; shared by every run of the
     /// process. `None`: never waits (tests and benchmarks that do not ask for it).
     pub throttle: Option<Arc<crate::throttle::ReplicaThrottle>>,
+    /// Compresses the full-page images of the runs' deleting batches; shared by every run of the
+    /// process. `None`: the server's setting.
+    pub wal_compression: Option<Arc<crate::wal_compression::WalCompression>>,
 }
 
 /// Receives a run's progress after every batch.
@@ -92,6 +97,7 @@ impl Default for RunOptions {
             max_clock_skew: crate::settings::DEFAULT_MAX_CLOCK_SKEW,
             parallelism: crate::settings::DEFAULT_PARALLELISM,
             throttle: None,
+            wal_compression: None,
         }
     }
 }
@@ -121,11 +127,46 @@ pub struct RunContext {
     cancel: CancellationToken,
     deadline: Instant,
     options: RunOptions,
+    /// What [`RunOptions::wal_compression`] resolved to for this run.
+    wal_compression: Option<&'static str>,
+    /// The database's clock as the run's clock check read it, just before the run.
+    clock: Option<DateTime<Utc>>,
 }
 
 impl RunContext {
     pub fn new(pool: PgPool, run_id: Uuid, cancel: CancellationToken, max_run_time: Duration, options: RunOptions) -> Self {
-        RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time, options }
+        RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time, options, wal_compression: None, clock: None }
+    }
+
+    /// This context, knowing the database's clock at the run's start (read by the clock check).
+    pub fn with_clock(&self, clock: DateTime<Utc>) -> RunContext {
+        RunContext {
+            pool: self.pool.clone(),
+            run_id: self.run_id,
+            cancel: self.cancel.clone(),
+            deadline: self.deadline,
+            options: self.options.clone(),
+            wal_compression: self.wal_compression,
+            clock: Some(clock),
+        }
+    }
+
+    /// The database's clock at the run's start: as the clock check read it, or read now. Cutoffs
+    /// start from it (a reading taken a moment early only makes them earlier).
+    pub async fn database_clock(&self) -> Result<DateTime<Utc>, sqlx::Error> {
+        match self.clock {
+            Some(clock) => Ok(clock),
+            None => repository::clock::now(&self.pool).await,
+        }
+    }
+
+    /// Resolves [`RunOptions::wal_compression`] for this run's batches (once per process).
+    pub async fn with_wal_compression(self) -> Self {
+        let wal_compression = match &self.options.wal_compression {
+            Some(compression) => compression.for_batches(&self.pool).await,
+            None => None,
+        };
+        RunContext { wal_compression, ..self }
     }
 
     /// This run's context with a nearer deadline: `share` of the time left (0 to 1).
@@ -137,6 +178,8 @@ impl RunContext {
             cancel: self.cancel.clone(),
             deadline: Instant::now() + left.mul_f64(share.clamp(0.0, 1.0)),
             options: self.options.clone(),
+            wal_compression: self.wal_compression,
+            clock: self.clock,
         }
     }
 
@@ -159,14 +202,16 @@ impl RunContext {
     /// ends (commits or times out) before the lease can pass to another runner.
     pub fn batch_limits(&self, limits: BatchLimits) -> BatchLimits {
         let statement_timeout = limits.statement_timeout.min(self.options.lease_ttl / 2);
-        BatchLimits { statement_timeout, ..limits }.with_async_commit(self.options.pause_ratio == 0.0)
+        BatchLimits { statement_timeout, ..limits }
+            .with_async_commit(self.options.pause_ratio == 0.0)
+            .with_wal_compression(self.wal_compression)
     }
 
     /// `limits` for this run's statements that locks protect rather than the lease (a rewrite
     /// holds its ranges and the layout lock; facts are bookkeeping any runner may redo): like
     /// [`RunContext::batch_limits`], without the lease's bound on `statement_timeout`.
     pub fn locked_limits(&self, limits: BatchLimits) -> BatchLimits {
-        limits.with_async_commit(self.options.pause_ratio == 0.0)
+        limits.with_async_commit(self.options.pause_ratio == 0.0).with_wal_compression(self.wal_compression)
     }
 
     /// The duration each batch of this run aims at.
