@@ -99,6 +99,10 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &PathBuf, has_statement
     let mut results = Vec::new();
     let idle = {
         let copy = Copy::create(bench, "idle").await?;
+        if bench.has_standby() {
+            // It replays the copy (CREATE DATABASE writes it all to the WAL) before the measure.
+            standby_caught_up(&bench.pool).await?;
+        }
         let foreground = Foreground::start(&copy.pool).await?;
         tokio::time::sleep(IDLE_FOR).await;
         let latencies = foreground.stop().await;
@@ -271,7 +275,12 @@ where
         Some(sampler) => {
             let (worst, worst_bytes) = sampler.stop().await?;
             let caught_up_after = standby_caught_up(&bench.pool).await?;
-            eprintln!("  {name}: the standby was at most {:.2} s ({}) behind, and caught up {:.2} s after the end", worst.as_secs_f64(), mb(worst_bytes), caught_up_after.as_secs_f64());
+            eprintln!(
+                "  {name}: the standby was at most {:.2} s ({:.0} MB) behind, and caught up {:.2} s after the end",
+                worst.as_secs_f64(),
+                mb(worst_bytes),
+                caught_up_after.as_secs_f64()
+            );
             Some(StandbyLag { worst, worst_bytes, caught_up_after })
         }
         None => None,
