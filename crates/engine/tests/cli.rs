@@ -199,7 +199,7 @@ async fn retention_run_deletes_the_due_sessions_and_dry_run_deletes_nothing() {
     let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--task", "sessions"]).output().unwrap();
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stderr}");
-    assert!(stdout.contains("sessions: deleted 2 rows in 2 batches (expired: 1, anonymous: 1)"), "{stdout}");
+    assert!(stdout.contains("sessions: deleted 2 rows in 1 batch (expired: 1, anonymous: 1)"), "{stdout}");
     assert_eq!(session_ids(&db).await, kept);
     // Every log line of the run carries its run id.
     let run_lines: Vec<&str> = stderr.lines().filter(|l| l.contains("run started") || l.contains("run finished")).collect();
@@ -231,7 +231,7 @@ async fn run_and_status_print_json_for_scripts() {
     let ran = run(&["retention", "run", "--json"]);
     assert_eq!(ran.iter().map(|o| o["task"].as_str().unwrap()).collect::<Vec<_>>(), ["partitions", "task-history", "queue-items", "sessions"]);
     let sessions = &ran[3];
-    assert_eq!((sessions["deleted"].as_u64(), sessions["batches"].as_u64()), (Some(2), Some(2)), "{sessions}");
+    assert_eq!((sessions["deleted"].as_u64(), sessions["batches"].as_u64()), (Some(2), Some(1)), "{sessions}");
     assert_eq!(sessions["by_rule"], serde_json::json!({"expired": 1, "anonymous": 1}));
     assert_eq!((sessions["completion"].as_str(), sessions["runs"].as_u64(), sessions["paused"].as_bool()), (Some("done"), Some(1), Some(false)));
     assert!(sessions["seconds"].as_f64().is_some() && sessions["longest_batch_ms"].as_u64().is_some(), "{sessions}");
@@ -255,7 +255,7 @@ async fn a_paced_run_deletes_the_same_rows_and_prints_no_terminal_codes_to_a_pip
     let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--task", "sessions", "--pace", "1"]).output().unwrap();
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stderr}");
-    assert!(stdout.contains("sessions: deleted 2 rows in 2 batches (expired: 1, anonymous: 1)"), "{stdout}");
+    assert!(stdout.contains("sessions: deleted 2 rows in 1 batch (expired: 1, anonymous: 1)"), "{stdout}");
     assert!(stdout.contains("longest batch"), "{stdout}");
     assert_eq!(session_ids(&db).await, kept);
     assert!(!stderr.contains('\r') && !stderr.contains("\x1b[2K"), "progress redraws only on a terminal: {stderr:?}");
