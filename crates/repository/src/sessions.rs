@@ -30,6 +30,16 @@ impl SessionCutoffs {
     pub fn at(now: DateTime<Utc>, anonymous_ttl: chrono::Duration) -> Self {
         SessionCutoffs { expired_before: now, anonymous_created_before: now - anonymous_ttl }
     }
+
+    /// The whole rule for the row `t`, with these cutoffs as literals (the engine's own
+    /// timestamps, nothing from input), for statements that must be planned for them.
+    fn rule(&self, t: &str) -> String {
+        format!(
+            "({t}.expires_at < '{expired}'::timestamptz OR ({t}.user_id IS NULL AND {t}.created_at < '{anonymous}'::timestamptz))",
+            expired = self.expired_before.to_rfc3339(),
+            anonymous = self.anonymous_created_before.to_rfc3339(),
+        )
+    }
 }
 
 /// The two parts of the rule, each purged along its own index.
@@ -164,13 +174,6 @@ pub async fn delete_batch(
 /// (bounded by `lock_timeout`); its new version has another `ctid`, so it is kept, whatever the
 /// rule says of it, until the next run.
 pub async fn delete_few(executor: impl PgExecutor<'_>, cutoffs: &SessionCutoffs, limit: u32) -> Result<RangeOutcome, sqlx::Error> {
-    let rule = |t: &str| {
-        format!(
-            "({t}.expires_at < '{expired}'::timestamptz OR ({t}.user_id IS NULL AND {t}.created_at < '{anonymous}'::timestamptz))",
-            expired = cutoffs.expired_before.to_rfc3339(),
-            anonymous = cutoffs.anonymous_created_before.to_rfc3339(),
-        )
-    };
     let sql = format!(
         "WITH deleted AS (
              DELETE FROM user_sessions d
@@ -178,8 +181,8 @@ pub async fn delete_few(executor: impl PgExecutor<'_>, cutoffs: &SessionCutoffs,
              RETURNING d.expires_at < '{expired}'::timestamptz AS expired
          )
          SELECT count(*) FILTER (WHERE expired), count(*) FILTER (WHERE NOT expired) FROM deleted",
-        pick = rule("s"),
-        recheck = rule("d"),
+        pick = cutoffs.rule("s"),
+        recheck = cutoffs.rule("d"),
         expired = cutoffs.expired_before.to_rfc3339(),
     );
     let (expired, anonymous): (i64, i64) = sqlx::query_as(&sql).persistent(false).fetch_one(executor).await?;
@@ -257,12 +260,7 @@ pub async fn delete_block_range(
 /// read), and good enough to choose between walking the indexes and walking the heap.
 pub async fn estimate_due(executor: impl PgExecutor<'_>, cutoffs: &SessionCutoffs) -> Result<f64, sqlx::Error> {
     // Literals, not parameters: a generic plan would estimate from default selectivities.
-    let sql = format!(
-        "EXPLAIN SELECT 1 FROM user_sessions
-         WHERE expires_at < '{}'::timestamptz OR (user_id IS NULL AND created_at < '{}'::timestamptz)",
-        cutoffs.expired_before.to_rfc3339(),
-        cutoffs.anonymous_created_before.to_rfc3339(),
-    );
+    let sql = format!("EXPLAIN SELECT 1 FROM user_sessions s WHERE {}", cutoffs.rule("s"));
     let plan: String = sqlx::query_scalar(&sql).fetch_one(executor).await?;
     Ok(crate::heap::plan_rows(&plan))
 }
