@@ -12,7 +12,8 @@
 //! 3. the common fix: a loop of `WITH s AS (SELECT id ... ORDER BY created_at LIMIT 1000 FOR
 //!    UPDATE SKIP LOCKED) DELETE ... USING s` (stopped after a time budget and extrapolated);
 //! 4. `engine retention run --task sessions` (full speed), as a separate process;
-//! 5. the same with `--pace` (what `engine serve` does).
+//! 5. the same with `--pace` (what `engine serve` does): paced by feedback (the default), and at
+//!    the fixed ratio it starts from (`retention.pacing.feedback = false`).
 //!
 //! Then the steady state: `steady_rows` kept sessions and 100 due, one sessions run in-process.
 
@@ -149,12 +150,26 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &PathBuf, has_statement
         async move { run_engine(&engine, &copy.url, &env, &[]).await }
     })
     .await?);
-    let paces: Vec<Option<f64>> = if args.pace.is_empty() { vec![None] } else { args.pace.iter().copied().map(Some).collect() };
-    for pace in paces {
-        let (name, pace_args): (&'static str, Vec<String>) = match pace {
-            Some(ratio) => (Box::leak(format!("engine, --pace {ratio}").into_boxed_str()), vec!["--pace".into(), ratio.to_string()]),
-            None => ("engine, paced (default)", vec!["--pace".into()]),
-        };
+    // Paced: by feedback (the default) and at the fixed ratio it starts from.
+    let fixed = |mut env: Vec<(String, String)>| {
+        env.push(("ENGINE__RETENTION__PACING__FEEDBACK".into(), "false".into()));
+        env
+    };
+    let paces: Vec<(&'static str, Vec<String>, Vec<(String, String)>)> = if args.pace.is_empty() {
+        vec![
+            ("engine, paced (default: feedback)", vec!["--pace".into()], env.clone()),
+            ("engine, paced, fixed ratio 1", vec!["--pace".into()], fixed(env.clone())),
+        ]
+    } else {
+        let mut paces = Vec::new();
+        for ratio in &args.pace {
+            let pace = vec!["--pace".into(), ratio.to_string()];
+            paces.push((&*Box::leak(format!("engine, --pace {ratio}, feedback").into_boxed_str()), pace.clone(), env.clone()));
+            paces.push((&*Box::leak(format!("engine, --pace {ratio}, fixed").into_boxed_str()), pace, fixed(env.clone())));
+        }
+        paces
+    };
+    for (name, pace_args, env) in paces {
         results.push(measure(bench, name, has_statements, |copy| {
             let (engine, env, pace_args) = (engine.clone(), env.clone(), pace_args.clone());
             async move { run_engine(&engine, &copy.url, &env, &pace_args).await }

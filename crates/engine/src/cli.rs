@@ -161,7 +161,8 @@ pub enum RetentionCommand {
         #[arg(long)]
         dry_run: bool,
         /// Pause after each batch for RATIO times its duration, sparing the foreground (default:
-        /// full speed). Without a value: retention.pacing.pause_ratio.
+        /// full speed). Without a value: retention.pacing.pause_ratio. With
+        /// retention.pacing.feedback (the default) the ratio starts there and follows a probe.
         #[arg(long, value_name = "RATIO", num_args = 0..=1, allow_negative_numbers = true, conflicts_with = "dry_run")]
         pace: Option<Option<f64>>,
         /// One JSON object per task on stdout, instead of a line for people.

@@ -21,6 +21,8 @@ pub struct Database {
 /// The lease keepers' connections: a renewal takes a few milliseconds every third of
 /// `retention.lease_ttl`, so two serve every task's keeper.
 pub const LEASE_CONNECTIONS: u32 = 2;
+/// The engine's connections' `application_name` when the database URL gives none.
+pub const APPLICATION_NAME: &str = "retention-engine";
 
 impl Database {
     /// Connects (starting the embedded server when nothing is configured) and applies migrations
@@ -73,6 +75,12 @@ impl Database {
     ) -> anyhow::Result<Database> {
         // Room for each day partition's prepared statements, so their plans stay cached.
         let options = options.statement_cache_capacity(2000);
+        // Named in pg_stat_activity, unless the URL names them: the pacing probe tells the
+        // engine's own backends from the foreground's by it.
+        let options = match options.get_application_name() {
+            Some(_) => options,
+            None => options.application_name(APPLICATION_NAME),
+        };
         let pool = PgPoolOptions::new()
             .max_connections(settings.database.max_connections)
             .acquire_timeout(settings.database.connect_timeout)

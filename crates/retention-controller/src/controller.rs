@@ -104,6 +104,11 @@ pub async fn run_once_with(
             Err(error) => (Err(TaskError::Database(error)), None),
         };
         let elapsed = started.elapsed();
+        let mut result = result;
+        if let Some((pacing, ratio)) = ctx.pacing_summary() {
+            drop(ctx); // the probe stops with the run
+            record_pacing(task.name(), &pacing, ratio, result.as_mut().ok());
+        }
         let stopped_because = match &result {
             Ok(report) if report.completion == Completion::Cancelled => stopped_by,
             _ => None,
@@ -145,6 +150,35 @@ pub async fn run_once_with(
     }
     .instrument(span)
     .await
+}
+
+/// Logs what a paced run's feedback did, counts it, and adds it to the run's counters.
+fn record_pacing(task: &'static str, pacing: &crate::feedback::Summary, ratio: f64, report: Option<&mut RunReport>) {
+    if pacing.probes == 0 {
+        return;
+    }
+    tracing::info!(
+        probes = pacing.probes,
+        raised_by_latency = pacing.raised_by_latency,
+        raised_by_waits = pacing.raised_by_waits,
+        lowered = pacing.lowered,
+        lowest_ratio = pacing.lowest_ratio,
+        highest_ratio = pacing.highest_ratio,
+        final_ratio = ratio,
+        probe_p90_in_pauses_us = pacing.pauses_tail.as_micros() as u64,
+        probe_p90_over_work_us = pacing.work_tail.as_micros() as u64,
+        waiting_over_work = pacing.waiting_over_work,
+        waiting_in_pauses = pacing.waiting_in_pauses,
+        "pacing by feedback"
+    );
+    telemetry::paced(task, pacing, ratio);
+    if let Some(report) = report {
+        report.counters.extend([
+            ("pace raised by latency", pacing.raised_by_latency),
+            ("pace raised by waits", pacing.raised_by_waits),
+            ("pace lowered", pacing.lowered),
+        ]);
+    }
 }
 
 /// Runs `task` with its lease keeper beside it (one tokio task, so nothing outlives the run); when

@@ -10,6 +10,7 @@
 pub mod batching;
 mod block_walk;
 pub mod clock_guard;
+pub mod feedback;
 mod controller;
 mod history;
 pub mod history_policy;

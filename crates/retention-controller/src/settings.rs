@@ -38,6 +38,14 @@ pub const DEFAULT_FULL_SPEED_BATCH_TIME: Duration = Duration::from_millis(50);
 /// Background runs pause this many times each batch's duration after it: at 1 the database is
 /// the foreground's half of the time, and the foreground's p99 stayed within 1.4-1.9x of idle.
 pub const DEFAULT_PAUSE_RATIO: f64 = 1.0;
+/// With feedback, the least a paced run pauses after a batch (in multiples of its duration).
+pub const DEFAULT_MIN_PAUSE_RATIO: f64 = 0.25;
+/// With feedback, the most a paced run pauses after a batch.
+pub const DEFAULT_MAX_PAUSE_RATIO: f64 = 16.0;
+/// With feedback, how much slower than between batches the probe may commit while a batch runs.
+pub const DEFAULT_MAX_SLOWDOWN: f64 = 2.0;
+/// With feedback, how often the probe commits.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(20);
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest wait for the history tables' lock when a range is attached, rewritten or dropped.
@@ -164,8 +172,21 @@ pub struct PacingSettings {
     pub full_speed_batch_time: Duration,
     /// Runs of `engine serve` (and `engine retention run --pace`) pause after each batch for this
     /// many times the batch's duration: 0 is full speed, 1 leaves the database alone half of the
-    /// time, 4 four fifths. Manual runs are full speed unless `--pace` asks.
+    /// time, 4 four fifths. Manual runs are full speed unless `--pace` asks. With `feedback`,
+    /// where every paced run starts.
     pub pause_ratio: f64,
+    /// Paced runs set their pause ratio from what a probe transaction feels (see
+    /// [`crate::feedback`]), between `min_pause_ratio` and `max_pause_ratio`. `false`: the ratio
+    /// stays at `pause_ratio`.
+    pub feedback: bool,
+    pub min_pause_ratio: f64,
+    pub max_pause_ratio: f64,
+    /// The probe may commit this many times slower while a batch runs than between batches
+    /// before the pauses grow.
+    pub max_slowdown: f64,
+    /// How often the probe commits while a paced run goes on.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
 }
 
 impl Default for PacingSettings {
@@ -174,6 +195,11 @@ impl Default for PacingSettings {
             batch_time: DEFAULT_BATCH_TIME,
             full_speed_batch_time: DEFAULT_FULL_SPEED_BATCH_TIME,
             pause_ratio: DEFAULT_PAUSE_RATIO,
+            feedback: true,
+            min_pause_ratio: DEFAULT_MIN_PAUSE_RATIO,
+            max_pause_ratio: DEFAULT_MAX_PAUSE_RATIO,
+            max_slowdown: DEFAULT_MAX_SLOWDOWN,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
         }
     }
 }
@@ -182,7 +208,13 @@ impl PacingSettings {
     /// Paced by `pause_ratio` (0: full speed), with the batch duration that goes with it.
     fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
         let batch_time = if pause_ratio > 0.0 { self.batch_time } else { self.full_speed_batch_time };
-        crate::RunOptions { batch_time, pause_ratio, ..Default::default() }
+        let feedback = (self.feedback && pause_ratio > 0.0).then(|| crate::feedback::FeedbackOptions {
+            min_pause_ratio: self.min_pause_ratio,
+            max_pause_ratio: self.max_pause_ratio,
+            max_slowdown: self.max_slowdown,
+            probe_interval: self.probe_interval,
+        });
+        crate::RunOptions { batch_time, pause_ratio, feedback, ..Default::default() }
     }
 }
 
@@ -427,6 +459,27 @@ impl RetentionSettings {
         if let Some(error) = check_pause_ratio(&key("pacing", "pause_ratio"), pacing.pause_ratio) {
             errors.push(error);
         }
+        if !(0.01..=MAX_PAUSE_RATIO).contains(&pacing.min_pause_ratio) {
+            errors.push(SettingError {
+                key: key("pacing", "min_pause_ratio"),
+                value: pacing.min_pause_ratio.to_string(),
+                allowed: format!("a number from 0.01 to {MAX_PAUSE_RATIO}: the least pause after a batch, in multiples of its duration"),
+            });
+        } else if !(pacing.min_pause_ratio..=MAX_PAUSE_RATIO).contains(&pacing.max_pause_ratio) {
+            errors.push(SettingError {
+                key: key("pacing", "max_pause_ratio"),
+                value: pacing.max_pause_ratio.to_string(),
+                allowed: format!("a number from min_pause_ratio ({}) to {MAX_PAUSE_RATIO}", pacing.min_pause_ratio),
+            });
+        }
+        if !(1.1..=100.0).contains(&pacing.max_slowdown) {
+            errors.push(SettingError {
+                key: key("pacing", "max_slowdown"),
+                value: pacing.max_slowdown.to_string(),
+                allowed: "a number from 1.1 to 100: how many times slower the probe may commit while a batch runs".into(),
+            });
+        }
+        check_duration(&mut errors, key("pacing", "probe_interval"), pacing.probe_interval, Duration::from_millis(10)..=10 * SECOND);
         let s = &self.sessions;
         check_batch_size(&mut errors, &key("sessions", ""), s.batch_size);
         check_run(&mut errors, &key("sessions", ""), s.interval, s.max_run_time, s.statement_timeout, s.lock_timeout);

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::batching::BatchSizer;
+use crate::feedback::{Pacer, Summary};
 use crate::schedule::Schedule;
 use crate::settings::{DEFAULT_FULL_SPEED_BATCH_TIME, DEFAULT_LEASE_TTL};
 
@@ -45,8 +46,11 @@ pub struct RunOptions {
     /// The duration each batch aims at: batch sizes adapt toward it.
     pub batch_time: Duration,
     /// After each batch, pause this many times the batch's duration: 0 is full speed, 4 leaves
-    /// the database to others four fifths of the time.
+    /// the database to others four fifths of the time. With `feedback`, where the ratio starts.
     pub pause_ratio: f64,
+    /// A paced run's pause ratio follows a probe of what the foreground feels (see
+    /// [`crate::feedback`]); `None`: it stays at `pause_ratio`.
+    pub feedback: Option<crate::feedback::FeedbackOptions>,
     /// Called after every batch.
     pub progress: Option<ProgressFn>,
     /// A scheduled run (the controller's loop): skipped while the task's last run, on any
@@ -90,6 +94,7 @@ impl Default for RunOptions {
         RunOptions {
             batch_time: DEFAULT_FULL_SPEED_BATCH_TIME,
             pause_ratio: 0.0,
+            feedback: None,
             progress: None,
             scheduled: false,
             lease_ttl: DEFAULT_LEASE_TTL,
@@ -107,6 +112,7 @@ impl std::fmt::Debug for RunOptions {
         f.debug_struct("RunOptions")
             .field("batch_time", &self.batch_time)
             .field("pause_ratio", &self.pause_ratio)
+            .field("feedback", &self.feedback)
             .field("progress", &self.progress.is_some())
             .field("scheduled", &self.scheduled)
             .field("lease_ttl", &self.lease_ttl)
@@ -131,11 +137,17 @@ pub struct RunContext {
     wal_compression: Option<&'static str>,
     /// The database's clock as the run's clock check read it, just before the run.
     clock: Option<DateTime<Utc>>,
+    /// A paced run's pacer, when its ratio follows feedback; shared by the run's contexts.
+    pacer: Option<Arc<Pacer>>,
 }
 
 impl RunContext {
     pub fn new(pool: PgPool, run_id: Uuid, cancel: CancellationToken, max_run_time: Duration, options: RunOptions) -> Self {
-        RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time, options, wal_compression: None, clock: None }
+        let pacer = match &options.feedback {
+            Some(feedback) if options.pause_ratio > 0.0 => Some(Arc::new(Pacer::new(feedback.clone(), options.pause_ratio))),
+            _ => None,
+        };
+        RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time, options, wal_compression: None, clock: None, pacer }
     }
 
     /// This context, knowing the database's clock at the run's start (read by the clock check).
@@ -148,6 +160,7 @@ impl RunContext {
             options: self.options.clone(),
             wal_compression: self.wal_compression,
             clock: Some(clock),
+            pacer: self.pacer.clone(),
         }
     }
 
@@ -180,6 +193,7 @@ impl RunContext {
             options: self.options.clone(),
             wal_compression: self.wal_compression,
             clock: self.clock,
+            pacer: self.pacer.clone(),
         }
     }
 
@@ -271,7 +285,11 @@ impl RunContext {
 
     async fn pace(&self, elapsed: Duration) {
         if self.options.pause_ratio > 0.0 {
-            let pause = elapsed.mul_f64(self.options.pause_ratio);
+            let pause = match &self.pacer {
+                Some(pacer) => pacer.pause_after(&self.pool, elapsed),
+                None => elapsed.mul_f64(self.options.pause_ratio),
+            };
+            let _pausing = self.pacer.as_ref().map(|pacer| pacer.pausing());
             let started = Instant::now();
             tokio::select! {
                 _ = self.cancel.cancelled() => {}
@@ -279,6 +297,11 @@ impl RunContext {
             }
             crate::telemetry::throttled_for("pace", started.elapsed());
         }
+    }
+
+    /// What the run's pacing by feedback did, with the ratio it ended at, when it had any.
+    pub fn pacing_summary(&self) -> Option<(Summary, f64)> {
+        self.pacer.as_ref().map(|pacer| (pacer.summary(), pacer.ratio()))
     }
 }
 

@@ -19,6 +19,8 @@
 //! | `retention_replica_lag_seconds`, `retention_replica_lag_bytes` | `standby` | each connected standby's lag as last seen |
 //! | `retention_replication_slots_inactive` | | replication slots with no standby attached |
 //! | `retention_standbys_stalled_total` | | standbys no longer waited for after standing still |
+//! | `retention_pause_ratio` | `task` | the pause ratio a paced run with feedback ended at (see [`crate::feedback`]) |
+//! | `retention_pace_decisions_total` | `task`, `decision` | how paced runs set their ratio: `raised by latency`, `raised by waits`, `lowered` |
 //!
 //! [`METRICS`] gives each its HELP text and unit ([`describe`]).
 
@@ -106,6 +108,8 @@ pub const METRICS: &[(&str, Kind, metrics::Unit, &str)] = &[
     ("retention_replica_lag_bytes", Kind::Gauge, metrics::Unit::Bytes, "WAL written on the primary and not yet replayed by each connected standby, as the throttle last saw it (bytes)."),
     ("retention_replication_slots_inactive", Kind::Gauge, metrics::Unit::Count, "Replication slots with no standby attached, seen at the throttle's first check: they keep WAL, and retention does not wait for them."),
     ("retention_standbys_stalled_total", Kind::Counter, metrics::Unit::Count, "Times a standby's replay position stood still for retention.throttle.max_replica_stall while behind, after which purges stopped waiting for it."),
+    ("retention_pause_ratio", Kind::Gauge, metrics::Unit::Count, "The pause after each batch, in multiples of the batch's duration, that the task's last paced run with feedback ended at (retention.pacing.feedback)."),
+    ("retention_pace_decisions_total", Kind::Counter, metrics::Unit::Count, "How paced runs set their pause ratio, by decision: raised by latency (the probe committed too slowly while a batch ran), raised by waits (backends waited more while batches ran), lowered."),
 ];
 
 /// Gives every metric of [`METRICS`] its HELP text and unit. Call once the process's recorder
@@ -130,6 +134,14 @@ pub(crate) fn standby_stalled() {
 }
 
 /// Time spent waiting for `reason`.
+/// What a paced run's feedback did (see [`crate::feedback`]).
+pub(crate) fn paced(task: &'static str, summary: &crate::feedback::Summary, ratio: f64) {
+    metrics::gauge!("retention_pause_ratio", "task" => task).set(ratio);
+    for (decision, count) in [("raised by latency", summary.raised_by_latency), ("raised by waits", summary.raised_by_waits), ("lowered", summary.lowered)] {
+        metrics::counter!("retention_pace_decisions_total", "task" => task, "decision" => decision).increment(count);
+    }
+}
+
 pub(crate) fn throttled_for(reason: &'static str, waited: Duration) {
     // Counters count whole units: the fraction of a second is carried to the next wait.
     static CARRIED: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
