@@ -17,6 +17,41 @@ async fn settings(conn: &mut sqlx::PgConnection) -> (String, String, String) {
 }
 
 #[tokio::test]
+async fn a_one_statement_batch_obeys_its_limits_in_its_own_transaction_only() {
+    let db = TestDatabase::new().await;
+    let defaults = settings(&mut db.pool.acquire().await.unwrap()).await;
+    let limits = BatchLimits::new(Duration::from_millis(1500), Duration::from_millis(20)).with_async_commit(true);
+    sqlx::query("CREATE TABLE t (n int)").execute(&db.pool).await.unwrap();
+
+    let seen: (String, String, String, i64) = batch::one_statement(
+        &db.pool,
+        limits,
+        "WITH added AS (INSERT INTO t VALUES (1), (2) RETURNING n)
+         SELECT current_setting('statement_timeout'), current_setting('lock_timeout'), current_setting('synchronous_commit'), count(*) FROM added",
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen, ("1500ms".into(), "20ms".into(), "off".into(), 2));
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM t").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(count, 2, "committed");
+
+    // A statement that fails is rolled back whole, and the connection is left as it was.
+    let failed = batch::one_statement::<(i64,)>(&db.pool, limits, "WITH added AS (INSERT INTO t VALUES (3) RETURNING n) SELECT count(*) / 0 FROM added").await;
+    assert!(failed.is_err());
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM t").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(count, 2, "rolled back");
+    // Its lock_timeout holds: a row locked elsewhere makes it give up after 20 ms.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE t IN ACCESS EXCLUSIVE MODE").execute(&mut *holder).await.unwrap();
+    let blocked = batch::one_statement::<(i64,)>(&db.pool, limits, "SELECT count(*) FROM t").await.unwrap_err();
+    assert!(batch::is_lock_timeout(&blocked), "{blocked}");
+    holder.rollback().await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(settings(&mut db.pool.acquire().await.unwrap()).await, defaults);
+    }
+}
+
+#[tokio::test]
 async fn a_batch_sets_its_timeouts_and_commit_mode_locally() {
     let db = TestDatabase::new().await;
     let defaults = settings(&mut db.pool.acquire().await.unwrap()).await;

@@ -175,6 +175,29 @@ async fn a_lease_is_exclusive_until_released_or_expired() {
 }
 
 #[tokio::test]
+async fn finishing_a_run_releases_its_lease_and_never_another_runners() {
+    let db = TestDatabase::new().await;
+    let first = take_lease(&db.pool, NAME, "host-a:1", SHORT_TTL).await.expect("free");
+    tokio::time::sleep(SHORT_TTL).await;
+    // host-a's lease expired and host-b took it: host-a's run ends after that.
+    let second = take_lease(&db.pool, NAME, "host-b:1", Duration::from_secs(60)).await.expect("expired");
+    let released = maintenance::finish_run(&db.pool, first.run_id, NAME, 7, maintenance::Outcome::Done, None).await.unwrap();
+    assert!(!released, "the lease had passed on");
+    assert_eq!(lease::holder(&db.pool, NAME).await.unwrap().as_deref(), Some("host-b:1"));
+    let (outcome, rows): (String, i64) =
+        sqlx::query_as("SELECT outcome, rows FROM maintenance_runs WHERE run_id = $1").bind(first.run_id).fetch_one(&db.pool).await.unwrap();
+    assert_eq!((outcome.as_str(), rows), ("done", 7), "the first run's own record is written");
+    let state = maintenance::state(&db.pool, NAME).await.unwrap();
+    assert_eq!((state.last_run_id, state.last_outcome, state.last_success_at), (Some(second.run_id), None, None), "the task shows the run going on");
+
+    let released = maintenance::finish_run(&db.pool, second.run_id, NAME, 3, maintenance::Outcome::Failed, Some("boom")).await.unwrap();
+    assert!(released);
+    assert_eq!(lease::holder(&db.pool, NAME).await.unwrap(), None);
+    let state = maintenance::state(&db.pool, NAME).await.unwrap();
+    assert_eq!((state.last_outcome.as_deref(), state.last_rows, state.last_success_at), (Some("failed"), Some(3), None));
+}
+
+#[tokio::test]
 async fn of_many_concurrent_takers_exactly_one_gets_the_lease() {
     let db = TestDatabase::new().await;
     for round in 0..5 {

@@ -87,6 +87,20 @@ pub async fn begin_bookkeeping(pool: &PgPool) -> Result<Transaction<'static, Pos
     pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off").await
 }
 
+/// One batch of a single statement, `sql` (which must carry its values as literals), in one
+/// round trip: the `SET LOCAL`s of `limits` and `sql` go as one simple query, which PostgreSQL
+/// runs as one implicit transaction (committed after its last statement, rolled back whole on
+/// an error). Returns the first row `sql` returns.
+pub async fn one_statement<T>(pool: &PgPool, limits: BatchLimits, sql: &str) -> Result<T, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    let settings = begin_statement(limits);
+    let query = format!("{}; {sql}", settings.strip_prefix("BEGIN; ").unwrap_or(&settings));
+    let row = sqlx::raw_sql(&query).fetch_one(pool).await?;
+    T::from_row(&row)
+}
+
 /// `BEGIN` and the `SET LOCAL`s of `limits`, as one simple query. Every value is the engine's
 /// own (durations, fixed words): nothing here comes from input. JIT compilation is off: the
 /// engine's statements are short, and a generic plan's cost (estimated without its parameters'

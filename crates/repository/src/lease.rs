@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
@@ -16,6 +17,8 @@ pub struct Lease {
     pub task: String,
     pub run_id: Uuid,
     pub ttl: Duration,
+    /// The database's clock (`clock_timestamp()`) when the lease was taken.
+    pub taken_at: DateTime<Utc>,
 }
 
 /// What a renewal learnt.
@@ -84,10 +87,15 @@ pub enum Start {
     NotDue(Duration),
 }
 
-/// Starts run `run_id` of `task` on `holder`, in one transaction: takes the task's lease if no
-/// unexpired lease exists, then, unless the task is paused or (for a `scheduled` run whose runs
-/// are `interval` apart) not due yet, records the run as started (see
-/// `maintenance::record_run_started`). Otherwise it takes nothing.
+/// Starts run `run_id` of `task` on `holder`: takes the task's lease if no unexpired lease exists
+/// and, unless the task is paused or (for a `scheduled` run whose runs are `interval` apart) not
+/// due yet, records the run as started: the task's last run, a row in the run log, and any run
+/// of the task left unfinished closed as abandoned. Otherwise it takes nothing.
+///
+/// One statement, one round trip, its own transaction, whose commit does not wait for the disk
+/// (as [`crate::batch::begin_bookkeeping`]'s; see `maintenance::finish_run`). The task's row is
+/// taken only when every condition holds (the upsert's `WHERE`); when it is not, the row as the
+/// statement found it says why.
 pub async fn start_run(
     pool: &PgPool,
     task: &str,
@@ -96,35 +104,53 @@ pub async fn start_run(
     ttl: Duration,
     scheduled_every: Option<Duration>,
 ) -> Result<Start, sqlx::Error> {
-    let mut tx = crate::batch::begin_bookkeeping(pool).await?;
-    let taken: Option<(bool, Option<f64>)> = sqlx::query_as(
-        "INSERT INTO maintenance_tasks AS m (task, lease_run_id, lease_holder, lease_expires_at)
-         VALUES ($1, $2, $3, now() + make_interval(secs => $4))
-         ON CONFLICT (task) DO UPDATE
-             SET lease_run_id = excluded.lease_run_id, lease_holder = excluded.lease_holder,
-                 lease_expires_at = excluded.lease_expires_at
-             WHERE m.lease_expires_at IS NULL OR m.lease_expires_at <= now()
-         RETURNING m.paused,
-                   CASE WHEN m.last_outcome = 'done'
-                        THEN extract(epoch FROM m.last_finished_at + make_interval(secs => $5) - now())::float8 END",
+    let (started, held, paused, due_in, taken_at, _): (bool, Option<bool>, Option<bool>, Option<f64>, DateTime<Utc>, String) = sqlx::query_as(
+        "WITH taken AS (
+             INSERT INTO maintenance_tasks AS m (task, lease_run_id, lease_holder, lease_expires_at, last_run_id, last_started_at)
+             VALUES ($1, $2, $3, now() + make_interval(secs => $4), $2, now())
+             ON CONFLICT (task) DO UPDATE
+                 SET lease_run_id = excluded.lease_run_id, lease_holder = excluded.lease_holder,
+                     lease_expires_at = excluded.lease_expires_at, last_run_id = excluded.last_run_id,
+                     last_started_at = excluded.last_started_at, last_finished_at = NULL,
+                     last_outcome = NULL, last_rows = NULL, updated_at = now()
+                 WHERE (m.lease_expires_at IS NULL OR m.lease_expires_at <= now())
+                   AND NOT m.paused
+                   AND NOT coalesce(m.last_outcome = 'done' AND m.last_finished_at + make_interval(secs => $5) > now(), false)
+             RETURNING m.task
+         ), abandoned AS (
+             UPDATE maintenance_runs SET finished_at = now(), outcome = 'failed',
+                    error = 'abandoned: its runner stopped before the run finished'
+             WHERE task = $1 AND finished_at IS NULL AND EXISTS (SELECT 1 FROM taken)
+         ), run AS (
+             INSERT INTO maintenance_runs (run_id, task, replica, started_at) SELECT $2, $1, $3, now() FROM taken
+         )
+         SELECT EXISTS (SELECT 1 FROM taken), m.lease_expires_at > now(), m.paused,
+                CASE WHEN m.last_outcome = 'done'
+                     THEN extract(epoch FROM m.last_finished_at + make_interval(secs => $5) - now())::float8 END,
+                clock_timestamp(), (SELECT set_config('synchronous_commit', 'off', true))
+         FROM (SELECT) AS one LEFT JOIN maintenance_tasks m ON m.task = $1",
     )
     .bind(task)
     .bind(run_id)
     .bind(holder)
     .bind(ttl.as_secs_f64())
-    .bind(scheduled_every.unwrap_or_default().as_secs_f64())
-    .fetch_optional(&mut *tx)
+    .bind(scheduled_every.map(|every| every.as_secs_f64()))
+    .fetch_one(pool)
     .await?;
-    let Some((paused, due_in)) = taken else { return Ok(Start::Busy) };
-    if paused {
-        return Ok(Start::Paused);
+    if started {
+        return Ok(Start::Started(Lease { task: task.to_owned(), run_id, ttl, taken_at }));
     }
-    if let (Some(_), Some(wait)) = (scheduled_every, due_in.filter(|secs| *secs > 0.0)) {
-        return Ok(Start::NotDue(Duration::from_secs_f64(wait)));
-    }
-    crate::maintenance::record_run_started(&mut *tx, run_id, task, holder).await?;
-    tx.commit().await?;
-    Ok(Start::Started(Lease { task: task.to_owned(), run_id, ttl }))
+    // Not taken: the row as the statement found it says why. A lease free then but taken by
+    // another runner before this statement could is busy too.
+    Ok(if held == Some(true) {
+        Start::Busy
+    } else if paused == Some(true) {
+        Start::Paused
+    } else if let (Some(_), Some(wait)) = (scheduled_every, due_in.filter(|secs| *secs > 0.0)) {
+        Start::NotDue(Duration::from_secs_f64(wait))
+    } else {
+        Start::Busy
+    })
 }
 
 /// Who holds `task`'s lease now (an unexpired lease), if anyone.

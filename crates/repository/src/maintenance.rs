@@ -27,30 +27,6 @@ pub async fn set_paused(executor: impl PgExecutor<'_>, task: &str, paused: bool)
     Ok(changed.unwrap_or(false))
 }
 
-/// Records that run `run_id` of `task` started on `replica`, in the caller's transaction, which
-/// holds the task's lease (see `lease::start_run`): earlier runs of the task still marked as
-/// running were abandoned (their runner died) and are recorded as failed.
-pub async fn record_run_started(executor: impl PgExecutor<'_>, run_id: Uuid, task: &str, replica: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH abandoned AS (
-             UPDATE maintenance_runs SET finished_at = now(), outcome = 'failed',
-                    error = 'abandoned: its runner stopped before the run finished'
-             WHERE task = $2 AND finished_at IS NULL
-         ), run AS (
-             INSERT INTO maintenance_runs (run_id, task, replica, started_at) VALUES ($1, $2, $3, now())
-         )
-         INSERT INTO maintenance_tasks AS m (task, last_run_id, last_started_at) VALUES ($2, $1, now())
-         ON CONFLICT (task) DO UPDATE SET last_run_id = $1, last_started_at = now(), last_finished_at = NULL,
-                                           last_outcome = NULL, last_rows = NULL, updated_at = now()",
-    )
-    .bind(run_id)
-    .bind(task)
-    .bind(replica)
-    .execute(executor)
-    .await?;
-    Ok(())
-}
-
 /// How a run ended, as recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -71,8 +47,12 @@ impl Outcome {
     }
 }
 
-/// Records how run `run_id` ended and trims the task's log to [`RUNS_KEPT_PER_TASK`] runs, then
-/// releases the run's lease, in one transaction. Returns whether the lease was still the run's.
+/// Records how run `run_id` ended and trims the task's log to [`RUNS_KEPT_PER_TASK`] runs, and
+/// releases the run's lease: one statement in one round trip, its own transaction. Like
+/// [`crate::batch::begin_bookkeeping`]'s, its commit does not wait for the disk: the statement
+/// sets `synchronous_commit` for its own transaction (`set_config(..., true)`), which is read
+/// when that transaction commits, right after the statement. Returns whether the lease was
+/// still the run's.
 pub async fn finish_run(
     pool: &PgPool,
     run_id: Uuid,
@@ -81,30 +61,27 @@ pub async fn finish_run(
     outcome: Outcome,
     error: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = crate::batch::begin_bookkeeping(pool).await?;
-    record_run_finished(&mut *tx, run_id, task, rows, outcome, error).await?;
-    let released = crate::lease::clear(&mut *tx, task, run_id).await?;
-    tx.commit().await?;
-    Ok(released)
-}
-
-async fn record_run_finished(
-    executor: impl PgExecutor<'_>,
-    run_id: Uuid,
-    task: &str,
-    rows: u64,
-    outcome: Outcome,
-    error: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    // The task's row is updated once (a statement may not update a row twice): the run's
+    // record where the run is the task's last, the lease's release where the lease is the
+    // run's. `before` is the row as the statement found it; a lease another runner took
+    // meanwhile is theirs after the update, so `released` is false for it.
+    let (released, _): (Option<bool>, String) = sqlx::query_as(
         "WITH run AS (
              UPDATE maintenance_runs SET finished_at = now(), rows = $3, outcome = $4, error = $5
              WHERE run_id = $1
          ), state AS (
-             UPDATE maintenance_tasks
-             SET last_finished_at = now(), last_outcome = $4, last_rows = $3, updated_at = now(),
-                 last_success_at = CASE WHEN $4 = 'failed' THEN last_success_at ELSE now() END
-             WHERE task = $2 AND last_run_id = $1
+             UPDATE maintenance_tasks m
+             SET last_finished_at = CASE WHEN m.last_run_id = $1 THEN now() ELSE m.last_finished_at END,
+                 last_outcome = CASE WHEN m.last_run_id = $1 THEN $4 ELSE m.last_outcome END,
+                 last_rows = CASE WHEN m.last_run_id = $1 THEN $3 ELSE m.last_rows END,
+                 last_success_at = CASE WHEN m.last_run_id = $1 AND $4 <> 'failed' THEN now() ELSE m.last_success_at END,
+                 updated_at = CASE WHEN m.last_run_id = $1 THEN now() ELSE m.updated_at END,
+                 lease_run_id = CASE WHEN m.lease_run_id = $1 THEN NULL ELSE m.lease_run_id END,
+                 lease_holder = CASE WHEN m.lease_run_id = $1 THEN NULL ELSE m.lease_holder END,
+                 lease_expires_at = CASE WHEN m.lease_run_id = $1 THEN NULL ELSE m.lease_expires_at END
+             FROM maintenance_tasks before
+             WHERE m.task = $2 AND before.task = m.task AND (m.last_run_id = $1 OR m.lease_run_id = $1)
+             RETURNING before.lease_run_id = $1 AND m.lease_run_id IS NULL AS released
          ), hourly AS (
              INSERT INTO maintenance_rows_by_hour AS h (task, hour, rows, runs, failed)
              VALUES ($2, date_trunc('hour', now()), $3, 1, CASE WHEN $4 = 'failed' THEN 1 ELSE 0 END)
@@ -112,11 +89,13 @@ async fn record_run_finished(
              SET rows = h.rows + excluded.rows, runs = h.runs + 1, failed = h.failed + excluded.failed
          ), old_hours AS (
              DELETE FROM maintenance_rows_by_hour WHERE hour < now() - $7::interval
+         ), trimmed AS (
+             DELETE FROM maintenance_runs r
+             WHERE r.task = $2 AND r.run_id IN (
+                 SELECT run_id FROM maintenance_runs WHERE task = $2 ORDER BY started_at DESC OFFSET $6
+             )
          )
-         DELETE FROM maintenance_runs r
-         WHERE r.task = $2 AND r.run_id IN (
-             SELECT run_id FROM maintenance_runs WHERE task = $2 ORDER BY started_at DESC OFFSET $6
-         )",
+         SELECT bool_or(released), (SELECT set_config('synchronous_commit', 'off', true)) FROM state",
     )
     .bind(run_id)
     .bind(task)
@@ -125,9 +104,9 @@ async fn record_run_finished(
     .bind(error)
     .bind(RUNS_KEPT_PER_TASK)
     .bind(format!("{HOURS_KEPT} hours"))
-    .execute(executor)
+    .fetch_one(pool)
     .await?;
-    Ok(())
+    Ok(released.unwrap_or(false))
 }
 
 /// What `engine retention status` shows of one task.

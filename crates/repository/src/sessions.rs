@@ -167,13 +167,14 @@ pub async fn delete_batch(
 /// runs find (a few dozen rows an hour) goes in one transaction, where the walks cost a
 /// statement and a transaction per part. The cutoffs are literals, so that the statement is
 /// planned for them: through both indexes (a BitmapOr) when few rows are due, a sequential scan
-/// that stops at `limit` on a backlog. Unnamed (not kept prepared): its text changes every run.
+/// that stops at `limit` on a backlog. It goes with its `limits` as one simple query, a batch in
+/// one round trip ([`crate::batch::one_statement`]), like the bare DELETE it is measured against.
 ///
 /// The rows are found first, then deleted by `ctid` (a Tid Scan, no second index lookup, no
 /// row lock taken before the delete's own). A row a request is updating meanwhile is waited for
 /// (bounded by `lock_timeout`); its new version has another `ctid`, so it is kept, whatever the
 /// rule says of it, until the next run.
-pub async fn delete_few(executor: impl PgExecutor<'_>, cutoffs: &SessionCutoffs, limit: u32) -> Result<RangeOutcome, sqlx::Error> {
+pub async fn delete_few(pool: &sqlx::PgPool, limits: crate::batch::BatchLimits, cutoffs: &SessionCutoffs, limit: u32) -> Result<RangeOutcome, sqlx::Error> {
     let sql = format!(
         "WITH deleted AS (
              DELETE FROM user_sessions d
@@ -185,7 +186,7 @@ pub async fn delete_few(executor: impl PgExecutor<'_>, cutoffs: &SessionCutoffs,
         recheck = cutoffs.rule("d"),
         expired = cutoffs.expired_before.to_rfc3339(),
     );
-    let (expired, anonymous): (i64, i64) = sqlx::query_as(&sql).persistent(false).fetch_one(executor).await?;
+    let (expired, anonymous): (i64, i64) = crate::batch::one_statement(pool, limits, &sql).await?;
     Ok(RangeOutcome { expired, anonymous })
 }
 

@@ -9,7 +9,6 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
 use crate::telemetry;
 
@@ -32,24 +31,36 @@ pub enum ClockError {
     Jumped { then: DateTime<Utc>, database: DateTime<Utc>, elapsed: String, jump: String, max: String },
 }
 
-/// Compares the clocks; `Ok(Ok(database's clock))` when they agree within `max_skew` (a run's
-/// cutoffs may start from that reading: it is no later than the run's first statement).
-pub async fn check(pool: &PgPool, max_skew: Duration) -> Result<Result<DateTime<Utc>, ClockError>, sqlx::Error> {
-    let sent_wall = SystemTime::now();
-    let sent = boot_clock();
-    let database: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(pool).await?;
-    let received = boot_clock();
-    let round_trip = received.saturating_sub(sent);
-    // The database read its clock somewhere within the round trip.
-    let process: DateTime<Utc> = (sent_wall + round_trip / 2).into();
-    telemetry::clock_skew((database - process).num_milliseconds() as f64 / 1000.0);
-    let mut last = LAST_CHECK.lock().unwrap();
-    let since_last = last.map(|(then, at)| (then, sent.saturating_sub(at)));
-    let verdict = judge(database, process, since_last, max_skew + round_trip, max_skew);
-    if verdict.is_ok() {
-        *last = Some((database, sent));
+/// When this process asked the database for a reading of its clock: the reading comes with
+/// other work (the run's start reads `clock_timestamp()` in the statement that takes the lease),
+/// and a run's cutoffs may start from it (it is no later than the run's first statement).
+#[derive(Debug, Clone, Copy)]
+pub struct Asked {
+    sent_wall: SystemTime,
+    sent: Duration,
+}
+
+impl Asked {
+    pub fn now() -> Asked {
+        Asked { sent_wall: SystemTime::now(), sent: boot_clock() }
     }
-    Ok(verdict.map(|()| database))
+
+    /// Compares `database`, read by the database between [`Asked::now`] and this call, with this
+    /// process's clocks; `Ok(database)` when they agree within `max_skew`.
+    pub fn judge(self, database: DateTime<Utc>, max_skew: Duration) -> Result<DateTime<Utc>, ClockError> {
+        let received = boot_clock();
+        let round_trip = received.saturating_sub(self.sent);
+        // The database read its clock somewhere within the round trip.
+        let process: DateTime<Utc> = (self.sent_wall + round_trip / 2).into();
+        telemetry::clock_skew((database - process).num_milliseconds() as f64 / 1000.0);
+        let mut last = LAST_CHECK.lock().unwrap();
+        let since_last = last.map(|(then, at)| (then, self.sent.saturating_sub(at)));
+        let verdict = judge(database, process, since_last, max_skew + round_trip, max_skew);
+        if verdict.is_ok() {
+            *last = Some((database, self.sent));
+        }
+        verdict.map(|()| database)
+    }
 }
 
 /// The verdict on the database's clock reading `database` while this process's read `process`,

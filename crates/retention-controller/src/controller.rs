@@ -67,9 +67,11 @@ pub async fn run_once_with(
     let run_id = Uuid::now_v7();
     let span = tracing::info_span!("retention_run", task = task.name(), %run_id);
     async {
-        let asked = Instant::now();
-        // The lease, the pause and schedule check, and the run's record: one transaction.
+        let asked_at = Instant::now();
+        // The lease, the pause and schedule check, and the run's record: one statement, which
+        // also reads the database's clock for the clock check.
         let scheduled_every = options.scheduled.then(|| task.schedule().interval);
+        let asked = clock_guard::Asked::now();
         let lease = match lease::start_run(pool, task.name(), run_id, replica(), options.lease_ttl, scheduled_every).await? {
             Start::Started(lease) => lease,
             Start::Busy => {
@@ -87,6 +89,7 @@ pub async fn run_once_with(
                 return Ok(RunOutcome::NotDue(wait));
             }
         };
+        let clock = asked.judge(lease.taken_at, options.max_clock_skew);
         let schedule = task.schedule();
         // The run stops when shut down or when its lease keeper says so.
         let stop = cancel.child_token();
@@ -98,10 +101,9 @@ pub async fn run_once_with(
         tracing::info!("run started");
         let lease_pool = options.lease_pool.as_ref().unwrap_or(pool);
         // Nothing is deleted under a clock that cannot be trusted.
-        let (result, stopped_by) = match clock_guard::check(pool, options.max_clock_skew).await {
-            Ok(Ok(database_clock)) => run_beside_keeper(task, &ctx.with_clock(database_clock), &stop, &lease, lease_pool, asked).await,
-            Ok(Err(clock)) => (Err(TaskError::Clock(clock)), None),
-            Err(error) => (Err(TaskError::Database(error)), None),
+        let (result, stopped_by) = match clock {
+            Ok(database_clock) => run_beside_keeper(task, &ctx.with_clock(database_clock), &stop, &lease, lease_pool, asked_at).await,
+            Err(clock) => (Err(TaskError::Clock(clock)), None),
         };
         let elapsed = started.elapsed();
         let mut result = result;

@@ -77,9 +77,7 @@ impl SessionsTask {
             return Ok(None);
         }
         let started = Instant::now();
-        let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
-        let gone = sessions::delete_few(&mut *tx, cutoffs, FEW_ROWS).await?;
-        tx.commit().await?;
+        let gone = sessions::delete_few(&ctx.pool, self.limits(ctx), cutoffs, FEW_ROWS).await?;
         let elapsed = started.elapsed();
         let deleted = gone.expired + gone.anonymous;
         if deleted > 0 {
