@@ -3,12 +3,12 @@
 //!
 //! Once a paced run has committed its first batch, a probe on a connection of its own commits a
 //! tiny transaction every `retention.pacing.probe_interval`, alternately within one of the run's
-//! pauses and in the middle of one of its batches. It takes a transaction id, so its
-//! commit waits for the WAL to reach the disk as any foreground write's does, behind whatever the
-//! run's batch has written so far; it also reads `pg_stat_activity` for other client backends of
-//! the same database waiting on a lock, a lightweight lock (the WAL's among them) or I/O. Each probe is marked by
-//! when it ran: wholly within one of the run's pauses (the foreground's own baseline) or while
-//! the run worked.
+//! pauses and in the middle of one of its batches. It takes a transaction id, so its commit waits
+//! for the WAL to reach the disk as any foreground write's does, behind whatever the run's batch
+//! has written so far; it also reads `pg_stat_activity` for other client backends of the same
+//! database waiting on a lock, a lightweight lock (the WAL's among them) or I/O. Each probe is
+//! marked by when it ran: wholly within one of the run's pauses (the foreground's own baseline)
+//! or while the run worked.
 //!
 //! The last 32 probes of each kind are kept. After every [`WINDOW`] new probes over work, the
 //! pause ratio is set again:
