@@ -617,4 +617,26 @@ mod tests {
         settings.pacing.batch_time = SECOND;
         assert_eq!(settings.validate("retention"), vec![]);
     }
+
+    #[test]
+    fn pacing_by_feedback_names_its_bounds() {
+        let mut settings = RetentionSettings::default();
+        settings.pacing.min_pause_ratio = 0.0;
+        settings.pacing.max_slowdown = 1.0;
+        settings.pacing.probe_interval = Duration::from_millis(5);
+        let errors: Vec<String> = settings.validate("retention").iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "retention.pacing.min_pause_ratio = \"0\" is not allowed: a number from 0.01 to 3000: the least pause after a batch, in multiples of its duration",
+                "retention.pacing.max_slowdown = \"1\" is not allowed: a number from 1.1 to 100: how many times slower the probe may commit while a batch runs",
+                "retention.pacing.probe_interval = \"5ms\" is not allowed: a duration from 10ms to 10s",
+            ]
+        );
+        settings.pacing = PacingSettings { min_pause_ratio: 2.0, max_pause_ratio: 1.0, ..PacingSettings::default() };
+        let errors: Vec<String> = settings.validate("retention").iter().map(ToString::to_string).collect();
+        assert_eq!(errors, ["retention.pacing.max_pause_ratio = \"1\" is not allowed: a number from min_pause_ratio (2) to 3000"]);
+        settings.pacing.max_pause_ratio = 2.0;
+        assert_eq!(settings.validate("retention"), vec![]);
+    }
 }
