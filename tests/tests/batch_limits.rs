@@ -52,6 +52,19 @@ async fn a_one_statement_batch_obeys_its_limits_in_its_own_transaction_only() {
 }
 
 #[tokio::test]
+async fn a_bookkeeping_statement_commits_asynchronously_for_itself_only() {
+    let db = TestDatabase::new().await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    // The test server's own default is off: this session's is on, as a durable server's.
+    sqlx::query("SET synchronous_commit = on").execute(&mut *conn).await.unwrap();
+    let (_, during): (String, String) =
+        sqlx::query_as(&format!("SELECT {}, current_setting('synchronous_commit')", batch::BOOKKEEPING_COMMIT)).fetch_one(&mut *conn).await.unwrap();
+    assert_eq!(during, "off", "in effect for the rest of the statement's transaction, its commit included");
+    let after: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')").fetch_one(&mut *conn).await.unwrap();
+    assert_eq!(after, "on", "and no further");
+}
+
+#[tokio::test]
 async fn a_batch_sets_its_timeouts_and_commit_mode_locally() {
     let db = TestDatabase::new().await;
     let defaults = settings(&mut db.pool.acquire().await.unwrap()).await;

@@ -87,6 +87,12 @@ pub async fn begin_bookkeeping(pool: &PgPool) -> Result<Transaction<'static, Pos
     pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off").await
 }
 
+/// A column for a bookkeeping statement that runs as its own (implicit) transaction, making its
+/// commit not wait for the disk as [`begin_bookkeeping`]'s transactions do: `set_config(...,
+/// true)` sets `synchronous_commit` for the rest of the transaction, and it is read at the
+/// commit, right after the statement. Its value (the text `off`) is to be ignored.
+pub const BOOKKEEPING_COMMIT: &str = "(SELECT set_config('synchronous_commit', 'off', true))";
+
 /// One batch of a single statement, `sql` (which must carry its values as literals), in one
 /// round trip: the `SET LOCAL`s of `limits` and `sql` go as one simple query, which PostgreSQL
 /// runs as one implicit transaction (committed after its last statement, rolled back whole on
@@ -95,19 +101,23 @@ pub async fn one_statement<T>(pool: &PgPool, limits: BatchLimits, sql: &str) -> 
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
 {
-    let settings = begin_statement(limits);
-    let query = format!("{}; {sql}", settings.strip_prefix("BEGIN; ").unwrap_or(&settings));
+    let query = format!("{}; {sql}", set_locals(limits));
     let row = sqlx::raw_sql(&query).fetch_one(pool).await?;
     T::from_row(&row)
 }
 
-/// `BEGIN` and the `SET LOCAL`s of `limits`, as one simple query. Every value is the engine's
-/// own (durations, fixed words): nothing here comes from input. JIT compilation is off: the
-/// engine's statements are short, and a generic plan's cost (estimated without its parameters'
-/// values) easily crosses `jit_above_cost`, after which compiling took 750 ms of a 130 ms query.
+/// `BEGIN` and the `SET LOCAL`s of `limits`, as one simple query.
 fn begin_statement(limits: BatchLimits) -> String {
+    format!("BEGIN; {}", set_locals(limits))
+}
+
+/// The `SET LOCAL`s of `limits`. Every value is the engine's own (durations, fixed words):
+/// nothing here comes from input. JIT compilation is off: the engine's statements are short, and
+/// a generic plan's cost (estimated without its parameters' values) easily crosses
+/// `jit_above_cost`, after which compiling took 750 ms of a 130 ms query.
+fn set_locals(limits: BatchLimits) -> String {
     format!(
-        "BEGIN; SET LOCAL statement_timeout = '{}'; SET LOCAL lock_timeout = '{}'; SET LOCAL plan_cache_mode = {}; \
+        "SET LOCAL statement_timeout = '{}'; SET LOCAL lock_timeout = '{}'; SET LOCAL plan_cache_mode = {}; \
          SET LOCAL synchronous_commit = {}; SET LOCAL engine.retention_write = '{}'; SET LOCAL jit = off{}",
         millis(limits.statement_timeout),
         millis(limits.lock_timeout),

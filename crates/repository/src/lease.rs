@@ -93,7 +93,7 @@ pub enum Start {
 /// of the task left unfinished closed as abandoned. Otherwise it takes nothing.
 ///
 /// One statement, one round trip, its own transaction, whose commit does not wait for the disk
-/// (as [`crate::batch::begin_bookkeeping`]'s; see `maintenance::finish_run`). The task's row is
+/// ([`crate::batch::BOOKKEEPING_COMMIT`]). The task's row is
 /// taken only when every condition holds (the upsert's `WHERE`); when it is not, the row as the
 /// statement found it says why.
 pub async fn start_run(
@@ -104,7 +104,7 @@ pub async fn start_run(
     ttl: Duration,
     scheduled_every: Option<Duration>,
 ) -> Result<Start, sqlx::Error> {
-    let (started, held, paused, due_in, taken_at, _): (bool, Option<bool>, Option<bool>, Option<f64>, DateTime<Utc>, String) = sqlx::query_as(
+    let sql = format!(
         "WITH taken AS (
              INSERT INTO maintenance_tasks AS m (task, lease_run_id, lease_holder, lease_expires_at, last_run_id, last_started_at)
              VALUES ($1, $2, $3, now() + make_interval(secs => $4), $2, now())
@@ -127,9 +127,11 @@ pub async fn start_run(
          SELECT EXISTS (SELECT 1 FROM taken), m.lease_expires_at > now(), m.paused,
                 CASE WHEN m.last_outcome = 'done'
                      THEN extract(epoch FROM m.last_finished_at + make_interval(secs => $5) - now())::float8 END,
-                clock_timestamp(), (SELECT set_config('synchronous_commit', 'off', true))
+                clock_timestamp(), {commit}
          FROM (SELECT) AS one LEFT JOIN maintenance_tasks m ON m.task = $1",
-    )
+        commit = crate::batch::BOOKKEEPING_COMMIT,
+    );
+    let (started, held, paused, due_in, taken_at, _): (bool, Option<bool>, Option<bool>, Option<f64>, DateTime<Utc>, String) = sqlx::query_as(&sql)
     .bind(task)
     .bind(run_id)
     .bind(holder)

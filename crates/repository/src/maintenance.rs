@@ -48,11 +48,9 @@ impl Outcome {
 }
 
 /// Records how run `run_id` ended and trims the task's log to [`RUNS_KEPT_PER_TASK`] runs, and
-/// releases the run's lease: one statement in one round trip, its own transaction. Like
-/// [`crate::batch::begin_bookkeeping`]'s, its commit does not wait for the disk: the statement
-/// sets `synchronous_commit` for its own transaction (`set_config(..., true)`), which is read
-/// when that transaction commits, right after the statement. Returns whether the lease was
-/// still the run's.
+/// releases the run's lease: one statement in one round trip, its own transaction, whose commit
+/// does not wait for the disk ([`crate::batch::BOOKKEEPING_COMMIT`]). Returns whether the lease
+/// was still the run's.
 pub async fn finish_run(
     pool: &PgPool,
     run_id: Uuid,
@@ -65,7 +63,7 @@ pub async fn finish_run(
     // record where the run is the task's last, the lease's release where the lease is the
     // run's. `before` is the row as the statement found it; a lease another runner took
     // meanwhile is theirs after the update, so `released` is false for it.
-    let (released, _): (Option<bool>, String) = sqlx::query_as(
+    let sql = format!(
         "WITH run AS (
              UPDATE maintenance_runs SET finished_at = now(), rows = $3, outcome = $4, error = $5
              WHERE run_id = $1
@@ -95,8 +93,10 @@ pub async fn finish_run(
                  SELECT run_id FROM maintenance_runs WHERE task = $2 ORDER BY started_at DESC OFFSET $6
              )
          )
-         SELECT bool_or(released), (SELECT set_config('synchronous_commit', 'off', true)) FROM state",
-    )
+         SELECT bool_or(released), {commit} FROM state",
+        commit = crate::batch::BOOKKEEPING_COMMIT,
+    );
+    let (released, _): (Option<bool>, String) = sqlx::query_as(&sql)
     .bind(run_id)
     .bind(task)
     .bind(rows as i64)

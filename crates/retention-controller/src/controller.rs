@@ -101,12 +101,11 @@ pub async fn run_once_with(
         tracing::info!("run started");
         let lease_pool = options.lease_pool.as_ref().unwrap_or(pool);
         // Nothing is deleted under a clock that cannot be trusted.
-        let (result, stopped_by) = match clock {
+        let (mut result, stopped_by) = match clock {
             Ok(database_clock) => run_beside_keeper(task, &ctx.with_clock(database_clock), &stop, &lease, lease_pool, asked_at).await,
             Err(clock) => (Err(TaskError::Clock(clock)), None),
         };
         let elapsed = started.elapsed();
-        let mut result = result;
         if let Some((pacing, ratio)) = ctx.pacing_summary() {
             drop(ctx); // the probe stops with the run
             record_pacing(task.name(), &pacing, ratio, result.as_mut().ok());
@@ -154,7 +153,8 @@ pub async fn run_once_with(
     .await
 }
 
-/// Logs what a paced run's feedback did, counts it, and adds it to the run's counters.
+/// Logs what a paced run's feedback did, publishes the ratio it ended at, and adds its decisions
+/// to the run's counters (which `retention_run_events_total` counts).
 fn record_pacing(task: &'static str, pacing: &crate::feedback::Summary, ratio: f64, report: Option<&mut RunReport>) {
     if pacing.probes == 0 {
         return;
@@ -173,7 +173,7 @@ fn record_pacing(task: &'static str, pacing: &crate::feedback::Summary, ratio: f
         waiting_in_pauses = pacing.waiting_in_pauses,
         "pacing by feedback"
     );
-    telemetry::paced(task, pacing, ratio);
+    telemetry::paced(task, ratio);
     if let Some(report) = report {
         report.counters.extend([
             ("pace raised by latency", pacing.raised_by_latency),

@@ -20,7 +20,6 @@
 //! | `retention_replication_slots_inactive` | | replication slots with no standby attached |
 //! | `retention_standbys_stalled_total` | | standbys no longer waited for after standing still |
 //! | `retention_pause_ratio` | `task` | the pause ratio a paced run with feedback ended at (see [`crate::feedback`]) |
-//! | `retention_pace_decisions_total` | `task`, `decision` | how paced runs set their ratio: `raised by latency`, `raised by waits`, `lowered` |
 //!
 //! [`METRICS`] gives each its HELP text and unit ([`describe`]).
 
@@ -109,7 +108,6 @@ pub const METRICS: &[(&str, Kind, metrics::Unit, &str)] = &[
     ("retention_replication_slots_inactive", Kind::Gauge, metrics::Unit::Count, "Replication slots with no standby attached, seen at the throttle's first check: they keep WAL, and retention does not wait for them."),
     ("retention_standbys_stalled_total", Kind::Counter, metrics::Unit::Count, "Times a standby's replay position stood still for retention.throttle.max_replica_stall while behind, after which purges stopped waiting for it."),
     ("retention_pause_ratio", Kind::Gauge, metrics::Unit::Count, "The pause after each batch, in multiples of the batch's duration, that the task's last paced run with feedback ended at (retention.pacing.feedback)."),
-    ("retention_pace_decisions_total", Kind::Counter, metrics::Unit::Count, "How paced runs set their pause ratio, by decision: raised by latency (the probe committed too slowly while a batch ran), raised by waits (backends waited more while batches ran), lowered."),
 ];
 
 /// Gives every metric of [`METRICS`] its HELP text and unit. Call once the process's recorder
@@ -134,12 +132,10 @@ pub(crate) fn standby_stalled() {
 }
 
 /// Time spent waiting for `reason`.
-/// What a paced run's feedback did (see [`crate::feedback`]).
-pub(crate) fn paced(task: &'static str, summary: &crate::feedback::Summary, ratio: f64) {
+/// The pause ratio a paced run's feedback ended at (see [`crate::feedback`]); its decisions are
+/// among the run's counters (`retention_run_events_total`).
+pub(crate) fn paced(task: &'static str, ratio: f64) {
     metrics::gauge!("retention_pause_ratio", "task" => task).set(ratio);
-    for (decision, count) in [("raised by latency", summary.raised_by_latency), ("raised by waits", summary.raised_by_waits), ("lowered", summary.lowered)] {
-        metrics::counter!("retention_pace_decisions_total", "task" => task, "decision" => decision).increment(count);
-    }
 }
 
 pub(crate) fn throttled_for(reason: &'static str, waited: Duration) {
