@@ -212,3 +212,36 @@ async fn a_paced_run_is_cancelled_during_its_pause() {
     let ids = session_ids(&db.pool).await;
     assert!(kept.iter().all(|id| ids.binary_search(id).is_ok()), "every keeper is still there");
 }
+
+async fn last_analyze(pool: &PgPool) -> Option<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'user_sessions'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_analyze_after_a_purge_never_waits_for_a_vacuum_in_progress() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    insert_padded(pool, 100, None, db_now(pool).await, db_now(pool).await + MINUTE).await;
+
+    assert_eq!(repository::heap::analyze(pool, "user_sessions").await.unwrap(), repository::heap::Analyzed::Done);
+    let analyzed = last_analyze(pool).await;
+    assert!(analyzed.is_some(), "the ANALYZE ran");
+
+    // A VACUUM's or another ANALYZE's lock, as autovacuum holds it after a purge.
+    let mut vacuum = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE user_sessions IN SHARE UPDATE EXCLUSIVE MODE").execute(&mut *vacuum).await.unwrap();
+    // It used to wait 100 ms for the lock (its lock_timeout) every time; now it never waits.
+    // The fastest of three, so that one stall of a noisy machine cannot fail it.
+    let mut fastest = Duration::MAX;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        assert_eq!(repository::heap::analyze(pool, "user_sessions").await.unwrap(), repository::heap::Analyzed::Busy);
+        fastest = fastest.min(started.elapsed());
+    }
+    assert!(fastest < Duration::from_millis(100), "left to the vacuum without waiting for its lock: {fastest:?}");
+    vacuum.rollback().await.unwrap();
+    assert_eq!(last_analyze(pool).await, analyzed, "nothing was analyzed while the vacuum held the table");
+}

@@ -24,6 +24,22 @@ pub const LEASE_CONNECTIONS: u32 = 2;
 /// The engine's connections' `application_name` when the database URL gives none.
 pub const APPLICATION_NAME: &str = "retention-engine";
 
+/// What every connection of the engine is opened with, over what the URL says.
+pub fn session_options(options: PgConnectOptions) -> PgConnectOptions {
+    // Room for each day partition's prepared statements, so their plans stay cached.
+    let options = options.statement_cache_capacity(2000);
+    // No JIT: every statement the engine issues is bounded, and a backend's first plan over
+    // `jit_above_cost` (the estimate of a backlog, say) loaded LLVM first, ~40 ms of each new
+    // connection. Batches also set it per transaction; this covers everything else.
+    let options = options.options([("jit", "off")]);
+    // Named in pg_stat_activity, unless the URL names them: the pacing probe tells the
+    // engine's own backends from the foreground's by it.
+    match options.get_application_name() {
+        Some(_) => options,
+        None => options.application_name(APPLICATION_NAME),
+    }
+}
+
 impl Database {
     /// Connects (starting the embedded server when nothing is configured) and applies migrations
     /// when `migrate` is set.
@@ -73,14 +89,7 @@ impl Database {
         embedded: Option<LocalPostgres>,
         migrate: bool,
     ) -> anyhow::Result<Database> {
-        // Room for each day partition's prepared statements, so their plans stay cached.
-        let options = options.statement_cache_capacity(2000);
-        // Named in pg_stat_activity, unless the URL names them: the pacing probe tells the
-        // engine's own backends from the foreground's by it.
-        let options = match options.get_application_name() {
-            Some(_) => options,
-            None => options.application_name(APPLICATION_NAME),
-        };
+        let options = session_options(options);
         let pool = PgPoolOptions::new()
             .max_connections(settings.database.max_connections)
             .acquire_timeout(settings.database.connect_timeout)
@@ -166,10 +175,37 @@ fn redact(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use testkit::TestDatabase;
+
     #[test]
     fn redact_hides_only_the_password() {
         assert_eq!(super::redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(super::redact("postgres:///db?host=/tmp"), "postgres:///db?host=/tmp");
+    }
+
+    async fn settings_seen(options: PgConnectOptions) -> (String, String, String) {
+        let pool = PgPoolOptions::new().max_connections(1).connect_with(session_options(options)).await.unwrap();
+        let seen = sqlx::query_as("SELECT current_setting('jit'), current_setting('application_name'), current_setting('work_mem')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        seen
+    }
+
+    #[tokio::test]
+    async fn the_engines_connections_have_no_jit_and_its_name_unless_the_url_names_them() {
+        let db = TestDatabase::new().await;
+        let url: PgConnectOptions = db.url.parse().unwrap();
+        let (jit, name, _) = settings_seen(url).await;
+        assert_eq!((jit.as_str(), name.as_str()), ("off", APPLICATION_NAME));
+
+        // The URL's own name and startup options are kept beside the engine's.
+        let separator = if db.url.contains('?') { '&' } else { '?' };
+        let named: PgConnectOptions = format!("{}{separator}application_name=billing&options=-c%20work_mem%3D7MB", db.url).parse().unwrap();
+        let (jit, name, work_mem) = settings_seen(named).await;
+        assert_eq!((jit.as_str(), name.as_str(), work_mem.as_str()), ("off", "billing", "7MB"));
     }
 }
