@@ -88,3 +88,47 @@ async fn a_batch_planned_before_a_carve_finds_the_range_moved_and_the_run_plans_
     run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
     assert_eq!(task_keys(pool).await, vec![]);
 }
+
+#[tokio::test]
+async fn a_plan_sees_the_layout_and_the_rows_as_of_one_moment() {
+    // Seen in CI (the demo again): a carve committed while a task-history run was planning,
+    // after the plan had read the layout (today still in the future range) and before it
+    // probed the future range's rows (no longer there: moved to today's new range, which the
+    // plan did not know). Nothing was planned for them and the run ended `done`, leaving a
+    // deleted tenant's six running tasks.
+    use repository::history::{ranges, RangeKind};
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let doomed = insert_tenant(pool, None, Some(now - Span::days(2))).await;
+    let future = ranges::all(pool).await.unwrap().into_iter().find(|r| r.kind == RangeKind::Future).unwrap();
+    let at = future.lower.unwrap().max(now) + Span::hours(1);
+    let task = insert_task(pool, doomed, "running", at, None).await;
+    assert_eq!(home_of(pool, task).await, future.tasks_name);
+
+    // The carve holds the future range's tables until it commits: the run's probe of them waits.
+    let mut carve = pool.begin().await.unwrap();
+    ranges::take_layout_lock(&mut carve, true).await.unwrap();
+    ranges::carve_days(&mut carve, at.date_naive(), std::time::Duration::from_secs(5)).await.unwrap();
+    let history = TaskHistoryTask::new(TaskHistorySettings::default());
+    let run = tokio::spawn({
+        let pool = pool.clone();
+        async move { run_task(&history, &pool).await }
+    });
+    // The probe of a live range's rows (`facts::probe`), waiting for a lock.
+    let probe = "WITH b AS MATERIALIZED (SELECT $2::timestamptz AS lower)%";
+    let waiting = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                                  WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1)";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sqlx::query_scalar::<_, bool>(waiting).bind(probe).fetch_one(pool).await.unwrap() {
+        assert!(!run.is_finished(), "the run ended without reading the future range while the carve held it");
+        assert!(std::time::Instant::now() < deadline, "the run's probe of the future range never waited for the carve");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    carve.commit().await.unwrap();
+    assert_ne!(home_of(pool, task).await, future.tasks_name, "the carve moved the task into a day of its own");
+
+    let report = run.await.unwrap();
+    assert_eq!(report.completion, retention_controller::Completion::Done, "{report:?}");
+    assert_eq!(task_keys(pool).await, vec![], "the run that ended done left the deleted tenant's task: {report:?}");
+}

@@ -84,8 +84,19 @@ pub async fn begin_on(conn: &mut PgConnection, limits: BatchLimits) -> Result<Tr
 /// after its time to live, a run record or a refresh of facts lost is simply not there (the
 /// facts' log entries come back with it).
 pub async fn begin_bookkeeping(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off").await
+    pool.begin_with(format!("BEGIN; {BOOKKEEPING_SETTINGS}")).await
 }
+
+/// [`begin_bookkeeping`] whose statements all read one snapshot (`REPEATABLE READ`): for reads
+/// that must agree with each other, such as a plan that reads the layout of ranges and then what
+/// each range holds. Under the default `READ COMMITTED` each statement reads the database as of
+/// its own start, so a change committed between two of them (a carve moving rows into a new
+/// range) can be seen by the second and not the first. Its reads only: it must not write.
+pub async fn begin_snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    pool.begin_with(format!("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; {BOOKKEEPING_SETTINGS}")).await
+}
+
+const BOOKKEEPING_SETTINGS: &str = "SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off";
 
 /// A column for a bookkeeping statement that runs as its own (implicit) transaction, making its
 /// commit not wait for the disk as [`begin_bookkeeping`]'s transactions do: `set_config(...,

@@ -127,7 +127,11 @@ impl TaskHistoryTask {
 
     /// Every range with something due now, with its due pairs, and the database's clock.
     async fn plan(&self, pool: &PgPool) -> Result<(Plan, chrono::DateTime<chrono::Utc>), TaskError> {
-        let mut tx = repository::batch::begin_bookkeeping(pool).await?;
+        // One snapshot: the layout and the rows probed as of the same moment. A carve committed
+        // in between used to hide the rows it moved: gone from the range the plan knew, in a
+        // range it did not. With one snapshot the plan names them where they were, and the
+        // batches, finding that range's bounds moved, make the run plan again.
+        let mut tx = repository::batch::begin_snapshot(pool).await?;
         let now = clock::now(&mut *tx).await?;
         let grace = self.settings.deleted_tenant_grace;
         let all = ranges::all(&mut *tx).await?;
