@@ -52,6 +52,19 @@ async fn the_history_tasks_never_fail_each_other() {
     }
 }
 
+/// A tenant deleted two days ago with a task running since an hour from now (or from the
+/// future range's start), in the future range: what a carve of today moves.
+async fn running_task_of_a_deleted_tenant_in_the_future_range(pool: &sqlx::PgPool) -> (repository::history::Range, uuid::Uuid, TaskKey) {
+    use repository::history::{ranges, RangeKind};
+    let now = db_now(pool).await;
+    let doomed = insert_tenant(pool, None, Some(now - Span::days(2))).await;
+    let future = ranges::all(pool).await.unwrap().into_iter().find(|r| r.kind == RangeKind::Future).unwrap();
+    let at = future.lower.unwrap().max(now) + Span::hours(1);
+    let task = insert_task(pool, doomed, "running", at, None).await;
+    assert_eq!(home_of(pool, task).await, future.tasks_name);
+    (future, doomed, task)
+}
+
 #[tokio::test]
 async fn a_batch_planned_before_a_carve_finds_the_range_moved_and_the_run_plans_again() {
     // Seen in CI: the demo's task-history run planned a deleted tenant's running tasks in the
@@ -59,15 +72,11 @@ async fn a_batch_planned_before_a_carve_finds_the_range_moved_and_the_run_plans_
     // moving them into a new range, and the batches, finding nothing left where they were
     // planned, ended the run `done` with the tasks still there.
     use repository::history::deletes::{self, PairRef, Walk};
-    use repository::history::{ranges, RangeKind};
+    use repository::history::ranges;
     let db = TestDatabase::new().await;
     let pool = &db.pool;
-    let now = db_now(pool).await;
-    let doomed = insert_tenant(pool, None, Some(now - Span::days(2))).await;
-    let future = ranges::all(pool).await.unwrap().into_iter().find(|r| r.kind == RangeKind::Future).unwrap();
-    let at = future.lower.unwrap().max(now) + Span::hours(1);
-    let task = insert_task(pool, doomed, "running", at, None).await;
-    assert_eq!(home_of(pool, task).await, future.tasks_name);
+    let (future, doomed, task) = running_task_of_a_deleted_tenant_in_the_future_range(pool).await;
+    let at = task.1;
     let planned = PairRef::new(&future, doomed);
 
     // The carve moves the task into a day of its own; the future range keeps its table.
@@ -96,15 +105,11 @@ async fn a_plan_sees_the_layout_and_the_rows_as_of_one_moment() {
     // probed the future range's rows (no longer there: moved to today's new range, which the
     // plan did not know). Nothing was planned for them and the run ended `done`, leaving a
     // deleted tenant's six running tasks.
-    use repository::history::{ranges, RangeKind};
+    use repository::history::ranges;
     let db = TestDatabase::new().await;
     let pool = &db.pool;
-    let now = db_now(pool).await;
-    let doomed = insert_tenant(pool, None, Some(now - Span::days(2))).await;
-    let future = ranges::all(pool).await.unwrap().into_iter().find(|r| r.kind == RangeKind::Future).unwrap();
-    let at = future.lower.unwrap().max(now) + Span::hours(1);
-    let task = insert_task(pool, doomed, "running", at, None).await;
-    assert_eq!(home_of(pool, task).await, future.tasks_name);
+    let (future, _, task) = running_task_of_a_deleted_tenant_in_the_future_range(pool).await;
+    let at = task.1;
 
     // The carve holds the future range's tables until it commits: the run's probe of them waits.
     let mut carve = pool.begin().await.unwrap();
