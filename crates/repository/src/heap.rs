@@ -69,11 +69,9 @@ pub enum Analyzed {
 /// for the lock, a run's last 100 ms whenever autovacuum had started on the table during it. In
 /// a transaction, ANALYZE keeps its lock until the end: holding it afterwards is what says it ran.
 pub async fn analyze(pool: &sqlx::PgPool, table: &str) -> Result<Analyzed, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     // The skip is a WARNING to the client: the result says it, the log need not.
-    sqlx::query("SELECT set_config('default_statistics_target', $1, true), set_config('client_min_messages', 'error', true)")
-        .bind(QUICK_STATISTICS_TARGET)
-        .execute(&mut *tx)
+    let mut tx = pool
+        .begin_with(format!("BEGIN; SET LOCAL default_statistics_target = {QUICK_STATISTICS_TARGET}; SET LOCAL client_min_messages = error"))
         .await?;
     // The name is one of the engine's own tables, never input.
     sqlx::query(&format!("ANALYZE (SKIP_LOCKED) {table}")).execute(&mut *tx).await?;

@@ -131,13 +131,13 @@ pub(crate) fn standby_stalled() {
     metrics::counter!("retention_standbys_stalled_total").increment(1);
 }
 
-/// Time spent waiting for `reason`.
 /// The pause ratio a paced run's feedback ended at (see [`crate::feedback`]); its decisions are
 /// among the run's counters (`retention_run_events_total`).
 pub(crate) fn paced(task: &'static str, ratio: f64) {
     metrics::gauge!("retention_pause_ratio", "task" => task).set(ratio);
 }
 
+/// Time spent waiting for `reason`.
 pub(crate) fn throttled_for(reason: &'static str, waited: Duration) {
     // Counters count whole units: the fraction of a second is carried to the next wait.
     static CARRIED: Mutex<Vec<(&'static str, Duration)>> = Mutex::new(Vec::new());
