@@ -7,6 +7,7 @@ use retention_controller::RunOptions;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+use crate::output;
 use crate::settings::Settings;
 
 pub struct Database {
@@ -148,15 +149,14 @@ async fn start_embedded(settings: &Settings) -> anyhow::Result<LocalPostgres> {
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let db = Database::open(settings, false).await?;
     let result = repository::MIGRATOR.run(&db.pool).await.context("applying database migrations");
-    if result.is_ok() {
-        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap_or(0);
-        println!("migrations: {applied} applied, database is up to date");
-    }
+    let applied: Option<i64> = match result {
+        Ok(()) => sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(&db.pool).await.ok(),
+        Err(_) => None,
+    };
     db.close().await;
-    result.map(drop)
+    result?;
+    output::line(format_args!("migrations: {} applied, database is up to date", applied.unwrap_or(0)))?;
+    Ok(())
 }
 
 /// The URL without its password, for messages.

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::cli::HoldCommand;
 use crate::database::Database;
+use crate::output;
 use crate::settings::Settings;
 
 /// Who the CLI records as adding or removing a hold.
@@ -43,7 +44,7 @@ pub async fn hold(settings: &Settings, command: HoldCommand) -> anyhow::Result<E
     match result {
         Ok(text) => {
             if !text.is_empty() {
-                println!("{text}");
+                output::line(text)?;
             }
             Ok(ExitCode::SUCCESS)
         }

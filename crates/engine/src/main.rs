@@ -7,6 +7,7 @@ mod database;
 mod demo;
 mod hold;
 mod http;
+mod output;
 mod progress;
 mod retention;
 mod serve;
@@ -63,6 +64,8 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(code) => code,
+        // `engine retention status | head -1`: the reader took what it wanted.
+        Err(error) if output::reader_gone(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

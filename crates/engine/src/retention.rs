@@ -4,19 +4,19 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use retention_controller::human::{self, thousands};
 use retention_controller::settings::check_pause_ratio;
 use retention_controller::{run_once_with, tasks, Completion, MaintenanceTask, RunOptions, RunOutcome, RunReport, StopReason};
+use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use serde_json::{json, Value};
-
 use crate::database::Database;
-use retention_controller::human::{self, thousands};
+use crate::output;
 use crate::progress::Meter;
-use crate::status;
 use crate::settings::Settings;
 use crate::shutdown;
+use crate::status;
 
 /// How often a manual run retries while another runner holds a task.
 const BUSY_RETRY: Duration = Duration::from_secs(1);
@@ -56,11 +56,12 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
         };
         match printed {
             Ok(Ok(())) => {}
+            Ok(Err(error)) | Err(error) if output::reader_gone(&error) => return Err(error),
             Ok(Err(error)) | Err(error) => {
                 if json {
-                    println!("{}", json!({ "task": task.name(), "error": format!("{error:#}") }));
+                    output::line(json!({ "task": task.name(), "error": format!("{error:#}") }))?;
                 } else {
-                    println!("{}: failed: {error:#}", task.name());
+                    output::line(format_args!("{}: failed: {error:#}", task.name()))?;
                 }
                 failed = true;
             }
@@ -85,20 +86,17 @@ async fn dry_run_task(task: &dyn MaintenanceTask, pool: &PgPool, json: bool) -> 
     if json {
         let tenants: Vec<Value> =
             by_tenant.iter().map(|(id, tasks)| json!({ "tenant_id": id, "slug": slugs.get(id), "tasks": tasks })).collect();
-        println!(
-            "{}",
-            json!({ "task": task.name(), "dry_run": true, "due": report.due, "by_rule": counts(&report.by_rule), "by_tenant": tenants })
-        );
+        output::line(json!({ "task": task.name(), "dry_run": true, "due": report.due, "by_rule": counts(&report.by_rule), "by_tenant": tenants }))?;
         return Ok(Ok(()));
     }
     if report.due == 0 {
-        println!("{}: nothing due [dry run]", task.name());
+        output::line(format_args!("{}: nothing due [dry run]", task.name()))?;
     } else {
-        println!("{}: would delete {} rows{} [dry run: nothing deleted]", task.name(), thousands(report.due), parts(&report.by_rule));
+        output::line(format_args!("{}: would delete {} rows{} [dry run: nothing deleted]", task.name(), thousands(report.due), parts(&report.by_rule)))?;
     }
     for (tenant, tasks) in by_tenant {
         let slug = slugs.get(&tenant).map(String::as_str).unwrap_or("(no such tenant)");
-        println!("  tenant {slug} ({tenant}): {} tasks, with their events and queue items", thousands(tasks));
+        output::line(format_args!("  tenant {slug} ({tenant}): {} tasks, with their events and queue items", thousands(tasks)))?;
     }
     Ok(Ok(()))
 }
@@ -119,9 +117,9 @@ impl Ran {
     /// which is an error, where a pause is the operator's choice.
     fn print(&self, json: bool) -> anyhow::Result<()> {
         if json {
-            println!("{}", self.json());
+            output::line(self.json())?;
         } else {
-            println!("{}", self.describe());
+            output::line(self.describe())?;
         }
         match self.stopped_because {
             Some(reason @ (StopReason::LeaseLost | StopReason::LeaseNotRenewed)) => anyhow::bail!("{}; run again to finish", reason.as_str()),
@@ -248,9 +246,9 @@ pub async fn set_paused(settings: &Settings, task: &str, paused: bool) -> anyhow
     db.close().await;
     let state = if paused { "paused" } else { "resumed" };
     if changed {
-        println!("{task}: {state}{}", if paused { " on every replica (a run in progress stops after its batch in flight, within seconds)" } else { "" });
+        output::line(format_args!("{task}: {state}{}", if paused { " on every replica (a run in progress stops after its batch in flight, within seconds)" } else { "" }))?;
     } else {
-        println!("{task}: already {}", if paused { "paused" } else { "running on its schedule" });
+        output::line(format_args!("{task}: already {}", if paused { "paused" } else { "running on its schedule" }))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -263,13 +261,13 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
     let states = states?;
     if json {
         for state in &states {
-            println!("{}", serde_json::to_string(state)?);
+            output::line(serde_json::to_string(state)?)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} holder", "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)");
+    output::line(format_args!("{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} holder", "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)"))?;
     for state in states {
-        println!(
+        output::line(format_args!(
             "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} {}",
             state.task,
             if state.paused { "yes" } else { "no" },
@@ -278,7 +276,7 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
             state.rows.map(|n| thousands(n as u64)).unwrap_or_else(|| "-".into()),
             state.next_due.describe(),
             state.holder.as_deref().unwrap_or("-"),
-        );
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -316,13 +314,13 @@ pub async fn receipts(settings: &Settings, tenant: Option<&str>, since: Option<&
     let receipts = receipts?;
     for receipt in &receipts {
         if json {
-            println!("{}", crate::hold::receipt_json(receipt));
+            output::line(crate::hold::receipt_json(receipt))?;
         } else {
-            println!("{}", crate::hold::describe_receipt(receipt));
+            output::line(crate::hold::describe_receipt(receipt))?;
         }
     }
     if receipts.is_empty() && !json {
-        println!("no receipts");
+        output::line("no receipts")?;
     }
     Ok(ExitCode::SUCCESS)
 }

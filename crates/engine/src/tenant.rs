@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::cli::TenantRetentionCommand;
 use crate::database::Database;
+use crate::output;
 use crate::settings::Settings;
 
 pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> anyhow::Result<ExitCode> {
@@ -46,7 +47,7 @@ pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> 
     db.close().await;
     match result {
         Ok(line) => {
-            println!("{line}");
+            output::line(line)?;
             Ok(ExitCode::SUCCESS)
         }
         Err(error @ (RetentionError::Invalid { .. } | RetentionError::InvalidStatus(_) | RetentionError::UnknownTenant(_))) => {

@@ -261,6 +261,36 @@ async fn a_paced_run_deletes_the_same_rows_and_prints_no_terminal_codes_to_a_pip
     assert!(!stderr.contains('\r') && !stderr.contains("\x1b[2K"), "progress redraws only on a terminal: {stderr:?}");
 }
 
+/// `engine retention status | head -1`: a reader that has gone before the output is written ends
+/// the command quietly (it used to panic on the broken pipe), after the work was done.
+#[tokio::test]
+async fn a_reader_that_has_gone_ends_the_command_quietly_after_its_work() {
+    let db = TestDatabase::new().await;
+    let (_, kept) = seed(&db).await;
+    let commands: [&[&str]; 4] = [
+        &["retention", "run", "--task", "sessions"],
+        &["retention", "status"],
+        &["retention", "status", "--json"],
+        &["tenant", "retention", "get", "no-such-tenant-is-fine-here"],
+    ];
+    for args in commands {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = engine().env("DATABASE_URL", &db.url).args(args).stdout(writer).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        if args[0] == "tenant" {
+            // Its error goes to stderr, which is still there.
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains("no tenant"), "{args:?}: {stderr}");
+        } else {
+            assert!(output.status.success(), "{args:?}: {:?} {stderr}", output.status);
+            assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+        }
+    }
+    assert_eq!(session_ids(&db).await, kept, "the run deleted what was due before its output failed");
+}
+
 #[tokio::test]
 async fn pause_resume_and_status_are_persisted_and_obeyed() {
     let db = TestDatabase::new().await;
