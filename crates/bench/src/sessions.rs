@@ -17,7 +17,7 @@
 //!
 //! Then the steady state: `steady_rows` kept sessions and 100 due, one sessions run in-process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,9 +94,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 
+/// A paced engine run: its label, its `retention run` arguments and its environment.
+type Pace = (&'static str, Vec<String>, Vec<(String, String)>);
+
 /// Every strategy once, each on its own copy, with the idle foreground measured first; the
 /// LIMIT 1000 loop only when `with_cte` (it is the common fix's reference, not a goal).
-async fn one_round(bench: &BenchDb, args: &Args, engine: &PathBuf, has_statements: bool, with_cte: bool) -> anyhow::Result<(Latencies, Vec<Measured>)> {
+async fn one_round(bench: &BenchDb, args: &Args, engine: &Path, has_statements: bool, with_cte: bool) -> anyhow::Result<(Latencies, Vec<Measured>)> {
     let mut results = Vec::new();
     let idle = {
         let copy = Copy::create(bench, "idle").await?;
@@ -107,7 +110,7 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &PathBuf, has_statement
         let foreground = Foreground::start(&copy.pool).await?;
         tokio::time::sleep(IDLE_FOR).await;
         let latencies = foreground.stop().await;
-        copy.drop(&bench).await?;
+        copy.drop(bench).await?;
         latencies
     };
     eprintln!("  idle foreground: {}", idle.describe());
@@ -146,8 +149,8 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &PathBuf, has_statement
 
     let env = engine_env(args);
     results.push(measure(bench, "engine, full speed", has_statements, |copy| {
-        let (engine, env) = (engine.clone(), env.clone());
-        async move { run_engine(&engine, &copy.url, &env, &[]).await }
+        let env = env.clone();
+        async move { run_engine(engine, &copy.url, &env, &[]).await }
     })
     .await?);
     // Paced: by feedback (the default) and at the fixed ratio it starts from.
@@ -155,7 +158,7 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &PathBuf, has_statement
         env.push(("ENGINE__RETENTION__PACING__FEEDBACK".into(), "false".into()));
         env
     };
-    let paces: Vec<(&'static str, Vec<String>, Vec<(String, String)>)> = if args.pace.is_empty() {
+    let paces: Vec<Pace> = if args.pace.is_empty() {
         vec![
             ("engine, paced (default: feedback)", vec!["--pace".into()], env.clone()),
             ("engine, paced, fixed ratio 1", vec!["--pace".into()], fixed(env.clone())),
@@ -171,8 +174,8 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &PathBuf, has_statement
     };
     for (name, pace_args, env) in paces {
         results.push(measure(bench, name, has_statements, |copy| {
-            let (engine, env, pace_args) = (engine.clone(), env.clone(), pace_args.clone());
-            async move { run_engine(&engine, &copy.url, &env, &pace_args).await }
+            let (env, pace_args) = (env.clone(), pace_args.clone());
+            async move { run_engine(engine, &copy.url, &env, &pace_args).await }
         })
         .await?);
     }
@@ -515,7 +518,7 @@ fn engine_env(args: &Args) -> Vec<(String, String)> {
 
 /// `engine retention run --task sessions [extra]` on `url`; its peak RSS is read from /proc while
 /// it runs (VmHWM, the high-water mark, sampled every 50 ms).
-async fn run_engine(engine: &PathBuf, url: &str, env: &[(String, String)], extra: &[String]) -> anyhow::Result<Outcome> {
+async fn run_engine(engine: &Path, url: &str, env: &[(String, String)], extra: &[String]) -> anyhow::Result<Outcome> {
     let child = tokio::process::Command::new(engine)
         .args(["retention", "run", "--task", "sessions", "--json"])
         .args(extra)
@@ -601,7 +604,7 @@ impl Foreground {
                         n += 1;
                         let (pool, latencies) = (pool.clone(), latencies.clone());
                         let id = ids[n % ids.len()];
-                        let lookup = n % 2 == 0;
+                        let lookup = n.is_multiple_of(2);
                         requests.spawn(async move {
                             let result = if lookup {
                                 sqlx::query("/* foreground */ SELECT data FROM user_sessions WHERE id = $1").bind(id).fetch_optional(&pool).await.map(|_| ())

@@ -19,9 +19,13 @@ pub struct Standby {
     pub replay_lag_seconds: Option<f64>,
 }
 
+/// One row of [`standbys`]' query: the current WAL position, then the standby's name, state,
+/// replay position, lag in bytes and in seconds (all NULL when no standby streams).
+type StandbyRow = (String, Option<String>, Option<String>, Option<String>, Option<i64>, Option<f64>);
+
 /// The standbys streaming from this server now, and the server's current WAL position.
 pub async fn standbys(executor: impl PgExecutor<'_>) -> Result<(String, Vec<Standby>), sqlx::Error> {
-    let rows: Vec<(String, Option<String>, Option<String>, Option<String>, Option<i64>, Option<f64>)> = sqlx::query_as(
+    let rows: Vec<StandbyRow> = sqlx::query_as(
         "SELECT pg_current_wal_lsn()::text, s.name, s.state, s.replay_lsn, s.lag_bytes, s.replay_lag_seconds
          FROM (SELECT 1) one LEFT JOIN (
              SELECT coalesce(nullif(application_name, ''), pid::text) AS name, state, replay_lsn::text AS replay_lsn,

@@ -208,7 +208,7 @@ impl PacingSettings {
     /// Paced by `pause_ratio` (0: full speed), with the batch duration that goes with it.
     fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
         let batch_time = if pause_ratio > 0.0 { self.batch_time } else { self.full_speed_batch_time };
-        let feedback = (self.feedback && pause_ratio > 0.0).then(|| crate::feedback::FeedbackOptions {
+        let feedback = (self.feedback && pause_ratio > 0.0).then_some(crate::feedback::FeedbackOptions {
             min_pause_ratio: self.min_pause_ratio,
             max_pause_ratio: self.max_pause_ratio,
             max_slowdown: self.max_slowdown,

@@ -188,7 +188,7 @@ impl Range {
     pub fn is_live(&self, now: DateTime<Utc>) -> bool {
         match self.settled_at {
             None => true,
-            Some(settled) => self.lower.map_or(true, |lower| lower <= now) && self.upper.map_or(true, |upper| settled < upper),
+            Some(settled) => self.lower.is_none_or(|lower| lower <= now) && self.upper.is_none_or(|upper| settled < upper),
         }
     }
 
