@@ -61,3 +61,49 @@ async fn a_database_clock_two_hours_ahead_deletes_nothing() {
     pool.close().await;
     tokio::task::spawn_blocking(move || server.stop()).await.unwrap().unwrap();
 }
+
+/// The change log's triggers never read the database's clock: a database clock stepped back into
+/// a past, settled day used to make writes into that day look like writes of its own live window,
+/// which skip the log, and the facts never learnt of them (a due task left for good).
+#[tokio::test]
+async fn a_database_clock_stepped_back_into_a_settled_day_hides_no_write() {
+    use retention_controller::settings::TaskHistorySettings;
+    use retention_controller::tasks::task_history::TaskHistoryTask;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    std::fs::set_permissions(&offset, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut options = Options::throwaway(dir.path().join("pg"));
+    options.env = vec![
+        ("LD_PRELOAD".into(), testkit::libfaketime(false).display().to_string()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), offset.display().to_string()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    let server = tokio::task::spawn_blocking(move || LocalPostgres::start(options)).await.unwrap().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&server.url()).await.unwrap();
+    repository::MIGRATOR.run(&pool).await.unwrap();
+    let now = db_now(&pool).await;
+    let day = now.date_naive() - chrono::Duration::days(10);
+    create_day(&pool, day).await;
+    let tenant = insert_tenant(&pool, Some("1 day"), None).await;
+    let at = day_start(day) + chrono::Duration::hours(12);
+    insert_task(&pool, tenant, "running", at, None).await;
+    let task = TaskHistoryTask::new(TaskHistorySettings::default());
+    run_task(&task, &pool).await;
+
+    // The database's clock steps back into the day; a task of the day finishes meanwhile.
+    let back = (at + chrono::Duration::hours(1) - chrono::Utc::now()).num_seconds();
+    std::fs::write(&offset, format!("{back:+}\n")).unwrap();
+    let stepped: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()").fetch_one(&pool).await.unwrap();
+    assert!(stepped.date_naive() == day, "the database's clock is in the day: {stepped}");
+    let finished = insert_task(&pool, tenant, "succeeded", at, Some(at + chrono::Duration::hours(2))).await;
+    std::fs::write(&offset, "+0\n").unwrap();
+
+    let report = run_task(&task, &pool).await;
+    assert!(!task_keys(&pool).await.contains(&finished), "a due task written while the clock was back was left: {report:?}");
+    assert_eq!(report.by_rule.iter().find(|(r, _)| *r == "retention").map(|(_, n)| *n), Some(1), "{report:?}");
+    pool.close().await;
+    tokio::task::spawn_blocking(move || server.stop()).await.unwrap().unwrap();
+}

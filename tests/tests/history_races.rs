@@ -38,14 +38,10 @@ async fn the_history_tasks_never_fail_each_other() {
         .unwrap();
         kept += 23 * 30;
         let (a, b) = tokio::join!(run_task(&history, pool), run_task(&partitions, pool));
-        let due_left: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id
-             WHERE retention_task_due(t.status, t.finished_at, t.inserted_at, tn.id, tn.data_retention_period, tn.deleted_at, $1, interval '1 day')",
-        )
-        .bind(now)
-        .fetch_one(pool)
-        .await
-        .unwrap();
+        let rule = repository::rule::Rule::new(now, std::time::Duration::from_secs(86_400));
+        let mut count = repository::sql::Sql::new("SELECT count(*) FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id WHERE {due}");
+        count.with("due", rule.task_due("t", "tn"));
+        let due_left: i64 = count.build_query_scalar().fetch_one(pool).await.unwrap();
         assert_eq!(due_left, 0, "round {round}: {a:?} {b:?}");
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(pool).await.unwrap();
         assert_eq!(left, kept, "round {round}: only the forever tenant's rows are left");
@@ -86,10 +82,10 @@ async fn a_batch_planned_before_a_carve_finds_the_range_moved_and_the_run_plans_
     tx.commit().await.unwrap();
     assert_ne!(home_of(pool, task).await, future.tasks_name);
 
-    let receipt = repository::receipts::RunReceipt { run_id: uuid::Uuid::now_v7(), task: "task-history" };
-    let batch = deletes::delete_batch(pool, &planned, &mut Walk::purged(), std::time::Duration::from_secs(86_400), 100, &receipt)
-        .await
-        .unwrap();
+    let receipt = repository::receipts::RunReceipt::new(uuid::Uuid::now_v7(), "task-history");
+    let rule = repository::rule::Rule::new(db_now(pool).await, std::time::Duration::from_secs(86_400));
+    let mut conn = pool.acquire().await.unwrap();
+    let batch = deletes::delete_batch(&mut conn, &planned, &mut Walk::purged(), &rule, 100, &receipt).await.unwrap();
     assert!(batch.range_missing, "a batch on the range as planned must find it moved: {batch:?}");
     assert_eq!(task_keys(pool).await, vec![task]);
 
@@ -121,7 +117,7 @@ async fn a_plan_sees_the_layout_and_the_rows_as_of_one_moment() {
         async move { run_task(&history, &pool).await }
     });
     // The probe of a live range's rows (`facts::probe`), waiting for a lock.
-    let probe = "WITH b AS MATERIALIZED (SELECT $2::timestamptz AS lower)%";
+    let probe = "WITH b AS MATERIALIZED (SELECT $%::timestamptz AS lower)%";
     let waiting = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
                                   WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1)";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

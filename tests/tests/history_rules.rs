@@ -305,3 +305,61 @@ async fn a_deleted_tenant_loses_its_active_tasks_from_past_days_as_from_today() 
     assert_eq!(queue_item_ids(pool).await, sorted_ids(kept.items));
     assert!(report.by_rule.contains(&("deleted-tenants", 3 * 201 + 1)), "{report:?}");
 }
+
+/// An event whose task is deleted after the orphan walk passed it (in a past day, and in a range
+/// merged since) is deleted by the sweep of every range's events, once the sweep interval has
+/// passed; the dry run counts it as soon as it is due.
+#[tokio::test]
+async fn an_event_orphaned_after_the_walk_passed_it_goes_within_the_sweep_interval() {
+    use retention_controller::settings::PartitionsSettings;
+    use retention_controller::tasks::partitions::PartitionsTask;
+    use retention_controller::MaintenanceTask;
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let today = now.date_naive();
+    create_day(pool, today - Span::days(20)).await;
+    let tenant = insert_tenant(pool, None, None).await;
+    let (in_a_day, in_merged) = (now - Span::days(2), day_start(today - Span::days(19)) + Span::hours(3));
+    let mut tasks = Vec::new();
+    let mut events = Vec::new();
+    for at in [in_a_day, in_merged] {
+        let task = insert_task(pool, tenant, "running", at, None).await;
+        events.push(insert_event(pool, tenant, task, at).await);
+        tasks.push(task);
+    }
+    let kept_task = insert_task(pool, tenant, "running", in_merged, None).await;
+    let kept_event = insert_event(pool, tenant, kept_task, in_merged).await;
+    // The walk passes the events (their tasks exist); the old days are merged.
+    let task = history();
+    run_task(&task, pool).await;
+    let merged = run_task(&PartitionsTask::new(PartitionsSettings::default(), Duration::from_secs(86_400)), pool).await;
+    assert!(merged.counters.iter().any(|(c, n)| *c == "ranges merged" && *n > 0), "{merged:?}");
+    let home = home_of(pool, kept_task).await;
+    assert!(home.len() == "tasks_p20261101_20261108".len(), "the old day was merged into a span: {home}");
+
+    // The application deletes both tasks: their events are orphans from now on.
+    for task in &tasks {
+        sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2").bind(task.0).bind(task.1).execute(pool).await.unwrap();
+    }
+    let dry = task.dry_run(pool).await.unwrap();
+    assert!(dry.by_rule.contains(&("orphan-events", 2)), "the dry run counts the late orphans: {dry:?}");
+    // Within the sweep interval, the last sweep was moments ago: they wait for the next.
+    let report = run_task(&task, pool).await;
+    assert_eq!(event_ids(pool).await, sorted_ids(vec![events[0], events[1], kept_event]), "{report:?}");
+
+    // A day later.
+    sqlx::query("UPDATE retention_watermarks SET position = position - 86400 WHERE name = 'task-history.orphan-sweep.swept-at'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let report = run_task(&task, pool).await;
+    assert_eq!(event_ids(pool).await, vec![kept_event], "{report:?}");
+    assert!(report.by_rule.contains(&("orphan-events", 2)), "{report:?}");
+    assert!(report.counters.contains(&("events swept", 1)), "{report:?}");
+    let receipted: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM retention_receipts WHERE rule = 'orphan-events'")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(receipted, 2);
+}

@@ -262,7 +262,8 @@ async fn a_preview_counts_what_the_run_then_deletes_and_changes_nothing() {
         insert_task_with_children(pool, tenant, status, at, Some(at)).await;
     }
     let settings = [Setting::parse(None, "3days").unwrap(), Setting::parse(Some(FinalStatus::Failed), "10days").unwrap()];
-    let preview = tenant_retention::preview(pool, &tenant.to_string(), &settings, std::time::Duration::from_secs(86_400)).await.unwrap();
+    let limits = tenant_retention::PreviewLimits { grace: std::time::Duration::from_secs(86_400), statement_timeout: std::time::Duration::from_secs(30) };
+    let preview = tenant_retention::preview(pool, &tenant.to_string(), &settings, limits).await.unwrap();
     assert_eq!(preview.tasks, vec![("succeeded".to_string(), 2), ("failed".to_string(), 1)]);
     assert_eq!(preview.events, 3);
     let unchanged = tenant_retention::get(pool, &tenant.to_string()).await.unwrap();
@@ -272,6 +273,46 @@ async fn a_preview_counts_what_the_run_then_deletes_and_changes_nothing() {
     tenant_retention::set(pool, &tenant.to_string(), &settings).await.unwrap();
     let report = run_task(&history(), pool).await;
     assert_eq!(report.by_rule.iter().find(|(r, _)| *r == "retention").map(|(_, n)| *n), Some(2), "{report:?}");
+}
+
+/// A preview writes nothing: a tenant insert, a window change and a hold never wait behind one,
+/// however long its count takes, and the count itself stops at `statement_timeout`.
+#[tokio::test]
+async fn a_preview_never_blocks_writers_and_has_a_statement_timeout() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let day = a_past_day(pool).await;
+    let at = day_start(day) + Span::hours(12);
+    let tenant = insert_tenant(pool, Some("30 days"), None).await;
+    let other = insert_tenant(pool, Some("30 days"), None).await;
+    insert_task(pool, tenant, "succeeded", at, Some(at)).await;
+    let tasks_part: String = sqlx::query_scalar("SELECT tasks_relid::regclass::text FROM history_ranges WHERE lower <= $1 AND upper > $1")
+        .bind(at)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    // Something slow in the preview's count: here, a lock its read waits for.
+    let mut stall = pool.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {tasks_part} IN ACCESS EXCLUSIVE MODE")).execute(&mut *stall).await.unwrap();
+    let preview = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let limits = tenant_retention::PreviewLimits { grace: std::time::Duration::from_secs(86_400), statement_timeout: std::time::Duration::from_secs(3) };
+            tenant_retention::preview(&pool, &tenant.to_string(), &[Setting::parse(None, "1day").unwrap()], limits).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!preview.is_finished(), "the preview is counting");
+    let writes = async {
+        sqlx::query("INSERT INTO tenants (slug, name) VALUES ('new-one', 'new-one')").execute(pool).await.unwrap();
+        set(pool, other, None, "7days").await;
+        set(pool, tenant, Some("failed"), "60days").await;
+        hold(pool, tenant, None, None).await;
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), writes).await.expect("writes waited behind a preview");
+    let counted = preview.await.unwrap();
+    assert!(matches!(&counted, Err(RetentionError::Database(message)) if message.contains("statement timeout")), "{counted:?}");
+    stall.rollback().await.unwrap();
 }
 
 /// What was deleted per tenant, from a ledger kept before the runs.

@@ -16,12 +16,13 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use repository::history::{ranges, rewrite};
+use repository::history::ranges;
+use retention_controller::rewrites;
 use repository::batch::BatchLimits;
 use retention_controller::settings::{PartitionsSettings, TaskHistorySettings};
 use retention_controller::tasks::partitions::PartitionsTask;
 use retention_controller::tasks::task_history::TaskHistoryTask;
-use retention_controller::{run_once, run_once_with, MaintenanceTask, RunOptions, RunOutcome, RunReport};
+use retention_controller::{run_once, run_once_with, MaintenanceTask, RunContext, RunOptions, RunOutcome, RunReport};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -91,10 +92,29 @@ async fn make_days(pool: &PgPool, first: NaiveDate) -> anyhow::Result<()> {
 
 /// Rebuilds the facts of the loaded ranges (what the first run after loading does).
 async fn settle(pool: &PgPool) -> anyhow::Result<()> {
-    let limits = BatchLimits::new(Duration::from_secs(600), Duration::from_secs(5));
     let started = Instant::now();
-    let settled = repository::history::facts::settle(pool, limits).await?;
-    eprintln!("  facts of {} ranges rebuilt in {:.1}s", settled.len(), started.elapsed().as_secs_f64());
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+    let rule = repository::rule::Rule::new(now, Duration::from_secs(86_400));
+    let limits = BatchLimits::new(Duration::from_secs(600), Duration::from_secs(5));
+    let ranges = repository::history::facts::to_settle(pool, now).await?;
+    for range in &ranges {
+        if range.log_mode == repository::history::LogMode::Live {
+            repository::history::facts::switch_to_all(pool, range, limits, Duration::from_secs(5)).await?;
+        }
+        let mut tx = repository::batch::begin(pool, limits).await?;
+        let block = repository::history::facts::rebuild_take(&mut tx, range.tasks_relid).await?.unwrap_or(0);
+        let mut block = block;
+        loop {
+            let pages = repository::history::facts::rebuild_chunk(&mut tx, range.tasks_relid, block, u32::MAX / 2).await?;
+            if pages == 0 {
+                break;
+            }
+            block += i64::from(pages);
+        }
+        repository::history::facts::rebuild_finish(&mut tx, range.tasks_relid, &rule).await?;
+        tx.commit().await?;
+    }
+    eprintln!("  facts of {} ranges rebuilt in {:.1}s", ranges.len(), started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -276,6 +296,24 @@ async fn seed_due(pool: &PgPool, tenant: Uuid, today: NaiveDate, due: i64, sampl
 
 // ----- 2. compaction ----------------------------------------------------------------------------
 
+/// Rewrites `range` alone (as `task-history` compacts it), at full speed, to the end.
+async fn rewrite_once(
+    pool: &PgPool,
+    range: &repository::history::Range,
+    limits: BatchLimits,
+    grace: Duration,
+) -> anyhow::Result<(rewrites::Done, RunReport)> {
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+    let ctx = RunContext::new(pool.clone(), Uuid::now_v7(), CancellationToken::new(), Duration::from_secs(24 * 3600), RunOptions::default())
+        .with_clock(now, tokio::time::Instant::now());
+    let steps = rewrites::Steps { limits, lock_timeout: Duration::from_secs(5), grace };
+    let mut report = RunReport::default();
+    match rewrites::start(&ctx, std::slice::from_ref(range), "task-history", steps, true, rewrites::Naming::Rules, &mut report).await? {
+        rewrites::Outcome::Done(done) => Ok((done, report)),
+        other => anyhow::bail!("not rewritten: {other:?}"),
+    }
+}
+
 async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     println!("\n== one past day of {} due tasks (one event each), rewritten or deleted row by row", args.day_rows);
     let pool = db::fresh_database(bench, "history_compaction").await?;
@@ -302,19 +340,18 @@ async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         let foreground = Foreground::start(&pool, forever[0]).await?;
         let lsn = wal_position(&pool).await?;
         let started = Instant::now();
-        let receipt = repository::receipts::RunReceipt { run_id: uuid::Uuid::new_v4(), task: "bench" };
-        let done = rewrite::rewrite(&pool, &[range], grace, limits, Duration::from_secs(5), true, &receipt)
-            .await?
-            .map_err(|why| anyhow::anyhow!("not rewritten: {}", why.as_str()))?;
+        let outcome = rewrite_once(&pool, &range, limits, grace).await?;
         let wall = started.elapsed();
         let wal = wal_since(&pool, &lsn).await?;
         let worst = foreground.stop().await?;
-        anyhow::ensure!(done.tasks_dropped() == args.day_rows, "dropped {} tasks", done.tasks_dropped());
+        let (done, report) = outcome;
+        let dropped = report.by_rule.iter().find(|(r, _)| *r == "retention").map_or(0, |(_, n)| *n);
+        anyhow::ensure!(dropped == args.day_rows as u64, "dropped {dropped} tasks");
         println!(
             "  {label:<46} {:>7.0} ms {:>7.1} MB {:>11.1} ms {:>13.1} ms",
             ms(wall),
             mb(wal),
-            ms(done.locked),
+            ms(done.locked.unwrap_or_default()),
             ms(worst)
         );
     }

@@ -25,8 +25,8 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Recorded as who added or removed a hold through the API.
     pub admin_token_name: Arc<str>,
-    /// For previews: what `task-history` counts as a deleted tenant's grace.
-    pub deleted_tenant_grace: Duration,
+    /// For previews: `task-history`'s grace for deleted tenants and statement timeout.
+    pub preview: tenant_retention::PreviewLimits,
     pub metrics: Option<PrometheusHandle>,
     /// The tasks the status page shows (their schedules, and estimates of the rows due).
     pub tasks: Arc<Vec<Arc<dyn MaintenanceTask>>>,
@@ -203,7 +203,7 @@ async fn put_retention(
         _ => return error(StatusCode::BAD_REQUEST, PUT_SHAPE),
     };
     if query.dry_run {
-        return match tenant_retention::preview(&state.pool, &id, &settings, state.deleted_tenant_grace).await {
+        return match tenant_retention::preview(&state.pool, &id, &settings, state.preview).await {
             Ok(preview) => {
                 let tasks: serde_json::Map<String, Value> = preview.tasks.iter().map(|(status, n)| (status.clone(), json!(n))).collect();
                 Json(json!({

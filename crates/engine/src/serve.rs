@@ -49,7 +49,7 @@ pub async fn run(settings: &Settings, db: &Database, listener: TcpListener, root
         pool: db.pool.clone(),
         admin_token: settings.http.admin_token.as_deref().map(Into::into),
         admin_token_name: settings.http.admin_token_name.as_str().into(),
-        deleted_tenant_grace: settings.retention.task_history.deleted_tenant_grace,
+        preview: (&settings.retention.task_history).into(),
         metrics: Some(metrics_recorder()?),
         tasks: shown,
     };

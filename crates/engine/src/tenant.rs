@@ -26,7 +26,7 @@ pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> 
         TenantRetentionCommand::Get { .. } => None,
     };
     let db = Database::open(settings, settings.database.migrate).await?;
-    let grace = settings.retention.task_history.deleted_tenant_grace;
+    let limits: tenant_retention::PreviewLimits = (&settings.retention.task_history).into();
     let result = match (&command, setting) {
         (TenantRetentionCommand::Get { tenant, json }, _) => tenant_retention::get(&db.pool, tenant).await.map(|t| {
             if *json {
@@ -37,7 +37,7 @@ pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> 
             }
         }),
         (TenantRetentionCommand::Set { tenant, dry_run: true, .. }, Some(setting)) => {
-            tenant_retention::preview(&db.pool, tenant, &[setting], grace).await.map(|preview| preview.to_string())
+            tenant_retention::preview(&db.pool, tenant, &[setting], limits).await.map(|preview| preview.to_string())
         }
         (TenantRetentionCommand::Set { tenant, .. }, Some(setting)) => {
             tenant_retention::set(&db.pool, tenant, &[setting]).await.map(|change| change.to_string())

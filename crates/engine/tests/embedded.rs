@@ -28,11 +28,30 @@ fn command(data_dir: &Path, args: &[&str]) -> Child {
     engine().env("ENGINE__DATA_DIR", data_dir).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
-fn succeeded(child: Child, args: &[&str]) {
+fn succeeded(child: Child, args: &[&str]) -> String {
     let output = child.wait_with_output().unwrap();
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "engine {args:?} failed:\n{stdout}\n{stderr}");
     assert!(!stderr.contains("left running by"), "engine {args:?} took the server away:\n{stderr}");
+    stderr
+}
+
+/// The processes using the cluster: the holders of the shared lock on `<cluster>.users.lock`
+/// (each process's watchdog holds one for it), as /proc/locks lists them.
+fn users(data_dir: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(lock) = std::fs::metadata(data_dir.join("postgres.users.lock")) else { return 0 };
+    let inode = format!(":{}", lock.ino());
+    std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains("FLOCK") && line.split_whitespace().any(|field| field.ends_with(&inode)))
+        .count()
+}
+
+/// The server's process id, from its `postmaster.pid`.
+fn postmaster(data_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(data_dir.join("postgres/postmaster.pid")).ok().and_then(|pid| pid.lines().next().map(str::to_string))
 }
 
 fn server_running(data_dir: &Path) -> bool {
@@ -104,15 +123,23 @@ fn engines_share_one_embedded_server_and_the_last_to_leave_stops_it() {
     assert!(failures.is_empty(), "/readyz failed {} of {polls} times while the commands ran: {failures:?}", failures.len());
     assert!(server_running(data_dir), "serve still uses the server");
 
-    // Serve is SIGKILLed while two commands use the server: they finish on it.
-    let both = [&["retention", "run"][..], &["retention", "status"][..]];
-    let children: Vec<Child> = both.iter().map(|args| command(data_dir, args)).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Serve is SIGKILLed once two commands have joined its server: they finish on it, the
+    // server it started, not one of their own.
+    let server = postmaster(data_dir).expect("serve's server is running");
+    let both = [&["retention", "run"][..], &["retention", "run", "--dry-run"][..]];
+    let mut children: Vec<Child> = both.iter().map(|args| command(data_dir, args)).collect();
+    // (A command that is done already has used the server and left it.)
+    wait_until("both commands to join the server", Duration::from_secs(60), || {
+        users(data_dir) >= 3 || children.iter_mut().any(|child| child.try_wait().unwrap().is_some())
+    });
     served.kill().unwrap();
     served.wait().unwrap();
     for (child, args) in children.into_iter().zip(both) {
-        succeeded(child, args);
+        let stderr = succeeded(child, args);
+        assert!(stderr.contains("joined the local PostgreSQL"), "engine {args:?} did not run on serve's server:\n{stderr}");
+        assert!(!stderr.contains("started local PostgreSQL"), "engine {args:?} started a server of its own:\n{stderr}");
     }
+    assert_eq!(postmaster(data_dir).unwrap_or_else(|| server.clone()), server, "the server was restarted");
 
     // Every process is gone: the last one's watchdog stopped the server.
     wait_until("the server to stop", Duration::from_secs(30), || !server_running(data_dir));

@@ -47,6 +47,10 @@ impl BatchLimits {
         BatchLimits { history_write: true, ..self }
     }
 
+    pub fn with_lock_timeout(self, lock_timeout: Duration) -> Self {
+        BatchLimits { lock_timeout, ..self }
+    }
+
     pub fn with_wal_compression(self, wal_compression: Option<&'static str>) -> Self {
         BatchLimits { wal_compression, ..self }
     }
@@ -153,4 +157,13 @@ pub fn is_lock_timeout(error: &sqlx::Error) -> bool {
 pub fn is_timeout(error: &sqlx::Error) -> bool {
     let code = error.as_database_error().and_then(|e| e.code());
     matches!(code.as_deref(), Some("55P03" | "57014"))
+}
+
+/// True when the transaction was rolled back to be run again as it is (SQLSTATE class 40): a
+/// deadlock with another session (`40P01`, which PostgreSQL resolved by cancelling this one), or a
+/// change of the retention rules that committed or was in progress while it ran (`40001`, from
+/// `rule::confirm`). Nothing it did stays; running it again is safe and usually succeeds at once.
+pub fn is_retryable(error: &sqlx::Error) -> bool {
+    let code = error.as_database_error().and_then(|e| e.code());
+    matches!(code.as_deref(), Some("40001" | "40P01"))
 }

@@ -1,7 +1,8 @@
 //! All of the engine's SQL: the data model, the migrations and the queries behind each retention
 //! task. Functions take `impl PgExecutor` (or a connection) so callers choose pool or transaction.
-//! Queries are plain runtime SQL: several are assembled from fragments, and one style throughout
-//! keeps the crate buildable without a database.
+//! Queries are runtime SQL: those that need the retention rule are assembled from its fragments
+//! ([`rule`]) with their values bound by name ([`sql`]), and one style throughout keeps the crate
+//! buildable without a database.
 
 pub mod batch;
 pub mod clock;
@@ -14,7 +15,9 @@ pub mod maintenance;
 pub mod queue_items;
 pub mod receipts;
 pub mod replication;
+pub mod rule;
 pub mod sessions;
+pub mod sql;
 pub mod tenants;
 pub mod watermarks;
 

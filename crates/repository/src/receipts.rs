@@ -1,30 +1,45 @@
-//! Deletion receipts: per run, tenant and rule, what was deleted (written by the deleting
-//! statements themselves, see `history::deletes::Receipt`), kept for a time of their own.
+//! Deletion receipts: per run, tenant and rule, what was deleted, written by the deleting
+//! statements themselves ([`add`]), kept for a time of their own.
 
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgExecutor};
 use uuid::Uuid;
 
+use crate::sql::Fragment;
+
 /// Which run's receipts a deleting statement adds to.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunReceipt {
     pub run_id: Uuid,
     /// The maintenance task deleting (`task-history`, `queue-items`, `partitions`).
-    pub task: &'static str,
+    pub task: String,
 }
 
-/// A statement (or a CTE's body) adding the rows of `select` to the receipts: `select` yields
-/// (run, tenant, rule, task, tasks, events, queue items, oldest, newest), one row per tenant and
-/// rule; a receipt already there for that run, tenant and rule grows by them.
-pub(crate) fn add(select: &str) -> String {
-    format!(
-        "INSERT INTO retention_receipts AS rr (run_id, tenant_id, rule, task, tasks, events, queue_items, oldest, newest)
-         {select}
-         ON CONFLICT (run_id, tenant_id, rule) DO UPDATE
-         SET tasks = rr.tasks + excluded.tasks, events = rr.events + excluded.events,
-             queue_items = rr.queue_items + excluded.queue_items,
-             oldest = least(rr.oldest, excluded.oldest), newest = greatest(rr.newest, excluded.newest), last_at = now()"
-    )
+impl RunReceipt {
+    pub fn new(run_id: Uuid, task: impl Into<String>) -> RunReceipt {
+        RunReceipt { run_id, task: task.into() }
+    }
+}
+
+/// A statement (or a CTE's body) adding `rows` to the run's receipts: `rows` is a query yielding
+/// (tenant_id, rule, tasks, events, queue_items, oldest, newest), at most one row per tenant and
+/// rule; a receipt already there for that run, tenant and rule grows by them. Rows go in tenant
+/// order, so that statements adding to the same receipts at once (a parallel sweep) wait for each
+/// other but never deadlock.
+pub(crate) fn add(receipt: &RunReceipt, rows: &str) -> Fragment {
+    Fragment::text("INSERT INTO retention_receipts AS rr (run_id, task, tenant_id, rule, tasks, events, queue_items, oldest, newest) SELECT ")
+        .bind(receipt.run_id)
+        .push(", ")
+        .bind(receipt.task.clone())
+        .push(format!(
+            ", x.tenant_id, x.rule, x.tasks, x.events, x.queue_items, x.oldest, x.newest
+             FROM ({rows}) AS x(tenant_id, rule, tasks, events, queue_items, oldest, newest)
+             ORDER BY x.tenant_id, x.rule
+             ON CONFLICT (run_id, tenant_id, rule) DO UPDATE
+             SET tasks = rr.tasks + excluded.tasks, events = rr.events + excluded.events,
+                 queue_items = rr.queue_items + excluded.queue_items,
+                 oldest = least(rr.oldest, excluded.oldest), newest = greatest(rr.newest, excluded.newest), last_at = now()"
+        ))
 }
 
 /// A receipt as read back.

@@ -20,10 +20,17 @@ pub struct BatchSizer {
     /// Seconds per unit, averaged over recent batches.
     unit_cost: Option<f64>,
     timeouts_at_min: u32,
+    /// Batches run again in a row because they were rolled back whole (a deadlock, a change of
+    /// the rules), not for their size.
+    again_in_a_row: u32,
 }
 
 /// Timeouts in a row at the smallest size before a batch is given up.
 pub const GIVE_UP_AFTER: u32 = 3;
+
+/// Batches rolled back in a row by a deadlock or a change of the rules before one is given up
+/// (the pauses between them add up to about 10 s).
+pub const AGAIN_AT_MOST: u32 = 25;
 
 /// What became of one batch.
 #[derive(Debug)]
@@ -32,6 +39,10 @@ pub enum Settled<T, E = sqlx::Error> {
     Done(T),
     /// Timed out and rolled back: run it again, smaller.
     Retry(E),
+    /// Rolled back whole by a deadlock with another session or a change of the rules committed
+    /// meanwhile (see `repository::batch::is_retryable`): run it again as it is, after
+    /// [`BatchSizer::again_pause`].
+    Again(E),
     /// Failed for another reason, or timed out [`GIVE_UP_AFTER`] times at the smallest size.
     GaveUp(E),
 }
@@ -40,7 +51,7 @@ impl BatchSizer {
     pub fn new(initial: u32, min: u32, max: u32, target: Duration) -> Self {
         let min = min.max(1);
         let max = max.max(min);
-        BatchSizer { size: initial.clamp(min, max), min, max, target, unit_cost: None, timeouts_at_min: 0 }
+        BatchSizer { size: initial.clamp(min, max), min, max, target, unit_cost: None, timeouts_at_min: 0, again_in_a_row: 0 }
     }
 
     /// The size of the next batch.
@@ -50,14 +61,32 @@ impl BatchSizer {
 
     /// Records a batch's result and how long it took (begin to commit).
     pub fn settle<T>(&mut self, elapsed: Duration, result: Result<T, sqlx::Error>) -> Settled<T> {
-        self.settle_by(elapsed, result, batch::is_timeout)
+        self.settle_by(elapsed, result, batch::is_timeout, batch::is_retryable)
     }
 
-    fn settle_by<T, E>(&mut self, elapsed: Duration, result: Result<T, E>, is_timeout: fn(&E) -> bool) -> Settled<T, E> {
+    /// How long to wait before running a batch again after [`Settled::Again`]: a little longer
+    /// each time in a row (20 ms, 40 ms, ... at most 500 ms), so that a change of the rules being
+    /// committed has the time to.
+    pub fn again_pause(&self) -> Duration {
+        Duration::from_millis((20 * u64::from(self.again_in_a_row)).min(500))
+    }
+
+    fn settle_by<T, E>(&mut self, elapsed: Duration, result: Result<T, E>, is_timeout: fn(&E) -> bool, is_retryable: fn(&E) -> bool) -> Settled<T, E> {
+        if !matches!(&result, Err(error) if is_retryable(error)) {
+            self.again_in_a_row = 0;
+        }
         match result {
             Ok(value) => {
                 self.succeeded(elapsed);
                 Settled::Done(value)
+            }
+            Err(error) if is_retryable(&error) => {
+                self.again_in_a_row += 1;
+                if self.again_in_a_row > AGAIN_AT_MOST {
+                    self.again_in_a_row = 0;
+                    return Settled::GaveUp(error);
+                }
+                Settled::Again(error)
             }
             Err(error) if is_timeout(&error) => {
                 if self.size == self.min {
@@ -95,6 +124,22 @@ impl BatchSizer {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_batch_rolled_back_whole_runs_again_at_its_size_until_it_has_too_often() {
+        let mut sizer = BatchSizer::new(100, 1, 1_000, TARGET);
+        let again = |sizer: &mut BatchSizer| sizer.settle_by::<(), ()>(ms(1), Err(()), |_| false, |_| true);
+        for n in 1..=AGAIN_AT_MOST {
+            assert!(matches!(again(&mut sizer), Settled::Again(())));
+            assert_eq!(sizer.size(), 100, "the size is not the cause");
+            assert_eq!(sizer.again_pause(), Duration::from_millis((20 * u64::from(n)).min(500)));
+        }
+        assert!(matches!(again(&mut sizer), Settled::GaveUp(())));
+        // A success in between starts the count again.
+        assert!(matches!(again(&mut sizer), Settled::Again(())));
+        sizer.settle(ms(1), Ok(()));
+        assert_eq!(sizer.again_pause(), Duration::ZERO);
+    }
+
     const TARGET: Duration = Duration::from_millis(20);
 
     fn ms(n: u64) -> Duration {
@@ -103,7 +148,7 @@ mod tests {
 
     /// A batch's error: `true` when it was a timeout.
     fn settle(sizer: &mut BatchSizer, timed_out: bool) -> Settled<(), bool> {
-        sizer.settle_by(ms(1), Err(timed_out), |timed_out| *timed_out)
+        sizer.settle_by(ms(1), Err(timed_out), |timed_out| *timed_out, |_| false)
     }
 
     #[test]

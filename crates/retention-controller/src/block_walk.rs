@@ -112,7 +112,7 @@ where
         let started = Instant::now();
         let result = delete(range).await;
         let elapsed = started.elapsed();
-        let more = {
+        let (more, again) = {
             let mut walk = walk.lock().unwrap();
             let walk = &mut *walk;
             let settled = match result {
@@ -129,11 +129,18 @@ where
                     let left = estimate_left(walk.report.deleted - walk.deleted_before, walk.walked, walk.pages);
                     tracing::debug!(from = range.start, to = range.end, elapsed_ms = elapsed.as_millis() as u64, "block batch committed");
                     ctx.batch_recorded(elapsed, walk.report, Some(left));
+                    (taken.is_some() || walk.next < walk.pages, None)
                 }
                 Settled::Retry(error) => {
                     tracing::warn!(from = range.start, to = range.end, %error, next_pages = walk.sizer.size(), "batch timed out; retrying smaller");
                     taken = Some(BlockRange { start: range.start, end: taken.map_or(range.end, |rest| rest.end) });
                     continue;
+                }
+                Settled::Again(error) => {
+                    tracing::debug!(from = range.start, to = range.end, %error, "batch rolled back (a deadlock or a change of the rules); running it again");
+                    walk.report.count("batches run again", 1);
+                    taken = Some(BlockRange { start: range.start, end: taken.map_or(range.end, |rest| rest.end) });
+                    (true, Some(walk.sizer.again_pause()))
                 }
                 Settled::GaveUp(error) if repository::batch::is_timeout(&error) => {
                     tracing::warn!(page = range.start, %error, "page skipped: it kept timing out; the next run retries it");
@@ -147,8 +154,11 @@ where
                     return Err(error.into());
                 }
             }
-            taken.is_some() || walk.next < walk.pages
         };
+        if let Some(pause) = again {
+            tokio::time::sleep(pause).await;
+            continue;
+        }
         // No pause and no wait for the standbys after a worker's last batch: nothing follows
         // that they would protect, and the run would end that much later.
         if more {

@@ -90,6 +90,7 @@ pub async fn run_once_with(
             }
         };
         let clock = asked.judge(lease.taken_at, options.max_clock_skew);
+        let clock_read_at = Instant::now();
         let schedule = task.schedule();
         // The run stops when shut down or when its lease keeper says so.
         let stop = cancel.child_token();
@@ -102,7 +103,7 @@ pub async fn run_once_with(
         let lease_pool = options.lease_pool.as_ref().unwrap_or(pool);
         // Nothing is deleted under a clock that cannot be trusted.
         let (mut result, stopped_by) = match clock {
-            Ok(database_clock) => run_beside_keeper(task, &ctx.with_clock(database_clock), &stop, &lease, lease_pool, asked_at).await,
+            Ok(database_clock) => run_beside_keeper(task, &ctx.with_clock(database_clock, clock_read_at), &stop, &lease, lease_pool, asked_at).await,
             Err(clock) => (Err(TaskError::Clock(clock)), None),
         };
         let elapsed = started.elapsed();

@@ -1,36 +1,97 @@
-//! Steps both run-history tasks take: bringing the facts up to date, and rewriting ranges
-//! (compaction by `task-history`, merging by `partitions`) with what that did in the run's report.
+//! Steps both run-history tasks take: bringing the facts up to date, and keeping the measured
+//! costs that choose between row deletes and a rewrite (driven by [`crate::rewrites`]).
 
 use std::time::Duration;
 
-use repository::batch::BatchLimits;
-use repository::history::rewrite::{self, NotRewritten, Rewritten};
-use repository::receipts::RunReceipt;
-use repository::history::{costs, facts, Range};
-use uuid::Uuid;
+use repository::batch::{self, BatchLimits};
+use repository::history::{costs, deletes, facts, LogMode};
+use tokio::time::Instant;
+
+use crate::batching::Settled;
 
 use crate::history_policy::Costs;
 use crate::task::{RunContext, RunReport, TaskError};
-use crate::telemetry;
 
 /// The run-report counter of ranges replaced by rewrites: each a partition of `tasks` and one of
 /// `task_events` dropped whole (`retention_partitions_dropped_total`).
 pub const RANGES_REPLACED: &str = "ranges replaced";
 
-/// Rebuilds the facts of ranges whose live window has passed, and applies the logged changes.
-pub async fn refresh_facts(ctx: &RunContext, limits: BatchLimits, report: &mut RunReport) -> Result<(), TaskError> {
-    let settled = facts::settle(&ctx.pool, limits).await?;
-    if !settled.is_empty() {
-        tracing::info!(ranges = ?settled, "rebuilt the facts of ranges whose day has passed");
-        report.count("ranges settled", settled.len() as u64);
-    }
-    let refreshed = facts::refresh(&ctx.pool, limits).await?;
+/// Rebuilds the facts of ranges whose day has passed (or that were never built), and applies the
+/// logged changes. A live range whose end has passed is switched to log every write first,
+/// waiting at most `lock_timeout` (the history tables' lock wait) for its writers.
+pub async fn refresh_facts(ctx: &RunContext, limits: BatchLimits, grace: Duration, lock_timeout: Duration, report: &mut RunReport) -> Result<(), TaskError> {
+    settle(ctx, facts::bookkeeping(limits), grace, lock_timeout, report).await?;
+    let refreshed = facts::refresh(&ctx.pool, limits, &ctx.rule(grace)).await?;
     tracing::debug!(tenants = refreshed.tenants, pairs = refreshed.pairs, "applied logged changes");
     Ok(())
 }
 
+/// Pages a rebuild's first step reads (it grows toward the batch duration from there).
+const REBUILD_FIRST_PAGES: u32 = 64;
+
+/// Rebuilds the facts of every range that needs it, in block ranges (each a short transaction,
+/// paced like a batch), however large the range: one bare read of it in all. Stops between steps
+/// when the run is interrupted; the rebuild resumes where it stopped.
+async fn settle(ctx: &RunContext, limits: BatchLimits, grace: Duration, lock_timeout: Duration, report: &mut RunReport) -> Result<(), TaskError> {
+    let mut sizer = ctx.block_sizer_within(REBUILD_FIRST_PAGES, limits.statement_timeout);
+    for range in facts::to_settle(&ctx.pool, ctx.now()).await? {
+        if ctx.interrupted().is_some() {
+            return Ok(());
+        }
+        if range.log_mode == LogMode::Live && !facts::switch_to_all(&ctx.pool, &range, limits, lock_timeout).await? {
+            tracing::warn!(range = range.tasks_name, "writers kept the range's tables busy: it stays live (probed) until the next run");
+            continue;
+        }
+        loop {
+            if ctx.interrupted().is_some() {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let mut tx = batch::begin(&ctx.pool, limits.with_lock_timeout(lock_timeout)).await?;
+            let Some(block) = facts::rebuild_take(&mut tx, range.tasks_relid).await? else {
+                // Another runner is rebuilding it.
+                tx.rollback().await?;
+                break;
+            };
+            let result = facts::rebuild_chunk(&mut tx, range.tasks_relid, block, sizer.size()).await;
+            match result {
+                Ok(0) => {
+                    facts::rebuild_finish(&mut tx, range.tasks_relid, &ctx.rule(grace)).await?;
+                    tx.commit().await?;
+                    tracing::info!(range = range.tasks_name, "rebuilt the facts of a range whose day has passed");
+                    report.count("ranges settled", 1);
+                    break;
+                }
+                Ok(pages) => {
+                    tx.commit().await?;
+                    let elapsed = started.elapsed();
+                    let _ = sizer.settle(elapsed, Ok(()));
+                    report.count("fact pages read", u64::from(pages));
+                    ctx.pause_after(elapsed).await;
+                }
+                // A layout change holding the range's tables (a carve attaching beside the
+                // default range), or a batch too large: smaller, or the next run.
+                Err(error) if batch::is_timeout(&error) => {
+                    drop(tx);
+                    match sizer.settle(started.elapsed(), Err::<(), _>(error)) {
+                        Settled::GaveUp(error) => {
+                            tracing::warn!(range = range.tasks_name, %error, "the range's facts could not be rebuilt now; the next run goes on");
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+                // The range's tables were dropped meanwhile (a rewrite swapped it out).
+                Err(error) if deletes::is_undefined_table(&error) => break,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The costs measured on this database, with the defaults where nothing was measured yet.
-pub async fn load_costs(pool: &sqlx::PgPool) -> Result<Costs, TaskError> {
+pub async fn load_costs(pool: &sqlx::PgPool) -> Result<Costs, sqlx::Error> {
     let mut measured = Costs::default();
     for (operation, seconds) in costs::load(pool).await? {
         match operation.as_str() {
@@ -60,85 +121,19 @@ pub async fn observe_row_deletes(pool: &sqlx::PgPool, tasks: u64, spent: Duratio
     Ok(())
 }
 
-/// How a rewrite's removed rows are named in the report.
-pub enum RemovedAs<'a> {
-    /// `task-history`: tasks under `retention` or `deleted-tenants` (the tenants given), per tenant.
-    Rules { purged: &'a [Uuid] },
-    /// `partitions`: tasks, events and queue items under their table's name.
-    Tables,
+/// Records what a completed rewrite cost (its steps' time, against what the default costs
+/// predict for the rows it read and kept).
+pub async fn observe_rewrite(pool: &sqlx::PgPool, rows_read: i64, kept: i64, seconds: f64) -> Result<(), sqlx::Error> {
+    let predicted = Costs::default().rewrite(rows_read as f64, kept as f64);
+    costs::observe(pool, REWRITE_SCALE, seconds / predicted).await
 }
 
-/// How a rewrite goes about it.
-pub struct RewriteWith<'a> {
-    pub task: &'static str,
-    pub grace: Duration,
-    pub limits: BatchLimits,
-    /// The wait for the parents' lock.
-    pub lock_timeout: Duration,
-    /// Wait (up to the limits' lock timeout) for another runner's layout change to end, rather
-    /// than give up at once.
-    pub wait: bool,
-    pub removed_as: RemovedAs<'a>,
+/// A rewrite that was abandoned after its steps kept failing makes rewrites look dearer: the
+/// next choices lean to row deletes, until rewrites that complete bring the figure down again.
+pub async fn penalise_rewrites(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let current = load_costs(pool).await.map(|c| c.rewrite_fixed / Costs::default().rewrite_fixed).unwrap_or(1.0);
+    costs::observe(pool, REWRITE_SCALE, (current * REWRITE_FAILURE_PENALTY).max(REWRITE_FAILURE_PENALTY)).await
 }
 
-/// Rewrites `sources` into one range and puts what went into `report`; `None` when it could not
-/// be done now (busy, lock not had in time, rules changed), which the caller handles otherwise.
-pub async fn rewrite(ctx: &RunContext, sources: &[Range], with: RewriteWith<'_>, report: &mut RunReport) -> Result<Option<Rewritten>, TaskError> {
-    let RewriteWith { task, grace, limits, lock_timeout, wait, removed_as } = with;
-    let started = tokio::time::Instant::now();
-    let done = match rewrite::rewrite(&ctx.pool, sources, grace, limits, lock_timeout, wait, &RunReceipt { run_id: ctx.run_id, task }).await? {
-        Ok(done) => done,
-        Err(why) => {
-            let level_warn = why == NotRewritten::LockTimeout;
-            if level_warn {
-                tracing::warn!(ranges = ?names(sources), reason = why.as_str(), "range not rewritten; retried later");
-            } else {
-                tracing::info!(ranges = ?names(sources), reason = why.as_str(), "range not rewritten; retried later");
-            }
-            return Ok(None);
-        }
-    };
-    let elapsed = started.elapsed();
-    let predicted = Costs::default().rewrite(done.rows_read as f64, done.tasks_kept as f64);
-    costs::observe(&ctx.pool, REWRITE_SCALE, elapsed.as_secs_f64() / predicted).await?;
-    telemetry::history_lock_held(task, done.locked);
-    tracing::info!(
-        ranges = ?names(sources),
-        lower = %done.lower,
-        upper = %done.upper,
-        tasks_kept = done.tasks_kept,
-        tasks_dropped = done.tasks_dropped(),
-        events_dropped = done.events_dropped,
-        queue_items = done.queue_items_deleted,
-        lock_ms = done.locked.as_millis() as u64,
-        elapsed_ms = elapsed.as_millis() as u64,
-        "rewrote ranges: kept rows copied, the rest dropped whole"
-    );
-    report.batches += 1;
-    report.longest_batch = report.longest_batch.max(done.locked);
-    report.count(RANGES_REPLACED, done.sources as u64);
-    match removed_as {
-        RemovedAs::Rules { purged } => {
-            for dropped in &done.dropped {
-                let rule = if purged.contains(&dropped.tenant_id) { "deleted-tenants" } else { "retention" };
-                report.add_rows(rule, dropped.tasks as u64);
-                report.add_tenant_rows(dropped.tenant_id, dropped.tasks as u64);
-            }
-            report.add_rows("events", done.events_dropped as u64);
-            report.add_rows("queue-items", done.queue_items_deleted as u64);
-        }
-        RemovedAs::Tables => {
-            report.add_rows("tasks", done.tasks_dropped() as u64);
-            report.add_rows("events", done.events_dropped as u64);
-            report.add_rows("queue-items", done.queue_items_deleted as u64);
-            for dropped in &done.dropped {
-                report.add_tenant_rows(dropped.tenant_id, dropped.tasks as u64);
-            }
-        }
-    }
-    Ok(Some(done))
-}
-
-fn names(ranges: &[Range]) -> Vec<&str> {
-    ranges.iter().map(|r| r.tasks_name.as_str()).collect()
-}
+/// How much dearer a failed rewrite makes the next (averaged in with a fifth of its weight).
+const REWRITE_FAILURE_PENALTY: f64 = 10.0;

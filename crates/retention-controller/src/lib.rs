@@ -16,6 +16,7 @@ mod history;
 pub mod history_policy;
 pub mod holds;
 pub mod human;
+pub mod rewrites;
 pub mod schedule;
 pub mod settings;
 mod statistics;

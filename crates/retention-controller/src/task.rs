@@ -136,7 +136,7 @@ pub struct RunContext {
     /// What [`RunOptions::wal_compression`] resolved to for this run.
     wal_compression: Option<&'static str>,
     /// The database's clock as the run's clock check read it, just before the run.
-    clock: Option<DateTime<Utc>>,
+    clock: Option<RunClock>,
     /// A paced run's pacer, when its ratio follows feedback; shared by the run's contexts.
     pacer: Option<Arc<Pacer>>,
 }
@@ -150,8 +150,9 @@ impl RunContext {
         RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time, options, wal_compression: None, clock: None, pacer }
     }
 
-    /// This context, knowing the database's clock at the run's start (read by the clock check).
-    pub fn with_clock(&self, clock: DateTime<Utc>) -> RunContext {
+    /// This context, knowing the database's clock at the run's start (read by the clock check,
+    /// the reading arriving at `read_at`).
+    pub fn with_clock(&self, clock: DateTime<Utc>, read_at: Instant) -> RunContext {
         RunContext {
             pool: self.pool.clone(),
             run_id: self.run_id,
@@ -159,7 +160,7 @@ impl RunContext {
             deadline: self.deadline,
             options: self.options.clone(),
             wal_compression: self.wal_compression,
-            clock: Some(clock),
+            clock: Some(RunClock { reading: clock, read_at }),
             pacer: self.pacer.clone(),
         }
     }
@@ -168,9 +169,24 @@ impl RunContext {
     /// start from it (a reading taken a moment early only makes them earlier).
     pub async fn database_clock(&self) -> Result<DateTime<Utc>, sqlx::Error> {
         match self.clock {
-            Some(clock) => Ok(clock),
+            Some(clock) => Ok(clock.reading),
             None => repository::clock::now(&self.pool).await,
         }
+    }
+
+    /// The run's checked clock (see [`RunClock`]).
+    pub fn clock(&self) -> RunClock {
+        self.clock.unwrap_or(RunClock { reading: Utc::now(), read_at: Instant::now() })
+    }
+
+    /// Now, by the run's checked clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock().now()
+    }
+
+    /// The retention rule of run history as of [`RunContext::now`], with deleted tenants' `grace`.
+    pub fn rule(&self, grace: Duration) -> repository::rule::Rule {
+        self.clock().rule(grace)
     }
 
     /// Resolves [`RunOptions::wal_compression`] for this run's batches (once per process).
@@ -258,6 +274,12 @@ impl RunContext {
         BatchSizer::new(first, 1, MAX_BLOCK_BATCH, self.options.batch_time)
     }
 
+    /// Sizes for steps in block ranges that must also stay well within `statement_timeout` (a
+    /// quarter of it), whatever the run's batch duration: a rewrite's or a facts rebuild's.
+    pub fn block_sizer_within(&self, first: u32, statement_timeout: Duration) -> BatchSizer {
+        BatchSizer::new(first, 1, MAX_BLOCK_BATCH, self.options.batch_time.min(statement_timeout / 4))
+    }
+
     /// After every committed batch: reports progress, then pauses in proportion to the batch's
     /// duration when the run is paced (cut short by cancellation).
     pub async fn batch_done(&self, elapsed: Duration, report: &mut RunReport, left: Option<u64>) {
@@ -302,6 +324,28 @@ impl RunContext {
     /// What the run's pacing by feedback did, with the ratio it ended at, when it had any.
     pub fn pacing_summary(&self) -> Option<(Summary, f64)> {
         self.pacer.as_ref().map(|pacer| (pacer.summary(), pacer.ratio()))
+    }
+}
+
+/// A run's clock: the database's reading that the clock check accepted at the run's start,
+/// advanced by this process's monotonic clock since the reading arrived (so it can only be early,
+/// by the reading's half round trip). Every rule of the run is evaluated at [`RunClock::now`],
+/// never at the database's `now()`: a database clock that steps during a run changes nothing.
+/// (A context made by hand, in tests, has this process's wall clock.)
+#[derive(Debug, Clone, Copy)]
+pub struct RunClock {
+    reading: DateTime<Utc>,
+    read_at: Instant,
+}
+
+impl RunClock {
+    pub fn now(&self) -> DateTime<Utc> {
+        self.reading + chrono::Duration::from_std(self.read_at.elapsed()).unwrap_or_default()
+    }
+
+    /// The retention rule of run history as of now, with deleted tenants' `grace`.
+    pub fn rule(&self, grace: Duration) -> repository::rule::Rule {
+        repository::rule::Rule::new(self.now(), grace)
     }
 }
 

@@ -197,14 +197,73 @@ impl fmt::Display for Preview {
     }
 }
 
+/// How previews count: the deleted tenants' grace and the statements' timeout of `task-history`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviewLimits {
+    pub grace: Duration,
+    pub statement_timeout: Duration,
+}
+
+impl From<&crate::settings::TaskHistorySettings> for PreviewLimits {
+    fn from(settings: &crate::settings::TaskHistorySettings) -> Self {
+        PreviewLimits { grace: settings.deleted_tenant_grace, statement_timeout: settings.statement_timeout }
+    }
+}
+
+/// `tenant` with `settings` applied, as [`set`] would leave it.
+fn with_settings(tenant: &Tenant, settings: &[Setting]) -> Tenant {
+    let mut after = tenant.clone();
+    for setting in settings {
+        match (setting.status, setting.window) {
+            (None, StatusWindow::Own(window)) => after.retention = window,
+            (None, StatusWindow::Default) => {}
+            (Some(status), StatusWindow::Own(window)) => {
+                after.by_status.retain(|(s, _)| *s != status);
+                after.by_status.push((status, window));
+                after.by_status.sort_by_key(|(s, _)| *s);
+            }
+            (Some(status), StatusWindow::Default) => after.by_status.retain(|(s, _)| *s != status),
+        }
+    }
+    after
+}
+
+/// The rule's view of a tenant under `settings`: the windows they change, as stored.
+fn proposed(tenant_id: uuid::Uuid, settings: &[Setting]) -> repository::history::previews::ProposedRules {
+    let stored = |window: Option<Duration>| window.map(repository::rule::interval);
+    let mut proposed = repository::history::previews::ProposedRules { tenant_id, ..Default::default() };
+    for setting in settings {
+        let value = match setting.window {
+            StatusWindow::Own(window) => match setting.status {
+                None => stored(window),
+                // A status's "forever" is stored as 1000 years.
+                Some(_) => Some(window.map_or(sqlx::postgres::types::PgInterval { months: 12_000, days: 0, microseconds: 0 }, repository::rule::interval)),
+            },
+            StatusWindow::Default => None,
+        };
+        let column = match setting.status {
+            None => &mut proposed.data_retention_period,
+            Some(FinalStatus::Succeeded) => &mut proposed.succeeded_retention_period,
+            Some(FinalStatus::Failed) => &mut proposed.failed_retention_period,
+            Some(FinalStatus::Cancelled) => &mut proposed.cancelled_retention_period,
+        };
+        *column = Some(value);
+    }
+    proposed
+}
+
 /// What the next `task-history` run would delete of the tenant `key` under `settings`, by the
-/// rule itself: the settings are applied in a transaction that is rolled back.
-pub async fn preview(pool: &PgPool, key: &str, settings: &[Setting], grace: std::time::Duration) -> Result<Preview, RetentionError> {
+/// rule itself, changing nothing: the proposed windows go into the counting statements in place
+/// of the tenant's, which only read (one snapshot, each statement under `limits`'
+/// `statement_timeout`). Every setting is validated before this is called.
+pub async fn preview(pool: &PgPool, key: &str, settings: &[Setting], limits: PreviewLimits) -> Result<Preview, RetentionError> {
     let before = get(pool, key).await?;
-    let mut tx = pool.begin().await?;
-    let after = apply(&mut tx, before.id, settings).await?;
-    let due = repository::history::deletes::preview_tenant(&mut tx, before.id, grace).await?;
-    tx.rollback().await?;
+    if settings.iter().any(|s| s.status.is_none() && s.window == StatusWindow::Default) {
+        return Err(RetentionError::Invalid { value: "default".into(), reason: "only a status's window can go back to the default".into() });
+    }
+    let after = with_settings(&before, settings);
+    let rule = repository::rule::Rule::new(repository::clock::now(pool).await?, limits.grace);
+    let due = repository::history::previews::tenant(pool, &proposed(before.id, settings), &rule, limits.statement_timeout).await?;
     Ok(Preview { before, after, tasks: due.tasks, events: due.events })
 }
 

@@ -1,37 +1,40 @@
 //! Row deletes of run history: one statement (so one transaction) deletes a batch of tasks with
-//! their events and queue items, so no crash can leave orphans behind.
+//! their events and queue items, so no crash can leave orphans behind. What is due is the rule's
+//! ([`crate::rule`]); each statement here is a way for due rows to leave.
 //!
 //! A batch works on one tenant's rows in one range, naming the range's partitions (a plan over
 //! one table costs a fraction of a millisecond; over the parent it grows with the partitions),
-//! while holding the range's `history_ranges` row in share mode: a range being rewritten is
-//! skipped (the batch reports it missing), never waited for or failed on. If the range was
-//! replaced meanwhile its row is gone and the batch touches nothing, whichever table its names
+//! while holding the range's `history_ranges` row in share mode: a range being swapped by a
+//! rewrite is skipped (the batch reports it missing), never waited for or failed on. If the range
+//! was replaced meanwhile its row is gone and the batch touches nothing, whichever table its names
 //! now denote; if its bounds moved (a carve), or its tables were dropped, the batch reports it
-//! missing too. Every victim is checked by `retention_task_due` against the tenant's row as it is
-//! when the batch runs: a tenant put on hold (set to forever), or restored, mid-run stops losing
-//! rows at the next batch.
+//! missing too. Every victim is checked by the rule against the tenant's row and the holds as they
+//! are when the batch runs, and the batch commits only through [`rule::confirm`]: a hold or a
+//! window change that committed before the commit binds it.
 
-use chrono::{DateTime, Utc};
 use sqlx::postgres::types::Oid;
-use sqlx::{FromRow, PgExecutor};
+use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use super::{due, held, interval, FINAL};
 use crate::receipts::{self, RunReceipt};
+use crate::rule::{self, Rule};
+use crate::sql::Sql;
+use crate::tenants::FinalStatus;
 
 /// How a pair's batches walk its rows, and where they have reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Walk {
-    /// A live tenant's final tasks by finish instant (`tasks_finished_due_idx`), up to its cutoff,
-    /// from the instant reached (PostgreSQL text, so `-infinity` round-trips).
-    Retained { after: String },
+    /// A live tenant's final tasks of one status by finish instant (`tasks_due_idx`: tenant,
+    /// status, instant), up to that status's cutoff, from the instant reached (PostgreSQL text, so
+    /// `-infinity` round-trips): only due tasks are read, whatever the other statuses keep.
+    Retained { status: FinalStatus, after: String },
     /// Every task of a tenant deleted longer ago than the grace, by id (`tasks_tenant_id_id_idx`).
     Purged { after: Option<Uuid> },
 }
 
 impl Walk {
-    pub fn retained() -> Walk {
-        Walk::Retained { after: "-infinity".into() }
+    pub fn retained(status: FinalStatus) -> Walk {
+        Walk::Retained { status, after: "-infinity".into() }
     }
 
     pub fn purged() -> Walk {
@@ -53,7 +56,7 @@ pub struct Batch {
     pub deleted: Deleted,
     /// Tasks the batch looked at (locked rows of others skipped): fewer than its limit ends the walk.
     pub examined: i64,
-    /// The range is being rewritten or carved, is gone, or its bounds moved since it was planned:
+    /// The range is being swapped or carved, is gone, or its bounds moved since it was planned:
     /// nothing was done, the pair must be planned again.
     /// If its tables were dropped, the statement failed and so has the caller's transaction:
     /// nothing more may run in it.
@@ -69,6 +72,7 @@ struct BatchRow {
     present: bool,
     last_key: Option<String>,
     last_id: Option<Uuid>,
+    rules_version: i64,
 }
 
 /// The rows of a pair to delete: those of `tenant_id` in the range whose partitions are
@@ -99,58 +103,42 @@ impl PairRef {
 }
 
 /// Deletes up to `limit` due tasks of the pair, with their events and queue items, walking as
-/// `walk` says and moving it on, and adds what it deleted to the run's receipts.
+/// `walk` says and moving it on, adds what it deleted to the run's receipts, and confirms the
+/// rules (see [`rule::confirm`]); the caller commits.
 ///
-/// Only due tasks are candidates (the index bound is the tenant's shortest window; the rule, with
-/// each status's window and the holds, filters the rows passed): every candidate locked is deleted,
-/// so the walk's cursor always moves on, and a kept row is never locked.
+/// Only due tasks are candidates (the index bound is the status's window; the rule, with the
+/// holds, filters the rows passed): every candidate locked is deleted, so the walk's cursor always
+/// moves on, and a kept row is never locked.
 pub async fn delete_batch(
-    executor: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     pair: &PairRef,
     walk: &mut Walk,
-    grace: std::time::Duration,
+    rule: &Rule,
     limit: u32,
     receipt: &RunReceipt,
 ) -> Result<Batch, sqlx::Error> {
-    let (access, order, cursor) = match walk {
-        Walk::Retained { after } => (
-            "t.status IN {FINAL}
-             AND coalesce(t.finished_at, t.inserted_at) < retention_cutoff(now(), tn.shortest_retention_period)
-             AND coalesce(t.finished_at, t.inserted_at) >= $3::timestamptz"
-                .replace("{FINAL}", FINAL),
-            "coalesce(t.finished_at, t.inserted_at)",
-            after.clone(),
-        ),
-        Walk::Purged { after } => (
-            // `>=`: a task id may repeat with another inserted_at; rows already deleted at that id
-            // are passed again, once.
-            "t.id >= $3::uuid".to_string(),
-            "t.id",
-            after.map_or_else(|| Uuid::nil().to_string(), |id| id.to_string()),
-        ),
-    };
-    let sql = format!(
+    let mut sql = Sql::new(
         "WITH r AS MATERIALIZED ({planned}),
-         tn AS MATERIALIZED (SELECT * FROM tenants WHERE id = $2),
+         tn AS MATERIALIZED (SELECT * FROM tenants WHERE id = {tenant}),
          candidates AS MATERIALIZED (
              SELECT c.* FROM r, tn CROSS JOIN LATERAL (
-                 SELECT t.id, t.inserted_at, t.status, t.finished_at FROM {tasks_table} t
-                 WHERE t.tenant_id = $2 AND {access} AND {candidate_rule}
+                 SELECT t.id, t.tenant_id, t.inserted_at, t.status, t.finished_at FROM {tasks} t
+                 WHERE t.tenant_id = tn.id AND {access} AND {candidate_due}
                  ORDER BY {order}
-                 LIMIT $4
+                 LIMIT {limit}
                  FOR UPDATE OF t SKIP LOCKED) c
          ),
          victims AS MATERIALIZED (
-             SELECT c.id, c.inserted_at FROM candidates c, tn WHERE {rule}
+             SELECT c.id, c.inserted_at FROM candidates c, tn WHERE {due}
          ),
          events AS (
-             DELETE FROM {events_table} e USING victims v
+             DELETE FROM {events} e USING victims v
              WHERE e.task_id = v.id AND e.task_inserted_at = v.inserted_at RETURNING 1
          ), queue AS (
              DELETE FROM queue_items q USING victims v
              WHERE q.task_id = v.id AND q.task_inserted_at = v.inserted_at RETURNING 1
          ), gone AS (
-             DELETE FROM {tasks_table} t USING victims v
+             DELETE FROM {tasks2} t USING victims v
              WHERE t.id = v.id AND t.inserted_at = v.inserted_at
              RETURNING t.id, coalesce(t.finished_at, t.inserted_at) AS key
          ), receipt AS (
@@ -159,31 +147,47 @@ pub async fn delete_batch(
          SELECT (SELECT count(*) FROM gone) AS tasks, (SELECT count(*) FROM events) AS events,
                 (SELECT count(*) FROM queue) AS queue_items, (SELECT count(*) FROM candidates) AS examined,
                 EXISTS (SELECT 1 FROM r) AS present,
-                (SELECT max(key)::text FROM gone) AS last_key, (SELECT max(id::text)::uuid FROM gone) AS last_id",
-        rule = due("c", "tn", "now()", "$5"),
-        candidate_rule = due("t", "tn", "now()", "$5"),
-        receipt = receipts::add(
-            "SELECT $6::uuid, $2::uuid, CASE WHEN tn.deleted_at IS NULL THEN 'retention' ELSE 'deleted-tenants' END, $7::text,
-                    g.tasks, (SELECT count(*) FROM events), (SELECT count(*) FROM queue), g.oldest, g.newest
-             FROM tn, (SELECT count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM gone) g
-             WHERE g.tasks > 0"
-        ),
-        planned = planned_range("$1", "$8", "$9"),
-        tasks_table = pair.tasks_table,
-        events_table = pair.events_table,
+                (SELECT max(key)::text FROM gone) AS last_key, (SELECT max(id::text)::uuid FROM gone) AS last_id,
+                {version} AS rules_version",
     );
-    let result: Result<BatchRow, sqlx::Error> = sqlx::query_as(&sql)
-        .bind(pair.tasks_relid)
-        .bind(pair.tenant_id)
-        .bind(cursor)
-        .bind(i64::from(limit))
-        .bind(interval(grace))
-        .bind(receipt.run_id)
-        .bind(receipt.task)
-        .bind(&pair.lower)
-        .bind(&pair.upper)
-        .fetch_one(executor)
-        .await;
+    match walk {
+        Walk::Retained { status, after } => {
+            sql.with(
+                "access",
+                crate::sql::Fragment::text(format!("t.status = '{}' AND coalesce(t.finished_at, t.inserted_at) < ", status.as_str()))
+                    .then(rule.status_cutoff(*status, "tn"))
+                    .push(" AND coalesce(t.finished_at, t.inserted_at) >= ")
+                    .bind(after.clone())
+                    .push("::timestamptz"),
+            )
+            .raw("order", "coalesce(t.finished_at, t.inserted_at)");
+        }
+        Walk::Purged { after } => {
+            // `>=`: a task id may repeat with another inserted_at; rows already deleted at that id
+            // are passed again, once.
+            sql.with("access", crate::sql::Fragment::text("t.id >= ").bind(after.unwrap_or_else(Uuid::nil))).raw("order", "t.id");
+        }
+    }
+    sql.with("planned", planned_range(pair.tasks_relid, &pair.lower, &pair.upper))
+        .bind("tenant", pair.tenant_id)
+        .raw("tasks", &pair.tasks_table)
+        .raw("tasks2", &pair.tasks_table)
+        .raw("events", &pair.events_table)
+        .bind("limit", i64::from(limit))
+        .with("candidate_due", rule.task_due("t", "tn"))
+        .with("due", rule.task_due("c", "tn"))
+        .with(
+            "receipt",
+            receipts::add(
+                receipt,
+                "SELECT tn.id, CASE WHEN tn.deleted_at IS NULL THEN 'retention' ELSE 'deleted-tenants' END,
+                        g.tasks, (SELECT count(*) FROM events), (SELECT count(*) FROM queue), g.oldest, g.newest
+                 FROM tn, (SELECT count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM gone) g
+                 WHERE g.tasks > 0",
+            ),
+        )
+        .raw("version", rule::VERSION);
+    let result: Result<BatchRow, sqlx::Error> = sql.build_query_as().fetch_one(&mut *conn).await;
     let row = match result {
         Ok(row) => row,
         Err(error) if is_undefined_table(&error) => {
@@ -191,8 +195,11 @@ pub async fn delete_batch(
         }
         Err(error) => return Err(error),
     };
+    if row.tasks > 0 {
+        rule::confirm(conn, row.rules_version).await?;
+    }
     match walk {
-        Walk::Retained { after } => {
+        Walk::Retained { after, .. } => {
             if let Some(key) = row.last_key {
                 *after = key;
             }
@@ -237,11 +244,12 @@ struct SweepRow {
     tenant_ids: Vec<Uuid>,
     purged: Vec<bool>,
     tasks: Vec<i64>,
+    rules_version: i64,
 }
 
 /// Deletes every due task on the pages `blocks` of the range's tasks partition, whatever its
 /// tenant, with their events and queue items: one statement, like [`delete_batch`], and the same
-/// rule checked against each tenant's row as it is now.
+/// rule checked against each tenant's row as it is now; then confirms the rules.
 ///
 /// A pass over a range in block ranges (a Tid Range Scan reads exactly those pages) costs what one
 /// bare DELETE of the range costs, where walking it tenant by tenant through the indexes costs an
@@ -258,23 +266,23 @@ struct SweepRow {
 /// share only their receipts' rows, which each statement locks in tenant order, so that two of
 /// them wait for each other but never deadlock.
 pub async fn delete_block_range(
-    executor: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     range: &super::Range,
     blocks: crate::heap::BlockRange,
-    grace: std::time::Duration,
+    rule: &Rule,
     receipt: &RunReceipt,
 ) -> Result<SweepBatch, sqlx::Error> {
     let (from, to) = blocks.tids();
-    let sql = format!(
+    let mut sql = Sql::new(
         "WITH r AS MATERIALIZED ({planned}),
          gone AS (
-             DELETE FROM {tasks_table} t USING tenants tn
-             WHERE EXISTS (SELECT 1 FROM r) AND t.ctid >= $2::tid AND t.ctid < $3::tid
-               AND tn.id = t.tenant_id AND {rule}
+             DELETE FROM {tasks} t USING tenants tn
+             WHERE EXISTS (SELECT 1 FROM r) AND t.ctid >= {from}::tid AND t.ctid < {to}::tid
+               AND tn.id = t.tenant_id AND {due}
              RETURNING t.id, t.inserted_at, t.tenant_id, tn.deleted_at IS NOT NULL AS purged,
                        coalesce(t.finished_at, t.inserted_at) AS key
          ), events AS (
-             DELETE FROM {events_table} e USING gone g WHERE e.task_id = g.id AND e.task_inserted_at = g.inserted_at
+             DELETE FROM {events} e USING gone g WHERE e.task_id = g.id AND e.task_inserted_at = g.inserted_at
              RETURNING e.tenant_id
          ), queue AS (
              DELETE FROM queue_items q USING gone g WHERE q.task_id = g.id AND q.task_inserted_at = g.inserted_at
@@ -288,36 +296,36 @@ pub async fn delete_block_range(
                 EXISTS (SELECT 1 FROM r) AS present,
                 coalesce((SELECT array_agg(tenant_id ORDER BY tenant_id) FROM by_tenant), '{{}}') AS tenant_ids,
                 coalesce((SELECT array_agg(purged ORDER BY tenant_id) FROM by_tenant), '{{}}') AS purged,
-                coalesce((SELECT array_agg(tasks ORDER BY tenant_id) FROM by_tenant), '{{}}') AS tasks",
-        rule = due("t", "tn", "now()", "$4"),
-        receipt = receipts::add(
-            "SELECT $5::uuid, b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END, $6::text, b.tasks,
-                    coalesce(e.n, 0), coalesce(q.n, 0), b.oldest, b.newest
-             FROM by_tenant b
-             LEFT JOIN (SELECT tenant_id, count(*) AS n FROM events GROUP BY tenant_id) e ON e.tenant_id = b.tenant_id
-             LEFT JOIN (SELECT tenant_id, count(*) AS n FROM queue GROUP BY tenant_id) q ON q.tenant_id = b.tenant_id
-             ORDER BY b.tenant_id"
-        ),
-        planned = planned_range("$1", "$7", "$8"),
-        tasks_table = range.tasks_name,
-        events_table = range.events_name,
+                coalesce((SELECT array_agg(tasks ORDER BY tenant_id) FROM by_tenant), '{{}}') AS tasks,
+                {version} AS rules_version",
     );
-    let result: Result<SweepRow, sqlx::Error> = sqlx::query_as(&sql)
-        .bind(range.tasks_relid)
-        .bind(from)
-        .bind(to)
-        .bind(interval(grace))
-        .bind(receipt.run_id)
-        .bind(receipt.task)
-        .bind(range.lower_text())
-        .bind(range.upper_text())
-        .fetch_one(executor)
-        .await;
+    sql.with("planned", planned_range(range.tasks_relid, &range.lower_text(), &range.upper_text()))
+        .raw("tasks", &range.tasks_name)
+        .raw("events", &range.events_name)
+        .bind("from", from)
+        .bind("to", to)
+        .with("due", rule.task_due("t", "tn"))
+        .with(
+            "receipt",
+            receipts::add(
+                receipt,
+                "SELECT b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END, b.tasks,
+                        coalesce(e.n, 0), coalesce(q.n, 0), b.oldest, b.newest
+                 FROM by_tenant b
+                 LEFT JOIN (SELECT tenant_id, count(*) AS n FROM events GROUP BY tenant_id) e ON e.tenant_id = b.tenant_id
+                 LEFT JOIN (SELECT tenant_id, count(*) AS n FROM queue GROUP BY tenant_id) q ON q.tenant_id = b.tenant_id",
+            ),
+        )
+        .raw("version", rule::VERSION);
+    let result: Result<SweepRow, sqlx::Error> = sql.build_query_as().fetch_one(&mut *conn).await;
     let row = match result {
         Ok(row) => row,
         Err(error) if is_undefined_table(&error) => return Ok(SweepBatch { range_missing: true, ..SweepBatch::default() }),
         Err(error) => return Err(error),
     };
+    if !row.tenant_ids.is_empty() {
+        rule::confirm(conn, row.rules_version).await?;
+    }
     let tenants = row
         .tenant_ids
         .into_iter()
@@ -329,14 +337,17 @@ pub async fn delete_block_range(
 }
 
 /// The range a batch was planned on, still as planned: its `history_ranges` row (relid `relid`)
-/// with the bounds `lower` and `upper` (SQL text parameters), in share mode. Empty when the range is
-/// being rewritten or carved (its row is locked), was replaced (its row is gone), or had its bounds
-/// moved (a carve of the future range moves its start, and the rows before it, to new ranges).
-fn planned_range(relid: &str, lower: &str, upper: &str) -> String {
-    format!(
-        "SELECT 1 FROM history_ranges WHERE tasks_relid = {relid}
-           AND lower = {lower}::timestamptz AND upper = {upper}::timestamptz FOR SHARE SKIP LOCKED"
-    )
+/// with the bounds `lower` and `upper` (SQL text), in share mode. Empty when the range is being
+/// swapped or carved (its row is locked), was replaced (its row is gone), or had its bounds moved
+/// (a carve of the future range moves its start, and the rows before it, to new ranges).
+fn planned_range(relid: Oid, lower: &str, upper: &str) -> crate::sql::Fragment {
+    crate::sql::Fragment::text("SELECT 1 FROM history_ranges WHERE tasks_relid = ")
+        .bind(relid)
+        .push(" AND lower = ")
+        .bind(lower.to_string())
+        .push("::timestamptz AND upper = ")
+        .bind(upper.to_string())
+        .push("::timestamptz FOR SHARE SKIP LOCKED")
 }
 
 /// Whether a statement named a table that no longer exists (a range dropped meanwhile).
@@ -349,57 +360,72 @@ pub async fn last_event_id(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::E
     sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM task_events_id_seq").fetch_one(executor).await
 }
 
-/// Deletes the events among the first `limit` with ids in `(after, up_to]` that are older than
-/// `created_before` and whose task does not exist. Bounded both ways: by a range of ids, so that a
-/// batch right after a mass delete, when the index is full of dead entries, costs the ids it
-/// passes and not every dead entry up to the next live row; and by rows, so that a range of ids
-/// that turns out dense costs no more than `limit` rows.
+#[derive(FromRow)]
+struct OrphanRow {
+    deleted: i64,
+    walked_to: i64,
+    first_undecided: Option<i64>,
+    rules_version: i64,
+}
+
+/// Deletes the orphan events due by the rule among the first `limit` with ids in `(after,
+/// up_to]`, then confirms the rules. Bounded both ways: by a range of ids, so that a batch right
+/// after a mass delete, when the index is full of dead entries, costs the ids it passes and not
+/// every dead entry up to the next live row; and by rows, so that a range of ids that turns out
+/// dense costs no more than `limit` rows.
 ///
-/// An orphan a hold covers (its tenant, or its task's id) is kept and passed: once the hold ends,
-/// it goes when its range is next rewritten (compacted or merged).
+/// The first orphan too young to go is reported (the walk's watermark stays before it); an orphan
+/// a hold covers is passed (the late-orphan sweep finds it once the hold has ended).
 pub async fn delete_orphan_events_batch(
-    executor: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     after: i64,
     up_to: i64,
     limit: u32,
-    created_before: DateTime<Utc>,
+    rule: &Rule,
     receipt: &RunReceipt,
 ) -> Result<OrphanBatch, sqlx::Error> {
-    sqlx::query_as(&format!(
+    let mut sql = Sql::new(
         "WITH scanned AS MATERIALIZED (
-             SELECT e.id, e.task_inserted_at, e.created_at < $4 AS old_enough,
+             SELECT e.id, e.task_inserted_at, e.tenant_id, e.task_id, e.created_at,
                     NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at) AS orphan
-             FROM task_events e WHERE e.id > $1 AND e.id <= $2 ORDER BY e.id LIMIT $3
+             FROM task_events e WHERE e.id > {after} AND e.id <= {up_to} ORDER BY e.id LIMIT {limit}
          ), gone AS (
              DELETE FROM task_events e USING scanned s
-             WHERE e.id = s.id AND e.task_inserted_at = s.task_inserted_at AND s.old_enough AND s.orphan
-               AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)
-               AND NOT {held}
+             WHERE e.id = s.id AND e.task_inserted_at = s.task_inserted_at AND s.orphan AND {due}
              RETURNING e.tenant_id, e.created_at
          ), receipt AS (
              {receipt}
          )
          SELECT (SELECT count(*) FROM gone) AS deleted,
-                CASE WHEN (SELECT count(*) FROM scanned) < $3 THEN $2 ELSE (SELECT max(id) FROM scanned) END AS walked_to,
-                (SELECT min(id) FROM scanned WHERE orphan AND NOT old_enough) AS first_undecided",
-        held = held("e.tenant_id", "e.task_id", "now()"),
-        receipt = receipts::add(
-            "SELECT $5::uuid, g.tenant_id, 'orphan-events', $6::text, 0, count(*), 0, min(g.created_at), max(g.created_at)
-             FROM gone g GROUP BY g.tenant_id"
-        ),
-    ))
-    .bind(after)
-    .bind(up_to)
-    .bind(i64::from(limit))
-    .bind(created_before)
-    .bind(receipt.run_id)
-    .bind(receipt.task)
-    .fetch_one(executor)
-    .await
+                CASE WHEN (SELECT count(*) FROM scanned) < {limit2} THEN {up_to2} ELSE (SELECT max(id) FROM scanned) END AS walked_to,
+                (SELECT min(s.id) FROM scanned s WHERE s.orphan AND {young}) AS first_undecided,
+                {version} AS rules_version",
+    );
+    sql.bind("after", after)
+        .bind("up_to", up_to)
+        .bind("up_to2", up_to)
+        .bind("limit", i64::from(limit))
+        .bind("limit2", i64::from(limit))
+        .with("due", rule.orphan_due("e", "tasks"))
+        .with("young", rule.orphan_young("s"))
+        .with(
+            "receipt",
+            receipts::add(
+                receipt,
+                "SELECT g.tenant_id, 'orphan-events', 0, count(*), 0, min(g.created_at), max(g.created_at)
+                 FROM gone g GROUP BY g.tenant_id",
+            ),
+        )
+        .raw("version", rule::VERSION);
+    let row: OrphanRow = sql.build_query_as().fetch_one(&mut *conn).await?;
+    if row.deleted > 0 {
+        rule::confirm(conn, row.rules_version).await?;
+    }
+    Ok(OrphanBatch { deleted: row.deleted, walked_to: row.walked_to, first_undecided: row.first_undecided })
 }
 
 /// What one orphan-events batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromRow)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrphanBatch {
     pub deleted: i64,
     /// The id the walk reached: `up_to`, or the last id examined when the row limit stopped it.
@@ -408,80 +434,53 @@ pub struct OrphanBatch {
     pub first_undecided: Option<i64>,
 }
 
-/// Orphan events older than `created_before` among the events after the watermark `after`.
-pub async fn count_orphan_events(executor: impl PgExecutor<'_>, after: i64, created_before: DateTime<Utc>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM task_events e
-         WHERE e.id > $1 AND e.created_at < $2
-           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)
-           AND NOT {}",
-        held("e.tenant_id", "e.task_id", "now()")
-    ))
-    .bind(after)
-    .bind(created_before)
-    .fetch_one(executor)
-    .await
+#[derive(FromRow)]
+struct OrphanSweepRow {
+    deleted: i64,
+    rules_version: i64,
 }
 
-/// Tasks of one tenant that a run would delete now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, FromRow)]
-pub struct TenantDue {
-    pub tenant_id: Uuid,
-    /// Under the live tenant's retention.
-    pub retained: i64,
-    /// Of a tenant deleted longer ago than the grace period.
-    pub purged: i64,
-}
-
-/// Counts, per tenant with any, every task due now by the rule (each goes with its events and
-/// queue items). Reads all of `tasks`: for an operator's dry run.
-pub async fn count_due(executor: impl PgExecutor<'_>, grace: std::time::Duration) -> Result<Vec<TenantDue>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT t.tenant_id, count(*) FILTER (WHERE tn.deleted_at IS NULL) AS retained,
-                count(*) FILTER (WHERE tn.deleted_at IS NOT NULL) AS purged
-         FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id
-         WHERE {}
-         GROUP BY t.tenant_id ORDER BY t.tenant_id",
-        due("t", "tn", "now()", "$1")
-    ))
-    .bind(interval(grace))
-    .fetch_all(executor)
-    .await
-}
-
-/// What the next run would delete of one tenant now: its due tasks per status, and their events.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TenantPreview {
-    pub tasks: Vec<(String, i64)>,
-    pub events: i64,
-}
-
-/// Counts, by the rule, the tasks of `tenant_id` due now per status, and their events (reads the
-/// tenant's tasks through its index; for a dry run).
-pub async fn preview_tenant(
-    conn: &mut sqlx::PgConnection,
-    tenant_id: Uuid,
-    grace: std::time::Duration,
-) -> Result<TenantPreview, sqlx::Error> {
-    let rule = due("t", "tn", "now()", "$2");
-    let tasks: Vec<(String, i64)> = sqlx::query_as(&format!(
-        "SELECT t.status, count(*) FROM tasks t JOIN tenants tn ON tn.id = t.tenant_id
-         WHERE t.tenant_id = $1 AND {rule}
-         GROUP BY t.status
-         ORDER BY array_position(ARRAY['succeeded', 'failed', 'cancelled', 'queued', 'running'], t.status)"
-    ))
-    .bind(tenant_id)
-    .bind(interval(grace))
-    .fetch_all(&mut *conn)
-    .await?;
-    let events: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM tasks t JOIN tenants tn ON tn.id = t.tenant_id
-         JOIN task_events e ON e.task_id = t.id AND e.task_inserted_at = t.inserted_at
-         WHERE t.tenant_id = $1 AND {rule}"
-    ))
-    .bind(tenant_id)
-    .bind(interval(grace))
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(TenantPreview { tasks, events })
+/// Deletes the orphan events due by the rule on the pages `blocks` of `range`'s events partition
+/// (their task absent from the range's tasks partition, where it would be), with their receipts,
+/// then confirms the rules: one pass over a range's events in block ranges finds every orphan,
+/// however it became one (its task deleted after the orphan walk passed it, in a range merged
+/// since, or while a hold kept it). Returns the events deleted, or `None` when the range is gone.
+pub async fn delete_orphans_in_blocks(
+    conn: &mut PgConnection,
+    range: &super::Range,
+    blocks: crate::heap::BlockRange,
+    rule: &Rule,
+    receipt: &RunReceipt,
+) -> Result<Option<i64>, sqlx::Error> {
+    let (from, to) = blocks.tids();
+    let mut sql = Sql::new(
+        "WITH gone AS (
+             DELETE FROM {events} e WHERE e.ctid >= {from}::tid AND e.ctid < {to}::tid AND {due}
+             RETURNING e.tenant_id, e.created_at
+         ), receipt AS (
+             {receipt}
+         )
+         SELECT (SELECT count(*) FROM gone) AS deleted, {version} AS rules_version",
+    );
+    sql.raw("events", &range.events_name)
+        .bind("from", from)
+        .bind("to", to)
+        .with("due", rule.orphan_due("e", &range.tasks_name))
+        .with(
+            "receipt",
+            receipts::add(
+                receipt,
+                "SELECT g.tenant_id, 'orphan-events', 0, count(*), 0, min(g.created_at), max(g.created_at) FROM gone g GROUP BY g.tenant_id",
+            ),
+        )
+        .raw("version", rule::VERSION);
+    let row: OrphanSweepRow = match sql.build_query_as().fetch_one(&mut *conn).await {
+        Ok(row) => row,
+        Err(error) if is_undefined_table(&error) => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    if row.deleted > 0 {
+        rule::confirm(conn, row.rules_version).await?;
+    }
+    Ok(Some(row.deleted))
 }

@@ -11,15 +11,18 @@ use sqlx::postgres::types::Oid;
 use sqlx::{PgConnection, PgPool};
 
 /// Records that `relid` (now named `relname`) was detached from the range `[lower, upper)` (SQL
-/// text), in the detaching transaction.
-pub async fn record(conn: &mut PgConnection, relid: Oid, relname: &str, lower: &str, upper: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO history_detached (relid, relname, lower, upper) VALUES ($1, $2, $3::timestamptz, $4::timestamptz)")
-        .bind(relid)
-        .bind(relname)
-        .bind(lower)
-        .bind(upper)
-        .execute(&mut *conn)
-        .await?;
+/// text) by rewrite `rewrite_id`, in the detaching transaction.
+pub async fn record(conn: &mut PgConnection, relid: Oid, relname: &str, lower: &str, upper: &str, rewrite_id: Option<i64>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO history_detached (relid, relname, lower, upper, rewrite_id) VALUES ($1, $2, $3::timestamptz, $4::timestamptz, $5)",
+    )
+    .bind(relid)
+    .bind(relname)
+    .bind(lower)
+    .bind(upper)
+    .bind(rewrite_id)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -33,11 +36,14 @@ pub struct Dropped {
 }
 
 /// Drops every recorded table that is still what the engine detached, each in a transaction of
-/// its own under `lock_timeout` (a table someone is reading is retried by the next call).
+/// its own under `lock_timeout` (a table someone is reading is retried by the next call). The
+/// sources of a rewrite whose count is not done are left to it (they are what it counts): its
+/// last step drops them ([`super::rewrite::count::finish`]).
 pub async fn drop_recorded(pool: &PgPool, lock_timeout: Duration) -> Result<Dropped, sqlx::Error> {
-    let recorded: Vec<(Oid, String)> = sqlx::query_as("SELECT relid, relname FROM history_detached ORDER BY detached_at, relid")
-        .fetch_all(pool)
-        .await?;
+    let recorded: Vec<(Oid, String)> =
+        sqlx::query_as("SELECT relid, relname FROM history_detached WHERE rewrite_id IS NULL ORDER BY detached_at, relid")
+            .fetch_all(pool)
+            .await?;
     let mut outcome = Dropped::default();
     for (relid, relname) in recorded {
         let mut tx = pool.begin().await?;
@@ -46,34 +52,44 @@ pub async fn drop_recorded(pool: &PgPool, lock_timeout: Duration) -> Result<Drop
             .execute(&mut *tx)
             .await?;
         // The record's row lock: another runner dropping the same table meanwhile is left to it.
-        let mine: Option<Oid> = sqlx::query_scalar("SELECT relid FROM history_detached WHERE relid = $1 FOR UPDATE SKIP LOCKED")
+        let mine: Option<Oid> = sqlx::query_scalar("SELECT relid FROM history_detached WHERE relid = $1 AND rewrite_id IS NULL FOR UPDATE SKIP LOCKED")
             .bind(relid)
             .fetch_optional(&mut *tx)
             .await?;
         if mine.is_none() {
             continue;
         }
-        let current: Option<(String, bool)> = sqlx::query_as(
-            "SELECT c.relname::text, c.relispartition FROM pg_class c
-             WHERE c.oid = $1 AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'tasks'::regclass)",
-        )
-        .bind(relid)
-        .fetch_optional(&mut *tx)
-        .await?;
-        match current {
-            Some((name, false)) if name == relname => {
-                match sqlx::query(&format!("DROP TABLE {}", super::ident(&name))).execute(&mut *tx).await {
-                    Ok(_) => {}
-                    Err(error) if crate::batch::is_lock_timeout(&error) => continue,
-                    Err(error) => return Err(error),
-                }
-                outcome.dropped.push(name);
-            }
-            Some((name, _)) => outcome.left_alone.push(name),
-            None => {}
+        match drop_if_ours(&mut tx, relid, &relname).await {
+            Ok(Some(Ok(name))) => outcome.dropped.push(name),
+            Ok(Some(Err(name))) => outcome.left_alone.push(name),
+            Ok(None) => {}
+            Err(error) if crate::batch::is_lock_timeout(&error) => continue,
+            Err(error) => return Err(error),
         }
         sqlx::query("DELETE FROM history_detached WHERE relid = $1").bind(relid).execute(&mut *tx).await?;
         tx.commit().await?;
     }
     Ok(outcome)
+}
+
+/// Drops table `relid` if it is still what the engine detached: same OID, the recorded name,
+/// not a partition again. `Some(Ok(name))`: dropped; `Some(Err(name))`: it is something else now
+/// (renamed, attached again), left alone; `None`: it is gone. In the caller's transaction, whose
+/// `lock_timeout` bounds the wait for readers of the table.
+pub(crate) async fn drop_if_ours(conn: &mut PgConnection, relid: Oid, relname: &str) -> Result<Option<Result<String, String>>, sqlx::Error> {
+    let current: Option<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, c.relispartition FROM pg_class c
+         WHERE c.oid = $1 AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'tasks'::regclass)",
+    )
+    .bind(relid)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(match current {
+        Some((name, false)) if name == relname => {
+            sqlx::query(&format!("DROP TABLE {}", super::ident(&name))).execute(&mut *conn).await?;
+            Some(Ok(name))
+        }
+        Some((name, _)) => Some(Err(name)),
+        None => None,
+    })
 }

@@ -11,17 +11,19 @@
 //!   rows, when the next task becomes due), kept exact by a log of writes, so that a run finds what
 //!   is due without probing every range for every tenant.
 //! * [`deletes`]: row deletes, batch by batch, each task with its events and queue items.
+//! * [`previews`]: what a run, or a tenant's proposed windows, would delete (dry runs).
 //! * [`rewrite`]: replacing ranges by one holding only their kept rows (compaction, merging).
 //! * [`detached`]: the tables the engine detached itself, dropped by OID.
 //!
-//! What is due is decided by one SQL function, `retention_task_due` (see the migrations), in every
-//! statement that deletes or drops history, against the tenant's row as it is when the statement
-//! runs.
+//! What is due is decided by the rule ([`crate::rule`]), in every statement that deletes history or
+//! decides what a rewrite keeps, against the tenant's row and the holds as they are when the
+//! statement runs.
 
 pub mod costs;
 pub mod deletes;
 pub mod detached;
 pub mod facts;
+pub mod previews;
 pub mod ranges;
 pub mod rewrite;
 
@@ -29,73 +31,11 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::types::Oid;
 use sqlx::FromRow;
 
-pub(crate) const FINAL: &str = "('succeeded', 'failed', 'cancelled')";
-pub(crate) const ACTIVE: &str = "('queued', 'running')";
-
 /// The GUC the engine sets in its own history writes: the change log skips them (the engine
 /// keeps the facts of what it deletes or moves itself).
 pub(crate) const ENGINE_WRITE: &str = "SELECT set_config('engine.retention_write', 'on', true)";
 
-/// Orphan events (whose task does not exist) are kept this long: their task may not be committed yet.
-pub const ORPHAN_AGE: chrono::Duration = chrono::Duration::hours(1);
-
-/// The rule for the task row `t` and its tenants row `tn` (LEFT JOINed: NULL columns when the
-/// tenant has no row), at `now`, with the deleted tenants' `grace` (SQL expressions):
-/// `retention_task_due` under the window of the task's status, and no hold on it. `t` needs `id`,
-/// `status`, `finished_at` and `inserted_at`; `tn` the tenant's `id`, `deleted_at` and windows.
-pub(crate) fn due(t: &str, tn: &str, now: &str, grace: &str) -> String {
-    format!(
-        "(retention_task_due({t}.status, {t}.finished_at, {t}.inserted_at, {tn}.id, {period}, {tn}.deleted_at, {now}, {grace})
-          AND NOT {held})",
-        period = period_for(t, tn),
-        held = held(&format!("{tn}.id"), &format!("{t}.id"), now),
-    )
-}
-
-/// The window of task `t` under tenant `tn`'s settings (NULL: forever).
-pub(crate) fn period_for(t: &str, tn: &str) -> String {
-    format!(
-        "retention_period_for({t}.status, {tn}.data_retention_period, {tn}.succeeded_retention_period, \
-         {tn}.failed_retention_period, {tn}.cancelled_retention_period)"
-    )
-}
-
-/// Whether a hold covers the task `task` of `tenant` at `now` (`task` NULL: a hold on the whole
-/// tenant; a hold on a task holds the tasks with that id). The holds in force are read once per
-/// statement, as two arrays (uncorrelated subqueries: init plans), and each row costs two array
-/// lookups: with no holds, nothing. A correlated EXISTS would cost a subplan call per row (1.1M
-/// rows copied by a rewrite took 40% longer), and a SQL function with a subquery is not inlined.
-pub(crate) fn held(tenant: &str, task: &str, now: &str) -> String {
-    format!(
-        "coalesce({tenant} = ANY (ARRAY (SELECT h.tenant_id FROM retention_holds h
-                                         WHERE h.task_id IS NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > {now})))
-                  OR {task} = ANY (ARRAY (SELECT h.task_id FROM retention_holds h
-                                          WHERE h.task_id IS NOT NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > {now}))),
-                  false)"
-    )
-}
-
-/// Whether a hold covers the whole of tenant `tenant` at `now`.
-pub(crate) fn tenant_held(tenant: &str, now: &str) -> String {
-    format!(
-        "EXISTS (SELECT 1 FROM retention_holds h
-                 WHERE h.tenant_id = {tenant} AND h.task_id IS NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > {now}))"
-    )
-}
-
-/// When the oldest final task `oldest` of tenant `tn` in a range may first be due (NULL: not by
-/// time alone): under the tenant's shortest window, and not before a hold on the whole tenant
-/// ends (never, while one without an end holds it). Never later than the rule first holds.
-pub(crate) fn next_due(oldest: &str, tn: &str) -> String {
-    format!(
-        "CASE WHEN EXISTS (SELECT 1 FROM retention_holds h WHERE h.tenant_id = {tn}.id AND h.task_id IS NULL
-                             AND h.removed_at IS NULL AND h.until IS NULL) THEN NULL
-              ELSE greatest(retention_next_due({oldest}, {tn}.shortest_retention_period, {tn}.deleted_at),
-                            (SELECT max(h.until) FROM retention_holds h WHERE h.tenant_id = {tn}.id AND h.task_id IS NULL
-                               AND h.removed_at IS NULL AND h.until > now()))
-         END"
-    )
-}
+pub use crate::rule::ORPHAN_AGE;
 
 /// What a range is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +58,37 @@ impl RangeKind {
     }
 }
 
+/// Which writes into a range its change-log triggers record (`history_ranges.log_mode`; see
+/// migration `20261203000012`). The triggers never read a clock: the engine sets the mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogMode {
+    /// Being filled: only a task finished before the range starts is logged; the range is probed,
+    /// its facts are not trusted.
+    Live,
+    /// Every write except the engine's own (which keep the facts themselves).
+    All,
+    /// Every write, the engine's row deletes included: the range is being rewritten.
+    Rewrite,
+}
+
+impl LogMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogMode::Live => "live",
+            LogMode::All => "all",
+            LogMode::Rewrite => "rewrite",
+        }
+    }
+
+    fn parse(text: &str) -> LogMode {
+        match text {
+            "live" => LogMode::Live,
+            "rewrite" => LogMode::Rewrite,
+            _ => LogMode::All,
+        }
+    }
+}
+
 /// One attached range: a partition of `tasks` and one of `task_events` covering `[lower, upper)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Range {
@@ -132,6 +103,9 @@ pub struct Range {
     pub rows: i64,
     /// When its facts were last rebuilt from its rows (`None`: never).
     pub settled_at: Option<DateTime<Utc>>,
+    pub log_mode: LogMode,
+    /// The rewrite it is a source of, if any.
+    pub rewrite_id: Option<i64>,
     pub tasks_name: String,
     pub events_name: String,
 }
@@ -145,6 +119,8 @@ pub(crate) struct RangeRow {
     kind: String,
     rows: i64,
     settled_at: Option<DateTime<Utc>>,
+    log_mode: String,
+    rewrite_id: Option<i64>,
     tasks_name: String,
     events_name: String,
 }
@@ -159,6 +135,8 @@ impl From<RangeRow> for Range {
             kind: RangeKind::parse(&row.kind),
             rows: row.rows,
             settled_at: row.settled_at,
+            log_mode: LogMode::parse(&row.log_mode),
+            rewrite_id: row.rewrite_id,
             tasks_name: row.tasks_name,
             events_name: row.events_name,
         }
@@ -169,7 +147,7 @@ impl From<RangeRow> for Range {
 pub(crate) const RANGE_COLUMNS: &str = "r.tasks_relid, r.events_relid,
     CASE WHEN r.lower = '-infinity' THEN NULL ELSE r.lower END AS lower,
     CASE WHEN r.upper = 'infinity' THEN NULL ELSE r.upper END AS upper,
-    r.kind, r.rows, r.settled_at,
+    r.kind, r.rows, r.settled_at, r.log_mode, r.rewrite_id,
     r.tasks_relid::regclass::text AS tasks_name, r.events_relid::regclass::text AS events_name";
 
 impl Range {
@@ -183,21 +161,18 @@ impl Range {
         self.upper.map_or_else(|| "infinity".into(), |at| at.to_rfc3339())
     }
 
-    /// Whether its facts may miss writes: never rebuilt, or its live window has begun and it has
-    /// not been rebuilt since the window ended. Such a range is probed, not trusted.
-    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
-        match self.settled_at {
-            None => true,
-            Some(settled) => self.lower.is_none_or(|lower| lower <= now) && self.upper.is_none_or(|upper| settled < upper),
-        }
+    /// Whether its facts may miss writes: it is being filled (its change log is live), or its
+    /// facts were never rebuilt. Such a range is probed, not trusted.
+    pub fn is_live(&self) -> bool {
+        self.log_mode == LogMode::Live || self.settled_at.is_none()
     }
 
-    /// Whether its facts are due to be rebuilt: never built, or its live window has ended since.
+    /// Whether its facts are due to be rebuilt (the range switched to log every write first, if
+    /// it was live): a live range once its end has passed by `now` (the run's checked clock), or
+    /// one whose facts were never rebuilt.
     pub fn needs_settle(&self, now: DateTime<Utc>) -> bool {
-        match self.settled_at {
-            None => true,
-            Some(settled) => self.upper.is_some_and(|upper| settled < upper && upper <= now),
-        }
+        let ended = self.upper.is_some_and(|upper| upper <= now);
+        (self.log_mode == LogMode::Live && ended) || (self.log_mode != LogMode::Live && self.settled_at.is_none())
     }
 }
 
@@ -206,17 +181,13 @@ pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A `PgInterval` of exactly `duration` (microseconds only: no calendar arithmetic).
-pub(crate) fn interval(duration: std::time::Duration) -> sqlx::postgres::types::PgInterval {
-    sqlx::postgres::types::PgInterval { months: 0, days: 0, microseconds: duration.as_micros().min(i64::MAX as u128) as i64 }
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    fn range(lower: Option<DateTime<Utc>>, upper: Option<DateTime<Utc>>, settled_at: Option<DateTime<Utc>>) -> Range {
+    fn range(lower: Option<DateTime<Utc>>, upper: Option<DateTime<Utc>>, settled_at: Option<DateTime<Utc>>, log_mode: LogMode) -> Range {
         Range {
             tasks_relid: Oid(1),
             events_relid: Oid(2),
@@ -225,24 +196,29 @@ mod tests {
             kind: RangeKind::Range,
             rows: 0,
             settled_at,
+            log_mode,
+            rewrite_id: None,
             tasks_name: String::new(),
             events_name: String::new(),
         }
     }
 
     #[test]
-    fn a_day_is_live_from_its_start_until_rebuilt_after_its_end() {
+    fn a_day_is_live_until_its_end_has_passed_and_its_facts_are_rebuilt() {
         let at = |d: u32, h: u32| Utc.with_ymd_and_hms(2026, 11, d, h, 0, 0).unwrap();
-        let created_ahead = range(Some(at(10, 0)), Some(at(11, 0)), Some(at(3, 0)));
-        assert!(!created_ahead.is_live(at(9, 23)), "ahead of its day every write is logged");
-        assert!(created_ahead.is_live(at(10, 0)));
-        assert!(created_ahead.is_live(at(11, 5)), "ended, not yet rebuilt");
+        let created_ahead = range(Some(at(10, 0)), Some(at(11, 0)), Some(at(3, 0)), LogMode::Live);
+        assert!(created_ahead.is_live(), "its writes are not logged: probed, whatever the clock says");
         assert!(!created_ahead.needs_settle(at(10, 23)));
-        assert!(created_ahead.needs_settle(at(11, 0)));
-        let rebuilt = range(Some(at(10, 0)), Some(at(11, 0)), Some(at(11, 1)));
-        assert!(!rebuilt.is_live(at(20, 0)) && !rebuilt.needs_settle(at(20, 0)));
-        assert!(range(Some(at(10, 0)), Some(at(11, 0)), None).needs_settle(at(1, 0)), "adopted: never rebuilt");
-        let future = range(Some(at(17, 0)), None, Some(at(10, 0)));
-        assert!(!future.is_live(at(16, 0)) && future.is_live(at(17, 0)) && !future.needs_settle(at(30, 0)));
+        assert!(created_ahead.needs_settle(at(11, 0)), "ended: switch to logging every write, rebuild");
+        let rebuilt = range(Some(at(10, 0)), Some(at(11, 0)), Some(at(11, 1)), LogMode::All);
+        assert!(!rebuilt.is_live() && !rebuilt.needs_settle(at(20, 0)));
+        // A clock that steps back into the day changes nothing: the triggers log every write.
+        assert!(!rebuilt.is_live() && !rebuilt.needs_settle(at(10, 12)));
+        let adopted = range(Some(at(10, 0)), Some(at(11, 0)), None, LogMode::Live);
+        assert!(adopted.is_live() && adopted.needs_settle(at(12, 0)) && !adopted.needs_settle(at(10, 5)));
+        let rewritten = range(Some(at(1, 0)), Some(at(8, 0)), None, LogMode::All);
+        assert!(rewritten.is_live() && rewritten.needs_settle(at(9, 0)), "new from a rewrite: rebuilt before trusted");
+        let future = range(Some(at(17, 0)), None, Some(at(10, 0)), LogMode::All);
+        assert!(!future.is_live() && !future.needs_settle(at(30, 0)));
     }
 }

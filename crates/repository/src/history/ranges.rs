@@ -15,7 +15,7 @@ use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::postgres::types::Oid;
 use sqlx::{PgConnection, PgExecutor};
 
-use super::{Range, RangeRow, ENGINE_WRITE, RANGE_COLUMNS};
+use super::{LogMode, Range, RangeRow, ENGINE_WRITE, RANGE_COLUMNS};
 
 /// Every attached range the engine manages, oldest first (the default partition first, the
 /// future range last).
@@ -60,19 +60,47 @@ pub fn day_start(day: NaiveDate) -> DateTime<Utc> {
     day.and_time(NaiveTime::MIN).and_utc()
 }
 
-/// Creates (unattached) the two tables of `[lower, upper)`, named for the range plus `suffix`.
+/// Creates (unattached) the two tables of `[lower, upper)`, named for the range plus `suffix`,
+/// their change log in `mode`.
 pub(crate) async fn create_tables(
     conn: &mut PgConnection,
     lower: &str,
     upper: &str,
     suffix: &str,
+    mode: LogMode,
 ) -> Result<(Oid, Oid), sqlx::Error> {
-    sqlx::query_as("SELECT tasks_relid, events_relid FROM history_create_range_tables($1::timestamptz, $2::timestamptz, $3)")
+    sqlx::query_as("SELECT tasks_relid, events_relid FROM history_create_range_tables($1::timestamptz, $2::timestamptz, $3, $4)")
         .bind(lower)
         .bind(upper)
         .bind(suffix)
+        .bind(mode.as_str())
         .fetch_one(&mut *conn)
         .await
+}
+
+/// Puts the change log of the range with partitions `tasks` and `events` (lower bound `lower`,
+/// SQL text) in `mode`, and records it. DDL on the two partitions: it waits for the writers in
+/// flight there (up to the transaction's `lock_timeout`), and new writers wait for it until the
+/// transaction ends.
+pub(crate) async fn set_log_mode(conn: &mut PgConnection, tasks: Oid, events: Oid, lower: &str, mode: LogMode) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT history_install_triggers($1::regclass, $2::regclass, $3::timestamptz, $4)")
+        .bind(tasks)
+        .bind(events)
+        .bind(lower)
+        .bind(mode.as_str())
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE history_ranges SET log_mode = $2 WHERE tasks_relid = $1").bind(tasks).bind(mode.as_str()).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// A new range's change-log mode: `live` while its end is still to come by `now`, else `all`.
+fn mode_for(upper: &str, now: DateTime<Utc>) -> LogMode {
+    match parse_instant(upper) {
+        Some(upper) if upper <= now => LogMode::All,
+        _ if upper == "infinity" => LogMode::All,
+        _ => LogMode::Live,
+    }
 }
 
 /// `FOR VALUES FROM (..) TO (..)` for bounds given as SQL text (`-infinity`/`infinity` become
@@ -98,27 +126,33 @@ pub(crate) async fn attach(conn: &mut PgConnection, tasks: Oid, events: Oid, low
     Ok(())
 }
 
-/// Records a new range in `history_ranges`; its facts are exact from `settled` on.
-pub(crate) async fn record(
-    conn: &mut PgConnection,
-    (tasks, events): (Oid, Oid),
-    lower: &str,
-    upper: &str,
-    kind: &str,
-    rows: i64,
-    settled: bool,
-) -> Result<(), sqlx::Error> {
+/// A new range as [`record`] records it.
+pub(crate) struct NewRange<'a> {
+    pub tables: (Oid, Oid),
+    pub lower: &'a str,
+    pub upper: &'a str,
+    pub kind: &'a str,
+    pub rows: i64,
+    /// Its facts are exact as they are (an empty range), rather than to be rebuilt.
+    pub settled: bool,
+    /// The mode its triggers were installed in.
+    pub log_mode: LogMode,
+}
+
+/// Records a new range in `history_ranges`.
+pub(crate) async fn record(conn: &mut PgConnection, range: NewRange<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO history_ranges (tasks_relid, events_relid, lower, upper, kind, rows, settled_at)
-         VALUES ($1, $2, $3::timestamptz, $4::timestamptz, $5, $6, CASE WHEN $7 THEN now() END)",
+        "INSERT INTO history_ranges (tasks_relid, events_relid, lower, upper, kind, rows, settled_at, log_mode)
+         VALUES ($1, $2, $3::timestamptz, $4::timestamptz, $5, $6, CASE WHEN $7 THEN now() END, $8)",
     )
-    .bind(tasks)
-    .bind(events)
-    .bind(lower)
-    .bind(upper)
-    .bind(kind)
-    .bind(rows)
-    .bind(settled)
+    .bind(range.tables.0)
+    .bind(range.tables.1)
+    .bind(range.lower)
+    .bind(range.upper)
+    .bind(range.kind)
+    .bind(range.rows)
+    .bind(range.settled)
+    .bind(range.log_mode.as_str())
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -162,7 +196,8 @@ pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeou
     }
     let mut created = Vec::new();
     for (lower, upper) in &pieces {
-        created.push(create_tables(&mut *conn, &lower.to_rfc3339(), &upper.to_rfc3339(), "").await?);
+        // Days to be filled: live until their end has passed and their facts are rebuilt.
+        created.push(create_tables(&mut *conn, &lower.to_rfc3339(), &upper.to_rfc3339(), "", LogMode::Live).await?);
     }
 
     // Row locks first: under the parents' lock nothing may wait for one (see the module docs).
@@ -207,7 +242,16 @@ pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeou
         .await?;
         attach(&mut *conn, tasks, events, &lower_text, &upper_text).await?;
         // Empty, its facts are exact; with rows moved in, they are rebuilt once settled.
-        record(&mut *conn, (tasks, events), &lower_text, &upper_text, "range", moved, moved == 0).await?;
+        let day = NewRange {
+            tables: (tasks, events),
+            lower: &lower_text,
+            upper: &upper_text,
+            kind: "range",
+            rows: moved,
+            settled: moved == 0,
+            log_mode: LogMode::Live,
+        };
+        record(&mut *conn, day).await?;
         carved.rows_moved += moved;
         if lower.time() == NaiveTime::MIN {
             carved.days.push(lower.date_naive());
@@ -224,12 +268,7 @@ pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeou
         .await?;
     }
     attach(&mut *conn, future.tasks_relid, future.events_relid, &end_text, "infinity").await?;
-    sqlx::query("SELECT history_install_triggers($1::regclass, $2::regclass, $3::timestamptz, 'infinity')")
-        .bind(future.tasks_relid)
-        .bind(future.events_relid)
-        .bind(&end_text)
-        .execute(&mut *conn)
-        .await?;
+    set_log_mode(&mut *conn, future.tasks_relid, future.events_relid, &end_text, LogMode::All).await?;
     sqlx::query("UPDATE history_ranges SET rows = greatest(rows - $2, 0) WHERE tasks_relid = $1")
         .bind(future.tasks_relid)
         .bind(carved.rows_moved)
@@ -345,7 +384,7 @@ impl Reconciled {
 /// partition pairs an operator attached, and fills every hole in the managed area with an empty
 /// range, so that every instant from the default partition's bound on has a partition. Cheap when
 /// nothing changed: one read of the catalog.
-pub async fn reconcile(conn: &mut PgConnection) -> Result<Reconciled, sqlx::Error> {
+pub async fn reconcile(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<Reconciled, sqlx::Error> {
     let mut reconciled = Reconciled::default();
     // Attached partitions of each parent with their bound text, and the recorded ranges.
     let attached: Vec<(Oid, String, String, String)> = sqlx::query_as(
@@ -375,15 +414,11 @@ pub async fn reconcile(conn: &mut PgConnection) -> Result<Reconciled, sqlx::Erro
         let twin = attached.iter().find(|(oid, _, parent, other)| parent == "task_events" && other == bound && !known(*oid));
         let Some((events, ..)) = twin else { continue };
         let Some((lower, upper)) = bound_texts(bound) else { continue };
-        sqlx::query("SELECT history_install_triggers($1::regclass, $2::regclass, $3::timestamptz, $4::timestamptz)")
-            .bind(*relid)
-            .bind(*events)
-            .bind(&lower)
-            .bind(&upper)
-            .execute(&mut *conn)
-            .await?;
+        // Written to before the engine knew it: live, until its facts are rebuilt.
         let kind = if upper == "infinity" { "future" } else { "range" };
-        record(&mut *conn, (*relid, *events), &lower, &upper, kind, 0, false).await?;
+        let adopted = NewRange { tables: (*relid, *events), lower: &lower, upper: &upper, kind, rows: 0, settled: false, log_mode: LogMode::Live };
+        record(&mut *conn, adopted).await?;
+        set_log_mode(&mut *conn, *relid, *events, &lower, LogMode::Live).await?;
         reconciled.adopted.push(name.clone());
     }
     // Holes between consecutive ranges.
@@ -392,9 +427,11 @@ pub async fn reconcile(conn: &mut PgConnection) -> Result<Reconciled, sqlx::Erro
         let (Some(gap_start), Some(gap_end)) = (pair[0].upper, pair[1].lower) else { continue };
         if gap_start < gap_end {
             let (lower, upper) = (gap_start.to_rfc3339(), gap_end.to_rfc3339());
-            let (tasks, events) = create_tables(&mut *conn, &lower, &upper, "").await?;
+            let mode = mode_for(&upper, now);
+            let (tasks, events) = create_tables(&mut *conn, &lower, &upper, "", mode).await?;
             attach(&mut *conn, tasks, events, &lower, &upper).await?;
-            record(&mut *conn, (tasks, events), &lower, &upper, "range", 0, true).await?;
+            let filled = NewRange { tables: (tasks, events), lower: &lower, upper: &upper, kind: "range", rows: 0, settled: true, log_mode: mode };
+            record(&mut *conn, filled).await?;
             reconciled.filled.push((gap_start, gap_end));
         }
     }
@@ -437,7 +474,8 @@ pub async fn extend_back(conn: &mut PgConnection, to: NaiveDate, lock_timeout: D
     let mut lower = start;
     while lower < bound {
         let upper = day_start(lower.date_naive() + chrono::Duration::days(1)).min(bound);
-        created.push((lower, upper, create_tables(&mut *conn, &lower.to_rfc3339(), &upper.to_rfc3339(), "").await?));
+        // Past days, the engine's own rows moved in: every later write is logged.
+        created.push((lower, upper, create_tables(&mut *conn, &lower.to_rfc3339(), &upper.to_rfc3339(), "", LogMode::All).await?));
         lower = upper;
     }
     sqlx::query("SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE").bind(default.tasks_relid).execute(&mut *conn).await?;
@@ -469,12 +507,7 @@ pub async fn extend_back(conn: &mut PgConnection, to: NaiveDate, lock_timeout: D
         .execute(&mut *conn)
         .await?;
     }
-    sqlx::query("SELECT history_install_triggers($1::regclass, $2::regclass, '-infinity', $3::timestamptz)")
-        .bind(default.tasks_relid)
-        .bind(default.events_relid)
-        .bind(&start_text)
-        .execute(&mut *conn)
-        .await?;
+    set_log_mode(&mut *conn, default.tasks_relid, default.events_relid, "-infinity", LogMode::All).await?;
     // Facts change only where rows moved: those ranges are rebuilt once settled.
     sqlx::query("UPDATE history_ranges SET upper = $2::timestamptz, settled_at = CASE WHEN $3 THEN NULL ELSE settled_at END WHERE tasks_relid = $1")
         .bind(default.tasks_relid)
@@ -485,7 +518,16 @@ pub async fn extend_back(conn: &mut PgConnection, to: NaiveDate, lock_timeout: D
     for (lower, upper, (tasks, events)) in created {
         let (lower_text, upper_text) = (lower.to_rfc3339(), upper.to_rfc3339());
         attach(&mut *conn, tasks, events, &lower_text, &upper_text).await?;
-        record(&mut *conn, (tasks, events), &lower_text, &upper_text, "range", 0, moved == 0).await?;
+        let day = NewRange {
+            tables: (tasks, events),
+            lower: &lower_text,
+            upper: &upper_text,
+            kind: "range",
+            rows: 0,
+            settled: moved == 0,
+            log_mode: LogMode::All,
+        };
+        record(&mut *conn, day).await?;
         if lower.time() == NaiveTime::MIN && upper - lower == chrono::Duration::days(1) {
             days.push(lower.date_naive());
         }

@@ -18,7 +18,8 @@ pub fn all(settings: &RetentionSettings) -> Vec<Arc<dyn MaintenanceTask>> {
         Arc::new(partitions::PartitionsTask::new(settings.partitions.clone(), settings.task_history.deleted_tenant_grace)),
         Arc::new(
             task_history::TaskHistoryTask::new(settings.task_history.clone())
-                .with_compaction_lock_timeout(settings.partitions.lock_timeout),
+                .with_compaction_lock_timeout(settings.partitions.lock_timeout)
+                .with_orphan_sweep_interval(settings.queue_items.sweep_interval),
         ),
         Arc::new(queue_items::QueueItemsTask::new(settings.queue_items.clone())),
         Arc::new(sessions::SessionsTask::new(settings.sessions.clone())),

@@ -14,7 +14,8 @@ use repository::batch::{self, BatchLimits};
 use repository::history::{detached, facts, ranges, Range, RangeKind};
 use repository::{clock, PgPool};
 
-use crate::history::{self as shared, RemovedAs, RewriteWith};
+use crate::history as shared;
+use crate::rewrites::{self, Naming, Outcome, Steps};
 use crate::history_policy::{cold_horizon, merge_plan, Span};
 use crate::schedule::Schedule;
 use crate::settings::PartitionsSettings;
@@ -55,7 +56,7 @@ impl PartitionsTask {
             tracing::info!("another runner is changing the history layout; days ahead are checked next run");
             return Ok(());
         }
-        let reconciled = ranges::reconcile(&mut tx).await?;
+        let reconciled = ranges::reconcile(&mut tx, now).await?;
         let carved = match ranges::carve_days(&mut tx, self.through(now), self.settings.lock_timeout).await {
             Ok(carved) => carved,
             // A lock the DDL could not get in time: retried on the next run, not a failure.
@@ -97,7 +98,7 @@ impl PartitionsTask {
             .map(|r| Span {
                 lower: r.lower.unwrap(),
                 upper: r.upper.unwrap(),
-                mergeable: !r.is_live(now) && !r.needs_settle(now),
+                mergeable: !r.is_live() && !r.needs_settle(now) && r.rewrite_id.is_none(),
             })
             .collect();
         Ok(merge_plan(&spans, horizon)
@@ -128,28 +129,39 @@ impl MaintenanceTask for PartitionsTask {
         if !leftovers.left_alone.is_empty() {
             tracing::warn!(tables = ?leftovers.left_alone, "tables the engine detached were renamed or attached again: left alone");
         }
-        let now = clock::now(&ctx.pool).await?;
+        let now = ctx.now();
         self.shape_layout(&ctx.pool, now, &mut report).await?;
-        shared::refresh_facts(ctx, limits, &mut report).await?;
+        shared::refresh_facts(ctx, limits, self.deleted_tenant_grace, self.settings.lock_timeout, &mut report).await?;
+        // Rewrites first: the count of any that was swapped in (its receipts are owed), and this
+        // task's merges a run left in progress.
+        let steps = Steps { limits, lock_timeout: self.settings.lock_timeout, grace: self.deleted_tenant_grace };
+        if let Some(stop) = rewrites::resume(ctx, NAME, steps, Naming::Tables, &mut report).await? {
+            report.completion = stop;
+            return Ok(report);
+        }
         for group in self.merges(&ctx.pool, now).await? {
             if let Some(stop) = ctx.interrupted() {
                 report.completion = stop;
                 break;
             }
-            let with = RewriteWith {
-                task: NAME,
-                grace: self.deleted_tenant_grace,
-                limits,
-                lock_timeout: self.settings.lock_timeout,
-                // A merge can wait for the next run.
-                wait: false,
-                removed_as: RemovedAs::Tables,
-            };
-            let merged = shared::rewrite(ctx, &group, with, &mut report).await?;
-            if merged.is_some() {
-                report.count("ranges merged", 1);
+            // A merge can wait for the next run.
+            match rewrites::start(ctx, &group, NAME, steps, false, Naming::Tables, &mut report).await? {
+                Outcome::Done(_) => report.count("ranges merged", 1),
+                Outcome::Interrupted => {
+                    report.completion = ctx.interrupted().unwrap_or_default();
+                    break;
+                }
+                Outcome::Waiting(why) => {
+                    let names: Vec<&str> = group.iter().map(|r| r.tasks_name.as_str()).collect();
+                    tracing::info!(ranges = ?names, reason = why.as_str(), "ranges not merged now; the next run goes on");
+                }
+                Outcome::Abandoned(why) => {
+                    let names: Vec<&str> = group.iter().map(|r| r.tasks_name.as_str()).collect();
+                    tracing::warn!(ranges = ?names, reason = %why, "merge abandoned; nothing was removed");
+                }
             }
         }
+        repository::history::rewrite::prune_rule_changes(&ctx.pool).await?;
         Ok(report)
     }
 
@@ -169,7 +181,7 @@ impl MaintenanceTask for PartitionsTask {
             let names: Vec<&str> = group.iter().map(|r| r.tasks_name.as_str()).collect();
             tracing::info!(ranges = ?names, "would merge these ranges into one");
             for range in &group {
-                for pair in facts::pairs_of(pool, range.tasks_relid, self.deleted_tenant_grace).await? {
+                for pair in facts::pairs_of(pool, range.tasks_relid, &repository::rule::Rule::new(now, self.deleted_tenant_grace)).await? {
                     let due = pair.due_estimate().round() as u64;
                     if due > 0 {
                         report.add("tasks (estimated)", due);

@@ -54,8 +54,10 @@ impl MaintenanceTask for QueueItemsTask {
         let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
         let mut report = RunReport::default();
         let pool = &ctx.pool;
-        let receipt = repository::receipts::RunReceipt { run_id: ctx.run_id, task: NAME };
+        let receipt = repository::receipts::RunReceipt::new(ctx.run_id, NAME);
         let receipt = &receipt;
+        // Queue items go by the rule of run history (its holds), at the run's checked clock.
+        let grace = std::time::Duration::ZERO;
         let mut sizer = ctx.row_sizer(CANDIDATES_PER_BATCH);
         loop {
             if let Some(stop) = ctx.interrupted() {
@@ -66,8 +68,9 @@ impl MaintenanceTask for QueueItemsTask {
             let started = Instant::now();
             let result = async {
                 let mut tx = batch::begin(pool, limits).await?;
-                let candidates = queue_items::delete_candidates_batch(&mut *tx, limit, receipt).await?;
-                let of_deleted_tenants = queue_items::delete_of_deleted_tenants_batch(&mut *tx, limit, receipt).await?;
+                let rule = ctx.rule(grace);
+                let candidates = queue_items::delete_candidates_batch(&mut tx, limit, &rule, receipt).await?;
+                let of_deleted_tenants = queue_items::delete_of_deleted_tenants_batch(&mut tx, limit, &rule, receipt).await?;
                 tx.commit().await?;
                 Ok((candidates, of_deleted_tenants))
             }
@@ -77,6 +80,12 @@ impl MaintenanceTask for QueueItemsTask {
                 Settled::Done(done) => done,
                 Settled::Retry(error) => {
                     tracing::warn!(%error, next_limit = sizer.size(), "queue-items batch timed out; retrying smaller");
+                    continue;
+                }
+                Settled::Again(error) => {
+                    tracing::debug!(%error, "queue-items batch rolled back (a deadlock or a change of the rules); running it again");
+                    report.count("batches run again", 1);
+                    tokio::time::sleep(sizer.again_pause()).await;
                     continue;
                 }
                 Settled::GaveUp(error) => return Err(error.into()),
@@ -90,14 +99,14 @@ impl MaintenanceTask for QueueItemsTask {
                 break;
             }
         }
-        if !queue_items::sweep_due(pool, SWEPT_AT, self.settings.sweep_interval.as_secs() as i64).await? {
+        if !queue_items::sweep_due(pool, SWEPT_AT, self.settings.sweep_interval.as_secs() as i64, ctx.now()).await? {
             return Ok(report);
         }
-        let swept_from = clock::now(pool).await?;
+        let swept_from = ctx.now();
         let size = heap::size(pool, TABLE).await?;
         walk_blocks(ctx, &mut report, size.pages, |range| async move {
             let mut tx = batch::begin(pool, limits).await?;
-            let deleted = queue_items::delete_block_range(&mut *tx, range, receipt).await?;
+            let deleted = queue_items::delete_block_range(&mut tx, range, &ctx.rule(grace), receipt).await?;
             tx.commit().await?;
             Ok(vec![(RULE, deleted as u64)])
         })
@@ -112,12 +121,14 @@ impl MaintenanceTask for QueueItemsTask {
 
     /// The planner's estimate (see [`queue_items::estimate_due`]).
     async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
-        Ok(Some(queue_items::estimate_due(pool).await?.round() as u64))
+        let rule = repository::rule::Rule::new(clock::now(pool).await?, std::time::Duration::ZERO);
+        Ok(Some(queue_items::estimate_due(pool, &rule).await?.round() as u64))
     }
 
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let mut report = DryRunReport::default();
-        report.add(RULE, queue_items::count_due(pool).await? as u64);
+        let rule = repository::rule::Rule::new(clock::now(pool).await?, std::time::Duration::ZERO);
+        report.add(RULE, queue_items::count_due(pool, &rule, self.settings.statement_timeout).await? as u64);
         Ok(report)
     }
 }

@@ -127,6 +127,12 @@ impl SessionsTask {
                         tracing::warn!(rule = rule.name(), %error, next_limit = sizer.size(), "batch timed out; retrying smaller");
                         continue;
                     }
+                    Settled::Again(error) => {
+                        tracing::debug!(rule = rule.name(), %error, "batch rolled back by a deadlock; running it again");
+                        report.count("batches run again", 1);
+                        tokio::time::sleep(sizer.again_pause()).await;
+                        continue;
+                    }
                     Settled::GaveUp(error) => return Err(error.into()),
                 };
                 report.record_batch(rule.name(), outcome.deleted);

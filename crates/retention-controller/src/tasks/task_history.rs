@@ -1,7 +1,7 @@
 //! `task-history`: per-tenant retention of run history. After a run that ends `done`, no task
 //! that was due when it started remains, nor its events and queue items.
 //!
-//! * Due (`retention_task_due`, the one rule): a final task (succeeded, failed, cancelled) of a
+//! * Due (`repository::rule`, the one rule): a final task (succeeded, failed, cancelled) of a
 //!   live tenant whose `finished_at` (else `inserted_at`) is older than now minus its
 //!   `data_retention_period`; every task of a tenant deleted more than `deleted_tenant_grace` ago.
 //!   Queued and running tasks of a live tenant never; NULL retention keeps forever; rows of a
@@ -21,8 +21,9 @@ use std::time::Duration;
 use repository::batch::{self, BatchLimits};
 use repository::history::deletes::{self, PairRef, Walk};
 use repository::history::facts::{self, Pair};
-use repository::history::{ranges, Range, RangeKind, ORPHAN_AGE};
+use repository::history::{previews, ranges, Range, RangeKind};
 use repository::receipts::RunReceipt;
+use repository::rule::Rule;
 use repository::{clock, heap, watermarks, PgPool};
 use sqlx::postgres::types::Oid;
 use tokio::time::Instant;
@@ -30,7 +31,8 @@ use uuid::Uuid;
 
 use crate::batching::{BatchSizer, Settled};
 use crate::block_walk::walk_blocks_sized;
-use crate::history::{self as shared, RemovedAs, RewriteWith};
+use crate::history as shared;
+use crate::rewrites::{self, Naming, Outcome, Steps};
 use crate::history_policy::{choose, Costs, Estimate, Removal};
 use crate::schedule::Schedule;
 use crate::settings::TaskHistorySettings;
@@ -41,6 +43,9 @@ const ORPHAN_WATERMARK: &str = "task-history.orphan-events";
 
 pub struct TaskHistoryTask {
     settings: TaskHistorySettings,
+    /// How often every range's events are swept for orphans the orphan walk cannot see
+    /// (`retention.queue_items.sweep_interval`).
+    orphan_sweep_interval: Duration,
     /// The wait for the parents' lock when a range is compacted.
     compaction_lock_timeout: Duration,
     /// The measured costs, and when they were read: they move slowly, so a run reads them at
@@ -53,7 +58,7 @@ const COSTS_READ_EVERY: Duration = Duration::from_secs(300);
 
 /// The receipts this run's deletes add to.
 fn receipt(ctx: &RunContext) -> RunReceipt {
-    RunReceipt { run_id: ctx.run_id, task: NAME }
+    RunReceipt::new(ctx.run_id, NAME)
 }
 
 /// How one pair's row deletes ended.
@@ -103,7 +108,17 @@ type Plan = Vec<(Range, Vec<Pair>)>;
 
 impl TaskHistoryTask {
     pub fn new(settings: TaskHistorySettings) -> Self {
-        TaskHistoryTask { settings, compaction_lock_timeout: crate::settings::DEFAULT_HISTORY_LOCK_TIMEOUT, costs: Default::default() }
+        TaskHistoryTask {
+            settings,
+            orphan_sweep_interval: crate::settings::QueueItemsSettings::default().sweep_interval,
+            compaction_lock_timeout: crate::settings::DEFAULT_HISTORY_LOCK_TIMEOUT,
+            costs: Default::default(),
+        }
+    }
+
+    /// Every range's events are swept for late orphans this often (`retention.queue_items.sweep_interval`).
+    pub fn with_orphan_sweep_interval(self, interval: Duration) -> Self {
+        TaskHistoryTask { orphan_sweep_interval: interval, ..self }
     }
 
     /// Compactions wait this long at most for the history tables' lock (`retention.partitions.lock_timeout`).
@@ -125,19 +140,19 @@ impl TaskHistoryTask {
         BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans().with_history_write()
     }
 
-    /// Every range with something due now, with its due pairs, and the database's clock.
-    async fn plan(&self, pool: &PgPool) -> Result<(Plan, chrono::DateTime<chrono::Utc>), TaskError> {
+    /// Every range with something due now (by `ctx`'s clock), with its due pairs, and that now.
+    async fn plan(&self, ctx: &RunContext) -> Result<(Plan, chrono::DateTime<chrono::Utc>), TaskError> {
         // One snapshot: the layout and the rows probed as of the same moment. A carve committed
         // in between used to hide the rows it moved: gone from the range the plan knew, in a
         // range it did not. With one snapshot the plan names them where they were, and the
         // batches, finding that range's bounds moved, make the run plan again.
-        let mut tx = repository::batch::begin_snapshot(pool).await?;
-        let now = clock::now(&mut *tx).await?;
-        let grace = self.settings.deleted_tenant_grace;
+        let mut tx = repository::batch::begin_snapshot(&ctx.pool).await?;
+        let rule = ctx.rule(self.settings.deleted_tenant_grace);
+        let now = rule.now;
         let all = ranges::all(&mut *tx).await?;
-        let mut pairs = facts::due_pairs(&mut *tx, grace).await?;
-        for range in all.iter().filter(|r| r.is_live(now)) {
-            for probed in facts::probe(&mut *tx, range, grace).await? {
+        let mut pairs = facts::due_pairs(&mut *tx, &rule).await?;
+        for range in all.iter().filter(|r| r.is_live()) {
+            for probed in facts::probe(&mut *tx, range, &rule).await? {
                 if !pairs.iter().any(|p| p.tasks_relid == probed.tasks_relid && p.tenant_id == probed.tenant_id) {
                     pairs.push(probed);
                 }
@@ -151,7 +166,8 @@ impl TaskHistoryTask {
         Ok((all.into_iter().filter_map(|range| by_range.remove(&range.tasks_relid.0).map(|pairs| (range, pairs))).collect(), now))
     }
 
-    /// Deletes the due rows of one pair, batch by batch, then probes the pair again.
+    /// Deletes the due rows of one pair, batch by batch (a purged tenant's by id; a live tenant's
+    /// status by status, each along its own window), then probes the pair again.
     async fn delete_pair(
         &self,
         ctx: &RunContext,
@@ -162,25 +178,36 @@ impl TaskHistoryTask {
         sizer: &mut BatchSizer,
     ) -> Result<(PairDone, i64), TaskError> {
         let target = PairRef::new(range, pair.tenant_id);
-        let mut walk = if pair.purged { Walk::purged() } else { Walk::retained() };
+        let mut walks: Vec<Walk> =
+            if pair.purged { vec![Walk::purged()] } else { pair.statuses_to_walk().into_iter().map(Walk::retained).collect() };
         let rule = if pair.purged { "deleted-tenants" } else { "retention" };
         let mut deleted_here = 0i64;
+        if walks.is_empty() {
+            // Planned by facts that say nothing is due after all (a window lengthened): their next
+            // due instant moves on.
+            let mut tx = repository::batch::begin_bookkeeping(&ctx.pool).await?;
+            facts::resummarise(&mut tx, &[(range.tasks_relid, pair.tenant_id, 0)], &ctx.rule(self.settings.deleted_tenant_grace)).await?;
+            tx.commit().await?;
+            return Ok((PairDone::Finished, 0));
+        }
         let outcome = loop {
             if ctx.interrupted().is_some() {
                 break PairDone::Interrupted;
             }
             let limit = sizer.size();
-            let mut moved = walk.clone();
+            let mut moved = walks[0].clone();
+            let last_walk = walks.len() == 1;
             let started = Instant::now();
             let result = async {
                 let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
-                let done = deletes::delete_batch(&mut *tx, &target, &mut moved, self.settings.deleted_tenant_grace, limit, &receipt(ctx)).await?;
+                let rule = ctx.rule(self.settings.deleted_tenant_grace);
+                let done = deletes::delete_batch(&mut tx, &target, &mut moved, &rule, limit, &receipt(ctx)).await?;
                 // A missing range needs no facts (and its transaction may have failed on a
                 // dropped table: nothing more may run in it).
-                if !done.range_missing && done.examined < i64::from(limit) {
-                    // The walk ends with this batch: the pair's facts move on in its transaction.
+                if !done.range_missing && done.examined < i64::from(limit) && last_walk {
+                    // The pair's last walk ends with this batch: its facts move on in its transaction.
                     let deleted = deleted_here + done.deleted.tasks;
-                    facts::resummarise(&mut tx, &[(range.tasks_relid, pair.tenant_id, -deleted)]).await?;
+                    facts::resummarise(&mut tx, &[(range.tasks_relid, pair.tenant_id, -deleted)], &rule).await?;
                 }
                 tx.commit().await?;
                 Ok(done)
@@ -191,6 +218,12 @@ impl TaskHistoryTask {
                 Settled::Done(done) => done,
                 Settled::Retry(error) => {
                     tracing::warn!(rule, %error, next_limit = sizer.size(), "batch timed out; retrying smaller");
+                    continue;
+                }
+                Settled::Again(error) => {
+                    tracing::debug!(rule, %error, "batch rolled back (a deadlock or a change of the rules); running it again");
+                    report.count("batches run again", 1);
+                    tokio::time::sleep(sizer.again_pause()).await;
                     continue;
                 }
                 Settled::GaveUp(error) => return Err(error.into()),
@@ -207,7 +240,7 @@ impl TaskHistoryTask {
                 elapsed_ms = elapsed.as_secs_f64() * 1000.0,
                 "batch committed"
             );
-            walk = moved;
+            walks[0] = moved;
             cost.spent += elapsed;
             cost.tasks += done.deleted.tasks as u64;
             deleted_here += done.deleted.tasks;
@@ -217,7 +250,10 @@ impl TaskHistoryTask {
             report.add_rows("queue-items", done.deleted.queue_items as u64);
             ctx.batch_done(elapsed, report, None).await;
             if done.examined < i64::from(limit) {
-                break PairDone::Finished;
+                walks.remove(0);
+                if walks.is_empty() {
+                    break PairDone::Finished;
+                }
             }
         };
         Ok((outcome, deleted_here))
@@ -226,8 +262,8 @@ impl TaskHistoryTask {
     /// The pages of `range`'s tasks partition when one pass over them (a sweep) pays better than
     /// walking its due pairs through the indexes: the range is past (no writer is filling it),
     /// large enough to matter, and its due tasks are dense on its pages.
-    async fn sweep_pays(&self, ctx: &RunContext, range: &Range, pairs: &[Pair], now: chrono::DateTime<chrono::Utc>) -> Result<Option<u32>, TaskError> {
-        if range.kind == RangeKind::Future || range.is_live(now) {
+    async fn sweep_pays(&self, ctx: &RunContext, range: &Range, pairs: &[Pair]) -> Result<Option<u32>, TaskError> {
+        if range.kind == RangeKind::Future || range.is_live() {
             return Ok(None);
         }
         let due: f64 = pairs.iter().map(Pair::due_estimate).sum();
@@ -262,15 +298,15 @@ impl TaskHistoryTask {
         let grace = self.settings.deleted_tenant_grace;
         let state = std::sync::Arc::new(std::sync::Mutex::new(SweepState::default()));
         tracing::info!(range = range.tasks_name, pages, "sweeping the range's pages: its due rows are dense");
-        let receipt = receipt(ctx);
+        let clock = ctx.clock();
         walk_blocks_sized(ctx, report, pages, sizer, |blocks| {
-            let (pool, state, range) = (ctx.pool.clone(), state.clone(), range.clone());
+            let (pool, state, range, receipt) = (ctx.pool.clone(), state.clone(), range.clone(), receipt(ctx));
             async move {
                 if state.lock().unwrap().missing {
                     return Ok(Vec::new());
                 }
                 let mut tx = batch::begin(&pool, limits).await?;
-                let batch = deletes::delete_block_range(&mut *tx, &range, blocks, grace, &receipt).await?;
+                let batch = deletes::delete_block_range(&mut tx, &range, blocks, &clock.rule(grace), &receipt).await?;
                 if batch.range_missing {
                     state.lock().unwrap().missing = true;
                     return Ok(Vec::new());
@@ -300,19 +336,39 @@ impl TaskHistoryTask {
         }
         report.count("ranges swept", 1);
         let mut tx = repository::batch::begin_bookkeeping(&ctx.pool).await?;
+        let rule = ctx.rule(grace);
         let mut probes: Vec<(Oid, Uuid, i64)> = gone.iter().map(|(tenant, tasks)| (range.tasks_relid, *tenant, -tasks)).collect();
-        for pair in facts::pairs_of(&mut *tx, range.tasks_relid, grace).await? {
+        for pair in facts::pairs_of(&mut *tx, range.tasks_relid, &rule).await? {
             if !gone.contains_key(&pair.tenant_id) {
                 probes.push((range.tasks_relid, pair.tenant_id, 0));
             }
         }
-        facts::resummarise(&mut tx, &probes).await?;
-        let still_due: Vec<Pair> = facts::pairs_of(&mut *tx, range.tasks_relid, grace).await?.into_iter().filter(Pair::is_due).collect();
+        facts::resummarise(&mut tx, &probes, &rule).await?;
+        let still_due: Vec<Pair> = facts::pairs_of(&mut *tx, range.tasks_relid, &rule).await?.into_iter().filter(Pair::is_due).collect();
         tx.commit().await?;
         if ctx.interrupted().is_some() {
             return Ok(Swept::Interrupted);
         }
         Ok(Swept::Done { still_due })
+    }
+
+    /// How this task's rewrites (compactions) go about their steps.
+    fn steps(&self, ctx: &RunContext) -> Steps {
+        Steps { limits: self.locked_limits(ctx), lock_timeout: self.compaction_lock_timeout, grace: self.settings.deleted_tenant_grace }
+    }
+
+    /// Gives up this task's compaction of `range` if one was started and is not swapped.
+    async fn give_up_compaction(&self, ctx: &RunContext, range: &Range) -> Result<(), TaskError> {
+        let mut conn = ctx.pool.acquire().await?;
+        let started = repository::history::rewrite::in_progress(&mut conn)
+            .await?
+            .into_iter()
+            .find(|r| r.task == NAME && r.phase.before_swap() && r.sources.iter().any(|s| s.tasks_relid == range.tasks_relid));
+        drop(conn);
+        if let Some(started) = started {
+            repository::history::rewrite::abandon(&ctx.pool, started.id, self.locked_limits(ctx), self.compaction_lock_timeout).await?;
+        }
+        Ok(())
     }
 
     /// The measured costs, read again every [`COSTS_READ_EVERY`].
@@ -329,7 +385,7 @@ impl TaskHistoryTask {
 
     /// Whether rewriting `range` (keeping what it keeps) costs less than deleting its due rows.
     fn rewrite_pays(range: &Range, rows: i64, pairs: &[Pair], now: chrono::DateTime<chrono::Utc>, costs: &Costs) -> bool {
-        let rewritable = range.kind == RangeKind::Range && !range.is_live(now) && range.upper.is_some_and(|u| u <= now);
+        let rewritable = range.kind == RangeKind::Range && !range.is_live() && range.upper.is_some_and(|u| u <= now);
         let due: f64 = pairs.iter().map(Pair::due_estimate).sum();
         let rows = (rows as f64).max(due);
         let choice = choose(Estimate { rows, due, rewritable }, costs);
@@ -350,7 +406,7 @@ impl TaskHistoryTask {
     /// again once it is old enough; and the walk never passes the ids of a transaction that may
     /// still commit (see [`watermarks::set_pending`]), so an event committed late is walked too.
     /// A batch that keeps timing out ends the walk, not the run: the next run resumes it.
-    async fn purge_orphan_events(&self, ctx: &RunContext, now: chrono::DateTime<chrono::Utc>, report: &mut RunReport) -> Result<(), TaskError> {
+    async fn purge_orphan_events(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
         // Not a history write: a range being rewritten must see these deletes in the change log.
         let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
         let mut position = watermarks::get(&ctx.pool, ORPHAN_WATERMARK).await?;
@@ -390,7 +446,8 @@ impl TaskHistoryTask {
             let result = async {
                 let mut tx = batch::begin(&ctx.pool, limits).await?;
                 let rows = sizer.size().min(ORPHAN_ROWS_MAX);
-                let batch = deletes::delete_orphan_events_batch(&mut *tx, position, up_to, rows, now - ORPHAN_AGE, &receipt(ctx)).await?;
+                let rule = ctx.rule(self.settings.deleted_tenant_grace);
+                let batch = deletes::delete_orphan_events_batch(&mut tx, position, up_to, rows, &rule, &receipt(ctx)).await?;
                 let mut next_safe = safe;
                 if let Some(first) = batch.first_undecided.filter(|_| !undecided) {
                     // A young orphan: the watermark stays before it until it is an hour old.
@@ -408,6 +465,12 @@ impl TaskHistoryTask {
                 Settled::Done(done) => done,
                 Settled::Retry(error) => {
                     tracing::warn!(%error, next_ids = sizer.size(), "orphan-events batch timed out; retrying smaller");
+                    continue;
+                }
+                Settled::Again(error) => {
+                    tracing::debug!(%error, "orphan-events batch rolled back (a deadlock or a change of the rules); running it again");
+                    report.count("batches run again", 1);
+                    tokio::time::sleep(sizer.again_pause()).await;
                     continue;
                 }
                 Settled::GaveUp(error) => {
@@ -428,10 +491,94 @@ impl TaskHistoryTask {
         Ok(())
     }
 
+    /// Every `orphan_sweep_interval`, one pass over every range's events in block ranges, deleting
+    /// the orphans the rule finds due ([`deletes::delete_orphans_in_blocks`]): those that became
+    /// orphans after the orphan walk passed them (their task deleted later, in a range merged
+    /// since or not), and those a hold kept when the walk passed. The sweep's place (range and
+    /// page) is kept after every batch, so a run that stops resumes it where it was.
+    async fn sweep_orphans(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
+        let mut next = watermarks::get(&ctx.pool, ORPHAN_SWEEP_NEXT).await?;
+        if next == 0 {
+            let every = self.orphan_sweep_interval.as_secs() as i64;
+            let last: i64 = watermarks::get(&ctx.pool, ORPHAN_SWEPT_AT).await?;
+            if last > 0 && ctx.now().timestamp() < last + every {
+                return Ok(());
+            }
+            watermarks::set(&ctx.pool, ORPHAN_SWEEP_STARTED, ctx.now().timestamp()).await?;
+            next = 1;
+            watermarks::set(&ctx.pool, ORPHAN_SWEEP_NEXT, next).await?;
+            watermarks::set(&ctx.pool, ORPHAN_SWEEP_BLOCK, 0).await?;
+        }
+        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
+        let mut sizer = ctx.block_sizer_within(SWEEP_FIRST_PAGES, self.settings.statement_timeout);
+        let ranges: Vec<Range> = ranges::all(&ctx.pool).await?.into_iter().filter(|r| sweep_key(r) >= next).collect();
+        for range in ranges {
+            let key = sweep_key(&range);
+            let mut block = if key == next { watermarks::get(&ctx.pool, ORPHAN_SWEEP_BLOCK).await? } else { 0 };
+            loop {
+                if let Some(stop) = ctx.interrupted() {
+                    report.completion = stop;
+                    return Ok(());
+                }
+                let pages = match heap::size(&ctx.pool, &range.events_name).await {
+                    Ok(size) => i64::from(size.pages),
+                    Err(error) if deletes::is_undefined_table(&error) => break,
+                    Err(error) => return Err(error.into()),
+                };
+                if block >= pages {
+                    break;
+                }
+                let end = (block + i64::from(sizer.size())).min(pages);
+                let blocks = heap::BlockRange { start: block as u32, end: end as u32 };
+                let started = Instant::now();
+                let result = async {
+                    let mut tx = batch::begin(&ctx.pool, limits).await?;
+                    let rule = ctx.rule(self.settings.deleted_tenant_grace);
+                    let deleted = deletes::delete_orphans_in_blocks(&mut tx, &range, blocks, &rule, &receipt(ctx)).await?;
+                    watermarks::set(&mut *tx, ORPHAN_SWEEP_NEXT, key).await?;
+                    watermarks::set(&mut *tx, ORPHAN_SWEEP_BLOCK, end).await?;
+                    tx.commit().await?;
+                    Ok(deleted)
+                }
+                .await;
+                let elapsed = started.elapsed();
+                match sizer.settle(elapsed, result) {
+                    Settled::Done(Some(deleted)) => {
+                        block = end;
+                        report.record_batch("orphan-events", deleted as u64);
+                        report.count("event pages swept", u64::from(blocks.pages()));
+                        ctx.batch_done(elapsed, report, None).await;
+                    }
+                    // The range was swapped out or dropped meanwhile: its rows are elsewhere now.
+                    Settled::Done(None) => break,
+                    Settled::Retry(error) => tracing::warn!(%error, next_pages = sizer.size(), "orphan sweep batch timed out; retrying smaller"),
+                    Settled::Again(error) => {
+                        tracing::debug!(%error, "orphan sweep batch rolled back (a deadlock or a change of the rules); running it again");
+                        report.count("batches run again", 1);
+                        tokio::time::sleep(sizer.again_pause()).await;
+                    }
+                    Settled::GaveUp(error) if batch::is_timeout(&error) => {
+                        tracing::warn!(%error, range = range.events_name, "an orphan sweep batch keeps timing out; the sweep resumes at the next run");
+                        return Ok(());
+                    }
+                    Settled::GaveUp(error) => return Err(error.into()),
+                }
+            }
+            next = key + 1;
+            watermarks::set(&ctx.pool, ORPHAN_SWEEP_NEXT, next).await?;
+            watermarks::set(&ctx.pool, ORPHAN_SWEEP_BLOCK, 0).await?;
+        }
+        let started = watermarks::get(&ctx.pool, ORPHAN_SWEEP_STARTED).await?;
+        watermarks::set(&ctx.pool, ORPHAN_SWEPT_AT, started).await?;
+        watermarks::set(&ctx.pool, ORPHAN_SWEEP_NEXT, 0).await?;
+        report.count("events swept", 1);
+        Ok(())
+    }
+
     /// Deletes the deletion receipts older than `receipts_keep`, a bounded batch at a time (they
     /// are nobody's data: counted as `receipts`, under no tenant).
-    async fn purge_receipts(&self, ctx: &RunContext, now: chrono::DateTime<chrono::Utc>, report: &mut RunReport) -> Result<(), TaskError> {
-        let before = now - chrono::Duration::from_std(self.settings.receipts_keep).unwrap_or(chrono::Duration::MAX);
+    async fn purge_receipts(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
+        let before = ctx.now() - chrono::Duration::from_std(self.settings.receipts_keep).unwrap_or(chrono::Duration::MAX);
         let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout));
         while ctx.interrupted().is_none() {
             let started = Instant::now();
@@ -455,6 +602,20 @@ impl TaskHistoryTask {
         let end = deletes::last_event_id(&ctx.pool).await?;
         Ok(watermarks::set_pending(&ctx.pool, ORPHAN_WATERMARK, end).await?)
     }
+}
+
+/// The orphan sweep's state (`retention_watermarks`): when the last complete sweep started (Unix
+/// seconds), when the one in progress started, and where it is: the next range (by
+/// [`sweep_key`]; 0: no sweep in progress) and the next page of its events.
+const ORPHAN_SWEPT_AT: &str = "task-history.orphan-sweep.swept-at";
+const ORPHAN_SWEEP_STARTED: &str = "task-history.orphan-sweep.started";
+const ORPHAN_SWEEP_NEXT: &str = "task-history.orphan-sweep.next";
+const ORPHAN_SWEEP_BLOCK: &str = "task-history.orphan-sweep.block";
+
+/// A range's place in the orphan sweep's order: its lower bound in microseconds (the default
+/// range, from -infinity, first).
+fn sweep_key(range: &Range) -> i64 {
+    range.lower.map_or(1, |lower| lower.timestamp_micros().max(2))
 }
 
 /// Receipts deleted per batch once past their keep.
@@ -487,13 +648,14 @@ impl MaintenanceTask for TaskHistoryTask {
         let mut report = RunReport::default();
         // The due rows get most of the run; the orphan walk keeps the rest, so that a purge that
         // reaches its deadline does not starve it.
-        let now = self.purge_due(&ctx.narrowed(PURGE_SHARE), &mut report).await?;
+        self.purge_due(&ctx.narrowed(PURGE_SHARE), &mut report).await?;
         let purged = report.completion;
         if purged == crate::Completion::Cancelled {
             return Ok(report);
         }
-        self.purge_orphan_events(ctx, now, &mut report).await?;
-        self.purge_receipts(ctx, now, &mut report).await?;
+        self.purge_orphan_events(ctx, &mut report).await?;
+        self.sweep_orphans(ctx, &mut report).await?;
+        self.purge_receipts(ctx, &mut report).await?;
         if purged != crate::Completion::Done {
             report.completion = purged;
         }
@@ -503,7 +665,8 @@ impl MaintenanceTask for TaskHistoryTask {
     /// From the facts: each due (range, tenant) pair's estimate (tasks only, without their
     /// events), as the run plans them.
     async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
-        let pairs = facts::due_pairs(pool, self.settings.deleted_tenant_grace).await?;
+        let rule = Rule::new(clock::now(pool).await?, self.settings.deleted_tenant_grace);
+        let pairs = facts::due_pairs(pool, &rule).await?;
         Ok(Some(pairs.iter().map(Pair::due_estimate).sum::<f64>().round() as u64))
     }
 
@@ -520,11 +683,17 @@ const PLAN_PASSES: usize = 3;
 const PURGE_SHARE: f64 = 0.9;
 
 impl TaskHistoryTask {
-    /// Deletes what is due, range by range; returns the database's clock as of the last plan.
-    /// Stops early (setting the report's completion) when `ctx` is interrupted.
-    async fn purge_due(&self, ctx: &RunContext, report: &mut RunReport) -> Result<chrono::DateTime<chrono::Utc>, TaskError> {
+    /// Deletes what is due, range by range. Stops early (setting the report's completion) when
+    /// `ctx` is interrupted.
+    async fn purge_due(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
         let limits = self.locked_limits(ctx);
-        shared::refresh_facts(ctx, limits, report).await?;
+        shared::refresh_facts(ctx, limits, self.settings.deleted_tenant_grace, self.compaction_lock_timeout, report).await?;
+        // Rewrites first: the count of any that was swapped in (its receipts are owed), and this
+        // task's compactions a run left in progress.
+        if let Some(stop) = rewrites::resume(ctx, NAME, self.steps(ctx), Naming::Rules, report).await? {
+            report.completion = stop;
+            return Ok(());
+        }
         let mut costs: Option<Costs> = None;
         let mut cost = RowDeleteCost::default();
         // One sizer for the run: what one pair's batches learnt sizes the next pair's.
@@ -533,47 +702,53 @@ impl TaskHistoryTask {
         // range's pages hold its events' cost too (128 pages took 160-280 ms where 50 ms was the aim).
         let mut block_sizer = ctx.block_sizer_from(SWEEP_FIRST_PAGES);
         // Another pass only for pairs whose range was rewritten or carved under the last one.
-        let mut now = clock::now(&ctx.pool).await?;
         for pass in 1..=PLAN_PASSES {
-            let (plan, planned_at) = self.plan(&ctx.pool).await?;
-            now = planned_at;
+            let (plan, now) = self.plan(ctx).await?;
             let mut missing = false;
             for (range, pairs) in plan {
                 if let Some(stop) = ctx.interrupted() {
                     report.completion = stop;
-                    return Ok(now);
+                    return Ok(());
                 }
-                let rewritable = self.settings.compaction && range.kind == RangeKind::Range && !range.is_live(now);
+                // A range being rewritten (a merge by `partitions`) loses its due rows by row
+                // deletes meanwhile: its change log records them, and its rewrite replays them.
+                let rewritable = self.settings.compaction && range.kind == RangeKind::Range && !range.is_live() && range.rewrite_id.is_none();
                 if rewritable {
                     if costs.is_none() {
                         costs = Some(self.costs(&ctx.pool).await?);
                     }
                     let rows = pairs.first().map_or(0, |p| p.range_rows);
                     if Self::rewrite_pays(&range, rows, &pairs, now, costs.as_ref().unwrap()) {
-                        let purged: Vec<Uuid> = pairs.iter().filter(|p| p.purged).map(|p| p.tenant_id).collect();
-                        let with = RewriteWith {
-                            task: NAME,
-                            grace: self.settings.deleted_tenant_grace,
-                            limits,
-                            lock_timeout: self.compaction_lock_timeout,
-                            // A carve or a merge holding the layout usually ends soon.
-                            wait: true,
-                            removed_as: RemovedAs::Rules { purged: &purged },
-                        };
-                        let rewritten = shared::rewrite(ctx, std::slice::from_ref(&range), with, report).await?;
-                        if rewritten.is_some() {
-                            report.count("ranges compacted", 1);
-                            continue;
+                        // A carve or a merge holding the layout usually ends soon: wait for it.
+                        match rewrites::start(ctx, std::slice::from_ref(&range), NAME, self.steps(ctx), true, Naming::Rules, report).await? {
+                            Outcome::Done(_) => {
+                                report.count("ranges compacted", 1);
+                                continue;
+                            }
+                            Outcome::Interrupted => {
+                                report.completion = ctx.interrupted().unwrap_or_default();
+                                return Ok(());
+                            }
+                            // Not now (a lock not had in time, a runner in the way): the range's
+                            // due rows go by row deletes, and a rewrite started is given up, so
+                            // that it does not replay every one of them.
+                            Outcome::Waiting(why) => {
+                                tracing::info!(range = range.tasks_name, reason = why.as_str(), "range not compacted; its due rows go by row deletes");
+                                self.give_up_compaction(ctx, &range).await?;
+                            }
+                            Outcome::Abandoned(why) => {
+                                tracing::warn!(range = range.tasks_name, reason = %why, "compaction abandoned; its due rows go by row deletes");
+                            }
                         }
                     }
                 }
                 let mut pairs = pairs;
-                if let Some(pages) = self.sweep_pays(ctx, &range, &pairs, now).await? {
+                if let Some(pages) = self.sweep_pays(ctx, &range, &pairs).await? {
                     match self.sweep_range(ctx, &range, pages, &mut block_sizer, report).await? {
                         Swept::Done { still_due } => pairs = still_due,
                         Swept::Interrupted => {
                             report.completion = ctx.interrupted().unwrap_or_default();
-                            return Ok(now);
+                            return Ok(());
                         }
                         Swept::RangeMissing => {
                             missing = true;
@@ -603,12 +778,12 @@ impl TaskHistoryTask {
                 }
                 if !touched.is_empty() {
                     let mut tx = repository::batch::begin_bookkeeping(&ctx.pool).await?;
-                    facts::resummarise(&mut tx, &touched).await?;
+                    facts::resummarise(&mut tx, &touched, &ctx.rule(self.settings.deleted_tenant_grace)).await?;
                     tx.commit().await?;
                 }
                 if interrupted {
                     report.completion = ctx.interrupted().unwrap_or_default();
-                    return Ok(now);
+                    return Ok(());
                 }
             }
             if !missing {
@@ -627,20 +802,20 @@ impl TaskHistoryTask {
             tx.commit().await?;
         }
         shared::observe_row_deletes(&ctx.pool, cost.tasks, cost.spent).await?;
-        Ok(now)
+        Ok(())
     }
 
-    /// What a run would delete now.
+    /// What a run would delete now: counted by the rule, range by range, reading only.
     async fn count_due(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
-        let now = clock::now(pool).await?;
+        let rule = Rule::new(clock::now(pool).await?, self.settings.deleted_tenant_grace);
         let mut report = DryRunReport::default();
-        for due in deletes::count_due(pool, self.settings.deleted_tenant_grace).await? {
-            report.add("retention", due.retained as u64);
-            report.add("deleted-tenants", due.purged as u64);
-            report.add_tenant(due.tenant_id, (due.retained + due.purged) as u64);
+        let due = previews::due(pool, &rule, self.settings.statement_timeout).await?;
+        for tenant in due.tenants {
+            report.add("retention", tenant.retained as u64);
+            report.add("deleted-tenants", tenant.purged as u64);
+            report.add_tenant(tenant.tenant_id, (tenant.retained + tenant.purged) as u64);
         }
-        let orphans = deletes::count_orphan_events(pool, watermarks::get(pool, ORPHAN_WATERMARK).await?, now - ORPHAN_AGE).await?;
-        report.add("orphan-events", orphans as u64);
+        report.add("orphan-events", due.orphan_events as u64);
         Ok(report)
     }
 }

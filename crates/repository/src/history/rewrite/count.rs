@@ -1,0 +1,215 @@
+//! The count, after the swap: the detached sources, which nothing writes to any more, walked in
+//! block ranges and their rows decided by the rule as the swap recorded it (the rewrite's instant,
+//! each tenant's rules, the holds then in force). The new range holds exactly what that rule
+//! keeps of them, so what it finds due is exactly what went: the receipts are exact, whatever
+//! writers did to the new range since. Each chunk adds to the receipts of the run that started
+//! the rewrite, and deletes the queue items of the tasks that went (by the queue-items rule as it
+//! is now: a hold added since keeps them), in one transaction with its cursor: a crash between
+//! chunks loses nothing and counts nothing twice. The chunk's reads lock the detached tables,
+//! which are dropped only once the count is done ([`finish`]).
+
+use sqlx::{FromRow, PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::{lock, Phase, Rewrite};
+use crate::batch::{self, BatchLimits};
+use crate::heap::BlockRange;
+use crate::receipts;
+use crate::rule::{self, Rule};
+use crate::sql::Sql;
+
+/// What went of one tenant under one rule, as a chunk counted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Went {
+    pub tenant_id: Uuid,
+    /// `retention`, `deleted-tenants` or `orphan-events`.
+    pub rule: String,
+    pub tasks: i64,
+    pub events: i64,
+    pub queue_items: i64,
+}
+
+/// What one chunk did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// Pages walked (0: the phase moved on instead).
+    pub pages: u32,
+    pub went: Vec<Went>,
+}
+
+#[derive(FromRow)]
+struct ChunkRow {
+    tenant_ids: Vec<Uuid>,
+    rules: Vec<String>,
+    tasks: Vec<i64>,
+    events: Vec<i64>,
+    queue_items: Vec<i64>,
+    rules_version: i64,
+}
+
+/// Counts up to `pages` pages of the detached source the cursor is at (its tasks in the
+/// `count-tasks` phase, its events in `count-events`), adds what went to the receipts and
+/// deletes the queue items of the tasks that went (by `queue_rule`, the run's), then confirms
+/// the rules if it deleted any. Past a source's last page, moves the cursor on; past the last
+/// source's events, the rewrite is [`Rewrite::counted`]. In the caller's transaction.
+pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages: u32, queue_rule: &Rule) -> Result<Counted, sqlx::Error> {
+    let Some(source) = rewrite.current_source() else { return Ok(Counted::default()) };
+    let relid = match rewrite.phase {
+        Phase::CountTasks => source.tasks_relid,
+        Phase::CountEvents => source.events_relid,
+        phase => return Err(sqlx::Error::Protocol(format!("rewrite {} is not counting but at {}", rewrite.id, phase.as_str()))),
+    };
+    let total: i64 =
+        sqlx::query_scalar("SELECT pg_relation_size($1) / current_setting('block_size')::bigint").bind(relid).fetch_one(&mut *conn).await?;
+    if rewrite.block >= total {
+        let (phase, next) = match rewrite.phase {
+            Phase::CountTasks if rewrite.source + 1 >= rewrite.sources.len() as i32 => (Phase::CountEvents, 0),
+            phase => (phase, rewrite.source + 1),
+        };
+        sqlx::query("UPDATE history_rewrites SET phase = $2, source = $3, block = 0 WHERE id = $1")
+            .bind(rewrite.id)
+            .bind(phase.as_str())
+            .bind(next)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(Counted::default());
+    }
+    let start = u32::try_from(rewrite.block).unwrap_or(u32::MAX);
+    let end = u32::try_from((rewrite.block + i64::from(pages.max(1))).min(total)).unwrap_or(u32::MAX);
+    let blocks = BlockRange { start, end };
+    let (from, to) = blocks.tids();
+    let (tasks, events): (String, String) =
+        sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text").bind(source.tasks_relid).bind(source.events_relid).fetch_one(&mut *conn).await?;
+    let recorded = rewrite.recorded_rule();
+    let receipt = rewrite.receipt();
+    let mut sql = match rewrite.phase {
+        Phase::CountTasks => {
+            let mut sql = Sql::new(
+                "WITH rt AS MATERIALIZED (SELECT * FROM history_rewrite_tenants WHERE rewrite_id = {id}),
+                 dropped AS MATERIALIZED (
+                     SELECT t.id, t.inserted_at, t.tenant_id, coalesce(t.finished_at, t.inserted_at) AS key,
+                            rt.deleted_at IS NOT NULL AS purged
+                     FROM {tasks} t LEFT JOIN rt ON rt.tenant_id = t.tenant_id
+                     WHERE t.ctid >= {from}::tid AND t.ctid < {to}::tid AND {due}
+                 ), queue AS (
+                     DELETE FROM queue_items q USING dropped d
+                     WHERE q.task_id = d.id AND q.task_inserted_at = d.inserted_at AND {queue_due}
+                     RETURNING q.task_id, q.task_inserted_at
+                 ), by_task AS (
+                     SELECT tenant_id, purged, count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM dropped GROUP BY 1, 2
+                 ), by_queue AS (
+                     SELECT d.tenant_id, d.purged, count(*) AS n
+                     FROM queue q JOIN dropped d ON d.id = q.task_id AND d.inserted_at = q.task_inserted_at GROUP BY 1, 2
+                 ), went AS (
+                     SELECT b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END AS rule,
+                            b.tasks, 0::bigint AS events, coalesce(q.n, 0) AS queue_items, b.oldest, b.newest
+                     FROM by_task b LEFT JOIN by_queue q ON q.tenant_id = b.tenant_id AND q.purged = b.purged
+                 ), receipt AS (
+                     {receipt}
+                 ), moved AS (
+                     UPDATE history_rewrites SET block = {end} WHERE id = {id2}
+                 )
+                 SELECT coalesce(array_agg(tenant_id ORDER BY tenant_id, rule), '{{}}') AS tenant_ids,
+                        coalesce(array_agg(rule ORDER BY tenant_id, rule), '{{}}') AS rules,
+                        coalesce(array_agg(tasks ORDER BY tenant_id, rule), '{{}}') AS tasks,
+                        coalesce(array_agg(events ORDER BY tenant_id, rule), '{{}}') AS events,
+                        coalesce(array_agg(queue_items ORDER BY tenant_id, rule), '{{}}') AS queue_items,
+                        {version} AS rules_version
+                 FROM went",
+            );
+            sql.raw("tasks", tasks).with("due", recorded.task_due("t", "rt")).with("queue_due", queue_rule.queue_item_due("q"));
+            sql
+        }
+        _ => {
+            let mut sql = Sql::new(
+                "WITH rt AS MATERIALIZED (SELECT * FROM history_rewrite_tenants WHERE rewrite_id = {id}),
+                 ev AS MATERIALIZED (
+                     SELECT e.tenant_id AS e_tenant_id, e.task_id AS e_task_id, e.task_inserted_at AS e_task_inserted_at,
+                            e.created_at AS e_created_at, t.id, t.tenant_id, t.status, t.finished_at, t.inserted_at
+                     FROM {events} e LEFT JOIN {tasks} t ON t.id = e.task_id AND t.inserted_at = e.task_inserted_at
+                     WHERE e.ctid >= {from}::tid AND e.ctid < {to}::tid
+                 ), orphan AS (
+                     SELECT e_tenant_id AS tenant_id, e_task_id AS task_id, e_task_inserted_at AS task_inserted_at, e_created_at AS created_at
+                     FROM ev WHERE ev.id IS NULL
+                 ), went AS (
+                     SELECT ev.tenant_id, CASE WHEN rt.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END AS rule,
+                            0::bigint AS tasks, count(*) AS events, 0::bigint AS queue_items,
+                            NULL::timestamptz AS oldest, NULL::timestamptz AS newest
+                     FROM ev LEFT JOIN rt ON rt.tenant_id = ev.tenant_id
+                     WHERE ev.id IS NOT NULL AND {due}
+                     GROUP BY 1, 2
+                     UNION ALL
+                     SELECT o.tenant_id, 'orphan-events', 0, count(*), 0, min(o.created_at), max(o.created_at)
+                     FROM orphan o WHERE {orphan_due}
+                     GROUP BY 1
+                 ), receipt AS (
+                     {receipt}
+                 ), moved AS (
+                     UPDATE history_rewrites SET block = {end} WHERE id = {id2}
+                 )
+                 SELECT coalesce(array_agg(tenant_id ORDER BY tenant_id, rule), '{{}}') AS tenant_ids,
+                        coalesce(array_agg(rule ORDER BY tenant_id, rule), '{{}}') AS rules,
+                        coalesce(array_agg(tasks ORDER BY tenant_id, rule), '{{}}') AS tasks,
+                        coalesce(array_agg(events ORDER BY tenant_id, rule), '{{}}') AS events,
+                        coalesce(array_agg(queue_items ORDER BY tenant_id, rule), '{{}}') AS queue_items,
+                        {version} AS rules_version
+                 FROM went",
+            );
+            sql.raw("events", events)
+                .raw("tasks", tasks.clone())
+                .with("due", recorded.task_due("ev", "rt"))
+                .with("orphan_due", recorded.orphan_due("o", &tasks));
+            sql
+        }
+    };
+    sql.bind("id", rewrite.id)
+        .bind("id2", rewrite.id)
+        .bind("from", from)
+        .bind("to", to)
+        .bind("end", i64::from(end))
+        .with("receipt", receipts::add(&receipt, "SELECT tenant_id, rule, tasks, events, queue_items, oldest, newest FROM went"))
+        .raw("version", rule::VERSION);
+    let row: ChunkRow = sql.build_query_as().fetch_one(&mut *conn).await?;
+    let went: Vec<Went> = row
+        .tenant_ids
+        .into_iter()
+        .zip(row.rules)
+        .zip(row.tasks.into_iter().zip(row.events))
+        .zip(row.queue_items)
+        .map(|(((tenant_id, rule), (tasks, events)), queue_items)| Went { tenant_id, rule, tasks, events, queue_items })
+        .collect();
+    if went.iter().any(|w| w.queue_items > 0) {
+        rule::confirm(conn, row.rules_version).await?;
+    }
+    Ok(Counted { pages: blocks.pages(), went })
+}
+
+/// Drops the detached sources of rewrite `id` once its count is done, and forgets the rewrite.
+/// Returns false when another runner holds it or its count is not done. A source an operator
+/// renamed or attached again is left alone (and forgotten).
+pub async fn finish(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: std::time::Duration) -> Result<bool, sqlx::Error> {
+    let mut tx = batch::begin(pool, limits.with_lock_timeout(lock_timeout)).await?;
+    match lock(&mut tx, id).await {
+        Ok(Some(rewrite)) if rewrite.counted() => {}
+        Ok(_) => return tx.rollback().await.map(|()| false),
+        Err(error) if batch::is_lock_timeout(&error) => return Ok(false),
+        Err(error) => return Err(error),
+    }
+    let recorded: Vec<(sqlx::postgres::types::Oid, String)> =
+        sqlx::query_as("SELECT relid, relname FROM history_detached WHERE rewrite_id = $1 FOR UPDATE").bind(id).fetch_all(&mut *tx).await?;
+    for (relid, relname) in recorded {
+        match crate::history::detached::drop_if_ours(&mut tx, relid, &relname).await {
+            Ok(_) => {}
+            // Someone is reading it: the next run drops it.
+            Err(error) if batch::is_lock_timeout(&error) => {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            Err(error) => return Err(error),
+        }
+        sqlx::query("DELETE FROM history_detached WHERE relid = $1").bind(relid).execute(&mut *tx).await?;
+    }
+    sqlx::query("DELETE FROM history_rewrites WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(true)
+}

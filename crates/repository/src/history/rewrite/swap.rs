@@ -1,0 +1,156 @@
+//! The swap: the sources detached and the new range attached in one transaction, under the
+//! parents' ACCESS EXCLUSIVE lock, held for the catalog changes and the last replay only.
+//!
+//! Under that lock no statement waits for a row lock: every row it changes is the rewrite's own
+//! (locked before the parents) or new, and the rules' check never waits; a session holding a row
+//! lock while waiting for the parents (a facts refresh reading `tasks`) would otherwise deadlock
+//! with it. The rules are held (shared) from their check to the commit: a hold or a window change
+//! committed before the check stops the swap (the tenants concerned are copied again first), and
+//! one that comes later waits for the swap's commit.
+
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::types::Oid;
+use sqlx::PgPool;
+
+use super::{lock, not_now, replay, NotNow, Phase};
+use crate::batch::{self, BatchLimits};
+use crate::history::ranges::{self, take_layout_lock, NewRange};
+use crate::history::{detached, ident, LogMode, ENGINE_WRITE};
+use crate::rule;
+
+/// What a swap did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Swapped {
+    /// How long the parents' lock was held.
+    pub locked: Duration,
+}
+
+/// Log entries the last replay consumes per statement (it loops until none is left).
+const FINAL_PASS: i64 = 10_000;
+
+/// Swaps rewrite `id` (in its catch-up, caught up) in: `lock_timeout` bounds the waits for the
+/// layout lock and the parents' lock. Sources an operator detached meanwhile come back as
+/// [`NotNow::SourcesBusy`]: see [`sources_gone`].
+pub async fn swap(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: Duration) -> Result<Result<Swapped, NotNow>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = batch::begin_on(&mut conn, limits.with_lock_timeout(lock_timeout)).await?;
+    sqlx::query(ENGINE_WRITE).execute(&mut *tx).await?;
+    match take_layout_lock(&mut tx, true).await {
+        Ok(true) => {}
+        Ok(false) => return not_now(tx, NotNow::LayoutBusy).await,
+        Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::LayoutBusy).await,
+        Err(error) => return Err(error),
+    }
+    let rewrite = match lock(&mut tx, id).await {
+        Ok(Some(rewrite)) if rewrite.phase == Phase::CatchUp => rewrite,
+        Ok(_) => return not_now(tx, NotNow::Taken).await,
+        Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::Taken).await,
+        Err(error) => return Err(error),
+    };
+    let relids: Vec<Oid> = rewrite.sources.iter().map(|s| s.tasks_relid).collect();
+    let locked: Vec<Oid> =
+        match sqlx::query_scalar("SELECT tasks_relid FROM history_ranges WHERE tasks_relid = ANY($1) AND rewrite_id = $2 FOR UPDATE NOWAIT")
+            .bind(&relids)
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+        {
+            Ok(locked) => locked,
+            // A row-delete batch holds a source's row for a moment: try again soon.
+            Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::SourcesBusy).await,
+            Err(error) => return Err(error),
+        };
+    if locked.len() != relids.len() {
+        return not_now(tx, NotNow::SourcesBusy).await;
+    }
+    let sources: Vec<crate::history::Range> = ranges::all(&mut *tx).await?.into_iter().filter(|r| relids.contains(&r.tasks_relid)).collect();
+    for source in &sources {
+        ranges::verify_bounds(&mut tx, source).await?;
+    }
+    let names: Vec<&str> = sources.iter().flat_map(|s| [s.tasks_name.as_str(), s.events_name.as_str()]).collect();
+    match ranges::lock_parents(&mut tx, &names, lock_timeout).await {
+        Ok(()) => {}
+        Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::LockTimeout).await,
+        // A writer locked `task_events` before `tasks` in one transaction while the swap held
+        // `tasks` and waited for `task_events`: PostgreSQL cancelled the swap.
+        Err(error) if batch::is_retryable(&error) => return not_now(tx, NotNow::Deadlock).await,
+        Err(error) => return Err(error),
+    }
+    let lock_started = Instant::now();
+    match rule::confirm(&mut tx, rewrite.rules_version).await {
+        Ok(()) => {}
+        Err(error) if batch::is_retryable(&error) => return not_now(tx, NotNow::RulesChanged).await,
+        Err(error) => return Err(error),
+    }
+    while replay::log_pass(&mut tx, &rewrite, FINAL_PASS).await? as i64 >= FINAL_PASS {}
+    // The rules the count will decide by: every tenant's (those not recorded yet; usually none
+    // are left) and the holds in force at the rewrite's instant.
+    if !replay::record_tenant_rules(&mut tx, &rewrite).await? {
+        return not_now(tx, NotNow::RulesChanged).await;
+    }
+    sqlx::query(
+        "UPDATE history_rewrites SET
+             held_tenants = ARRAY (SELECT h.tenant_id FROM retention_holds h
+                                   WHERE h.task_id IS NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > rule_now)),
+             held_tasks = ARRAY (SELECT h.task_id FROM retention_holds h
+                                 WHERE h.task_id IS NOT NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > rule_now))
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+
+    for source in &sources {
+        for (parent, relid, name) in
+            [("tasks", source.tasks_relid, &source.tasks_name), ("task_events", source.events_relid, &source.events_name)]
+        {
+            sqlx::query(&format!("ALTER TABLE {parent} DETACH PARTITION {name}")).execute(&mut *tx).await?;
+            let renamed = format!("{}_detached_{}", name.trim_matches('"'), relid.0);
+            sqlx::query(&format!("ALTER TABLE {name} RENAME TO {}", ident(&renamed))).execute(&mut *tx).await?;
+            detached::record(&mut tx, relid, &renamed, &source.lower_text(), &source.upper_text(), Some(id)).await?;
+        }
+    }
+    let (lower, upper) = (rewrite.lower_text(), rewrite.upper_text());
+    for name in [&rewrite.new_tasks_name, &rewrite.new_events_name] {
+        let final_name = name.strip_suffix("_new").unwrap_or(name);
+        sqlx::query(&format!("ALTER TABLE {} RENAME TO {}", ident(name), ident(final_name))).execute(&mut *tx).await?;
+    }
+    ranges::attach(&mut tx, rewrite.new_tasks, rewrite.new_events, &lower, &upper).await?;
+    sqlx::query("DELETE FROM history_ranges WHERE tasks_relid = ANY($1)").bind(&relids).execute(&mut *tx).await?;
+    // Not settled: until its facts are rebuilt (right after the commit, or by the next run's
+    // settle after a crash) the new range is probed, never trusted.
+    let new_range = NewRange {
+        tables: (rewrite.new_tasks, rewrite.new_events),
+        lower: &lower,
+        upper: &upper,
+        kind: "range",
+        rows: rewrite.tasks_kept,
+        settled: false,
+        log_mode: LogMode::All,
+    };
+    ranges::record(&mut tx, new_range).await?;
+    let locked = lock_started.elapsed();
+    sqlx::query(
+        "UPDATE history_rewrites SET phase = 'count-tasks', source = 0, block = 0, swapped_at = now(), lock_ms = $2 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(locked.as_secs_f64() * 1000.0)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let locked = lock_started.elapsed().max(locked);
+
+    // The old ranges' facts (ignored since their ranges are gone: removed for tidiness). The new
+    // range's are built by the next settle, in block ranges; until then it is probed.
+    sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = ANY($1)").bind(&relids).execute(&mut *conn).await?;
+    Ok(Ok(Swapped { locked }))
+}
+
+/// Whether rewrite `id`'s sources are gone from the layout (an operator detached one): it can
+/// then only be abandoned.
+pub async fn sources_gone(pool: &PgPool, id: i64) -> Result<bool, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let Some(rewrite) = super::in_progress(&mut conn).await?.into_iter().find(|r| r.id == id) else { return Ok(false) };
+    Ok(rewrite.phase.before_swap() && !super::sources_attached(&mut conn, &rewrite).await?)
+}
