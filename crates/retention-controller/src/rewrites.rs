@@ -118,6 +118,8 @@ pub async fn resume(ctx: &RunContext, task: &'static str, steps: Steps, naming: 
 enum Step {
     /// A chunk of pages (copied or counted): sized by the sizer.
     Pages(u32),
+    /// The swap: paced like a batch (it held the tables' lock), not sized.
+    Swapped,
     /// Something else done; go on.
     Other,
     /// The rewrite is counted and gone.
@@ -140,6 +142,11 @@ pub async fn advance(ctx: &RunContext, id: i64, steps: Steps, naming: Naming, re
         let pages = match result {
             Ok(Step::Pages(pages)) => pages,
             Ok(Step::Other) => continue,
+            Ok(Step::Swapped) => {
+                report.batches += 1;
+                ctx.batch_done(elapsed, report, None).await;
+                continue;
+            }
             Ok(Step::Finished(done)) => return Ok(Outcome::Done(done)),
             Ok(Step::Stop(outcome)) => return Ok(outcome),
             Err(error) => match sizer.settle(elapsed, Err::<(), _>(error)) {
@@ -234,7 +241,7 @@ async fn step(
                         lock_ms = swapped.locked.as_millis() as u64,
                         "swapped the rewritten range in; counting what went"
                     );
-                    Ok(Step::Other)
+                    Ok(Step::Swapped)
                 }
                 Err(NotNow::RulesChanged) => Ok(Step::Other),
                 Err(NotNow::SourcesBusy) if swap::sources_gone(&ctx.pool, id).await? => {
