@@ -55,17 +55,26 @@ fn ago(base: DateTime<Utc>, minutes: i64) -> DateTime<Utc> {
 const FINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
 /// The tasks the contract says are due at `now`.
-fn removed(tasks: &[Task], tenants: &HashMap<Uuid, Tenant>, now: DateTime<Utc>) -> HashSet<TaskKey> {
-    tasks.iter().filter(|t| task_due(t, tenants, now)).map(|t| t.key).collect()
+fn removed(
+    tasks: &[Task],
+    tenants: &HashMap<Uuid, Tenant>,
+    now: DateTime<Utc>,
+) -> HashSet<TaskKey> {
+    tasks
+        .iter()
+        .filter(|t| task_due(t, tenants, now))
+        .map(|t| t.key)
+        .collect()
 }
 
 fn task_due(task: &Task, tenants: &HashMap<Uuid, Tenant>, now: DateTime<Utc>) -> bool {
-    let Some(tenant) = tenants.get(&task.tenant) else { return false };
+    let Some(tenant) = tenants.get(&task.tenant) else {
+        return false;
+    };
     match (tenant.deleted_at, tenant.retention) {
         (Some(deleted), _) => deleted < now - GRACE,
         (None, Some(period)) => {
-            FINAL.contains(&task.status)
-                && task.finished_at.unwrap_or(task.key.1) < now - period
+            FINAL.contains(&task.status) && task.finished_at.unwrap_or(task.key.1) < now - period
         }
         (None, None) => false,
     }
@@ -82,7 +91,13 @@ async fn scenario(seed: u64) {
     create_day(pool, today - Span::days(40)).await;
     create_day(pool, today + Span::days(6)).await;
 
-    let periods = [Some(Span::hours(1)), Some(Span::days(1)), Some(Span::days(3)), Some(Span::days(20)), None];
+    let periods = [
+        Some(Span::hours(1)),
+        Some(Span::days(1)),
+        Some(Span::days(3)),
+        Some(Span::days(20)),
+        None,
+    ];
     let mut tenants = HashMap::new();
     for _ in 0..6 {
         let retention = periods[rng.usize(..periods.len())];
@@ -92,7 +107,13 @@ async fn scenario(seed: u64) {
         };
         let text = retention.map(|p| format!("{} minutes", p.num_minutes()));
         let id = insert_tenant(pool, text.as_deref(), deleted_at).await;
-        tenants.insert(id, Tenant { retention, deleted_at });
+        tenants.insert(
+            id,
+            Tenant {
+                retention,
+                deleted_at,
+            },
+        );
     }
     let tenant_ids: Vec<Uuid> = tenants.keys().copied().collect();
     let unknown_tenant = Uuid::new_v4();
@@ -100,11 +121,15 @@ async fn scenario(seed: u64) {
     let statuses = ["queued", "running", "succeeded", "failed", "cancelled"];
     let mut tasks_seeded = Vec::new();
     for _ in 0..400 {
-        let tenant = if rng.u8(..20) == 0 { unknown_tenant } else { tenant_ids[rng.usize(..tenant_ids.len())] };
+        let tenant = if rng.u8(..20) == 0 {
+            unknown_tenant
+        } else {
+            tenant_ids[rng.usize(..tenant_ids.len())]
+        };
         let inserted_at = match rng.u8(..20) {
-            0 => ago(now, 60 * 24 * rng.i64(365..3650)),   // years back: default partition
-            1 => ago(now, -60 * 24 * rng.i64(30..3650)),   // ahead: default partition
-            _ => ago(now, rng.i64(0..45 * 24 * 60)),       // the last 45 days
+            0 => ago(now, 60 * 24 * rng.i64(365..3650)), // years back: default partition
+            1 => ago(now, -60 * 24 * rng.i64(30..3650)), // ahead: default partition
+            _ => ago(now, rng.i64(0..45 * 24 * 60)),     // the last 45 days
         };
         let status = statuses[rng.usize(..statuses.len())];
         let finished_at = match (status, rng.u8(..4)) {
@@ -112,25 +137,40 @@ async fn scenario(seed: u64) {
             _ => Some(inserted_at + Span::minutes(rng.i64(0..5 * 24 * 60))),
         };
         let key = insert_task(pool, tenant, status, inserted_at, finished_at).await;
-        tasks_seeded.push(Task { key, tenant, status, finished_at });
+        tasks_seeded.push(Task {
+            key,
+            tenant,
+            status,
+            finished_at,
+        });
     }
     let mut events = Vec::new();
     let mut items = Vec::new();
     for _ in 0..600 {
         let (tenant, task) = if rng.u8(..5) == 0 {
             // an orphan: no task at that key
-            (tenant_ids[rng.usize(..tenant_ids.len())], (Uuid::new_v4(), ago(now, rng.i64(0..45 * 24 * 60))))
+            (
+                tenant_ids[rng.usize(..tenant_ids.len())],
+                (Uuid::new_v4(), ago(now, rng.i64(0..45 * 24 * 60))),
+            )
         } else {
             let t = &tasks_seeded[rng.usize(..tasks_seeded.len())];
             (t.tenant, t.key)
         };
         let created_at = ago(now, rng.i64(0..3 * 60)); // around the one-hour orphan line
         let id = insert_event(pool, tenant, task, created_at).await;
-        events.push(Event { id, task, created_at });
+        events.push(Event {
+            id,
+            task,
+            created_at,
+        });
     }
     for _ in 0..200 {
         let (tenant, task) = if rng.u8(..5) == 0 {
-            (tenant_ids[rng.usize(..tenant_ids.len())], (Uuid::new_v4(), now))
+            (
+                tenant_ids[rng.usize(..tenant_ids.len())],
+                (Uuid::new_v4(), now),
+            )
         } else {
             let t = &tasks_seeded[rng.usize(..tasks_seeded.len())];
             (t.tenant, t.key)
@@ -150,7 +190,8 @@ async fn scenario(seed: u64) {
     let existed: HashSet<TaskKey> = tasks_seeded.iter().map(|t| t.key).collect();
     let gone = removed(&tasks_seeded, &tenants, now);
     let surviving: HashSet<TaskKey> = existed.difference(&gone).copied().collect();
-    let status_of: HashMap<TaskKey, &str> = tasks_seeded.iter().map(|t| (t.key, t.status)).collect();
+    let status_of: HashMap<TaskKey, &str> =
+        tasks_seeded.iter().map(|t| (t.key, t.status)).collect();
     let expected_tasks = sorted_keys(surviving.iter().copied().collect());
     let expected_events = sorted_ids(
         events
@@ -170,7 +211,9 @@ async fn scenario(seed: u64) {
         items
             .iter()
             .filter(|q| {
-                let tenant_deleted = tenants.get(&q.tenant).is_some_and(|t| t.deleted_at.is_some());
+                let tenant_deleted = tenants
+                    .get(&q.tenant)
+                    .is_some_and(|t| t.deleted_at.is_some());
                 !tenant_deleted
                     && surviving.contains(&q.task)
                     && matches!(status_of.get(&q.task), Some(&"queued") | Some(&"running"))
@@ -179,20 +222,40 @@ async fn scenario(seed: u64) {
             .collect(),
     );
 
-    same(task_keys(pool).await, expected_tasks, &format!("tasks, seed {seed}"));
-    same(event_ids(pool).await, expected_events, &format!("events, seed {seed}"));
-    same(queue_item_ids(pool).await, expected_items, &format!("queue items, seed {seed}"));
+    same(
+        task_keys(pool).await,
+        expected_tasks,
+        &format!("tasks, seed {seed}"),
+    );
+    same(
+        event_ids(pool).await,
+        expected_events,
+        &format!("events, seed {seed}"),
+    );
+    same(
+        queue_item_ids(pool).await,
+        expected_items,
+        &format!("queue items, seed {seed}"),
+    );
 
     // A second pass finds nothing more to delete.
     for task in tasks::all(&settings) {
         let report = run_task(task.as_ref(), pool).await;
-        assert_eq!(report.deleted, 0, "{} deleted more on a second pass, seed {seed}", task.name());
+        assert_eq!(
+            report.deleted,
+            0,
+            "{} deleted more on a second pass, seed {seed}",
+            task.name()
+        );
     }
 }
 
 #[tokio::test]
 async fn survivors_match_a_model_of_the_contract() {
-    let base = std::env::var("MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261122u64);
+    let base = std::env::var("MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261122u64);
     for seed in base..base + 6 {
         scenario(seed).await;
     }

@@ -20,7 +20,10 @@ async fn the_history_tasks_never_fail_each_other() {
     let daily = insert_tenant(pool, Some("1 day"), None).await;
     let forever = insert_tenant(pool, None, None).await;
     let history = TaskHistoryTask::new(TaskHistorySettings::default());
-    let partitions = PartitionsTask::new(PartitionsSettings::default(), std::time::Duration::from_secs(86_400));
+    let partitions = PartitionsTask::new(
+        PartitionsSettings::default(),
+        std::time::Duration::from_secs(86_400),
+    );
     let mut kept = 0i64;
     for round in 0..4 {
         // Every past day gets due rows (enough that compacting it pays) and a few kept ones.
@@ -39,22 +42,37 @@ async fn the_history_tasks_never_fail_each_other() {
         kept += 23 * 30;
         let (a, b) = tokio::join!(run_task(&history, pool), run_task(&partitions, pool));
         let rule = repository::rule::Rule::new(now, std::time::Duration::from_secs(86_400));
-        let mut count = repository::sql::Sql::new("SELECT count(*) FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id WHERE {due}");
+        let mut count = repository::sql::Sql::new(
+            "SELECT count(*) FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id WHERE {due}",
+        );
         count.with("due", rule.task_due("t", "tn"));
         let due_left: i64 = count.build_query_scalar().fetch_one(pool).await.unwrap();
         assert_eq!(due_left, 0, "round {round}: {a:?} {b:?}");
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(pool).await.unwrap();
-        assert_eq!(left, kept, "round {round}: only the forever tenant's rows are left");
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            left, kept,
+            "round {round}: only the forever tenant's rows are left"
+        );
     }
 }
 
 /// A tenant deleted two days ago with a task running since an hour from now (or from the
 /// future range's start), in the future range: what a carve of today moves.
-async fn running_task_of_a_deleted_tenant_in_the_future_range(pool: &sqlx::PgPool) -> (repository::history::Range, uuid::Uuid, TaskKey) {
+async fn running_task_of_a_deleted_tenant_in_the_future_range(
+    pool: &sqlx::PgPool,
+) -> (repository::history::Range, uuid::Uuid, TaskKey) {
     use repository::history::{ranges, RangeKind};
     let now = db_now(pool).await;
     let doomed = insert_tenant(pool, None, Some(now - Span::days(2))).await;
-    let future = ranges::all(pool).await.unwrap().into_iter().find(|r| r.kind == RangeKind::Future).unwrap();
+    let future = ranges::all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.kind == RangeKind::Future)
+        .unwrap();
     let at = future.lower.unwrap().max(now) + Span::hours(1);
     let task = insert_task(pool, doomed, "running", at, None).await;
     assert_eq!(home_of(pool, task).await, future.tasks_name);
@@ -78,15 +96,30 @@ async fn a_batch_planned_before_a_carve_finds_the_range_moved_and_the_run_plans_
     // The carve moves the task into a day of its own; the future range keeps its table.
     let mut tx = pool.begin().await.unwrap();
     ranges::take_layout_lock(&mut tx, true).await.unwrap();
-    ranges::carve_days(&mut tx, at.date_naive(), std::time::Duration::from_secs(5)).await.unwrap();
+    ranges::carve_days(&mut tx, at.date_naive(), std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_ne!(home_of(pool, task).await, future.tasks_name);
 
     let receipt = repository::receipts::RunReceipt::new(uuid::Uuid::now_v7(), "task-history");
-    let rule = repository::rule::Rule::new(db_now(pool).await, std::time::Duration::from_secs(86_400));
+    let rule =
+        repository::rule::Rule::new(db_now(pool).await, std::time::Duration::from_secs(86_400));
     let mut conn = pool.acquire().await.unwrap();
-    let batch = deletes::delete_batch(&mut conn, &planned, &mut Walk::purged(), &rule, 100, &receipt).await.unwrap();
-    assert!(batch.range_missing, "a batch on the range as planned must find it moved: {batch:?}");
+    let batch = deletes::delete_batch(
+        &mut conn,
+        &planned,
+        &mut Walk::purged(),
+        &rule,
+        100,
+        &receipt,
+    )
+    .await
+    .unwrap();
+    assert!(
+        batch.range_missing,
+        "a batch on the range as planned must find it moved: {batch:?}"
+    );
     assert_eq!(task_keys(pool).await, vec![task]);
 
     // A run plans the new range and deletes the task.
@@ -110,7 +143,13 @@ async fn a_plan_sees_the_layout_and_the_rows_as_of_one_moment() {
     // The carve holds the future range's tables until it commits: the run's probe of them waits.
     let mut carve = pool.begin().await.unwrap();
     ranges::take_layout_lock(&mut carve, true).await.unwrap();
-    ranges::carve_days(&mut carve, at.date_naive(), std::time::Duration::from_secs(5)).await.unwrap();
+    ranges::carve_days(
+        &mut carve,
+        at.date_naive(),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let history = TaskHistoryTask::new(TaskHistorySettings::default());
     let run = tokio::spawn({
         let pool = pool.clone();
@@ -121,15 +160,38 @@ async fn a_plan_sees_the_layout_and_the_rows_as_of_one_moment() {
     let waiting = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
                                   WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE $1)";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !sqlx::query_scalar::<_, bool>(waiting).bind(probe).fetch_one(pool).await.unwrap() {
-        assert!(!run.is_finished(), "the run ended without reading the future range while the carve held it");
-        assert!(std::time::Instant::now() < deadline, "the run's probe of the future range never waited for the carve");
+    while !sqlx::query_scalar::<_, bool>(waiting)
+        .bind(probe)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    {
+        assert!(
+            !run.is_finished(),
+            "the run ended without reading the future range while the carve held it"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run's probe of the future range never waited for the carve"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     carve.commit().await.unwrap();
-    assert_ne!(home_of(pool, task).await, future.tasks_name, "the carve moved the task into a day of its own");
+    assert_ne!(
+        home_of(pool, task).await,
+        future.tasks_name,
+        "the carve moved the task into a day of its own"
+    );
 
     let report = run.await.unwrap();
-    assert_eq!(report.completion, retention_controller::Completion::Done, "{report:?}");
-    assert_eq!(task_keys(pool).await, vec![], "the run that ended done left the deleted tenant's task: {report:?}");
+    assert_eq!(
+        report.completion,
+        retention_controller::Completion::Done,
+        "{report:?}"
+    );
+    assert_eq!(
+        task_keys(pool).await,
+        vec![],
+        "the run that ended done left the deleted tenant's task: {report:?}"
+    );
 }

@@ -23,13 +23,23 @@ async fn each_tenant_keeps_exactly_its_own_window_and_never_an_active_task() {
     let long_ago = now - Span::days(400);
     let (mut gone, mut kept) = (Expect::default(), Expect::default());
 
-    for (retention, period) in [("2 days", Span::days(2)), ("10 days", Span::days(10)), ("90 minutes", Span::minutes(90))] {
+    for (retention, period) in [
+        ("2 days", Span::days(2)),
+        ("10 days", Span::days(10)),
+        ("90 minutes", Span::minutes(90)),
+    ] {
         let tenant = insert_tenant(pool, Some(retention), None).await;
         let cutoff = now - period;
         for status in ["succeeded", "failed", "cancelled"] {
             // finished a minute before / after the cutoff
-            gone.add(insert_task_with_children(pool, tenant, status, long_ago, Some(cutoff - MINUTE)).await);
-            kept.add(insert_task_with_children(pool, tenant, status, long_ago, Some(cutoff + MINUTE)).await);
+            gone.add(
+                insert_task_with_children(pool, tenant, status, long_ago, Some(cutoff - MINUTE))
+                    .await,
+            );
+            kept.add(
+                insert_task_with_children(pool, tenant, status, long_ago, Some(cutoff + MINUTE))
+                    .await,
+            );
         }
         // no finished_at: inserted_at counts
         gone.add(insert_task_with_children(pool, tenant, "failed", cutoff - MINUTE, None).await);
@@ -37,7 +47,9 @@ async fn each_tenant_keeps_exactly_its_own_window_and_never_an_active_task() {
         // queued and running: never, however old
         for status in ["queued", "running"] {
             kept.add(insert_task_with_children(pool, tenant, status, long_ago, None).await);
-            kept.add(insert_task_with_children(pool, tenant, status, long_ago, Some(long_ago)).await);
+            kept.add(
+                insert_task_with_children(pool, tenant, status, long_ago, Some(long_ago)).await,
+            );
         }
     }
     // NULL retention keeps forever; a tenant id with no tenant row is named by no rule.
@@ -52,7 +64,14 @@ async fn each_tenant_keeps_exactly_its_own_window_and_never_an_active_task() {
     assert_eq!(event_ids(pool).await, sorted_ids(kept.events));
     assert_eq!(queue_item_ids(pool).await, sorted_ids(kept.items));
     let removed = gone.tasks.len() as u64;
-    assert_eq!(report.by_rule[..3], [("retention", removed), ("events", removed), ("queue-items", removed)]);
+    assert_eq!(
+        report.by_rule[..3],
+        [
+            ("retention", removed),
+            ("events", removed),
+            ("queue-items", removed)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -69,17 +88,32 @@ async fn a_deleted_tenant_loses_everything_after_the_grace_and_nothing_before() 
     for status in ["queued", "running", "succeeded"] {
         gone.add(insert_task_with_children(pool, past_grace, status, recent, None).await);
         // Within the grace the tenant is not live, so even its long-finished tasks stay.
-        kept.add(insert_task_with_children(pool, within_grace, status, now - Span::days(30), Some(now - Span::days(30))).await);
+        kept.add(
+            insert_task_with_children(
+                pool,
+                within_grace,
+                status,
+                now - Span::days(30),
+                Some(now - Span::days(30)),
+            )
+            .await,
+        );
     }
     let report = run_task(&history(), pool).await;
 
     assert_eq!(task_keys(pool).await, sorted_keys(kept.tasks));
     assert_eq!(event_ids(pool).await, sorted_ids(kept.events));
     assert_eq!(queue_item_ids(pool).await, sorted_ids(kept.items));
-    assert!(report.by_rule.contains(&("deleted-tenants", 3)), "{report:?}");
+    assert!(
+        report.by_rule.contains(&("deleted-tenants", 3)),
+        "{report:?}"
+    );
 
     // A configured grace moves the line.
-    let settings = TaskHistorySettings { deleted_tenant_grace: Duration::from_secs(3600), ..Default::default() };
+    let settings = TaskHistorySettings {
+        deleted_tenant_grace: Duration::from_secs(3600),
+        ..Default::default()
+    };
     run_task(&TaskHistoryTask::new(settings), pool).await;
     assert_eq!(task_keys(pool).await, vec![]);
 }
@@ -90,19 +124,40 @@ async fn a_changed_retention_applies_at_the_next_run() {
     let pool = &db.pool;
     let now = db_now(pool).await;
     let tenant = insert_tenant(pool, Some("30 days"), None).await;
-    let old = insert_task(pool, tenant, "succeeded", now - Span::days(5), Some(now - Span::days(5))).await;
-    let young = insert_task(pool, tenant, "succeeded", now - Span::days(1), Some(now - Span::days(1))).await;
+    let old = insert_task(
+        pool,
+        tenant,
+        "succeeded",
+        now - Span::days(5),
+        Some(now - Span::days(5)),
+    )
+    .await;
+    let young = insert_task(
+        pool,
+        tenant,
+        "succeeded",
+        now - Span::days(1),
+        Some(now - Span::days(1)),
+    )
+    .await;
     let task = history();
 
     run_task(&task, pool).await;
     assert_eq!(task_keys(pool).await, sorted_keys(vec![old, young]));
 
-    repository::tenants::set_retention(pool, tenant, Some(Duration::from_secs(3 * 86_400))).await.unwrap();
+    repository::tenants::set_retention(pool, tenant, Some(Duration::from_secs(3 * 86_400)))
+        .await
+        .unwrap();
     run_task(&task, pool).await;
     assert_eq!(task_keys(pool).await, vec![young]);
 
-    repository::tenants::set_retention(pool, tenant, None).await.unwrap();
-    sqlx::query("UPDATE tasks SET finished_at = now() - interval '1000 days'").execute(pool).await.unwrap();
+    repository::tenants::set_retention(pool, tenant, None)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tasks SET finished_at = now() - interval '1000 days'")
+        .execute(pool)
+        .await
+        .unwrap();
     run_task(&task, pool).await;
     assert_eq!(task_keys(pool).await, vec![young], "forever keeps");
 }
@@ -123,18 +178,26 @@ async fn orphan_events_go_after_an_hour_and_the_watermark_waits_for_young_ones()
     let linked_old = insert_event(pool, tenant, task, now - Span::days(2)).await;
     // A gap of ids (rolled-back inserts, or a mass delete): the walk passes it in several batches
     // of ids and still finds what lies beyond.
-    sqlx::query("SELECT setval('task_events_id_seq', (SELECT last_value FROM task_events_id_seq) + 25000)")
-        .execute(pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "SELECT setval('task_events_id_seq', (SELECT last_value FROM task_events_id_seq) + 25000)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
     let later_old_orphan = insert_event(pool, tenant, missing, now - Span::days(1)).await;
 
     let report = run_task(&history(), pool).await;
     assert!(report.by_rule.contains(&("orphan-events", 3)), "{report:?}");
     assert_eq!(event_ids(pool).await, vec![young_orphan, linked_old]);
     let _ = (old_orphan, old_mismatch, later_old_orphan);
-    let watermark = repository::watermarks::get(pool, "task-history.orphan-events").await.unwrap();
-    assert_eq!(watermark, young_orphan - 1, "the watermark waits just before the young orphan");
+    let watermark = repository::watermarks::get(pool, "task-history.orphan-events")
+        .await
+        .unwrap();
+    assert_eq!(
+        watermark,
+        young_orphan - 1,
+        "the watermark waits just before the young orphan"
+    );
 
     // The young orphan ages past the hour: the next run finds it although it was seen before.
     sqlx::query("UPDATE task_events SET created_at = now() - interval '2 hours' WHERE id = $1")
@@ -166,11 +229,23 @@ async fn a_purge_that_reaches_its_deadline_leaves_time_for_the_orphan_walk() {
     .unwrap();
     let missing: TaskKey = (uuid::Uuid::new_v4(), now - Span::days(3));
     let orphan = insert_event(pool, tenant, missing, now - Span::hours(2)).await;
-    let settings = TaskHistorySettings { batch_size: 1, max_run_time: Duration::from_secs(6), compaction: false, ..Default::default() };
+    let settings = TaskHistorySettings {
+        batch_size: 1,
+        max_run_time: Duration::from_secs(6),
+        compaction: false,
+        ..Default::default()
+    };
 
     let report = run_task(&TaskHistoryTask::new(settings), pool).await;
-    assert_eq!(report.completion, retention_controller::Completion::DeadlineReached);
-    let deleted = report.by_rule.iter().find(|(rule, _)| *rule == "retention").map_or(0, |(_, n)| *n);
+    assert_eq!(
+        report.completion,
+        retention_controller::Completion::DeadlineReached
+    );
+    let deleted = report
+        .by_rule
+        .iter()
+        .find(|(rule, _)| *rule == "retention")
+        .map_or(0, |(_, n)| *n);
     assert!(deleted > 0 && deleted < 20_000, "{report:?}");
     assert!(report.by_rule.contains(&("orphan-events", 1)), "{report:?}");
     assert!(!event_ids(pool).await.contains(&orphan));
@@ -228,21 +303,49 @@ async fn between_sweeps_queue_items_go_without_walking_the_heap() {
     }
     // The first run walks the heap once (nothing is due).
     let first = run_task(&task, pool).await;
-    assert!(first.counters.iter().any(|(c, _)| *c == "heap swept"), "{first:?}");
+    assert!(
+        first.counters.iter().any(|(c, _)| *c == "heap swept"),
+        "{first:?}"
+    );
 
     // A task finishes, another is deleted, a tenant is deleted.
-    sqlx::query("UPDATE tasks SET status = 'succeeded', finished_at = now() WHERE id = $1").bind(running[0].0).execute(pool).await.unwrap();
-    sqlx::query("DELETE FROM tasks WHERE id = $1").bind(running[1].0).execute(pool).await.unwrap();
+    sqlx::query("UPDATE tasks SET status = 'succeeded', finished_at = now() WHERE id = $1")
+        .bind(running[0].0)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM tasks WHERE id = $1")
+        .bind(running[1].0)
+        .execute(pool)
+        .await
+        .unwrap();
     let doomed = insert_tenant(pool, None, None).await;
     let t = insert_task(pool, doomed, "queued", now, None).await;
     let of_doomed = insert_queue_item(pool, doomed, t).await;
-    sqlx::query("UPDATE tenants SET deleted_at = now() WHERE id = $1").bind(doomed).execute(pool).await.unwrap();
+    sqlx::query("UPDATE tenants SET deleted_at = now() WHERE id = $1")
+        .bind(doomed)
+        .execute(pool)
+        .await
+        .unwrap();
     // An item added for a task already finished: no trigger sees it; the next sweep does.
-    let done = insert_task(pool, live, "succeeded", now - Span::hours(1), Some(now - MINUTE)).await;
+    let done = insert_task(
+        pool,
+        live,
+        "succeeded",
+        now - Span::hours(1),
+        Some(now - MINUTE),
+    )
+    .await;
     let late_item = insert_queue_item(pool, live, done).await;
 
     let report = run_task(&task, pool).await;
-    assert!(!report.counters.iter().any(|(c, _)| *c == "heap pages walked"), "no heap walk: {report:?}");
+    assert!(
+        !report
+            .counters
+            .iter()
+            .any(|(c, _)| *c == "heap pages walked"),
+        "no heap walk: {report:?}"
+    );
     assert_eq!(report.deleted, 3, "{report:?}");
     let mut left = kept[2..].to_vec();
     left.push(late_item);
@@ -252,7 +355,10 @@ async fn between_sweeps_queue_items_go_without_walking_the_heap() {
     // A sweep is due once `sweep_interval` has passed: it finds the late item.
     sqlx::query("UPDATE retention_watermarks SET position = position - 86400 WHERE name = 'queue-items.swept-at'").execute(pool).await.unwrap();
     let report = run_task(&task, pool).await;
-    assert!(report.counters.iter().any(|(c, _)| *c == "heap swept"), "{report:?}");
+    assert!(
+        report.counters.iter().any(|(c, _)| *c == "heap swept"),
+        "{report:?}"
+    );
     assert_eq!(report.deleted, 1);
     assert_eq!(queue_item_ids(pool).await, sorted_ids(kept[2..].to_vec()));
 }
@@ -270,10 +376,16 @@ async fn a_purged_tenant_is_walked_batch_by_batch_to_the_end() {
         insert_task(pool, gone, status, now - Span::hours(n as i64), None).await;
         kept.push(insert_task(pool, live, status, now - Span::hours(n as i64), None).await);
     }
-    let settings = TaskHistorySettings { batch_size: 4, ..Default::default() };
+    let settings = TaskHistorySettings {
+        batch_size: 4,
+        ..Default::default()
+    };
     let report = run_task(&TaskHistoryTask::new(settings), pool).await;
     assert_eq!(task_keys(pool).await, sorted_keys(kept));
-    assert!(report.by_rule.contains(&("deleted-tenants", 25)), "{report:?}");
+    assert!(
+        report.by_rule.contains(&("deleted-tenants", 25)),
+        "{report:?}"
+    );
     // Batches of at most four tasks: at least seven of them for the 25.
     assert!(report.batches >= 7, "{report:?}");
 }
@@ -290,10 +402,29 @@ async fn a_deleted_tenant_loses_its_active_tasks_from_past_days_as_from_today() 
     let mut kept = Expect::default();
     for back in 1..=3 {
         let day = day_start(today - Span::days(back));
-        seed_tasks(pool, doomed, "succeeded", day + Span::hours(1), day + Span::hours(2), 200).await;
+        seed_tasks(
+            pool,
+            doomed,
+            "succeeded",
+            day + Span::hours(1),
+            day + Span::hours(2),
+            200,
+        )
+        .await;
         insert_task_with_children(pool, doomed, "running", day + Span::hours(23), None).await;
-        kept.add(insert_task_with_children(pool, forever, "succeeded", day + Span::hours(1), Some(day + Span::hours(2))).await);
-        kept.add(insert_task_with_children(pool, forever, "running", day + Span::hours(23), None).await);
+        kept.add(
+            insert_task_with_children(
+                pool,
+                forever,
+                "succeeded",
+                day + Span::hours(1),
+                Some(day + Span::hours(2)),
+            )
+            .await,
+        );
+        kept.add(
+            insert_task_with_children(pool, forever, "running", day + Span::hours(23), None).await,
+        );
     }
     insert_task_with_children(pool, doomed, "running", now - MINUTE, None).await;
     kept.add(insert_task_with_children(pool, forever, "running", now - MINUTE, None).await);
@@ -303,7 +434,10 @@ async fn a_deleted_tenant_loses_its_active_tasks_from_past_days_as_from_today() 
     assert_eq!(task_keys(pool).await, sorted_keys(kept.tasks));
     assert_eq!(event_ids(pool).await, sorted_ids(kept.events));
     assert_eq!(queue_item_ids(pool).await, sorted_ids(kept.items));
-    assert!(report.by_rule.contains(&("deleted-tenants", 3 * 201 + 1)), "{report:?}");
+    assert!(
+        report.by_rule.contains(&("deleted-tenants", 3 * 201 + 1)),
+        "{report:?}"
+    );
 }
 
 /// An event whose task is deleted after the orphan walk passed it (in a past day, and in a range
@@ -320,7 +454,10 @@ async fn an_event_orphaned_after_the_walk_passed_it_goes_within_the_sweep_interv
     let today = now.date_naive();
     create_day(pool, today - Span::days(20)).await;
     let tenant = insert_tenant(pool, None, None).await;
-    let (in_a_day, in_merged) = (now - Span::days(2), day_start(today - Span::days(19)) + Span::hours(3));
+    let (in_a_day, in_merged) = (
+        now - Span::days(2),
+        day_start(today - Span::days(19)) + Span::hours(3),
+    );
     let mut tasks = Vec::new();
     let mut events = Vec::new();
     for at in [in_a_day, in_merged] {
@@ -333,20 +470,45 @@ async fn an_event_orphaned_after_the_walk_passed_it_goes_within_the_sweep_interv
     // The walk passes the events (their tasks exist); the old days are merged.
     let task = history();
     run_task(&task, pool).await;
-    let merged = run_task(&PartitionsTask::new(PartitionsSettings::default(), Duration::from_secs(86_400)), pool).await;
-    assert!(merged.counters.iter().any(|(c, n)| *c == "ranges merged" && *n > 0), "{merged:?}");
+    let merged = run_task(
+        &PartitionsTask::new(PartitionsSettings::default(), Duration::from_secs(86_400)),
+        pool,
+    )
+    .await;
+    assert!(
+        merged
+            .counters
+            .iter()
+            .any(|(c, n)| *c == "ranges merged" && *n > 0),
+        "{merged:?}"
+    );
     let home = home_of(pool, kept_task).await;
-    assert!(home.len() == "tasks_p20261101_20261108".len(), "the old day was merged into a span: {home}");
+    assert!(
+        home.len() == "tasks_p20261101_20261108".len(),
+        "the old day was merged into a span: {home}"
+    );
 
     // The application deletes both tasks: their events are orphans from now on.
     for task in &tasks {
-        sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2").bind(task.0).bind(task.1).execute(pool).await.unwrap();
+        sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2")
+            .bind(task.0)
+            .bind(task.1)
+            .execute(pool)
+            .await
+            .unwrap();
     }
     let dry = task.dry_run(pool).await.unwrap();
-    assert!(dry.by_rule.contains(&("orphan-events", 2)), "the dry run counts the late orphans: {dry:?}");
+    assert!(
+        dry.by_rule.contains(&("orphan-events", 2)),
+        "the dry run counts the late orphans: {dry:?}"
+    );
     // Within the sweep interval, the last sweep was moments ago: they wait for the next.
     let report = run_task(&task, pool).await;
-    assert_eq!(event_ids(pool).await, sorted_ids(vec![events[0], events[1], kept_event]), "{report:?}");
+    assert_eq!(
+        event_ids(pool).await,
+        sorted_ids(vec![events[0], events[1], kept_event]),
+        "{report:?}"
+    );
 
     // A day later.
     sqlx::query("UPDATE retention_watermarks SET position = position - 86400 WHERE name = 'task-history.orphan-sweep.swept-at'")
@@ -357,9 +519,11 @@ async fn an_event_orphaned_after_the_walk_passed_it_goes_within_the_sweep_interv
     assert_eq!(event_ids(pool).await, vec![kept_event], "{report:?}");
     assert!(report.by_rule.contains(&("orphan-events", 2)), "{report:?}");
     assert!(report.counters.contains(&("events swept", 1)), "{report:?}");
-    let receipted: i64 = sqlx::query_scalar("SELECT sum(events)::bigint FROM retention_receipts WHERE rule = 'orphan-events'")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let receipted: i64 = sqlx::query_scalar(
+        "SELECT sum(events)::bigint FROM retention_receipts WHERE rule = 'orphan-events'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
     assert_eq!(receipted, 2);
 }

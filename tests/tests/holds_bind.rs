@@ -24,14 +24,25 @@ async fn add_hold(pool: &PgPool, tenant: Uuid) {
 
 async fn wait_for(pool: &PgPool, what: &str, sql: &str) {
     let started = std::time::Instant::now();
-    while !sqlx::query_scalar::<_, bool>(sql).fetch_one(pool).await.unwrap() {
-        assert!(started.elapsed() < Duration::from_secs(60), "{what} never happened");
+    while !sqlx::query_scalar::<_, bool>(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what} never happened"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 async fn tasks_of(pool: &PgPool, tenant: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(tenant).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// The range holding the instant `at`: its tasks and events partitions.
@@ -54,16 +65,26 @@ async fn a_hold_answered_while_a_delete_waits_on_a_row_lock_binds_it() {
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
     seed_tasks(pool, tenant, "succeeded", at, at + Span::hours(1), 15_000).await;
     // A worker holds the first task of the first page.
-    let first: TaskKey = sqlx::query_as("SELECT id, inserted_at FROM tasks WHERE ctid = '(0,1)' AND inserted_at = $1")
-        .bind(at)
-        .fetch_one(pool)
+    let first: TaskKey = sqlx::query_as(
+        "SELECT id, inserted_at FROM tasks WHERE ctid = '(0,1)' AND inserted_at = $1",
+    )
+    .bind(at)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let mut worker = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 AND inserted_at = $2 FOR UPDATE")
+        .bind(first.0)
+        .bind(first.1)
+        .execute(&mut *worker)
         .await
         .unwrap();
-    let mut worker = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 AND inserted_at = $2 FOR UPDATE").bind(first.0).bind(first.1).execute(&mut *worker).await.unwrap();
     let run = {
         let pool = pool.clone();
-        let task = TaskHistoryTask::new(TaskHistorySettings { compaction: false, ..Default::default() });
+        let task = TaskHistoryTask::new(TaskHistorySettings {
+            compaction: false,
+            ..Default::default()
+        });
         tokio::spawn(async move { run_task(&task, &pool).await })
     };
     wait_for(
@@ -74,14 +95,26 @@ async fn a_hold_answered_while_a_delete_waits_on_a_row_lock_binds_it() {
     )
     .await;
     // Answered at once: the batch holds nothing a hold waits for.
-    tokio::time::timeout(Duration::from_secs(5), add_hold(pool, tenant)).await.expect("the hold was answered");
+    tokio::time::timeout(Duration::from_secs(5), add_hold(pool, tenant))
+        .await
+        .expect("the hold was answered");
     // (Another worker's batches, on other pages, may have committed before.)
     let left_at_answer = tasks_of(pool, tenant).await;
     worker.commit().await.unwrap();
     let report = run.await.unwrap();
 
-    assert_eq!(tasks_of(pool, tenant).await, left_at_answer, "rows of the tenant went after its hold was answered: {report:?}");
-    assert!(report.counters.iter().any(|(c, n)| *c == "batches run again" && *n >= 1), "{report:?}");
+    assert_eq!(
+        tasks_of(pool, tenant).await,
+        left_at_answer,
+        "rows of the tenant went after its hold was answered: {report:?}"
+    );
+    assert!(
+        report
+            .counters
+            .iter()
+            .any(|(c, n)| *c == "batches run again" && *n >= 1),
+        "{report:?}"
+    );
 }
 
 /// A deleting transaction that has confirmed the rules holds them until it commits: a hold
@@ -96,11 +129,25 @@ async fn a_hold_waits_for_a_delete_that_confirmed_the_rules_before_it() {
     let at = day_start(day) + Span::hours(12);
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
     seed_tasks(pool, tenant, "succeeded", at, at + Span::hours(1), 10).await;
-    let range = repository::history::ranges::all(pool).await.unwrap().into_iter().find(|r| r.lower == Some(day_start(day))).unwrap();
+    let range = repository::history::ranges::all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.lower == Some(day_start(day)))
+        .unwrap();
     let rule = repository::rule::Rule::new(now, Duration::from_secs(86_400));
     let receipt = repository::receipts::RunReceipt::new(Uuid::now_v7(), "task-history");
     let mut delete = pool.begin().await.unwrap();
-    let batch = deletes::delete_batch(&mut delete, &PairRef::new(&range, tenant), &mut Walk::retained(repository::tenants::FinalStatus::Succeeded), &rule, 4, &receipt).await.unwrap();
+    let batch = deletes::delete_batch(
+        &mut delete,
+        &PairRef::new(&range, tenant),
+        &mut Walk::retained(repository::tenants::FinalStatus::Succeeded),
+        &rule,
+        4,
+        &receipt,
+    )
+    .await
+    .unwrap();
     assert_eq!(batch.deleted.tasks, 4);
 
     let hold = tokio::spawn({
@@ -116,7 +163,11 @@ async fn a_hold_waits_for_a_delete_that_confirmed_the_rules_before_it() {
     assert!(!hold.is_finished());
     delete.commit().await.unwrap();
     hold.await.unwrap();
-    assert_eq!(tasks_of(pool, tenant).await, 6, "the delete committed before the hold, the rest is held");
+    assert_eq!(
+        tasks_of(pool, tenant).await,
+        6,
+        "the delete committed before the hold, the rest is held"
+    );
     run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
     assert_eq!(tasks_of(pool, tenant).await, 6);
 }
@@ -135,8 +186,12 @@ async fn a_hold_answered_while_a_rewrite_waits_for_the_tables_lock_binds_it() {
     seed_tasks(pool, held, "succeeded", at, at + Span::hours(1), 50).await;
     // A reader of `tasks` keeps the swap waiting for its lock.
     let mut reader = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE ONLY tasks IN ACCESS SHARE MODE").execute(&mut *reader).await.unwrap();
-    let task = TaskHistoryTask::new(TaskHistorySettings::default()).with_compaction_lock_timeout(Duration::from_secs(60));
+    sqlx::query("LOCK TABLE ONLY tasks IN ACCESS SHARE MODE")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let task = TaskHistoryTask::new(TaskHistorySettings::default())
+        .with_compaction_lock_timeout(Duration::from_secs(60));
     let run = {
         let pool = pool.clone();
         tokio::spawn(async move { run_task(&task, &pool).await })
@@ -147,11 +202,17 @@ async fn a_hold_answered_while_a_rewrite_waits_for_the_tables_lock_binds_it() {
         "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'tasks'::regclass AND mode = 'AccessExclusiveLock' AND NOT granted)",
     )
     .await;
-    tokio::time::timeout(Duration::from_secs(5), add_hold(pool, held)).await.expect("the hold was answered");
+    tokio::time::timeout(Duration::from_secs(5), add_hold(pool, held))
+        .await
+        .expect("the hold was answered");
     reader.rollback().await.unwrap();
     let report = run.await.unwrap();
 
-    assert_eq!(tasks_of(pool, held).await, 50, "the held tenant lost rows after its hold was answered: {report:?}");
+    assert_eq!(
+        tasks_of(pool, held).await,
+        50,
+        "the held tenant lost rows after its hold was answered: {report:?}"
+    );
     assert_eq!(tasks_of(pool, daily).await, 0, "{report:?}");
 }
 
@@ -168,16 +229,26 @@ async fn a_held_tasks_events_and_queue_item_survive_its_deletion_during_a_rewrit
     let held = insert_tenant(pool, Some("1 day"), None).await;
     seed_tasks(pool, daily, "succeeded", at, at + Span::hours(1), 5_000).await;
     let task = insert_task(pool, held, "succeeded", at, Some(at)).await;
-    let events = [insert_event(pool, held, task, at).await, insert_event(pool, held, task, at + MINUTE).await];
+    let events = [
+        insert_event(pool, held, task, at).await,
+        insert_event(pool, held, task, at + MINUTE).await,
+    ];
     let item = insert_queue_item(pool, held, task).await;
     add_hold(pool, held).await;
     let (_, events_part) = partitions_at(pool, at).await;
     // Stall the rewrite's copy of the events: it waits for this lock, after it copied the tasks.
     let mut stall = pool.begin().await.unwrap();
-    sqlx::query(&format!("LOCK TABLE {events_part} IN ACCESS EXCLUSIVE MODE")).execute(&mut *stall).await.unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {events_part} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut *stall)
+    .await
+    .unwrap();
     let run = {
         let pool = pool.clone();
-        tokio::spawn(async move { run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), &pool).await })
+        tokio::spawn(async move {
+            run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), &pool).await
+        })
     };
     wait_for(
         pool,
@@ -186,13 +257,27 @@ async fn a_held_tasks_events_and_queue_item_survive_its_deletion_during_a_rewrit
     )
     .await;
     // The application deletes the held task meanwhile.
-    sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2").bind(task.0).bind(task.1).execute(pool).await.unwrap();
+    sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2")
+        .bind(task.0)
+        .bind(task.1)
+        .execute(pool)
+        .await
+        .unwrap();
     stall.rollback().await.unwrap();
     let report = run.await.unwrap();
 
-    assert!(report.counters.contains(&("ranges compacted", 1)), "{report:?}");
+    assert!(
+        report.counters.contains(&("ranges compacted", 1)),
+        "{report:?}"
+    );
     let left = event_ids(pool).await;
-    assert!(events.iter().all(|e| left.contains(e)), "the held task's events went: {left:?}");
-    assert!(queue_item_ids(pool).await.contains(&item), "the held task's queue item went");
+    assert!(
+        events.iter().all(|e| left.contains(e)),
+        "the held task's events went: {left:?}"
+    );
+    assert!(
+        queue_item_ids(pool).await.contains(&item),
+        "the held task's queue item went"
+    );
     assert_eq!(tasks_of(pool, daily).await, 0);
 }

@@ -11,7 +11,10 @@ use retention_controller::tasks::partitions::PartitionsTask;
 use retention_controller::tasks::task_history::TaskHistoryTask;
 
 fn partitions_task() -> PartitionsTask {
-    PartitionsTask::new(PartitionsSettings::default(), std::time::Duration::from_secs(86_400))
+    PartitionsTask::new(
+        PartitionsSettings::default(),
+        std::time::Duration::from_secs(86_400),
+    )
 }
 
 fn history_task() -> TaskHistoryTask {
@@ -42,7 +45,11 @@ async fn days_are_carved_ahead_out_of_the_future_range_and_no_insert_ever_fails(
     let expected: Vec<String> = (0..7).map(|n| day_name(today + Span::days(n))).collect();
     assert_eq!(day_partitions(pool).await, expected);
     assert!(report.counters.contains(&("days created", 7)), "{report:?}");
-    assert_eq!(home_of(pool, early).await, day_name(today + Span::days(3)), "moved out of the future range into its day");
+    assert_eq!(
+        home_of(pool, early).await,
+        day_name(today + Span::days(3)),
+        "moved out of the future range into its day"
+    );
     assert_eq!(event_ids(pool).await, vec![early_event]);
     // Inserts at any date succeed: years back land in the default partition, years ahead in the
     // future range.
@@ -51,7 +58,11 @@ async fn days_are_carved_ahead_out_of_the_future_range_and_no_insert_ever_fails(
     assert_eq!(home_of(pool, ancient).await, "tasks_default");
     assert_eq!(home_of(pool, far).await, "tasks_future");
     // A second run has nothing to do.
-    assert!(!run_task(&partitions_task(), pool).await.counters.iter().any(|(c, _)| *c == "days created"));
+    assert!(!run_task(&partitions_task(), pool)
+        .await
+        .counters
+        .iter()
+        .any(|(c, _)| *c == "days created"));
 }
 
 /// The default partition carries a CHECK that keeps it out of the managed area, so attaching a
@@ -80,21 +91,41 @@ async fn making_a_day_never_reads_the_default_partition_nor_moves_rows_into_it()
             let scans = "SELECT pg_stat_get_xact_numscans('tasks_default'::regclass)";
             let before: i64 = sqlx::query_scalar(scans).fetch_one(&mut *tx).await.unwrap();
             if drop_check {
-                sqlx::query("ALTER TABLE tasks_default DROP CONSTRAINT history_range").execute(&mut *tx).await.unwrap();
+                sqlx::query("ALTER TABLE tasks_default DROP CONSTRAINT history_range")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
             }
-            repository::history::ranges::take_layout_lock(&mut tx, true).await.unwrap();
-            let through = db_now(&pool).await.date_naive() + Span::days(if drop_check { 12 } else { 6 });
-            repository::history::ranges::carve_days(&mut tx, through, std::time::Duration::from_secs(5)).await.unwrap();
+            repository::history::ranges::take_layout_lock(&mut tx, true)
+                .await
+                .unwrap();
+            let through =
+                db_now(&pool).await.date_naive() + Span::days(if drop_check { 12 } else { 6 });
+            repository::history::ranges::carve_days(
+                &mut tx,
+                through,
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
             let after: i64 = sqlx::query_scalar(scans).fetch_one(&mut *tx).await.unwrap();
             tx.rollback().await.unwrap();
             after - before
         }
     };
-    assert_eq!(made(false).await, 0, "no scan of the default partition while days are made");
+    assert_eq!(
+        made(false).await,
+        0,
+        "no scan of the default partition while days are made"
+    );
     // The same without the CHECK: PostgreSQL reads the default partition to attach each day.
     assert!(made(true).await > 0, "the check above can fail");
     run_task(&partitions_task(), pool).await;
-    assert_eq!(count(pool, "SELECT count(*) FROM tasks_default").await, 2000, "nothing moved into the default partition");
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM tasks_default").await,
+        2000,
+        "nothing moved into the default partition"
+    );
 }
 
 #[tokio::test]
@@ -120,7 +151,12 @@ async fn a_partition_detached_by_hand_is_never_touched_and_its_instants_stay_ins
     .unwrap();
     // A table named like a day partition, but covering other instants and never attached.
     let lookalike = day_name(today - Span::days(30));
-    sqlx::query(&format!("CREATE TABLE {lookalike} (LIKE tasks INCLUDING ALL)")).execute(pool).await.unwrap();
+    sqlx::query(&format!(
+        "CREATE TABLE {lookalike} (LIKE tasks INCLUDING ALL)"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
 
     let report = run_task(&partitions_task(), pool).await;
     run_task(&history_task(), pool).await;
@@ -129,10 +165,23 @@ async fn a_partition_detached_by_hand_is_never_touched_and_its_instants_stay_ins
     assert!(report.counters.contains(&("holes filled", 1)), "{report:?}");
     let kept: i64 = count(pool, "SELECT count(*) FROM kept_tasks").await;
     assert_eq!(kept, 1, "the detached day keeps its row");
-    let (id,): (uuid::Uuid,) = sqlx::query_as("SELECT id FROM kept_tasks").fetch_one(pool).await.unwrap();
+    let (id,): (uuid::Uuid,) = sqlx::query_as("SELECT id FROM kept_tasks")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert_eq!(id, kept_by_hand.0);
-    assert_eq!(count(pool, &format!("SELECT count(*) FROM pg_class WHERE relname = '{lookalike}'")).await, 1);
-    assert_eq!(count(pool, "SELECT count(*) FROM history_detached").await, 0);
+    assert_eq!(
+        count(
+            pool,
+            &format!("SELECT count(*) FROM pg_class WHERE relname = '{lookalike}'")
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM history_detached").await,
+        0
+    );
     // The hole was given to an empty range: an insert at that day succeeds.
     let late = insert_task(pool, short, "queued", at, None).await;
     assert_ne!(home_of(pool, late).await, "tasks_default");
@@ -149,17 +198,23 @@ async fn only_tables_the_engine_recorded_as_detached_are_dropped() {
     // (their instants handed to other partitions), one of which an operator then renamed to keep.
     for day in [gone_day, renamed_day] {
         let (lower, upper) = (day_start(day), day_start(day + Span::days(1)));
-        let relids: (sqlx::postgres::types::Oid, sqlx::postgres::types::Oid) = sqlx::query_as(
-            "SELECT tasks_relid, events_relid FROM history_ranges WHERE lower = $1",
-        )
-        .bind(lower)
-        .fetch_one(pool)
-        .await
-        .unwrap();
+        let relids: (sqlx::postgres::types::Oid, sqlx::postgres::types::Oid) =
+            sqlx::query_as("SELECT tasks_relid, events_relid FROM history_ranges WHERE lower = $1")
+                .bind(lower)
+                .fetch_one(pool)
+                .await
+                .unwrap();
         let mut tx = pool.begin().await.unwrap();
         for (parent, relid) in [("tasks", relids.0), ("task_events", relids.1)] {
-            let name: String = sqlx::query_scalar("SELECT $1::regclass::text").bind(relid).fetch_one(&mut *tx).await.unwrap();
-            sqlx::query(&format!("ALTER TABLE {parent} DETACH PARTITION {name}")).execute(&mut *tx).await.unwrap();
+            let name: String = sqlx::query_scalar("SELECT $1::regclass::text")
+                .bind(relid)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query(&format!("ALTER TABLE {parent} DETACH PARTITION {name}"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
             sqlx::query("INSERT INTO history_detached (relid, relname, lower, upper) VALUES ($1, $2, $3, $4)")
                 .bind(relid)
                 .bind(&name)
@@ -169,16 +224,46 @@ async fn only_tables_the_engine_recorded_as_detached_are_dropped() {
                 .await
                 .unwrap();
         }
-        sqlx::query("DELETE FROM history_ranges WHERE lower = $1").bind(lower).execute(&mut *tx).await.unwrap();
+        sqlx::query("DELETE FROM history_ranges WHERE lower = $1")
+            .bind(lower)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     }
-    sqlx::query(&format!("ALTER TABLE {} RENAME TO kept_by_operator", day_name(renamed_day))).execute(pool).await.unwrap();
+    sqlx::query(&format!(
+        "ALTER TABLE {} RENAME TO kept_by_operator",
+        day_name(renamed_day)
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
 
     run_task(&partitions_task(), pool).await;
 
-    assert_eq!(count(pool, &format!("SELECT count(*) FROM pg_class WHERE relname = '{}'", day_name(gone_day))).await, 0);
-    assert_eq!(count(pool, "SELECT count(*) FROM pg_class WHERE relname = 'kept_by_operator'").await, 1);
-    assert_eq!(count(pool, "SELECT count(*) FROM history_detached").await, 0);
+    assert_eq!(
+        count(
+            pool,
+            &format!(
+                "SELECT count(*) FROM pg_class WHERE relname = '{}'",
+                day_name(gone_day)
+            )
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM pg_class WHERE relname = 'kept_by_operator'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM history_detached").await,
+        0
+    );
 }
 
 /// Forty past days, each with tasks of a three-day tenant (due) and of a forever tenant, a running
@@ -204,7 +289,9 @@ async fn cold_ranges_merge_and_keep_every_kept_row() {
                 kept.add_without_item(task);
             }
         }
-        kept.add_without_item(insert_task_with_children(pool, forever, "succeeded", at, Some(at)).await);
+        kept.add_without_item(
+            insert_task_with_children(pool, forever, "succeeded", at, Some(at)).await,
+        );
         kept.add(insert_task_with_children(pool, three_days, "running", at, None).await);
         kept.add(insert_task_with_children(pool, forever, "queued", at, None).await);
     }
@@ -218,18 +305,38 @@ async fn cold_ranges_merge_and_keep_every_kept_row() {
         }
     }
 
-    same(task_keys(pool).await, sorted_keys(kept.tasks.clone()), "tasks");
-    same(event_ids(pool).await, sorted_ids(kept.events.clone()), "events");
-    same(queue_item_ids(pool).await, sorted_ids(kept.items.clone()), "queue items");
+    same(
+        task_keys(pool).await,
+        sorted_keys(kept.tasks.clone()),
+        "tasks",
+    );
+    same(
+        event_ids(pool).await,
+        sorted_ids(kept.events.clone()),
+        "events",
+    );
+    same(
+        queue_item_ids(pool).await,
+        sorted_ids(kept.items.clone()),
+        "queue items",
+    );
     // Days older than the longest window (3 days) plus one merged: by quarter of a month, and a
     // whole month once complete. At most: today and 6 ahead, 4 days within the window, one day
     // past it, one partial quarter, three quarters, one month, and a partial quarter of the
     // month before.
     let after = day_partitions(pool).await.len();
     assert!(after < partitions_before, "{after} >= {partitions_before}");
-    assert!(after <= 7 + 4 + 1 + 1 + 3 + 1 + 1, "{after}: {:?}", day_partitions(pool).await);
+    assert!(
+        after <= 7 + 4 + 1 + 1 + 3 + 1 + 1,
+        "{after}: {:?}",
+        day_partitions(pool).await
+    );
     // A second pass changes nothing.
     run_task(&partitions_task(), pool).await;
     assert_eq!(day_partitions(pool).await.len(), after);
-    same(task_keys(pool).await, sorted_keys(kept.tasks), "tasks after a second pass");
+    same(
+        task_keys(pool).await,
+        sorted_keys(kept.tasks),
+        "tasks after a second pass",
+    );
 }

@@ -23,7 +23,9 @@ fn history() -> TaskHistoryTask {
 /// (which finds orphans too) is made not due.
 async fn swept_just_now(pool: &sqlx::PgPool) {
     let now = db_now(pool).await.timestamp();
-    repository::watermarks::set(pool, "task-history.orphan-sweep.swept-at", now).await.unwrap();
+    repository::watermarks::set(pool, "task-history.orphan-sweep.swept-at", now)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -43,8 +45,17 @@ async fn an_orphan_event_committed_late_below_the_watermark_is_still_found() {
 
     // While the writer's transaction is open, the walk does not pass its ids.
     let report = run_task(&history(), pool).await;
-    assert!(!report.by_rule.iter().any(|(rule, _)| *rule == "orphan-events"), "{report:?}");
-    assert!(report.counters.contains(&("orphan walk waiting", 1)), "{report:?}");
+    assert!(
+        !report
+            .by_rule
+            .iter()
+            .any(|(rule, _)| *rule == "orphan-events"),
+        "{report:?}"
+    );
+    assert!(
+        report.counters.contains(&("orphan walk waiting", 1)),
+        "{report:?}"
+    );
     late.commit().await.unwrap();
     assert_eq!(event_ids(pool).await, vec![late_id, early]);
 
@@ -63,19 +74,35 @@ async fn an_orphan_batch_that_keeps_timing_out_ends_the_walk_not_the_run() {
     let tenant = insert_tenant(pool, None, None).await;
     let missing: TaskKey = (uuid::Uuid::new_v4(), now - Span::days(3));
     swept_just_now(pool).await;
-    let settings = TaskHistorySettings { lock_timeout: Duration::from_millis(10), ..Default::default() };
+    let settings = TaskHistorySettings {
+        lock_timeout: Duration::from_millis(10),
+        ..Default::default()
+    };
     let task = TaskHistoryTask::new(settings);
     // Young when first walked: the watermark waits before it.
     let orphan = insert_event(pool, tenant, missing, now - Span::minutes(30)).await;
     run_task(&task, pool).await;
-    sqlx::query("UPDATE task_events SET created_at = created_at - interval '2 hours' WHERE id = $1").bind(orphan).execute(pool).await.unwrap();
+    sqlx::query(
+        "UPDATE task_events SET created_at = created_at - interval '2 hours' WHERE id = $1",
+    )
+    .bind(orphan)
+    .execute(pool)
+    .await
+    .unwrap();
     // A writer holds the orphan's row: every batch that reaches it waits out its lock_timeout.
     let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM task_events WHERE id = $1 FOR UPDATE").bind(orphan).execute(&mut *holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM task_events WHERE id = $1 FOR UPDATE")
+        .bind(orphan)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
 
     let report = run_task(&task, pool).await;
     assert_eq!(report.completion, retention_controller::Completion::Done);
-    assert!(report.counters.contains(&("orphan walk stopped", 1)), "{report:?}");
+    assert!(
+        report.counters.contains(&("orphan walk stopped", 1)),
+        "{report:?}"
+    );
     assert_eq!(event_ids(pool).await, vec![orphan]);
 
     holder.rollback().await.unwrap();

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::*;
 use retention_controller::feedback::FeedbackOptions;
-use retention_controller::{run_once_with, MaintenanceTask, RunContext, RunOptions, RunOutcome, RunReport, TaskError};
+use retention_controller::{
+    run_once_with, MaintenanceTask, RunContext, RunOptions, RunOutcome, RunReport, TaskError,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +26,10 @@ impl MaintenanceTask for Locking {
         "locking"
     }
     fn schedule(&self) -> retention_controller::schedule::Schedule {
-        retention_controller::schedule::Schedule { interval: Duration::from_secs(60), max_run_time: Duration::from_secs(60) }
+        retention_controller::schedule::Schedule {
+            interval: Duration::from_secs(60),
+            max_run_time: Duration::from_secs(60),
+        }
     }
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let mut report = RunReport::default();
@@ -36,15 +41,23 @@ impl MaintenanceTask for Locking {
             }
             let batch = Instant::now();
             let mut tx = ctx.pool.begin().await?;
-            sqlx::query("SELECT 1 FROM pacing_rows WHERE id = 1 FOR UPDATE").execute(&mut *tx).await?;
-            sqlx::query("SELECT pg_sleep($1)").bind(BATCH.as_secs_f64()).execute(&mut *tx).await?;
+            sqlx::query("SELECT 1 FROM pacing_rows WHERE id = 1 FOR UPDATE")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT pg_sleep($1)")
+                .bind(BATCH.as_secs_f64())
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             report.record_batch("locked", 0);
             ctx.batch_done(batch.elapsed(), &mut report, None).await;
         }
         Ok(report)
     }
-    async fn dry_run(&self, _pool: &sqlx::PgPool) -> Result<retention_controller::DryRunReport, TaskError> {
+    async fn dry_run(
+        &self,
+        _pool: &sqlx::PgPool,
+    ) -> Result<retention_controller::DryRunReport, TaskError> {
         Ok(Default::default())
     }
 }
@@ -65,19 +78,32 @@ fn paced() -> RunOptions {
 }
 
 async fn run_locking(db: &TestDatabase) -> RunReport {
-    match run_once_with(&Locking, &db.pool, &CancellationToken::new(), &paced()).await.unwrap() {
+    match run_once_with(&Locking, &db.pool, &CancellationToken::new(), &paced())
+        .await
+        .unwrap()
+    {
         RunOutcome::Ran(summary) => summary.report,
         other => panic!("did not run: {other:?}"),
     }
 }
 
 fn counter(report: &RunReport, name: &str) -> u64 {
-    report.counters.iter().find(|(what, _)| *what == name).map_or(0, |(_, n)| *n)
+    report
+        .counters
+        .iter()
+        .find(|(what, _)| *what == name)
+        .map_or(0, |(_, n)| *n)
 }
 
 async fn table(db: &TestDatabase) {
-    sqlx::query("CREATE TABLE pacing_rows (id int PRIMARY KEY, n bigint NOT NULL)").execute(&db.pool).await.unwrap();
-    sqlx::query("INSERT INTO pacing_rows VALUES (1, 0)").execute(&db.pool).await.unwrap();
+    sqlx::query("CREATE TABLE pacing_rows (id int PRIMARY KEY, n bigint NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO pacing_rows VALUES (1, 0)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -90,10 +116,24 @@ async fn nobody_waiting_lets_the_pauses_shrink_to_their_floor() {
 
     // Lowered from 1 to the floor (0.25) takes two decisions or more; none was a raise by waits
     // (nobody else was there to wait).
-    assert!(counter(&report, "pace lowered") >= 2, "{:?}", report.counters);
-    assert_eq!(counter(&report, "pace raised by waits"), 0, "{:?}", report.counters);
+    assert!(
+        counter(&report, "pace lowered") >= 2,
+        "{:?}",
+        report.counters
+    );
+    assert_eq!(
+        counter(&report, "pace raised by waits"),
+        0,
+        "{:?}",
+        report.counters
+    );
     // At 0.25, a cycle is 25 ms: far more batches than at a fixed 1 (at most 150).
-    assert!(report.batches > 160, "{} batches, {:?}", report.batches, report.counters);
+    assert!(
+        report.batches > 160,
+        "{} batches, {:?}",
+        report.batches,
+        report.counters
+    );
 }
 
 #[tokio::test]
@@ -108,10 +148,16 @@ async fn a_backend_waiting_on_the_batches_makes_the_pauses_grow() {
         let (pool, stop) = (db.pool.clone(), stop.clone());
         tokio::spawn(async move {
             let mut conn = pool.acquire().await.unwrap();
-            sqlx::query("SET synchronous_commit = off").execute(&mut *conn).await.unwrap();
+            sqlx::query("SET synchronous_commit = off")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
             let mut updates = 0u64;
             while !stop.is_cancelled() {
-                sqlx::query("UPDATE pacing_rows SET n = n + 1 WHERE id = 1").execute(&mut *conn).await.unwrap();
+                sqlx::query("UPDATE pacing_rows SET n = n + 1 WHERE id = 1")
+                    .execute(&mut *conn)
+                    .await
+                    .unwrap();
                 updates += 1;
             }
             updates
@@ -123,8 +169,17 @@ async fn a_backend_waiting_on_the_batches_makes_the_pauses_grow() {
     let updates = foreground.await.unwrap();
 
     assert!(updates > 0);
-    assert!(counter(&report, "pace raised by waits") >= 1, "{:?}", report.counters);
+    assert!(
+        counter(&report, "pace raised by waits") >= 1,
+        "{:?}",
+        report.counters
+    );
     // Raised, the pauses leave the foreground most of the time: far fewer batches than at a
     // fixed 1 (up to 150).
-    assert!(report.batches < 90, "{} batches, {:?}", report.batches, report.counters);
+    assert!(
+        report.batches < 90,
+        "{} batches, {:?}",
+        report.batches,
+        report.counters
+    );
 }

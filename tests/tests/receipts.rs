@@ -18,7 +18,9 @@ use retention_controller::rewrites::{self, Naming, Outcome, Steps};
 use retention_controller::settings::{QueueItemsSettings, TaskHistorySettings};
 use retention_controller::tasks::queue_items::QueueItemsTask;
 use retention_controller::tasks::task_history::TaskHistoryTask;
-use retention_controller::{run_once_with, MaintenanceTask, RunContext, RunOptions, RunOutcome, RunReport};
+use retention_controller::{
+    run_once_with, MaintenanceTask, RunContext, RunOptions, RunOutcome, RunReport,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -41,17 +43,35 @@ struct Writes {
 /// Every task with its events and queue items, as they are now.
 async fn snapshot(pool: &PgPool) -> BTreeMap<TaskKey, Known> {
     let mut tasks: BTreeMap<TaskKey, Known> = BTreeMap::new();
-    let rows: Vec<(Uuid, DateTime<Utc>, Uuid)> = sqlx::query_as("SELECT id, inserted_at, tenant_id FROM tasks").fetch_all(pool).await.unwrap();
+    let rows: Vec<(Uuid, DateTime<Utc>, Uuid)> =
+        sqlx::query_as("SELECT id, inserted_at, tenant_id FROM tasks")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     for (id, at, tenant) in rows {
-        tasks.insert((id, at), Known { tenant, ..Default::default() });
+        tasks.insert(
+            (id, at),
+            Known {
+                tenant,
+                ..Default::default()
+            },
+        );
     }
-    let events: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as("SELECT id, task_id, task_inserted_at FROM task_events").fetch_all(pool).await.unwrap();
+    let events: Vec<(i64, Uuid, DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, task_id, task_inserted_at FROM task_events")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     for (id, task, at) in events {
         if let Some(known) = tasks.get_mut(&(task, at)) {
             known.events.insert(id);
         }
     }
-    let items: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as("SELECT id, task_id, task_inserted_at FROM queue_items").fetch_all(pool).await.unwrap();
+    let items: Vec<(i64, Uuid, DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, task_id, task_inserted_at FROM queue_items")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     for (id, task, at) in items {
         if let Some(known) = tasks.get_mut(&(task, at)) {
             known.items.insert(id);
@@ -63,15 +83,36 @@ async fn snapshot(pool: &PgPool) -> BTreeMap<TaskKey, Known> {
 /// Writes to the range of `at` until `stop`: tasks of `kept` (a tenant keeping forever) with an
 /// event and a queue item each, finished now and then, deleted now and then; and, now and then, a
 /// delete of one of `due` (the application removing a due task before the engine does).
-async fn writer(pool: PgPool, kept: Uuid, at: DateTime<Utc>, due: Vec<TaskKey>, writes: Arc<Mutex<Writes>>, stop: Arc<AtomicBool>) {
+async fn writer(
+    pool: PgPool,
+    kept: Uuid,
+    at: DateTime<Utc>,
+    due: Vec<TaskKey>,
+    writes: Arc<Mutex<Writes>>,
+    stop: Arc<AtomicBool>,
+) {
     let mut rng = fastrand::Rng::with_seed(11);
     let mut mine: Vec<TaskKey> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(3)).await;
         match rng.u8(..6) {
             0..=1 => {
-                let (task, event, item) = insert_task_with_children(&pool, kept, "running", at + Span::seconds(rng.i64(0..3600)), None).await;
-                writes.lock().unwrap().inserted.insert(task, Known { tenant: kept, events: [event].into(), items: [item].into() });
+                let (task, event, item) = insert_task_with_children(
+                    &pool,
+                    kept,
+                    "running",
+                    at + Span::seconds(rng.i64(0..3600)),
+                    None,
+                )
+                .await;
+                writes.lock().unwrap().inserted.insert(
+                    task,
+                    Known {
+                        tenant: kept,
+                        events: [event].into(),
+                        items: [item].into(),
+                    },
+                );
                 mine.push(task);
             }
             2 if !mine.is_empty() => {
@@ -97,7 +138,13 @@ async fn writer(pool: PgPool, kept: Uuid, at: DateTime<Utc>, due: Vec<TaskKey>, 
 }
 
 async fn delete(pool: &PgPool, task: TaskKey, writes: &Arc<Mutex<Writes>>) {
-    let found = sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2").bind(task.0).bind(task.1).execute(pool).await.unwrap().rows_affected();
+    let found = sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2")
+        .bind(task.0)
+        .bind(task.1)
+        .execute(pool)
+        .await
+        .unwrap()
+        .rows_affected();
     if found == 1 {
         writes.lock().unwrap().deleted.insert(task);
     }
@@ -108,13 +155,22 @@ type Counts = BTreeMap<(Uuid, String), (i64, i64, i64)>;
 
 /// What went by the engine, from the ledger: tasks there before or added since, gone now, not
 /// deleted by a writer; under `deleted-tenants` for the tenants in `purged`.
-fn expected(before: &BTreeMap<TaskKey, Known>, writes: &Writes, after: &BTreeMap<TaskKey, Known>, purged: &[Uuid]) -> Counts {
+fn expected(
+    before: &BTreeMap<TaskKey, Known>,
+    writes: &Writes,
+    after: &BTreeMap<TaskKey, Known>,
+    purged: &[Uuid],
+) -> Counts {
     let mut counts = Counts::new();
     for (key, known) in before.iter().chain(writes.inserted.iter()) {
         if after.contains_key(key) || writes.deleted.contains(key) {
             continue;
         }
-        let rule = if purged.contains(&known.tenant) { "deleted-tenants" } else { "retention" };
+        let rule = if purged.contains(&known.tenant) {
+            "deleted-tenants"
+        } else {
+            "retention"
+        };
         let c = counts.entry((known.tenant, rule.to_string())).or_default();
         c.0 += 1;
         c.1 += known.events.len() as i64;
@@ -129,12 +185,19 @@ async fn receipts_of(pool: &PgPool, rules: &[&str]) -> Counts {
             .fetch_all(pool)
             .await
             .unwrap();
-    rows.into_iter().filter(|r| rules.contains(&r.1.as_str())).map(|(t, r, a, b, c)| ((t, r), (a, b, c))).collect()
+    rows.into_iter()
+        .filter(|r| rules.contains(&r.1.as_str()))
+        .map(|(t, r, a, b, c)| ((t, r), (a, b, c)))
+        .collect()
 }
 
 /// The due tenant's tasks (the writer deletes some of them itself).
 async fn due_tasks(pool: &PgPool, tenant: Uuid) -> Vec<TaskKey> {
-    sqlx::query_as("SELECT id, inserted_at FROM tasks WHERE tenant_id = $1 ORDER BY id LIMIT 300").bind(tenant).fetch_all(pool).await.unwrap()
+    sqlx::query_as("SELECT id, inserted_at FROM tasks WHERE tenant_id = $1 ORDER BY id LIMIT 300")
+        .bind(tenant)
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }
 
 /// Seeds `n` due tasks of `tenant` at `at`, each with an event and a queue item.
@@ -156,7 +219,13 @@ async fn seed_due(pool: &PgPool, tenant: Uuid, at: DateTime<Utc>, n: i64) {
 
 /// Runs `run` while a writer writes, then compares the receipts under the task rules with the
 /// ledger.
-async fn with_writer<F, Fut>(pool: &PgPool, at: DateTime<Utc>, due_tenant: Uuid, purged: &[Uuid], run: F) -> String
+async fn with_writer<F, Fut>(
+    pool: &PgPool,
+    at: DateTime<Utc>,
+    due_tenant: Uuid,
+    purged: &[Uuid],
+    run: F,
+) -> String
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = String>,
@@ -166,7 +235,14 @@ where
     let before = snapshot(pool).await;
     let writes = Arc::new(Mutex::new(Writes::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let writing = tokio::spawn(writer(pool.clone(), kept, at, due, writes.clone(), stop.clone()));
+    let writing = tokio::spawn(writer(
+        pool.clone(),
+        kept,
+        at,
+        due,
+        writes.clone(),
+        stop.clone(),
+    ));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let report = run().await;
     stop.store(true, Ordering::Relaxed);
@@ -182,7 +258,10 @@ where
 }
 
 fn history(compaction: bool) -> TaskHistoryTask {
-    TaskHistoryTask::new(TaskHistorySettings { compaction, ..Default::default() })
+    TaskHistoryTask::new(TaskHistorySettings {
+        compaction,
+        ..Default::default()
+    })
 }
 
 async fn run(task: &dyn MaintenanceTask, pool: &PgPool) -> String {
@@ -196,7 +275,10 @@ async fn row_deletes_through_the_indexes_receipt_exactly() {
     let at = day_start(a_past_day(pool).await) + Span::hours(12);
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
     seed_due(pool, tenant, at, 300).await;
-    let report = with_writer(pool, at, tenant, &[], || async { run(&history(false), pool).await }).await;
+    let report = with_writer(pool, at, tenant, &[], || async {
+        run(&history(false), pool).await
+    })
+    .await;
     assert!(!report.contains("ranges swept"), "{report}");
 }
 
@@ -207,7 +289,10 @@ async fn a_sweep_receipts_exactly() {
     let at = day_start(a_past_day(pool).await) + Span::hours(12);
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
     seed_due(pool, tenant, at, 15_000).await;
-    let report = with_writer(pool, at, tenant, &[], || async { run(&history(false), pool).await }).await;
+    let report = with_writer(pool, at, tenant, &[], || async {
+        run(&history(false), pool).await
+    })
+    .await;
     assert!(report.contains("ranges swept"), "{report}");
 }
 
@@ -219,7 +304,10 @@ async fn a_purge_receipts_exactly() {
     let at = day_start(a_past_day(pool).await) + Span::hours(12);
     let tenant = insert_tenant(pool, None, Some(now - Span::days(2))).await;
     seed_due(pool, tenant, at, 300).await;
-    with_writer(pool, at, tenant, &[tenant], || async { run(&history(false), pool).await }).await;
+    with_writer(pool, at, tenant, &[tenant], || async {
+        run(&history(false), pool).await
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -229,7 +317,10 @@ async fn a_compaction_receipts_exactly() {
     let at = day_start(a_past_day(pool).await) + Span::hours(12);
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
     seed_due(pool, tenant, at, 20_000).await;
-    let report = with_writer(pool, at, tenant, &[], || async { run(&history(true), pool).await }).await;
+    let report = with_writer(pool, at, tenant, &[], || async {
+        run(&history(true), pool).await
+    })
+    .await;
     assert!(report.contains("ranges compacted"), "{report}");
 }
 
@@ -240,20 +331,51 @@ async fn a_merge_receipts_exactly() {
     let now = db_now(pool).await;
     let first = now.date_naive() - Span::days(12);
     create_day(pool, first).await;
-    let (day1, day2) = (day_start(first) + Span::hours(12), day_start(first + Span::days(1)) + Span::hours(12));
+    let (day1, day2) = (
+        day_start(first) + Span::hours(12),
+        day_start(first + Span::days(1)) + Span::hours(12),
+    );
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
     seed_due(pool, tenant, day1, 3_000).await;
     seed_due(pool, tenant, day2, 3_000).await;
     let all = ranges::all(pool).await.unwrap();
-    let sources: Vec<_> = all.into_iter().filter(|r| r.lower == Some(day_start(first)) || r.lower == Some(day_start(first + Span::days(1)))).collect();
+    let sources: Vec<_> = all
+        .into_iter()
+        .filter(|r| {
+            r.lower == Some(day_start(first)) || r.lower == Some(day_start(first + Span::days(1)))
+        })
+        .collect();
     assert_eq!(sources.len(), 2);
     let report = with_writer(pool, day2, tenant, &[], || async {
-        let ctx = RunContext::new(pool.clone(), Uuid::now_v7(), tokio_util::sync::CancellationToken::new(), Duration::from_secs(600), RunOptions::default())
-            .with_clock(db_now(pool).await, tokio::time::Instant::now());
-        let limits = repository::batch::BatchLimits::new(Duration::from_secs(30), Duration::from_secs(5)).with_generic_plans().with_history_write();
-        let steps = Steps { limits, lock_timeout: Duration::from_secs(5), grace: Duration::from_secs(86_400) };
+        let ctx = RunContext::new(
+            pool.clone(),
+            Uuid::now_v7(),
+            tokio_util::sync::CancellationToken::new(),
+            Duration::from_secs(600),
+            RunOptions::default(),
+        )
+        .with_clock(db_now(pool).await, tokio::time::Instant::now());
+        let limits =
+            repository::batch::BatchLimits::new(Duration::from_secs(30), Duration::from_secs(5))
+                .with_generic_plans()
+                .with_history_write();
+        let steps = Steps {
+            limits,
+            lock_timeout: Duration::from_secs(5),
+            grace: Duration::from_secs(86_400),
+        };
         let mut report = RunReport::default();
-        let outcome = rewrites::start(&ctx, &sources, "partitions", steps, true, Naming::Tables, &mut report).await.unwrap();
+        let outcome = rewrites::start(
+            &ctx,
+            &sources,
+            "partitions",
+            steps,
+            true,
+            Naming::Tables,
+            &mut report,
+        )
+        .await
+        .unwrap();
         assert!(matches!(outcome, Outcome::Done(_)), "{outcome:?}");
         format!("{report:?}")
     })
@@ -277,17 +399,33 @@ async fn orphan_events_receipt_exactly_by_the_walk_and_by_the_sweep() {
     }
     let task = history(true);
     run_task(&task, pool).await;
-    assert_eq!(receipts_of(pool, &["orphan-events"]).await, BTreeMap::from([((a, "orphan-events".into()), (0, 3, 0)), ((b, "orphan-events".into()), (0, 5, 0))]));
+    assert_eq!(
+        receipts_of(pool, &["orphan-events"]).await,
+        BTreeMap::from([
+            ((a, "orphan-events".into()), (0, 3, 0)),
+            ((b, "orphan-events".into()), (0, 5, 0))
+        ])
+    );
     // Late orphans: their tasks deleted after the walk passed them; the sweep, a day later.
     let task_of_b = insert_task(pool, b, "running", at, None).await;
     for _ in 0..4 {
         insert_event(pool, b, task_of_b, now - Span::hours(2)).await;
     }
     run_task(&task, pool).await;
-    sqlx::query("DELETE FROM tasks WHERE id = $1").bind(task_of_b.0).execute(pool).await.unwrap();
+    sqlx::query("DELETE FROM tasks WHERE id = $1")
+        .bind(task_of_b.0)
+        .execute(pool)
+        .await
+        .unwrap();
     sqlx::query("UPDATE retention_watermarks SET position = position - 86400 WHERE name = 'task-history.orphan-sweep.swept-at'").execute(pool).await.unwrap();
     run_task(&task, pool).await;
-    assert_eq!(receipts_of(pool, &["orphan-events"]).await, BTreeMap::from([((a, "orphan-events".into()), (0, 3, 0)), ((b, "orphan-events".into()), (0, 9, 0))]));
+    assert_eq!(
+        receipts_of(pool, &["orphan-events"]).await,
+        BTreeMap::from([
+            ((a, "orphan-events".into()), (0, 3, 0)),
+            ((b, "orphan-events".into()), (0, 9, 0))
+        ])
+    );
 }
 
 /// The queue-items task's receipts, while a writer finishes and deletes tasks.
@@ -299,17 +437,38 @@ async fn queue_item_cleanup_receipts_exactly() {
     let tenant = insert_tenant(pool, None, None).await;
     let mut finished = BTreeSet::new();
     for n in 0..200 {
-        let (_, _, item) = insert_task_with_children(pool, tenant, if n % 2 == 0 { "succeeded" } else { "running" }, now, Some(now)).await;
+        let (_, _, item) = insert_task_with_children(
+            pool,
+            tenant,
+            if n % 2 == 0 { "succeeded" } else { "running" },
+            now,
+            Some(now),
+        )
+        .await;
         if n % 2 == 0 {
             finished.insert(item);
         }
     }
-    let summary = match run_once_with(&QueueItemsTask::new(QueueItemsSettings::default()), pool, &tokio_util::sync::CancellationToken::new(), &fixed_batches()).await.unwrap() {
+    let summary = match run_once_with(
+        &QueueItemsTask::new(QueueItemsSettings::default()),
+        pool,
+        &tokio_util::sync::CancellationToken::new(),
+        &fixed_batches(),
+    )
+    .await
+    .unwrap()
+    {
         RunOutcome::Ran(summary) => summary,
         other => panic!("{other:?}"),
     };
     let left: BTreeSet<i64> = queue_item_ids(pool).await.into_iter().collect();
     assert!(finished.iter().all(|i| !left.contains(i)));
-    assert_eq!(receipts_of(pool, &["queue-items"]).await, BTreeMap::from([((tenant, "queue-items".into()), (0, 0, finished.len() as i64))]));
+    assert_eq!(
+        receipts_of(pool, &["queue-items"]).await,
+        BTreeMap::from([(
+            (tenant, "queue-items".into()),
+            (0, 0, finished.len() as i64)
+        )])
+    );
     let _ = summary;
 }

@@ -33,34 +33,48 @@ struct Pair {
 
 async fn start_pair() -> Pair {
     let dir = |name: &str| {
-        let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap().keep();
+        let dir = tempfile::Builder::new()
+            .prefix(name)
+            .tempdir()
+            .unwrap()
+            .keep();
         // Reachable by the unprivileged user the clusters run as when the tests run as root.
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         dir
     };
     let (primary_dir, standby_dir) = (dir("engine-primary-"), dir("engine-standby-"));
-    let primary = tokio::task::spawn_blocking(move || LocalPostgres::start(Options::throwaway(primary_dir.join("pg"))))
-        .await
-        .unwrap()
-        .expect("start the primary");
+    let primary = tokio::task::spawn_blocking(move || {
+        LocalPostgres::start(Options::throwaway(primary_dir.join("pg")))
+    })
+    .await
+    .unwrap()
+    .expect("start the primary");
     let from = primary.data_dir().to_path_buf();
-    let standby = tokio::task::spawn_blocking(move || LocalPostgres::start(Options::standby(standby_dir.join("pg"), &from)))
-        .await
-        .unwrap()
-        .expect("start the standby");
+    let standby = tokio::task::spawn_blocking(move || {
+        LocalPostgres::start(Options::standby(standby_dir.join("pg"), &from))
+    })
+    .await
+    .unwrap()
+    .expect("start the standby");
     Pair { primary, standby }
 }
 
 /// The standby's replay lag as the primary reports it, sampled every 50 ms until `stop`.
-fn sample_lag(pool: PgPool, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<(Duration, usize)> {
+fn sample_lag(
+    pool: PgPool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Duration, usize)> {
     tokio::spawn(async move {
         let (mut worst, mut samples) = (Duration::ZERO, 0);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let lag: Option<f64> = sqlx::query_scalar("SELECT extract(epoch FROM replay_lag)::float8 FROM pg_stat_replication")
-                .fetch_optional(&pool)
-                .await
-                .unwrap()
-                .flatten();
+            let lag: Option<f64> = sqlx::query_scalar(
+                "SELECT extract(epoch FROM replay_lag)::float8 FROM pg_stat_replication",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .flatten();
             worst = worst.max(Duration::from_secs_f64(lag.unwrap_or(0.0)));
             samples += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -73,14 +87,29 @@ fn sample_lag(pool: PgPool, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::
 /// of its batches.
 async fn purge(pool: &PgPool, max_lag: Duration) -> (RunReport, Vec<Instant>) {
     let settings = RetentionSettings {
-        throttle: ThrottleSettings { max_replica_lag: max_lag, max_replica_stall: STALL, check_interval: Duration::from_millis(100) },
+        throttle: ThrottleSettings {
+            max_replica_lag: max_lag,
+            max_replica_stall: STALL,
+            check_interval: Duration::from_millis(100),
+        },
         ..Default::default()
     };
     let batches = Arc::new(Mutex::new(Vec::new()));
     let seen = batches.clone();
-    let options = RunOptions { progress: Some(Arc::new(move |_| seen.lock().unwrap().push(Instant::now()))), ..settings.run_options(0.0) };
+    let options = RunOptions {
+        progress: Some(Arc::new(move |_| seen.lock().unwrap().push(Instant::now()))),
+        ..settings.run_options(0.0)
+    };
     let task = SessionsTask::new(SessionsSettings::default());
-    let report = match run_once_with(&task, pool, &tokio_util::sync::CancellationToken::new(), &options).await.unwrap() {
+    let report = match run_once_with(
+        &task,
+        pool,
+        &tokio_util::sync::CancellationToken::new(),
+        &options,
+    )
+    .await
+    .unwrap()
+    {
         RunOutcome::Ran(summary) => summary.report,
         other => panic!("{other:?}"),
     };
@@ -110,9 +139,19 @@ async fn purges_keep_a_standby_within_the_bound_and_a_stalled_standby_holds_them
     repository::MIGRATOR.run(&pool).await.unwrap();
     let standby = PgPool::connect(&pair.standby.url()).await.unwrap();
     let now = db_now(&pool).await;
-    let kept = insert_sessions(&pool, 1_000, None, now - chrono::Duration::hours(1), now + chrono::Duration::days(29)).await;
+    let kept = insert_sessions(
+        &pool,
+        1_000,
+        None,
+        now - chrono::Duration::hours(1),
+        now + chrono::Duration::days(29),
+    )
+    .await;
     seed_due(&pool, 2_600_000).await;
-    sqlx::query("VACUUM ANALYZE user_sessions").execute(&pool).await.unwrap();
+    sqlx::query("VACUUM ANALYZE user_sessions")
+        .execute(&pool)
+        .await
+        .unwrap();
     // The standby has caught up with the seed before the purge starts.
     wait_for_replay(&pool).await;
 
@@ -127,23 +166,36 @@ async fn purges_keep_a_standby_within_the_bound_and_a_stalled_standby_holds_them
     eprintln!("2.6M rows purged in {took:?} with the standby at most {worst:?} behind ({samples} samples)");
     assert_eq!(report.deleted, 2_600_000, "{report:?}");
     assert!(samples >= 10, "{samples} samples");
-    assert!(worst <= MAX_LAG + MARGIN, "the standby was {worst:?} behind, over {MAX_LAG:?} + {MARGIN:?}");
+    assert!(
+        worst <= MAX_LAG + MARGIN,
+        "the standby was {worst:?} behind, over {MAX_LAG:?} + {MARGIN:?}"
+    );
     assert_eq!(session_ids(&pool).await, kept);
 
     // 2. The standby stops replaying: the purge waits, then goes on once the standby has stood
     //    still for STALL, and finishes.
     wait_for_replay(&pool).await;
     seed_due(&pool, 1_000_000).await;
-    sqlx::query("VACUUM ANALYZE user_sessions").execute(&pool).await.unwrap();
+    sqlx::query("VACUUM ANALYZE user_sessions")
+        .execute(&pool)
+        .await
+        .unwrap();
     wait_for_replay(&pool).await;
-    sqlx::query("SELECT pg_wal_replay_pause()").execute(&standby).await.unwrap();
+    sqlx::query("SELECT pg_wal_replay_pause()")
+        .execute(&standby)
+        .await
+        .unwrap();
     let started = Instant::now();
     let (report, batches) = purge(&pool, STALLED_MAX_LAG).await;
     let took = started.elapsed();
     assert_eq!(report.deleted, 1_000_000, "{report:?}");
     assert_eq!(session_ids(&pool).await, kept);
-    let (at, longest_gap) =
-        batches.windows(2).enumerate().map(|(i, w)| (i, w[1] - w[0])).max_by_key(|(_, gap)| *gap).unwrap_or_default();
+    let (at, longest_gap) = batches
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| (i, w[1] - w[0]))
+        .max_by_key(|(_, gap)| *gap)
+        .unwrap_or_default();
     eprintln!(
         "with replay paused: {took:?}, {} batches, longest wait between two {longest_gap:?} after batch {}",
         batches.len(),
@@ -152,9 +204,18 @@ async fn purges_keep_a_standby_within_the_bound_and_a_stalled_standby_holds_them
     // It waits from when the standby is STALLED_MAX_LAG behind until it has stood still for
     // STALL (both counted from the throttle's first look, after the first batch).
     let expected = STALL - STALLED_MAX_LAG - Duration::from_millis(500);
-    assert!(longest_gap >= expected, "the purge waited only {longest_gap:?} between batches, under {expected:?}");
-    assert!(took < STALL + Duration::from_secs(60), "a stalled standby held the purge for {took:?}");
-    sqlx::query("SELECT pg_wal_replay_resume()").execute(&standby).await.unwrap();
+    assert!(
+        longest_gap >= expected,
+        "the purge waited only {longest_gap:?} between batches, under {expected:?}"
+    );
+    assert!(
+        took < STALL + Duration::from_secs(60),
+        "a stalled standby held the purge for {took:?}"
+    );
+    sqlx::query("SELECT pg_wal_replay_resume()")
+        .execute(&standby)
+        .await
+        .unwrap();
     wait_for_replay(&pool).await;
 
     standby.close().await;
@@ -182,7 +243,10 @@ async fn wait_for_replay(pool: &PgPool) {
         if behind.is_some_and(|b| b <= 0) {
             return;
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "the standby did not catch up: {behind:?} bytes behind");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the standby did not catch up: {behind:?} bytes behind"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

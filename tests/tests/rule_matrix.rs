@@ -4,14 +4,17 @@
 //! what a rewrite keeps, forced in turn. Every row meets exactly the fate written down for it.
 //! (`rule_matrix_broken.rs` breaks the rule's hold check and expects every path to fail.)
 
-mod common;
-mod matrix;
 #[path = "matrix/cases.rs"]
 mod cases;
+mod common;
+mod matrix;
 
 async fn exact(path: &str) {
     let (wrong, report) = cases::run(path).await;
-    assert!(wrong.is_empty(), "{path}: rows that met the wrong fate: {wrong:#?}\n{report}");
+    assert!(
+        wrong.is_empty(),
+        "{path}: rows that met the wrong fate: {wrong:#?}\n{report}"
+    );
 }
 
 #[tokio::test]

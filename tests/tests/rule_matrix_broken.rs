@@ -2,10 +2,10 @@
 //! path deletes what holds cover. The switch is process-wide, so this file is a test process of its
 //! own, and its one test takes the paths in turn.
 
-mod common;
-mod matrix;
 #[path = "matrix/cases.rs"]
 mod cases;
+mod common;
+mod matrix;
 
 #[tokio::test]
 async fn breaking_the_one_hold_check_breaks_every_path() {

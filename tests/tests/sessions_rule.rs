@@ -18,7 +18,10 @@ fn task(settings: SessionsSettings) -> SessionsTask {
 }
 
 async fn run(task: &SessionsTask, pool: &sqlx::PgPool) -> RunSummary {
-    match run_once_with(task, pool, &CancellationToken::new(), &fixed_batches()).await.expect("run succeeds") {
+    match run_once_with(task, pool, &CancellationToken::new(), &fixed_batches())
+        .await
+        .expect("run succeeds")
+    {
         RunOutcome::Ran(summary) => summary,
         other => panic!("nobody else holds the task, nor paused it: {other:?}"),
     }
@@ -64,7 +67,10 @@ async fn deletes_exactly_the_due_sessions_on_both_sides_of_each_cutoff() {
 
     assert_eq!(session_ids(&db.pool).await, sorted(rows.kept));
     assert_eq!(summary.report.deleted, rows.deleted.len() as u64);
-    assert_eq!(summary.report.by_rule, vec![("expired", 3), ("anonymous", 1)]);
+    assert_eq!(
+        summary.report.by_rule,
+        vec![("expired", 3), ("anonymous", 1)]
+    );
     assert_eq!(summary.report.completion, Completion::Done);
 }
 
@@ -75,9 +81,18 @@ async fn the_configured_anonymous_ttl_is_the_cutoff() {
     let rows = seed_boundaries(&db.pool, chrono::Duration::hours(2)).await;
     // Between 2h and 24h old: kept under the default TTL, due under 2h.
     let now = db_now(&db.pool).await;
-    let between = insert_session(&db.pool, None, now - chrono::Duration::hours(5), now + chrono::Duration::days(1)).await;
+    let between = insert_session(
+        &db.pool,
+        None,
+        now - chrono::Duration::hours(5),
+        now + chrono::Duration::days(1),
+    )
+    .await;
 
-    let settings = SessionsSettings { anonymous_ttl: ttl, ..Default::default() };
+    let settings = SessionsSettings {
+        anonymous_ttl: ttl,
+        ..Default::default()
+    };
     run(&task(settings), &db.pool).await;
 
     assert_eq!(session_ids(&db.pool).await, sorted(rows.kept));
@@ -98,7 +113,10 @@ async fn dry_run_counts_each_part_and_deletes_nothing() {
     let rows = seed_boundaries(&db.pool, chrono::Duration::hours(24)).await;
     let before = session_ids(&db.pool).await;
 
-    let report = task(SessionsSettings::default()).dry_run(&db.pool).await.unwrap();
+    let report = task(SessionsSettings::default())
+        .dry_run(&db.pool)
+        .await
+        .unwrap();
 
     assert_eq!(report.due, rows.deleted.len() as u64);
     assert_eq!(report.by_rule, vec![("expired", 3), ("anonymous", 1)]);
@@ -121,7 +139,10 @@ async fn a_run_with_few_rows_due_deletes_both_parts_in_one_batch() {
     let summary = run(&task(SessionsSettings::default()), &db.pool).await;
 
     assert_eq!(session_ids(&db.pool).await, sorted(kept));
-    assert_eq!(summary.report.by_rule, vec![("expired", 300), ("anonymous", 200)]);
+    assert_eq!(
+        summary.report.by_rule,
+        vec![("expired", 300), ("anonymous", 200)]
+    );
     assert_eq!(summary.report.batches, 1, "{:?}", summary.report);
     assert_eq!(summary.report.completion, Completion::Done);
 }
@@ -139,11 +160,17 @@ async fn many_batches_walk_each_index_once_and_stop_on_a_short_batch() {
     let mut kept = insert_sessions(&db.pool, 40, user, now - day * 3, now + MINUTE).await;
     kept.extend(insert_sessions(&db.pool, 40, None, now - MINUTE, now + day).await);
 
-    let settings = SessionsSettings { batch_size: 50, ..Default::default() };
+    let settings = SessionsSettings {
+        batch_size: 50,
+        ..Default::default()
+    };
     let summary = run(&task(settings), &db.pool).await;
 
     assert_eq!(session_ids(&db.pool).await, sorted(kept));
-    assert_eq!(summary.report.by_rule, vec![("expired", 250), ("anonymous", 130)]);
+    assert_eq!(
+        summary.report.by_rule,
+        vec![("expired", 250), ("anonymous", 130)]
+    );
     // 250 = five full batches and an empty one; 130 = two full batches and a short one.
     assert_eq!(summary.report.batches, 6 + 3);
 }
@@ -170,7 +197,14 @@ async fn sessions_at_infinite_times_are_handled() {
     .unwrap();
 
     // Batches of one move the cursor through -infinity keys.
-    let summary = run(&task(SessionsSettings { batch_size: 1, ..Default::default() }), &db.pool).await;
+    let summary = run(
+        &task(SessionsSettings {
+            batch_size: 1,
+            ..Default::default()
+        }),
+        &db.pool,
+    )
+    .await;
 
     assert_eq!(summary.report.deleted, due.len() as u64);
     assert_eq!(session_ids(&db.pool).await, kept);
@@ -184,26 +218,50 @@ async fn each_batch_reads_its_rule_index_not_the_table() {
     let day = chrono::Duration::days(1);
     insert_sessions(&db.pool, 20_000, user, now - day, now + day).await;
     insert_sessions(&db.pool, 20_000, None, now - MINUTE, now + day).await;
-    sqlx::query("ANALYZE user_sessions").execute(&db.pool).await.unwrap();
+    sqlx::query("ANALYZE user_sessions")
+        .execute(&db.pool)
+        .await
+        .unwrap();
 
     // The very statements the task issues, for a first batch and for later ones.
     let limit = i64::from(SessionsSettings::default().batch_size);
     let cases = [
         (SessionRule::Expired, "user_sessions_expires_at_idx"),
-        (SessionRule::AnonymousStale, "user_sessions_anonymous_created_at_idx"),
+        (
+            SessionRule::AnonymousStale,
+            "user_sessions_anonymous_created_at_idx",
+        ),
     ];
-    for ((rule, index), with_cursor) in cases.into_iter().flat_map(|case| [(case, false), (case, true)]) {
+    for ((rule, index), with_cursor) in cases
+        .into_iter()
+        .flat_map(|case| [(case, false), (case, true)])
+    {
         let explain = format!("EXPLAIN {}", sessions::delete_batch_sql(rule, with_cursor));
-        let mut query = sqlx::query_scalar::<_, String>(&explain).bind(now).bind(limit);
+        let mut query = sqlx::query_scalar::<_, String>(&explain)
+            .bind(now)
+            .bind(limit);
         if with_cursor {
             query = query.bind(now.to_rfc3339()).bind(Uuid::nil());
         }
         let plan = query.fetch_all(&db.pool).await.unwrap().join("\n");
         // Picking walks the rule's index in order: no sort, no scan of the table. (The batch's
         // last row is found by sorting the batch itself, after the delete.)
-        let picking = plan.split("CTE picked").nth(1).and_then(|rest| rest.split("CTE deleted").next()).unwrap_or("");
-        assert!(picking.contains(&format!("Index Scan using {index}")), "{rule:?}, cursor {with_cursor}: {plan}");
-        assert!(!picking.contains("Sort"), "{rule:?}, cursor {with_cursor}: {plan}");
-        assert!(!plan.contains("Seq Scan"), "{rule:?}, cursor {with_cursor}: {plan}");
+        let picking = plan
+            .split("CTE picked")
+            .nth(1)
+            .and_then(|rest| rest.split("CTE deleted").next())
+            .unwrap_or("");
+        assert!(
+            picking.contains(&format!("Index Scan using {index}")),
+            "{rule:?}, cursor {with_cursor}: {plan}"
+        );
+        assert!(
+            !picking.contains("Sort"),
+            "{rule:?}, cursor {with_cursor}: {plan}"
+        );
+        assert!(
+            !plan.contains("Seq Scan"),
+            "{rule:?}, cursor {with_cursor}: {plan}"
+        );
     }
 }

@@ -38,8 +38,18 @@ async fn an_earlier_layout_is_converted_in_place_and_keeps_every_row() {
         old_day(pool, today + Span::days(n)).await;
     }
     let leftover = format!("tasks_p{}", (today - Span::days(9)).format("%Y%m%d"));
-    sqlx::query(&format!("CREATE TABLE {leftover} (LIKE tasks INCLUDING ALL)")).execute(pool).await.unwrap();
-    sqlx::query(&format!("INSERT INTO {leftover} (tenant_id, status) VALUES (gen_random_uuid(), 'succeeded')")).execute(pool).await.unwrap();
+    sqlx::query(&format!(
+        "CREATE TABLE {leftover} (LIKE tasks INCLUDING ALL)"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {leftover} (tenant_id, status) VALUES (gen_random_uuid(), 'succeeded')"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
     let daily = insert_tenant(pool, Some("1 day"), None).await;
     let forever = insert_tenant(pool, None, None).await;
     let mut all = Expect::default();
@@ -71,15 +81,37 @@ async fn an_earlier_layout_is_converted_in_place_and_keeps_every_row() {
     repository::MIGRATOR.run(pool).await.unwrap();
 
     // Every row is still there; those at or after the first day left the default partition.
-    same(task_keys(pool).await, sorted_keys(all.tasks.clone()), "tasks after the migration");
-    same(event_ids(pool).await, sorted_ids(all.events.clone()), "events after the migration");
-    same(queue_item_ids(pool).await, sorted_ids(all.items.clone()), "queue items after the migration");
+    same(
+        task_keys(pool).await,
+        sorted_keys(all.tasks.clone()),
+        "tasks after the migration",
+    );
+    same(
+        event_ids(pool).await,
+        sorted_ids(all.events.clone()),
+        "events after the migration",
+    );
+    same(
+        queue_item_ids(pool).await,
+        sorted_ids(all.items.clone()),
+        "queue items after the migration",
+    );
     let first = day_start(today - Span::days(6));
     let in_default: Vec<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT inserted_at FROM tasks_default ORDER BY 1").fetch_all(pool).await.unwrap();
-    assert!(in_default.iter().all(|at| *at < first), "the default partition keeps only what is older: {in_default:?}");
+        sqlx::query_scalar("SELECT inserted_at FROM tasks_default ORDER BY 1")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert!(
+        in_default.iter().all(|at| *at < first),
+        "the default partition keeps only what is older: {in_default:?}"
+    );
     assert_eq!(in_default.len(), 2);
-    assert_ne!(home_of(pool, in_gap).await, "tasks_default", "the gap got a partition");
+    assert_ne!(
+        home_of(pool, in_gap).await,
+        "tasks_default",
+        "the gap got a partition"
+    );
     assert_eq!(home_of(pool, all.tasks[8]).await, "tasks_future");
     // Every attached partition is a recorded range, with its triggers (a range being filled logs
     // only the tasks finished before it: one trigger).
@@ -107,8 +139,19 @@ async fn an_earlier_layout_is_converted_in_place_and_keeps_every_row() {
         run_task(task.as_ref(), pool).await;
     }
     let left: Vec<Uuid> = task_keys(pool).await.into_iter().map(|k| k.0).collect();
-    let expected: Vec<Uuid> = all.tasks.iter().map(|k| k.0).filter(|id| !due.contains(id)).collect();
+    let expected: Vec<Uuid> = all
+        .tasks
+        .iter()
+        .map(|k| k.0)
+        .filter(|id| !due.contains(id))
+        .collect();
     same(sorted(left), sorted(expected), "tasks after the runs");
-    let leftover_rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {leftover}")).fetch_one(pool).await.unwrap();
-    assert_eq!(leftover_rows, 1, "a table the engine did not detach is never touched");
+    let leftover_rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {leftover}"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        leftover_rows, 1,
+        "a table the engine did not detach is never touched"
+    );
 }

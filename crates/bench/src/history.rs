@@ -16,13 +16,15 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
+use repository::batch::BatchLimits;
 use repository::history::ranges;
 use retention_controller::rewrites;
-use repository::batch::BatchLimits;
 use retention_controller::settings::{PartitionsSettings, TaskHistorySettings};
 use retention_controller::tasks::partitions::PartitionsTask;
 use retention_controller::tasks::task_history::TaskHistoryTask;
-use retention_controller::{run_once, run_once_with, MaintenanceTask, RunContext, RunOptions, RunOutcome, RunReport};
+use retention_controller::{
+    run_once, run_once_with, MaintenanceTask, RunContext, RunOptions, RunOutcome, RunReport,
+};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -63,7 +65,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 // ----- seeding ---------------------------------------------------------------------------------
 
-async fn tenants(pool: &PgPool, prefix: &str, periods: &[Option<&str>], n: usize) -> anyhow::Result<Vec<Uuid>> {
+async fn tenants(
+    pool: &PgPool,
+    prefix: &str,
+    periods: &[Option<&str>],
+    n: usize,
+) -> anyhow::Result<Vec<Uuid>> {
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let id: Uuid = sqlx::query_scalar(
@@ -85,7 +92,12 @@ async fn make_days(pool: &PgPool, first: NaiveDate) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     ranges::take_layout_lock(&mut tx, true).await?;
     ranges::extend_back(&mut tx, first, Duration::from_secs(60)).await?;
-    ranges::carve_days(&mut tx, today(now) + chrono::Duration::days(6), Duration::from_secs(60)).await?;
+    ranges::carve_days(
+        &mut tx,
+        today(now) + chrono::Duration::days(6),
+        Duration::from_secs(60),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }
@@ -99,13 +111,22 @@ async fn settle(pool: &PgPool) -> anyhow::Result<()> {
     let ranges = repository::history::facts::to_settle(pool, now).await?;
     for range in &ranges {
         if range.log_mode == repository::history::LogMode::Live {
-            repository::history::facts::switch_to_all(pool, range, limits, Duration::from_secs(5)).await?;
+            repository::history::facts::switch_to_all(pool, range, limits, Duration::from_secs(5))
+                .await?;
         }
         let mut tx = repository::batch::begin(pool, limits).await?;
-        let block = repository::history::facts::rebuild_take(&mut tx, range.tasks_relid).await?.unwrap_or(0);
+        let block = repository::history::facts::rebuild_take(&mut tx, range.tasks_relid)
+            .await?
+            .unwrap_or(0);
         let mut block = block;
         loop {
-            let pages = repository::history::facts::rebuild_chunk(&mut tx, range.tasks_relid, block, u32::MAX / 2).await?;
+            let pages = repository::history::facts::rebuild_chunk(
+                &mut tx,
+                range.tasks_relid,
+                block,
+                u32::MAX / 2,
+            )
+            .await?;
             if pages == 0 {
                 break;
             }
@@ -114,7 +135,11 @@ async fn settle(pool: &PgPool) -> anyhow::Result<()> {
         repository::history::facts::rebuild_finish(&mut tx, range.tasks_relid, &rule).await?;
         tx.commit().await?;
     }
-    eprintln!("  facts of {} ranges rebuilt in {:.1}s", ranges.len(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "  facts of {} ranges rebuilt in {:.1}s",
+        ranges.len(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -123,8 +148,18 @@ async fn settle(pool: &PgPool) -> anyhow::Result<()> {
 /// without indexes, then attaches them again (which builds the indexes), far faster than
 /// inserting through them. The loads are not logged (the engine's own write); the range's facts
 /// are rebuilt by the next run's settle.
-async fn load_day(pool: &PgPool, day: NaiveDate, rows: i64, tenants: &[Uuid], status: &str, events: i64) -> anyhow::Result<()> {
-    let (lower, upper) = (ranges::day_start(day), ranges::day_start(day + chrono::Duration::days(1)));
+async fn load_day(
+    pool: &PgPool,
+    day: NaiveDate,
+    rows: i64,
+    tenants: &[Uuid],
+    status: &str,
+    events: i64,
+) -> anyhow::Result<()> {
+    let (lower, upper) = (
+        ranges::day_start(day),
+        ranges::day_start(day + chrono::Duration::days(1)),
+    );
     let (tasks, events_table): (String, String) = sqlx::query_as(
         "SELECT tasks_relid::regclass::text, events_relid::regclass::text FROM history_ranges WHERE lower = $1 AND upper = $2",
     )
@@ -136,9 +171,15 @@ async fn load_day(pool: &PgPool, day: NaiveDate, rows: i64, tenants: &[Uuid], st
     sqlx::query("SELECT set_config('engine.retention_write', 'on', false), set_config('maintenance_work_mem', '512MB', false)")
         .execute(&mut *conn)
         .await?;
-    let bounds = format!("FOR VALUES FROM ('{}') TO ('{}')", lower.to_rfc3339(), upper.to_rfc3339());
+    let bounds = format!(
+        "FOR VALUES FROM ('{}') TO ('{}')",
+        lower.to_rfc3339(),
+        upper.to_rfc3339()
+    );
     for (parent, table) in [("tasks", &tasks), ("task_events", &events_table)] {
-        sqlx::query(&format!("ALTER TABLE {parent} DETACH PARTITION {table}")).execute(&mut *conn).await?;
+        sqlx::query(&format!("ALTER TABLE {parent} DETACH PARTITION {table}"))
+            .execute(&mut *conn)
+            .await?;
         drop_indexes(&mut conn, table).await?;
     }
     sqlx::query(&format!(
@@ -163,11 +204,20 @@ async fn load_day(pool: &PgPool, day: NaiveDate, rows: i64, tenants: &[Uuid], st
         .await?;
     }
     for (parent, table) in [("tasks", &tasks), ("task_events", &events_table)] {
-        sqlx::query(&format!("ALTER TABLE {parent} ATTACH PARTITION {table} {bounds}")).execute(&mut *conn).await?;
+        sqlx::query(&format!(
+            "ALTER TABLE {parent} ATTACH PARTITION {table} {bounds}"
+        ))
+        .execute(&mut *conn)
+        .await?;
     }
-    sqlx::query("UPDATE history_ranges SET settled_at = NULL WHERE lower = $1").bind(lower).execute(&mut *conn).await?;
+    sqlx::query("UPDATE history_ranges SET settled_at = NULL WHERE lower = $1")
+        .bind(lower)
+        .execute(&mut *conn)
+        .await?;
     // The connection goes back to the pool: later writes through it are ordinary ones.
-    sqlx::query("SELECT set_config('engine.retention_write', '', false)").execute(&mut *conn).await?;
+    sqlx::query("SELECT set_config('engine.retention_write', '', false)")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -181,10 +231,12 @@ async fn drop_indexes(conn: &mut sqlx::PgConnection, table: &str) -> anyhow::Res
     .await?;
     for (index, constraint) in indexes {
         let sql = if constraint {
-            let name: String = sqlx::query_scalar("SELECT conname::text FROM pg_constraint WHERE conindid = $1::regclass")
-                .bind(&index)
-                .fetch_one(&mut *conn)
-                .await?;
+            let name: String = sqlx::query_scalar(
+                "SELECT conname::text FROM pg_constraint WHERE conindid = $1::regclass",
+            )
+            .bind(&index)
+            .fetch_one(&mut *conn)
+            .await?;
             format!("ALTER TABLE {table} DROP CONSTRAINT {name}")
         } else {
             format!("DROP INDEX {index}")
@@ -214,18 +266,37 @@ async fn steady(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     );
     let pool = db::fresh_database(bench, "history_steady").await?;
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await?;
-    let keepers = tenants(&pool, "keep", &[Some("90 days"), Some("180 days"), Some("365 days"), None], args.tenants).await?;
+    let keepers = tenants(
+        &pool,
+        "keep",
+        &[Some("90 days"), Some("180 days"), Some("365 days"), None],
+        args.tenants,
+    )
+    .await?;
     let short = tenants(&pool, "short", &[Some("1 day")], 1).await?[0];
     let first = today(now) - chrono::Duration::days(args.days);
     make_days(&pool, first).await?;
     let started = Instant::now();
     for n in 0..args.days {
-        load_day(&pool, first + chrono::Duration::days(n), args.rows / args.days, &keepers, "succeeded", 0).await?;
+        load_day(
+            &pool,
+            first + chrono::Duration::days(n),
+            args.rows / args.days,
+            &keepers,
+            "succeeded",
+            0,
+        )
+        .await?;
     }
-    eprintln!("  seeded {} tasks in {:.0}s", args.rows, started.elapsed().as_secs_f64());
+    eprintln!(
+        "  seeded {} tasks in {:.0}s",
+        args.rows,
+        started.elapsed().as_secs_f64()
+    );
     step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE tasks").await?;
     let history = TaskHistoryTask::new(TaskHistorySettings::default());
-    let partitions = PartitionsTask::new(PartitionsSettings::default(), Duration::from_secs(86_400));
+    let partitions =
+        PartitionsTask::new(PartitionsSettings::default(), Duration::from_secs(86_400));
     // The first run rebuilds the facts of every range from its rows (once in a range's life).
     settle(&pool).await?;
     // The engine's pool keeps its prepared plans between runs: warm it the same way.
@@ -241,14 +312,24 @@ async fn steady(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         let a = run_task(&partitions, &pool).await?;
         let b = run_task(&history, &pool).await?;
         engine.push(started.elapsed());
-        let deleted = b.by_rule.iter().find(|(r, _)| *r == "retention").map_or(0, |(_, n)| *n);
-        anyhow::ensure!(deleted == args.due as u64, "task-history deleted {deleted} tasks, expected {}: {a:?} {b:?}", args.due);
+        let deleted = b
+            .by_rule
+            .iter()
+            .find(|(r, _)| *r == "retention")
+            .map_or(0, |(_, n)| *n);
+        anyhow::ensure!(
+            deleted == args.due as u64,
+            "task-history deleted {deleted} tasks, expected {}: {a:?} {b:?}",
+            args.due
+        );
 
         seed_due(&pool, short, today(now), args.due, sample as i64).await?;
         let started = Instant::now();
         // One plain DELETE, without the engine's own triggers (as the engine's batches are).
         let mut tx = pool.begin().await?;
-        sqlx::query("SET LOCAL engine.retention_write = 'on'").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL engine.retention_write = 'on'")
+            .execute(&mut *tx)
+            .await?;
         let gone = sqlx::query(
             "DELETE FROM tasks WHERE tenant_id = $1 AND status IN ('succeeded', 'failed', 'cancelled')
                AND coalesce(finished_at, inserted_at) < now() - interval '1 day'",
@@ -261,23 +342,42 @@ async fn steady(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         bare.push(started.elapsed());
         anyhow::ensure!(gone == args.due as u64);
     }
-    let partitions_count: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks'::regclass").fetch_one(&pool).await?;
+    let partitions_count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks'::regclass")
+            .fetch_one(&pool)
+            .await?;
     let (engine_median, bare_median) = (median(&mut engine), median(&mut bare));
-    println!("  {} samples; {partitions_count} partitions of tasks", args.samples);
+    println!(
+        "  {} samples; {partitions_count} partitions of tasks",
+        args.samples
+    );
     println!(
         "  partitions run + task-history run   median {:>7.1} ms   max {:>7.1} ms",
         ms(engine_median),
         ms(*engine.last().unwrap())
     );
-    println!("  bare DELETE of the same rows         median {:>7.1} ms   max {:>7.1} ms", ms(bare_median), ms(*bare.last().unwrap()));
-    println!("  ratio runs / bare DELETE: {:.2}x   (goal: at most 3x)", ms(engine_median) / ms(bare_median).max(0.001));
+    println!(
+        "  bare DELETE of the same rows         median {:>7.1} ms   max {:>7.1} ms",
+        ms(bare_median),
+        ms(*bare.last().unwrap())
+    );
+    println!(
+        "  ratio runs / bare DELETE: {:.2}x   (goal: at most 3x)",
+        ms(engine_median) / ms(bare_median).max(0.001)
+    );
     pool.close().await;
     db::drop_database(bench, "history_steady").await
 }
 
 /// `due` finished tasks of the one-day tenant, as a steady state has them: in the days that just
 /// passed its retention (two and three days ago), spread over those days.
-async fn seed_due(pool: &PgPool, tenant: Uuid, today: NaiveDate, due: i64, sample: i64) -> anyhow::Result<()> {
+async fn seed_due(
+    pool: &PgPool,
+    tenant: Uuid,
+    today: NaiveDate,
+    due: i64,
+    sample: i64,
+) -> anyhow::Result<()> {
     let start = ranges::day_start(today - chrono::Duration::days(3));
     sqlx::query(
         "INSERT INTO tasks (id, tenant_id, status, inserted_at, finished_at)
@@ -304,23 +404,48 @@ async fn rewrite_once(
     grace: Duration,
 ) -> anyhow::Result<(rewrites::Done, RunReport)> {
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
-    let ctx = RunContext::new(pool.clone(), Uuid::now_v7(), CancellationToken::new(), Duration::from_secs(24 * 3600), RunOptions::default())
-        .with_clock(now, tokio::time::Instant::now());
-    let steps = rewrites::Steps { limits, lock_timeout: Duration::from_secs(5), grace };
+    let ctx = RunContext::new(
+        pool.clone(),
+        Uuid::now_v7(),
+        CancellationToken::new(),
+        Duration::from_secs(24 * 3600),
+        RunOptions::default(),
+    )
+    .with_clock(now, tokio::time::Instant::now());
+    let steps = rewrites::Steps {
+        limits,
+        lock_timeout: Duration::from_secs(5),
+        grace,
+    };
     let mut report = RunReport::default();
-    match rewrites::start(&ctx, std::slice::from_ref(range), "task-history", steps, true, rewrites::Naming::Rules, &mut report).await? {
+    match rewrites::start(
+        &ctx,
+        std::slice::from_ref(range),
+        "task-history",
+        steps,
+        true,
+        rewrites::Naming::Rules,
+        &mut report,
+    )
+    .await?
+    {
         rewrites::Outcome::Done(done) => Ok((done, report)),
         other => anyhow::bail!("not rewritten: {other:?}"),
     }
 }
 
 async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
-    println!("\n== one past day of {} due tasks (one event each), rewritten or deleted row by row", args.day_rows);
+    println!(
+        "\n== one past day of {} due tasks (one event each), rewritten or deleted row by row",
+        args.day_rows
+    );
     let pool = db::fresh_database(bench, "history_compaction").await?;
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await?;
     let weekly = tenants(&pool, "weekly", &[Some("7 days")], 1).await?;
     let forever = tenants(&pool, "forever", &[None], 1).await?;
-    let days: Vec<NaiveDate> = (20..23).map(|n| today(now) - chrono::Duration::days(n)).collect();
+    let days: Vec<NaiveDate> = (20..23)
+        .map(|n| today(now) - chrono::Duration::days(n))
+        .collect();
     make_days(&pool, days[2]).await?;
     // Day 0 keeps `kept`, day 1 keeps nothing: both rewritten. Day 2, like day 0, by row deletes.
     for (day, kept) in [(days[0], args.kept), (days[1], 0), (days[2], args.kept)] {
@@ -332,10 +457,21 @@ async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE tasks, task_events").await?;
     settle(&pool).await?;
     let grace = Duration::from_secs(86_400);
-    let limits = BatchLimits::new(Duration::from_secs(600), Duration::from_secs(5)).with_history_write();
-    println!("  {:<46} {:>9} {:>10} {:>14} {:>16}", "", "wall", "WAL", "lock held", "foreground max");
-    for (label, day) in [(format!("rewrite, keeping {} tasks", args.kept), days[0]), ("rewrite, keeping nothing".to_string(), days[1])] {
-        let range = ranges::all(&pool).await?.into_iter().find(|r| r.lower == Some(ranges::day_start(day))).expect("the day's range");
+    let limits =
+        BatchLimits::new(Duration::from_secs(600), Duration::from_secs(5)).with_history_write();
+    println!(
+        "  {:<46} {:>9} {:>10} {:>14} {:>16}",
+        "", "wall", "WAL", "lock held", "foreground max"
+    );
+    for (label, day) in [
+        (format!("rewrite, keeping {} tasks", args.kept), days[0]),
+        ("rewrite, keeping nothing".to_string(), days[1]),
+    ] {
+        let range = ranges::all(&pool)
+            .await?
+            .into_iter()
+            .find(|r| r.lower == Some(ranges::day_start(day)))
+            .expect("the day's range");
         step(&pool, "CHECKPOINT", "CHECKPOINT").await?;
         let foreground = Foreground::start(&pool, forever[0]).await?;
         let lsn = wal_position(&pool).await?;
@@ -345,7 +481,11 @@ async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         let wal = wal_since(&pool, &lsn).await?;
         let worst = foreground.stop().await?;
         let (done, report) = outcome;
-        let dropped = report.by_rule.iter().find(|(r, _)| *r == "retention").map_or(0, |(_, n)| *n);
+        let dropped = report
+            .by_rule
+            .iter()
+            .find(|(r, _)| *r == "retention")
+            .map_or(0, |(_, n)| *n);
         anyhow::ensure!(dropped == args.day_rows as u64, "dropped {dropped} tasks");
         println!(
             "  {label:<46} {:>7.0} ms {:>7.1} MB {:>11.1} ms {:>13.1} ms",
@@ -357,14 +497,24 @@ async fn compaction(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     }
     // The baseline: the same due rows, deleted by the task with compaction off.
     step(&pool, "CHECKPOINT", "CHECKPOINT").await?;
-    let rows_only = TaskHistoryTask::new(TaskHistorySettings { compaction: false, ..Default::default() });
+    let rows_only = TaskHistoryTask::new(TaskHistorySettings {
+        compaction: false,
+        ..Default::default()
+    });
     let lsn = wal_position(&pool).await?;
     let started = Instant::now();
     let report = run_task(&rows_only, &pool).await?;
     let wall = started.elapsed();
     let wal = wal_since(&pool, &lsn).await?;
-    let deleted = report.by_rule.iter().find(|(r, _)| *r == "retention").map_or(0, |(_, n)| *n);
-    anyhow::ensure!(deleted == args.day_rows as u64, "row deletes removed {deleted} tasks");
+    let deleted = report
+        .by_rule
+        .iter()
+        .find(|(r, _)| *r == "retention")
+        .map_or(0, |(_, n)| *n);
+    anyhow::ensure!(
+        deleted == args.day_rows as u64,
+        "row deletes removed {deleted} tasks"
+    );
     println!(
         "  {:<46} {:>7.0} ms {:>7.1} MB   ({} batches, longest {:.0} ms)",
         format!("row deletes, keeping {} tasks (baseline)", args.kept),
@@ -414,7 +564,11 @@ impl Foreground {
                         .bind(tenant)
                         .fetch_one(&pool)
                         .await?;
-                sqlx::query("SELECT 1 FROM tasks WHERE id = $1 AND inserted_at = $2").bind(id).bind(at).execute(&pool).await?;
+                sqlx::query("SELECT 1 FROM tasks WHERE id = $1 AND inserted_at = $2")
+                    .bind(id)
+                    .bind(at)
+                    .execute(&pool)
+                    .await?;
                 worst = worst.max(started.elapsed());
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -449,7 +603,15 @@ async fn backlog(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     make_days(&pool, first).await?;
     let started = Instant::now();
     for n in 0..args.backlog_days {
-        load_day(&pool, first + chrono::Duration::days(n), per_day, &daily, "succeeded", 2).await?;
+        load_day(
+            &pool,
+            first + chrono::Duration::days(n),
+            per_day,
+            &daily,
+            "succeeded",
+            2,
+        )
+        .await?;
     }
     eprintln!("  seeded in {:.0}s", started.elapsed().as_secs_f64());
     step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE tasks, task_events").await?;
@@ -467,8 +629,12 @@ async fn backlog(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     ] {
         let copy = format!("history_backlog_{kind}");
         let pool = db::copy_database(bench, SEED, &copy).await?;
-        sqlx::query("SELECT count(*) FROM tasks").execute(&pool).await?;
-        sqlx::query("SELECT count(*) FROM task_events").execute(&pool).await?;
+        sqlx::query("SELECT count(*) FROM tasks")
+            .execute(&pool)
+            .await?;
+        sqlx::query("SELECT count(*) FROM task_events")
+            .execute(&pool)
+            .await?;
         step(&pool, "CHECKPOINT", "CHECKPOINT").await?;
         let lsn = wal_position(&pool).await?;
         let started = Instant::now();
@@ -477,7 +643,9 @@ async fn backlog(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
                 // Without the engine's own triggers (the change log, queue-item candidates),
                 // which skip the engine's batches the same way: one plain DELETE.
                 let mut tx = pool.begin().await?;
-                sqlx::query("SET LOCAL engine.retention_write = 'on'").execute(&mut *tx).await?;
+                sqlx::query("SET LOCAL engine.retention_write = 'on'")
+                    .execute(&mut *tx)
+                    .await?;
                 let gone = sqlx::query(
                     "WITH gone AS (
                          DELETE FROM tasks t USING tenants tn
@@ -490,20 +658,55 @@ async fn backlog(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
                 .await?
                 .rows_affected();
                 tx.commit().await?;
-                anyhow::ensure!(gone == 2 * (per_day * args.backlog_days) as u64, "the bare DELETE removed {gone} events");
+                anyhow::ensure!(
+                    gone == 2 * (per_day * args.backlog_days) as u64,
+                    "the bare DELETE removed {gone} events"
+                );
                 String::new()
             }
             _ => {
-                let settings = TaskHistorySettings { compaction: kind == 2, ..Default::default() };
-                let options = RunOptions { parallelism: if kind == 3 { 1 } else { RunOptions::default().parallelism }, ..RunOptions::default() };
-                let report = match run_once_with(&TaskHistoryTask::new(settings), &pool, &CancellationToken::new(), &options).await? {
+                let settings = TaskHistorySettings {
+                    compaction: kind == 2,
+                    ..Default::default()
+                };
+                let options = RunOptions {
+                    parallelism: if kind == 3 {
+                        1
+                    } else {
+                        RunOptions::default().parallelism
+                    },
+                    ..RunOptions::default()
+                };
+                let report = match run_once_with(
+                    &TaskHistoryTask::new(settings),
+                    &pool,
+                    &CancellationToken::new(),
+                    &options,
+                )
+                .await?
+                {
                     RunOutcome::Ran(summary) => summary.report,
                     other => anyhow::bail!("task-history did not run: {other:?}"),
                 };
-                let deleted = report.by_rule.iter().find(|(r, _)| *r == "retention").map_or(0, |(_, n)| *n);
-                anyhow::ensure!(deleted == (per_day * args.backlog_days) as u64, "removed {deleted} tasks: {report:?}");
-                let compacted = report.counters.iter().find(|(c, _)| *c == "ranges compacted").map_or(0, |(_, n)| *n);
-                format!("   ({} batches, longest {:.0} ms, {compacted} ranges compacted)", report.batches, ms(report.longest_batch))
+                let deleted = report
+                    .by_rule
+                    .iter()
+                    .find(|(r, _)| *r == "retention")
+                    .map_or(0, |(_, n)| *n);
+                anyhow::ensure!(
+                    deleted == (per_day * args.backlog_days) as u64,
+                    "removed {deleted} tasks: {report:?}"
+                );
+                let compacted = report
+                    .counters
+                    .iter()
+                    .find(|(c, _)| *c == "ranges compacted")
+                    .map_or(0, |(_, n)| *n);
+                format!(
+                    "   ({} batches, longest {:.0} ms, {compacted} ranges compacted)",
+                    report.batches,
+                    ms(report.longest_batch)
+                )
             }
         };
         let wall = started.elapsed();

@@ -13,7 +13,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Retention benchmarks: each prints its figures and ratios against a baseline from the same run")]
+#[command(
+    about = "Retention benchmarks: each prints its figures and ratios against a baseline from the same run"
+)]
 struct Cli {
     #[command(subcommand)]
     bench: Bench,
@@ -112,16 +114,77 @@ enum Bench {
 async fn main() -> anyhow::Result<()> {
     // Quiet unless RUST_LOG asks (RUST_LOG=retention_controller=debug shows every batch).
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,sqlx=error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,sqlx=error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().bench {
-        Bench::History { sections, tenants, days, rows, due, samples, day_rows, kept, backlog_tasks, backlog_tenants, backlog_days } => {
-            history::run(history::Args { sections, tenants, days, rows, due, samples, day_rows, kept, backlog_tasks, backlog_tenants, backlog_days }).await
+        Bench::History {
+            sections,
+            tenants,
+            days,
+            rows,
+            due,
+            samples,
+            day_rows,
+            kept,
+            backlog_tasks,
+            backlog_tenants,
+            backlog_days,
+        } => {
+            history::run(history::Args {
+                sections,
+                tenants,
+                days,
+                rows,
+                due,
+                samples,
+                day_rows,
+                kept,
+                backlog_tasks,
+                backlog_tenants,
+                backlog_days,
+            })
+            .await
         }
-        Bench::QueueItems { items, due, samples } => queue_items::run(queue_items::Args { items, due, samples }).await,
-        Bench::Sessions { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only, runs, parallelism, standby } => {
-            let args = sessions::Args { rows, cte_budget, pace, batch_time, full_speed_batch_time, steady_rows, steady_only, runs, parallelism, standby };
+        Bench::QueueItems {
+            items,
+            due,
+            samples,
+        } => {
+            queue_items::run(queue_items::Args {
+                items,
+                due,
+                samples,
+            })
+            .await
+        }
+        Bench::Sessions {
+            rows,
+            cte_budget,
+            pace,
+            batch_time,
+            full_speed_batch_time,
+            steady_rows,
+            steady_only,
+            runs,
+            parallelism,
+            standby,
+        } => {
+            let args = sessions::Args {
+                rows,
+                cte_budget,
+                pace,
+                batch_time,
+                full_speed_batch_time,
+                steady_rows,
+                steady_only,
+                runs,
+                parallelism,
+                standby,
+            };
             sessions::run(args).await
         }
     }

@@ -24,11 +24,23 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let bench = db::open().await?;
-    println!("\n== queue items, steady state: {} live items, {} due between runs", args.items, args.due);
+    println!(
+        "\n== queue items, steady state: {} live items, {} due between runs",
+        args.items, args.due
+    );
     let pool = db::fresh_database(&bench, "queue_steady").await?;
-    let tenant: Uuid = sqlx::query_scalar("INSERT INTO tenants (slug, name) VALUES ('queue', 'Queue') RETURNING id").fetch_one(&pool).await?;
+    let tenant: Uuid = sqlx::query_scalar(
+        "INSERT INTO tenants (slug, name) VALUES ('queue', 'Queue') RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await?;
     let started = Instant::now();
-    sqlx::query("INSERT INTO tasks (tenant_id, status) SELECT $1, 'running' FROM generate_series(1, 10000)").bind(tenant).execute(&pool).await?;
+    sqlx::query(
+        "INSERT INTO tasks (tenant_id, status) SELECT $1, 'running' FROM generate_series(1, 10000)",
+    )
+    .bind(tenant)
+    .execute(&pool)
+    .await?;
     sqlx::query(
         "INSERT INTO queue_items (tenant_id, task_id, task_inserted_at)
          SELECT $1, t.id, t.inserted_at FROM tasks t CROSS JOIN generate_series(1, $2::bigint / 10000)",
@@ -43,7 +55,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let task = QueueItemsTask::new(QueueItemsSettings::default());
     let started = Instant::now();
     run_task(&task, &pool).await?;
-    println!("  first run (walks the whole heap once)     {:>9.1} ms", ms(started.elapsed()));
+    println!(
+        "  first run (walks the whole heap once)     {:>9.1} ms",
+        ms(started.elapsed())
+    );
     // Warm-up: the engine's pool keeps its prepared statements between runs.
     for sample in 0..3 {
         due_items(&pool, tenant, args.due, sample).await?;
@@ -55,26 +70,52 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let started = Instant::now();
         let deleted = run_task(&task, &pool).await?;
         engine.push(started.elapsed());
-        anyhow::ensure!(deleted == args.due as u64, "the run deleted {deleted} items");
+        anyhow::ensure!(
+            deleted == args.due as u64,
+            "the run deleted {deleted} items"
+        );
 
         let tasks = due_items(&pool, tenant, args.due, 1000 + sample as i64).await?;
         // The trigger recorded these too: not the bare DELETE's business.
-        sqlx::query("DELETE FROM queue_item_candidates").execute(&pool).await?;
+        sqlx::query("DELETE FROM queue_item_candidates")
+            .execute(&pool)
+            .await?;
         let started = Instant::now();
-        let gone = sqlx::query("DELETE FROM queue_items WHERE task_id = ANY($1)").bind(&tasks).execute(&pool).await?.rows_affected();
+        let gone = sqlx::query("DELETE FROM queue_items WHERE task_id = ANY($1)")
+            .bind(&tasks)
+            .execute(&pool)
+            .await?
+            .rows_affected();
         bare.push(started.elapsed());
-        anyhow::ensure!(gone == args.due as u64, "the bare DELETE removed {gone} items");
+        anyhow::ensure!(
+            gone == args.due as u64,
+            "the bare DELETE removed {gone} items"
+        );
     }
     let (engine, bare) = (median(&mut engine), median(&mut bare));
-    println!("  queue-items run                           median {:>7.1} ms", ms(engine));
-    println!("  bare DELETE of the same number of items   median {:>7.1} ms", ms(bare));
-    println!("  ratio run / bare DELETE: {:.2}x   (goal: at most 3x)", ms(engine) / ms(bare).max(0.001));
+    println!(
+        "  queue-items run                           median {:>7.1} ms",
+        ms(engine)
+    );
+    println!(
+        "  bare DELETE of the same number of items   median {:>7.1} ms",
+        ms(bare)
+    );
+    println!(
+        "  ratio run / bare DELETE: {:.2}x   (goal: at most 3x)",
+        ms(engine) / ms(bare).max(0.001)
+    );
     pool.close().await;
     db::drop_database(&bench, "queue_steady").await
 }
 
 /// `due` new tasks with a queue item each, then finished: their items become due.
-async fn due_items(pool: &PgPool, tenant: Uuid, due: i64, sample: i64) -> anyhow::Result<Vec<Uuid>> {
+async fn due_items(
+    pool: &PgPool,
+    tenant: Uuid,
+    due: i64,
+    sample: i64,
+) -> anyhow::Result<Vec<Uuid>> {
     let tasks: Vec<Uuid> = sqlx::query_scalar(
         "WITH t AS (INSERT INTO tasks (tenant_id, status) SELECT $1, 'running' FROM generate_series(1, $2) RETURNING id, inserted_at),
               q AS (INSERT INTO queue_items (tenant_id, task_id, task_inserted_at, priority) SELECT $1, id, inserted_at, $3 FROM t)
@@ -85,7 +126,10 @@ async fn due_items(pool: &PgPool, tenant: Uuid, due: i64, sample: i64) -> anyhow
     .bind(sample as i32)
     .fetch_all(pool)
     .await?;
-    sqlx::query("UPDATE tasks SET status = 'succeeded', finished_at = now() WHERE id = ANY($1)").bind(&tasks).execute(pool).await?;
+    sqlx::query("UPDATE tasks SET status = 'succeeded', finished_at = now() WHERE id = ANY($1)")
+        .bind(&tasks)
+        .execute(pool)
+        .await?;
     Ok(tasks)
 }
 

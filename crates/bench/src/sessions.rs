@@ -41,7 +41,8 @@ const KEPT_LOGGED_IN: i64 = 9;
 const FOREGROUND_RATE: u32 = 200;
 const IDLE_FOR: Duration = Duration::from_secs(15);
 /// The rule as the engine applies it with the default 24 h anonymous TTL.
-const RULE: &str = "expires_at < now() OR (user_id IS NULL AND created_at < now() - interval '24 hours')";
+const RULE: &str =
+    "expires_at < now() OR (user_id IS NULL AND created_at < now() - interval '24 hours')";
 
 pub struct Args {
     pub rows: i64,
@@ -70,9 +71,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return steady_state(&bench, args.steady_rows).await;
     }
     let engine = engine_binary()?;
-    let has_statements = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(&bench.pool).await.is_ok()
-        && sqlx::query("SELECT pg_stat_statements_reset()").execute(&bench.pool).await.is_ok();
-    println!("bench sessions: {} due rows, {} kept", args.rows, KEPT_ANONYMOUS + KEPT_LOGGED_IN);
+    let has_statements = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&bench.pool)
+        .await
+        .is_ok()
+        && sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&bench.pool)
+            .await
+            .is_ok();
+    println!(
+        "bench sessions: {} due rows, {} kept",
+        args.rows,
+        KEPT_ANONYMOUS + KEPT_LOGGED_IN
+    );
     seed(&bench, args.rows).await?;
 
     let mut rounds = Vec::new();
@@ -93,13 +104,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-
 /// A paced engine run: its label, its `retention run` arguments and its environment.
 type Pace = (&'static str, Vec<String>, Vec<(String, String)>);
 
 /// Every strategy once, each on its own copy, with the idle foreground measured first; the
 /// LIMIT 1000 loop only when `with_cte` (it is the common fix's reference, not a goal).
-async fn one_round(bench: &BenchDb, args: &Args, engine: &Path, has_statements: bool, with_cte: bool) -> anyhow::Result<(Latencies, Vec<Measured>)> {
+async fn one_round(
+    bench: &BenchDb,
+    args: &Args,
+    engine: &Path,
+    has_statements: bool,
+    with_cte: bool,
+) -> anyhow::Result<(Latencies, Vec<Measured>)> {
     let mut results = Vec::new();
     let idle = {
         let copy = Copy::create(bench, "idle").await?;
@@ -115,16 +131,26 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &Path, has_statements: 
     };
     eprintln!("  idle foreground: {}", idle.describe());
 
-    results.push(measure(bench, "bare DELETE", has_statements, |copy| async move {
-        let gone = sqlx::query(&format!("DELETE FROM user_sessions WHERE {RULE}")).execute(&copy.pool).await?.rows_affected();
-        Ok(Outcome { deleted: gone, note: String::new(), extrapolated_to: None, peak_rss_kb: None })
-    })
-    .await?);
+    results.push(
+        measure(bench, "bare DELETE", has_statements, |copy| async move {
+            let gone = sqlx::query(&format!("DELETE FROM user_sessions WHERE {RULE}"))
+                .execute(&copy.pool)
+                .await?
+                .rows_affected();
+            Ok(Outcome {
+                deleted: gone,
+                note: String::new(),
+                extrapolated_to: None,
+                peak_rss_kb: None,
+            })
+        })
+        .await?,
+    );
 
     let budget = args.cte_budget;
     let due = args.rows as u64;
     if with_cte {
-    results.push(measure(bench, "CTE LIMIT 1000 loop", has_statements, move |copy| async move {
+        results.push(measure(bench, "CTE LIMIT 1000 loop", has_statements, move |copy| async move {
         let started = Instant::now();
         let mut deleted = 0u64;
         loop {
@@ -148,11 +174,13 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &Path, has_statements: 
     }
 
     let env = engine_env(args);
-    results.push(measure(bench, "engine, full speed", has_statements, |copy| {
-        let env = env.clone();
-        async move { run_engine(engine, &copy.url, &env, &[]).await }
-    })
-    .await?);
+    results.push(
+        measure(bench, "engine, full speed", has_statements, |copy| {
+            let env = env.clone();
+            async move { run_engine(engine, &copy.url, &env, &[]).await }
+        })
+        .await?,
+    );
     // Paced: by feedback (the default) and at the fixed ratio it starts from.
     let fixed = |mut env: Vec<(String, String)>| {
         env.push(("ENGINE__RETENTION__PACING__FEEDBACK".into(), "false".into()));
@@ -160,24 +188,42 @@ async fn one_round(bench: &BenchDb, args: &Args, engine: &Path, has_statements: 
     };
     let paces: Vec<Pace> = if args.pace.is_empty() {
         vec![
-            ("engine, paced (default: feedback)", vec!["--pace".into()], env.clone()),
-            ("engine, paced, fixed ratio 1", vec!["--pace".into()], fixed(env.clone())),
+            (
+                "engine, paced (default: feedback)",
+                vec!["--pace".into()],
+                env.clone(),
+            ),
+            (
+                "engine, paced, fixed ratio 1",
+                vec!["--pace".into()],
+                fixed(env.clone()),
+            ),
         ]
     } else {
         let mut paces = Vec::new();
         for ratio in &args.pace {
             let pace = vec!["--pace".into(), ratio.to_string()];
-            paces.push((&*Box::leak(format!("engine, --pace {ratio}, feedback").into_boxed_str()), pace.clone(), env.clone()));
-            paces.push((&*Box::leak(format!("engine, --pace {ratio}, fixed").into_boxed_str()), pace, fixed(env.clone())));
+            paces.push((
+                &*Box::leak(format!("engine, --pace {ratio}, feedback").into_boxed_str()),
+                pace.clone(),
+                env.clone(),
+            ));
+            paces.push((
+                &*Box::leak(format!("engine, --pace {ratio}, fixed").into_boxed_str()),
+                pace,
+                fixed(env.clone()),
+            ));
         }
         paces
     };
     for (name, pace_args, env) in paces {
-        results.push(measure(bench, name, has_statements, |copy| {
-            let (env, pace_args) = (env.clone(), pace_args.clone());
-            async move { run_engine(engine, &copy.url, &env, &pace_args).await }
-        })
-        .await?);
+        results.push(
+            measure(bench, name, has_statements, |copy| {
+                let (env, pace_args) = (env.clone(), pace_args.clone());
+                async move { run_engine(engine, &copy.url, &env, &pace_args).await }
+            })
+            .await?,
+        );
     }
 
     Ok((idle, results))
@@ -262,13 +308,21 @@ async fn standby_caught_up(pool: &PgPool) -> anyhow::Result<Duration> {
         if behind.is_some_and(|b| b <= 0) {
             return Ok(started.elapsed());
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "the standby did not catch up in 10 minutes ({behind:?} bytes behind)");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "the standby did not catch up in 10 minutes ({behind:?} bytes behind)"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Runs `purge` on a fresh copy after a CHECKPOINT, with the foreground running.
-async fn measure<F, Fut>(bench: &BenchDb, name: &'static str, has_statements: bool, purge: F) -> anyhow::Result<Measured>
+async fn measure<F, Fut>(
+    bench: &BenchDb,
+    name: &'static str,
+    has_statements: bool,
+    purge: F,
+) -> anyhow::Result<Measured>
 where
     F: FnOnce(Arc<Copy>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Outcome>>,
@@ -276,7 +330,9 @@ where
     let copy = Arc::new(Copy::create(bench, "run").await?);
     sqlx::query("CHECKPOINT").execute(&bench.pool).await?;
     if has_statements {
-        sqlx::query("SELECT pg_stat_statements_reset()").execute(&bench.pool).await?;
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&bench.pool)
+            .await?;
     }
     if bench.has_standby() {
         standby_caught_up(&bench.pool).await?;
@@ -299,11 +355,19 @@ where
                 mb(worst_bytes),
                 caught_up_after.as_secs_f64()
             );
-            Some(StandbyLag { worst, worst_bytes, caught_up_after })
+            Some(StandbyLag {
+                worst,
+                worst_bytes,
+                caught_up_after,
+            })
         }
         None => None,
     };
-    let longest_statement = if has_statements { longest_statement(&bench.pool, &copy.name).await? } else { None };
+    let longest_statement = if has_statements {
+        longest_statement(&bench.pool, &copy.name).await?
+    } else {
+        None
+    };
     if let Some((ms, query)) = &longest_statement {
         eprintln!("  {name}: longest statement {ms:.0} ms: {query}");
     }
@@ -314,12 +378,26 @@ where
         "  {name}: {} rows in {:.2}s{}{}, {left} due rows left; foreground {}",
         outcome.deleted,
         wall.as_secs_f64(),
-        outcome.extrapolated_to.map(|t| format!(" (whole purge extrapolated: {:.0}s)", t.as_secs_f64())).unwrap_or_default(),
+        outcome
+            .extrapolated_to
+            .map(|t| format!(" (whole purge extrapolated: {:.0}s)", t.as_secs_f64()))
+            .unwrap_or_default(),
         outcome.note,
         foreground.describe()
     );
-    Arc::into_inner(copy).context("copy still in use")?.drop(bench).await?;
-    Ok(Measured { name, wall, outcome, wal_bytes, longest_statement, foreground, standby })
+    Arc::into_inner(copy)
+        .context("copy still in use")?
+        .drop(bench)
+        .await?;
+    Ok(Measured {
+        name,
+        wall,
+        outcome,
+        wal_bytes,
+        longest_statement,
+        foreground,
+        standby,
+    })
 }
 
 /// The longest single execution of any statement in database `name` (the foreground's excluded),
@@ -341,7 +419,10 @@ fn print_report(idle: &Latencies, results: &[Measured]) {
     println!();
     println!("| strategy | wall | vs bare DELETE | rows | WAL | longest statement | foreground p50 / p99 | engine peak RSS | standby: worst lag, WAL behind, caught up after the end |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    println!("| (idle) | | | | | | {:.2} / {:.2} ms | | |", idle.p50_ms, idle.p99_ms);
+    println!(
+        "| (idle) | | | | | | {:.2} / {:.2} ms | | |",
+        idle.p50_ms, idle.p99_ms
+    );
     for m in results {
         let (wall, note) = match m.outcome.extrapolated_to {
             Some(whole) => (whole.as_secs_f64(), " (extrapolated)"),
@@ -393,7 +474,12 @@ fn print_summary(rounds: &[(Latencies, Vec<Measured>)]) {
                 p99_bare.push(m.foreground.p99_ms / bare.foreground.p99_ms);
             }
         }
-        println!("| {name} | {} | {} | {} |", spread(&mut walls), spread(&mut p99_idle), spread(&mut p99_bare));
+        println!(
+            "| {name} | {} | {} | {} |",
+            spread(&mut walls),
+            spread(&mut p99_idle),
+            spread(&mut p99_bare)
+        );
     }
 }
 
@@ -401,13 +487,19 @@ fn print_summary(rounds: &[(Latencies, Vec<Measured>)]) {
 fn spread(values: &mut [f64]) -> String {
     values.sort_by(f64::total_cmp);
     let median = values[values.len() / 2];
-    format!("{median:.2}x ({:.2}-{:.2}x)", values[0], values[values.len() - 1])
+    format!(
+        "{median:.2}x ({:.2}-{:.2}x)",
+        values[0],
+        values[values.len() - 1]
+    )
 }
 
 // ----- seeding -----------------------------------------------------------------------------
 
 async fn seed(bench: &BenchDb, rows: i64) -> anyhow::Result<()> {
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {SEED_DB}")).execute(&bench.pool).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {SEED_DB}"))
+        .execute(&bench.pool)
+        .await?;
     let pool = db::fresh_database(bench, SEED_DB).await?;
     let started = Instant::now();
     eprintln!("seeding {rows} due sessions over 30 days...");
@@ -456,9 +548,18 @@ async fn seed(bench: &BenchDb, rows: i64) -> anyhow::Result<()> {
         .await?;
     }
     db::step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE user_sessions").await?;
-    let size: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('user_sessions')").fetch_one(&pool).await?;
-    let heap: i64 = sqlx::query_scalar("SELECT pg_relation_size('user_sessions')").fetch_one(&pool).await?;
-    eprintln!("  seeded in {:.0}s: table {:.0} MB with indexes, heap {:.0} MB", started.elapsed().as_secs_f64(), mb(size), mb(heap));
+    let size: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('user_sessions')")
+        .fetch_one(&pool)
+        .await?;
+    let heap: i64 = sqlx::query_scalar("SELECT pg_relation_size('user_sessions')")
+        .fetch_one(&pool)
+        .await?;
+    eprintln!(
+        "  seeded in {:.0}s: table {:.0} MB with indexes, heap {:.0} MB",
+        started.elapsed().as_secs_f64(),
+        mb(size),
+        mb(heap)
+    );
     pool.close().await;
     Ok(())
 }
@@ -476,13 +577,17 @@ impl Copy {
         let pool = db::copy_database(bench, SEED_DB, &name).await?;
         let url = bench.url_for(&name);
         // Warm the cache the same way for every strategy: the heap and its indexes.
-        sqlx::query("SELECT count(*) FROM user_sessions").execute(&pool).await?;
+        sqlx::query("SELECT count(*) FROM user_sessions")
+            .execute(&pool)
+            .await?;
         Ok(Copy { name, url, pool })
     }
 
     async fn drop(self, bench: &BenchDb) -> anyhow::Result<()> {
         self.pool.close().await;
-        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name)).execute(&bench.pool).await?;
+        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .execute(&bench.pool)
+            .await?;
         Ok(())
     }
 }
@@ -494,9 +599,15 @@ fn engine_binary() -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name("engine");
     eprintln!("building the engine (cargo build --release -p engine)...");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo).args(["build", "--release", "--quiet", "-p", "engine"]).status()?;
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "--quiet", "-p", "engine"])
+        .status()?;
     anyhow::ensure!(status.success(), "building the engine failed");
-    anyhow::ensure!(path.exists(), "{} not found after building it", path.display());
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found after building it",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -505,20 +616,34 @@ fn engine_env(args: &Args) -> Vec<(String, String)> {
     let log = std::env::var("BENCH_ENGINE_LOG").unwrap_or_else(|_| "warn".into());
     let mut env = vec![("RUST_LOG".to_string(), log)];
     if let Some(batch_time) = &args.batch_time {
-        env.push(("ENGINE__RETENTION__PACING__BATCH_TIME".into(), batch_time.clone()));
+        env.push((
+            "ENGINE__RETENTION__PACING__BATCH_TIME".into(),
+            batch_time.clone(),
+        ));
     }
     if let Some(batch_time) = &args.full_speed_batch_time {
-        env.push(("ENGINE__RETENTION__PACING__FULL_SPEED_BATCH_TIME".into(), batch_time.clone()));
+        env.push((
+            "ENGINE__RETENTION__PACING__FULL_SPEED_BATCH_TIME".into(),
+            batch_time.clone(),
+        ));
     }
     if let Some(parallelism) = args.parallelism {
-        env.push(("ENGINE__RETENTION__PARALLELISM".into(), parallelism.to_string()));
+        env.push((
+            "ENGINE__RETENTION__PARALLELISM".into(),
+            parallelism.to_string(),
+        ));
     }
     env
 }
 
 /// `engine retention run --task sessions [extra]` on `url`; its peak RSS is read from /proc while
 /// it runs (VmHWM, the high-water mark, sampled every 50 ms).
-async fn run_engine(engine: &Path, url: &str, env: &[(String, String)], extra: &[String]) -> anyhow::Result<Outcome> {
+async fn run_engine(
+    engine: &Path,
+    url: &str,
+    env: &[(String, String)],
+    extra: &[String],
+) -> anyhow::Result<Outcome> {
     let child = tokio::process::Command::new(engine)
         .args(["retention", "run", "--task", "sessions", "--json"])
         .args(extra)
@@ -545,14 +670,22 @@ async fn run_engine(engine: &Path, url: &str, env: &[(String, String)], extra: &
     sampler.abort();
     let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
     anyhow::ensure!(output.status.success(), "engine failed: {stdout}");
-    let report: serde_json::Value = serde_json::from_str(&stdout).with_context(|| format!("the engine's --json output: {stdout}"))?;
-    let deleted = report["deleted"].as_u64().with_context(|| format!("no row count in the engine's output: {stdout}"))?;
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the engine's --json output: {stdout}"))?;
+    let deleted = report["deleted"]
+        .as_u64()
+        .with_context(|| format!("no row count in the engine's output: {stdout}"))?;
     let note = format!(
         " [{} batches, longest {} ms; the run {} s of it, counters {}]",
         report["batches"], report["longest_batch_ms"], report["seconds"], report["counters"]
     );
     let peak_rss_kb = Some(*peak.lock().unwrap());
-    Ok(Outcome { deleted, note, extrapolated_to: None, peak_rss_kb })
+    Ok(Outcome {
+        deleted,
+        note,
+        extrapolated_to: None,
+        peak_rss_kb,
+    })
 }
 
 fn vm_hwm_kb(pid: u32) -> Option<u64> {
@@ -579,7 +712,10 @@ struct Latencies {
 
 impl Latencies {
     fn describe(&self) -> String {
-        format!("p50 {:.2} ms, p99 {:.2} ms over {} requests", self.p50_ms, self.p99_ms, self.count)
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms over {} requests",
+            self.p50_ms, self.p99_ms, self.count
+        )
     }
 }
 
@@ -630,8 +766,17 @@ impl Foreground {
         self.stop.cancel();
         let mut latencies = self.handle.await.unwrap_or_default();
         latencies.sort();
-        let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
-        Latencies { p50_ms: ms(at(0.5)), p99_ms: ms(at(0.99)), count: latencies.len() }
+        let at = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        Latencies {
+            p50_ms: ms(at(0.5)),
+            p99_ms: ms(at(0.99)),
+            count: latencies.len(),
+        }
     }
 }
 
@@ -644,7 +789,9 @@ fn ms(duration: Duration) -> f64 {
 /// `kept` live sessions, then five times: 100 due sessions appear, one sessions run removes them.
 /// Against a bare DELETE of 100 due rows by the same rule on the same table.
 async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
-    sqlx::query("DROP DATABASE IF EXISTS sessions_steady").execute(&bench.pool).await?;
+    sqlx::query("DROP DATABASE IF EXISTS sessions_steady")
+        .execute(&bench.pool)
+        .await?;
     let pool = db::fresh_database(bench, "sessions_steady").await?;
     eprintln!("steady state: seeding {kept} kept sessions...");
     let started = Instant::now();
@@ -690,7 +837,11 @@ async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
         let whole = started.elapsed();
         match outcome {
             RunOutcome::Ran(summary) => {
-                anyhow::ensure!(summary.report.deleted == 100, "the run deleted {} rows, not 100", summary.report.deleted);
+                anyhow::ensure!(
+                    summary.report.deleted == 100,
+                    "the run deleted {} rows, not 100",
+                    summary.report.deleted
+                );
                 engine_runs.push(summary.elapsed);
                 whole_runs.push(whole);
             }
@@ -698,7 +849,10 @@ async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
         }
         seed_due(pool.clone()).await?;
         let started = Instant::now();
-        let gone = sqlx::query(&format!("DELETE FROM user_sessions WHERE {RULE}")).execute(&pool).await?.rows_affected();
+        let gone = sqlx::query(&format!("DELETE FROM user_sessions WHERE {RULE}"))
+            .execute(&pool)
+            .await?
+            .rows_affected();
         bare.push(started.elapsed());
         anyhow::ensure!(gone == 100, "the bare DELETE deleted {gone} rows, not 100");
     }
@@ -719,6 +873,8 @@ async fn steady_state(bench: &BenchDb, kept: i64) -> anyhow::Result<()> {
         median(&whole_runs) / median(&bare),
     );
     pool.close().await;
-    sqlx::query("DROP DATABASE sessions_steady WITH (FORCE)").execute(&bench.pool).await?;
+    sqlx::query("DROP DATABASE sessions_steady WITH (FORCE)")
+        .execute(&bench.pool)
+        .await?;
     Ok(())
 }

@@ -16,7 +16,9 @@ pub struct Bar {
 }
 
 /// A series' colour, by its position: distinguishable, and readable on white.
-pub const COLOURS: [&str; 6] = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1"];
+pub const COLOURS: [&str; 6] = [
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1",
+];
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 180.0;
@@ -26,7 +28,13 @@ const TOP: f64 = 8.0;
 
 /// A stacked bar chart of `bars`, one colour per name of `series`; `label_every` bars get
 /// their label written under them.
-pub fn stacked_bars(id: &str, title: &str, series: &[&str], bars: &[Bar], label_every: usize) -> String {
+pub fn stacked_bars(
+    id: &str,
+    title: &str,
+    series: &[&str],
+    bars: &[Bar],
+    label_every: usize,
+) -> String {
     let total = |bar: &Bar| bar.rows.iter().sum::<u64>();
     let max = bars.iter().map(total).max().unwrap_or(0);
     let top = nice_ceiling(max);
@@ -54,7 +62,12 @@ pub fn stacked_bars(id: &str, title: &str, series: &[&str], bars: &[Bar], label_
         let x = LEFT + slot * i as f64 + (slot - bar_width) / 2.0;
         let mut base = TOP + plot_height;
         for (s, rows) in bar.rows.iter().enumerate().filter(|(_, rows)| **rows > 0) {
-            let height = if top == 0 { 0.0 } else { plot_height * *rows as f64 / top as f64 }.max(1.0);
+            let height = if top == 0 {
+                0.0
+            } else {
+                plot_height * *rows as f64 / top as f64
+            }
+            .max(1.0);
             base -= height;
             let name = series.get(s).copied().unwrap_or("?");
             let _ = write!(
@@ -112,16 +125,39 @@ mod tests {
     #[test]
     fn bars_stack_their_series_and_skip_empty_ones() {
         let bars = vec![
-            Bar { label: "10h".into(), bucket: "2026-11-29T10:00:00Z".into(), rows: vec![600, 0, 400] },
-            Bar { label: "11h".into(), bucket: "2026-11-29T11:00:00Z".into(), rows: vec![0, 0, 0] },
+            Bar {
+                label: "10h".into(),
+                bucket: "2026-11-29T10:00:00Z".into(),
+                rows: vec![600, 0, 400],
+            },
+            Bar {
+                label: "11h".into(),
+                bucket: "2026-11-29T11:00:00Z".into(),
+                rows: vec![0, 0, 0],
+            },
         ];
         let svg = stacked_bars("c", "Rows", &["a", "b", "c"], &bars, 1);
         assert_eq!(svg.matches("<rect").count(), 2, "{svg}");
-        assert!(svg.contains(r#"data-series="a" data-bucket="2026-11-29T10:00:00Z" data-rows="600""#), "{svg}");
-        assert!(svg.contains(r#"data-series="c" data-bucket="2026-11-29T10:00:00Z" data-rows="400""#), "{svg}");
+        assert!(
+            svg.contains(r#"data-series="a" data-bucket="2026-11-29T10:00:00Z" data-rows="600""#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(r#"data-series="c" data-bucket="2026-11-29T10:00:00Z" data-rows="400""#),
+            "{svg}"
+        );
         // 1,000 rows fill the plot: 600 take 0.6 of its 150 px, 400 the rest above them.
-        assert!(svg.contains(r#"y="68.0" width="262.4" height="90.0""#), "{svg}");
-        assert!(svg.contains(r#"y="8.0" width="262.4" height="60.0""#), "{svg}");
-        assert!(svg.contains(">1,000</text>") && svg.contains(">11h</text>"), "{svg}");
+        assert!(
+            svg.contains(r#"y="68.0" width="262.4" height="90.0""#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(r#"y="8.0" width="262.4" height="60.0""#),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(">1,000</text>") && svg.contains(">11h</text>"),
+            "{svg}"
+        );
     }
 }

@@ -33,7 +33,9 @@ pub enum Command {
     #[command(after_help = "Example: DATABASE_URL=postgres://engine@db/engine engine migrate")]
     Migrate,
     /// Run the engine: migrations, the retention controller (paced) and the admin server with the status page.
-    #[command(after_help = "Example: ENGINE__HTTP__ADDR=0.0.0.0:8080 engine serve   # then open http://<host>:8080/")]
+    #[command(
+        after_help = "Example: ENGINE__HTTP__ADDR=0.0.0.0:8080 engine serve   # then open http://<host>:8080/"
+    )]
     Serve,
     /// Seed a demo database on the embedded PostgreSQL, clean it as `serve` would, and show the status page.
     #[command(after_help = "Examples:
@@ -70,7 +72,9 @@ pub enum DemoScale {
 #[derive(Debug, Subcommand)]
 pub enum HoldCommand {
     /// Hold every task of a tenant, or one task, until removed or until an instant.
-    #[command(after_help = "Example: engine hold add --tenant acme --reason \"litigation #42\" --until 2027-06-30")]
+    #[command(
+        after_help = "Example: engine hold add --tenant acme --reason \"litigation #42\" --until 2027-06-30"
+    )]
     Add {
         /// The tenant's id or slug.
         #[arg(long)]
@@ -110,7 +114,10 @@ pub enum HoldCommand {
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
     /// A tenant's run-history retention (data_retention_period, and windows per final status).
-    #[command(subcommand, after_help = "Example: engine tenant retention set acme 30days")]
+    #[command(
+        subcommand,
+        after_help = "Example: engine tenant retention set acme 30days"
+    )]
     Retention(TenantRetentionCommand),
 }
 
@@ -189,7 +196,9 @@ pub enum RetentionCommand {
         json: bool,
     },
     /// Deletion receipts: per run, tenant and rule, what was deleted and the instants it spanned.
-    #[command(after_help = "Example: engine retention receipts --tenant acme --since 2026-11-01 --json")]
+    #[command(
+        after_help = "Example: engine retention receipts --tenant acme --since 2026-11-01 --json"
+    )]
     Receipts {
         /// Only this tenant's (id or slug).
         #[arg(long)]
@@ -214,10 +223,22 @@ mod tests {
     #[test]
     fn every_command_says_what_it_does_and_shows_an_example() {
         fn check(command: &clap::Command, path: &str, checked: &mut Vec<String>) {
-            let about = command.get_about().map(|a| a.to_string()).unwrap_or_default();
-            assert!(!about.is_empty() && !about.contains('\n'), "{path}: no one-line description");
-            let after = command.get_after_help().map(|a| a.to_string()).unwrap_or_default();
-            assert!(after.contains("Example") && after.contains("engine "), "{path}: no example");
+            let about = command
+                .get_about()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            assert!(
+                !about.is_empty() && !about.contains('\n'),
+                "{path}: no one-line description"
+            );
+            let after = command
+                .get_after_help()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            assert!(
+                after.contains("Example") && after.contains("engine "),
+                "{path}: no example"
+            );
             checked.push(path.to_string());
             for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
                 check(sub, &format!("{path} {}", sub.get_name()), checked);
@@ -225,7 +246,11 @@ mod tests {
         }
         let mut checked = Vec::new();
         check(&super::Cli::command(), "engine", &mut checked);
-        assert!(checked.contains(&"engine demo".to_string()) && checked.contains(&"engine retention receipts".to_string()), "{checked:?}");
+        assert!(
+            checked.contains(&"engine demo".to_string())
+                && checked.contains(&"engine retention receipts".to_string()),
+            "{checked:?}"
+        );
         assert_eq!(checked.len(), 18, "{checked:?}");
     }
 }

@@ -52,13 +52,19 @@ impl Database {
                 (local.url(), Some(local))
             }
         };
-        let options = url.parse::<PgConnectOptions>().with_context(|| format!("parsing the database URL {}", redact(&url)))?;
+        let options = url
+            .parse::<PgConnectOptions>()
+            .with_context(|| format!("parsing the database URL {}", redact(&url)))?;
         Database::connect(settings, options, &redact(&url), embedded, migrate).await
     }
 
     /// A database of its own, `database`, made afresh (an earlier one is dropped) on the server
     /// at `server_url`, or on the embedded server when that is `None`; migrated.
-    pub async fn open_fresh(settings: &Settings, server_url: Option<&str>, database: &str) -> anyhow::Result<Database> {
+    pub async fn open_fresh(
+        settings: &Settings,
+        server_url: Option<&str>,
+        database: &str,
+    ) -> anyhow::Result<Database> {
         let (server, embedded) = match server_url {
             Some(url) => (url.to_string(), None),
             None => {
@@ -66,7 +72,9 @@ impl Database {
                 (local.url(), Some(local))
             }
         };
-        let options = server.parse::<PgConnectOptions>().with_context(|| format!("parsing the database URL {}", redact(&server)))?;
+        let options = server
+            .parse::<PgConnectOptions>()
+            .with_context(|| format!("parsing the database URL {}", redact(&server)))?;
         let admin = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(settings.database.connect_timeout)
@@ -74,13 +82,24 @@ impl Database {
             .await
             .with_context(|| format!("connecting to the database at {}", redact(&server)))?;
         let made = async {
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")).execute(&admin).await?;
-            sqlx::query(&format!("CREATE DATABASE {database}")).execute(&admin).await
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+                .execute(&admin)
+                .await?;
+            sqlx::query(&format!("CREATE DATABASE {database}"))
+                .execute(&admin)
+                .await
         }
         .await;
         admin.close().await;
         made.with_context(|| format!("making the database {database} (the role needs CREATEDB)"))?;
-        Database::connect(settings, options.database(database), &format!("{} (database {database})", redact(&server)), embedded, true).await
+        Database::connect(
+            settings,
+            options.database(database),
+            &format!("{} (database {database})", redact(&server)),
+            embedded,
+            true,
+        )
+        .await
     }
 
     async fn connect(
@@ -102,14 +121,24 @@ impl Database {
             .acquire_timeout(settings.database.connect_timeout)
             .connect_lazy_with(options);
         if migrate {
-            repository::MIGRATOR.run(&pool).await.context("applying database migrations")?;
+            repository::MIGRATOR
+                .run(&pool)
+                .await
+                .context("applying database migrations")?;
         }
-        Ok(Database { pool, lease_pool, embedded })
+        Ok(Database {
+            pool,
+            lease_pool,
+            embedded,
+        })
     }
 
     /// `options` with lease renewals on the keepers' own connections.
     pub fn run_options(&self, options: RunOptions) -> RunOptions {
-        RunOptions { lease_pool: Some(self.lease_pool.clone()), ..options }
+        RunOptions {
+            lease_pool: Some(self.lease_pool.clone()),
+            ..options
+        }
     }
 
     /// Closes the pools, then leaves the embedded server if there is one: it stops unless other
@@ -119,7 +148,9 @@ impl Database {
         self.lease_pool.close().await;
         if let Some(local) = self.embedded {
             match tokio::task::spawn_blocking(move || local.stop()).await {
-                Ok(Ok(local_postgres::Left::Stopped)) => tracing::info!("stopped the embedded PostgreSQL"),
+                Ok(Ok(local_postgres::Left::Stopped)) => {
+                    tracing::info!("stopped the embedded PostgreSQL")
+                }
                 Ok(Ok(local_postgres::Left::StillInUse)) => {
                     tracing::info!("left the embedded PostgreSQL running for the other engine processes using it")
                 }
@@ -132,7 +163,10 @@ impl Database {
 
 /// The database the settings name: `DATABASE_URL`, else `database.url`.
 pub fn configured_url(settings: &Settings) -> Option<String> {
-    std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty()).or(settings.database.url.clone())
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .or(settings.database.url.clone())
 }
 
 /// Starts (or joins) the private PostgreSQL under `data_dir`.
@@ -148,14 +182,23 @@ async fn start_embedded(settings: &Settings) -> anyhow::Result<LocalPostgres> {
 /// `engine migrate`.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let db = Database::open(settings, false).await?;
-    let result = repository::MIGRATOR.run(&db.pool).await.context("applying database migrations");
+    let result = repository::MIGRATOR
+        .run(&db.pool)
+        .await
+        .context("applying database migrations");
     let applied: Option<i64> = match result {
-        Ok(()) => sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success").fetch_one(&db.pool).await.ok(),
+        Ok(()) => sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&db.pool)
+            .await
+            .ok(),
         Err(_) => None,
     };
     db.close().await;
     result?;
-    output::line(format_args!("migrations: {} applied, database is up to date", applied.unwrap_or(0)))?;
+    output::line(format_args!(
+        "migrations: {} applied, database is up to date",
+        applied.unwrap_or(0)
+    ))?;
     Ok(())
 }
 
@@ -180,13 +223,23 @@ mod tests {
 
     #[test]
     fn redact_hides_only_the_password() {
-        assert_eq!(super::redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(super::redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(super::redact("postgres:///db?host=/tmp"), "postgres:///db?host=/tmp");
+        assert_eq!(
+            super::redact("postgres:///db?host=/tmp"),
+            "postgres:///db?host=/tmp"
+        );
     }
 
     async fn settings_seen(options: PgConnectOptions) -> (String, String, String) {
-        let pool = PgPoolOptions::new().max_connections(1).connect_with(session_options(options)).await.unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(session_options(options))
+            .await
+            .unwrap();
         let seen = sqlx::query_as("SELECT current_setting('jit'), current_setting('application_name'), current_setting('work_mem')")
             .fetch_one(&pool)
             .await
@@ -204,8 +257,16 @@ mod tests {
 
         // The URL's own name and startup options are kept beside the engine's.
         let separator = if db.url.contains('?') { '&' } else { '?' };
-        let named: PgConnectOptions = format!("{}{separator}application_name=billing&options=-c%20work_mem%3D7MB", db.url).parse().unwrap();
+        let named: PgConnectOptions = format!(
+            "{}{separator}application_name=billing&options=-c%20work_mem%3D7MB",
+            db.url
+        )
+        .parse()
+        .unwrap();
         let (jit, name, work_mem) = settings_seen(named).await;
-        assert_eq!((jit.as_str(), name.as_str(), work_mem.as_str()), ("off", "billing", "7MB"));
+        assert_eq!(
+            (jit.as_str(), name.as_str(), work_mem.as_str()),
+            ("off", "billing", "7MB")
+        );
     }
 }

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoScale;
 use crate::database::{self, Database};
-use retention_controller::human::{bytes, duration, thousands};
 use crate::settings::Settings;
 use crate::{serve, shutdown, status};
+use retention_controller::human::{bytes, duration, thousands};
 
 /// The demo's database, on whichever server it runs.
 pub const DATABASE: &str = "engine_demo";
@@ -24,7 +24,11 @@ pub const DATABASE: &str = "engine_demo";
 const TERMINAL_EVERY: Duration = Duration::from_millis(500);
 const LINES_EVERY: Duration = Duration::from_secs(5);
 
-pub async fn demo(settings: &Settings, scale: DemoScale, server_url: Option<&str>) -> anyhow::Result<ExitCode> {
+pub async fn demo(
+    settings: &Settings,
+    scale: DemoScale,
+    server_url: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     if server_url.is_none() && database::configured_url(settings).is_some() {
         eprintln!(
             "error: engine demo runs on the embedded PostgreSQL only, and a database is configured (DATABASE_URL or database.url).\n\
@@ -39,7 +43,10 @@ pub async fn demo(settings: &Settings, scale: DemoScale, server_url: Option<&str
         Ok(listener) => listener,
         // `engine serve` is probably there: any free port will do.
         Err(error) => {
-            eprintln!("note: http.addr = {} is taken ({error}); the status page goes on a free port", settings.http.addr);
+            eprintln!(
+                "note: http.addr = {} is taken ({error}); the status page goes on a free port",
+                settings.http.addr
+            );
             TcpListener::bind((settings.http.addr.ip(), 0)).await?
         }
     };
@@ -50,7 +57,11 @@ pub async fn demo(settings: &Settings, scale: DemoScale, server_url: Option<&str
     };
     println!(
         "engine demo (scale {name}): a database of its own, {DATABASE}, on {}",
-        if server_url.is_some() { "the server named by --database-url" } else { "the embedded PostgreSQL" }
+        if server_url.is_some() {
+            "the server named by --database-url"
+        } else {
+            "the embedded PostgreSQL"
+        }
     );
     let db = Database::open_fresh(settings, server_url, DATABASE).await?;
     let result = show(settings, &db, size, listener, &url, root).await;
@@ -58,7 +69,14 @@ pub async fn demo(settings: &Settings, scale: DemoScale, server_url: Option<&str
     result.map(|()| ExitCode::SUCCESS)
 }
 
-async fn show(settings: &Settings, db: &Database, size: DemoSize, listener: TcpListener, url: &str, root: CancellationToken) -> anyhow::Result<()> {
+async fn show(
+    settings: &Settings,
+    db: &Database,
+    size: DemoSize,
+    listener: TcpListener,
+    url: &str,
+    root: CancellationToken,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     println!("seeding...");
     repository::demo::seed(&db.pool, size, |seeded| println!("  {}", describe(seeded))).await?;
@@ -67,7 +85,9 @@ async fn show(settings: &Settings, db: &Database, size: DemoSize, listener: TcpL
     let wal = repository::replication::wal_position(&db.pool).await?;
     let since: DateTime<Utc> = repository::clock::now(&db.pool).await?;
 
-    println!("\nrunning the retention controller as `engine serve` does (paced); status page: {url}");
+    println!(
+        "\nrunning the retention controller as `engine serve` does (paced); status page: {url}"
+    );
     let cleaning = Instant::now();
     let served = serve::run(settings, db, listener, root.clone());
     let watched = async {
@@ -88,13 +108,33 @@ async fn show(settings: &Settings, db: &Database, size: DemoSize, listener: TcpL
 fn describe(seeded: Seeded) -> String {
     let n = |n: i64| thousands(n.max(0) as u64);
     match seeded {
-        Seeded::Sessions { anonymous, logged_in } => {
+        Seeded::Sessions {
+            anonymous,
+            logged_in,
+        } => {
             format!("{} anonymous sessions created over 30 days, and {logged_in} logged-in users' sessions", n(anonymous))
         }
-        Seeded::Tenants { tenants, deleted } => format!("{tenants} tenants keeping 1 day to 30 days or forever, {deleted} of them deleted"),
-        Seeded::History { tasks, events, days } => format!("{} finished tasks with {} events over {days} days", n(tasks), n(events)),
-        Seeded::QueueItems { of_gone_tasks, of_queued_tasks } => {
-            format!("{} queue items whose task is gone, {} of queued tasks", n(of_gone_tasks), n(of_queued_tasks))
+        Seeded::Tenants { tenants, deleted } => format!(
+            "{tenants} tenants keeping 1 day to 30 days or forever, {deleted} of them deleted"
+        ),
+        Seeded::History {
+            tasks,
+            events,
+            days,
+        } => format!(
+            "{} finished tasks with {} events over {days} days",
+            n(tasks),
+            n(events)
+        ),
+        Seeded::QueueItems {
+            of_gone_tasks,
+            of_queued_tasks,
+        } => {
+            format!(
+                "{} queue items whose task is gone, {} of queued tasks",
+                n(of_gone_tasks),
+                n(of_queued_tasks)
+            )
         }
         Seeded::OrphanEvents { events } => format!("{} events whose task is gone", n(events)),
     }
@@ -102,7 +142,12 @@ fn describe(seeded: Seeded) -> String {
 
 /// Shows each task's progress until every task has completed a run (`done`) since `since`; `false` when
 /// stopped first (Ctrl-C).
-async fn watch(db: &Database, settings: &Settings, since: DateTime<Utc>, root: &CancellationToken) -> anyhow::Result<bool> {
+async fn watch(
+    db: &Database,
+    settings: &Settings,
+    since: DateTime<Utc>,
+    root: &CancellationToken,
+) -> anyhow::Result<bool> {
     let all = tasks::all(&settings.retention);
     let terminal = std::io::stdout().is_terminal();
     let started = Instant::now();
@@ -113,10 +158,19 @@ async fn watch(db: &Database, settings: &Settings, since: DateTime<Utc>, root: &
         }
         let states = status::tasks(&db.pool, &all, false).await?;
         let deleted = repository::maintenance::rows_since(&db.pool, since).await?;
-        let rows = |task: &str| thousands(deleted.iter().find(|(t, _)| t == task).map_or(0, |(_, n)| (*n).max(0) as u64));
+        let rows = |task: &str| {
+            thousands(
+                deleted
+                    .iter()
+                    .find(|(t, _)| t == task)
+                    .map_or(0, |(_, n)| (*n).max(0) as u64),
+            )
+        };
         // A run that stopped at its deadline is followed by another at once, and one that failed
         // by a retry after a backoff: not done yet.
-        let ran = |s: &status::TaskStatus| s.holder.is_none() && s.last_run_at.is_some_and(|at| at >= since);
+        let ran = |s: &status::TaskStatus| {
+            s.holder.is_none() && s.last_run_at.is_some_and(|at| at >= since)
+        };
         let done = |s: &status::TaskStatus| ran(s) && s.outcome.as_deref() == Some("done");
         let line = states
             .iter()
@@ -134,7 +188,11 @@ async fn watch(db: &Database, settings: &Settings, since: DateTime<Utc>, root: &
             .collect::<Vec<_>>()
             .join(" · ");
         let finished = states.iter().all(done);
-        let every = if terminal { TERMINAL_EVERY } else { LINES_EVERY };
+        let every = if terminal {
+            TERMINAL_EVERY
+        } else {
+            LINES_EVERY
+        };
         if finished || shown.elapsed() >= every {
             let line = format!("  [{:>4.0} s] {line}", started.elapsed().as_secs_f64());
             if terminal {
@@ -169,7 +227,10 @@ impl Tables {
             counts
                 .into_iter()
                 .map(|(table, rows)| {
-                    let size = sizes.iter().find(|s| s.table == table).map_or(0, |s| s.bytes);
+                    let size = sizes
+                        .iter()
+                        .find(|s| s.table == table)
+                        .map_or(0, |s| s.bytes);
                     (table, rows, size)
                 })
                 .collect(),
@@ -178,8 +239,13 @@ impl Tables {
 }
 
 fn print_summary(before: &Tables, after: &Tables, took: Duration, wal: i64) {
-    println!("\n{:<20} {:>12} {:>12} {:>12} {:>12}", "table", "rows before", "rows after", "size before", "size after");
-    for ((table, rows_before, size_before), (_, rows_after, size_after)) in before.0.iter().zip(&after.0) {
+    println!(
+        "\n{:<20} {:>12} {:>12} {:>12} {:>12}",
+        "table", "rows before", "rows after", "size before", "size after"
+    );
+    for ((table, rows_before, size_before), (_, rows_after, size_after)) in
+        before.0.iter().zip(&after.0)
+    {
         println!(
             "{table:<20} {:>12} {:>12} {:>12} {:>12}",
             thousands(*rows_before as u64),

@@ -18,8 +18,19 @@ const CLI: &str = "cli";
 
 pub async fn hold(settings: &Settings, command: HoldCommand) -> anyhow::Result<ExitCode> {
     // Refuse what can be refused before touching (or starting) any database.
-    if let HoldCommand::Add { tenant, task, reason, until } = &command {
-        let request = HoldRequest { tenant: tenant.clone(), task: task.clone(), reason: reason.clone(), until: until.clone() };
+    if let HoldCommand::Add {
+        tenant,
+        task,
+        reason,
+        until,
+    } = &command
+    {
+        let request = HoldRequest {
+            tenant: tenant.clone(),
+            task: task.clone(),
+            reason: reason.clone(),
+            until: until.clone(),
+        };
         if let Err(error) = holds::check(&request) {
             eprintln!("error: {error}");
             return Ok(ExitCode::from(2));
@@ -27,18 +38,45 @@ pub async fn hold(settings: &Settings, command: HoldCommand) -> anyhow::Result<E
     }
     let db = Database::open(settings, settings.database.migrate).await?;
     let result = match command {
-        HoldCommand::Add { tenant, task, reason, until } => {
-            holds::add(&db.pool, &HoldRequest { tenant, task, reason, until }, CLI).await.map(|h| holds::describe(&h))
-        }
-        HoldCommand::List { tenant, all, json } => holds::list(&db.pool, tenant.as_deref(), all).await.map(|list| {
-            let lines: Vec<String> = list.iter().map(|h| if json { hold_json(h).to_string() } else { holds::describe(h) }).collect();
-            if lines.is_empty() && !json {
-                "no holds".to_string()
-            } else {
-                lines.join("\n")
-            }
-        }),
-        HoldCommand::Remove { id, reason } => holds::remove(&db.pool, id, CLI, reason.as_deref()).await.map(|h| holds::describe(&h)),
+        HoldCommand::Add {
+            tenant,
+            task,
+            reason,
+            until,
+        } => holds::add(
+            &db.pool,
+            &HoldRequest {
+                tenant,
+                task,
+                reason,
+                until,
+            },
+            CLI,
+        )
+        .await
+        .map(|h| holds::describe(&h)),
+        HoldCommand::List { tenant, all, json } => holds::list(&db.pool, tenant.as_deref(), all)
+            .await
+            .map(|list| {
+                let lines: Vec<String> = list
+                    .iter()
+                    .map(|h| {
+                        if json {
+                            hold_json(h).to_string()
+                        } else {
+                            holds::describe(h)
+                        }
+                    })
+                    .collect();
+                if lines.is_empty() && !json {
+                    "no holds".to_string()
+                } else {
+                    lines.join("\n")
+                }
+            }),
+        HoldCommand::Remove { id, reason } => holds::remove(&db.pool, id, CLI, reason.as_deref())
+            .await
+            .map(|h| holds::describe(&h)),
     };
     db.close().await;
     match result {
@@ -92,7 +130,9 @@ pub fn receipt_json(receipt: &Receipt) -> Value {
 /// One receipt in a line for people.
 pub fn describe_receipt(r: &Receipt) -> String {
     let span = match (r.oldest, r.newest) {
-        (Some(oldest), Some(newest)) => format!(", from {} to {}", oldest.to_rfc3339(), newest.to_rfc3339()),
+        (Some(oldest), Some(newest)) => {
+            format!(", from {} to {}", oldest.to_rfc3339(), newest.to_rfc3339())
+        }
         _ => String::new(),
     };
     format!(

@@ -14,8 +14,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use retention_controller::holds::{self, HoldError, HoldRequest};
-use retention_controller::MaintenanceTask;
 use retention_controller::tenant_retention::{self, RetentionError, Setting};
+use retention_controller::MaintenanceTask;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
@@ -37,7 +37,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
-        .route("/api/v1/tenants/{id}/retention", get(get_retention).put(put_retention))
+        .route(
+            "/api/v1/tenants/{id}/retention",
+            get(get_retention).put(put_retention),
+        )
         .route("/api/v1/holds", get(list_holds).post(add_hold))
         .route("/api/v1/holds/{id}", get(get_hold).delete(remove_hold))
         .route("/api/v1/receipts", get(list_receipts))
@@ -54,11 +57,18 @@ pub fn router(state: AppState) -> Router {
 /// Readiness: the database answers a query within 2 s. 503 while it does not (a restart, a
 /// failover): the engine keeps running, and its tasks back off and carry on once it is back.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let probe = tokio::time::timeout(READY_TIMEOUT, sqlx::query("SELECT 1").execute(&state.pool)).await;
+    let probe =
+        tokio::time::timeout(READY_TIMEOUT, sqlx::query("SELECT 1").execute(&state.pool)).await;
     match probe {
         Ok(Ok(_)) => Json(json!({ "status": "ready" })).into_response(),
-        Ok(Err(failure)) => error(StatusCode::SERVICE_UNAVAILABLE, format!("the database is unreachable: {failure}")),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the database did not answer within 2s"),
+        Ok(Err(failure)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the database is unreachable: {failure}"),
+        ),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database did not answer within 2s",
+        ),
     }
 }
 
@@ -67,9 +77,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(handle) => {
             handle.run_upkeep();
-            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                handle.render(),
+            )
+                .into_response()
         }
-        None => error(StatusCode::NOT_FOUND, "metrics are not recorded by this process"),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "metrics are not recorded by this process",
+        ),
     }
 }
 
@@ -101,7 +118,10 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(expected) = state.admin_token.as_deref() else {
-        return error(StatusCode::FORBIDDEN, "the admin API is disabled: set http.admin_token to enable it");
+        return error(
+            StatusCode::FORBIDDEN,
+            "the admin API is disabled: set http.admin_token to enable it",
+        );
     };
     let given = request
         .headers()
@@ -109,10 +129,18 @@ async fn require_token(State(state): State<AppState>, request: Request, next: Ne
         .and_then(|value| value.to_str().ok())
         .and_then(bearer_token);
     match given {
-        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => next.run(request).await,
+        Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
+            next.run(request).await
+        }
         _ => {
-            let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer <http.admin_token>)");
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("valid header"));
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (Authorization: Bearer <http.admin_token>)",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("valid header"),
+            );
             response
         }
     }
@@ -133,7 +161,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn failure(err: RetentionError) -> Response {
     match err {
-        RetentionError::Invalid { .. } | RetentionError::InvalidStatus(_) => error(StatusCode::BAD_REQUEST, err.to_string()),
+        RetentionError::Invalid { .. } | RetentionError::InvalidStatus(_) => {
+            error(StatusCode::BAD_REQUEST, err.to_string())
+        }
         RetentionError::UnknownTenant(_) => error(StatusCode::NOT_FOUND, err.to_string()),
         RetentionError::Database(message) => {
             tracing::error!(error = %message, "tenant retention API");
@@ -160,7 +190,11 @@ struct DryRun {
 /// The settings a PUT body asks for, all validated; `None` when the body has another shape.
 fn put_settings(payload: &Value) -> Option<Result<Vec<Setting>, RetentionError>> {
     let object = payload.as_object()?;
-    if object.is_empty() || object.keys().any(|k| k != "data_retention_period" && k != "by_status") {
+    if object.is_empty()
+        || object
+            .keys()
+            .any(|k| k != "data_retention_period" && k != "by_status")
+    {
         return None;
     }
     let window = |value: &Value| match value {
@@ -178,7 +212,8 @@ fn put_settings(payload: &Value) -> Option<Result<Vec<Setting>, RetentionError>>
     if let Some(by_status) = object.get("by_status") {
         for (status, value) in by_status.as_object()? {
             let value = window(value)?;
-            let parsed = tenant_retention::parse_status(status).and_then(|s| Setting::parse(Some(s), &value));
+            let parsed = tenant_retention::parse_status(status)
+                .and_then(|s| Setting::parse(Some(s), &value));
             match parsed {
                 Ok(setting) => settings.push(setting),
                 Err(error) => return Some(Err(error)),
@@ -205,7 +240,11 @@ async fn put_retention(
     if query.dry_run {
         return match tenant_retention::preview(&state.pool, &id, &settings, state.preview).await {
             Ok(preview) => {
-                let tasks: serde_json::Map<String, Value> = preview.tasks.iter().map(|(status, n)| (status.clone(), json!(n))).collect();
+                let tasks: serde_json::Map<String, Value> = preview
+                    .tasks
+                    .iter()
+                    .map(|(status, n)| (status.clone(), json!(n)))
+                    .collect();
                 Json(json!({
                     "dry_run": true,
                     "tenant": crate::tenant::body(&preview.after),
@@ -245,7 +284,10 @@ struct HoldsQuery {
 
 async fn list_holds(State(state): State<AppState>, Query(query): Query<HoldsQuery>) -> Response {
     match holds::list(&state.pool, query.tenant.as_deref(), query.all).await {
-        Ok(list) => Json(json!({ "holds": list.iter().map(crate::hold::hold_json).collect::<Vec<_>>() })).into_response(),
+        Ok(list) => {
+            Json(json!({ "holds": list.iter().map(crate::hold::hold_json).collect::<Vec<_>>() }))
+                .into_response()
+        }
         Err(err) => hold_failure(err),
     }
 }
@@ -269,11 +311,19 @@ struct HoldBody {
     until: Option<String>,
 }
 
-async fn add_hold(State(state): State<AppState>, payload: Result<Json<HoldBody>, JsonRejection>) -> Response {
+async fn add_hold(
+    State(state): State<AppState>,
+    payload: Result<Json<HoldBody>, JsonRejection>,
+) -> Response {
     let Ok(Json(body)) = payload else {
         return error(StatusCode::BAD_REQUEST, HOLD_SHAPE);
     };
-    let request = HoldRequest { tenant: body.tenant, task: body.task, reason: body.reason, until: body.until };
+    let request = HoldRequest {
+        tenant: body.tenant,
+        task: body.task,
+        reason: body.reason,
+        until: body.until,
+    };
     match holds::add(&state.pool, &request, &state.admin_token_name).await {
         Ok(hold) => (StatusCode::CREATED, Json(crate::hold::hold_json(&hold))).into_response(),
         Err(err) => hold_failure(err),
@@ -285,8 +335,19 @@ struct RemoveQuery {
     reason: Option<String>,
 }
 
-async fn remove_hold(State(state): State<AppState>, Path(id): Path<i64>, Query(query): Query<RemoveQuery>) -> Response {
-    match holds::remove(&state.pool, id, &state.admin_token_name, query.reason.as_deref()).await {
+async fn remove_hold(
+    State(state): State<AppState>,
+    Path(id): Path<i64>,
+    Query(query): Query<RemoveQuery>,
+) -> Response {
+    match holds::remove(
+        &state.pool,
+        id,
+        &state.admin_token_name,
+        query.reason.as_deref(),
+    )
+    .await
+    {
         Ok(hold) => Json(crate::hold::hold_json(&hold)).into_response(),
         Err(err) => hold_failure(err),
     }
@@ -299,25 +360,44 @@ struct ReceiptsQuery {
     limit: Option<i64>,
 }
 
-async fn list_receipts(State(state): State<AppState>, Query(query): Query<ReceiptsQuery>) -> Response {
+async fn list_receipts(
+    State(state): State<AppState>,
+    Query(query): Query<ReceiptsQuery>,
+) -> Response {
     let since = match query.since.as_deref().map(holds::parse_until).transpose() {
         Ok(since) => since,
-        Err(_) => return error(StatusCode::BAD_REQUEST, "invalid since: allowed: an RFC 3339 instant or a date (2026-11-01)"),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid since: allowed: an RFC 3339 instant or a date (2026-11-01)",
+            )
+        }
     };
     let limit = query.limit.unwrap_or(1000);
     if !(1..=100_000).contains(&limit) {
-        return error(StatusCode::BAD_REQUEST, format!("invalid limit {limit}: allowed: 1 to 100000"));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid limit {limit}: allowed: 1 to 100000"),
+        );
     }
     let tenant_id = match query.tenant.as_deref() {
         Some(key) => match repository::tenants::find(&state.pool, key).await {
             Ok(Some(tenant)) => Some(tenant.id),
-            Ok(None) => return error(StatusCode::NOT_FOUND, format!("no tenant with id or slug {key:?}")),
+            Ok(None) => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("no tenant with id or slug {key:?}"),
+                )
+            }
             Err(err) => return hold_failure(err.into()),
         },
         None => None,
     };
     match repository::receipts::list(&state.pool, tenant_id, since, limit).await {
-        Ok(list) => Json(json!({ "receipts": list.iter().map(crate::hold::receipt_json).collect::<Vec<_>>() })).into_response(),
+        Ok(list) => Json(
+            json!({ "receipts": list.iter().map(crate::hold::receipt_json).collect::<Vec<_>>() }),
+        )
+        .into_response(),
         Err(err) => hold_failure(err.into()),
     }
 }
@@ -328,10 +408,23 @@ mod tests {
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
-        for value in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR abc", "Bearer  abc"] {
+        for value in [
+            "Bearer abc",
+            "bearer abc",
+            "BEARER abc",
+            "bEaReR abc",
+            "Bearer  abc",
+        ] {
             assert_eq!(bearer_token(value), Some("abc"), "{value:?}");
         }
-        for value in ["Basic abc", "Bearerabc", "Bearer", "Bearer ", "Token abc", ""] {
+        for value in [
+            "Basic abc",
+            "Bearerabc",
+            "Bearer",
+            "Bearer ",
+            "Token abc",
+            "",
+        ] {
             assert_eq!(bearer_token(value), None, "{value:?}");
         }
     }

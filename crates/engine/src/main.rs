@@ -29,9 +29,15 @@ use crate::settings::Settings;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo's own output says what happens; its logs only what went wrong.
-    let default_filter = if matches!(cli.command, Command::Demo { .. }) { "warn,sqlx=error" } else { "info,sqlx=warn" };
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+        "warn,sqlx=error"
+    } else {
+        "info,sqlx=warn"
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -43,22 +49,47 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Migrate => database::migrate(&settings).await.map(|()| ExitCode::SUCCESS),
+            Command::Migrate => database::migrate(&settings)
+                .await
+                .map(|()| ExitCode::SUCCESS),
             Command::Serve => serve::serve(&settings).await.map(|()| ExitCode::SUCCESS),
-            Command::Demo { scale, database_url } => demo::demo(&settings, scale, database_url.as_deref()).await,
-            Command::Retention(RetentionCommand::Run { tasks, dry_run, pace, json }) => {
-                retention::run(&settings, &tasks, dry_run, pace, json).await
+            Command::Demo {
+                scale,
+                database_url,
+            } => demo::demo(&settings, scale, database_url.as_deref()).await,
+            Command::Retention(RetentionCommand::Run {
+                tasks,
+                dry_run,
+                pace,
+                json,
+            }) => retention::run(&settings, &tasks, dry_run, pace, json).await,
+            Command::Retention(RetentionCommand::Pause { task }) => {
+                retention::set_paused(&settings, &task, true).await
             }
-            Command::Retention(RetentionCommand::Pause { task }) => retention::set_paused(&settings, &task, true).await,
-            Command::Retention(RetentionCommand::Resume { task }) => retention::set_paused(&settings, &task, false).await,
-            Command::Retention(RetentionCommand::Status { json }) => retention::status(&settings, json).await,
-            Command::Retention(RetentionCommand::Receipts { tenant, since, limit, json }) => {
-                retention::receipts(&settings, tenant.as_deref(), since.as_deref(), limit, json).await
+            Command::Retention(RetentionCommand::Resume { task }) => {
+                retention::set_paused(&settings, &task, false).await
             }
-            Command::Tenant(TenantCommand::Retention(command)) => tenant::retention(&settings, command).await,
+            Command::Retention(RetentionCommand::Status { json }) => {
+                retention::status(&settings, json).await
+            }
+            Command::Retention(RetentionCommand::Receipts {
+                tenant,
+                since,
+                limit,
+                json,
+            }) => {
+                retention::receipts(&settings, tenant.as_deref(), since.as_deref(), limit, json)
+                    .await
+            }
+            Command::Tenant(TenantCommand::Retention(command)) => {
+                tenant::retention(&settings, command).await
+            }
             Command::Hold(command) => hold::hold(&settings, command).await,
         }
     });

@@ -16,7 +16,11 @@ pub fn line(text: impl Display) -> io::Result<()> {
 
 /// Whether `error` is stdout's reader having gone away.
 pub fn reader_gone(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
 }
 
 #[cfg(test)]
@@ -25,9 +29,14 @@ mod tests {
 
     #[test]
     fn a_broken_pipe_is_the_reader_gone_and_other_errors_are_not() {
-        let gone = anyhow::Error::from(io::Error::from(io::ErrorKind::BrokenPipe)).context("printing the status");
+        let gone = anyhow::Error::from(io::Error::from(io::ErrorKind::BrokenPipe))
+            .context("printing the status");
         assert!(reader_gone(&gone));
-        assert!(!reader_gone(&anyhow::Error::from(io::Error::from(io::ErrorKind::PermissionDenied))));
-        assert!(!reader_gone(&anyhow::anyhow!("no tenant with id or slug \"x\"")));
+        assert!(!reader_gone(&anyhow::Error::from(io::Error::from(
+            io::ErrorKind::PermissionDenied
+        ))));
+        assert!(!reader_gone(&anyhow::anyhow!(
+            "no tenant with id or slug \"x\""
+        )));
     }
 }

@@ -31,7 +31,12 @@ struct State {
 
 impl Meter {
     pub fn new(task: &'static str, terminal: bool) -> Arc<Meter> {
-        Arc::new(Meter { task, terminal, started: Instant::now(), state: Mutex::new(State::default()) })
+        Arc::new(Meter {
+            task,
+            terminal,
+            started: Instant::now(),
+            state: Mutex::new(State::default()),
+        })
     }
 
     /// What the task's runs call after every batch.
@@ -56,14 +61,23 @@ impl Meter {
 
     fn update(&self, progress: Progress) {
         let mut state = self.state.lock().unwrap();
-        let every = if self.terminal { TERMINAL_EVERY } else { LINES_EVERY };
+        let every = if self.terminal {
+            TERMINAL_EVERY
+        } else {
+            LINES_EVERY
+        };
         let now = Instant::now();
         // The first line waits a full period too: short runs print only their summary.
         if now.duration_since(state.last_shown.unwrap_or(self.started)) < every {
             return;
         }
         state.last_shown = Some(now);
-        let line = describe(self.task, state.earlier_runs + progress.deleted, progress.left, now - self.started);
+        let line = describe(
+            self.task,
+            state.earlier_runs + progress.deleted,
+            progress.left,
+            now - self.started,
+        );
         if self.terminal {
             // Cursor back to the start: a log line printed meanwhile overwrites the meter, and the
             // next redraw follows it.
@@ -79,7 +93,11 @@ impl Meter {
 /// "sessions: 1,200,000 rows deleted, 850,000 rows/s, about 1,400,000 left (2s)".
 pub fn describe(task: &str, deleted: u64, left: Option<u64>, elapsed: Duration) -> String {
     let rate = deleted as f64 / elapsed.as_secs_f64().max(0.001);
-    let mut line = format!("{task}: {} rows deleted, {} rows/s", thousands(deleted), thousands(rate as u64));
+    let mut line = format!(
+        "{task}: {} rows deleted, {} rows/s",
+        thousands(deleted),
+        thousands(rate as u64)
+    );
     if let Some(left) = left {
         line.push_str(&format!(", about {} left", thousands(left)));
         if rate >= 1.0 {
@@ -96,8 +114,19 @@ mod tests {
 
     #[test]
     fn a_line_says_rows_rate_and_what_is_left() {
-        let line = describe("sessions", 1_200_000, Some(1_400_000), Duration::from_secs(2));
-        assert_eq!(line, "sessions: 1,200,000 rows deleted, 600,000 rows/s, about 1,400,000 left (3s)");
-        assert_eq!(describe("task-history", 999, None, Duration::from_secs(1)), "task-history: 999 rows deleted, 999 rows/s");
+        let line = describe(
+            "sessions",
+            1_200_000,
+            Some(1_400_000),
+            Duration::from_secs(2),
+        );
+        assert_eq!(
+            line,
+            "sessions: 1,200,000 rows deleted, 600,000 rows/s, about 1,400,000 left (3s)"
+        );
+        assert_eq!(
+            describe("task-history", 999, None, Duration::from_secs(1)),
+            "task-history: 999 rows deleted, 999 rows/s"
+        );
     }
 }

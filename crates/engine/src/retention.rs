@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use retention_controller::human::{self, thousands};
 use retention_controller::settings::check_pause_ratio;
-use retention_controller::{run_once_with, tasks, Completion, MaintenanceTask, RunOptions, RunOutcome, RunReport, StopReason};
+use retention_controller::{
+    run_once_with, tasks, Completion, MaintenanceTask, RunOptions, RunOutcome, RunReport,
+    StopReason,
+};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +27,13 @@ const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// `pace`: `None` for full speed, `Some(None)` for the configured `retention.pacing.pause_ratio`,
 /// `Some(Some(ratio))` for that ratio. With `json`, one JSON object per task on stdout (see
 /// docs/operations.md, "Output for scripts").
-pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: Option<Option<f64>>, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    settings: &Settings,
+    selected: &[String],
+    dry_run: bool,
+    pace: Option<Option<f64>>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let pacing = &settings.retention.pacing;
     let pause_ratio = match pace {
         None => 0.0,
@@ -52,7 +61,9 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
         let printed = if dry_run {
             dry_run_task(task.as_ref(), &db.pool, json).await
         } else {
-            run_task(task.as_ref(), &db.pool, &cancel, &options).await.map(|ran| ran.print(json))
+            run_task(task.as_ref(), &db.pool, &cancel, &options)
+                .await
+                .map(|ran| ran.print(json))
         };
         match printed {
             Ok(Ok(())) => {}
@@ -77,26 +88,45 @@ pub async fn run(settings: &Settings, selected: &[String], dry_run: bool, pace: 
     })
 }
 
-async fn dry_run_task(task: &dyn MaintenanceTask, pool: &PgPool, json: bool) -> anyhow::Result<anyhow::Result<()>> {
+async fn dry_run_task(
+    task: &dyn MaintenanceTask,
+    pool: &PgPool,
+    json: bool,
+) -> anyhow::Result<anyhow::Result<()>> {
     let report = task.dry_run(pool).await?;
     let ids: Vec<_> = report.by_tenant.iter().map(|(id, _)| *id).collect();
     let slugs = repository::tenants::slugs(pool, &ids).await?;
     let mut by_tenant = report.by_tenant.clone();
     by_tenant.sort_by(|(a, x), (b, y)| y.cmp(x).then(a.cmp(b)));
     if json {
-        let tenants: Vec<Value> =
-            by_tenant.iter().map(|(id, tasks)| json!({ "tenant_id": id, "slug": slugs.get(id), "tasks": tasks })).collect();
-        output::line(json!({ "task": task.name(), "dry_run": true, "due": report.due, "by_rule": counts(&report.by_rule), "by_tenant": tenants }))?;
+        let tenants: Vec<Value> = by_tenant
+            .iter()
+            .map(|(id, tasks)| json!({ "tenant_id": id, "slug": slugs.get(id), "tasks": tasks }))
+            .collect();
+        output::line(
+            json!({ "task": task.name(), "dry_run": true, "due": report.due, "by_rule": counts(&report.by_rule), "by_tenant": tenants }),
+        )?;
         return Ok(Ok(()));
     }
     if report.due == 0 {
         output::line(format_args!("{}: nothing due [dry run]", task.name()))?;
     } else {
-        output::line(format_args!("{}: would delete {} rows{} [dry run: nothing deleted]", task.name(), thousands(report.due), parts(&report.by_rule)))?;
+        output::line(format_args!(
+            "{}: would delete {} rows{} [dry run: nothing deleted]",
+            task.name(),
+            thousands(report.due),
+            parts(&report.by_rule)
+        ))?;
     }
     for (tenant, tasks) in by_tenant {
-        let slug = slugs.get(&tenant).map(String::as_str).unwrap_or("(no such tenant)");
-        output::line(format_args!("  tenant {slug} ({tenant}): {} tasks, with their events and queue items", thousands(tasks)))?;
+        let slug = slugs
+            .get(&tenant)
+            .map(String::as_str)
+            .unwrap_or("(no such tenant)");
+        output::line(format_args!(
+            "  tenant {slug} ({tenant}): {} tasks, with their events and queue items",
+            thousands(tasks)
+        ))?;
     }
     Ok(Ok(()))
 }
@@ -122,7 +152,9 @@ impl Ran {
             output::line(self.describe())?;
         }
         match self.stopped_because {
-            Some(reason @ (StopReason::LeaseLost | StopReason::LeaseNotRenewed)) => anyhow::bail!("{}; run again to finish", reason.as_str()),
+            Some(reason @ (StopReason::LeaseLost | StopReason::LeaseNotRenewed)) => {
+                anyhow::bail!("{}; run again to finish", reason.as_str())
+            }
             _ => Ok(()),
         }
     }
@@ -134,22 +166,47 @@ impl Ran {
         if self.paused {
             return format!("{task}: paused, nothing deleted (`engine retention resume {task}` lets it run again)");
         }
-        let counters: Vec<_> = total.counters.iter().filter(|(_, n)| *n > 0).map(|(what, n)| format!("{what}: {}", thousands(*n))).collect();
-        let counters = if counters.is_empty() { String::new() } else { format!("; {}", counters.join(", ")) };
-        let over = if self.runs > 1 { format!(" over {} runs", self.runs) } else { String::new() };
+        let counters: Vec<_> = total
+            .counters
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(what, n)| format!("{what}: {}", thousands(*n)))
+            .collect();
+        let counters = if counters.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", counters.join(", "))
+        };
+        let over = if self.runs > 1 {
+            format!(" over {} runs", self.runs)
+        } else {
+            String::new()
+        };
         let note = match (total.completion, self.stopped_because) {
-            (Completion::Cancelled, Some(reason)) => format!(" [stopped: {}; the batch in flight was committed]", reason.as_str()),
-            (Completion::Cancelled, None) => " [cancelled: the batch in flight was committed; run again to finish]".into(),
+            (Completion::Cancelled, Some(reason)) => format!(
+                " [stopped: {}; the batch in flight was committed]",
+                reason.as_str()
+            ),
+            (Completion::Cancelled, None) => {
+                " [cancelled: the batch in flight was committed; run again to finish]".into()
+            }
             _ => String::new(),
         };
         if total.deleted == 0 {
-            return format!("{task}: nothing due{counters} ({}{over}){note}", human::duration(self.elapsed));
+            return format!(
+                "{task}: nothing due{counters} ({}{over}){note}",
+                human::duration(self.elapsed)
+            );
         }
         format!(
             "{task}: deleted {} rows in {} {}{}{counters} in {}{over}, longest batch {}{note}",
             thousands(total.deleted),
             thousands(total.batches),
-            if total.batches == 1 { "batch" } else { "batches" },
+            if total.batches == 1 {
+                "batch"
+            } else {
+                "batches"
+            },
             parts(&total.by_rule),
             human::duration(self.elapsed),
             human::duration(total.longest_batch),
@@ -176,11 +233,26 @@ impl Ran {
 
 /// Runs until a run ends with nothing due: a run that stops at its deadline is followed by
 /// another, and a task held by another runner is waited for.
-async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &CancellationToken, options: &RunOptions) -> anyhow::Result<Ran> {
+async fn run_task(
+    task: &dyn MaintenanceTask,
+    pool: &PgPool,
+    cancel: &CancellationToken,
+    options: &RunOptions,
+) -> anyhow::Result<Ran> {
     let started = Instant::now();
     let meter = Meter::new(task.name(), std::io::stderr().is_terminal());
-    let options = RunOptions { progress: Some(meter.callback()), ..options.clone() };
-    let mut ran = Ran { task: task.name(), report: RunReport::default(), elapsed: Duration::ZERO, runs: 0, stopped_because: None, paused: false };
+    let options = RunOptions {
+        progress: Some(meter.callback()),
+        ..options.clone()
+    };
+    let mut ran = Ran {
+        task: task.name(),
+        report: RunReport::default(),
+        elapsed: Duration::ZERO,
+        runs: 0,
+        stopped_because: None,
+        paused: false,
+    };
     let mut waiting_said = false;
     loop {
         let outcome = run_once_with(task, pool, cancel, &options).await;
@@ -225,7 +297,11 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool, cancel: &Cancellati
 /// " (expired: 1,000, anonymous: 2,597,000)", leaving out the parts that deleted nothing;
 /// empty when every part did.
 fn parts(by_rule: &[(&'static str, u64)]) -> String {
-    let parts: Vec<_> = by_rule.iter().filter(|(_, n)| *n > 0).map(|(rule, n)| format!("{rule}: {}", thousands(*n))).collect();
+    let parts: Vec<_> = by_rule
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(rule, n)| format!("{rule}: {}", thousands(*n)))
+        .collect();
     if parts.is_empty() {
         String::new()
     } else {
@@ -235,7 +311,12 @@ fn parts(by_rule: &[(&'static str, u64)]) -> String {
 
 /// `{"expired": 1000, ...}`.
 fn counts(by_rule: &[(&'static str, u64)]) -> Value {
-    Value::Object(by_rule.iter().map(|(rule, n)| (rule.to_string(), json!(n))).collect())
+    Value::Object(
+        by_rule
+            .iter()
+            .map(|(rule, n)| (rule.to_string(), json!(n)))
+            .collect(),
+    )
 }
 
 /// `engine retention pause|resume <task>`: persisted in `maintenance_tasks`, read by every
@@ -246,9 +327,23 @@ pub async fn set_paused(settings: &Settings, task: &str, paused: bool) -> anyhow
     db.close().await;
     let state = if paused { "paused" } else { "resumed" };
     if changed {
-        output::line(format_args!("{task}: {state}{}", if paused { " on every replica (a run in progress stops after its batch in flight, within seconds)" } else { "" }))?;
+        output::line(format_args!(
+            "{task}: {state}{}",
+            if paused {
+                " on every replica (a run in progress stops after its batch in flight, within seconds)"
+            } else {
+                ""
+            }
+        ))?;
     } else {
-        output::line(format_args!("{task}: already {}", if paused { "paused" } else { "running on its schedule" }))?;
+        output::line(format_args!(
+            "{task}: already {}",
+            if paused {
+                "paused"
+            } else {
+                "running on its schedule"
+            }
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -265,15 +360,24 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
         }
         return Ok(ExitCode::SUCCESS);
     }
-    output::line(format_args!("{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} holder", "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)"))?;
+    output::line(format_args!(
+        "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} holder",
+        "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)"
+    ))?;
     for state in states {
         output::line(format_args!(
             "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} {}",
             state.task,
             if state.paused { "yes" } else { "no" },
-            state.last_run_at.map(status::format_time).unwrap_or_else(|| "never".into()),
+            state
+                .last_run_at
+                .map(status::format_time)
+                .unwrap_or_else(|| "never".into()),
             state.outcome.as_deref().unwrap_or("-"),
-            state.rows.map(|n| thousands(n as u64)).unwrap_or_else(|| "-".into()),
+            state
+                .rows
+                .map(|n| thousands(n as u64))
+                .unwrap_or_else(|| "-".into()),
             state.next_due.describe(),
             state.holder.as_deref().unwrap_or("-"),
         ))?;
@@ -282,8 +386,17 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
 }
 
 /// `engine retention receipts`: the deletion receipts, oldest first.
-pub async fn receipts(settings: &Settings, tenant: Option<&str>, since: Option<&str>, limit: i64, json: bool) -> anyhow::Result<ExitCode> {
-    let since = match since.map(retention_controller::holds::parse_until).transpose() {
+pub async fn receipts(
+    settings: &Settings,
+    tenant: Option<&str>,
+    since: Option<&str>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let since = match since
+        .map(retention_controller::holds::parse_until)
+        .transpose()
+    {
         Ok(since) => since,
         Err(_) => {
             eprintln!(

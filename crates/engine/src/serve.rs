@@ -14,7 +14,9 @@ use crate::{http, shutdown};
 
 /// Installs the process's Prometheus recorder: run durations in buckets from 10 ms to 30 min.
 fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
-    let buckets = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 600.0, 1800.0];
+    let buckets = [
+        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 600.0, 1800.0,
+    ];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(telemetry::RUN_DURATION.into()), &buckets)?
         .install_recorder()?;
@@ -27,7 +29,12 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
     shutdown::cancel_on_signal(root.clone())?;
     let listener = tokio::net::TcpListener::bind(settings.http.addr)
         .await
-        .with_context(|| format!("binding the admin server to http.addr = {}", settings.http.addr))?;
+        .with_context(|| {
+            format!(
+                "binding the admin server to http.addr = {}",
+                settings.http.addr
+            )
+        })?;
     let db = Database::open(settings, settings.database.migrate).await?;
     let served = run(settings, &db, listener, root).await;
     db.close().await;
@@ -37,12 +44,24 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
 
 /// The retention controller (paced) and the admin server on `listener`, until `root` is
 /// cancelled (or the server fails, which cancels it).
-pub async fn run(settings: &Settings, db: &Database, listener: TcpListener, root: CancellationToken) -> anyhow::Result<()> {
-    telemetry::configure(settings.metrics.tenant_series as usize, settings.metrics.replica.clone());
+pub async fn run(
+    settings: &Settings,
+    db: &Database,
+    listener: TcpListener,
+    root: CancellationToken,
+) -> anyhow::Result<()> {
+    telemetry::configure(
+        settings.metrics.tenant_series as usize,
+        settings.metrics.replica.clone(),
+    );
     let tasks = tasks::all(&settings.retention);
     let names: Vec<&str> = tasks.iter().map(|task| task.name()).collect();
     let shown = Arc::new(tasks.clone());
-    let controller = tokio::spawn(Controller::new(db.pool.clone(), tasks).with_options(db.run_options(settings.retention.paced())).run(root.child_token()));
+    let controller = tokio::spawn(
+        Controller::new(db.pool.clone(), tasks)
+            .with_options(db.run_options(settings.retention.paced()))
+            .run(root.child_token()),
+    );
 
     tracing::info!(addr = %listener.local_addr()?, tasks = ?names, "engine serving");
     let state = http::AppState {
@@ -56,7 +75,8 @@ pub async fn run(settings: &Settings, db: &Database, listener: TcpListener, root
     if state.admin_token.is_none() {
         tracing::info!("http.admin_token is not set: the /api/v1 admin API refuses every request");
     }
-    let admin = axum::serve(listener, http::router(state)).with_graceful_shutdown(root.child_token().cancelled_owned());
+    let admin = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(root.child_token().cancelled_owned());
     let served = admin.await.context("admin server");
     root.cancel(); // if the server failed, stop the controller too
     if let Err(error) = controller.await {

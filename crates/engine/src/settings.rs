@@ -37,7 +37,10 @@ pub struct MetricsSettings {
 
 impl Default for MetricsSettings {
     fn default() -> Self {
-        MetricsSettings { tenant_series: retention_controller::telemetry::DEFAULT_TENANT_SERIES as u32, replica: None }
+        MetricsSettings {
+            tenant_series: retention_controller::telemetry::DEFAULT_TENANT_SERIES as u32,
+            replica: None,
+        }
     }
 }
 
@@ -60,7 +63,12 @@ pub struct DatabaseSettings {
 
 impl Default for DatabaseSettings {
     fn default() -> Self {
-        DatabaseSettings { url: None, migrate: true, max_connections: 8, connect_timeout: Duration::from_secs(10) }
+        DatabaseSettings {
+            url: None,
+            migrate: true,
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -77,7 +85,11 @@ pub struct HttpSettings {
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        HttpSettings { addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"), admin_token: None, admin_token_name: "admin".into() }
+        HttpSettings {
+            addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"),
+            admin_token: None,
+            admin_token_name: "admin".into(),
+        }
     }
 }
 
@@ -97,31 +109,45 @@ pub enum SettingsError {
 impl Settings {
     /// Loads and validates the settings.
     pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
-        let defaults = Config::try_from(&Settings::default()).map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let defaults = Config::try_from(&Settings::default())
+            .map_err(|e| SettingsError::Invalid(e.to_string()))?;
         let mut builder = Config::builder().add_source(defaults);
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(SettingsError::File { path: path.to_path_buf(), message: "no such file".into() });
+                return Err(SettingsError::File {
+                    path: path.to_path_buf(),
+                    message: "no such file".into(),
+                });
             }
             builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
-        builder = builder.add_source(Environment::with_prefix("ENGINE").prefix_separator("__").separator("__"));
-        let settings: Settings = builder
-            .build()
-            .and_then(Config::try_deserialize)
-            .map_err(|e| match (file, &e) {
-                (Some(path), config::ConfigError::FileParse { .. }) => {
-                    SettingsError::File { path: path.to_path_buf(), message: e.to_string() }
-                }
-                _ => SettingsError::Invalid(explain(&e.to_string())),
-            })?;
+        builder = builder.add_source(
+            Environment::with_prefix("ENGINE")
+                .prefix_separator("__")
+                .separator("__"),
+        );
+        let settings: Settings =
+            builder
+                .build()
+                .and_then(Config::try_deserialize)
+                .map_err(|e| match (file, &e) {
+                    (Some(path), config::ConfigError::FileParse { .. }) => SettingsError::File {
+                        path: path.to_path_buf(),
+                        message: e.to_string(),
+                    },
+                    _ => SettingsError::Invalid(explain(&e.to_string())),
+                })?;
         settings.validate()?;
         Ok(settings)
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
-        let mut errors: Vec<String> =
-            self.retention.validate("retention").into_iter().map(|e| e.to_string()).collect();
+        let mut errors: Vec<String> = self
+            .retention
+            .validate("retention")
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect();
         if !(1..=100).contains(&self.database.max_connections) {
             errors.push(format!(
                 "database.max_connections = {} is not allowed: a whole number from 1 to 100",
@@ -134,7 +160,9 @@ impl Settings {
                 self.retention.parallelism, self.database.max_connections
             ));
         }
-        if !(Duration::from_millis(100)..=Duration::from_secs(300)).contains(&self.database.connect_timeout) {
+        if !(Duration::from_millis(100)..=Duration::from_secs(300))
+            .contains(&self.database.connect_timeout)
+        {
             errors.push(format!(
                 "database.connect_timeout = {:?} is not allowed: a duration from 100ms to 5m",
                 humantime::format_duration(self.database.connect_timeout).to_string()
@@ -150,7 +178,9 @@ impl Settings {
         }
         let name = &self.http.admin_token_name;
         if name.trim().is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-            errors.push(format!("http.admin_token_name = {name:?} is not allowed: 1 to 64 printable characters"));
+            errors.push(format!(
+                "http.admin_token_name = {name:?} is not allowed: 1 to 64 printable characters"
+            ));
         }
         if self.metrics.tenant_series > MAX_TENANT_SERIES {
             errors.push(format!(
@@ -159,7 +189,9 @@ impl Settings {
             ));
         }
         if let Some(replica) = &self.metrics.replica {
-            let fine = !replica.is_empty() && replica.len() <= 100 && replica.chars().all(|c| c.is_ascii_graphic());
+            let fine = !replica.is_empty()
+                && replica.len() <= 100
+                && replica.chars().all(|c| c.is_ascii_graphic());
             if !fine {
                 errors.push(format!(
                     "metrics.replica = {replica:?} is not allowed: 1 to 100 visible ASCII characters (a host or pod name), or leave it unset"

@@ -15,9 +15,15 @@ pub fn cancel_on_signal(root: CancellationToken) -> anyhow::Result<()> {
                 _ = interrupt.recv() => "SIGINT",
             };
             if root.is_cancelled() {
-                tracing::warn!(signal = name, "already shutting down; finishing the batch in flight");
+                tracing::warn!(
+                    signal = name,
+                    "already shutting down; finishing the batch in flight"
+                );
             } else {
-                tracing::info!(signal = name, "shutting down: finishing the batch in flight");
+                tracing::info!(
+                    signal = name,
+                    "shutting down: finishing the batch in flight"
+                );
                 root.cancel();
             }
         }

@@ -60,7 +60,11 @@ pub fn format_time(at: DateTime<Utc>) -> String {
 
 /// Every task's state, in `tasks`' order; with `with_estimates`, also the rows due now (each
 /// estimate bounded by [`ESTIMATE_TIMEOUT`], left out when it fails or takes longer).
-pub async fn tasks(pool: &PgPool, tasks: &[Arc<dyn MaintenanceTask>], with_estimates: bool) -> anyhow::Result<Vec<TaskStatus>> {
+pub async fn tasks(
+    pool: &PgPool,
+    tasks: &[Arc<dyn MaintenanceTask>],
+    with_estimates: bool,
+) -> anyhow::Result<Vec<TaskStatus>> {
     let mut out = Vec::with_capacity(tasks.len());
     for task in tasks {
         let state = repository::maintenance::state(pool, task.name()).await?;
@@ -69,8 +73,11 @@ pub async fn tasks(pool: &PgPool, tasks: &[Arc<dyn MaintenanceTask>], with_estim
             (true, _) => NextDue::Paused,
             (false, _) if running => NextDue::RunningNow,
             (false, Some(finished)) => {
-                let interval = chrono::Duration::from_std(task.schedule().interval).unwrap_or(chrono::Duration::MAX);
-                finished.checked_add_signed(interval).map_or(NextDue::OnNextStart, NextDue::At)
+                let interval = chrono::Duration::from_std(task.schedule().interval)
+                    .unwrap_or(chrono::Duration::MAX);
+                finished
+                    .checked_add_signed(interval)
+                    .map_or(NextDue::OnNextStart, NextDue::At)
             }
             (false, None) => NextDue::OnNextStart,
         };
@@ -90,7 +97,9 @@ pub async fn tasks(pool: &PgPool, tasks: &[Arc<dyn MaintenanceTask>], with_estim
             task: task.name(),
             paused: state.paused,
             last_run_at: state.last_started_at,
-            outcome: state.last_outcome.or_else(|| running.then(|| "running".to_string())),
+            outcome: state
+                .last_outcome
+                .or_else(|| running.then(|| "running".to_string())),
             rows: state.last_rows,
             next_due,
             holder: state.holder,
@@ -106,9 +115,17 @@ mod tests {
 
     #[test]
     fn next_due_serialises_with_its_state() {
-        let at = DateTime::parse_from_rfc3339("2026-11-29T14:03:07Z").unwrap().with_timezone(&Utc);
-        assert_eq!(serde_json::to_value(NextDue::At(at)).unwrap(), serde_json::json!({"state": "at", "at": "2026-11-29T14:03:07Z"}));
-        assert_eq!(serde_json::to_value(NextDue::Paused).unwrap(), serde_json::json!({"state": "paused"}));
+        let at = DateTime::parse_from_rfc3339("2026-11-29T14:03:07Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(
+            serde_json::to_value(NextDue::At(at)).unwrap(),
+            serde_json::json!({"state": "at", "at": "2026-11-29T14:03:07Z"})
+        );
+        assert_eq!(
+            serde_json::to_value(NextDue::Paused).unwrap(),
+            serde_json::json!({"state": "paused"})
+        );
         assert_eq!(NextDue::At(at).describe(), "2026-11-29 14:03:07");
     }
 }

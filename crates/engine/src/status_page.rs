@@ -11,8 +11,8 @@ use retention_controller::MaintenanceTask;
 use sqlx::PgPool;
 
 use crate::chart::{self, Bar};
-use retention_controller::human::{bytes, thousands};
 use crate::status::{self, TaskStatus};
+use retention_controller::human::{bytes, thousands};
 
 /// Seconds between the page's refreshes.
 pub const REFRESH_SECONDS: u32 = 10;
@@ -30,12 +30,16 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub async fn read(pool: &PgPool, tasks: &[Arc<dyn MaintenanceTask>]) -> anyhow::Result<Snapshot> {
+    pub async fn read(
+        pool: &PgPool,
+        tasks: &[Arc<dyn MaintenanceTask>],
+    ) -> anyhow::Result<Snapshot> {
         let now = repository::clock::now(pool).await?;
         Ok(Snapshot {
             now,
             tasks: status::tasks(pool, tasks, true).await?,
-            hours: repository::maintenance::rows_by_hour(pool, day_start(now) - Duration::days(29)).await?,
+            hours: repository::maintenance::rows_by_hour(pool, day_start(now) - Duration::days(29))
+                .await?,
             tables: repository::maintenance::table_sizes(pool).await?,
             failures: repository::maintenance::failed_runs(pool, FAILED_RUNS).await?,
         })
@@ -93,10 +97,16 @@ fn tasks_section(page: &mut String, tasks: &[TaskStatus]) {
             name = task.task,
             state_class = if task.paused { "paused" } else { "active" },
             state = if task.paused { "paused" } else { "active" },
-            last = task.last_run_at.map(status::format_time).unwrap_or_else(|| "never".into()),
+            last = task
+                .last_run_at
+                .map(status::format_time)
+                .unwrap_or_else(|| "never".into()),
             outcome_class = outcome.replace(' ', "-"),
             outcome = escape(outcome),
-            rows = task.rows.map(|n| thousands(n as u64)).unwrap_or_else(|| "-".into()),
+            rows = task
+                .rows
+                .map(|n| thousands(n as u64))
+                .unwrap_or_else(|| "-".into()),
             next = escape(&task.next_due.describe()),
             holder = escape(task.holder.as_deref().unwrap_or("-")),
             due = task.rows_due.map(thousands).unwrap_or_else(|| "-".into()),
@@ -113,14 +123,22 @@ fn charts_section(page: &mut String, snapshot: &Snapshot) {
     let mut hourly: Vec<Bar> = (0..24)
         .map(|i| {
             let start = this_hour - Duration::hours(23 - i);
-            Bar { label: start.format("%H h").to_string(), bucket: start.to_rfc3339(), rows: vec![0; names.len()] }
+            Bar {
+                label: start.format("%H h").to_string(),
+                bucket: start.to_rfc3339(),
+                rows: vec![0; names.len()],
+            }
         })
         .collect();
     let today = day_start(snapshot.now);
     let mut daily: Vec<Bar> = (0..30)
         .map(|i| {
             let start = today - Duration::days(29 - i);
-            Bar { label: start.format("%d %b").to_string(), bucket: start.to_rfc3339(), rows: vec![0; names.len()] }
+            Bar {
+                label: start.format("%d %b").to_string(),
+                bucket: start.to_rfc3339(),
+                rows: vec![0; names.len()],
+            }
         })
         .collect();
     let (mut last_day, mut last_month) = (0u64, 0u64);
@@ -140,19 +158,35 @@ fn charts_section(page: &mut String, snapshot: &Snapshot) {
     }
     page.push_str(r#"<section id="deleted"><h2>Rows deleted</h2><p class="legend">"#);
     for (i, name) in names.iter().enumerate() {
-        let _ = write!(page, r#"<span><i style="background:{}"></i>{name}</span>"#, chart::COLOURS[i % chart::COLOURS.len()]);
+        let _ = write!(
+            page,
+            r#"<span><i style="background:{}"></i>{name}</span>"#,
+            chart::COLOURS[i % chart::COLOURS.len()]
+        );
     }
     page.push_str("</p>");
     let _ = write!(
         page,
         r#"<figure>{}<figcaption>Per hour, the last 24 hours: <span id="total-24h">{}</span> rows (a run's rows count in the hour it finished).</figcaption></figure>"#,
-        chart::stacked_bars("chart-24h", "Rows deleted per hour, last 24 hours", &names, &hourly, 3),
+        chart::stacked_bars(
+            "chart-24h",
+            "Rows deleted per hour, last 24 hours",
+            &names,
+            &hourly,
+            3
+        ),
         thousands(last_day)
     );
     let _ = write!(
         page,
         r#"<figure>{}<figcaption>Per day (UTC), the last 30 days: <span id="total-30d">{}</span> rows.</figcaption></figure></section>"#,
-        chart::stacked_bars("chart-30d", "Rows deleted per day, last 30 days", &names, &daily, 5),
+        chart::stacked_bars(
+            "chart-30d",
+            "Rows deleted per day, last 30 days",
+            &names,
+            &daily,
+            5
+        ),
         thousands(last_month)
     );
     page.push('\n');
@@ -169,7 +203,11 @@ fn tables_section(page: &mut String, tables: &[TableSize]) {
             name = table.table,
             rows = thousands(table.live_rows.max(0) as u64),
             size = bytes(table.bytes.max(0) as u64),
-            parts = if table.partitions == 0 { "-".to_string() } else { table.partitions.to_string() },
+            parts = if table.partitions == 0 {
+                "-".to_string()
+            } else {
+                table.partitions.to_string()
+            },
         );
     }
     page.push_str("</tbody></table></section>\n");
@@ -237,10 +275,22 @@ mod tests {
     #[test]
     fn rows_land_in_their_hour_and_day_and_text_is_escaped() {
         let now = at("2026-11-29T14:20:00Z");
-        let hour = |task: &str, h: &str, rows| HourRows { task: task.into(), hour: at(h), rows, runs: 1, failed: 0 };
+        let hour = |task: &str, h: &str, rows| HourRows {
+            task: task.into(),
+            hour: at(h),
+            rows,
+            runs: 1,
+            failed: 0,
+        };
         let snapshot = Snapshot {
             now,
-            tasks: vec![task("sessions"), TaskStatus { paused: true, ..task("queue-items") }],
+            tasks: vec![
+                task("sessions"),
+                TaskStatus {
+                    paused: true,
+                    ..task("queue-items")
+                },
+            ],
             hours: vec![
                 hour("sessions", "2026-11-29T14:00:00Z", 1_000),
                 hour("sessions", "2026-11-28T15:00:00Z", 2_000),
@@ -260,12 +310,28 @@ mod tests {
             }],
         };
         let page = render(&snapshot);
-        assert!(page.contains(r#"<span id="total-24h">3,000</span>"#), "{page}");
-        assert!(page.contains(r#"<span id="total-30d">3,030</span>"#), "{page}");
-        assert!(page.contains(r#"data-series="sessions" data-bucket="2026-11-29T14:00:00+00:00" data-rows="1000""#));
-        assert!(page.contains(r#"data-series="queue-items" data-bucket="2026-11-28T00:00:00+00:00" data-rows="30""#));
-        assert!(!page.contains(r#"data-rows="7""#) && !page.contains(r#"data-rows="5""#), "outside the 30 days, or no such task");
+        assert!(
+            page.contains(r#"<span id="total-24h">3,000</span>"#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"<span id="total-30d">3,030</span>"#),
+            "{page}"
+        );
+        assert!(page.contains(
+            r#"data-series="sessions" data-bucket="2026-11-29T14:00:00+00:00" data-rows="1000""#
+        ));
+        assert!(page.contains(
+            r#"data-series="queue-items" data-bucket="2026-11-28T00:00:00+00:00" data-rows="30""#
+        ));
+        assert!(
+            !page.contains(r#"data-rows="7""#) && !page.contains(r#"data-rows="5""#),
+            "outside the 30 days, or no such task"
+        );
         assert!(page.contains(r#"<td class="paused">paused</td>"#));
-        assert!(page.contains("relation &quot;x&quot; &lt;gone&gt;"), "{page}");
+        assert!(
+            page.contains("relation &quot;x&quot; &lt;gone&gt;"),
+            "{page}"
+        );
     }
 }

@@ -11,11 +11,21 @@ use crate::database::Database;
 use crate::output;
 use crate::settings::Settings;
 
-pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> anyhow::Result<ExitCode> {
+pub async fn retention(
+    settings: &Settings,
+    command: TenantRetentionCommand,
+) -> anyhow::Result<ExitCode> {
     // Refuse a bad value before touching (or starting) any database.
     let setting = match &command {
-        TenantRetentionCommand::Set { retention, status, .. } => {
-            match status.as_deref().map(tenant_retention::parse_status).transpose().and_then(|s| Setting::parse(s, retention)) {
+        TenantRetentionCommand::Set {
+            retention, status, ..
+        } => {
+            match status
+                .as_deref()
+                .map(tenant_retention::parse_status)
+                .transpose()
+                .and_then(|s| Setting::parse(s, retention))
+            {
                 Ok(setting) => Some(setting),
                 Err(error) => {
                     eprintln!("error: {error}");
@@ -28,19 +38,38 @@ pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> 
     let db = Database::open(settings, settings.database.migrate).await?;
     let limits: tenant_retention::PreviewLimits = (&settings.retention.task_history).into();
     let result = match (&command, setting) {
-        (TenantRetentionCommand::Get { tenant, json }, _) => tenant_retention::get(&db.pool, tenant).await.map(|t| {
-            if *json {
-                body(&t).to_string()
-            } else {
-                let deleted = t.deleted_at.map(|at| format!(" [deleted at {at}]")).unwrap_or_default();
-                format!("tenant {} ({}): {}{deleted}", t.slug, t.id, tenant_retention::windows(&t))
-            }
-        }),
-        (TenantRetentionCommand::Set { tenant, dry_run: true, .. }, Some(setting)) => {
-            tenant_retention::preview(&db.pool, tenant, &[setting], limits).await.map(|preview| preview.to_string())
+        (TenantRetentionCommand::Get { tenant, json }, _) => {
+            tenant_retention::get(&db.pool, tenant).await.map(|t| {
+                if *json {
+                    body(&t).to_string()
+                } else {
+                    let deleted = t
+                        .deleted_at
+                        .map(|at| format!(" [deleted at {at}]"))
+                        .unwrap_or_default();
+                    format!(
+                        "tenant {} ({}): {}{deleted}",
+                        t.slug,
+                        t.id,
+                        tenant_retention::windows(&t)
+                    )
+                }
+            })
         }
+        (
+            TenantRetentionCommand::Set {
+                tenant,
+                dry_run: true,
+                ..
+            },
+            Some(setting),
+        ) => tenant_retention::preview(&db.pool, tenant, &[setting], limits)
+            .await
+            .map(|preview| preview.to_string()),
         (TenantRetentionCommand::Set { tenant, .. }, Some(setting)) => {
-            tenant_retention::set(&db.pool, tenant, &[setting]).await.map(|change| change.to_string())
+            tenant_retention::set(&db.pool, tenant, &[setting])
+                .await
+                .map(|change| change.to_string())
         }
         (TenantRetentionCommand::Set { .. }, None) => unreachable!("parsed above"),
     };
@@ -50,7 +79,11 @@ pub async fn retention(settings: &Settings, command: TenantRetentionCommand) -> 
             output::line(line)?;
             Ok(ExitCode::SUCCESS)
         }
-        Err(error @ (RetentionError::Invalid { .. } | RetentionError::InvalidStatus(_) | RetentionError::UnknownTenant(_))) => {
+        Err(
+            error @ (RetentionError::Invalid { .. }
+            | RetentionError::InvalidStatus(_)
+            | RetentionError::UnknownTenant(_)),
+        ) => {
             eprintln!("error: {error}");
             Ok(ExitCode::from(2))
         }
@@ -64,11 +97,21 @@ pub fn body(tenant: &Tenant) -> Value {
     let by_status: serde_json::Map<String, Value> = tenant
         .by_status
         .iter()
-        .map(|(status, window)| (status.as_str().to_string(), json!(tenant_retention::describe(*window))))
+        .map(|(status, window)| {
+            (
+                status.as_str().to_string(),
+                json!(tenant_retention::describe(*window)),
+            )
+        })
         .collect();
     let effective: serde_json::Map<String, Value> = repository::tenants::FinalStatus::ALL
         .iter()
-        .map(|status| (status.as_str().to_string(), json!(tenant_retention::describe(tenant.window(*status)))))
+        .map(|status| {
+            (
+                status.as_str().to_string(),
+                json!(tenant_retention::describe(tenant.window(*status))),
+            )
+        })
         .collect();
     json!({
         "tenant_id": tenant.id,

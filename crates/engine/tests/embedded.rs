@@ -25,14 +25,26 @@ fn serve(data_dir: &Path, port: u16) -> Child {
 
 /// A CLI command on the embedded database, started now.
 fn command(data_dir: &Path, args: &[&str]) -> Child {
-    engine().env("ENGINE__DATA_DIR", data_dir).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    engine()
+        .env("ENGINE__DATA_DIR", data_dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn succeeded(child: Child, args: &[&str]) -> String {
     let output = child.wait_with_output().unwrap();
     let (stdout, stderr) = text(&output);
-    assert!(output.status.success(), "engine {args:?} failed:\n{stdout}\n{stderr}");
-    assert!(!stderr.contains("left running by"), "engine {args:?} took the server away:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "engine {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("left running by"),
+        "engine {args:?} took the server away:\n{stderr}"
+    );
     stderr
 }
 
@@ -40,18 +52,24 @@ fn succeeded(child: Child, args: &[&str]) -> String {
 /// (each process's watchdog holds one for it), as /proc/locks lists them.
 fn users(data_dir: &Path) -> usize {
     use std::os::unix::fs::MetadataExt;
-    let Ok(lock) = std::fs::metadata(data_dir.join("postgres.users.lock")) else { return 0 };
+    let Ok(lock) = std::fs::metadata(data_dir.join("postgres.users.lock")) else {
+        return 0;
+    };
     let inode = format!(":{}", lock.ino());
     std::fs::read_to_string("/proc/locks")
         .unwrap_or_default()
         .lines()
-        .filter(|line| line.contains("FLOCK") && line.split_whitespace().any(|field| field.ends_with(&inode)))
+        .filter(|line| {
+            line.contains("FLOCK") && line.split_whitespace().any(|field| field.ends_with(&inode))
+        })
         .count()
 }
 
 /// The server's process id, from its `postmaster.pid`.
 fn postmaster(data_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(data_dir.join("postgres/postmaster.pid")).ok().and_then(|pid| pid.lines().next().map(str::to_string))
+    std::fs::read_to_string(data_dir.join("postgres/postmaster.pid"))
+        .ok()
+        .and_then(|pid| pid.lines().next().map(str::to_string))
 }
 
 fn server_running(data_dir: &Path) -> bool {
@@ -82,7 +100,12 @@ impl ReadyWatch {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        ReadyWatch { stop, failures, polls, thread }
+        ReadyWatch {
+            stop,
+            failures,
+            polls,
+            thread,
+        }
     }
 
     /// The answers that were not 200, and how many polls there were.
@@ -99,18 +122,27 @@ impl ReadyWatch {
 fn engines_share_one_embedded_server_and_the_last_to_leave_stops_it() {
     let dir = tempfile::tempdir().unwrap();
     // Reachable by the unprivileged user the cluster runs as when the tests run as root.
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let data_dir = dir.path();
     let port = free_port();
     let mut served = serve(data_dir, port);
-    wait_until("/readyz", Duration::from_secs(60), || http(port, "GET", "/readyz", &[], None).is_some_and(|(s, _)| s == 200));
+    wait_until("/readyz", Duration::from_secs(60), || {
+        http(port, "GET", "/readyz", &[], None).is_some_and(|(s, _)| s == 200)
+    });
 
     // Six commands, two at a time, while serve runs.
     let watch = ReadyWatch::start(port);
     let pairs: [[&[&str]; 2]; 3] = [
         [&["retention", "status"], &["retention", "run"]],
         [&["migrate"], &["retention", "run", "--dry-run"]],
-        [&["retention", "status"], &["retention", "run", "--task", "sessions"]],
+        [
+            &["retention", "status"],
+            &["retention", "run", "--task", "sessions"],
+        ],
     ];
     for pair in pairs {
         let children: Vec<Child> = pair.iter().map(|args| command(data_dir, args)).collect();
@@ -120,36 +152,68 @@ fn engines_share_one_embedded_server_and_the_last_to_leave_stops_it() {
     }
     let (failures, polls) = watch.finish();
     assert!(polls > 10, "/readyz was polled {polls} times");
-    assert!(failures.is_empty(), "/readyz failed {} of {polls} times while the commands ran: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "/readyz failed {} of {polls} times while the commands ran: {failures:?}",
+        failures.len()
+    );
     assert!(server_running(data_dir), "serve still uses the server");
 
     // Serve is SIGKILLed once two commands have joined its server: they finish on it, the
     // server it started, not one of their own.
     let server = postmaster(data_dir).expect("serve's server is running");
-    let both = [&["retention", "run"][..], &["retention", "run", "--dry-run"][..]];
+    let both = [
+        &["retention", "run"][..],
+        &["retention", "run", "--dry-run"][..],
+    ];
     let mut children: Vec<Child> = both.iter().map(|args| command(data_dir, args)).collect();
     // (A command that is done already has used the server and left it.)
-    wait_until("both commands to join the server", Duration::from_secs(60), || {
-        users(data_dir) >= 3 || children.iter_mut().any(|child| child.try_wait().unwrap().is_some())
-    });
+    wait_until(
+        "both commands to join the server",
+        Duration::from_secs(60),
+        || {
+            users(data_dir) >= 3
+                || children
+                    .iter_mut()
+                    .any(|child| child.try_wait().unwrap().is_some())
+        },
+    );
     served.kill().unwrap();
     served.wait().unwrap();
     for (child, args) in children.into_iter().zip(both) {
         let stderr = succeeded(child, args);
-        assert!(stderr.contains("joined the local PostgreSQL"), "engine {args:?} did not run on serve's server:\n{stderr}");
-        assert!(!stderr.contains("started local PostgreSQL"), "engine {args:?} started a server of its own:\n{stderr}");
+        assert!(
+            stderr.contains("joined the local PostgreSQL"),
+            "engine {args:?} did not run on serve's server:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("started local PostgreSQL"),
+            "engine {args:?} started a server of its own:\n{stderr}"
+        );
     }
-    assert_eq!(postmaster(data_dir).unwrap_or_else(|| server.clone()), server, "the server was restarted");
+    assert_eq!(
+        postmaster(data_dir).unwrap_or_else(|| server.clone()),
+        server,
+        "the server was restarted"
+    );
 
     // Every process is gone: the last one's watchdog stopped the server.
-    wait_until("the server to stop", Duration::from_secs(30), || !server_running(data_dir));
+    wait_until("the server to stop", Duration::from_secs(30), || {
+        !server_running(data_dir)
+    });
 
     // A serve killed alone leaves no server either.
     let port = free_port();
     let mut served = serve(data_dir, port);
-    wait_until("/readyz", Duration::from_secs(60), || http(port, "GET", "/readyz", &[], None).is_some_and(|(s, _)| s == 200));
+    wait_until("/readyz", Duration::from_secs(60), || {
+        http(port, "GET", "/readyz", &[], None).is_some_and(|(s, _)| s == 200)
+    });
     assert!(server_running(data_dir));
     served.kill().unwrap();
     served.wait().unwrap();
-    wait_until("the server to stop after serve was killed", Duration::from_secs(30), || !server_running(data_dir));
+    wait_until(
+        "the server to stop after serve was killed",
+        Duration::from_secs(30),
+        || !server_running(data_dir),
+    );
 }

@@ -21,7 +21,9 @@ fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
 /// The value of the one metric line named `name` whose labels include every one of `labels`.
 fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
         .find(|line| labels.iter().all(|label| line.contains(label)))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
@@ -56,8 +58,12 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
     // nothing) costs less than deleting its rows one by one: it leaves whole.
     let day = chrono::Utc::now().date_naive() - chrono::Duration::days(10);
     let mut tx = db.pool.begin().await.unwrap();
-    repository::history::ranges::take_layout_lock(&mut tx, true).await.unwrap();
-    repository::history::ranges::extend_back(&mut tx, day, Duration::from_secs(5)).await.unwrap();
+    repository::history::ranges::take_layout_lock(&mut tx, true)
+        .await
+        .unwrap();
+    repository::history::ranges::extend_back(&mut tx, day, Duration::from_secs(5))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     sqlx::query(
         "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
@@ -81,73 +87,176 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
     // A run that leaves nothing due sets the estimate to 0 as it ends.
     wait_until("the sessions run", Duration::from_secs(30), || {
         let text = get("/metrics").1;
-        metric(&text, "retention_runs_total", &["task=\"sessions\"", "outcome=\"done\""]).is_some_and(|n| n >= 1.0)
+        metric(
+            &text,
+            "retention_runs_total",
+            &["task=\"sessions\"", "outcome=\"done\""],
+        )
+        .is_some_and(|n| n >= 1.0)
             && metric(&text, "retention_rows_due", &["task=\"sessions\""]) == Some(0.0)
     });
     let (status, text) = get("/metrics");
     assert_eq!(status, 200);
-    assert_eq!(metric(&text, "retention_rows_deleted_total", &["task=\"sessions\"", "rule=\"anonymous\""]), Some(7.0), "{text}");
-    assert!(metric(&text, "retention_last_success_timestamp_seconds", &["task=\"sessions\""]).is_some_and(|t| t > 1.7e9), "{text}");
-    assert!(metric(&text, "retention_run_duration_seconds_count", &["task=\"sessions\""]).is_some_and(|n| n >= 1.0), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "retention_rows_deleted_total",
+            &["task=\"sessions\"", "rule=\"anonymous\""]
+        ),
+        Some(7.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "retention_last_success_timestamp_seconds",
+            &["task=\"sessions\""]
+        )
+        .is_some_and(|t| t > 1.7e9),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "retention_run_duration_seconds_count",
+            &["task=\"sessions\""]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
     assert!(text.contains("retention_lease_held{"), "{text}");
     // The replica label is the host's name, the same after a restart (not `host:pid`).
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
-    for line in text.lines().filter(|l| l.starts_with("retention_lease_held{")) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("retention_lease_held{"))
+    {
         assert!(line.contains(&format!("replica=\"{host}\"")), "{line}");
     }
-    assert!(metric(&text, "retention_runs_total", &["task=\"sessions\"", "outcome=\"done\""]).is_some_and(|n| n >= 1.0), "{text}");
+    assert!(
+        metric(
+            &text,
+            "retention_runs_total",
+            &["task=\"sessions\"", "outcome=\"done\""]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
     // The day goes whole, by whichever history task gets to it first: `task-history` compacts
     // it, or `partitions` merges it with its neighbours (every window is a day, so it is cold).
     let tenant_label = format!("tenant=\"{tenant}\"");
     wait_until("the history tasks' runs", Duration::from_secs(30), || {
-        metric_sum(&get("/metrics").1, "retention_tenant_rows_deleted_total", &[&tenant_label]) == 5003.0
+        metric_sum(
+            &get("/metrics").1,
+            "retention_tenant_rows_deleted_total",
+            &[&tenant_label],
+        ) == 5003.0
     });
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(tenant).fetch_one(&db.pool).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(left, 2, "the two tasks within the day stay");
-    wait_until("the past day to leave whole, not row by row", Duration::from_secs(30), || {
-        metric_sum(&get("/metrics").1, "retention_partitions_dropped_total", &[]) >= 1.0
-    });
+    wait_until(
+        "the past day to leave whole, not row by row",
+        Duration::from_secs(30),
+        || {
+            metric_sum(
+                &get("/metrics").1,
+                "retention_partitions_dropped_total",
+                &[],
+            ) >= 1.0
+        },
+    );
     let text = get("/metrics").1;
-    assert!(metric_sum(&text, "retention_history_lock_seconds_count", &[]) >= 1.0, "{text}");
+    assert!(
+        metric_sum(&text, "retention_history_lock_seconds_count", &[]) >= 1.0,
+        "{text}"
+    );
     assert_eq!(
-        metric_sum(&text, "retention_rows_deleted_total", &["task=\"task-history\"", "rule=\"retention\""])
-            + metric_sum(&text, "retention_rows_deleted_total", &["task=\"partitions\"", "rule=\"tasks\""]),
+        metric_sum(
+            &text,
+            "retention_rows_deleted_total",
+            &["task=\"task-history\"", "rule=\"retention\""]
+        ) + metric_sum(
+            &text,
+            "retention_rows_deleted_total",
+            &["task=\"partitions\"", "rule=\"tasks\""]
+        ),
         5003.0,
         "{text}"
     );
     assert_eq!(get("/readyz").0, 200);
     // Every metric family carries its HELP text (what `promtool check metrics` asks for).
-    let families: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    let families: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
     assert!(families.len() >= 9, "{text}");
     for family in families {
-        let help = text.lines().find_map(|l| l.strip_prefix(&format!("# HELP {family} "))).unwrap_or_default();
+        let help = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("# HELP {family} ")))
+            .unwrap_or_default();
         assert!(help.len() > 20, "{family} has no HELP: {text}");
     }
 
     // The database goes away (connections refused, every session cut), then comes back.
     // From another database of the server: a database cannot shut itself out.
     let name = db.name().to_string();
-    let mut admin = sqlx::PgConnection::connect(&db.url.replacen(&format!("/{name}"), "/postgres", 1)).await.unwrap();
-    admin.execute(format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false").as_str()).await.unwrap();
+    let mut admin =
+        sqlx::PgConnection::connect(&db.url.replacen(&format!("/{name}"), "/postgres", 1))
+            .await
+            .unwrap();
+    admin
+        .execute(format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false").as_str())
+        .await
+        .unwrap();
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
         .bind(&name)
         .execute(&mut admin)
         .await
         .unwrap();
-    wait_until("/readyz to report the outage", Duration::from_secs(20), || get("/readyz").0 == 503);
+    wait_until(
+        "/readyz to report the outage",
+        Duration::from_secs(20),
+        || get("/readyz").0 == 503,
+    );
     let (_, body) = get("/readyz");
     assert!(body.contains("the database"), "{body}");
-    assert_eq!(get("/healthz").0, 200, "liveness does not depend on the database");
+    assert_eq!(
+        get("/healthz").0,
+        200,
+        "liveness does not depend on the database"
+    );
 
-    admin.execute(format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true").as_str()).await.unwrap();
-    wait_until("/readyz to recover", Duration::from_secs(20), || get("/readyz").0 == 200);
+    admin
+        .execute(format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true").as_str())
+        .await
+        .unwrap();
+    wait_until("/readyz to recover", Duration::from_secs(20), || {
+        get("/readyz").0 == 200
+    });
     // And the tasks carry on without a restart: a new due row goes.
     drop(admin);
     sqlx::query("INSERT INTO user_sessions (user_id, created_at, expires_at) VALUES (NULL, now(), now() - interval '1 minute')")
         .execute(&db.pool)
         .await
         .unwrap();
-    wait_until("the next sessions run after the outage", Duration::from_secs(60), || {
-        metric(&get("/metrics").1, "retention_rows_deleted_total", &["task=\"sessions\"", "rule=\"expired\""]).is_some_and(|n| n >= 1.0)
-    });
+    wait_until(
+        "the next sessions run after the outage",
+        Duration::from_secs(60),
+        || {
+            metric(
+                &get("/metrics").1,
+                "retention_rows_deleted_total",
+                &["task=\"sessions\"", "rule=\"expired\""],
+            )
+            .is_some_and(|n| n >= 1.0)
+        },
+    );
 }

@@ -39,7 +39,12 @@ async fn seed(pool: &PgPool, due_sessions: i64, due_tasks_per_tenant: i64) -> Ex
     ] {
         sqlx::query(sql).execute(pool).await.unwrap();
     }
-    sessions.extend(sqlx::query_scalar::<_, Uuid>("SELECT id FROM user_sessions").fetch_all(pool).await.unwrap());
+    sessions.extend(
+        sqlx::query_scalar::<_, Uuid>("SELECT id FROM user_sessions")
+            .fetch_all(pool)
+            .await
+            .unwrap(),
+    );
     sqlx::query(
         "INSERT INTO user_sessions (user_id, created_at, expires_at)
          SELECT CASE WHEN g % 2 = 0 THEN (SELECT min(id::text)::uuid FROM users) END,
@@ -104,14 +109,25 @@ async fn seed(pool: &PgPool, due_sessions: i64, due_tasks_per_tenant: i64) -> Ex
 
     let kept_tasks = "SELECT id FROM tasks WHERE status = 'running' OR tenant_id = $1
                       OR finished_at > now() - interval '1 day'";
-    let tasks: BTreeSet<Uuid> = sqlx::query_scalar(kept_tasks).bind(tenants[2]).fetch_all(pool).await.unwrap().into_iter().collect();
+    let tasks: BTreeSet<Uuid> = sqlx::query_scalar(kept_tasks)
+        .bind(tenants[2])
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     let queue_items = sqlx::query_scalar("SELECT task_id FROM queue_items q JOIN tasks t ON t.id = q.task_id WHERE t.status = 'running'")
         .fetch_all(pool)
         .await
         .unwrap()
         .into_iter()
         .collect();
-    Expected { sessions, events: 2 * tasks.len() as i64, tasks, queue_items }
+    Expected {
+        sessions,
+        events: 2 * tasks.len() as i64,
+        tasks,
+        queue_items,
+    }
 }
 
 /// Rows still due: sessions and finished history past a day (the forever tenant's aside).
@@ -131,16 +147,30 @@ async fn due(pool: &PgPool) -> (i64, i64) {
 /// Exactly the expected rows are left, and no event or queue item lost its task.
 async fn assert_exactly(pool: &PgPool, expected: &Expected) {
     let set = |sql: &'static str| async move {
-        sqlx::query_scalar::<_, Uuid>(sql).fetch_all(pool).await.unwrap().into_iter().collect::<BTreeSet<_>>()
+        sqlx::query_scalar::<_, Uuid>(sql)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<BTreeSet<_>>()
     };
     let sessions = set("SELECT id FROM user_sessions").await;
     assert_eq!(sessions.len(), expected.sessions.len(), "sessions left");
-    assert!(sessions == expected.sessions, "the surviving sessions are exactly the kept ones");
+    assert!(
+        sessions == expected.sessions,
+        "the surviving sessions are exactly the kept ones"
+    );
     let tasks = set("SELECT id FROM tasks").await;
     assert_eq!(tasks.len(), expected.tasks.len(), "tasks left");
-    assert!(tasks == expected.tasks, "the surviving tasks are exactly the kept ones");
+    assert!(
+        tasks == expected.tasks,
+        "the surviving tasks are exactly the kept ones"
+    );
     let queue_items = set("SELECT task_id FROM queue_items").await;
-    assert_eq!(queue_items, expected.queue_items, "queue items of running tasks stay, the rest go");
+    assert_eq!(
+        queue_items, expected.queue_items,
+        "queue items of running tasks stay, the rest go"
+    );
     let (events, orphan_events, orphan_items): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM task_events),
                 (SELECT count(*) FROM task_events e WHERE NOT EXISTS
@@ -151,7 +181,11 @@ async fn assert_exactly(pool: &PgPool, expected: &Expected) {
     .fetch_one(pool)
     .await
     .unwrap();
-    assert_eq!((events, orphan_events, orphan_items), (expected.events, 0, 0), "events stay with their tasks; no orphans");
+    assert_eq!(
+        (events, orphan_events, orphan_items),
+        (expected.events, 0, 0),
+        "events stay with their tasks; no orphans"
+    );
 }
 
 /// A run as the replicas' own logs tell it: when it started and when it finished, or when the
@@ -167,17 +201,45 @@ struct LoggedRun {
 
 /// Every run in the replicas' logs. `killed_at[i]` is when the test killed the replica that
 /// wrote log `i` (a killed run ends then).
-fn logged_runs(logs: &[std::path::PathBuf], killed_at: &[chrono::DateTime<chrono::Utc>]) -> Vec<LoggedRun> {
+fn logged_runs(
+    logs: &[std::path::PathBuf],
+    killed_at: &[chrono::DateTime<chrono::Utc>],
+) -> Vec<LoggedRun> {
     let mut runs = Vec::new();
     for (log, path) in logs.iter().enumerate() {
         let text = std::fs::read_to_string(path).unwrap();
         let mut open: HashMap<String, LoggedRun> = HashMap::new();
         for line in text.lines() {
-            let field = |name: &str| line.split(&format!("{name}=")).nth(1).map(|rest| rest.split([' ', '}']).next().unwrap().trim_matches('"').to_string());
-            let (Some(task), Some(run_id)) = (field("task"), field("run_id")) else { continue };
-            let Some(at) = line.split_whitespace().next().and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok()) else { continue };
+            let field = |name: &str| {
+                line.split(&format!("{name}=")).nth(1).map(|rest| {
+                    rest.split([' ', '}'])
+                        .next()
+                        .unwrap()
+                        .trim_matches('"')
+                        .to_string()
+                })
+            };
+            let (Some(task), Some(run_id)) = (field("task"), field("run_id")) else {
+                continue;
+            };
+            let Some(at) = line
+                .split_whitespace()
+                .next()
+                .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+            else {
+                continue;
+            };
             if line.ends_with("run started") {
-                open.insert(run_id.clone(), LoggedRun { task, run_id, log, started: at, ended: killed_at[log] });
+                open.insert(
+                    run_id.clone(),
+                    LoggedRun {
+                        task,
+                        run_id,
+                        log,
+                        started: at,
+                        ended: killed_at[log],
+                    },
+                );
             } else if line.contains("run finished") {
                 if let Some(mut run) = open.remove(&run_id) {
                     run.ended = at;
@@ -201,15 +263,24 @@ struct Fleet {
 
 impl Fleet {
     fn new(url: &str) -> Fleet {
-        Fleet { url: url.to_string(), dir: tempfile::tempdir().unwrap(), logs: Vec::new(), killed_at: Vec::new() }
+        Fleet {
+            url: url.to_string(),
+            dir: tempfile::tempdir().unwrap(),
+            logs: Vec::new(),
+            killed_at: Vec::new(),
+        }
     }
 
     /// A replica, and the index of its log.
     fn start(&mut self, env: &[(&str, &str)]) -> (Served, usize) {
-        let path = self.dir.path().join(format!("replica-{}.log", self.logs.len()));
+        let path = self
+            .dir
+            .path()
+            .join(format!("replica-{}.log", self.logs.len()));
         let served = Served::start_logging(&self.url, env, std::fs::File::create(&path).unwrap());
         self.logs.push(path);
-        self.killed_at.push(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+        self.killed_at
+            .push(chrono::DateTime::<chrono::Utc>::MAX_UTC);
         (served, self.logs.len() - 1)
     }
 }
@@ -225,7 +296,13 @@ fn assert_runs_never_overlapped(runs: &mut [LoggedRun]) {
             assert!(
                 run.ended <= next.started,
                 "{}: run {} (log {}) lasted until {}, after run {} (log {}) started at {}",
-                run.task, run.run_id, run.log, run.ended, next.run_id, next.log, next.started
+                run.task,
+                run.run_id,
+                run.log,
+                run.ended,
+                next.run_id,
+                next.log,
+                next.started
             );
         }
     }
@@ -261,7 +338,11 @@ async fn wait_converged(pool: &PgPool, within: Duration) {
         if due(pool).await == (0, 0) && stale_items == 0 {
             return;
         }
-        assert!(start.elapsed() < within, "not converged within {within:?}: due {:?}, queue items {stale_items}", due(pool).await);
+        assert!(
+            start.elapsed() < within,
+            "not converged within {within:?}: due {:?}, queue items {stale_items}",
+            due(pool).await
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -289,7 +370,11 @@ async fn replicas_killed_at_random_moments_lose_nothing_orphan_nothing_and_conve
                 .fetch_all(&db.pool)
                 .await
                 .unwrap();
-            if let Some(running) = replicas.iter().position(|(r, _)| holders.iter().any(|h| h.ends_with(&format!(":{}", r.child.id())))) {
+            if let Some(running) = replicas.iter().position(|(r, _)| {
+                holders
+                    .iter()
+                    .any(|h| h.ends_with(&format!(":{}", r.child.id())))
+            }) {
                 victim = running;
             }
         }
@@ -300,15 +385,23 @@ async fn replicas_killed_at_random_moments_lose_nothing_orphan_nothing_and_conve
         kills += 1;
         // Committed progress stays: what is due never grows back.
         let now_due = due(&db.pool).await;
-        assert!(now_due.0 <= last_due.0 && now_due.1 <= last_due.1, "due went from {last_due:?} to {now_due:?}");
+        assert!(
+            now_due.0 <= last_due.0 && now_due.1 <= last_due.1,
+            "due went from {last_due:?} to {now_due:?}"
+        );
         last_due = now_due;
         // Nothing within retention went, whatever was in flight.
-        let kept_sessions: i64 = sqlx::query_scalar("SELECT count(*) FROM user_sessions WHERE id = ANY($1)")
-            .bind(expected.sessions.iter().copied().collect::<Vec<_>>())
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-        assert_eq!(kept_sessions, expected.sessions.len() as i64, "after kill {kills}");
+        let kept_sessions: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM user_sessions WHERE id = ANY($1)")
+                .bind(expected.sessions.iter().copied().collect::<Vec<_>>())
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            kept_sessions,
+            expected.sessions.len() as i64,
+            "after kill {kills}"
+        );
         replicas[victim] = fleet.start(SLOW_REPLICA);
     }
     assert!(kills >= 1, "the purge finished before the first kill");
@@ -322,7 +415,11 @@ async fn replicas_killed_at_random_moments_lose_nothing_orphan_nothing_and_conve
     // One full-speed replica finishes the job.
     let (finisher, _) = fleet.start(FAST_REPLICA);
     wait_converged(&db.pool, Duration::from_secs(120)).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(finisher.child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(finisher.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let mut finisher = finisher;
     let finisher_pid = finisher.child.id();
     assert!(finisher.child.wait().unwrap().success());
@@ -330,36 +427,61 @@ async fn replicas_killed_at_random_moments_lose_nothing_orphan_nothing_and_conve
     assert_exactly(&db.pool, &expected).await;
     assert_runs_never_overlapped(&mut logged_runs(&fleet.logs, &fleet.killed_at));
     let abandoned: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE error LIKE 'abandoned%'").fetch_one(&db.pool).await.unwrap();
-    eprintln!("{kills} kills; due when they ended: {last_due:?}; runs abandoned by a kill: {abandoned}");
-    assert!(abandoned >= 1, "killed runs are closed as abandoned by the next run");
+        sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE error LIKE 'abandoned%'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    eprintln!(
+        "{kills} kills; due when they ended: {last_due:?}; runs abandoned by a kill: {abandoned}"
+    );
+    assert!(
+        abandoned >= 1,
+        "killed runs are closed as abandoned by the next run"
+    );
     // (A killed replica's lease may not have expired yet: it is left to expire.)
-    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM maintenance_tasks WHERE lease_holder LIKE '%:' || $1")
-        .bind(finisher_pid.to_string())
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM maintenance_tasks WHERE lease_holder LIKE '%:' || $1",
+    )
+    .bind(finisher_pid.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(held, 0, "the last replica released its leases on SIGTERM");
 }
 
 /// A private cluster this test can stop and start again.
 fn start_cluster(dir: &std::path::Path) -> testkit::local_postgres::LocalPostgres {
-    testkit::local_postgres::LocalPostgres::start(testkit::local_postgres::Options::persistent(dir.to_path_buf()))
-        .unwrap_or_else(|e| panic!("start a private PostgreSQL: {e}"))
+    testkit::local_postgres::LocalPostgres::start(testkit::local_postgres::Options::persistent(
+        dir.to_path_buf(),
+    ))
+    .unwrap_or_else(|e| panic!("start a private PostgreSQL: {e}"))
 }
 
 #[tokio::test]
 async fn a_database_restart_mid_run_is_ridden_out_without_an_engine_restart() {
-    let dir = tempfile::Builder::new().prefix("engine-restart-pg-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("engine-restart-pg-")
+        .tempdir()
+        .unwrap();
     let cluster_dir = dir.path().join("pg");
     let cluster = {
         let cluster_dir = cluster_dir.clone();
-        tokio::task::spawn_blocking(move || start_cluster(&cluster_dir)).await.unwrap()
+        tokio::task::spawn_blocking(move || start_cluster(&cluster_dir))
+            .await
+            .unwrap()
     };
     let url = cluster.url();
-    let output = engine().env("DATABASE_URL", &url).arg("migrate").output().unwrap();
+    let output = engine()
+        .env("DATABASE_URL", &url)
+        .arg("migrate")
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{}", text(&output).1);
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
     let expected = seed(&pool, 100_000, 1_000).await;
     let engine = Served::start(
         &url,
@@ -369,7 +491,11 @@ async fn a_database_restart_mid_run_is_ridden_out_without_an_engine_restart() {
             ("ENGINE__RETENTION__LEASE_TTL", "3s"),
         ],
     );
-    let get = |path: &str| http(engine.port, "GET", path, &[], None).map(|(status, _)| status).unwrap_or(0);
+    let get = |path: &str| {
+        http(engine.port, "GET", path, &[], None)
+            .map(|(status, _)| status)
+            .unwrap_or(0)
+    };
 
     // A sessions run has deleted some rows and is still going.
     let start = Instant::now();
@@ -384,26 +510,50 @@ async fn a_database_restart_mid_run_is_ridden_out_without_an_engine_restart() {
         if running && deleted_some {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "no sessions run started");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no sessions run started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     pool.close().await;
 
     // Fast shutdown: every session is cut, the run's batch in flight fails.
-    tokio::task::spawn_blocking(move || cluster.stop().unwrap()).await.unwrap();
-    wait_until("/readyz to report the database down", Duration::from_secs(20), || get("/readyz") == 503);
-    assert_eq!(get("/healthz"), 200, "liveness does not depend on the database");
+    tokio::task::spawn_blocking(move || cluster.stop().unwrap())
+        .await
+        .unwrap();
+    wait_until(
+        "/readyz to report the database down",
+        Duration::from_secs(20),
+        || get("/readyz") == 503,
+    );
+    assert_eq!(
+        get("/healthz"),
+        200,
+        "liveness does not depend on the database"
+    );
     std::thread::sleep(Duration::from_secs(2)); // the tasks fail and back off
     let _cluster = {
         let cluster_dir = cluster_dir.clone();
-        tokio::task::spawn_blocking(move || start_cluster(&cluster_dir)).await.unwrap()
+        tokio::task::spawn_blocking(move || start_cluster(&cluster_dir))
+            .await
+            .unwrap()
     };
-    wait_until("/readyz to recover", Duration::from_secs(30), || get("/readyz") == 200);
+    wait_until("/readyz to recover", Duration::from_secs(30), || {
+        get("/readyz") == 200
+    });
 
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
     wait_converged(&pool, Duration::from_secs(120)).await;
     let mut engine = engine;
-    assert!(engine.child.try_wait().unwrap().is_none(), "the same engine process carried on");
+    assert!(
+        engine.child.try_wait().unwrap().is_none(),
+        "the same engine process carried on"
+    );
     assert_exactly(&pool, &expected).await;
     let interrupted: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM maintenance_runs WHERE task = 'sessions' AND outcome = 'failed'",
@@ -411,18 +561,26 @@ async fn a_database_restart_mid_run_is_ridden_out_without_an_engine_restart() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert!(interrupted >= 1, "the run the restart cut short is recorded as failed");
+    assert!(
+        interrupted >= 1,
+        "the run the restart cut short is recorded as failed"
+    );
     // The run that finished the purge records itself once its last steps (statistics) are done.
     let start = Instant::now();
     loop {
-        let recovered: i64 = sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = 'sessions' AND outcome = 'done'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let recovered: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM maintenance_runs WHERE task = 'sessions' AND outcome = 'done'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         if recovered >= 1 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "no later run finished the purge");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no later run finished the purge"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pool.close().await;

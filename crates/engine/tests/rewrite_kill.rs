@@ -14,7 +14,10 @@ use uuid::Uuid;
 
 #[test]
 fn a_rewrite_killed_before_its_count_is_counted_by_the_next_run_exactly() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let db = rt.block_on(TestDatabase::new());
     let pool = db.pool.clone();
     // A past day that keeps little: 20,000 due tasks of two tenants, 500 kept; each task with an
@@ -66,15 +69,24 @@ fn a_rewrite_killed_before_its_count_is_counted_by_the_next_run_exactly() {
         .unwrap();
     let phase = || {
         rt.block_on(
-            sqlx::query_as::<_, (String, i64)>("SELECT phase, block FROM history_rewrites").fetch_optional(&pool),
+            sqlx::query_as::<_, (String, i64)>("SELECT phase, block FROM history_rewrites")
+                .fetch_optional(&pool),
         )
         .unwrap()
     };
-    wait_until("the swap to commit", Duration::from_secs(120), || matches!(phase(), Some((p, _)) if p == "count-tasks"));
+    wait_until(
+        "the swap to commit",
+        Duration::from_secs(120),
+        || matches!(phase(), Some((p, _)) if p == "count-tasks"),
+    );
     run.kill().unwrap();
     run.wait().unwrap();
     let (killed_in, counted_pages) = phase().expect("the rewrite is still recorded");
-    assert_eq!((killed_in.as_str(), counted_pages), ("count-tasks", 0), "killed after the swap, before its count");
+    assert_eq!(
+        (killed_in.as_str(), counted_pages),
+        ("count-tasks", 0),
+        "killed after the swap, before its count"
+    );
     let receipts = |rt: &tokio::runtime::Runtime| -> BTreeMap<Uuid, (i64, i64, i64)> {
         rt.block_on(
             sqlx::query_as::<_, (Uuid, i64, i64, i64)>(
@@ -87,29 +99,53 @@ fn a_rewrite_killed_before_its_count_is_counted_by_the_next_run_exactly() {
         .map(|(t, a, b, c)| (t, (a, b, c)))
         .collect()
     };
-    assert!(receipts(&rt).is_empty(), "nothing was counted before the kill");
-    let detached: i64 = rt.block_on(sqlx::query_scalar("SELECT count(*) FROM history_detached").fetch_one(&pool)).unwrap();
+    assert!(
+        receipts(&rt).is_empty(),
+        "nothing was counted before the kill"
+    );
+    let detached: i64 = rt
+        .block_on(sqlx::query_scalar("SELECT count(*) FROM history_detached").fetch_one(&pool))
+        .unwrap();
     assert_eq!(detached, 2, "the detached sources wait for their count");
 
     // The next run counts them.
-    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--task", "task-history"]).output().unwrap();
+    let output = engine()
+        .env("DATABASE_URL", &db.url)
+        .args(["retention", "run", "--task", "task-history"])
+        .output()
+        .unwrap();
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stdout}\n{stderr}");
     let left = |tenant: Uuid| -> i64 {
-        rt.block_on(sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(tenant).fetch_one(&pool)).unwrap()
+        rt.block_on(
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_one(&pool),
+        )
+        .unwrap()
     };
     assert_eq!((left(due_a), left(due_b), left(kept)), (0, 0, 500));
     assert_eq!(
         receipts(&rt),
-        BTreeMap::from([(due_a, (12_000, 12_000, 12_000)), (due_b, (8_000, 8_000, 8_000))]),
+        BTreeMap::from([
+            (due_a, (12_000, 12_000, 12_000)),
+            (due_b, (8_000, 8_000, 8_000))
+        ]),
         "the receipts of what the killed run removed, each row once"
     );
-    let items: i64 = rt.block_on(sqlx::query_scalar("SELECT count(*) FROM queue_items").fetch_one(&pool)).unwrap();
+    let items: i64 = rt
+        .block_on(sqlx::query_scalar("SELECT count(*) FROM queue_items").fetch_one(&pool))
+        .unwrap();
     assert_eq!(items, 500);
     let (rewrites, detached): (i64, i64) = rt
         .block_on(sqlx::query_as("SELECT (SELECT count(*) FROM history_rewrites), (SELECT count(*) FROM history_detached)").fetch_one(&pool))
         .unwrap();
     assert_eq!((rewrites, detached), (0, 0), "counted, dropped, forgotten");
-    let run_ids: i64 = rt.block_on(sqlx::query_scalar("SELECT count(DISTINCT run_id) FROM retention_receipts").fetch_one(&pool)).unwrap();
+    let run_ids: i64 = rt
+        .block_on(
+            sqlx::query_scalar("SELECT count(DISTINCT run_id) FROM retention_receipts")
+                .fetch_one(&pool),
+        )
+        .unwrap();
     assert_eq!(run_ids, 1, "under the run that removed the rows");
 }

@@ -54,8 +54,14 @@ impl Clock {
     /// The environment that puts a program under this clock.
     fn env(&self, threaded: bool) -> Vec<(String, String)> {
         vec![
-            ("LD_PRELOAD".into(), libfaketime(threaded).display().to_string()),
-            ("FAKETIME_TIMESTAMP_FILE".into(), self.file.display().to_string()),
+            (
+                "LD_PRELOAD".into(),
+                libfaketime(threaded).display().to_string(),
+            ),
+            (
+                "FAKETIME_TIMESTAMP_FILE".into(),
+                self.file.display().to_string(),
+            ),
             ("FAKETIME_NO_CACHE".into(), "1".into()),
             ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
         ]
@@ -122,27 +128,57 @@ struct Ledger {
 
 #[tokio::test]
 async fn thirty_two_days_under_a_moving_clock() {
-    let tempdir = tempfile::Builder::new().prefix("engine-sim-").tempdir().unwrap();
+    let tempdir = tempfile::Builder::new()
+        .prefix("engine-sim-")
+        .tempdir()
+        .unwrap();
     let dir = tempdir.path();
     // The server runs as another user when the test runs as root: it must read the clock file.
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let clock = Clock::new(dir);
-    std::fs::set_permissions(&clock.file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        &clock.file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     // Day 0 at noon; 32 days from March 10 cross a month.
     let day0 = NaiveDate::from_ymd_opt(2027, 3, 10).unwrap();
-    let noon = |day: i64| Utc.from_utc_datetime(&(day0 + Span::days(day)).and_hms_opt(12, 0, 0).unwrap());
+    let noon =
+        |day: i64| Utc.from_utc_datetime(&(day0 + Span::days(day)).and_hms_opt(12, 0, 0).unwrap());
     clock.set(noon(0));
     let mut options = testkit::local_postgres::Options::throwaway(dir.join("pg"));
     options.env = clock.env(false);
-    let server = tokio::task::spawn_blocking(move || testkit::local_postgres::LocalPostgres::start(options)).await.unwrap().unwrap();
+    let server =
+        tokio::task::spawn_blocking(move || testkit::local_postgres::LocalPostgres::start(options))
+            .await
+            .unwrap()
+            .unwrap();
     let url = server.url();
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await.unwrap();
-    let db_now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await.unwrap();
-    assert!((db_now - noon(0)).num_seconds().abs() < 60, "the server is under the simulated clock: {db_now}");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .unwrap();
+    let db_now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        (db_now - noon(0)).num_seconds().abs() < 60,
+        "the server is under the simulated clock: {db_now}"
+    );
     let engine_run = |args: &[&str]| {
-        let output = engine().env("DATABASE_URL", &url).envs(clock.env(true)).args(args).output().unwrap();
+        let output = engine()
+            .env("DATABASE_URL", &url)
+            .envs(clock.env(true))
+            .args(args)
+            .output()
+            .unwrap();
         let (stdout, stderr) = text(&output);
-        assert!(output.status.success(), "engine {args:?} failed:\n{stdout}\n{stderr}");
+        assert!(
+            output.status.success(),
+            "engine {args:?} failed:\n{stdout}\n{stderr}"
+        );
         stdout
     };
     engine_run(&["migrate"]);
@@ -163,14 +199,28 @@ async fn thirty_two_days_under_a_moving_clock() {
             _ => Some(windows[n % 4]),
         };
         let id = Uuid::new_v4();
-        sqlx::query("INSERT INTO tenants (id, slug, name, data_retention_period) VALUES ($1, $2, $2, $3)")
-            .bind(id)
-            .bind(format!("tenant-{n}"))
-            .bind(window.map(|w| sqlx::postgres::types::PgInterval { months: 0, days: w.num_days() as i32, microseconds: 0 }))
-            .execute(&pool)
-            .await
-            .unwrap();
-        ledger.tenants.insert(id, Tenant { window, failed_window: None, held_until: None, deleted_at: None });
+        sqlx::query(
+            "INSERT INTO tenants (id, slug, name, data_retention_period) VALUES ($1, $2, $2, $3)",
+        )
+        .bind(id)
+        .bind(format!("tenant-{n}"))
+        .bind(window.map(|w| sqlx::postgres::types::PgInterval {
+            months: 0,
+            days: w.num_days() as i32,
+            microseconds: 0,
+        }))
+        .execute(&pool)
+        .await
+        .unwrap();
+        ledger.tenants.insert(
+            id,
+            Tenant {
+                window,
+                failed_window: None,
+                held_until: None,
+                deleted_at: None,
+            },
+        );
         ids.push(id);
     }
     let (deleted, shortened, held) = (ids[98], ids[99], ids[5]);
@@ -184,26 +234,56 @@ async fn thirty_two_days_under_a_moving_clock() {
         // The day's changes of tenants' rules, at 06:00 or 11:30.
         if day == 8 {
             let at = start + Span::hours(6);
-            sqlx::query("UPDATE tenants SET deleted_at = $2 WHERE id = $1").bind(deleted).bind(at).execute(&pool).await.unwrap();
+            sqlx::query("UPDATE tenants SET deleted_at = $2 WHERE id = $1")
+                .bind(deleted)
+                .bind(at)
+                .execute(&pool)
+                .await
+                .unwrap();
             ledger.tenants.get_mut(&deleted).unwrap().deleted_at = Some(at);
         }
         if day == 12 {
-            sqlx::query("UPDATE tenants SET data_retention_period = '3 days' WHERE id = $1").bind(shortened).execute(&pool).await.unwrap();
+            sqlx::query("UPDATE tenants SET data_retention_period = '3 days' WHERE id = $1")
+                .bind(shortened)
+                .execute(&pool)
+                .await
+                .unwrap();
             ledger.tenants.get_mut(&shortened).unwrap().window = Some(Span::days(3));
         }
         if day == 16 {
-            sqlx::query("UPDATE tenants SET data_retention_period = NULL WHERE id = $1").bind(held).execute(&pool).await.unwrap();
+            sqlx::query("UPDATE tenants SET data_retention_period = NULL WHERE id = $1")
+                .bind(held)
+                .execute(&pool)
+                .await
+                .unwrap();
             ledger.tenants.get_mut(&held).unwrap().window = None;
         }
         if day == 10 {
             // Failed tasks of a 14-day tenant kept a day.
-            engine_run(&["tenant", "retention", "set", "tenant-7", "1day", "--status", "failed"]);
+            engine_run(&[
+                "tenant",
+                "retention",
+                "set",
+                "tenant-7",
+                "1day",
+                "--status",
+                "failed",
+            ]);
             ledger.tenants.get_mut(&ids[7]).unwrap().failed_window = Some(Some(Span::days(1)));
         }
         if day == 14 {
             // A 3-day tenant held for six days: nothing of it goes until then, everything due after.
             let until = noon(20);
-            engine_run(&["hold", "add", "--tenant", "tenant-9", "--reason", "simulation", "--until", &until.to_rfc3339()]);
+            engine_run(&[
+                "hold",
+                "add",
+                "--tenant",
+                "tenant-9",
+                "--reason",
+                "simulation",
+                "--until",
+                &until.to_rfc3339(),
+            ]);
             ledger.tenants.get_mut(&ids[9]).unwrap().held_until = Some(until);
         }
         finish_long_runners(&pool, &mut ledger, start, now).await;
@@ -216,10 +296,12 @@ async fn thirty_two_days_under_a_moving_clock() {
             }
         }
         check(&pool, &mut ledger, now, day).await;
-        let partitions: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks'::regclass")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let partitions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks'::regclass",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         let longest = ledger
             .tenants
             .values()
@@ -231,18 +313,32 @@ async fn thirty_two_days_under_a_moving_clock() {
         // most a partial quarter and three quarters (a month merges once it is complete), the
         // default and the future partitions.
         let bound = longest + 1 + PREMAKE_DAYS + 4 + 2;
-        assert!(partitions <= bound, "day {day}: {partitions} partitions attached, more than {bound}");
+        assert!(
+            partitions <= bound,
+            "day {day}: {partitions} partitions attached, more than {bound}"
+        );
         most_partitions = most_partitions.max(partitions);
     }
     eprintln!("at most {most_partitions} partitions; {mechanisms:?}");
     for counter in ["ranges compacted", "ranges merged"] {
-        assert!(mechanisms.get(counter).is_some_and(|n| *n > 0), "the simulation never saw {counter}: {mechanisms:?}");
+        assert!(
+            mechanisms.get(counter).is_some_and(|n| *n > 0),
+            "the simulation never saw {counter}: {mechanisms:?}"
+        );
     }
     pool.close().await;
-    tokio::task::spawn_blocking(move || server.stop()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || server.stop())
+        .await
+        .unwrap()
+        .unwrap();
 }
 
-async fn insert_event(pool: &PgPool, tenant: Uuid, task: TaskKey, created_at: DateTime<Utc>) -> i64 {
+async fn insert_event(
+    pool: &PgPool,
+    tenant: Uuid,
+    task: TaskKey,
+    created_at: DateTime<Utc>,
+) -> i64 {
     sqlx::query_scalar(
         "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
          VALUES ($1, $2, $3, 'finished', $4) RETURNING id",
@@ -261,13 +357,21 @@ async fn insert_event(pool: &PgPool, tenant: Uuid, task: TaskKey, created_at: Da
 fn counter_in(stdout: &str, counter: &str) -> Option<u64> {
     stdout
         .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap_or_else(|e| panic!("{e}: {line}"))
+        })
         .filter_map(|task| task["counters"][counter].as_u64())
         .reduce(|a, b| a + b)
 }
 
 /// Tasks that have run for ten days finish at 09:00 (an update of an old day), with an event.
-async fn finish_long_runners(pool: &PgPool, ledger: &mut Ledger, start: DateTime<Utc>, now: DateTime<Utc>) {
+async fn finish_long_runners(
+    pool: &PgPool,
+    ledger: &mut Ledger,
+    start: DateTime<Utc>,
+    now: DateTime<Utc>,
+) {
     let finishing: Vec<TaskKey> = ledger
         .tasks
         .iter()
@@ -295,10 +399,22 @@ async fn finish_long_runners(pool: &PgPool, ledger: &mut Ledger, start: DateTime
 }
 
 /// A task row to insert: id, tenant, status, inserted_at, finished_at.
-type NewTask = (Uuid, Uuid, &'static str, DateTime<Utc>, Option<DateTime<Utc>>);
+type NewTask = (
+    Uuid,
+    Uuid,
+    &'static str,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
 
 /// The day's work: tasks inserted between midnight and 11:00, with their events and queue items.
-async fn insert_day(pool: &PgPool, ledger: &mut Ledger, tenants: &[Uuid], day: i64, start: DateTime<Utc>) {
+async fn insert_day(
+    pool: &PgPool,
+    ledger: &mut Ledger,
+    tenants: &[Uuid],
+    day: i64,
+    start: DateTime<Utc>,
+) {
     let mut rows: Vec<NewTask> = Vec::new();
     for (n, tenant) in tenants.iter().enumerate() {
         let active = match n {
@@ -326,7 +442,15 @@ async fn insert_day(pool: &PgPool, ledger: &mut Ledger, tenants: &[Uuid], day: i
             };
             let id = Uuid::new_v4();
             rows.push((id, *tenant, status, inserted_at, finished_at));
-            ledger.tasks.insert((id, inserted_at), Task { tenant: *tenant, status, finished_at, finishes });
+            ledger.tasks.insert(
+                (id, inserted_at),
+                Task {
+                    tenant: *tenant,
+                    status,
+                    finished_at,
+                    finishes,
+                },
+            );
         }
     }
     let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
@@ -365,7 +489,9 @@ async fn insert_day(pool: &PgPool, ledger: &mut Ledger, tenants: &[Uuid], day: i
     for (id, task, at) in events {
         ledger.events.insert(id, (task, at));
     }
-    let waiting: Vec<usize> = (0..rows.len()).filter(|i| matches!(rows[*i].2, "queued" | "running")).collect();
+    let waiting: Vec<usize> = (0..rows.len())
+        .filter(|i| matches!(rows[*i].2, "queued" | "running"))
+        .collect();
     let items: Vec<(i64, Uuid, DateTime<Utc>)> = sqlx::query_as(
         "INSERT INTO queue_items (tenant_id, task_id, task_inserted_at)
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[]) RETURNING id, task_id, task_inserted_at",
@@ -383,7 +509,12 @@ async fn insert_day(pool: &PgPool, ledger: &mut Ledger, tenants: &[Uuid], day: i
 
 /// After a run at `now`: the database holds exactly what the contract keeps.
 async fn check(pool: &PgPool, ledger: &mut Ledger, now: DateTime<Utc>, day: i64) {
-    let present: HashSet<TaskKey> = sqlx::query_as("SELECT id, inserted_at FROM tasks").fetch_all(pool).await.unwrap().into_iter().collect();
+    let present: HashSet<TaskKey> = sqlx::query_as("SELECT id, inserted_at FROM tasks")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     let mut lost = Vec::new();
     let mut late = Vec::new();
     let mut gone = Vec::new();
@@ -396,31 +527,68 @@ async fn check(pool: &PgPool, ledger: &mut Ledger, now: DateTime<Utc>, day: i64)
             (false, true) => {}
         }
     }
-    assert!(lost.is_empty(), "day {day}: {} kept tasks were deleted, e.g. {:?}", lost.len(), &lost[..lost.len().min(3)]);
-    assert!(late.is_empty(), "day {day}: {} due tasks were left, e.g. {:?}", late.len(), &late[..late.len().min(3)]);
-    let unknown = present.iter().filter(|k| !ledger.tasks.contains_key(k)).count();
+    assert!(
+        lost.is_empty(),
+        "day {day}: {} kept tasks were deleted, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(3)]
+    );
+    assert!(
+        late.is_empty(),
+        "day {day}: {} due tasks were left, e.g. {:?}",
+        late.len(),
+        &late[..late.len().min(3)]
+    );
+    let unknown = present
+        .iter()
+        .filter(|k| !ledger.tasks.contains_key(k))
+        .count();
     assert_eq!(unknown, 0, "day {day}: tasks the test never wrote");
     for key in &gone {
         ledger.tasks.remove(key);
     }
     // Events: exactly those of the tasks left (no orphans, none lost).
-    let events: HashSet<i64> = sqlx::query_scalar("SELECT id FROM task_events").fetch_all(pool).await.unwrap().into_iter().collect();
-    ledger.events.retain(|_, task| ledger.tasks.contains_key(task));
+    let events: HashSet<i64> = sqlx::query_scalar("SELECT id FROM task_events")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    ledger
+        .events
+        .retain(|_, task| ledger.tasks.contains_key(task));
     let expected: HashSet<i64> = ledger.events.keys().copied().collect();
     let orphans = events.difference(&expected).count();
     let missing = expected.difference(&events).count();
-    assert_eq!((orphans, missing), (0, 0), "day {day}: events of deleted tasks left, and kept events missing");
+    assert_eq!(
+        (orphans, missing),
+        (0, 0),
+        "day {day}: events of deleted tasks left, and kept events missing"
+    );
     // Queue items: those of queued or running tasks of live tenants, and every one of a tenant
     // held now. Once a hold ends, its tenant's items of finished tasks wait for the next walk of
     // the whole table (the queue-items contract: within `sweep_interval`, a day, plus a run).
-    let items: HashSet<i64> = sqlx::query_scalar("SELECT id FROM queue_items").fetch_all(pool).await.unwrap().into_iter().collect();
-    let waiting = |tenant: &Tenant| tenant.held_until.is_some_and(|until| until <= now && now < until + Span::days(2));
+    let items: HashSet<i64> = sqlx::query_scalar("SELECT id FROM queue_items")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let waiting = |tenant: &Tenant| {
+        tenant
+            .held_until
+            .is_some_and(|until| until <= now && now < until + Span::days(2))
+    };
     let mut expected = HashSet::new();
     let mut may_stay = HashSet::new();
     ledger.items.retain(|id, key| {
-        let Some(task) = ledger.tasks.get(key) else { return false };
+        let Some(task) = ledger.tasks.get(key) else {
+            return false;
+        };
         let tenant = &ledger.tenants[&task.tenant];
-        if (matches!(task.status, "queued" | "running") && tenant.deleted_at.is_none()) || tenant.held_until.is_some_and(|until| until > now) {
+        if (matches!(task.status, "queued" | "running") && tenant.deleted_at.is_none())
+            || tenant.held_until.is_some_and(|until| until > now)
+        {
             expected.insert(*id);
             true
         } else if waiting(tenant) {

@@ -11,7 +11,11 @@ use testkit::TestDatabase;
 
 /// Chromium, from `CHROMIUM` or the usual places.
 fn chromium() -> PathBuf {
-    let candidates = [std::env::var("CHROMIUM").unwrap_or_default(), "/usr/bin/chromium".into(), "/usr/bin/chromium-browser".into()];
+    let candidates = [
+        std::env::var("CHROMIUM").unwrap_or_default(),
+        "/usr/bin/chromium".into(),
+        "/usr/bin/chromium-browser".into(),
+    ];
     candidates
         .iter()
         .filter(|c| !c.is_empty())
@@ -40,15 +44,23 @@ fn browse(url: &str, profile: &Path, args: &[&str]) -> String {
         .arg(url)
         .output()
         .expect("running chromium");
-    assert!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// The text of the first element of the DOM that starts with `open` (an opening tag's start), up
 /// to its closing `close`.
 fn element<'a>(dom: &'a str, open: &str, close: &str) -> &'a str {
-    let start = dom.find(open).unwrap_or_else(|| panic!("no {open} in the page:\n{dom}"));
-    let end = dom[start..].find(close).map_or(dom.len(), |e| start + e + close.len());
+    let start = dom
+        .find(open)
+        .unwrap_or_else(|| panic!("no {open} in the page:\n{dom}"));
+    let end = dom[start..]
+        .find(close)
+        .map_or(dom.len(), |e| start + e + close.len());
     &dom[start..end]
 }
 
@@ -77,10 +89,21 @@ async fn the_status_page_shows_tasks_rows_deleted_tables_and_failures_in_a_brows
     .await
     .unwrap();
     let run = |args: &[&str]| {
-        let output = engine().env("DATABASE_URL", &db.url).args(args).output().unwrap();
+        let output = engine()
+            .env("DATABASE_URL", &db.url)
+            .args(args)
+            .output()
+            .unwrap();
         assert!(output.status.success(), "{args:?}: {:?}", text(&output));
     };
-    run(&["retention", "run", "--task", "sessions", "--task", "task-history"]);
+    run(&[
+        "retention",
+        "run",
+        "--task",
+        "sessions",
+        "--task",
+        "task-history",
+    ]);
     run(&["retention", "pause", "queue-items"]);
     // A failed run in the log, with an error that is not HTML.
     sqlx::query(
@@ -91,49 +114,111 @@ async fn the_status_page_shows_tasks_rows_deleted_tables_and_failures_in_a_brows
     .execute(&db.pool)
     .await
     .unwrap();
-    let served = Served::start(&db.url, &[("ENGINE__RETENTION__PARTITIONS__INTERVAL", "1h")]);
+    let served = Served::start(
+        &db.url,
+        &[("ENGINE__RETENTION__PARTITIONS__INTERVAL", "1h")],
+    );
     let url = format!("http://127.0.0.1:{}/", served.port);
     let profile = tempfile::tempdir().unwrap();
 
     let dom = browse(&url, profile.path(), &["--dump-dom"]);
 
-    assert!(dom.contains("<title>engine · retention status</title>"), "{dom}");
-    assert!(dom.contains(r#"<meta http-equiv="refresh" content="10">"#), "it refreshes itself");
+    assert!(
+        dom.contains("<title>engine · retention status</title>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"<meta http-equiv="refresh" content="10">"#),
+        "it refreshes itself"
+    );
     // Every task, with its state, last outcome and rows.
     let tasks = element(&dom, r#"<section id="tasks">"#, "</section>");
     assert_eq!(tasks.matches("<tr data-task=").count(), 4, "{tasks}");
     let sessions = element(tasks, r#"<tr data-task="sessions">"#, "</tr>");
-    assert!(sessions.contains(r#"<td class="active">active</td>"#) && sessions.contains(r#"<td class="outcome-done">done</td>"#), "{sessions}");
-    assert!(sessions.contains(r#"<td class="n">7</td>"#), "7 rows deleted: {sessions}");
+    assert!(
+        sessions.contains(r#"<td class="active">active</td>"#)
+            && sessions.contains(r#"<td class="outcome-done">done</td>"#),
+        "{sessions}"
+    );
+    assert!(
+        sessions.contains(r#"<td class="n">7</td>"#),
+        "7 rows deleted: {sessions}"
+    );
     let history = element(tasks, r#"<tr data-task="task-history">"#, "</tr>");
-    assert!(history.contains(r#"<td class="n">3</td>"#), "3 tasks deleted: {history}");
+    assert!(
+        history.contains(r#"<td class="n">3</td>"#),
+        "3 tasks deleted: {history}"
+    );
     let queue = element(tasks, r#"<tr data-task="queue-items">"#, "</tr>");
-    assert!(queue.contains(r#"<td class="paused">paused</td>"#) && queue.contains("<td>paused</td>"), "{queue}");
+    assert!(
+        queue.contains(r#"<td class="paused">paused</td>"#) && queue.contains("<td>paused</td>"),
+        "{queue}"
+    );
     // The charts: this hour's bars hold the runs' rows, drawn as SVG rectangles.
     let charts = element(&dom, r#"<section id="deleted">"#, "</section>");
     let day = element(charts, r#"<svg id="chart-24h""#, "</svg>");
-    assert!(day.contains(r#"data-series="sessions""#) && day.contains(r#"data-rows="7""#), "{day}");
-    assert!(day.contains(r#"data-series="task-history""#) && day.contains(r#"data-rows="3""#), "{day}");
+    assert!(
+        day.contains(r#"data-series="sessions""#) && day.contains(r#"data-rows="7""#),
+        "{day}"
+    );
+    assert!(
+        day.contains(r#"data-series="task-history""#) && day.contains(r#"data-rows="3""#),
+        "{day}"
+    );
     assert_eq!(day.matches("<rect").count(), 2, "{day}");
-    assert!(charts.contains(r#"<span id="total-24h">10</span>"#) && charts.contains(r#"<span id="total-30d">10</span>"#), "{charts}");
+    assert!(
+        charts.contains(r#"<span id="total-24h">10</span>"#)
+            && charts.contains(r#"<span id="total-30d">10</span>"#),
+        "{charts}"
+    );
     // The tables, with sizes.
     let tables = element(&dom, r#"<section id="tables">"#, "</section>");
-    for table in ["user_sessions", "queue_items", "tasks", "task_events", "retention_receipts"] {
-        assert!(tables.contains(&format!(r#"<tr data-table="{table}">"#)), "{table}: {tables}");
+    for table in [
+        "user_sessions",
+        "queue_items",
+        "tasks",
+        "task_events",
+        "retention_receipts",
+    ] {
+        assert!(
+            tables.contains(&format!(r#"<tr data-table="{table}">"#)),
+            "{table}: {tables}"
+        );
     }
-    assert!(element(tables, r#"<tr data-table="tasks">"#, "</tr>").contains(" kB<"), "{tables}");
+    assert!(
+        element(tables, r#"<tr data-table="tasks">"#, "</tr>").contains(" kB<"),
+        "{tables}"
+    );
     // The failed run, its error as text.
     let failures = element(&dom, r#"<section id="failures">"#, "</section>");
-    assert!(failures.contains("replica-b") && failures.contains("lock timeout on &lt;tasks&gt; &amp; \"task_events\""), "{failures}");
+    assert!(
+        failures.contains("replica-b")
+            && failures.contains("lock timeout on &lt;tasks&gt; &amp; \"task_events\""),
+        "{failures}"
+    );
     // No tenant data.
-    assert!(!dom.contains("acme") && !dom.contains(&tenant.to_string()), "a tenant on the page");
+    assert!(
+        !dom.contains("acme") && !dom.contains(&tenant.to_string()),
+        "a tenant on the page"
+    );
 
     // And a picture of it: docs/status-page.png comes from here (STATUS_PAGE_SCREENSHOT=docs/status-page.png).
     let shot = std::env::var("STATUS_PAGE_SCREENSHOT")
         .map(PathBuf::from)
         .unwrap_or_else(|_| profile.path().join("status-page.png"));
     let shot = std::env::current_dir().unwrap().join("../..").join(shot);
-    browse(&url, profile.path(), &[&format!("--screenshot={}", shot.display()), "--window-size=1000,1250"]);
+    browse(
+        &url,
+        profile.path(),
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1000,1250",
+        ],
+    );
     let png = std::fs::read(&shot).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a rendered page, not a blank one: {} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a rendered page, not a blank one: {} bytes",
+        png.len()
+    );
 }

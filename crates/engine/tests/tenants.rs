@@ -10,24 +10,33 @@ use uuid::Uuid;
 const TOKEN: &str = "test-admin-token-0123456789";
 
 async fn tenant(db: &TestDatabase, slug: &str) -> Uuid {
-    sqlx::query_scalar("INSERT INTO tenants (id, slug, name) VALUES (gen_random_uuid(), $1, $1) RETURNING id")
-        .bind(slug)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "INSERT INTO tenants (id, slug, name) VALUES (gen_random_uuid(), $1, $1) RETURNING id",
+    )
+    .bind(slug)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
 }
 
 /// The stored period as PostgreSQL prints it, or "NULL".
 async fn stored(db: &TestDatabase, id: Uuid) -> String {
-    sqlx::query_scalar("SELECT coalesce(data_retention_period::text, 'NULL') FROM tenants WHERE id = $1")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT coalesce(data_retention_period::text, 'NULL') FROM tenants WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
 }
 
 fn cli(db: &TestDatabase, args: &[&str]) -> (i32, String, String) {
-    let output = engine().env("DATABASE_URL", &db.url).args(["tenant", "retention"]).args(args).output().unwrap();
+    let output = engine()
+        .env("DATABASE_URL", &db.url)
+        .args(["tenant", "retention"])
+        .args(args)
+        .output()
+        .unwrap();
     let (stdout, stderr) = text(&output);
     (output.status.code().unwrap_or(-1), stdout, stderr)
 }
@@ -48,7 +57,10 @@ async fn the_cli_reads_and_changes_retention_by_slug_or_id() {
 
     let (code, stdout, _) = cli(&db, &["get", "acme"]);
     assert_eq!(code, 0);
-    assert_eq!(stdout.trim(), format!("tenant acme ({id}): data_retention_period = 30days"));
+    assert_eq!(
+        stdout.trim(),
+        format!("tenant acme ({id}): data_retention_period = 30days")
+    );
 
     let (code, stdout, _) = cli(&db, &["set", &id.to_string(), "7days"]);
     assert_eq!(code, 0);
@@ -58,7 +70,9 @@ async fn the_cli_reads_and_changes_retention_by_slug_or_id() {
     let (code, _, _) = cli(&db, &["set", "acme", "forever"]);
     assert_eq!(code, 0);
     assert_eq!(stored(&db, id).await, "NULL");
-    assert!(cli(&db, &["get", "acme"]).1.contains("data_retention_period = forever"));
+    assert!(cli(&db, &["get", "acme"])
+        .1
+        .contains("data_retention_period = forever"));
 }
 
 #[tokio::test]
@@ -68,11 +82,21 @@ async fn the_cli_refuses_bad_values_and_unknown_tenants_and_changes_nothing() {
     for (value, reason) in BAD_VALUES {
         let (code, _, stderr) = cli(&db, &["set", "acme", value]);
         assert_eq!(code, 2, "{value:?}: {stderr}");
-        assert!(stderr.contains(&format!("invalid retention {value:?}: {reason}")), "{value:?}: {stderr}");
-        assert!(stderr.contains("allowed: a duration from 1h to 100years"), "{stderr}");
+        assert!(
+            stderr.contains(&format!("invalid retention {value:?}: {reason}")),
+            "{value:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("allowed: a duration from 1h to 100years"),
+            "{stderr}"
+        );
         assert_eq!(stored(&db, id).await, "30 days");
     }
-    for args in [&["get", "nope"][..], &["set", "nope", "7days"], &["set", &Uuid::new_v4().to_string(), "7days"]] {
+    for args in [
+        &["get", "nope"][..],
+        &["set", "nope", "7days"],
+        &["set", &Uuid::new_v4().to_string(), "7days"],
+    ] {
         let (code, _, stderr) = cli(&db, args);
         assert_eq!(code, 2, "{args:?}");
         assert!(stderr.contains("no tenant with id or slug"), "{stderr}");
@@ -97,11 +121,22 @@ async fn the_api_needs_the_bearer_token() {
     drop(disabled);
 
     let served = Served::start(&db.url, &[("ENGINE__HTTP__ADMIN_TOKEN", TOKEN)]);
-    for headers in [vec![], vec![("Authorization", "Bearer wrong-token-0123456789".to_string())], vec![("Authorization", TOKEN.to_string())]] {
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong-token-0123456789".to_string())],
+        vec![("Authorization", TOKEN.to_string())],
+    ] {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let (status, body) = http(served.port, "GET", &path, &headers, None).unwrap();
         assert_eq!(status, 401, "{headers:?}: {body}");
-        let (status, _) = http(served.port, "PUT", &path, &headers, Some(r#"{"data_retention_period":"1h"}"#)).unwrap();
+        let (status, _) = http(
+            served.port,
+            "PUT",
+            &path,
+            &headers,
+            Some(r#"{"data_retention_period":"1h"}"#),
+        )
+        .unwrap();
         assert_eq!(status, 401);
     }
     assert_eq!(stored(&db, id).await, "30 days");
@@ -133,15 +168,39 @@ async fn the_api_reads_and_changes_retention_and_refuses_bad_requests() {
     assert_eq!(json["data_retention_period"], "30days");
     assert_eq!(json["seconds"], 30 * 86_400);
 
-    let (status, body) = http(served.port, "PUT", &path, &auth, Some(r#"{"data_retention_period":"36h"}"#)).unwrap();
+    let (status, body) = http(
+        served.port,
+        "PUT",
+        &path,
+        &auth,
+        Some(r#"{"data_retention_period":"36h"}"#),
+    )
+    .unwrap();
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains(r#""data_retention_period":"1day 12h""#), "{body}");
+    assert!(
+        body.contains(r#""data_retention_period":"1day 12h""#),
+        "{body}"
+    );
     assert_eq!(stored(&db, id).await, "36:00:00");
     // By slug too; null and "forever" keep forever.
-    let (status, _) = http(served.port, "PUT", "/api/v1/tenants/acme/retention", &auth, Some(r#"{"data_retention_period":null}"#)).unwrap();
+    let (status, _) = http(
+        served.port,
+        "PUT",
+        "/api/v1/tenants/acme/retention",
+        &auth,
+        Some(r#"{"data_retention_period":null}"#),
+    )
+    .unwrap();
     assert_eq!(status, 200);
     assert_eq!(stored(&db, id).await, "NULL");
-    let (status, _) = http(served.port, "PUT", &path, &auth, Some(r#"{"data_retention_period":"2h"}"#)).unwrap();
+    let (status, _) = http(
+        served.port,
+        "PUT",
+        &path,
+        &auth,
+        Some(r#"{"data_retention_period":"2h"}"#),
+    )
+    .unwrap();
     assert_eq!(status, 200);
 
     for (value, reason) in BAD_VALUES {
@@ -151,29 +210,59 @@ async fn the_api_reads_and_changes_retention_and_refuses_bad_requests() {
         let json: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(json["error"].as_str().unwrap().contains(reason), "{body}");
     }
-    for malformed in ["not json", "{}", r#"{"data_retention_period": 3600}"#, r#"{"data_retention_period":"2h","x":1}"#, "[]"] {
+    for malformed in [
+        "not json",
+        "{}",
+        r#"{"data_retention_period": 3600}"#,
+        r#"{"data_retention_period":"2h","x":1}"#,
+        "[]",
+    ] {
         let (status, body) = http(served.port, "PUT", &path, &auth, Some(malformed)).unwrap();
         assert_eq!(status, 400, "{malformed}: {body}");
         assert!(body.contains(r#""error""#), "{body}");
     }
-    assert_eq!(stored(&db, id).await, "02:00:00", "refused requests changed nothing");
+    assert_eq!(
+        stored(&db, id).await,
+        "02:00:00",
+        "refused requests changed nothing"
+    );
 
     for unknown in [Uuid::new_v4().to_string(), "nope".to_string()] {
         let path = format!("/api/v1/tenants/{unknown}/retention");
         let (status, body) = http(served.port, "GET", &path, &auth, None).unwrap();
         assert_eq!(status, 404, "{body}");
-        let (status, _) = http(served.port, "PUT", &path, &auth, Some(r#"{"data_retention_period":"2h"}"#)).unwrap();
+        let (status, _) = http(
+            served.port,
+            "PUT",
+            &path,
+            &auth,
+            Some(r#"{"data_retention_period":"2h"}"#),
+        )
+        .unwrap();
         assert_eq!(status, 404);
     }
 }
 
 #[test]
 fn a_short_admin_token_is_refused_at_start_up() {
-    let output = engine().env("ENGINE__HTTP__ADMIN_TOKEN", "short").env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none").arg("serve").output().unwrap();
+    let output = engine()
+        .env("ENGINE__HTTP__ADMIN_TOKEN", "short")
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .arg("serve")
+        .output()
+        .unwrap();
     let (_, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr.contains("http.admin_token (value hidden, 5 characters) is not allowed: at least 16 characters"), "{stderr}");
-    assert!(!stderr.contains("short\""), "the token itself is never printed: {stderr}");
+    assert!(
+        stderr.contains(
+            "http.admin_token (value hidden, 5 characters) is not allowed: at least 16 characters"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("short\""),
+        "the token itself is never printed: {stderr}"
+    );
 }
 
 /// Inserts finished tasks of `tenant`, one per age in hours.
@@ -206,7 +295,11 @@ async fn a_dry_run_counts_what_would_go_per_tenant_and_the_run_deletes_exactly_t
     finished_tasks(&db, globex, &[23, 25, 26]).await;
     finished_tasks(&db, forever, &[100, 200]).await;
 
-    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--dry-run", "--task", "task-history"]).output().unwrap();
+    let output = engine()
+        .env("DATABASE_URL", &db.url)
+        .args(["retention", "run", "--dry-run", "--task", "task-history"])
+        .output()
+        .unwrap();
     let (stdout, stderr) = text(&output);
     assert!(output.status.success(), "{stderr}");
     assert_eq!(
@@ -217,10 +310,19 @@ async fn a_dry_run_counts_what_would_go_per_tenant_and_the_run_deletes_exactly_t
              \x20 tenant globex ({globex}): 2 tasks, with their events and queue items\n"
         )
     );
-    let count = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tasks").fetch_one(&db.pool).await.unwrap() };
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tasks")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
     assert_eq!(count().await, 9, "a dry run deletes nothing");
 
-    let output = engine().env("DATABASE_URL", &db.url).args(["retention", "run", "--task", "task-history"]).output().unwrap();
+    let output = engine()
+        .env("DATABASE_URL", &db.url)
+        .args(["retention", "run", "--task", "task-history"])
+        .output()
+        .unwrap();
     assert!(output.status.success(), "{}", text(&output).1);
     let left: Vec<(Uuid, i32)> = sqlx::query_as(
         "SELECT tenant_id, round(extract(epoch FROM now() - finished_at) / 3600)::int FROM tasks ORDER BY 1, 2",

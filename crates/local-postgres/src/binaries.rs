@@ -24,7 +24,9 @@ pub fn find_bin_dir() -> Option<PathBuf> {
 }
 
 fn has_server_binaries(dir: &Path) -> bool {
-    ["initdb", "pg_ctl", "postgres"].iter().all(|name| dir.join(name).is_file())
+    ["initdb", "pg_ctl", "postgres"]
+        .iter()
+        .all(|name| dir.join(name).is_file())
 }
 
 fn newest_debian_bin_dir() -> Option<PathBuf> {

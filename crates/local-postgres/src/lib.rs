@@ -54,9 +54,17 @@ pub enum Error {
     #[error("cannot prepare an unprivileged user for PostgreSQL: {0}")]
     Owner(String),
     #[error("{action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{command}` failed ({status}): {output}")]
-    Command { command: String, status: String, output: String },
+    Command {
+        command: String,
+        status: String,
+        output: String,
+    },
     #[error(
         "the PostgreSQL directory {path} is not usable by user {user}: every parent directory must be \
          searchable by that user; choose a data directory under /var/lib or /tmp"
@@ -88,17 +96,34 @@ pub struct Options {
 impl Options {
     /// A persistent cluster with PostgreSQL's defaults.
     pub fn persistent(data_dir: PathBuf) -> Self {
-        Options { data_dir, ephemeral: false, durable: true, settings: Vec::new(), env: Vec::new(), standby_of: None }
+        Options {
+            data_dir,
+            ephemeral: false,
+            durable: true,
+            settings: Vec::new(),
+            env: Vec::new(),
+            standby_of: None,
+        }
     }
 
     /// A throw-away cluster for tests.
     pub fn throwaway(data_dir: PathBuf) -> Self {
-        Options { data_dir, ephemeral: true, durable: false, settings: Vec::new(), env: Vec::new(), standby_of: None }
+        Options {
+            data_dir,
+            ephemeral: true,
+            durable: false,
+            settings: Vec::new(),
+            env: Vec::new(),
+            standby_of: None,
+        }
     }
 
     /// A throw-away streaming standby of the running local cluster at `primary` (tests).
     pub fn standby(data_dir: PathBuf, primary: &Path) -> Self {
-        Options { standby_of: Some(primary.to_path_buf()), ..Options::throwaway(data_dir) }
+        Options {
+            standby_of: Some(primary.to_path_buf()),
+            ..Options::throwaway(data_dir)
+        }
     }
 }
 
@@ -137,7 +162,12 @@ impl LocalPostgres {
         }
         prepare_dir(&data_dir, &owner)?;
 
-        let mut pg = LocalPostgres { bin_dir, data_dir, owner, watchdog: None };
+        let mut pg = LocalPostgres {
+            bin_dir,
+            data_dir,
+            owner,
+            watchdog: None,
+        };
         let _starting = pg.lock(START_LOCK, FlockArg::LockExclusive)?;
         let fresh = !pg.data_dir.join("PG_VERSION").exists();
         match (&options.standby_of, fresh) {
@@ -157,15 +187,18 @@ impl LocalPostgres {
         }
         pg.write_settings(&options)?;
         let mut start = pg.pg_ctl(["start", "-w", "-t", "120", "-l"]);
-        start.arg(pg.data_dir.join("server.log")).envs(options.env.iter().map(|(k, v)| (k, v)));
+        start
+            .arg(pg.data_dir.join("server.log"))
+            .envs(options.env.iter().map(|(k, v)| (k, v)));
         pg.run(&mut start)?;
         if fresh && options.standby_of.is_none() {
-            pg.run(
-                pg.command("createdb")
-                    .args(["-h"])
-                    .arg(&pg.data_dir)
-                    .args(["-p", &PORT.to_string(), "-U", SUPERUSER, DATABASE]),
-            )?;
+            pg.run(pg.command("createdb").args(["-h"]).arg(&pg.data_dir).args([
+                "-p",
+                &PORT.to_string(),
+                "-U",
+                SUPERUSER,
+                DATABASE,
+            ]))?;
         }
         tracing::info!(data_dir = %pg.data_dir.display(), user = %pg.owner.name, "started local PostgreSQL");
         Ok(pg)
@@ -195,7 +228,9 @@ impl LocalPostgres {
     }
 
     fn leave(&mut self) -> Result<Left, Error> {
-        let Some(mut watchdog) = self.watchdog.take() else { return Ok(Left::StillInUse) };
+        let Some(mut watchdog) = self.watchdog.take() else {
+            return Ok(Left::StillInUse);
+        };
         drop(watchdog.pipe); // the watchdog now leaves for this process
         let mut said = String::new();
         let _ = watchdog.said.read_line(&mut said);
@@ -206,7 +241,10 @@ impl LocalPostgres {
             other => Err(Error::Command {
                 command: "the watchdog's stop".into(),
                 status: "unexpected answer".into(),
-                output: format!("{other:?}; see {}", self.data_dir.join("server.log").display()),
+                output: format!(
+                    "{other:?}; see {}",
+                    self.data_dir.join("server.log").display()
+                ),
             }),
         }
     }
@@ -225,21 +263,36 @@ impl LocalPostgres {
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| Error::Io { action: "open", path: path.clone(), source })?;
+            .map_err(|source| Error::Io {
+                action: "open",
+                path: path.clone(),
+                source,
+            })?;
         self.owner.chown(&path).map_err(Error::Owner)?;
-        Flock::lock(file, how).map_err(|(_, errno)| Error::Io { action: "lock", path, source: errno.into() })
+        Flock::lock(file, how).map_err(|(_, errno)| Error::Io {
+            action: "lock",
+            path,
+            source: errno.into(),
+        })
     }
 
     fn server_running(&self) -> bool {
-        self.pg_ctl(["status"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        self.pg_ctl(["status"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     fn initdb(&self, ephemeral: bool) -> Result<(), Error> {
         let mut initdb = self.command("initdb");
-        initdb
-            .arg("-D")
-            .arg(&self.data_dir)
-            .args(["-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--locale=C"]);
+        initdb.arg("-D").arg(&self.data_dir).args([
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+        ]);
         if ephemeral {
             initdb.arg("--no-sync");
         }
@@ -248,9 +301,16 @@ impl LocalPostgres {
         let mut file = fs::OpenOptions::new()
             .append(true)
             .open(&conf)
-            .map_err(|source| Error::Io { action: "open", path: conf.clone(), source })?;
-        writeln!(file, "\ninclude_if_exists = 'engine.conf'")
-            .map_err(|source| Error::Io { action: "write", path: conf, source })
+            .map_err(|source| Error::Io {
+                action: "open",
+                path: conf.clone(),
+                source,
+            })?;
+        writeln!(file, "\ninclude_if_exists = 'engine.conf'").map_err(|source| Error::Io {
+            action: "write",
+            path: conf,
+            source,
+        })
     }
 
     /// A copy of the running cluster at `primary` that follows it: `standby.signal` and
@@ -262,7 +322,17 @@ impl LocalPostgres {
             .arg(&self.data_dir)
             .arg("-h")
             .arg(primary)
-            .args(["-p", &PORT.to_string(), "-U", SUPERUSER, "-X", "stream", "-R", "--checkpoint=fast", "--no-sync"])
+            .args([
+                "-p",
+                &PORT.to_string(),
+                "-U",
+                SUPERUSER,
+                "-X",
+                "stream",
+                "-R",
+                "--checkpoint=fast",
+                "--no-sync",
+            ])
             // A slot of its own: the primary keeps the WAL it has not received, however far behind.
             .args(["--create-slot", "--slot", STANDBY_SLOT]);
         // The primary's postgresql.conf comes along (with its include of engine.conf, which this
@@ -271,7 +341,11 @@ impl LocalPostgres {
         self.run(&mut backup)?;
         let lock = self.data_dir.join(format!(".s.PGSQL.{PORT}.lock"));
         match fs::remove_file(&lock) {
-            Err(source) if source.kind() != std::io::ErrorKind::NotFound => Err(Error::Io { action: "remove", path: lock, source }),
+            Err(source) if source.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+                action: "remove",
+                path: lock,
+                source,
+            }),
             _ => Ok(()),
         }
     }
@@ -293,7 +367,11 @@ impl LocalPostgres {
             settings.push_str(&format!("{key} = '{}'\n", value.replace('\'', "''")));
         }
         let path = self.data_dir.join("engine.conf");
-        fs::write(&path, settings).map_err(|source| Error::Io { action: "write", path: path.clone(), source })?;
+        fs::write(&path, settings).map_err(|source| Error::Io {
+            action: "write",
+            path: path.clone(),
+            source,
+        })?;
         self.owner.chown(&path).map_err(Error::Owner)
     }
 
@@ -327,12 +405,22 @@ flock -u 9
 if flock -n -x 9; then {stop} ; echo stopped ; else echo "in use" ; fi"#
         );
         let mut sh = Command::new("/bin/sh");
-        sh.arg("-c").arg(script).arg(self.bin_dir.join("pg_ctl")).arg(&self.data_dir);
-        sh.arg(self.lock_path(START_LOCK)).arg(self.lock_path(USERS_LOCK));
-        sh.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+        sh.arg("-c")
+            .arg(script)
+            .arg(self.bin_dir.join("pg_ctl"))
+            .arg(&self.data_dir);
+        sh.arg(self.lock_path(START_LOCK))
+            .arg(self.lock_path(USERS_LOCK));
+        sh.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         sh.process_group(0);
         self.owner.apply(&mut sh);
-        let spawn_error = |source| Error::Io { action: "spawn watchdog for", path: self.data_dir.clone(), source };
+        let spawn_error = |source| Error::Io {
+            action: "spawn watchdog for",
+            path: self.data_dir.clone(),
+            source,
+        };
         let mut child = sh.spawn().map_err(spawn_error)?;
         let pipe = child.stdin.take().expect("stdin is piped");
         let mut said = BufReader::new(child.stdout.take().expect("stdout is piped"));
@@ -343,7 +431,10 @@ if flock -n -x 9; then {stop} ; echo stopped ; else echo "in use" ; fi"#
             return Err(Error::Command {
                 command: "the watchdog (/bin/sh and util-linux's flock)".into(),
                 status: "did not start".into(),
-                output: format!("could not lock {}; is `flock` installed?", self.lock_path(USERS_LOCK).display()),
+                output: format!(
+                    "could not lock {}; is `flock` installed?",
+                    self.lock_path(USERS_LOCK).display()
+                ),
             });
         }
         Ok(Watchdog { child, pipe, said })
@@ -367,9 +458,11 @@ if flock -n -x 9; then {stop} ; echo stopped ; else echo "in use" ; fi"#
 
     fn run(&self, cmd: &mut Command) -> Result<Output, Error> {
         let described = format!("{cmd:?}");
-        let output = cmd
-            .output()
-            .map_err(|source| Error::Io { action: "run", path: PathBuf::from(cmd.get_program()), source })?;
+        let output = cmd.output().map_err(|source| Error::Io {
+            action: "run",
+            path: PathBuf::from(cmd.get_program()),
+            source,
+        })?;
         if output.status.success() {
             return Ok(output);
         }
@@ -388,7 +481,11 @@ if flock -n -x 9; then {stop} ; echo stopped ; else echo "in use" ; fi"#
                 ));
             }
         }
-        Err(Error::Command { command: described, status: output.status.to_string(), output: text })
+        Err(Error::Command {
+            command: described,
+            status: output.status.to_string(),
+            output: text,
+        })
     }
 }
 
@@ -408,22 +505,43 @@ impl Drop for LocalPostgres {
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, Error> {
-    std::path::absolute(path).map_err(|source| Error::Io { action: "resolve", path: path.to_path_buf(), source })
+    std::path::absolute(path).map_err(|source| Error::Io {
+        action: "resolve",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Creates the directory, hands it to the owner with mode 0700 and checks the owner can reach it.
 fn prepare_dir(dir: &Path, owner: &Owner) -> Result<(), Error> {
-    fs::create_dir_all(dir).map_err(|source| Error::Io { action: "create", path: dir.to_path_buf(), source })?;
+    fs::create_dir_all(dir).map_err(|source| Error::Io {
+        action: "create",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     owner.chown(dir).map_err(Error::Owner)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .map_err(|source| Error::Io { action: "set permissions on", path: dir.to_path_buf(), source })?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| Error::Io {
+        action: "set permissions on",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     if !owner.is_current() {
         let mut probe = Command::new("/bin/sh");
-        probe.arg("-c").arg(r#"test -w "$0" && test -x "$0""#).arg(dir);
+        probe
+            .arg("-c")
+            .arg(r#"test -w "$0" && test -x "$0""#)
+            .arg(dir);
         owner.apply(&mut probe);
-        let reachable = probe.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success());
+        let reachable = probe
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success());
         if !matches!(reachable, Ok(true)) {
-            return Err(Error::Unreachable { path: dir.to_path_buf(), user: owner.name.clone() });
+            return Err(Error::Unreachable {
+                path: dir.to_path_buf(),
+                user: owner.name.clone(),
+            });
         }
     }
     Ok(())

@@ -25,7 +25,9 @@ impl Owner {
         if !uid.is_root() {
             let user = User::from_uid(uid).ok().flatten();
             return Ok(Owner {
-                name: user.as_ref().map_or_else(|| uid.to_string(), |u| u.name.clone()),
+                name: user
+                    .as_ref()
+                    .map_or_else(|| uid.to_string(), |u| u.name.clone()),
                 uid,
                 gid: nix::unistd::getegid(),
             });
@@ -37,13 +39,23 @@ impl Owner {
             return Ok(user);
         }
         let status = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", CREATED_USER])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+                CREATED_USER,
+            ])
             .status()
             .map_err(|e| format!("running useradd to create user {CREATED_USER}: {e}"))?;
         if !status.success() {
-            return Err(format!("useradd could not create user {CREATED_USER} ({status})"));
+            return Err(format!(
+                "useradd could not create user {CREATED_USER} ({status})"
+            ));
         }
-        lookup(CREATED_USER)?.ok_or_else(|| format!("user {CREATED_USER} is missing right after useradd"))
+        lookup(CREATED_USER)?
+            .ok_or_else(|| format!("user {CREATED_USER} is missing right after useradd"))
     }
 
     pub fn is_current(&self) -> bool {
@@ -66,11 +78,16 @@ impl Owner {
         if self.is_current() {
             return Ok(());
         }
-        std::os::unix::fs::chown(path, Some(self.uid.as_raw()), Some(self.gid.as_raw())).map_err(|e| format!("chown {} to {}: {e}", path.display(), self.name))
+        std::os::unix::fs::chown(path, Some(self.uid.as_raw()), Some(self.gid.as_raw()))
+            .map_err(|e| format!("chown {} to {}: {e}", path.display(), self.name))
     }
 }
 
 fn lookup(name: &str) -> Result<Option<Owner>, String> {
     let user = User::from_name(name).map_err(|e| format!("looking up user {name}: {e}"))?;
-    Ok(user.map(|u| Owner { name: u.name, uid: u.uid, gid: u.gid }))
+    Ok(user.map(|u| Owner {
+        name: u.name,
+        uid: u.uid,
+        gid: u.gid,
+    }))
 }

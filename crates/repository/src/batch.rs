@@ -32,52 +32,89 @@ pub struct BatchLimits {
 
 impl BatchLimits {
     pub fn new(statement_timeout: Duration, lock_timeout: Duration) -> Self {
-        BatchLimits { statement_timeout, lock_timeout, generic_plans: false, async_commit: false, history_write: false, wal_compression: None }
+        BatchLimits {
+            statement_timeout,
+            lock_timeout,
+            generic_plans: false,
+            async_commit: false,
+            history_write: false,
+            wal_compression: None,
+        }
     }
 
     pub fn with_generic_plans(self) -> Self {
-        BatchLimits { generic_plans: true, ..self }
+        BatchLimits {
+            generic_plans: true,
+            ..self
+        }
     }
 
     pub fn with_async_commit(self, async_commit: bool) -> Self {
-        BatchLimits { async_commit, ..self }
+        BatchLimits {
+            async_commit,
+            ..self
+        }
     }
 
     pub fn with_history_write(self) -> Self {
-        BatchLimits { history_write: true, ..self }
+        BatchLimits {
+            history_write: true,
+            ..self
+        }
     }
 
     pub fn with_lock_timeout(self, lock_timeout: Duration) -> Self {
-        BatchLimits { lock_timeout, ..self }
+        BatchLimits {
+            lock_timeout,
+            ..self
+        }
     }
 
     pub fn with_wal_compression(self, wal_compression: Option<&'static str>) -> Self {
-        BatchLimits { wal_compression, ..self }
+        BatchLimits {
+            wal_compression,
+            ..self
+        }
     }
 }
 
 /// Whether this role may set `wal_compression` to `method` in its transactions: a superuser, or
 /// a role granted `SET ON PARAMETER wal_compression` (PostgreSQL 15+), on a server built with
 /// the method. `Ok(Err(reason))` when it may not (PostgreSQL's words).
-pub async fn wal_compression_settable(pool: &PgPool, method: &'static str) -> Result<Result<(), String>, sqlx::Error> {
+pub async fn wal_compression_settable(
+    pool: &PgPool,
+    method: &'static str,
+) -> Result<Result<(), String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let result = sqlx::query(&format!("SET LOCAL wal_compression = {method}")).execute(&mut *tx).await;
+    let result = sqlx::query(&format!("SET LOCAL wal_compression = {method}"))
+        .execute(&mut *tx)
+        .await;
     match result {
         Ok(_) => Ok(Ok(())),
         // permission denied (42501), or a method the server was built without (22023)
-        Err(sqlx::Error::Database(error)) if matches!(error.code().as_deref(), Some("42501" | "22023")) => Ok(Err(error.message().to_owned())),
+        Err(sqlx::Error::Database(error))
+            if matches!(error.code().as_deref(), Some("42501" | "22023")) =>
+        {
+            Ok(Err(error.message().to_owned()))
+        }
         Err(error) => Err(error),
     }
 }
 
 /// Opens a transaction whose statements obey `limits` (`SET LOCAL`: they end with it). The
 /// settings go with the BEGIN, in one round trip.
-pub async fn begin(pool: &PgPool, limits: BatchLimits) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+pub async fn begin(
+    pool: &PgPool,
+    limits: BatchLimits,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     pool.begin_with(begin_statement(limits)).await
 }
 
 /// [`begin`] on a connection the caller holds.
-pub async fn begin_on(conn: &mut PgConnection, limits: BatchLimits) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
+pub async fn begin_on(
+    conn: &mut PgConnection,
+    limits: BatchLimits,
+) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
     conn.begin_with(begin_statement(limits)).await
 }
 
@@ -87,8 +124,11 @@ pub async fn begin_on(conn: &mut PgConnection, limits: BatchLimits) -> Result<Tr
 /// but lost makes its holder's next renewal fail (it stops), a release lost lets the lease expire
 /// after its time to live, a run record or a refresh of facts lost is simply not there (the
 /// facts' log entries come back with it).
-pub async fn begin_bookkeeping(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    pool.begin_with(format!("BEGIN; {BOOKKEEPING_SETTINGS}")).await
+pub async fn begin_bookkeeping(
+    pool: &PgPool,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    pool.begin_with(format!("BEGIN; {BOOKKEEPING_SETTINGS}"))
+        .await
 }
 
 /// [`begin_bookkeeping`] whose statements all read one snapshot (`REPEATABLE READ`): for reads
@@ -97,7 +137,10 @@ pub async fn begin_bookkeeping(pool: &PgPool) -> Result<Transaction<'static, Pos
 /// its own start, so a change committed between two of them (a carve moving rows into a new
 /// range) can be seen by the second and not the first. Its reads only: it must not write.
 pub async fn begin_snapshot(pool: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    pool.begin_with(format!("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; {BOOKKEEPING_SETTINGS}")).await
+    pool.begin_with(format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; {BOOKKEEPING_SETTINGS}"
+    ))
+    .await
 }
 
 const BOOKKEEPING_SETTINGS: &str = "SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off";
@@ -112,7 +155,11 @@ pub const BOOKKEEPING_COMMIT: &str = "(SELECT set_config('synchronous_commit', '
 /// round trip: the `SET LOCAL`s of `limits` and `sql` go as one simple query, which PostgreSQL
 /// runs as one implicit transaction (committed after its last statement, rolled back whole on
 /// an error). Returns the first row `sql` returns.
-pub async fn one_statement<T>(pool: &PgPool, limits: BatchLimits, sql: &str) -> Result<T, sqlx::Error>
+pub async fn one_statement<T>(
+    pool: &PgPool,
+    limits: BatchLimits,
+    sql: &str,
+) -> Result<T, sqlx::Error>
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
 {

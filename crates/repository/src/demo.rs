@@ -22,9 +22,19 @@ pub struct DemoSize {
 
 impl DemoSize {
     /// The field report: 2.6M anonymous sessions (~1 GB) in 30 days, with run history to match.
-    pub const REPORTED: DemoSize = DemoSize { anonymous_sessions: 2_600_000, tasks_per_day: 20_000, queue_items: 100_000, orphan_events: 50_000 };
+    pub const REPORTED: DemoSize = DemoSize {
+        anonymous_sessions: 2_600_000,
+        tasks_per_day: 20_000,
+        queue_items: 100_000,
+        orphan_events: 50_000,
+    };
     /// About a tenth of [`DemoSize::REPORTED`].
-    pub const SMALL: DemoSize = DemoSize { anonymous_sessions: 260_000, tasks_per_day: 2_000, queue_items: 10_000, orphan_events: 5_000 };
+    pub const SMALL: DemoSize = DemoSize {
+        anonymous_sessions: 260_000,
+        tasks_per_day: 2_000,
+        queue_items: 10_000,
+        orphan_events: 5_000,
+    };
 }
 
 /// Logged-in users with a live session each, kept: the report's 9.
@@ -33,33 +43,77 @@ pub const LOGGED_IN_USERS: i64 = 9;
 pub const DAYS: i64 = 30;
 /// Tenants and their windows: `None` keeps forever; the last three are deleted (two days ago,
 /// past the default grace of a day), so everything of theirs is due.
-pub const TENANT_WINDOWS: [Option<&str>; 10] =
-    [Some("1 day"), Some("3 days"), Some("7 days"), Some("7 days"), Some("14 days"), Some("30 days"), None, Some("7 days"), Some("3 days"), Some("1 day")];
+pub const TENANT_WINDOWS: [Option<&str>; 10] = [
+    Some("1 day"),
+    Some("3 days"),
+    Some("7 days"),
+    Some("7 days"),
+    Some("14 days"),
+    Some("30 days"),
+    None,
+    Some("7 days"),
+    Some("3 days"),
+    Some("1 day"),
+];
 pub const TENANTS: usize = 50;
 const DELETED_TENANTS: usize = 3;
 
 /// What one part of [`seed`] put in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seeded {
-    Sessions { anonymous: i64, logged_in: i64 },
-    Tenants { tenants: usize, deleted: usize },
-    History { tasks: i64, events: i64, days: i64 },
-    QueueItems { of_gone_tasks: i64, of_queued_tasks: i64 },
-    OrphanEvents { events: i64 },
+    Sessions {
+        anonymous: i64,
+        logged_in: i64,
+    },
+    Tenants {
+        tenants: usize,
+        deleted: usize,
+    },
+    History {
+        tasks: i64,
+        events: i64,
+        days: i64,
+    },
+    QueueItems {
+        of_gone_tasks: i64,
+        of_queued_tasks: i64,
+    },
+    OrphanEvents {
+        events: i64,
+    },
 }
 
 /// Seeds everything; `step` is told what each part seeded as it goes.
-pub async fn seed(pool: &PgPool, size: DemoSize, mut step: impl FnMut(Seeded)) -> Result<(), sqlx::Error> {
+pub async fn seed(
+    pool: &PgPool,
+    size: DemoSize,
+    mut step: impl FnMut(Seeded),
+) -> Result<(), sqlx::Error> {
     seed_sessions(pool, size.anonymous_sessions).await?;
-    step(Seeded::Sessions { anonymous: size.anonymous_sessions, logged_in: LOGGED_IN_USERS });
+    step(Seeded::Sessions {
+        anonymous: size.anonymous_sessions,
+        logged_in: LOGGED_IN_USERS,
+    });
     let tenants = seed_tenants(pool).await?;
-    step(Seeded::Tenants { tenants: TENANTS, deleted: DELETED_TENANTS });
+    step(Seeded::Tenants {
+        tenants: TENANTS,
+        deleted: DELETED_TENANTS,
+    });
     seed_history(pool, &tenants, size.tasks_per_day).await?;
-    step(Seeded::History { tasks: size.tasks_per_day * DAYS, events: 2 * size.tasks_per_day * DAYS, days: DAYS });
+    step(Seeded::History {
+        tasks: size.tasks_per_day * DAYS,
+        events: 2 * size.tasks_per_day * DAYS,
+        days: DAYS,
+    });
     seed_queue_items(pool, &tenants, size.queue_items).await?;
-    step(Seeded::QueueItems { of_gone_tasks: size.queue_items, of_queued_tasks: size.queue_items });
+    step(Seeded::QueueItems {
+        of_gone_tasks: size.queue_items,
+        of_queued_tasks: size.queue_items,
+    });
     seed_orphan_events(pool, &tenants, size.orphan_events).await?;
-    step(Seeded::OrphanEvents { events: size.orphan_events });
+    step(Seeded::OrphanEvents {
+        events: size.orphan_events,
+    });
     sqlx::query("ANALYZE").execute(pool).await?;
     Ok(())
 }
@@ -117,7 +171,11 @@ async fn seed_tenants(pool: &PgPool) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
 /// Day ranges for the 30 days back (as a deployment that has run for a month has them), then
 /// the tasks, a day at a time: 85% succeeded, 10% failed, 5% cancelled, each finished a few
 /// minutes after it started, with a `started` and a final event; and today a few still running.
-async fn seed_history(pool: &PgPool, tenants: &[uuid::Uuid], per_day: i64) -> Result<(), sqlx::Error> {
+async fn seed_history(
+    pool: &PgPool,
+    tenants: &[uuid::Uuid],
+    per_day: i64,
+) -> Result<(), sqlx::Error> {
     let now: DateTime<Utc> = crate::clock::now(pool).await?;
     let first: NaiveDate = now.date_naive() - chrono::Duration::days(DAYS);
     let mut tx = pool.begin().await?;
@@ -156,7 +214,11 @@ async fn seed_history(pool: &PgPool, tenants: &[uuid::Uuid], per_day: i64) -> Re
     Ok(())
 }
 
-async fn seed_queue_items(pool: &PgPool, tenants: &[uuid::Uuid], n: i64) -> Result<(), sqlx::Error> {
+async fn seed_queue_items(
+    pool: &PgPool,
+    tenants: &[uuid::Uuid],
+    n: i64,
+) -> Result<(), sqlx::Error> {
     // Of tasks long gone (due), and of tasks queued now (kept).
     sqlx::query(
         "INSERT INTO queue_items (tenant_id, task_id, task_inserted_at, inserted_at)
@@ -184,7 +246,11 @@ async fn seed_queue_items(pool: &PgPool, tenants: &[uuid::Uuid], n: i64) -> Resu
     Ok(())
 }
 
-async fn seed_orphan_events(pool: &PgPool, tenants: &[uuid::Uuid], n: i64) -> Result<(), sqlx::Error> {
+async fn seed_orphan_events(
+    pool: &PgPool,
+    tenants: &[uuid::Uuid],
+    n: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
          SELECT ($1::uuid[])[1 + g % array_length($1::uuid[], 1)], gen_random_uuid(), c, 'started', c
@@ -201,7 +267,9 @@ async fn seed_orphan_events(pool: &PgPool, tenants: &[uuid::Uuid], n: i64) -> Re
 pub async fn row_counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
     let mut counts = Vec::new();
     for table in crate::maintenance::BOUNDED_TABLES {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await?;
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(pool)
+            .await?;
         counts.push((table.to_string(), n));
     }
     Ok(counts)

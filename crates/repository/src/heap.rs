@@ -43,7 +43,10 @@ pub async fn size(executor: impl PgExecutor<'_>, table: &str) -> Result<TableSiz
     .bind(table)
     .fetch_one(executor)
     .await?;
-    Ok(TableSize { pages: u32::try_from(pages).unwrap_or(u32::MAX), rows: f64::from(rows) })
+    Ok(TableSize {
+        pages: u32::try_from(pages).unwrap_or(u32::MAX),
+        rows: f64::from(rows),
+    })
 }
 
 /// Statistics target of the ANALYZE after a purge: a sample of 300 x 10 = 3,000 pages instead of
@@ -74,7 +77,9 @@ pub async fn analyze(pool: &sqlx::PgPool, table: &str) -> Result<Analyzed, sqlx:
         .begin_with(format!("BEGIN; SET LOCAL default_statistics_target = {QUICK_STATISTICS_TARGET}; SET LOCAL client_min_messages = error"))
         .await?;
     // The name is one of the engine's own tables, never input.
-    sqlx::query(&format!("ANALYZE (SKIP_LOCKED) {table}")).execute(&mut *tx).await?;
+    sqlx::query(&format!("ANALYZE (SKIP_LOCKED) {table}"))
+        .execute(&mut *tx)
+        .await?;
     let ran: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_locks
                         WHERE locktype = 'relation' AND relation = $1::regclass AND pid = pg_backend_pid()
@@ -102,6 +107,9 @@ mod tests {
     fn reads_the_top_nodes_row_estimate() {
         let line = "Bitmap Heap Scan on user_sessions  (cost=52.10..4242.60 rows=2598000 width=4)";
         assert_eq!(super::plan_rows(line), 2_598_000.0);
-        assert_eq!(super::plan_rows("Result  (cost=0.00..0.01 rows=1 width=4)"), 1.0);
+        assert_eq!(
+            super::plan_rows("Result  (cost=0.00..0.01 rows=1 width=4)"),
+            1.0
+        );
     }
 }

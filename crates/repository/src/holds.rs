@@ -49,7 +49,11 @@ pub async fn add(executor: impl PgExecutor<'_>, hold: &NewHold<'_>) -> Result<Ho
 }
 
 /// Holds, newest first: of one tenant, or all; only those in force unless `all`.
-pub async fn list(executor: impl PgExecutor<'_>, tenant_id: Option<Uuid>, all: bool) -> Result<Vec<Hold>, sqlx::Error> {
+pub async fn list(
+    executor: impl PgExecutor<'_>,
+    tenant_id: Option<Uuid>,
+    all: bool,
+) -> Result<Vec<Hold>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM retention_holds
          WHERE ($1::uuid IS NULL OR tenant_id = $1)
@@ -63,12 +67,22 @@ pub async fn list(executor: impl PgExecutor<'_>, tenant_id: Option<Uuid>, all: b
 }
 
 pub async fn get(executor: impl PgExecutor<'_>, id: i64) -> Result<Option<Hold>, sqlx::Error> {
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM retention_holds WHERE id = $1")).bind(id).fetch_optional(executor).await
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM retention_holds WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(executor)
+    .await
 }
 
 /// Ends a hold in force: records who removed it, when and why. `None` when there is no such hold
 /// or it was already removed.
-pub async fn remove(executor: impl PgExecutor<'_>, id: i64, removed_by: &str, reason: Option<&str>) -> Result<Option<Hold>, sqlx::Error> {
+pub async fn remove(
+    executor: impl PgExecutor<'_>,
+    id: i64,
+    removed_by: &str,
+    reason: Option<&str>,
+) -> Result<Option<Hold>, sqlx::Error> {
     sqlx::query_as(&format!(
         "UPDATE retention_holds SET removed_by = $2, removed_at = now(), removed_reason = $3
          WHERE id = $1 AND removed_at IS NULL RETURNING {COLUMNS}"
@@ -81,7 +95,11 @@ pub async fn remove(executor: impl PgExecutor<'_>, id: i64, removed_by: &str, re
 }
 
 /// Whether tenant `tenant_id` has a task with id `task_id` (in any range).
-pub async fn task_exists(executor: impl PgExecutor<'_>, tenant_id: Uuid, task_id: Uuid) -> Result<bool, sqlx::Error> {
+pub async fn task_exists(
+    executor: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    task_id: Uuid,
+) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND tenant_id = $2)")
         .bind(task_id)
         .bind(tenant_id)

@@ -61,7 +61,11 @@ impl Lease {
 }
 
 /// Clears `task`'s lease if run `run_id` holds it; returns whether it did.
-pub(crate) async fn clear(executor: impl PgExecutor<'_>, task: &str, run_id: Uuid) -> Result<bool, sqlx::Error> {
+pub(crate) async fn clear(
+    executor: impl PgExecutor<'_>,
+    task: &str,
+    run_id: Uuid,
+) -> Result<bool, sqlx::Error> {
     let cleared = sqlx::query(
         "UPDATE maintenance_tasks SET lease_run_id = NULL, lease_holder = NULL, lease_expires_at = NULL
          WHERE task = $1 AND lease_run_id = $2",
@@ -131,16 +135,28 @@ pub async fn start_run(
          FROM (SELECT) AS one LEFT JOIN maintenance_tasks m ON m.task = $1",
         commit = crate::batch::BOOKKEEPING_COMMIT,
     );
-    let (started, held, paused, due_in, taken_at, _): (bool, Option<bool>, Option<bool>, Option<f64>, DateTime<Utc>, String) = sqlx::query_as(&sql)
-    .bind(task)
-    .bind(run_id)
-    .bind(holder)
-    .bind(ttl.as_secs_f64())
-    .bind(scheduled_every.map(|every| every.as_secs_f64()))
-    .fetch_one(pool)
-    .await?;
+    let (started, held, paused, due_in, taken_at, _): (
+        bool,
+        Option<bool>,
+        Option<bool>,
+        Option<f64>,
+        DateTime<Utc>,
+        String,
+    ) = sqlx::query_as(&sql)
+        .bind(task)
+        .bind(run_id)
+        .bind(holder)
+        .bind(ttl.as_secs_f64())
+        .bind(scheduled_every.map(|every| every.as_secs_f64()))
+        .fetch_one(pool)
+        .await?;
     if started {
-        return Ok(Start::Started(Lease { task: task.to_owned(), run_id, ttl, taken_at }));
+        return Ok(Start::Started(Lease {
+            task: task.to_owned(),
+            run_id,
+            ttl,
+            taken_at,
+        }));
     }
     // Not taken: the row as the statement found it says why. A lease free then but taken by
     // another runner before this statement could is busy too.
@@ -156,9 +172,14 @@ pub async fn start_run(
 }
 
 /// Who holds `task`'s lease now (an unexpired lease), if anyone.
-pub async fn holder(executor: impl PgExecutor<'_>, task: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT lease_holder FROM maintenance_tasks WHERE task = $1 AND lease_expires_at > now()")
-        .bind(task)
-        .fetch_optional(executor)
-        .await
+pub async fn holder(
+    executor: impl PgExecutor<'_>,
+    task: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT lease_holder FROM maintenance_tasks WHERE task = $1 AND lease_expires_at > now()",
+    )
+    .bind(task)
+    .fetch_optional(executor)
+    .await
 }

@@ -12,7 +12,11 @@ pub const RUNS_KEPT_PER_TASK: i64 = 500;
 pub const HOURS_KEPT: i64 = 31 * 24;
 
 /// Pauses or resumes `task`; returns whether that changed anything.
-pub async fn set_paused(executor: impl PgExecutor<'_>, task: &str, paused: bool) -> Result<bool, sqlx::Error> {
+pub async fn set_paused(
+    executor: impl PgExecutor<'_>,
+    task: &str,
+    paused: bool,
+) -> Result<bool, sqlx::Error> {
     let changed: Option<bool> = sqlx::query_scalar(
         "INSERT INTO maintenance_tasks AS m (task, paused, paused_at) VALUES ($1, $2, CASE WHEN $2 THEN now() END)
          ON CONFLICT (task) DO UPDATE
@@ -97,15 +101,15 @@ pub async fn finish_run(
         commit = crate::batch::BOOKKEEPING_COMMIT,
     );
     let (released, _): (Option<bool>, String) = sqlx::query_as(&sql)
-    .bind(run_id)
-    .bind(task)
-    .bind(rows as i64)
-    .bind(outcome.as_str())
-    .bind(error)
-    .bind(RUNS_KEPT_PER_TASK)
-    .bind(format!("{HOURS_KEPT} hours"))
-    .fetch_one(pool)
-    .await?;
+        .bind(run_id)
+        .bind(task)
+        .bind(rows as i64)
+        .bind(outcome.as_str())
+        .bind(error)
+        .bind(RUNS_KEPT_PER_TASK)
+        .bind(format!("{HOURS_KEPT} hours"))
+        .fetch_one(pool)
+        .await?;
     Ok(released.unwrap_or(false))
 }
 
@@ -139,7 +143,10 @@ pub async fn state(executor: impl PgExecutor<'_>, task: &str) -> Result<TaskStat
 
 /// Runs in the log of `task`, newest first.
 pub async fn run_count(executor: impl PgExecutor<'_>, task: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = $1").bind(task).fetch_one(executor).await
+    sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = $1")
+        .bind(task)
+        .fetch_one(executor)
+        .await
 }
 
 /// Rows deleted by one task in one hour (the hour its runs finished).
@@ -153,7 +160,10 @@ pub struct HourRows {
 }
 
 /// Rows deleted per task and hour since `since`, oldest first.
-pub async fn rows_by_hour(executor: impl PgExecutor<'_>, since: DateTime<Utc>) -> Result<Vec<HourRows>, sqlx::Error> {
+pub async fn rows_by_hour(
+    executor: impl PgExecutor<'_>,
+    since: DateTime<Utc>,
+) -> Result<Vec<HourRows>, sqlx::Error> {
     sqlx::query_as("SELECT task, hour, rows, runs, failed FROM maintenance_rows_by_hour WHERE hour >= $1 ORDER BY hour, task")
         .bind(since)
         .fetch_all(executor)
@@ -161,7 +171,10 @@ pub async fn rows_by_hour(executor: impl PgExecutor<'_>, since: DateTime<Utc>) -
 }
 
 /// Rows deleted per task by the runs that started at or after `since` (finished or not yet).
-pub async fn rows_since(executor: impl PgExecutor<'_>, since: DateTime<Utc>) -> Result<Vec<(String, i64)>, sqlx::Error> {
+pub async fn rows_since(
+    executor: impl PgExecutor<'_>,
+    since: DateTime<Utc>,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as("SELECT task, coalesce(sum(rows), 0)::bigint FROM maintenance_runs WHERE started_at >= $1 GROUP BY task")
         .bind(since)
         .fetch_all(executor)
@@ -180,7 +193,10 @@ pub struct FailedRun {
 }
 
 /// The `limit` most recent failed runs, newest first.
-pub async fn failed_runs(executor: impl PgExecutor<'_>, limit: i64) -> Result<Vec<FailedRun>, sqlx::Error> {
+pub async fn failed_runs(
+    executor: impl PgExecutor<'_>,
+    limit: i64,
+) -> Result<Vec<FailedRun>, sqlx::Error> {
     sqlx::query_as(
         "SELECT run_id, task, replica, started_at, finished_at, error FROM maintenance_runs
          WHERE outcome = 'failed' ORDER BY started_at DESC LIMIT $1",
@@ -203,7 +219,13 @@ pub struct TableSize {
 }
 
 /// The tables retention deletes from, with their size and live rows.
-pub const BOUNDED_TABLES: [&str; 5] = ["user_sessions", "queue_items", "tasks", "task_events", "retention_receipts"];
+pub const BOUNDED_TABLES: [&str; 5] = [
+    "user_sessions",
+    "queue_items",
+    "tasks",
+    "task_events",
+    "retention_receipts",
+];
 
 /// Size and live rows of each of [`BOUNDED_TABLES`], partitions summed into their parent.
 pub async fn table_sizes(executor: impl PgExecutor<'_>) -> Result<Vec<TableSize>, sqlx::Error> {

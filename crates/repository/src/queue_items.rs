@@ -26,7 +26,12 @@ struct Deleted {
 /// Deletes the due queue items on the pages of `range` (see [`crate::heap`]), then confirms the
 /// rules ([`rule::confirm`]): one pass over the table in block ranges examines every item once.
 /// Items locked by a worker are skipped.
-pub async fn delete_block_range(conn: &mut PgConnection, range: BlockRange, rule: &Rule, receipt: &RunReceipt) -> Result<i64, sqlx::Error> {
+pub async fn delete_block_range(
+    conn: &mut PgConnection,
+    range: BlockRange,
+    rule: &Rule,
+    receipt: &RunReceipt,
+) -> Result<i64, sqlx::Error> {
     let (from, to) = range.tids();
     let mut sql = Sql::new(
         "WITH due AS (
@@ -38,7 +43,11 @@ pub async fn delete_block_range(conn: &mut PgConnection, range: BlockRange, rule
          ), receipt AS ({receipt})
          SELECT count(*) AS deleted, {version} AS rules_version FROM gone",
     );
-    sql.bind("from", from).bind("to", to).with("due", rule.queue_item_due("q")).with("receipt", receipt_cte(receipt)).raw("version", rule::VERSION);
+    sql.bind("from", from)
+        .bind("to", to)
+        .with("due", rule.queue_item_due("q"))
+        .with("receipt", receipt_cte(receipt))
+        .raw("version", rule::VERSION);
     let row: Deleted = sql.build_query_as().fetch_one(&mut *conn).await?;
     if row.deleted > 0 {
         rule::confirm(conn, row.rules_version).await?;
@@ -57,9 +66,16 @@ pub async fn estimate_due(executor: impl PgExecutor<'_>, rule: &Rule) -> Result<
 
 /// How many queue items are due now, under `statement_timeout` (a dry run: it reads the whole
 /// table, and locks nothing).
-pub async fn count_due(pool: &sqlx::PgPool, rule: &Rule, statement_timeout: std::time::Duration) -> Result<i64, sqlx::Error> {
+pub async fn count_due(
+    pool: &sqlx::PgPool,
+    rule: &Rule,
+    statement_timeout: std::time::Duration,
+) -> Result<i64, sqlx::Error> {
     let mut tx = pool
-        .begin_with(format!("BEGIN READ ONLY; SET LOCAL statement_timeout = '{}ms'; SET LOCAL jit = off", statement_timeout.as_millis().max(1)))
+        .begin_with(format!(
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = '{}ms'; SET LOCAL jit = off",
+            statement_timeout.as_millis().max(1)
+        ))
         .await?;
     let mut sql = Sql::new("SELECT count(*) FROM queue_items q WHERE {due}");
     sql.with("due", rule.queue_item_due("q"));
@@ -82,7 +98,12 @@ pub struct CandidateBatch {
 /// Takes up to `limit` recorded candidates (tasks with queue items that finished or were
 /// deleted) and deletes their queue items that are due, checked again against the rule now, then
 /// confirms the rules. Items a worker holds are skipped: the heap walk finds them if they stay.
-pub async fn delete_candidates_batch(conn: &mut PgConnection, limit: i64, rule: &Rule, receipt: &RunReceipt) -> Result<CandidateBatch, sqlx::Error> {
+pub async fn delete_candidates_batch(
+    conn: &mut PgConnection,
+    limit: i64,
+    rule: &Rule,
+    receipt: &RunReceipt,
+) -> Result<CandidateBatch, sqlx::Error> {
     let mut sql = Sql::new(
         "WITH taken AS (
              DELETE FROM queue_item_candidates
@@ -97,7 +118,10 @@ pub async fn delete_candidates_batch(conn: &mut PgConnection, limit: i64, rule: 
          ), receipt AS ({receipt})
          SELECT (SELECT count(*) FROM taken) AS candidates, (SELECT count(*) FROM gone) AS deleted, {version} AS rules_version",
     );
-    sql.bind("limit", limit).with("due", rule.queue_item_due("q")).with("receipt", receipt_cte(receipt)).raw("version", rule::VERSION);
+    sql.bind("limit", limit)
+        .with("due", rule.queue_item_due("q"))
+        .with("receipt", receipt_cte(receipt))
+        .raw("version", rule::VERSION);
     let batch: CandidateBatch = sql.build_query_as().fetch_one(&mut *conn).await?;
     if batch.candidates > 0 {
         rule::confirm(conn, batch.rules_version).await?;
@@ -107,7 +131,12 @@ pub async fn delete_candidates_batch(conn: &mut PgConnection, limit: i64, rule: 
 
 /// Deletes up to `limit` queue items of deleted tenants, found through the tenant index (and
 /// checked against the one rule, like every other statement here), then confirms the rules.
-pub async fn delete_of_deleted_tenants_batch(conn: &mut PgConnection, limit: i64, rule: &Rule, receipt: &RunReceipt) -> Result<i64, sqlx::Error> {
+pub async fn delete_of_deleted_tenants_batch(
+    conn: &mut PgConnection,
+    limit: i64,
+    rule: &Rule,
+    receipt: &RunReceipt,
+) -> Result<i64, sqlx::Error> {
     let mut sql = Sql::new(
         "WITH due AS (
              SELECT q.id FROM tenants t JOIN queue_items q ON q.tenant_id = t.id
@@ -119,7 +148,10 @@ pub async fn delete_of_deleted_tenants_batch(conn: &mut PgConnection, limit: i64
          ), receipt AS ({receipt})
          SELECT count(*) AS deleted, {version} AS rules_version FROM gone",
     );
-    sql.bind("limit", limit).with("due", rule.queue_item_due("q")).with("receipt", receipt_cte(receipt)).raw("version", rule::VERSION);
+    sql.bind("limit", limit)
+        .with("due", rule.queue_item_due("q"))
+        .with("receipt", receipt_cte(receipt))
+        .raw("version", rule::VERSION);
     let row: Deleted = sql.build_query_as().fetch_one(&mut *conn).await?;
     if row.deleted > 0 {
         rule::confirm(conn, row.rules_version).await?;
@@ -130,7 +162,16 @@ pub async fn delete_of_deleted_tenants_batch(conn: &mut PgConnection, limit: i64
 /// Whether the heap is due a walk at `now` (the run's checked clock): the last complete one (its
 /// start, in Unix seconds, kept as the watermark `swept_at`) was `every_seconds` before or more,
 /// or there was none.
-pub async fn sweep_due(executor: impl PgExecutor<'_>, swept_at: &str, every_seconds: i64, now: chrono::DateTime<chrono::Utc>) -> Result<bool, sqlx::Error> {
-    let last: Option<i64> = sqlx::query_scalar("SELECT position FROM retention_watermarks WHERE name = $1").bind(swept_at).fetch_optional(executor).await?;
+pub async fn sweep_due(
+    executor: impl PgExecutor<'_>,
+    swept_at: &str,
+    every_seconds: i64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, sqlx::Error> {
+    let last: Option<i64> =
+        sqlx::query_scalar("SELECT position FROM retention_watermarks WHERE name = $1")
+            .bind(swept_at)
+            .fetch_optional(executor)
+            .await?;
     Ok(last.unwrap_or(0) <= now.timestamp() - every_seconds)
 }

@@ -17,7 +17,10 @@ pub struct RunReceipt {
 
 impl RunReceipt {
     pub fn new(run_id: Uuid, task: impl Into<String>) -> RunReceipt {
-        RunReceipt { run_id, task: task.into() }
+        RunReceipt {
+            run_id,
+            task: task.into(),
+        }
     }
 }
 
@@ -86,7 +89,11 @@ pub async fn list(
 }
 
 /// Deletes up to `limit` receipts written before `before`; returns how many.
-pub async fn delete_older_than(executor: impl PgExecutor<'_>, before: DateTime<Utc>, limit: i64) -> Result<i64, sqlx::Error> {
+pub async fn delete_older_than(
+    executor: impl PgExecutor<'_>,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "WITH gone AS (
              DELETE FROM retention_receipts WHERE ctid = ANY (ARRAY (

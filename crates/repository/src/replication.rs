@@ -21,10 +21,19 @@ pub struct Standby {
 
 /// One row of [`standbys`]' query: the current WAL position, then the standby's name, state,
 /// replay position, lag in bytes and in seconds (all NULL when no standby streams).
-type StandbyRow = (String, Option<String>, Option<String>, Option<String>, Option<i64>, Option<f64>);
+type StandbyRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<f64>,
+);
 
 /// The standbys streaming from this server now, and the server's current WAL position.
-pub async fn standbys(executor: impl PgExecutor<'_>) -> Result<(String, Vec<Standby>), sqlx::Error> {
+pub async fn standbys(
+    executor: impl PgExecutor<'_>,
+) -> Result<(String, Vec<Standby>), sqlx::Error> {
     let rows: Vec<StandbyRow> = sqlx::query_as(
         "SELECT pg_current_wal_lsn()::text, s.name, s.state, s.replay_lsn, s.lag_bytes, s.replay_lag_seconds
          FROM (SELECT 1) one LEFT JOIN (
@@ -38,9 +47,17 @@ pub async fn standbys(executor: impl PgExecutor<'_>) -> Result<(String, Vec<Stan
     let current = rows.first().map(|r| r.0.clone()).unwrap_or_default();
     let standbys = rows
         .into_iter()
-        .filter_map(|(_, name, state, replay_lsn, lag_bytes, replay_lag_seconds)| {
-            Some(Standby { name: name?, state: state.unwrap_or_default(), replay_lsn, lag_bytes, replay_lag_seconds })
-        })
+        .filter_map(
+            |(_, name, state, replay_lsn, lag_bytes, replay_lag_seconds)| {
+                Some(Standby {
+                    name: name?,
+                    state: state.unwrap_or_default(),
+                    replay_lsn,
+                    lag_bytes,
+                    replay_lag_seconds,
+                })
+            },
+        )
         .collect();
     Ok((current, standbys))
 }
@@ -49,7 +66,9 @@ pub async fn standbys(executor: impl PgExecutor<'_>) -> Result<(String, Vec<Stan
 /// as asynchronous commits leave it), as `pg_lsn` text: the start of a measurement of the WAL a
 /// piece of work writes (see [`wal_since`]).
 pub async fn wal_position(executor: impl PgExecutor<'_>) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(executor).await
+    sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(executor)
+        .await
 }
 
 /// Bytes of WAL inserted since `position` (from [`wal_position`]).
@@ -61,7 +80,9 @@ pub async fn wal_since(executor: impl PgExecutor<'_>, position: &str) -> Result<
 }
 
 /// Replication slots no standby is using, with the WAL each holds back (bytes).
-pub async fn inactive_slots(executor: impl PgExecutor<'_>) -> Result<Vec<(String, Option<i64>)>, sqlx::Error> {
+pub async fn inactive_slots(
+    executor: impl PgExecutor<'_>,
+) -> Result<Vec<(String, Option<i64>)>, sqlx::Error> {
     sqlx::query_as(
         "SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
          FROM pg_replication_slots WHERE NOT active ORDER BY slot_name",

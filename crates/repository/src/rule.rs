@@ -52,7 +52,10 @@ pub enum Holds {
     Live,
     /// A recorded set: whole tenants, and task ids (a rewrite counts what it dropped by the holds
     /// in force when it swapped).
-    Recorded { tenants: Vec<Uuid>, tasks: Vec<Uuid> },
+    Recorded {
+        tenants: Vec<Uuid>,
+        tasks: Vec<Uuid>,
+    },
 }
 
 /// The rule as of one instant.
@@ -67,12 +70,20 @@ pub struct Rule {
 
 /// An exact interval of `duration` (microseconds: no calendar arithmetic).
 pub fn interval(duration: Duration) -> PgInterval {
-    PgInterval { months: 0, days: 0, microseconds: duration.as_micros().min(i64::MAX as u128) as i64 }
+    PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: duration.as_micros().min(i64::MAX as u128) as i64,
+    }
 }
 
 impl Rule {
     pub fn new(now: DateTime<Utc>, grace: Duration) -> Rule {
-        Rule { now, grace, holds: Holds::Live }
+        Rule {
+            now,
+            grace,
+            holds: Holds::Live,
+        }
     }
 
     /// Whether task `t` is due. `t` needs `id`, `tenant_id`, `status`, `finished_at` and
@@ -120,18 +131,26 @@ impl Rule {
     /// Whether event `e` is an orphan, its task absent from `tasks` (a table or partition of tasks
     /// holding every task of the event's instant), old enough to go and not held.
     pub fn orphan_due(&self, e: &str, tasks: &str) -> Fragment {
-        Fragment::text(orphan(e, tasks)).push(" AND ").then(self.orphan_expired(e))
+        Fragment::text(orphan(e, tasks))
+            .push(" AND ")
+            .then(self.orphan_expired(e))
     }
 
     /// Whether event `e`, an orphan, is kept: too young, or held.
     pub fn orphan_kept(&self, e: &str, tasks: &str) -> Fragment {
-        Fragment::text(orphan(e, tasks)).push(" AND NOT ").then(self.orphan_expired(e))
+        Fragment::text(orphan(e, tasks))
+            .push(" AND NOT ")
+            .then(self.orphan_expired(e))
     }
 
     /// Whether event `e` is too young to be an orphan by the rule: its task may not be committed
     /// yet. (An orphan walk never passes such an event; one that is held, it passes.)
     pub fn orphan_young(&self, e: &str) -> Fragment {
-        Fragment::text(format!("({e}.created_at >= ")).bind(self.now).push(" - ").bind(interval(ORPHAN_AGE)).push(")")
+        Fragment::text(format!("({e}.created_at >= "))
+            .bind(self.now)
+            .push(" - ")
+            .bind(interval(ORPHAN_AGE))
+            .push(")")
     }
 
     /// The cutoff of tenant `tn`'s shortest window: no final task finished at or after it is due
@@ -272,14 +291,18 @@ pub const VERSION: &str = "(SELECT version FROM retention_rules)";
 /// ignores it. The check never waits for anything, so it cannot close a cycle of waits with a
 /// change in progress.
 pub async fn confirm(conn: &mut sqlx::PgConnection, seen: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT retention_rules_unchanged($1)").bind(seen).execute(conn).await?;
+    sqlx::query("SELECT retention_rules_unchanged($1)")
+        .bind(seen)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// Switches for tests that prove the rule is used everywhere.
 pub mod testing {
     #[cfg(feature = "testing")]
-    static HOLD_CHECK_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static HOLD_CHECK_BROKEN: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
 
     /// Makes [`super::Rule::held`] say "not held" for everything (every statement built from then
     /// on), to show that each path's hold check is that one: with it broken, each path deletes
@@ -310,6 +333,9 @@ mod tests {
         let rule = Rule::new(Utc::now(), Duration::from_secs(86_400));
         let text = format!("{:?}", rule.task_due("t", "tn"));
         assert!(!text.contains("now()"), "{text}");
-        assert!(text.contains("t.tenant_id = ANY") && text.contains("h.until > $?"), "{text}");
+        assert!(
+            text.contains("t.tenant_id = ANY") && text.contains("h.until > $?"),
+            "{text}"
+        );
     }
 }

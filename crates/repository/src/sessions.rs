@@ -28,7 +28,10 @@ pub struct SessionCutoffs {
 
 impl SessionCutoffs {
     pub fn at(now: DateTime<Utc>, anonymous_ttl: chrono::Duration) -> Self {
-        SessionCutoffs { expired_before: now, anonymous_created_before: now - anonymous_ttl }
+        SessionCutoffs {
+            expired_before: now,
+            anonymous_created_before: now - anonymous_ttl,
+        }
     }
 
     /// The whole rule for the row `t`, with these cutoffs as literals (the engine's own
@@ -113,7 +116,11 @@ struct BatchRow {
 /// `$3` and `$4` the cursor's key (text) and id. Public so that a test can EXPLAIN it.
 pub fn delete_batch_sql(rule: SessionRule, with_cursor: bool) -> String {
     let key = rule.key();
-    let after_clause = if with_cursor { format!("AND (s.{key}, s.id) > ($3::timestamptz, $4)") } else { String::new() };
+    let after_clause = if with_cursor {
+        format!("AND (s.{key}, s.id) > ($3::timestamptz, $4)")
+    } else {
+        String::new()
+    };
     format!(
         "WITH picked AS (
              SELECT s.id FROM user_sessions s
@@ -151,7 +158,9 @@ pub async fn delete_batch(
     limit: u32,
 ) -> Result<BatchOutcome, sqlx::Error> {
     let sql = delete_batch_sql(rule, after.is_some());
-    let mut query = sqlx::query_as::<_, BatchRow>(&sql).bind(rule.cutoff(cutoffs)).bind(i64::from(limit));
+    let mut query = sqlx::query_as::<_, BatchRow>(&sql)
+        .bind(rule.cutoff(cutoffs))
+        .bind(i64::from(limit));
     if let Some(cursor) = after {
         query = query.bind(&cursor.key).bind(cursor.id);
     }
@@ -160,7 +169,10 @@ pub async fn delete_batch(
         (Some(key), Some(id)) => Some(Cursor { key, id }),
         _ => None,
     };
-    Ok(BatchOutcome { deleted: row.deleted as u64, next })
+    Ok(BatchOutcome {
+        deleted: row.deleted as u64,
+        next,
+    })
 }
 
 /// Deletes up to `limit` due rows under either part of the rule, in one statement: what most
@@ -174,7 +186,12 @@ pub async fn delete_batch(
 /// row lock taken before the delete's own). A row a request is updating meanwhile is waited for
 /// (bounded by `lock_timeout`); its new version has another `ctid`, so it is kept, whatever the
 /// rule says of it, until the next run.
-pub async fn delete_few(pool: &sqlx::PgPool, limits: crate::batch::BatchLimits, cutoffs: &SessionCutoffs, limit: u32) -> Result<RangeOutcome, sqlx::Error> {
+pub async fn delete_few(
+    pool: &sqlx::PgPool,
+    limits: crate::batch::BatchLimits,
+    cutoffs: &SessionCutoffs,
+    limit: u32,
+) -> Result<RangeOutcome, sqlx::Error> {
     let sql = format!(
         "WITH deleted AS (
              DELETE FROM user_sessions d
@@ -204,7 +221,10 @@ impl DueCounts {
     }
 }
 
-pub async fn count_due(executor: impl PgExecutor<'_>, cutoffs: &SessionCutoffs) -> Result<DueCounts, sqlx::Error> {
+pub async fn count_due(
+    executor: impl PgExecutor<'_>,
+    cutoffs: &SessionCutoffs,
+) -> Result<DueCounts, sqlx::Error> {
     sqlx::query_as(
         "SELECT count(*) FILTER (WHERE expires_at < $1) AS expired,
                 count(*) FILTER (WHERE NOT expires_at < $1) AS anonymous
@@ -259,9 +279,15 @@ pub async fn delete_block_range(
 
 /// The planner's estimate of the rows due now, from the table's statistics: free (no row is
 /// read), and good enough to choose between walking the indexes and walking the heap.
-pub async fn estimate_due(executor: impl PgExecutor<'_>, cutoffs: &SessionCutoffs) -> Result<f64, sqlx::Error> {
+pub async fn estimate_due(
+    executor: impl PgExecutor<'_>,
+    cutoffs: &SessionCutoffs,
+) -> Result<f64, sqlx::Error> {
     // Literals, not parameters: a generic plan would estimate from default selectivities.
-    let sql = format!("EXPLAIN SELECT 1 FROM user_sessions s WHERE {}", cutoffs.rule("s"));
+    let sql = format!(
+        "EXPLAIN SELECT 1 FROM user_sessions s WHERE {}",
+        cutoffs.rule("s")
+    );
     let plan: String = sqlx::query_scalar(&sql).fetch_one(executor).await?;
     Ok(crate::heap::plan_rows(&plan))
 }

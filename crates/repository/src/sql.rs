@@ -47,7 +47,9 @@ pub struct Fragment {
 impl Fragment {
     /// Trusted SQL text.
     pub fn text(text: impl Into<String>) -> Fragment {
-        Fragment { parts: vec![Part::Text(text.into())] }
+        Fragment {
+            parts: vec![Part::Text(text.into())],
+        }
     }
 
     /// A value, bound as a parameter.
@@ -55,7 +57,9 @@ impl Fragment {
     where
         T: 'static + Encode<'static, Postgres> + Type<Postgres> + Send,
     {
-        Fragment { parts: vec![Part::Value(Box::new(value))] }
+        Fragment {
+            parts: vec![Part::Value(Box::new(value))],
+        }
     }
 
     /// Appends trusted SQL text.
@@ -93,11 +97,18 @@ impl Fragment {
                 rest = &rest[1..];
                 continue;
             }
-            assert!(brace == b'{', "an unmatched '}}' in a statement's template: {template}");
-            let end = rest.find('}').unwrap_or_else(|| panic!("an unclosed '{{' in a statement's template: {template}"));
+            assert!(
+                brace == b'{',
+                "an unmatched '}}' in a statement's template: {template}"
+            );
+            let end = rest.find('}').unwrap_or_else(|| {
+                panic!("an unclosed '{{' in a statement's template: {template}")
+            });
             let name = &rest[..end];
             rest = &rest[end + 1..];
-            let piece = pieces.remove(name).unwrap_or_else(|| panic!("the hole {{{name}}} of a statement was not filled: {template}"));
+            let piece = pieces.remove(name).unwrap_or_else(|| {
+                panic!("the hole {{{name}}} of a statement was not filled: {template}")
+            });
             if !text.is_empty() {
                 out.parts.push(Part::Text(std::mem::take(&mut text)));
             }
@@ -107,7 +118,11 @@ impl Fragment {
         if !text.is_empty() {
             out.parts.push(Part::Text(text));
         }
-        assert!(pieces.is_empty(), "pieces given for no hole ({:?}) of a statement: {template}", pieces.keys().collect::<Vec<_>>());
+        assert!(
+            pieces.is_empty(),
+            "pieces given for no hole ({:?}) of a statement: {template}",
+            pieces.keys().collect::<Vec<_>>()
+        );
         out
     }
 }
@@ -133,7 +148,11 @@ pub struct Sql {
 
 impl Sql {
     pub fn new(template: &'static str) -> Sql {
-        Sql { template, pieces: HashMap::new(), builder: None }
+        Sql {
+            template,
+            pieces: HashMap::new(),
+            builder: None,
+        }
     }
 
     /// Fills `{name}` with trusted SQL text (an identifier the engine made, a fixed word).
@@ -151,7 +170,11 @@ impl Sql {
 
     /// Fills `{name}` with a fragment and its values.
     pub fn with(&mut self, name: &'static str, fragment: Fragment) -> &mut Sql {
-        assert!(self.pieces.insert(name, fragment).is_none(), "the hole {{{name}}} was filled twice: {}", self.template);
+        assert!(
+            self.pieces.insert(name, fragment).is_none(),
+            "the hole {{{name}}} was filled twice: {}",
+            self.template
+        );
         self
     }
 
@@ -203,8 +226,14 @@ mod tests {
     #[test]
     fn holes_take_text_fragments_and_values_in_order() {
         let mut sql = Sql::new("SELECT '{{}}'::int[], {a} FROM {table} WHERE x = {b} AND {c}");
-        sql.bind("a", 1i64).raw("table", "t").bind("b", "x".to_string()).with("c", Fragment::text("y = ").bind(2i32).push(" OR z"));
-        assert_eq!(sql.text(), "SELECT '{}'::int[], $1 FROM t WHERE x = $2 AND y = $3 OR z");
+        sql.bind("a", 1i64)
+            .raw("table", "t")
+            .bind("b", "x".to_string())
+            .with("c", Fragment::text("y = ").bind(2i32).push(" OR z"));
+        assert_eq!(
+            sql.text(),
+            "SELECT '{}'::int[], $1 FROM t WHERE x = $2 AND y = $3 OR z"
+        );
     }
 
     #[test]

@@ -16,7 +16,11 @@ pub enum FinalStatus {
 }
 
 impl FinalStatus {
-    pub const ALL: [FinalStatus; 3] = [FinalStatus::Succeeded, FinalStatus::Failed, FinalStatus::Cancelled];
+    pub const ALL: [FinalStatus; 3] = [
+        FinalStatus::Succeeded,
+        FinalStatus::Failed,
+        FinalStatus::Cancelled,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -58,7 +62,10 @@ pub struct Tenant {
 impl Tenant {
     /// The window of tasks that ended in `status`.
     pub fn window(&self, status: FinalStatus) -> Window {
-        self.by_status.iter().find(|(s, _)| *s == status).map_or(self.retention, |(_, w)| *w)
+        self.by_status
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(self.retention, |(_, w)| *w)
     }
 }
 
@@ -78,7 +85,9 @@ struct TenantRow {
 const FOREVER_SECONDS: f64 = 1000.0 * 365.0 * 86_400.0;
 
 fn window(seconds: Option<f64>) -> Window {
-    seconds.filter(|s| *s < FOREVER_SECONDS).map(|s| Duration::from_secs_f64(s.max(0.0)))
+    seconds
+        .filter(|s| *s < FOREVER_SECONDS)
+        .map(|s| Duration::from_secs_f64(s.max(0.0)))
 }
 
 impl From<TenantRow> for Tenant {
@@ -102,7 +111,8 @@ impl From<TenantRow> for Tenant {
     }
 }
 
-const COLUMNS: &str = "id, slug, name, extract(epoch FROM data_retention_period)::float8 AS retention_seconds,
+const COLUMNS: &str =
+    "id, slug, name, extract(epoch FROM data_retention_period)::float8 AS retention_seconds,
      extract(epoch FROM succeeded_retention_period)::float8 AS succeeded_seconds,
      extract(epoch FROM failed_retention_period)::float8 AS failed_seconds,
      extract(epoch FROM cancelled_retention_period)::float8 AS cancelled_seconds, deleted_at";
@@ -110,35 +120,51 @@ const COLUMNS: &str = "id, slug, name, extract(epoch FROM data_retention_period)
 /// The tenant whose id or slug is `key` (an id wins when `key` parses as one).
 pub async fn find(executor: impl PgExecutor<'_>, key: &str) -> Result<Option<Tenant>, sqlx::Error> {
     let id = Uuid::parse_str(key).ok();
-    let row: Option<TenantRow> =
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM tenants WHERE id = $1 OR ($1 IS NULL AND slug = $2)"))
-            .bind(id)
-            .bind(key)
-            .fetch_optional(executor)
-            .await?;
+    let row: Option<TenantRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM tenants WHERE id = $1 OR ($1 IS NULL AND slug = $2)"
+    ))
+    .bind(id)
+    .bind(key)
+    .fetch_optional(executor)
+    .await?;
     Ok(row.map(Tenant::from))
 }
 
 /// The slugs of those of `ids` that are tenants (ids of deleted tenants included).
-pub async fn slugs(executor: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<std::collections::HashMap<Uuid, String>, sqlx::Error> {
+pub async fn slugs(
+    executor: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, String>, sqlx::Error> {
     let rows: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT id, slug FROM tenants WHERE id = ANY($1)").bind(ids).fetch_all(executor).await?;
+        sqlx::query_as("SELECT id, slug FROM tenants WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(executor)
+            .await?;
     Ok(rows.into_iter().collect())
 }
 
 fn interval(duration: Duration) -> PgInterval {
-    PgInterval { months: 0, days: 0, microseconds: duration.as_micros() as i64 }
+    PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: duration.as_micros() as i64,
+    }
 }
 
 /// Sets a tenant's retention (`None`: keep forever). Returns the updated tenant, or `None` when
 /// there is no such tenant. The database refuses periods under one hour.
-pub async fn set_retention(executor: impl PgExecutor<'_>, id: Uuid, retention: Window) -> Result<Option<Tenant>, sqlx::Error> {
-    let row: Option<TenantRow> =
-        sqlx::query_as(&format!("UPDATE tenants SET data_retention_period = $2 WHERE id = $1 RETURNING {COLUMNS}"))
-            .bind(id)
-            .bind(retention.map(interval))
-            .fetch_optional(executor)
-            .await?;
+pub async fn set_retention(
+    executor: impl PgExecutor<'_>,
+    id: Uuid,
+    retention: Window,
+) -> Result<Option<Tenant>, sqlx::Error> {
+    let row: Option<TenantRow> = sqlx::query_as(&format!(
+        "UPDATE tenants SET data_retention_period = $2 WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(retention.map(interval))
+    .fetch_optional(executor)
+    .await?;
     Ok(row.map(Tenant::from))
 }
 
@@ -161,14 +187,20 @@ pub async fn set_status_retention(
 ) -> Result<Option<Tenant>, sqlx::Error> {
     let value = match window {
         StatusWindow::Own(Some(duration)) => Some(interval(duration)),
-        StatusWindow::Own(None) => Some(PgInterval { months: 12_000, days: 0, microseconds: 0 }),
+        StatusWindow::Own(None) => Some(PgInterval {
+            months: 12_000,
+            days: 0,
+            microseconds: 0,
+        }),
         StatusWindow::Default => None,
     };
-    let row: Option<TenantRow> =
-        sqlx::query_as(&format!("UPDATE tenants SET {} = $2 WHERE id = $1 RETURNING {COLUMNS}", status.column()))
-            .bind(id)
-            .bind(value)
-            .fetch_optional(executor)
-            .await?;
+    let row: Option<TenantRow> = sqlx::query_as(&format!(
+        "UPDATE tenants SET {} = $2 WHERE id = $1 RETURNING {COLUMNS}",
+        status.column()
+    ))
+    .bind(id)
+    .bind(value)
+    .fetch_optional(executor)
+    .await?;
     Ok(row.map(Tenant::from))
 }

@@ -4,14 +4,19 @@ use sqlx::PgExecutor;
 
 /// The stored position, or 0.
 pub async fn get(executor: impl PgExecutor<'_>, name: &str) -> Result<i64, sqlx::Error> {
-    let position: Option<i64> = sqlx::query_scalar("SELECT position FROM retention_watermarks WHERE name = $1")
-        .bind(name)
-        .fetch_optional(executor)
-        .await?;
+    let position: Option<i64> =
+        sqlx::query_scalar("SELECT position FROM retention_watermarks WHERE name = $1")
+            .bind(name)
+            .fetch_optional(executor)
+            .await?;
     Ok(position.unwrap_or(0))
 }
 
-pub async fn set(executor: impl PgExecutor<'_>, name: &str, position: i64) -> Result<(), sqlx::Error> {
+pub async fn set(
+    executor: impl PgExecutor<'_>,
+    name: &str,
+    position: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO retention_watermarks (name, position) VALUES ($1, $2)
          ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()",
@@ -32,7 +37,10 @@ pub struct Pending {
 }
 
 /// The walk's pending end, if one was recorded, and whether it has settled.
-pub async fn pending(executor: impl PgExecutor<'_>, name: &str) -> Result<Option<Pending>, sqlx::Error> {
+pub async fn pending(
+    executor: impl PgExecutor<'_>,
+    name: &str,
+) -> Result<Option<Pending>, sqlx::Error> {
     let row: Option<(i64, bool)> = sqlx::query_as(&format!(
         "SELECT pending_position, {SETTLED} FROM retention_watermarks WHERE name = $1 AND pending_position IS NOT NULL"
     ))
@@ -48,7 +56,11 @@ pub async fn pending(executor: impl PgExecutor<'_>, name: &str) -> Result<Option
 /// transaction id by then or within microseconds (the row's insert assigns it), so every
 /// transaction that took an id up to `end` is among them or has ended. (An id taken by an explicit `nextval()` long before the insert,
 /// in a transaction with no id yet, is not covered; the engine's writers never do that.)
-pub async fn set_pending(executor: impl PgExecutor<'_>, name: &str, end: i64) -> Result<Pending, sqlx::Error> {
+pub async fn set_pending(
+    executor: impl PgExecutor<'_>,
+    name: &str,
+    end: i64,
+) -> Result<Pending, sqlx::Error> {
     let (end, settled): (i64, bool) = sqlx::query_as(&format!(
         "INSERT INTO retention_watermarks (name, position, pending_position, pending_snapshot)
          VALUES ($1, 0, $2, pg_current_snapshot())

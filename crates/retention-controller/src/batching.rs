@@ -51,7 +51,15 @@ impl BatchSizer {
     pub fn new(initial: u32, min: u32, max: u32, target: Duration) -> Self {
         let min = min.max(1);
         let max = max.max(min);
-        BatchSizer { size: initial.clamp(min, max), min, max, target, unit_cost: None, timeouts_at_min: 0, again_in_a_row: 0 }
+        BatchSizer {
+            size: initial.clamp(min, max),
+            min,
+            max,
+            target,
+            unit_cost: None,
+            timeouts_at_min: 0,
+            again_in_a_row: 0,
+        }
     }
 
     /// The size of the next batch.
@@ -61,7 +69,32 @@ impl BatchSizer {
 
     /// Records a batch's result and how long it took (begin to commit).
     pub fn settle<T>(&mut self, elapsed: Duration, result: Result<T, sqlx::Error>) -> Settled<T> {
-        self.settle_by(elapsed, result, batch::is_timeout, batch::is_retryable)
+        let units = self.size;
+        self.settle_by(
+            elapsed,
+            units,
+            result,
+            batch::is_timeout,
+            batch::is_retryable,
+        )
+    }
+
+    /// [`BatchSizer::settle`] for a batch that did `units`, fewer than its size when it met the
+    /// end of what it walks (a table's last pages): the cost is learnt from what was done, so a
+    /// run of such short batches does not take the size for cheap and grow it past the target.
+    pub fn settle_units<T>(
+        &mut self,
+        elapsed: Duration,
+        units: u32,
+        result: Result<T, sqlx::Error>,
+    ) -> Settled<T> {
+        self.settle_by(
+            elapsed,
+            units,
+            result,
+            batch::is_timeout,
+            batch::is_retryable,
+        )
     }
 
     /// How long to wait before running a batch again after [`Settled::Again`]: a little longer
@@ -71,13 +104,20 @@ impl BatchSizer {
         Duration::from_millis((20 * u64::from(self.again_in_a_row)).min(500))
     }
 
-    fn settle_by<T, E>(&mut self, elapsed: Duration, result: Result<T, E>, is_timeout: fn(&E) -> bool, is_retryable: fn(&E) -> bool) -> Settled<T, E> {
+    fn settle_by<T, E>(
+        &mut self,
+        elapsed: Duration,
+        units: u32,
+        result: Result<T, E>,
+        is_timeout: fn(&E) -> bool,
+        is_retryable: fn(&E) -> bool,
+    ) -> Settled<T, E> {
         if !matches!(&result, Err(error) if is_retryable(error)) {
             self.again_in_a_row = 0;
         }
         match result {
             Ok(value) => {
-                self.succeeded(elapsed);
+                self.succeeded(elapsed, units);
                 Settled::Done(value)
             }
             Err(error) if is_retryable(&error) => {
@@ -105,17 +145,23 @@ impl BatchSizer {
         }
     }
 
-    fn succeeded(&mut self, elapsed: Duration) {
+    fn succeeded(&mut self, elapsed: Duration, units: u32) {
         self.timeouts_at_min = 0;
-        let cost = elapsed.as_secs_f64() / f64::from(self.size);
+        let cost = elapsed.as_secs_f64() / f64::from(units.clamp(1, self.size.max(1)));
         let average = match self.unit_cost {
             Some(previous) if cost > previous => 0.7 * previous + 0.3 * cost,
             _ => cost,
         };
         self.unit_cost = Some(average);
-        let wanted = if average > 0.0 { self.target.as_secs_f64() / average } else { f64::from(self.max) };
+        let wanted = if average > 0.0 {
+            self.target.as_secs_f64() / average
+        } else {
+            f64::from(self.max)
+        };
         let current = f64::from(self.size);
-        let next = wanted.clamp(current / 2.0, current * 2.0).clamp(f64::from(self.min), f64::from(self.max));
+        let next = wanted
+            .clamp(current / 2.0, current * 2.0)
+            .clamp(f64::from(self.min), f64::from(self.max));
         self.size = next.round() as u32;
     }
 }
@@ -127,11 +173,16 @@ mod tests {
     #[test]
     fn a_batch_rolled_back_whole_runs_again_at_its_size_until_it_has_too_often() {
         let mut sizer = BatchSizer::new(100, 1, 1_000, TARGET);
-        let again = |sizer: &mut BatchSizer| sizer.settle_by::<(), ()>(ms(1), Err(()), |_| false, |_| true);
+        let again = |sizer: &mut BatchSizer| {
+            sizer.settle_by::<(), ()>(ms(1), 100, Err(()), |_| false, |_| true)
+        };
         for n in 1..=AGAIN_AT_MOST {
             assert!(matches!(again(&mut sizer), Settled::Again(())));
             assert_eq!(sizer.size(), 100, "the size is not the cause");
-            assert_eq!(sizer.again_pause(), Duration::from_millis((20 * u64::from(n)).min(500)));
+            assert_eq!(
+                sizer.again_pause(),
+                Duration::from_millis((20 * u64::from(n)).min(500))
+            );
         }
         assert!(matches!(again(&mut sizer), Settled::GaveUp(())));
         // A success in between starts the count again.
@@ -148,7 +199,13 @@ mod tests {
 
     /// A batch's error: `true` when it was a timeout.
     fn settle(sizer: &mut BatchSizer, timed_out: bool) -> Settled<(), bool> {
-        sizer.settle_by(ms(1), Err(timed_out), |timed_out| *timed_out, |_| false)
+        sizer.settle_by(
+            ms(1),
+            sizer.size(),
+            Err(timed_out),
+            |timed_out| *timed_out,
+            |_| false,
+        )
     }
 
     #[test]
@@ -183,6 +240,17 @@ mod tests {
         let after = sizer.size();
         sizer.settle(Duration::from_micros(20 * u64::from(after)), Ok(()));
         assert!(sizer.size() > after, "{}", sizer.size());
+    }
+
+    #[test]
+    fn batches_cut_short_by_the_end_of_a_table_are_costed_by_what_they_did() {
+        // Tables of 100 units at 1 ms a unit: every batch stops at 100 whatever its size.
+        let mut sizer = BatchSizer::new(1_000, 1, 10_000, TARGET);
+        for _ in 0..10 {
+            let units = sizer.size().min(100);
+            sizer.settle_units(ms(u64::from(units)), units, Ok(()));
+        }
+        assert_eq!(sizer.size(), 20, "20 units make the 20 ms target");
     }
 
     #[test]

@@ -22,7 +22,12 @@ use crate::task::{RunContext, RunReport, TaskError};
 /// counted as `pages skipped`. Stops between batches when the run is interrupted, and every
 /// worker stops after its batch in flight when one fails. The pages passed are counted as
 /// `heap pages walked`.
-pub async fn walk_blocks<F, Fut>(ctx: &RunContext, report: &mut RunReport, pages: u32, delete: F) -> Result<(), TaskError>
+pub async fn walk_blocks<F, Fut>(
+    ctx: &RunContext,
+    report: &mut RunReport,
+    pages: u32,
+    delete: F,
+) -> Result<(), TaskError>
 where
     F: Fn(BlockRange) -> Fut,
     Fut: Future<Output = Result<Vec<(&'static str, u64)>, sqlx::Error>> + Send,
@@ -43,7 +48,15 @@ where
     F: Fn(BlockRange) -> Fut,
     Fut: Future<Output = Result<Vec<(&'static str, u64)>, sqlx::Error>> + Send,
 {
-    let walk = Mutex::new(Walk { next: 0, walked: 0, pages, deleted_before: report.deleted, failed: false, sizer, report });
+    let walk = Mutex::new(Walk {
+        next: 0,
+        walked: 0,
+        pages,
+        deleted_before: report.deleted,
+        failed: false,
+        sizer,
+        report,
+    });
     let workers = (0..ctx.block_workers()).map(|_| worker(ctx, &walk, &delete));
     let outcomes = futures::future::join_all(workers).await;
     outcomes.into_iter().collect()
@@ -67,7 +80,11 @@ impl Walk<'_> {
     /// The next batch's pages: the rest of `taken` (a range this worker took and has not finished),
     /// else a new range from `next`, cut to the sizer's size; `None` when nothing is left or the
     /// walk must stop.
-    fn next_batch(&mut self, ctx: &RunContext, taken: &mut Option<BlockRange>) -> Option<BlockRange> {
+    fn next_batch(
+        &mut self,
+        ctx: &RunContext,
+        taken: &mut Option<BlockRange>,
+    ) -> Option<BlockRange> {
         if self.failed {
             return None;
         }
@@ -79,22 +96,35 @@ impl Walk<'_> {
         let rest = match taken.take() {
             Some(rest) => rest,
             None if self.next < self.pages => {
-                let range = BlockRange { start: self.next, end: self.next.saturating_add(size).min(self.pages) };
+                let range = BlockRange {
+                    start: self.next,
+                    end: self.next.saturating_add(size).min(self.pages),
+                };
                 self.next = range.end;
                 range
             }
             None => return None,
         };
-        let batch = BlockRange { start: rest.start, end: rest.start.saturating_add(size).min(rest.end) };
+        let batch = BlockRange {
+            start: rest.start,
+            end: rest.start.saturating_add(size).min(rest.end),
+        };
         if batch.end < rest.end {
-            *taken = Some(BlockRange { start: batch.end, end: rest.end });
+            *taken = Some(BlockRange {
+                start: batch.end,
+                end: rest.end,
+            });
         }
         Some(batch)
     }
 }
 
 /// One worker: batches until the walk is done, stopped or failed.
-async fn worker<F, Fut>(ctx: &RunContext, walk: &Mutex<Walk<'_>>, delete: &F) -> Result<(), TaskError>
+async fn worker<F, Fut>(
+    ctx: &RunContext,
+    walk: &Mutex<Walk<'_>>,
+    delete: &F,
+) -> Result<(), TaskError>
 where
     F: Fn(BlockRange) -> Fut,
     Fut: Future<Output = Result<Vec<(&'static str, u64)>, sqlx::Error>> + Send,
@@ -119,33 +149,50 @@ where
                 // The walk's tail, where some workers are done, runs faster than its body: learning
                 // from it would size the next walk's first batches (all workers busy) 2-3x over.
                 Ok(parts) if !shared => Settled::Done(parts),
-                result => walk.sizer.settle(elapsed, result),
+                result => walk.sizer.settle_units(elapsed, range.pages(), result),
             };
             match settled {
                 Settled::Done(parts) => {
                     walk.report.record_batch_parts(&parts);
-                    walk.report.count("heap pages walked", u64::from(range.pages()));
+                    walk.report
+                        .count("heap pages walked", u64::from(range.pages()));
                     walk.walked += range.pages();
-                    let left = estimate_left(walk.report.deleted - walk.deleted_before, walk.walked, walk.pages);
-                    tracing::debug!(from = range.start, to = range.end, elapsed_ms = elapsed.as_millis() as u64, "block batch committed");
+                    let left = estimate_left(
+                        walk.report.deleted - walk.deleted_before,
+                        walk.walked,
+                        walk.pages,
+                    );
+                    tracing::debug!(
+                        from = range.start,
+                        to = range.end,
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "block batch committed"
+                    );
                     ctx.batch_recorded(elapsed, walk.report, Some(left));
                     (taken.is_some() || walk.next < walk.pages, None)
                 }
                 Settled::Retry(error) => {
                     tracing::warn!(from = range.start, to = range.end, %error, next_pages = walk.sizer.size(), "batch timed out; retrying smaller");
-                    taken = Some(BlockRange { start: range.start, end: taken.map_or(range.end, |rest| rest.end) });
+                    taken = Some(BlockRange {
+                        start: range.start,
+                        end: taken.map_or(range.end, |rest| rest.end),
+                    });
                     continue;
                 }
                 Settled::Again(error) => {
                     tracing::debug!(from = range.start, to = range.end, %error, "batch rolled back (a deadlock or a change of the rules); running it again");
                     walk.report.count("batches run again", 1);
-                    taken = Some(BlockRange { start: range.start, end: taken.map_or(range.end, |rest| rest.end) });
+                    taken = Some(BlockRange {
+                        start: range.start,
+                        end: taken.map_or(range.end, |rest| rest.end),
+                    });
                     (true, Some(walk.sizer.again_pause()))
                 }
                 Settled::GaveUp(error) if repository::batch::is_timeout(&error) => {
                     tracing::warn!(page = range.start, %error, "page skipped: it kept timing out; the next run retries it");
                     walk.report.count("pages skipped", u64::from(range.pages()));
-                    walk.report.count("heap pages walked", u64::from(range.pages()));
+                    walk.report
+                        .count("heap pages walked", u64::from(range.pages()));
                     walk.walked += range.pages();
                     continue;
                 }
@@ -187,22 +234,44 @@ mod tests {
     use crate::RunOptions;
 
     fn context(parallelism: u32, pause_ratio: f64) -> RunContext {
-        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@localhost/none").unwrap();
-        let options = RunOptions { parallelism, pause_ratio, ..Default::default() };
-        RunContext::new(pool, Uuid::nil(), CancellationToken::new(), Duration::from_secs(60), options)
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@localhost/none")
+            .unwrap();
+        let options = RunOptions {
+            parallelism,
+            pause_ratio,
+            ..Default::default()
+        };
+        RunContext::new(
+            pool,
+            Uuid::nil(),
+            CancellationToken::new(),
+            Duration::from_secs(60),
+            options,
+        )
     }
 
     /// Walks 1,000 pages in batches of 7 with `delete` taking 1 ms a batch (one row deleted a
     /// page); returns the ranges deleted, in the order they started, and the most in flight at once.
-    async fn walk(ctx: &RunContext, fail_at: Option<u32>) -> (Result<(), TaskError>, Vec<BlockRange>, usize, RunReport) {
-        let (ranges, in_flight, most) = (Mutex::new(Vec::new()), AtomicUsize::new(0), AtomicUsize::new(0));
+    async fn walk(
+        ctx: &RunContext,
+        fail_at: Option<u32>,
+    ) -> (Result<(), TaskError>, Vec<BlockRange>, usize, RunReport) {
+        let (ranges, in_flight, most) = (
+            Mutex::new(Vec::new()),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
         let mut report = RunReport::default();
         let mut sizer = BatchSizer::new(7, 7, 7, Duration::from_millis(50));
         let result = walk_blocks_sized(ctx, &mut report, 1_000, &mut sizer, |range| {
             ranges.lock().unwrap().push(range);
             let (in_flight, most) = (&in_flight, &most);
             async move {
-                most.fetch_max(in_flight.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                most.fetch_max(
+                    in_flight.fetch_add(1, Ordering::SeqCst) + 1,
+                    Ordering::SeqCst,
+                );
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 in_flight.fetch_sub(1, Ordering::SeqCst);
                 if fail_at.is_some_and(|page| range.start <= page && page < range.end) {
@@ -212,7 +281,12 @@ mod tests {
             }
         })
         .await;
-        (result, ranges.into_inner().unwrap(), most.into_inner(), report)
+        (
+            result,
+            ranges.into_inner().unwrap(),
+            most.into_inner(),
+            report,
+        )
     }
 
     /// Every page exactly once: sorted, the ranges tile `0..pages` with no gap and no overlap.
@@ -266,20 +340,41 @@ mod tests {
     async fn a_failing_batch_stops_every_worker_after_its_batch_in_flight() {
         let ctx = context(3, 0.0);
         let (result, ranges, _, report) = walk(&ctx, Some(500)).await;
-        assert!(matches!(result, Err(TaskError::Database(sqlx::Error::RowNotFound))), "{result:?}");
+        assert!(
+            matches!(result, Err(TaskError::Database(sqlx::Error::RowNotFound))),
+            "{result:?}"
+        );
         // Nothing started after the failure but the other two workers' batches in flight.
-        let failed = ranges.iter().position(|r| r.start <= 500 && 500 < r.end).unwrap();
-        assert!(ranges.len() <= failed + 3, "{} batches after the failing one", ranges.len() - failed - 1);
+        let failed = ranges
+            .iter()
+            .position(|r| r.start <= 500 && 500 < r.end)
+            .unwrap();
+        assert!(
+            ranges.len() <= failed + 3,
+            "{} batches after the failing one",
+            ranges.len() - failed - 1
+        );
         assert!(ranges.iter().all(|r| r.end <= 500 + 3 * 7), "{ranges:?}");
-        assert_eq!(report.deleted, u64::from(ranges.iter().map(|r| r.pages()).sum::<u32>()) - 7);
+        assert_eq!(
+            report.deleted,
+            u64::from(ranges.iter().map(|r| r.pages()).sum::<u32>()) - 7
+        );
     }
 
     #[tokio::test]
     async fn an_interrupted_walk_starts_no_batch() {
-        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@localhost/none").unwrap();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@localhost/none")
+            .unwrap();
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let ctx = RunContext::new(pool, Uuid::nil(), cancel, Duration::from_secs(60), RunOptions::default());
+        let ctx = RunContext::new(
+            pool,
+            Uuid::nil(),
+            cancel,
+            Duration::from_secs(60),
+            RunOptions::default(),
+        );
         let (result, ranges, _, report) = walk(&ctx, None).await;
         result.unwrap();
         assert!(ranges.is_empty());

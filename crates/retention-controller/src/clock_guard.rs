@@ -22,13 +22,25 @@ pub enum ClockError {
         "the database's clock ({database}) is {skew} {direction} this process's ({process}), more than \
          retention.max_clock_skew = {max}: nothing was deleted; fix the clocks (NTP) and the next run goes ahead"
     )]
-    Skewed { database: DateTime<Utc>, process: DateTime<Utc>, skew: String, direction: &'static str, max: String },
+    Skewed {
+        database: DateTime<Utc>,
+        process: DateTime<Utc>,
+        skew: String,
+        direction: &'static str,
+        max: String,
+    },
     #[error(
         "the database's clock jumped {jump} ahead since this process last checked it {elapsed} ago ({then} then, \
          {database} now), more than retention.max_clock_skew = {max}: nothing was deleted; once the database's \
          clock is known to be right, restart the engine"
     )]
-    Jumped { then: DateTime<Utc>, database: DateTime<Utc>, elapsed: String, jump: String, max: String },
+    Jumped {
+        then: DateTime<Utc>,
+        database: DateTime<Utc>,
+        elapsed: String,
+        jump: String,
+        max: String,
+    },
 }
 
 /// When this process asked the database for a reading of its clock: the reading comes with
@@ -42,12 +54,19 @@ pub struct Asked {
 
 impl Asked {
     pub fn now() -> Asked {
-        Asked { sent_wall: SystemTime::now(), sent: boot_clock() }
+        Asked {
+            sent_wall: SystemTime::now(),
+            sent: boot_clock(),
+        }
     }
 
     /// Compares `database`, read by the database between [`Asked::now`] and this call, with this
     /// process's clocks; `Ok(database)` when they agree within `max_skew`.
-    pub fn judge(self, database: DateTime<Utc>, max_skew: Duration) -> Result<DateTime<Utc>, ClockError> {
+    pub fn judge(
+        self,
+        database: DateTime<Utc>,
+        max_skew: Duration,
+    ) -> Result<DateTime<Utc>, ClockError> {
         let received = boot_clock();
         let round_trip = received.saturating_sub(self.sent);
         // The database read its clock somewhere within the round trip.
@@ -55,7 +74,13 @@ impl Asked {
         telemetry::clock_skew((database - process).num_milliseconds() as f64 / 1000.0);
         let mut last = LAST_CHECK.lock().unwrap();
         let since_last = last.map(|(then, at)| (then, self.sent.saturating_sub(at)));
-        let verdict = judge(database, process, since_last, max_skew + round_trip, max_skew);
+        let verdict = judge(
+            database,
+            process,
+            since_last,
+            max_skew + round_trip,
+            max_skew,
+        );
         if verdict.is_ok() {
             *last = Some((database, self.sent));
         }
@@ -79,7 +104,11 @@ pub fn judge(
             database,
             process,
             skew: human(off),
-            direction: if skew > chrono::Duration::zero() { "ahead of" } else { "behind" },
+            direction: if skew > chrono::Duration::zero() {
+                "ahead of"
+            } else {
+                "behind"
+            },
             max: human(max_skew),
         });
     }
@@ -87,7 +116,13 @@ pub fn judge(
         let expected = then + chrono::Duration::from_std(elapsed).unwrap_or_default();
         if let Ok(jump) = (database - expected).to_std() {
             if jump > allowed {
-                return Err(ClockError::Jumped { then, database, elapsed: human(elapsed), jump: human(jump), max: human(max_skew) });
+                return Err(ClockError::Jumped {
+                    then,
+                    database,
+                    elapsed: human(elapsed),
+                    jump: human(jump),
+                    max: human(max_skew),
+                });
             }
         }
     }
@@ -97,7 +132,9 @@ pub fn judge(
 /// Time since boot, suspended time included (`CLOCK_BOOTTIME`): it cannot be set, and unlike the
 /// monotonic clock it does not stand still while the machine sleeps.
 fn boot_clock() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map(Duration::from).unwrap_or_default()
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 fn human(duration: Duration) -> String {
@@ -119,10 +156,31 @@ mod tests {
         assert_eq!(judge(at(0), at(299), None, MAX, MAX), Ok(()));
         assert_eq!(judge(at(299), at(0), None, MAX, MAX), Ok(()));
         let ahead = judge(at(7200), at(0), None, MAX, MAX).unwrap_err();
-        assert!(matches!(&ahead, ClockError::Skewed { direction: "ahead of", .. }), "{ahead}");
-        assert!(ahead.to_string().contains("is 2h ahead of this process's"), "{ahead}");
-        assert!(ahead.to_string().contains("retention.max_clock_skew = 5m"), "{ahead}");
-        assert!(matches!(judge(at(0), at(301), None, MAX, MAX), Err(ClockError::Skewed { direction: "behind", .. })));
+        assert!(
+            matches!(
+                &ahead,
+                ClockError::Skewed {
+                    direction: "ahead of",
+                    ..
+                }
+            ),
+            "{ahead}"
+        );
+        assert!(
+            ahead.to_string().contains("is 2h ahead of this process's"),
+            "{ahead}"
+        );
+        assert!(
+            ahead.to_string().contains("retention.max_clock_skew = 5m"),
+            "{ahead}"
+        );
+        assert!(matches!(
+            judge(at(0), at(301), None, MAX, MAX),
+            Err(ClockError::Skewed {
+                direction: "behind",
+                ..
+            })
+        ));
     }
 
     /// Both wall clocks jumped together (one host, a bad NTP step): only the boot clock tells.
@@ -130,7 +188,11 @@ mod tests {
     fn a_jump_of_both_wall_clocks_is_caught_by_the_boot_clock() {
         let last = Some((at(0), Duration::from_secs(60)));
         assert_eq!(judge(at(60), at(60), last, MAX, MAX), Ok(()));
-        assert_eq!(judge(at(360), at(360), last, MAX, MAX), Ok(()), "5 min of drift is allowed");
+        assert_eq!(
+            judge(at(360), at(360), last, MAX, MAX),
+            Ok(()),
+            "5 min of drift is allowed"
+        );
         let jumped = judge(at(3660), at(3660), last, MAX, MAX).unwrap_err();
         assert!(matches!(jumped, ClockError::Jumped { .. }), "{jumped}");
         assert!(jumped.to_string().contains("jumped 1h ahead"), "{jumped}");

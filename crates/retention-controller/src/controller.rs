@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use repository::maintenance::{self, Outcome};
 use repository::lease::{self, Lease, Renewal, Start};
+use repository::maintenance::{self, Outcome};
 
 use crate::clock_guard;
 use sqlx::PgPool;
@@ -19,8 +19,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::schedule::{self, Schedule};
+use crate::task::{
+    Completion, MaintenanceTask, Progress, ProgressFn, RunContext, RunOptions, RunReport, TaskError,
+};
 use crate::telemetry;
-use crate::task::{Completion, MaintenanceTask, Progress, ProgressFn, RunContext, RunOptions, RunReport, TaskError};
 
 /// A finished run.
 #[derive(Debug, Clone)]
@@ -156,7 +158,12 @@ pub async fn run_once_with(
 
 /// Logs what a paced run's feedback did, publishes the ratio it ended at, and adds its decisions
 /// to the run's counters (which `retention_run_events_total` counts).
-fn record_pacing(task: &'static str, pacing: &crate::feedback::Summary, ratio: f64, report: Option<&mut RunReport>) {
+fn record_pacing(
+    task: &'static str,
+    pacing: &crate::feedback::Summary,
+    ratio: f64,
+    report: Option<&mut RunReport>,
+) {
     if pacing.probes == 0 {
         return;
     }
@@ -205,7 +212,10 @@ async fn run_beside_keeper(
             (run.await, Some(reason))
         }
     };
-    (result.unwrap_or_else(|panic| Err(TaskError::Panicked(panic_message(panic.as_ref())))), stopped_by)
+    (
+        result.unwrap_or_else(|panic| Err(TaskError::Panicked(panic_message(panic.as_ref())))),
+        stopped_by,
+    )
 }
 
 /// `options` whose progress callback also publishes the run's estimate of the rows left.
@@ -219,7 +229,10 @@ fn publishing_rows_left(task: &'static str, options: &RunOptions) -> RunOptions 
             inner(progress);
         }
     });
-    RunOptions { progress: Some(progress), ..options.clone() }
+    RunOptions {
+        progress: Some(progress),
+        ..options.clone()
+    }
 }
 
 /// Why a run's lease keeper stopped it.
@@ -240,7 +253,9 @@ impl StopReason {
         match self {
             StopReason::Paused => "paused by an operator",
             StopReason::LeaseLost => "lease lost: another runner took the task",
-            StopReason::LeaseNotRenewed => "lease not renewed for half its time to live (database unreachable)",
+            StopReason::LeaseNotRenewed => {
+                "lease not renewed for half its time to live (database unreachable)"
+            }
         }
     }
 }
@@ -264,7 +279,10 @@ async fn keep(lease: &Lease, pool: &PgPool, asked: Instant) -> StopReason {
             }
             Ok(Ok(Renewal::Lost)) => return StopReason::LeaseLost,
             Ok(Err(error)) => tracing::warn!(%error, "renewing the task's lease failed; retrying"),
-            Err(_) => tracing::warn!(timeout_ms = every.as_millis() as u64, "renewing the task's lease timed out; retrying"),
+            Err(_) => tracing::warn!(
+                timeout_ms = every.as_millis() as u64,
+                "renewing the task's lease timed out; retrying"
+            ),
         }
         if confirmed.elapsed() >= lease.ttl / 2 {
             return StopReason::LeaseNotRenewed;
@@ -306,7 +324,11 @@ pub struct Controller {
 impl Controller {
     /// Runs at full speed unless [`Controller::with_options`] paces them.
     pub fn new(pool: PgPool, tasks: Vec<Arc<dyn MaintenanceTask>>) -> Self {
-        Controller { pool, tasks, options: RunOptions::default() }
+        Controller {
+            pool,
+            tasks,
+            options: RunOptions::default(),
+        }
     }
 
     pub fn with_options(self, options: RunOptions) -> Self {
@@ -317,14 +339,18 @@ impl Controller {
     pub async fn run(self, cancel: CancellationToken) {
         let mut loops = JoinSet::new();
         for task in self.tasks {
-            let options = RunOptions { scheduled: true, ..self.options.clone() };
+            let options = RunOptions {
+                scheduled: true,
+                ..self.options.clone()
+            };
             let (pool, cancel) = (self.pool.clone(), cancel.child_token());
             let name = task.name();
             loops.spawn(
                 async move {
                     let lease_ttl = options.lease_ttl;
                     let run = || {
-                        let (task, pool, cancel, options) = (task.clone(), pool.clone(), cancel.clone(), options.clone());
+                        let (task, pool, cancel, options) =
+                            (task.clone(), pool.clone(), cancel.clone(), options.clone());
                         async move { run_once_with(task.as_ref(), &pool, &cancel, &options).await }
                     };
                     let schedule = || task.schedule();
@@ -351,8 +377,13 @@ enum Step {
 /// is asked again after about a lease's time to live (`recheck`): its holder may have died, an
 /// operator may resume it. A failing or panicking run never ends the loop; only `cancel` does, and
 /// never in the middle of a run.
-async fn drive<S, R, F>(schedule: S, run: R, recheck: Duration, cancel: &CancellationToken, mut draw: impl FnMut() -> f64)
-where
+async fn drive<S, R, F>(
+    schedule: S,
+    run: R,
+    recheck: Duration,
+    cancel: &CancellationToken,
+    mut draw: impl FnMut() -> f64,
+) where
     S: Fn() -> Schedule,
     R: Fn() -> F,
     F: Future<Output = Result<RunOutcome, TaskError>>,
@@ -365,9 +396,9 @@ where
             _ = tokio::time::sleep(delay) => {}
         }
         let step = match AssertUnwindSafe(run()).catch_unwind().await {
-            Ok(Ok(RunOutcome::Ran(summary))) => {
-                Step::Succeeded { work_left: summary.report.completion == Completion::DeadlineReached }
-            }
+            Ok(Ok(RunOutcome::Ran(summary))) => Step::Succeeded {
+                work_left: summary.report.completion == Completion::DeadlineReached,
+            },
             Ok(Ok(RunOutcome::Busy | RunOutcome::Paused)) => Step::Busy,
             Ok(Ok(RunOutcome::NotDue(wait))) => Step::NotDue(wait),
             // run_once has logged the run's own errors, with its run id.
@@ -382,7 +413,9 @@ where
             Step::Succeeded { work_left } => {
                 failures = 0;
                 if work_left {
-                    tracing::info!("run stopped at its deadline with work left; continuing shortly");
+                    tracing::info!(
+                        "run stopped at its deadline with work left; continuing shortly"
+                    );
                     schedule::CATCH_UP_PAUSE
                 } else {
                     schedule::jittered(interval, draw())
@@ -398,7 +431,11 @@ where
             Step::Failed => {
                 failures = failures.saturating_add(1);
                 let delay = schedule::backoff(failures, draw());
-                tracing::warn!(failures, retry_in_ms = delay.as_millis() as u64, "retrying after backoff");
+                tracing::warn!(
+                    failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "retrying after backoff"
+                );
                 delay
             }
         };
@@ -436,12 +473,23 @@ mod tests {
     const RECHECK: Duration = Duration::from_secs(8);
 
     fn schedule() -> Schedule {
-        Schedule { interval: INTERVAL, max_run_time: Duration::from_secs(10) }
+        Schedule {
+            interval: INTERVAL,
+            max_run_time: Duration::from_secs(10),
+        }
     }
 
     fn ran(completion: Completion) -> Result<RunOutcome, TaskError> {
-        let report = RunReport { completion, ..Default::default() };
-        Ok(RunOutcome::Ran(RunSummary { run_id: Uuid::nil(), report, elapsed: Duration::ZERO, stopped_because: None }))
+        let report = RunReport {
+            completion,
+            ..Default::default()
+        };
+        Ok(RunOutcome::Ran(RunSummary {
+            run_id: Uuid::nil(),
+            report,
+            elapsed: Duration::ZERO,
+            stopped_because: None,
+        }))
     }
 
     /// Drives a loop whose runs answer from `script` (then succeed), records when each run
@@ -494,7 +542,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failures_and_panics_back_off_exponentially_and_success_resets() {
-        let times = start_times(vec!["err", "panic", "err", "ok", "err"], Duration::from_secs(160)).await;
+        let times = start_times(
+            vec!["err", "panic", "err", "ok", "err"],
+            Duration::from_secs(160),
+        )
+        .await;
         // 15 (err) +5 -> 20 (panic) +10 -> 30 (err) +20 -> 50 (ok) +60 -> 110 (err) +5 -> 115 (ok) +60
         assert_eq!(times, secs(&[15, 20, 30, 50, 110, 115]));
     }
@@ -524,7 +576,14 @@ mod tests {
         let start = Instant::now();
         let cancel = CancellationToken::new();
         cancel.cancel();
-        drive(schedule, || async { ran(Completion::Done) }, RECHECK, &cancel, || 0.5).await;
+        drive(
+            schedule,
+            || async { ran(Completion::Done) },
+            RECHECK,
+            &cancel,
+            || 0.5,
+        )
+        .await;
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

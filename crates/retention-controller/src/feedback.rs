@@ -107,7 +107,14 @@ pub struct Summary {
 impl Governor {
     pub fn new(options: FeedbackOptions, start: f64) -> Self {
         let ratio = start.clamp(options.min_pause_ratio, options.max_pause_ratio);
-        Governor { options, ratio, pauses: VecDeque::new(), work: VecDeque::new(), new_work: 0, summary: Summary::default() }
+        Governor {
+            options,
+            ratio,
+            pauses: VecDeque::new(),
+            work: VecDeque::new(),
+            new_work: 0,
+            summary: Summary::default(),
+        }
     }
 
     pub fn ratio(&self) -> f64 {
@@ -134,7 +141,8 @@ impl Governor {
 
     /// Sets the ratio from the kept probes, once [`WINDOW`] new ones over work came in.
     pub fn decide(&mut self) -> Decision {
-        if self.pauses.len() < MIN_PROBES || self.work.len() < MIN_PROBES || self.new_work < WINDOW {
+        if self.pauses.len() < MIN_PROBES || self.work.len() < MIN_PROBES || self.new_work < WINDOW
+        {
             return Decision::Keep;
         }
         self.new_work = 0;
@@ -157,16 +165,29 @@ impl Governor {
         }
         let factor = if decision == Decision::Lowered {
             // Far under the bound, the ratio comes down as fast as a raise takes it up.
-            if work_tail <= bound / 2 { 1.0 / RAISE } else { LOWER }
+            if work_tail <= bound / 2 {
+                1.0 / RAISE
+            } else {
+                LOWER
+            }
         } else {
             // The probes that asked for it have had their say: the next decision waits for
             // probes taken at the new ratio.
             self.work.clear();
             RAISE
         };
-        self.ratio = (self.ratio * factor).clamp(self.options.min_pause_ratio, self.options.max_pause_ratio);
-        self.summary.lowest_ratio = Some(self.summary.lowest_ratio.map_or(self.ratio, |r| r.min(self.ratio)));
-        self.summary.highest_ratio = Some(self.summary.highest_ratio.map_or(self.ratio, |r| r.max(self.ratio)));
+        self.ratio =
+            (self.ratio * factor).clamp(self.options.min_pause_ratio, self.options.max_pause_ratio);
+        self.summary.lowest_ratio = Some(
+            self.summary
+                .lowest_ratio
+                .map_or(self.ratio, |r| r.min(self.ratio)),
+        );
+        self.summary.highest_ratio = Some(
+            self.summary
+                .highest_ratio
+                .map_or(self.ratio, |r| r.max(self.ratio)),
+        );
         decision
     }
 }
@@ -206,7 +227,10 @@ impl Pacer {
         Pacer {
             governor: Arc::new(Mutex::new(Governor::new(options.clone(), start))),
             options,
-            phase: Arc::new(Phase { epoch: tokio::sync::watch::Sender::new(0), last_batch: Mutex::new(Duration::ZERO) }),
+            phase: Arc::new(Phase {
+                epoch: tokio::sync::watch::Sender::new(0),
+                last_batch: Mutex::new(Duration::ZERO),
+            }),
             probe: Mutex::new(None),
         }
     }
@@ -242,7 +266,13 @@ impl Pacer {
         let stop = CancellationToken::new();
         *probe = Some(stop.clone());
         let connect = (*pool.connect_options()).clone();
-        tokio::spawn(probe_loop(connect, self.options.probe_interval, self.phase.clone(), self.governor.clone(), stop));
+        tokio::spawn(probe_loop(
+            connect,
+            self.options.probe_interval,
+            self.phase.clone(),
+            self.governor.clone(),
+            stop,
+        ));
     }
 }
 
@@ -280,7 +310,13 @@ const PHASE_WAIT: Duration = Duration::from_secs(1);
 
 /// Every `every`, one probe, alternately within a pause and in the middle of a batch, so that
 /// both kinds keep coming whatever the ratio.
-async fn probe_loop(connect: PgConnectOptions, every: Duration, phase: Arc<Phase>, governor: Arc<Mutex<Governor>>, stop: CancellationToken) {
+async fn probe_loop(
+    connect: PgConnectOptions,
+    every: Duration,
+    phase: Arc<Phase>,
+    governor: Arc<Mutex<Governor>>,
+    stop: CancellationToken,
+) {
     let mut connection = tokio::select! {
         _ = stop.cancelled() => return,
         connected = PgConnection::connect_with(&connect) => match connected {
@@ -300,7 +336,11 @@ async fn probe_loop(connect: PgConnectOptions, every: Duration, phase: Arc<Phase
             tokio::time::sleep(every).await;
             // Paused when the epoch is odd: wait for the phase wanted, then, over work, for
             // the middle of a batch as long as the last.
-            let _ = tokio::time::timeout(PHASE_WAIT, epochs.wait_for(|epoch| (epoch % 2 == 1) != over_work)).await;
+            let _ = tokio::time::timeout(
+                PHASE_WAIT,
+                epochs.wait_for(|epoch| (epoch % 2 == 1) != over_work),
+            )
+            .await;
             if over_work {
                 let half = *phase.last_batch.lock().unwrap() / 2;
                 tokio::time::sleep(half).await;
@@ -312,12 +352,22 @@ async fn probe_loop(connect: PgConnectOptions, every: Duration, phase: Arc<Phase
         }
         let before = *phase.epoch.borrow();
         let started = Instant::now();
-        let committed = sqlx::query("SELECT pg_current_xact_id()").execute(&mut connection).await;
+        let committed = sqlx::query("SELECT pg_current_xact_id()")
+            .execute(&mut connection)
+            .await;
         let latency = started.elapsed();
         let in_pause = before % 2 == 1 && *phase.epoch.borrow() == before;
-        let waiting = sqlx::query_scalar::<_, i32>(WAITING).fetch_one(&mut connection).await;
+        let waiting = sqlx::query_scalar::<_, i32>(WAITING)
+            .fetch_one(&mut connection)
+            .await;
         match (committed, waiting) {
-            (Ok(_), Ok(waiting)) => governor.lock().unwrap().observe(Probe { latency, waiting: waiting.max(0) as u32 }, in_pause),
+            (Ok(_), Ok(waiting)) => governor.lock().unwrap().observe(
+                Probe {
+                    latency,
+                    waiting: waiting.max(0) as u32,
+                },
+                in_pause,
+            ),
             (Err(error), _) | (_, Err(error)) => {
                 if !said {
                     tracing::warn!(%error, "the pacing probe failed; the pause ratio holds until it answers");
@@ -334,11 +384,19 @@ mod tests {
     use super::*;
 
     fn options() -> FeedbackOptions {
-        FeedbackOptions { min_pause_ratio: 0.25, max_pause_ratio: 8.0, max_slowdown: 2.0, probe_interval: Duration::from_millis(50) }
+        FeedbackOptions {
+            min_pause_ratio: 0.25,
+            max_pause_ratio: 8.0,
+            max_slowdown: 2.0,
+            probe_interval: Duration::from_millis(50),
+        }
     }
 
     fn probe(micros: u64, waiting: u32) -> Probe {
-        Probe { latency: Duration::from_micros(micros), waiting }
+        Probe {
+            latency: Duration::from_micros(micros),
+            waiting,
+        }
     }
 
     fn observe(governor: &mut Governor, n: usize, micros: u64, waiting: u32, in_pause: bool) {
@@ -396,7 +454,11 @@ mod tests {
         // 2.5 ms is at the bound: lowered by a fifth.
         observe(&mut governor, KEPT, 2_500, 0, false);
         assert_eq!(governor.decide(), Decision::Lowered);
-        assert!((governor.ratio() - 0.4).abs() < 1e-9, "{}", governor.ratio());
+        assert!(
+            (governor.ratio() - 0.4).abs() < 1e-9,
+            "{}",
+            governor.ratio()
+        );
         // Three slow probes of the 32 kept are above the tail; four are not.
         observe(&mut governor, KEPT - 3, 1_000, 0, false);
         observe(&mut governor, 3, 9_000, 0, false);
@@ -421,7 +483,13 @@ mod tests {
         observe(&mut governor, KEPT, 1_000, 1, true);
         observe(&mut governor, MIN_PROBES, 1_000, 1, false);
         assert_eq!(governor.decide(), Decision::Lowered);
-        assert_eq!((governor.summary.waiting_over_work, governor.summary.waiting_in_pauses), (28, 32));
+        assert_eq!(
+            (
+                governor.summary.waiting_over_work,
+                governor.summary.waiting_in_pauses
+            ),
+            (28, 32)
+        );
     }
 
     #[test]
@@ -439,7 +507,10 @@ mod tests {
         assert_eq!(governor.ratio(), 0.25);
         let summary = &governor.summary;
         assert_eq!((summary.raised_by_latency, summary.lowered), (1, 40));
-        assert_eq!((summary.lowest_ratio, summary.highest_ratio), (Some(0.25), Some(8.0)));
+        assert_eq!(
+            (summary.lowest_ratio, summary.highest_ratio),
+            (Some(0.25), Some(8.0))
+        );
     }
 
     #[test]

@@ -19,10 +19,20 @@ pub const RANGES_REPLACED: &str = "ranges replaced";
 /// Rebuilds the facts of ranges whose day has passed (or that were never built), and applies the
 /// logged changes. A live range whose end has passed is switched to log every write first,
 /// waiting at most `lock_timeout` (the history tables' lock wait) for its writers.
-pub async fn refresh_facts(ctx: &RunContext, limits: BatchLimits, grace: Duration, lock_timeout: Duration, report: &mut RunReport) -> Result<(), TaskError> {
+pub async fn refresh_facts(
+    ctx: &RunContext,
+    limits: BatchLimits,
+    grace: Duration,
+    lock_timeout: Duration,
+    report: &mut RunReport,
+) -> Result<(), TaskError> {
     settle(ctx, facts::bookkeeping(limits), grace, lock_timeout, report).await?;
     let refreshed = facts::refresh(&ctx.pool, limits, &ctx.rule(grace)).await?;
-    tracing::debug!(tenants = refreshed.tenants, pairs = refreshed.pairs, "applied logged changes");
+    tracing::debug!(
+        tenants = refreshed.tenants,
+        pairs = refreshed.pairs,
+        "applied logged changes"
+    );
     Ok(())
 }
 
@@ -32,14 +42,25 @@ const REBUILD_FIRST_PAGES: u32 = 64;
 /// Rebuilds the facts of every range that needs it, in block ranges (each a short transaction,
 /// paced like a batch), however large the range: one bare read of it in all. Stops between steps
 /// when the run is interrupted; the rebuild resumes where it stopped.
-async fn settle(ctx: &RunContext, limits: BatchLimits, grace: Duration, lock_timeout: Duration, report: &mut RunReport) -> Result<(), TaskError> {
+async fn settle(
+    ctx: &RunContext,
+    limits: BatchLimits,
+    grace: Duration,
+    lock_timeout: Duration,
+    report: &mut RunReport,
+) -> Result<(), TaskError> {
     let mut sizer = ctx.block_sizer_within(REBUILD_FIRST_PAGES, limits.statement_timeout);
     for range in facts::to_settle(&ctx.pool, ctx.now()).await? {
         if ctx.interrupted().is_some() {
             return Ok(());
         }
-        if range.log_mode == LogMode::Live && !facts::switch_to_all(&ctx.pool, &range, limits, lock_timeout).await? {
-            tracing::warn!(range = range.tasks_name, "writers kept the range's tables busy: it stays live (probed) until the next run");
+        if range.log_mode == LogMode::Live
+            && !facts::switch_to_all(&ctx.pool, &range, limits, lock_timeout).await?
+        {
+            tracing::warn!(
+                range = range.tasks_name,
+                "writers kept the range's tables busy: it stays live (probed) until the next run"
+            );
             continue;
         }
         loop {
@@ -53,19 +74,23 @@ async fn settle(ctx: &RunContext, limits: BatchLimits, grace: Duration, lock_tim
                 tx.rollback().await?;
                 break;
             };
-            let result = facts::rebuild_chunk(&mut tx, range.tasks_relid, block, sizer.size()).await;
+            let result =
+                facts::rebuild_chunk(&mut tx, range.tasks_relid, block, sizer.size()).await;
             match result {
                 Ok(0) => {
                     facts::rebuild_finish(&mut tx, range.tasks_relid, &ctx.rule(grace)).await?;
                     tx.commit().await?;
-                    tracing::info!(range = range.tasks_name, "rebuilt the facts of a range whose day has passed");
+                    tracing::info!(
+                        range = range.tasks_name,
+                        "rebuilt the facts of a range whose day has passed"
+                    );
                     report.count("ranges settled", 1);
                     break;
                 }
                 Ok(pages) => {
                     tx.commit().await?;
                     let elapsed = started.elapsed();
-                    let _ = sizer.settle(elapsed, Ok(()));
+                    let _ = sizer.settle_units(elapsed, pages, Ok(()));
                     report.count("fact pages read", u64::from(pages));
                     ctx.pause_after(elapsed).await;
                 }
@@ -114,7 +139,11 @@ pub const ROW_DELETE: &str = "row-delete";
 const REWRITE_SCALE: &str = "rewrite-scale";
 
 /// Records the time row deletes took, once enough tasks went for the figure to mean something.
-pub async fn observe_row_deletes(pool: &sqlx::PgPool, tasks: u64, spent: Duration) -> Result<(), TaskError> {
+pub async fn observe_row_deletes(
+    pool: &sqlx::PgPool,
+    tasks: u64,
+    spent: Duration,
+) -> Result<(), TaskError> {
     if tasks >= 1_000 {
         costs::observe(pool, ROW_DELETE, spent.as_secs_f64() / tasks as f64).await?;
     }
@@ -123,7 +152,12 @@ pub async fn observe_row_deletes(pool: &sqlx::PgPool, tasks: u64, spent: Duratio
 
 /// Records what a completed rewrite cost (its steps' time, against what the default costs
 /// predict for the rows it read and kept).
-pub async fn observe_rewrite(pool: &sqlx::PgPool, rows_read: i64, kept: i64, seconds: f64) -> Result<(), sqlx::Error> {
+pub async fn observe_rewrite(
+    pool: &sqlx::PgPool,
+    rows_read: i64,
+    kept: i64,
+    seconds: f64,
+) -> Result<(), sqlx::Error> {
     let predicted = Costs::default().rewrite(rows_read as f64, kept as f64);
     costs::observe(pool, REWRITE_SCALE, seconds / predicted).await
 }
@@ -131,8 +165,16 @@ pub async fn observe_rewrite(pool: &sqlx::PgPool, rows_read: i64, kept: i64, sec
 /// A rewrite that was abandoned after its steps kept failing makes rewrites look dearer: the
 /// next choices lean to row deletes, until rewrites that complete bring the figure down again.
 pub async fn penalise_rewrites(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
-    let current = load_costs(pool).await.map(|c| c.rewrite_fixed / Costs::default().rewrite_fixed).unwrap_or(1.0);
-    costs::observe(pool, REWRITE_SCALE, (current * REWRITE_FAILURE_PENALTY).max(REWRITE_FAILURE_PENALTY)).await
+    let current = load_costs(pool)
+        .await
+        .map(|c| c.rewrite_fixed / Costs::default().rewrite_fixed)
+        .unwrap_or(1.0);
+    costs::observe(
+        pool,
+        REWRITE_SCALE,
+        (current * REWRITE_FAILURE_PENALTY).max(REWRITE_FAILURE_PENALTY),
+    )
+    .await
 }
 
 /// How much dearer a failed rewrite makes the next (averaged in with a fifth of its weight).

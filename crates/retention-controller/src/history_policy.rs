@@ -27,7 +27,12 @@ impl Default for Costs {
     /// tasks with two events each ~15 µs a task; a rewrite reads ~1 µs a task and copies ~15 µs
     /// a kept task with its events; ~30 ms of tables and catalog changes.
     fn default() -> Self {
-        Costs { row_delete_per_task: 15e-6, rewrite_per_task_read: 1e-6, rewrite_per_task_kept: 15e-6, rewrite_fixed: 0.03 }
+        Costs {
+            row_delete_per_task: 15e-6,
+            rewrite_per_task_read: 1e-6,
+            rewrite_per_task_kept: 15e-6,
+            rewrite_fixed: 0.03,
+        }
     }
 }
 
@@ -142,8 +147,16 @@ fn buckets(lower: DateTime<Utc>) -> [(DateTime<Utc>, DateTime<Utc>, bool); 3] {
     let year = NaiveDate::from_ymd_opt(day.year(), 1, 1).unwrap();
     [
         (day_start(quarter), day_start(next_quarter(quarter)), false),
-        (day_start(month_start(day)), day_start(next_month(day)), true),
-        (day_start(year), day_start(NaiveDate::from_ymd_opt(day.year() + 1, 1, 1).unwrap()), true),
+        (
+            day_start(month_start(day)),
+            day_start(next_month(day)),
+            true,
+        ),
+        (
+            day_start(year),
+            day_start(NaiveDate::from_ymd_opt(day.year() + 1, 1, 1).unwrap()),
+            true,
+        ),
     ]
 }
 
@@ -201,41 +214,76 @@ mod tests {
 
     fn days(from: DateTime<Utc>, n: i64) -> Vec<Span> {
         (0..n)
-            .map(|k| Span { lower: from + Duration::days(k), upper: from + Duration::days(k + 1), mergeable: true })
+            .map(|k| Span {
+                lower: from + Duration::days(k),
+                upper: from + Duration::days(k + 1),
+                mergeable: true,
+            })
             .collect()
     }
 
     #[test]
     fn a_range_that_keeps_little_is_rewritten_and_one_that_keeps_much_loses_rows_one_by_one() {
         let costs = Costs::default();
-        let range = |rows: f64, due: f64| Estimate { rows, due, rewritable: true };
+        let range = |rows: f64, due: f64| Estimate {
+            rows,
+            due,
+            rewritable: true,
+        };
         assert_eq!(choose(range(100_000.0, 99_000.0), &costs), Removal::Rewrite);
         assert_eq!(choose(range(100_000.0, 100.0), &costs), Removal::RowDeletes);
         assert_eq!(choose(range(100_000.0, 0.0), &costs), Removal::RowDeletes);
-        assert_eq!(choose(Estimate { rewritable: false, ..range(100_000.0, 100_000.0) }, &costs), Removal::RowDeletes);
+        assert_eq!(
+            choose(
+                Estimate {
+                    rewritable: false,
+                    ..range(100_000.0, 100_000.0)
+                },
+                &costs
+            ),
+            Removal::RowDeletes
+        );
         // A tiny range: the fixed cost of a rewrite outweighs a handful of deletes.
         assert_eq!(choose(range(10.0, 10.0), &costs), Removal::RowDeletes);
         // Where they break even: due * 15 µs = 30 ms + rows * 1 µs + kept * 15 µs.
-        let even = |rows: f64| (costs.rewrite_fixed + rows * (costs.rewrite_per_task_read + costs.rewrite_per_task_kept))
-            / (costs.row_delete_per_task + costs.rewrite_per_task_kept);
-        assert_eq!(choose(range(200_000.0, even(200_000.0) + 10.0), &costs), Removal::Rewrite);
-        assert_eq!(choose(range(200_000.0, even(200_000.0) - 10.0), &costs), Removal::RowDeletes);
+        let even = |rows: f64| {
+            (costs.rewrite_fixed
+                + rows * (costs.rewrite_per_task_read + costs.rewrite_per_task_kept))
+                / (costs.row_delete_per_task + costs.rewrite_per_task_kept)
+        };
+        assert_eq!(
+            choose(range(200_000.0, even(200_000.0) + 10.0), &costs),
+            Removal::Rewrite
+        );
+        assert_eq!(
+            choose(range(200_000.0, even(200_000.0) - 10.0), &costs),
+            Removal::RowDeletes
+        );
     }
 
     #[test]
     fn the_cold_horizon_is_one_day_past_the_longest_window() {
         let now = Utc.with_ymd_and_hms(2026, 11, 29, 13, 0, 0).unwrap();
-        assert_eq!(cold_horizon(now, Some(std::time::Duration::from_secs(14 * 86_400))), at(2026, 11, 14));
-        assert_eq!(cold_horizon(now, Some(std::time::Duration::from_secs(3600))), at(2026, 11, 27));
+        assert_eq!(
+            cold_horizon(now, Some(std::time::Duration::from_secs(14 * 86_400))),
+            at(2026, 11, 14)
+        );
+        assert_eq!(
+            cold_horizon(now, Some(std::time::Duration::from_secs(3600))),
+            at(2026, 11, 27)
+        );
         assert_eq!(cold_horizon(now, None), at(2026, 11, 28));
     }
 
     #[test]
     fn cold_days_merge_within_their_quarter_of_the_month() {
         let spans = days(at(2026, 11, 1), 20); // Nov 1 .. Nov 20
-        // Cold up to Nov 12: quarter 1-7 whole, 8-11 so far.
+                                               // Cold up to Nov 12: quarter 1-7 whole, 8-11 so far.
         let plan = merge_plan(&spans, at(2026, 11, 12));
-        assert_eq!(plan, vec![(0..7).collect::<Vec<_>>(), (7..11).collect::<Vec<_>>()]);
+        assert_eq!(
+            plan,
+            vec![(0..7).collect::<Vec<_>>(), (7..11).collect::<Vec<_>>()]
+        );
         // Nothing cold: nothing merges.
         assert!(merge_plan(&spans, at(2026, 11, 1)).is_empty());
     }
@@ -244,9 +292,21 @@ mod tests {
     fn a_complete_cold_month_merges_whole_and_a_complete_cold_year_too() {
         // October as one quarter range and single days; November 1-3 as days.
         let mut spans = vec![
-            Span { lower: at(2026, 10, 1), upper: at(2026, 10, 8), mergeable: true },
-            Span { lower: at(2026, 10, 8), upper: at(2026, 10, 15), mergeable: true },
-            Span { lower: at(2026, 10, 15), upper: at(2026, 10, 22), mergeable: true },
+            Span {
+                lower: at(2026, 10, 1),
+                upper: at(2026, 10, 8),
+                mergeable: true,
+            },
+            Span {
+                lower: at(2026, 10, 8),
+                upper: at(2026, 10, 15),
+                mergeable: true,
+            },
+            Span {
+                lower: at(2026, 10, 15),
+                upper: at(2026, 10, 22),
+                mergeable: true,
+            },
         ];
         spans.extend(days(at(2026, 10, 22), 10 + 3)); // Oct 22 .. Nov 3
         let plan = merge_plan(&spans, at(2026, 11, 3));
@@ -254,21 +314,47 @@ mod tests {
         assert_eq!(plan[1], vec![13, 14], "November 1-2 so far");
         // Twelve months of a past year merge into one.
         let mut year: Vec<Span> = (1..=12)
-            .map(|m| Span { lower: at(2025, m, 1), upper: if m == 12 { at(2026, 1, 1) } else { at(2025, m + 1, 1) }, mergeable: true })
+            .map(|m| Span {
+                lower: at(2025, m, 1),
+                upper: if m == 12 {
+                    at(2026, 1, 1)
+                } else {
+                    at(2025, m + 1, 1)
+                },
+                mergeable: true,
+            })
             .collect();
-        year.push(Span { lower: at(2026, 1, 1), upper: at(2026, 2, 1), mergeable: true });
-        assert_eq!(merge_plan(&year, at(2026, 6, 1)), vec![(0..12).collect::<Vec<_>>()]);
+        year.push(Span {
+            lower: at(2026, 1, 1),
+            upper: at(2026, 2, 1),
+            mergeable: true,
+        });
+        assert_eq!(
+            merge_plan(&year, at(2026, 6, 1)),
+            vec![(0..12).collect::<Vec<_>>()]
+        );
     }
 
     #[test]
     fn ranges_that_cannot_take_part_are_left_alone() {
         let mut spans = days(at(2026, 11, 1), 7);
         spans[3].mergeable = false; // live, or the engine does not manage it
-        assert_eq!(merge_plan(&spans, at(2026, 12, 1)), vec![vec![0, 1, 2], vec![4, 5, 6]]);
+        assert_eq!(
+            merge_plan(&spans, at(2026, 12, 1)),
+            vec![vec![0, 1, 2], vec![4, 5, 6]]
+        );
         // A range crossing a quarter's edge stays as it is.
         let odd = vec![
-            Span { lower: at(2026, 11, 5), upper: at(2026, 11, 10), mergeable: true },
-            Span { lower: at(2026, 11, 10), upper: at(2026, 11, 11), mergeable: true },
+            Span {
+                lower: at(2026, 11, 5),
+                upper: at(2026, 11, 10),
+                mergeable: true,
+            },
+            Span {
+                lower: at(2026, 11, 10),
+                upper: at(2026, 11, 11),
+                mergeable: true,
+            },
         ];
         assert!(merge_plan(&odd, at(2026, 12, 1)).is_empty());
     }
@@ -281,10 +367,21 @@ mod tests {
         let mut most = 0;
         for day in 0..400 {
             let now = start + Duration::days(day);
-            spans.push(Span { lower: now, upper: now + Duration::days(1), mergeable: true });
-            let horizon = cold_horizon(now + Duration::hours(12), Some(std::time::Duration::from_secs(14 * 86_400)));
+            spans.push(Span {
+                lower: now,
+                upper: now + Duration::days(1),
+                mergeable: true,
+            });
+            let horizon = cold_horizon(
+                now + Duration::hours(12),
+                Some(std::time::Duration::from_secs(14 * 86_400)),
+            );
             for group in merge_plan(&spans, horizon).into_iter().rev() {
-                let merged = Span { lower: spans[group[0]].lower, upper: spans[*group.last().unwrap()].upper, mergeable: true };
+                let merged = Span {
+                    lower: spans[group[0]].lower,
+                    upper: spans[*group.last().unwrap()].upper,
+                    mergeable: true,
+                };
                 spans.splice(group[0]..=*group.last().unwrap(), [merged]);
             }
             most = most.max(spans.len());

@@ -20,7 +20,10 @@ pub enum HoldError {
     #[error("invalid until {0:?}: allowed: an instant in RFC 3339 (2027-01-31T12:00:00Z) or a date (2027-01-31, midnight UTC)")]
     InvalidUntil(String),
     #[error("until {until} is not in the future (the database's clock says {now}): a hold must end later than now, or never")]
-    UntilPassed { until: DateTime<Utc>, now: DateTime<Utc> },
+    UntilPassed {
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    },
     #[error("no hold with id {0}")]
     UnknownHold(i64),
     #[error("hold {0} was already removed")]
@@ -38,12 +41,21 @@ impl From<sqlx::Error> for HoldError {
 impl HoldError {
     /// A mistake in the request (as opposed to a database failure).
     pub fn is_bad_request(&self) -> bool {
-        !matches!(self, HoldError::Database(_) | HoldError::UnknownTenant(_) | HoldError::UnknownTask { .. } | HoldError::UnknownHold(_))
+        !matches!(
+            self,
+            HoldError::Database(_)
+                | HoldError::UnknownTenant(_)
+                | HoldError::UnknownTask { .. }
+                | HoldError::UnknownHold(_)
+        )
     }
 
     /// Something named does not exist.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, HoldError::UnknownTenant(_) | HoldError::UnknownTask { .. } | HoldError::UnknownHold(_))
+        matches!(
+            self,
+            HoldError::UnknownTenant(_) | HoldError::UnknownTask { .. } | HoldError::UnknownHold(_)
+        )
     }
 }
 
@@ -86,21 +98,42 @@ pub fn check(request: &HoldRequest) -> Result<(), HoldError> {
 /// Adds a hold for `request`, recorded as added by `by` (`cli`, or the API token's name).
 pub async fn add(pool: &PgPool, request: &HoldRequest, by: &str) -> Result<Hold, HoldError> {
     check(request)?;
-    let tenant = tenants::find(pool, request.tenant.trim()).await?.ok_or_else(|| HoldError::UnknownTenant(request.tenant.clone()))?;
-    let task = request.task.as_deref().map(|t| Uuid::parse_str(t.trim()).expect("checked"));
+    let tenant = tenants::find(pool, request.tenant.trim())
+        .await?
+        .ok_or_else(|| HoldError::UnknownTenant(request.tenant.clone()))?;
+    let task = request
+        .task
+        .as_deref()
+        .map(|t| Uuid::parse_str(t.trim()).expect("checked"));
     if let Some(task) = task {
         if !holds::task_exists(pool, tenant.id, task).await? {
-            return Err(HoldError::UnknownTask { tenant: tenant.slug, task });
+            return Err(HoldError::UnknownTask {
+                tenant: tenant.slug,
+                task,
+            });
         }
     }
-    let until = request.until.as_deref().map(|u| parse_until(u).expect("checked"));
+    let until = request
+        .until
+        .as_deref()
+        .map(|u| parse_until(u).expect("checked"));
     if let Some(until) = until {
         let now = clock::now(pool).await?;
         if until <= now {
             return Err(HoldError::UntilPassed { until, now });
         }
     }
-    let hold = holds::add(pool, &NewHold { tenant_id: tenant.id, task_id: task, reason: request.reason.trim(), until, created_by: by }).await?;
+    let hold = holds::add(
+        pool,
+        &NewHold {
+            tenant_id: tenant.id,
+            task_id: task,
+            reason: request.reason.trim(),
+            until,
+            created_by: by,
+        },
+    )
+    .await?;
     tracing::info!(hold = hold.id, tenant_id = %hold.tenant_id, task_id = ?hold.task_id, until = ?hold.until, by, reason = %hold.reason, "hold added");
     Ok(hold)
 }
@@ -108,15 +141,32 @@ pub async fn add(pool: &PgPool, request: &HoldRequest, by: &str) -> Result<Hold,
 /// Holds of the tenant `tenant` (id or slug), or of all; those in force unless `all`.
 pub async fn list(pool: &PgPool, tenant: Option<&str>, all: bool) -> Result<Vec<Hold>, HoldError> {
     let tenant_id = match tenant {
-        Some(key) => Some(tenants::find(pool, key.trim()).await?.ok_or_else(|| HoldError::UnknownTenant(key.to_string()))?.id),
+        Some(key) => Some(
+            tenants::find(pool, key.trim())
+                .await?
+                .ok_or_else(|| HoldError::UnknownTenant(key.to_string()))?
+                .id,
+        ),
         None => None,
     };
     Ok(holds::list(pool, tenant_id, all).await?)
 }
 
 /// Removes hold `id`, recorded as removed by `by`, with an optional reason.
-pub async fn remove(pool: &PgPool, id: i64, by: &str, reason: Option<&str>) -> Result<Hold, HoldError> {
-    match holds::remove(pool, id, by, reason.map(str::trim).filter(|r| !r.is_empty())).await? {
+pub async fn remove(
+    pool: &PgPool,
+    id: i64,
+    by: &str,
+    reason: Option<&str>,
+) -> Result<Hold, HoldError> {
+    match holds::remove(
+        pool,
+        id,
+        by,
+        reason.map(str::trim).filter(|r| !r.is_empty()),
+    )
+    .await?
+    {
         Some(hold) => {
             tracing::info!(hold = hold.id, tenant_id = %hold.tenant_id, by, "hold removed");
             Ok(hold)
@@ -130,14 +180,22 @@ pub async fn remove(pool: &PgPool, id: i64, by: &str, reason: Option<&str>) -> R
 
 /// One line for people.
 pub fn describe(hold: &Hold) -> String {
-    let scope = hold.task_id.map_or_else(|| "every task".to_string(), |task| format!("task {task}"));
-    let until = hold.until.map_or_else(|| "until removed".to_string(), |u| format!("until {}", u.to_rfc3339()));
+    let scope = hold
+        .task_id
+        .map_or_else(|| "every task".to_string(), |task| format!("task {task}"));
+    let until = hold.until.map_or_else(
+        || "until removed".to_string(),
+        |u| format!("until {}", u.to_rfc3339()),
+    );
     let state = match (&hold.removed_at, hold.active) {
         (Some(at), _) => format!(
             "removed {} by {}{}",
             at.to_rfc3339(),
             hold.removed_by.as_deref().unwrap_or("?"),
-            hold.removed_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+            hold.removed_reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
         ),
         (None, true) => "in force".to_string(),
         (None, false) => "ended".to_string(),
@@ -158,16 +216,41 @@ mod tests {
 
     #[test]
     fn until_is_an_instant_or_a_date() {
-        assert_eq!(parse_until("2027-01-31T12:00:00Z").unwrap().to_rfc3339(), "2027-01-31T12:00:00+00:00");
-        assert_eq!(parse_until("2027-01-31").unwrap().to_rfc3339(), "2027-01-31T00:00:00+00:00");
-        assert_eq!(parse_until("next week"), Err(HoldError::InvalidUntil("next week".into())));
+        assert_eq!(
+            parse_until("2027-01-31T12:00:00Z").unwrap().to_rfc3339(),
+            "2027-01-31T12:00:00+00:00"
+        );
+        assert_eq!(
+            parse_until("2027-01-31").unwrap().to_rfc3339(),
+            "2027-01-31T00:00:00+00:00"
+        );
+        assert_eq!(
+            parse_until("next week"),
+            Err(HoldError::InvalidUntil("next week".into()))
+        );
     }
 
     #[test]
     fn a_request_without_reason_or_with_a_bad_task_is_refused() {
-        let ok = HoldRequest { tenant: "acme".into(), reason: "litigation".into(), ..Default::default() };
+        let ok = HoldRequest {
+            tenant: "acme".into(),
+            reason: "litigation".into(),
+            ..Default::default()
+        };
         assert_eq!(check(&ok), Ok(()));
-        assert_eq!(check(&HoldRequest { reason: "  ".into(), ..ok.clone() }), Err(HoldError::NoReason));
-        assert_eq!(check(&HoldRequest { task: Some("42".into()), ..ok.clone() }), Err(HoldError::InvalidTask("42".into())));
+        assert_eq!(
+            check(&HoldRequest {
+                reason: "  ".into(),
+                ..ok.clone()
+            }),
+            Err(HoldError::NoReason)
+        );
+        assert_eq!(
+            check(&HoldRequest {
+                task: Some("42".into()),
+                ..ok.clone()
+            }),
+            Err(HoldError::InvalidTask("42".into()))
+        );
     }
 }

@@ -10,8 +10,8 @@
 pub mod batching;
 mod block_walk;
 pub mod clock_guard;
-pub mod feedback;
 mod controller;
+pub mod feedback;
 mod history;
 pub mod history_policy;
 pub mod holds;
@@ -21,12 +21,17 @@ pub mod schedule;
 pub mod settings;
 mod statistics;
 mod task;
+pub mod tasks;
 pub mod telemetry;
+pub mod tenant_retention;
 pub mod throttle;
 pub mod wal_compression;
-pub mod tasks;
-pub mod tenant_retention;
 
-pub use controller::{replica, run_once, run_once_with, Controller, RunOutcome, RunSummary, StopReason};
+pub use controller::{
+    replica, run_once, run_once_with, Controller, RunOutcome, RunSummary, StopReason,
+};
 pub use settings::{RetentionSettings, SettingError};
-pub use task::{Completion, DryRunReport, MaintenanceTask, Progress, ProgressFn, RunContext, RunOptions, RunReport, TaskError};
+pub use task::{
+    Completion, DryRunReport, MaintenanceTask, Progress, ProgressFn, RunContext, RunOptions,
+    RunReport, TaskError,
+};

@@ -81,9 +81,27 @@ const FIRST_PAGES: u32 = 16;
 const FAILURES_AT_MOST: i32 = 3;
 
 /// Starts a rewrite of `sources` for the run of `task`, and drives it as far as the run allows.
-pub async fn start(ctx: &RunContext, sources: &[Range], task: &'static str, steps: Steps, wait: bool, naming: Naming, report: &mut RunReport) -> Result<Outcome, TaskError> {
+pub async fn start(
+    ctx: &RunContext,
+    sources: &[Range],
+    task: &'static str,
+    steps: Steps,
+    wait: bool,
+    naming: Naming,
+    report: &mut RunReport,
+) -> Result<Outcome, TaskError> {
     let rule = ctx.rule(steps.grace);
-    match rewrite::start(&ctx.pool, sources, (task, ctx.run_id), &rule, steps.limits, steps.lock_timeout, wait).await? {
+    match rewrite::start(
+        &ctx.pool,
+        sources,
+        (task, ctx.run_id),
+        &rule,
+        steps.limits,
+        steps.lock_timeout,
+        wait,
+    )
+    .await?
+    {
         Ok(started) => {
             tracing::info!(rewrite = started.id, ranges = ?names(sources), "rewriting ranges: copying what they keep");
             advance(ctx, started.id, steps, naming, report).await
@@ -95,7 +113,13 @@ pub async fn start(ctx: &RunContext, sources: &[Range], task: &'static str, step
 /// Brings every rewrite in progress forward: the count of any that was swapped in (whoever
 /// started it: its receipts are owed), and `task`'s own before their swap (resumed where they
 /// stopped). Stops when the run is interrupted.
-pub async fn resume(ctx: &RunContext, task: &'static str, steps: Steps, naming: Naming, report: &mut RunReport) -> Result<Option<crate::Completion>, TaskError> {
+pub async fn resume(
+    ctx: &RunContext,
+    task: &'static str,
+    steps: Steps,
+    naming: Naming,
+    report: &mut RunReport,
+) -> Result<Option<crate::Completion>, TaskError> {
     let mut conn = ctx.pool.acquire().await?;
     let in_progress = rewrite::in_progress(&mut conn).await?;
     drop(conn);
@@ -107,8 +131,14 @@ pub async fn resume(ctx: &RunContext, task: &'static str, steps: Steps, naming: 
         match advance(ctx, pending.id, steps, naming, report).await? {
             Outcome::Interrupted => return Ok(Some(ctx.interrupted().unwrap_or_default())),
             Outcome::Done(_) => report.count("rewrites resumed", 1),
-            Outcome::Waiting(why) => tracing::info!(rewrite = pending.id, reason = why.as_str(), "the rewrite waits for the next run"),
-            Outcome::Abandoned(why) => tracing::warn!(rewrite = pending.id, reason = %why, "rewrite abandoned; nothing was removed"),
+            Outcome::Waiting(why) => tracing::info!(
+                rewrite = pending.id,
+                reason = why.as_str(),
+                "the rewrite waits for the next run"
+            ),
+            Outcome::Abandoned(why) => {
+                tracing::warn!(rewrite = pending.id, reason = %why, "rewrite abandoned; nothing was removed")
+            }
         }
     }
     Ok(None)
@@ -118,8 +148,8 @@ pub async fn resume(ctx: &RunContext, task: &'static str, steps: Steps, naming: 
 enum Step {
     /// A chunk of pages (copied or counted): sized by the sizer.
     Pages(u32),
-    /// The swap: paced like a batch (it held the tables' lock), not sized.
-    Swapped,
+    /// The swap, holding the parents' lock this long: recorded and paced like a batch, not sized.
+    Swapped(Duration),
     /// Something else done; go on.
     Other,
     /// The rewrite is counted and gone.
@@ -129,7 +159,13 @@ enum Step {
 }
 
 /// Drives rewrite `id` until it is done, the run is interrupted, or it cannot go on now.
-pub async fn advance(ctx: &RunContext, id: i64, steps: Steps, naming: Naming, report: &mut RunReport) -> Result<Outcome, TaskError> {
+pub async fn advance(
+    ctx: &RunContext,
+    id: i64,
+    steps: Steps,
+    naming: Naming,
+    report: &mut RunReport,
+) -> Result<Outcome, TaskError> {
     let mut sizer = ctx.block_sizer_within(FIRST_PAGES, steps.limits.statement_timeout);
     let mut swap_attempts = 0;
     loop {
@@ -137,14 +173,25 @@ pub async fn advance(ctx: &RunContext, id: i64, steps: Steps, naming: Naming, re
             return Ok(Outcome::Interrupted);
         }
         let started = Instant::now();
-        let result = step(ctx, id, steps, naming, &mut sizer, &mut swap_attempts, report).await;
+        let result = step(
+            ctx,
+            id,
+            steps,
+            naming,
+            &mut sizer,
+            &mut swap_attempts,
+            report,
+        )
+        .await;
         let elapsed = started.elapsed();
         let pages = match result {
             Ok(Step::Pages(pages)) => pages,
             Ok(Step::Other) => continue,
-            Ok(Step::Swapped) => {
+            Ok(Step::Swapped(locked)) => {
+                // The longest batch is the lock held; the pause answers the whole step.
                 report.batches += 1;
-                ctx.batch_done(elapsed, report, None).await;
+                ctx.batch_recorded(locked, report, None);
+                ctx.pause_after(elapsed).await;
                 continue;
             }
             Ok(Step::Finished(done)) => return Ok(Outcome::Done(done)),
@@ -160,7 +207,9 @@ pub async fn advance(ctx: &RunContext, id: i64, steps: Steps, naming: Naming, re
                     tokio::time::sleep(sizer.again_pause()).await;
                     continue;
                 }
-                Settled::GaveUp(error) if batch::is_timeout(&error) || batch::is_retryable(&error) => {
+                Settled::GaveUp(error)
+                    if batch::is_timeout(&error) || batch::is_retryable(&error) =>
+                {
                     tracing::warn!(rewrite = id, %error, "a rewrite step gave up");
                     return gave_up(ctx, id, steps, &error.to_string()).await;
                 }
@@ -169,7 +218,7 @@ pub async fn advance(ctx: &RunContext, id: i64, steps: Steps, naming: Naming, re
             },
         };
         if pages > 0 {
-            let _ = sizer.settle(elapsed, Ok(()));
+            let _ = sizer.settle_units(elapsed, pages, Ok(()));
             report.batches += 1;
             ctx.batch_done(elapsed, report, None).await;
         }
@@ -177,15 +226,29 @@ pub async fn advance(ctx: &RunContext, id: i64, steps: Steps, naming: Naming, re
 }
 
 /// A step that kept failing: recorded; before the swap, the rewrite is abandoned after a few.
-async fn gave_up(ctx: &RunContext, id: i64, steps: Steps, error: &str) -> Result<Outcome, TaskError> {
+async fn gave_up(
+    ctx: &RunContext,
+    id: i64,
+    steps: Steps,
+    error: &str,
+) -> Result<Outcome, TaskError> {
     let failures = rewrite::failed(&ctx.pool, id, error).await?;
     tracing::warn!(rewrite = id, failures, %error, "a rewrite step kept failing");
     let mut conn = ctx.pool.acquire().await?;
-    let phase = rewrite::in_progress(&mut conn).await?.into_iter().find(|r| r.id == id).map(|r| r.phase);
+    let phase = rewrite::in_progress(&mut conn)
+        .await?
+        .into_iter()
+        .find(|r| r.id == id)
+        .map(|r| r.phase);
     drop(conn);
-    if failures >= FAILURES_AT_MOST && phase.is_some_and(Phase::before_swap) && rewrite::abandon(&ctx.pool, id, steps.limits, steps.lock_timeout).await? {
+    if failures >= FAILURES_AT_MOST
+        && phase.is_some_and(Phase::before_swap)
+        && rewrite::abandon(&ctx.pool, id, steps.limits, steps.lock_timeout).await?
+    {
         penalise_rewrites(&ctx.pool).await?;
-        return Ok(Outcome::Abandoned(format!("{failures} steps failed, the last with: {error}")));
+        return Ok(Outcome::Abandoned(format!(
+            "{failures} steps failed, the last with: {error}"
+        )));
     }
     Ok(Outcome::Waiting(NotNow::Failing))
 }
@@ -206,7 +269,9 @@ async fn step(
         // Gone: another runner finished it (or gave it up).
         Ok(None) => return Ok(Step::Stop(Outcome::Waiting(NotNow::Taken))),
         // Another runner's step held it past the lock timeout.
-        Err(error) if batch::is_lock_timeout(&error) => return Ok(Step::Stop(Outcome::Waiting(NotNow::Taken))),
+        Err(error) if batch::is_lock_timeout(&error) => {
+            return Ok(Step::Stop(Outcome::Waiting(NotNow::Taken)))
+        }
         Err(error) => return Err(error),
     };
     match current.phase {
@@ -215,7 +280,11 @@ async fn step(
             rewrite::spent(&mut tx, id, started.elapsed().as_secs_f64()).await?;
             tx.commit().await?;
             report.count("rewrite pages copied", u64::from(copied.pages));
-            Ok(if copied.pages > 0 { Step::Pages(copied.pages) } else { Step::Other })
+            Ok(if copied.pages > 0 {
+                Step::Pages(copied.pages)
+            } else {
+                Step::Other
+            })
         }
         Phase::CatchUp => {
             let replayed = replay::log_pass(&mut tx, &current, CATCH_UP_PASS).await?;
@@ -232,8 +301,10 @@ async fn step(
             match swap::swap(&ctx.pool, id, steps.limits, steps.lock_timeout).await? {
                 Ok(swapped) => {
                     telemetry::history_lock_held(task_name(&current.task), swapped.locked);
-                    report.longest_batch = report.longest_batch.max(swapped.locked);
-                    report.count(crate::history::RANGES_REPLACED, current.sources.len() as u64);
+                    report.count(
+                        crate::history::RANGES_REPLACED,
+                        current.sources.len() as u64,
+                    );
                     tracing::info!(
                         rewrite = id,
                         lower = %current.lower,
@@ -241,12 +312,14 @@ async fn step(
                         lock_ms = swapped.locked.as_millis() as u64,
                         "swapped the rewritten range in; counting what went"
                     );
-                    Ok(Step::Swapped)
+                    Ok(Step::Swapped(swapped.locked))
                 }
                 Err(NotNow::RulesChanged) => Ok(Step::Other),
                 Err(NotNow::SourcesBusy) if swap::sources_gone(&ctx.pool, id).await? => {
                     rewrite::abandon(&ctx.pool, id, steps.limits, steps.lock_timeout).await?;
-                    Ok(Step::Stop(Outcome::Abandoned("a source range is no longer attached (detached by hand?)".into())))
+                    Ok(Step::Stop(Outcome::Abandoned(
+                        "a source range is no longer attached (detached by hand?)".into(),
+                    )))
                 }
                 Err(why) => Ok(Step::Stop(Outcome::Waiting(why))),
             }
@@ -257,22 +330,35 @@ async fn step(
                 if !count::finish(&ctx.pool, id, steps.limits, steps.lock_timeout).await? {
                     return Ok(Step::Stop(Outcome::Waiting(NotNow::Taken)));
                 }
-                observe_rewrite(&ctx.pool, current.rows_read, current.tasks_kept, current.seconds).await?;
+                observe_rewrite(
+                    &ctx.pool,
+                    current.rows_read,
+                    current.tasks_kept,
+                    current.seconds,
+                )
+                .await?;
                 tracing::info!(rewrite = id, lower = %current.lower, upper = %current.upper, seconds = current.seconds, "rewrite done");
                 return Ok(Step::Finished(Done {
                     lower: current.lower,
                     upper: current.upper,
                     sources: current.sources.len(),
-                    locked: current.lock_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+                    locked: current
+                        .lock_ms
+                        .map(|ms| Duration::from_secs_f64(ms / 1000.0)),
                 }));
             }
-            let counted = count::chunk(&mut tx, &current, sizer.size(), &ctx.rule(steps.grace)).await?;
+            let counted =
+                count::chunk(&mut tx, &current, sizer.size(), &ctx.rule(steps.grace)).await?;
             rewrite::spent(&mut tx, id, started.elapsed().as_secs_f64()).await?;
             tx.commit().await?;
             for went in &counted.went {
                 add_to_report(report, naming, went);
             }
-            Ok(if counted.pages > 0 { Step::Pages(counted.pages) } else { Step::Other })
+            Ok(if counted.pages > 0 {
+                Step::Pages(counted.pages)
+            } else {
+                Step::Other
+            })
         }
     }
 }
@@ -281,15 +367,20 @@ async fn step(
 /// rows were decided, then records the rules they now follow (and each tenant's).
 async fn copy_changed_tenants(ctx: &RunContext, id: i64, steps: Steps) -> Result<(), sqlx::Error> {
     let mut tx = batch::begin(&ctx.pool, steps.limits).await?;
-    let Some(current) = rewrite::lock(&mut tx, id).await? else { return Ok(()) };
+    let Some(current) = rewrite::lock(&mut tx, id).await? else {
+        return Ok(());
+    };
     let (version, tenants) = replay::changed_tenants(&mut tx, &current).await?;
     tx.commit().await?;
     for tenant in &tenants {
         let mut after: Option<Uuid> = None;
         loop {
             let mut tx = batch::begin(&ctx.pool, steps.limits).await?;
-            let Some(current) = rewrite::lock(&mut tx, id).await? else { return Ok(()) };
-            let next = replay::tenant_chunk(&mut tx, &current, *tenant, after, TENANT_CHUNK).await?;
+            let Some(current) = rewrite::lock(&mut tx, id).await? else {
+                return Ok(());
+            };
+            let next =
+                replay::tenant_chunk(&mut tx, &current, *tenant, after, TENANT_CHUNK).await?;
             tx.commit().await?;
             match next {
                 Some(last) => after = Some(last),
@@ -298,9 +389,15 @@ async fn copy_changed_tenants(ctx: &RunContext, id: i64, steps: Steps) -> Result
         }
     }
     let mut tx = batch::begin(&ctx.pool, steps.limits).await?;
-    let Some(current) = rewrite::lock(&mut tx, id).await? else { return Ok(()) };
+    let Some(current) = rewrite::lock(&mut tx, id).await? else {
+        return Ok(());
+    };
     if version != current.rules_version {
-        tracing::info!(rewrite = id, tenants = tenants.len(), "copied again the rows of tenants whose rules changed during the rewrite");
+        tracing::info!(
+            rewrite = id,
+            tenants = tenants.len(),
+            "copied again the rows of tenants whose rules changed during the rewrite"
+        );
         replay::caught_up_with(&mut tx, &current, version).await?;
     }
     let caught_up = rewrite::lock(&mut tx, id).await?.unwrap_or(current);
@@ -310,7 +407,11 @@ async fn copy_changed_tenants(ctx: &RunContext, id: i64, steps: Steps) -> Result
 }
 
 fn add_to_report(report: &mut RunReport, naming: Naming, went: &count::Went) {
-    let (tasks, events, queue) = (went.tasks as u64, went.events as u64, went.queue_items as u64);
+    let (tasks, events, queue) = (
+        went.tasks as u64,
+        went.events as u64,
+        went.queue_items as u64,
+    );
     match naming {
         Naming::Rules => {
             let rule = match went.rule.as_str() {

@@ -71,8 +71,14 @@ mod tests {
 
     #[test]
     fn first_run_waits_a_random_part_of_the_interval_capped() {
-        assert_eq!(first_delay(Duration::from_secs(10), 0.5), Duration::from_secs(5));
-        assert_eq!(first_delay(Duration::from_secs(3600), 0.5), Duration::from_secs(15));
+        assert_eq!(
+            first_delay(Duration::from_secs(10), 0.5),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            first_delay(Duration::from_secs(3600), 0.5),
+            Duration::from_secs(15)
+        );
         assert_eq!(first_delay(Duration::from_secs(3600), 0.0), Duration::ZERO);
     }
 }

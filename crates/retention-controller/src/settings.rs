@@ -79,7 +79,9 @@ impl TryFrom<String> for WalCompressionMethod {
             "pglz" => Ok(WalCompressionMethod::Pglz),
             "lz4" => Ok(WalCompressionMethod::Lz4),
             "zstd" => Ok(WalCompressionMethod::Zstd),
-            other => Err(format!("{other:?} is not allowed: one of \"off\", \"pglz\", \"lz4\", \"zstd\"")),
+            other => Err(format!(
+                "{other:?} is not allowed: one of \"off\", \"pglz\", \"lz4\", \"zstd\""
+            )),
         }
     }
 }
@@ -146,8 +148,11 @@ impl RetentionSettings {
             lease_ttl: self.lease_ttl,
             max_clock_skew: self.max_clock_skew,
             parallelism: self.parallelism,
-            throttle: Some(std::sync::Arc::new(crate::throttle::ReplicaThrottle::new(self.throttle.clone()))),
-            wal_compression: crate::wal_compression::WalCompression::new(self.wal_compression).map(std::sync::Arc::new),
+            throttle: Some(std::sync::Arc::new(crate::throttle::ReplicaThrottle::new(
+                self.throttle.clone(),
+            ))),
+            wal_compression: crate::wal_compression::WalCompression::new(self.wal_compression)
+                .map(std::sync::Arc::new),
             ..self.pacing.run_options(pause_ratio)
         }
     }
@@ -207,14 +212,24 @@ impl Default for PacingSettings {
 impl PacingSettings {
     /// Paced by `pause_ratio` (0: full speed), with the batch duration that goes with it.
     fn run_options(&self, pause_ratio: f64) -> crate::RunOptions {
-        let batch_time = if pause_ratio > 0.0 { self.batch_time } else { self.full_speed_batch_time };
-        let feedback = (self.feedback && pause_ratio > 0.0).then_some(crate::feedback::FeedbackOptions {
-            min_pause_ratio: self.min_pause_ratio,
-            max_pause_ratio: self.max_pause_ratio,
-            max_slowdown: self.max_slowdown,
-            probe_interval: self.probe_interval,
-        });
-        crate::RunOptions { batch_time, pause_ratio, feedback, ..Default::default() }
+        let batch_time = if pause_ratio > 0.0 {
+            self.batch_time
+        } else {
+            self.full_speed_batch_time
+        };
+        let feedback =
+            (self.feedback && pause_ratio > 0.0).then_some(crate::feedback::FeedbackOptions {
+                min_pause_ratio: self.min_pause_ratio,
+                max_pause_ratio: self.max_pause_ratio,
+                max_slowdown: self.max_slowdown,
+                probe_interval: self.probe_interval,
+            });
+        crate::RunOptions {
+            batch_time,
+            pause_ratio,
+            feedback,
+            ..Default::default()
+        }
     }
 }
 
@@ -257,7 +272,10 @@ impl Default for SessionsSettings {
 
 impl SessionsSettings {
     pub fn schedule(&self) -> Schedule {
-        Schedule { interval: self.interval, max_run_time: self.max_run_time }
+        Schedule {
+            interval: self.interval,
+            max_run_time: self.max_run_time,
+        }
     }
 }
 
@@ -294,7 +312,10 @@ impl Default for QueueItemsSettings {
 
 impl QueueItemsSettings {
     pub fn schedule(&self) -> Schedule {
-        Schedule { interval: self.interval, max_run_time: self.max_run_time }
+        Schedule {
+            interval: self.interval,
+            max_run_time: self.max_run_time,
+        }
     }
 }
 
@@ -346,7 +367,10 @@ impl Default for TaskHistorySettings {
 
 impl TaskHistorySettings {
     pub fn schedule(&self) -> Schedule {
-        Schedule { interval: self.interval, max_run_time: self.max_run_time }
+        Schedule {
+            interval: self.interval,
+            max_run_time: self.max_run_time,
+        }
     }
 }
 
@@ -413,7 +437,10 @@ impl Default for PartitionsSettings {
 
 impl PartitionsSettings {
     pub fn schedule(&self) -> Schedule {
-        Schedule { interval: self.interval, max_run_time: self.max_run_time }
+        Schedule {
+            interval: self.interval,
+            max_run_time: self.max_run_time,
+        }
     }
 }
 
@@ -427,7 +454,11 @@ pub struct SettingError {
 
 impl fmt::Display for SettingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} = {:?} is not allowed: {}", self.key, self.value, self.allowed)
+        write!(
+            f,
+            "{} = {:?} is not allowed: {}",
+            self.key, self.value, self.allowed
+        )
     }
 }
 
@@ -437,8 +468,18 @@ impl RetentionSettings {
     pub fn validate(&self, prefix: &str) -> Vec<SettingError> {
         let mut errors = Vec::new();
         let key = |task: &str, name: &str| format!("{prefix}.{task}.{name}");
-        check_duration(&mut errors, format!("{prefix}.lease_ttl"), self.lease_ttl, 3 * SECOND..=10 * MINUTE);
-        check_duration(&mut errors, format!("{prefix}.max_clock_skew"), self.max_clock_skew, SECOND..=HOUR);
+        check_duration(
+            &mut errors,
+            format!("{prefix}.lease_ttl"),
+            self.lease_ttl,
+            3 * SECOND..=10 * MINUTE,
+        );
+        check_duration(
+            &mut errors,
+            format!("{prefix}.max_clock_skew"),
+            self.max_clock_skew,
+            SECOND..=HOUR,
+        );
         if !(1..=MAX_PARALLELISM).contains(&self.parallelism) {
             errors.push(SettingError {
                 key: format!("{prefix}.parallelism"),
@@ -448,14 +489,39 @@ impl RetentionSettings {
         }
         let throttle = &self.throttle;
         if !throttle.max_replica_lag.is_zero() {
-            check_duration(&mut errors, format!("{prefix}.throttle.max_replica_lag"), throttle.max_replica_lag, SECOND..=HOUR);
+            check_duration(
+                &mut errors,
+                format!("{prefix}.throttle.max_replica_lag"),
+                throttle.max_replica_lag,
+                SECOND..=HOUR,
+            );
         }
-        check_duration(&mut errors, format!("{prefix}.throttle.max_replica_stall"), throttle.max_replica_stall, 10 * SECOND..=DAY);
-        check_duration(&mut errors, format!("{prefix}.throttle.check_interval"), throttle.check_interval, Duration::from_millis(100)..=10 * SECOND);
+        check_duration(
+            &mut errors,
+            format!("{prefix}.throttle.max_replica_stall"),
+            throttle.max_replica_stall,
+            10 * SECOND..=DAY,
+        );
+        check_duration(
+            &mut errors,
+            format!("{prefix}.throttle.check_interval"),
+            throttle.check_interval,
+            Duration::from_millis(100)..=10 * SECOND,
+        );
         let pacing = &self.pacing;
         // A batch is one transaction: longer ones hold their row locks and WAL that long.
-        check_duration(&mut errors, key("pacing", "batch_time"), pacing.batch_time, Duration::from_millis(1)..=SECOND);
-        check_duration(&mut errors, key("pacing", "full_speed_batch_time"), pacing.full_speed_batch_time, Duration::from_millis(1)..=SECOND);
+        check_duration(
+            &mut errors,
+            key("pacing", "batch_time"),
+            pacing.batch_time,
+            Duration::from_millis(1)..=SECOND,
+        );
+        check_duration(
+            &mut errors,
+            key("pacing", "full_speed_batch_time"),
+            pacing.full_speed_batch_time,
+            Duration::from_millis(1)..=SECOND,
+        );
         if let Some(error) = check_pause_ratio(&key("pacing", "pause_ratio"), pacing.pause_ratio) {
             errors.push(error);
         }
@@ -469,7 +535,10 @@ impl RetentionSettings {
             errors.push(SettingError {
                 key: key("pacing", "max_pause_ratio"),
                 value: pacing.max_pause_ratio.to_string(),
-                allowed: format!("a number from min_pause_ratio ({}) to {MAX_PAUSE_RATIO}", pacing.min_pause_ratio),
+                allowed: format!(
+                    "a number from min_pause_ratio ({}) to {MAX_PAUSE_RATIO}",
+                    pacing.min_pause_ratio
+                ),
             });
         }
         if !(1.1..=100.0).contains(&pacing.max_slowdown) {
@@ -479,25 +548,91 @@ impl RetentionSettings {
                 allowed: "a number from 1.1 to 100: how many times slower the probe may commit while a batch runs".into(),
             });
         }
-        check_duration(&mut errors, key("pacing", "probe_interval"), pacing.probe_interval, Duration::from_millis(10)..=10 * SECOND);
+        check_duration(
+            &mut errors,
+            key("pacing", "probe_interval"),
+            pacing.probe_interval,
+            Duration::from_millis(10)..=10 * SECOND,
+        );
         let s = &self.sessions;
         check_batch_size(&mut errors, &key("sessions", ""), s.batch_size);
-        check_run(&mut errors, &key("sessions", ""), s.interval, s.max_run_time, s.statement_timeout, s.lock_timeout);
-        check_duration(&mut errors, key("sessions", "anonymous_ttl"), s.anonymous_ttl, MINUTE..=CENTURY);
+        check_run(
+            &mut errors,
+            &key("sessions", ""),
+            s.interval,
+            s.max_run_time,
+            s.statement_timeout,
+            s.lock_timeout,
+        );
+        check_duration(
+            &mut errors,
+            key("sessions", "anonymous_ttl"),
+            s.anonymous_ttl,
+            MINUTE..=CENTURY,
+        );
         let q = &self.queue_items;
-        check_run(&mut errors, &key("queue_items", ""), q.interval, q.max_run_time, q.statement_timeout, q.lock_timeout);
-        check_duration(&mut errors, key("queue_items", "sweep_interval"), q.sweep_interval, MINUTE..=30 * DAY);
+        check_run(
+            &mut errors,
+            &key("queue_items", ""),
+            q.interval,
+            q.max_run_time,
+            q.statement_timeout,
+            q.lock_timeout,
+        );
+        check_duration(
+            &mut errors,
+            key("queue_items", "sweep_interval"),
+            q.sweep_interval,
+            MINUTE..=30 * DAY,
+        );
         let h = &self.task_history;
         check_batch_size(&mut errors, &key("task_history", ""), h.batch_size);
-        check_run(&mut errors, &key("task_history", ""), h.interval, h.max_run_time, h.statement_timeout, h.lock_timeout);
+        check_run(
+            &mut errors,
+            &key("task_history", ""),
+            h.interval,
+            h.max_run_time,
+            h.statement_timeout,
+            h.lock_timeout,
+        );
         // Time to undo a mistaken soft delete before the tenant's history goes.
-        check_duration(&mut errors, key("task_history", "deleted_tenant_grace"), h.deleted_tenant_grace, HOUR..=CENTURY);
-        check_duration(&mut errors, key("task_history", "receipts_keep"), h.receipts_keep, DAY..=CENTURY);
+        check_duration(
+            &mut errors,
+            key("task_history", "deleted_tenant_grace"),
+            h.deleted_tenant_grace,
+            HOUR..=CENTURY,
+        );
+        check_duration(
+            &mut errors,
+            key("task_history", "receipts_keep"),
+            h.receipts_keep,
+            DAY..=CENTURY,
+        );
         let p = &self.partitions;
-        check_duration(&mut errors, key("partitions", "interval"), p.interval, SECOND..=7 * DAY);
-        check_duration(&mut errors, key("partitions", "max_run_time"), p.max_run_time, SECOND..=DAY);
-        check_duration(&mut errors, key("partitions", "statement_timeout"), p.statement_timeout, Duration::from_millis(100)..=HOUR);
-        check_duration(&mut errors, key("partitions", "lock_timeout"), p.lock_timeout, Duration::from_millis(10)..=MAX_LOCK_TIMEOUT);
+        check_duration(
+            &mut errors,
+            key("partitions", "interval"),
+            p.interval,
+            SECOND..=7 * DAY,
+        );
+        check_duration(
+            &mut errors,
+            key("partitions", "max_run_time"),
+            p.max_run_time,
+            SECOND..=DAY,
+        );
+        check_duration(
+            &mut errors,
+            key("partitions", "statement_timeout"),
+            p.statement_timeout,
+            Duration::from_millis(100)..=HOUR,
+        );
+        check_duration(
+            &mut errors,
+            key("partitions", "lock_timeout"),
+            p.lock_timeout,
+            Duration::from_millis(10)..=MAX_LOCK_TIMEOUT,
+        );
         if !(1..=90).contains(&p.premake_days) {
             errors.push(SettingError {
                 key: key("partitions", "premake_days"),
@@ -537,14 +672,46 @@ fn check_batch_size(errors: &mut Vec<SettingError>, prefix: &str, batch_size: u3
 }
 
 /// The settings every batching task has; `prefix` ends with a dot.
-fn check_run(errors: &mut Vec<SettingError>, prefix: &str, interval: Duration, max_run_time: Duration, statement_timeout: Duration, lock_timeout: Duration) {
-    check_duration(errors, format!("{prefix}interval"), interval, SECOND..=7 * DAY);
-    check_duration(errors, format!("{prefix}max_run_time"), max_run_time, SECOND..=DAY);
-    check_duration(errors, format!("{prefix}statement_timeout"), statement_timeout, Duration::from_millis(100)..=HOUR);
-    check_duration(errors, format!("{prefix}lock_timeout"), lock_timeout, Duration::from_millis(10)..=MAX_LOCK_TIMEOUT);
+fn check_run(
+    errors: &mut Vec<SettingError>,
+    prefix: &str,
+    interval: Duration,
+    max_run_time: Duration,
+    statement_timeout: Duration,
+    lock_timeout: Duration,
+) {
+    check_duration(
+        errors,
+        format!("{prefix}interval"),
+        interval,
+        SECOND..=7 * DAY,
+    );
+    check_duration(
+        errors,
+        format!("{prefix}max_run_time"),
+        max_run_time,
+        SECOND..=DAY,
+    );
+    check_duration(
+        errors,
+        format!("{prefix}statement_timeout"),
+        statement_timeout,
+        Duration::from_millis(100)..=HOUR,
+    );
+    check_duration(
+        errors,
+        format!("{prefix}lock_timeout"),
+        lock_timeout,
+        Duration::from_millis(10)..=MAX_LOCK_TIMEOUT,
+    );
 }
 
-fn check_duration(errors: &mut Vec<SettingError>, key: String, value: Duration, allowed: RangeInclusive<Duration>) {
+fn check_duration(
+    errors: &mut Vec<SettingError>,
+    key: String,
+    value: Duration,
+    allowed: RangeInclusive<Duration>,
+) {
     if !allowed.contains(&value) {
         errors.push(SettingError {
             key,
@@ -564,14 +731,30 @@ mod tests {
 
     #[test]
     fn a_wal_compression_method_is_one_postgresql_knows_or_off() {
-        assert_eq!(WalCompressionMethod::try_from("lz4".to_string()), Ok(WalCompressionMethod::Lz4));
-        assert_eq!(WalCompressionMethod::try_from("off".to_string()).unwrap().as_sql(), None);
-        assert_eq!(WalCompressionMethod::try_from("zstd".to_string()).unwrap().as_sql(), Some("zstd"));
+        assert_eq!(
+            WalCompressionMethod::try_from("lz4".to_string()),
+            Ok(WalCompressionMethod::Lz4)
+        );
+        assert_eq!(
+            WalCompressionMethod::try_from("off".to_string())
+                .unwrap()
+                .as_sql(),
+            None
+        );
+        assert_eq!(
+            WalCompressionMethod::try_from("zstd".to_string())
+                .unwrap()
+                .as_sql(),
+            Some("zstd")
+        );
         assert_eq!(
             WalCompressionMethod::try_from("gzip".to_string()),
             Err("\"gzip\" is not allowed: one of \"off\", \"pglz\", \"lz4\", \"zstd\"".to_string())
         );
-        assert_eq!(RetentionSettings::default().wal_compression, WalCompressionMethod::Lz4);
+        assert_eq!(
+            RetentionSettings::default().wal_compression,
+            WalCompressionMethod::Lz4
+        );
     }
 
     #[test]
@@ -587,7 +770,14 @@ mod tests {
         settings.sessions.anonymous_ttl = Duration::from_secs(59);
         let errors = settings.validate("retention");
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["retention.sessions.batch_size", "retention.sessions.interval", "retention.sessions.anonymous_ttl"]);
+        assert_eq!(
+            keys,
+            [
+                "retention.sessions.batch_size",
+                "retention.sessions.interval",
+                "retention.sessions.anonymous_ttl"
+            ]
+        );
         assert_eq!(
             errors[2].to_string(),
             "retention.sessions.anonymous_ttl = \"59s\" is not allowed: a duration from 1m to 100years"
@@ -601,7 +791,11 @@ mod tests {
         settings.partitions.lock_timeout = 10 * MINUTE;
         settings.sessions.lock_timeout = 6 * SECOND;
         settings.pacing.batch_time = 2 * SECOND;
-        let errors: Vec<String> = settings.validate("retention").iter().map(ToString::to_string).collect();
+        let errors: Vec<String> = settings
+            .validate("retention")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             errors,
             [
@@ -624,7 +818,11 @@ mod tests {
         settings.pacing.min_pause_ratio = 0.0;
         settings.pacing.max_slowdown = 1.0;
         settings.pacing.probe_interval = Duration::from_millis(5);
-        let errors: Vec<String> = settings.validate("retention").iter().map(ToString::to_string).collect();
+        let errors: Vec<String> = settings
+            .validate("retention")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(
             errors,
             [
@@ -633,8 +831,16 @@ mod tests {
                 "retention.pacing.probe_interval = \"5ms\" is not allowed: a duration from 10ms to 10s",
             ]
         );
-        settings.pacing = PacingSettings { min_pause_ratio: 2.0, max_pause_ratio: 1.0, ..PacingSettings::default() };
-        let errors: Vec<String> = settings.validate("retention").iter().map(ToString::to_string).collect();
+        settings.pacing = PacingSettings {
+            min_pause_ratio: 2.0,
+            max_pause_ratio: 1.0,
+            ..PacingSettings::default()
+        };
+        let errors: Vec<String> = settings
+            .validate("retention")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         assert_eq!(errors, ["retention.pacing.max_pause_ratio = \"1\" is not allowed: a number from min_pause_ratio (2) to 3000"]);
         settings.pacing.max_pause_ratio = 2.0;
         assert_eq!(settings.validate("retention"), vec![]);

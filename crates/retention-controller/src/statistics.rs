@@ -23,18 +23,31 @@ pub fn is_large_purge(deleted: u64, before: TableSize) -> bool {
 }
 
 /// ANALYZEs `table` when this run's deletions were a large purge; counted as `analyzed`.
-pub async fn refresh_after_purge(ctx: &RunContext, table: &str, before: TableSize, report: &mut RunReport) -> Result<(), TaskError> {
+pub async fn refresh_after_purge(
+    ctx: &RunContext,
+    table: &str,
+    before: TableSize,
+    report: &mut RunReport,
+) -> Result<(), TaskError> {
     if !is_large_purge(report.deleted, before) {
         return Ok(());
     }
     let started = tokio::time::Instant::now();
     match heap::analyze(&ctx.pool, table).await? {
         Analyzed::Done => {
-            tracing::info!(table, deleted = report.deleted, elapsed_ms = started.elapsed().as_millis() as u64, "analyzed after a large purge");
+            tracing::info!(
+                table,
+                deleted = report.deleted,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "analyzed after a large purge"
+            );
             report.count("analyzed", 1);
         }
         Analyzed::Busy => {
-            tracing::info!(table, "not analyzed: autovacuum is processing the table and analyzes it next");
+            tracing::info!(
+                table,
+                "not analyzed: autovacuum is processing the table and analyzes it next"
+            );
             report.count("analyze left to autovacuum", 1);
         }
     }
@@ -49,8 +62,14 @@ mod tests {
     fn only_a_large_share_of_a_table_counts_as_a_large_purge() {
         let table = |rows: f64| TableSize { pages: 0, rows };
         assert!(is_large_purge(10_000, table(100_000.0)));
-        assert!(!is_large_purge(9_999, table(10_000.0)), "too few rows to matter");
-        assert!(!is_large_purge(10_000, table(100_001.0)), "under a tenth of the table");
+        assert!(
+            !is_large_purge(9_999, table(10_000.0)),
+            "too few rows to matter"
+        );
+        assert!(
+            !is_large_purge(10_000, table(100_001.0)),
+            "under a tenth of the table"
+        );
         assert!(is_large_purge(2_598_000, table(0.0)), "never analyzed");
     }
 }

@@ -142,12 +142,29 @@ pub struct RunContext {
 }
 
 impl RunContext {
-    pub fn new(pool: PgPool, run_id: Uuid, cancel: CancellationToken, max_run_time: Duration, options: RunOptions) -> Self {
+    pub fn new(
+        pool: PgPool,
+        run_id: Uuid,
+        cancel: CancellationToken,
+        max_run_time: Duration,
+        options: RunOptions,
+    ) -> Self {
         let pacer = match &options.feedback {
-            Some(feedback) if options.pause_ratio > 0.0 => Some(Arc::new(Pacer::new(feedback.clone(), options.pause_ratio))),
+            Some(feedback) if options.pause_ratio > 0.0 => {
+                Some(Arc::new(Pacer::new(feedback.clone(), options.pause_ratio)))
+            }
             _ => None,
         };
-        RunContext { pool, run_id, cancel, deadline: Instant::now() + max_run_time, options, wal_compression: None, clock: None, pacer }
+        RunContext {
+            pool,
+            run_id,
+            cancel,
+            deadline: Instant::now() + max_run_time,
+            options,
+            wal_compression: None,
+            clock: None,
+            pacer,
+        }
     }
 
     /// This context, knowing the database's clock at the run's start (read by the clock check,
@@ -160,7 +177,10 @@ impl RunContext {
             deadline: self.deadline,
             options: self.options.clone(),
             wal_compression: self.wal_compression,
-            clock: Some(RunClock { reading: clock, read_at }),
+            clock: Some(RunClock {
+                reading: clock,
+                read_at,
+            }),
             pacer: self.pacer.clone(),
         }
     }
@@ -176,7 +196,10 @@ impl RunContext {
 
     /// The run's checked clock (see [`RunClock`]).
     pub fn clock(&self) -> RunClock {
-        self.clock.unwrap_or(RunClock { reading: Utc::now(), read_at: Instant::now() })
+        self.clock.unwrap_or(RunClock {
+            reading: Utc::now(),
+            read_at: Instant::now(),
+        })
     }
 
     /// Now, by the run's checked clock.
@@ -195,7 +218,10 @@ impl RunContext {
             Some(compression) => compression.for_batches(&self.pool).await,
             None => None,
         };
-        RunContext { wal_compression, ..self }
+        RunContext {
+            wal_compression,
+            ..self
+        }
     }
 
     /// This run's context with a nearer deadline: `share` of the time left (0 to 1).
@@ -232,16 +258,21 @@ impl RunContext {
     /// ends (commits or times out) before the lease can pass to another runner.
     pub fn batch_limits(&self, limits: BatchLimits) -> BatchLimits {
         let statement_timeout = limits.statement_timeout.min(self.options.lease_ttl / 2);
-        BatchLimits { statement_timeout, ..limits }
-            .with_async_commit(self.options.pause_ratio == 0.0)
-            .with_wal_compression(self.wal_compression)
+        BatchLimits {
+            statement_timeout,
+            ..limits
+        }
+        .with_async_commit(self.options.pause_ratio == 0.0)
+        .with_wal_compression(self.wal_compression)
     }
 
     /// `limits` for this run's statements that locks protect rather than the lease (a rewrite
     /// holds its ranges and the layout lock; facts are bookkeeping any runner may redo): like
     /// [`RunContext::batch_limits`], without the lease's bound on `statement_timeout`.
     pub fn locked_limits(&self, limits: BatchLimits) -> BatchLimits {
-        limits.with_async_commit(self.options.pause_ratio == 0.0).with_wal_compression(self.wal_compression)
+        limits
+            .with_async_commit(self.options.pause_ratio == 0.0)
+            .with_wal_compression(self.wal_compression)
     }
 
     /// The duration each batch of this run aims at.
@@ -277,7 +308,12 @@ impl RunContext {
     /// Sizes for steps in block ranges that must also stay well within `statement_timeout` (a
     /// quarter of it), whatever the run's batch duration: a rewrite's or a facts rebuild's.
     pub fn block_sizer_within(&self, first: u32, statement_timeout: Duration) -> BatchSizer {
-        BatchSizer::new(first, 1, MAX_BLOCK_BATCH, self.options.batch_time.min(statement_timeout / 4))
+        BatchSizer::new(
+            first,
+            1,
+            MAX_BLOCK_BATCH,
+            self.options.batch_time.min(statement_timeout / 4),
+        )
     }
 
     /// After every committed batch: reports progress, then pauses in proportion to the batch's
@@ -290,9 +326,17 @@ impl RunContext {
     /// The first half of [`RunContext::batch_done`]: the longest batch and the progress.
     pub fn batch_recorded(&self, elapsed: Duration, report: &mut RunReport, left: Option<u64>) {
         report.longest_batch = report.longest_batch.max(elapsed);
-        tracing::trace!(batch = report.batches, deleted_so_far = report.deleted, elapsed_ms = elapsed.as_millis() as u64, "batch done");
+        tracing::trace!(
+            batch = report.batches,
+            deleted_so_far = report.deleted,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "batch done"
+        );
         if let Some(progress) = &self.options.progress {
-            progress(Progress { deleted: report.deleted, left });
+            progress(Progress {
+                deleted: report.deleted,
+                left,
+            });
         }
     }
 
@@ -323,7 +367,9 @@ impl RunContext {
 
     /// What the run's pacing by feedback did, with the ratio it ended at, when it had any.
     pub fn pacing_summary(&self) -> Option<(Summary, f64)> {
-        self.pacer.as_ref().map(|pacer| (pacer.summary(), pacer.ratio()))
+        self.pacer
+            .as_ref()
+            .map(|pacer| (pacer.summary(), pacer.ratio()))
     }
 }
 
@@ -486,9 +532,20 @@ mod tests {
     use super::*;
 
     fn context(pause_ratio: f64) -> RunContext {
-        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://nobody@localhost/none").unwrap();
-        let options = RunOptions { pause_ratio, ..Default::default() };
-        RunContext::new(pool, Uuid::nil(), CancellationToken::new(), Duration::from_secs(1), options)
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@localhost/none")
+            .unwrap();
+        let options = RunOptions {
+            pause_ratio,
+            ..Default::default()
+        };
+        RunContext::new(
+            pool,
+            Uuid::nil(),
+            CancellationToken::new(),
+            Duration::from_secs(1),
+            options,
+        )
     }
 
     #[tokio::test]
@@ -502,10 +559,19 @@ mod tests {
     async fn a_batch_cannot_outlive_its_lease() {
         let limits = BatchLimits::new(Duration::from_secs(30), Duration::from_secs(5));
         let ctx = context(1.0); // the default lease: 10 s
-        assert_eq!(ctx.batch_limits(limits).statement_timeout, Duration::from_secs(5));
-        assert_eq!(ctx.batch_limits(limits).lock_timeout, Duration::from_secs(5));
+        assert_eq!(
+            ctx.batch_limits(limits).statement_timeout,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            ctx.batch_limits(limits).lock_timeout,
+            Duration::from_secs(5)
+        );
         let short = BatchLimits::new(Duration::from_secs(2), Duration::from_secs(1));
-        assert_eq!(ctx.batch_limits(short).statement_timeout, Duration::from_secs(2));
+        assert_eq!(
+            ctx.batch_limits(short).statement_timeout,
+            Duration::from_secs(2)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -513,13 +579,15 @@ mod tests {
         let ctx = context(3.0);
         let mut report = RunReport::default();
         let started = Instant::now();
-        ctx.batch_done(Duration::from_millis(20), &mut report, None).await;
+        ctx.batch_done(Duration::from_millis(20), &mut report, None)
+            .await;
         assert_eq!(started.elapsed(), Duration::from_millis(60));
         assert_eq!(report.longest_batch, Duration::from_millis(20));
 
         ctx.cancel.cancel();
         let started = Instant::now();
-        ctx.batch_done(Duration::from_secs(10), &mut report, None).await;
+        ctx.batch_done(Duration::from_secs(10), &mut report, None)
+            .await;
         assert_eq!(started.elapsed(), Duration::ZERO);
         assert_eq!(report.longest_batch, Duration::from_secs(10));
     }

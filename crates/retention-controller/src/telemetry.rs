@@ -68,11 +68,16 @@ pub struct TenantLabels {
 
 impl TenantLabels {
     pub fn new(limit: usize) -> Self {
-        TenantLabels { limit, named: HashSet::new() }
+        TenantLabels {
+            limit,
+            named: HashSet::new(),
+        }
     }
 
     pub fn label(&mut self, tenant: Uuid) -> String {
-        if self.named.contains(&tenant) || (self.named.len() < self.limit && self.named.insert(tenant)) {
+        if self.named.contains(&tenant)
+            || (self.named.len() < self.limit && self.named.insert(tenant))
+        {
             tenant.to_string()
         } else {
             OTHER_TENANTS.to_string()
@@ -159,8 +164,10 @@ pub(crate) fn throttled_for(reason: &'static str, waited: Duration) {
 
 /// A standby's lag as last seen; `None` once it disconnected (the series then reads 0).
 pub(crate) fn replica_lag(standby: &str, lag: Option<Duration>, bytes: Option<i64>) {
-    metrics::gauge!("retention_replica_lag_seconds", "standby" => standby.to_string()).set(lag.map_or(0.0, |l| l.as_secs_f64()));
-    metrics::gauge!("retention_replica_lag_bytes", "standby" => standby.to_string()).set(bytes.unwrap_or(0) as f64);
+    metrics::gauge!("retention_replica_lag_seconds", "standby" => standby.to_string())
+        .set(lag.map_or(0.0, |l| l.as_secs_f64()));
+    metrics::gauge!("retention_replica_lag_bytes", "standby" => standby.to_string())
+        .set(bytes.unwrap_or(0) as f64);
 }
 
 pub(crate) fn inactive_slots(n: usize) {
@@ -172,7 +179,8 @@ pub(crate) fn run_skipped(task: &'static str, why: &'static str) {
 }
 
 pub(crate) fn lease_held(task: &'static str, held: bool) {
-    metrics::gauge!("retention_lease_held", "task" => task, "replica" => replica_label()).set(if held { 1.0 } else { 0.0 });
+    metrics::gauge!("retention_lease_held", "task" => task, "replica" => replica_label())
+        .set(if held { 1.0 } else { 0.0 });
 }
 
 pub(crate) fn clock_skew(seconds: f64) {
@@ -180,7 +188,8 @@ pub(crate) fn clock_skew(seconds: f64) {
 }
 
 pub(crate) fn history_lock_held(task: &'static str, held: Duration) {
-    metrics::histogram!("retention_history_lock_seconds", "task" => task).record(held.as_secs_f64());
+    metrics::histogram!("retention_history_lock_seconds", "task" => task)
+        .record(held.as_secs_f64());
 }
 
 pub(crate) fn rows_due(task: &'static str, rows: u64) {
@@ -188,12 +197,19 @@ pub(crate) fn rows_due(task: &'static str, rows: u64) {
 }
 
 /// A run ended with `outcome`; `report` is what it did, unless it failed.
-pub(crate) fn run_finished(task: &'static str, elapsed: Duration, outcome: Outcome, report: Option<&RunReport>) {
+pub(crate) fn run_finished(
+    task: &'static str,
+    elapsed: Duration,
+    outcome: Outcome,
+    report: Option<&RunReport>,
+) {
     metrics::histogram!(RUN_DURATION, "task" => task).record(elapsed.as_secs_f64());
-    metrics::counter!("retention_runs_total", "task" => task, "outcome" => outcome.as_str()).increment(1);
+    metrics::counter!("retention_runs_total", "task" => task, "outcome" => outcome.as_str())
+        .increment(1);
     let Some(report) = report else { return };
     for (rule, rows) in &report.by_rule {
-        metrics::counter!("retention_rows_deleted_total", "task" => task, "rule" => *rule).increment(*rows);
+        metrics::counter!("retention_rows_deleted_total", "task" => task, "rule" => *rule)
+            .increment(*rows);
     }
     if !report.by_tenant.is_empty() {
         let mut labels = TENANTS.lock().unwrap();
@@ -203,13 +219,17 @@ pub(crate) fn run_finished(task: &'static str, elapsed: Duration, outcome: Outco
         }
     }
     for (event, n) in &report.counters {
-        metrics::counter!("retention_run_events_total", "task" => task, "event" => *event).increment(*n);
+        metrics::counter!("retention_run_events_total", "task" => task, "event" => *event)
+            .increment(*n);
         if *event == crate::history::RANGES_REPLACED {
             metrics::counter!("retention_partitions_dropped_total", "task" => task).increment(*n);
         }
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    metrics::gauge!("retention_last_success_timestamp_seconds", "task" => task).set(now.as_secs_f64());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics::gauge!("retention_last_success_timestamp_seconds", "task" => task)
+        .set(now.as_secs_f64());
 }
 
 #[cfg(test)]
@@ -244,7 +264,10 @@ mod tests {
         queried.dedup();
         assert!(queried.len() >= 8, "{queried:?}");
         for metric in queried {
-            assert!(source.contains(&format!("\"{metric}\"")), "{metric} is not recorded");
+            assert!(
+                source.contains(&format!("\"{metric}\"")),
+                "{metric} is not recorded"
+            );
         }
     }
 }

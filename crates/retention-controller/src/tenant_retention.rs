@@ -39,7 +39,10 @@ impl From<sqlx::Error> for RetentionError {
 /// A retention period as the operator writes it: `None` is forever.
 pub fn parse(value: &str) -> Result<Option<Duration>, RetentionError> {
     let text = value.trim();
-    let invalid = |reason: &str| RetentionError::Invalid { value: value.to_string(), reason: reason.to_string() };
+    let invalid = |reason: &str| RetentionError::Invalid {
+        value: value.to_string(),
+        reason: reason.to_string(),
+    };
     if text.eq_ignore_ascii_case("forever") {
         return Ok(None);
     }
@@ -49,7 +52,8 @@ pub fn parse(value: &str) -> Result<Option<Duration>, RetentionError> {
     if text.starts_with('-') {
         return Err(invalid("it is negative"));
     }
-    let duration = humantime::parse_duration(text).map_err(|e| invalid(&format!("not a duration ({e})")))?;
+    let duration =
+        humantime::parse_duration(text).map_err(|e| invalid(&format!("not a duration ({e})")))?;
     if duration.is_zero() {
         Err(invalid("it is zero"))
     } else if duration < MIN_RETENTION {
@@ -64,7 +68,9 @@ pub fn parse(value: &str) -> Result<Option<Duration>, RetentionError> {
 /// A retention period as the engine shows it: humantime, or `forever`.
 pub fn describe(retention: Option<Duration>) -> String {
     match retention {
-        Some(duration) => humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string(),
+        Some(duration) => {
+            humantime::format_duration(Duration::from_secs(duration.as_secs())).to_string()
+        }
         None => "forever".to_string(),
     }
 }
@@ -76,7 +82,9 @@ pub fn parse_status(value: &str) -> Result<FinalStatus, RetentionError> {
 
 /// The tenant whose id or slug is `key`.
 pub async fn get(pool: &PgPool, key: &str) -> Result<Tenant, RetentionError> {
-    tenants::find(pool, key).await?.ok_or_else(|| RetentionError::UnknownTenant(key.to_string()))
+    tenants::find(pool, key)
+        .await?
+        .ok_or_else(|| RetentionError::UnknownTenant(key.to_string()))
 }
 
 /// One change of a tenant's windows: the default (`status` `None`), or one status's window
@@ -97,9 +105,15 @@ impl Setting {
                     reason: "only a status's window can go back to the default (give --status, or by_status in the API)".into(),
                 });
             }
-            return Ok(Setting { status, window: StatusWindow::Default });
+            return Ok(Setting {
+                status,
+                window: StatusWindow::Default,
+            });
         }
-        Ok(Setting { status, window: StatusWindow::Own(parse(value)?) })
+        Ok(Setting {
+            status,
+            window: StatusWindow::Own(parse(value)?),
+        })
     }
 }
 
@@ -115,11 +129,20 @@ impl fmt::Display for Change {
     /// what changed (a status's `default` is its following `data_retention_period`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let own = |t: &Tenant, status: FinalStatus| {
-            t.by_status.iter().find(|(s, _)| *s == status).map_or_else(|| "default".to_string(), |(_, w)| describe(*w))
+            t.by_status
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or_else(|| "default".to_string(), |(_, w)| describe(*w))
         };
         let mut changes = Vec::new();
-        if self.before.retention != self.tenant.retention || self.before.by_status == self.tenant.by_status {
-            changes.push(format!("data_retention_period {} -> {}", describe(self.before.retention), describe(self.tenant.retention)));
+        if self.before.retention != self.tenant.retention
+            || self.before.by_status == self.tenant.by_status
+        {
+            changes.push(format!(
+                "data_retention_period {} -> {}",
+                describe(self.before.retention),
+                describe(self.tenant.retention)
+            ));
         }
         for status in FinalStatus::ALL {
             let (before, after) = (own(&self.before, status), own(&self.tenant, status));
@@ -127,7 +150,13 @@ impl fmt::Display for Change {
                 changes.push(format!("{} {before} -> {after}", status.as_str()));
             }
         }
-        write!(f, "tenant {} ({}): {} (applies at the next task-history run)", self.tenant.slug, self.tenant.id, changes.join(", "))
+        write!(
+            f,
+            "tenant {} ({}): {} (applies at the next task-history run)",
+            self.tenant.slug,
+            self.tenant.id,
+            changes.join(", ")
+        )
     }
 }
 
@@ -141,18 +170,28 @@ pub fn windows(tenant: &Tenant) -> String {
 }
 
 /// Applies `settings` to the tenant `tenant_id` in the caller's transaction.
-async fn apply(conn: &mut sqlx::PgConnection, tenant_id: uuid::Uuid, settings: &[Setting]) -> Result<Tenant, RetentionError> {
+async fn apply(
+    conn: &mut sqlx::PgConnection,
+    tenant_id: uuid::Uuid,
+    settings: &[Setting],
+) -> Result<Tenant, RetentionError> {
     let mut updated = None;
     for setting in settings {
         updated = match setting.status {
             None => match setting.window {
-                StatusWindow::Own(window) => tenants::set_retention(&mut *conn, tenant_id, window).await?,
-                StatusWindow::Default => return Err(RetentionError::Invalid {
-                    value: "default".into(),
-                    reason: "only a status's window can go back to the default".into(),
-                }),
+                StatusWindow::Own(window) => {
+                    tenants::set_retention(&mut *conn, tenant_id, window).await?
+                }
+                StatusWindow::Default => {
+                    return Err(RetentionError::Invalid {
+                        value: "default".into(),
+                        reason: "only a status's window can go back to the default".into(),
+                    })
+                }
             },
-            Some(status) => tenants::set_status_retention(&mut *conn, tenant_id, status, setting.window).await?,
+            Some(status) => {
+                tenants::set_status_retention(&mut *conn, tenant_id, status, setting.window).await?
+            }
         };
     }
     updated.ok_or_else(|| RetentionError::UnknownTenant(tenant_id.to_string()))
@@ -166,7 +205,10 @@ pub async fn set(pool: &PgPool, key: &str, settings: &[Setting]) -> Result<Chang
     let updated = apply(&mut tx, before.id, settings).await?;
     tx.commit().await?;
     tracing::info!(tenant_id = %updated.id, slug = %updated.slug, before = %windows(&before), after = %windows(&updated), "tenant retention changed");
-    Ok(Change { before, tenant: updated })
+    Ok(Change {
+        before,
+        tenant: updated,
+    })
 }
 
 /// What the next run would delete of a tenant under new settings.
@@ -183,7 +225,11 @@ impl fmt::Display for Preview {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let total: i64 = self.tasks.iter().map(|(_, n)| n).sum();
         let n = |n: i64| thousands(n.max(0) as u64);
-        let by_status: Vec<String> = self.tasks.iter().map(|(status, count)| format!("{status} {}", n(*count))).collect();
+        let by_status: Vec<String> = self
+            .tasks
+            .iter()
+            .map(|(status, count)| format!("{status} {}", n(*count)))
+            .collect();
         write!(
             f,
             "dry run, nothing changed: tenant {} ({}) with {}: the next task-history run would delete {} tasks ({}) and {} events",
@@ -206,7 +252,10 @@ pub struct PreviewLimits {
 
 impl From<&crate::settings::TaskHistorySettings> for PreviewLimits {
     fn from(settings: &crate::settings::TaskHistorySettings) -> Self {
-        PreviewLimits { grace: settings.deleted_tenant_grace, statement_timeout: settings.statement_timeout }
+        PreviewLimits {
+            grace: settings.deleted_tenant_grace,
+            statement_timeout: settings.statement_timeout,
+        }
     }
 }
 
@@ -229,15 +278,28 @@ fn with_settings(tenant: &Tenant, settings: &[Setting]) -> Tenant {
 }
 
 /// The rule's view of a tenant under `settings`: the windows they change, as stored.
-fn proposed(tenant_id: uuid::Uuid, settings: &[Setting]) -> repository::history::previews::ProposedRules {
+fn proposed(
+    tenant_id: uuid::Uuid,
+    settings: &[Setting],
+) -> repository::history::previews::ProposedRules {
     let stored = |window: Option<Duration>| window.map(repository::rule::interval);
-    let mut proposed = repository::history::previews::ProposedRules { tenant_id, ..Default::default() };
+    let mut proposed = repository::history::previews::ProposedRules {
+        tenant_id,
+        ..Default::default()
+    };
     for setting in settings {
         let value = match setting.window {
             StatusWindow::Own(window) => match setting.status {
                 None => stored(window),
                 // A status's "forever" is stored as 1000 years.
-                Some(_) => Some(window.map_or(sqlx::postgres::types::PgInterval { months: 12_000, days: 0, microseconds: 0 }, repository::rule::interval)),
+                Some(_) => Some(window.map_or(
+                    sqlx::postgres::types::PgInterval {
+                        months: 12_000,
+                        days: 0,
+                        microseconds: 0,
+                    },
+                    repository::rule::interval,
+                )),
             },
             StatusWindow::Default => None,
         };
@@ -256,15 +318,37 @@ fn proposed(tenant_id: uuid::Uuid, settings: &[Setting]) -> repository::history:
 /// rule itself, changing nothing: the proposed windows go into the counting statements in place
 /// of the tenant's, which only read (one snapshot, each statement under `limits`'
 /// `statement_timeout`). Every setting is validated before this is called.
-pub async fn preview(pool: &PgPool, key: &str, settings: &[Setting], limits: PreviewLimits) -> Result<Preview, RetentionError> {
+pub async fn preview(
+    pool: &PgPool,
+    key: &str,
+    settings: &[Setting],
+    limits: PreviewLimits,
+) -> Result<Preview, RetentionError> {
     let before = get(pool, key).await?;
-    if settings.iter().any(|s| s.status.is_none() && s.window == StatusWindow::Default) {
-        return Err(RetentionError::Invalid { value: "default".into(), reason: "only a status's window can go back to the default".into() });
+    if settings
+        .iter()
+        .any(|s| s.status.is_none() && s.window == StatusWindow::Default)
+    {
+        return Err(RetentionError::Invalid {
+            value: "default".into(),
+            reason: "only a status's window can go back to the default".into(),
+        });
     }
     let after = with_settings(&before, settings);
     let rule = repository::rule::Rule::new(repository::clock::now(pool).await?, limits.grace);
-    let due = repository::history::previews::tenant(pool, &proposed(before.id, settings), &rule, limits.statement_timeout).await?;
-    Ok(Preview { before, after, tasks: due.tasks, events: due.events })
+    let due = repository::history::previews::tenant(
+        pool,
+        &proposed(before.id, settings),
+        &rule,
+        limits.statement_timeout,
+    )
+    .await?;
+    Ok(Preview {
+        before,
+        after,
+        tasks: due.tasks,
+        events: due.events,
+    })
 }
 
 #[cfg(test)]
@@ -283,8 +367,14 @@ mod tests {
         assert_eq!(parse("forever").unwrap(), None);
         assert_eq!(parse("FOREVER").unwrap(), None);
         assert_eq!(parse("1h").unwrap(), Some(MIN_RETENTION));
-        assert_eq!(parse("30days").unwrap(), Some(Duration::from_secs(30 * 86_400)));
-        assert_eq!(parse(" 720h ").unwrap(), Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(
+            parse("30days").unwrap(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(
+            parse(" 720h ").unwrap(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
         assert_eq!(parse("1h 30m").unwrap(), Some(Duration::from_secs(5400)));
         assert_eq!(parse("100years").unwrap(), Some(MAX_RETENTION));
     }

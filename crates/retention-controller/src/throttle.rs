@@ -55,12 +55,18 @@ struct State {
 pub enum Verdict {
     Go,
     /// A standby is this far behind.
-    Wait { standby: String, lag: Duration },
+    Wait {
+        standby: String,
+        lag: Duration,
+    },
 }
 
 impl ReplicaThrottle {
     pub fn new(settings: ThrottleSettings) -> Self {
-        ReplicaThrottle { settings, state: tokio::sync::Mutex::new(State::default()) }
+        ReplicaThrottle {
+            settings,
+            state: tokio::sync::Mutex::new(State::default()),
+        }
     }
 
     /// Returns once no standby that counts is too far behind, or `cancel` fires. Counts the time
@@ -93,7 +99,10 @@ impl ReplicaThrottle {
         if waited {
             telemetry::throttled(false);
             telemetry::throttled_for("replica_lag", started.elapsed());
-            tracing::info!(waited_ms = started.elapsed().as_millis() as u64, "throttle released: the standbys caught up");
+            tracing::info!(
+                waited_ms = started.elapsed().as_millis() as u64,
+                "throttle released: the standbys caught up"
+            );
         }
     }
 
@@ -101,10 +110,15 @@ impl ReplicaThrottle {
     pub async fn check(&self, pool: &PgPool) -> Verdict {
         let mut state = self.state.lock().await;
         let now = Instant::now();
-        let fresh = state.last_check.is_some_and(|at| now.duration_since(at) < self.settings.check_interval);
+        let fresh = state
+            .last_check
+            .is_some_and(|at| now.duration_since(at) < self.settings.check_interval);
         if fresh {
             return match &state.waiting_on {
-                Some(standby) => Verdict::Wait { standby: standby.clone(), lag: Duration::ZERO },
+                Some(standby) => Verdict::Wait {
+                    standby: standby.clone(),
+                    lag: Duration::ZERO,
+                },
                 None => Verdict::Go,
             };
         }
@@ -129,7 +143,9 @@ impl ReplicaThrottle {
                 }
             }
         }
-        let Some(current) = parse_lsn(&current) else { return Verdict::Go };
+        let Some(current) = parse_lsn(&current) else {
+            return Verdict::Go;
+        };
         state.history.push_back((now, current));
         while state.history.len() > HISTORY {
             state.history.pop_front();
@@ -142,13 +158,31 @@ impl ReplicaThrottle {
         verdict
     }
 
-    fn judge(&self, state: &mut State, now: Instant, current: u64, standbys: &[Standby]) -> Verdict {
-        let bound = if state.waiting_on.is_some() { self.settings.max_replica_lag / 2 } else { self.settings.max_replica_lag };
+    fn judge(
+        &self,
+        state: &mut State,
+        now: Instant,
+        current: u64,
+        standbys: &[Standby],
+    ) -> Verdict {
+        let bound = if state.waiting_on.is_some() {
+            self.settings.max_replica_lag / 2
+        } else {
+            self.settings.max_replica_lag
+        };
         // Standbys gone since the last check are no longer waited for.
         let connected: Vec<&str> = standbys.iter().map(|s| s.name.as_str()).collect();
-        let gone: Vec<String> = state.seen.keys().filter(|name| !connected.contains(&name.as_str())).cloned().collect();
+        let gone: Vec<String> = state
+            .seen
+            .keys()
+            .filter(|name| !connected.contains(&name.as_str()))
+            .cloned()
+            .collect();
         for name in gone {
-            tracing::warn!(standby = name, "standby disconnected: purges no longer wait for it");
+            tracing::warn!(
+                standby = name,
+                "standby disconnected: purges no longer wait for it"
+            );
             state.seen.remove(&name);
             state.stalled.retain(|s| *s != name);
             telemetry::replica_lag(&name, None, None);
@@ -167,7 +201,9 @@ impl ReplicaThrottle {
                 _ => now,
             };
             state.seen.insert(standby.name.clone(), (replayed, since));
-            let lag = lag_of(&state.history, now, current, replayed).max(Duration::from_secs_f64(standby.replay_lag_seconds.unwrap_or(0.0).max(0.0)));
+            let lag = lag_of(&state.history, now, current, replayed).max(Duration::from_secs_f64(
+                standby.replay_lag_seconds.unwrap_or(0.0).max(0.0),
+            ));
             telemetry::replica_lag(&standby.name, Some(lag), standby.lag_bytes);
             if replayed < current && now.duration_since(since) >= self.settings.max_replica_stall {
                 if !state.stalled.contains(&standby.name) {
@@ -196,7 +232,12 @@ impl ReplicaThrottle {
 /// was written after the last sample at which the primary had not passed it (0 when the standby
 /// has replayed everything; from the oldest sample when every sample is past it). Errs by at most
 /// a check interval toward waiting early.
-fn lag_of(history: &VecDeque<(Instant, u64)>, now: Instant, current: u64, replayed: u64) -> Duration {
+fn lag_of(
+    history: &VecDeque<(Instant, u64)>,
+    now: Instant,
+    current: u64,
+    replayed: u64,
+) -> Duration {
     if replayed >= current {
         return Duration::ZERO;
     }
@@ -218,11 +259,21 @@ mod tests {
     use super::*;
 
     fn settings() -> ThrottleSettings {
-        ThrottleSettings { max_replica_lag: Duration::from_secs(10), max_replica_stall: Duration::from_secs(300), check_interval: Duration::from_secs(1) }
+        ThrottleSettings {
+            max_replica_lag: Duration::from_secs(10),
+            max_replica_stall: Duration::from_secs(300),
+            check_interval: Duration::from_secs(1),
+        }
     }
 
     fn standby(name: &str, replayed: u64) -> Standby {
-        Standby { name: name.into(), state: "streaming".into(), replay_lsn: Some(format!("{:X}/{:X}", replayed >> 32, replayed & 0xFFFF_FFFF)), lag_bytes: None, replay_lag_seconds: None }
+        Standby {
+            name: name.into(),
+            state: "streaming".into(),
+            replay_lsn: Some(format!("{:X}/{:X}", replayed >> 32, replayed & 0xFFFF_FFFF)),
+            lag_bytes: None,
+            replay_lag_seconds: None,
+        }
     }
 
     #[test]
@@ -245,20 +296,38 @@ mod tests {
         let now = at(12);
         // The primary was at 100 at 0 s and past it at 1 s: the standby is up to 12 s behind.
         let verdict = throttle.judge(&mut state, now, 1_300, &[standby("a", 100)]);
-        assert_eq!(verdict, Verdict::Wait { standby: "a".into(), lag: Duration::from_secs(12) });
+        assert_eq!(
+            verdict,
+            Verdict::Wait {
+                standby: "a".into(),
+                lag: Duration::from_secs(12)
+            }
+        );
         state.waiting_on = Some("a".into());
         // Up to 8 s behind: under the bound, not under half of it: still waiting.
-        assert!(matches!(throttle.judge(&mut state, now, 1_300, &[standby("a", 500)]), Verdict::Wait { .. }));
+        assert!(matches!(
+            throttle.judge(&mut state, now, 1_300, &[standby("a", 500)]),
+            Verdict::Wait { .. }
+        ));
         // Up to 4 s behind: under half, go.
-        assert_eq!(throttle.judge(&mut state, now, 1_300, &[standby("a", 900)]), Verdict::Go);
+        assert_eq!(
+            throttle.judge(&mut state, now, 1_300, &[standby("a", 900)]),
+            Verdict::Go
+        );
         state.waiting_on = None;
         // Stuck at 900 for the stall bound (5 min): no longer waited for.
         let later = now + Duration::from_secs(301);
         state.history.push_back((later, 100_000));
-        assert_eq!(throttle.judge(&mut state, later, 100_000, &[standby("a", 900)]), Verdict::Go);
+        assert_eq!(
+            throttle.judge(&mut state, later, 100_000, &[standby("a", 900)]),
+            Verdict::Go
+        );
         assert_eq!(state.stalled, ["a"]);
         // It moves again: counted again, and it is far behind.
-        assert!(matches!(throttle.judge(&mut state, later, 100_000, &[standby("a", 1_000)]), Verdict::Wait { .. }));
+        assert!(matches!(
+            throttle.judge(&mut state, later, 100_000, &[standby("a", 1_000)]),
+            Verdict::Wait { .. }
+        ));
         // Disconnected: forgotten.
         assert_eq!(throttle.judge(&mut state, later, 100_000, &[]), Verdict::Go);
         assert!(state.seen.is_empty());

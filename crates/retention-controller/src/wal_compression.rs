@@ -23,7 +23,10 @@ pub struct WalCompression {
 impl WalCompression {
     /// `None` for [`WalCompressionMethod::Off`].
     pub fn new(method: WalCompressionMethod) -> Option<Self> {
-        Some(WalCompression { method: method.as_sql()?, settable: tokio::sync::OnceCell::new() })
+        Some(WalCompression {
+            method: method.as_sql()?,
+            settable: tokio::sync::OnceCell::new(),
+        })
     }
 
     /// The method batches set, if this role may set it (asked at the first call that reaches the

@@ -85,7 +85,10 @@ pub async fn insert_padded_sessions(
 
 /// Every session id left, sorted.
 pub async fn session_ids(pool: &PgPool) -> Vec<Uuid> {
-    sqlx::query_scalar("SELECT id FROM user_sessions ORDER BY id").fetch_all(pool).await.unwrap()
+    sqlx::query_scalar("SELECT id FROM user_sessions ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }
 
 pub fn sorted(mut ids: Vec<Uuid>) -> Vec<Uuid> {
@@ -95,7 +98,11 @@ pub fn sorted(mut ids: Vec<Uuid>) -> Vec<Uuid> {
 
 /// Inserts a tenant naming only the contract's columns; `retention` is SQL interval text or
 /// `None` for NULL (keep forever).
-pub async fn insert_tenant(pool: &PgPool, retention: Option<&str>, deleted_at: Option<DateTime<Utc>>) -> Uuid {
+pub async fn insert_tenant(
+    pool: &PgPool,
+    retention: Option<&str>,
+    deleted_at: Option<DateTime<Utc>>,
+) -> Uuid {
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO tenants (id, slug, name, data_retention_period, deleted_at)
@@ -135,7 +142,12 @@ pub async fn insert_task(
 }
 
 /// An event, through `executor`: the pool, or a transaction a test keeps open.
-pub async fn insert_event(executor: impl sqlx::PgExecutor<'_>, tenant: Uuid, task: TaskKey, created_at: DateTime<Utc>) -> i64 {
+pub async fn insert_event(
+    executor: impl sqlx::PgExecutor<'_>,
+    tenant: Uuid,
+    task: TaskKey,
+    created_at: DateTime<Utc>,
+) -> i64 {
     sqlx::query_scalar(
         "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
          VALUES ($1, $2, $3, 'progress', $4) RETURNING id",
@@ -162,15 +174,24 @@ pub async fn insert_queue_item(pool: &PgPool, tenant: Uuid, task: TaskKey) -> i6
 }
 
 pub async fn task_keys(pool: &PgPool) -> Vec<TaskKey> {
-    sqlx::query_as("SELECT id, inserted_at FROM tasks ORDER BY id, inserted_at").fetch_all(pool).await.unwrap()
+    sqlx::query_as("SELECT id, inserted_at FROM tasks ORDER BY id, inserted_at")
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }
 
 pub async fn event_ids(pool: &PgPool) -> Vec<i64> {
-    sqlx::query_scalar("SELECT id FROM task_events ORDER BY id").fetch_all(pool).await.unwrap()
+    sqlx::query_scalar("SELECT id FROM task_events ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }
 
 pub async fn queue_item_ids(pool: &PgPool) -> Vec<i64> {
-    sqlx::query_scalar("SELECT id FROM queue_items ORDER BY id").fetch_all(pool).await.unwrap()
+    sqlx::query_scalar("SELECT id FROM queue_items ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }
 
 pub fn sorted_keys(mut keys: Vec<TaskKey>) -> Vec<TaskKey> {
@@ -186,15 +207,24 @@ pub fn sorted_ids(mut ids: Vec<i64>) -> Vec<i64> {
 /// Full speed, with batches that never adapt (every batch is well under an hour), so that tests
 /// can count them.
 pub fn fixed_batches() -> retention_controller::RunOptions {
-    retention_controller::RunOptions { batch_time: std::time::Duration::from_secs(3600), ..Default::default() }
+    retention_controller::RunOptions {
+        batch_time: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    }
 }
 
 /// Runs `task` once to completion (it must not be held elsewhere), at full speed with
 /// [`fixed_batches`].
-pub async fn run_task(task: &dyn retention_controller::MaintenanceTask, pool: &PgPool) -> retention_controller::RunReport {
+pub async fn run_task(
+    task: &dyn retention_controller::MaintenanceTask,
+    pool: &PgPool,
+) -> retention_controller::RunReport {
     show_logs();
     let cancel = tokio_util::sync::CancellationToken::new();
-    match retention_controller::run_once_with(task, pool, &cancel, &fixed_batches()).await.unwrap() {
+    match retention_controller::run_once_with(task, pool, &cancel, &fixed_batches())
+        .await
+        .unwrap()
+    {
         retention_controller::RunOutcome::Ran(summary) => summary.report,
         other => panic!("{} did not run: {other:?}", task.name()),
     }
@@ -215,10 +245,16 @@ pub async fn day_partitions(pool: &PgPool) -> Vec<String> {
 /// (every day from `day` on gets one); ahead, by carving days out of the future range.
 pub async fn create_day(pool: &PgPool, day: chrono::NaiveDate) {
     let mut tx = pool.begin().await.unwrap();
-    repository::history::ranges::take_layout_lock(&mut tx, true).await.unwrap();
+    repository::history::ranges::take_layout_lock(&mut tx, true)
+        .await
+        .unwrap();
     let wait = std::time::Duration::from_secs(5);
-    repository::history::ranges::extend_back(&mut tx, day, wait).await.unwrap();
-    repository::history::ranges::carve_days(&mut tx, day, wait).await.unwrap();
+    repository::history::ranges::extend_back(&mut tx, day, wait)
+        .await
+        .unwrap();
+    repository::history::ranges::carve_days(&mut tx, day, wait)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 }
 
@@ -231,7 +267,14 @@ pub async fn a_past_day(pool: &PgPool) -> chrono::NaiveDate {
 
 /// `n` tasks of `tenant` in `status`, inserted at `at` and finished at `finished_at`, each with one
 /// event: in one statement, for days of thousands of rows.
-pub async fn seed_tasks(pool: &PgPool, tenant: Uuid, status: &str, at: DateTime<Utc>, finished_at: DateTime<Utc>, n: i64) {
+pub async fn seed_tasks(
+    pool: &PgPool,
+    tenant: Uuid,
+    status: &str,
+    at: DateTime<Utc>,
+    finished_at: DateTime<Utc>,
+    n: i64,
+) {
     sqlx::query(
         "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
                     SELECT $1, $2, $3, $4 FROM generate_series(1, $5) RETURNING id, inserted_at)
@@ -250,18 +293,28 @@ pub async fn seed_tasks(pool: &PgPool, tenant: Uuid, status: &str, at: DateTime<
 
 /// The partition (table) that holds `task`.
 pub async fn home_of(pool: &PgPool, task: TaskKey) -> String {
-    sqlx::query_scalar("SELECT tableoid::regclass::text FROM tasks WHERE id = $1 AND inserted_at = $2")
-        .bind(task.0)
-        .bind(task.1)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT tableoid::regclass::text FROM tasks WHERE id = $1 AND inserted_at = $2",
+    )
+    .bind(task.0)
+    .bind(task.1)
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// Takes `task`'s lease for a run of `holder` the way a run starts (recording it as started), or
 /// `None` when another runner holds it.
-pub async fn take_lease(pool: &PgPool, task: &str, holder: &str, ttl: std::time::Duration) -> Option<repository::lease::Lease> {
-    match repository::lease::start_run(pool, task, Uuid::now_v7(), holder, ttl, None).await.unwrap() {
+pub async fn take_lease(
+    pool: &PgPool,
+    task: &str,
+    holder: &str,
+    ttl: std::time::Duration,
+) -> Option<repository::lease::Lease> {
+    match repository::lease::start_run(pool, task, Uuid::now_v7(), holder, ttl, None)
+        .await
+        .unwrap()
+    {
         repository::lease::Start::Started(lease) => Some(lease),
         repository::lease::Start::Busy => None,
         other => panic!("{task}: {other:?}"),
@@ -323,6 +376,9 @@ pub fn same<T: Ord + std::fmt::Debug + Clone>(actual: Vec<T>, expected: Vec<T>, 
 /// With `RUST_LOG` set, the engine's logs go to the test's output (`--nocapture` shows them).
 pub fn show_logs() {
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
     }
 }

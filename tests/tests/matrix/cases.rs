@@ -52,7 +52,10 @@ pub async fn run(path: &str) -> (Vec<String>, String) {
 }
 
 fn history(compaction: bool) -> TaskHistoryTask {
-    TaskHistoryTask::new(TaskHistorySettings { compaction, ..Default::default() })
+    TaskHistoryTask::new(TaskHistorySettings {
+        compaction,
+        ..Default::default()
+    })
 }
 
 fn has(report: &RunReport, counter: &str) -> bool {
@@ -74,8 +77,15 @@ async fn rows_deleted(pool: &PgPool, sweep: bool) -> (Vec<String>, String) {
         matrix.filler(pool, at, 15_000).await;
     }
     let report = run_task(&history(false), pool).await;
-    assert_eq!(has(&report, "ranges swept"), sweep, "the path forced: {report:?}");
-    (matrix.violations(pool, Scope::Tasks).await, format!("{report:?}"))
+    assert_eq!(
+        has(&report, "ranges swept"),
+        sweep,
+        "the path forced: {report:?}"
+    );
+    (
+        matrix.violations(pool, Scope::Tasks).await,
+        format!("{report:?}"),
+    )
 }
 
 /// Deleted tenants' rows alone: walked by id, tenant by tenant.
@@ -87,26 +97,52 @@ async fn purge(pool: &PgPool) -> (Vec<String>, String) {
     let mut matrix = Matrix::default();
     matrix.deleted_tenants_tasks(pool, now, at, &t).await;
     let report = run_task(&history(false), pool).await;
-    assert!(report.by_rule.iter().any(|(r, n)| *r == "deleted-tenants" && *n > 0), "{report:?}");
-    (matrix.violations(pool, Scope::Tasks).await, format!("{report:?}"))
+    assert!(
+        report
+            .by_rule
+            .iter()
+            .any(|(r, n)| *r == "deleted-tenants" && *n > 0),
+        "{report:?}"
+    );
+    (
+        matrix.violations(pool, Scope::Tasks).await,
+        format!("{report:?}"),
+    )
 }
 
 fn limits() -> BatchLimits {
-    BatchLimits::new(Duration::from_secs(30), Duration::from_secs(5)).with_generic_plans().with_history_write()
+    BatchLimits::new(Duration::from_secs(30), Duration::from_secs(5))
+        .with_generic_plans()
+        .with_history_write()
 }
 
 fn context(pool: &PgPool, now: chrono::DateTime<chrono::Utc>) -> RunContext {
-    let ctx = RunContext::new(pool.clone(), Uuid::now_v7(), tokio_util::sync::CancellationToken::new(), Duration::from_secs(600), RunOptions::default());
+    let ctx = RunContext::new(
+        pool.clone(),
+        Uuid::now_v7(),
+        tokio_util::sync::CancellationToken::new(),
+        Duration::from_secs(600),
+        RunOptions::default(),
+    );
     ctx.with_clock(now, tokio::time::Instant::now())
 }
 
 fn steps() -> Steps {
-    Steps { limits: limits(), lock_timeout: Duration::from_secs(5), grace: GRACE }
+    Steps {
+        limits: limits(),
+        lock_timeout: Duration::from_secs(5),
+        grace: GRACE,
+    }
 }
 
 /// The range holding `at`.
 async fn range_at(pool: &PgPool, at: chrono::DateTime<chrono::Utc>) -> Range {
-    ranges::all(pool).await.unwrap().into_iter().find(|r| r.lower.is_some_and(|l| l <= at) && r.upper.is_some_and(|u| u > at)).unwrap()
+    ranges::all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.lower.is_some_and(|l| l <= at) && r.upper.is_some_and(|u| u > at))
+        .unwrap()
 }
 
 /// A compaction of a past day, started before the matrix's rows exist (only due filler rows are
@@ -134,10 +170,18 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
     }
     let range = range_at(pool, at).await;
     let run_id = Uuid::now_v7();
-    let started = rewrite::start(pool, std::slice::from_ref(&range), ("task-history", run_id), &Rule::new(now, GRACE), limits(), Duration::from_secs(5), true)
-        .await
-        .unwrap()
-        .unwrap();
+    let started = rewrite::start(
+        pool,
+        std::slice::from_ref(&range),
+        ("task-history", run_id),
+        &Rule::new(now, GRACE),
+        limits(),
+        Duration::from_secs(5),
+        true,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     loop {
         let mut tx = batch::begin(pool, limits()).await.unwrap();
         let current = rewrite::lock(&mut tx, started.id).await.unwrap().unwrap();
@@ -164,8 +208,17 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
         .await
         .unwrap();
     let held_key: TaskKey = (held_task_id, at);
-    let held_task = (held_key, insert_event(pool, t.a, held_key, at).await, insert_queue_item(pool, t.a, held_key).await);
-    matrix.tasks.push(super::matrix::Fated { key: held_task.0, what: "tenant: a task held by its id".into(), due: false, item_due: false });
+    let held_task = (
+        held_key,
+        insert_event(pool, t.a, held_key, at).await,
+        insert_queue_item(pool, t.a, held_key).await,
+    );
+    matrix.tasks.push(super::matrix::Fated {
+        key: held_task.0,
+        what: "tenant: a task held by its id".into(),
+        due: false,
+        item_due: false,
+    });
     matrix.children.push(held_task);
     matrix.deleted_tenants_tasks(pool, now, at, &t).await;
     matrix.orphans(pool, now, at, &t).await;
@@ -173,12 +226,19 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
     let mut report = RunReport::default();
     if final_replay {
         // Straight to the swap: its replay, under the lock, is the first to see the changes.
-        let swapped = swap::swap(pool, started.id, limits(), Duration::from_secs(5)).await.unwrap();
+        let swapped = swap::swap(pool, started.id, limits(), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert!(swapped.is_ok(), "{swapped:?}");
     }
-    let outcome = rewrites::advance(&ctx, started.id, steps(), Naming::Rules, &mut report).await.unwrap();
+    let outcome = rewrites::advance(&ctx, started.id, steps(), Naming::Rules, &mut report)
+        .await
+        .unwrap();
     assert!(matches!(outcome, Outcome::Done(_)), "{outcome:?}");
-    (matrix.violations(pool, Scope::Tasks).await, format!("{report:?}"))
+    (
+        matrix.violations(pool, Scope::Tasks).await,
+        format!("{report:?}"),
+    )
 }
 
 /// Two adjacent past days merged into one range, the matrix's rows across both.
@@ -186,7 +246,10 @@ async fn merge(pool: &PgPool) -> (Vec<String>, String) {
     let now = db_now(pool).await;
     let first = now.date_naive() - Span::days(12);
     create_day(pool, first).await;
-    let (day1, day2) = (day_start(first) + Span::hours(12), day_start(first + Span::days(1)) + Span::hours(12));
+    let (day1, day2) = (
+        day_start(first) + Span::hours(12),
+        day_start(first + Span::days(1)) + Span::hours(12),
+    );
     let t = tenants(pool, now).await;
     hold_tenants(pool, &t).await;
     let mut matrix = Matrix::default();
@@ -197,9 +260,25 @@ async fn merge(pool: &PgPool) -> (Vec<String>, String) {
     let sources = vec![range_at(pool, day1).await, range_at(pool, day2).await];
     let ctx = context(pool, now);
     let mut report = RunReport::default();
-    let outcome = rewrites::start(&ctx, &sources, "partitions", steps(), true, Naming::Tables, &mut report).await.unwrap();
-    assert!(matches!(outcome, Outcome::Done(ref done) if done.sources == 2), "{outcome:?}");
-    (matrix.violations(pool, Scope::Tasks).await, format!("{report:?}"))
+    let outcome = rewrites::start(
+        &ctx,
+        &sources,
+        "partitions",
+        steps(),
+        true,
+        Naming::Tables,
+        &mut report,
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(outcome, Outcome::Done(ref done) if done.sources == 2),
+        "{outcome:?}"
+    );
+    (
+        matrix.violations(pool, Scope::Tasks).await,
+        format!("{report:?}"),
+    )
 }
 
 /// Orphan events alone, found by the walk of new event ids.
@@ -211,7 +290,10 @@ async fn orphan_walk(pool: &PgPool) -> (Vec<String>, String) {
     let mut matrix = Matrix::default();
     matrix.orphans(pool, now, at, &t).await;
     let report = run_task(&history(true), pool).await;
-    (matrix.violations(pool, Scope::Orphans).await, format!("{report:?}"))
+    (
+        matrix.violations(pool, Scope::Orphans).await,
+        format!("{report:?}"),
+    )
 }
 
 /// Events whose task is deleted after the orphan walk passed them, found by the sweep of every
@@ -223,18 +305,38 @@ async fn orphan_sweep(pool: &PgPool) -> (Vec<String>, String) {
     hold_tenants(pool, &t).await;
     let mut tasks = Vec::new();
     let mut matrix = Matrix::default();
-    for (tenant, old_due, what) in [(t.a, true, "tenant"), (t.h, false, "held tenant"), (t.f, true, "forever tenant"), (t.u, true, "no tenant row")] {
+    for (tenant, old_due, what) in [
+        (t.a, true, "tenant"),
+        (t.h, false, "held tenant"),
+        (t.f, true, "forever tenant"),
+        (t.u, true, "no tenant row"),
+    ] {
         let task = insert_task(pool, tenant, "running", at, None).await;
         tasks.push(task);
         let old = insert_event(pool, tenant, task, now - Span::hours(1) - MINUTE).await;
         let young = insert_event(pool, tenant, task, now - Span::hours(1) + MINUTE).await;
-        matrix.orphans.push(super::matrix::Fated { key: old, what: format!("{what}: orphaned late, a minute past an hour"), due: old_due, item_due: false });
-        matrix.orphans.push(super::matrix::Fated { key: young, what: format!("{what}: orphaned late, a minute short of an hour"), due: false, item_due: false });
+        matrix.orphans.push(super::matrix::Fated {
+            key: old,
+            what: format!("{what}: orphaned late, a minute past an hour"),
+            due: old_due,
+            item_due: false,
+        });
+        matrix.orphans.push(super::matrix::Fated {
+            key: young,
+            what: format!("{what}: orphaned late, a minute short of an hour"),
+            due: false,
+            item_due: false,
+        });
     }
     let task = TaskHistoryTask::new(TaskHistorySettings::default());
     run_task(&task, pool).await; // the walk passes them: their tasks exist
     for key in &tasks {
-        sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2").bind(key.0).bind(key.1).execute(pool).await.unwrap();
+        sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2")
+            .bind(key.0)
+            .bind(key.1)
+            .execute(pool)
+            .await
+            .unwrap();
     }
     sqlx::query("UPDATE retention_watermarks SET position = position - 86400 WHERE name = 'task-history.orphan-sweep.swept-at'")
         .execute(pool)
@@ -242,7 +344,10 @@ async fn orphan_sweep(pool: &PgPool) -> (Vec<String>, String) {
         .unwrap();
     let report = run_task(&task, pool).await;
     assert!(has(&report, "events swept"), "{report:?}");
-    (matrix.violations(pool, Scope::Orphans).await, format!("{report:?}"))
+    (
+        matrix.violations(pool, Scope::Orphans).await,
+        format!("{report:?}"),
+    )
 }
 
 /// Queue items: of every task row (by the queue-items rule), and of no task.
@@ -255,5 +360,8 @@ async fn queue_items(pool: &PgPool) -> (Vec<String>, String) {
     matrix.all_tasks(pool, now, at, &t).await;
     matrix.lone_items(pool, at, &t).await;
     let report = run_task(&QueueItemsTask::new(QueueItemsSettings::default()), pool).await;
-    (matrix.violations(pool, Scope::QueueItems).await, format!("{report:?}"))
+    (
+        matrix.violations(pool, Scope::QueueItems).await,
+        format!("{report:?}"),
+    )
 }

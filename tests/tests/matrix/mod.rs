@@ -87,7 +87,15 @@ pub async fn tenants(pool: &PgPool, now: DateTime<Utc>) -> Tenants {
     let dp = insert_tenant(pool, None, Some(now - Span::hours(25))).await;
     let dph = insert_tenant(pool, None, Some(now - Span::hours(25))).await;
     let f = insert_tenant(pool, None, None).await;
-    Tenants { a, h, dg, dp, dph, f, u: Uuid::new_v4() }
+    Tenants {
+        a,
+        h,
+        dg,
+        dp,
+        dph,
+        f,
+        u: Uuid::new_v4(),
+    }
 }
 
 pub async fn hold(pool: &PgPool, tenant: Uuid, task: Option<Uuid>) {
@@ -115,71 +123,283 @@ struct Row<'a> {
     item_due: bool,
 }
 
-fn row(tenant: Uuid, status: &str, finished: Option<DateTime<Utc>>, due: bool, item_due: bool) -> Row<'_> {
-    Row { tenant, status, finished, due, item_due }
+fn row(
+    tenant: Uuid,
+    status: &str,
+    finished: Option<DateTime<Utc>>,
+    due: bool,
+    item_due: bool,
+) -> Row<'_> {
+    Row {
+        tenant,
+        status,
+        finished,
+        due,
+        item_due,
+    }
 }
 
 impl Matrix {
-    async fn task(&mut self, pool: &PgPool, at: DateTime<Utc>, row: Row<'_>, what: &str) -> TaskKey {
-        let children = insert_task_with_children(pool, row.tenant, row.status, at, row.finished).await;
-        self.tasks.push(Fated { key: children.0, what: what.to_string(), due: row.due, item_due: row.item_due });
+    async fn task(
+        &mut self,
+        pool: &PgPool,
+        at: DateTime<Utc>,
+        row: Row<'_>,
+        what: &str,
+    ) -> TaskKey {
+        let children =
+            insert_task_with_children(pool, row.tenant, row.status, at, row.finished).await;
+        self.tasks.push(Fated {
+            key: children.0,
+            what: what.to_string(),
+            due: row.due,
+            item_due: row.item_due,
+        });
         self.children.push(children);
         children.0
     }
 
     /// Seeds the task rows of tenant `tenant` (as `a` or, `held`, as `h`) in the range of `at`.
-    pub async fn live_tenant_tasks(&mut self, pool: &PgPool, now: DateTime<Utc>, at: DateTime<Utc>, tenant: Uuid, held: bool) {
+    pub async fn live_tenant_tasks(
+        &mut self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+        at: DateTime<Utc>,
+        tenant: Uuid,
+        held: bool,
+    ) {
         let due = !held;
         let item = !held;
         let who = if held { "held tenant" } else { "tenant" };
-        self.task(pool, at, row(tenant, "succeeded", Some(now - Span::days(2) - MINUTE), due, item), &format!("{who}: succeeded a minute before its 2 days")).await;
-        self.task(pool, at, row(tenant, "succeeded", Some(now - Span::days(2) + MINUTE), false, item), &format!("{who}: succeeded a minute after its 2 days")).await;
-        self.task(pool, at, row(tenant, "failed", Some(now - Span::days(5) - MINUTE), due, item), &format!("{who}: failed a minute before its 5 days")).await;
-        self.task(pool, at, row(tenant, "failed", Some(now - Span::days(5) + MINUTE), false, item), &format!("{who}: failed a minute after its 5 days")).await;
-        self.task(pool, at, row(tenant, "failed", Some(now - Span::days(2) - MINUTE), false, item), &format!("{who}: failed past the 2 days of succeeded")).await;
-        self.task(pool, at, row(tenant, "cancelled", Some(now - Span::days(30)), false, item), &format!("{who}: cancelled, kept forever")).await;
-        self.task(pool, at, row(tenant, "succeeded", None, due, item), &format!("{who}: succeeded, no finish, inserted long ago")).await;
-        self.task(pool, at, row(tenant, "running", None, false, false), &format!("{who}: running")).await;
-        self.task(pool, at, row(tenant, "queued", Some(now - Span::days(30)), false, false), &format!("{who}: queued")).await;
+        self.task(
+            pool,
+            at,
+            row(
+                tenant,
+                "succeeded",
+                Some(now - Span::days(2) - MINUTE),
+                due,
+                item,
+            ),
+            &format!("{who}: succeeded a minute before its 2 days"),
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(
+                tenant,
+                "succeeded",
+                Some(now - Span::days(2) + MINUTE),
+                false,
+                item,
+            ),
+            &format!("{who}: succeeded a minute after its 2 days"),
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(
+                tenant,
+                "failed",
+                Some(now - Span::days(5) - MINUTE),
+                due,
+                item,
+            ),
+            &format!("{who}: failed a minute before its 5 days"),
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(
+                tenant,
+                "failed",
+                Some(now - Span::days(5) + MINUTE),
+                false,
+                item,
+            ),
+            &format!("{who}: failed a minute after its 5 days"),
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(
+                tenant,
+                "failed",
+                Some(now - Span::days(2) - MINUTE),
+                false,
+                item,
+            ),
+            &format!("{who}: failed past the 2 days of succeeded"),
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(tenant, "cancelled", Some(now - Span::days(30)), false, item),
+            &format!("{who}: cancelled, kept forever"),
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(tenant, "succeeded", None, due, item),
+            &format!("{who}: succeeded, no finish, inserted long ago"),
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(tenant, "running", None, false, false),
+            &format!("{who}: running"),
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(tenant, "queued", Some(now - Span::days(30)), false, false),
+            &format!("{who}: queued"),
+        )
+        .await;
     }
 
     /// Seeds every task row of the matrix in the range of `at`.
-    pub async fn all_tasks(&mut self, pool: &PgPool, now: DateTime<Utc>, at: DateTime<Utc>, t: &Tenants) {
+    pub async fn all_tasks(
+        &mut self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+        at: DateTime<Utc>,
+        t: &Tenants,
+    ) {
         self.live_tenant_tasks(pool, now, at, t.a, false).await;
         self.live_tenant_tasks(pool, now, at, t.h, true).await;
-        let held_task = self.task(pool, at, row(t.a, "succeeded", Some(now - Span::days(3)), false, false), "tenant: a task held by its id").await;
+        let held_task = self
+            .task(
+                pool,
+                at,
+                row(t.a, "succeeded", Some(now - Span::days(3)), false, false),
+                "tenant: a task held by its id",
+            )
+            .await;
         hold(pool, t.a, Some(held_task.0)).await;
         self.deleted_tenants_tasks(pool, now, at, t).await;
-        self.task(pool, at, row(t.f, "succeeded", Some(now - Span::days(30)), false, true), "forever tenant: succeeded long ago").await;
-        self.task(pool, at, row(t.u, "succeeded", Some(now - Span::days(30)), false, true), "no tenant row: succeeded long ago").await;
+        self.task(
+            pool,
+            at,
+            row(t.f, "succeeded", Some(now - Span::days(30)), false, true),
+            "forever tenant: succeeded long ago",
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(t.u, "succeeded", Some(now - Span::days(30)), false, true),
+            "no tenant row: succeeded long ago",
+        )
+        .await;
     }
 
     /// Seeds the deleted tenants' task rows in the range of `at`.
-    pub async fn deleted_tenants_tasks(&mut self, pool: &PgPool, now: DateTime<Utc>, at: DateTime<Utc>, t: &Tenants) {
-        self.task(pool, at, row(t.dg, "succeeded", Some(now - Span::days(30)), false, true), "deleted within its grace: succeeded").await;
-        self.task(pool, at, row(t.dg, "running", None, false, true), "deleted within its grace: running").await;
-        self.task(pool, at, row(t.dp, "succeeded", Some(now - Span::days(30)), true, true), "deleted past its grace: succeeded").await;
-        self.task(pool, at, row(t.dp, "running", None, true, true), "deleted past its grace: running").await;
-        self.task(pool, at, row(t.dph, "succeeded", Some(now - Span::days(30)), false, false), "deleted past its grace, held: succeeded").await;
-        self.task(pool, at, row(t.dph, "running", None, false, false), "deleted past its grace, held: running").await;
+    pub async fn deleted_tenants_tasks(
+        &mut self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+        at: DateTime<Utc>,
+        t: &Tenants,
+    ) {
+        self.task(
+            pool,
+            at,
+            row(t.dg, "succeeded", Some(now - Span::days(30)), false, true),
+            "deleted within its grace: succeeded",
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(t.dg, "running", None, false, true),
+            "deleted within its grace: running",
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(t.dp, "succeeded", Some(now - Span::days(30)), true, true),
+            "deleted past its grace: succeeded",
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(t.dp, "running", None, true, true),
+            "deleted past its grace: running",
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(t.dph, "succeeded", Some(now - Span::days(30)), false, false),
+            "deleted past its grace, held: succeeded",
+        )
+        .await;
+        self.task(
+            pool,
+            at,
+            row(t.dph, "running", None, false, false),
+            "deleted past its grace, held: running",
+        )
+        .await;
     }
 
     /// Seeds the orphan events (no task) in the range of `at`.
-    pub async fn orphans(&mut self, pool: &PgPool, now: DateTime<Utc>, at: DateTime<Utc>, t: &Tenants) {
-        for (tenant, old_due, what) in [(t.a, true, "tenant"), (t.h, false, "held tenant"), (t.dp, true, "deleted tenant"), (t.u, true, "no tenant row")] {
+    pub async fn orphans(
+        &mut self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+        at: DateTime<Utc>,
+        t: &Tenants,
+    ) {
+        for (tenant, old_due, what) in [
+            (t.a, true, "tenant"),
+            (t.h, false, "held tenant"),
+            (t.dp, true, "deleted tenant"),
+            (t.u, true, "no tenant row"),
+        ] {
             let missing: TaskKey = (Uuid::new_v4(), at);
             let old = insert_event(pool, tenant, missing, now - Span::hours(1) - MINUTE).await;
-            self.orphans.push(Fated { key: old, what: format!("{what}: orphan a minute past an hour"), due: old_due, item_due: false });
+            self.orphans.push(Fated {
+                key: old,
+                what: format!("{what}: orphan a minute past an hour"),
+                due: old_due,
+                item_due: false,
+            });
             let young = insert_event(pool, tenant, missing, now - Span::hours(1) + MINUTE).await;
-            self.orphans.push(Fated { key: young, what: format!("{what}: orphan a minute short of an hour"), due: false, item_due: false });
+            self.orphans.push(Fated {
+                key: young,
+                what: format!("{what}: orphan a minute short of an hour"),
+                due: false,
+                item_due: false,
+            });
         }
     }
 
     /// Seeds queue items whose task does not exist.
     pub async fn lone_items(&mut self, pool: &PgPool, at: DateTime<Utc>, t: &Tenants) {
-        for (tenant, due, what) in [(t.a, true, "tenant"), (t.h, false, "held tenant"), (t.u, true, "no tenant row")] {
+        for (tenant, due, what) in [
+            (t.a, true, "tenant"),
+            (t.h, false, "held tenant"),
+            (t.u, true, "no tenant row"),
+        ] {
             let item = insert_queue_item(pool, tenant, (Uuid::new_v4(), at)).await;
-            self.items.push(Fated { key: item, what: format!("{what}: queue item of no task"), due: false, item_due: due });
+            self.items.push(Fated {
+                key: item,
+                what: format!("{what}: queue item of no task"),
+                due: false,
+                item_due: due,
+            });
         }
     }
 
@@ -199,20 +419,39 @@ impl Matrix {
         let mut wrong = Vec::new();
         let mut check = |present: bool, gone: bool, what: &str| {
             if present == gone {
-                wrong.push(format!("{} {what}", if gone { "left (due):" } else { "deleted (to keep):" }));
+                wrong.push(format!(
+                    "{} {what}",
+                    if gone {
+                        "left (due):"
+                    } else {
+                        "deleted (to keep):"
+                    }
+                ));
             }
         };
         for (task, (key, event, item)) in self.tasks.iter().zip(&self.children) {
             match scope {
                 Scope::Tasks => {
                     check(tasks.contains(key), task.due, &task.what);
-                    check(events.contains(event), task.due, &format!("{}'s event", task.what));
-                    check(items.contains(item), task.due, &format!("{}'s queue item", task.what));
+                    check(
+                        events.contains(event),
+                        task.due,
+                        &format!("{}'s event", task.what),
+                    );
+                    check(
+                        items.contains(item),
+                        task.due,
+                        &format!("{}'s queue item", task.what),
+                    );
                 }
                 Scope::Orphans => check(tasks.contains(key), false, &task.what),
                 Scope::QueueItems => {
                     check(tasks.contains(key), false, &task.what);
-                    check(items.contains(item), task.item_due, &format!("{}'s queue item", task.what));
+                    check(
+                        items.contains(item),
+                        task.item_due,
+                        &format!("{}'s queue item", task.what),
+                    );
                 }
             }
         }
@@ -221,10 +460,18 @@ impl Matrix {
             check(events.contains(&orphan.key), gone, &orphan.what);
         }
         for item in &self.items {
-            check(items.contains(&item.key), scope == Scope::QueueItems && item.item_due, &item.what);
+            check(
+                items.contains(&item.key),
+                scope == Scope::QueueItems && item.item_due,
+                &item.what,
+            );
         }
         if let Some(filler) = self.filler_tenant {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1").bind(filler).fetch_one(pool).await.unwrap();
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE tenant_id = $1")
+                .bind(filler)
+                .fetch_one(pool)
+                .await
+                .unwrap();
             if scope == Scope::Tasks && left > 0 {
                 wrong.push(format!("left (due): {left} filler tasks"));
             }
@@ -234,6 +481,10 @@ impl Matrix {
 
     /// Whether every violation is a row a hold covers, deleted.
     pub fn only_held_rows_deleted(violations: &[String]) -> bool {
-        violations.iter().all(|v| v.starts_with("deleted (to keep): held") || v.starts_with("deleted (to keep): deleted past its grace, held") || v.contains("held by its id"))
+        violations.iter().all(|v| {
+            v.starts_with("deleted (to keep): held")
+                || v.starts_with("deleted (to keep): deleted past its grace, held")
+                || v.contains("held by its id")
+        })
     }
 }

@@ -6,12 +6,18 @@ use sqlx::{PgExecutor, PgPool};
 
 /// Every recorded average: (operation, seconds per unit).
 pub async fn load(executor: impl PgExecutor<'_>) -> Result<Vec<(String, f64)>, sqlx::Error> {
-    sqlx::query_as("SELECT operation, seconds_per_row FROM retention_costs").fetch_all(executor).await
+    sqlx::query_as("SELECT operation, seconds_per_row FROM retention_costs")
+        .fetch_all(executor)
+        .await
 }
 
 /// Folds one observation into `operation`'s average: a fifth of its weight, or all of it for the
 /// first observation.
-pub async fn observe(pool: &PgPool, operation: &str, seconds_per_unit: f64) -> Result<(), sqlx::Error> {
+pub async fn observe(
+    pool: &PgPool,
+    operation: &str,
+    seconds_per_unit: f64,
+) -> Result<(), sqlx::Error> {
     if !seconds_per_unit.is_finite() || seconds_per_unit <= 0.0 {
         return Ok(());
     }

@@ -34,7 +34,10 @@ pub enum Walk {
 
 impl Walk {
     pub fn retained(status: FinalStatus) -> Walk {
-        Walk::Retained { status, after: "-infinity".into() }
+        Walk::Retained {
+            status,
+            after: "-infinity".into(),
+        }
     }
 
     pub fn purged() -> Walk {
@@ -154,18 +157,25 @@ pub async fn delete_batch(
         Walk::Retained { status, after } => {
             sql.with(
                 "access",
-                crate::sql::Fragment::text(format!("t.status = '{}' AND coalesce(t.finished_at, t.inserted_at) < ", status.as_str()))
-                    .then(rule.status_cutoff(*status, "tn"))
-                    .push(" AND coalesce(t.finished_at, t.inserted_at) >= ")
-                    .bind(after.clone())
-                    .push("::timestamptz"),
+                crate::sql::Fragment::text(format!(
+                    "t.status = '{}' AND coalesce(t.finished_at, t.inserted_at) < ",
+                    status.as_str()
+                ))
+                .then(rule.status_cutoff(*status, "tn"))
+                .push(" AND coalesce(t.finished_at, t.inserted_at) >= ")
+                .bind(after.clone())
+                .push("::timestamptz"),
             )
             .raw("order", "coalesce(t.finished_at, t.inserted_at)");
         }
         Walk::Purged { after } => {
             // `>=`: a task id may repeat with another inserted_at; rows already deleted at that id
             // are passed again, once.
-            sql.with("access", crate::sql::Fragment::text("t.id >= ").bind(after.unwrap_or_else(Uuid::nil))).raw("order", "t.id");
+            sql.with(
+                "access",
+                crate::sql::Fragment::text("t.id >= ").bind(after.unwrap_or_else(Uuid::nil)),
+            )
+            .raw("order", "t.id");
         }
     }
     sql.with("planned", planned_range(pair.tasks_relid, &pair.lower, &pair.upper))
@@ -191,7 +201,11 @@ pub async fn delete_batch(
     let row = match result {
         Ok(row) => row,
         Err(error) if is_undefined_table(&error) => {
-            return Ok(Batch { deleted: Deleted::default(), examined: 0, range_missing: true });
+            return Ok(Batch {
+                deleted: Deleted::default(),
+                examined: 0,
+                range_missing: true,
+            });
         }
         Err(error) => return Err(error),
     };
@@ -211,7 +225,11 @@ pub async fn delete_batch(
         }
     }
     Ok(Batch {
-        deleted: Deleted { tasks: row.tasks, events: row.events, queue_items: row.queue_items },
+        deleted: Deleted {
+            tasks: row.tasks,
+            events: row.events,
+            queue_items: row.queue_items,
+        },
         examined: row.examined,
         range_missing: !row.present,
     })
@@ -320,7 +338,12 @@ pub async fn delete_block_range(
     let result: Result<SweepRow, sqlx::Error> = sql.build_query_as().fetch_one(&mut *conn).await;
     let row = match result {
         Ok(row) => row,
-        Err(error) if is_undefined_table(&error) => return Ok(SweepBatch { range_missing: true, ..SweepBatch::default() }),
+        Err(error) if is_undefined_table(&error) => {
+            return Ok(SweepBatch {
+                range_missing: true,
+                ..SweepBatch::default()
+            })
+        }
         Err(error) => return Err(error),
     };
     if !row.tenant_ids.is_empty() {
@@ -331,9 +354,18 @@ pub async fn delete_block_range(
         .into_iter()
         .zip(row.purged)
         .zip(row.tasks)
-        .map(|((tenant_id, purged), tasks)| TenantGone { tenant_id, purged, tasks })
+        .map(|((tenant_id, purged), tasks)| TenantGone {
+            tenant_id,
+            purged,
+            tasks,
+        })
         .collect();
-    Ok(SweepBatch { tenants, events: row.events, queue_items: row.queue_items, range_missing: !row.present })
+    Ok(SweepBatch {
+        tenants,
+        events: row.events,
+        queue_items: row.queue_items,
+        range_missing: !row.present,
+    })
 }
 
 /// The range a batch was planned on, still as planned: its `history_ranges` row (relid `relid`)
@@ -357,7 +389,11 @@ pub fn is_undefined_table(error: &sqlx::Error) -> bool {
 
 /// The highest event id handed out so far (committed or not), or 0. One read of the sequence.
 pub async fn last_event_id(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM task_events_id_seq").fetch_one(executor).await
+    sqlx::query_scalar(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM task_events_id_seq",
+    )
+    .fetch_one(executor)
+    .await
 }
 
 #[derive(FromRow)]
@@ -421,7 +457,11 @@ pub async fn delete_orphan_events_batch(
     if row.deleted > 0 {
         rule::confirm(conn, row.rules_version).await?;
     }
-    Ok(OrphanBatch { deleted: row.deleted, walked_to: row.walked_to, first_undecided: row.first_undecided })
+    Ok(OrphanBatch {
+        deleted: row.deleted,
+        walked_to: row.walked_to,
+        first_undecided: row.first_undecided,
+    })
 }
 
 /// What one orphan-events batch did.

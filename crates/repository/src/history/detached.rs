@@ -12,7 +12,14 @@ use sqlx::{PgConnection, PgPool};
 
 /// Records that `relid` (now named `relname`) was detached from the range `[lower, upper)` (SQL
 /// text) by rewrite `rewrite_id`, in the detaching transaction.
-pub async fn record(conn: &mut PgConnection, relid: Oid, relname: &str, lower: &str, upper: &str, rewrite_id: Option<i64>) -> Result<(), sqlx::Error> {
+pub async fn record(
+    conn: &mut PgConnection,
+    relid: Oid,
+    relname: &str,
+    lower: &str,
+    upper: &str,
+    rewrite_id: Option<i64>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO history_detached (relid, relname, lower, upper, rewrite_id) VALUES ($1, $2, $3::timestamptz, $4::timestamptz, $5)",
     )
@@ -66,7 +73,10 @@ pub async fn drop_recorded(pool: &PgPool, lock_timeout: Duration) -> Result<Drop
             Err(error) if crate::batch::is_lock_timeout(&error) => continue,
             Err(error) => return Err(error),
         }
-        sqlx::query("DELETE FROM history_detached WHERE relid = $1").bind(relid).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM history_detached WHERE relid = $1")
+            .bind(relid)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
     }
     Ok(outcome)
@@ -76,7 +86,11 @@ pub async fn drop_recorded(pool: &PgPool, lock_timeout: Duration) -> Result<Drop
 /// not a partition again. `Some(Ok(name))`: dropped; `Some(Err(name))`: it is something else now
 /// (renamed, attached again), left alone; `None`: it is gone. In the caller's transaction, whose
 /// `lock_timeout` bounds the wait for readers of the table.
-pub(crate) async fn drop_if_ours(conn: &mut PgConnection, relid: Oid, relname: &str) -> Result<Option<Result<String, String>>, sqlx::Error> {
+pub(crate) async fn drop_if_ours(
+    conn: &mut PgConnection,
+    relid: Oid,
+    relname: &str,
+) -> Result<Option<Result<String, String>>, sqlx::Error> {
     let current: Option<(String, bool)> = sqlx::query_as(
         "SELECT c.relname::text, c.relispartition FROM pg_class c
          WHERE c.oid = $1 AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'tasks'::regclass)",
@@ -86,7 +100,9 @@ pub(crate) async fn drop_if_ours(conn: &mut PgConnection, relid: Oid, relname: &
     .await?;
     Ok(match current {
         Some((name, false)) if name == relname => {
-            sqlx::query(&format!("DROP TABLE {}", super::ident(&name))).execute(&mut *conn).await?;
+            sqlx::query(&format!("DROP TABLE {}", super::ident(&name)))
+                .execute(&mut *conn)
+                .await?;
             Some(Ok(name))
         }
         Some((name, _)) => Some(Err(name)),

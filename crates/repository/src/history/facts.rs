@@ -40,7 +40,10 @@ fn next_due(rule: &Rule, tn: &str, alias: &str) -> Fragment {
 
 /// The ranges whose facts are to be rebuilt now (see [`Range::needs_settle`]), oldest first, a
 /// rebuild in progress first of all.
-pub async fn to_settle(executor: impl PgExecutor<'_>, now: DateTime<Utc>) -> Result<Vec<Range>, sqlx::Error> {
+pub async fn to_settle(
+    executor: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Range>, sqlx::Error> {
     let rows: Vec<super::RangeRow> = sqlx::query_as(&format!(
         "SELECT {} FROM history_ranges r
          LEFT JOIN history_range_rebuild_state b ON b.tasks_relid = r.tasks_relid
@@ -59,12 +62,19 @@ pub async fn to_settle(executor: impl PgExecutor<'_>, now: DateTime<Utc>) -> Res
 /// `lock_timeout` for the writers in flight there (so that every write it did not log has
 /// committed once this returns). Returns false when the lock was not had in time (the range stays
 /// live, probed, until a later run), or another runner has the range.
-pub async fn switch_to_all(pool: &PgPool, range: &Range, limits: BatchLimits, lock_timeout: std::time::Duration) -> Result<bool, sqlx::Error> {
+pub async fn switch_to_all(
+    pool: &PgPool,
+    range: &Range,
+    limits: BatchLimits,
+    lock_timeout: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
     let mut tx = batch::begin(pool, limits.with_lock_timeout(lock_timeout)).await?;
-    let still: Option<String> = match sqlx::query_scalar("SELECT log_mode FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE NOWAIT")
-        .bind(range.tasks_relid)
-        .fetch_optional(&mut *tx)
-        .await
+    let still: Option<String> = match sqlx::query_scalar(
+        "SELECT log_mode FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE NOWAIT",
+    )
+    .bind(range.tasks_relid)
+    .fetch_optional(&mut *tx)
+    .await
     {
         Ok(still) => still,
         Err(error) if batch::is_lock_timeout(&error) => return Ok(false),
@@ -74,10 +84,21 @@ pub async fn switch_to_all(pool: &PgPool, range: &Range, limits: BatchLimits, lo
         tx.rollback().await?;
         return Ok(still.as_deref() == Some(LogMode::All.as_str()));
     }
-    match super::ranges::set_log_mode(&mut tx, range.tasks_relid, range.events_relid, &range.lower_text(), LogMode::All).await {
+    match super::ranges::set_log_mode(
+        &mut tx,
+        range.tasks_relid,
+        range.events_relid,
+        &range.lower_text(),
+        LogMode::All,
+    )
+    .await
+    {
         Ok(()) => {
             // Probed, not trusted, until the rebuild is done.
-            sqlx::query("UPDATE history_ranges SET settled_at = NULL WHERE tasks_relid = $1").bind(range.tasks_relid).execute(&mut *tx).await?;
+            sqlx::query("UPDATE history_ranges SET settled_at = NULL WHERE tasks_relid = $1")
+                .bind(range.tasks_relid)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(true)
         }
@@ -90,7 +111,10 @@ pub async fn switch_to_all(pool: &PgPool, range: &Range, limits: BatchLimits, lo
 /// in progress (consuming the range's logged changes: each was committed before the rebuild reads
 /// any row, so the rebuild accounts for it). Returns the next page to read, or `None` when another
 /// runner is rebuilding it.
-pub async fn rebuild_take(conn: &mut PgConnection, tasks_relid: Oid) -> Result<Option<i64>, sqlx::Error> {
+pub async fn rebuild_take(
+    conn: &mut PgConnection,
+    tasks_relid: Oid,
+) -> Result<Option<i64>, sqlx::Error> {
     let block: Option<i64> =
         sqlx::query_scalar("SELECT block FROM history_range_rebuild_state WHERE tasks_relid = $1 FOR UPDATE SKIP LOCKED")
             .bind(tasks_relid)
@@ -116,7 +140,10 @@ pub async fn rebuild_take(conn: &mut PgConnection, tasks_relid: Oid) -> Result<O
     .bind(tasks_relid)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("DELETE FROM history_range_rebuilds WHERE tasks_relid = $1").bind(tasks_relid).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM history_range_rebuilds WHERE tasks_relid = $1")
+        .bind(tasks_relid)
+        .execute(&mut *conn)
+        .await?;
     Ok(Some(0))
 }
 
@@ -126,7 +153,12 @@ pub async fn rebuild_take(conn: &mut PgConnection, tasks_relid: Oid) -> Result<O
 /// the walk may count twice (its rows are an estimate; its instants stay bounds), one it moves
 /// behind is missed; either way the update is logged, and its pair probed again once the rebuild
 /// is done. In the caller's transaction.
-pub async fn rebuild_chunk(conn: &mut PgConnection, tasks_relid: Oid, block: i64, pages: u32) -> Result<u32, sqlx::Error> {
+pub async fn rebuild_chunk(
+    conn: &mut PgConnection,
+    tasks_relid: Oid,
+    block: i64,
+    pages: u32,
+) -> Result<u32, sqlx::Error> {
     let (table, total): (String, i64) = sqlx::query_as(
         "SELECT $1::regclass::text, pg_relation_size($1) / current_setting('block_size')::bigint",
     )
@@ -151,7 +183,11 @@ pub async fn rebuild_chunk(conn: &mut PgConnection, tasks_relid: Oid, block: i64
     let merged = OLDEST
         .iter()
         .map(|c| format!("{c} = least(r.{c}, excluded.{c})"))
-        .chain(NEWEST.iter().map(|c| format!("{c} = greatest(r.{c}, excluded.{c})")))
+        .chain(
+            NEWEST
+                .iter()
+                .map(|c| format!("{c} = greatest(r.{c}, excluded.{c})")),
+        )
         .collect::<Vec<_>>()
         .join(", ");
     let mut sql = Sql::new(
@@ -162,15 +198,23 @@ pub async fn rebuild_chunk(conn: &mut PgConnection, tasks_relid: Oid, block: i64
          ON CONFLICT (tasks_relid, tenant_id) DO UPDATE
          SET rows = r.rows + excluded.rows, active = r.active + excluded.active, {merged}",
     );
-    sql.raw("columns", OLDEST.iter().chain(NEWEST.iter()).copied().collect::<Vec<_>>().join(", "))
-        .bind("relid", tasks_relid)
-        .raw("active", ACTIVE)
-        .raw("oldest", per_status("min", OLDEST))
-        .raw("newest", per_status("max", NEWEST))
-        .raw("table", table)
-        .bind("from", from)
-        .bind("to", to)
-        .raw("merged", merged);
+    sql.raw(
+        "columns",
+        OLDEST
+            .iter()
+            .chain(NEWEST.iter())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+    .bind("relid", tasks_relid)
+    .raw("active", ACTIVE)
+    .raw("oldest", per_status("min", OLDEST))
+    .raw("newest", per_status("max", NEWEST))
+    .raw("table", table)
+    .bind("from", from)
+    .bind("to", to)
+    .raw("merged", merged);
     sql.build().execute(&mut *conn).await?;
     sqlx::query("UPDATE history_range_rebuild_state SET block = $2 WHERE tasks_relid = $1")
         .bind(tasks_relid)
@@ -183,9 +227,21 @@ pub async fn rebuild_chunk(conn: &mut PgConnection, tasks_relid: Oid, block: i64
 /// Replaces the range's facts by what its rebuild gathered, and marks it settled at `rule`'s now.
 /// In the caller's transaction, which holds the rebuild ([`rebuild_take`]). Returns the range's
 /// rows.
-pub async fn rebuild_finish(conn: &mut PgConnection, tasks_relid: Oid, rule: &Rule) -> Result<i64, sqlx::Error> {
-    sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = $1").bind(tasks_relid).execute(&mut *conn).await?;
-    let columns = OLDEST.iter().chain(NEWEST.iter()).copied().collect::<Vec<_>>().join(", ");
+pub async fn rebuild_finish(
+    conn: &mut PgConnection,
+    tasks_relid: Oid,
+    rule: &Rule,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = $1")
+        .bind(tasks_relid)
+        .execute(&mut *conn)
+        .await?;
+    let columns = OLDEST
+        .iter()
+        .chain(NEWEST.iter())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut sql = Sql::new(
         "WITH ins AS (
              INSERT INTO history_range_tenants (tasks_relid, tenant_id, rows, active, {columns}, next_due_at)
@@ -197,12 +253,25 @@ pub async fn rebuild_finish(conn: &mut PgConnection, tasks_relid: Oid, rule: &Ru
          SELECT coalesce(sum(rows), 0)::bigint FROM ins",
     );
     sql.raw("columns", columns.clone())
-        .raw("s_columns", columns.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", "))
+        .raw(
+            "s_columns",
+            columns
+                .split(", ")
+                .map(|c| format!("s.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
         .with("next_due", next_due(rule, "tn", "s"))
         .bind("relid", tasks_relid);
     let rows: i64 = sql.build_query_scalar().fetch_one(&mut *conn).await?;
-    sqlx::query("DELETE FROM history_range_rebuilds WHERE tasks_relid = $1").bind(tasks_relid).execute(&mut *conn).await?;
-    sqlx::query("DELETE FROM history_range_rebuild_state WHERE tasks_relid = $1").bind(tasks_relid).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM history_range_rebuilds WHERE tasks_relid = $1")
+        .bind(tasks_relid)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM history_range_rebuild_state WHERE tasks_relid = $1")
+        .bind(tasks_relid)
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("UPDATE history_ranges SET rows = $2, settled_at = $3 WHERE tasks_relid = $1")
         .bind(tasks_relid)
         .bind(rows)
@@ -236,17 +305,23 @@ const REFRESH_PASS: i64 = 5_000;
 /// rewritten or rebuilt, or locked by a layout change, are left (a rewrite replays its sources'
 /// entries into the new range; a rebuild's are applied after it). In passes of at most
 /// [`REFRESH_PASS`] entries, each one transaction, until a pass finds fewer.
-pub async fn refresh(pool: &PgPool, limits: BatchLimits, rule: &Rule) -> Result<Refreshed, sqlx::Error> {
+pub async fn refresh(
+    pool: &PgPool,
+    limits: BatchLimits,
+    rule: &Rule,
+) -> Result<Refreshed, sqlx::Error> {
     let mut refreshed = Refreshed::default();
     loop {
-        let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM history_changes)").fetch_one(pool).await?;
+        let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM history_changes)")
+            .fetch_one(pool)
+            .await?;
         if !pending {
             return Ok(refreshed);
         }
         let mut tx = batch::begin(pool, bookkeeping(limits)).await?;
         let mut sql = Sql::new(
             "WITH gone AS (DELETE FROM history_changes WHERE id = ANY (ARRAY (
-                               SELECT id FROM history_changes WHERE relid = 0 ORDER BY id LIMIT {limit}))
+                               SELECT id FROM history_changes WHERE relid = 0 LIMIT {limit}))
                            RETURNING tenant_id),
                   changed AS (SELECT DISTINCT tenant_id FROM gone),
                   updated AS (
@@ -257,19 +332,26 @@ pub async fn refresh(pool: &PgPool, limits: BatchLimits, rule: &Rule) -> Result<
                       RETURNING 1)
              SELECT (SELECT count(*) FROM gone), ARRAY (SELECT tenant_id FROM changed)",
         );
-        sql.bind("limit", REFRESH_PASS).with("next_due", next_due(rule, "tn", "p"));
-        let (tenant_entries, tenants): (i64, Vec<Uuid>) = sql.build_query_as().fetch_one(&mut *tx).await?;
+        sql.bind("limit", REFRESH_PASS)
+            .with("next_due", next_due(rule, "tn", "p"));
+        let (tenant_entries, tenants): (i64, Vec<Uuid>) =
+            sql.build_query_as().fetch_one(&mut *tx).await?;
         let changed: Vec<(Oid, Uuid, i64, i64)> = sqlx::query_as(
             "WITH r AS (SELECT tasks_relid, events_relid FROM history_ranges h
                         WHERE rewrite_id IS NULL AND NOT EXISTS (SELECT 1 FROM history_range_rebuild_state b WHERE b.tasks_relid = h.tasks_relid)
                         FOR KEY SHARE SKIP LOCKED),
+                  -- In no particular order (each entry is applied once, from the rows as they are
+                  -- now): the index on `relid` stops at the limit.
                   taken AS (
-                      SELECT c.id FROM history_changes c JOIN r ON c.relid IN (r.tasks_relid, r.events_relid)
-                      ORDER BY c.id LIMIT $1),
+                      SELECT c.id FROM history_changes c
+                      WHERE c.relid = ANY (ARRAY (SELECT tasks_relid FROM r UNION ALL SELECT events_relid FROM r))
+                      LIMIT $1),
+                  deleted AS (
+                      DELETE FROM history_changes c WHERE c.id = ANY (ARRAY (SELECT id FROM taken))
+                      RETURNING c.relid, c.op, c.tenant_id),
                   gone AS (
-                      DELETE FROM history_changes c USING r
-                      WHERE c.id = ANY (ARRAY (SELECT id FROM taken)) AND c.relid IN (r.tasks_relid, r.events_relid)
-                      RETURNING r.tasks_relid, c.relid = r.tasks_relid AS task_change, c.op, c.tenant_id)
+                      SELECT r.tasks_relid, d.relid = r.tasks_relid AS task_change, d.op, d.tenant_id
+                      FROM deleted d JOIN r ON d.relid IN (r.tasks_relid, r.events_relid))
              SELECT tasks_relid, tenant_id,
                     sum(CASE WHEN task_change THEN CASE op WHEN 'I' THEN 1 WHEN 'D' THEN -1 ELSE 0 END ELSE 0 END)::bigint,
                     count(*)
@@ -279,7 +361,10 @@ pub async fn refresh(pool: &PgPool, limits: BatchLimits, rule: &Rule) -> Result<
         .fetch_all(&mut *tx)
         .await?;
         let entries: i64 = changed.iter().map(|c| c.3).sum();
-        let pairs: Vec<(Oid, Uuid, i64)> = changed.into_iter().map(|(relid, tenant, delta, _)| (relid, tenant, delta)).collect();
+        let pairs: Vec<(Oid, Uuid, i64)> = changed
+            .into_iter()
+            .map(|(relid, tenant, delta, _)| (relid, tenant, delta))
+            .collect();
         resummarise(&mut tx, &pairs, rule).await?;
         tx.commit().await?;
         refreshed.tenants += tenants.len() as u64;
@@ -294,7 +379,11 @@ pub async fn refresh(pool: &PgPool, limits: BatchLimits, rule: &Rule) -> Result<
 /// its oldest and newest (index probes of the range's partition), its rows adjusted by `rows
 /// added`, and its next due instant. A pair left with no rows is removed; pairs of ranges that
 /// are gone are skipped. One statement per range.
-pub async fn resummarise(conn: &mut PgConnection, pairs: &[(Oid, Uuid, i64)], rule: &Rule) -> Result<(), sqlx::Error> {
+pub async fn resummarise(
+    conn: &mut PgConnection,
+    pairs: &[(Oid, Uuid, i64)],
+    rule: &Rule,
+) -> Result<(), sqlx::Error> {
     let mut relids: Vec<Oid> = pairs.iter().map(|p| p.0).collect();
     relids.sort_by_key(|oid| oid.0);
     relids.dedup();
@@ -304,7 +393,11 @@ pub async fn resummarise(conn: &mut PgConnection, pairs: &[(Oid, Uuid, i64)], ru
             .fetch_all(&mut *conn)
             .await?;
     for (relid, table) in tables {
-        let (tenants, deltas): (Vec<Uuid>, Vec<i64>) = pairs.iter().filter(|p| p.0 == relid).map(|p| (p.1, p.2)).unzip();
+        let (tenants, deltas): (Vec<Uuid>, Vec<i64>) = pairs
+            .iter()
+            .filter(|p| p.0 == relid)
+            .map(|p| (p.1, p.2))
+            .unzip();
         // One index probe each, along (tenant, status, finish instant).
         let probes = FinalStatus::ALL
             .iter()
@@ -323,10 +416,29 @@ pub async fn resummarise(conn: &mut PgConnection, pairs: &[(Oid, Uuid, i64)], ru
             })
             .collect::<Vec<_>>()
             .join(",\n");
-        let any_final = OLDEST.iter().map(|c| format!("CASE WHEN x.{c} IS NULL THEN 0 ELSE 1 END")).collect::<Vec<_>>().join(" + ");
-        let set = OLDEST.iter().chain(NEWEST.iter()).map(|c| format!("{c} = kept.{c}")).collect::<Vec<_>>().join(", ");
-        let columns = OLDEST.iter().chain(NEWEST.iter()).copied().collect::<Vec<_>>().join(", ");
-        let kept_columns = OLDEST.iter().chain(NEWEST.iter()).map(|c| format!("kept.{c}")).collect::<Vec<_>>().join(", ");
+        let any_final = OLDEST
+            .iter()
+            .map(|c| format!("CASE WHEN x.{c} IS NULL THEN 0 ELSE 1 END"))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let set = OLDEST
+            .iter()
+            .chain(NEWEST.iter())
+            .map(|c| format!("{c} = kept.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let columns = OLDEST
+            .iter()
+            .chain(NEWEST.iter())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let kept_columns = OLDEST
+            .iter()
+            .chain(NEWEST.iter())
+            .map(|c| format!("kept.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut sql = Sql::new(
             "WITH c AS (SELECT * FROM unnest({tenants}::uuid[], {deltas}::int8[]) AS c(tenant_id, delta)),
              probed AS (
@@ -428,7 +540,11 @@ struct PairRow {
 
 impl From<PairRow> for Pair {
     fn from(row: PairRow) -> Self {
-        let status = |oldest, newest, cutoff| StatusFacts { oldest, newest, cutoff };
+        let status = |oldest, newest, cutoff| StatusFacts {
+            oldest,
+            newest,
+            cutoff,
+        };
         Pair {
             tasks_relid: row.tasks_relid,
             tenant_id: row.tenant_id,
@@ -436,9 +552,17 @@ impl From<PairRow> for Pair {
             rows: row.rows,
             active: row.active,
             statuses: [
-                status(row.oldest_succeeded, row.newest_succeeded, row.cutoff_succeeded),
+                status(
+                    row.oldest_succeeded,
+                    row.newest_succeeded,
+                    row.cutoff_succeeded,
+                ),
                 status(row.oldest_failed, row.newest_failed, row.cutoff_failed),
-                status(row.oldest_cancelled, row.newest_cancelled, row.cutoff_cancelled),
+                status(
+                    row.oldest_cancelled,
+                    row.newest_cancelled,
+                    row.cutoff_cancelled,
+                ),
             ],
             range_rows: row.range_rows,
             probed: row.probed,
@@ -455,7 +579,9 @@ fn cutoff_columns(rule: &Rule, tn: &str) -> Fragment {
             columns = columns.push(", ");
         }
         columns = columns
-            .push(format!("CASE WHEN {tn}.id IS NOT NULL AND {tn}.deleted_at IS NULL AND "))
+            .push(format!(
+                "CASE WHEN {tn}.id IS NOT NULL AND {tn}.deleted_at IS NULL AND "
+            ))
             .then(rule.status_cutoff(status, tn))
             .push(" > '-infinity' THEN ")
             .then(rule.status_cutoff(status, tn))
@@ -466,14 +592,22 @@ fn cutoff_columns(rule: &Rule, tn: &str) -> Fragment {
 
 /// The facts' per-status columns of pair alias `p`.
 fn fact_columns(p: &str) -> String {
-    OLDEST.iter().zip(NEWEST).map(|(o, n)| format!("{p}.{o}, {p}.{n}")).collect::<Vec<_>>().join(", ")
+    OLDEST
+        .iter()
+        .zip(NEWEST)
+        .map(|(o, n)| format!("{p}.{o}, {p}.{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Pairs with something due now: those whose next due instant has come, and every pair of a
 /// tenant deleted longer ago than the grace. Each part starts from its index (`next_due_at`, the
 /// deleted tenants), so the cost is the pairs found, not all pairs. Ranges that are live are not
 /// trusted: see [`probe`].
-pub async fn due_pairs(executor: impl PgExecutor<'_>, rule: &Rule) -> Result<Vec<Pair>, sqlx::Error> {
+pub async fn due_pairs(
+    executor: impl PgExecutor<'_>,
+    rule: &Rule,
+) -> Result<Vec<Pair>, sqlx::Error> {
     let mut sql = Sql::new(
         "SELECT p.tasks_relid, p.tenant_id, coalesce(tn.deleted_at < {now} - {grace}, false) AS purged,
                 p.rows, p.active, {facts}, {cutoffs},
@@ -508,7 +642,11 @@ pub async fn due_pairs(executor: impl PgExecutor<'_>, rule: &Rule) -> Result<Vec
 /// deleted longer ago than the grace with a row there, and live tenants with a final task there
 /// due under its status's window (one index probe per status, for the tenants whose shortest
 /// window is shorter than the range's age).
-pub async fn probe(executor: impl PgExecutor<'_>, range: &Range, rule: &Rule) -> Result<Vec<Pair>, sqlx::Error> {
+pub async fn probe(
+    executor: impl PgExecutor<'_>,
+    range: &Range,
+    rule: &Rule,
+) -> Result<Vec<Pair>, sqlx::Error> {
     let mut due_by_status = Fragment::default();
     for (i, status) in FinalStatus::ALL.into_iter().enumerate() {
         if i > 0 {
@@ -556,7 +694,9 @@ pub async fn probe(executor: impl PgExecutor<'_>, range: &Range, rule: &Rule) ->
 
 /// The longest finite window (of any final status) among live tenants (`None` when every live tenant keeps forever,
 /// or there are none).
-pub async fn longest_window(executor: impl PgExecutor<'_>) -> Result<Option<std::time::Duration>, sqlx::Error> {
+pub async fn longest_window(
+    executor: impl PgExecutor<'_>,
+) -> Result<Option<std::time::Duration>, sqlx::Error> {
     let seconds: Option<f64> = sqlx::query_scalar(
         "SELECT max(extract(epoch FROM w.period))::float8
          FROM tenants tn, LATERAL (VALUES (coalesce(tn.succeeded_retention_period, tn.data_retention_period)),
@@ -570,7 +710,11 @@ pub async fn longest_window(executor: impl PgExecutor<'_>) -> Result<Option<std:
 }
 
 /// Per tenant with any: the pairs of a range (what a rewrite or an estimate needs).
-pub async fn pairs_of(executor: impl PgExecutor<'_>, tasks_relid: Oid, rule: &Rule) -> Result<Vec<Pair>, sqlx::Error> {
+pub async fn pairs_of(
+    executor: impl PgExecutor<'_>,
+    tasks_relid: Oid,
+    rule: &Rule,
+) -> Result<Vec<Pair>, sqlx::Error> {
     let mut sql = Sql::new(
         "SELECT p.tasks_relid, p.tenant_id, coalesce(tn.deleted_at < {now} - {grace}, false) AS purged,
                 p.rows, p.active, {facts}, {cutoffs},
@@ -596,7 +740,9 @@ impl Pair {
         if self.purged {
             return self.rows > 0;
         }
-        self.statuses.iter().any(|s| matches!((s.cutoff, s.oldest), (Some(cutoff), Some(oldest)) if oldest < cutoff))
+        self.statuses.iter().any(
+            |s| matches!((s.cutoff, s.oldest), (Some(cutoff), Some(oldest)) if oldest < cutoff),
+        )
     }
 
     /// The statuses whose tasks a walk of the pair looks at: those the facts say hold a due task,
@@ -607,7 +753,12 @@ impl Pair {
             (Some(_), None) => self.probed,
             (None, _) => false,
         };
-        FinalStatus::ALL.into_iter().zip(self.statuses).filter(|(_, s)| may_be_due(s)).map(|(status, _)| status).collect()
+        FinalStatus::ALL
+            .into_iter()
+            .zip(self.statuses)
+            .filter(|(_, s)| may_be_due(s))
+            .map(|(status, _)| status)
+            .collect()
     }
 
     /// An estimate of the pair's due tasks: all of a purged tenant's; of a live tenant's final
@@ -618,7 +769,11 @@ impl Pair {
         if self.purged {
             return self.rows as f64;
         }
-        let present: Vec<&StatusFacts> = self.statuses.iter().filter(|s| s.oldest.is_some()).collect();
+        let present: Vec<&StatusFacts> = self
+            .statuses
+            .iter()
+            .filter(|s| s.oldest.is_some())
+            .collect();
         if present.is_empty() {
             return 0.0;
         }
@@ -627,7 +782,10 @@ impl Pair {
         present
             .iter()
             .map(|s| {
-                let (Some(cutoff), Some(oldest), Some(newest)) = (s.cutoff, s.oldest, s.newest) else { return 0.0 };
+                let (Some(cutoff), Some(oldest), Some(newest)) = (s.cutoff, s.oldest, s.newest)
+                else {
+                    return 0.0;
+                };
                 if cutoff <= oldest {
                     0.0
                 } else if cutoff > newest || newest == oldest {
@@ -651,20 +809,40 @@ mod tests {
     }
 
     fn pair(statuses: [StatusFacts; 3]) -> Pair {
-        Pair { tasks_relid: Oid(1), tenant_id: Uuid::nil(), purged: false, rows: 100, active: 0, statuses, range_rows: 100, probed: false }
+        Pair {
+            tasks_relid: Oid(1),
+            tenant_id: Uuid::nil(),
+            purged: false,
+            rows: 100,
+            active: 0,
+            statuses,
+            range_rows: 100,
+            probed: false,
+        }
     }
 
     #[test]
     fn a_status_kept_longer_makes_nothing_due_and_nothing_walked() {
         // Succeeded kept 7 days (cutoff the 23rd), failed 90 days (cutoff in August): only failed
         // tasks, from the 15th to the 20th.
-        let failed = StatusFacts { oldest: Some(at(15)), newest: Some(at(20)), cutoff: Some(at(1) - chrono::Duration::days(90)) };
-        let none = StatusFacts { cutoff: Some(at(23)), ..Default::default() };
+        let failed = StatusFacts {
+            oldest: Some(at(15)),
+            newest: Some(at(20)),
+            cutoff: Some(at(1) - chrono::Duration::days(90)),
+        };
+        let none = StatusFacts {
+            cutoff: Some(at(23)),
+            ..Default::default()
+        };
         let kept = pair([none, failed, none]);
         assert!(!kept.is_due());
         assert_eq!(kept.due_estimate(), 0.0);
         // Succeeded tasks from the 20th to the 26th as well: half of them are due.
-        let succeeded = StatusFacts { oldest: Some(at(20)), newest: Some(at(26)), cutoff: Some(at(23)) };
+        let succeeded = StatusFacts {
+            oldest: Some(at(20)),
+            newest: Some(at(26)),
+            cutoff: Some(at(23)),
+        };
         let some = pair([succeeded, failed, none]);
         assert!(some.is_due());
         assert_eq!(some.statuses_to_walk(), vec![FinalStatus::Succeeded]);
@@ -673,8 +851,18 @@ mod tests {
 
     #[test]
     fn a_probed_pair_walks_every_status_with_a_finite_window() {
-        let unknown = |cutoff| StatusFacts { oldest: None, newest: None, cutoff };
-        let probed = Pair { probed: true, ..pair([unknown(Some(at(23))), unknown(None), unknown(Some(at(2)))]) };
-        assert_eq!(probed.statuses_to_walk(), vec![FinalStatus::Succeeded, FinalStatus::Cancelled]);
+        let unknown = |cutoff| StatusFacts {
+            oldest: None,
+            newest: None,
+            cutoff,
+        };
+        let probed = Pair {
+            probed: true,
+            ..pair([unknown(Some(at(23))), unknown(None), unknown(Some(at(2)))])
+        };
+        assert_eq!(
+            probed.statuses_to_walk(),
+            vec![FinalStatus::Succeeded, FinalStatus::Cancelled]
+        );
     }
 }

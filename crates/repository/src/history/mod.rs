@@ -153,12 +153,14 @@ pub(crate) const RANGE_COLUMNS: &str = "r.tasks_relid, r.events_relid,
 impl Range {
     /// The lower bound as SQL text (`-infinity` for the default partition), to bind as `$n::timestamptz`.
     pub fn lower_text(&self) -> String {
-        self.lower.map_or_else(|| "-infinity".into(), |at| at.to_rfc3339())
+        self.lower
+            .map_or_else(|| "-infinity".into(), |at| at.to_rfc3339())
     }
 
     /// The upper bound as SQL text (`infinity` for the future range).
     pub fn upper_text(&self) -> String {
-        self.upper.map_or_else(|| "infinity".into(), |at| at.to_rfc3339())
+        self.upper
+            .map_or_else(|| "infinity".into(), |at| at.to_rfc3339())
     }
 
     /// Whether its facts may miss writes: it is being filled (its change log is live), or its
@@ -172,7 +174,8 @@ impl Range {
     /// one whose facts were never rebuilt.
     pub fn needs_settle(&self, now: DateTime<Utc>) -> bool {
         let ended = self.upper.is_some_and(|upper| upper <= now);
-        (self.log_mode == LogMode::Live && ended) || (self.log_mode != LogMode::Live && self.settled_at.is_none())
+        (self.log_mode == LogMode::Live && ended)
+            || (self.log_mode != LogMode::Live && self.settled_at.is_none())
     }
 }
 
@@ -181,13 +184,17 @@ pub(crate) fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    fn range(lower: Option<DateTime<Utc>>, upper: Option<DateTime<Utc>>, settled_at: Option<DateTime<Utc>>, log_mode: LogMode) -> Range {
+    fn range(
+        lower: Option<DateTime<Utc>>,
+        upper: Option<DateTime<Utc>>,
+        settled_at: Option<DateTime<Utc>>,
+        log_mode: LogMode,
+    ) -> Range {
         Range {
             tasks_relid: Oid(1),
             events_relid: Oid(2),
@@ -206,18 +213,41 @@ mod tests {
     #[test]
     fn a_day_is_live_until_its_end_has_passed_and_its_facts_are_rebuilt() {
         let at = |d: u32, h: u32| Utc.with_ymd_and_hms(2026, 11, d, h, 0, 0).unwrap();
-        let created_ahead = range(Some(at(10, 0)), Some(at(11, 0)), Some(at(3, 0)), LogMode::Live);
-        assert!(created_ahead.is_live(), "its writes are not logged: probed, whatever the clock says");
+        let created_ahead = range(
+            Some(at(10, 0)),
+            Some(at(11, 0)),
+            Some(at(3, 0)),
+            LogMode::Live,
+        );
+        assert!(
+            created_ahead.is_live(),
+            "its writes are not logged: probed, whatever the clock says"
+        );
         assert!(!created_ahead.needs_settle(at(10, 23)));
-        assert!(created_ahead.needs_settle(at(11, 0)), "ended: switch to logging every write, rebuild");
-        let rebuilt = range(Some(at(10, 0)), Some(at(11, 0)), Some(at(11, 1)), LogMode::All);
+        assert!(
+            created_ahead.needs_settle(at(11, 0)),
+            "ended: switch to logging every write, rebuild"
+        );
+        let rebuilt = range(
+            Some(at(10, 0)),
+            Some(at(11, 0)),
+            Some(at(11, 1)),
+            LogMode::All,
+        );
         assert!(!rebuilt.is_live() && !rebuilt.needs_settle(at(20, 0)));
         // A clock that steps back into the day changes nothing: the triggers log every write.
         assert!(!rebuilt.is_live() && !rebuilt.needs_settle(at(10, 12)));
         let adopted = range(Some(at(10, 0)), Some(at(11, 0)), None, LogMode::Live);
-        assert!(adopted.is_live() && adopted.needs_settle(at(12, 0)) && !adopted.needs_settle(at(10, 5)));
+        assert!(
+            adopted.is_live()
+                && adopted.needs_settle(at(12, 0))
+                && !adopted.needs_settle(at(10, 5))
+        );
         let rewritten = range(Some(at(1, 0)), Some(at(8, 0)), None, LogMode::All);
-        assert!(rewritten.is_live() && rewritten.needs_settle(at(9, 0)), "new from a rewrite: rebuilt before trusted");
+        assert!(
+            rewritten.is_live() && rewritten.needs_settle(at(9, 0)),
+            "new from a rewrite: rebuilt before trusted"
+        );
         let future = range(Some(at(17, 0)), None, Some(at(10, 0)), LogMode::All);
         assert!(!future.is_live() && !future.needs_settle(at(30, 0)));
     }

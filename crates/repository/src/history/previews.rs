@@ -19,7 +19,10 @@ use crate::rule::Rule;
 use crate::sql::{Fragment, Sql};
 
 /// A read-only snapshot whose statements stop after `statement_timeout`.
-async fn begin(pool: &PgPool, statement_timeout: Duration) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+async fn begin(
+    pool: &PgPool,
+    statement_timeout: Duration,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     pool.begin_with(format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL statement_timeout = '{}ms'; SET LOCAL jit = off",
         statement_timeout.as_millis().max(1)
@@ -48,7 +51,11 @@ pub struct Due {
 
 /// Counts, per tenant with any, every task due by `rule` (each goes with its events and queue
 /// items), and every orphan event due: range by range, in one snapshot.
-pub async fn due(pool: &PgPool, rule: &Rule, statement_timeout: Duration) -> Result<Due, sqlx::Error> {
+pub async fn due(
+    pool: &PgPool,
+    rule: &Rule,
+    statement_timeout: Duration,
+) -> Result<Due, sqlx::Error> {
     let mut tx = begin(pool, statement_timeout).await?;
     let mut by_tenant: std::collections::BTreeMap<Uuid, TenantDue> = Default::default();
     let mut orphan_events = 0;
@@ -58,22 +65,34 @@ pub async fn due(pool: &PgPool, rule: &Rule, statement_timeout: Duration) -> Res
              FROM {tasks} t LEFT JOIN tenants tn ON tn.id = t.tenant_id
              WHERE {due} GROUP BY t.tenant_id",
         );
-        sql.raw("tasks", &range.tasks_name).with("due", rule.task_due("t", "tn"));
+        sql.raw("tasks", &range.tasks_name)
+            .with("due", rule.task_due("t", "tn"));
         let rows: Vec<(Uuid, i64, i64)> = sql.build_query_as().fetch_all(&mut *tx).await?;
         for (tenant_id, retained, purged) in rows {
-            let entry = by_tenant.entry(tenant_id).or_insert(TenantDue { tenant_id, ..Default::default() });
+            let entry = by_tenant.entry(tenant_id).or_insert(TenantDue {
+                tenant_id,
+                ..Default::default()
+            });
             entry.retained += retained;
             entry.purged += purged;
         }
         orphan_events += orphans_in(&mut tx, &range, rule).await?;
     }
     tx.commit().await?;
-    Ok(Due { tenants: by_tenant.into_values().collect(), orphan_events })
+    Ok(Due {
+        tenants: by_tenant.into_values().collect(),
+        orphan_events,
+    })
 }
 
-async fn orphans_in(tx: &mut Transaction<'static, Postgres>, range: &Range, rule: &Rule) -> Result<i64, sqlx::Error> {
+async fn orphans_in(
+    tx: &mut Transaction<'static, Postgres>,
+    range: &Range,
+    rule: &Rule,
+) -> Result<i64, sqlx::Error> {
     let mut sql = Sql::new("SELECT count(*) FROM {events} e WHERE {due}");
-    sql.raw("events", &range.events_name).with("due", rule.orphan_due("e", &range.tasks_name));
+    sql.raw("events", &range.events_name)
+        .with("due", rule.orphan_due("e", &range.tasks_name));
     sql.build_query_scalar().fetch_one(&mut **tx).await
 }
 
@@ -103,10 +122,25 @@ impl ProposedRules {
         };
         let row = Fragment::text("SELECT tn.id, tn.deleted_at, ");
         let row = column(row, "data_retention_period", &self.data_retention_period).push(", ");
-        let row = column(row, "succeeded_retention_period", &self.succeeded_retention_period).push(", ");
-        let row = column(row, "failed_retention_period", &self.failed_retention_period).push(", ");
-        let row = column(row, "cancelled_retention_period", &self.cancelled_retention_period);
-        row.push(" FROM tenants tn WHERE tn.id = ").bind(self.tenant_id)
+        let row = column(
+            row,
+            "succeeded_retention_period",
+            &self.succeeded_retention_period,
+        )
+        .push(", ");
+        let row = column(
+            row,
+            "failed_retention_period",
+            &self.failed_retention_period,
+        )
+        .push(", ");
+        let row = column(
+            row,
+            "cancelled_retention_period",
+            &self.cancelled_retention_period,
+        );
+        row.push(" FROM tenants tn WHERE tn.id = ")
+            .bind(self.tenant_id)
     }
 }
 
@@ -119,7 +153,12 @@ pub struct TenantPreview {
 
 /// Counts, by `rule` under the `proposed` rules of one tenant, its tasks due per status and their
 /// events: range by range, in one read-only snapshot, through the tenant's index.
-pub async fn tenant(pool: &PgPool, proposed: &ProposedRules, rule: &Rule, statement_timeout: Duration) -> Result<TenantPreview, sqlx::Error> {
+pub async fn tenant(
+    pool: &PgPool,
+    proposed: &ProposedRules,
+    rule: &Rule,
+    statement_timeout: Duration,
+) -> Result<TenantPreview, sqlx::Error> {
     let mut tx = begin(pool, statement_timeout).await?;
     let mut by_status: Vec<(String, i64)> = Vec::new();
     let mut events = 0;
@@ -147,5 +186,8 @@ pub async fn tenant(pool: &PgPool, proposed: &ProposedRules, rule: &Rule, statem
     tx.commit().await?;
     let order = ["succeeded", "failed", "cancelled", "queued", "running"];
     by_status.sort_by_key(|(status, _)| order.iter().position(|s| s == status));
-    Ok(TenantPreview { tasks: by_status, events })
+    Ok(TenantPreview {
+        tasks: by_status,
+        events,
+    })
 }

@@ -20,9 +20,11 @@ use super::{LogMode, Range, RangeRow, ENGINE_WRITE, RANGE_COLUMNS};
 /// Every attached range the engine manages, oldest first (the default partition first, the
 /// future range last).
 pub async fn all(executor: impl PgExecutor<'_>) -> Result<Vec<Range>, sqlx::Error> {
-    let rows: Vec<RangeRow> = sqlx::query_as(&format!("SELECT {RANGE_COLUMNS} FROM history_ranges r ORDER BY r.lower"))
-        .fetch_all(executor)
-        .await?;
+    let rows: Vec<RangeRow> = sqlx::query_as(&format!(
+        "SELECT {RANGE_COLUMNS} FROM history_ranges r ORDER BY r.lower"
+    ))
+    .fetch_all(executor)
+    .await?;
     Ok(rows.into_iter().map(Range::from).collect())
 }
 
@@ -33,10 +35,16 @@ const LAYOUT_LOCK: i64 = 0x656e_6769_6e65_4c59; // "engineLY"
 /// `lock_timeout`) when `wait`, else returns false at once if another holds it.
 pub async fn take_layout_lock(conn: &mut PgConnection, wait: bool) -> Result<bool, sqlx::Error> {
     if wait {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(LAYOUT_LOCK).execute(&mut *conn).await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(LAYOUT_LOCK)
+            .execute(&mut *conn)
+            .await?;
         Ok(true)
     } else {
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(LAYOUT_LOCK).fetch_one(&mut *conn).await
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(LAYOUT_LOCK)
+            .fetch_one(&mut *conn)
+            .await
     }
 }
 
@@ -44,14 +52,23 @@ pub async fn take_layout_lock(conn: &mut PgConnection, wait: bool) -> Result<boo
 /// mode for a detach, waiting at most `lock_timeout`. Other partitions are not locked: every
 /// query through the parents waits on the parents' lock, and the partitions named are the only
 /// ones whose rows the transaction reads under it.
-pub(crate) async fn lock_parents(conn: &mut PgConnection, partitions: &[&str], lock_timeout: Duration) -> Result<(), sqlx::Error> {
+pub(crate) async fn lock_parents(
+    conn: &mut PgConnection,
+    partitions: &[&str],
+    lock_timeout: Duration,
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT set_config('lock_timeout', $1, true)")
         .bind(format!("{}ms", lock_timeout.as_millis().max(1)))
         .execute(&mut *conn)
         .await?;
     let mut tables = vec!["ONLY tasks", "ONLY task_events"];
     tables.extend_from_slice(partitions);
-    sqlx::query(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", tables.join(", "))).execute(&mut *conn).await?;
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        tables.join(", ")
+    ))
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -82,7 +99,13 @@ pub(crate) async fn create_tables(
 /// SQL text) in `mode`, and records it. DDL on the two partitions: it waits for the writers in
 /// flight there (up to the transaction's `lock_timeout`), and new writers wait for it until the
 /// transaction ends.
-pub(crate) async fn set_log_mode(conn: &mut PgConnection, tasks: Oid, events: Oid, lower: &str, mode: LogMode) -> Result<(), sqlx::Error> {
+pub(crate) async fn set_log_mode(
+    conn: &mut PgConnection,
+    tasks: Oid,
+    events: Oid,
+    lower: &str,
+    mode: LogMode,
+) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT history_install_triggers($1::regclass, $2::regclass, $3::timestamptz, $4)")
         .bind(tasks)
         .bind(events)
@@ -90,7 +113,11 @@ pub(crate) async fn set_log_mode(conn: &mut PgConnection, tasks: Oid, events: Oi
         .bind(mode.as_str())
         .execute(&mut *conn)
         .await?;
-    sqlx::query("UPDATE history_ranges SET log_mode = $2 WHERE tasks_relid = $1").bind(tasks).bind(mode.as_str()).execute(&mut *conn).await?;
+    sqlx::query("UPDATE history_ranges SET log_mode = $2 WHERE tasks_relid = $1")
+        .bind(tasks)
+        .bind(mode.as_str())
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -113,17 +140,39 @@ fn for_values(lower: &str, upper: &str) -> String {
             format!("'{}'", text.replace('\'', "''"))
         }
     };
-    format!("FOR VALUES FROM ({}) TO ({})", edge(lower, "-infinity", "MINVALUE"), edge(upper, "infinity", "MAXVALUE"))
+    format!(
+        "FOR VALUES FROM ({}) TO ({})",
+        edge(lower, "-infinity", "MINVALUE"),
+        edge(upper, "infinity", "MAXVALUE")
+    )
 }
 
 /// Attaches a range's two tables to the parents.
-pub(crate) async fn attach(conn: &mut PgConnection, tasks: Oid, events: Oid, lower: &str, upper: &str) -> Result<(), sqlx::Error> {
-    let bounds = for_values(lower, upper);
-    for (parent, relid) in [("tasks", tasks), ("task_events", events)] {
-        let name: String = sqlx::query_scalar("SELECT $1::regclass::text").bind(relid).fetch_one(&mut *conn).await?;
-        sqlx::query(&format!("ALTER TABLE {parent} ATTACH PARTITION {name} {bounds}")).execute(&mut *conn).await?;
-    }
+pub(crate) async fn attach(
+    conn: &mut PgConnection,
+    tasks: Oid,
+    events: Oid,
+    lower: &str,
+    upper: &str,
+) -> Result<(), sqlx::Error> {
+    let (tasks, events): (String, String) =
+        sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
+            .bind(tasks)
+            .bind(events)
+            .fetch_one(&mut *conn)
+            .await?;
+    sqlx::Executor::execute(
+        &mut *conn,
+        attach_statements(&tasks, &events, lower, upper).as_str(),
+    )
+    .await?;
     Ok(())
+}
+
+/// The statements that attach a range's two tables (named as SQL identifiers) to the parents.
+pub(crate) fn attach_statements(tasks: &str, events: &str, lower: &str, upper: &str) -> String {
+    let bounds = for_values(lower, upper);
+    format!("ALTER TABLE tasks ATTACH PARTITION {tasks} {bounds};\nALTER TABLE task_events ATTACH PARTITION {events} {bounds};\n")
 }
 
 /// A new range as [`record`] records it.
@@ -140,7 +189,10 @@ pub(crate) struct NewRange<'a> {
 }
 
 /// Records a new range in `history_ranges`.
-pub(crate) async fn record(conn: &mut PgConnection, range: NewRange<'_>) -> Result<(), sqlx::Error> {
+pub(crate) async fn record(
+    conn: &mut PgConnection,
+    range: NewRange<'_>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO history_ranges (tasks_relid, events_relid, lower, upper, kind, rows, settled_at, log_mode)
          VALUES ($1, $2, $3::timestamptz, $4::timestamptz, $5, $6, CASE WHEN $7 THEN now() END, $8)",
@@ -176,10 +228,19 @@ pub struct Carved {
 /// range. Holds the parents' lock, acquired within `lock_timeout`, for the DETACH and ATTACH and
 /// for reading the future range's rows (normally none). Nothing to do when the future range
 /// already starts after `through`.
-pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeout: Duration) -> Result<Carved, sqlx::Error> {
+pub async fn carve_days(
+    conn: &mut PgConnection,
+    through: NaiveDate,
+    lock_timeout: Duration,
+) -> Result<Carved, sqlx::Error> {
     let ranges = all(&mut *conn).await?;
-    let Some(future) = ranges.into_iter().find(|r| r.kind == super::RangeKind::Future) else {
-        return Err(sqlx::Error::Protocol("history_ranges has no future range".into()));
+    let Some(future) = ranges
+        .into_iter()
+        .find(|r| r.kind == super::RangeKind::Future)
+    else {
+        return Err(sqlx::Error::Protocol(
+            "history_ranges has no future range".into(),
+        ));
     };
     let start = future.lower.expect("the future range has a lower bound");
     let end = day_start(through + chrono::Duration::days(1));
@@ -197,18 +258,43 @@ pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeou
     let mut created = Vec::new();
     for (lower, upper) in &pieces {
         // Days to be filled: live until their end has passed and their facts are rebuilt.
-        created.push(create_tables(&mut *conn, &lower.to_rfc3339(), &upper.to_rfc3339(), "", LogMode::Live).await?);
+        created.push(
+            create_tables(
+                &mut *conn,
+                &lower.to_rfc3339(),
+                &upper.to_rfc3339(),
+                "",
+                LogMode::Live,
+            )
+            .await?,
+        );
     }
 
     // Row locks first: under the parents' lock nothing may wait for one (see the module docs).
-    sqlx::query("SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE").bind(future.tasks_relid).execute(&mut *conn).await?;
-    lock_parents(&mut *conn, &[&future.tasks_name, &future.events_name], lock_timeout).await?;
+    sqlx::query("SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE")
+        .bind(future.tasks_relid)
+        .execute(&mut *conn)
+        .await?;
+    lock_parents(
+        &mut *conn,
+        &[&future.tasks_name, &future.events_name],
+        lock_timeout,
+    )
+    .await?;
     let started = std::time::Instant::now();
     verify_bounds(&mut *conn, &future).await?;
     sqlx::query(ENGINE_WRITE).execute(&mut *conn).await?;
     let (future_tasks, future_events) = (&future.tasks_name, &future.events_name);
-    sqlx::query(&format!("ALTER TABLE tasks DETACH PARTITION {future_tasks}")).execute(&mut *conn).await?;
-    sqlx::query(&format!("ALTER TABLE task_events DETACH PARTITION {future_events}")).execute(&mut *conn).await?;
+    sqlx::query(&format!(
+        "ALTER TABLE tasks DETACH PARTITION {future_tasks}"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(&format!(
+        "ALTER TABLE task_events DETACH PARTITION {future_events}"
+    ))
+    .execute(&mut *conn)
+    .await?;
     let end_text = end.to_rfc3339();
     sqlx::query("UPDATE history_ranges SET lower = $2::timestamptz WHERE tasks_relid = $1")
         .bind(future.tasks_relid)
@@ -218,11 +304,12 @@ pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeou
     let mut carved = Carved::default();
     for ((lower, upper), (tasks, events)) in pieces.iter().zip(created) {
         let (lower_text, upper_text) = (lower.to_rfc3339(), upper.to_rfc3339());
-        let names: (String, String) = sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
-            .bind(tasks)
-            .bind(events)
-            .fetch_one(&mut *conn)
-            .await?;
+        let names: (String, String) =
+            sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
+                .bind(tasks)
+                .bind(events)
+                .fetch_one(&mut *conn)
+                .await?;
         let moved: i64 = sqlx::query_scalar(&format!(
             "WITH moved AS (DELETE FROM {future_tasks} WHERE inserted_at < $1::timestamptz RETURNING *),
                   ins AS (INSERT INTO {} SELECT * FROM moved RETURNING 1)
@@ -259,7 +346,10 @@ pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeou
     }
     // The future range now starts at `end`: its CHECK says so (this reads what is left in it,
     // normally nothing), and ATTACH can rely on it.
-    for (table, column) in [(future_tasks, "inserted_at"), (future_events, "task_inserted_at")] {
+    for (table, column) in [
+        (future_tasks, "inserted_at"),
+        (future_events, "task_inserted_at"),
+    ] {
         sqlx::query(&format!(
             "ALTER TABLE {table} DROP CONSTRAINT history_range,
                  ADD CONSTRAINT history_range CHECK ({column} >= '{end_text}'::timestamptz)"
@@ -267,15 +357,32 @@ pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeou
         .execute(&mut *conn)
         .await?;
     }
-    attach(&mut *conn, future.tasks_relid, future.events_relid, &end_text, "infinity").await?;
-    set_log_mode(&mut *conn, future.tasks_relid, future.events_relid, &end_text, LogMode::All).await?;
+    attach(
+        &mut *conn,
+        future.tasks_relid,
+        future.events_relid,
+        &end_text,
+        "infinity",
+    )
+    .await?;
+    set_log_mode(
+        &mut *conn,
+        future.tasks_relid,
+        future.events_relid,
+        &end_text,
+        LogMode::All,
+    )
+    .await?;
     sqlx::query("UPDATE history_ranges SET rows = greatest(rows - $2, 0) WHERE tasks_relid = $1")
         .bind(future.tasks_relid)
         .bind(carved.rows_moved)
         .execute(&mut *conn)
         .await?;
     if carved.rows_moved > 0 {
-        sqlx::query("UPDATE history_ranges SET settled_at = NULL WHERE tasks_relid = $1").bind(future.tasks_relid).execute(&mut *conn).await?;
+        sqlx::query("UPDATE history_ranges SET settled_at = NULL WHERE tasks_relid = $1")
+            .bind(future.tasks_relid)
+            .execute(&mut *conn)
+            .await?;
     }
     carved.locked = started.elapsed();
     Ok(carved)
@@ -283,7 +390,10 @@ pub async fn carve_days(conn: &mut PgConnection, through: NaiveDate, lock_timeou
 
 /// Fails unless `range`'s partitions are attached with the bounds the engine recorded: the engine
 /// never detaches or rewrites a partition whose catalog bounds it did not expect.
-pub(crate) async fn verify_bounds(conn: &mut PgConnection, range: &Range) -> Result<(), sqlx::Error> {
+pub(crate) async fn verify_bounds(
+    conn: &mut PgConnection,
+    range: &Range,
+) -> Result<(), sqlx::Error> {
     let expected = for_values(&range.lower_text(), &range.upper_text());
     let rows: Vec<(String, Option<String>)> = sqlx::query_as(
         "SELECT c.oid::regclass::text, (SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i
@@ -308,7 +418,10 @@ pub(crate) async fn verify_bounds(conn: &mut PgConnection, range: &Range) -> Res
         }
     }
     if rows.len() != 2 {
-        return Err(sqlx::Error::Protocol(format!("a partition of {} is missing from the catalog", range.tasks_name)));
+        return Err(sqlx::Error::Protocol(format!(
+            "a partition of {} is missing from the catalog",
+            range.tasks_name
+        )));
     }
     Ok(())
 }
@@ -345,7 +458,10 @@ fn parse_instant(text: &str) -> Option<DateTime<Utc>> {
 /// Whether the layout needs nothing: the catalog's partitions are the recorded ranges, the
 /// ranges leave no hole, and the future range starts after `through`. One read, so that a run
 /// with nothing to change takes no lock.
-pub async fn in_shape(executor: impl PgExecutor<'_>, through: NaiveDate) -> Result<bool, sqlx::Error> {
+pub async fn in_shape(
+    executor: impl PgExecutor<'_>,
+    through: NaiveDate,
+) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT NOT EXISTS (SELECT 1 FROM pg_inherits i
                             WHERE i.inhparent IN ('tasks'::regclass, 'task_events'::regclass)
@@ -384,7 +500,10 @@ impl Reconciled {
 /// partition pairs an operator attached, and fills every hole in the managed area with an empty
 /// range, so that every instant from the default partition's bound on has a partition. Cheap when
 /// nothing changed: one read of the catalog.
-pub async fn reconcile(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<Reconciled, sqlx::Error> {
+pub async fn reconcile(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+) -> Result<Reconciled, sqlx::Error> {
     let mut reconciled = Reconciled::default();
     // Attached partitions of each parent with their bound text, and the recorded ranges.
     let attached: Vec<(Oid, String, String, String)> = sqlx::query_as(
@@ -398,8 +517,14 @@ pub async fn reconcile(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<Re
     let is_attached = |relid: Oid| attached.iter().any(|(oid, ..)| *oid == relid);
     for range in &recorded {
         if !is_attached(range.tasks_relid) || !is_attached(range.events_relid) {
-            sqlx::query("DELETE FROM history_ranges WHERE tasks_relid = $1").bind(range.tasks_relid).execute(&mut *conn).await?;
-            sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = $1").bind(range.tasks_relid).execute(&mut *conn).await?;
+            sqlx::query("DELETE FROM history_ranges WHERE tasks_relid = $1")
+                .bind(range.tasks_relid)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = $1")
+                .bind(range.tasks_relid)
+                .execute(&mut *conn)
+                .await?;
             sqlx::query("DELETE FROM history_changes WHERE relid IN ($1, $2)")
                 .bind(range.tasks_relid)
                 .bind(range.events_relid)
@@ -408,15 +533,38 @@ pub async fn reconcile(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<Re
             reconciled.forgotten.push(range.tasks_name.clone());
         }
     }
-    let known = |relid: Oid| recorded.iter().any(|r| r.tasks_relid == relid || r.events_relid == relid);
-    for (relid, name, parent, bound) in attached.iter().filter(|(oid, _, parent, _)| parent == "tasks" && !known(*oid)) {
+    let known = |relid: Oid| {
+        recorded
+            .iter()
+            .any(|r| r.tasks_relid == relid || r.events_relid == relid)
+    };
+    for (relid, name, parent, bound) in attached
+        .iter()
+        .filter(|(oid, _, parent, _)| parent == "tasks" && !known(*oid))
+    {
         let _ = parent;
-        let twin = attached.iter().find(|(oid, _, parent, other)| parent == "task_events" && other == bound && !known(*oid));
+        let twin = attached.iter().find(|(oid, _, parent, other)| {
+            parent == "task_events" && other == bound && !known(*oid)
+        });
         let Some((events, ..)) = twin else { continue };
-        let Some((lower, upper)) = bound_texts(bound) else { continue };
+        let Some((lower, upper)) = bound_texts(bound) else {
+            continue;
+        };
         // Written to before the engine knew it: live, until its facts are rebuilt.
-        let kind = if upper == "infinity" { "future" } else { "range" };
-        let adopted = NewRange { tables: (*relid, *events), lower: &lower, upper: &upper, kind, rows: 0, settled: false, log_mode: LogMode::Live };
+        let kind = if upper == "infinity" {
+            "future"
+        } else {
+            "range"
+        };
+        let adopted = NewRange {
+            tables: (*relid, *events),
+            lower: &lower,
+            upper: &upper,
+            kind,
+            rows: 0,
+            settled: false,
+            log_mode: LogMode::Live,
+        };
         record(&mut *conn, adopted).await?;
         set_log_mode(&mut *conn, *relid, *events, &lower, LogMode::Live).await?;
         reconciled.adopted.push(name.clone());
@@ -424,13 +572,23 @@ pub async fn reconcile(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<Re
     // Holes between consecutive ranges.
     let ranges = all(&mut *conn).await?;
     for pair in ranges.windows(2) {
-        let (Some(gap_start), Some(gap_end)) = (pair[0].upper, pair[1].lower) else { continue };
+        let (Some(gap_start), Some(gap_end)) = (pair[0].upper, pair[1].lower) else {
+            continue;
+        };
         if gap_start < gap_end {
             let (lower, upper) = (gap_start.to_rfc3339(), gap_end.to_rfc3339());
             let mode = mode_for(&upper, now);
             let (tasks, events) = create_tables(&mut *conn, &lower, &upper, "", mode).await?;
             attach(&mut *conn, tasks, events, &lower, &upper).await?;
-            let filled = NewRange { tables: (tasks, events), lower: &lower, upper: &upper, kind: "range", rows: 0, settled: true, log_mode: mode };
+            let filled = NewRange {
+                tables: (tasks, events),
+                lower: &lower,
+                upper: &upper,
+                kind: "range",
+                rows: 0,
+                settled: true,
+                log_mode: mode,
+            };
             record(&mut *conn, filled).await?;
             reconciled.filled.push((gap_start, gap_end));
         }
@@ -448,9 +606,16 @@ fn bound_texts(bound: &str) -> Option<(String, String)> {
         if edge == sentinel {
             return Some(infinite.into());
         }
-        Some(edge.strip_prefix('\'')?.strip_suffix('\'')?.replace("''", "'"))
+        Some(
+            edge.strip_prefix('\'')?
+                .strip_suffix('\'')?
+                .replace("''", "'"),
+        )
     };
-    Some((text(from, "MINVALUE", "-infinity")?, text(to, "MAXVALUE", "infinity")?))
+    Some((
+        text(from, "MINVALUE", "-infinity")?,
+        text(to, "MAXVALUE", "infinity")?,
+    ))
 }
 
 /// Moves the start of the managed area back to the start of `to` (a backfill of old history,
@@ -459,10 +624,16 @@ fn bound_texts(bound: &str) -> Option<(String, String)> {
 /// narrows the default partition's CHECK. Reads the default partition (under the parents' lock,
 /// acquired within `lock_timeout`): meant for an operator's backfill, not for routine use. In the
 /// caller's transaction, which must hold the layout lock. Returns the days created.
-pub async fn extend_back(conn: &mut PgConnection, to: NaiveDate, lock_timeout: Duration) -> Result<Vec<NaiveDate>, sqlx::Error> {
+pub async fn extend_back(
+    conn: &mut PgConnection,
+    to: NaiveDate,
+    lock_timeout: Duration,
+) -> Result<Vec<NaiveDate>, sqlx::Error> {
     let ranges = all(&mut *conn).await?;
     let Some(default) = ranges.iter().find(|r| r.kind == super::RangeKind::Default) else {
-        return Err(sqlx::Error::Protocol("history_ranges has no default range".into()));
+        return Err(sqlx::Error::Protocol(
+            "history_ranges has no default range".into(),
+        ));
     };
     let bound = default.upper.expect("the default range has an upper bound");
     let start = day_start(to);
@@ -475,11 +646,30 @@ pub async fn extend_back(conn: &mut PgConnection, to: NaiveDate, lock_timeout: D
     while lower < bound {
         let upper = day_start(lower.date_naive() + chrono::Duration::days(1)).min(bound);
         // Past days, the engine's own rows moved in: every later write is logged.
-        created.push((lower, upper, create_tables(&mut *conn, &lower.to_rfc3339(), &upper.to_rfc3339(), "", LogMode::All).await?));
+        created.push((
+            lower,
+            upper,
+            create_tables(
+                &mut *conn,
+                &lower.to_rfc3339(),
+                &upper.to_rfc3339(),
+                "",
+                LogMode::All,
+            )
+            .await?,
+        ));
         lower = upper;
     }
-    sqlx::query("SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE").bind(default.tasks_relid).execute(&mut *conn).await?;
-    lock_parents(&mut *conn, &[&default.tasks_name, &default.events_name], lock_timeout).await?;
+    sqlx::query("SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE")
+        .bind(default.tasks_relid)
+        .execute(&mut *conn)
+        .await?;
+    lock_parents(
+        &mut *conn,
+        &[&default.tasks_name, &default.events_name],
+        lock_timeout,
+    )
+    .await?;
     sqlx::query(ENGINE_WRITE).execute(&mut *conn).await?;
     let start_text = start.to_rfc3339();
     // Rows of the default partition from `start` on move out first, so the narrower CHECK holds.
@@ -499,15 +689,27 @@ pub async fn extend_back(conn: &mut PgConnection, to: NaiveDate, lock_timeout: D
     .bind(&start_text)
     .execute(&mut *conn)
     .await?;
-    let moved: i64 = sqlx::query_scalar("SELECT count(*) FROM history_backfill_tasks").fetch_one(&mut *conn).await?;
-    for (table, column) in [(&default.tasks_name, "inserted_at"), (&default.events_name, "task_inserted_at")] {
+    let moved: i64 = sqlx::query_scalar("SELECT count(*) FROM history_backfill_tasks")
+        .fetch_one(&mut *conn)
+        .await?;
+    for (table, column) in [
+        (&default.tasks_name, "inserted_at"),
+        (&default.events_name, "task_inserted_at"),
+    ] {
         sqlx::query(&format!(
             "ALTER TABLE {table} DROP CONSTRAINT history_range, ADD CONSTRAINT history_range CHECK ({column} < '{start_text}'::timestamptz)"
         ))
         .execute(&mut *conn)
         .await?;
     }
-    set_log_mode(&mut *conn, default.tasks_relid, default.events_relid, "-infinity", LogMode::All).await?;
+    set_log_mode(
+        &mut *conn,
+        default.tasks_relid,
+        default.events_relid,
+        "-infinity",
+        LogMode::All,
+    )
+    .await?;
     // Facts change only where rows moved: those ranges are rebuilt once settled.
     sqlx::query("UPDATE history_ranges SET upper = $2::timestamptz, settled_at = CASE WHEN $3 THEN NULL ELSE settled_at END WHERE tasks_relid = $1")
         .bind(default.tasks_relid)
@@ -532,8 +734,14 @@ pub async fn extend_back(conn: &mut PgConnection, to: NaiveDate, lock_timeout: D
             days.push(lower.date_naive());
         }
     }
-    sqlx::query("INSERT INTO tasks SELECT * FROM history_backfill_tasks").execute(&mut *conn).await?;
-    sqlx::query("INSERT INTO task_events OVERRIDING SYSTEM VALUE SELECT * FROM history_backfill_events").execute(&mut *conn).await?;
+    sqlx::query("INSERT INTO tasks SELECT * FROM history_backfill_tasks")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO task_events OVERRIDING SYSTEM VALUE SELECT * FROM history_backfill_events",
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(days)
 }
 
@@ -544,10 +752,22 @@ mod tests {
     #[test]
     fn bounds_compare_by_instant_whatever_the_spelling() {
         let catalog = "FOR VALUES FROM ('2026-11-01 00:00:00+00') TO ('2026-11-02 00:00:00+00')";
-        assert!(same_bounds(catalog, &for_values("2026-11-01T00:00:00+00:00", "2026-11-02T00:00:00+00:00")));
-        assert!(!same_bounds(catalog, &for_values("2026-11-01T00:00:00+00:00", "2026-11-03T00:00:00+00:00")));
-        assert!(same_bounds("FOR VALUES FROM ('2026-11-08 00:00:00+00') TO (MAXVALUE)", &for_values("2026-11-08T00:00:00Z", "infinity")));
-        assert!(!same_bounds("DEFAULT", &for_values("-infinity", "2026-11-08T00:00:00Z")));
+        assert!(same_bounds(
+            catalog,
+            &for_values("2026-11-01T00:00:00+00:00", "2026-11-02T00:00:00+00:00")
+        ));
+        assert!(!same_bounds(
+            catalog,
+            &for_values("2026-11-01T00:00:00+00:00", "2026-11-03T00:00:00+00:00")
+        ));
+        assert!(same_bounds(
+            "FOR VALUES FROM ('2026-11-08 00:00:00+00') TO (MAXVALUE)",
+            &for_values("2026-11-08T00:00:00Z", "infinity")
+        ));
+        assert!(!same_bounds(
+            "DEFAULT",
+            &for_values("-infinity", "2026-11-08T00:00:00Z")
+        ));
         assert_eq!(
             bound_texts("FOR VALUES FROM ('2026-11-08 00:00:00+00') TO (MAXVALUE)"),
             Some(("2026-11-08 00:00:00+00".into(), "infinity".into()))

@@ -15,25 +15,38 @@ pub mod task_history;
 /// Every task, built from the settings, in the order `engine retention run` runs them.
 pub fn all(settings: &RetentionSettings) -> Vec<Arc<dyn MaintenanceTask>> {
     vec![
-        Arc::new(partitions::PartitionsTask::new(settings.partitions.clone(), settings.task_history.deleted_tenant_grace)),
+        Arc::new(partitions::PartitionsTask::new(
+            settings.partitions.clone(),
+            settings.task_history.deleted_tenant_grace,
+        )),
         Arc::new(
             task_history::TaskHistoryTask::new(settings.task_history.clone())
                 .with_compaction_lock_timeout(settings.partitions.lock_timeout)
                 .with_orphan_sweep_interval(settings.queue_items.sweep_interval),
         ),
-        Arc::new(queue_items::QueueItemsTask::new(settings.queue_items.clone())),
+        Arc::new(queue_items::QueueItemsTask::new(
+            settings.queue_items.clone(),
+        )),
         Arc::new(sessions::SessionsTask::new(settings.sessions.clone())),
     ]
 }
 
 /// Every task's name, in the order of [`all`]: what `engine retention run --task` accepts.
-pub const NAMES: &[&str] = &[partitions::NAME, task_history::NAME, queue_items::NAME, sessions::NAME];
+pub const NAMES: &[&str] = &[
+    partitions::NAME,
+    task_history::NAME,
+    queue_items::NAME,
+    sessions::NAME,
+];
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn names_list_every_task_in_order() {
-        let names: Vec<&str> = super::all(&Default::default()).iter().map(|task| task.name()).collect();
+        let names: Vec<&str> = super::all(&Default::default())
+            .iter()
+            .map(|task| task.name())
+            .collect();
         assert_eq!(names, super::NAMES);
     }
 }

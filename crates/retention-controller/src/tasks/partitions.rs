@@ -15,8 +15,8 @@ use repository::history::{detached, facts, ranges, Range, RangeKind};
 use repository::{clock, PgPool};
 
 use crate::history as shared;
-use crate::rewrites::{self, Naming, Outcome, Steps};
 use crate::history_policy::{cold_horizon, merge_plan, Span};
+use crate::rewrites::{self, Naming, Outcome, Steps};
 use crate::schedule::Schedule;
 use crate::settings::PartitionsSettings;
 use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
@@ -32,11 +32,16 @@ pub struct PartitionsTask {
 
 impl PartitionsTask {
     pub fn new(settings: PartitionsSettings, deleted_tenant_grace: std::time::Duration) -> Self {
-        PartitionsTask { settings, deleted_tenant_grace }
+        PartitionsTask {
+            settings,
+            deleted_tenant_grace,
+        }
     }
 
     fn limits(&self) -> BatchLimits {
-        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_history_write().with_generic_plans()
+        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout)
+            .with_history_write()
+            .with_generic_plans()
     }
 
     /// The last day to have a range: today plus `premake_days - 1`.
@@ -47,21 +52,36 @@ impl PartitionsTask {
     /// Reconciles the layout with the catalog and carves the days ahead, in one transaction under
     /// the layout lock. Another runner changing the layout, or a lock not had in time, leaves it
     /// to the next run.
-    async fn shape_layout(&self, pool: &PgPool, now: DateTime<Utc>, report: &mut RunReport) -> Result<(), TaskError> {
+    async fn shape_layout(
+        &self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+        report: &mut RunReport,
+    ) -> Result<(), TaskError> {
         if ranges::in_shape(pool, self.through(now)).await? {
             return Ok(());
         }
         let mut tx = batch::begin(pool, self.limits()).await?;
         if !ranges::take_layout_lock(&mut tx, false).await? {
-            tracing::info!("another runner is changing the history layout; days ahead are checked next run");
+            tracing::info!(
+                "another runner is changing the history layout; days ahead are checked next run"
+            );
             return Ok(());
         }
         let reconciled = ranges::reconcile(&mut tx, now).await?;
-        let carved = match ranges::carve_days(&mut tx, self.through(now), self.settings.lock_timeout).await {
+        let carved = match ranges::carve_days(
+            &mut tx,
+            self.through(now),
+            self.settings.lock_timeout,
+        )
+        .await
+        {
             Ok(carved) => carved,
             // A lock the DDL could not get in time: retried on the next run, not a failure.
             Err(error) if batch::is_lock_timeout(&error) => {
-                tracing::warn!("could not lock the history tables in time to add days; retrying next run");
+                tracing::warn!(
+                    "could not lock the history tables in time to add days; retrying next run"
+                );
                 return Ok(());
             }
             Err(error) => return Err(error.into()),
@@ -86,7 +106,11 @@ impl PartitionsTask {
     }
 
     /// The merges due now: groups of adjacent cold ranges.
-    async fn merges(&self, pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<Vec<Range>>, TaskError> {
+    async fn merges(
+        &self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Vec<Range>>, TaskError> {
         let horizon = cold_horizon(now, facts::longest_window(pool).await?);
         let finite: Vec<Range> = ranges::all(pool)
             .await?
@@ -131,10 +155,21 @@ impl MaintenanceTask for PartitionsTask {
         }
         let now = ctx.now();
         self.shape_layout(&ctx.pool, now, &mut report).await?;
-        shared::refresh_facts(ctx, limits, self.deleted_tenant_grace, self.settings.lock_timeout, &mut report).await?;
+        shared::refresh_facts(
+            ctx,
+            limits,
+            self.deleted_tenant_grace,
+            self.settings.lock_timeout,
+            &mut report,
+        )
+        .await?;
         // Rewrites first: the count of any that was swapped in (its receipts are owed), and this
         // task's merges a run left in progress.
-        let steps = Steps { limits, lock_timeout: self.settings.lock_timeout, grace: self.deleted_tenant_grace };
+        let steps = Steps {
+            limits,
+            lock_timeout: self.settings.lock_timeout,
+            grace: self.deleted_tenant_grace,
+        };
         if let Some(stop) = rewrites::resume(ctx, NAME, steps, Naming::Tables, &mut report).await? {
             report.completion = stop;
             return Ok(report);
@@ -145,7 +180,9 @@ impl MaintenanceTask for PartitionsTask {
                 break;
             }
             // A merge can wait for the next run.
-            match rewrites::start(ctx, &group, NAME, steps, false, Naming::Tables, &mut report).await? {
+            match rewrites::start(ctx, &group, NAME, steps, false, Naming::Tables, &mut report)
+                .await?
+            {
                 Outcome::Done(_) => report.count("ranges merged", 1),
                 Outcome::Interrupted => {
                     report.completion = ctx.interrupted().unwrap_or_default();
@@ -170,7 +207,10 @@ impl MaintenanceTask for PartitionsTask {
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let now = clock::now(pool).await?;
         let mut report = DryRunReport::default();
-        let future = ranges::all(pool).await?.into_iter().find(|r| r.kind == RangeKind::Future);
+        let future = ranges::all(pool)
+            .await?
+            .into_iter()
+            .find(|r| r.kind == RangeKind::Future);
         if let Some(lower) = future.and_then(|f| f.lower) {
             let missing = (self.through(now) - lower.date_naive()).num_days() + 1;
             if missing > 0 {
@@ -181,7 +221,13 @@ impl MaintenanceTask for PartitionsTask {
             let names: Vec<&str> = group.iter().map(|r| r.tasks_name.as_str()).collect();
             tracing::info!(ranges = ?names, "would merge these ranges into one");
             for range in &group {
-                for pair in facts::pairs_of(pool, range.tasks_relid, &repository::rule::Rule::new(now, self.deleted_tenant_grace)).await? {
+                for pair in facts::pairs_of(
+                    pool,
+                    range.tasks_relid,
+                    &repository::rule::Rule::new(now, self.deleted_tenant_grace),
+                )
+                .await?
+                {
                     let due = pair.due_estimate().round() as u64;
                     if due > 0 {
                         report.add("tasks (estimated)", due);

@@ -33,7 +33,6 @@ impl QueueItemsTask {
     pub fn new(settings: QueueItemsSettings) -> Self {
         QueueItemsTask { settings }
     }
-
 }
 
 #[async_trait::async_trait]
@@ -51,7 +50,10 @@ impl MaintenanceTask for QueueItemsTask {
     /// block ranges, examining every item once: it finds what no trigger recorded, and is how a
     /// backlog goes.
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
-        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
+        let limits = ctx.batch_limits(
+            BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout)
+                .with_generic_plans(),
+        );
         let mut report = RunReport::default();
         let pool = &ctx.pool;
         let receipt = repository::receipts::RunReceipt::new(ctx.run_id, NAME);
@@ -69,8 +71,11 @@ impl MaintenanceTask for QueueItemsTask {
             let result = async {
                 let mut tx = batch::begin(pool, limits).await?;
                 let rule = ctx.rule(grace);
-                let candidates = queue_items::delete_candidates_batch(&mut tx, limit, &rule, receipt).await?;
-                let of_deleted_tenants = queue_items::delete_of_deleted_tenants_batch(&mut tx, limit, &rule, receipt).await?;
+                let candidates =
+                    queue_items::delete_candidates_batch(&mut tx, limit, &rule, receipt).await?;
+                let of_deleted_tenants =
+                    queue_items::delete_of_deleted_tenants_batch(&mut tx, limit, &rule, receipt)
+                        .await?;
                 tx.commit().await?;
                 Ok((candidates, of_deleted_tenants))
             }
@@ -99,14 +104,22 @@ impl MaintenanceTask for QueueItemsTask {
                 break;
             }
         }
-        if !queue_items::sweep_due(pool, SWEPT_AT, self.settings.sweep_interval.as_secs() as i64, ctx.now()).await? {
+        if !queue_items::sweep_due(
+            pool,
+            SWEPT_AT,
+            self.settings.sweep_interval.as_secs() as i64,
+            ctx.now(),
+        )
+        .await?
+        {
             return Ok(report);
         }
         let swept_from = ctx.now();
         let size = heap::size(pool, TABLE).await?;
         walk_blocks(ctx, &mut report, size.pages, |range| async move {
             let mut tx = batch::begin(pool, limits).await?;
-            let deleted = queue_items::delete_block_range(&mut tx, range, &ctx.rule(grace), receipt).await?;
+            let deleted =
+                queue_items::delete_block_range(&mut tx, range, &ctx.rule(grace), receipt).await?;
             tx.commit().await?;
             Ok(vec![(RULE, deleted as u64)])
         })
@@ -122,13 +135,18 @@ impl MaintenanceTask for QueueItemsTask {
     /// The planner's estimate (see [`queue_items::estimate_due`]).
     async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
         let rule = repository::rule::Rule::new(clock::now(pool).await?, std::time::Duration::ZERO);
-        Ok(Some(queue_items::estimate_due(pool, &rule).await?.round() as u64))
+        Ok(Some(
+            queue_items::estimate_due(pool, &rule).await?.round() as u64
+        ))
     }
 
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
         let mut report = DryRunReport::default();
         let rule = repository::rule::Rule::new(clock::now(pool).await?, std::time::Duration::ZERO);
-        report.add(RULE, queue_items::count_due(pool, &rule, self.settings.statement_timeout).await? as u64);
+        report.add(
+            RULE,
+            queue_items::count_due(pool, &rule, self.settings.statement_timeout).await? as u64,
+        );
         Ok(report)
     }
 }

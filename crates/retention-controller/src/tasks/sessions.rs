@@ -65,14 +65,20 @@ impl SessionsTask {
     }
 
     fn cutoffs_at(&self, now: chrono::DateTime<chrono::Utc>) -> SessionCutoffs {
-        let ttl = chrono::Duration::from_std(self.settings.anonymous_ttl).unwrap_or(chrono::Duration::MAX);
+        let ttl = chrono::Duration::from_std(self.settings.anonymous_ttl)
+            .unwrap_or(chrono::Duration::MAX);
         SessionCutoffs::at(now, ttl)
     }
 
     /// The usual run's work: up to [`FEW_ROWS`] due rows in one statement, recorded in `report`
     /// (the caller reports the progress). `None` when skipped (`batch_size` asks for smaller
     /// batches); else whether that was all (fewer were due), and the batch's duration.
-    async fn delete_few(&self, ctx: &RunContext, cutoffs: &SessionCutoffs, report: &mut RunReport) -> Result<Option<(bool, Duration)>, TaskError> {
+    async fn delete_few(
+        &self,
+        ctx: &RunContext,
+        cutoffs: &SessionCutoffs,
+        report: &mut RunReport,
+    ) -> Result<Option<(bool, Duration)>, TaskError> {
         if self.settings.batch_size < FEW_ROWS {
             return Ok(None);
         }
@@ -81,14 +87,25 @@ impl SessionsTask {
         let elapsed = started.elapsed();
         let deleted = gone.expired + gone.anonymous;
         if deleted > 0 {
-            let parts = [(SessionRule::Expired.name(), gone.expired as u64), (SessionRule::AnonymousStale.name(), gone.anonymous as u64)];
-            report.record_batch_parts(&parts.into_iter().filter(|(_, n)| *n > 0).collect::<Vec<_>>());
+            let parts = [
+                (SessionRule::Expired.name(), gone.expired as u64),
+                (SessionRule::AnonymousStale.name(), gone.anonymous as u64),
+            ];
+            report.record_batch_parts(
+                &parts
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .collect::<Vec<_>>(),
+            );
         }
         Ok(Some((deleted < i64::from(FEW_ROWS), elapsed)))
     }
 
     fn limits(&self, ctx: &RunContext) -> BatchLimits {
-        ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout))
+        ctx.batch_limits(BatchLimits::new(
+            self.settings.statement_timeout,
+            self.settings.lock_timeout,
+        ))
     }
 
     /// Each part of the rule along its index, from a cursor, in batches of at most `batch_size`.
@@ -115,7 +132,9 @@ impl SessionsTask {
                 let started = Instant::now();
                 let result = async {
                     let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
-                    let outcome = sessions::delete_batch(&mut *tx, rule, cutoffs, cursor.as_ref(), limit).await?;
+                    let outcome =
+                        sessions::delete_batch(&mut *tx, rule, cutoffs, cursor.as_ref(), limit)
+                            .await?;
                     tx.commit().await?;
                     Ok(outcome)
                 }
@@ -136,7 +155,12 @@ impl SessionsTask {
                     Settled::GaveUp(error) => return Err(error.into()),
                 };
                 report.record_batch(rule.name(), outcome.deleted);
-                tracing::debug!(rule = rule.name(), deleted = outcome.deleted, elapsed_ms = elapsed.as_millis() as u64, "batch committed");
+                tracing::debug!(
+                    rule = rule.name(),
+                    deleted = outcome.deleted,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "batch committed"
+                );
                 let left = (estimate - report.deleted as f64).max(0.0) as u64;
                 ctx.batch_done(elapsed, report, Some(left)).await;
                 // A short batch reached the end of the due rows (rows locked by a concurrent
@@ -178,28 +202,43 @@ impl MaintenanceTask for SessionsTask {
         let size = heap::size(&ctx.pool, TABLE).await?;
         let estimate = sessions::estimate_due(&ctx.pool, &cutoffs).await?;
         if let Some((_, elapsed)) = few {
-            ctx.batch_done(elapsed, &mut report, Some(estimate.max(0.0).round() as u64)).await;
+            ctx.batch_done(elapsed, &mut report, Some(estimate.max(0.0).round() as u64))
+                .await;
         }
         tracing::debug!(expired_before = %cutoffs.expired_before, anonymous_created_before = %cutoffs.anonymous_created_before, pages = size.pages, estimate, "cutoffs");
         let mut walk_heap = heap_walk_pays(estimate, size.pages);
         if !walk_heap {
-            match self.walk_indexes(ctx, &cutoffs, size.pages, estimate, &mut report).await? {
+            match self
+                .walk_indexes(ctx, &cutoffs, size.pages, estimate, &mut report)
+                .await?
+            {
                 IndexWalk::Finished => {}
                 IndexWalk::Interrupted => return Ok(report),
                 IndexWalk::OverBudget => {
-                    tracing::info!(deleted = report.deleted, pages = size.pages, "far more rows due than estimated; walking the heap for the rest");
+                    tracing::info!(
+                        deleted = report.deleted,
+                        pages = size.pages,
+                        "far more rows due than estimated; walking the heap for the rest"
+                    );
                     walk_heap = true;
                 }
             }
         }
         if walk_heap {
-            tracing::info!(pages = size.pages, estimate, "backlog: walking the heap in block ranges");
+            tracing::info!(
+                pages = size.pages,
+                estimate,
+                "backlog: walking the heap in block ranges"
+            );
             let (pool, limits) = (&ctx.pool, self.limits(ctx));
             walk_blocks(ctx, &mut report, size.pages, |range| async move {
                 let mut tx = batch::begin(pool, limits).await?;
                 let gone = sessions::delete_block_range(&mut tx, &cutoffs, range).await?;
                 tx.commit().await?;
-                Ok(vec![(SessionRule::Expired.name(), gone.expired as u64), (SessionRule::AnonymousStale.name(), gone.anonymous as u64)])
+                Ok(vec![
+                    (SessionRule::Expired.name(), gone.expired as u64),
+                    (SessionRule::AnonymousStale.name(), gone.anonymous as u64),
+                ])
             })
             .await?;
             if report.completion != Completion::Done {
@@ -212,7 +251,9 @@ impl MaintenanceTask for SessionsTask {
 
     async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
         let cutoffs = self.cutoffs(pool).await?;
-        Ok(Some(sessions::estimate_due(pool, &cutoffs).await?.round() as u64))
+        Ok(Some(
+            sessions::estimate_due(pool, &cutoffs).await?.round() as u64
+        ))
     }
 
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {

@@ -32,8 +32,8 @@ use uuid::Uuid;
 use crate::batching::{BatchSizer, Settled};
 use crate::block_walk::walk_blocks_sized;
 use crate::history as shared;
-use crate::rewrites::{self, Naming, Outcome, Steps};
 use crate::history_policy::{choose, Costs, Estimate, Removal};
+use crate::rewrites::{self, Naming, Outcome, Steps};
 use crate::schedule::Schedule;
 use crate::settings::TaskHistorySettings;
 use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
@@ -72,7 +72,9 @@ enum PairDone {
 /// How a sweep of a range's pages ended.
 enum Swept {
     /// Every page was walked; the facts say these pairs still hold due rows.
-    Done { still_due: Vec<Pair> },
+    Done {
+        still_due: Vec<Pair>,
+    },
     Interrupted,
     /// The range is being rewritten (or is gone): plan again once the rewrite is over.
     RangeMissing,
@@ -118,12 +120,18 @@ impl TaskHistoryTask {
 
     /// Every range's events are swept for late orphans this often (`retention.queue_items.sweep_interval`).
     pub fn with_orphan_sweep_interval(self, interval: Duration) -> Self {
-        TaskHistoryTask { orphan_sweep_interval: interval, ..self }
+        TaskHistoryTask {
+            orphan_sweep_interval: interval,
+            ..self
+        }
     }
 
     /// Compactions wait this long at most for the history tables' lock (`retention.partitions.lock_timeout`).
     pub fn with_compaction_lock_timeout(self, lock_timeout: Duration) -> Self {
-        TaskHistoryTask { compaction_lock_timeout: lock_timeout, ..self }
+        TaskHistoryTask {
+            compaction_lock_timeout: lock_timeout,
+            ..self
+        }
     }
 
     /// Row-delete batches' limits.
@@ -137,11 +145,16 @@ impl TaskHistoryTask {
     }
 
     fn base_limits(&self) -> BatchLimits {
-        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans().with_history_write()
+        BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout)
+            .with_generic_plans()
+            .with_history_write()
     }
 
     /// Every range with something due now (by `ctx`'s clock), with its due pairs, and that now.
-    async fn plan(&self, ctx: &RunContext) -> Result<(Plan, chrono::DateTime<chrono::Utc>), TaskError> {
+    async fn plan(
+        &self,
+        ctx: &RunContext,
+    ) -> Result<(Plan, chrono::DateTime<chrono::Utc>), TaskError> {
         // One snapshot: the layout and the rows probed as of the same moment. A carve committed
         // in between used to hide the rows it moved: gone from the range the plan knew, in a
         // range it did not. With one snapshot the plan names them where they were, and the
@@ -153,7 +166,10 @@ impl TaskHistoryTask {
         let mut pairs = facts::due_pairs(&mut *tx, &rule).await?;
         for range in all.iter().filter(|r| r.is_live()) {
             for probed in facts::probe(&mut *tx, range, &rule).await? {
-                if !pairs.iter().any(|p| p.tasks_relid == probed.tasks_relid && p.tenant_id == probed.tenant_id) {
+                if !pairs
+                    .iter()
+                    .any(|p| p.tasks_relid == probed.tasks_relid && p.tenant_id == probed.tenant_id)
+                {
                     pairs.push(probed);
                 }
             }
@@ -163,7 +179,16 @@ impl TaskHistoryTask {
         for pair in pairs {
             by_range.entry(pair.tasks_relid.0).or_default().push(pair);
         }
-        Ok((all.into_iter().filter_map(|range| by_range.remove(&range.tasks_relid.0).map(|pairs| (range, pairs))).collect(), now))
+        Ok((
+            all.into_iter()
+                .filter_map(|range| {
+                    by_range
+                        .remove(&range.tasks_relid.0)
+                        .map(|pairs| (range, pairs))
+                })
+                .collect(),
+            now,
+        ))
     }
 
     /// Deletes the due rows of one pair, batch by batch (a purged tenant's by id; a live tenant's
@@ -178,15 +203,30 @@ impl TaskHistoryTask {
         sizer: &mut BatchSizer,
     ) -> Result<(PairDone, i64), TaskError> {
         let target = PairRef::new(range, pair.tenant_id);
-        let mut walks: Vec<Walk> =
-            if pair.purged { vec![Walk::purged()] } else { pair.statuses_to_walk().into_iter().map(Walk::retained).collect() };
-        let rule = if pair.purged { "deleted-tenants" } else { "retention" };
+        let mut walks: Vec<Walk> = if pair.purged {
+            vec![Walk::purged()]
+        } else {
+            pair.statuses_to_walk()
+                .into_iter()
+                .map(Walk::retained)
+                .collect()
+        };
+        let rule = if pair.purged {
+            "deleted-tenants"
+        } else {
+            "retention"
+        };
         let mut deleted_here = 0i64;
         if walks.is_empty() {
             // Planned by facts that say nothing is due after all (a window lengthened): their next
             // due instant moves on.
             let mut tx = repository::batch::begin_bookkeeping(&ctx.pool).await?;
-            facts::resummarise(&mut tx, &[(range.tasks_relid, pair.tenant_id, 0)], &ctx.rule(self.settings.deleted_tenant_grace)).await?;
+            facts::resummarise(
+                &mut tx,
+                &[(range.tasks_relid, pair.tenant_id, 0)],
+                &ctx.rule(self.settings.deleted_tenant_grace),
+            )
+            .await?;
             tx.commit().await?;
             return Ok((PairDone::Finished, 0));
         }
@@ -201,13 +241,26 @@ impl TaskHistoryTask {
             let result = async {
                 let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
                 let rule = ctx.rule(self.settings.deleted_tenant_grace);
-                let done = deletes::delete_batch(&mut tx, &target, &mut moved, &rule, limit, &receipt(ctx)).await?;
+                let done = deletes::delete_batch(
+                    &mut tx,
+                    &target,
+                    &mut moved,
+                    &rule,
+                    limit,
+                    &receipt(ctx),
+                )
+                .await?;
                 // A missing range needs no facts (and its transaction may have failed on a
                 // dropped table: nothing more may run in it).
                 if !done.range_missing && done.examined < i64::from(limit) && last_walk {
                     // The pair's last walk ends with this batch: its facts move on in its transaction.
                     let deleted = deleted_here + done.deleted.tasks;
-                    facts::resummarise(&mut tx, &[(range.tasks_relid, pair.tenant_id, -deleted)], &rule).await?;
+                    facts::resummarise(
+                        &mut tx,
+                        &[(range.tasks_relid, pair.tenant_id, -deleted)],
+                        &rule,
+                    )
+                    .await?;
                 }
                 tx.commit().await?;
                 Ok(done)
@@ -262,7 +315,12 @@ impl TaskHistoryTask {
     /// The pages of `range`'s tasks partition when one pass over them (a sweep) pays better than
     /// walking its due pairs through the indexes: the range is past (no writer is filling it),
     /// large enough to matter, and its due tasks are dense on its pages.
-    async fn sweep_pays(&self, ctx: &RunContext, range: &Range, pairs: &[Pair]) -> Result<Option<u32>, TaskError> {
+    async fn sweep_pays(
+        &self,
+        ctx: &RunContext,
+        range: &Range,
+        pairs: &[Pair],
+    ) -> Result<Option<u32>, TaskError> {
         if range.kind == RangeKind::Future || range.is_live() {
             return Ok(None);
         }
@@ -277,7 +335,13 @@ impl TaskHistoryTask {
             Err(error) => return Err(error.into()),
         };
         let pays = pages >= SWEEP_MIN_PAGES && due >= SWEEP_ROWS_PER_PAGE * f64::from(pages);
-        tracing::debug!(range = range.tasks_name, pages, due = due.round(), pays, "a sweep of the range's pages or its pairs' indexes");
+        tracing::debug!(
+            range = range.tasks_name,
+            pages,
+            due = due.round(),
+            pays,
+            "a sweep of the range's pages or its pairs' indexes"
+        );
         Ok(pays.then_some(pages))
     }
 
@@ -297,16 +361,28 @@ impl TaskHistoryTask {
         let limits = self.limits(ctx);
         let grace = self.settings.deleted_tenant_grace;
         let state = std::sync::Arc::new(std::sync::Mutex::new(SweepState::default()));
-        tracing::info!(range = range.tasks_name, pages, "sweeping the range's pages: its due rows are dense");
+        tracing::info!(
+            range = range.tasks_name,
+            pages,
+            "sweeping the range's pages: its due rows are dense"
+        );
         let clock = ctx.clock();
         walk_blocks_sized(ctx, report, pages, sizer, |blocks| {
-            let (pool, state, range, receipt) = (ctx.pool.clone(), state.clone(), range.clone(), receipt(ctx));
+            let (pool, state, range, receipt) =
+                (ctx.pool.clone(), state.clone(), range.clone(), receipt(ctx));
             async move {
                 if state.lock().unwrap().missing {
                     return Ok(Vec::new());
                 }
                 let mut tx = batch::begin(&pool, limits).await?;
-                let batch = deletes::delete_block_range(&mut tx, &range, blocks, &clock.rule(grace), &receipt).await?;
+                let batch = deletes::delete_block_range(
+                    &mut tx,
+                    &range,
+                    blocks,
+                    &clock.rule(grace),
+                    &receipt,
+                )
+                .await?;
                 if batch.range_missing {
                     state.lock().unwrap().missing = true;
                     return Ok(Vec::new());
@@ -316,7 +392,11 @@ impl TaskHistoryTask {
                 let mut state = state.lock().unwrap();
                 for gone in &batch.tenants {
                     *state.gone.entry(gone.tenant_id).or_default() += gone.tasks;
-                    *(if gone.purged { &mut purged } else { &mut retained }) += gone.tasks as u64;
+                    *(if gone.purged {
+                        &mut purged
+                    } else {
+                        &mut retained
+                    }) += gone.tasks as u64;
                 }
                 Ok(vec![
                     ("retention", retained),
@@ -337,14 +417,21 @@ impl TaskHistoryTask {
         report.count("ranges swept", 1);
         let mut tx = repository::batch::begin_bookkeeping(&ctx.pool).await?;
         let rule = ctx.rule(grace);
-        let mut probes: Vec<(Oid, Uuid, i64)> = gone.iter().map(|(tenant, tasks)| (range.tasks_relid, *tenant, -tasks)).collect();
+        let mut probes: Vec<(Oid, Uuid, i64)> = gone
+            .iter()
+            .map(|(tenant, tasks)| (range.tasks_relid, *tenant, -tasks))
+            .collect();
         for pair in facts::pairs_of(&mut *tx, range.tasks_relid, &rule).await? {
             if !gone.contains_key(&pair.tenant_id) {
                 probes.push((range.tasks_relid, pair.tenant_id, 0));
             }
         }
         facts::resummarise(&mut tx, &probes, &rule).await?;
-        let still_due: Vec<Pair> = facts::pairs_of(&mut *tx, range.tasks_relid, &rule).await?.into_iter().filter(Pair::is_due).collect();
+        let still_due: Vec<Pair> = facts::pairs_of(&mut *tx, range.tasks_relid, &rule)
+            .await?
+            .into_iter()
+            .filter(Pair::is_due)
+            .collect();
         tx.commit().await?;
         if ctx.interrupted().is_some() {
             return Ok(Swept::Interrupted);
@@ -354,7 +441,11 @@ impl TaskHistoryTask {
 
     /// How this task's rewrites (compactions) go about their steps.
     fn steps(&self, ctx: &RunContext) -> Steps {
-        Steps { limits: self.locked_limits(ctx), lock_timeout: self.compaction_lock_timeout, grace: self.settings.deleted_tenant_grace }
+        Steps {
+            limits: self.locked_limits(ctx),
+            lock_timeout: self.compaction_lock_timeout,
+            grace: self.settings.deleted_tenant_grace,
+        }
     }
 
     /// Gives up this task's compaction of `range` if one was started and is not swapped.
@@ -363,10 +454,20 @@ impl TaskHistoryTask {
         let started = repository::history::rewrite::in_progress(&mut conn)
             .await?
             .into_iter()
-            .find(|r| r.task == NAME && r.phase.before_swap() && r.sources.iter().any(|s| s.tasks_relid == range.tasks_relid));
+            .find(|r| {
+                r.task == NAME
+                    && r.phase.before_swap()
+                    && r.sources.iter().any(|s| s.tasks_relid == range.tasks_relid)
+            });
         drop(conn);
         if let Some(started) = started {
-            repository::history::rewrite::abandon(&ctx.pool, started.id, self.locked_limits(ctx), self.compaction_lock_timeout).await?;
+            repository::history::rewrite::abandon(
+                &ctx.pool,
+                started.id,
+                self.locked_limits(ctx),
+                self.compaction_lock_timeout,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -384,11 +485,26 @@ impl TaskHistoryTask {
     }
 
     /// Whether rewriting `range` (keeping what it keeps) costs less than deleting its due rows.
-    fn rewrite_pays(range: &Range, rows: i64, pairs: &[Pair], now: chrono::DateTime<chrono::Utc>, costs: &Costs) -> bool {
-        let rewritable = range.kind == RangeKind::Range && !range.is_live() && range.upper.is_some_and(|u| u <= now);
+    fn rewrite_pays(
+        range: &Range,
+        rows: i64,
+        pairs: &[Pair],
+        now: chrono::DateTime<chrono::Utc>,
+        costs: &Costs,
+    ) -> bool {
+        let rewritable = range.kind == RangeKind::Range
+            && !range.is_live()
+            && range.upper.is_some_and(|u| u <= now);
         let due: f64 = pairs.iter().map(Pair::due_estimate).sum();
         let rows = (rows as f64).max(due);
-        let choice = choose(Estimate { rows, due, rewritable }, costs);
+        let choice = choose(
+            Estimate {
+                rows,
+                due,
+                rewritable,
+            },
+            costs,
+        );
         tracing::debug!(
             range = range.tasks_name,
             rows,
@@ -406,9 +522,16 @@ impl TaskHistoryTask {
     /// again once it is old enough; and the walk never passes the ids of a transaction that may
     /// still commit (see [`watermarks::set_pending`]), so an event committed late is walked too.
     /// A batch that keeps timing out ends the walk, not the run: the next run resumes it.
-    async fn purge_orphan_events(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
+    async fn purge_orphan_events(
+        &self,
+        ctx: &RunContext,
+        report: &mut RunReport,
+    ) -> Result<(), TaskError> {
         // Not a history write: a range being rewritten must see these deletes in the change log.
-        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
+        let limits = ctx.batch_limits(
+            BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout)
+                .with_generic_plans(),
+        );
         let mut position = watermarks::get(&ctx.pool, ORPHAN_WATERMARK).await?;
         let mut pending = match watermarks::pending(&ctx.pool, ORPHAN_WATERMARK).await? {
             Some(pending) => pending,
@@ -416,9 +539,14 @@ impl TaskHistoryTask {
         };
         // Most transactions last milliseconds: wait a little for those that were open.
         let waited = Instant::now();
-        while !pending.settled && waited.elapsed() < ORPHAN_SETTLE_WAIT && ctx.interrupted().is_none() {
+        while !pending.settled
+            && waited.elapsed() < ORPHAN_SETTLE_WAIT
+            && ctx.interrupted().is_none()
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            pending = watermarks::pending(&ctx.pool, ORPHAN_WATERMARK).await?.unwrap_or(pending);
+            pending = watermarks::pending(&ctx.pool, ORPHAN_WATERMARK)
+                .await?
+                .unwrap_or(pending);
         }
         if !pending.settled {
             tracing::debug!(end = pending.end, "transactions that may hold event ids up to the walk's end are still open; the orphan walk waits");
@@ -433,7 +561,12 @@ impl TaskHistoryTask {
             }
             return Ok(());
         }
-        let mut sizer = BatchSizer::new(ORPHAN_IDS_FIRST, ORPHAN_IDS_MIN, ORPHAN_IDS_MAX, ctx.batch_time());
+        let mut sizer = BatchSizer::new(
+            ORPHAN_IDS_FIRST,
+            ORPHAN_IDS_MIN,
+            ORPHAN_IDS_MAX,
+            ctx.batch_time(),
+        );
         let mut safe = position;
         let mut undecided = false;
         while position < end {
@@ -447,7 +580,15 @@ impl TaskHistoryTask {
                 let mut tx = batch::begin(&ctx.pool, limits).await?;
                 let rows = sizer.size().min(ORPHAN_ROWS_MAX);
                 let rule = ctx.rule(self.settings.deleted_tenant_grace);
-                let batch = deletes::delete_orphan_events_batch(&mut tx, position, up_to, rows, &rule, &receipt(ctx)).await?;
+                let batch = deletes::delete_orphan_events_batch(
+                    &mut tx,
+                    position,
+                    up_to,
+                    rows,
+                    &rule,
+                    &receipt(ctx),
+                )
+                .await?;
                 let mut next_safe = safe;
                 if let Some(first) = batch.first_undecided.filter(|_| !undecided) {
                     // A young orphan: the watermark stays before it until it is an hour old.
@@ -496,7 +637,11 @@ impl TaskHistoryTask {
     /// orphans after the orphan walk passed them (their task deleted later, in a range merged
     /// since or not), and those a hold kept when the walk passed. The sweep's place (range and
     /// page) is kept after every batch, so a run that stops resumes it where it was.
-    async fn sweep_orphans(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
+    async fn sweep_orphans(
+        &self,
+        ctx: &RunContext,
+        report: &mut RunReport,
+    ) -> Result<(), TaskError> {
         let mut next = watermarks::get(&ctx.pool, ORPHAN_SWEEP_NEXT).await?;
         if next == 0 {
             let every = self.orphan_sweep_interval.as_secs() as i64;
@@ -509,12 +654,23 @@ impl TaskHistoryTask {
             watermarks::set(&ctx.pool, ORPHAN_SWEEP_NEXT, next).await?;
             watermarks::set(&ctx.pool, ORPHAN_SWEEP_BLOCK, 0).await?;
         }
-        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout).with_generic_plans());
+        let limits = ctx.batch_limits(
+            BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout)
+                .with_generic_plans(),
+        );
         let mut sizer = ctx.block_sizer_within(SWEEP_FIRST_PAGES, self.settings.statement_timeout);
-        let ranges: Vec<Range> = ranges::all(&ctx.pool).await?.into_iter().filter(|r| sweep_key(r) >= next).collect();
+        let ranges: Vec<Range> = ranges::all(&ctx.pool)
+            .await?
+            .into_iter()
+            .filter(|r| sweep_key(r) >= next)
+            .collect();
         for range in ranges {
             let key = sweep_key(&range);
-            let mut block = if key == next { watermarks::get(&ctx.pool, ORPHAN_SWEEP_BLOCK).await? } else { 0 };
+            let mut block = if key == next {
+                watermarks::get(&ctx.pool, ORPHAN_SWEEP_BLOCK).await?
+            } else {
+                0
+            };
             loop {
                 if let Some(stop) = ctx.interrupted() {
                     report.completion = stop;
@@ -529,12 +685,22 @@ impl TaskHistoryTask {
                     break;
                 }
                 let end = (block + i64::from(sizer.size())).min(pages);
-                let blocks = heap::BlockRange { start: block as u32, end: end as u32 };
+                let blocks = heap::BlockRange {
+                    start: block as u32,
+                    end: end as u32,
+                };
                 let started = Instant::now();
                 let result = async {
                     let mut tx = batch::begin(&ctx.pool, limits).await?;
                     let rule = ctx.rule(self.settings.deleted_tenant_grace);
-                    let deleted = deletes::delete_orphans_in_blocks(&mut tx, &range, blocks, &rule, &receipt(ctx)).await?;
+                    let deleted = deletes::delete_orphans_in_blocks(
+                        &mut tx,
+                        &range,
+                        blocks,
+                        &rule,
+                        &receipt(ctx),
+                    )
+                    .await?;
                     watermarks::set(&mut *tx, ORPHAN_SWEEP_NEXT, key).await?;
                     watermarks::set(&mut *tx, ORPHAN_SWEEP_BLOCK, end).await?;
                     tx.commit().await?;
@@ -551,7 +717,9 @@ impl TaskHistoryTask {
                     }
                     // The range was swapped out or dropped meanwhile: its rows are elsewhere now.
                     Settled::Done(None) => break,
-                    Settled::Retry(error) => tracing::warn!(%error, next_pages = sizer.size(), "orphan sweep batch timed out; retrying smaller"),
+                    Settled::Retry(error) => {
+                        tracing::warn!(%error, next_pages = sizer.size(), "orphan sweep batch timed out; retrying smaller")
+                    }
                     Settled::Again(error) => {
                         tracing::debug!(%error, "orphan sweep batch rolled back (a deadlock or a change of the rules); running it again");
                         report.count("batches run again", 1);
@@ -577,13 +745,23 @@ impl TaskHistoryTask {
 
     /// Deletes the deletion receipts older than `receipts_keep`, a bounded batch at a time (they
     /// are nobody's data: counted as `receipts`, under no tenant).
-    async fn purge_receipts(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
-        let before = ctx.now() - chrono::Duration::from_std(self.settings.receipts_keep).unwrap_or(chrono::Duration::MAX);
-        let limits = ctx.batch_limits(BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout));
+    async fn purge_receipts(
+        &self,
+        ctx: &RunContext,
+        report: &mut RunReport,
+    ) -> Result<(), TaskError> {
+        let before = ctx.now()
+            - chrono::Duration::from_std(self.settings.receipts_keep)
+                .unwrap_or(chrono::Duration::MAX);
+        let limits = ctx.batch_limits(BatchLimits::new(
+            self.settings.statement_timeout,
+            self.settings.lock_timeout,
+        ));
         while ctx.interrupted().is_none() {
             let started = Instant::now();
             let mut tx = batch::begin(&ctx.pool, limits).await?;
-            let deleted = repository::receipts::delete_older_than(&mut *tx, before, RECEIPTS_BATCH).await?;
+            let deleted =
+                repository::receipts::delete_older_than(&mut *tx, before, RECEIPTS_BATCH).await?;
             tx.commit().await?;
             if deleted == 0 {
                 break;
@@ -615,7 +793,9 @@ const ORPHAN_SWEEP_BLOCK: &str = "task-history.orphan-sweep.block";
 /// A range's place in the orphan sweep's order: its lower bound in microseconds (the default
 /// range, from -infinity, first).
 fn sweep_key(range: &Range) -> i64 {
-    range.lower.map_or(1, |lower| lower.timestamp_micros().max(2))
+    range
+        .lower
+        .map_or(1, |lower| lower.timestamp_micros().max(2))
 }
 
 /// Receipts deleted per batch once past their keep.
@@ -648,7 +828,8 @@ impl MaintenanceTask for TaskHistoryTask {
         let mut report = RunReport::default();
         // The due rows get most of the run; the orphan walk keeps the rest, so that a purge that
         // reaches its deadline does not starve it.
-        self.purge_due(&ctx.narrowed(PURGE_SHARE), &mut report).await?;
+        self.purge_due(&ctx.narrowed(PURGE_SHARE), &mut report)
+            .await?;
         let purged = report.completion;
         if purged == crate::Completion::Cancelled {
             return Ok(report);
@@ -667,7 +848,9 @@ impl MaintenanceTask for TaskHistoryTask {
     async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
         let rule = Rule::new(clock::now(pool).await?, self.settings.deleted_tenant_grace);
         let pairs = facts::due_pairs(pool, &rule).await?;
-        Ok(Some(pairs.iter().map(Pair::due_estimate).sum::<f64>().round() as u64))
+        Ok(Some(
+            pairs.iter().map(Pair::due_estimate).sum::<f64>().round() as u64,
+        ))
     }
 
     async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
@@ -687,10 +870,19 @@ impl TaskHistoryTask {
     /// `ctx` is interrupted.
     async fn purge_due(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
         let limits = self.locked_limits(ctx);
-        shared::refresh_facts(ctx, limits, self.settings.deleted_tenant_grace, self.compaction_lock_timeout, report).await?;
+        shared::refresh_facts(
+            ctx,
+            limits,
+            self.settings.deleted_tenant_grace,
+            self.compaction_lock_timeout,
+            report,
+        )
+        .await?;
         // Rewrites first: the count of any that was swapped in (its receipts are owed), and this
         // task's compactions a run left in progress.
-        if let Some(stop) = rewrites::resume(ctx, NAME, self.steps(ctx), Naming::Rules, report).await? {
+        if let Some(stop) =
+            rewrites::resume(ctx, NAME, self.steps(ctx), Naming::Rules, report).await?
+        {
             report.completion = stop;
             return Ok(());
         }
@@ -712,7 +904,10 @@ impl TaskHistoryTask {
                 }
                 // A range being rewritten (a merge by `partitions`) loses its due rows by row
                 // deletes meanwhile: its change log records them, and its rewrite replays them.
-                let rewritable = self.settings.compaction && range.kind == RangeKind::Range && !range.is_live() && range.rewrite_id.is_none();
+                let rewritable = self.settings.compaction
+                    && range.kind == RangeKind::Range
+                    && !range.is_live()
+                    && range.rewrite_id.is_none();
                 if rewritable {
                     if costs.is_none() {
                         costs = Some(self.costs(&ctx.pool).await?);
@@ -720,7 +915,17 @@ impl TaskHistoryTask {
                     let rows = pairs.first().map_or(0, |p| p.range_rows);
                     if Self::rewrite_pays(&range, rows, &pairs, now, costs.as_ref().unwrap()) {
                         // A carve or a merge holding the layout usually ends soon: wait for it.
-                        match rewrites::start(ctx, std::slice::from_ref(&range), NAME, self.steps(ctx), true, Naming::Rules, report).await? {
+                        match rewrites::start(
+                            ctx,
+                            std::slice::from_ref(&range),
+                            NAME,
+                            self.steps(ctx),
+                            true,
+                            Naming::Rules,
+                            report,
+                        )
+                        .await?
+                        {
                             Outcome::Done(_) => {
                                 report.count("ranges compacted", 1);
                                 continue;
@@ -733,7 +938,11 @@ impl TaskHistoryTask {
                             // due rows go by row deletes, and a rewrite started is given up, so
                             // that it does not replay every one of them.
                             Outcome::Waiting(why) => {
-                                tracing::info!(range = range.tasks_name, reason = why.as_str(), "range not compacted; its due rows go by row deletes");
+                                tracing::info!(
+                                    range = range.tasks_name,
+                                    reason = why.as_str(),
+                                    "range not compacted; its due rows go by row deletes"
+                                );
                                 self.give_up_compaction(ctx, &range).await?;
                             }
                             Outcome::Abandoned(why) => {
@@ -744,7 +953,10 @@ impl TaskHistoryTask {
                 }
                 let mut pairs = pairs;
                 if let Some(pages) = self.sweep_pays(ctx, &range, &pairs).await? {
-                    match self.sweep_range(ctx, &range, pages, &mut block_sizer, report).await? {
+                    match self
+                        .sweep_range(ctx, &range, pages, &mut block_sizer, report)
+                        .await?
+                    {
                         Swept::Done { still_due } => pairs = still_due,
                         Swept::Interrupted => {
                             report.completion = ctx.interrupted().unwrap_or_default();
@@ -760,7 +972,9 @@ impl TaskHistoryTask {
                 let mut touched = Vec::new();
                 let mut interrupted = false;
                 for pair in &pairs {
-                    let (done, deleted) = self.delete_pair(ctx, &range, pair, report, &mut cost, &mut sizer).await?;
+                    let (done, deleted) = self
+                        .delete_pair(ctx, &range, pair, report, &mut cost, &mut sizer)
+                        .await?;
                     if matches!(done, PairDone::Interrupted) {
                         touched.push((range.tasks_relid, pair.tenant_id, -deleted));
                     }
@@ -778,7 +992,12 @@ impl TaskHistoryTask {
                 }
                 if !touched.is_empty() {
                     let mut tx = repository::batch::begin_bookkeeping(&ctx.pool).await?;
-                    facts::resummarise(&mut tx, &touched, &ctx.rule(self.settings.deleted_tenant_grace)).await?;
+                    facts::resummarise(
+                        &mut tx,
+                        &touched,
+                        &ctx.rule(self.settings.deleted_tenant_grace),
+                    )
+                    .await?;
                     tx.commit().await?;
                 }
                 if interrupted {
@@ -797,7 +1016,11 @@ impl TaskHistoryTask {
             }
             // Another runner is rewriting a range: once it is done, the range's due rows are
             // either gone with it or in the new range, which the next plan names.
-            let mut tx = batch::begin(&ctx.pool, BatchLimits::new(self.settings.max_run_time, self.settings.max_run_time)).await?;
+            let mut tx = batch::begin(
+                &ctx.pool,
+                BatchLimits::new(self.settings.max_run_time, self.settings.max_run_time),
+            )
+            .await?;
             ranges::take_layout_lock(&mut tx, true).await?;
             tx.commit().await?;
         }

@@ -25,8 +25,14 @@ struct ChunkRow {
 }
 
 /// Pages in table `relid` now.
-async fn pages(conn: &mut PgConnection, relid: sqlx::postgres::types::Oid) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_relation_size($1) / current_setting('block_size')::bigint").bind(relid).fetch_one(conn).await
+async fn pages(
+    conn: &mut PgConnection,
+    relid: sqlx::postgres::types::Oid,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_relation_size($1) / current_setting('block_size')::bigint")
+        .bind(relid)
+        .fetch_one(conn)
+        .await
 }
 
 /// Moves the rewrite's cursor to the next source, or the next phase after the last.
@@ -46,9 +52,13 @@ async fn next_source(conn: &mut PgConnection, rewrite: &Rewrite) -> Result<(), s
         .await?;
     if phase == Phase::CatchUp {
         // Statistics for the replays' lookups into the new tables (a small sample: bounded).
-        sqlx::query("SET LOCAL default_statistics_target = 10").execute(&mut *conn).await?;
+        sqlx::query("SET LOCAL default_statistics_target = 10")
+            .execute(&mut *conn)
+            .await?;
         for table in [&rewrite.new_tasks_name, &rewrite.new_events_name] {
-            sqlx::query(&format!("ANALYZE {}", crate::history::ident(table))).execute(&mut *conn).await?;
+            sqlx::query(&format!("ANALYZE {}", crate::history::ident(table)))
+                .execute(&mut *conn)
+                .await?;
         }
     }
     Ok(())
@@ -64,14 +74,27 @@ async fn next_source(conn: &mut PgConnection, rewrite: &Rewrite) -> Result<(), s
 /// ahead: the copy keeps the first version it met) or not at all (an insert, or an update, into
 /// a page behind it): every such write is in the sources' change log, whose replay decides those
 /// rows again ([`super::replay`]).
-pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages_at_most: u32) -> Result<Copied, sqlx::Error> {
+pub async fn chunk(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+    pages_at_most: u32,
+) -> Result<Copied, sqlx::Error> {
     let Some(source) = rewrite.current_source() else {
-        return Err(sqlx::Error::Protocol(format!("rewrite {} has no source at {}", rewrite.id, rewrite.source)));
+        return Err(sqlx::Error::Protocol(format!(
+            "rewrite {} has no source at {}",
+            rewrite.id, rewrite.source
+        )));
     };
     let relid = match rewrite.phase {
         Phase::CopyTasks => source.tasks_relid,
         Phase::CopyEvents => source.events_relid,
-        phase => return Err(sqlx::Error::Protocol(format!("rewrite {} is not copying but at {}", rewrite.id, phase.as_str()))),
+        phase => {
+            return Err(sqlx::Error::Protocol(format!(
+                "rewrite {} is not copying but at {}",
+                rewrite.id,
+                phase.as_str()
+            )))
+        }
     };
     let total = pages(&mut *conn, relid).await?;
     if rewrite.block >= total {
@@ -79,15 +102,17 @@ pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages_at_most: u3
         return Ok(Copied::default());
     }
     let start = u32::try_from(rewrite.block).unwrap_or(u32::MAX);
-    let end = u32::try_from((rewrite.block + i64::from(pages_at_most.max(1))).min(total)).unwrap_or(u32::MAX);
+    let end = u32::try_from((rewrite.block + i64::from(pages_at_most.max(1))).min(total))
+        .unwrap_or(u32::MAX);
     let blocks = BlockRange { start, end };
     let (from, to) = blocks.tids();
     let rule = rewrite.rule();
-    let (source_tasks, source_events): (String, String) = sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
-        .bind(source.tasks_relid)
-        .bind(source.events_relid)
-        .fetch_one(&mut *conn)
-        .await?;
+    let (source_tasks, source_events): (String, String) =
+        sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
+            .bind(source.tasks_relid)
+            .bind(source.events_relid)
+            .fetch_one(&mut *conn)
+            .await?;
     let mut sql = match rewrite.phase {
         Phase::CopyTasks => {
             let mut sql = Sql::new(
@@ -108,7 +133,10 @@ pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages_at_most: u3
                  SELECT (SELECT count(*) FROM scanned) AS read, (SELECT count(*) FROM kept) AS kept",
             );
             let columns = columns(&mut *conn, "tasks").await?;
-            sql.with("due", rule.task_due("t", "tn")).raw("source", source_tasks).raw("columns", columns.clone()).raw("columns2", columns);
+            sql.with("due", rule.task_due("t", "tn"))
+                .raw("source", source_tasks)
+                .raw("columns", columns.clone())
+                .raw("columns2", columns);
             sql
         }
         _ => {
@@ -156,5 +184,9 @@ pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages_at_most: u3
         .bind("id2", rewrite.id)
         .bind("end", i64::from(end));
     let row: ChunkRow = sql.build_query_as().fetch_one(&mut *conn).await?;
-    Ok(Copied { pages: blocks.pages(), read: row.read, kept: row.kept })
+    Ok(Copied {
+        pages: blocks.pages(),
+        read: row.read,
+        kept: row.kept,
+    })
 }

@@ -52,18 +52,36 @@ struct ChunkRow {
 /// deletes the queue items of the tasks that went (by `queue_rule`, the run's), then confirms
 /// the rules if it deleted any. Past a source's last page, moves the cursor on; past the last
 /// source's events, the rewrite is [`Rewrite::counted`]. In the caller's transaction.
-pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages: u32, queue_rule: &Rule) -> Result<Counted, sqlx::Error> {
-    let Some(source) = rewrite.current_source() else { return Ok(Counted::default()) };
+pub async fn chunk(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+    pages: u32,
+    queue_rule: &Rule,
+) -> Result<Counted, sqlx::Error> {
+    let Some(source) = rewrite.current_source() else {
+        return Ok(Counted::default());
+    };
     let relid = match rewrite.phase {
         Phase::CountTasks => source.tasks_relid,
         Phase::CountEvents => source.events_relid,
-        phase => return Err(sqlx::Error::Protocol(format!("rewrite {} is not counting but at {}", rewrite.id, phase.as_str()))),
+        phase => {
+            return Err(sqlx::Error::Protocol(format!(
+                "rewrite {} is not counting but at {}",
+                rewrite.id,
+                phase.as_str()
+            )))
+        }
     };
     let total: i64 =
-        sqlx::query_scalar("SELECT pg_relation_size($1) / current_setting('block_size')::bigint").bind(relid).fetch_one(&mut *conn).await?;
+        sqlx::query_scalar("SELECT pg_relation_size($1) / current_setting('block_size')::bigint")
+            .bind(relid)
+            .fetch_one(&mut *conn)
+            .await?;
     if rewrite.block >= total {
         let (phase, next) = match rewrite.phase {
-            Phase::CountTasks if rewrite.source + 1 >= rewrite.sources.len() as i32 => (Phase::CountEvents, 0),
+            Phase::CountTasks if rewrite.source + 1 >= rewrite.sources.len() as i32 => {
+                (Phase::CountEvents, 0)
+            }
             phase => (phase, rewrite.source + 1),
         };
         sqlx::query("UPDATE history_rewrites SET phase = $2, source = $3, block = 0 WHERE id = $1")
@@ -75,11 +93,16 @@ pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages: u32, queue
         return Ok(Counted::default());
     }
     let start = u32::try_from(rewrite.block).unwrap_or(u32::MAX);
-    let end = u32::try_from((rewrite.block + i64::from(pages.max(1))).min(total)).unwrap_or(u32::MAX);
+    let end =
+        u32::try_from((rewrite.block + i64::from(pages.max(1))).min(total)).unwrap_or(u32::MAX);
     let blocks = BlockRange { start, end };
     let (from, to) = blocks.tids();
     let (tasks, events): (String, String) =
-        sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text").bind(source.tasks_relid).bind(source.events_relid).fetch_one(&mut *conn).await?;
+        sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
+            .bind(source.tasks_relid)
+            .bind(source.events_relid)
+            .fetch_one(&mut *conn)
+            .await?;
     let recorded = rewrite.recorded_rule();
     let receipt = rewrite.receipt();
     let mut sql = match rewrite.phase {
@@ -117,7 +140,9 @@ pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages: u32, queue
                         {version} AS rules_version
                  FROM went",
             );
-            sql.raw("tasks", tasks).with("due", recorded.task_due("t", "rt")).with("queue_due", queue_rule.queue_item_due("q"));
+            sql.raw("tasks", tasks)
+                .with("due", recorded.task_due("t", "rt"))
+                .with("queue_due", queue_rule.queue_item_due("q"));
             sql
         }
         _ => {
@@ -167,7 +192,13 @@ pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages: u32, queue
         .bind("from", from)
         .bind("to", to)
         .bind("end", i64::from(end))
-        .with("receipt", receipts::add(&receipt, "SELECT tenant_id, rule, tasks, events, queue_items, oldest, newest FROM went"))
+        .with(
+            "receipt",
+            receipts::add(
+                &receipt,
+                "SELECT tenant_id, rule, tasks, events, queue_items, oldest, newest FROM went",
+            ),
+        )
         .raw("version", rule::VERSION);
     let row: ChunkRow = sql.build_query_as().fetch_one(&mut *conn).await?;
     let went: Vec<Went> = row
@@ -176,18 +207,32 @@ pub async fn chunk(conn: &mut PgConnection, rewrite: &Rewrite, pages: u32, queue
         .zip(row.rules)
         .zip(row.tasks.into_iter().zip(row.events))
         .zip(row.queue_items)
-        .map(|(((tenant_id, rule), (tasks, events)), queue_items)| Went { tenant_id, rule, tasks, events, queue_items })
+        .map(|(((tenant_id, rule), (tasks, events)), queue_items)| Went {
+            tenant_id,
+            rule,
+            tasks,
+            events,
+            queue_items,
+        })
         .collect();
     if went.iter().any(|w| w.queue_items > 0) {
         rule::confirm(conn, row.rules_version).await?;
     }
-    Ok(Counted { pages: blocks.pages(), went })
+    Ok(Counted {
+        pages: blocks.pages(),
+        went,
+    })
 }
 
 /// Drops the detached sources of rewrite `id` once its count is done, and forgets the rewrite.
 /// Returns false when another runner holds it or its count is not done. A source an operator
 /// renamed or attached again is left alone (and forgotten).
-pub async fn finish(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: std::time::Duration) -> Result<bool, sqlx::Error> {
+pub async fn finish(
+    pool: &PgPool,
+    id: i64,
+    limits: BatchLimits,
+    lock_timeout: std::time::Duration,
+) -> Result<bool, sqlx::Error> {
     let mut tx = batch::begin(pool, limits.with_lock_timeout(lock_timeout)).await?;
     match lock(&mut tx, id).await {
         Ok(Some(rewrite)) if rewrite.counted() => {}
@@ -195,8 +240,12 @@ pub async fn finish(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: s
         Err(error) if batch::is_lock_timeout(&error) => return Ok(false),
         Err(error) => return Err(error),
     }
-    let recorded: Vec<(sqlx::postgres::types::Oid, String)> =
-        sqlx::query_as("SELECT relid, relname FROM history_detached WHERE rewrite_id = $1 FOR UPDATE").bind(id).fetch_all(&mut *tx).await?;
+    let recorded: Vec<(sqlx::postgres::types::Oid, String)> = sqlx::query_as(
+        "SELECT relid, relname FROM history_detached WHERE rewrite_id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
     for (relid, relname) in recorded {
         match crate::history::detached::drop_if_ours(&mut tx, relid, &relname).await {
             Ok(_) => {}
@@ -207,9 +256,15 @@ pub async fn finish(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: s
             }
             Err(error) => return Err(error),
         }
-        sqlx::query("DELETE FROM history_detached WHERE relid = $1").bind(relid).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM history_detached WHERE relid = $1")
+            .bind(relid)
+            .execute(&mut *tx)
+            .await?;
     }
-    sqlx::query("DELETE FROM history_rewrites WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM history_rewrites WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(true)
 }

@@ -164,7 +164,11 @@ impl Rewrite {
     /// The rule the copy and the replays decide by: at the rewrite's instant, with the holds and
     /// the tenants' rules as they are when each statement runs.
     pub fn rule(&self) -> Rule {
-        Rule { now: self.rule_now, grace: self.grace, holds: Holds::Live }
+        Rule {
+            now: self.rule_now,
+            grace: self.grace,
+            holds: Holds::Live,
+        }
     }
 
     /// The rule as the swap recorded it (the holds then in force), for the count.
@@ -172,7 +176,10 @@ impl Rewrite {
         Rule {
             now: self.rule_now,
             grace: self.grace,
-            holds: Holds::Recorded { tenants: self.held_tenants.clone().unwrap_or_default(), tasks: self.held_tasks.clone().unwrap_or_default() },
+            holds: Holds::Recorded {
+                tenants: self.held_tenants.clone().unwrap_or_default(),
+                tasks: self.held_tasks.clone().unwrap_or_default(),
+            },
         }
     }
 
@@ -191,7 +198,9 @@ impl Rewrite {
 
     /// The source the phase's walk is on, if it has not passed the last.
     pub fn current_source(&self) -> Option<&Source> {
-        usize::try_from(self.source).ok().and_then(|i| self.sources.get(i))
+        usize::try_from(self.source)
+            .ok()
+            .and_then(|i| self.sources.get(i))
     }
 
     /// Whether every step is done but dropping the detached tables.
@@ -201,7 +210,10 @@ impl Rewrite {
 
     /// Every source's tasks and events partitions (their OIDs).
     pub fn source_relids(&self) -> Vec<Oid> {
-        self.sources.iter().flat_map(|s| [s.tasks_relid, s.events_relid]).collect()
+        self.sources
+            .iter()
+            .flat_map(|s| [s.tasks_relid, s.events_relid])
+            .collect()
     }
 
     fn from_row(row: RewriteRow, sources: Vec<Source>) -> Rewrite {
@@ -246,7 +258,11 @@ async fn sources_of(executor: impl PgExecutor<'_>, id: i64) -> Result<Vec<Source
 
 /// Every rewrite in progress, oldest first.
 pub async fn in_progress(conn: &mut PgConnection) -> Result<Vec<Rewrite>, sqlx::Error> {
-    let rows: Vec<RewriteRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM history_rewrites ORDER BY id")).fetch_all(&mut *conn).await?;
+    let rows: Vec<RewriteRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM history_rewrites ORDER BY id"
+    ))
+    .fetch_all(&mut *conn)
+    .await?;
     let mut rewrites = Vec::with_capacity(rows.len());
     for row in rows {
         let sources = sources_of(&mut *conn, row.id).await?;
@@ -259,10 +275,12 @@ pub async fn in_progress(conn: &mut PgConnection) -> Result<Vec<Rewrite>, sqlx::
 /// `None` when it is gone. Another runner's step on it is waited for (up to the transaction's
 /// `lock_timeout`: then the error says so, see `batch::is_lock_timeout`).
 pub async fn lock(conn: &mut PgConnection, id: i64) -> Result<Option<Rewrite>, sqlx::Error> {
-    let row: Option<RewriteRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM history_rewrites WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row: Option<RewriteRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM history_rewrites WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some(row) = row else { return Ok(None) };
     let sources = sources_of(&mut *conn, id).await?;
     Ok(Some(Rewrite::from_row(row, sources)))
@@ -270,7 +288,11 @@ pub async fn lock(conn: &mut PgConnection, id: i64) -> Result<Option<Rewrite>, s
 
 /// Adds the time a step took to the rewrite's record (in the step's transaction).
 pub async fn spent(conn: &mut PgConnection, id: i64, seconds: f64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE history_rewrites SET seconds = seconds + $2 WHERE id = $1").bind(id).bind(seconds).execute(conn).await?;
+    sqlx::query("UPDATE history_rewrites SET seconds = seconds + $2 WHERE id = $1")
+        .bind(id)
+        .bind(seconds)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -310,7 +332,9 @@ impl NotNow {
     pub fn as_str(self) -> &'static str {
         match self {
             NotNow::LayoutBusy => "another runner is changing the history layout",
-            NotNow::SourcesBusy => "a source range is held by another runner, gone, or being rewritten already",
+            NotNow::SourcesBusy => {
+                "a source range is held by another runner, gone, or being rewritten already"
+            }
             NotNow::Taken => "another runner is working on this rewrite",
             NotNow::Failing => "its steps kept failing",
             NotNow::LockTimeout => "the history tables' lock could not be had in time",
@@ -322,7 +346,10 @@ impl NotNow {
 
 /// Ends `tx` (rolling it back, and waiting for that, so that no lock it took outlives this call:
 /// a transaction merely dropped is rolled back later, on its connection's next use) and says why.
-pub(crate) async fn not_now<T>(tx: sqlx::Transaction<'_, sqlx::Postgres>, why: NotNow) -> Result<Result<T, NotNow>, sqlx::Error> {
+pub(crate) async fn not_now<T>(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    why: NotNow,
+) -> Result<Result<T, NotNow>, sqlx::Error> {
     tx.rollback().await?;
     Ok(Err(why))
 }
@@ -354,12 +381,20 @@ pub async fn start(
     wait: bool,
 ) -> Result<Result<Rewrite, NotNow>, sqlx::Error> {
     let (Some(first), Some(last)) = (sources.first(), sources.last()) else {
-        return Err(sqlx::Error::Protocol("a rewrite needs at least one source range".into()));
+        return Err(sqlx::Error::Protocol(
+            "a rewrite needs at least one source range".into(),
+        ));
     };
-    let contiguous = sources.windows(2).all(|w| w[0].upper.is_some() && w[0].upper == w[1].lower);
-    let finite = sources.iter().all(|r| r.kind == RangeKind::Range && r.lower.is_some() && r.upper.is_some());
+    let contiguous = sources
+        .windows(2)
+        .all(|w| w[0].upper.is_some() && w[0].upper == w[1].lower);
+    let finite = sources
+        .iter()
+        .all(|r| r.kind == RangeKind::Range && r.lower.is_some() && r.upper.is_some());
     if !contiguous || !finite {
-        return Err(sqlx::Error::Protocol("a rewrite takes adjacent ranges of finite bounds".into()));
+        return Err(sqlx::Error::Protocol(
+            "a rewrite takes adjacent ranges of finite bounds".into(),
+        ));
     }
     let (lower, upper) = (first.lower.unwrap(), last.upper.unwrap());
     let (lower_text, upper_text) = (lower.to_rfc3339(), upper.to_rfc3339());
@@ -368,7 +403,9 @@ pub async fn start(
     match take_layout_lock(&mut tx, wait).await {
         Ok(true) => {}
         Ok(false) => return not_now(tx, NotNow::LayoutBusy).await,
-        Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::LayoutBusy).await,
+        Err(error) if batch::is_lock_timeout(&error) => {
+            return not_now(tx, NotNow::LayoutBusy).await
+        }
         Err(error) => return Err(error),
     }
     let relids: Vec<Oid> = sources.iter().map(|r| r.tasks_relid).collect();
@@ -391,7 +428,8 @@ pub async fn start(
     for source in sources {
         ranges::verify_bounds(&mut tx, source).await?;
     }
-    let (new_tasks, new_events) = ranges::create_tables(&mut tx, &lower_text, &upper_text, "_new", LogMode::All).await?;
+    let (new_tasks, new_events) =
+        ranges::create_tables(&mut tx, &lower_text, &upper_text, "_new", LogMode::All).await?;
     let (new_tasks_name, new_events_name): (String, String) = sqlx::query_as("SELECT relname::text, (SELECT relname::text FROM pg_class WHERE oid = $2) FROM pg_class WHERE oid = $1")
         .bind(new_tasks)
         .bind(new_events)
@@ -428,12 +466,28 @@ pub async fn start(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("UPDATE history_ranges SET rewrite_id = $2 WHERE tasks_relid = ANY($1)").bind(&relids).bind(id).execute(&mut *tx).await?;
+    sqlx::query("UPDATE history_ranges SET rewrite_id = $2 WHERE tasks_relid = ANY($1)")
+        .bind(&relids)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     for source in sources {
-        match ranges::set_log_mode(&mut tx, source.tasks_relid, source.events_relid, &source.lower_text(), LogMode::Rewrite).await {
+        match ranges::set_log_mode(
+            &mut tx,
+            source.tasks_relid,
+            source.events_relid,
+            &source.lower_text(),
+            LogMode::Rewrite,
+        )
+        .await
+        {
             Ok(()) => {}
-            Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::LockTimeout).await,
-            Err(error) if batch::is_retryable(&error) => return not_now(tx, NotNow::Deadlock).await,
+            Err(error) if batch::is_lock_timeout(&error) => {
+                return not_now(tx, NotNow::LockTimeout).await
+            }
+            Err(error) if batch::is_retryable(&error) => {
+                return not_now(tx, NotNow::Deadlock).await
+            }
             Err(error) => return Err(error),
         }
     }
@@ -447,7 +501,12 @@ pub async fn start(
 /// writers), the new tables are dropped (by OID, while they still carry the names they were
 /// created with and are not partitions), and the record goes. Returns false when another runner
 /// holds the rewrite, or it is past its swap.
-pub async fn abandon(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: Duration) -> Result<bool, sqlx::Error> {
+pub async fn abandon(
+    pool: &PgPool,
+    id: i64,
+    limits: BatchLimits,
+    lock_timeout: Duration,
+) -> Result<bool, sqlx::Error> {
     let mut tx = batch::begin(pool, limits.with_lock_timeout(lock_timeout)).await?;
     let rewrite = match lock(&mut tx, id).await {
         Ok(Some(rewrite)) if rewrite.phase.before_swap() => rewrite,
@@ -463,29 +522,52 @@ pub async fn abandon(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: 
     for (tasks, events, lower) in marked {
         ranges::set_log_mode(&mut tx, tasks, events, &lower, LogMode::All).await?;
     }
-    sqlx::query("UPDATE history_ranges SET rewrite_id = NULL WHERE rewrite_id = $1").bind(id).execute(&mut *tx).await?;
-    for (relid, name) in [(rewrite.new_tasks, &rewrite.new_tasks_name), (rewrite.new_events, &rewrite.new_events_name)] {
-        let current: Option<(String, bool)> = sqlx::query_as("SELECT relname::text, relispartition FROM pg_class WHERE oid = $1")
-            .bind(relid)
-            .fetch_optional(&mut *tx)
-            .await?;
+    sqlx::query("UPDATE history_ranges SET rewrite_id = NULL WHERE rewrite_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    for (relid, name) in [
+        (rewrite.new_tasks, &rewrite.new_tasks_name),
+        (rewrite.new_events, &rewrite.new_events_name),
+    ] {
+        let current: Option<(String, bool)> =
+            sqlx::query_as("SELECT relname::text, relispartition FROM pg_class WHERE oid = $1")
+                .bind(relid)
+                .fetch_optional(&mut *tx)
+                .await?;
         if matches!(&current, Some((current, false)) if current == name) {
-            sqlx::query(&format!("DROP TABLE {}", super::ident(name))).execute(&mut *tx).await?;
+            sqlx::query(&format!("DROP TABLE {}", super::ident(name)))
+                .execute(&mut *tx)
+                .await?;
         }
     }
-    sqlx::query("DELETE FROM history_rewrites WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM history_rewrites WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(true)
 }
 
 /// Whether the rewrite's sources are still the ranges it started from (an operator may have
 /// detached one: the layout then forgot it), in the caller's transaction.
-pub(crate) async fn sources_attached(conn: &mut PgConnection, rewrite: &Rewrite) -> Result<bool, sqlx::Error> {
-    let marked: i64 = sqlx::query_scalar("SELECT count(*) FROM history_ranges WHERE rewrite_id = $1 AND tasks_relid = ANY($2)")
-        .bind(rewrite.id)
-        .bind(rewrite.sources.iter().map(|s| s.tasks_relid).collect::<Vec<_>>())
-        .fetch_one(&mut *conn)
-        .await?;
+pub(crate) async fn sources_attached(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+) -> Result<bool, sqlx::Error> {
+    let marked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM history_ranges WHERE rewrite_id = $1 AND tasks_relid = ANY($2)",
+    )
+    .bind(rewrite.id)
+    .bind(
+        rewrite
+            .sources
+            .iter()
+            .map(|s| s.tasks_relid)
+            .collect::<Vec<_>>(),
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     Ok(marked == rewrite.sources.len() as i64)
 }
 

@@ -35,12 +35,19 @@ impl Keys {
 /// new range), and every task named, removed from the new range; the tasks copied again if the
 /// rule keeps them, the events if their task was copied or they are orphans the rule keeps; the
 /// orphans met recorded; the tenants recorded as seen. In the caller's transaction.
-pub(crate) async fn keys(conn: &mut PgConnection, rewrite: &Rewrite, keys: &Keys) -> Result<(), sqlx::Error> {
+pub(crate) async fn keys(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+    keys: &Keys,
+) -> Result<(), sqlx::Error> {
     if keys.is_empty() {
         return Ok(());
     }
     let rule = rewrite.rule();
-    let (new_tasks, new_events) = (ident(&rewrite.new_tasks_name), ident(&rewrite.new_events_name));
+    let (new_tasks, new_events) = (
+        ident(&rewrite.new_tasks_name),
+        ident(&rewrite.new_events_name),
+    );
     let (lower, upper) = (rewrite.lower, rewrite.upper);
     // The events to decide again: those named, and every event of the tasks named, wherever.
     let mut touched = Sql::new(
@@ -158,18 +165,27 @@ pub(crate) async fn keys(conn: &mut PgConnection, rewrite: &Rewrite, keys: &Keys
 
 /// `columns` (an SQL list of quoted names) each prefixed with `alias.`.
 fn prefixed(alias: &str, columns: &str) -> String {
-    columns.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
+    columns
+        .split(", ")
+        .map(|c| format!("{alias}.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-/// Replays up to `limit` of the sources' logged writes, oldest first, consuming them; returns how
-/// many there were. In the caller's transaction.
-pub async fn log_pass(conn: &mut PgConnection, rewrite: &Rewrite, limit: i64) -> Result<usize, sqlx::Error> {
+/// Replays up to `limit` of the sources' logged writes, consuming them; returns how many there
+/// were. In no particular order: a replay decides each key from the rows as they are now. In the
+/// caller's transaction.
+pub async fn log_pass(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+    limit: i64,
+) -> Result<usize, sqlx::Error> {
     let task_relids: Vec<Oid> = rewrite.sources.iter().map(|s| s.tasks_relid).collect();
     let relids = rewrite.source_relids();
     type Entry = (Oid, Uuid, Option<Uuid>, Option<DateTime<Utc>>, Option<i64>);
     let entries: Vec<Entry> = sqlx::query_as(
         "DELETE FROM history_changes WHERE id = ANY (ARRAY (
-             SELECT id FROM history_changes WHERE relid = ANY($1) ORDER BY id LIMIT $2))
+             SELECT id FROM history_changes WHERE relid = ANY($1) LIMIT $2))
          RETURNING relid, tenant_id, task_id, task_inserted_at, event_id",
     )
     .bind(&relids)
@@ -197,8 +213,13 @@ pub async fn log_pass(conn: &mut PgConnection, rewrite: &Rewrite, limit: i64) ->
 
 /// The rules' version now, and the tenants whose rules changed since the version the rewrite's
 /// rows were decided under (each of them is copied again before the swap).
-pub async fn changed_tenants(conn: &mut PgConnection, rewrite: &Rewrite) -> Result<(i64, Vec<Uuid>), sqlx::Error> {
-    let version: i64 = sqlx::query_scalar("SELECT version FROM retention_rules").fetch_one(&mut *conn).await?;
+pub async fn changed_tenants(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+) -> Result<(i64, Vec<Uuid>), sqlx::Error> {
+    let version: i64 = sqlx::query_scalar("SELECT version FROM retention_rules")
+        .fetch_one(&mut *conn)
+        .await?;
     let tenants: Vec<Uuid> = sqlx::query_scalar(
         "SELECT DISTINCT c.tenant_id FROM retention_rule_changes c
          WHERE c.version > $1 AND c.version <= $2
@@ -217,7 +238,13 @@ pub async fn changed_tenants(conn: &mut PgConnection, rewrite: &Rewrite) -> Resu
 /// the first call, with `after` `None`, every orphan of the tenant met so far): its rows decided
 /// again under its rules as they are now. Returns the last task id replayed, `None` once the
 /// tenant's rows are all replayed. In the caller's transaction.
-pub async fn tenant_chunk(conn: &mut PgConnection, rewrite: &Rewrite, tenant: Uuid, after: Option<Uuid>, limit: i64) -> Result<Option<Uuid>, sqlx::Error> {
+pub async fn tenant_chunk(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+    tenant: Uuid,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Option<Uuid>, sqlx::Error> {
     let tasks: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
         "SELECT id, inserted_at FROM tasks
          WHERE tenant_id = $1 AND id > $2 AND inserted_at >= $3 AND inserted_at < $4
@@ -230,7 +257,10 @@ pub async fn tenant_chunk(conn: &mut PgConnection, rewrite: &Rewrite, tenant: Uu
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    let mut chunk = Keys { tenants: vec![tenant], ..Keys::default() };
+    let mut chunk = Keys {
+        tenants: vec![tenant],
+        ..Keys::default()
+    };
     for (id, at) in &tasks {
         chunk.task_ids.push(*id);
         chunk.task_ats.push(*at);
@@ -249,20 +279,35 @@ pub async fn tenant_chunk(conn: &mut PgConnection, rewrite: &Rewrite, tenant: Uu
         }
     }
     keys(conn, rewrite, &chunk).await?;
-    Ok(if (tasks.len() as i64) < limit { None } else { tasks.last().map(|(id, _)| *id) })
+    Ok(if (tasks.len() as i64) < limit {
+        None
+    } else {
+        tasks.last().map(|(id, _)| *id)
+    })
 }
 
 /// Records that the rewrite's rows follow the rules of `version` (every tenant changed since the
 /// last recorded version was copied again).
-pub async fn caught_up_with(conn: &mut PgConnection, rewrite: &Rewrite, version: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE history_rewrites SET rules_version = $2 WHERE id = $1").bind(rewrite.id).bind(version).execute(conn).await?;
+pub async fn caught_up_with(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+    version: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE history_rewrites SET rules_version = $2 WHERE id = $1")
+        .bind(rewrite.id)
+        .bind(version)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// Records the rules of every tenant seen whose rules were not recorded under the rewrite's
 /// version, as they are now, provided the rules are still at that version (else nothing: the
 /// tenants changed must be copied again first). Returns whether they were.
-pub async fn record_tenant_rules(conn: &mut PgConnection, rewrite: &Rewrite) -> Result<bool, sqlx::Error> {
+pub async fn record_tenant_rules(
+    conn: &mut PgConnection,
+    rewrite: &Rewrite,
+) -> Result<bool, sqlx::Error> {
     let recorded: Option<i64> = sqlx::query_scalar(
         "WITH current AS (SELECT version FROM retention_rules WHERE version = $2),
               recorded AS (

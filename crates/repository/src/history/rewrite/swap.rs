@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use super::{lock, not_now, replay, NotNow, Phase};
 use crate::batch::{self, BatchLimits};
 use crate::history::ranges::{self, take_layout_lock, NewRange};
-use crate::history::{detached, ident, LogMode, ENGINE_WRITE};
+use crate::history::{ident, LogMode, ENGINE_WRITE};
 use crate::rule;
 
 /// What a swap did.
@@ -32,14 +32,21 @@ const FINAL_PASS: i64 = 10_000;
 /// Swaps rewrite `id` (in its catch-up, caught up) in: `lock_timeout` bounds the waits for the
 /// layout lock and the parents' lock. Sources an operator detached meanwhile come back as
 /// [`NotNow::SourcesBusy`]: see [`sources_gone`].
-pub async fn swap(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: Duration) -> Result<Result<Swapped, NotNow>, sqlx::Error> {
+pub async fn swap(
+    pool: &PgPool,
+    id: i64,
+    limits: BatchLimits,
+    lock_timeout: Duration,
+) -> Result<Result<Swapped, NotNow>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = batch::begin_on(&mut conn, limits.with_lock_timeout(lock_timeout)).await?;
     sqlx::query(ENGINE_WRITE).execute(&mut *tx).await?;
     match take_layout_lock(&mut tx, true).await {
         Ok(true) => {}
         Ok(false) => return not_now(tx, NotNow::LayoutBusy).await,
-        Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::LayoutBusy).await,
+        Err(error) if batch::is_lock_timeout(&error) => {
+            return not_now(tx, NotNow::LayoutBusy).await
+        }
         Err(error) => return Err(error),
     }
     let rewrite = match lock(&mut tx, id).await {
@@ -64,14 +71,23 @@ pub async fn swap(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: Dur
     if locked.len() != relids.len() {
         return not_now(tx, NotNow::SourcesBusy).await;
     }
-    let sources: Vec<crate::history::Range> = ranges::all(&mut *tx).await?.into_iter().filter(|r| relids.contains(&r.tasks_relid)).collect();
+    let sources: Vec<crate::history::Range> = ranges::all(&mut *tx)
+        .await?
+        .into_iter()
+        .filter(|r| relids.contains(&r.tasks_relid))
+        .collect();
     for source in &sources {
         ranges::verify_bounds(&mut tx, source).await?;
     }
-    let names: Vec<&str> = sources.iter().flat_map(|s| [s.tasks_name.as_str(), s.events_name.as_str()]).collect();
+    let names: Vec<&str> = sources
+        .iter()
+        .flat_map(|s| [s.tasks_name.as_str(), s.events_name.as_str()])
+        .collect();
     match ranges::lock_parents(&mut tx, &names, lock_timeout).await {
         Ok(()) => {}
-        Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::LockTimeout).await,
+        Err(error) if batch::is_lock_timeout(&error) => {
+            return not_now(tx, NotNow::LockTimeout).await
+        }
         // A writer locked `task_events` before `tasks` in one transaction while the swap held
         // `tasks` and waited for `task_events`: PostgreSQL cancelled the swap.
         Err(error) if batch::is_retryable(&error) => return not_now(tx, NotNow::Deadlock).await,
@@ -80,7 +96,9 @@ pub async fn swap(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: Dur
     let lock_started = Instant::now();
     match rule::confirm(&mut tx, rewrite.rules_version).await {
         Ok(()) => {}
-        Err(error) if batch::is_retryable(&error) => return not_now(tx, NotNow::RulesChanged).await,
+        Err(error) if batch::is_retryable(&error) => {
+            return not_now(tx, NotNow::RulesChanged).await
+        }
         Err(error) => return Err(error),
     }
     while replay::log_pass(&mut tx, &rewrite, FINAL_PASS).await? as i64 >= FINAL_PASS {}
@@ -101,23 +119,47 @@ pub async fn swap(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: Dur
     .execute(&mut *tx)
     .await?;
 
+    // The catalog changes in one round trip: the lock is held for the server's work only.
+    let mut catalog = String::new();
+    let mut detached = Detached::default();
     for source in &sources {
-        for (parent, relid, name) in
-            [("tasks", source.tasks_relid, &source.tasks_name), ("task_events", source.events_relid, &source.events_name)]
-        {
-            sqlx::query(&format!("ALTER TABLE {parent} DETACH PARTITION {name}")).execute(&mut *tx).await?;
+        for (parent, relid, name) in [
+            ("tasks", source.tasks_relid, &source.tasks_name),
+            ("task_events", source.events_relid, &source.events_name),
+        ] {
             let renamed = format!("{}_detached_{}", name.trim_matches('"'), relid.0);
-            sqlx::query(&format!("ALTER TABLE {name} RENAME TO {}", ident(&renamed))).execute(&mut *tx).await?;
-            detached::record(&mut tx, relid, &renamed, &source.lower_text(), &source.upper_text(), Some(id)).await?;
+            catalog.push_str(&format!(
+                "ALTER TABLE {parent} DETACH PARTITION {name};\nALTER TABLE {name} RENAME TO {};\n",
+                ident(&renamed)
+            ));
+            detached.push(relid, renamed, source);
         }
     }
     let (lower, upper) = (rewrite.lower_text(), rewrite.upper_text());
-    for name in [&rewrite.new_tasks_name, &rewrite.new_events_name] {
-        let final_name = name.strip_suffix("_new").unwrap_or(name);
-        sqlx::query(&format!("ALTER TABLE {} RENAME TO {}", ident(name), ident(final_name))).execute(&mut *tx).await?;
+    let [tasks_name, events_name] = [&rewrite.new_tasks_name, &rewrite.new_events_name]
+        .map(|name| name.strip_suffix("_new").unwrap_or(name));
+    for (name, final_name) in [
+        (&rewrite.new_tasks_name, tasks_name),
+        (&rewrite.new_events_name, events_name),
+    ] {
+        catalog.push_str(&format!(
+            "ALTER TABLE {} RENAME TO {};\n",
+            ident(name),
+            ident(final_name)
+        ));
     }
-    ranges::attach(&mut tx, rewrite.new_tasks, rewrite.new_events, &lower, &upper).await?;
-    sqlx::query("DELETE FROM history_ranges WHERE tasks_relid = ANY($1)").bind(&relids).execute(&mut *tx).await?;
+    catalog.push_str(&ranges::attach_statements(
+        &ident(tasks_name),
+        &ident(events_name),
+        &lower,
+        &upper,
+    ));
+    sqlx::Executor::execute(&mut *tx, catalog.as_str()).await?;
+    detached.record(&mut tx, id).await?;
+    sqlx::query("DELETE FROM history_ranges WHERE tasks_relid = ANY($1)")
+        .bind(&relids)
+        .execute(&mut *tx)
+        .await?;
     // Not settled: until its facts are rebuilt (right after the commit, or by the next run's
     // settle after a crash) the new range is probed, never trusted.
     let new_range = NewRange {
@@ -143,7 +185,10 @@ pub async fn swap(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: Dur
 
     // The old ranges' facts (ignored since their ranges are gone: removed for tidiness). The new
     // range's are built by the next settle, in block ranges; until then it is probed.
-    sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = ANY($1)").bind(&relids).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = ANY($1)")
+        .bind(&relids)
+        .execute(&mut *conn)
+        .await?;
     Ok(Ok(Swapped { locked }))
 }
 
@@ -151,6 +196,50 @@ pub async fn swap(pool: &PgPool, id: i64, limits: BatchLimits, lock_timeout: Dur
 /// then only be abandoned.
 pub async fn sources_gone(pool: &PgPool, id: i64) -> Result<bool, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let Some(rewrite) = super::in_progress(&mut conn).await?.into_iter().find(|r| r.id == id) else { return Ok(false) };
+    let Some(rewrite) = super::in_progress(&mut conn)
+        .await?
+        .into_iter()
+        .find(|r| r.id == id)
+    else {
+        return Ok(false);
+    };
     Ok(rewrite.phase.before_swap() && !super::sources_attached(&mut conn, &rewrite).await?)
+}
+
+/// The sources' tables as the swap detaches them, recorded in `history_detached` in one statement.
+#[derive(Default)]
+struct Detached {
+    relids: Vec<Oid>,
+    names: Vec<String>,
+    lowers: Vec<String>,
+    uppers: Vec<String>,
+}
+
+impl Detached {
+    fn push(&mut self, relid: Oid, name: String, source: &crate::history::Range) {
+        self.relids.push(relid);
+        self.names.push(name);
+        self.lowers.push(source.lower_text());
+        self.uppers.push(source.upper_text());
+    }
+
+    async fn record(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        rewrite_id: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO history_detached (relid, relname, lower, upper, rewrite_id)
+             SELECT relid, relname, lower::timestamptz, upper::timestamptz, $5
+             FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[]) AS d(relid, relname, lower, upper)",
+        )
+        .bind(&self.relids)
+        .bind(&self.names)
+        .bind(&self.lowers)
+        .bind(&self.uppers)
+        .bind(rewrite_id)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 }
