@@ -527,3 +527,126 @@ async fn an_event_orphaned_after_the_walk_passed_it_goes_within_the_sweep_interv
     .unwrap();
     assert_eq!(receipted, 2);
 }
+
+/// The longest finite window of any status among live tenants decides which ranges are cold (and
+/// merged): a status's own window counts, forever (NULL, 1000 years) and deleted tenants do not.
+#[tokio::test]
+async fn the_longest_window_is_the_longest_finite_one_of_any_status_of_a_live_tenant() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let longest = || async {
+        repository::history::facts::longest_window(pool)
+            .await
+            .unwrap()
+            .map(|d| d.as_secs() / 86_400)
+    };
+    assert_eq!(longest().await, None, "no tenant");
+    insert_tenant(pool, None, None).await;
+    assert_eq!(longest().await, None, "forever only");
+    let weekly = insert_tenant(pool, Some("7 days"), None).await;
+    assert_eq!(longest().await, Some(7));
+    sqlx::query("UPDATE tenants SET failed_retention_period = '30 days', succeeded_retention_period = '1000 years' WHERE id = $1")
+        .bind(weekly)
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        longest().await,
+        Some(30),
+        "a status's own window; 1000 years is forever"
+    );
+    insert_tenant(pool, Some("90 days"), Some(db_now(pool).await)).await;
+    assert_eq!(
+        longest().await,
+        Some(30),
+        "a deleted tenant's window is not"
+    );
+    insert_tenant(pool, Some("45 days"), None).await;
+    assert_eq!(longest().await, Some(45));
+}
+
+/// Ranges whose day has not passed (today, the days made ahead) are probed rather than trusted:
+/// only when a window is shorter than their age or a tenant is deleted past its grace, and then
+/// what is due there goes, and nothing else.
+#[tokio::test]
+async fn what_is_due_in_today_and_the_days_ahead_goes_and_nothing_else() {
+    use retention_controller::settings::PartitionsSettings;
+    use retention_controller::tasks::partitions::PartitionsTask;
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    run_task(
+        &PartitionsTask::new(PartitionsSettings::default(), Duration::from_secs(86_400)),
+        pool,
+    )
+    .await;
+    let now = db_now(pool).await;
+    let tomorrow = day_start(now.date_naive() + Span::days(1)) + Span::hours(1);
+    let hourly = insert_tenant(pool, Some("1 hour"), None).await;
+    let weekly = insert_tenant(pool, Some("7 days"), None).await;
+    let purged = insert_tenant(pool, Some("7 days"), Some(now - Span::days(2))).await;
+    let in_grace = insert_tenant(pool, Some("7 days"), Some(now - Span::hours(2))).await;
+    let at = now - Span::minutes(150);
+    let finished = Some(now - Span::minutes(90));
+    let due = [
+        insert_task_with_children(pool, hourly, "succeeded", at, finished).await,
+        insert_task_with_children(pool, purged, "running", tomorrow, None).await,
+    ];
+    let kept = [
+        insert_task_with_children(pool, hourly, "succeeded", at, Some(now - Span::minutes(30)))
+            .await,
+        insert_task_with_children(pool, hourly, "running", at, None).await,
+        insert_task_with_children(pool, weekly, "succeeded", at, finished).await,
+        insert_task_with_children(pool, in_grace, "running", tomorrow, None).await,
+    ];
+    run_task(&history(), pool).await;
+    let keys = task_keys(pool).await;
+    for (task, _, _) in &due {
+        assert!(!keys.contains(task), "due, left: {task:?}");
+    }
+    for (task, _, _) in &kept {
+        assert!(keys.contains(task), "kept, gone: {task:?}");
+    }
+    assert_eq!(keys.len(), kept.len());
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        events,
+        kept.len() as i64,
+        "the due tasks' events went with them"
+    );
+
+    // With no window shorter than today's age and no tenant past its grace, nothing is probed
+    // and nothing goes: the hourly tenant keeps a day from now on.
+    sqlx::query("UPDATE tenants SET data_retention_period = '1 day' WHERE id = $1")
+        .bind(hourly)
+        .execute(pool)
+        .await
+        .unwrap();
+    let rule = repository::rule::Rule::new(db_now(pool).await, Duration::from_secs(86_400));
+    let bound = repository::history::facts::probe_bound(pool, &rule)
+        .await
+        .unwrap();
+    assert_eq!(
+        bound,
+        Some(chrono::DateTime::<chrono::Utc>::MAX_UTC),
+        "a tenant past its grace: every range"
+    );
+    sqlx::query("DELETE FROM tenants WHERE id = $1")
+        .bind(purged)
+        .execute(pool)
+        .await
+        .unwrap();
+    let rule = repository::rule::Rule::new(db_now(pool).await, Duration::from_secs(86_400));
+    let bound = repository::history::facts::probe_bound(pool, &rule)
+        .await
+        .unwrap();
+    assert_eq!(
+        bound,
+        Some(rule.now - Span::days(1)),
+        "the latest cutoff of the shortest windows"
+    );
+    run_task(&history(), pool).await;
+    assert_eq!(task_keys(pool).await.len(), kept.len());
+}

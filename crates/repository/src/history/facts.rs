@@ -619,7 +619,10 @@ pub async fn due_pairs(
          SELECT p.tasks_relid, p.tenant_id, true AS purged, p.rows, p.active, {facts2}, {cutoffs2},
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = p.tasks_relid) AS range_rows,
                 false AS probed
-         FROM tenants tn JOIN history_range_tenants p ON p.tenant_id = tn.id
+         -- From the tenants deleted past their grace (usually none) to their pairs: a generic
+         -- plan, guessing a third of the tenants, would hash them against every pair (OFFSET 0
+         -- keeps the lateral from being flattened into that join).
+         FROM tenants tn CROSS JOIN LATERAL (SELECT * FROM history_range_tenants q WHERE q.tenant_id = tn.id OFFSET 0) p
          WHERE tn.deleted_at < {now3} - {grace2} AND NOT {held2}
          ORDER BY 1, 2",
     );
@@ -692,17 +695,48 @@ pub async fn probe(
     Ok(rows.into_iter().map(Pair::from).collect())
 }
 
+/// The latest `lower` of a live range that [`probe`] may find something due in now: the latest
+/// cutoff of any live tenant's shortest window (a range starting after it holds no task due by
+/// retention), or every range while a tenant deleted longer ago than the grace exists. `None`:
+/// no range needs probing. One read of `tenants`, so that a steady state's live ranges (today,
+/// the days ahead) cost nothing when no window is shorter than their age.
+pub async fn probe_bound(
+    executor: impl PgExecutor<'_>,
+    rule: &Rule,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let mut sql = Sql::new(
+        "SELECT EXISTS (SELECT 1 FROM tenants WHERE deleted_at < {now} - {grace}),
+                (SELECT nullif(max({shortest}), '-infinity') FROM tenants tn WHERE tn.deleted_at IS NULL)",
+    );
+    sql.bind("now", rule.now)
+        .bind("grace", crate::rule::interval(rule.grace))
+        .with("shortest", rule.shortest_cutoff("tn"));
+    let (purged, bound): (bool, Option<DateTime<Utc>>) =
+        sql.build_query_as().fetch_one(executor).await?;
+    Ok(if purged {
+        Some(DateTime::<Utc>::MAX_UTC)
+    } else {
+        bound
+    })
+}
+
 /// The longest finite window (of any final status) among live tenants (`None` when every live tenant keeps forever,
 /// or there are none).
 pub async fn longest_window(
     executor: impl PgExecutor<'_>,
 ) -> Result<Option<std::time::Duration>, sqlx::Error> {
     let seconds: Option<f64> = sqlx::query_scalar(
-        "SELECT max(extract(epoch FROM w.period))::float8
-         FROM tenants tn, LATERAL (VALUES (coalesce(tn.succeeded_retention_period, tn.data_retention_period)),
-                                          (coalesce(tn.failed_retention_period, tn.data_retention_period)),
-                                          (coalesce(tn.cancelled_retention_period, tn.data_retention_period))) AS w(period)
-         WHERE tn.deleted_at IS NULL AND w.period < interval '1000 years'",
+        // Three aggregates over one read of the tenants (a lateral of three rows per tenant took
+        // 4x as long: 2.3 ms against 0.5 for 1,000 tenants).
+        "SELECT extract(epoch FROM greatest(
+                    max(s) FILTER (WHERE s < interval '1000 years'),
+                    max(f) FILTER (WHERE f < interval '1000 years'),
+                    max(c) FILTER (WHERE c < interval '1000 years')))::float8
+         FROM tenants tn,
+              LATERAL (SELECT coalesce(tn.succeeded_retention_period, tn.data_retention_period) AS s,
+                              coalesce(tn.failed_retention_period, tn.data_retention_period) AS f,
+                              coalesce(tn.cancelled_retention_period, tn.data_retention_period) AS c) w
+         WHERE tn.deleted_at IS NULL",
     )
     .fetch_one(executor)
     .await?;

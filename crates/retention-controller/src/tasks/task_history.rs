@@ -164,7 +164,10 @@ impl TaskHistoryTask {
         let now = rule.now;
         let all = ranges::all(&mut *tx).await?;
         let mut pairs = facts::due_pairs(&mut *tx, &rule).await?;
-        for range in all.iter().filter(|r| r.is_live()) {
+        let bound = facts::probe_bound(&mut *tx, &rule).await?;
+        let may_hold_due =
+            |r: &&Range| bound.is_some_and(|b| r.lower.is_none_or(|lower| lower <= b));
+        for range in all.iter().filter(|r| r.is_live()).filter(may_hold_due) {
             for probed in facts::probe(&mut *tx, range, &rule).await? {
                 if !pairs
                     .iter()
