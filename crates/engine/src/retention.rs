@@ -224,6 +224,7 @@ impl Ran {
             "counters": counts(&total.counters),
             "seconds": (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             "longest_batch_ms": total.longest_batch.as_millis() as u64,
+            "longest_lock_ms": total.longest_lock.as_millis() as u64,
             "runs": self.runs,
             "completion": total.completion.as_str(),
             "stopped_because": self.stopped_because.map(StopReason::as_str),

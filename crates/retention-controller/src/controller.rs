@@ -146,6 +146,7 @@ pub async fn run_once_with(
             deleted = report.deleted,
             batches = report.batches,
             longest_batch_ms = report.longest_batch.as_millis() as u64,
+            longest_lock_ms = report.longest_lock.as_millis() as u64,
             elapsed_ms = elapsed.as_millis() as u64,
             completion = report.completion.as_str(),
             "run finished"

@@ -301,6 +301,7 @@ async fn step(
             match swap::swap(&ctx.pool, id, steps.limits, steps.lock_timeout).await? {
                 Ok(swapped) => {
                     telemetry::history_lock_held(task_name(&current.task), swapped.locked);
+                    report.held_parents_locked(swapped.locked);
                     report.count(
                         crate::history::RANGES_REPLACED,
                         current.sources.len() as u64,

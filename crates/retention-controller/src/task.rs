@@ -431,10 +431,18 @@ pub struct RunReport {
     pub counters: Vec<(&'static str, u64)>,
     /// The longest committed batch, begin to commit.
     pub longest_batch: Duration,
+    /// The longest run history's parents (`tasks`, `task_events`) were held locked exclusively
+    /// (a swap, a carve of day ranges): what foreground writers may have waited.
+    pub longest_lock: Duration,
     pub completion: Completion,
 }
 
 impl RunReport {
+    /// Records that the parents were held locked exclusively for `held`.
+    pub fn held_parents_locked(&mut self, held: Duration) {
+        self.longest_lock = self.longest_lock.max(held);
+    }
+
     /// Counts one committed batch of `rule`.
     pub fn record_batch(&mut self, rule: &'static str, deleted: u64) {
         self.batches += 1;
@@ -481,6 +489,7 @@ impl RunReport {
             add_to(&mut self.by_tenant, tenant, n);
         }
         self.longest_batch = self.longest_batch.max(later.longest_batch);
+        self.longest_lock = self.longest_lock.max(later.longest_lock);
         self.completion = later.completion;
     }
 }

@@ -101,6 +101,7 @@ impl PartitionsTask {
             tracing::info!(days = ?carved.days, rows_moved = carved.rows_moved, lock_ms = carved.locked.as_millis() as u64, "created day ranges");
             report.count("days created", carved.days.len() as u64);
             crate::telemetry::history_lock_held(NAME, carved.locked);
+            report.held_parents_locked(carved.locked);
         }
         Ok(())
     }
