@@ -150,7 +150,13 @@ pub async fn copy_database(bench: &BenchDb, template: &str, name: &str) -> anyho
     connect(&bench.url_for(name), 4).await
 }
 
+/// Drops a section's database, unless `BENCH_KEEP` is set (to look into it afterwards, with
+/// `DATABASE_URL` naming a server that outlives the bench).
 pub async fn drop_database(bench: &BenchDb, name: &str) -> anyhow::Result<()> {
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        eprintln!("  kept database {name} (BENCH_KEEP)");
+        return Ok(());
+    }
     sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .execute(&bench.pool)
         .await?;

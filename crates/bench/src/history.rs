@@ -12,10 +12,16 @@
 //! 3. `backlog`: 1M due tasks with 2M events over 30 days of 100 tenants: deleted by row deletes
 //!    (compaction off; on `retention.parallelism` connections, and on one), against one bare
 //!    DELETE of the same rows on an identical copy; and by the engine as it is (compaction on).
+//! 4. `status`: the steady state of section 1 under status windows: every tenant keeps succeeded
+//!    tasks 7 days and failed ones 90, with the kept failed tasks over all 60 days; the due rows
+//!    are one tenant's succeeded tasks past their 7 days, against a bare DELETE of them.
+//! 5. `merge`: a cold month holding 5M tasks kept forever (and a due task a day), merged by a
+//!    `partitions` run under `statement_timeout = 1s`, against one `INSERT ... SELECT` of the same
+//!    rows into a table like the range's (without a timeout, and with it).
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use repository::batch::BatchLimits;
 use repository::history::ranges;
 use retention_controller::rewrites;
@@ -46,19 +52,27 @@ pub struct Args {
     pub backlog_tasks: i64,
     pub backlog_tenants: usize,
     pub backlog_days: i64,
+    pub merge_rows: i64,
+    pub merge_timeout: Duration,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let bench = db::open().await?;
     let all = args.sections.is_empty();
     if all || args.sections.iter().any(|s| s == "steady") {
-        steady(&bench, &args).await?;
+        steady_under(&bench, &args, Windows::Whole).await?;
     }
     if all || args.sections.iter().any(|s| s == "compaction") {
         compaction(&bench, &args).await?;
     }
     if all || args.sections.iter().any(|s| s == "backlog") {
         backlog(&bench, &args).await?;
+    }
+    if all || args.sections.iter().any(|s| s == "status") {
+        steady_under(&bench, &args, Windows::ByStatus).await?;
+    }
+    if all || args.sections.iter().any(|s| s == "merge") {
+        merge(&bench, &args).await?;
     }
     Ok(())
 }
@@ -259,34 +273,79 @@ fn today(now: DateTime<Utc>) -> NaiveDate {
 
 // ----- 1. steady state --------------------------------------------------------------------------
 
-async fn steady(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
+/// The tenants' windows in a steady state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Windows {
+    /// One window per tenant (90 days, 180 days, a year, forever); the due rows are a one-day
+    /// tenant's.
+    Whole,
+    /// Succeeded tasks 7 days, failed ones 90; the due rows are one of the tenants' succeeded
+    /// tasks past their 7 days, among every tenant's kept failed tasks of all the days.
+    ByStatus,
+}
+
+async fn steady_under(bench: &BenchDb, args: &Args, windows: Windows) -> anyhow::Result<()> {
+    let (title, name) = match windows {
+        Windows::Whole => ("steady state", "history_steady"),
+        Windows::ByStatus => (
+            "steady state under status windows (succeeded 7 days, failed 90)",
+            "history_status",
+        ),
+    };
     println!(
-        "\n== steady state: {} tenants, {} days, {} tasks kept, {} due between runs",
+        "\n== {title}: {} tenants, {} days, {} tasks kept, {} due between runs",
         args.tenants, args.days, args.rows, args.due
     );
-    let pool = db::fresh_database(bench, "history_steady").await?;
+    let pool = db::fresh_database(bench, name).await?;
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await?;
-    let keepers = tenants(
-        &pool,
-        "keep",
-        &[Some("90 days"), Some("180 days"), Some("365 days"), None],
-        args.tenants,
-    )
-    .await?;
-    let short = tenants(&pool, "short", &[Some("1 day")], 1).await?[0];
+    let (keepers, due) = match windows {
+        Windows::Whole => {
+            let keepers = tenants(
+                &pool,
+                "keep",
+                &[Some("90 days"), Some("180 days"), Some("365 days"), None],
+                args.tenants,
+            )
+            .await?;
+            let short = tenants(&pool, "short", &[Some("1 day")], 1).await?[0];
+            // The bare DELETE takes the one-day rule whole: every final status.
+            let due = Due::new(
+                short,
+                "failed",
+                &["succeeded", "failed", "cancelled"],
+                1,
+                now,
+                args.due,
+            );
+            (keepers, due)
+        }
+        Windows::ByStatus => {
+            let keepers = tenants(&pool, "keep", &[Some("90 days")], args.tenants).await?;
+            sqlx::query(
+                "UPDATE tenants SET succeeded_retention_period = '7 days', failed_retention_period = '90 days'",
+            )
+            .execute(&pool)
+            .await?;
+            let due = Due::new(keepers[0], "succeeded", &["succeeded"], 7, now, args.due);
+            (keepers, due)
+        }
+    };
     let first = today(now) - chrono::Duration::days(args.days);
     make_days(&pool, first).await?;
     let started = Instant::now();
     for n in 0..args.days {
-        load_day(
-            &pool,
-            first + chrono::Duration::days(n),
-            args.rows / args.days,
-            &keepers,
-            "succeeded",
-            0,
-        )
-        .await?;
+        let day = first + chrono::Duration::days(n);
+        let rows = args.rows / args.days;
+        match windows {
+            Windows::Whole => load_day(&pool, day, rows, &keepers, "succeeded", 0).await?,
+            // What a steady state keeps: the failed tasks of every day, and the succeeded ones
+            // of the last 7 days only.
+            Windows::ByStatus if day >= today(now) - chrono::Duration::days(6) => {
+                load_day(&pool, day, rows / 2, &keepers, "failed", 0).await?;
+                add_finished(&pool, day, rows - rows / 2, &keepers, "succeeded").await?;
+            }
+            Windows::ByStatus => load_day(&pool, day, rows, &keepers, "failed", 0).await?,
+        }
     }
     eprintln!(
         "  seeded {} tasks in {:.0}s",
@@ -304,10 +363,14 @@ async fn steady(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         run_task(&partitions, &pool).await?;
         run_task(&history, &pool).await?;
     }
-
+    // What autovacuum does within a minute: the change log's entries of the loads (under status
+    // windows, the succeeded tasks inserted through the parent), consumed by the warm-up runs,
+    // leave dead rows every check of the log reads through until then.
+    step(&pool, "VACUUM", "VACUUM history_changes").await?;
+    let statements = Statements::start(&pool).await;
     let (mut engine, mut bare) = (Vec::new(), Vec::new());
     for sample in 0..args.samples {
-        seed_due(&pool, short, today(now), args.due, sample as i64).await?;
+        due.seed(&pool, sample as i64).await?;
         let started = Instant::now();
         let a = run_task(&partitions, &pool).await?;
         let b = run_task(&history, &pool).await?;
@@ -315,33 +378,22 @@ async fn steady(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         let deleted = b
             .by_rule
             .iter()
-            .find(|(r, _)| *r == "retention")
-            .map_or(0, |(_, n)| *n);
+            .filter(|(r, _)| r.starts_with("retention"))
+            .map(|(_, n)| *n)
+            .sum::<u64>();
         anyhow::ensure!(
             deleted == args.due as u64,
             "task-history deleted {deleted} tasks, expected {}: {a:?} {b:?}",
             args.due
         );
 
-        seed_due(&pool, short, today(now), args.due, sample as i64).await?;
+        due.seed(&pool, sample as i64).await?;
         let started = Instant::now();
-        // One plain DELETE, without the engine's own triggers (as the engine's batches are).
-        let mut tx = pool.begin().await?;
-        sqlx::query("SET LOCAL engine.retention_write = 'on'")
-            .execute(&mut *tx)
-            .await?;
-        let gone = sqlx::query(
-            "DELETE FROM tasks WHERE tenant_id = $1 AND status IN ('succeeded', 'failed', 'cancelled')
-               AND coalesce(finished_at, inserted_at) < now() - interval '1 day'",
-        )
-        .bind(short)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
+        let gone = due.bare_delete(&pool).await?;
         bare.push(started.elapsed());
-        anyhow::ensure!(gone == args.due as u64);
+        anyhow::ensure!(gone == args.due as u64, "the bare DELETE removed {gone}");
     }
+    statements.print(&pool).await?;
     let partitions_count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks'::regclass")
             .fetch_one(&pool)
@@ -366,32 +418,141 @@ async fn steady(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
         ms(engine_median) / ms(bare_median).max(0.001)
     );
     pool.close().await;
-    db::drop_database(bench, "history_steady").await
+    db::drop_database(bench, name).await
 }
 
-/// `due` finished tasks of the one-day tenant, as a steady state has them: in the days that just
-/// passed its retention (two and three days ago), spread over those days.
-async fn seed_due(
+/// With `BENCH_STATEMENTS` set (and `pg_stat_statements` loaded, as on the bench's own server):
+/// the statements that took the most time between [`Statements::start`] and
+/// [`Statements::print`], to stderr.
+struct Statements(bool);
+
+impl Statements {
+    async fn start(pool: &PgPool) -> Statements {
+        if std::env::var_os("BENCH_STATEMENTS").is_none() {
+            return Statements(false);
+        }
+        let ready = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(pool)
+            .await
+            .is_ok()
+            && sqlx::query("SELECT pg_stat_statements_reset()")
+                .execute(pool)
+                .await
+                .is_ok();
+        Statements(ready)
+    }
+
+    async fn print(&self, pool: &PgPool) -> anyhow::Result<()> {
+        if !self.0 {
+            return Ok(());
+        }
+        let top: Vec<(f64, i64, String)> = sqlx::query_as(
+            "SELECT total_exec_time + total_plan_time, calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 300)
+             FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+             ORDER BY 1 DESC LIMIT 15",
+        )
+        .fetch_all(pool)
+        .await?;
+        for (ms, calls, query) in top {
+            eprintln!("  {ms:>9.1} ms {calls:>6} calls  {query}");
+        }
+        Ok(())
+    }
+}
+
+/// `rows` finished tasks of `status` spread over `day`, of `tenants` (round robin), inserted
+/// through the parent (into a range [`load_day`] already filled, after it).
+async fn add_finished(
     pool: &PgPool,
-    tenant: Uuid,
-    today: NaiveDate,
-    due: i64,
-    sample: i64,
+    day: NaiveDate,
+    rows: i64,
+    tenants: &[Uuid],
+    status: &str,
 ) -> anyhow::Result<()> {
-    let start = ranges::day_start(today - chrono::Duration::days(3));
     sqlx::query(
         "INSERT INTO tasks (id, tenant_id, status, inserted_at, finished_at)
-         SELECT gen_random_uuid(), $1, 'failed', t, t + interval '5 minutes'
-         FROM (SELECT $2::timestamptz + ((g * 7919 + $3) % (2 * 24 * 60)) * interval '1 minute' AS t
-               FROM generate_series(1, $4) g) s",
+         SELECT gen_random_uuid(), ($3::uuid[])[1 + g % array_length($3::uuid[], 1)], $4, t, t + interval '1 minute'
+         FROM (SELECT g, $1::timestamptz + (g * 86400.0 / $2) * interval '1 second' AS t FROM generate_series(0, $2 - 1) g) s",
     )
-    .bind(tenant)
-    .bind(start)
-    .bind(sample)
-    .bind(due)
+    .bind(ranges::day_start(day))
+    .bind(rows)
+    .bind(tenants)
+    .bind(status)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// The due rows arriving between the steady state's runs: `rows` finished tasks of `tenant`
+/// and `status`, in the two days that just passed its window of `days` (the days before that a
+/// steady state has already emptied), spread over those days. The bare DELETE takes them by
+/// their tenant's rule for `statuses`.
+struct Due {
+    tenant: Uuid,
+    status: &'static str,
+    statuses: &'static [&'static str],
+    days: i64,
+    today: NaiveDate,
+    rows: i64,
+}
+
+impl Due {
+    fn new(
+        tenant: Uuid,
+        status: &'static str,
+        statuses: &'static [&'static str],
+        days: i64,
+        now: DateTime<Utc>,
+        rows: i64,
+    ) -> Due {
+        Due {
+            tenant,
+            status,
+            statuses,
+            days,
+            today: today(now),
+            rows,
+        }
+    }
+
+    async fn seed(&self, pool: &PgPool, sample: i64) -> anyhow::Result<()> {
+        let start = ranges::day_start(self.today - chrono::Duration::days(self.days + 2));
+        sqlx::query(
+            "INSERT INTO tasks (id, tenant_id, status, inserted_at, finished_at)
+             SELECT gen_random_uuid(), $1, $5, t, t + interval '5 minutes'
+             FROM (SELECT $2::timestamptz + ((g * 7919 + $3) % (2 * 24 * 60)) * interval '1 minute' AS t
+                   FROM generate_series(1, $4) g) s",
+        )
+        .bind(self.tenant)
+        .bind(start)
+        .bind(sample)
+        .bind(self.rows)
+        .bind(self.status)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One plain DELETE of the due rows by their tenant's rule for their status, without the
+    /// engine's own triggers (as the engine's batches are); returns the rows deleted.
+    async fn bare_delete(&self, pool: &PgPool) -> anyhow::Result<u64> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL engine.retention_write = 'on'")
+            .execute(&mut *tx)
+            .await?;
+        let gone = sqlx::query(
+            "DELETE FROM tasks WHERE tenant_id = $1 AND status = ANY($2)
+               AND coalesce(finished_at, inserted_at) < now() - $3 * interval '1 day'",
+        )
+        .bind(self.tenant)
+        .bind(self.statuses)
+        .bind(self.days as i32)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(gone)
+    }
 }
 
 // ----- 2. compaction ----------------------------------------------------------------------------
@@ -725,6 +886,196 @@ async fn backlog(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
     }
     println!("  (goal: row deletes within 1.5x the bare DELETE, batches under 250 ms)");
     db::drop_database(bench, SEED).await
+}
+
+// ----- 5. merge ----------------------------------------------------------------------------------
+
+async fn merge(bench: &BenchDb, args: &Args) -> anyhow::Result<()> {
+    println!(
+        "\n== a cold month holding {} tasks kept forever, merged under statement_timeout = {} ms",
+        args.merge_rows,
+        args.merge_timeout.as_millis()
+    );
+    let pool = db::fresh_database(bench, "history_merge").await?;
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&pool).await?;
+    let forever = tenants(&pool, "forever", &[None], 1).await?[0];
+    let daily = tenants(&pool, "daily", &[Some("1 day")], 1).await?[0];
+    // The month before last: cold whatever today's day of the month.
+    let this_month = today(now).with_day(1).expect("the 1st");
+    let month = (this_month - chrono::Duration::days(40))
+        .with_day(1)
+        .expect("the 1st");
+    let next_month = (month + chrono::Duration::days(40))
+        .with_day(1)
+        .expect("the 1st");
+    let days = (next_month - month).num_days();
+    make_days(&pool, month).await?;
+    let started = Instant::now();
+    for n in 0..days {
+        load_day(
+            &pool,
+            month + chrono::Duration::days(n),
+            args.merge_rows / days,
+            &[forever],
+            "succeeded",
+            0,
+        )
+        .await?;
+    }
+    let kept = args.merge_rows / days * days;
+    // A due task a day, of the one-day tenant: the merge removes them.
+    sqlx::query(
+        "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+         SELECT $1, 'succeeded', d + interval '1 hour', d + interval '2 hours'
+         FROM generate_series($2::timestamptz, $3::timestamptz - interval '1 day', interval '1 day') d",
+    )
+    .bind(daily)
+    .bind(ranges::day_start(month))
+    .bind(ranges::day_start(next_month))
+    .execute(&pool)
+    .await?;
+    eprintln!(
+        "  seeded {kept} tasks in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE tasks").await?;
+    settle(&pool).await?;
+    let (lower, upper) = (ranges::day_start(month), ranges::day_start(next_month));
+
+    // The baseline: the month's kept rows in one statement, into a table like the range's.
+    step(
+        &pool,
+        "a table like the range's",
+        "CREATE TABLE month_copy (LIKE tasks INCLUDING ALL)",
+    )
+    .await?;
+    let copy = "INSERT INTO month_copy SELECT * FROM tasks
+                WHERE inserted_at >= $1 AND inserted_at < $2 AND tenant_id = $3";
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "SET LOCAL statement_timeout = '{}ms'",
+        args.merge_timeout.as_millis()
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let started = Instant::now();
+    let timed = sqlx::query(copy)
+        .bind(lower)
+        .bind(upper)
+        .bind(forever)
+        .execute(&mut *tx)
+        .await;
+    let cancelled_after = started.elapsed();
+    drop(tx);
+    let timed_out = matches!(&timed, Err(e) if repository::batch::is_timeout(e));
+    step(&pool, "CHECKPOINT", "CHECKPOINT").await?;
+    let lsn = wal_position(&pool).await?;
+    let started = Instant::now();
+    let copied = sqlx::query(copy)
+        .bind(lower)
+        .bind(upper)
+        .bind(forever)
+        .execute(&pool)
+        .await?
+        .rows_affected();
+    let (one_wall, one_wal) = (started.elapsed(), wal_since(&pool, &lsn).await?);
+    anyhow::ensure!(copied == kept as u64, "copied {copied}");
+    step(&pool, "DROP TABLE", "DROP TABLE month_copy").await?;
+
+    // The engine: a partitions run, its steps sized to stay well within the timeout.
+    let partitions = PartitionsTask::new(
+        PartitionsSettings {
+            statement_timeout: args.merge_timeout,
+            ..Default::default()
+        },
+        Duration::from_secs(86_400),
+    );
+    step(&pool, "CHECKPOINT", "CHECKPOINT").await?;
+    let foreground = Foreground::start(&pool, forever).await?;
+    let lsn = wal_position(&pool).await?;
+    let started = Instant::now();
+    let report = run_task(&partitions, &pool).await;
+    let (wall, wal) = (started.elapsed(), wal_since(&pool, &lsn).await?);
+    let worst = foreground.stop().await?;
+    let report = report?;
+    anyhow::ensure!(
+        report.completion == retention_controller::Completion::Done,
+        "{report:?}"
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM history_rewrites")
+        .fetch_one(&pool)
+        .await?;
+    anyhow::ensure!(left == 0, "{left} rewrites left: {report:?}");
+    let merged: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM history_ranges WHERE lower = $1 AND upper = $2")
+            .bind(lower)
+            .bind(upper)
+            .fetch_one(&pool)
+            .await?;
+    anyhow::ensure!(merged == 1, "the month is not one range: {report:?}");
+    let (kept_after, due_after): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE tenant_id = $1), count(*) FILTER (WHERE tenant_id = $2) FROM tasks
+         WHERE inserted_at >= $3 AND inserted_at < $4",
+    )
+    .bind(forever)
+    .bind(daily)
+    .bind(lower)
+    .bind(upper)
+    .fetch_one(&pool)
+    .await?;
+    anyhow::ensure!(
+        kept_after == kept && due_after == 0,
+        "kept {kept_after} of {kept}, {due_after} due left"
+    );
+    println!(
+        "  {:<52} {:>9} {:>10} {:>16} {:>14} {:>16}",
+        "", "wall", "WAL", "longest stmt", "lock held", "foreground max"
+    );
+    println!(
+        "  {:<52} {:>7.0} ms {:>7.1} MB {:>13.0} ms {:>14} {:>16}",
+        format!("one INSERT ... SELECT of the {kept} (baseline)"),
+        ms(one_wall),
+        mb(one_wal),
+        ms(one_wall),
+        "",
+        ""
+    );
+    println!(
+        "  {:<52} {:>7.0} ms   ({})",
+        "... the same under the statement timeout",
+        ms(cancelled_after),
+        if timed_out {
+            "cancelled by the timeout".to_string()
+        } else {
+            format!("not cancelled: {timed:?}")
+        }
+    );
+    println!(
+        "  {:<52} {:>7.0} ms {:>7.1} MB {:>13.0} ms {:>11.1} ms {:>13.1} ms",
+        format!("partitions run: {} merges", count(&report, "ranges merged")),
+        ms(wall),
+        mb(wal),
+        ms(report.longest_batch),
+        ms(report.longest_lock),
+        ms(worst)
+    );
+    println!(
+        "  ratio run / one INSERT ... SELECT: {:.2}x wall, {:.2}x WAL; {} steps, {} rewrite pages copied",
+        ms(wall) / ms(one_wall).max(0.001),
+        mb(wal) / mb(one_wal).max(0.001),
+        report.batches,
+        count(&report, "rewrite pages copied")
+    );
+    pool.close().await;
+    db::drop_database(bench, "history_merge").await
+}
+
+fn count(report: &RunReport, what: &str) -> u64 {
+    report
+        .counters
+        .iter()
+        .find(|(name, _)| *name == what)
+        .map_or(0, |(_, n)| *n)
 }
 
 fn median(values: &mut [Duration]) -> Duration {

@@ -23,11 +23,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Run history: the steady state (a few due rows among many kept), a past day rewritten
-    /// against row deletes, and a backlog deleted row by row against a bare DELETE.
+    /// Run history: the steady state (a few due rows among many kept, with windows per tenant and
+    /// per status), a past day rewritten against row deletes, a backlog deleted row by row against
+    /// a bare DELETE, and a cold month merged under a short statement timeout.
     History {
-        /// Sections to run (steady, compaction, backlog); default: all three.
-        #[arg(long = "section", value_parser = ["steady", "compaction", "backlog"])]
+        /// Sections to run (steady, compaction, backlog, status, merge); default: all five.
+        #[arg(long = "section", value_parser = ["steady", "compaction", "backlog", "status", "merge"])]
         sections: Vec<String>,
         /// Steady state: tenants keeping long windows.
         #[arg(long, default_value_t = 1_000)]
@@ -57,6 +58,12 @@ enum Bench {
         backlog_tenants: usize,
         #[arg(long, default_value_t = 30)]
         backlog_days: i64,
+        /// Merge: tasks kept forever in the cold month.
+        #[arg(long, default_value_t = 5_000_000)]
+        merge_rows: i64,
+        /// Merge: the partitions task's statement timeout.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        merge_timeout: std::time::Duration,
     },
     /// The queue-items task's steady state: a few due items among many live ones, against a bare DELETE.
     QueueItems {
@@ -133,6 +140,8 @@ async fn main() -> anyhow::Result<()> {
             backlog_tasks,
             backlog_tenants,
             backlog_days,
+            merge_rows,
+            merge_timeout,
         } => {
             history::run(history::Args {
                 sections,
@@ -146,6 +155,8 @@ async fn main() -> anyhow::Result<()> {
                 backlog_tasks,
                 backlog_tenants,
                 backlog_days,
+                merge_rows,
+                merge_timeout,
             })
             .await
         }
