@@ -340,12 +340,14 @@ pub async fn refresh(
             "WITH r AS (SELECT tasks_relid, events_relid FROM history_ranges h
                         WHERE rewrite_id IS NULL AND NOT EXISTS (SELECT 1 FROM history_range_rebuild_state b WHERE b.tasks_relid = h.tasks_relid)
                         FOR KEY SHARE SKIP LOCKED),
-                  -- In no particular order (each entry is applied once, from the rows as they are
-                  -- now): the index on `relid` stops at the limit.
+                  -- Oldest first: a pair first seen in a pass is created from a probe of its
+                  -- rows as they are now, which the deltas of its later entries then add to; in
+                  -- id order those are the rows written after the entries applied (out of order,
+                  -- a task's insert applied after its event's counted the task twice).
                   taken AS (
                       SELECT c.id FROM history_changes c
                       WHERE c.relid = ANY (ARRAY (SELECT tasks_relid FROM r UNION ALL SELECT events_relid FROM r))
-                      LIMIT $1),
+                      ORDER BY c.id LIMIT $1),
                   deleted AS (
                       DELETE FROM history_changes c WHERE c.id = ANY (ARRAY (SELECT id FROM taken))
                       RETURNING c.relid, c.op, c.tenant_id),
