@@ -293,7 +293,12 @@ async fn step(
             if replayed >= CAUGHT_UP_BELOW {
                 return Ok(Step::Other);
             }
-            copy_changed_tenants(ctx, id, steps).await?;
+            // Tenants copied again (a large one takes many steps): what writers logged
+            // meanwhile is caught up with first, so that the swap's final replay, under the
+            // tables' lock, stays short.
+            if copy_changed_tenants(ctx, id, steps).await? > 0 {
+                return Ok(Step::Other);
+            }
             if *swap_attempts >= SWAP_ATTEMPTS {
                 return Ok(Step::Stop(Outcome::Waiting(NotNow::RulesChanged)));
             }
@@ -366,10 +371,14 @@ async fn step(
 
 /// Copies again, key by key, the rows of every tenant whose rules changed since the rewrite's
 /// rows were decided, then records the rules they now follow (and each tenant's).
-async fn copy_changed_tenants(ctx: &RunContext, id: i64, steps: Steps) -> Result<(), sqlx::Error> {
+async fn copy_changed_tenants(
+    ctx: &RunContext,
+    id: i64,
+    steps: Steps,
+) -> Result<usize, sqlx::Error> {
     let mut tx = batch::begin(&ctx.pool, steps.limits).await?;
     let Some(current) = rewrite::lock(&mut tx, id).await? else {
-        return Ok(());
+        return Ok(0);
     };
     let (version, tenants) = replay::changed_tenants(&mut tx, &current).await?;
     tx.commit().await?;
@@ -378,7 +387,7 @@ async fn copy_changed_tenants(ctx: &RunContext, id: i64, steps: Steps) -> Result
         loop {
             let mut tx = batch::begin(&ctx.pool, steps.limits).await?;
             let Some(current) = rewrite::lock(&mut tx, id).await? else {
-                return Ok(());
+                return Ok(0);
             };
             let next =
                 replay::tenant_chunk(&mut tx, &current, *tenant, after, TENANT_CHUNK).await?;
@@ -391,7 +400,7 @@ async fn copy_changed_tenants(ctx: &RunContext, id: i64, steps: Steps) -> Result
     }
     let mut tx = batch::begin(&ctx.pool, steps.limits).await?;
     let Some(current) = rewrite::lock(&mut tx, id).await? else {
-        return Ok(());
+        return Ok(0);
     };
     if version != current.rules_version {
         tracing::info!(
@@ -404,7 +413,7 @@ async fn copy_changed_tenants(ctx: &RunContext, id: i64, steps: Steps) -> Result
     let caught_up = rewrite::lock(&mut tx, id).await?.unwrap_or(current);
     replay::record_tenant_rules(&mut tx, &caught_up).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(tenants.len())
 }
 
 fn add_to_report(report: &mut RunReport, naming: Naming, went: &count::Went) {

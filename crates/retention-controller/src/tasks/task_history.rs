@@ -669,7 +669,10 @@ impl TaskHistoryTask {
             .collect();
         for range in ranges {
             let key = sweep_key(&range);
-            let mut block = if key == next {
+            // The page it stopped at holds only for the same table.
+            let same_table = watermarks::get(&ctx.pool, ORPHAN_SWEEP_RELID).await?
+                == i64::from(range.events_relid.0);
+            let mut block = if key == next && same_table {
                 watermarks::get(&ctx.pool, ORPHAN_SWEEP_BLOCK).await?
             } else {
                 0
@@ -706,6 +709,12 @@ impl TaskHistoryTask {
                     .await?;
                     watermarks::set(&mut *tx, ORPHAN_SWEEP_NEXT, key).await?;
                     watermarks::set(&mut *tx, ORPHAN_SWEEP_BLOCK, end).await?;
+                    watermarks::set(
+                        &mut *tx,
+                        ORPHAN_SWEEP_RELID,
+                        i64::from(range.events_relid.0),
+                    )
+                    .await?;
                     tx.commit().await?;
                     Ok(deleted)
                 }
@@ -735,7 +744,7 @@ impl TaskHistoryTask {
                     Settled::GaveUp(error) => return Err(error.into()),
                 }
             }
-            next = key + 1;
+            next = key.saturating_add(1);
             watermarks::set(&ctx.pool, ORPHAN_SWEEP_NEXT, next).await?;
             watermarks::set(&ctx.pool, ORPHAN_SWEEP_BLOCK, 0).await?;
         }
@@ -792,13 +801,17 @@ const ORPHAN_SWEPT_AT: &str = "task-history.orphan-sweep.swept-at";
 const ORPHAN_SWEEP_STARTED: &str = "task-history.orphan-sweep.started";
 const ORPHAN_SWEEP_NEXT: &str = "task-history.orphan-sweep.next";
 const ORPHAN_SWEEP_BLOCK: &str = "task-history.orphan-sweep.block";
+const ORPHAN_SWEEP_RELID: &str = "task-history.orphan-sweep.relid";
 
 /// A range's place in the orphan sweep's order: its lower bound in microseconds (the default
 /// range, from -infinity, first).
+/// Where the orphan sweep is, as the end of the range it is in: a merge or compaction that
+/// replaces ranges the sweep is in or past the end of keeps (at least) the end of the last, so
+/// the new range is swept rather than skipped (from its first page: see the relid check).
 fn sweep_key(range: &Range) -> i64 {
     range
-        .lower
-        .map_or(1, |lower| lower.timestamp_micros().max(2))
+        .upper
+        .map_or(i64::MAX, |upper| upper.timestamp_micros().max(2))
 }
 
 /// Receipts deleted per batch once past their keep.
@@ -947,6 +960,11 @@ impl TaskHistoryTask {
                                     "range not compacted; its due rows go by row deletes"
                                 );
                                 self.give_up_compaction(ctx, &range).await?;
+                                // A step that kept failing: the next choice leans to row
+                                // deletes rather than make the same copy fail again.
+                                if why == repository::history::rewrite::NotNow::Failing {
+                                    crate::history::penalise_rewrites(&ctx.pool).await?;
+                                }
                             }
                             Outcome::Abandoned(why) => {
                                 tracing::warn!(range = range.tasks_name, reason = %why, "compaction abandoned; its due rows go by row deletes");
