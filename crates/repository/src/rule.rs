@@ -109,6 +109,17 @@ impl Rule {
         .push(")")
     }
 
+    /// Whether tenant `tn` was deleted longer ago than the grace (every task of it is then due,
+    /// but what a hold covers): what plans and probes look for. NULL when `tn` has no row or is
+    /// live.
+    pub fn tenant_purged(&self, tn: &str) -> Fragment {
+        Fragment::text(format!("({tn}.deleted_at < "))
+            .bind(self.now)
+            .push(" - ")
+            .bind(interval(self.grace))
+            .push(")")
+    }
+
     /// Whether task `t` is kept: `NOT` [`Rule::task_due`].
     pub fn task_kept(&self, t: &str, tn: &str) -> Fragment {
         Fragment::text("NOT ").then(self.task_due(t, tn))

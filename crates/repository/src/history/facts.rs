@@ -611,7 +611,7 @@ pub async fn due_pairs(
     rule: &Rule,
 ) -> Result<Vec<Pair>, sqlx::Error> {
     let mut sql = Sql::new(
-        "SELECT p.tasks_relid, p.tenant_id, coalesce(tn.deleted_at < {now} - {grace}, false) AS purged,
+        "SELECT p.tasks_relid, p.tenant_id, coalesce({purged}, false) AS purged,
                 p.rows, p.active, {facts}, {cutoffs},
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = p.tasks_relid) AS range_rows,
                 false AS probed
@@ -625,14 +625,12 @@ pub async fn due_pairs(
          -- plan, guessing a third of the tenants, would hash them against every pair (OFFSET 0
          -- keeps the lateral from being flattened into that join).
          FROM tenants tn CROSS JOIN LATERAL (SELECT * FROM history_range_tenants q WHERE q.tenant_id = tn.id OFFSET 0) p
-         WHERE tn.deleted_at < {now3} - {grace2} AND NOT {held2}
+         WHERE {purged2} AND NOT {held2}
          ORDER BY 1, 2",
     );
-    sql.bind("now", rule.now)
+    sql.with("purged", rule.tenant_purged("tn"))
         .bind("now2", rule.now)
-        .bind("now3", rule.now)
-        .bind("grace", crate::rule::interval(rule.grace))
-        .bind("grace2", crate::rule::interval(rule.grace))
+        .with("purged2", rule.tenant_purged("tn"))
         .raw("facts", fact_columns("p"))
         .raw("facts2", fact_columns("p"))
         .with("cutoffs", cutoff_columns(rule, "tn"))
@@ -680,7 +678,7 @@ pub async fn probe(
          WHERE NOT {held}
            AND (tn.shortest_retention_period IS NOT NULL OR tn.deleted_at IS NOT NULL)
            AND ((tn.deleted_at IS NULL AND b.lower <= {shortest} AND ({due_by_status}))
-                OR (tn.deleted_at < {now} - {grace} AND EXISTS (SELECT 1 FROM {table} t WHERE t.tenant_id = tn.id)))
+                OR ({purged} AND EXISTS (SELECT 1 FROM {table} t WHERE t.tenant_id = tn.id)))
          ORDER BY tn.id",
     );
     sql.bind("lower", range.lower_text())
@@ -691,8 +689,7 @@ pub async fn probe(
         .with("shortest", rule.shortest_cutoff("tn"))
         .with("due_by_status", due_by_status)
         .raw("table", range.tasks_name.clone())
-        .bind("now", rule.now)
-        .bind("grace", crate::rule::interval(rule.grace));
+        .with("purged", rule.tenant_purged("tn"));
     let rows: Vec<PairRow> = sql.build_query_as().fetch_all(executor).await?;
     Ok(rows.into_iter().map(Pair::from).collect())
 }
@@ -707,11 +704,10 @@ pub async fn probe_bound(
     rule: &Rule,
 ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     let mut sql = Sql::new(
-        "SELECT EXISTS (SELECT 1 FROM tenants WHERE deleted_at < {now} - {grace}),
+        "SELECT EXISTS (SELECT 1 FROM tenants tp WHERE {purged}),
                 (SELECT nullif(max({shortest}), '-infinity') FROM tenants tn WHERE tn.deleted_at IS NULL)",
     );
-    sql.bind("now", rule.now)
-        .bind("grace", crate::rule::interval(rule.grace))
+    sql.with("purged", rule.tenant_purged("tp"))
         .with("shortest", rule.shortest_cutoff("tn"));
     let (purged, bound): (bool, Option<DateTime<Utc>>) =
         sql.build_query_as().fetch_one(executor).await?;
@@ -752,15 +748,14 @@ pub async fn pairs_of(
     rule: &Rule,
 ) -> Result<Vec<Pair>, sqlx::Error> {
     let mut sql = Sql::new(
-        "SELECT p.tasks_relid, p.tenant_id, coalesce(tn.deleted_at < {now} - {grace}, false) AS purged,
+        "SELECT p.tasks_relid, p.tenant_id, coalesce({purged}, false) AS purged,
                 p.rows, p.active, {facts}, {cutoffs},
                 (SELECT coalesce(sum(q.rows), 0)::bigint FROM history_range_tenants q WHERE q.tasks_relid = {relid}) AS range_rows,
                 false AS probed
          FROM history_range_tenants p LEFT JOIN tenants tn ON tn.id = p.tenant_id
          WHERE p.tasks_relid = {relid2} ORDER BY p.tenant_id",
     );
-    sql.bind("now", rule.now)
-        .bind("grace", crate::rule::interval(rule.grace))
+    sql.with("purged", rule.tenant_purged("tn"))
         .raw("facts", fact_columns("p"))
         .with("cutoffs", cutoff_columns(rule, "tn"))
         .bind("relid", tasks_relid)
