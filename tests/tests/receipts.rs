@@ -383,7 +383,50 @@ async fn a_merge_receipts_exactly() {
     let _ = report;
 }
 
-/// Orphan events (old enough) go with receipts of their own, by the walk and by the sweep.
+/// Every event id of `tenant` now.
+async fn events_of(pool: &PgPool, tenant: Uuid) -> BTreeSet<i64> {
+    sqlx::query_scalar("SELECT id FROM task_events WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// A writer making orphans while a run goes: adds tasks of `tenant` with events two hours old
+/// and deletes most of those tasks again (their events are then orphans, due), until `stop`.
+/// Returns the events it added.
+async fn orphan_maker(
+    pool: PgPool,
+    tenant: Uuid,
+    at: DateTime<Utc>,
+    stop: Arc<AtomicBool>,
+) -> BTreeSet<i64> {
+    let mut added = BTreeSet::new();
+    let mut n = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let task = insert_task(&pool, tenant, "running", at, None).await;
+        let created = db_now(&pool).await - Span::hours(2);
+        for _ in 0..2 {
+            added.insert(insert_event(&pool, tenant, task, created).await);
+        }
+        if n % 4 != 0 {
+            sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2")
+                .bind(task.0)
+                .bind(task.1)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    added
+}
+
+/// Orphan events (old enough) go with receipts of their own, by the walk and by the sweep, while
+/// a writer makes more of them: the receipts name exactly the events that went.
 #[tokio::test]
 async fn orphan_events_receipt_exactly_by_the_walk_and_by_the_sweep() {
     let db = TestDatabase::new().await;
@@ -392,20 +435,42 @@ async fn orphan_events_receipt_exactly_by_the_walk_and_by_the_sweep() {
     let at = day_start(a_past_day(pool).await) + Span::hours(12);
     let a = insert_tenant(pool, None, None).await;
     let b = insert_tenant(pool, None, None).await;
+    let busy = insert_tenant(pool, None, None).await;
     for (tenant, n) in [(a, 3), (b, 5)] {
         for _ in 0..n {
             insert_event(pool, tenant, (Uuid::new_v4(), at), now - Span::hours(2)).await;
         }
     }
     let task = history(true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = tokio::spawn(orphan_maker(pool.clone(), busy, at, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
     run_task(&task, pool).await;
+    stop.store(true, Ordering::Relaxed);
+    let added = writing.await.unwrap();
+    let went = added.difference(&events_of(pool, busy).await).count() as i64;
+    assert!(added.len() > 10, "the writer wrote: {}", added.len());
+    let mut receipts = receipts_of(pool, &["orphan-events"]).await;
+    let busy_receipt = receipts
+        .remove(&(busy, "orphan-events".into()))
+        .unwrap_or_default();
     assert_eq!(
-        receipts_of(pool, &["orphan-events"]).await,
+        busy_receipt,
+        (0, went, 0),
+        "the writer's orphans that went, and only those"
+    );
+    assert_eq!(
+        receipts,
         BTreeMap::from([
             ((a, "orphan-events".into()), (0, 3, 0)),
             ((b, "orphan-events".into()), (0, 5, 0))
         ])
     );
+    sqlx::query("DELETE FROM retention_receipts WHERE tenant_id = $1")
+        .bind(busy)
+        .execute(pool)
+        .await
+        .unwrap();
     // Late orphans: their tasks deleted after the walk passed them; the sweep, a day later.
     let task_of_b = insert_task(pool, b, "running", at, None).await;
     for _ in 0..4 {
@@ -419,8 +484,27 @@ async fn orphan_events_receipt_exactly_by_the_walk_and_by_the_sweep() {
         .unwrap();
     sqlx::query("UPDATE retention_watermarks SET position = position - 86400 WHERE name = 'task-history.orphan-sweep.swept-at'").execute(pool).await.unwrap();
     run_task(&task, pool).await;
+    // The writer's orphans that the first run left (orphaned after its walk) went since: all of them.
+    let mut receipts = receipts_of(pool, &["orphan-events"]).await;
+    let busy_later = receipts
+        .remove(&(busy, "orphan-events".into()))
+        .unwrap_or_default();
+    let orphans_left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM task_events e WHERE e.tenant_id = $1
+           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)",
+    )
+    .bind(busy)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(orphans_left, 0, "every due orphan of the writer's is gone");
     assert_eq!(
-        receipts_of(pool, &["orphan-events"]).await,
+        busy_later.1 + went,
+        added.difference(&events_of(pool, busy).await).count() as i64,
+        "the receipts name every event of the writer's that went, once"
+    );
+    assert_eq!(
+        receipts,
         BTreeMap::from([
             ((a, "orphan-events".into()), (0, 3, 0)),
             ((b, "orphan-events".into()), (0, 9, 0))
@@ -428,13 +512,45 @@ async fn orphan_events_receipt_exactly_by_the_walk_and_by_the_sweep() {
     );
 }
 
-/// The queue-items task's receipts, while a writer finishes and deletes tasks.
+/// A worker while queue items are cleaned up: adds running tasks of `tenant` with a queue item,
+/// finishes some (their items become due) and deletes others (theirs too), until `stop`.
+/// Returns the items it added.
+async fn queue_worker(pool: PgPool, tenant: Uuid, stop: Arc<AtomicBool>) -> BTreeSet<i64> {
+    let mut added = BTreeSet::new();
+    let mut n = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let now = db_now(&pool).await;
+        let (task, _, item) = insert_task_with_children(&pool, tenant, "running", now, None).await;
+        added.insert(item);
+        let sql = match n % 3 {
+            0 => "UPDATE tasks SET status = 'succeeded', finished_at = now() WHERE id = $1 AND inserted_at = $2",
+            1 => "DELETE FROM tasks WHERE id = $1 AND inserted_at = $2",
+            _ => "SELECT $1::uuid, $2::timestamptz",
+        };
+        sqlx::query(sql)
+            .bind(task.0)
+            .bind(task.1)
+            .execute(&pool)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    added
+}
+
+/// The queue-items task's receipts, while a worker adds, finishes and deletes tasks: they name
+/// exactly the items that went (the worker never deletes an item itself).
 #[tokio::test]
 async fn queue_item_cleanup_receipts_exactly() {
     let db = TestDatabase::new().await;
     let pool = &db.pool;
     let now = db_now(pool).await;
     let tenant = insert_tenant(pool, None, None).await;
+    let busy = insert_tenant(pool, None, None).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = tokio::spawn(queue_worker(pool.clone(), busy, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let mut finished = BTreeSet::new();
     for n in 0..200 {
         let (_, _, item) = insert_task_with_children(
@@ -461,14 +577,22 @@ async fn queue_item_cleanup_receipts_exactly() {
         RunOutcome::Ran(summary) => summary,
         other => panic!("{other:?}"),
     };
+    stop.store(true, Ordering::Relaxed);
+    let added = writing.await.unwrap();
+    assert!(added.len() > 10, "the worker wrote: {}", added.len());
     let left: BTreeSet<i64> = queue_item_ids(pool).await.into_iter().collect();
     assert!(finished.iter().all(|i| !left.contains(i)));
+    let went = added.difference(&left).count() as i64;
+    let mut expected = BTreeMap::from([(
+        (tenant, "queue-items".into()),
+        (0, 0, finished.len() as i64),
+    )]);
+    if went > 0 {
+        expected.insert((busy, "queue-items".into()), (0, 0, went));
+    }
     assert_eq!(
         receipts_of(pool, &["queue-items"]).await,
-        BTreeMap::from([(
-            (tenant, "queue-items".into()),
-            (0, 0, finished.len() as i64)
-        )])
+        expected,
+        "{summary:?}"
     );
-    let _ = summary;
 }

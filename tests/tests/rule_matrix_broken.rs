@@ -13,7 +13,14 @@ async fn breaking_the_one_hold_check_breaks_every_path() {
     let mut unbroken = Vec::new();
     for path in cases::PATHS {
         let (wrong, _) = cases::run(path).await;
-        if wrong.is_empty() {
+        // The path's own kind of row must be among those deleted: a task path's run also walks
+        // orphans, which would fail it whatever the path itself checked.
+        let own_kind = |v: &&String| match *path {
+            "orphan walk" | "orphan sweep" => v.contains(": orphan"),
+            "queue items" => v.contains("queue item"),
+            _ => !v.contains(": orphan") && !v.contains("queue item of no task"),
+        };
+        if !wrong.iter().any(|v| own_kind(&v)) {
             unbroken.push(*path);
         } else {
             assert!(matrix::Matrix::only_held_rows_deleted(&wrong), "{path}: with the hold check broken, rows other than held ones met the wrong fate: {wrong:#?}");
