@@ -4,15 +4,21 @@
 //!
 //! 100 tenants with windows of 1, 3, 7 and 14 days; two keeping forever, active only some days;
 //! one task in 40 running for 10 days before it finishes; queued work that never finishes; a
-//! tenant deleted on day 8; a failed-task window of its own on day 10; a window shortened on day
-//! 12; a tenant held from day 14 to 20; a tenant switched to forever on day 16.
+//! tenant keeping succeeded tasks 1 day and cancelled ones 3 of its 14 from day 0; a tenant
+//! deleted on day 8; a failed-task window of its own on day 10; a window shortened on day 12; a
+//! tenant held from day 14 to 20; a tenant switched to forever on day 16.
 //! After every run: nothing that must be kept is gone (tasks, their events, their queue items),
 //! nothing that was due is left, no event outlives its task, and the attached partitions stay
 //! within the longest finite window, the days made ahead, and a small constant.
+//!
+//! The same days run a second time with run history's statements under a short
+//! `statement_timeout` and one more tenant keeping forever 20,000 tasks a day (with an event
+//! each), counted day by day rather than tracked one by one: its rows fill the ranges the
+//! engine compacts and merges, whose copies must then go in steps within the timeout.
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Duration as Span, NaiveDate, TimeZone, Utc};
@@ -71,8 +77,9 @@ impl Clock {
 #[derive(Clone, Copy)]
 struct Tenant {
     window: Option<Span>,
-    /// A window of its own for failed tasks (`None`: as `window`; `Some(None)`: forever).
-    failed_window: Option<Option<Span>>,
+    /// Windows of their own for succeeded, failed and cancelled tasks (`None`: as `window`;
+    /// `Some(None)`: forever).
+    own_windows: [Option<Option<Span>>; 3],
     /// A hold on the whole tenant, until then.
     held_until: Option<DateTime<Utc>>,
     deleted_at: Option<DateTime<Utc>>,
@@ -104,15 +111,19 @@ fn due(task: &Task, inserted_at: DateTime<Utc>, tenant: &Tenant, at: DateTime<Ut
         return deleted < at - GRACE;
     }
     let finished = matches!(task.status, "succeeded" | "failed" | "cancelled");
-    let window = match (task.status, tenant.failed_window) {
-        ("failed", Some(own)) => own,
-        _ => tenant.window,
-    };
+    let own = FINAL
+        .iter()
+        .position(|s| *s == task.status)
+        .and_then(|i| tenant.own_windows[i]);
+    let window = own.unwrap_or(tenant.window);
     match window {
         Some(window) => finished && task.key_instant(inserted_at) < at - window,
         None => false,
     }
 }
+
+/// The final statuses, in the order of [`Tenant::own_windows`].
+const FINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
 /// Everything the test wrote, and what became of it.
 #[derive(Default)]
@@ -124,10 +135,41 @@ struct Ledger {
     events: HashMap<i64, TaskKey>,
     /// Queue items of tasks not yet deleted.
     items: HashMap<i64, TaskKey>,
+    /// The large tenant keeping forever: its tasks (each with one event) by day inserted.
+    large: Option<(Uuid, BTreeMap<NaiveDate, i64>)>,
 }
+
+/// How a simulation differs from the first.
+struct Variant {
+    /// `statement_timeout` of the run-history tasks (task-history, partitions).
+    statement_timeout: Option<&'static str>,
+    /// Tasks a day, with an event each, of one more tenant keeping forever (0: no such tenant).
+    large_forever_a_day: i64,
+}
+
+/// The simulations run one after the other: each has the machine's two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test]
 async fn thirty_two_days_under_a_moving_clock() {
+    simulate(Variant {
+        statement_timeout: None,
+        large_forever_a_day: 0,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn thirty_two_days_with_short_statements_and_a_large_forever_tenant() {
+    simulate(Variant {
+        statement_timeout: Some("1s"),
+        large_forever_a_day: 20_000,
+    })
+    .await;
+}
+
+async fn simulate(variant: Variant) {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let tempdir = tempfile::Builder::new()
         .prefix("engine-sim-")
         .tempdir()
@@ -167,10 +209,20 @@ async fn thirty_two_days_under_a_moving_clock() {
         (db_now - noon(0)).num_seconds().abs() < 60,
         "the server is under the simulated clock: {db_now}"
     );
+    let timeouts: Vec<(&str, &str)> = variant
+        .statement_timeout
+        .map(|t| {
+            vec![
+                ("ENGINE__RETENTION__TASK_HISTORY__STATEMENT_TIMEOUT", t),
+                ("ENGINE__RETENTION__PARTITIONS__STATEMENT_TIMEOUT", t),
+            ]
+        })
+        .unwrap_or_default();
     let engine_run = |args: &[&str]| {
         let output = engine()
             .env("DATABASE_URL", &url)
             .envs(clock.env(true))
+            .envs(timeouts.iter().copied())
             .args(args)
             .output()
             .unwrap();
@@ -216,7 +268,7 @@ async fn thirty_two_days_under_a_moving_clock() {
             id,
             Tenant {
                 window,
-                failed_window: None,
+                own_windows: [None; 3],
                 held_until: None,
                 deleted_at: None,
             },
@@ -224,6 +276,29 @@ async fn thirty_two_days_under_a_moving_clock() {
         ids.push(id);
     }
     let (deleted, shortened, held) = (ids[98], ids[99], ids[5]);
+    // A 14-day tenant keeping succeeded tasks a day and cancelled ones three.
+    for (status, window, days) in [("succeeded", "1day", 1), ("cancelled", "3days", 3)] {
+        engine_run(&[
+            "tenant",
+            "retention",
+            "set",
+            "tenant-11",
+            window,
+            "--status",
+            status,
+        ]);
+        let i = FINAL.iter().position(|s| *s == status).unwrap();
+        ledger.tenants.get_mut(&ids[11]).unwrap().own_windows[i] = Some(Some(Span::days(days)));
+    }
+    if variant.large_forever_a_day > 0 {
+        let id: Uuid = sqlx::query_scalar(
+            "INSERT INTO tenants (slug, name, data_retention_period) VALUES ('large', 'large', NULL) RETURNING id",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        ledger.large = Some((id, BTreeMap::new()));
+    }
 
     let mut mechanisms: HashMap<&'static str, u64> = HashMap::new();
     let mut most_partitions = 0;
@@ -269,7 +344,7 @@ async fn thirty_two_days_under_a_moving_clock() {
                 "--status",
                 "failed",
             ]);
-            ledger.tenants.get_mut(&ids[7]).unwrap().failed_window = Some(Some(Span::days(1)));
+            ledger.tenants.get_mut(&ids[7]).unwrap().own_windows[1] = Some(Some(Span::days(1)));
         }
         if day == 14 {
             // A 3-day tenant held for six days: nothing of it goes until then, everything due after.
@@ -288,6 +363,7 @@ async fn thirty_two_days_under_a_moving_clock() {
         }
         finish_long_runners(&pool, &mut ledger, start, now).await;
         insert_day(&pool, &mut ledger, &ids, day, start).await;
+        insert_large(&pool, &mut ledger, variant.large_forever_a_day, start).await;
 
         let stdout = engine_run(&["retention", "run", "--json"]);
         for counter in ["ranges compacted", "ranges merged", "days created"] {
@@ -313,14 +389,40 @@ async fn thirty_two_days_under_a_moving_clock() {
         // most a partial quarter and three quarters (a month merges once it is complete), the
         // default and the future partitions.
         let bound = longest + 1 + PREMAKE_DAYS + 4 + 2;
-        assert!(
-            partitions <= bound,
-            "day {day}: {partitions} partitions attached, more than {bound}"
-        );
+        if partitions > bound {
+            let ranges: Vec<(String, String)> = sqlx::query_as(
+                "SELECT tasks_relid::regclass::text, coalesce(rewrite_id::text, '') FROM history_ranges ORDER BY lower",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            let rewrites: Vec<(String, String, i32, Option<String>)> =
+                sqlx::query_as("SELECT task, phase, failures, last_error FROM history_rewrites")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            let again = engine()
+                .env("DATABASE_URL", &url)
+                .env("RUST_LOG", "retention_controller=debug")
+                .envs(clock.env(true))
+                .envs(timeouts.iter().copied())
+                .args(["retention", "run", "--task", "partitions"])
+                .output()
+                .unwrap();
+            let (out, err) = text(&again);
+            panic!("day {day}: {partitions} partitions attached, more than {bound}: {ranges:?}\nrewrites {rewrites:?}\n{stdout}\nagain:\n{out}\n{err}");
+        }
         most_partitions = most_partitions.max(partitions);
     }
     eprintln!("at most {most_partitions} partitions; {mechanisms:?}");
-    for counter in ["ranges compacted", "ranges merged"] {
+    // With 20,000 tasks a day kept forever in every range, a compaction never pays: row deletes
+    // take the due rows, and merges copy the kept ones.
+    let expected: &[&str] = if variant.large_forever_a_day > 0 {
+        &["ranges merged"]
+    } else {
+        &["ranges compacted", "ranges merged"]
+    };
+    for counter in expected {
         assert!(
             mechanisms.get(counter).is_some_and(|n| *n > 0),
             "the simulation never saw {counter}: {mechanisms:?}"
@@ -507,14 +609,51 @@ async fn insert_day(
     }
 }
 
+/// The large tenant's day: `n` succeeded tasks between midnight and 11:00, an event each.
+async fn insert_large(pool: &PgPool, ledger: &mut Ledger, n: i64, start: DateTime<Utc>) {
+    let Some((tenant, days)) = &mut ledger.large else {
+        return;
+    };
+    sqlx::query(
+        "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+                    SELECT $1, 'succeeded', t, t + interval '1 minute'
+                    FROM (SELECT $2 + (g * 39600.0 / $3) * interval '1 second' AS t FROM generate_series(0, $3 - 1) g) s
+                    RETURNING id, inserted_at, finished_at)
+         INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
+         SELECT $1, id, inserted_at, 'finished', finished_at FROM t",
+    )
+    .bind(*tenant)
+    .bind(start)
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+    *days.entry(start.date_naive()).or_default() += n;
+}
+
 /// After a run at `now`: the database holds exactly what the contract keeps.
 async fn check(pool: &PgPool, ledger: &mut Ledger, now: DateTime<Utc>, day: i64) {
-    let present: HashSet<TaskKey> = sqlx::query_as("SELECT id, inserted_at FROM tasks")
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    // The large tenant: every task of every day, once, and its one event.
+    let large = ledger.large.as_ref().map(|(id, _)| *id).unwrap_or_default();
+    if let Some((_, days)) = &ledger.large {
+        let expected: Vec<(NaiveDate, i64, i64)> =
+            days.iter().map(|(day, n)| (*day, *n, *n)).collect();
+        for (what, sql) in [
+            ("tasks", "SELECT (inserted_at AT TIME ZONE 'UTC')::date, count(*), count(DISTINCT id) FROM tasks WHERE tenant_id = $1 GROUP BY 1 ORDER BY 1"),
+            ("events", "SELECT (task_inserted_at AT TIME ZONE 'UTC')::date, count(*), count(DISTINCT task_id) FROM task_events WHERE tenant_id = $1 GROUP BY 1 ORDER BY 1"),
+        ] {
+            let found: Vec<(NaiveDate, i64, i64)> = sqlx::query_as(sql).bind(large).fetch_all(pool).await.unwrap();
+            assert_eq!(found, expected, "day {day}: the large tenant's {what} (by day: rows, distinct tasks)");
+        }
+    }
+    let present: HashSet<TaskKey> =
+        sqlx::query_as("SELECT id, inserted_at FROM tasks WHERE tenant_id <> $1")
+            .bind(large)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
     let mut lost = Vec::new();
     let mut late = Vec::new();
     let mut gone = Vec::new();
@@ -548,12 +687,14 @@ async fn check(pool: &PgPool, ledger: &mut Ledger, now: DateTime<Utc>, day: i64)
         ledger.tasks.remove(key);
     }
     // Events: exactly those of the tasks left (no orphans, none lost).
-    let events: HashSet<i64> = sqlx::query_scalar("SELECT id FROM task_events")
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let events: HashSet<i64> =
+        sqlx::query_scalar("SELECT id FROM task_events WHERE tenant_id <> $1")
+            .bind(large)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
     ledger
         .events
         .retain(|_, task| ledger.tasks.contains_key(task));
