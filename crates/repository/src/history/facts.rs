@@ -198,23 +198,15 @@ pub async fn rebuild_chunk(
          ON CONFLICT (tasks_relid, tenant_id) DO UPDATE
          SET rows = r.rows + excluded.rows, active = r.active + excluded.active, {merged}",
     );
-    sql.raw(
-        "columns",
-        OLDEST
-            .iter()
-            .chain(NEWEST.iter())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", "),
-    )
-    .bind("relid", tasks_relid)
-    .raw("active", ACTIVE)
-    .raw("oldest", per_status("min", OLDEST))
-    .raw("newest", per_status("max", NEWEST))
-    .raw("table", table)
-    .bind("from", from)
-    .bind("to", to)
-    .raw("merged", merged);
+    sql.raw("columns", fact_names())
+        .bind("relid", tasks_relid)
+        .raw("active", ACTIVE)
+        .raw("oldest", per_status("min", OLDEST))
+        .raw("newest", per_status("max", NEWEST))
+        .raw("table", table)
+        .bind("from", from)
+        .bind("to", to)
+        .raw("merged", merged);
     sql.build().execute(&mut *conn).await?;
     sqlx::query("UPDATE history_range_rebuild_state SET block = $2 WHERE tasks_relid = $1")
         .bind(tasks_relid)
@@ -236,12 +228,7 @@ pub async fn rebuild_finish(
         .bind(tasks_relid)
         .execute(&mut *conn)
         .await?;
-    let columns = OLDEST
-        .iter()
-        .chain(NEWEST.iter())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(", ");
+    let columns = fact_names();
     let mut sql = Sql::new(
         "WITH ins AS (
              INSERT INTO history_range_tenants (tasks_relid, tenant_id, rows, active, {columns}, next_due_at)
@@ -429,12 +416,7 @@ pub async fn resummarise(
             .map(|c| format!("{c} = kept.{c}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let columns = OLDEST
-            .iter()
-            .chain(NEWEST.iter())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
+        let columns = fact_names();
         let kept_columns = OLDEST
             .iter()
             .chain(NEWEST.iter())
@@ -896,4 +878,14 @@ mod tests {
             vec![FinalStatus::Succeeded, FinalStatus::Cancelled]
         );
     }
+}
+
+/// The per-status fact columns (oldest, then newest), as an SQL list.
+fn fact_names() -> String {
+    OLDEST
+        .iter()
+        .chain(NEWEST.iter())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ")
 }
