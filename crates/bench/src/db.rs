@@ -85,6 +85,7 @@ pub async fn open() -> anyhow::Result<BenchDb> {
                     "pg_stat_statements".into(),
                 ),
                 ("pg_stat_statements.track".into(), "all".into()),
+                ("pg_stat_statements.track_planning".into(), "on".into()),
             ];
             let local =
                 tokio::task::spawn_blocking(move || LocalPostgres::start(options)).await??;

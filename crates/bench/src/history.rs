@@ -446,16 +446,26 @@ impl Statements {
         if !self.0 {
             return Ok(());
         }
-        let top: Vec<(f64, i64, String)> = sqlx::query_as(
-            "SELECT total_exec_time + total_plan_time, calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 300)
+        let top: Vec<(f64, f64, i64, String)> = sqlx::query_as(
+            "SELECT total_exec_time, total_plan_time, calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 300)
              FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-             ORDER BY 1 DESC LIMIT 15",
+             ORDER BY total_exec_time + total_plan_time DESC LIMIT 25",
         )
         .fetch_all(pool)
         .await?;
-        for (ms, calls, query) in top {
-            eprintln!("  {ms:>9.1} ms {calls:>6} calls  {query}");
+        eprintln!("  {:>9} {:>9} {:>6}", "exec", "plan", "calls");
+        for (exec, plan, calls, query) in top {
+            eprintln!("  {exec:>9.1} {plan:>9.1} {calls:>6}  {query}");
         }
+        let (exec, plan, calls): (f64, f64, i64) = sqlx::query_as(
+            "SELECT coalesce(sum(total_exec_time), 0)::float8, coalesce(sum(total_plan_time), 0)::float8, coalesce(sum(calls), 0)::int8
+             FROM pg_stat_statements WHERE toplevel AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(pool)
+        .await?;
+        eprintln!(
+            "  top-level statements: {exec:.1} ms executing, {plan:.1} ms planning, {calls} calls"
+        );
         Ok(())
     }
 }

@@ -299,15 +299,45 @@ pub async fn refresh(
 ) -> Result<Refreshed, sqlx::Error> {
     let mut refreshed = Refreshed::default();
     loop {
-        let pending: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM history_changes)")
-            .fetch_one(pool)
-            .await?;
-        if !pending {
+        // Which kinds of entries wait: in a steady state, a few of some ranges' rows and no
+        // tenant's rule change (each statement below skipped when it has nothing to consume).
+        let (tenants_pending, ranges_pending): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM history_changes WHERE relid = 0),
+                    EXISTS (SELECT 1 FROM history_changes WHERE relid > 0)",
+        )
+        .fetch_one(pool)
+        .await?;
+        if !tenants_pending && !ranges_pending {
             return Ok(refreshed);
         }
         let mut tx = batch::begin(pool, bookkeeping(limits)).await?;
-        let mut sql = Sql::new(
-            "WITH gone AS (DELETE FROM history_changes WHERE id = ANY (ARRAY (
+        let (tenant_entries, tenants) = if tenants_pending {
+            refresh_tenants(&mut tx, rule).await?
+        } else {
+            (0, Vec::new())
+        };
+        let (entries, pairs) = if ranges_pending {
+            refresh_ranges(&mut tx, rule).await?
+        } else {
+            (0, Vec::new())
+        };
+        tx.commit().await?;
+        refreshed.tenants += tenants.len() as u64;
+        refreshed.pairs += pairs.len() as u64;
+        if tenant_entries < REFRESH_PASS && entries < REFRESH_PASS {
+            return Ok(refreshed);
+        }
+    }
+}
+
+/// Consumes up to [`REFRESH_PASS`] logged rule changes of tenants: each changed tenant's pairs
+/// get their next due instant again. Returns the entries consumed and the tenants.
+async fn refresh_tenants(
+    tx: &mut PgConnection,
+    rule: &Rule,
+) -> Result<(i64, Vec<Uuid>), sqlx::Error> {
+    let mut sql = Sql::new(
+        "WITH gone AS (DELETE FROM history_changes WHERE id = ANY (ARRAY (
                                SELECT id FROM history_changes WHERE relid = 0 LIMIT {limit}))
                            RETURNING tenant_id),
                   changed AS (SELECT DISTINCT tenant_id FROM gone),
@@ -318,12 +348,20 @@ pub async fn refresh(
                       WHERE p.tenant_id = c.tenant_id
                       RETURNING 1)
              SELECT (SELECT count(*) FROM gone), ARRAY (SELECT tenant_id FROM changed)",
-        );
-        sql.bind("limit", REFRESH_PASS)
-            .with("next_due", next_due(rule, "tn", "p"));
-        let (tenant_entries, tenants): (i64, Vec<Uuid>) =
-            sql.build_query_as().fetch_one(&mut *tx).await?;
-        let changed: Vec<(Oid, Uuid, i64, i64)> = sqlx::query_as(
+    );
+    sql.bind("limit", REFRESH_PASS)
+        .with("next_due", next_due(rule, "tn", "p"));
+    sql.build_query_as().fetch_one(&mut *tx).await
+}
+
+/// Consumes up to [`REFRESH_PASS`] logged row changes, oldest first, of ranges not being
+/// rewritten, rebuilt or changed by a layout change, and probes their pairs again. Returns the
+/// entries consumed and the `(range, tenant, tasks added)` pairs.
+async fn refresh_ranges(
+    tx: &mut PgConnection,
+    rule: &Rule,
+) -> Result<(i64, Vec<(Oid, Uuid, i64)>), sqlx::Error> {
+    let changed: Vec<(Oid, Uuid, i64, i64)> = sqlx::query_as(
             "WITH r AS (SELECT tasks_relid, events_relid FROM history_ranges h
                         WHERE rewrite_id IS NULL AND NOT EXISTS (SELECT 1 FROM history_range_rebuild_state b WHERE b.tasks_relid = h.tasks_relid)
                         FOR KEY SHARE SKIP LOCKED),
@@ -349,19 +387,13 @@ pub async fn refresh(
         .bind(REFRESH_PASS)
         .fetch_all(&mut *tx)
         .await?;
-        let entries: i64 = changed.iter().map(|c| c.3).sum();
-        let pairs: Vec<(Oid, Uuid, i64)> = changed
-            .into_iter()
-            .map(|(relid, tenant, delta, _)| (relid, tenant, delta))
-            .collect();
-        resummarise(&mut tx, &pairs, rule).await?;
-        tx.commit().await?;
-        refreshed.tenants += tenants.len() as u64;
-        refreshed.pairs += pairs.len() as u64;
-        if tenant_entries < REFRESH_PASS && entries < REFRESH_PASS {
-            return Ok(refreshed);
-        }
-    }
+    let entries: i64 = changed.iter().map(|c| c.3).sum();
+    let pairs: Vec<(Oid, Uuid, i64)> = changed
+        .into_iter()
+        .map(|(relid, tenant, delta, _)| (relid, tenant, delta))
+        .collect();
+    resummarise(&mut *tx, &pairs, rule).await?;
+    Ok((entries, pairs))
 }
 
 /// Probes each `(range, tenant, rows added)` pair again: its active tasks, and per final status
