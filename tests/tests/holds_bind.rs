@@ -281,3 +281,52 @@ async fn a_held_tasks_events_and_queue_item_survive_its_deletion_during_a_rewrit
     );
     assert_eq!(tasks_of(pool, daily).await, 0);
 }
+
+/// An operator's server defaults to REPEATABLE READ: the engine's deleting transactions still run
+/// under READ COMMITTED (the rules' check must read the rules as they are at its commit, not as of
+/// the transaction's first statement), so they work, and a hold binds them; and the check refuses
+/// to run in any transaction that is not READ COMMITTED.
+#[tokio::test]
+async fn deletes_run_read_committed_whatever_the_servers_default() {
+    let db = TestDatabase::new().await;
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let pool = &sqlx::PgPool::connect(&db.url).await.unwrap();
+    let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(isolation, "repeatable read");
+
+    let day = a_past_day(pool).await;
+    let at = day_start(day) + Span::hours(12);
+    let (due, held) = (
+        insert_tenant(pool, Some("1 day"), None).await,
+        insert_tenant(pool, Some("1 day"), None).await,
+    );
+    seed_tasks(pool, due, "succeeded", at, at + Span::hours(1), 10).await;
+    seed_tasks(pool, held, "succeeded", at, at + Span::hours(1), 10).await;
+    add_hold(pool, held).await;
+    run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
+    assert_eq!(tasks_of(pool, due).await, 0, "the due tenant's rows went");
+    assert_eq!(tasks_of(pool, held).await, 10, "the held tenant's stayed");
+
+    let mut tx = pool.begin().await.unwrap();
+    let error =
+        sqlx::query("SELECT retention_rules_unchanged((SELECT version FROM retention_rules))")
+            .execute(&mut *tx)
+            .await
+            .unwrap_err();
+    assert!(
+        error.to_string().contains("needs READ COMMITTED"),
+        "the check refused a REPEATABLE READ transaction: {error}"
+    );
+}

@@ -110,3 +110,58 @@ async fn an_orphan_batch_that_keeps_timing_out_ends_the_walk_not_the_run() {
     assert!(report.by_rule.contains(&("orphan-events", 1)), "{report:?}");
     assert_eq!(event_ids(pool).await, Vec::<i64>::new());
 }
+
+/// The late-orphans sweep lists the ranges once per run. A range swapped out meanwhile (a merge
+/// keeps its sources' names, so the name now reaches a detached table the merge's count reads)
+/// or changed by a layout change is not the range it listed: its batch deletes nothing there and
+/// says so, and the sweep's place does not move past it.
+#[tokio::test]
+async fn the_orphan_sweep_touches_only_the_range_it_listed() {
+    use repository::history::{deletes, ranges};
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let now = db_now(pool).await;
+    let day = a_past_day(pool).await;
+    let tenant = insert_tenant(pool, None, None).await;
+    let missing: TaskKey = (uuid::Uuid::new_v4(), day_start(day) + Span::hours(1));
+    insert_event(pool, tenant, missing, now - Span::days(2)).await;
+    let listed = ranges::all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.lower == Some(day_start(day)))
+        .unwrap();
+    let rule = repository::rule::Rule::new(now, Duration::from_secs(86_400));
+    let receipt = repository::receipts::RunReceipt::new(uuid::Uuid::now_v7(), "task-history");
+    let blocks = repository::heap::BlockRange { start: 0, end: 10 };
+    let sweep = |range: repository::history::Range| {
+        let (rule, receipt) = (rule.clone(), receipt.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let gone = deletes::delete_orphans_in_blocks(&mut tx, &range, blocks, &rule, &receipt)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            gone
+        }
+    };
+
+    // The same table under other bounds: what a merge that kept the name leaves the listing with.
+    let mut stale = listed.clone();
+    stale.upper = stale.upper.map(|u| u + Span::days(30));
+    assert_eq!(sweep(stale).await, None, "not the range listed");
+    // A layout change holding the range's record.
+    let mut carve = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE")
+        .bind(listed.tasks_relid)
+        .execute(&mut *carve)
+        .await
+        .unwrap();
+    assert_eq!(sweep(listed.clone()).await, None, "held by a layout change");
+    carve.rollback().await.unwrap();
+    assert_eq!(event_ids(pool).await.len(), 1, "the orphan is still there");
+
+    assert_eq!(sweep(listed).await, Some(1), "the range as listed");
+    assert!(event_ids(pool).await.is_empty());
+}

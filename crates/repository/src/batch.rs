@@ -168,9 +168,14 @@ where
     T::from_row(&row)
 }
 
-/// `BEGIN` and the `SET LOCAL`s of `limits`, as one simple query.
+/// `BEGIN` and the `SET LOCAL`s of `limits`, as one simple query. READ COMMITTED whatever the
+/// server's default: the rules' check before each deleting commit (`rule::confirm`) must read the
+/// rules as they are then, not as of the transaction's first statement.
 fn begin_statement(limits: BatchLimits) -> String {
-    format!("BEGIN; {}", set_locals(limits))
+    format!(
+        "BEGIN ISOLATION LEVEL READ COMMITTED; {}",
+        set_locals(limits)
+    )
 }
 
 /// The `SET LOCAL`s of `limits`. Every value is the engine's own (durations, fixed words):
@@ -194,9 +199,13 @@ fn millis(duration: Duration) -> String {
     format!("{}ms", duration.as_millis().max(1))
 }
 
-/// True when PostgreSQL gave up waiting for a lock (`lock_timeout`).
-pub fn is_lock_timeout(error: &sqlx::Error) -> bool {
-    error.as_database_error().and_then(|e| e.code()).as_deref() == Some("55P03")
+/// True when a lock was not had: PostgreSQL gave up waiting for it (`lock_timeout`, `55P03`), or
+/// broke a cycle of waits by cancelling this transaction (a deadlock, `40P01`). Either way the
+/// transaction is rolled back and nothing it did stays; every caller leaves the step to a later
+/// attempt, quietly.
+pub fn is_lock_not_had(error: &sqlx::Error) -> bool {
+    let code = error.as_database_error().and_then(|e| e.code());
+    matches!(code.as_deref(), Some("55P03" | "40P01"))
 }
 
 /// True when a statement hit `statement_timeout` or `lock_timeout`: the batch was rolled back and

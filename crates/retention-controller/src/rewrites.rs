@@ -269,7 +269,7 @@ async fn step(
         // Gone: another runner finished it (or gave it up).
         Ok(None) => return Ok(Step::Stop(Outcome::Waiting(NotNow::Taken))),
         // Another runner's step held it past the lock timeout.
-        Err(error) if batch::is_lock_timeout(&error) => {
+        Err(error) if batch::is_lock_not_had(&error) => {
             return Ok(Step::Stop(Outcome::Waiting(NotNow::Taken)))
         }
         Err(error) => return Err(error),

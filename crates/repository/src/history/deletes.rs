@@ -477,6 +477,7 @@ pub struct OrphanBatch {
 #[derive(FromRow)]
 struct OrphanSweepRow {
     deleted: i64,
+    present: bool,
     rules_version: i64,
 }
 
@@ -484,7 +485,9 @@ struct OrphanSweepRow {
 /// (their task absent from the range's tasks partition, where it would be), with their receipts,
 /// then confirms the rules: one pass over a range's events in block ranges finds every orphan,
 /// however it became one (its task deleted after the orphan walk passed it, in a range merged
-/// since, or while a hold kept it). Returns the events deleted, or `None` when the range is gone.
+/// since, or while a hold kept it). Returns the events deleted, or `None` when the range is gone
+/// or no longer has the bounds it was listed with (a rewrite swapped it out, a layout change
+/// holds it).
 pub async fn delete_orphans_in_blocks(
     conn: &mut PgConnection,
     range: &super::Range,
@@ -494,15 +497,24 @@ pub async fn delete_orphans_in_blocks(
 ) -> Result<Option<i64>, sqlx::Error> {
     let (from, to) = blocks.tids();
     let mut sql = Sql::new(
-        "WITH gone AS (
-             DELETE FROM {events} e WHERE e.ctid >= {from}::tid AND e.ctid < {to}::tid AND {due}
+        "WITH r AS MATERIALIZED ({planned}),
+         gone AS (
+             DELETE FROM {events} e
+             WHERE EXISTS (SELECT 1 FROM r) AND e.ctid >= {from}::tid AND e.ctid < {to}::tid AND {due}
              RETURNING e.tenant_id, e.created_at
          ), receipt AS (
              {receipt}
          )
-         SELECT (SELECT count(*) FROM gone) AS deleted, {version} AS rules_version",
+         SELECT (SELECT count(*) FROM gone) AS deleted, EXISTS (SELECT 1 FROM r) AS present,
+                {version} AS rules_version",
     );
-    sql.raw("events", &range.events_name)
+    // Tied to the range as listed: a merge swapped in meanwhile keeps its sources' names, and
+    // the detached sources (which its count reads) are not the range's any more.
+    sql.with(
+        "planned",
+        planned_range(range.tasks_relid, &range.lower_text(), &range.upper_text()),
+    )
+    .raw("events", &range.events_name)
         .bind("from", from)
         .bind("to", to)
         .with("due", rule.orphan_due("e", &range.tasks_name))
@@ -519,6 +531,9 @@ pub async fn delete_orphans_in_blocks(
         Err(error) if is_undefined_table(&error) => return Ok(None),
         Err(error) => return Err(error),
     };
+    if !row.present {
+        return Ok(None);
+    }
     if row.deleted > 0 {
         rule::confirm(conn, row.rules_version).await?;
     }

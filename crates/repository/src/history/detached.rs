@@ -70,7 +70,7 @@ pub async fn drop_recorded(pool: &PgPool, lock_timeout: Duration) -> Result<Drop
             Ok(Some(Ok(name))) => outcome.dropped.push(name),
             Ok(Some(Err(name))) => outcome.left_alone.push(name),
             Ok(None) => {}
-            Err(error) if crate::batch::is_lock_timeout(&error) => continue,
+            Err(error) if crate::batch::is_lock_not_had(&error) => continue,
             Err(error) => return Err(error),
         }
         sqlx::query("DELETE FROM history_detached WHERE relid = $1")

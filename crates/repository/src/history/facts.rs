@@ -77,7 +77,7 @@ pub async fn switch_to_all(
     .await
     {
         Ok(still) => still,
-        Err(error) if batch::is_lock_timeout(&error) => return Ok(false),
+        Err(error) if batch::is_lock_not_had(&error) => return Ok(false),
         Err(error) => return Err(error),
     };
     if still.as_deref() != Some(LogMode::Live.as_str()) {
@@ -102,7 +102,7 @@ pub async fn switch_to_all(
             tx.commit().await?;
             Ok(true)
         }
-        Err(error) if batch::is_lock_timeout(&error) => Ok(false),
+        Err(error) if batch::is_lock_not_had(&error) => Ok(false),
         Err(error) => Err(error),
     }
 }

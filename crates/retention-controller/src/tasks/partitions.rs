@@ -78,7 +78,7 @@ impl PartitionsTask {
         {
             Ok(carved) => carved,
             // A lock the DDL could not get in time: retried on the next run, not a failure.
-            Err(error) if batch::is_lock_timeout(&error) => {
+            Err(error) if batch::is_lock_not_had(&error) => {
                 tracing::warn!(
                     "could not lock the history tables in time to add days; retrying next run"
                 );

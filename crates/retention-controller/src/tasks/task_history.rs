@@ -312,6 +312,9 @@ impl TaskHistoryTask {
                 }
             }
         };
+        if deleted_here > 0 {
+            report.count("pairs walked", 1);
+        }
         Ok((outcome, deleted_here))
     }
 
@@ -684,7 +687,7 @@ impl TaskHistoryTask {
                 }
                 let pages = match heap::size(&ctx.pool, &range.events_name).await {
                     Ok(size) => i64::from(size.pages),
-                    Err(error) if deletes::is_undefined_table(&error) => break,
+                    Err(error) if deletes::is_undefined_table(&error) => return Ok(()),
                     Err(error) => return Err(error.into()),
                 };
                 if block >= pages {
@@ -707,14 +710,16 @@ impl TaskHistoryTask {
                         &receipt(ctx),
                     )
                     .await?;
-                    watermarks::set(&mut *tx, ORPHAN_SWEEP_NEXT, key).await?;
-                    watermarks::set(&mut *tx, ORPHAN_SWEEP_BLOCK, end).await?;
-                    watermarks::set(
-                        &mut *tx,
-                        ORPHAN_SWEEP_RELID,
-                        i64::from(range.events_relid.0),
-                    )
-                    .await?;
+                    if deleted.is_some() {
+                        watermarks::set(&mut *tx, ORPHAN_SWEEP_NEXT, key).await?;
+                        watermarks::set(&mut *tx, ORPHAN_SWEEP_BLOCK, end).await?;
+                        watermarks::set(
+                            &mut *tx,
+                            ORPHAN_SWEEP_RELID,
+                            i64::from(range.events_relid.0),
+                        )
+                        .await?;
+                    }
                     tx.commit().await?;
                     Ok(deleted)
                 }
@@ -727,8 +732,10 @@ impl TaskHistoryTask {
                         report.count("event pages swept", u64::from(blocks.pages()));
                         ctx.batch_done(elapsed, report, None).await;
                     }
-                    // The range was swapped out or dropped meanwhile: its rows are elsewhere now.
-                    Settled::Done(None) => break,
+                    // The range was swapped out or dropped meanwhile (its rows are in the range
+                    // that replaced it, whose end is at least this one's), or a layout change
+                    // holds it: the next run lists the ranges again and goes on from here.
+                    Settled::Done(None) => return Ok(()),
                     Settled::Retry(error) => {
                         tracing::warn!(%error, next_pages = sizer.size(), "orphan sweep batch timed out; retrying smaller")
                     }

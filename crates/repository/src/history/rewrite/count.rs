@@ -237,7 +237,7 @@ pub async fn finish(
     match lock(&mut tx, id).await {
         Ok(Some(rewrite)) if rewrite.counted() => {}
         Ok(_) => return tx.rollback().await.map(|()| false),
-        Err(error) if batch::is_lock_timeout(&error) => return Ok(false),
+        Err(error) if batch::is_lock_not_had(&error) => return Ok(false),
         Err(error) => return Err(error),
     }
     let recorded: Vec<(sqlx::postgres::types::Oid, String)> = sqlx::query_as(
@@ -250,7 +250,7 @@ pub async fn finish(
         match crate::history::detached::drop_if_ours(&mut tx, relid, &relname).await {
             Ok(_) => {}
             // Someone is reading it: the next run drops it.
-            Err(error) if batch::is_lock_timeout(&error) => {
+            Err(error) if batch::is_lock_not_had(&error) => {
                 tx.rollback().await?;
                 return Ok(false);
             }

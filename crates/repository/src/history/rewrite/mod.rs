@@ -273,7 +273,7 @@ pub async fn in_progress(conn: &mut PgConnection) -> Result<Vec<Rewrite>, sqlx::
 
 /// The rewrite `id`, locked for the caller's transaction (the step it is about to take), or
 /// `None` when it is gone. Another runner's step on it is waited for (up to the transaction's
-/// `lock_timeout`: then the error says so, see `batch::is_lock_timeout`).
+/// `lock_timeout`: then the error says so, see `batch::is_lock_not_had`).
 pub async fn lock(conn: &mut PgConnection, id: i64) -> Result<Option<Rewrite>, sqlx::Error> {
     let row: Option<RewriteRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM history_rewrites WHERE id = $1 FOR UPDATE"
@@ -403,7 +403,7 @@ pub async fn start(
     match take_layout_lock(&mut tx, wait).await {
         Ok(true) => {}
         Ok(false) => return not_now(tx, NotNow::LayoutBusy).await,
-        Err(error) if batch::is_lock_timeout(&error) => {
+        Err(error) if batch::is_lock_not_had(&error) => {
             return not_now(tx, NotNow::LayoutBusy).await
         }
         Err(error) => return Err(error),
@@ -419,7 +419,7 @@ pub async fn start(
     .await
     {
         Ok(locked) => locked,
-        Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::SourcesBusy).await,
+        Err(error) if batch::is_lock_not_had(&error) => return not_now(tx, NotNow::SourcesBusy).await,
         Err(error) => return Err(error),
     };
     if locked.len() != sources.len() {
@@ -482,7 +482,7 @@ pub async fn start(
         .await
         {
             Ok(()) => {}
-            Err(error) if batch::is_lock_timeout(&error) => {
+            Err(error) if batch::is_lock_not_had(&error) => {
                 return not_now(tx, NotNow::LockTimeout).await
             }
             Err(error) if batch::is_retryable(&error) => {
@@ -500,8 +500,21 @@ pub async fn start(
 /// took away): the sources log as before (DDL that waits up to `lock_timeout` for their
 /// writers), the new tables are dropped (by OID, while they still carry the names they were
 /// created with and are not partitions), and the record goes. Returns false when another runner
-/// holds the rewrite, or it is past its swap.
+/// holds the rewrite, it is past its swap, or a lock was not had (in time, or at all: a deadlock
+/// with a writer): the rewrite stays as it was, for a later run.
 pub async fn abandon(
+    pool: &PgPool,
+    id: i64,
+    limits: BatchLimits,
+    lock_timeout: Duration,
+) -> Result<bool, sqlx::Error> {
+    match abandon_now(pool, id, limits, lock_timeout).await {
+        Err(error) if batch::is_lock_not_had(&error) => Ok(false),
+        result => result,
+    }
+}
+
+async fn abandon_now(
     pool: &PgPool,
     id: i64,
     limits: BatchLimits,
@@ -511,7 +524,7 @@ pub async fn abandon(
     let rewrite = match lock(&mut tx, id).await {
         Ok(Some(rewrite)) if rewrite.phase.before_swap() => rewrite,
         Ok(_) => return tx.rollback().await.map(|()| false),
-        Err(error) if batch::is_lock_timeout(&error) => return Ok(false),
+        Err(error) if batch::is_lock_not_had(&error) => return Ok(false),
         Err(error) => return Err(error),
     };
     let marked: Vec<(Oid, Oid, String)> =

@@ -44,7 +44,7 @@ pub async fn swap(
     match take_layout_lock(&mut tx, true).await {
         Ok(true) => {}
         Ok(false) => return not_now(tx, NotNow::LayoutBusy).await,
-        Err(error) if batch::is_lock_timeout(&error) => {
+        Err(error) if batch::is_lock_not_had(&error) => {
             return not_now(tx, NotNow::LayoutBusy).await
         }
         Err(error) => return Err(error),
@@ -52,7 +52,7 @@ pub async fn swap(
     let rewrite = match lock(&mut tx, id).await {
         Ok(Some(rewrite)) if rewrite.phase == Phase::CatchUp => rewrite,
         Ok(_) => return not_now(tx, NotNow::Taken).await,
-        Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::Taken).await,
+        Err(error) if batch::is_lock_not_had(&error) => return not_now(tx, NotNow::Taken).await,
         Err(error) => return Err(error),
     };
     let relids: Vec<Oid> = rewrite.sources.iter().map(|s| s.tasks_relid).collect();
@@ -65,7 +65,7 @@ pub async fn swap(
         {
             Ok(locked) => locked,
             // A row-delete batch holds a source's row for a moment: try again soon.
-            Err(error) if batch::is_lock_timeout(&error) => return not_now(tx, NotNow::SourcesBusy).await,
+            Err(error) if batch::is_lock_not_had(&error) => return not_now(tx, NotNow::SourcesBusy).await,
             Err(error) => return Err(error),
         };
     if locked.len() != relids.len() {
@@ -85,7 +85,7 @@ pub async fn swap(
         .collect();
     match ranges::lock_parents(&mut tx, &names, lock_timeout).await {
         Ok(()) => {}
-        Err(error) if batch::is_lock_timeout(&error) => {
+        Err(error) if batch::is_lock_not_had(&error) => {
             return not_now(tx, NotNow::LockTimeout).await
         }
         // A writer locked `task_events` before `tasks` in one transaction while the swap held
