@@ -46,22 +46,12 @@ async fn the_history_tasks_never_fail_each_other() {
         // that run can miss the due rows of the last days carved; the next run deletes them.
         // Until that is fixed the claim tested is "nothing due is left after the next run", and
         // the race stays in the open below.
-        let rule = repository::rule::Rule::new(now, std::time::Duration::from_secs(86_400));
-        let mut missed = repository::sql::Sql::new(
-            "SELECT count(*) FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id WHERE {due}",
-        );
-        missed.with("due", rule.task_due("t", "tn"));
-        let missed: i64 = missed.build_query_scalar().fetch_one(pool).await.unwrap();
+        let missed = due_left(pool, now).await;
         if missed > 0 {
             eprintln!("round {round}: the known race left {missed} due rows to the next run");
             run_task(&history, pool).await;
         }
-        let rule = repository::rule::Rule::new(now, std::time::Duration::from_secs(86_400));
-        let mut count = repository::sql::Sql::new(
-            "SELECT count(*) FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id WHERE {due}",
-        );
-        count.with("due", rule.task_due("t", "tn"));
-        let due_left: i64 = count.build_query_scalar().fetch_one(pool).await.unwrap();
+        let due_left = due_left(pool, now).await;
         assert_eq!(due_left, 0, "round {round}: {a:?} {b:?}");
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
             .fetch_one(pool)
@@ -209,4 +199,14 @@ async fn a_plan_sees_the_layout_and_the_rows_as_of_one_moment() {
         vec![],
         "the run that ended done left the deleted tenant's task: {report:?}"
     );
+}
+
+/// Tasks due by the rule at `now`.
+async fn due_left(pool: &sqlx::PgPool, now: chrono::DateTime<chrono::Utc>) -> i64 {
+    let rule = repository::rule::Rule::new(now, std::time::Duration::from_secs(86_400));
+    let mut count = repository::sql::Sql::new(
+        "SELECT count(*) FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id WHERE {due}",
+    );
+    count.with("due", rule.task_due("t", "tn"));
+    count.build_query_scalar().fetch_one(pool).await.unwrap()
 }

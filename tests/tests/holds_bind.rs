@@ -129,12 +129,7 @@ async fn a_hold_waits_for_a_delete_that_confirmed_the_rules_before_it() {
     let at = day_start(day) + Span::hours(12);
     let tenant = insert_tenant(pool, Some("1 day"), None).await;
     seed_tasks(pool, tenant, "succeeded", at, at + Span::hours(1), 10).await;
-    let range = repository::history::ranges::all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.lower == Some(day_start(day)))
-        .unwrap();
+    let range = range_of_day(pool, day).await;
     let rule = repository::rule::Rule::new(now, Duration::from_secs(86_400));
     let receipt = repository::receipts::RunReceipt::new(Uuid::now_v7(), "task-history");
     let mut delete = pool.begin().await.unwrap();

@@ -19,15 +19,6 @@ fn history() -> TaskHistoryTask {
     TaskHistoryTask::new(TaskHistorySettings::default())
 }
 
-/// These tests are about the walk of new event ids: the daily sweep of every range's events
-/// (which finds orphans too) is made not due.
-async fn swept_just_now(pool: &sqlx::PgPool) {
-    let now = db_now(pool).await.timestamp();
-    repository::watermarks::set(pool, "task-history.orphan-sweep.swept-at", now)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn an_orphan_event_committed_late_below_the_watermark_is_still_found() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -117,7 +108,7 @@ async fn an_orphan_batch_that_keeps_timing_out_ends_the_walk_not_the_run() {
 /// says so, and the sweep's place does not move past it.
 #[tokio::test]
 async fn the_orphan_sweep_touches_only_the_range_it_listed() {
-    use repository::history::{deletes, ranges};
+    use repository::history::deletes;
     let _turn = ONE_AT_A_TIME.lock().await;
     let db = TestDatabase::new().await;
     let pool = &db.pool;
@@ -126,12 +117,7 @@ async fn the_orphan_sweep_touches_only_the_range_it_listed() {
     let tenant = insert_tenant(pool, None, None).await;
     let missing: TaskKey = (uuid::Uuid::new_v4(), day_start(day) + Span::hours(1));
     insert_event(pool, tenant, missing, now - Span::days(2)).await;
-    let listed = ranges::all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.lower == Some(day_start(day)))
-        .unwrap();
+    let listed = range_of_day(pool, day).await;
     let rule = repository::rule::Rule::new(now, Duration::from_secs(86_400));
     let receipt = repository::receipts::RunReceipt::new(uuid::Uuid::now_v7(), "task-history");
     let blocks = repository::heap::BlockRange { start: 0, end: 10 };

@@ -382,3 +382,22 @@ pub fn show_logs() {
             .try_init();
     }
 }
+
+/// The range whose lower bound is the start of `day`.
+pub async fn range_of_day(pool: &PgPool, day: chrono::NaiveDate) -> repository::history::Range {
+    repository::history::ranges::all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.lower == Some(day_start(day)))
+        .unwrap()
+}
+
+/// Makes the daily sweep of every range's events (which finds orphans too) not due: for tests of
+/// another path that must not share its run with it.
+pub async fn swept_just_now(pool: &PgPool) {
+    let now = db_now(pool).await.timestamp();
+    repository::watermarks::set(pool, "task-history.orphan-sweep.swept-at", now)
+        .await
+        .unwrap();
+}
