@@ -412,7 +412,7 @@ async fn orphan_maker(
         for _ in 0..2 {
             added.insert(insert_event(&pool, tenant, task, created).await);
         }
-        if n % 4 != 0 {
+        if !n.is_multiple_of(4) {
             sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2")
                 .bind(task.0)
                 .bind(task.1)

@@ -35,18 +35,33 @@ pub struct TableSize {
     pub rows: f64,
 }
 
+/// The size of a table that always exists (`sessions`, `queue_items`).
 pub async fn size(executor: impl PgExecutor<'_>, table: &str) -> Result<TableSize, sqlx::Error> {
-    let (pages, rows): (i64, f32) = sqlx::query_as(
+    size_if_present(executor, table)
+        .await?
+        .ok_or(sqlx::Error::RowNotFound)
+}
+
+/// The size of a table a rewrite or a carve may have dropped since it was planned: `None` when
+/// it is gone, including dropped while this statement ran (the catalog row still visible to its
+/// snapshot, the relation no longer there to measure: `pg_relation_size` answers NULL).
+pub async fn size_if_present(
+    executor: impl PgExecutor<'_>,
+    table: &str,
+) -> Result<Option<TableSize>, sqlx::Error> {
+    let row: Option<(Option<i64>, f32)> = sqlx::query_as(
         "SELECT pg_relation_size(c.oid) / current_setting('block_size')::bigint, greatest(c.reltuples, 0)
-         FROM pg_class c WHERE c.oid = $1::regclass",
+         FROM pg_class c WHERE c.oid = to_regclass($1)",
     )
     .bind(table)
-    .fetch_one(executor)
+    .fetch_optional(executor)
     .await?;
-    Ok(TableSize {
-        pages: u32::try_from(pages).unwrap_or(u32::MAX),
-        rows: f64::from(rows),
-    })
+    Ok(row.and_then(|(pages, rows)| {
+        Some(TableSize {
+            pages: u32::try_from(pages?).unwrap_or(u32::MAX),
+            rows: f64::from(rows),
+        })
+    }))
 }
 
 /// Statistics target of the ANALYZE after a purge: a sample of 300 x 10 = 3,000 pages instead of

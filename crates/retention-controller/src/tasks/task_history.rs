@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use repository::batch::{self, BatchLimits};
 use repository::history::deletes::{self, PairRef, Walk};
-use repository::history::facts::{self, Pair};
+use repository::history::facts::{self, Pair, ProbeScope};
 use repository::history::{previews, ranges, Range, RangeKind};
 use repository::receipts::RunReceipt;
 use repository::rule::Rule;
@@ -167,8 +167,18 @@ impl TaskHistoryTask {
         let bound = facts::probe_bound(&mut *tx, &rule).await?;
         let may_hold_due =
             |r: &&Range| bound.is_some_and(|b| r.lower.is_none_or(|lower| lower <= b));
-        for range in all.iter().filter(|r| r.is_live()).filter(may_hold_due) {
-            for probed in facts::probe(&mut *tx, range, &rule).await? {
+        // Live ranges are probed whole; any other whose change log still waits (another runner
+        // applying it in passes) for the tenants it names.
+        let pending = facts::with_pending_changes(&mut *tx).await?;
+        for range in all.iter().filter(may_hold_due) {
+            let scope = if range.is_live() {
+                ProbeScope::AllTenants
+            } else if pending.contains(&range.tasks_relid) {
+                ProbeScope::PendingChanges
+            } else {
+                continue;
+            };
+            for probed in facts::probe(&mut *tx, range, &rule, scope).await? {
                 if !pairs
                     .iter()
                     .any(|p| p.tasks_relid == probed.tasks_relid && p.tenant_id == probed.tenant_id)
@@ -334,12 +344,11 @@ impl TaskHistoryTask {
         if due < SWEEP_ROWS_PER_PAGE * f64::from(SWEEP_MIN_PAGES) {
             return Ok(None);
         }
-        let pages = match heap::size(&ctx.pool, &range.tasks_name).await {
-            Ok(size) => size.pages,
+        let Some(size) = heap::size_if_present(&ctx.pool, &range.tasks_name).await? else {
             // Dropped since it was planned: the row deletes find it missing.
-            Err(error) if deletes::is_undefined_table(&error) => return Ok(None),
-            Err(error) => return Err(error.into()),
+            return Ok(None);
         };
+        let pages = size.pages;
         let pays = pages >= SWEEP_MIN_PAGES && due >= SWEEP_ROWS_PER_PAGE * f64::from(pages);
         tracing::debug!(
             range = range.tasks_name,
@@ -685,11 +694,10 @@ impl TaskHistoryTask {
                     report.completion = stop;
                     return Ok(());
                 }
-                let pages = match heap::size(&ctx.pool, &range.events_name).await {
-                    Ok(size) => i64::from(size.pages),
-                    Err(error) if deletes::is_undefined_table(&error) => return Ok(()),
-                    Err(error) => return Err(error.into()),
+                let Some(size) = heap::size_if_present(&ctx.pool, &range.events_name).await? else {
+                    return Ok(());
                 };
+                let pages = i64::from(size.pages);
                 if block >= pages {
                     break;
                 }
