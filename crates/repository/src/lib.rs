@@ -12,6 +12,8 @@ pub mod history;
 pub mod holds;
 pub mod lease;
 pub mod maintenance;
+pub mod outbox;
+pub mod payloads;
 pub mod queue_items;
 pub mod receipts;
 pub mod replication;

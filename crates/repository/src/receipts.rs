@@ -30,17 +30,31 @@ impl RunReceipt {
 /// order, so that statements adding to the same receipts at once (a parallel sweep) wait for each
 /// other but never deadlock.
 pub(crate) fn add(receipt: &RunReceipt, rows: &str) -> Fragment {
-    Fragment::text("INSERT INTO retention_receipts AS rr (run_id, task, tenant_id, rule, tasks, events, queue_items, oldest, newest) SELECT ")
+    add_with_dependents(
+        receipt,
+        &format!(
+            "SELECT y.tenant_id, y.rule, y.tasks, y.events, y.queue_items, 0, 0, 0, y.oldest, y.newest
+             FROM ({rows}) AS y(tenant_id, rule, tasks, events, queue_items, oldest, newest)"
+        ),
+    )
+}
+
+/// [`add`] for statements that delete tasks: `rows` also yields, after `queue_items`, the
+/// payloads, log lines and stored objects (payloads kept outside the database, their deletion
+/// now in the outbox) that went with them.
+pub(crate) fn add_with_dependents(receipt: &RunReceipt, rows: &str) -> Fragment {
+    Fragment::text("INSERT INTO retention_receipts AS rr (run_id, task, tenant_id, rule, tasks, events, queue_items, payloads, logs, objects, oldest, newest) SELECT ")
         .bind(receipt.run_id)
         .push(", ")
         .bind(receipt.task.clone())
         .push(format!(
-            ", x.tenant_id, x.rule, x.tasks, x.events, x.queue_items, x.oldest, x.newest
-             FROM ({rows}) AS x(tenant_id, rule, tasks, events, queue_items, oldest, newest)
+            ", x.tenant_id, x.rule, x.tasks, x.events, x.queue_items, x.payloads, x.logs, x.objects, x.oldest, x.newest
+             FROM ({rows}) AS x(tenant_id, rule, tasks, events, queue_items, payloads, logs, objects, oldest, newest)
              ORDER BY x.tenant_id, x.rule
              ON CONFLICT (run_id, tenant_id, rule) DO UPDATE
              SET tasks = rr.tasks + excluded.tasks, events = rr.events + excluded.events,
-                 queue_items = rr.queue_items + excluded.queue_items,
+                 queue_items = rr.queue_items + excluded.queue_items, payloads = rr.payloads + excluded.payloads,
+                 logs = rr.logs + excluded.logs, objects = rr.objects + excluded.objects,
                  oldest = least(rr.oldest, excluded.oldest), newest = greatest(rr.newest, excluded.newest), last_at = now()"
         ))
 }
@@ -57,6 +71,10 @@ pub struct Receipt {
     pub tasks: i64,
     pub events: i64,
     pub queue_items: i64,
+    /// Payloads, log lines and stored objects (external payloads, their deletion in the outbox).
+    pub payloads: i64,
+    pub logs: i64,
+    pub objects: i64,
     /// The earliest and latest instant the rule counted from among the rows deleted (a task's
     /// finish, else its insertion; an orphan event's creation).
     pub oldest: Option<DateTime<Utc>>,
@@ -74,7 +92,7 @@ pub async fn list(
     limit: i64,
 ) -> Result<Vec<Receipt>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT r.run_id, r.tenant_id, tn.slug, r.rule, r.task, r.tasks, r.events, r.queue_items, r.oldest, r.newest,
+        "SELECT r.run_id, r.tenant_id, tn.slug, r.rule, r.task, r.tasks, r.events, r.queue_items, r.payloads, r.logs, r.objects, r.oldest, r.newest,
                 r.first_at, r.last_at
          FROM retention_receipts r LEFT JOIN tenants tn ON tn.id = r.tenant_id
          WHERE ($1::uuid IS NULL OR r.tenant_id = $1) AND ($2::timestamptz IS NULL OR r.first_at >= $2)

@@ -197,6 +197,27 @@ impl Rule {
         .push(")")
     }
 
+    /// Whether log line `l` (with `created_at`, `tenant_id`, `task_id`) is due by the log window:
+    /// older than tenant `tn`'s `log_retention_period`, else `default_window`
+    /// (`retention.task_logs.max_age`), and no hold covers its task. Log lines also leave with
+    /// their task, whatever their age.
+    pub fn log_due(&self, l: &str, tn: &str, default_window: Duration) -> Fragment {
+        Fragment::text(format!("({l}.created_at < "))
+            .then(self.log_cutoff(tn, default_window))
+            .push(" AND NOT ")
+            .then(self.held(&format!("{l}.tenant_id"), &format!("{l}.task_id")))
+            .push(")")
+    }
+
+    /// The instant before which tenant `tn`'s log lines are due by the log window.
+    pub fn log_cutoff(&self, tn: &str, default_window: Duration) -> Fragment {
+        Fragment::text("(")
+            .bind(self.now)
+            .push(format!(" - coalesce({tn}.log_retention_period, "))
+            .bind(interval(default_window))
+            .push("))")
+    }
+
     /// Whether a hold covers the task `task` of tenant `tenant` (SQL expressions; `task` NULL: the
     /// whole tenant) at `now`. The one hold check: every part of the rule, and the planning that
     /// leaves held tenants alone, go through it. The holds in force are read once per use (two

@@ -121,6 +121,7 @@ pub struct RetentionSettings {
     pub sessions: SessionsSettings,
     pub queue_items: QueueItemsSettings,
     pub task_history: TaskHistorySettings,
+    pub task_logs: TaskLogsSettings,
     pub partitions: PartitionsSettings,
 }
 
@@ -136,6 +137,7 @@ impl Default for RetentionSettings {
             sessions: SessionsSettings::default(),
             queue_items: QueueItemsSettings::default(),
             task_history: TaskHistorySettings::default(),
+            task_logs: TaskLogsSettings::default(),
             partitions: PartitionsSettings::default(),
         }
     }
@@ -347,6 +349,26 @@ pub struct TaskHistorySettings {
     pub receipts_keep: Duration,
 }
 
+/// `retention.task_logs.*`: the log lines' own window. `task-history` deletes them (log lines
+/// also leave with their task, whatever their age).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskLogsSettings {
+    /// Log lines older than this go, for tenants without a `log_retention_period` of their own.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+pub const DEFAULT_LOG_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
+
+impl Default for TaskLogsSettings {
+    fn default() -> Self {
+        TaskLogsSettings {
+            max_age: DEFAULT_LOG_MAX_AGE,
+        }
+    }
+}
+
 /// Deletion receipts are kept this long by default: over a year, for yearly audits.
 pub const DEFAULT_RECEIPTS_KEEP: Duration = Duration::from_secs(400 * 86_400);
 
@@ -507,6 +529,12 @@ impl RetentionSettings {
             format!("{prefix}.throttle.check_interval"),
             throttle.check_interval,
             Duration::from_millis(100)..=10 * SECOND,
+        );
+        check_duration(
+            &mut errors,
+            key("task_logs", "max_age"),
+            self.task_logs.max_age,
+            MINUTE..=Duration::from_secs(100 * 365 * 86_400),
         );
         let pacing = &self.pacing;
         // A batch is one transaction: longer ones hold their row locks and WAL that long.

@@ -227,6 +227,9 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
         item_due: false,
     });
     matrix.children.push(held_task);
+    matrix
+        .dependents
+        .push(super::matrix::payload_and_log(pool, t.a, held_key).await);
     matrix.deleted_tenants_tasks(pool, now, at, &t).await;
     matrix.orphans(pool, now, at, &t).await;
     let ctx = context(pool, now);

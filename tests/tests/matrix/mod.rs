@@ -64,6 +64,9 @@ pub struct Matrix {
     /// Tasks, each with one event and one queue item (`children`).
     pub tasks: Vec<Fated<TaskKey>>,
     pub children: Vec<(TaskKey, i64, i64)>,
+    /// Each task's external payload (id, key) and log line (written now: never due by the log
+    /// window), which leave with it.
+    pub dependents: Vec<(i64, String, i64)>,
     /// Events whose task does not exist.
     pub orphans: Vec<Fated<i64>>,
     /// Queue items whose task does not exist.
@@ -156,6 +159,8 @@ impl Matrix {
             item_due: row.item_due,
         });
         self.children.push(children);
+        self.dependents
+            .push(payload_and_log(pool, row.tenant, children.0).await);
         children.0
     }
 
@@ -455,6 +460,34 @@ impl Matrix {
                 }
             }
         }
+        let payloads: BTreeSet<i64> = sqlx::query_scalar("SELECT id FROM task_payloads")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        let logs: BTreeSet<i64> = sqlx::query_scalar("SELECT id FROM task_logs")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        let released: BTreeSet<String> = sqlx::query_scalar("SELECT object_key FROM object_deletions")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        for (task, (payload, key, log)) in self.tasks.iter().zip(&self.dependents) {
+            let gone = scope == Scope::Tasks && task.due;
+            check(payloads.contains(payload), gone, &format!("{}'s payload", task.what));
+            check(logs.contains(log), gone, &format!("{}'s log line", task.what));
+            check(
+                !released.contains(key),
+                gone,
+                &format!("{}'s object (in the outbox)", task.what),
+            );
+        }
         for orphan in &self.orphans {
             let gone = matches!(scope, Scope::Tasks | Scope::Orphans) && orphan.due;
             check(events.contains(&orphan.key), gone, &orphan.what);
@@ -487,4 +520,33 @@ impl Matrix {
                 || v.contains("held by its id")
         })
     }
+}
+
+/// An external payload (its key as the engine would make it) and a log line written now, of
+/// `task`.
+pub async fn payload_and_log(pool: &PgPool, tenant: Uuid, task: TaskKey) -> (i64, String, i64) {
+    use repository::payloads::{self, Content, Kind};
+    let id = payloads::reserve_id(pool).await.unwrap();
+    let key = format!(
+        "payloads/{tenant}/{}/{id}",
+        task.1.date_naive().format("%Y-%m-%d")
+    );
+    payloads::insert(
+        pool,
+        id,
+        tenant,
+        task,
+        Kind::Input,
+        &Content::External {
+            key: key.clone(),
+            size: 10,
+        },
+    )
+    .await
+    .unwrap();
+    let now = db_now(pool).await;
+    let log = payloads::insert_log(pool, tenant, task, now, "info", "started")
+        .await
+        .unwrap();
+    (id, key, log)
 }

@@ -16,6 +16,7 @@ use sqlx::postgres::types::Oid;
 use sqlx::{FromRow, PgConnection, PgExecutor};
 use uuid::Uuid;
 
+use super::dependents::{self, Victims};
 use crate::receipts::{self, RunReceipt};
 use crate::rule::{self, Rule};
 use crate::sql::Sql;
@@ -51,6 +52,10 @@ pub struct Deleted {
     pub tasks: i64,
     pub events: i64,
     pub queue_items: i64,
+    pub payloads: i64,
+    pub logs: i64,
+    /// Payloads stored outside the database: their objects' deletion is now in the outbox.
+    pub objects: i64,
 }
 
 /// One batch's outcome.
@@ -71,6 +76,9 @@ struct BatchRow {
     tasks: i64,
     events: i64,
     queue_items: i64,
+    payloads: i64,
+    logs: i64,
+    objects: i64,
     examined: i64,
     present: bool,
     last_key: Option<String>,
@@ -134,6 +142,7 @@ pub async fn delete_batch(
          victims AS MATERIALIZED (
              SELECT c.id, c.inserted_at FROM candidates c, tn WHERE {due}
          ),
+         {dependents},
          events AS (
              DELETE FROM {events} e USING victims v
              WHERE e.task_id = v.id AND e.task_inserted_at = v.inserted_at RETURNING 1
@@ -148,7 +157,9 @@ pub async fn delete_batch(
              {receipt}
          )
          SELECT (SELECT count(*) FROM gone) AS tasks, (SELECT count(*) FROM events) AS events,
-                (SELECT count(*) FROM queue) AS queue_items, (SELECT count(*) FROM candidates) AS examined,
+                (SELECT count(*) FROM queue) AS queue_items, (SELECT count(*) FROM payloads) AS payloads,
+                (SELECT count(*) FROM logs) AS logs, (SELECT count(*) FROM payloads WHERE external) AS objects,
+                (SELECT count(*) FROM candidates) AS examined,
                 EXISTS (SELECT 1 FROM r) AS present,
                 (SELECT max(key)::text FROM gone) AS last_key, (SELECT max(id::text)::uuid FROM gone) AS last_id,
                 {version} AS rules_version",
@@ -188,13 +199,26 @@ pub async fn delete_batch(
         .with("due", rule.task_due("c", "tn"))
         .with(
             "receipt",
-            receipts::add(
+            receipts::add_with_dependents(
                 receipt,
                 "SELECT tn.id, CASE WHEN tn.deleted_at IS NULL THEN 'retention' ELSE 'deleted-tenants' END,
-                        g.tasks, (SELECT count(*) FROM events), (SELECT count(*) FROM queue), g.oldest, g.newest
+                        g.tasks, (SELECT count(*) FROM events), (SELECT count(*) FROM queue),
+                        (SELECT count(*) FROM payloads), (SELECT count(*) FROM logs),
+                        (SELECT count(*) FROM payloads WHERE external), g.oldest, g.newest
                  FROM tn, (SELECT count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM gone) g
                  WHERE g.tasks > 0",
             ),
+        )
+        .with(
+            "dependents",
+            dependents::delete_ctes(&Victims {
+                cte: "victims",
+                id: "id",
+                inserted_at: "inserted_at",
+                lower: pair.lower.clone(),
+                upper: pair.upper.clone(),
+                only_if_gone: false,
+            }),
         )
         .raw("version", rule::VERSION);
     let result: Result<BatchRow, sqlx::Error> = sql.build_query_as().fetch_one(&mut *conn).await;
@@ -229,6 +253,9 @@ pub async fn delete_batch(
             tasks: row.tasks,
             events: row.events,
             queue_items: row.queue_items,
+            payloads: row.payloads,
+            logs: row.logs,
+            objects: row.objects,
         },
         examined: row.examined,
         range_missing: !row.present,
@@ -250,6 +277,9 @@ pub struct SweepBatch {
     pub tenants: Vec<TenantGone>,
     pub events: i64,
     pub queue_items: i64,
+    pub payloads: i64,
+    pub logs: i64,
+    pub objects: i64,
     /// As in [`Batch::range_missing`].
     pub range_missing: bool,
 }
@@ -258,6 +288,9 @@ pub struct SweepBatch {
 struct SweepRow {
     events: i64,
     queue_items: i64,
+    payloads: i64,
+    logs: i64,
+    objects: i64,
     present: bool,
     tenant_ids: Vec<Uuid>,
     purged: Vec<bool>,
@@ -299,7 +332,7 @@ pub async fn delete_block_range(
                AND tn.id = t.tenant_id AND {due}
              RETURNING t.id, t.inserted_at, t.tenant_id, tn.deleted_at IS NOT NULL AS purged,
                        coalesce(t.finished_at, t.inserted_at) AS key
-         ), events AS (
+         ), {dependents}, events AS (
              DELETE FROM {events} e USING gone g WHERE e.task_id = g.id AND e.task_inserted_at = g.inserted_at
              RETURNING e.tenant_id
          ), queue AS (
@@ -311,6 +344,8 @@ pub async fn delete_block_range(
              {receipt}
          )
          SELECT (SELECT count(*) FROM events) AS events, (SELECT count(*) FROM queue) AS queue_items,
+                (SELECT count(*) FROM payloads) AS payloads, (SELECT count(*) FROM logs) AS logs,
+                (SELECT count(*) FROM payloads WHERE external) AS objects,
                 EXISTS (SELECT 1 FROM r) AS present,
                 coalesce((SELECT array_agg(tenant_id ORDER BY tenant_id) FROM by_tenant), '{{}}') AS tenant_ids,
                 coalesce((SELECT array_agg(purged ORDER BY tenant_id) FROM by_tenant), '{{}}') AS purged,
@@ -325,14 +360,27 @@ pub async fn delete_block_range(
         .with("due", rule.task_due("t", "tn"))
         .with(
             "receipt",
-            receipts::add(
+            receipts::add_with_dependents(
                 receipt,
-                "SELECT b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END, b.tasks,
-                        coalesce(e.n, 0), coalesce(q.n, 0), b.oldest, b.newest
+                &format!("SELECT b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END, b.tasks,
+                        coalesce(e.n, 0), coalesce(q.n, 0), coalesce(d.payloads, 0), coalesce(d.logs, 0),
+                        coalesce(d.objects, 0), b.oldest, b.newest
                  FROM by_tenant b
                  LEFT JOIN (SELECT tenant_id, count(*) AS n FROM events GROUP BY tenant_id) e ON e.tenant_id = b.tenant_id
-                 LEFT JOIN (SELECT tenant_id, count(*) AS n FROM queue GROUP BY tenant_id) q ON q.tenant_id = b.tenant_id",
+                 LEFT JOIN (SELECT tenant_id, count(*) AS n FROM queue GROUP BY tenant_id) q ON q.tenant_id = b.tenant_id
+                 LEFT JOIN {by_tenant} d ON d.tenant_id = b.tenant_id", by_tenant = dependents::BY_TENANT),
             ),
+        )
+        .with(
+            "dependents",
+            dependents::delete_ctes(&Victims {
+                cte: "gone",
+                id: "id",
+                inserted_at: "inserted_at",
+                lower: range.lower_text(),
+                upper: range.upper_text(),
+                only_if_gone: false,
+            }),
         )
         .raw("version", rule::VERSION);
     let result: Result<SweepRow, sqlx::Error> = sql.build_query_as().fetch_one(&mut *conn).await;
@@ -364,6 +412,9 @@ pub async fn delete_block_range(
         tenants,
         events: row.events,
         queue_items: row.queue_items,
+        payloads: row.payloads,
+        logs: row.logs,
+        objects: row.objects,
         range_missing: !row.present,
     })
 }

@@ -21,6 +21,7 @@
 
 pub mod costs;
 pub mod deletes;
+pub mod dependents;
 pub mod detached;
 pub mod facts;
 pub mod previews;

@@ -22,7 +22,8 @@ pub fn all(settings: &RetentionSettings) -> Vec<Arc<dyn MaintenanceTask>> {
         Arc::new(
             task_history::TaskHistoryTask::new(settings.task_history.clone())
                 .with_compaction_lock_timeout(settings.partitions.lock_timeout)
-                .with_orphan_sweep_interval(settings.queue_items.sweep_interval),
+                .with_orphan_sweep_interval(settings.queue_items.sweep_interval)
+                .with_log_window(settings.task_logs.max_age),
         ),
         Arc::new(queue_items::QueueItemsTask::new(
             settings.queue_items.clone(),

@@ -133,6 +133,38 @@ impl PartitionsTask {
     }
 }
 
+impl PartitionsTask {
+    /// The day partitions of task payloads and logs: made for the days the history ranges are
+    /// made for (today through the days ahead), and dropped once empty two days after their day.
+    async fn shape_payload_days(
+        &self,
+        pool: &PgPool,
+        now: chrono::DateTime<chrono::Utc>,
+        report: &mut RunReport,
+    ) -> Result<(), TaskError> {
+        let today = now.date_naive();
+        let days: Vec<chrono::NaiveDate> = today
+            .iter_days()
+            .take_while(|day| *day <= self.through(now))
+            .collect();
+        let mut conn = pool.acquire().await?;
+        let created =
+            repository::payloads::create_days(&mut conn, &days, self.settings.lock_timeout).await?;
+        let dropped = repository::payloads::drop_empty_days(
+            &mut conn,
+            today - chrono::Duration::days(2),
+            self.settings.lock_timeout,
+        )
+        .await?;
+        if !created.is_empty() || !dropped.is_empty() {
+            tracing::info!(?created, ?dropped, "payload and log day partitions");
+        }
+        report.count("payload partitions created", created.len() as u64);
+        report.count("payload partitions dropped", dropped.len() as u64);
+        Ok(())
+    }
+}
+
 #[async_trait::async_trait]
 impl MaintenanceTask for PartitionsTask {
     fn name(&self) -> &'static str {
@@ -156,6 +188,7 @@ impl MaintenanceTask for PartitionsTask {
         }
         let now = ctx.now();
         self.shape_layout(&ctx.pool, now, &mut report).await?;
+        self.shape_payload_days(&ctx.pool, now, &mut report).await?;
         shared::refresh_facts(
             ctx,
             limits,

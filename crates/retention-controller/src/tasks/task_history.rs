@@ -48,6 +48,9 @@ pub struct TaskHistoryTask {
     orphan_sweep_interval: Duration,
     /// The wait for the parents' lock when a range is compacted.
     compaction_lock_timeout: Duration,
+    /// Log lines older than this go, for tenants without a window of their own
+    /// (`retention.task_logs.max_age`).
+    log_window: Duration,
     /// The measured costs, and when they were read: they move slowly, so a run reads them at
     /// most every few minutes.
     costs: std::sync::Mutex<Option<(Costs, std::time::Instant)>>,
@@ -114,7 +117,16 @@ impl TaskHistoryTask {
             settings,
             orphan_sweep_interval: crate::settings::QueueItemsSettings::default().sweep_interval,
             compaction_lock_timeout: crate::settings::DEFAULT_HISTORY_LOCK_TIMEOUT,
+            log_window: crate::settings::DEFAULT_LOG_MAX_AGE,
             costs: Default::default(),
+        }
+    }
+
+    /// Log lines go after this, for tenants without a window of their own (`retention.task_logs.max_age`).
+    pub fn with_log_window(self, window: Duration) -> Self {
+        TaskHistoryTask {
+            log_window: window,
+            ..self
         }
     }
 
@@ -314,6 +326,9 @@ impl TaskHistoryTask {
             report.add_tenant_rows(pair.tenant_id, done.deleted.tasks as u64);
             report.add_rows("events", done.deleted.events as u64);
             report.add_rows("queue-items", done.deleted.queue_items as u64);
+            report.add_rows("payloads", done.deleted.payloads as u64);
+            report.add_rows("logs", done.deleted.logs as u64);
+            report.count("objects to delete", done.deleted.objects as u64);
             ctx.batch_done(elapsed, report, None).await;
             if done.examined < i64::from(limit) {
                 walks.remove(0);
@@ -418,6 +433,8 @@ impl TaskHistoryTask {
                     ("deleted-tenants", purged),
                     ("events", batch.events as u64),
                     ("queue-items", batch.queue_items as u64),
+                    ("payloads", batch.payloads as u64),
+                    ("logs", batch.logs as u64),
                 ])
             }
         })
@@ -867,6 +884,7 @@ impl MaintenanceTask for TaskHistoryTask {
         }
         self.purge_orphan_events(ctx, &mut report).await?;
         self.sweep_orphans(ctx, &mut report).await?;
+        self.purge_due_logs(ctx, &mut report).await?;
         self.purge_receipts(ctx, &mut report).await?;
         if purged != crate::Completion::Done {
             report.completion = purged;
@@ -897,6 +915,67 @@ const PLAN_PASSES: usize = 3;
 const PURGE_SHARE: f64 = 0.9;
 
 impl TaskHistoryTask {
+    /// Deletes the log lines due by the log window, tenant by tenant, oldest first, in batches.
+    async fn purge_due_logs(
+        &self,
+        ctx: &RunContext,
+        report: &mut RunReport,
+    ) -> Result<(), TaskError> {
+        if ctx.interrupted().is_some() {
+            return Ok(());
+        }
+        let rule = ctx.rule(self.settings.deleted_tenant_grace);
+        let tenants =
+            repository::payloads::tenants_with_due_logs(&ctx.pool, &rule, self.log_window).await?;
+        let mut sizer = ctx.row_sizer(self.settings.batch_size);
+        for tenant in tenants {
+            loop {
+                if let Some(stop) = ctx.interrupted() {
+                    report.completion = stop;
+                    return Ok(());
+                }
+                let limit = sizer.size();
+                let started = Instant::now();
+                let result = async {
+                    let mut tx = batch::begin(&ctx.pool, self.limits(ctx)).await?;
+                    let gone = repository::payloads::delete_due_logs(
+                        &mut tx,
+                        tenant,
+                        &ctx.rule(self.settings.deleted_tenant_grace),
+                        self.log_window,
+                        limit,
+                        &receipt(ctx),
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    Ok(gone)
+                }
+                .await;
+                let elapsed = started.elapsed();
+                let gone = match sizer.settle(elapsed, result) {
+                    Settled::Done(gone) => gone,
+                    Settled::Retry(error) => {
+                        tracing::warn!(%error, next_limit = sizer.size(), "log batch timed out; retrying smaller");
+                        continue;
+                    }
+                    Settled::Again(_) => {
+                        report.count("batches run again", 1);
+                        tokio::time::sleep(sizer.again_pause()).await;
+                        continue;
+                    }
+                    Settled::GaveUp(error) => return Err(error.into()),
+                };
+                report.record_batch("log-retention", gone.logs as u64);
+                report.add_rows("logs", gone.logs as u64);
+                ctx.batch_done(elapsed, report, None).await;
+                if gone.examined < i64::from(limit) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes what is due, range by range. Stops early (setting the report's completion) when
     /// `ctx` is interrupted.
     async fn purge_due(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {

@@ -12,6 +12,7 @@ use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{lock, Phase, Rewrite};
+use crate::history::dependents::{self, Victims};
 use crate::batch::{self, BatchLimits};
 use crate::heap::BlockRange;
 use crate::receipts;
@@ -118,15 +119,25 @@ pub async fn chunk(
                      DELETE FROM queue_items q USING dropped d
                      WHERE q.task_id = d.id AND q.task_inserted_at = d.inserted_at AND {queue_due}
                      RETURNING q.task_id, q.task_inserted_at
-                 ), by_task AS (
+                 ), {dependents}, by_task AS (
                      SELECT tenant_id, purged, count(*) AS tasks, min(key) AS oldest, max(key) AS newest FROM dropped GROUP BY 1, 2
                  ), by_queue AS (
                      SELECT d.tenant_id, d.purged, count(*) AS n
                      FROM queue q JOIN dropped d ON d.id = q.task_id AND d.inserted_at = q.task_inserted_at GROUP BY 1, 2
+                 ), by_dependents AS (
+                     SELECT d.tenant_id, d.purged, count(*) FILTER (WHERE x.payload) AS payloads,
+                            count(*) FILTER (WHERE NOT x.payload) AS logs, count(*) FILTER (WHERE x.external) AS objects
+                     FROM (SELECT tenant_id, true AS payload, external FROM payloads
+                           UNION ALL SELECT tenant_id, false, false FROM logs) x
+                     JOIN (SELECT DISTINCT tenant_id, purged FROM dropped) d ON d.tenant_id = x.tenant_id
+                     GROUP BY 1, 2
                  ), went AS (
                      SELECT b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END AS rule,
-                            b.tasks, 0::bigint AS events, coalesce(q.n, 0) AS queue_items, b.oldest, b.newest
+                            b.tasks, 0::bigint AS events, coalesce(q.n, 0) AS queue_items,
+                            coalesce(p.payloads, 0) AS payloads, coalesce(p.logs, 0) AS logs,
+                            coalesce(p.objects, 0) AS objects, b.oldest, b.newest
                      FROM by_task b LEFT JOIN by_queue q ON q.tenant_id = b.tenant_id AND q.purged = b.purged
+                     LEFT JOIN by_dependents p ON p.tenant_id = b.tenant_id AND p.purged = b.purged
                  ), receipt AS (
                      {receipt}
                  ), moved AS (
@@ -142,7 +153,18 @@ pub async fn chunk(
             );
             sql.raw("tasks", tasks)
                 .with("due", recorded.task_due("t", "rt"))
-                .with("queue_due", queue_rule.queue_item_due("q"));
+                .with("queue_due", queue_rule.queue_item_due("q"))
+                .with(
+                    "dependents",
+                    dependents::delete_ctes(&Victims {
+                        cte: "dropped",
+                        id: "id",
+                        inserted_at: "inserted_at",
+                        lower: source.lower.to_rfc3339(),
+                        upper: source.upper.to_rfc3339(),
+                        only_if_gone: true,
+                    }),
+                );
             sql
         }
         _ => {
@@ -159,12 +181,13 @@ pub async fn chunk(
                  ), went AS (
                      SELECT ev.tenant_id, CASE WHEN rt.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END AS rule,
                             0::bigint AS tasks, count(*) AS events, 0::bigint AS queue_items,
+                            0::bigint AS payloads, 0::bigint AS logs, 0::bigint AS objects,
                             NULL::timestamptz AS oldest, NULL::timestamptz AS newest
                      FROM ev LEFT JOIN rt ON rt.tenant_id = ev.tenant_id
                      WHERE ev.id IS NOT NULL AND {due}
                      GROUP BY 1, 2
                      UNION ALL
-                     SELECT o.tenant_id, 'orphan-events', 0, count(*), 0, min(o.created_at), max(o.created_at)
+                     SELECT o.tenant_id, 'orphan-events', 0, count(*), 0, 0, 0, 0, min(o.created_at), max(o.created_at)
                      FROM orphan o WHERE {orphan_due}
                      GROUP BY 1
                  ), receipt AS (
@@ -194,9 +217,9 @@ pub async fn chunk(
         .bind("end", i64::from(end))
         .with(
             "receipt",
-            receipts::add(
+            receipts::add_with_dependents(
                 &receipt,
-                "SELECT tenant_id, rule, tasks, events, queue_items, oldest, newest FROM went",
+                "SELECT tenant_id, rule, tasks, events, queue_items, payloads, logs, objects, oldest, newest FROM went",
             ),
         )
         .raw("version", rule::VERSION);

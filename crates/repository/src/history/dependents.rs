@@ -1,0 +1,72 @@
+//! What leaves with a task besides its events and queue items: its payloads and log lines.
+//!
+//! Every statement that deletes tasks (the index walk, the page sweep, the purge) or counts the
+//! tasks a rewrite dropped takes its CTEs from here, so that no path deletes a task and keeps
+//! its payloads, or forgets an object: deleting a payload row that points at a stored object
+//! writes the object's key to the outbox (`object_deletions`) by trigger, in the same
+//! transaction.
+//!
+//! `task_payloads` and `task_logs` are partitioned by day on their own: the statements bound the
+//! task's `inserted_at` by the range's bounds, so that only the partitions of those days are
+//! opened (pruned when the executor starts, generic plans included).
+
+use crate::sql::Fragment;
+
+/// The tasks being deleted: a CTE of the statement with their `id` and `inserted_at` columns,
+/// all within `[lower, upper)` (SQL text of `timestamptz`, `-infinity`/`infinity` for none).
+pub(crate) struct Victims<'a> {
+    pub cte: &'a str,
+    pub id: &'a str,
+    pub inserted_at: &'a str,
+    pub lower: String,
+    pub upper: String,
+    /// Also require that no task with that key is left in `tasks` (a rewrite's count: the tasks
+    /// it dropped from a detached table, never one it copied).
+    pub only_if_gone: bool,
+}
+
+/// Two CTEs, `payloads` (yielding `tenant_id`, `external`) and `logs` (yielding `tenant_id`),
+/// deleting the payloads and log lines of the victims. To be placed after the CTE that defines
+/// the victims, separated by commas as the caller writes them.
+pub(crate) fn delete_ctes(victims: &Victims<'_>) -> Fragment {
+    let mut fragment = Fragment::default();
+    for (name, table, returning) in [
+        (
+            "payloads",
+            "task_payloads",
+            "d.tenant_id, d.external_key IS NOT NULL AS external",
+        ),
+        ("logs", "task_logs", "d.tenant_id"),
+    ] {
+        if name == "logs" {
+            fragment = fragment.push(", ");
+        }
+        let guard = if victims.only_if_gone {
+            " AND NOT EXISTS (SELECT 1 FROM tasks k WHERE k.id = v.__id AND k.inserted_at = v.__at)"
+                .replace("__id", victims.id)
+                .replace("__at", victims.inserted_at)
+        } else {
+            String::new()
+        };
+        fragment = fragment
+            .push(format!(
+                "{name} AS (DELETE FROM {table} d USING {cte} v
+                 WHERE d.task_id = v.{id} AND d.task_inserted_at = v.{at}{guard}
+                   AND d.task_inserted_at >= ",
+                cte = victims.cte,
+                id = victims.id,
+                at = victims.inserted_at,
+            ))
+            .bind(victims.lower.clone())
+            .push("::timestamptz AND d.task_inserted_at < ")
+            .bind(victims.upper.clone())
+            .push(format!("::timestamptz RETURNING {returning})"));
+    }
+    fragment
+}
+
+/// Per tenant: the payloads, log lines and objects the two CTEs deleted, as a relation
+/// `(tenant_id, payloads, logs, objects)` to join receipts with.
+pub(crate) const BY_TENANT: &str = "(SELECT tenant_id, sum(p) AS payloads, sum(l) AS logs, sum(o) AS objects FROM (
+         SELECT tenant_id, 1 AS p, 0 AS l, CASE WHEN external THEN 1 ELSE 0 END AS o FROM payloads
+         UNION ALL SELECT tenant_id, 0, 1, 0 FROM logs) z GROUP BY tenant_id)";

@@ -1,0 +1,266 @@
+//! `blobs`: deletes the stored objects of payload rows that are gone, exactly once and only after
+//! the rows' delete committed; and, as a backstop, objects under the engine's prefix that no row
+//! and no outbox entry names.
+//!
+//! The intent is in the outbox (`object_deletions`), written by trigger in the transaction that
+//! deleted the payload row ([`repository::outbox`]). A batch reads entries, deletes their objects
+//! with no transaction open, and removes only the entries whose deletion the store confirmed ("not
+//! found" counts as deleted); an entry that failed is tried again after a backoff that doubles up
+//! to [`MAX_BACKOFF`]. A crash anywhere leaves the entry for the next run: deleting an object
+//! twice is harmless, forgetting one is not.
+//!
+//! The sweep, every `storage.sweep_interval`, lists the store under `payloads/` and deletes objects
+//! older than `storage.orphan_grace` that neither a payload row nor an outbox entry names (an
+//! object put by a writer that crashed before inserting its row). Its first run only counts,
+//! unless `storage.sweep_dry_run = false`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use repository::{outbox, watermarks, PgPool};
+use tokio::time::Instant;
+
+use crate::schedule::Schedule;
+use crate::storage::{Storage, PAYLOADS_PREFIX};
+use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
+
+pub const NAME: &str = "blobs";
+/// When the last sweep started (Unix seconds), in `retention_watermarks`.
+const SWEPT_AT: &str = "blobs.swept-at";
+/// Sweeps done so far (the first only counts unless configured otherwise).
+const SWEEPS: &str = "blobs.sweeps";
+/// The first retry of a failed object delete waits this long, each next one twice as long.
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// `blobs`' settings (from `storage.*` and `retention.blobs.*`).
+#[derive(Debug, Clone)]
+pub struct BlobsSettings {
+    pub interval: Duration,
+    pub max_run_time: Duration,
+    /// Objects deleted per batch (one outbox read, one bulk delete, one outbox update).
+    pub batch_size: u32,
+    pub sweep_interval: Duration,
+    pub orphan_grace: Duration,
+    /// `Some(true)`: the sweep only counts; `Some(false)`: it deletes from its first run; `None`:
+    /// its first run counts, the later ones delete.
+    pub sweep_dry_run: Option<bool>,
+}
+
+impl Default for BlobsSettings {
+    fn default() -> Self {
+        BlobsSettings {
+            interval: Duration::from_secs(60),
+            max_run_time: Duration::from_secs(600),
+            batch_size: 500,
+            sweep_interval: Duration::from_secs(86_400),
+            orphan_grace: Duration::from_secs(86_400),
+            sweep_dry_run: None,
+        }
+    }
+}
+
+pub struct BlobsTask {
+    settings: BlobsSettings,
+    storage: Arc<Storage>,
+}
+
+impl BlobsTask {
+    pub fn new(settings: BlobsSettings, storage: Arc<Storage>) -> Self {
+        BlobsTask { settings, storage }
+    }
+
+    /// The backoff after the `attempts`-th failure (1: the first).
+    pub fn backoff(attempts: i32) -> Duration {
+        let doublings = attempts.clamp(1, 20) as u32 - 1;
+        FIRST_BACKOFF
+            .saturating_mul(1u32 << doublings.min(16))
+            .min(MAX_BACKOFF)
+    }
+
+    /// One batch of the outbox: returns the entries it took (0: nothing was due).
+    async fn drain_batch(
+        &self,
+        ctx: &RunContext,
+        report: &mut RunReport,
+    ) -> Result<usize, TaskError> {
+        let pool = &ctx.pool;
+        let now = ctx.now();
+        let entries = outbox::due(pool, now, i64::from(self.settings.batch_size)).await?;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let unreferenced = outbox::unreferenced(pool, &entries).await?;
+        let (free, in_use): (Vec<_>, Vec<_>) = entries
+            .iter()
+            .partition(|entry| unreferenced.binary_search(&entry.id).is_ok());
+        if !in_use.is_empty() {
+            // A payload row points at the key again (a writer reused it): its object stays.
+            let ids: Vec<i64> = in_use.iter().map(|e| e.id).collect();
+            tracing::warn!(keys = ?in_use.iter().map(|e| &e.object_key).collect::<Vec<_>>(), "outbox entries whose key a payload row names again: their objects are kept");
+            outbox::remove(pool, &ids).await?;
+            report.count("objects kept (key in use)", ids.len() as u64);
+        }
+        if free.is_empty() {
+            return Ok(entries.len());
+        }
+        // No transaction is open while the store works.
+        let started = Instant::now();
+        let keys: Vec<String> = free.iter().map(|e| e.object_key.clone()).collect();
+        let outcomes = self.storage.delete_many(keys).await;
+        let mut done = Vec::new();
+        let mut failed = 0u64;
+        let mut last_error = None;
+        for (entry, (_, outcome)) in free.iter().zip(outcomes) {
+            match outcome {
+                Ok(_) => done.push(entry.id),
+                Err(error) => {
+                    failed += 1;
+                    let message = error.to_string();
+                    outbox::put_off(
+                        pool,
+                        entry.id,
+                        now,
+                        Self::backoff(entry.attempts + 1),
+                        &message,
+                    )
+                    .await?;
+                    last_error = Some(message);
+                }
+            }
+        }
+        outbox::remove(pool, &done).await?;
+        let bytes: i64 = free
+            .iter()
+            .filter(|e| done.contains(&e.id))
+            .map(|e| e.size_bytes)
+            .sum();
+        report.record_batch("objects", done.len() as u64);
+        report.count("object bytes deleted", bytes.max(0) as u64);
+        report.count("object deletes failed", failed);
+        ctx.batch_done(started.elapsed(), report, None).await;
+        if let Some(error) = last_error {
+            if done.is_empty() {
+                // The store refused the whole batch: down, or refusing. The entries wait their
+                // backoff; the run ends here rather than hammer it.
+                return Err(TaskError::Incomplete(format!(
+                    "the object store refused every delete of a batch ({failed} objects); they are tried again after a backoff: {error}"
+                )));
+            }
+            tracing::warn!(failed, %error, "some object deletes failed; tried again after a backoff");
+        }
+        Ok(entries.len())
+    }
+
+    /// Whether this run's sweep deletes (or only counts).
+    async fn sweep_deletes(&self, pool: &PgPool) -> Result<bool, TaskError> {
+        Ok(match self.settings.sweep_dry_run {
+            Some(dry) => !dry,
+            None => watermarks::get(pool, SWEEPS).await? > 0,
+        })
+    }
+
+    /// The backstop: objects under `payloads/` older than the grace that no row and no outbox
+    /// entry names.
+    async fn sweep(
+        &self,
+        ctx: &RunContext,
+        report: &mut RunReport,
+        dry: bool,
+    ) -> Result<bool, TaskError> {
+        let pool = &ctx.pool;
+        let started = ctx.now();
+        let cutoff = started
+            - chrono::Duration::from_std(self.settings.orphan_grace).unwrap_or(chrono::Duration::MAX);
+        let listed = self
+            .storage
+            .list(PAYLOADS_PREFIX)
+            .await
+            .map_err(|error| TaskError::Incomplete(format!("listing the object store: {error}")))?;
+        let mut orphans = Vec::new();
+        for object in &listed {
+            if ctx.interrupted().is_some() {
+                return Ok(false);
+            }
+            if object.last_modified >= cutoff {
+                continue;
+            }
+            if !outbox::key_known(pool, &object.key).await? {
+                orphans.push(object.key.clone());
+            }
+        }
+        report.count("objects listed", listed.len() as u64);
+        report.count("orphan objects found", orphans.len() as u64);
+        if dry {
+            if !orphans.is_empty() {
+                tracing::warn!(orphans = orphans.len(), "the sweep found objects no row names; this first sweep only counts them (storage.sweep_dry_run)");
+            }
+            return Ok(true);
+        }
+        for chunk in orphans.chunks(self.settings.batch_size as usize) {
+            // Checked again right before: a row may have been inserted since (a writer's put,
+            // then insert, slower than the grace).
+            let mut confirmed = Vec::new();
+            for key in chunk {
+                if !outbox::key_known(pool, key).await? {
+                    confirmed.push(key.clone());
+                }
+            }
+            let started = Instant::now();
+            let outcomes = self.storage.delete_many(confirmed).await;
+            let deleted = outcomes.iter().filter(|(_, r)| r.is_ok()).count();
+            report.record_batch("orphan-objects", deleted as u64);
+            ctx.batch_done(started.elapsed(), report, None).await;
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait::async_trait]
+impl MaintenanceTask for BlobsTask {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            interval: self.settings.interval,
+            max_run_time: self.settings.max_run_time,
+        }
+    }
+
+    async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
+        let mut report = RunReport::default();
+        loop {
+            if let Some(stop) = ctx.interrupted() {
+                report.completion = stop;
+                return Ok(report);
+            }
+            if self.drain_batch(ctx, &mut report).await? == 0 {
+                break;
+            }
+        }
+        let now = ctx.now();
+        let last = watermarks::get(&ctx.pool, SWEPT_AT).await?;
+        if now.timestamp() - last >= self.settings.sweep_interval.as_secs() as i64 {
+            let deletes = self.sweep_deletes(&ctx.pool).await?;
+            if self.sweep(ctx, &mut report, !deletes).await? {
+                watermarks::set(&ctx.pool, SWEPT_AT, now.timestamp()).await?;
+                let sweeps = watermarks::get(&ctx.pool, SWEEPS).await?;
+                watermarks::set(&ctx.pool, SWEEPS, sweeps + 1).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
+        let depth = outbox::depth(pool).await?;
+        let mut report = DryRunReport::default();
+        report.add("objects", depth.entries.max(0) as u64);
+        Ok(report)
+    }
+
+    async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
+        Ok(Some(outbox::depth(pool).await?.entries.max(0) as u64))
+    }
+}
