@@ -29,7 +29,8 @@ pub const NAME: &str = "blobs";
 const SWEPT_AT: &str = "blobs.swept-at";
 /// Sweeps done so far (the first only counts unless configured otherwise).
 const SWEEPS: &str = "blobs.sweeps";
-/// The first retry of a failed object delete waits this long, each next one twice as long.
+/// The first retry of a failed object delete waits this long by default, each next one twice as
+/// long, up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -45,6 +46,8 @@ pub struct BlobsSettings {
     /// `Some(true)`: the sweep only counts; `Some(false)`: it deletes from its first run; `None`:
     /// its first run counts, the later ones delete.
     pub sweep_dry_run: Option<bool>,
+    /// The wait before the first retry of an object whose delete failed.
+    pub first_backoff: Duration,
 }
 
 impl Default for BlobsSettings {
@@ -56,6 +59,7 @@ impl Default for BlobsSettings {
             sweep_interval: Duration::from_secs(86_400),
             orphan_grace: Duration::from_secs(86_400),
             sweep_dry_run: None,
+            first_backoff: FIRST_BACKOFF,
         }
     }
 }
@@ -71,11 +75,12 @@ impl BlobsTask {
     }
 
     /// The backoff after the `attempts`-th failure (1: the first).
-    pub fn backoff(attempts: i32) -> Duration {
-        let doublings = attempts.clamp(1, 20) as u32 - 1;
-        FIRST_BACKOFF
-            .saturating_mul(1u32 << doublings.min(16))
-            .min(MAX_BACKOFF)
+    pub fn backoff(&self, attempts: i32) -> Duration {
+        let doublings = attempts.clamp(1, 17) as u32 - 1;
+        self.settings
+            .first_backoff
+            .saturating_mul(1u32 << doublings)
+            .min(MAX_BACKOFF.max(self.settings.first_backoff))
     }
 
     /// One batch of the outbox: returns the entries it took (0: nothing was due).
@@ -121,7 +126,7 @@ impl BlobsTask {
                         pool,
                         entry.id,
                         now,
-                        Self::backoff(entry.attempts + 1),
+                        self.backoff(entry.attempts + 1),
                         &message,
                     )
                     .await?;
@@ -174,7 +179,7 @@ impl BlobsTask {
             - chrono::Duration::from_std(self.settings.orphan_grace).unwrap_or(chrono::Duration::MAX);
         let listed = self
             .storage
-            .list(PAYLOADS_PREFIX)
+            .list_all(PAYLOADS_PREFIX)
             .await
             .map_err(|error| TaskError::Incomplete(format!("listing the object store: {error}")))?;
         let mut orphans = Vec::new();
