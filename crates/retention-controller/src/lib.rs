@@ -20,6 +20,7 @@ pub mod rewrites;
 pub mod schedule;
 pub mod settings;
 mod statistics;
+pub mod storage;
 mod task;
 pub mod tasks;
 pub mod telemetry;

@@ -4,6 +4,9 @@
 //! private cluster this process starts once with [`local_postgres`], the same mechanism as the
 //! engine's embedded default. That cluster is thrown away when the test process exits, however it
 //! exits.
+//!
+//! [`seaweed`] starts a real S3-compatible object store (SeaweedFS) for the tests of object
+//! storage.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
@@ -12,6 +15,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 
 pub use local_postgres;
+
+pub mod seaweed;
 
 struct Server {
     /// URL of a database to connect to for `CREATE DATABASE`.
