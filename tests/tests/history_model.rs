@@ -182,7 +182,7 @@ async fn scenario(seed: u64) {
     // The controller's tasks, in their order, with small batches so every path loops.
     let mut settings = retention_controller::RetentionSettings::default();
     settings.task_history.batch_size = 7;
-    for task in tasks::all(&settings) {
+    for task in tasks::all(&settings, None) {
         run_task(task.as_ref(), pool).await;
     }
 
@@ -239,7 +239,7 @@ async fn scenario(seed: u64) {
     );
 
     // A second pass finds nothing more to delete.
-    for task in tasks::all(&settings) {
+    for task in tasks::all(&settings, None) {
         let report = run_task(task.as_ref(), pool).await;
         assert_eq!(
             report.deleted,

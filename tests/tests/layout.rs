@@ -300,7 +300,7 @@ async fn cold_ranges_merge_and_keep_every_kept_row() {
     // Two passes: a range merges once its facts are settled, which waits for every transaction
     // older than it on the server (other tests' among them) to finish.
     for _ in 0..2 {
-        for task in retention_controller::tasks::all(&Default::default()) {
+        for task in retention_controller::tasks::all(&Default::default(), None) {
             run_task(task.as_ref(), pool).await;
         }
     }

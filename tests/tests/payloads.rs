@@ -99,7 +99,11 @@ async fn payloads_and_logs_leave_with_their_task_and_objects_go_to_the_outbox_wi
     )
     .await;
     assert_eq!(
-        keys(pool, "SELECT external_key FROM task_payloads WHERE external_key IS NOT NULL").await,
+        keys(
+            pool,
+            "SELECT external_key FROM task_payloads WHERE external_key IS NOT NULL"
+        )
+        .await,
         kept_keys
     );
     let inline_left: i64 =
@@ -124,7 +128,15 @@ async fn payloads_and_logs_leave_with_their_task_and_objects_go_to_the_outbox_wi
     assert_eq!(receipts.len(), 1, "{receipts:?}");
     let r = &receipts[0];
     assert_eq!(
-        (r.rule.as_str(), r.tasks, r.events, r.queue_items, r.payloads, r.logs, r.objects),
+        (
+            r.rule.as_str(),
+            r.tasks,
+            r.events,
+            r.queue_items,
+            r.payloads,
+            r.logs,
+            r.objects
+        ),
         ("retention", 50, 50, 50, 100, 100, 50),
         "{report:?}"
     );
@@ -144,11 +156,13 @@ async fn log_lines_go_by_their_own_window_per_tenant_and_never_under_a_hold() {
         .await
         .unwrap();
     let held = insert_tenant(pool, None, None).await;
-    sqlx::query("INSERT INTO retention_holds (tenant_id, reason, created_by) VALUES ($1, 'audit', 'test')")
-        .bind(held)
-        .execute(pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO retention_holds (tenant_id, reason, created_by) VALUES ($1, 'audit', 'test')",
+    )
+    .bind(held)
+    .execute(pool)
+    .await
+    .unwrap();
     let mut expected_left = BTreeSet::new();
     for tenant in [plain, longer, held] {
         let (task, _, _) = insert_task_with_children(pool, tenant, "succeeded", at, Some(at)).await;
@@ -188,12 +202,11 @@ async fn log_lines_go_by_their_own_window_per_tenant_and_never_under_a_hold() {
         .await
         .unwrap();
     assert_eq!(tasks, 3, "the log window deletes no task");
-    let receipts: Vec<(Uuid, String, i64)> = sqlx::query_as(
-        "SELECT tenant_id, rule, logs FROM retention_receipts ORDER BY logs",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
+    let receipts: Vec<(Uuid, String, i64)> =
+        sqlx::query_as("SELECT tenant_id, rule, logs FROM retention_receipts ORDER BY logs")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     assert_eq!(
         receipts,
         vec![
@@ -248,7 +261,14 @@ async fn payloads_and_logs_take_an_insert_at_any_date_and_their_empty_past_days_
         );
     }
     // A row of tomorrow lands in tomorrow's partition; any date still works.
-    let tomorrow_task = insert_task(pool, tenant, "running", day_start(tomorrow) + Span::hours(1), None).await;
+    let tomorrow_task = insert_task(
+        pool,
+        tenant,
+        "running",
+        day_start(tomorrow) + Span::hours(1),
+        None,
+    )
+    .await;
     dependents(pool, tenant, tomorrow_task, Span::zero()).await;
     let home: String = sqlx::query_scalar(
         "SELECT tableoid::regclass::text FROM task_payloads WHERE task_id = $1 LIMIT 1",
@@ -273,7 +293,10 @@ async fn payloads_and_logs_take_an_insert_at_any_date_and_their_empty_past_days_
         "{dropped:?}"
     );
     assert!(
-        dropped.contains(&payloads::day_table("task_payloads", tomorrow + Span::days(1))),
+        dropped.contains(&payloads::day_table(
+            "task_payloads",
+            tomorrow + Span::days(1)
+        )),
         "{dropped:?}"
     );
     let payload_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM task_payloads")

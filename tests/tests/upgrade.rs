@@ -135,7 +135,7 @@ async fn an_earlier_layout_is_converted_in_place_and_keeps_every_row() {
 
     // The tasks apply the rules: the daily tenant's tasks older than a day go with their events
     // and queue items, everything else stays; the leftover table is not the engine's.
-    for task in retention_controller::tasks::all(&Default::default()) {
+    for task in retention_controller::tasks::all(&Default::default(), None) {
         run_task(task.as_ref(), pool).await;
     }
     let left: Vec<Uuid> = task_keys(pool).await.into_iter().map(|k| k.0).collect();

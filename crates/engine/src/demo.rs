@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use repository::demo::{DemoSize, Seeded};
-use retention_controller::tasks;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -148,7 +148,7 @@ async fn watch(
     since: DateTime<Utc>,
     root: &CancellationToken,
 ) -> anyhow::Result<bool> {
-    let all = tasks::all(&settings.retention);
+    let all = settings.tasks()?;
     let terminal = std::io::stdout().is_terminal();
     let started = Instant::now();
     let mut shown = Instant::now() - LINES_EVERY;

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use retention_controller::human::{self, thousands};
 use retention_controller::settings::check_pause_ratio;
 use retention_controller::{
-    run_once_with, tasks, Completion, MaintenanceTask, RunOptions, RunOutcome, RunReport,
-    StopReason,
+    run_once_with, Completion, MaintenanceTask, RunOptions, RunOutcome, RunReport, StopReason,
 };
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -48,7 +47,8 @@ pub async fn run(
     shutdown::cancel_on_signal(cancel.clone())?;
     let db = Database::open(settings, settings.database.migrate).await?;
     let options = db.run_options(settings.retention.run_options(pause_ratio));
-    let chosen: Vec<_> = tasks::all(&settings.retention)
+    let chosen: Vec<_> = settings
+        .tasks()?
         .into_iter()
         .filter(|task| selected.is_empty() || selected.iter().any(|name| name == task.name()))
         .collect();
@@ -352,7 +352,7 @@ pub async fn set_paused(settings: &Settings, task: &str, paused: bool) -> anyhow
 /// `engine retention status`: one line per task, or with `json` one JSON object per task.
 pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode> {
     let db = Database::open(settings, settings.database.migrate).await?;
-    let states = status::tasks(&db.pool, &tasks::all(&settings.retention), json).await;
+    let states = status::tasks(&db.pool, &settings.tasks()?, json).await;
     db.close().await;
     let states = states?;
     if json {

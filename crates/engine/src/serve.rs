@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use retention_controller::{tasks, telemetry, Controller};
+use retention_controller::{telemetry, Controller};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -54,7 +54,7 @@ pub async fn run(
         settings.metrics.tenant_series as usize,
         settings.metrics.replica.clone(),
     );
-    let tasks = tasks::all(&settings.retention);
+    let tasks = settings.tasks()?;
     let names: Vec<&str> = tasks.iter().map(|task| task.name()).collect();
     let shown = Arc::new(tasks.clone());
     let controller = tokio::spawn(

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
+use retention_controller::storage::{Storage, StorageSettings};
 use retention_controller::RetentionSettings;
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,11 @@ pub struct Settings {
     pub data_dir: Option<PathBuf>,
     pub retention: RetentionSettings,
     pub metrics: MetricsSettings,
+    /// Where payloads offloaded from the database are kept (`storage.url`, default
+    /// `file://<data_dir>/objects`), and the orphan sweep's settings. Never serialized: it may
+    /// hold a secret.
+    #[serde(skip_serializing)]
+    pub storage: StorageSettings,
 }
 
 /// `metrics.*`: what `GET /metrics` exports, bounded whatever the number of tenants.
@@ -146,6 +152,7 @@ impl Settings {
             .retention
             .validate("retention")
             .into_iter()
+            .chain(self.storage.validate("storage"))
             .map(|e| e.to_string())
             .collect();
         if !(1..=100).contains(&self.database.max_connections) {
@@ -211,6 +218,24 @@ impl Settings {
     /// The engine's data directory, defaulted as documented on [`Settings::data_dir`].
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+
+    /// The object store `storage.url` names (made, for the default directory, when missing).
+    pub fn open_storage(&self) -> anyhow::Result<std::sync::Arc<Storage>> {
+        Storage::open(&self.storage, &self.data_dir())
+            .map(std::sync::Arc::new)
+            .map_err(|error| anyhow::anyhow!("storage.url: {error}"))
+    }
+
+    /// Every maintenance task, `blobs` with the object store.
+    pub fn tasks(
+        &self,
+    ) -> anyhow::Result<Vec<std::sync::Arc<dyn retention_controller::MaintenanceTask>>> {
+        let storage = self.open_storage()?;
+        Ok(retention_controller::tasks::all(
+            &self.retention,
+            Some((storage, &self.storage)),
+        ))
     }
 }
 

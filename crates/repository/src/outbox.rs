@@ -61,11 +61,13 @@ pub async fn unreferenced(
 
 /// Removes the entries `ids` (their objects deleted, or found missing, by the store).
 pub async fn remove(executor: impl PgExecutor<'_>, ids: &[i64]) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query("DELETE FROM object_deletions WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(executor)
-        .await?
-        .rows_affected())
+    Ok(
+        sqlx::query("DELETE FROM object_deletions WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(executor)
+            .await?
+            .rows_affected(),
+    )
 }
 
 /// Puts entry `id` off after a failure: tried again `backoff` after `now`, its error kept.

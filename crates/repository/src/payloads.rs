@@ -47,7 +47,10 @@ impl Kind {
 pub enum Content {
     Inline(Vec<u8>),
     /// In object storage, under this key (relative to the store's prefix), `size` bytes.
-    External { key: String, size: i64 },
+    External {
+        key: String,
+        size: i64,
+    },
 }
 
 /// A payload row as read back.

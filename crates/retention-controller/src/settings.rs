@@ -123,6 +123,7 @@ pub struct RetentionSettings {
     pub task_history: TaskHistorySettings,
     pub task_logs: TaskLogsSettings,
     pub partitions: PartitionsSettings,
+    pub blobs: BlobsSettings,
 }
 
 impl Default for RetentionSettings {
@@ -139,6 +140,7 @@ impl Default for RetentionSettings {
             task_history: TaskHistorySettings::default(),
             task_logs: TaskLogsSettings::default(),
             partitions: PartitionsSettings::default(),
+            blobs: BlobsSettings::default(),
         }
     }
 }
@@ -369,6 +371,49 @@ impl Default for TaskLogsSettings {
     }
 }
 
+/// `retention.blobs.*`: the `blobs` task, which deletes the stored objects of payload rows that
+/// are gone (the outbox), and sweeps the store for objects no row names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlobsSettings {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_run_time: Duration,
+    /// Objects deleted per batch (one read of the outbox, one bulk delete, one update of it).
+    pub batch_size: u32,
+    /// Time between sweeps of the store for objects no row and no outbox entry names.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// The wait before the first retry of an object whose delete failed; each next retry waits
+    /// twice as long, up to an hour.
+    #[serde(with = "humantime_serde")]
+    pub first_backoff: Duration,
+    /// From `storage.orphan_grace`.
+    #[serde(skip)]
+    pub orphan_grace: Duration,
+    /// From `storage.sweep_dry_run`: `Some(true)` only counts, `Some(false)` deletes from the
+    /// first sweep on, `None` counts on the first sweep and deletes on the later ones.
+    #[serde(skip)]
+    pub sweep_dry_run: Option<bool>,
+}
+
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+
+impl Default for BlobsSettings {
+    fn default() -> Self {
+        BlobsSettings {
+            interval: MINUTE,
+            max_run_time: DEFAULT_MAX_RUN_TIME,
+            batch_size: 500,
+            sweep_interval: DAY,
+            first_backoff: FIRST_BACKOFF,
+            orphan_grace: DAY,
+            sweep_dry_run: None,
+        }
+    }
+}
+
 /// Deletion receipts are kept this long by default: over a year, for yearly audits.
 pub const DEFAULT_RECEIPTS_KEEP: Duration = Duration::from_secs(400 * 86_400);
 
@@ -530,6 +575,37 @@ impl RetentionSettings {
             throttle.check_interval,
             Duration::from_millis(100)..=10 * SECOND,
         );
+        check_duration(
+            &mut errors,
+            key("blobs", "interval"),
+            self.blobs.interval,
+            SECOND..=7 * DAY,
+        );
+        check_duration(
+            &mut errors,
+            key("blobs", "max_run_time"),
+            self.blobs.max_run_time,
+            SECOND..=DAY,
+        );
+        check_duration(
+            &mut errors,
+            key("blobs", "sweep_interval"),
+            self.blobs.sweep_interval,
+            MINUTE..=30 * DAY,
+        );
+        check_duration(
+            &mut errors,
+            key("blobs", "first_backoff"),
+            self.blobs.first_backoff,
+            Duration::from_millis(100)..=HOUR,
+        );
+        if !(1..=10_000).contains(&self.blobs.batch_size) {
+            errors.push(SettingError {
+                key: key("blobs", "batch_size"),
+                value: self.blobs.batch_size.to_string(),
+                allowed: "a whole number of objects from 1 to 10000".into(),
+            });
+        }
         check_duration(
             &mut errors,
             key("task_logs", "max_age"),

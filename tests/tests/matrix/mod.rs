@@ -472,16 +472,25 @@ impl Matrix {
             .unwrap()
             .into_iter()
             .collect();
-        let released: BTreeSet<String> = sqlx::query_scalar("SELECT object_key FROM object_deletions")
-            .fetch_all(pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+        let released: BTreeSet<String> =
+            sqlx::query_scalar("SELECT object_key FROM object_deletions")
+                .fetch_all(pool)
+                .await
+                .unwrap()
+                .into_iter()
+                .collect();
         for (task, (payload, key, log)) in self.tasks.iter().zip(&self.dependents) {
             let gone = scope == Scope::Tasks && task.due;
-            check(payloads.contains(payload), gone, &format!("{}'s payload", task.what));
-            check(logs.contains(log), gone, &format!("{}'s log line", task.what));
+            check(
+                payloads.contains(payload),
+                gone,
+                &format!("{}'s payload", task.what),
+            );
+            check(
+                logs.contains(log),
+                gone,
+                &format!("{}'s log line", task.what),
+            );
             check(
                 !released.contains(key),
                 gone,

@@ -67,6 +67,7 @@ pub(crate) fn delete_ctes(victims: &Victims<'_>) -> Fragment {
 
 /// Per tenant: the payloads, log lines and objects the two CTEs deleted, as a relation
 /// `(tenant_id, payloads, logs, objects)` to join receipts with.
-pub(crate) const BY_TENANT: &str = "(SELECT tenant_id, sum(p) AS payloads, sum(l) AS logs, sum(o) AS objects FROM (
+pub(crate) const BY_TENANT: &str =
+    "(SELECT tenant_id, sum(p) AS payloads, sum(l) AS logs, sum(o) AS objects FROM (
          SELECT tenant_id, 1 AS p, 0 AS l, CASE WHEN external THEN 1 ELSE 0 END AS o FROM payloads
          UNION ALL SELECT tenant_id, 0, 1, 0 FROM logs) z GROUP BY tenant_id)";

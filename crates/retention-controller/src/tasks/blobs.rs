@@ -21,6 +21,7 @@ use repository::{outbox, watermarks, PgPool};
 use tokio::time::Instant;
 
 use crate::schedule::Schedule;
+pub use crate::settings::BlobsSettings;
 use crate::storage::{Storage, PAYLOADS_PREFIX};
 use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
 
@@ -29,40 +30,8 @@ pub const NAME: &str = "blobs";
 const SWEPT_AT: &str = "blobs.swept-at";
 /// Sweeps done so far (the first only counts unless configured otherwise).
 const SWEEPS: &str = "blobs.sweeps";
-/// The first retry of a failed object delete waits this long by default, each next one twice as
-/// long, up to [`MAX_BACKOFF`].
-pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
+/// Retries of a failed object delete wait twice as long each time, up to this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
-
-/// `blobs`' settings (from `storage.*` and `retention.blobs.*`).
-#[derive(Debug, Clone)]
-pub struct BlobsSettings {
-    pub interval: Duration,
-    pub max_run_time: Duration,
-    /// Objects deleted per batch (one outbox read, one bulk delete, one outbox update).
-    pub batch_size: u32,
-    pub sweep_interval: Duration,
-    pub orphan_grace: Duration,
-    /// `Some(true)`: the sweep only counts; `Some(false)`: it deletes from its first run; `None`:
-    /// its first run counts, the later ones delete.
-    pub sweep_dry_run: Option<bool>,
-    /// The wait before the first retry of an object whose delete failed.
-    pub first_backoff: Duration,
-}
-
-impl Default for BlobsSettings {
-    fn default() -> Self {
-        BlobsSettings {
-            interval: Duration::from_secs(60),
-            max_run_time: Duration::from_secs(600),
-            batch_size: 500,
-            sweep_interval: Duration::from_secs(86_400),
-            orphan_grace: Duration::from_secs(86_400),
-            sweep_dry_run: None,
-            first_backoff: FIRST_BACKOFF,
-        }
-    }
-}
 
 pub struct BlobsTask {
     settings: BlobsSettings,
@@ -72,6 +41,18 @@ pub struct BlobsTask {
 impl BlobsTask {
     pub fn new(settings: BlobsSettings, storage: Arc<Storage>) -> Self {
         BlobsTask { settings, storage }
+    }
+
+    /// The orphan sweep's grace and dry-run choice (`storage.orphan_grace`, `storage.sweep_dry_run`).
+    pub fn with_sweep(self, orphan_grace: Duration, sweep_dry_run: Option<bool>) -> Self {
+        BlobsTask {
+            settings: BlobsSettings {
+                orphan_grace,
+                sweep_dry_run,
+                ..self.settings
+            },
+            ..self
+        }
     }
 
     /// The backoff after the `attempts`-th failure (1: the first).
@@ -176,7 +157,8 @@ impl BlobsTask {
         let pool = &ctx.pool;
         let started = ctx.now();
         let cutoff = started
-            - chrono::Duration::from_std(self.settings.orphan_grace).unwrap_or(chrono::Duration::MAX);
+            - chrono::Duration::from_std(self.settings.orphan_grace)
+                .unwrap_or(chrono::Duration::MAX);
         let listed = self
             .storage
             .list_all(PAYLOADS_PREFIX)

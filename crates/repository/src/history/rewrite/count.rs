@@ -12,9 +12,9 @@ use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::{lock, Phase, Rewrite};
-use crate::history::dependents::{self, Victims};
 use crate::batch::{self, BatchLimits};
 use crate::heap::BlockRange;
+use crate::history::dependents::{self, Victims};
 use crate::receipts;
 use crate::rule::{self, Rule};
 use crate::sql::Sql;
