@@ -60,6 +60,49 @@ pub enum Command {
     /// Legal holds: a tenant, or one task, that no retention rule deletes while held.
     #[command(subcommand, after_help = "Example: engine hold list")]
     Hold(HoldCommand),
+    /// Task payloads: store one (inline, or in object storage under `storage.url`), read one back.
+    #[command(
+        subcommand,
+        after_help = "Example: engine payload get 42 > output.json"
+    )]
+    Payload(PayloadCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PayloadCommand {
+    /// Store a task's payload from a file (or stdin): the object first, then its row. Prints the
+    /// payload as JSON.
+    #[command(
+        after_help = "Example: engine payload put --tenant acme --task 0190... --task-inserted-at 2026-12-01T10:00:00Z --kind output --external result.json"
+    )]
+    Put {
+        /// The tenant's id or slug.
+        #[arg(long)]
+        tenant: String,
+        /// The task's id.
+        #[arg(long, value_name = "TASK_ID")]
+        task: String,
+        /// The task's `inserted_at` (RFC 3339): with the id, the task's key.
+        #[arg(long, value_name = "INSTANT")]
+        task_inserted_at: String,
+        #[arg(long, value_parser = PossibleValuesParser::new(["input", "output"]))]
+        kind: String,
+        /// Keep the bytes in object storage (`storage.url`) rather than in the row.
+        #[arg(long)]
+        external: bool,
+        /// The file to read ("-": stdin).
+        #[arg(value_name = "FILE")]
+        file: String,
+    },
+    /// Write a payload's bytes to stdout (or a file), wherever they are kept.
+    #[command(after_help = "Example: engine payload get 42 --out result.json")]
+    Get {
+        /// The payload's id.
+        id: i64,
+        /// Write here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<String>,
+    },
 }
 
 /// How much `engine demo` seeds.

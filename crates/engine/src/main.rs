@@ -8,6 +8,7 @@ mod demo;
 mod hold;
 mod http;
 mod output;
+mod payload;
 mod progress;
 mod retention;
 mod serve;
@@ -91,6 +92,7 @@ fn main() -> ExitCode {
                 tenant::retention(&settings, command).await
             }
             Command::Hold(command) => hold::hold(&settings, command).await,
+            Command::Payload(command) => payload::payload(&settings, command).await,
         }
     });
     match result {

@@ -1,0 +1,250 @@
+//! `engine payload put|get`, and the engine killed (SIGKILL) in the middle of deleting stored
+//! objects: the next run deletes what is left, and every invariant holds.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use testkit::TestDatabase;
+
+fn put(db: &TestDatabase, objects: &Path, args: &[&str], file: &Path) -> std::process::Output {
+    engine()
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "ENGINE__STORAGE__URL",
+            format!("file://{}", objects.display()),
+        )
+        .args(["payload", "put"])
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+fn stored(objects: &Path) -> BTreeSet<String> {
+    fn walk(dir: &Path, root: &Path, into: &mut BTreeSet<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, into);
+            } else {
+                into.insert(path.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut keys = BTreeSet::new();
+    walk(objects, objects, &mut keys);
+    keys
+}
+
+#[test]
+fn a_payload_put_in_the_store_reads_back_and_bad_input_changes_nothing() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = rt.block_on(TestDatabase::new());
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    let tenant: uuid::Uuid = rt
+        .block_on(
+            sqlx::query_scalar(
+                "INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme') RETURNING id",
+            )
+            .fetch_one(&db.pool),
+        )
+        .unwrap();
+    let file = dir.path().join("result.json");
+    std::fs::write(&file, b"{\"answer\": 42}").unwrap();
+    let task = uuid::Uuid::new_v4().to_string();
+    let common = [
+        "--tenant",
+        "acme",
+        "--task",
+        task.as_str(),
+        "--task-inserted-at",
+        "2026-12-01T10:00:00Z",
+        "--kind",
+        "output",
+    ];
+    let output = put(
+        &db,
+        &objects,
+        &[&common[..], &["--external"]].concat(),
+        &file,
+    );
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let printed: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let id = printed["id"].as_i64().unwrap();
+    let key = format!("payloads/{tenant}/2026-12-01/{id}");
+    assert_eq!(printed["external_key"], key.as_str());
+    assert_eq!(stored(&objects), BTreeSet::from([key.clone()]));
+    let got = engine()
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "ENGINE__STORAGE__URL",
+            format!("file://{}", objects.display()),
+        )
+        .args(["payload", "get", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(got.status.success(), "{:?}", text(&got));
+    assert_eq!(got.stdout, b"{\"answer\": 42}");
+
+    // Inline: no object.
+    let output = put(&db, &objects, &common, &file);
+    assert!(output.status.success(), "{:?}", text(&output));
+    assert_eq!(stored(&objects).len(), 1);
+
+    // Bad input: refused with what is wrong, nothing written.
+    for (args, says) in [
+        (
+            vec![
+                "--tenant",
+                "acme",
+                "--task",
+                "nope",
+                "--task-inserted-at",
+                "2026-12-01T10:00:00Z",
+                "--kind",
+                "input",
+            ],
+            "is not a task id",
+        ),
+        (
+            vec![
+                "--tenant",
+                "acme",
+                "--task",
+                task.as_str(),
+                "--task-inserted-at",
+                "yesterday",
+                "--kind",
+                "input",
+            ],
+            "RFC 3339",
+        ),
+        (
+            vec![
+                "--tenant",
+                "nobody",
+                "--task",
+                task.as_str(),
+                "--task-inserted-at",
+                "2026-12-01T10:00:00Z",
+                "--kind",
+                "input",
+                "--external",
+            ],
+            "no tenant",
+        ),
+    ] {
+        let output = put(&db, &objects, &args, &file);
+        let (_, stderr) = text(&output);
+        assert!(!output.status.success());
+        assert!(stderr.contains(says), "{stderr}");
+    }
+    let rows: i64 = rt
+        .block_on(sqlx::query_scalar("SELECT count(*) FROM task_payloads").fetch_one(&db.pool))
+        .unwrap();
+    assert_eq!(rows, 2);
+    assert_eq!(stored(&objects).len(), 1);
+}
+
+#[test]
+fn the_engine_killed_while_deleting_objects_leaves_nothing_behind_after_the_next_run() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = rt.block_on(TestDatabase::new());
+    let pool = db.pool.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    // 600 payload rows already deleted: their objects are in the outbox.
+    let keys: BTreeSet<String> = rt.block_on(async {
+        let tenant: uuid::Uuid = sqlx::query_scalar(
+            "INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme') RETURNING id",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let mut keys = BTreeSet::new();
+        for i in 0..600 {
+            let key = format!("payloads/{tenant}/2026-11-01/{i}");
+            let path = objects.join(&key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"bytes").unwrap();
+            keys.insert(key);
+        }
+        sqlx::query(
+            "INSERT INTO object_deletions (object_key, tenant_id, payload_id, task_inserted_at, size_bytes)
+             SELECT k, $2, 0, '2026-11-01', 5 FROM unnest($1::text[]) k",
+        )
+        .bind(keys.iter().cloned().collect::<Vec<_>>())
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+        keys
+    });
+    assert_eq!(stored(&objects), keys);
+    let outbox = || -> i64 {
+        rt.block_on(sqlx::query_scalar("SELECT count(*) FROM object_deletions").fetch_one(&pool))
+            .unwrap()
+    };
+    // Small batches, paced: the kill lands between or inside batches.
+    let mut run = engine()
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "ENGINE__STORAGE__URL",
+            format!("file://{}", objects.display()),
+        )
+        .env("ENGINE__RETENTION__BLOBS__BATCH_SIZE", "20")
+        .env("ENGINE__RETENTION__PACING__FEEDBACK", "false")
+        .args(["retention", "run", "--task", "blobs", "--pace", "20"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("some objects deleted", Duration::from_secs(120), || {
+        stored(&objects).len() < 500
+    });
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let left_objects = stored(&objects);
+    assert!(!left_objects.is_empty(), "killed before the end");
+    let entries: BTreeSet<String> = rt
+        .block_on(sqlx::query_scalar("SELECT object_key FROM object_deletions").fetch_all(&pool))
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(
+        left_objects.is_subset(&entries),
+        "every object still there has its outbox entry: {} objects, {} entries",
+        left_objects.len(),
+        entries.len()
+    );
+    assert_eq!(entries.len(), outbox() as usize);
+    // The next run (after the killed run's lease ran out) finishes.
+    std::thread::sleep(Duration::from_secs(11));
+    let output = engine()
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "ENGINE__STORAGE__URL",
+            format!("file://{}", objects.display()),
+        )
+        .args(["retention", "run", "--task", "blobs"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{:?}", text(&output));
+    assert_eq!(outbox(), 0);
+    assert!(stored(&objects).is_empty());
+}
