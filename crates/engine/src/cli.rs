@@ -294,6 +294,6 @@ mod tests {
                 && checked.contains(&"engine retention receipts".to_string()),
             "{checked:?}"
         );
-        assert_eq!(checked.len(), 18, "{checked:?}");
+        assert_eq!(checked.len(), 21, "{checked:?}");
     }
 }

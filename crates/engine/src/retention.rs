@@ -365,6 +365,7 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
         "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} holder",
         "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)"
     ))?;
+    let outbox = states.iter().find_map(|s| s.outbox.clone());
     for state in states {
         output::line(format_args!(
             "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} {}",
@@ -381,6 +382,12 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
                 .unwrap_or_else(|| "-".into()),
             state.next_due.describe(),
             state.holder.as_deref().unwrap_or("-"),
+        ))?;
+    }
+    if let Some(outbox) = outbox {
+        output::line(format_args!(
+            "outbox (objects to delete): {}",
+            outbox.describe()
         ))?;
     }
     Ok(ExitCode::SUCCESS)

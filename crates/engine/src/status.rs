@@ -28,6 +28,55 @@ pub struct TaskStatus {
     pub holder: Option<String>,
     /// An estimate of the rows due now, when the task can tell cheaply (`with_estimates`).
     pub rows_due: Option<u64>,
+    /// The `blobs` task's outbox: the stored objects waiting to be deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxStatus>,
+}
+
+/// The outbox of stored objects to delete (`object_deletions`), at a glance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutboxStatus {
+    pub entries: i64,
+    pub bytes: i64,
+    pub oldest_enqueued_at: Option<DateTime<Utc>>,
+    /// Entries whose delete failed at least once (waiting their backoff), and the latest error.
+    pub failing: i64,
+    pub last_error: Option<String>,
+}
+
+impl OutboxStatus {
+    pub async fn read(pool: &PgPool) -> anyhow::Result<OutboxStatus> {
+        let depth = repository::outbox::depth(pool).await?;
+        Ok(OutboxStatus {
+            entries: depth.entries,
+            bytes: depth.bytes,
+            oldest_enqueued_at: depth.oldest_enqueued_at,
+            failing: depth.failing,
+            last_error: depth.last_error,
+        })
+    }
+
+    /// "12 objects (3.1 MB), oldest 2026-12-04 07:00:00, 2 failing: <error>".
+    pub fn describe(&self) -> String {
+        if self.entries == 0 {
+            return "empty".into();
+        }
+        let mut text = format!(
+            "{} objects ({} bytes), oldest {}",
+            self.entries,
+            self.bytes,
+            self.oldest_enqueued_at
+                .map(format_time)
+                .unwrap_or_else(|| "-".into())
+        );
+        if self.failing > 0 {
+            text.push_str(&format!(", {} failing", self.failing));
+            if let Some(error) = &self.last_error {
+                text.push_str(&format!(": {error}"));
+            }
+        }
+        text
+    }
 }
 
 /// When a task runs next.
@@ -104,6 +153,11 @@ pub async fn tasks(
             next_due,
             holder: state.holder,
             rows_due,
+            outbox: if task.name() == retention_controller::tasks::blobs::NAME {
+                Some(OutboxStatus::read(pool).await?)
+            } else {
+                None
+            },
         });
     }
     Ok(out)

@@ -112,7 +112,15 @@ fn tasks_section(page: &mut String, tasks: &[TaskStatus]) {
             due = task.rows_due.map(thousands).unwrap_or_else(|| "-".into()),
         );
     }
-    page.push_str("</tbody></table></section>\n");
+    page.push_str("</tbody></table>");
+    if let Some(outbox) = tasks.iter().find_map(|t| t.outbox.as_ref()) {
+        let _ = write!(
+            page,
+            r#"<p id="outbox">Outbox (stored objects to delete): {}</p>"#,
+            escape(&outbox.describe())
+        );
+    }
+    page.push_str("</section>\n");
 }
 
 fn charts_section(page: &mut String, snapshot: &Snapshot) {
@@ -269,6 +277,7 @@ mod tests {
             next_due: NextDue::OnNextStart,
             holder: None,
             rows_due: None,
+            outbox: None,
         }
     }
 

@@ -217,8 +217,9 @@ fn an_unknown_task_is_refused_with_the_names_allowed() {
     assert_eq!(output.status.code(), Some(2));
     assert!(
         stderr.contains("invalid value 'sesions'")
-            && stderr
-                .contains("[possible values: partitions, task-history, queue-items, sessions]"),
+            && stderr.contains(
+                "[possible values: partitions, task-history, queue-items, sessions, blobs]"
+            ),
         "{stderr}"
     );
 }
@@ -410,7 +411,13 @@ async fn run_and_status_print_json_for_scripts() {
         ran.iter()
             .map(|o| o["task"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        ["partitions", "task-history", "queue-items", "sessions"]
+        [
+            "partitions",
+            "task-history",
+            "queue-items",
+            "sessions",
+            "blobs"
+        ]
     );
     let sessions = &ran[3];
     assert_eq!(
@@ -443,7 +450,9 @@ async fn run_and_status_print_json_for_scripts() {
     );
 
     let status = run(&["retention", "status", "--json"]);
-    assert_eq!(status.len(), 4);
+    assert_eq!(status.len(), 5);
+    let blobs = status.iter().find(|o| o["task"] == "blobs").unwrap();
+    assert_eq!(blobs["outbox"]["entries"], 0, "{blobs}");
     let sessions = status.iter().find(|o| o["task"] == "sessions").unwrap();
     assert_eq!(
         (
@@ -628,7 +637,7 @@ async fn pause_resume_and_status_are_persisted_and_obeyed() {
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output)
         .1
-        .contains("[possible values: partitions, task-history, queue-items, sessions]"));
+        .contains("[possible values: partitions, task-history, queue-items, sessions, blobs]"));
 }
 
 #[tokio::test]

@@ -83,7 +83,8 @@ async fn the_demo_cleans_a_database_of_its_own_by_the_rules_and_serves_the_statu
     // The page is up, and the database is clean by every rule, with everything kept still there.
     let (status, page) = http(port, "GET", "/", &[], None).unwrap();
     assert_eq!(status, 200);
-    assert_eq!(page.matches("<tr data-task=").count(), 4, "{page}");
+    assert_eq!(page.matches("<tr data-task=").count(), 5, "{page}");
+    assert!(page.contains(r#"<p id="outbox">"#), "{page}");
     let options: PgConnectOptions = db
         .url
         .parse::<PgConnectOptions>()

@@ -233,6 +233,25 @@ fn the_engine_killed_while_deleting_objects_leaves_nothing_behind_after_the_next
         entries.len()
     );
     assert_eq!(entries.len(), outbox() as usize);
+    // What an operator sees meanwhile.
+    let status = engine()
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "ENGINE__STORAGE__URL",
+            format!("file://{}", objects.display()),
+        )
+        .args(["retention", "status", "--json"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&status);
+    assert!(status.status.success(), "{stderr}");
+    let blobs: serde_json::Value = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["task"] == "blobs")
+        .expect("a line for blobs");
+    assert_eq!(blobs["outbox"]["entries"], entries.len() as i64, "{blobs}");
+    assert!(blobs["outbox"]["oldest_enqueued_at"].is_string(), "{blobs}");
     // The next run (after the killed run's lease ran out) finishes.
     std::thread::sleep(Duration::from_secs(11));
     let output = engine()

@@ -133,7 +133,11 @@ async fn the_status_page_shows_tasks_rows_deleted_tables_and_failures_in_a_brows
     );
     // Every task, with its state, last outcome and rows.
     let tasks = element(&dom, r#"<section id="tasks">"#, "</section>");
-    assert_eq!(tasks.matches("<tr data-task=").count(), 4, "{tasks}");
+    assert_eq!(tasks.matches("<tr data-task=").count(), 5, "{tasks}");
+    assert!(
+        tasks.contains(r#"<p id="outbox">Outbox (stored objects to delete): empty</p>"#),
+        "{tasks}"
+    );
     let sessions = element(tasks, r#"<tr data-task="sessions">"#, "</tr>");
     assert!(
         sessions.contains(r#"<td class="active">active</td>"#)

@@ -113,6 +113,11 @@ pub const METRICS: &[(&str, Kind, metrics::Unit, &str)] = &[
     ("retention_replication_slots_inactive", Kind::Gauge, metrics::Unit::Count, "Replication slots with no standby attached, seen at the throttle's first check: they keep WAL, and retention does not wait for them."),
     ("retention_standbys_stalled_total", Kind::Counter, metrics::Unit::Count, "Times a standby's replay position stood still for retention.throttle.max_replica_stall while behind, after which purges stopped waiting for it."),
     ("retention_pause_ratio", Kind::Gauge, metrics::Unit::Count, "The pause after each batch, in multiples of the batch's duration, that the task's last paced run with feedback ended at (retention.pacing.feedback)."),
+    ("retention_objects_deleted_total", Kind::Counter, metrics::Unit::Count, "Stored objects deleted by the blobs task, by source: outbox (their payload rows gone) or sweep (no row named them past storage.orphan_grace)."),
+    ("retention_object_delete_failures_total", Kind::Counter, metrics::Unit::Count, "Object deletes the store refused or could not answer; each is tried again after a backoff."),
+    ("retention_outbox_entries", Kind::Gauge, metrics::Unit::Count, "Objects waiting in the outbox (object_deletions) for the blobs task, as its last run ended."),
+    ("retention_outbox_oldest_age_seconds", Kind::Gauge, metrics::Unit::Seconds, "Age of the oldest outbox entry as the blobs task's last run ended (seconds; 0 when empty)."),
+    ("retention_orphan_objects", Kind::Gauge, metrics::Unit::Count, "Objects the last sweep found that no payload row and no outbox entry names, older than storage.orphan_grace (deleted unless the sweep was a dry run)."),
 ];
 
 /// Gives every metric of [`METRICS`] its HELP text and unit. Call once the process's recorder
@@ -125,6 +130,23 @@ pub fn describe() {
             Kind::Histogram => metrics::describe_histogram!(*name, *unit, *help),
         }
     }
+}
+
+/// Objects deleted (from the outbox, or by the sweep) and deletes that failed.
+pub(crate) fn objects_deleted(source: &'static str, deleted: u64, failed: u64) {
+    metrics::counter!("retention_objects_deleted_total", "source" => source).increment(deleted);
+    metrics::counter!("retention_object_delete_failures_total").increment(failed);
+}
+
+/// The outbox as the blobs task's run ended.
+pub(crate) fn outbox(entries: i64, oldest_age: Duration) {
+    metrics::gauge!("retention_outbox_entries").set(entries as f64);
+    metrics::gauge!("retention_outbox_oldest_age_seconds").set(oldest_age.as_secs_f64());
+}
+
+/// Orphan objects the last sweep found.
+pub(crate) fn orphan_objects(found: usize) {
+    metrics::gauge!("retention_orphan_objects").set(found as f64);
 }
 
 pub(crate) fn throttled(waiting: bool) {

@@ -121,6 +121,7 @@ impl BlobsTask {
             .filter(|e| done.contains(&e.id))
             .map(|e| e.size_bytes)
             .sum();
+        crate::telemetry::objects_deleted("outbox", done.len() as u64, failed);
         report.record_batch("objects", done.len() as u64);
         report.count("object bytes deleted", bytes.max(0) as u64);
         report.count("object deletes failed", failed);
@@ -178,6 +179,7 @@ impl BlobsTask {
         }
         report.count("objects listed", listed.len() as u64);
         report.count("orphan objects found", orphans.len() as u64);
+        crate::telemetry::orphan_objects(orphans.len());
         if dry {
             if !orphans.is_empty() {
                 tracing::warn!(orphans = orphans.len(), "the sweep found objects no row names; this first sweep only counts them (storage.sweep_dry_run)");
@@ -196,6 +198,11 @@ impl BlobsTask {
             let started = Instant::now();
             let outcomes = self.storage.delete_many(confirmed).await;
             let deleted = outcomes.iter().filter(|(_, r)| r.is_ok()).count();
+            crate::telemetry::objects_deleted(
+                "sweep",
+                deleted as u64,
+                (outcomes.len() - deleted) as u64,
+            );
             report.record_batch("orphan-objects", deleted as u64);
             ctx.batch_done(started.elapsed(), report, None).await;
         }
@@ -217,6 +224,32 @@ impl MaintenanceTask for BlobsTask {
     }
 
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
+        let result = self.drain_and_sweep(ctx).await;
+        // The outbox's depth and age, whatever the run did (a store down shows here).
+        if let Ok(depth) = outbox::depth(&ctx.pool).await {
+            let age = depth
+                .oldest_enqueued_at
+                .map(|at| (ctx.now() - at).to_std().unwrap_or_default())
+                .unwrap_or_default();
+            crate::telemetry::outbox(depth.entries, age);
+        }
+        result
+    }
+
+    async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
+        let depth = outbox::depth(pool).await?;
+        let mut report = DryRunReport::default();
+        report.add("objects", depth.entries.max(0) as u64);
+        Ok(report)
+    }
+
+    async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
+        Ok(Some(outbox::depth(pool).await?.entries.max(0) as u64))
+    }
+}
+
+impl BlobsTask {
+    async fn drain_and_sweep(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let mut report = RunReport::default();
         loop {
             if let Some(stop) = ctx.interrupted() {
@@ -238,16 +271,5 @@ impl MaintenanceTask for BlobsTask {
             }
         }
         Ok(report)
-    }
-
-    async fn dry_run(&self, pool: &PgPool) -> Result<DryRunReport, TaskError> {
-        let depth = outbox::depth(pool).await?;
-        let mut report = DryRunReport::default();
-        report.add("objects", depth.entries.max(0) as u64);
-        Ok(report)
-    }
-
-    async fn estimate_due(&self, pool: &PgPool) -> Result<Option<u64>, TaskError> {
-        Ok(Some(outbox::depth(pool).await?.entries.max(0) as u64))
     }
 }
