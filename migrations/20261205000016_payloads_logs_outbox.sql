@@ -99,13 +99,3 @@ ALTER TABLE retention_receipts
     ADD COLUMN payloads bigint NOT NULL DEFAULT 0,
     ADD COLUMN logs     bigint NOT NULL DEFAULT 0,
     ADD COLUMN objects  bigint NOT NULL DEFAULT 0;
-
--- What the `blobs` task did last (its sweep's first run is a dry run unless configured).
-CREATE TABLE object_store_state (
-    singleton       boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
-    last_error      text        NULL,
-    last_error_at   timestamptz NULL,
-    sweeps          bigint      NOT NULL DEFAULT 0,
-    last_sweep_at   timestamptz NULL
-);
-INSERT INTO object_store_state DEFAULT VALUES;

@@ -5,6 +5,7 @@
 
 mod db;
 mod history;
+mod payloads;
 mod queue_items;
 mod sessions;
 
@@ -76,6 +77,16 @@ enum Bench {
         /// Measured runs (after three warm-up runs)
         #[arg(long, default_value_t = 9)]
         samples: usize,
+    },
+    /// A backlog of due tasks with payloads in object storage (the local filesystem store): the
+    /// engine's rows and objects gone, against a plain loop deleting the same objects.
+    Payloads {
+        #[arg(long, default_value_t = 1_000_000)]
+        tasks: i64,
+        #[arg(long, default_value_t = 10)]
+        tenants: usize,
+        #[arg(long, default_value_t = 10)]
+        days: i64,
     },
     /// Purging the reported 2.6M-row sessions backlog: the engine at full speed and paced, a bare
     /// DELETE and the common LIMIT 1000 loop on identical copies, with a foreground workload;
@@ -157,6 +168,18 @@ async fn main() -> anyhow::Result<()> {
                 backlog_days,
                 merge_rows,
                 merge_timeout,
+            })
+            .await
+        }
+        Bench::Payloads {
+            tasks,
+            tenants,
+            days,
+        } => {
+            payloads::run(payloads::Args {
+                tasks,
+                tenants,
+                days,
             })
             .await
         }

@@ -595,7 +595,7 @@ impl Copy {
 // ----- the engine as a separate process ----------------------------------------------------
 
 /// The release `engine` binary next to this one, built first if need be.
-fn engine_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn engine_binary() -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name("engine");
     eprintln!("building the engine (cargo build --release -p engine)...");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -688,7 +688,7 @@ async fn run_engine(
     })
 }
 
-fn vm_hwm_kb(pid: u32) -> Option<u64> {
+pub(crate) fn vm_hwm_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
