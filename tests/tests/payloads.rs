@@ -339,3 +339,86 @@ async fn a_payload_row_must_say_where_its_bytes_are() {
         );
     }
 }
+
+#[tokio::test]
+async fn payloads_and_logs_of_a_task_the_application_deleted_go_after_an_hour_unless_held() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let at = day_start(a_past_day(pool).await) + Span::hours(12);
+    let tenant = insert_tenant(pool, None, None).await;
+    let held = insert_tenant(pool, None, None).await;
+    sqlx::query(
+        "INSERT INTO retention_holds (tenant_id, reason, created_by) VALUES ($1, 'audit', 'test')",
+    )
+    .bind(held)
+    .execute(pool)
+    .await
+    .unwrap();
+    // Tasks kept forever, deleted by the application; their payloads and lines written 2 hours
+    // ago (orphans once the task is gone) or 30 minutes ago (too young: the task may be
+    // uncommitted yet).
+    let mut old_keys = BTreeSet::new();
+    let mut kept_keys = BTreeSet::new();
+    for (owner, age, goes) in [
+        (tenant, Span::hours(2), true),
+        (tenant, Span::minutes(30), false),
+        (held, Span::hours(2), false),
+    ] {
+        let (task, _, _) = insert_task_with_children(pool, owner, "succeeded", at, Some(at)).await;
+        let key = dependents(pool, owner, task, age).await;
+        sqlx::query(
+            "UPDATE task_payloads SET created_at = now() - $2::interval WHERE task_id = $1",
+        )
+        .bind(task.0)
+        .bind(format!("{} seconds", age.num_seconds()))
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query("DELETE FROM tasks WHERE id = $1")
+            .bind(task.0)
+            .execute(pool)
+            .await
+            .unwrap();
+        if goes {
+            old_keys.insert(key);
+        } else {
+            kept_keys.insert(key);
+        }
+    }
+    // And a task still there: its payload and lines stay whatever their age.
+    let (live, _, _) = insert_task_with_children(pool, tenant, "succeeded", at, Some(at)).await;
+    kept_keys.insert(dependents(pool, tenant, live, Span::hours(3)).await);
+
+    run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
+    assert_eq!(
+        keys(
+            pool,
+            "SELECT external_key FROM task_payloads WHERE external_key IS NOT NULL"
+        )
+        .await,
+        kept_keys
+    );
+    assert_eq!(
+        keys(pool, "SELECT object_key FROM object_deletions").await,
+        old_keys
+    );
+    let logs: i64 = sqlx::query_scalar("SELECT count(*) FROM task_logs")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(logs, 6, "two lines each of the three tasks kept");
+    let receipts: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT rule, payloads, logs, objects FROM retention_receipts WHERE tenant_id = $1 AND rule LIKE 'orphan-%s' AND rule <> 'orphan-events' ORDER BY rule",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        receipts,
+        vec![
+            ("orphan-logs".to_string(), 0, 2, 0),
+            ("orphan-payloads".to_string(), 2, 0, 1)
+        ]
+    );
+}

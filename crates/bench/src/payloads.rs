@@ -50,10 +50,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         keys.len(),
         started.elapsed().as_secs_f64()
     );
-    step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE tasks, task_payloads").await?;
+    step(
+        &pool,
+        "VACUUM ANALYZE",
+        "VACUUM ANALYZE tasks, task_payloads",
+    )
+    .await?;
 
     // The engine, as it ships.
-    let (reports, wall, peak_kb) = run_engine(&engine, &bench.url_for("payloads_backlog"), &objects).await?;
+    let (reports, wall, peak_kb) =
+        run_engine(&engine, &bench.url_for("payloads_backlog"), &objects).await?;
     let seconds = |task: &str| -> f64 {
         reports
             .iter()
@@ -141,7 +147,9 @@ async fn seed_rows(pool: &PgPool, args: &Args) -> anyhow::Result<Vec<String>> {
     .execute(pool)
     .await?;
     // The update gave every old key to the outbox (its trigger): not part of the backlog.
-    sqlx::query("TRUNCATE object_deletions").execute(pool).await?;
+    sqlx::query("TRUNCATE object_deletions")
+        .execute(pool)
+        .await?;
     let rows: Vec<(Uuid, chrono::DateTime<chrono::Utc>, i64)> =
         sqlx::query_as("SELECT tenant_id, task_inserted_at, id FROM task_payloads")
             .fetch_all(pool)
@@ -213,10 +221,21 @@ async fn run_engine(
     let log = std::env::var("BENCH_ENGINE_LOG").unwrap_or_else(|_| "warn".into());
     let started = Instant::now();
     let child = tokio::process::Command::new(engine)
-        .args(["retention", "run", "--task", "task-history", "--task", "blobs", "--json"])
+        .args([
+            "retention",
+            "run",
+            "--task",
+            "task-history",
+            "--task",
+            "blobs",
+            "--json",
+        ])
         .env("DATABASE_URL", url)
         .env("RUST_LOG", log)
-        .env("ENGINE__STORAGE__URL", format!("file://{}", objects.display()))
+        .env(
+            "ENGINE__STORAGE__URL",
+            format!("file://{}", objects.display()),
+        )
         .env("ENGINE__RETENTION__TASK_HISTORY__MAX_RUN_TIME", "1day")
         .env("ENGINE__RETENTION__BLOBS__MAX_RUN_TIME", "1day")
         .stdout(Stdio::piped())

@@ -358,3 +358,80 @@ pub async fn drop_empty_days(
     }
     Ok(dropped)
 }
+
+/// The partitions of `table` (one of [`DAY_TABLES`]), the default included.
+pub async fn partitions(
+    executor: impl PgExecutor<'_>,
+    table: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = $1::regclass ORDER BY 1",
+    )
+    .bind(table)
+    .fetch_all(executor)
+    .await
+}
+
+#[derive(FromRow)]
+struct OrphansRow {
+    deleted: i64,
+    rules_version: i64,
+}
+
+/// Deletes, on the pages `blocks` of `partition` (a partition of `table`, one of
+/// [`DAY_TABLES`]), the payloads or log lines whose task is gone (deleted by the application,
+/// say), older than an hour and not held: the orphan rule of events ([`Rule::orphan_due`]).
+/// Payloads' stored objects go to the outbox by trigger. Receipts under `orphan-payloads` or
+/// `orphan-logs`; then the rules are confirmed. `None` when the partition is gone.
+pub async fn delete_orphans_in_blocks(
+    conn: &mut PgConnection,
+    table: &str,
+    partition: &str,
+    blocks: crate::heap::BlockRange,
+    rule: &Rule,
+    receipt: &RunReceipt,
+) -> Result<Option<i64>, sqlx::Error> {
+    let payloads = table == "task_payloads";
+    let (from, to) = blocks.tids();
+    let mut sql = Sql::new(
+        "WITH gone AS (
+             DELETE FROM {partition} d
+             WHERE d.ctid >= {from}::tid AND d.ctid < {to}::tid AND {due}
+             RETURNING d.tenant_id, d.created_at, {external} AS external
+         ), receipt AS (
+             {receipt}
+         )
+         SELECT (SELECT count(*) FROM gone) AS deleted, {version} AS rules_version",
+    );
+    let rows = if payloads {
+        "SELECT g.tenant_id, 'orphan-payloads', 0, 0, 0, count(*), 0, count(*) FILTER (WHERE g.external), min(g.created_at), max(g.created_at)
+         FROM gone g GROUP BY g.tenant_id"
+    } else {
+        "SELECT g.tenant_id, 'orphan-logs', 0, 0, 0, 0, count(*), 0, min(g.created_at), max(g.created_at)
+         FROM gone g GROUP BY g.tenant_id"
+    };
+    sql.raw("partition", partition.to_string())
+        .bind("from", from)
+        .bind("to", to)
+        .with("due", rule.orphan_due("d", "tasks"))
+        .raw(
+            "external",
+            if payloads {
+                "d.external_key IS NOT NULL"
+            } else {
+                "false"
+            },
+        )
+        .with("receipt", receipts::add_with_dependents(receipt, rows))
+        .raw("version", rule::VERSION);
+    let row: OrphansRow = match sql.build_query_as().fetch_one(&mut *conn).await {
+        Ok(row) => row,
+        Err(error) if crate::history::deletes::is_undefined_table(&error) => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    if row.deleted > 0 {
+        rule::confirm(conn, row.rules_version).await?;
+    }
+    Ok(Some(row.deleted))
+}

@@ -830,6 +830,8 @@ impl TaskHistoryTask {
 /// seconds), when the one in progress started, and where it is: the next range (by
 /// [`sweep_key`]; 0: no sweep in progress) and the next page of its events.
 const ORPHAN_SWEPT_AT: &str = "task-history.orphan-sweep.swept-at";
+/// When the last complete walk of the payloads' and log lines' partitions for orphans ended.
+const DEPENDENTS_SWEPT_AT: &str = "task-history.orphan-dependents.swept-at";
 const ORPHAN_SWEEP_STARTED: &str = "task-history.orphan-sweep.started";
 const ORPHAN_SWEEP_NEXT: &str = "task-history.orphan-sweep.next";
 const ORPHAN_SWEEP_BLOCK: &str = "task-history.orphan-sweep.block";
@@ -884,6 +886,7 @@ impl MaintenanceTask for TaskHistoryTask {
         }
         self.purge_orphan_events(ctx, &mut report).await?;
         self.sweep_orphans(ctx, &mut report).await?;
+        self.sweep_orphan_dependents(ctx, &mut report).await?;
         self.purge_due_logs(ctx, &mut report).await?;
         self.purge_receipts(ctx, &mut report).await?;
         if purged != crate::Completion::Done {
@@ -915,6 +918,87 @@ const PLAN_PASSES: usize = 3;
 const PURGE_SHARE: f64 = 0.9;
 
 impl TaskHistoryTask {
+    /// Every `orphan_sweep_interval`: walks every partition of `task_payloads` and `task_logs` in
+    /// block ranges and deletes the rows whose task is gone (deleted by the application: the
+    /// engine's own paths delete them with their task), older than an hour and not held. A walk
+    /// cut short starts again at the next run.
+    async fn sweep_orphan_dependents(
+        &self,
+        ctx: &RunContext,
+        report: &mut RunReport,
+    ) -> Result<(), TaskError> {
+        let last = watermarks::get(&ctx.pool, DEPENDENTS_SWEPT_AT).await?;
+        let every = self.orphan_sweep_interval.as_secs() as i64;
+        if last > 0 && ctx.now().timestamp() < last + every {
+            return Ok(());
+        }
+        let limits = ctx.batch_limits(
+            BatchLimits::new(self.settings.statement_timeout, self.settings.lock_timeout)
+                .with_generic_plans(),
+        );
+        let mut sizer = ctx.block_sizer_within(SWEEP_FIRST_PAGES, self.settings.statement_timeout);
+        for table in repository::payloads::DAY_TABLES {
+            for partition in repository::payloads::partitions(&ctx.pool, table).await? {
+                let mut block = 0i64;
+                loop {
+                    if let Some(stop) = ctx.interrupted() {
+                        report.completion = stop;
+                        return Ok(());
+                    }
+                    let Some(size) = heap::size_if_present(&ctx.pool, &partition).await? else {
+                        break;
+                    };
+                    let pages = i64::from(size.pages);
+                    if block >= pages {
+                        break;
+                    }
+                    let end = (block + i64::from(sizer.size())).min(pages);
+                    let blocks = heap::BlockRange {
+                        start: block as u32,
+                        end: end as u32,
+                    };
+                    let started = Instant::now();
+                    let result = async {
+                        let mut tx = batch::begin(&ctx.pool, limits).await?;
+                        let deleted = repository::payloads::delete_orphans_in_blocks(
+                            &mut tx,
+                            table,
+                            &partition,
+                            blocks,
+                            &ctx.rule(self.settings.deleted_tenant_grace),
+                            &receipt(ctx),
+                        )
+                        .await?;
+                        tx.commit().await?;
+                        Ok(deleted)
+                    }
+                    .await;
+                    let elapsed = started.elapsed();
+                    let deleted = match sizer.settle_units(elapsed, (end - block) as u32, result) {
+                        Settled::Done(Some(deleted)) => deleted,
+                        Settled::Done(None) => break,
+                        Settled::Retry(_) => continue,
+                        Settled::Again(_) => {
+                            report.count("batches run again", 1);
+                            continue;
+                        }
+                        Settled::GaveUp(error) => return Err(error.into()),
+                    };
+                    let rule = if table == "task_payloads" {
+                        "orphan-payloads"
+                    } else {
+                        "orphan-logs"
+                    };
+                    report.record_batch(rule, deleted as u64);
+                    ctx.batch_done(elapsed, report, None).await;
+                    block = end;
+                }
+            }
+        }
+        watermarks::set(&ctx.pool, DEPENDENTS_SWEPT_AT, ctx.now().timestamp()).await?;
+        Ok(())
+    }
+
     /// Deletes the log lines due by the log window, tenant by tenant, oldest first, in batches.
     async fn purge_due_logs(
         &self,
