@@ -179,7 +179,8 @@ pub enum TenantRetentionCommand {
     #[command(after_help = "Examples:
   engine tenant retention set acme 30days --dry-run     # what the next run would delete; changes nothing
   engine tenant retention set acme 90days --status failed
-  engine tenant retention set acme default --status failed")]
+  engine tenant retention set acme default --status failed
+  engine tenant retention set acme 14days --logs        # the log lines' own window")]
     Set {
         /// The tenant's id or slug.
         tenant: String,
@@ -190,6 +191,10 @@ pub enum TenantRetentionCommand {
         /// Set the window of tasks that ended in this status only.
         #[arg(long, value_parser = PossibleValuesParser::new(["succeeded", "failed", "cancelled"]))]
         status: Option<String>,
+        /// Set the log lines' window instead (`log_retention_period`: a duration from 1m,
+        /// "forever", or "default" for retention.task_logs.max_age).
+        #[arg(long, conflicts_with = "status")]
+        logs: bool,
         /// Print what the next run would delete under the new setting; change nothing.
         #[arg(long)]
         dry_run: bool,

@@ -161,7 +161,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn failure(err: RetentionError) -> Response {
     match err {
-        RetentionError::Invalid { .. } | RetentionError::InvalidStatus(_) => {
+        RetentionError::Invalid { .. }
+        | RetentionError::InvalidStatus(_)
+        | RetentionError::InvalidLogWindow { .. } => {
             error(StatusCode::BAD_REQUEST, err.to_string())
         }
         RetentionError::UnknownTenant(_) => error(StatusCode::NOT_FOUND, err.to_string()),

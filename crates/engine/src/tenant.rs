@@ -15,6 +15,39 @@ pub async fn retention(
     settings: &Settings,
     command: TenantRetentionCommand,
 ) -> anyhow::Result<ExitCode> {
+    // The log lines' window: a path of its own.
+    if let TenantRetentionCommand::Set {
+        tenant,
+        retention,
+        logs: true,
+        dry_run,
+        ..
+    } = &command
+    {
+        let window = match tenant_retention::parse_log_window(retention) {
+            Ok(window) => window,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        let db = Database::open(settings, settings.database.migrate).await?;
+        let result = if *dry_run {
+            tenant_retention::preview_log_window(
+                &db.pool,
+                tenant,
+                window,
+                settings.retention.task_logs.max_age,
+            )
+            .await
+        } else {
+            tenant_retention::set_log_window(&db.pool, tenant, window)
+                .await
+                .map(|change| change.to_string())
+        };
+        db.close().await;
+        return finish(result);
+    }
     // Refuse a bad value before touching (or starting) any database.
     let setting = match &command {
         TenantRetentionCommand::Set {
@@ -74,6 +107,11 @@ pub async fn retention(
         (TenantRetentionCommand::Set { .. }, None) => unreachable!("parsed above"),
     };
     db.close().await;
+    finish(result)
+}
+
+/// Prints the outcome: a line, or the error (exit 2 for bad input).
+fn finish(result: Result<String, RetentionError>) -> anyhow::Result<ExitCode> {
     match result {
         Ok(line) => {
             output::line(line)?;
@@ -82,6 +120,7 @@ pub async fn retention(
         Err(
             error @ (RetentionError::Invalid { .. }
             | RetentionError::InvalidStatus(_)
+            | RetentionError::InvalidLogWindow { .. }
             | RetentionError::UnknownTenant(_)),
         ) => {
             eprintln!("error: {error}");
@@ -120,6 +159,7 @@ pub fn body(tenant: &Tenant) -> Value {
         "seconds": tenant.retention.map(|d| d.as_secs()),
         "by_status": by_status,
         "effective": effective,
+        "log_retention_period": tenant_retention::describe_logs(tenant.log_retention),
         "deleted_at": tenant.deleted_at.map(|at| at.to_rfc3339()),
     })
 }

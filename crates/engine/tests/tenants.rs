@@ -59,7 +59,9 @@ async fn the_cli_reads_and_changes_retention_by_slug_or_id() {
     assert_eq!(code, 0);
     assert_eq!(
         stdout.trim(),
-        format!("tenant acme ({id}): data_retention_period = 30days")
+        format!(
+            "tenant acme ({id}): data_retention_period = 30days, log_retention_period = default"
+        )
     );
 
     let (code, stdout, _) = cli(&db, &["set", &id.to_string(), "7days"]);
@@ -73,6 +75,77 @@ async fn the_cli_reads_and_changes_retention_by_slug_or_id() {
     assert!(cli(&db, &["get", "acme"])
         .1
         .contains("data_retention_period = forever"));
+}
+
+#[tokio::test]
+async fn the_cli_sets_the_log_window_previews_it_and_refuses_bad_values() {
+    let db = TestDatabase::new().await;
+    let id = tenant(&db, "acme").await;
+    let stored_logs = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT coalesce(log_retention_period::text, 'NULL') FROM tenants WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    // Three lines of a task, 2, 10 and 40 days old.
+    let task = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO task_logs (tenant_id, task_id, task_inserted_at, created_at, level, line)
+         SELECT $1, $2, now() - interval '41 days', now() - d * interval '1 day', 'info', 'x'
+         FROM unnest(ARRAY[2, 10, 40]) d",
+    )
+    .bind(id)
+    .bind(task)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, stdout, stderr) = cli(&db, &["set", "acme", "30days", "--logs", "--dry-run"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("log_retention_period default -> 30days would delete 1 log lines"),
+        "{stdout}"
+    );
+    assert_eq!(stored_logs().await, "NULL", "a dry run changes nothing");
+    let (code, stdout, _) = cli(&db, &["set", "acme", "default", "--logs", "--dry-run"]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("would delete 2 log lines"), "{stdout}");
+
+    let (code, stdout, _) = cli(&db, &["set", "acme", "30days", "--logs"]);
+    assert_eq!(code, 0);
+    assert_eq!(stdout.trim(), format!("tenant acme ({id}): log_retention_period default -> 30days (applies at the next task-history run)"));
+    assert_eq!(stored_logs().await, "720:00:00");
+    for (value, reason) in [
+        ("soon", "not a duration"),
+        ("30s", "below 1 minute"),
+        ("-1d", "negative"),
+        ("200years", "above 100 years"),
+    ] {
+        let (code, _, stderr) = cli(&db, &["set", "acme", value, "--logs"]);
+        assert_eq!(code, 2, "{value}");
+        assert!(
+            stderr.contains(&format!("invalid log window {value:?}")) && stderr.contains(reason),
+            "{stderr}"
+        );
+        assert_eq!(stored_logs().await, "720:00:00");
+    }
+    let (code, _, stderr) = cli(
+        &db,
+        &["set", "acme", "7days", "--logs", "--status", "failed"],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    let (code, stdout, _) = cli(&db, &["set", "acme", "default", "--logs"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("log_retention_period 30days -> default"),
+        "{stdout}"
+    );
+    assert_eq!(stored_logs().await, "NULL");
+    let (_, stdout, _) = cli(&db, &["get", "acme", "--json"]);
+    let body: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(body["log_retention_period"], "default");
 }
 
 #[tokio::test]

@@ -228,6 +228,24 @@ pub async fn tenants_with_due_logs(
     sql.build_query_scalar().fetch_all(executor).await
 }
 
+/// How many of tenant `tenant_id`'s log lines a log window of `window` makes due now (holds
+/// considered): what a preview of a new window shows.
+pub async fn count_due_logs(
+    executor: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    window: std::time::Duration,
+    rule: &Rule,
+) -> Result<i64, sqlx::Error> {
+    let mut sql = Sql::new(
+        "WITH tn AS MATERIALIZED (SELECT id, {window}::interval AS log_retention_period FROM tenants WHERE id = {tenant})
+         SELECT count(*) FROM tn JOIN task_logs l ON l.tenant_id = tn.id WHERE {due}",
+    );
+    sql.bind("window", rule::interval(window))
+        .bind("tenant", tenant_id)
+        .with("due", rule.log_due("l", "tn", window));
+    sql.build_query_scalar().fetch_one(executor).await
+}
+
 /// Name of the day partition of `table` for `day`.
 pub fn day_table(table: &str, day: NaiveDate) -> String {
     format!("{table}_p{}", day.format("%Y%m%d"))

@@ -56,6 +56,9 @@ pub struct Tenant {
     pub retention: Window,
     /// The statuses with a window of their own, and that window (`None`: forever).
     pub by_status: Vec<(FinalStatus, Window)>,
+    /// The log lines' own window (`log_retention_period`): `None` follows
+    /// `retention.task_logs.max_age`; `Some(None)` keeps them forever.
+    pub log_retention: Option<Window>,
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
@@ -78,6 +81,7 @@ struct TenantRow {
     succeeded_seconds: Option<f64>,
     failed_seconds: Option<f64>,
     cancelled_seconds: Option<f64>,
+    log_seconds: Option<f64>,
     deleted_at: Option<DateTime<Utc>>,
 }
 
@@ -106,6 +110,7 @@ impl From<TenantRow> for Tenant {
             name: row.name,
             retention: window(row.retention_seconds),
             by_status,
+            log_retention: row.log_seconds.map(|s| window(Some(s))),
             deleted_at: row.deleted_at,
         }
     }
@@ -115,7 +120,8 @@ const COLUMNS: &str =
     "id, slug, name, extract(epoch FROM data_retention_period)::float8 AS retention_seconds,
      extract(epoch FROM succeeded_retention_period)::float8 AS succeeded_seconds,
      extract(epoch FROM failed_retention_period)::float8 AS failed_seconds,
-     extract(epoch FROM cancelled_retention_period)::float8 AS cancelled_seconds, deleted_at";
+     extract(epoch FROM cancelled_retention_period)::float8 AS cancelled_seconds,
+     extract(epoch FROM log_retention_period)::float8 AS log_seconds, deleted_at";
 
 /// The tenant whose id or slug is `key` (an id wins when `key` parses as one).
 pub async fn find(executor: impl PgExecutor<'_>, key: &str) -> Result<Option<Tenant>, sqlx::Error> {
@@ -197,6 +203,33 @@ pub async fn set_status_retention(
     let row: Option<TenantRow> = sqlx::query_as(&format!(
         "UPDATE tenants SET {} = $2 WHERE id = $1 RETURNING {COLUMNS}",
         status.column()
+    ))
+    .bind(id)
+    .bind(value)
+    .fetch_optional(executor)
+    .await?;
+    Ok(row.map(Tenant::from))
+}
+
+/// Sets the log lines' window of a tenant: `None` follows `retention.task_logs.max_age` again,
+/// `Some(None)` keeps them forever (stored as 1000 years). Returns the updated tenant, or `None`
+/// when there is no such tenant.
+pub async fn set_log_retention(
+    executor: impl PgExecutor<'_>,
+    id: Uuid,
+    window: Option<Window>,
+) -> Result<Option<Tenant>, sqlx::Error> {
+    let value = match window {
+        Some(Some(duration)) => Some(interval(duration)),
+        Some(None) => Some(PgInterval {
+            months: 12_000,
+            days: 0,
+            microseconds: 0,
+        }),
+        None => None,
+    };
+    let row: Option<TenantRow> = sqlx::query_as(&format!(
+        "UPDATE tenants SET log_retention_period = $2 WHERE id = $1 RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(value)

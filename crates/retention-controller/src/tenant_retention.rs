@@ -26,6 +26,8 @@ pub enum RetentionError {
     UnknownTenant(String),
     #[error("invalid status {0:?}: allowed: succeeded, failed, cancelled")]
     InvalidStatus(String),
+    #[error("invalid log window {value:?}: {reason}; allowed: {LOG_ALLOWED}")]
+    InvalidLogWindow { value: String, reason: String },
     #[error("database error: {0}")]
     Database(String),
 }
@@ -135,8 +137,9 @@ impl fmt::Display for Change {
                 .map_or_else(|| "default".to_string(), |(_, w)| describe(*w))
         };
         let mut changes = Vec::new();
+        let logs_changed = self.before.log_retention != self.tenant.log_retention;
         if self.before.retention != self.tenant.retention
-            || self.before.by_status == self.tenant.by_status
+            || (self.before.by_status == self.tenant.by_status && !logs_changed)
         {
             changes.push(format!(
                 "data_retention_period {} -> {}",
@@ -150,6 +153,13 @@ impl fmt::Display for Change {
                 changes.push(format!("{} {before} -> {after}", status.as_str()));
             }
         }
+        if logs_changed {
+            changes.push(format!(
+                "log_retention_period {} -> {}",
+                describe_logs(self.before.log_retention),
+                describe_logs(self.tenant.log_retention)
+            ));
+        }
         write!(
             f,
             "tenant {} ({}): {} (applies at the next task-history run)",
@@ -160,13 +170,113 @@ impl fmt::Display for Change {
     }
 }
 
-/// A tenant's windows in one line: `data_retention_period = 7days, failed = 30days`.
+/// A tenant's windows in one line: `data_retention_period = 7days, failed = 30days,
+/// log_retention_period = default`.
 pub fn windows(tenant: &Tenant) -> String {
     let mut text = format!("data_retention_period = {}", describe(tenant.retention));
     for (status, window) in &tenant.by_status {
         text.push_str(&format!(", {} = {}", status.as_str(), describe(*window)));
     }
+    text.push_str(&format!(
+        ", log_retention_period = {}",
+        describe_logs(tenant.log_retention)
+    ));
     text
+}
+
+/// The log lines' window as the engine shows it: `default` (`retention.task_logs.max_age`), a
+/// duration, or `forever`.
+pub fn describe_logs(window: Option<Option<Duration>>) -> String {
+    window.map_or_else(|| "default".to_string(), describe)
+}
+
+/// The log window least and most (as for run history, from 1 minute: log lines are cheap to
+/// lose and costly to keep).
+pub const MIN_LOG_RETENTION: Duration = Duration::from_secs(60);
+pub const LOG_ALLOWED: &str =
+    "a duration from 1m to 100years, such as \"14days\", \"forever\", or \"default\" (retention.task_logs.max_age)";
+
+/// Parses a tenant's log window: `default` (`None`), `forever` (`Some(None)`) or a duration.
+pub fn parse_log_window(value: &str) -> Result<Option<Option<Duration>>, RetentionError> {
+    let text = value.trim();
+    let invalid = |reason: &str| RetentionError::InvalidLogWindow {
+        value: value.to_string(),
+        reason: reason.to_string(),
+    };
+    if text.eq_ignore_ascii_case("default") {
+        return Ok(None);
+    }
+    if text.eq_ignore_ascii_case("forever") {
+        return Ok(Some(None));
+    }
+    if text.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if text.starts_with('-') {
+        return Err(invalid("it is negative"));
+    }
+    let duration =
+        humantime::parse_duration(text).map_err(|e| invalid(&format!("not a duration ({e})")))?;
+    if duration < MIN_LOG_RETENTION {
+        Err(invalid("it is below 1 minute"))
+    } else if duration > MAX_RETENTION {
+        Err(invalid("it is above 100 years"))
+    } else {
+        Ok(Some(Some(duration)))
+    }
+}
+
+/// Sets the log window of the tenant whose id or slug is `key`.
+pub async fn set_log_window(
+    pool: &PgPool,
+    key: &str,
+    window: Option<Option<Duration>>,
+) -> Result<Change, RetentionError> {
+    let before = get(pool, key).await?;
+    let updated = tenants::set_log_retention(pool, before.id, window)
+        .await?
+        .ok_or_else(|| RetentionError::UnknownTenant(key.to_string()))?;
+    tracing::info!(tenant_id = %updated.id, slug = %updated.slug, before = %windows(&before), after = %windows(&updated), "tenant log window changed");
+    Ok(Change {
+        before,
+        tenant: updated,
+    })
+}
+
+/// The log lines of the tenant whose id or slug is `key` that the next run would delete under
+/// the log window `window` (`default_window` standing for `default`), holds considered.
+pub async fn preview_log_window(
+    pool: &PgPool,
+    key: &str,
+    window: Option<Option<Duration>>,
+    default_window: Duration,
+) -> Result<String, RetentionError> {
+    let tenant = get(pool, key).await?;
+    let now = repository::clock::now(pool).await?;
+    let effective = match window {
+        None => Some(default_window),
+        Some(own) => own,
+    };
+    let due = match effective {
+        None => 0,
+        Some(window) => {
+            repository::payloads::count_due_logs(
+                pool,
+                tenant.id,
+                window,
+                &repository::rule::Rule::new(now, Duration::ZERO),
+            )
+            .await?
+        }
+    };
+    Ok(format!(
+        "tenant {} ({}): log_retention_period {} -> {} would delete {} log lines at the next task-history run (dry run: nothing changed)",
+        tenant.slug,
+        tenant.id,
+        describe_logs(tenant.log_retention),
+        describe_logs(window),
+        thousands(due as u64)
+    ))
 }
 
 /// Applies `settings` to the tenant `tenant_id` in the caller's transaction.
