@@ -360,7 +360,6 @@ async fn a_store_down_for_a_while_delays_deletes_and_loses_nothing() {
     assert_eq!(outbox_keys(pool).await.len(), due.len(), "no intent lost");
     let depth = repository::outbox::depth(pool).await.unwrap();
     assert!(depth.last_error.is_some());
-    // A run before the backoff passes deletes nothing and fails nothing.
     server.restart().await;
     backoff_passed(pool).await;
     run(&blobs(storage.clone()), pool).await.unwrap();

@@ -189,7 +189,32 @@ async fn log_lines_go_by_their_own_window_per_tenant_and_never_under_a_hold() {
             }
         }
     }
-    run_task(&TaskHistoryTask::new(TaskHistorySettings::default()), pool).await;
+    // A task of `plain` held by its id, with more old lines than a batch takes: kept, and no
+    // batch stalls on them (the other tenants' lines still go).
+    let (held_task, _, _) = insert_task_with_children(pool, plain, "succeeded", at, Some(at)).await;
+    sqlx::query("INSERT INTO retention_holds (tenant_id, task_id, reason, created_by) VALUES ($1, $2, 'one task', 'test')")
+        .bind(plain)
+        .bind(held_task.0)
+        .execute(pool)
+        .await
+        .unwrap();
+    let now = db_now(pool).await;
+    for _ in 0..5 {
+        expected_left.insert(
+            payloads::insert_log(pool, plain, held_task, now - Span::days(60), "info", "held")
+                .await
+                .unwrap(),
+        );
+    }
+    let report = run_task(
+        &TaskHistoryTask::new(TaskHistorySettings {
+            batch_size: 2,
+            ..Default::default()
+        }),
+        pool,
+    )
+    .await;
+    assert!(report.batches < 20, "{report:?}");
     let left: BTreeSet<i64> = sqlx::query_scalar("SELECT id FROM task_logs")
         .fetch_all(pool)
         .await
@@ -201,7 +226,7 @@ async fn log_lines_go_by_their_own_window_per_tenant_and_never_under_a_hold() {
         .fetch_one(pool)
         .await
         .unwrap();
-    assert_eq!(tasks, 3, "the log window deletes no task");
+    assert_eq!(tasks, 4, "the log window deletes no task");
     let receipts: Vec<(Uuid, String, i64)> =
         sqlx::query_as("SELECT tenant_id, rule, logs FROM retention_receipts ORDER BY logs")
             .fetch_all(pool)

@@ -173,7 +173,7 @@ pub async fn delete_due_logs(
         "WITH tn AS MATERIALIZED (SELECT * FROM tenants WHERE id = {tenant}),
          candidates AS MATERIALIZED (
              SELECT l.id, l.task_inserted_at, l.tenant_id, l.task_id, l.created_at FROM tn CROSS JOIN LATERAL (
-                 SELECT * FROM task_logs l WHERE l.tenant_id = tn.id AND l.created_at < {cutoff}
+                 SELECT * FROM task_logs l WHERE l.tenant_id = tn.id AND l.created_at < {cutoff} AND {candidate_due}
                  ORDER BY l.created_at LIMIT {limit} FOR UPDATE OF l SKIP LOCKED) l
          ),
          gone AS (
@@ -189,6 +189,9 @@ pub async fn delete_due_logs(
     sql.bind("tenant", tenant_id)
         .with("cutoff", rule.log_cutoff("tn", default_window))
         .bind("limit", i64::from(limit))
+        // Only due lines are candidates (a held task's lines are never locked or read again and
+        // again): every candidate locked is deleted, so a batch short of its limit ends the walk.
+        .with("candidate_due", rule.log_due("l", "tn", default_window))
         .with("due", rule.log_due("c", "tn", default_window))
         .with(
             "receipt",
@@ -339,6 +342,15 @@ pub async fn drop_empty_days(
         .fetch_all(&mut *conn)
         .await?;
         for name in children {
+            // A look without a lock first: most past days still hold rows, and the lock below
+            // would queue every writer of the table behind it.
+            let empty: bool =
+                sqlx::query_scalar(&format!("SELECT NOT EXISTS (SELECT 1 FROM {name})"))
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if !empty {
+                continue;
+            }
             let mut tx = sqlx::Connection::begin(&mut *conn).await?;
             sqlx::query(&format!(
                 "SET LOCAL lock_timeout = '{}ms'",

@@ -218,6 +218,7 @@ pub async fn delete_batch(
                 lower: pair.lower.clone(),
                 upper: pair.upper.clone(),
                 only_if_gone: false,
+                unless_held_now: None,
             }),
         )
         .raw("version", rule::VERSION);
@@ -380,6 +381,7 @@ pub async fn delete_block_range(
                 lower: range.lower_text(),
                 upper: range.upper_text(),
                 only_if_gone: false,
+                unless_held_now: None,
             }),
         )
         .raw("version", rule::VERSION);

@@ -23,6 +23,10 @@ pub(crate) struct Victims<'a> {
     /// Also require that no task with that key is left in `tasks` (a rewrite's count: the tasks
     /// it dropped from a detached table, never one it copied).
     pub only_if_gone: bool,
+    /// Also leave what a hold covers now (a rewrite's count, which decides its tasks by the rule
+    /// recorded at its swap: a hold added since keeps their payloads and log lines, which the
+    /// orphan sweep then treats as held orphans).
+    pub unless_held_now: Option<&'a crate::rule::Rule>,
 }
 
 /// Two CTEs, `payloads` (yielding `tenant_id`, `external`) and `logs` (yielding `tenant_id`),
@@ -48,15 +52,22 @@ pub(crate) fn delete_ctes(victims: &Victims<'_>) -> Fragment {
         } else {
             String::new()
         };
-        fragment = fragment
-            .push(format!(
-                "{name} AS (DELETE FROM {table} d USING {cte} v
+        fragment = fragment.push(format!(
+            "{name} AS (DELETE FROM {table} d USING {cte} v
                  WHERE d.task_id = v.{id} AND d.task_inserted_at = v.{at}{guard}
-                   AND d.task_inserted_at >= ",
-                cte = victims.cte,
-                id = victims.id,
-                at = victims.inserted_at,
-            ))
+                   AND ",
+            cte = victims.cte,
+            id = victims.id,
+            at = victims.inserted_at,
+        ));
+        fragment = match victims.unless_held_now {
+            Some(rule) => fragment
+                .push("NOT ")
+                .then(rule.held("d.tenant_id", "d.task_id")),
+            None => fragment.push("true"),
+        };
+        fragment = fragment
+            .push(" AND d.task_inserted_at >= ")
             .bind(victims.lower.clone())
             .push("::timestamptz AND d.task_inserted_at < ")
             .bind(victims.upper.clone())

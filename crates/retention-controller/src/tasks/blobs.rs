@@ -97,7 +97,17 @@ impl BlobsTask {
         let mut done = Vec::new();
         let mut failed = 0u64;
         let mut last_error = None;
-        for (entry, (_, outcome)) in free.iter().zip(outcomes) {
+        // Matched by key, not by position: the store answers in an order of its own.
+        let by_key: std::collections::HashMap<String, Result<(), crate::storage::StorageError>> =
+            outcomes.into_iter().collect();
+        for entry in &free {
+            let outcome = by_key.get(&entry.object_key).cloned().unwrap_or_else(|| {
+                Err(crate::storage::StorageError::Failed {
+                    operation: "delete",
+                    key: entry.object_key.clone(),
+                    message: "the store gave no answer for this key".into(),
+                })
+            });
             match outcome {
                 Ok(_) => done.push(entry.id),
                 Err(error) => {

@@ -830,8 +830,11 @@ impl TaskHistoryTask {
 /// seconds), when the one in progress started, and where it is: the next range (by
 /// [`sweep_key`]; 0: no sweep in progress) and the next page of its events.
 const ORPHAN_SWEPT_AT: &str = "task-history.orphan-sweep.swept-at";
-/// When the last complete walk of the payloads' and log lines' partitions for orphans ended.
+/// When the last complete walk of the payloads' and log lines' partitions for orphans ended, and
+/// where a walk in progress stopped (the partition's OID and the page).
 const DEPENDENTS_SWEPT_AT: &str = "task-history.orphan-dependents.swept-at";
+const DEPENDENTS_RELID: &str = "task-history.orphan-dependents.relid";
+const DEPENDENTS_BLOCK: &str = "task-history.orphan-dependents.block";
 const ORPHAN_SWEEP_STARTED: &str = "task-history.orphan-sweep.started";
 const ORPHAN_SWEEP_NEXT: &str = "task-history.orphan-sweep.next";
 const ORPHAN_SWEEP_BLOCK: &str = "task-history.orphan-sweep.block";
@@ -886,9 +889,10 @@ impl MaintenanceTask for TaskHistoryTask {
         }
         self.purge_orphan_events(ctx, &mut report).await?;
         self.sweep_orphans(ctx, &mut report).await?;
-        self.sweep_orphan_dependents(ctx, &mut report).await?;
         self.purge_due_logs(ctx, &mut report).await?;
         self.purge_receipts(ctx, &mut report).await?;
+        // Last: a walk of every payload and log partition, resumed where a run stopped it.
+        self.sweep_orphan_dependents(ctx, &mut report).await?;
         if purged != crate::Completion::Done {
             report.completion = purged;
         }
@@ -929,7 +933,9 @@ impl TaskHistoryTask {
     ) -> Result<(), TaskError> {
         let last = watermarks::get(&ctx.pool, DEPENDENTS_SWEPT_AT).await?;
         let every = self.orphan_sweep_interval.as_secs() as i64;
-        if last > 0 && ctx.now().timestamp() < last + every {
+        // A walk in progress (a partition recorded) goes on whatever the time.
+        let mut resume_at = watermarks::get(&ctx.pool, DEPENDENTS_RELID).await?;
+        if resume_at == 0 && last > 0 && ctx.now().timestamp() < last + every {
             return Ok(());
         }
         let limits = ctx.batch_limits(
@@ -937,9 +943,32 @@ impl TaskHistoryTask {
                 .with_generic_plans(),
         );
         let mut sizer = ctx.block_sizer_within(SWEEP_FIRST_PAGES, self.settings.statement_timeout);
+        let mut partitions = Vec::new();
         for table in repository::payloads::DAY_TABLES {
             for partition in repository::payloads::partitions(&ctx.pool, table).await? {
-                let mut block = 0i64;
+                partitions.push((table, partition));
+            }
+        }
+        for (table, partition) in partitions {
+            let relid: i64 = sqlx::query_scalar("SELECT coalesce(to_regclass($1)::oid::bigint, 0)")
+                .bind(&partition)
+                .fetch_one(&ctx.pool)
+                .await?;
+            if resume_at != 0 && relid != resume_at {
+                // Before the partition the walk stopped in (or dropped since: then from the start).
+                if !(relid == 0 || resume_exists(&ctx.pool, resume_at).await?) {
+                    resume_at = 0;
+                } else {
+                    continue;
+                }
+            }
+            {
+                let mut block = if resume_at != 0 {
+                    watermarks::get(&ctx.pool, DEPENDENTS_BLOCK).await?
+                } else {
+                    0
+                };
+                resume_at = 0;
                 loop {
                     if let Some(stop) = ctx.interrupted() {
                         report.completion = stop;
@@ -992,10 +1021,14 @@ impl TaskHistoryTask {
                     report.record_batch(rule, deleted as u64);
                     ctx.batch_done(elapsed, report, None).await;
                     block = end;
+                    watermarks::set(&ctx.pool, DEPENDENTS_RELID, relid).await?;
+                    watermarks::set(&ctx.pool, DEPENDENTS_BLOCK, block).await?;
                 }
             }
         }
         watermarks::set(&ctx.pool, DEPENDENTS_SWEPT_AT, ctx.now().timestamp()).await?;
+        watermarks::set(&ctx.pool, DEPENDENTS_RELID, 0).await?;
+        watermarks::set(&ctx.pool, DEPENDENTS_BLOCK, 0).await?;
         Ok(())
     }
 
@@ -1240,4 +1273,12 @@ impl TaskHistoryTask {
         report.add("orphan-events", due.orphan_events as u64);
         Ok(report)
     }
+}
+
+/// Whether a relation with this OID still exists.
+async fn resume_exists(pool: &PgPool, relid: i64) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = $1::bigint::oid)")
+        .bind(relid)
+        .fetch_one(pool)
+        .await
 }

@@ -45,6 +45,8 @@ struct ChunkRow {
     tasks: Vec<i64>,
     events: Vec<i64>,
     queue_items: Vec<i64>,
+    /// Payloads and log lines deleted (the tasks' count only).
+    dependents: i64,
     rules_version: i64,
 }
 
@@ -148,6 +150,7 @@ pub async fn chunk(
                         coalesce(array_agg(tasks ORDER BY tenant_id, rule), '{{}}') AS tasks,
                         coalesce(array_agg(events ORDER BY tenant_id, rule), '{{}}') AS events,
                         coalesce(array_agg(queue_items ORDER BY tenant_id, rule), '{{}}') AS queue_items,
+                        (SELECT count(*) FROM payloads) + (SELECT count(*) FROM logs) AS dependents,
                         {version} AS rules_version
                  FROM went",
             );
@@ -163,6 +166,7 @@ pub async fn chunk(
                         lower: source.lower.to_rfc3339(),
                         upper: source.upper.to_rfc3339(),
                         only_if_gone: true,
+                        unless_held_now: Some(queue_rule),
                     }),
                 );
             sql
@@ -200,6 +204,7 @@ pub async fn chunk(
                         coalesce(array_agg(tasks ORDER BY tenant_id, rule), '{{}}') AS tasks,
                         coalesce(array_agg(events ORDER BY tenant_id, rule), '{{}}') AS events,
                         coalesce(array_agg(queue_items ORDER BY tenant_id, rule), '{{}}') AS queue_items,
+                        0::bigint AS dependents,
                         {version} AS rules_version
                  FROM went",
             );
@@ -238,7 +243,7 @@ pub async fn chunk(
             queue_items,
         })
         .collect();
-    if went.iter().any(|w| w.queue_items > 0) {
+    if row.dependents > 0 || went.iter().any(|w| w.queue_items > 0) {
         rule::confirm(conn, row.rules_version).await?;
     }
     Ok(Counted {
