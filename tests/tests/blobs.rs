@@ -468,3 +468,28 @@ async fn the_sweep_deletes_only_old_objects_no_row_names_and_its_first_run_only_
 fn db_now_date() -> chrono::NaiveDate {
     chrono::Utc::now().date_naive()
 }
+
+#[tokio::test]
+async fn a_directory_store_that_is_gone_is_down_not_empty() {
+    // An unmounted volume answers every delete "not found", which counts as deleted: the outbox
+    // would let go of objects that still exist. So a missing directory is a store that is down.
+    let store = Store::files().await;
+    let Store::Files(dir, storage) = &store else {
+        unreachable!()
+    };
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let tenant = insert_tenant(pool, Some("1 day"), None).await;
+    let due = seed(pool, storage, tenant, 30, Span::days(3)).await;
+    run(&history(), pool).await.unwrap();
+    let objects = dir.path().join("objects");
+    let away = dir.path().join("unmounted");
+    std::fs::rename(&objects, &away).unwrap();
+    let failed = run(&blobs(storage.clone()), pool).await;
+    assert!(failed.as_ref().is_err_and(|e| e.contains("not there")), "{failed:?}");
+    assert_eq!(outbox_keys(pool).await.len(), due.len(), "no intent let go");
+    std::fs::rename(&away, &objects).unwrap();
+    run(&blobs(storage.clone()), pool).await.unwrap();
+    assert!(outbox_keys(pool).await.is_empty());
+    assert!(stored(storage).await.is_empty());
+}

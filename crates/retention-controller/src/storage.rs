@@ -573,6 +573,21 @@ impl Storage {
         &self.location
     }
 
+    /// Whether the store is there at all. A directory store whose directory is gone (a volume
+    /// not mounted, say) would answer every delete "not found", which counts as deleted: the
+    /// outbox would let go of objects that live on, elsewhere. So its absence is "unavailable".
+    /// (An S3 store answers for itself: every call fails while it is down.)
+    pub fn check_available(&self) -> Result<(), StorageError> {
+        match &self.location {
+            Location::File(dir) if !dir.is_dir() => Err(StorageError::Unavailable {
+                operation: "open",
+                key: String::new(),
+                message: format!("the directory {} is not there (not mounted?)", dir.display()),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Stores `bytes` at `key`, replacing any object there.
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), StorageError> {
         let path = object_path(key)?;

@@ -76,6 +76,12 @@ impl BlobsTask {
         if entries.is_empty() {
             return Ok(0);
         }
+        if let Err(error) = self.storage.check_available() {
+            return Err(TaskError::Incomplete(format!(
+                "the object store is not there; {} objects wait in the outbox: {error}",
+                entries.len()
+            )));
+        }
         let unreferenced = outbox::unreferenced(pool, &entries).await?;
         let (free, in_use): (Vec<_>, Vec<_>) = entries
             .iter()
@@ -170,6 +176,11 @@ impl BlobsTask {
         let cutoff = started
             - chrono::Duration::from_std(self.settings.orphan_grace)
                 .unwrap_or(chrono::Duration::MAX);
+        if let Err(error) = self.storage.check_available() {
+            return Err(TaskError::Incomplete(format!(
+                "the object store is not there; no sweep: {error}"
+            )));
+        }
         let listed = self
             .storage
             .list_all(PAYLOADS_PREFIX)
