@@ -77,7 +77,7 @@ async fn the_cli_sets_status_windows_previews_holds_and_shows_receipts() {
         run(&db, &["tenant", "retention", "get", "acme"])
             .1
             .trim()
-            .ends_with("data_retention_period = 7days"),
+            .ends_with("data_retention_period = 7days, log_retention_period = default"),
         "the dry run changed nothing"
     );
 
