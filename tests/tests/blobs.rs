@@ -486,7 +486,10 @@ async fn a_directory_store_that_is_gone_is_down_not_empty() {
     let away = dir.path().join("unmounted");
     std::fs::rename(&objects, &away).unwrap();
     let failed = run(&blobs(storage.clone()), pool).await;
-    assert!(failed.as_ref().is_err_and(|e| e.contains("not there")), "{failed:?}");
+    assert!(
+        failed.as_ref().is_err_and(|e| e.contains("not there")),
+        "{failed:?}"
+    );
     assert_eq!(outbox_keys(pool).await.len(), due.len(), "no intent let go");
     std::fs::rename(&away, &objects).unwrap();
     run(&blobs(storage.clone()), pool).await.unwrap();

@@ -582,7 +582,10 @@ impl Storage {
             Location::File(dir) if !dir.is_dir() => Err(StorageError::Unavailable {
                 operation: "open",
                 key: String::new(),
-                message: format!("the directory {} is not there (not mounted?)", dir.display()),
+                message: format!(
+                    "the directory {} is not there (not mounted?)",
+                    dir.display()
+                ),
             }),
             _ => Ok(()),
         }
