@@ -7,7 +7,6 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -16,7 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::db::{self, step};
-use crate::sessions::{engine_binary, vm_hwm_kb};
+use crate::sessions::{engine_binary, wait_with_peak_rss};
 
 pub struct Args {
     pub tasks: i64,
@@ -241,23 +240,8 @@ async fn run_engine(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let pid = child.id().context("engine pid")?;
-    let peak = Arc::new(Mutex::new(0u64));
-    let sampler = {
-        let peak = peak.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Some(kb) = vm_hwm_kb(pid) {
-                    let mut peak = peak.lock().unwrap();
-                    *peak = (*peak).max(kb);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
-    let output = child.wait_with_output().await?;
+    let (output, peak_kb) = wait_with_peak_rss(child).await?;
     let wall = started.elapsed();
-    sampler.abort();
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     anyhow::ensure!(output.status.success(), "engine failed: {stdout}");
     let reports = stdout
@@ -265,6 +249,5 @@ async fn run_engine(
         .map(serde_json::from_str)
         .collect::<Result<Vec<serde_json::Value>, _>>()
         .with_context(|| format!("the engine's --json output: {stdout}"))?;
-    let peak_kb = *peak.lock().unwrap();
     Ok((reports, wall, peak_kb))
 }

@@ -652,6 +652,31 @@ async fn run_engine(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
+    let (output, peak_kb) = wait_with_peak_rss(child).await?;
+    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    anyhow::ensure!(output.status.success(), "engine failed: {stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout)
+        .with_context(|| format!("the engine's --json output: {stdout}"))?;
+    let deleted = report["deleted"]
+        .as_u64()
+        .with_context(|| format!("no row count in the engine's output: {stdout}"))?;
+    let note = format!(
+        " [{} batches, longest {} ms; the run {} s of it, counters {}]",
+        report["batches"], report["longest_batch_ms"], report["seconds"], report["counters"]
+    );
+    let peak_rss_kb = Some(peak_kb);
+    Ok(Outcome {
+        deleted,
+        note,
+        extrapolated_to: None,
+        peak_rss_kb,
+    })
+}
+
+/// Waits for `child` (stdout piped), sampling its peak RSS (VmHWM, kB) every 50 ms meanwhile.
+pub(crate) async fn wait_with_peak_rss(
+    child: tokio::process::Child,
+) -> anyhow::Result<(std::process::Output, u64)> {
     let pid = child.id().context("engine pid")?;
     let peak = Arc::new(Mutex::new(0u64));
     let sampler = {
@@ -668,27 +693,11 @@ async fn run_engine(
     };
     let output = child.wait_with_output().await?;
     sampler.abort();
-    let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    anyhow::ensure!(output.status.success(), "engine failed: {stdout}");
-    let report: serde_json::Value = serde_json::from_str(&stdout)
-        .with_context(|| format!("the engine's --json output: {stdout}"))?;
-    let deleted = report["deleted"]
-        .as_u64()
-        .with_context(|| format!("no row count in the engine's output: {stdout}"))?;
-    let note = format!(
-        " [{} batches, longest {} ms; the run {} s of it, counters {}]",
-        report["batches"], report["longest_batch_ms"], report["seconds"], report["counters"]
-    );
-    let peak_rss_kb = Some(*peak.lock().unwrap());
-    Ok(Outcome {
-        deleted,
-        note,
-        extrapolated_to: None,
-        peak_rss_kb,
-    })
+    let peak_kb = *peak.lock().unwrap();
+    Ok((output, peak_kb))
 }
 
-pub(crate) fn vm_hwm_kb(pid: u32) -> Option<u64> {
+fn vm_hwm_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
