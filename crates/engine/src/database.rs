@@ -16,6 +16,10 @@ pub struct Database {
     /// when first needed), beside `database.max_connections` for everything else: a renewal
     /// never waits behind batches holding every connection of `pool`.
     pub lease_pool: PgPool,
+    /// The admin server's own connections (`http.max_connections`, opened when first needed),
+    /// each statement bounded by `http.request_timeout`: page loads and API calls never take a
+    /// connection a retention run waits for.
+    pub http_pool: PgPool,
     embedded: Option<LocalPostgres>,
 }
 
@@ -119,7 +123,8 @@ impl Database {
         let lease_pool = PgPoolOptions::new()
             .max_connections(LEASE_CONNECTIONS)
             .acquire_timeout(settings.database.connect_timeout)
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
+        let http_pool = http_pool(settings, options);
         if migrate {
             repository::MIGRATOR
                 .run(&pool)
@@ -129,6 +134,7 @@ impl Database {
         Ok(Database {
             pool,
             lease_pool,
+            http_pool,
             embedded,
         })
     }
@@ -146,8 +152,10 @@ impl Database {
     pub async fn close(self) {
         self.pool.close().await;
         self.lease_pool.close().await;
+        self.http_pool.close().await;
         if let Some(local) = self.embedded {
-            match tokio::task::spawn_blocking(move || local.stop()).await {
+            let span = tracing::Span::current();
+            match tokio::task::spawn_blocking(move || span.in_scope(|| local.stop())).await {
                 Ok(Ok(local_postgres::Left::Stopped)) => {
                     tracing::info!("stopped the embedded PostgreSQL")
                 }
@@ -159,6 +167,18 @@ impl Database {
             }
         }
     }
+}
+
+/// The admin server's pool: `http.max_connections` connections, opened lazily, whose statements
+/// PostgreSQL itself stops at `http.request_timeout` (a request that gave up leaves no query
+/// behind). The server's limit lets only that many requests at the database at once.
+fn http_pool(settings: &Settings, options: PgConnectOptions) -> PgPool {
+    let timeout = settings.http.request_timeout;
+    let options = options.options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
+    PgPoolOptions::new()
+        .max_connections(settings.http.max_connections)
+        .acquire_timeout(timeout.min(settings.database.connect_timeout))
+        .connect_lazy_with(options)
 }
 
 /// The database the settings name: `DATABASE_URL`, else `database.url`.
@@ -174,7 +194,8 @@ async fn start_embedded(settings: &Settings) -> anyhow::Result<LocalPostgres> {
     let data_dir = settings.data_dir().join("postgres");
     tracing::info!(data_dir = %data_dir.display(), "no database configured; starting a private PostgreSQL");
     let options = local_postgres::Options::persistent(data_dir);
-    tokio::task::spawn_blocking(move || LocalPostgres::start(options))
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(|| LocalPostgres::start(options)))
         .await?
         .context("starting the embedded PostgreSQL (no DATABASE_URL or database.url is set)")
 }

@@ -7,6 +7,8 @@ mod database;
 mod demo;
 mod hold;
 mod http;
+mod http_limits;
+mod logging;
 mod output;
 mod payload;
 mod progress;
@@ -18,31 +20,17 @@ mod status;
 mod status_page;
 mod tenant;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use retention_controller::telemetry;
+use tracing::Instrument;
 
 use crate::cli::{Cli, Command, RetentionCommand, TenantCommand};
 use crate::settings::Settings;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo's own output says what happens; its logs only what went wrong.
-    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
-        "warn,sqlx=error"
-    } else {
-        "info,sqlx=warn"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
@@ -50,11 +38,25 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The demo's own output says what happens; its logs only what went wrong.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+        "warn,sqlx=error"
+    } else {
+        "info,sqlx=warn"
+    };
+    logging::init(settings.log.format, default_filter);
+    telemetry::configure(
+        settings.metrics.tenant_series as usize,
+        settings.metrics.replica.clone(),
+    );
+    // Every log line of the process carries the replica (a field of this span in JSON logs).
+    let process = tracing::info_span!("engine", replica = telemetry::replica_label());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let result = runtime.block_on(async {
+    let result = runtime.block_on(
+        async {
         match cli.command {
             Command::Migrate => database::migrate(&settings)
                 .await
@@ -94,7 +96,9 @@ fn main() -> ExitCode {
             Command::Hold(command) => hold::hold(&settings, command).await,
             Command::Payload(command) => payload::payload(&settings, command).await,
         }
-    });
+        }
+        .instrument(process),
+    );
     match result {
         Ok(code) => code,
         // `engine retention status | head -1`: the reader took what it wanted.

@@ -7,10 +7,11 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use retention_controller::{telemetry, Controller};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::database::Database;
 use crate::settings::Settings;
-use crate::{http, shutdown};
+use crate::{http, http_limits, shutdown};
 
 /// Installs the process's Prometheus recorder: run durations in buckets from 10 ms to 30 min.
 fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -50,22 +51,19 @@ pub async fn run(
     listener: TcpListener,
     root: CancellationToken,
 ) -> anyhow::Result<()> {
-    telemetry::configure(
-        settings.metrics.tenant_series as usize,
-        settings.metrics.replica.clone(),
-    );
     let tasks = settings.tasks()?;
     let names: Vec<&str> = tasks.iter().map(|task| task.name()).collect();
     let shown = Arc::new(tasks.clone());
     let controller = tokio::spawn(
         Controller::new(db.pool.clone(), tasks)
             .with_options(db.run_options(settings.retention.paced()))
-            .run(root.child_token()),
+            .run(root.child_token())
+            .in_current_span(),
     );
 
     tracing::info!(addr = %listener.local_addr()?, tasks = ?names, "engine serving");
     let state = http::AppState {
-        pool: db.pool.clone(),
+        pool: db.http_pool.clone(),
         admin_token: settings.http.admin_token.as_deref().map(Into::into),
         admin_token_name: settings.http.admin_token_name.as_str().into(),
         preview: (&settings.retention.task_history).into(),
@@ -75,7 +73,11 @@ pub async fn run(
     if state.admin_token.is_none() {
         tracing::info!("http.admin_token is not set: the /api/v1 admin API refuses every request");
     }
-    let admin = axum::serve(listener, http::router(state))
+    if !settings.http.addr.ip().is_loopback() && state.admin_token.is_some() {
+        tracing::warn!(addr = %settings.http.addr, "the admin server speaks plain HTTP on a non-loopback address: the bearer token crosses the network in the clear unless a proxy in front terminates TLS (docs/operations.md)");
+    }
+    let router = http_limits::guard(http::router(state), &settings.http);
+    let admin = axum::serve(listener, router)
         .with_graceful_shutdown(root.child_token().cancelled_owned());
     let served = admin.await.context("admin server");
     root.cancel(); // if the server failed, stop the controller too

@@ -23,6 +23,7 @@ pub struct Settings {
     pub data_dir: Option<PathBuf>,
     pub retention: RetentionSettings,
     pub metrics: MetricsSettings,
+    pub log: LogSettings,
     /// Where payloads offloaded from the database are kept (`storage.url`, default
     /// `file://<data_dir>/objects`), and the orphan sweep's settings. Never serialized: it may
     /// hold a secret.
@@ -81,12 +82,26 @@ impl Default for DatabaseSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Address of the admin server (`/healthz`, `/api/v1/...`).
+    /// Address of the admin server (`/healthz`, `/api/v1/...`). Loopback by default: the server
+    /// speaks plain HTTP, so anything wider belongs behind a TLS-terminating proxy.
     pub addr: SocketAddr,
     /// Bearer token that `/api/v1/...` requests must carry. Unset: the API refuses every request.
     pub admin_token: Option<String>,
     /// The name recorded as who added or removed a hold through the API with that token.
     pub admin_token_name: String,
+    /// Connections of the admin server's own pool (the status page, `/readyz`, the API), apart
+    /// from `database.max_connections`: no load on the server takes a retention run's
+    /// connection. Also how many such requests run at once; more wait up to a second, then get
+    /// 503.
+    pub max_connections: u32,
+    /// Longest a request may take (and each of its statements): past it, 503.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Largest request body accepted (bytes): larger gets 413.
+    pub max_body_bytes: usize,
+    /// Largest request head accepted, all header names and values together (bytes): larger
+    /// gets 431.
+    pub max_header_bytes: usize,
 }
 
 impl Default for HttpSettings {
@@ -95,8 +110,28 @@ impl Default for HttpSettings {
             addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"),
             admin_token: None,
             admin_token_name: "admin".into(),
+            max_connections: 2,
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
         }
     }
+}
+
+/// `log.*`: how the engine writes its log (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+/// `log.format`: `text` for people, `json` (one object per line) for log pipelines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Shortest admin token accepted.
@@ -189,6 +224,31 @@ impl Settings {
                 "http.admin_token_name = {name:?} is not allowed: 1 to 64 printable characters"
             ));
         }
+        if !(1..=32).contains(&self.http.max_connections) {
+            errors.push(format!(
+                "http.max_connections = {} is not allowed: a whole number from 1 to 32",
+                self.http.max_connections
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.http.request_timeout)
+        {
+            errors.push(format!(
+                "http.request_timeout = {:?} is not allowed: a duration from 1s to 10m",
+                humantime::format_duration(self.http.request_timeout).to_string()
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.http.max_body_bytes) {
+            errors.push(format!(
+                "http.max_body_bytes = {} is not allowed: a whole number of bytes from 1024 to 16777216 (16 MiB)",
+                self.http.max_body_bytes
+            ));
+        }
+        if !(1024..=256 * 1024).contains(&self.http.max_header_bytes) {
+            errors.push(format!(
+                "http.max_header_bytes = {} is not allowed: a whole number of bytes from 1024 to 262144 (256 KiB)",
+                self.http.max_header_bytes
+            ));
+        }
         if self.metrics.tenant_series > MAX_TENANT_SERIES {
             errors.push(format!(
                 "metrics.tenant_series = {} is not allowed: a whole number from 0 to {MAX_TENANT_SERIES} (each is a series per task)",
@@ -258,6 +318,8 @@ fn explain(message: &str) -> String {
         || message.contains("max_run_time")
     {
         " (durations are written like \"90s\", \"15m\", \"24h\", \"7days\")"
+    } else if message.contains("`log.format`") {
+        " (allowed: \"text\" or \"json\")"
     } else if message.contains("http.addr") {
         " (an address and port, like \"127.0.0.1:8080\" or \"[::]:8080\")"
     } else if message.contains("unknown field") {

@@ -80,6 +80,8 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
             ("ENGINE__RETENTION__SESSIONS__INTERVAL", "1s"),
             ("ENGINE__RETENTION__TASK_HISTORY__INTERVAL", "1s"),
             ("ENGINE__RETENTION__PARTITIONS__INTERVAL", "1s"),
+            // Tenant ids on /metrics only when asked for (the default names none).
+            ("ENGINE__METRICS__TENANT_SERIES", "5"),
         ],
     );
     let get = |path: &str| http(served.port, "GET", path, &[], None).unwrap_or((0, String::new()));

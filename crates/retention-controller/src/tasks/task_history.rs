@@ -217,7 +217,9 @@ impl TaskHistoryTask {
     }
 
     /// Deletes the due rows of one pair, batch by batch (a purged tenant's by id; a live tenant's
-    /// status by status, each along its own window), then probes the pair again.
+    /// status by status, each along its own window), then probes the pair again. Its log lines
+    /// carry the tenant and the range (JSON logs show them as fields of the `pair` span).
+    #[tracing::instrument(name = "pair", skip_all, fields(tenant = %pair.tenant_id, range = %range.tasks_name))]
     async fn delete_pair(
         &self,
         ctx: &RunContext,

@@ -1,0 +1,427 @@
+//! The admin server's guard rails, from outside the process: sizes, deadlines, the database
+//! slots, tenant ids on `/metrics` only when configured, and a flood of page loads and API
+//! calls that leaves a retention run's batches alone.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sqlx::PgPool;
+use testkit::TestDatabase;
+
+const TOKEN: &str = "flood-test-token-0123456789";
+
+/// Sends `raw` as is; returns the status line's code (None when the server closed the
+/// connection without an answer).
+fn raw_request(port: u16, raw: &[u8]) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .ok()?;
+    stream.write_all(raw).ok()?;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    Some((status, response))
+}
+
+async fn tenant_windows(pool: &PgPool) -> Vec<(String, Option<String>)> {
+    sqlx::query_as("SELECT slug, data_retention_period::text FROM tenants ORDER BY slug")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn oversized_requests_are_refused_before_any_handler_runs() {
+    let db = TestDatabase::new().await;
+    sqlx::query("INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let served = Served::start(
+        &db.url,
+        &[
+            ("ENGINE__HTTP__ADMIN_TOKEN", TOKEN),
+            ("ENGINE__HTTP__MAX_BODY_BYTES", "2048"),
+            ("ENGINE__HTTP__MAX_HEADER_BYTES", "4096"),
+        ],
+    );
+    let before = tenant_windows(&db.pool).await;
+    let auth = format!("Bearer {TOKEN}");
+
+    // A valid body, padded with spaces past the limit: the handler would accept it.
+    let padded = format!(
+        "{{\"data_retention_period\": \"2days\"{}}}",
+        " ".repeat(3000)
+    );
+    let (status, body) = http(
+        served.port,
+        "PUT",
+        "/api/v1/tenants/acme/retention",
+        &[("Authorization", &auth)],
+        Some(&padded),
+    )
+    .unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("http.max_body_bytes (2048 bytes)"), "{body}");
+
+    // The same without a length (chunked): cut off at the limit, refused the same way.
+    let chunked = format!(
+        "PUT /api/v1/tenants/acme/retention HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{padded}\r\n0\r\n\r\n",
+        padded.len()
+    );
+    let (status, response) = raw_request(served.port, chunked.as_bytes()).unwrap();
+    assert_eq!(status, 413, "{response}");
+
+    // Headers past the limit: 431, naming the setting.
+    let big = "x".repeat(5000);
+    let (status, body) = http(
+        served.port,
+        "GET",
+        "/api/v1/tenants/acme/retention",
+        &[("Authorization", &auth), ("X-Padding", &big)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 431, "{body}");
+    assert!(body.contains("http.max_header_bytes (4096)"), "{body}");
+    assert_eq!(
+        tenant_windows(&db.pool).await,
+        before,
+        "nothing changed by a refused request"
+    );
+
+    // Just under both limits, the same change goes through.
+    let (status, body) = http(
+        served.port,
+        "PUT",
+        "/api/v1/tenants/acme/retention",
+        &[("Authorization", &auth), ("X-Padding", &"x".repeat(3000))],
+        Some(&format!(
+            "{{\"data_retention_period\": \"2days\"{}}}",
+            " ".repeat(1900)
+        )),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        tenant_windows(&db.pool).await,
+        vec![("acme".to_string(), Some("2 days".to_string()))]
+    );
+}
+
+#[tokio::test]
+async fn slow_requests_end_at_the_deadline_and_the_slots_turn_the_rest_away() {
+    let db = TestDatabase::new().await;
+    sqlx::query("INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let served = Served::start(
+        &db.url,
+        &[
+            ("ENGINE__HTTP__ADMIN_TOKEN", TOKEN),
+            ("ENGINE__HTTP__MAX_CONNECTIONS", "1"),
+            ("ENGINE__HTTP__REQUEST_TIMEOUT", "3s"),
+        ],
+    );
+    let port = served.port;
+    let auth = format!("Bearer {TOKEN}");
+    // Reading a tenant waits behind this lock for as long as the test holds it.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+
+    let slow = {
+        let auth = auth.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let answer = http(
+                port,
+                "GET",
+                "/api/v1/tenants/acme/retention",
+                &[("Authorization", &auth)],
+                None,
+            );
+            (answer, started.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // The one slot is taken: the next request that needs the database is turned away after a
+    // second, while the routes that don't answer at once.
+    let started = Instant::now();
+    let (status, body) = http(port, "GET", "/", &[], None).unwrap();
+    let waited = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("http.max_connections"), "{body}");
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert_eq!(http(port, "GET", "/healthz", &[], None).unwrap().0, 200);
+    assert_eq!(http(port, "GET", "/metrics", &[], None).unwrap().0, 200);
+
+    let (answer, took) = slow.join().unwrap();
+    let (status, body) = answer.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("http.request_timeout (3s)"), "{body}");
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    // PostgreSQL stopped the statement too (the pool's statement_timeout): nothing of the
+    // request is left waiting on the lock.
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&mut *blocker)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 0);
+    blocker.rollback().await.unwrap();
+    let (status, body) = http(
+        port,
+        "GET",
+        "/api/v1/tenants/acme/retention",
+        &[("Authorization", &auth)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn metrics_name_no_tenant_unless_configured() {
+    let db = TestDatabase::new().await;
+    let tenant: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO tenants (slug, name, data_retention_period) VALUES ('acme', 'Acme', interval '1 day') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
+         SELECT $1, 'succeeded', now() - interval '3 days', now() - interval '3 days' FROM generate_series(1, 20)",
+    )
+    .bind(tenant)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let served = Served::start(&db.url, &[]);
+    let scrape = || {
+        http(served.port, "GET", "/metrics", &[], None)
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    wait_until(
+        "task-history to delete the tenant's rows",
+        Duration::from_secs(60),
+        || scrape().contains("retention_tenant_rows_deleted_total{"),
+    );
+    let text = scrape();
+    let series: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("retention_tenant_rows_deleted_total{"))
+        .collect();
+    assert!(!series.is_empty());
+    for line in series {
+        assert!(line.contains("tenant=\"other\""), "{line}");
+    }
+    assert!(!text.contains(&tenant.to_string()), "{text}");
+}
+
+/// Seeds `due` anonymous sessions past their time to live and 100 logged-in ones still valid.
+async fn seed_sessions(pool: &PgPool, due: i64) {
+    sqlx::query("TRUNCATE user_sessions, users CASCADE")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO user_sessions (created_at, expires_at)
+         SELECT now() - interval '3 days', now() + interval '1 day' FROM generate_series(1, $1)",
+    )
+    .bind(due)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO users (email) SELECT 'kept-' || g FROM generate_series(1, 100) g")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO user_sessions (user_id, created_at, expires_at)
+         SELECT id, now() - interval '1 hour', now() + interval '1 day' FROM users",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE user_sessions")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The sessions run of `engine serve` on the seeded table: (its duration, its outcome).
+async fn sessions_run(pool: &PgPool) -> (Duration, String) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let run: Option<(f64, String)> = sqlx::query_as(
+            "SELECT extract(epoch FROM finished_at - started_at)::float8, outcome FROM maintenance_runs
+             WHERE task = 'sessions' AND finished_at IS NOT NULL ORDER BY started_at DESC LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+        if let Some((seconds, outcome)) = run {
+            return (Duration::from_secs_f64(seconds), outcome);
+        }
+        assert!(Instant::now() < deadline, "no sessions run finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_page_loads_and_api_calls_leaves_a_retention_run_alone() {
+    const DUE: i64 = 150_000;
+    let db = TestDatabase::new().await;
+    for slug in ["acme", "globex"] {
+        sqlx::query("INSERT INTO tenants (slug, name) VALUES ($1, $1)")
+            .bind(slug)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    // Few connections for the runs, so that any the page took would show; a short wait for
+    // one, so that a run starved of them fails rather than crawls.
+    let env = [
+        ("ENGINE__HTTP__ADMIN_TOKEN", TOKEN),
+        ("ENGINE__DATABASE__MAX_CONNECTIONS", "2"),
+        ("ENGINE__RETENTION__PARALLELISM", "1"),
+        ("ENGINE__DATABASE__CONNECT_TIMEOUT", "1s"),
+        ("ENGINE__RETENTION__SESSIONS__BATCH_SIZE", "1000"),
+        ("ENGINE__RETENTION__PACING__FEEDBACK", "false"),
+        ("ENGINE__RETENTION__PACING__PAUSE_RATIO", "0.2"),
+    ];
+
+    // The baseline: the same run with no one at the server.
+    seed_sessions(&db.pool, DUE).await;
+    let served = Served::start(&db.url, &env);
+    let (alone, outcome) = sessions_run(&db.pool).await;
+    assert_eq!(outcome, "done");
+    drop(served);
+
+    seed_sessions(&db.pool, DUE).await;
+    sqlx::query("DELETE FROM maintenance_runs")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let served = Served::start(&db.url, &env);
+    let port = served.port;
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let turned_away = Arc::new(AtomicU64::new(0));
+    let unexpected = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let auth = format!("Bearer {TOKEN}");
+    let flooders: Vec<_> = (0..24)
+        .map(|i| {
+            let (stop, answered, turned_away, unexpected, auth) = (
+                stop.clone(),
+                answered.clone(),
+                turned_away.clone(),
+                unexpected.clone(),
+                auth.clone(),
+            );
+            std::thread::spawn(move || {
+                let paths = [
+                    "/",
+                    "/api/v1/tenants/acme/retention",
+                    "/api/v1/holds",
+                    "/api/v1/receipts?limit=100",
+                ];
+                let mut n = i;
+                while !stop.load(Ordering::Relaxed) {
+                    let path = paths[n % paths.len()];
+                    n += 1;
+                    match http(port, "GET", path, &[("Authorization", &auth)], None) {
+                        Some((200, _)) => answered.fetch_add(1, Ordering::Relaxed),
+                        Some((503, _)) => turned_away.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            unexpected.lock().unwrap().push(format!("{path}: {other:?}"));
+                            0
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    // While the flood goes: the engine never has more connections than its three pools allow.
+    let mut most = 0i64;
+    let (flooded, outcome) = loop {
+        let engine_connections: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'retention-engine'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        most = most.max(engine_connections);
+        let finished: Option<(f64, String)> = sqlx::query_as(
+            "SELECT extract(epoch FROM finished_at - started_at)::float8, outcome FROM maintenance_runs
+             WHERE task = 'sessions' AND finished_at IS NOT NULL LIMIT 1",
+        )
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some((seconds, outcome)) = finished {
+            break (Duration::from_secs_f64(seconds), outcome);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    for flooder in flooders {
+        flooder.join().unwrap();
+    }
+    let (answered, turned_away) = (
+        answered.load(Ordering::Relaxed),
+        turned_away.load(Ordering::Relaxed),
+    );
+    println!(
+        "sessions run of {DUE} rows: {:.1} s alone, {:.1} s under the flood ({answered} answers, {turned_away} turned away); at most {most} engine connections",
+        alone.as_secs_f64(),
+        flooded.as_secs_f64()
+    );
+    assert_eq!(outcome, "done", "the run under the flood");
+    assert!(
+        unexpected.lock().unwrap().is_empty(),
+        "{:?}",
+        unexpected.lock().unwrap()
+    );
+    assert!(
+        answered >= 50,
+        "the flood reached the database: {answered} answers"
+    );
+    // database.max_connections (2) + the lease keepers' (2) + http.max_connections (2).
+    assert!(most <= 6, "{most} engine connections");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM user_sessions")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 100, "every due session went, every kept one stayed");
+    let failed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE outcome = 'failed'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(failed, 0, "no run of any task failed under the flood");
+    // The machine's two cores serve the flood too, so the run may slow a little; a run that
+    // waited for connections would take several times longer, or fail.
+    assert!(
+        flooded <= alone * 2 + Duration::from_secs(5),
+        "{flooded:?} under the flood against {alone:?} alone"
+    );
+}
