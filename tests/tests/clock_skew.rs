@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn a_database_clock_two_hours_ahead_deletes_nothing() {
+    let metrics = prometheus_recorder();
+    let _recording = metrics::set_default_local_recorder(&metrics);
     let dir = tempfile::tempdir().unwrap();
     // Reachable by the unprivileged user the cluster runs as when the tests run as root.
     std::fs::set_permissions(
@@ -106,6 +108,13 @@ async fn a_database_clock_two_hours_ahead_deletes_nothing() {
             .unwrap();
     assert_eq!(outcome, "failed");
     assert!(recorded.contains("ahead of this process's"), "{recorded}");
+    // What the alert on refusals counts (deploy/prometheus/alerts.yaml).
+    let text = metrics.handle().render();
+    assert_eq!(
+        series_value(&text, "retention_clock_refusals_total", "reason=\"skewed\""),
+        Some(1.0),
+        "{text}"
+    );
 
     // What the guard prevents: trusted, the database's clock deletes the live session too.
     let trusting = RunOptions {

@@ -507,6 +507,8 @@ async fn a_pause_stops_a_run_in_progress_at_its_next_lease_renewal() {
 
 #[tokio::test]
 async fn a_run_whose_lease_was_taken_stops() {
+    let metrics = prometheus_recorder();
+    let _recording = metrics::set_default_local_recorder(&metrics);
     let db = TestDatabase::new().await;
     // As if the lease had expired and another replica had taken it.
     let (outcome, after, error) = interfered_run(
@@ -527,6 +529,17 @@ async fn a_run_whose_lease_was_taken_stops() {
         lease::holder(&db.pool, "endless").await.unwrap().as_deref(),
         Some("other:1"),
         "the new holder keeps it"
+    );
+    // What the alert on leases changing hands counts (deploy/prometheus/alerts.yaml), once.
+    let text = metrics.handle().render();
+    assert_eq!(
+        series_value(
+            &text,
+            "retention_leases_lost_total",
+            "task=\"endless\",reason=\"lost\""
+        ),
+        Some(1.0),
+        "{text}"
     );
 }
 

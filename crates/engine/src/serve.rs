@@ -13,14 +13,14 @@ use crate::database::Database;
 use crate::settings::Settings;
 use crate::{http, http_limits, shutdown};
 
-/// Installs the process's Prometheus recorder: run durations in buckets from 10 ms to 30 min.
+/// Installs the process's Prometheus recorder: the histograms of [`telemetry::BUCKETS`] (run
+/// durations, 10 ms to 30 min) in buckets, the others as summaries.
 fn metrics_recorder() -> anyhow::Result<PrometheusHandle> {
-    let buckets = [
-        0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 600.0, 1800.0,
-    ];
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(telemetry::RUN_DURATION.into()), &buckets)?
-        .install_recorder()?;
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in telemetry::BUCKETS {
+        builder = builder.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
+    }
+    let handle = builder.install_recorder()?;
     telemetry::describe();
     Ok(handle)
 }
@@ -51,6 +51,9 @@ pub async fn run(
     listener: TcpListener,
     root: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before the controller starts: what it records from its first moment (the counters it
+    // makes exist at 0, the tasks' schedules) goes to this recorder.
+    let metrics = metrics_recorder()?;
     let tasks = settings.tasks()?;
     let names: Vec<&str> = tasks.iter().map(|task| task.name()).collect();
     let shown = Arc::new(tasks.clone());
@@ -67,7 +70,7 @@ pub async fn run(
         admin_token: settings.http.admin_token.as_deref().map(Into::into),
         admin_token_name: settings.http.admin_token_name.as_str().into(),
         preview: (&settings.retention.task_history).into(),
-        metrics: Some(metrics_recorder()?),
+        metrics: Some(metrics),
         tasks: shown,
     };
     if state.admin_token.is_none() {

@@ -127,6 +127,44 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
         "{text}"
     );
     assert!(text.contains("retention_lease_held{"), "{text}");
+    // The schedule the alert on a task with no recent success measures against.
+    assert_eq!(
+        metric(
+            &text,
+            "retention_task_interval_seconds",
+            &["task=\"sessions\""]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "retention_task_max_run_time_seconds",
+            &["task=\"sessions\""]
+        ),
+        Some(600.0),
+        "{text}"
+    );
+    // Counters alerts take increase() of exist from the start, at 0.
+    assert_eq!(
+        metric(
+            &text,
+            "retention_clock_refusals_total",
+            &["reason=\"jumped\""]
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "retention_runs_total",
+            &["task=\"sessions\"", "outcome=\"failed\""]
+        ),
+        Some(0.0),
+        "{text}"
+    );
     // The replica label is the host's name, the same after a restart (not `host:pid`).
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap()

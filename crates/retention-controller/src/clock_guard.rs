@@ -81,8 +81,10 @@ impl Asked {
             max_skew + round_trip,
             max_skew,
         );
-        if verdict.is_ok() {
-            *last = Some((database, self.sent));
+        match &verdict {
+            Ok(()) => *last = Some((database, self.sent)),
+            Err(ClockError::Skewed { .. }) => telemetry::clock_refused("skewed"),
+            Err(ClockError::Jumped { .. }) => telemetry::clock_refused("jumped"),
         }
         verdict.map(|()| database)
     }

@@ -109,6 +109,9 @@ pub async fn run_once_with(
             Err(clock) => (Err(TaskError::Clock(clock)), None),
         };
         let elapsed = started.elapsed();
+        if let Some(reason) = stopped_by.and_then(StopReason::lease_lost) {
+            telemetry::lease_lost(task.name(), reason);
+        }
         if let Some((pacing, ratio)) = ctx.pacing_summary() {
             drop(ctx); // the probe stops with the run
             record_pacing(task.name(), &pacing, ratio, result.as_mut().ok());
@@ -125,7 +128,12 @@ pub async fn run_once_with(
         // is unreachable) the lease expires on its own.
         match maintenance::finish_run(pool, run_id, task.name(), rows, outcome, error.as_deref()).await {
             Ok(true) => {}
-            Ok(false) => tracing::warn!("the task's lease had passed to another runner before the run ended"),
+            Ok(false) => {
+                tracing::warn!("the task's lease had passed to another runner before the run ended");
+                if stopped_by.and_then(StopReason::lease_lost).is_none() {
+                    telemetry::lease_lost(task.name(), "lost");
+                }
+            }
             Err(error) => {
                 tracing::warn!(%error, ttl_ms = lease.ttl.as_millis() as u64, "recording the run's end failed; its lease expires on its own")
             }
@@ -249,6 +257,15 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// The `reason` of `retention_leases_lost_total`, when the run lost its lease.
+    fn lease_lost(self) -> Option<&'static str> {
+        match self {
+            StopReason::Paused => None,
+            StopReason::LeaseLost => Some("lost"),
+            StopReason::LeaseNotRenewed => Some("not renewed"),
+        }
+    }
+
     /// As recorded in `maintenance_runs.error` of the (cancelled) run.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -338,6 +355,7 @@ impl Controller {
 
     /// Runs until `cancel` fires, then waits for every task to finish its batch in flight.
     pub async fn run(self, cancel: CancellationToken) {
+        telemetry::controller_started();
         let mut loops = JoinSet::new();
         for task in self.tasks {
             let options = RunOptions {
@@ -354,7 +372,11 @@ impl Controller {
                             (task.clone(), pool.clone(), cancel.clone(), options.clone());
                         async move { run_once_with(task.as_ref(), &pool, &cancel, &options).await }
                     };
-                    let schedule = || task.schedule();
+                    let schedule = || {
+                        let schedule = task.schedule();
+                        telemetry::schedule(name, &schedule);
+                        schedule
+                    };
                     drive(schedule, run, lease_ttl, &cancel, fastrand::f64).await
                 }
                 .instrument(tracing::info_span!("retention_task", task = name)),

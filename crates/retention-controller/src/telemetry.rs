@@ -20,6 +20,9 @@
 //! | `retention_replication_slots_inactive` | | replication slots with no standby attached |
 //! | `retention_standbys_stalled_total` | | standbys no longer waited for after standing still |
 //! | `retention_pause_ratio` | `task` | the pause ratio a paced run with feedback ended at (see [`crate::feedback`]) |
+//! | `retention_task_interval_seconds`, `retention_task_max_run_time_seconds` | `task` | the task's schedule as its loop last read it: what "no successful run within a few intervals" is measured against |
+//! | `retention_leases_lost_total` | `task`, `reason` | runs that lost their lease before they ended: `lost` (it expired and another runner took it, or an operator cleared it), `not renewed` (no renewal got through for half its time to live) |
+//! | `retention_clock_refusals_total` | `reason` | runs that refused to delete because the clocks disagree: `skewed` (the database's clock is off from this process's), `jumped` (it moved further than the time that passed) |
 //!
 //! [`METRICS`] gives each its HELP text and unit ([`describe`]).
 
@@ -33,6 +36,15 @@ use uuid::Uuid;
 use crate::task::RunReport;
 
 pub const RUN_DURATION: &str = "retention_run_duration_seconds";
+
+/// Bucket bounds of [`RUN_DURATION`] (seconds): 10 ms to 30 min.
+pub const RUN_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 600.0, 1800.0,
+];
+
+/// The histograms `GET /metrics` exports with buckets (`_bucket`, `_sum`, `_count`), and their
+/// bounds; the other histograms are exported as summaries (quantiles, `_sum`, `_count`).
+pub const BUCKETS: &[(&str, &[f64])] = &[(RUN_DURATION, RUN_DURATION_BUCKETS)];
 
 /// Tenants with a series of their own unless [`configure`]d otherwise: none, since a tenant id on
 /// an open `/metrics` tells who the customers are; every tenant is summed under `tenant="other"`.
@@ -119,7 +131,32 @@ pub const METRICS: &[(&str, Kind, metrics::Unit, &str)] = &[
     ("retention_outbox_entries", Kind::Gauge, metrics::Unit::Count, "Objects waiting in the outbox (object_deletions) for the blobs task, as its last run ended."),
     ("retention_outbox_oldest_age_seconds", Kind::Gauge, metrics::Unit::Seconds, "Age of the oldest outbox entry as the blobs task's last run ended (seconds; 0 when empty)."),
     ("retention_orphan_objects", Kind::Gauge, metrics::Unit::Count, "Objects the last sweep found that no payload row and no outbox entry names, older than storage.orphan_grace (deleted unless the sweep was a dry run)."),
+    ("retention_task_interval_seconds", Kind::Gauge, metrics::Unit::Seconds, "The task's interval (retention.<task>.interval) as its loop last read it (seconds)."),
+    ("retention_task_max_run_time_seconds", Kind::Gauge, metrics::Unit::Seconds, "The task's longest run (retention.<task>.max_run_time) as its loop last read it (seconds)."),
+    ("retention_leases_lost_total", Kind::Counter, metrics::Unit::Count, "Runs that lost their task's lease before they ended, by reason: lost (it expired and another runner took it, or an operator cleared it), not renewed (no renewal got through for half its time to live)."),
+    ("retention_clock_refusals_total", Kind::Counter, metrics::Unit::Count, "Runs that deleted nothing because the clocks disagree by more than retention.max_clock_skew, by reason: skewed (the database's clock is off from this process's), jumped (it moved further than the time that passed)."),
 ];
+
+/// Every series name `GET /metrics` can show for [`METRICS`], as the engine's Prometheus
+/// exporter writes them (no unit suffixes): a counter or a gauge under its name; a histogram of
+/// [`BUCKETS`] as `_bucket`, `_sum` and `_count`; any other histogram as a summary, its name
+/// (with `quantile`), `_sum` and `_count`.
+pub fn exported_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for (name, kind, _, _) in METRICS {
+        match kind {
+            Kind::Counter | Kind::Gauge => names.push(name.to_string()),
+            Kind::Histogram => {
+                let bucketed = BUCKETS.iter().any(|(bucketed, _)| bucketed == name);
+                let first = if bucketed { "_bucket" } else { "" };
+                for suffix in [first, "_sum", "_count"] {
+                    names.push(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    names
+}
 
 /// Gives every metric of [`METRICS`] its HELP text and unit. Call once the process's recorder
 /// is installed (descriptions go to the recorder installed when they are given).
@@ -210,6 +247,43 @@ pub(crate) fn clock_skew(seconds: f64) {
     metrics::gauge!("retention_clock_skew_seconds").set(seconds);
 }
 
+/// A run refused to delete: the clocks disagree (`skewed` or `jumped`).
+pub(crate) fn clock_refused(reason: &'static str) {
+    metrics::counter!("retention_clock_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A run lost its lease before it ended (`lost` or `not renewed`).
+pub(crate) fn lease_lost(task: &'static str, reason: &'static str) {
+    metrics::counter!("retention_leases_lost_total", "task" => task, "reason" => reason)
+        .increment(1);
+}
+
+/// The task's schedule as its loop read it before a run. Also makes the counters that alert
+/// rules watch for the task exist from the start, at 0: Prometheus's `increase()` cannot see the
+/// first event of a series that appears with it.
+pub(crate) fn schedule(task: &'static str, schedule: &crate::schedule::Schedule) {
+    metrics::gauge!("retention_task_interval_seconds", "task" => task)
+        .set(schedule.interval.as_secs_f64());
+    metrics::gauge!("retention_task_max_run_time_seconds", "task" => task)
+        .set(schedule.max_run_time.as_secs_f64());
+    metrics::counter!("retention_runs_total", "task" => task, "outcome" => Outcome::Failed.as_str())
+        .increment(0);
+    for reason in ["lost", "not renewed"] {
+        metrics::counter!("retention_leases_lost_total", "task" => task, "reason" => reason)
+            .increment(0);
+    }
+}
+
+/// The controller started: the process-wide counters that alert rules watch exist from now on,
+/// at 0 (see [`schedule`]).
+pub(crate) fn controller_started() {
+    for reason in ["skewed", "jumped"] {
+        metrics::counter!("retention_clock_refusals_total", "reason" => reason).increment(0);
+    }
+    metrics::counter!("retention_standbys_stalled_total").increment(0);
+    metrics::counter!("retention_object_delete_failures_total").increment(0);
+}
+
 pub(crate) fn history_lock_held(task: &'static str, held: Duration) {
     metrics::histogram!("retention_history_lock_seconds", "task" => task)
         .record(held.as_secs_f64());
@@ -271,6 +345,113 @@ mod tests {
         assert_eq!(labels.label(tenants[9_999]), OTHER_TENANTS);
         let mut none = TenantLabels::new(0);
         assert_eq!(none.label(tenants[0]), OTHER_TENANTS);
+    }
+
+    /// Records every metric through this module's functions, as runs do.
+    fn record_every_metric() {
+        objects_deleted("outbox", 3, 1);
+        outbox(4, Duration::from_secs(60));
+        orphan_objects(2);
+        throttled(true);
+        standby_stalled();
+        paced("sessions", 1.5);
+        throttled_for("replica_lag", Duration::from_secs(2));
+        replica_lag("standby1", Some(Duration::from_secs(1)), Some(1024));
+        inactive_slots(1);
+        run_skipped("sessions", "busy");
+        lease_held("sessions", true);
+        clock_skew(0.25);
+        controller_started();
+        clock_refused("skewed");
+        lease_lost("sessions", "lost");
+        schedule(
+            "sessions",
+            &crate::schedule::Schedule {
+                interval: Duration::from_secs(3600),
+                max_run_time: Duration::from_secs(600),
+            },
+        );
+        history_lock_held("partitions", Duration::from_millis(3));
+        rows_due("sessions", 10);
+        let report = RunReport {
+            by_rule: vec![("expired", 5)],
+            by_tenant: vec![(Uuid::new_v4(), 2)],
+            counters: vec![(crate::history::RANGES_REPLACED, 1)],
+            ..Default::default()
+        };
+        run_finished(
+            "task-history",
+            Duration::from_millis(20),
+            Outcome::Done,
+            Some(&report),
+        );
+    }
+
+    /// [`METRICS`] is what this module records, each under its kind, and the exporter the engine
+    /// serves `/metrics` with (configured from [`BUCKETS`]) shows exactly [`exported_names`], each
+    /// family with its HELP text: so a dashboard or an alert rule checked against
+    /// [`exported_names`] names only series that exist.
+    #[test]
+    fn every_metric_is_recorded_and_exported_as_listed() {
+        use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+        let mut builder = PrometheusBuilder::new();
+        for (name, buckets) in BUCKETS {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+                .unwrap();
+        }
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            record_every_metric();
+        });
+        let text = handle.render();
+
+        let mut families: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.strip_prefix("# TYPE ")?.split(' ');
+                Some((words.next()?.to_string(), words.next()?.to_string()))
+            })
+            .collect();
+        families.sort();
+        let mut listed: Vec<(String, String)> = METRICS
+            .iter()
+            .map(|(name, kind, _, _)| {
+                let bucketed = BUCKETS.iter().any(|(b, _)| b == name);
+                let kind = match kind {
+                    Kind::Counter => "counter",
+                    Kind::Gauge => "gauge",
+                    Kind::Histogram if bucketed => "histogram",
+                    Kind::Histogram => "summary",
+                };
+                (name.to_string(), kind.to_string())
+            })
+            .collect();
+        listed.sort();
+        assert_eq!(
+            families, listed,
+            "recorded families against METRICS:\n{text}"
+        );
+
+        let mut series: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .filter_map(|line| line.split(['{', ' ']).next())
+            .collect();
+        series.sort();
+        series.dedup();
+        let mut exported = exported_names();
+        exported.sort();
+        assert_eq!(series, exported, "{text}");
+
+        for (name, _) in &families {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP text:\n{text}"
+            );
+        }
     }
 
     /// Every metric the Grafana dashboard in `deploy/` queries is one this module records.

@@ -6,7 +6,7 @@
 //! exits.
 //!
 //! [`seaweed`] starts a real S3-compatible object store (SeaweedFS) for the tests of object
-//! storage.
+//! storage; [`tools`] finds the other programs tests run (`promtool`, `kubernetes-validate`, ...).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
@@ -17,6 +17,7 @@ use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 pub use local_postgres;
 
 pub mod seaweed;
+pub mod tools;
 
 struct Server {
     /// URL of a database to connect to for `CREATE DATABASE`.

