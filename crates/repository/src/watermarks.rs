@@ -4,10 +4,12 @@ use sqlx::PgExecutor;
 
 /// The stored position, or 0.
 pub async fn get(executor: impl PgExecutor<'_>, name: &str) -> Result<i64, sqlx::Error> {
-    let position: Option<i64> =
-        sqlx::query_scalar!("SELECT position FROM retention_watermarks WHERE name = $1", name)
-            .fetch_optional(executor)
-            .await?;
+    let position: Option<i64> = sqlx::query_scalar!(
+        "SELECT position FROM retention_watermarks WHERE name = $1",
+        name
+    )
+    .fetch_optional(executor)
+    .await?;
     Ok(position.unwrap_or(0))
 }
 

@@ -104,7 +104,9 @@ fn sqlx_prepare(check: bool) -> Result<(), String> {
             }
         }
         for name in committed.keys().filter(|name| !fresh.contains_key(*name)) {
-            problems.push(format!("left over (no statement has its text): .sqlx/{name}"));
+            problems.push(format!(
+                "left over (no statement has its text): .sqlx/{name}"
+            ));
         }
         if !problems.is_empty() {
             return Err(format!(
