@@ -148,7 +148,9 @@ const BOOKKEEPING_SETTINGS: &str = "SET LOCAL synchronous_commit = off; SET LOCA
 /// A column for a bookkeeping statement that runs as its own (implicit) transaction, making its
 /// commit not wait for the disk as [`begin_bookkeeping`]'s transactions do: `set_config(...,
 /// true)` sets `synchronous_commit` for the rest of the transaction, and it is read at the
-/// commit, right after the statement. Its value (the text `off`) is to be ignored.
+/// commit, right after the statement. Its value (the text `off`) is to be ignored. The checked
+/// statements that need it (`lease::start_run`, `maintenance::finish_run`) carry this text
+/// written out: sqlx's macros take only literal text.
 pub const BOOKKEEPING_COMMIT: &str = "(SELECT set_config('synchronous_commit', 'off', true))";
 
 /// One batch of a single statement, `sql` (which must carry its values as literals), in one
@@ -222,4 +224,21 @@ pub fn is_timeout(error: &sqlx::Error) -> bool {
 pub fn is_retryable(error: &sqlx::Error) -> bool {
     let code = error.as_database_error().and_then(|e| e.code());
     matches!(code.as_deref(), Some("40001" | "40P01"))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The checked statements write [`super::BOOKKEEPING_COMMIT`] out: they must keep its text.
+    #[test]
+    fn checked_statements_carry_the_bookkeeping_commit() {
+        for (file, source) in [
+            ("lease.rs", include_str!("lease.rs")),
+            ("maintenance.rs", include_str!("maintenance.rs")),
+        ] {
+            assert!(
+                source.contains(super::BOOKKEEPING_COMMIT),
+                "{file} no longer has the text of BOOKKEEPING_COMMIT"
+            );
+        }
+    }
 }

@@ -5,5 +5,7 @@ use sqlx::PgExecutor;
 
 /// The database's `now()`.
 pub async fn now(executor: impl PgExecutor<'_>) -> Result<DateTime<Utc>, sqlx::Error> {
-    sqlx::query_scalar("SELECT now()").fetch_one(executor).await
+    sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(executor)
+        .await
 }

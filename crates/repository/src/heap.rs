@@ -49,14 +49,15 @@ pub async fn size_if_present(
     executor: impl PgExecutor<'_>,
     table: &str,
 ) -> Result<Option<TableSize>, sqlx::Error> {
-    let row: Option<(Option<i64>, f32)> = sqlx::query_as(
-        "SELECT pg_relation_size(c.oid) / current_setting('block_size')::bigint, greatest(c.reltuples, 0)
-         FROM pg_class c WHERE c.oid = to_regclass($1)",
+    let row = sqlx::query!(
+        r#"SELECT pg_relation_size(c.oid) / current_setting('block_size')::bigint AS "pages?", greatest(c.reltuples, 0) AS "rows!"
+         FROM pg_class c WHERE c.oid = to_regclass($1)"#,
+        table
     )
-    .bind(table)
     .fetch_optional(executor)
     .await?;
-    Ok(row.and_then(|(pages, rows)| {
+    Ok(row.and_then(|row| {
+        let (pages, rows): (Option<i64>, f32) = (row.pages, row.rows);
         Some(TableSize {
             pages: u32::try_from(pages?).unwrap_or(u32::MAX),
             rows: f64::from(rows),
@@ -95,12 +96,13 @@ pub async fn analyze(pool: &sqlx::PgPool, table: &str) -> Result<Analyzed, sqlx:
     sqlx::query(&format!("ANALYZE (SKIP_LOCKED) {table}"))
         .execute(&mut *tx)
         .await?;
-    let ran: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks
-                        WHERE locktype = 'relation' AND relation = $1::regclass AND pid = pg_backend_pid()
-                          AND mode = 'ShareUpdateExclusiveLock' AND granted)",
+    // `$1::text::regclass`: the name is bound as text (the macros know no regclass).
+    let ran: bool = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM pg_locks
+                        WHERE locktype = 'relation' AND relation = $1::text::regclass AND pid = pg_backend_pid()
+                          AND mode = 'ShareUpdateExclusiveLock' AND granted) AS "ran!""#,
+        table
     )
-    .bind(table)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgExecutor};
 use uuid::Uuid;
 
+/// A row of `retention_holds` as the statements below return it (one column list, written out in
+/// each: the checked macros take only literal text).
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct Hold {
     pub id: i64,
@@ -23,9 +25,6 @@ pub struct Hold {
     pub active: bool,
 }
 
-const COLUMNS: &str = "id, tenant_id, task_id, reason, until, created_by, created_at, removed_by, removed_at, removed_reason,
-     (removed_at IS NULL AND (until IS NULL OR until > now())) AS active";
-
 /// A new hold, already validated by the caller.
 pub struct NewHold<'a> {
     pub tenant_id: Uuid,
@@ -36,14 +35,17 @@ pub struct NewHold<'a> {
 }
 
 pub async fn add(executor: impl PgExecutor<'_>, hold: &NewHold<'_>) -> Result<Hold, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "INSERT INTO retention_holds (tenant_id, task_id, reason, until, created_by) VALUES ($1, $2, $3, $4, $5) RETURNING {COLUMNS}"
-    ))
-    .bind(hold.tenant_id)
-    .bind(hold.task_id)
-    .bind(hold.reason)
-    .bind(hold.until)
-    .bind(hold.created_by)
+    sqlx::query_as!(
+        Hold,
+        r#"INSERT INTO retention_holds (tenant_id, task_id, reason, until, created_by) VALUES ($1, $2, $3, $4, $5)
+         RETURNING id, tenant_id, task_id, reason, until, created_by, created_at, removed_by, removed_at, removed_reason,
+                (removed_at IS NULL AND (until IS NULL OR until > now())) AS "active!""#,
+        hold.tenant_id,
+        hold.task_id,
+        hold.reason,
+        hold.until,
+        hold.created_by
+    )
     .fetch_one(executor)
     .await
 }
@@ -54,23 +56,29 @@ pub async fn list(
     tenant_id: Option<Uuid>,
     all: bool,
 ) -> Result<Vec<Hold>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM retention_holds
+    sqlx::query_as!(
+        Hold,
+        r#"SELECT id, tenant_id, task_id, reason, until, created_by, created_at, removed_by, removed_at, removed_reason,
+                (removed_at IS NULL AND (until IS NULL OR until > now())) AS "active!"
+         FROM retention_holds
          WHERE ($1::uuid IS NULL OR tenant_id = $1)
            AND ($2 OR (removed_at IS NULL AND (until IS NULL OR until > now())))
-         ORDER BY id DESC"
-    ))
-    .bind(tenant_id)
-    .bind(all)
+         ORDER BY id DESC"#,
+        tenant_id,
+        all
+    )
     .fetch_all(executor)
     .await
 }
 
 pub async fn get(executor: impl PgExecutor<'_>, id: i64) -> Result<Option<Hold>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM retention_holds WHERE id = $1"
-    ))
-    .bind(id)
+    sqlx::query_as!(
+        Hold,
+        r#"SELECT id, tenant_id, task_id, reason, until, created_by, created_at, removed_by, removed_at, removed_reason,
+                (removed_at IS NULL AND (until IS NULL OR until > now())) AS "active!"
+         FROM retention_holds WHERE id = $1"#,
+        id
+    )
     .fetch_optional(executor)
     .await
 }
@@ -83,13 +91,16 @@ pub async fn remove(
     removed_by: &str,
     reason: Option<&str>,
 ) -> Result<Option<Hold>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "UPDATE retention_holds SET removed_by = $2, removed_at = now(), removed_reason = $3
-         WHERE id = $1 AND removed_at IS NULL RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(removed_by)
-    .bind(reason)
+    sqlx::query_as!(
+        Hold,
+        r#"UPDATE retention_holds SET removed_by = $2, removed_at = now(), removed_reason = $3
+         WHERE id = $1 AND removed_at IS NULL
+         RETURNING id, tenant_id, task_id, reason, until, created_by, created_at, removed_by, removed_at, removed_reason,
+                (removed_at IS NULL AND (until IS NULL OR until > now())) AS "active!""#,
+        id,
+        removed_by,
+        reason
+    )
     .fetch_optional(executor)
     .await
 }
@@ -100,9 +111,11 @@ pub async fn task_exists(
     tenant_id: Uuid,
     task_id: Uuid,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND tenant_id = $2)")
-        .bind(task_id)
-        .bind(tenant_id)
-        .fetch_one(executor)
-        .await
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND tenant_id = $2) AS "exists!""#,
+        task_id,
+        tenant_id
+    )
+    .fetch_one(executor)
+    .await
 }

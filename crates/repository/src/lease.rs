@@ -34,14 +34,14 @@ impl Lease {
     /// Extends the lease by its time to live from now, if it is still ours.
     pub async fn renew(&self, pool: &PgPool) -> Result<Renewal, sqlx::Error> {
         let mut tx = crate::batch::begin_bookkeeping(pool).await?;
-        let paused: Option<bool> = sqlx::query_scalar(
+        let paused: Option<bool> = sqlx::query_scalar!(
             "UPDATE maintenance_tasks SET lease_expires_at = now() + make_interval(secs => $3)
              WHERE task = $1 AND lease_run_id = $2
              RETURNING paused",
+            self.task,
+            self.run_id,
+            self.ttl.as_secs_f64()
         )
-        .bind(&self.task)
-        .bind(self.run_id)
-        .bind(self.ttl.as_secs_f64())
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -66,12 +66,12 @@ pub(crate) async fn clear(
     task: &str,
     run_id: Uuid,
 ) -> Result<bool, sqlx::Error> {
-    let cleared = sqlx::query(
+    let cleared = sqlx::query!(
         "UPDATE maintenance_tasks SET lease_run_id = NULL, lease_holder = NULL, lease_expires_at = NULL
          WHERE task = $1 AND lease_run_id = $2",
+        task,
+        run_id
     )
-    .bind(task)
-    .bind(run_id)
     .execute(executor)
     .await?;
     Ok(cleared.rows_affected() == 1)
@@ -108,8 +108,9 @@ pub async fn start_run(
     ttl: Duration,
     scheduled_every: Option<Duration>,
 ) -> Result<Start, sqlx::Error> {
-    let sql = format!(
-        "WITH taken AS (
+    // The last column is `crate::batch::BOOKKEEPING_COMMIT` (the macros take only literal text).
+    let row = sqlx::query!(
+        r#"WITH taken AS (
              INSERT INTO maintenance_tasks AS m (task, lease_run_id, lease_holder, lease_expires_at, last_run_id, last_started_at)
              VALUES ($1, $2, $3, now() + make_interval(secs => $4), $2, now())
              ON CONFLICT (task) DO UPDATE
@@ -128,28 +129,21 @@ pub async fn start_run(
          ), run AS (
              INSERT INTO maintenance_runs (run_id, task, replica, started_at) SELECT $2, $1, $3, now() FROM taken
          )
-         SELECT EXISTS (SELECT 1 FROM taken), m.lease_expires_at > now(), m.paused,
+         SELECT EXISTS (SELECT 1 FROM taken) AS "started!", m.lease_expires_at > now() AS "held?", m.paused AS "paused?",
                 CASE WHEN m.last_outcome = 'done'
-                     THEN extract(epoch FROM m.last_finished_at + make_interval(secs => $5) - now())::float8 END,
-                clock_timestamp(), {commit}
-         FROM (SELECT) AS one LEFT JOIN maintenance_tasks m ON m.task = $1",
-        commit = crate::batch::BOOKKEEPING_COMMIT,
-    );
-    let (started, held, paused, due_in, taken_at, _): (
-        bool,
-        Option<bool>,
-        Option<bool>,
-        Option<f64>,
-        DateTime<Utc>,
-        String,
-    ) = sqlx::query_as(&sql)
-        .bind(task)
-        .bind(run_id)
-        .bind(holder)
-        .bind(ttl.as_secs_f64())
-        .bind(scheduled_every.map(|every| every.as_secs_f64()))
-        .fetch_one(pool)
-        .await?;
+                     THEN extract(epoch FROM m.last_finished_at + make_interval(secs => $5) - now())::float8 END AS "due_in?",
+                clock_timestamp() AS "taken_at!", (SELECT set_config('synchronous_commit', 'off', true)) AS "commit!"
+         FROM (SELECT) AS one LEFT JOIN maintenance_tasks m ON m.task = $1"#,
+        task,
+        run_id,
+        holder,
+        ttl.as_secs_f64(),
+        scheduled_every.map(|every| every.as_secs_f64())
+    )
+    .fetch_one(pool)
+    .await?;
+    let (started, held, paused, due_in, taken_at) =
+        (row.started, row.held, row.paused, row.due_in, row.taken_at);
     if started {
         return Ok(Start::Started(Lease {
             task: task.to_owned(),
@@ -176,10 +170,11 @@ pub async fn holder(
     executor: impl PgExecutor<'_>,
     task: &str,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT lease_holder FROM maintenance_tasks WHERE task = $1 AND lease_expires_at > now()",
+    // A lease in force always has a holder: a row with none fails to decode, as it always did.
+    sqlx::query_scalar!(
+        r#"SELECT lease_holder AS "lease_holder!" FROM maintenance_tasks WHERE task = $1 AND lease_expires_at > now()"#,
+        task
     )
-    .bind(task)
     .fetch_optional(executor)
     .await
 }

@@ -1,8 +1,12 @@
 //! All of the engine's SQL: the data model, the migrations and the queries behind each retention
 //! task. Functions take `impl PgExecutor` (or a connection) so callers choose pool or transaction.
-//! Queries are runtime SQL: those that need the retention rule are assembled from its fragments
-//! ([`rule`]) with their values bound by name ([`sql`]), and one style throughout keeps the crate
-//! buildable without a database.
+//! A statement whose text is fixed is checked against the schema when the crate compiles (sqlx's
+//! `query!`, `query_as!`, `query_scalar!`), offline, from what `.sqlx/` at the workspace root
+//! records of it: no build needs a database, and `cargo sqlx-prepare` rewrites `.sqlx/` after a
+//! statement or a migration changes (docs/development.md). Statements built at run time stay
+//! runtime SQL (`sqlx::query(...)`): those that need the retention rule, assembled from its
+//! fragments ([`rule`]) with their values bound by name ([`sql`]), those naming a partition or a
+//! table, and those whose `SET LOCAL` values are spliced in; each is run by a test.
 
 pub mod batch;
 pub mod clock;

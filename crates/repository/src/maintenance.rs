@@ -3,6 +3,7 @@
 //! the disk (`batch::begin_bookkeeping`); a pause or resume is an operator's act and waits.
 
 use chrono::{DateTime, Utc};
+use sqlx::postgres::types::PgInterval;
 use sqlx::{FromRow, PgExecutor, PgPool};
 use uuid::Uuid;
 
@@ -17,15 +18,15 @@ pub async fn set_paused(
     task: &str,
     paused: bool,
 ) -> Result<bool, sqlx::Error> {
-    let changed: Option<bool> = sqlx::query_scalar(
-        "INSERT INTO maintenance_tasks AS m (task, paused, paused_at) VALUES ($1, $2, CASE WHEN $2 THEN now() END)
+    let changed: Option<bool> = sqlx::query_scalar!(
+        r#"INSERT INTO maintenance_tasks AS m (task, paused, paused_at) VALUES ($1, $2, CASE WHEN $2 THEN now() END)
          ON CONFLICT (task) DO UPDATE
              SET paused = excluded.paused, paused_at = excluded.paused_at, updated_at = now()
              WHERE m.paused IS DISTINCT FROM excluded.paused
-         RETURNING true",
+         RETURNING true AS "changed!""#,
+        task,
+        paused
     )
-    .bind(task)
-    .bind(paused)
     .fetch_optional(executor)
     .await?;
     Ok(changed.unwrap_or(false))
@@ -67,8 +68,9 @@ pub async fn finish_run(
     // record where the run is the task's last, the lease's release where the lease is the
     // run's. `before` is the row as the statement found it; a lease another runner took
     // meanwhile is theirs after the update, so `released` is false for it.
-    let sql = format!(
-        "WITH run AS (
+    // The last column is `crate::batch::BOOKKEEPING_COMMIT` (the macros take only literal text).
+    let row = sqlx::query!(
+        r#"WITH run AS (
              UPDATE maintenance_runs SET finished_at = now(), rows = $3, outcome = $4, error = $5
              WHERE run_id = $1
          ), state AS (
@@ -97,19 +99,22 @@ pub async fn finish_run(
                  SELECT run_id FROM maintenance_runs WHERE task = $2 ORDER BY started_at DESC OFFSET $6
              )
          )
-         SELECT bool_or(released), {commit} FROM state",
-        commit = crate::batch::BOOKKEEPING_COMMIT,
-    );
-    let (released, _): (Option<bool>, String) = sqlx::query_as(&sql)
-        .bind(run_id)
-        .bind(task)
-        .bind(rows as i64)
-        .bind(outcome.as_str())
-        .bind(error)
-        .bind(RUNS_KEPT_PER_TASK)
-        .bind(format!("{HOURS_KEPT} hours"))
-        .fetch_one(pool)
-        .await?;
+         SELECT bool_or(released) AS "released?", (SELECT set_config('synchronous_commit', 'off', true)) AS "commit!" FROM state"#,
+        run_id,
+        task,
+        rows as i64,
+        outcome.as_str(),
+        error,
+        RUNS_KEPT_PER_TASK,
+        PgInterval {
+            months: 0,
+            days: 0,
+            microseconds: HOURS_KEPT * 3_600_000_000,
+        }
+    )
+    .fetch_one(pool)
+    .await?;
+    let released = row.released;
     Ok(released.unwrap_or(false))
 }
 
@@ -130,23 +135,27 @@ pub struct TaskState {
 
 /// The recorded state of `task` (defaults when it never ran nor was paused).
 pub async fn state(executor: impl PgExecutor<'_>, task: &str) -> Result<TaskState, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT $1::text AS task, coalesce(m.paused, false) AS paused, m.last_run_id, m.last_started_at,
-                m.last_finished_at, m.last_outcome, m.last_rows, m.last_success_at,
-                CASE WHEN m.lease_expires_at > now() THEN m.lease_holder END AS holder
-         FROM (SELECT 1) one LEFT JOIN maintenance_tasks m ON m.task = $1",
+    sqlx::query_as!(
+        TaskState,
+        r#"SELECT $1::text AS "task!", coalesce(m.paused, false) AS "paused!", m.last_run_id AS "last_run_id?",
+                m.last_started_at AS "last_started_at?", m.last_finished_at AS "last_finished_at?",
+                m.last_outcome AS "last_outcome?", m.last_rows AS "last_rows?", m.last_success_at AS "last_success_at?",
+                CASE WHEN m.lease_expires_at > now() THEN m.lease_holder END AS "holder?"
+         FROM (SELECT 1) one LEFT JOIN maintenance_tasks m ON m.task = $1"#,
+        task
     )
-    .bind(task)
     .fetch_one(executor)
     .await
 }
 
 /// Runs in the log of `task`, newest first.
 pub async fn run_count(executor: impl PgExecutor<'_>, task: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM maintenance_runs WHERE task = $1")
-        .bind(task)
-        .fetch_one(executor)
-        .await
+    sqlx::query_scalar!(
+        r#"SELECT count(*) AS "count!" FROM maintenance_runs WHERE task = $1"#,
+        task
+    )
+    .fetch_one(executor)
+    .await
 }
 
 /// Rows deleted by one task in one hour (the hour its runs finished).
@@ -164,10 +173,13 @@ pub async fn rows_by_hour(
     executor: impl PgExecutor<'_>,
     since: DateTime<Utc>,
 ) -> Result<Vec<HourRows>, sqlx::Error> {
-    sqlx::query_as("SELECT task, hour, rows, runs, failed FROM maintenance_rows_by_hour WHERE hour >= $1 ORDER BY hour, task")
-        .bind(since)
-        .fetch_all(executor)
-        .await
+    sqlx::query_as!(
+        HourRows,
+        "SELECT task, hour, rows, runs, failed FROM maintenance_rows_by_hour WHERE hour >= $1 ORDER BY hour, task",
+        since
+    )
+    .fetch_all(executor)
+    .await
 }
 
 /// Rows deleted per task by the runs that started at or after `since` (finished or not yet).
@@ -175,10 +187,13 @@ pub async fn rows_since(
     executor: impl PgExecutor<'_>,
     since: DateTime<Utc>,
 ) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    sqlx::query_as("SELECT task, coalesce(sum(rows), 0)::bigint FROM maintenance_runs WHERE started_at >= $1 GROUP BY task")
-        .bind(since)
-        .fetch_all(executor)
-        .await
+    let rows = sqlx::query!(
+        r#"SELECT task, coalesce(sum(rows), 0)::bigint AS "rows!" FROM maintenance_runs WHERE started_at >= $1 GROUP BY task"#,
+        since
+    )
+    .fetch_all(executor)
+    .await?;
+    Ok(rows.into_iter().map(|row| (row.task, row.rows)).collect())
 }
 
 /// A run that failed, as the run log has it.
@@ -197,11 +212,12 @@ pub async fn failed_runs(
     executor: impl PgExecutor<'_>,
     limit: i64,
 ) -> Result<Vec<FailedRun>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        FailedRun,
         "SELECT run_id, task, replica, started_at, finished_at, error FROM maintenance_runs
          WHERE outcome = 'failed' ORDER BY started_at DESC LIMIT $1",
+        limit
     )
-    .bind(limit)
     .fetch_all(executor)
     .await
 }
@@ -229,11 +245,12 @@ pub const BOUNDED_TABLES: [&str; 5] = [
 
 /// Size and live rows of each of [`BOUNDED_TABLES`], partitions summed into their parent.
 pub async fn table_sizes(executor: impl PgExecutor<'_>) -> Result<Vec<TableSize>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT t.name AS table,
-                coalesce(sum(pg_total_relation_size(l.relid)), 0)::bigint AS bytes,
-                coalesce(sum(s.n_live_tup), 0)::bigint AS live_rows,
-                (count(*) FILTER (WHERE l.level = 1))::bigint AS partitions
+    sqlx::query_as!(
+        TableSize,
+        r#"SELECT t.name AS "table!",
+                coalesce(sum(pg_total_relation_size(l.relid)), 0)::bigint AS "bytes!",
+                coalesce(sum(s.n_live_tup), 0)::bigint AS "live_rows!",
+                (count(*) FILTER (WHERE l.level = 1))::bigint AS "partitions!"
          FROM unnest($1::text[]) WITH ORDINALITY AS t(name, n)
          CROSS JOIN LATERAL (
              SELECT p.relid::oid AS relid, p.level FROM pg_partition_tree(t.name::regclass) p WHERE p.isleaf
@@ -241,9 +258,9 @@ pub async fn table_sizes(executor: impl PgExecutor<'_>) -> Result<Vec<TableSize>
              SELECT c.oid, 0 FROM pg_class c WHERE c.oid = t.name::regclass AND c.relkind = 'r'
          ) l
          LEFT JOIN pg_stat_user_tables s ON s.relid = l.relid
-         GROUP BY t.name, t.n ORDER BY t.n",
+         GROUP BY t.name, t.n ORDER BY t.n"#,
+        BOUNDED_TABLES.as_slice() as &[&str]
     )
-    .bind(BOUNDED_TABLES.as_slice())
     .fetch_all(executor)
     .await
 }

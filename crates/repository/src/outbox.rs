@@ -30,12 +30,13 @@ pub async fn due(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<Entry>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Entry,
         "SELECT id, object_key, tenant_id, payload_id, task_inserted_at, size_bytes, attempts
          FROM object_deletions WHERE next_attempt_at <= $1 ORDER BY next_attempt_at, id LIMIT $2",
+        now,
+        limit
     )
-    .bind(now)
-    .bind(limit)
     .fetch_all(executor)
     .await
 }
@@ -48,13 +49,13 @@ pub async fn unreferenced(
     entries: &[Entry],
 ) -> Result<Vec<i64>, sqlx::Error> {
     let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "SELECT o.id FROM object_deletions o
          WHERE o.id = ANY($1)
            AND NOT EXISTS (SELECT 1 FROM task_payloads p WHERE p.external_key = o.object_key)
          ORDER BY o.id",
+        &ids
     )
-    .bind(&ids)
     .fetch_all(executor)
     .await
 }
@@ -62,8 +63,7 @@ pub async fn unreferenced(
 /// Removes the entries `ids` (their objects deleted, or found missing, by the store).
 pub async fn remove(executor: impl PgExecutor<'_>, ids: &[i64]) -> Result<u64, sqlx::Error> {
     Ok(
-        sqlx::query("DELETE FROM object_deletions WHERE id = ANY($1)")
-            .bind(ids)
+        sqlx::query!("DELETE FROM object_deletions WHERE id = ANY($1)", ids)
             .execute(executor)
             .await?
             .rows_affected(),
@@ -78,13 +78,14 @@ pub async fn put_off(
     backoff: std::time::Duration,
     error: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE object_deletions SET attempts = attempts + 1, next_attempt_at = $2 + $3, last_error = $4 WHERE id = $1",
+    // The casts name the types the values are bound as (`$2 + $3` alone has no type to prepare).
+    sqlx::query!(
+        "UPDATE object_deletions SET attempts = attempts + 1, next_attempt_at = $2::timestamptz + $3::interval, last_error = $4 WHERE id = $1",
+        id,
+        now,
+        crate::rule::interval(backoff),
+        error
     )
-    .bind(id)
-    .bind(now)
-    .bind(crate::rule::interval(backoff))
-    .bind(error)
     .execute(executor)
     .await?;
     Ok(())
@@ -93,11 +94,11 @@ pub async fn put_off(
 /// Whether any payload row or outbox entry names `key`: what the sweep checks before deleting
 /// an object it found in the store.
 pub async fn key_known(executor: impl PgExecutor<'_>, key: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM task_payloads WHERE external_key = $1)
-             OR EXISTS (SELECT 1 FROM object_deletions WHERE object_key = $1)",
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM task_payloads WHERE external_key = $1)
+             OR EXISTS (SELECT 1 FROM object_deletions WHERE object_key = $1) AS "known!""#,
+        key
     )
-    .bind(key)
     .fetch_one(executor)
     .await
 }
@@ -114,11 +115,12 @@ pub struct Depth {
 }
 
 pub async fn depth(executor: impl PgExecutor<'_>) -> Result<Depth, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT count(*) AS entries, coalesce(sum(size_bytes), 0)::bigint AS bytes, min(enqueued_at) AS oldest_enqueued_at,
-                count(*) FILTER (WHERE attempts > 0) AS failing,
-                (SELECT last_error FROM object_deletions WHERE last_error IS NOT NULL ORDER BY next_attempt_at DESC LIMIT 1) AS last_error
-         FROM object_deletions",
+    sqlx::query_as!(
+        Depth,
+        r#"SELECT count(*) AS "entries!", coalesce(sum(size_bytes), 0)::bigint AS "bytes!", min(enqueued_at) AS "oldest_enqueued_at?",
+                count(*) FILTER (WHERE attempts > 0) AS "failing!",
+                (SELECT last_error FROM object_deletions WHERE last_error IS NOT NULL ORDER BY next_attempt_at DESC LIMIT 1) AS "last_error?"
+         FROM object_deletions"#
     )
     .fetch_one(executor)
     .await

@@ -71,7 +71,7 @@ pub struct Payload {
 /// The id the next payload will have, taken now (for an external payload's key, before its
 /// object is put).
 pub async fn reserve_id(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('task_payloads', 'id'))")
+    sqlx::query_scalar!(r#"SELECT nextval(pg_get_serial_sequence('task_payloads', 'id')) AS "id!""#)
         .fetch_one(executor)
         .await
 }
@@ -90,19 +90,19 @@ pub async fn insert(
         Content::Inline(bytes) => ("inline", Some(bytes.clone()), None, bytes.len() as i64),
         Content::External { key, size } => ("external", None, Some(key.clone()), *size),
     };
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO task_payloads (id, tenant_id, task_id, task_inserted_at, kind, location, inline_content, external_key, size_bytes)
          OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        id,
+        tenant_id,
+        task.0,
+        task.1,
+        kind.as_str(),
+        location,
+        inline,
+        key,
+        size
     )
-    .bind(id)
-    .bind(tenant_id)
-    .bind(task.0)
-    .bind(task.1)
-    .bind(kind.as_str())
-    .bind(location)
-    .bind(inline)
-    .bind(key)
-    .bind(size)
     .execute(executor)
     .await?;
     Ok(())
@@ -110,11 +110,12 @@ pub async fn insert(
 
 /// The payload `id`.
 pub async fn get(executor: impl PgExecutor<'_>, id: i64) -> Result<Option<Payload>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Payload,
         "SELECT id, tenant_id, task_id, task_inserted_at, kind, location, inline_content, external_key, size_bytes, created_at
          FROM task_payloads WHERE id = $1",
+        id
     )
-    .bind(id)
     .fetch_optional(executor)
     .await
 }
@@ -128,16 +129,16 @@ pub async fn insert_log(
     level: &str,
     line: &str,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "INSERT INTO task_logs (tenant_id, task_id, task_inserted_at, created_at, level, line)
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        tenant_id,
+        task.0,
+        task.1,
+        created_at,
+        level,
+        line
     )
-    .bind(tenant_id)
-    .bind(task.0)
-    .bind(task.1)
-    .bind(created_at)
-    .bind(level)
-    .bind(line)
     .fetch_one(executor)
     .await
 }
@@ -267,10 +268,10 @@ pub async fn create_days(
     for table in DAY_TABLES {
         for day in days {
             let name = day_table(table, *day);
-            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-                .bind(&name)
-                .fetch_one(&mut *conn)
-                .await?;
+            let exists: bool =
+                sqlx::query_scalar!(r#"SELECT to_regclass($1) IS NOT NULL AS "exists!""#, name)
+                    .fetch_one(&mut *conn)
+                    .await?;
             if exists {
                 continue;
             }
@@ -332,13 +333,14 @@ pub async fn drop_empty_days(
 ) -> Result<Vec<String>, sqlx::Error> {
     let mut dropped = Vec::new();
     for table in DAY_TABLES {
-        let children: Vec<String> = sqlx::query_scalar(
-            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-             WHERE i.inhparent = $1::regclass AND c.relname ~ '_p[0-9]{8}$' AND c.relname < $2
-             ORDER BY 1",
+        // `$1::text::regclass`: the name is bound as text (the macros know no regclass).
+        let children: Vec<String> = sqlx::query_scalar!(
+            r#"SELECT c.relname::text AS "name!" FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = $1::text::regclass AND c.relname ~ '_p[0-9]{8}$' AND c.relname < $2
+             ORDER BY 1"#,
+            table,
+            day_table(table, before)
         )
-        .bind(table)
-        .bind(day_table(table, before))
         .fetch_all(&mut *conn)
         .await?;
         for name in children {
@@ -394,11 +396,11 @@ pub async fn partitions(
     executor: impl PgExecutor<'_>,
     table: &str,
 ) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-         WHERE i.inhparent = $1::regclass ORDER BY 1",
+    sqlx::query_scalar!(
+        r#"SELECT c.relname::text AS "name!" FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = $1::text::regclass ORDER BY 1"#,
+        table
     )
-    .bind(table)
     .fetch_all(executor)
     .await
 }

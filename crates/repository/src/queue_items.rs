@@ -168,10 +168,11 @@ pub async fn sweep_due(
     every_seconds: i64,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<bool, sqlx::Error> {
-    let last: Option<i64> =
-        sqlx::query_scalar("SELECT position FROM retention_watermarks WHERE name = $1")
-            .bind(swept_at)
-            .fetch_optional(executor)
-            .await?;
+    let last: Option<i64> = sqlx::query_scalar!(
+        "SELECT position FROM retention_watermarks WHERE name = $1",
+        swept_at
+    )
+    .fetch_optional(executor)
+    .await?;
     Ok(last.unwrap_or(0) <= now.timestamp() - every_seconds)
 }

@@ -91,17 +91,18 @@ pub async fn list(
     since: Option<DateTime<Utc>>,
     limit: i64,
 ) -> Result<Vec<Receipt>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT r.run_id, r.tenant_id, tn.slug, r.rule, r.task, r.tasks, r.events, r.queue_items, r.payloads, r.logs, r.objects, r.oldest, r.newest,
+    sqlx::query_as!(
+        Receipt,
+        r#"SELECT r.run_id, r.tenant_id, tn.slug AS "slug?", r.rule, r.task, r.tasks, r.events, r.queue_items, r.payloads, r.logs, r.objects, r.oldest, r.newest,
                 r.first_at, r.last_at
          FROM retention_receipts r LEFT JOIN tenants tn ON tn.id = r.tenant_id
          WHERE ($1::uuid IS NULL OR r.tenant_id = $1) AND ($2::timestamptz IS NULL OR r.first_at >= $2)
          ORDER BY r.first_at, r.tenant_id, r.rule
-         LIMIT $3",
+         LIMIT $3"#,
+        tenant_id,
+        since,
+        limit
     )
-    .bind(tenant_id)
-    .bind(since)
-    .bind(limit)
     .fetch_all(executor)
     .await
 }
@@ -112,15 +113,15 @@ pub async fn delete_older_than(
     before: DateTime<Utc>,
     limit: i64,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "WITH gone AS (
+    sqlx::query_scalar!(
+        r#"WITH gone AS (
              DELETE FROM retention_receipts WHERE ctid = ANY (ARRAY (
                  SELECT ctid FROM retention_receipts WHERE first_at < $1 ORDER BY first_at LIMIT $2 FOR UPDATE SKIP LOCKED))
              RETURNING 1)
-         SELECT count(*) FROM gone",
+         SELECT count(*) AS "deleted!" FROM gone"#,
+        before,
+        limit
     )
-    .bind(before)
-    .bind(limit)
     .fetch_one(executor)
     .await
 }

@@ -34,16 +34,30 @@ type StandbyRow = (
 pub async fn standbys(
     executor: impl PgExecutor<'_>,
 ) -> Result<(String, Vec<Standby>), sqlx::Error> {
-    let rows: Vec<StandbyRow> = sqlx::query_as(
-        "SELECT pg_current_wal_lsn()::text, s.name, s.state, s.replay_lsn, s.lag_bytes, s.replay_lag_seconds
+    let rows = sqlx::query!(
+        r#"SELECT pg_current_wal_lsn()::text AS "current!", s.name AS "name?", s.state AS "state?", s.replay_lsn AS "replay_lsn?",
+                s.lag_bytes AS "lag_bytes?", s.replay_lag_seconds AS "replay_lag_seconds?"
          FROM (SELECT 1) one LEFT JOIN (
              SELECT coalesce(nullif(application_name, ''), pid::text) AS name, state, replay_lsn::text AS replay_lsn,
                     pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS lag_bytes,
                     extract(epoch FROM replay_lag)::float8 AS replay_lag_seconds
-             FROM pg_stat_replication) s ON true",
+             FROM pg_stat_replication) s ON true"#
     )
     .fetch_all(executor)
     .await?;
+    let rows: Vec<StandbyRow> = rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.current,
+                r.name,
+                r.state,
+                r.replay_lsn,
+                r.lag_bytes,
+                r.replay_lag_seconds,
+            )
+        })
+        .collect();
     let current = rows.first().map(|r| r.0.clone()).unwrap_or_default();
     let standbys = rows
         .into_iter()
@@ -66,27 +80,31 @@ pub async fn standbys(
 /// as asynchronous commits leave it), as `pg_lsn` text: the start of a measurement of the WAL a
 /// piece of work writes (see [`wal_since`]).
 pub async fn wal_position(executor: impl PgExecutor<'_>) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+    sqlx::query_scalar!(r#"SELECT pg_current_wal_insert_lsn()::text AS "position!""#)
         .fetch_one(executor)
         .await
 }
 
 /// Bytes of WAL inserted since `position` (from [`wal_position`]).
 pub async fn wal_since(executor: impl PgExecutor<'_>, position: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::pg_lsn)::bigint")
-        .bind(position)
-        .fetch_one(executor)
-        .await
+    // `$1::text::pg_lsn`: the position is bound as text (the macros know no pg_lsn).
+    sqlx::query_scalar!(
+        r#"SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)::bigint AS "bytes!""#,
+        position
+    )
+    .fetch_one(executor)
+    .await
 }
 
 /// Replication slots no standby is using, with the WAL each holds back (bytes).
 pub async fn inactive_slots(
     executor: impl PgExecutor<'_>,
 ) -> Result<Vec<(String, Option<i64>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT slot_name::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
-         FROM pg_replication_slots WHERE NOT active ORDER BY slot_name",
+    let rows = sqlx::query!(
+        r#"SELECT slot_name::text AS "slot!", pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS "held?"
+         FROM pg_replication_slots WHERE NOT active ORDER BY slot_name"#
     )
     .fetch_all(executor)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.slot, r.held)).collect())
 }

@@ -323,8 +323,7 @@ pub const VERSION: &str = "(SELECT version FROM retention_rules)";
 /// ignores it. The check never waits for anything, so it cannot close a cycle of waits with a
 /// change in progress.
 pub async fn confirm(conn: &mut sqlx::PgConnection, seen: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT retention_rules_unchanged($1)")
-        .bind(seen)
+    sqlx::query!("SELECT retention_rules_unchanged($1)", seen)
         .execute(conn)
         .await?;
     Ok(())

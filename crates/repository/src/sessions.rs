@@ -225,14 +225,15 @@ pub async fn count_due(
     executor: impl PgExecutor<'_>,
     cutoffs: &SessionCutoffs,
 ) -> Result<DueCounts, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE expires_at < $1) AS expired,
-                count(*) FILTER (WHERE NOT expires_at < $1) AS anonymous
+    sqlx::query_as!(
+        DueCounts,
+        r#"SELECT count(*) FILTER (WHERE expires_at < $1) AS "expired!",
+                count(*) FILTER (WHERE NOT expires_at < $1) AS "anonymous!"
          FROM user_sessions
-         WHERE expires_at < $1 OR (user_id IS NULL AND created_at < $2)",
+         WHERE expires_at < $1 OR (user_id IS NULL AND created_at < $2)"#,
+        cutoffs.expired_before,
+        cutoffs.anonymous_created_before
     )
-    .bind(cutoffs.expired_before)
-    .bind(cutoffs.anonymous_created_before)
     .fetch_one(executor)
     .await
 }

@@ -4,11 +4,12 @@ use sqlx::PgExecutor;
 
 /// The stored position, or 0.
 pub async fn get(executor: impl PgExecutor<'_>, name: &str) -> Result<i64, sqlx::Error> {
-    let position: Option<i64> =
-        sqlx::query_scalar("SELECT position FROM retention_watermarks WHERE name = $1")
-            .bind(name)
-            .fetch_optional(executor)
-            .await?;
+    let position: Option<i64> = sqlx::query_scalar!(
+        "SELECT position FROM retention_watermarks WHERE name = $1",
+        name
+    )
+    .fetch_optional(executor)
+    .await?;
     Ok(position.unwrap_or(0))
 }
 
@@ -17,12 +18,12 @@ pub async fn set(
     name: &str,
     position: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO retention_watermarks (name, position) VALUES ($1, $2)
          ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now()",
+        name,
+        position
     )
-    .bind(name)
-    .bind(position)
     .execute(executor)
     .await?;
     Ok(())
@@ -36,18 +37,25 @@ pub struct Pending {
     pub settled: bool,
 }
 
-/// The walk's pending end, if one was recorded, and whether it has settled.
+/// The walk's pending end, if one was recorded, and whether it has settled: every transaction in
+/// progress when `pending_snapshot` was taken has ended.
 pub async fn pending(
     executor: impl PgExecutor<'_>,
     name: &str,
 ) -> Result<Option<Pending>, sqlx::Error> {
-    let row: Option<(i64, bool)> = sqlx::query_as(&format!(
-        "SELECT pending_position, {SETTLED} FROM retention_watermarks WHERE name = $1 AND pending_position IS NOT NULL"
-    ))
-    .bind(name)
+    // `settled` is the same test in both statements (the macros take only literal text).
+    let row = sqlx::query!(
+        r#"SELECT pending_position AS "end!",
+                  NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pending_snapshot) x WHERE pg_xact_status(x) = 'in progress') AS "settled!"
+           FROM retention_watermarks WHERE name = $1 AND pending_position IS NOT NULL"#,
+        name
+    )
     .fetch_optional(executor)
     .await?;
-    Ok(row.map(|(end, settled)| Pending { end, settled }))
+    Ok(row.map(|row| Pending {
+        end: row.end,
+        settled: row.settled,
+    }))
 }
 
 /// Records `end` (the sequence's last value, read before this call) as the walk's pending end,
@@ -61,19 +69,20 @@ pub async fn set_pending(
     name: &str,
     end: i64,
 ) -> Result<Pending, sqlx::Error> {
-    let (end, settled): (i64, bool) = sqlx::query_as(&format!(
-        "INSERT INTO retention_watermarks (name, position, pending_position, pending_snapshot)
+    let row = sqlx::query!(
+        r#"INSERT INTO retention_watermarks (name, position, pending_position, pending_snapshot)
          VALUES ($1, 0, $2, pg_current_snapshot())
          ON CONFLICT (name) DO UPDATE
          SET pending_position = excluded.pending_position, pending_snapshot = excluded.pending_snapshot, updated_at = now()
-         RETURNING pending_position, {SETTLED}"
-    ))
-    .bind(name)
-    .bind(end)
+         RETURNING pending_position AS "end!",
+                   NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pending_snapshot) x WHERE pg_xact_status(x) = 'in progress') AS "settled!""#,
+        name,
+        end
+    )
     .fetch_one(executor)
     .await?;
-    Ok(Pending { end, settled })
+    Ok(Pending {
+        end: row.end,
+        settled: row.settled,
+    })
 }
-
-/// Whether every transaction in progress when `pending_snapshot` was taken has ended.
-const SETTLED: &str = "NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pending_snapshot) x WHERE pg_xact_status(x) = 'in progress')";

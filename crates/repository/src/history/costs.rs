@@ -6,9 +6,13 @@ use sqlx::{PgExecutor, PgPool};
 
 /// Every recorded average: (operation, seconds per unit).
 pub async fn load(executor: impl PgExecutor<'_>) -> Result<Vec<(String, f64)>, sqlx::Error> {
-    sqlx::query_as("SELECT operation, seconds_per_row FROM retention_costs")
+    let rows = sqlx::query!("SELECT operation, seconds_per_row FROM retention_costs")
         .fetch_all(executor)
-        .await
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.operation, row.seconds_per_row))
+        .collect())
 }
 
 /// Folds one observation into `operation`'s average: a fifth of its weight, or all of it for the
@@ -22,13 +26,13 @@ pub async fn observe(
         return Ok(());
     }
     let mut tx = crate::batch::begin_bookkeeping(pool).await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO retention_costs AS c (operation, seconds_per_row, samples) VALUES ($1, $2, 1)
          ON CONFLICT (operation) DO UPDATE
              SET seconds_per_row = 0.8 * c.seconds_per_row + 0.2 * excluded.seconds_per_row, samples = c.samples + 1",
+        operation,
+        seconds_per_unit
     )
-    .bind(operation)
-    .bind(seconds_per_unit)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
