@@ -41,7 +41,10 @@ pub fn guard(router: Router, settings: &HttpSettings) -> Router {
     // The last layer added runs first: the deadline bounds everything (a body trickling in, the
     // wait for a slot, the handler); then the sizes, so nothing is queued for a request refused.
     router
-        .layer(middleware::from_fn_with_state(limits.clone(), database_slot))
+        .layer(middleware::from_fn_with_state(
+            limits.clone(),
+            database_slot,
+        ))
         .layer(middleware::from_fn_with_state(limits.clone(), sizes))
         // The extractors' own limit (2 MB by default) follows the setting.
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
@@ -74,7 +77,10 @@ async fn sizes(State(limits): State<Limits>, request: Request, next: Next) -> Re
     // get a body already in memory, and one too large is refused before any of them runs.
     let (parts, body) = request.into_parts();
     match axum::body::to_bytes(body, limits.max_body_bytes).await {
-        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
         Err(_) => refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(

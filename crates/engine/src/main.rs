@@ -57,45 +57,45 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let result = runtime.block_on(
         async {
-        match cli.command {
-            Command::Migrate => database::migrate(&settings)
-                .await
-                .map(|()| ExitCode::SUCCESS),
-            Command::Serve => serve::serve(&settings).await.map(|()| ExitCode::SUCCESS),
-            Command::Demo {
-                scale,
-                database_url,
-            } => demo::demo(&settings, scale, database_url.as_deref()).await,
-            Command::Retention(RetentionCommand::Run {
-                tasks,
-                dry_run,
-                pace,
-                json,
-            }) => retention::run(&settings, &tasks, dry_run, pace, json).await,
-            Command::Retention(RetentionCommand::Pause { task }) => {
-                retention::set_paused(&settings, &task, true).await
-            }
-            Command::Retention(RetentionCommand::Resume { task }) => {
-                retention::set_paused(&settings, &task, false).await
-            }
-            Command::Retention(RetentionCommand::Status { json }) => {
-                retention::status(&settings, json).await
-            }
-            Command::Retention(RetentionCommand::Receipts {
-                tenant,
-                since,
-                limit,
-                json,
-            }) => {
-                retention::receipts(&settings, tenant.as_deref(), since.as_deref(), limit, json)
+            match cli.command {
+                Command::Migrate => database::migrate(&settings)
                     .await
+                    .map(|()| ExitCode::SUCCESS),
+                Command::Serve => serve::serve(&settings).await.map(|()| ExitCode::SUCCESS),
+                Command::Demo {
+                    scale,
+                    database_url,
+                } => demo::demo(&settings, scale, database_url.as_deref()).await,
+                Command::Retention(RetentionCommand::Run {
+                    tasks,
+                    dry_run,
+                    pace,
+                    json,
+                }) => retention::run(&settings, &tasks, dry_run, pace, json).await,
+                Command::Retention(RetentionCommand::Pause { task }) => {
+                    retention::set_paused(&settings, &task, true).await
+                }
+                Command::Retention(RetentionCommand::Resume { task }) => {
+                    retention::set_paused(&settings, &task, false).await
+                }
+                Command::Retention(RetentionCommand::Status { json }) => {
+                    retention::status(&settings, json).await
+                }
+                Command::Retention(RetentionCommand::Receipts {
+                    tenant,
+                    since,
+                    limit,
+                    json,
+                }) => {
+                    retention::receipts(&settings, tenant.as_deref(), since.as_deref(), limit, json)
+                        .await
+                }
+                Command::Tenant(TenantCommand::Retention(command)) => {
+                    tenant::retention(&settings, command).await
+                }
+                Command::Hold(command) => hold::hold(&settings, command).await,
+                Command::Payload(command) => payload::payload(&settings, command).await,
             }
-            Command::Tenant(TenantCommand::Retention(command)) => {
-                tenant::retention(&settings, command).await
-            }
-            Command::Hold(command) => hold::hold(&settings, command).await,
-            Command::Payload(command) => payload::payload(&settings, command).await,
-        }
         }
         .instrument(process),
     );

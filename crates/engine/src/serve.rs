@@ -80,8 +80,8 @@ pub async fn run(
         tracing::warn!(addr = %settings.http.addr, "the admin server speaks plain HTTP on a non-loopback address: the bearer token crosses the network in the clear unless a proxy in front terminates TLS (docs/operations.md)");
     }
     let router = http_limits::guard(http::router(state), &settings.http);
-    let admin = axum::serve(listener, router)
-        .with_graceful_shutdown(root.child_token().cancelled_owned());
+    let admin =
+        axum::serve(listener, router).with_graceful_shutdown(root.child_token().cancelled_owned());
     let served = admin.await.context("admin server");
     root.cancel(); // if the server failed, stop the controller too
     if let Err(error) = controller.await {

@@ -58,7 +58,11 @@ async fn json_logs_carry_the_replica_the_run_and_the_tenant() {
             assert!(line.get(key).is_some(), "{key} missing from {line}");
         }
         // Every line of the process is within the `engine` span and names the replica.
-        assert_eq!(span(line, "engine").map(|s| &s["replica"]), Some(&Value::from("replica-7")), "{line}");
+        assert_eq!(
+            span(line, "engine").map(|s| &s["replica"]),
+            Some(&Value::from("replica-7")),
+            "{line}"
+        );
     }
     let started = lines
         .iter()
@@ -103,7 +107,9 @@ async fn text_logs_are_the_default_and_a_bad_format_is_refused() {
     assert!(output.status.success(), "{stdout}\n{stderr}");
     assert!(stderr.contains("run started"), "{stderr}");
     assert!(
-        stderr.lines().all(|line| !line.trim_start().starts_with('{')),
+        stderr
+            .lines()
+            .all(|line| !line.trim_start().starts_with('{')),
         "{stderr}"
     );
 
