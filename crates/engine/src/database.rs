@@ -170,8 +170,8 @@ impl Database {
 }
 
 /// The admin server's pool: `http.max_connections` connections, opened lazily, whose statements
-/// PostgreSQL itself stops at `http.request_timeout` (a request that gave up leaves no query
-/// behind). The server's limit lets only that many requests at the database at once.
+/// PostgreSQL itself stops at `http.request_timeout` (a request that gave up leaves a query behind
+/// for at most that long). The server's limit lets only that many requests at the database at once.
 fn http_pool(settings: &Settings, options: PgConnectOptions) -> PgPool {
     let timeout = settings.http.request_timeout;
     let options = options.options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
