@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use retention_controller::{telemetry, Controller};
+use retention_controller::{telemetry, tenant_retention, Controller};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -69,7 +69,14 @@ pub async fn run(
         pool: db.http_pool.clone(),
         admin_token: settings.http.admin_token.as_deref().map(Into::into),
         admin_token_name: settings.http.admin_token_name.as_str().into(),
-        preview: (&settings.retention.task_history).into(),
+        // A preview through the API ends by the request's deadline, not task-history's longer
+        // statement timeout: its statement must not outlive the request that asked for it.
+        preview: {
+            let mut limits: tenant_retention::PreviewLimits =
+                (&settings.retention.task_history).into();
+            limits.statement_timeout = limits.statement_timeout.min(settings.http.request_timeout);
+            limits
+        },
         metrics: Some(metrics),
         tasks: shown,
     };
