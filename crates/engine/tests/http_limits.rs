@@ -38,21 +38,28 @@ async fn tenant_windows(pool: &PgPool) -> Vec<(String, Option<String>)> {
         .unwrap()
 }
 
-#[tokio::test]
-async fn oversized_requests_are_refused_before_any_handler_runs() {
+/// A database with tenant `acme`, served with the admin token and `env`.
+async fn acme_served(env: &[(&str, &str)]) -> (TestDatabase, Served) {
     let db = TestDatabase::new().await;
     sqlx::query("INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme')")
         .execute(&db.pool)
         .await
         .unwrap();
-    let served = Served::start(
-        &db.url,
-        &[
-            ("ENGINE__HTTP__ADMIN_TOKEN", TOKEN),
-            ("ENGINE__HTTP__MAX_BODY_BYTES", "2048"),
-            ("ENGINE__HTTP__MAX_HEADER_BYTES", "4096"),
-        ],
-    );
+    let env: Vec<(&str, &str)> = [("ENGINE__HTTP__ADMIN_TOKEN", TOKEN)]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
+    let served = Served::start(&db.url, &env);
+    (db, served)
+}
+
+#[tokio::test]
+async fn oversized_requests_are_refused_before_any_handler_runs() {
+    let (db, served) = acme_served(&[
+        ("ENGINE__HTTP__MAX_BODY_BYTES", "2048"),
+        ("ENGINE__HTTP__MAX_HEADER_BYTES", "4096"),
+    ])
+    .await;
     let before = tenant_windows(&db.pool).await;
     let auth = format!("Bearer {TOKEN}");
 
@@ -119,19 +126,11 @@ async fn oversized_requests_are_refused_before_any_handler_runs() {
 
 #[tokio::test]
 async fn slow_requests_end_at_the_deadline_and_the_slots_turn_the_rest_away() {
-    let db = TestDatabase::new().await;
-    sqlx::query("INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let served = Served::start(
-        &db.url,
-        &[
-            ("ENGINE__HTTP__ADMIN_TOKEN", TOKEN),
-            ("ENGINE__HTTP__MAX_CONNECTIONS", "1"),
-            ("ENGINE__HTTP__REQUEST_TIMEOUT", "3s"),
-        ],
-    );
+    let (db, served) = acme_served(&[
+        ("ENGINE__HTTP__MAX_CONNECTIONS", "1"),
+        ("ENGINE__HTTP__REQUEST_TIMEOUT", "3s"),
+    ])
+    .await;
     let port = served.port;
     let auth = format!("Bearer {TOKEN}");
     // Reading a tenant waits behind this lock for as long as the test holds it.
