@@ -77,8 +77,8 @@ fn paced() -> RunOptions {
     }
 }
 
-async fn run_locking(db: &TestDatabase) -> RunReport {
-    match run_once_with(&Locking, &db.pool, &CancellationToken::new(), &paced())
+async fn run_locking(pool: &sqlx::PgPool) -> RunReport {
+    match run_once_with(&Locking, pool, &CancellationToken::new(), &paced())
         .await
         .unwrap()
     {
@@ -112,7 +112,7 @@ async fn nobody_waiting_lets_the_pauses_shrink_to_their_floor() {
     let db = TestDatabase::new().await;
     table(&db).await;
 
-    let report = run_locking(&db).await;
+    let report = run_locking(&db.pool).await;
 
     // Lowered from 1 to the floor (0.25) takes two decisions or more; none was a raise by waits
     // (nobody else was there to wait).
@@ -136,35 +136,52 @@ async fn nobody_waiting_lets_the_pauses_shrink_to_their_floor() {
     );
 }
 
+/// The foreground: one connection of `pool` updating row 1 over and over, so it waits on every
+/// batch's lock and on nothing else (its commits do not wait for the disk). Cancel `stop`, and
+/// the handle answers how many updates it made.
+fn foreground(pool: &sqlx::PgPool, stop: &CancellationToken) -> tokio::task::JoinHandle<u64> {
+    let (pool, stop) = (pool.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let mut updates = 0u64;
+        while !stop.is_cancelled() {
+            sqlx::query("UPDATE pacing_rows SET n = n + 1 WHERE id = 1")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            updates += 1;
+        }
+        updates
+    })
+}
+
+/// A pool on the test database whose connections are named `name` in pg_stat_activity.
+async fn named_pool(db: &TestDatabase, name: &str) -> sqlx::PgPool {
+    let options = db
+        .url
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .unwrap()
+        .application_name(name);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_backend_waiting_on_the_batches_makes_the_pauses_grow() {
     show_logs();
     let db = TestDatabase::new().await;
     table(&db).await;
-    // The foreground: one connection updating row 1 over and over, so it waits on every batch's
-    // lock and on nothing else (its commits do not wait for the disk).
     let stop = CancellationToken::new();
-    let foreground = {
-        let (pool, stop) = (db.pool.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut conn = pool.acquire().await.unwrap();
-            sqlx::query("SET synchronous_commit = off")
-                .execute(&mut *conn)
-                .await
-                .unwrap();
-            let mut updates = 0u64;
-            while !stop.is_cancelled() {
-                sqlx::query("UPDATE pacing_rows SET n = n + 1 WHERE id = 1")
-                    .execute(&mut *conn)
-                    .await
-                    .unwrap();
-                updates += 1;
-            }
-            updates
-        })
-    };
+    let foreground = foreground(&db.pool, &stop);
 
-    let report = run_locking(&db).await;
+    let report = run_locking(&db.pool).await;
     stop.cancel();
     let updates = foreground.await.unwrap();
 
@@ -180,6 +197,32 @@ async fn a_backend_waiting_on_the_batches_makes_the_pauses_grow() {
         report.batches < 90,
         "{} batches, {:?}",
         report.batches,
+        report.counters
+    );
+}
+
+/// The engine's admin server names its connections `<engine's name>/http`: its page loads are
+/// the engine's own, not the foreground the pauses make room for. The same waiting backend as
+/// above, named so, raises nothing.
+#[tokio::test]
+async fn the_engines_own_admin_connections_waiting_do_not_make_the_pauses_grow() {
+    show_logs();
+    let db = TestDatabase::new().await;
+    table(&db).await;
+    let engine = named_pool(&db, "retention-engine").await;
+    let admin = named_pool(&db, "retention-engine/http").await;
+    let stop = CancellationToken::new();
+    let foreground = foreground(&admin, &stop);
+
+    let report = run_locking(&engine).await;
+    stop.cancel();
+    let updates = foreground.await.unwrap();
+
+    assert!(updates > 0);
+    assert_eq!(
+        counter(&report, "pace raised by waits"),
+        0,
+        "{:?}",
         report.counters
     );
 }

@@ -28,6 +28,10 @@ pub struct Database {
 pub const LEASE_CONNECTIONS: u32 = 2;
 /// The engine's connections' `application_name` when the database URL gives none.
 pub const APPLICATION_NAME: &str = "retention-engine";
+/// Appended to the engine's `application_name` on the admin server's connections
+/// (`retention-engine/http`), so that pg_stat_activity tells page loads from runs. The pacing
+/// probe counts neither as the foreground's (it leaves out its own name and `<name>/...`).
+pub const HTTP_APPLICATION_SUFFIX: &str = "/http";
 
 /// What every connection of the engine is opened with, over what the URL says.
 pub fn session_options(options: PgConnectOptions) -> PgConnectOptions {
@@ -169,12 +173,19 @@ impl Database {
     }
 }
 
-/// The admin server's pool: `http.max_connections` connections, opened lazily, whose statements
+/// The admin server's pool: `http.max_connections` connections, opened lazily, named
+/// `<application_name>/http`, whose statements
 /// PostgreSQL itself stops at `http.request_timeout` (a request that gave up leaves a query behind
 /// for at most that long). The server's limit lets only that many requests at the database at once.
 fn http_pool(settings: &Settings, options: PgConnectOptions) -> PgPool {
     let timeout = settings.http.request_timeout;
-    let options = options.options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
+    let name = format!(
+        "{}{HTTP_APPLICATION_SUFFIX}",
+        options.get_application_name().unwrap_or(APPLICATION_NAME)
+    );
+    let options = options
+        .application_name(&name)
+        .options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
     PgPoolOptions::new()
         .max_connections(settings.http.max_connections)
         .acquire_timeout(timeout.min(settings.database.connect_timeout))

@@ -296,13 +296,15 @@ impl Drop for PauseGuard<'_> {
 
 /// Other client backends of this database, active and waiting on a lock, a lightweight lock or
 /// I/O. The engine's own connections share the probe's `application_name` (the engine names
-/// them) and are left out.
+/// them), or extend it as `<name>/...` (its admin server's), and are left out.
 const WAITING: &str = "
     SELECT count(*)::int4 FROM pg_stat_activity
      WHERE backend_type = 'client backend' AND state = 'active' AND pid <> pg_backend_pid()
        AND datname = current_database()
        AND wait_event_type IN ('Lock', 'LWLock', 'IO')
-       AND (current_setting('application_name') = '' OR application_name <> current_setting('application_name'))";
+       AND (current_setting('application_name') = ''
+            OR (application_name <> current_setting('application_name')
+                AND NOT starts_with(application_name, current_setting('application_name') || '/')))";
 
 /// The longest a probe waits for the run to reach the phase it wants (a run plans, or waits for
 /// a standby, between its batches).
