@@ -173,7 +173,7 @@ impl Database {
     }
 }
 
-/// The admin server's pool: `http.max_connections` connections, opened lazily, named
+/// The admin server's pool: `http.max_connections` connections and one for `/readyz`, opened lazily, named
 /// `<application_name>/http`, whose statements
 /// PostgreSQL itself stops at `http.request_timeout` (a request that gave up leaves a query behind
 /// for at most that long). The server's limit lets only that many requests at the database at once.
@@ -187,7 +187,7 @@ fn http_pool(settings: &Settings, options: PgConnectOptions) -> PgPool {
         .application_name(&name)
         .options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
     PgPoolOptions::new()
-        .max_connections(settings.http.max_connections)
+        .max_connections(settings.http.max_connections + crate::http_limits::READINESS_CONNECTIONS)
         .acquire_timeout(timeout.min(settings.database.connect_timeout))
         .connect_lazy_with(options)
 }

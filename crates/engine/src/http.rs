@@ -30,6 +30,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// The tasks the status page shows (their schedules, and estimates of the rows due).
     pub tasks: Arc<Vec<Arc<dyn MaintenanceTask>>>,
+    /// The status page, rendered at most once a second however many load it.
+    pub page: Arc<crate::status_page::PageCache>,
 }
 
 /// How long `/readyz` waits for the database.
@@ -93,8 +95,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// The status page (see [`crate::status_page`]): open like `/metrics`, and like it without
 /// tenant data.
 async fn status_page(State(state): State<AppState>) -> Response {
-    match crate::status_page::Snapshot::read(&state.pool, &state.tasks).await {
-        Ok(snapshot) => Html(crate::status_page::render(&snapshot)).into_response(),
+    match state.page.page(&state.pool, &state.tasks).await {
+        Ok(page) => Html(page.to_string()).into_response(),
         Err(failure) => {
             tracing::warn!(error = %failure, "status page");
             let body = format!(

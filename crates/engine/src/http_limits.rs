@@ -1,7 +1,8 @@
 //! The admin server's guard rails, so no load on it can delay a retention run or exhaust the
 //! process: a request head and body of bounded size, a deadline for every request, and at most
 //! `http.max_connections` requests at the database at once (they use a pool of their own, see
-//! [`crate::database::Database::http_pool`]); the rest wait a moment, then get 503.
+//! [`crate::database::Database::http_pool`]); the rest wait a moment, then get 503. `/readyz`
+//! has a slot (and a connection) of its own, so a flood of the page cannot turn a replica unready.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +20,13 @@ use crate::settings::HttpSettings;
 
 /// How long a request waits for one of the database slots before it is turned away.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// The admin pool's connections kept for `/readyz`, over `http.max_connections`.
+pub const READINESS_CONNECTIONS: u32 = 1;
 
 #[derive(Clone)]
 struct Limits {
     slots: Arc<Semaphore>,
+    readiness_slot: Arc<Semaphore>,
     max_connections: u32,
     request_timeout: Duration,
     max_body_bytes: usize,
@@ -33,6 +37,7 @@ struct Limits {
 pub fn guard(router: Router, settings: &HttpSettings) -> Router {
     let limits = Limits {
         slots: Arc::new(Semaphore::new(settings.max_connections as usize)),
+        readiness_slot: Arc::new(Semaphore::new(READINESS_CONNECTIONS as usize)),
         max_connections: settings.max_connections,
         request_timeout: settings.request_timeout,
         max_body_bytes: settings.max_body_bytes,
@@ -81,14 +86,23 @@ async fn sizes(State(limits): State<Limits>, request: Request, next: Next) -> Re
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
-        Err(_) => refuse(
+        Err(error) if too_large(&error) => refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "the request body is larger than http.max_body_bytes ({} bytes), or was cut off",
+                "the request body is larger than http.max_body_bytes ({} bytes)",
                 limits.max_body_bytes
             ),
         ),
+        Err(_) => refuse(
+            StatusCode::BAD_REQUEST,
+            "the request body was cut off before its declared end".to_string(),
+        ),
     }
+}
+
+fn too_large(error: &axum::Error) -> bool {
+    std::error::Error::source(error)
+        .is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>())
 }
 
 async fn deadline(State(limits): State<Limits>, request: Request, next: Next) -> Response {
@@ -108,16 +122,25 @@ async fn database_slot(State(limits): State<Limits>, request: Request, next: Nex
     if without_database(request.uri().path()) {
         return next.run(request).await;
     }
-    match tokio::time::timeout(SLOT_WAIT, limits.slots.clone().acquire_owned()).await {
+    let readiness = request.uri().path() == "/readyz";
+    let slots = if readiness {
+        &limits.readiness_slot
+    } else {
+        &limits.slots
+    };
+    match tokio::time::timeout(SLOT_WAIT, slots.clone().acquire_owned()).await {
         Ok(Ok(_slot)) => next.run(request).await,
         _ => {
-            let mut response = refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
+            let message = if readiness {
+                "another readiness check has been waiting on the database for a second; try again"
+                    .to_string()
+            } else {
                 format!(
                     "the admin server is busy: it serves {} requests that use the database at once (http.max_connections); try again",
                     limits.max_connections
-                ),
-            );
+                )
+            };
+            let mut response = refuse(StatusCode::SERVICE_UNAVAILABLE, message);
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -8,6 +8,7 @@ mod demo;
 mod hold;
 mod http;
 mod http_limits;
+mod http_listener;
 mod logging;
 mod output;
 mod payload;
@@ -103,6 +104,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         // `engine retention status | head -1`: the reader took what it wanted.
         Err(error) if output::reader_gone(&error) => ExitCode::SUCCESS,
+        // A log pipeline reads JSON objects only: the error that ends the process is one too.
+        Err(error) if settings.log.format == settings::LogFormat::Json => {
+            tracing::error!(error = format!("{error:#}"), "the command failed");
+            ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use crate::database::Database;
 use crate::settings::Settings;
-use crate::{http, http_limits, shutdown};
+use crate::{http, http_limits, http_listener, shutdown};
 
 /// Installs the process's Prometheus recorder: the histograms of [`telemetry::BUCKETS`] (run
 /// durations, 10 ms to 30 min) in buckets, the others as summaries.
@@ -44,7 +44,7 @@ pub async fn serve(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// The retention controller (paced) and the admin server on `listener`, until `root` is
-/// cancelled (or the server fails, which cancels it).
+/// cancelled.
 pub async fn run(
     settings: &Settings,
     db: &Database,
@@ -79,6 +79,7 @@ pub async fn run(
         },
         metrics: Some(metrics),
         tasks: shown,
+        page: Default::default(),
     };
     if state.admin_token.is_none() {
         tracing::info!("http.admin_token is not set: the /api/v1 admin API refuses every request");
@@ -87,12 +88,16 @@ pub async fn run(
         tracing::warn!(addr = %settings.http.addr, "the admin server speaks plain HTTP on a non-loopback address: the bearer token crosses the network in the clear unless a proxy in front terminates TLS (docs/operations.md)");
     }
     let router = http_limits::guard(http::router(state), &settings.http);
-    let admin =
-        axum::serve(listener, router).with_graceful_shutdown(root.child_token().cancelled_owned());
-    let served = admin.await.context("admin server");
-    root.cancel(); // if the server failed, stop the controller too
+    http_listener::serve(
+        listener,
+        router,
+        settings.http.request_timeout,
+        root.child_token(),
+    )
+    .await;
+    root.cancel();
     if let Err(error) = controller.await {
         tracing::error!(%error, "retention controller ended abnormally");
     }
-    served
+    Ok(())
 }

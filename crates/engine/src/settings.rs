@@ -320,6 +320,8 @@ fn explain(message: &str) -> String {
         " (durations are written like \"90s\", \"15m\", \"24h\", \"7days\")"
     } else if message.contains("`log.format`") {
         " (allowed: \"text\" or \"json\")"
+    } else if message.contains("_bytes") {
+        " (a whole number of bytes, like 65536)"
     } else if message.contains("http.addr") {
         " (an address and port, like \"127.0.0.1:8080\" or \"[::]:8080\")"
     } else if message.contains("unknown field") {

@@ -46,6 +46,35 @@ impl Snapshot {
     }
 }
 
+/// How long a rendered page is served again: however many load it, the page's statements run
+/// at most once per this, and loads that arrive while they run wait for the same answer.
+pub const PAGE_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last page rendered, and when.
+#[derive(Default)]
+pub struct PageCache {
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<str>)>>,
+}
+
+impl PageCache {
+    /// The page: the one rendered within [`PAGE_REUSE`], else a new one.
+    pub async fn page(
+        &self,
+        pool: &PgPool,
+        tasks: &[Arc<dyn MaintenanceTask>],
+    ) -> anyhow::Result<Arc<str>> {
+        let mut last = self.last.lock().await;
+        if let Some((at, page)) = last.as_ref() {
+            if at.elapsed() < PAGE_REUSE {
+                return Ok(page.clone());
+            }
+        }
+        let page: Arc<str> = render(&Snapshot::read(pool, tasks).await?).into();
+        *last = Some((tokio::time::Instant::now(), page.clone()));
+        Ok(page)
+    }
+}
+
 fn day_start(at: DateTime<Utc>) -> DateTime<Utc> {
     at.duration_trunc(Duration::days(1)).unwrap_or(at)
 }

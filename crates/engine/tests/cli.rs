@@ -154,6 +154,31 @@ fn each_invalid_setting_is_refused_with_its_key_value_and_what_is_allowed() {
         &["metrics.tenant_series = 5000", "from 0 to 1000"],
     );
     assert_refused(
+        &[("ENGINE__HTTP__MAX_CONNECTIONS", "0")],
+        &["serve"],
+        &["http.max_connections = 0", "from 1 to 32"],
+    );
+    assert_refused(
+        &[("ENGINE__HTTP__REQUEST_TIMEOUT", "900ms")],
+        &["serve"],
+        &["http.request_timeout = \"900ms\"", "from 1s to 10m"],
+    );
+    assert_refused(
+        &[("ENGINE__HTTP__MAX_BODY_BYTES", "100")],
+        &["serve"],
+        &["http.max_body_bytes = 100", "from 1024 to 16777216"],
+    );
+    assert_refused(
+        &[("ENGINE__HTTP__MAX_HEADER_BYTES", "1000000")],
+        &["serve"],
+        &["http.max_header_bytes = 1000000", "from 1024 to 262144"],
+    );
+    assert_refused(
+        &[("ENGINE__HTTP__MAX_BODY_BYTES", "64k")],
+        &["serve"],
+        &["http.max_body_bytes", "64k", "a whole number of bytes"],
+    );
+    assert_refused(
         &[("ENGINE__DATABASE__CONNECT_TIMEOUT", "1h")],
         &[],
         &["database.connect_timeout = \"1h\"", "from 100ms to 5m"],

@@ -130,3 +130,35 @@ async fn text_logs_are_the_default_and_a_bad_format_is_refused() {
         .unwrap();
     assert_eq!(runs, 1, "the refused command ran nothing");
 }
+
+/// In JSON mode the error that ends the process is a JSON line too, so a pipeline that parses
+/// every line still sees why the engine stopped.
+#[test]
+fn a_fatal_error_in_json_mode_is_a_json_line() {
+    // A port already taken: `serve` cannot bind its admin server.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = engine()
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("ENGINE__LOG__FORMAT", "json")
+        .env("ENGINE__HTTP__ADDR", &addr)
+        .arg("serve")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line:?} in {stderr}"))
+        })
+        .collect();
+    let last = lines.last().expect("a line saying why");
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert_eq!(last["fields"]["message"], "the command failed", "{last}");
+    let error = last["fields"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("http.addr") && error.contains(&addr),
+        "{error}"
+    );
+}

@@ -32,6 +32,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// New probes over the run's work per decision.
 pub const WINDOW: usize = 4;
@@ -266,13 +267,17 @@ impl Pacer {
         let stop = CancellationToken::new();
         *probe = Some(stop.clone());
         let connect = (*pool.connect_options()).clone();
-        tokio::spawn(probe_loop(
-            connect,
-            self.options.probe_interval,
-            self.phase.clone(),
-            self.governor.clone(),
-            stop,
-        ));
+        // In the run's span: the probe's warnings name the run, its task and replica.
+        tokio::spawn(
+            probe_loop(
+                connect,
+                self.options.probe_interval,
+                self.phase.clone(),
+                self.governor.clone(),
+                stop,
+            )
+            .in_current_span(),
+        );
     }
 }
 
