@@ -20,6 +20,9 @@ pub struct Database {
     /// each statement bounded by `http.request_timeout`: page loads and API calls never take a
     /// connection a retention run waits for.
     pub http_pool: PgPool,
+    /// One connection for `/readyz` alone: a page or API call stuck on the database cannot make
+    /// a replica unready.
+    pub readiness_pool: PgPool,
     embedded: Option<LocalPostgres>,
 }
 
@@ -128,7 +131,8 @@ impl Database {
             .max_connections(LEASE_CONNECTIONS)
             .acquire_timeout(settings.database.connect_timeout)
             .connect_lazy_with(options.clone());
-        let http_pool = http_pool(settings, options);
+        let readiness_pool = admin_pool(settings, options.clone(), 1);
+        let http_pool = admin_pool(settings, options, settings.http.max_connections);
         if migrate {
             repository::MIGRATOR
                 .run(&pool)
@@ -139,6 +143,7 @@ impl Database {
             pool,
             lease_pool,
             http_pool,
+            readiness_pool,
             embedded,
         })
     }
@@ -156,7 +161,11 @@ impl Database {
     pub async fn close(self) {
         self.pool.close().await;
         self.lease_pool.close().await;
-        self.http_pool.close().await;
+        // A request abandoned at its deadline may still wait on its statement (up to
+        // http.request_timeout): the process does not wait for it to stop.
+        for pool in [&self.http_pool, &self.readiness_pool] {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), pool.close()).await;
+        }
         if let Some(local) = self.embedded {
             let span = tracing::Span::current();
             match tokio::task::spawn_blocking(move || span.in_scope(|| local.stop())).await {
@@ -173,11 +182,12 @@ impl Database {
     }
 }
 
-/// The admin server's pool: `http.max_connections` connections and one for `/readyz`, opened lazily, named
+/// An admin server's pool (`http.max_connections` connections for the page and the API, one for
+/// `/readyz`): opened lazily, named
 /// `<application_name>/http`, whose statements
 /// PostgreSQL itself stops at `http.request_timeout` (a request that gave up leaves a query behind
 /// for at most that long). The server's limit lets only that many requests at the database at once.
-fn http_pool(settings: &Settings, options: PgConnectOptions) -> PgPool {
+fn admin_pool(settings: &Settings, options: PgConnectOptions, connections: u32) -> PgPool {
     let timeout = settings.http.request_timeout;
     let name = format!(
         "{}{HTTP_APPLICATION_SUFFIX}",
@@ -187,7 +197,7 @@ fn http_pool(settings: &Settings, options: PgConnectOptions) -> PgPool {
         .application_name(&name)
         .options([("statement_timeout", format!("{}ms", timeout.as_millis()))]);
     PgPoolOptions::new()
-        .max_connections(settings.http.max_connections + crate::http_limits::READINESS_CONNECTIONS)
+        .max_connections(connections)
         .acquire_timeout(timeout.min(settings.database.connect_timeout))
         .connect_lazy_with(options)
 }

@@ -22,6 +22,8 @@ use sqlx::PgPool;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// `/readyz`'s own connection.
+    pub readiness_pool: PgPool,
     pub admin_token: Option<Arc<str>>,
     /// Recorded as who added or removed a hold through the API.
     pub admin_token_name: Arc<str>,
@@ -59,8 +61,11 @@ pub fn router(state: AppState) -> Router {
 /// Readiness: the database answers a query within 2 s. 503 while it does not (a restart, a
 /// failover): the engine keeps running, and its tasks back off and carry on once it is back.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let probe =
-        tokio::time::timeout(READY_TIMEOUT, sqlx::query("SELECT 1").execute(&state.pool)).await;
+    let probe = tokio::time::timeout(
+        READY_TIMEOUT,
+        sqlx::query("SELECT 1").execute(&state.readiness_pool),
+    )
+    .await;
     match probe {
         Ok(Ok(_)) => Json(json!({ "status": "ready" })).into_response(),
         Ok(Err(failure)) => error(

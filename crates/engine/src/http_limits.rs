@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -20,8 +20,6 @@ use crate::settings::HttpSettings;
 
 /// How long a request waits for one of the database slots before it is turned away.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
-/// The admin pool's connections kept for `/readyz`, over `http.max_connections`.
-pub const READINESS_CONNECTIONS: u32 = 1;
 
 #[derive(Clone)]
 struct Limits {
@@ -37,7 +35,7 @@ struct Limits {
 pub fn guard(router: Router, settings: &HttpSettings) -> Router {
     let limits = Limits {
         slots: Arc::new(Semaphore::new(settings.max_connections as usize)),
-        readiness_slot: Arc::new(Semaphore::new(READINESS_CONNECTIONS as usize)),
+        readiness_slot: Arc::new(Semaphore::new(1)),
         max_connections: settings.max_connections,
         request_timeout: settings.request_timeout,
         max_body_bytes: settings.max_body_bytes,
@@ -106,13 +104,20 @@ fn too_large(error: &axum::Error) -> bool {
 }
 
 async fn deadline(State(limits): State<Limits>, request: Request, next: Next) -> Response {
+    let reads_only = matches!(request.method(), &Method::GET | &Method::HEAD);
     match tokio::time::timeout(limits.request_timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "the request took longer than http.request_timeout ({}); try again later",
-                humantime::format_duration(limits.request_timeout)
+                "the request took longer than http.request_timeout ({}); {}",
+                humantime::format_duration(limits.request_timeout),
+                if reads_only {
+                    "try again later"
+                } else {
+                    // Its statement may have committed just before the deadline.
+                    "it may have taken effect: look before sending it again"
+                }
             ),
         ),
     }

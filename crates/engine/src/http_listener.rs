@@ -1,6 +1,7 @@
-//! The admin server's connections: at most [`MAX_OPEN_CONNECTIONS`] open at once, and each
-//! closed when a request's head has not arrived within [`HEADER_READ_TIMEOUT`] (or
-//! `http.request_timeout`, if shorter), idle keep-alive ones included. Without these, clients that
+//! The admin server's connections: at most [`MAX_OPEN_CONNECTIONS`] open at once, each closed
+//! when a request's head has not arrived within [`HEADER_READ_TIMEOUT`] (or
+//! `http.request_timeout`, if shorter), idle keep-alive ones included, and after
+//! `http.request_timeout` + [`MAX_LIFETIME_OVER_REQUEST`] whatever it does. Without these, clients that
 //! open connections and trickle their headers (or send nothing) would hold sockets without end,
 //! until the process runs out of file descriptors, and then of database connections too.
 //! [`crate::http_limits`] bounds what a request does once its head is in.
@@ -14,11 +15,18 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Connections open at once; more wait in the kernel's accept queue until one closes.
 pub const MAX_OPEN_CONNECTIONS: usize = 256;
 /// The longest a connection may take to send a request's head, or stay idle between requests.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a connection lives, over `http.request_timeout`: keep-alive clients reconnect, and one
+/// that never reads its answers frees its slot.
+pub const MAX_LIFETIME_OVER_REQUEST: Duration = Duration::from_secs(60);
+/// Each connection's read buffer: the largest request head hyper parses (`http.max_header_bytes`
+/// is at most 256 KiB).
+const READ_BUFFER: usize = 264 * 1024;
 /// After `shutdown`, how long requests in flight have to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -34,7 +42,10 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT.min(request_timeout))
+        // A head past it is refused by hyper itself (431); below it, by `http.max_header_bytes`.
+        .max_buf_size(READ_BUFFER)
         .keep_alive(true);
+    let lifetime = request_timeout + MAX_LIFETIME_OVER_REQUEST;
     let mut said_full = false;
     loop {
         let permit = match open.clone().try_acquire_owned() {
@@ -68,17 +79,22 @@ pub async fn serve(
         let service = TowerToHyperService::new(router.clone());
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection).await;
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    // A client that never reads its answers would hold its slot for good.
+                    _ = tokio::time::sleep(lifetime) => {}
+                    _ = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection).await;
+                    }
                 }
             }
-        });
+            .in_current_span(),
+        );
     }
     drop(listener);
     // Every connection's task holds a permit until it ends.

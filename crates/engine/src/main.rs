@@ -35,7 +35,21 @@ fn main() -> ExitCode {
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("error: {error}");
+            // The settings did not load, so neither did `log.format`; a pipeline that asked for
+            // JSON in the environment still gets the reason as one object.
+            if std::env::var("ENGINE__LOG__FORMAT").is_ok_and(|format| format == "json") {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({
+                        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                        "level": "ERROR",
+                        "message": "the settings were refused",
+                        "error": error.to_string(),
+                    })
+                );
+            } else {
+                eprintln!("error: {error}");
+            }
             return ExitCode::from(2);
         }
     };
@@ -98,7 +112,7 @@ fn main() -> ExitCode {
                 Command::Payload(command) => payload::payload(&settings, command).await,
             }
         }
-        .instrument(process),
+        .instrument(process.clone()),
     );
     match result {
         Ok(code) => code,
@@ -106,7 +120,8 @@ fn main() -> ExitCode {
         Err(error) if output::reader_gone(&error) => ExitCode::SUCCESS,
         // A log pipeline reads JSON objects only: the error that ends the process is one too.
         Err(error) if settings.log.format == settings::LogFormat::Json => {
-            tracing::error!(error = format!("{error:#}"), "the command failed");
+            process
+                .in_scope(|| tracing::error!(error = format!("{error:#}"), "the command failed"));
             ExitCode::FAILURE
         }
         Err(error) => {

@@ -67,6 +67,7 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, tasks = ?names, "engine serving");
     let state = http::AppState {
         pool: db.http_pool.clone(),
+        readiness_pool: db.readiness_pool.clone(),
         admin_token: settings.http.admin_token.as_deref().map(Into::into),
         admin_token_name: settings.http.admin_token_name.as_str().into(),
         // A preview through the API ends by the request's deadline, not task-history's longer

@@ -155,10 +155,32 @@ fn a_fatal_error_in_json_mode_is_a_json_line() {
         .collect();
     let last = lines.last().expect("a line saying why");
     assert_eq!(last["level"], "ERROR", "{last}");
-    assert_eq!(last["fields"]["message"], "the command failed", "{last}");
-    let error = last["fields"]["error"].as_str().unwrap();
+    assert_eq!(last["message"], "the command failed", "{last}");
+    let error = last["error"].as_str().unwrap();
     assert!(
         error.contains("http.addr") && error.contains(&addr),
         "{error}"
+    );
+    assert!(last["spans"][0]["replica"].is_string(), "{last}");
+
+    // Settings refused: they never loaded, yet the environment asked for JSON.
+    let output = engine()
+        .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
+        .env("ENGINE__LOG__FORMAT", "json")
+        .env("ENGINE__HTTP__MAX_CONNECTIONS", "0")
+        .arg("serve")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let line: Value = serde_json::from_str(stderr.trim())
+        .unwrap_or_else(|_| panic!("not one JSON line: {stderr}"));
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .contains("http.max_connections = 0"),
+        "{line}"
     );
 }

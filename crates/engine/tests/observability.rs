@@ -300,3 +300,63 @@ async fn metrics_count_what_the_runs_did_and_readyz_follows_the_database() {
         },
     );
 }
+
+/// `retention_last_success_timestamp_seconds` exists from the start: the run log's last success
+/// (any replica's, before a restart), or the start itself for a task that never succeeded, so
+/// the alert on it (RetentionNoRecentSuccess) measures across restarts and catches a task that
+/// never starts.
+#[tokio::test]
+async fn the_last_success_gauge_starts_from_the_run_log() {
+    let db = TestDatabase::new().await;
+    // Every task paused: no run of this server moves the gauges.
+    for task in [
+        "sessions",
+        "queue-items",
+        "task-history",
+        "partitions",
+        "blobs",
+    ] {
+        repository::maintenance::set_paused(&db.pool, task, true)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "UPDATE maintenance_tasks SET last_success_at = '2026-11-30T12:00:00Z' WHERE task = 'sessions'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let served = Served::start(&db.url, &[]);
+    let mut text = String::new();
+    wait_until("the gauges to be set", Duration::from_secs(20), || {
+        text = http(served.port, "GET", "/metrics", &[], None)
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        metric(
+            &text,
+            "retention_last_success_timestamp_seconds",
+            &["task=\"blobs\""],
+        )
+        .is_some()
+    });
+    let last = |task: &str| {
+        metric(
+            &text,
+            "retention_last_success_timestamp_seconds",
+            &[&format!("task=\"{task}\"")],
+        )
+    };
+    // 2026-11-30T12:00:00Z
+    assert_eq!(last("sessions"), Some(1_796_040_000.0), "{text}");
+    for task in ["queue-items", "task-history", "partitions", "blobs"] {
+        let at = last(task).unwrap_or_else(|| panic!("no gauge for {task}: {text}"));
+        assert!(
+            at >= before.floor() - 1.0 && at <= before + 60.0,
+            "{task}: {at} against a start at {before}"
+        );
+    }
+}

@@ -366,6 +366,7 @@ impl Controller {
             let name = task.name();
             loops.spawn(
                 async move {
+                    last_success_from_the_log(&pool, name).await;
                     let lease_ttl = options.lease_ttl;
                     let run = || {
                         let (task, pool, cancel, options) =
@@ -385,6 +386,25 @@ impl Controller {
         while loops.join_next().await.is_some() {}
         tracing::info!("retention controller stopped");
     }
+}
+
+/// Sets the task's last-success gauge from the run log (see [`telemetry::last_success_known`]);
+/// this start's time when the log has none or does not answer within a few seconds.
+async fn last_success_from_the_log(pool: &PgPool, task: &'static str) {
+    let recorded = tokio::time::timeout(
+        Duration::from_secs(5),
+        repository::maintenance::state(pool, task),
+    )
+    .await;
+    let at = match recorded {
+        Ok(Ok(state)) => state.last_success_at.map(std::time::SystemTime::from),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "reading the task's last success");
+            None
+        }
+        Err(_) => None,
+    };
+    telemetry::last_success_known(task, at.unwrap_or_else(std::time::SystemTime::now));
 }
 
 /// How a loop iteration went, for choosing the next delay.

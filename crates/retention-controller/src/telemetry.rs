@@ -276,6 +276,17 @@ pub(crate) fn schedule(task: &'static str, schedule: &crate::schedule::Schedule)
 
 /// The controller started: the process-wide counters that alert rules watch exist from now on,
 /// at 0 (see [`schedule`]).
+/// At the controller's start: the task's last run that did not fail, as the database recorded
+/// it (any replica's), else this start. So "no successful run within a few intervals" is
+/// measured across restarts, and from the start for a task that never succeeded.
+pub(crate) fn last_success_known(task: &'static str, at: std::time::SystemTime) {
+    let seconds = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    metrics::gauge!("retention_last_success_timestamp_seconds", "task" => task).set(seconds);
+}
+
 pub(crate) fn controller_started() {
     for reason in ["skewed", "jumped"] {
         metrics::counter!("retention_clock_refusals_total", "reason" => reason).increment(0);
