@@ -583,10 +583,11 @@ async fn a_flood_of_page_loads_and_api_calls_leaves_a_retention_run_alone() {
             .await
             .unwrap();
     assert_eq!(failed, 0, "no run failed under the flood");
-    // The runs' pace is their own: a run that waited for a connection would fail (1 s to get
-    // one) or take several times longer.
+    // The runs' pace is their own: on one shared pool they do not finish at all (the stuck
+    // requests hold the connections; 1 s to get one, then the run fails). The margin is for
+    // the other tests of this binary sharing the two cores meanwhile.
     assert!(
-        flooded <= alone * 2 + Duration::from_millis(500),
+        flooded <= alone * 4 + Duration::from_secs(2),
         "{flooded:?} under the flood against {alone:?} alone"
     );
 }
