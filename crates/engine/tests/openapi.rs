@@ -7,7 +7,8 @@
 //! that changed them fails the test.
 //!
 //! Needs PyPI's `schemathesis` and `openapi-spec-validator` (`.ci/run` installs them; see
-//! [`testkit::pip::script`] for where they are looked for). `SCHEMATHESIS_SEED=<n>` fuzzes with
+//! [`testkit::tools::find`] for where they are looked for: `$SCHEMATHESIS`,
+//! `$OPENAPI_SPEC_VALIDATOR` first). `SCHEMATHESIS_SEED=<n>` fuzzes with
 //! another seed than the fixed one.
 
 mod common;
@@ -40,15 +41,17 @@ fn committed_document() -> PathBuf {
 }
 
 fn validator() -> PathBuf {
-    testkit::pip::script(
+    testkit::tools::find(
         "openapi-spec-validator",
-        "OPENAPI_SPEC_VALIDATOR",
-        SPEC_VALIDATOR,
+        &format!("PyPI's {SPEC_VALIDATOR}: `python3 -m pip install '{SPEC_VALIDATOR}'`"),
     )
 }
 
 fn schemathesis() -> PathBuf {
-    testkit::pip::script("schemathesis", "SCHEMATHESIS", SCHEMATHESIS)
+    testkit::tools::find(
+        "schemathesis",
+        &format!("PyPI's {SCHEMATHESIS}: `python3 -m pip install '{SCHEMATHESIS}'`"),
+    )
 }
 
 /// `openapi-spec-validator FILE`: (success, its output).

@@ -16,7 +16,6 @@ use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 
 pub use local_postgres;
 
-pub mod pip;
 pub mod seaweed;
 pub mod tools;
 
