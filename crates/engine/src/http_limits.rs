@@ -55,8 +55,9 @@ pub fn guard(router: Router, settings: &HttpSettings) -> Router {
 }
 
 /// Routes that answer from the process alone, without the database: never queued behind the
-/// page or the API, so liveness and scrapes answer under any load.
-fn without_database(path: &str) -> bool {
+/// page or the API, so liveness and scrapes answer under any load. (The OpenAPI document says
+/// which routes can be answered "busy" from this, see [`crate::openapi`].)
+pub fn without_database(path: &str) -> bool {
     matches!(path, "/healthz" | "/metrics" | "/api/v1/openapi.json")
 }
 

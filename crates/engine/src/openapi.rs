@@ -5,11 +5,12 @@
 
 use std::sync::LazyLock;
 
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{RefOr, Schema};
+use utoipa::openapi::{Content, Object, Ref, RefOr, Response, Schema, Type};
 use utoipa::{Modify, OpenApi};
 
-use crate::http;
+use crate::{http, http_limits};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,7 +23,13 @@ without it, or with another token, they answer 401; with no `http.admin_token` c
 `/`, `/healthz`, `/readyz`, `/metrics` and `/api/v1/openapi.json` need no token: they hold no tenant data.
 
 Every refusal and failure answers `{\"error\": \"...\"}` (the status page's, HTML), saying what was wrong and what is allowed. \
-A refused request (any 4xx) or a failed one (503) changes nothing.",
+A refused request (any 4xx) changes nothing, nor does a 503 for an unreachable database or a busy server; \
+a change answered 503 past its deadline (`http.request_timeout`) may still be made: read it back.
+
+Every operation is guarded (docs/operations.md, \"Exposing the admin server\"): a request head (target and headers) \
+over `http.max_header_bytes` is answered 431, a body over `http.max_body_bytes` 413, a request not answered within \
+`http.request_timeout` 503; an operation that reads the database answers 503 with `Retry-After: 1` when all \
+`http.max_connections` of the server's connections stayed taken for 1 s. Each names the key.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
@@ -39,7 +46,7 @@ A refused request (any 4xx) or a failed one (503) changes nothing.",
         http::remove_hold,
         http::list_receipts,
     ),
-    modifiers(&Bearer, &AtLeastOneKey),
+    modifiers(&Bearer, &AtLeastOneKey, &GuardAnswers),
     tags(
         (name = "probes", description = "Open: liveness, readiness, metrics, the status page, this document."),
         (name = "tenants", description = "A tenant's retention windows."),
@@ -81,6 +88,112 @@ impl Modify for AtLeastOneKey {
             }
         }
     }
+}
+
+/// The answers of [`http_limits::guard`], which stands in front of every route: 431, 413 and a
+/// 503 past the deadline on every operation, and the 503 of a busy server (with `Retry-After`)
+/// on those that use the database. An operation that already answers 503 (the database did
+/// not answer) gets the guard's causes added to its description.
+struct GuardAnswers;
+
+const HEAD_TOO_LARGE: &str = "The request's target and headers together are larger than \
+    `http.max_header_bytes` (16 KiB by default); no handler ran, nothing was changed.";
+const BODY_TOO_LARGE: &str = "The request body is larger than `http.max_body_bytes` (64 KiB by \
+    default), or was cut off; no handler ran, nothing was changed.";
+const PAST_DEADLINE: &str = "the request took longer than `http.request_timeout` (30 s by default)";
+const PAST_DEADLINE_CHANGING: &str = "the request took longer than `http.request_timeout` (30 s \
+    by default): a change it had begun may still be made, read it back";
+const BUSY: &str = "the server is busy: all `http.max_connections` of its database connections \
+    stayed taken for 1 s (`Retry-After: 1`; nothing was changed)";
+
+impl Modify for GuardAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let uses_database = !http_limits::without_database(path);
+            let operations = [
+                ("GET", &mut item.get),
+                ("PUT", &mut item.put),
+                ("POST", &mut item.post),
+                ("DELETE", &mut item.delete),
+                ("PATCH", &mut item.patch),
+                ("HEAD", &mut item.head),
+                ("OPTIONS", &mut item.options),
+                ("TRACE", &mut item.trace),
+            ];
+            for (method, operation) in operations {
+                let Some(operation) = operation else { continue };
+                let changes = !matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE");
+                let responses = &mut operation.responses.responses;
+                for (status, description) in [("413", BODY_TOO_LARGE), ("431", HEAD_TOO_LARGE)] {
+                    let previous =
+                        responses.insert(status.into(), RefOr::T(error_response(description)));
+                    assert!(
+                        previous.is_none(),
+                        "{method} {path} documents {status} itself"
+                    );
+                }
+                let mut causes = Vec::new();
+                let mut unavailable = match responses.remove("503") {
+                    Some(RefOr::T(response)) => {
+                        causes.push(response.description.trim_end_matches('.').to_string());
+                        response
+                    }
+                    Some(RefOr::Ref(_)) => panic!("{method} {path}: a 503 by reference"),
+                    None => error_response(""),
+                };
+                causes.push(
+                    if changes {
+                        PAST_DEADLINE_CHANGING
+                    } else {
+                        PAST_DEADLINE
+                    }
+                    .into(),
+                );
+                if uses_database {
+                    causes.push(BUSY.into());
+                    let retry_after = HeaderBuilder::new()
+                        .schema(Object::with_type(Type::Integer))
+                        .description(Some(
+                            "Seconds to wait before trying again: `1`, when the server is busy.",
+                        ))
+                        .build();
+                    unavailable
+                        .headers
+                        .insert("Retry-After".into(), retry_after);
+                }
+                unavailable.description = sentence(&causes);
+                // The guard answers JSON, also where the operation's own 503 is a page.
+                unavailable
+                    .content
+                    .entry("application/json".into())
+                    .or_insert_with(error_content);
+                responses.insert("503".into(), RefOr::T(unavailable));
+            }
+        }
+    }
+}
+
+/// A response of [`http::ErrorBody`] as JSON.
+fn error_response(description: &str) -> Response {
+    let mut response = Response::new(description);
+    response
+        .content
+        .insert("application/json".into(), error_content());
+    response
+}
+
+fn error_content() -> Content {
+    Content::new(Some(Ref::from_schema_name("ErrorBody")))
+}
+
+/// "A; or b; or c." from causes written as sentences' beginnings ("A", "b", "c").
+fn sentence(causes: &[String]) -> String {
+    let mut text = causes.join("; or ");
+    if let Some(first) = text.get(..1) {
+        text.replace_range(..1, &first.to_uppercase());
+    }
+    text.push('.');
+    text
 }
 
 /// The document as served and committed: pretty-printed JSON, ending in a newline.
