@@ -490,44 +490,92 @@ impl QueryShape for DryRun {
     const ALLOWED: &'static str = "dry_run=true|false (optional)";
 }
 
-/// The settings a PUT body asks for, all validated; `None` when the body has another shape.
-fn put_settings(payload: &Value) -> Option<Result<Vec<Setting>, RetentionError>> {
-    let object = payload.as_object()?;
-    if object.is_empty()
-        || object
-            .keys()
-            .any(|k| k != "data_retention_period" && k != "by_status")
-    {
-        return None;
+/// Why a PUT body was refused.
+enum PutRefusal {
+    /// Not of the shape [`PUT_SHAPE`] says: what is wrong with it.
+    Shape(String),
+    /// A window or a status that is not allowed.
+    Invalid(RetentionError),
+}
+
+/// The settings a PUT body asks for, all validated (at least one).
+fn put_settings(payload: &Value) -> Result<Vec<Setting>, PutRefusal> {
+    let shape = |what: String| Err(PutRefusal::Shape(what));
+    let Some(object) = payload.as_object() else {
+        return shape(format!("the body is {}, not an object", json_kind(payload)));
+    };
+    if object.is_empty() {
+        return shape("the body names no key".into());
     }
-    let window = |value: &Value| match value {
-        Value::String(text) => Some(text.clone()),
-        Value::Null => Some("forever".to_string()),
-        _ => None,
+    if let Some(key) = object
+        .keys()
+        .find(|k| *k != "data_retention_period" && *k != "by_status")
+    {
+        return shape(format!("unknown key {key:?}"));
+    }
+    let window = |name: &str, value: &Value| match value {
+        Value::String(text) => Ok(text.clone()),
+        Value::Null => Ok("forever".to_string()),
+        other => Err(PutRefusal::Shape(format!(
+            "{name} is {}, not a string or null",
+            json_kind(other)
+        ))),
     };
     let mut settings = Vec::new();
     if let Some(value) = object.get("data_retention_period") {
-        match Setting::parse(None, &window(value)?) {
-            Ok(setting) => settings.push(setting),
-            Err(error) => return Some(Err(error)),
-        }
+        let value = window("data_retention_period", value)?;
+        settings.push(Setting::parse(None, &value).map_err(PutRefusal::Invalid)?);
     }
     if let Some(by_status) = object.get("by_status") {
-        let by_status = by_status.as_object()?;
+        let Some(by_status) = by_status.as_object() else {
+            return shape(format!(
+                "by_status is {}, not an object",
+                json_kind(by_status)
+            ));
+        };
         if by_status.is_empty() {
-            return None;
+            return shape("by_status names no status".into());
         }
         for (status, value) in by_status {
-            let value = window(value)?;
+            let value = window(&format!("by_status.{status}"), value)?;
             let parsed = tenant_retention::parse_status(status)
                 .and_then(|s| Setting::parse(Some(s), &value));
-            match parsed {
-                Ok(setting) => settings.push(setting),
-                Err(error) => return Some(Err(error)),
-            }
+            settings.push(parsed.map_err(PutRefusal::Invalid)?);
         }
     }
-    Some(Ok(settings))
+    Ok(settings)
+}
+
+/// "a number", "an array", ... for refusals.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// What was wrong with a body that is not the JSON an operation reads, in its refusal's words:
+/// the content type, JSON's syntax, or (with a typed body) a field, as serde names it.
+fn body_problem(rejection: &JsonRejection) -> String {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => {
+            "the request's Content-Type is not application/json".to_string()
+        }
+        JsonRejection::JsonSyntaxError(err) => format!(
+            "the body is not JSON ({})",
+            err.body_text()
+                .trim_start_matches("Failed to parse the request body as JSON: ")
+        ),
+        JsonRejection::JsonDataError(err) => err
+            .body_text()
+            .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+            .to_string(),
+        other => other.body_text(),
+    }
 }
 
 /// Changes a tenant's windows (applied at the next `task-history` run), or with `dry_run=true`
@@ -557,13 +605,19 @@ pub async fn put_retention(
     ApiQuery(query): ApiQuery<DryRun>,
     payload: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let Ok(Json(payload)) = payload else {
-        return error(StatusCode::BAD_REQUEST, PUT_SHAPE);
+    let payload = match payload {
+        Ok(Json(payload)) => payload,
+        Err(rejection) => {
+            let problem = body_problem(&rejection);
+            return error(StatusCode::BAD_REQUEST, format!("{problem}; {PUT_SHAPE}"));
+        }
     };
     let settings = match put_settings(&payload) {
-        Some(Ok(settings)) if !settings.is_empty() => settings,
-        Some(Err(err)) => return failure(err),
-        _ => return error(StatusCode::BAD_REQUEST, PUT_SHAPE),
+        Ok(settings) => settings,
+        Err(PutRefusal::Invalid(err)) => return failure(err),
+        Err(PutRefusal::Shape(problem)) => {
+            return error(StatusCode::BAD_REQUEST, format!("{problem}; {PUT_SHAPE}"))
+        }
     };
     if query.dry_run {
         return match tenant_retention::preview(&state.pool, &id, &settings, state.preview).await {
@@ -765,8 +819,12 @@ pub async fn add_hold(
     State(state): State<AppState>,
     payload: Result<Json<HoldBody>, JsonRejection>,
 ) -> Response {
-    let Ok(Json(body)) = payload else {
-        return error(StatusCode::BAD_REQUEST, HOLD_SHAPE);
+    let body = match payload {
+        Ok(Json(body)) => body,
+        Err(rejection) => {
+            let problem = body_problem(&rejection);
+            return error(StatusCode::BAD_REQUEST, format!("{problem}; {HOLD_SHAPE}"));
+        }
     };
     let request = HoldRequest {
         tenant: body.tenant,

@@ -434,13 +434,14 @@ async fn relay(
 }
 
 /// What schemathesis (and reading the code after it) found, one request each: before the fixes
-/// these answered 503 (a NUL reaching PostgreSQL) or a plain-text 400 that the document does
-/// not describe. Each is now a JSON refusal that names what was wrong, and changes nothing.
+/// these answered 503 (a NUL reaching PostgreSQL), a plain-text 400 that the document does not
+/// describe, or (a body of another shape) a 400 that said what is allowed but not what was
+/// wrong. Each is now a JSON refusal that names what was wrong, and changes nothing.
 async fn refusals_found_by_fuzzing(port: u16, pool: &PgPool, hold: i64) {
     let bearer = format!("Bearer {TOKEN}");
     let auth = [("Authorization", bearer.as_str())];
     let before = snapshot(pool).await.unwrap();
-    let cases: [(&str, String, Option<&str>, u16, &str); 11] = [
+    let cases: [(&str, String, Option<&str>, u16, &str); 14] = [
         (
             "DELETE",
             format!("/api/v1/holds/{hold}?reason=a%00b"),
@@ -516,7 +517,29 @@ async fn refusals_found_by_fuzzing(port: u16, pool: &PgPool, hold: i64) {
             "/api/v1/tenants/acme/retention".into(),
             Some(r#"{"data_retention_period": "2h", "by_status": {}}"#),
             400,
-            "by_status naming at least one status",
+            "by_status names no status; the body must be JSON",
+        ),
+        // A body refused for its shape says what was wrong with it, then what is allowed.
+        (
+            "PUT",
+            "/api/v1/tenants/acme/retention".into(),
+            Some(r#"{"data_retention_period": "2h", "dry_run": true}"#),
+            400,
+            "unknown key \"dry_run\"; the body must be JSON {\"data_retention_period\"",
+        ),
+        (
+            "POST",
+            "/api/v1/holds".into(),
+            Some(r#"{"tenant": "acme"}"#),
+            400,
+            "missing field `reason` at line 1 column 18; the body must be JSON {\"tenant\"",
+        ),
+        (
+            "POST",
+            "/api/v1/holds".into(),
+            Some(r#"{"tenant": 7, "reason": "audit"}"#),
+            400,
+            "tenant: invalid type: integer `7`, expected a string",
         ),
     ];
     for (method, target, body, status, message) in cases {
