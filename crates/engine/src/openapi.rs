@@ -27,9 +27,10 @@ A refused request (any 4xx) changes nothing, nor does a 503 for an unreachable d
 a change answered 503 past its deadline (`http.request_timeout`) may still be made: read it back.
 
 Every operation is guarded (docs/operations.md, \"Exposing the admin server\"): a request head (target and headers) \
-over `http.max_header_bytes` is answered 431, a body over `http.max_body_bytes` 413, a request not answered within \
-`http.request_timeout` 503; an operation that reads the database answers 503 with `Retry-After: 1` when all \
-`http.max_connections` of the server's connections stayed taken for 1 s. Each names the key.",
+over `http.max_header_bytes` is answered 431, a body over `http.max_body_bytes` 413, a body cut off before its \
+declared end 400, a request not answered within `http.request_timeout` 503; an operation that reads the database \
+answers 503 with `Retry-After: 1` when all `http.max_connections` of the server's connections stayed taken for 1 s \
+(`/readyz`: when another readiness check holds its own). Each names the key.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
@@ -90,26 +91,29 @@ impl Modify for AtLeastOneKey {
     }
 }
 
-/// The answers of [`http_limits::guard`], which stands in front of every route: 431, 413 and a
-/// 503 past the deadline on every operation, and the 503 of a busy server (with `Retry-After`)
-/// on those that use the database. An operation that already answers 503 (the database did
-/// not answer) gets the guard's causes added to its description.
+/// The answers of [`http_limits::guard`], which stands in front of every route: 431, 413, a 400
+/// for a body cut off and a 503 past the deadline on every operation, and the 503 of a busy
+/// server (with `Retry-After`) on those that use the database. Where an operation answers 400
+/// or 503 itself, the guard's causes are added to the description.
 struct GuardAnswers;
 
 const HEAD_TOO_LARGE: &str = "The request's target and headers together are larger than \
     `http.max_header_bytes` (16 KiB by default); no handler ran, nothing was changed.";
 const BODY_TOO_LARGE: &str = "The request body is larger than `http.max_body_bytes` (64 KiB by \
-    default), or was cut off; no handler ran, nothing was changed.";
+    default); no handler ran, nothing was changed.";
+const CUT_OFF: &str = "the request body was cut off before its declared end (no handler ran, \
+    nothing was changed)";
 const PAST_DEADLINE: &str = "the request took longer than `http.request_timeout` (30 s by default)";
 const PAST_DEADLINE_CHANGING: &str = "the request took longer than `http.request_timeout` (30 s \
     by default): a change it had begun may still be made, read it back";
 const BUSY: &str = "the server is busy: all `http.max_connections` of its database connections \
     stayed taken for 1 s (`Retry-After: 1`; nothing was changed)";
+const READINESS_BUSY: &str = "another readiness check has been waiting on the database for 1 s \
+    (`Retry-After: 1`)";
 
 impl Modify for GuardAnswers {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         for (path, item) in openapi.paths.paths.iter_mut() {
-            let uses_database = !http_limits::without_database(path);
             let operations = [
                 ("GET", &mut item.get),
                 ("PUT", &mut item.put),
@@ -122,35 +126,28 @@ impl Modify for GuardAnswers {
             ];
             for (method, operation) in operations {
                 let Some(operation) = operation else { continue };
+                let what = format!("{method} {path}");
                 let changes = !matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE");
                 let responses = &mut operation.responses.responses;
                 for (status, description) in [("413", BODY_TOO_LARGE), ("431", HEAD_TOO_LARGE)] {
                     let previous =
                         responses.insert(status.into(), RefOr::T(error_response(description)));
-                    assert!(
-                        previous.is_none(),
-                        "{method} {path} documents {status} itself"
-                    );
+                    assert!(previous.is_none(), "{what} documents {status} itself");
                 }
-                let mut causes = Vec::new();
-                let mut unavailable = match responses.remove("503") {
-                    Some(RefOr::T(response)) => {
-                        causes.push(response.description.trim_end_matches('.').to_string());
-                        response
-                    }
-                    Some(RefOr::Ref(_)) => panic!("{method} {path}: a 503 by reference"),
-                    None => error_response(""),
+                add_cause(responses, "400", CUT_OFF, &what);
+                let deadline = if changes {
+                    PAST_DEADLINE_CHANGING
+                } else {
+                    PAST_DEADLINE
                 };
-                causes.push(
-                    if changes {
-                        PAST_DEADLINE_CHANGING
-                    } else {
-                        PAST_DEADLINE
-                    }
-                    .into(),
-                );
-                if uses_database {
-                    causes.push(BUSY.into());
+                add_cause(responses, "503", deadline, &what);
+                let busy = if path == http_limits::READINESS {
+                    READINESS_BUSY
+                } else {
+                    BUSY
+                };
+                if !http_limits::without_database(path) {
+                    let unavailable = add_cause(responses, "503", busy, &what);
                     let retry_after = HeaderBuilder::new()
                         .schema(Object::with_type(Type::Integer))
                         .description(Some(
@@ -161,16 +158,36 @@ impl Modify for GuardAnswers {
                         .headers
                         .insert("Retry-After".into(), retry_after);
                 }
-                unavailable.description = sentence(&causes);
-                // The guard answers JSON, also where the operation's own 503 is a page.
-                unavailable
-                    .content
-                    .entry("application/json".into())
-                    .or_insert_with(error_content);
-                responses.insert("503".into(), RefOr::T(unavailable));
             }
         }
     }
+}
+
+/// Adds `cause` to what the response with `status` says (making it if there is none), and the
+/// guard's JSON body to its content (also where the operation's own is a page).
+fn add_cause<'a>(
+    responses: &'a mut std::collections::BTreeMap<String, RefOr<Response>>,
+    status: &str,
+    cause: &str,
+    what: &str,
+) -> &'a mut Response {
+    let response = responses
+        .entry(status.to_string())
+        .or_insert_with(|| RefOr::T(error_response("")));
+    let RefOr::T(response) = response else {
+        panic!("{what}: a {status} by reference");
+    };
+    let mut causes: Vec<String> = Vec::new();
+    if !response.description.is_empty() {
+        causes.push(response.description.trim_end_matches('.').to_string());
+    }
+    causes.push(cause.to_string());
+    response.description = sentence(&causes);
+    response
+        .content
+        .entry("application/json".into())
+        .or_insert_with(error_content);
+    response
 }
 
 /// A response of [`http::ErrorBody`] as JSON.

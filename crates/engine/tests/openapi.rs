@@ -3,7 +3,8 @@
 //! an API fuzzer, finds every answer of a real `engine serve` (on its embedded PostgreSQL) in it:
 //! status codes, content types, headers and bodies, and no 5xx; without the token, with it, and
 //! with the API disabled; and the guard's answers (431 over `http.max_header_bytes` for every
-//! operation, 413 over `http.max_body_bytes`, 503 past `http.request_timeout`). A proxy between
+//! operation, 413 over `http.max_body_bytes`, 400 for a body cut off, 503 past
+//! `http.request_timeout`). A proxy between
 //! schemathesis and the engine snapshots the tenants, holds and receipts around every request: a
 //! refused request (4xx, 5xx), a GET or a dry run that changed them fails the test. A run passes
 //! only if schemathesis's JUnit report lists every operation as tested, and a document that
@@ -765,8 +766,9 @@ impl Answer {
 }
 
 /// Sends `head` and then `body` to the engine, waits `pause` in between (a body that trickles
-/// in), and reads the answer.
-fn exchange(port: u16, head: &str, body: &[u8], pause: Duration) -> Answer {
+/// in), closes the sending side after them if `then_close` (a body cut off), and reads the
+/// answer.
+fn exchange(port: u16, head: &str, body: &[u8], pause: Duration, then_close: bool) -> Answer {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream
@@ -776,6 +778,9 @@ fn exchange(port: u16, head: &str, body: &[u8], pause: Duration) -> Answer {
     std::thread::sleep(pause);
     // The server may answer, and close, before it has read the whole body.
     let _ = stream.write_all(body);
+    if then_close {
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+    }
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
     let response = String::from_utf8_lossy(&response).into_owned();
@@ -1097,7 +1102,7 @@ async fn every_answer_is_in_the_document_and_refusals_change_nothing() {
          {bearer}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    let answer = exchange(engine.port, &head, body.as_bytes(), Duration::ZERO);
+    let answer = exchange(engine.port, &head, body.as_bytes(), Duration::ZERO, false);
     assert_eq!(answer.status, 413, "{}", answer.body);
     assert!(
         answer.body.contains("http.max_body_bytes"),
@@ -1105,6 +1110,24 @@ async fn every_answer_is_in_the_document_and_refusals_change_nothing() {
         answer.body
     );
     assert_documented(&document, "PUT", "/api/v1/tenants/{id}/retention", &answer);
+    // A body cut off before its declared length: 400, even where no body is read.
+    for (method, target, route) in [
+        (
+            "PUT",
+            "/api/v1/tenants/acme/retention",
+            "/api/v1/tenants/{id}/retention",
+        ),
+        ("GET", "/healthz", "/healthz"),
+    ] {
+        let head = format!(
+            "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{bearer}\r\n\
+             Content-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+        );
+        let answer = exchange(engine.port, &head, b"{", Duration::ZERO, true);
+        assert_eq!(answer.status, 400, "{method} {target}: {}", answer.body);
+        assert!(answer.body.contains("cut off"), "{}", answer.body);
+        assert_documented(&document, method, route, &answer);
+    }
     assert_eq!(
         snapshot(&pool).await.unwrap(),
         before,
@@ -1168,7 +1191,7 @@ async fn every_answer_is_in_the_document_and_refusals_change_nothing() {
     // documented.
     let head = "PUT /api/v1/tenants/acme/retention HTTP/1.1\r\nHost: localhost\r\n\
                 Connection: close\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n";
-    let answer = exchange(engine.port, head, b"{", Duration::from_secs(3));
+    let answer = exchange(engine.port, head, b"{", Duration::from_secs(3), false);
     assert_eq!(answer.status, 503, "{}", answer.body);
     assert!(
         answer.body.contains("http.request_timeout"),
