@@ -98,7 +98,9 @@ impl Modify for AtLeastOneKey {
 struct GuardAnswers;
 
 const HEAD_TOO_LARGE: &str = "The request's target and headers together are larger than \
-    `http.max_header_bytes` (16 KiB by default); no handler ran, nothing was changed.";
+    `http.max_header_bytes` (16 KiB by default); no handler ran, nothing was changed. (A head \
+    larger than the server's read buffer, from 264 KiB on, may be refused by the HTTP layer \
+    itself: 431 with no body.)";
 const BODY_TOO_LARGE: &str = "The request body is larger than `http.max_body_bytes` (64 KiB by \
     default); no handler ran, nothing was changed.";
 const CUT_OFF: &str = "the request body was cut off before its declared end (no handler ran, \
