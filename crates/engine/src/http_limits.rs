@@ -20,6 +20,8 @@ use crate::settings::HttpSettings;
 
 /// How long a request waits for one of the database slots before it is turned away.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// The route with a slot (and a connection) of its own.
+pub const READINESS: &str = "/readyz";
 
 #[derive(Clone)]
 struct Limits {
@@ -55,8 +57,9 @@ pub fn guard(router: Router, settings: &HttpSettings) -> Router {
 }
 
 /// Routes that answer from the process alone, without the database: never queued behind the
-/// page or the API, so liveness and scrapes answer under any load.
-fn without_database(path: &str) -> bool {
+/// page or the API, so liveness and scrapes answer under any load. (The OpenAPI document says
+/// which routes can be answered "busy" from this, see [`crate::openapi`].)
+pub fn without_database(path: &str) -> bool {
     matches!(path, "/healthz" | "/metrics" | "/api/v1/openapi.json")
 }
 
@@ -127,7 +130,7 @@ async fn database_slot(State(limits): State<Limits>, request: Request, next: Nex
     if without_database(request.uri().path()) {
         return next.run(request).await;
     }
-    let readiness = request.uri().path() == "/readyz";
+    let readiness = request.uri().path() == READINESS;
     let slots = if readiness {
         &limits.readiness_slot
     } else {

@@ -10,6 +10,7 @@ mod http;
 mod http_limits;
 mod http_listener;
 mod logging;
+mod openapi;
 mod output;
 mod payload;
 mod progress;

@@ -435,7 +435,9 @@ pub async fn receipts(
     let receipts = receipts?;
     for receipt in &receipts {
         if json {
-            output::line(crate::hold::receipt_json(receipt))?;
+            output::line(
+                serde_json::to_string(&crate::hold::receipt_json(receipt)).expect("serializable"),
+            )?;
         } else {
             output::line(crate::hold::describe_receipt(receipt))?;
         }

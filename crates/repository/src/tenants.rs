@@ -111,6 +111,10 @@ impl From<TenantRow> for Tenant {
 
 /// The tenant whose id or slug is `key` (an id wins when `key` parses as one).
 pub async fn find(executor: impl PgExecutor<'_>, key: &str) -> Result<Option<Tenant>, sqlx::Error> {
+    // No slug holds a NUL (PostgreSQL's text cannot), and binding one fails the statement.
+    if key.contains('\0') {
+        return Ok(None);
+    }
     let id = Uuid::parse_str(key).ok();
     let row = sqlx::query_as!(
         TenantRow,

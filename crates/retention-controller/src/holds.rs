@@ -17,6 +17,8 @@ pub enum HoldError {
     UnknownTask { tenant: String, task: Uuid },
     #[error("a hold needs a reason: say why (for whoever reads it later)")]
     NoReason,
+    #[error("invalid {0}: it contains a NUL character (\\u0000), which PostgreSQL's text cannot hold; allowed: any other text")]
+    NulCharacter(&'static str),
     #[error("invalid until {0:?}: allowed: an instant in RFC 3339 (2027-01-31T12:00:00Z) or a date (2027-01-31, midnight UTC)")]
     InvalidUntil(String),
     #[error("until {until} is not in the future (the database's clock says {now}): a hold must end later than now, or never")]
@@ -83,6 +85,9 @@ pub fn parse_until(value: &str) -> Result<DateTime<Utc>, HoldError> {
 
 /// Checks what can be checked without the database.
 pub fn check(request: &HoldRequest) -> Result<(), HoldError> {
+    if request.reason.contains('\0') {
+        return Err(HoldError::NulCharacter("reason"));
+    }
     if request.reason.trim().is_empty() {
         return Err(HoldError::NoReason);
     }
@@ -159,6 +164,9 @@ pub async fn remove(
     by: &str,
     reason: Option<&str>,
 ) -> Result<Hold, HoldError> {
+    if reason.is_some_and(|r| r.contains('\0')) {
+        return Err(HoldError::NulCharacter("reason"));
+    }
     match holds::remove(
         pool,
         id,
@@ -244,6 +252,13 @@ mod tests {
                 ..ok.clone()
             }),
             Err(HoldError::NoReason)
+        );
+        assert_eq!(
+            check(&HoldRequest {
+                reason: "a\0b".into(),
+                ..ok.clone()
+            }),
+            Err(HoldError::NulCharacter("reason"))
         );
         assert_eq!(
             check(&HoldRequest {
