@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
-use axum::http::{header, request::Parts, StatusCode};
+use axum::http::{header, request::Parts, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -62,7 +62,41 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(status_page))
         .route("/api/v1/openapi.json", get(openapi_document))
         .merge(api)
+        .fallback(no_such_path)
+        .method_not_allowed_fallback(no_such_method)
         .with_state(state)
+}
+
+/// A path the server does not have: the API's JSON error, naming it (axum's own is empty).
+async fn no_such_path(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such path: {method} {}; the paths are /, /healthz, /readyz, /metrics and the API's in /api/v1/openapi.json",
+            uri.path()
+        ),
+    )
+}
+
+/// A method a path does not take (axum adds the `Allow` header naming those it does).
+async fn no_such_method(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} does not take {method}; the Allow header names the methods it takes",
+            uri.path()
+        ),
+    )
+}
+
+/// An operation without query parameters: one given is refused, not ignored (a `?dry_run=true`
+/// on a POST would otherwise go through as a real change).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
+
+impl QueryShape for NoQuery {
+    const ALLOWED: &'static str = "no query parameters";
 }
 
 /// `{"status": "ok"}`.
@@ -355,6 +389,7 @@ const TENANT_KEY: &str = "The tenant's id (a UUID) or slug.";
 pub async fn get_retention(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    _: ApiQuery<NoQuery>,
 ) -> Response {
     match tenant_retention::get(&state.pool, &id).await {
         Ok(tenant) => Json(crate::tenant::body(&tenant)).into_response(),
@@ -735,7 +770,11 @@ fn hold_id(id: &str) -> Result<i64, String> {
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
     )
 )]
-pub async fn get_hold(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
+pub async fn get_hold(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    _: ApiQuery<NoQuery>,
+) -> Response {
     let id = match hold_id(&id) {
         Ok(id) => id,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
@@ -817,6 +856,7 @@ fn instant_or_date() -> utoipa::openapi::schema::Schema {
 )]
 pub async fn add_hold(
     State(state): State<AppState>,
+    _: ApiQuery<NoQuery>,
     payload: Result<Json<HoldBody>, JsonRejection>,
 ) -> Response {
     let body = match payload {

@@ -1,7 +1,7 @@
 //! The admin API's OpenAPI 3.1 document, generated from the handlers' `#[utoipa::path]`
 //! attributes and the types they answer with: served at `GET /api/v1/openapi.json` and committed
 //! as `docs/openapi.json` (a test fails when the two differ; `ENGINE_WRITE_OPENAPI=1 cargo test
-//! -p engine openapi` rewrites the file).
+//! -p engine --bin engine openapi` rewrites the file).
 
 use std::sync::LazyLock;
 
