@@ -379,9 +379,6 @@ const TENANT_KEY: &str = "The tenant's id (a UUID) or slug.";
     responses(
         (status = 200, description = "The tenant's windows.", body = TenantRetention),
         (status = 400, description = "The path is not valid UTF-8 once percent-decoded.", body = ErrorBody),
-        (status = 401, description = UNAUTHORIZED, body = ErrorBody,
-            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = FORBIDDEN, body = ErrorBody),
         (status = 404, description = "No tenant with that id or slug.", body = ErrorBody),
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
     )
@@ -397,9 +394,6 @@ pub async fn get_retention(
     }
 }
 
-const UNAUTHORIZED: &str =
-    "No `Authorization: Bearer <http.admin_token>` header, or another token.";
-const FORBIDDEN: &str = "The admin API is disabled: `http.admin_token` is not set.";
 const UNAVAILABLE: &str = "The database did not answer (nothing was changed).";
 
 const PUT_SHAPE: &str = r#"the body must be JSON {"data_retention_period": <window>, "by_status": {"succeeded"|"failed"|"cancelled": <window> | "default"}}, with either key or both (by_status naming at least one status); a window is a duration from 1h to 100years, "forever" or null (forever)"#;
@@ -627,9 +621,6 @@ fn body_problem(rejection: &JsonRejection) -> String {
             body = RetentionAnswer),
         (status = 400, description = "The body, a window or the query string is not as allowed (the message says what is); nothing was changed.",
             body = ErrorBody),
-        (status = 401, description = UNAUTHORIZED, body = ErrorBody,
-            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = FORBIDDEN, body = ErrorBody),
         (status = 404, description = "No tenant with that id or slug.", body = ErrorBody),
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
     )
@@ -723,9 +714,6 @@ pub struct HoldList {
     responses(
         (status = 200, description = "The holds, newest first.", body = HoldList),
         (status = 400, description = "The query string is not as allowed.", body = ErrorBody),
-        (status = 401, description = UNAUTHORIZED, body = ErrorBody,
-            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = FORBIDDEN, body = ErrorBody),
         (status = 404, description = "No tenant with that id or slug.", body = ErrorBody),
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
     )
@@ -763,9 +751,6 @@ fn hold_id(id: &str) -> Result<i64, String> {
     responses(
         (status = 200, description = "The hold.", body = HoldJson),
         (status = 400, description = "The id is not an integer.", body = ErrorBody),
-        (status = 401, description = UNAUTHORIZED, body = ErrorBody,
-            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = FORBIDDEN, body = ErrorBody),
         (status = 404, description = "No hold with that id.", body = ErrorBody),
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
     )
@@ -846,9 +831,6 @@ fn instant_or_date() -> utoipa::openapi::schema::Schema {
         (status = 201, description = "The hold, in force.", body = HoldJson),
         (status = 400, description = "The body is not as allowed (the message says what is), or `until` is not in the future; nothing was added.",
             body = ErrorBody),
-        (status = 401, description = UNAUTHORIZED, body = ErrorBody,
-            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = FORBIDDEN, body = ErrorBody),
         (status = 404, description = "No tenant with that id or slug, or the tenant has no task with that id; nothing was added.",
             body = ErrorBody),
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
@@ -903,9 +885,6 @@ impl QueryShape for RemoveQuery {
         (status = 200, description = "The hold, removed.", body = HoldJson),
         (status = 400, description = "The id is not an integer, or the query string is not as allowed; nothing was changed.",
             body = ErrorBody),
-        (status = 401, description = UNAUTHORIZED, body = ErrorBody,
-            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = FORBIDDEN, body = ErrorBody),
         (status = 404, description = "No hold with that id.", body = ErrorBody),
         (status = 409, description = "The hold was already removed; nothing was changed.", body = ErrorBody),
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
@@ -985,9 +964,6 @@ pub struct ReceiptList {
     responses(
         (status = 200, description = "The receipts, oldest first (by when each was first written).", body = ReceiptList),
         (status = 400, description = "A query parameter is not as allowed (the message says what is).", body = ErrorBody),
-        (status = 401, description = UNAUTHORIZED, body = ErrorBody,
-            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = FORBIDDEN, body = ErrorBody),
         (status = 404, description = "No tenant with that id or slug.", body = ErrorBody),
         (status = 503, description = UNAVAILABLE, body = ErrorBody),
     )

@@ -57,8 +57,13 @@ answers 503 with `Retry-After: 1` when all `http.max_connections` of the server'
 )]
 struct ApiDoc;
 
-/// The `bearer` security scheme the protected operations name.
+/// The `bearer` security scheme the protected operations name, and what `require_token`
+/// answers on each of them: 401 (no or another token) and 403 (the API disabled).
 struct Bearer;
+
+const UNAUTHORIZED: &str =
+    "No `Authorization: Bearer <http.admin_token>` header, or another token.";
+const FORBIDDEN: &str = "The admin API is disabled: `http.admin_token` is not set.";
 
 impl Modify for Bearer {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -72,6 +77,35 @@ impl Modify for Bearer {
                     .build(),
             ),
         );
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let secured = operation
+                    .security
+                    .as_ref()
+                    .is_some_and(|all| !all.is_empty());
+                if !secured {
+                    continue;
+                }
+                let mut unauthorized = error_response(UNAUTHORIZED);
+                unauthorized.headers.insert(
+                    "WWW-Authenticate".into(),
+                    HeaderBuilder::new()
+                        .schema(Object::with_type(Type::String))
+                        .description(Some("`Bearer`"))
+                        .build(),
+                );
+                let responses = &mut operation.responses.responses;
+                responses.insert("401".into(), RefOr::T(unauthorized));
+                responses.insert("403".into(), RefOr::T(error_response(FORBIDDEN)));
+            }
+        }
     }
 }
 
