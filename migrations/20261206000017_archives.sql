@@ -66,3 +66,23 @@ CREATE TABLE retention_archived_tasks (
     PRIMARY KEY (task_id, task_inserted_at)
 );
 CREATE INDEX retention_archived_tasks_archive_idx ON retention_archived_tasks (archive_id);
+
+-- An archive committed makes its tasks due: a change of the rules, like a tenant's windows. A
+-- rewrite that copied before it does not swap after it (the version moved), and the facts look
+-- at the tenant's ranges again (a pair visited while its rows waited is visited again).
+CREATE FUNCTION retention_log_archived() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    changed bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(retention_rules_lock_key());
+    UPDATE retention_rules SET version = version + 1 RETURNING version INTO changed;
+    INSERT INTO history_changes (relid, op, tenant_id)
+        SELECT DISTINCT 0, 'T', a.tenant_id FROM added n JOIN retention_archives a ON a.id = n.archive_id;
+    INSERT INTO retention_rule_changes (version, tenant_id)
+        SELECT DISTINCT changed, a.tenant_id FROM added n JOIN retention_archives a ON a.id = n.archive_id;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER retention_archived_tasks_added AFTER INSERT ON retention_archived_tasks
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION retention_log_archived();

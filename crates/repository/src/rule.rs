@@ -13,6 +13,8 @@
 //!   than [`ORPHAN_AGE`] before `now` (its task may not be committed yet).
 //! * **Queue items** ([`Rule::queue_item_due`]): an item whose tenant has `deleted_at` set, or
 //!   whose task does not exist or is final.
+//! * **Archives** ([`Rule::archive_pending`]): a task of a tenant that archives its status is
+//!   due only once a written archive holds it.
 //! * **Holds** ([`Rule::held`]) override all three: nothing of a tenant a hold covers, and nothing
 //!   of a task with an id a hold names, while the hold is in force (not removed, `until` not
 //!   passed at `now`).
@@ -106,7 +108,33 @@ impl Rule {
         .then(self.cutoff(&format!("{t}.status"), tn))
         .push(" END, false) AND NOT ")
         .then(self.held(&format!("{t}.tenant_id"), &format!("{t}.id")))
+        .push(" AND NOT ")
+        .then(self.archive_pending(t))
         .push(")")
+    }
+
+    /// Whether task `t` (with `id`, `tenant_id`, `status`, `inserted_at`) waits for its archive:
+    /// its tenant archives tasks of its status (`tenants.archive_statuses`; a deleted tenant
+    /// only with `archive_deleted`) and no written archive holds it yet
+    /// (`retention_archived_tasks`). Until one does, the task is not due, on every path. Read
+    /// from the live `tenants` whatever `tn` stands for (a preview's or a rewrite's recorded
+    /// windows have no archive columns); an archive committed moves the rules' version, so a
+    /// rewrite that copied before it does not swap after it. The archiving tenants are an
+    /// uncorrelated init plan: another tenant's row pays one array lookup. Never NULL (an
+    /// unknown answer is "waits").
+    pub fn archive_pending(&self, t: &str) -> Fragment {
+        if testing::archive_check_broken() {
+            return Fragment::text("false");
+        }
+        Fragment::text(format!(
+            "coalesce(CASE WHEN {t}.tenant_id = ANY (ARRAY (SELECT atn.id FROM tenants atn
+                                                   WHERE cardinality(atn.archive_statuses) > 0
+                                                     AND (atn.deleted_at IS NULL OR atn.archive_deleted)))
+                          THEN (SELECT atn.archive_statuses @> ARRAY[{t}.status::text] FROM tenants atn WHERE atn.id = {t}.tenant_id)
+                               AND NOT EXISTS (SELECT 1 FROM retention_archived_tasks ra
+                                               WHERE ra.task_id = {t}.id AND ra.task_inserted_at = {t}.inserted_at)
+                          ELSE false END, true)"
+        ))
     }
 
     /// Whether tenant `tn` was deleted longer ago than the grace (every task of it is then due,
@@ -341,6 +369,28 @@ pub mod testing {
     #[cfg(feature = "testing")]
     pub fn break_the_hold_check(broken: bool) {
         HOLD_CHECK_BROKEN.store(broken, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[cfg(feature = "testing")]
+    static ARCHIVE_CHECK_BROKEN: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+
+    /// Makes [`super::Rule::archive_pending`] say "archived" for everything, to show that each
+    /// path's archive check is that one. Only in builds with the `testing` feature.
+    #[cfg(feature = "testing")]
+    pub fn break_the_archive_check(broken: bool) {
+        ARCHIVE_CHECK_BROKEN.store(broken, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(super) fn archive_check_broken() -> bool {
+        #[cfg(feature = "testing")]
+        {
+            ARCHIVE_CHECK_BROKEN.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "testing"))]
+        {
+            false
+        }
     }
 
     pub(super) fn hold_check_broken() -> bool {

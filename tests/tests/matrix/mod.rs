@@ -56,6 +56,8 @@ pub struct Tenants {
     pub dph: Uuid,
     pub f: Uuid,
     pub u: Uuid,
+    /// Archives its failed tasks (windows as `a`'s, but 2 days for every status).
+    pub ar: Uuid,
 }
 
 /// What was seeded, with the fates.
@@ -90,7 +92,14 @@ pub async fn tenants(pool: &PgPool, now: DateTime<Utc>) -> Tenants {
     let dp = insert_tenant(pool, None, Some(now - Span::hours(25))).await;
     let dph = insert_tenant(pool, None, Some(now - Span::hours(25))).await;
     let f = insert_tenant(pool, None, None).await;
+    let ar = insert_tenant(pool, Some("2 days"), None).await;
+    sqlx::query("UPDATE tenants SET archive_statuses = '{failed}' WHERE id = $1")
+        .bind(ar)
+        .execute(pool)
+        .await
+        .unwrap();
     Tenants {
+        ar,
         a,
         h,
         dg,
@@ -105,6 +114,30 @@ pub async fn hold(pool: &PgPool, tenant: Uuid, task: Option<Uuid>) {
     sqlx::query("INSERT INTO retention_holds (tenant_id, task_id, reason, created_by) VALUES ($1, $2, 'matrix', 'test')")
         .bind(tenant)
         .bind(task)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Records `task` as held by a written archive of `tenant` (a manifest row of its own).
+pub async fn archive(pool: &PgPool, tenant: Uuid, task: TaskKey) {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO retention_archives (object_key, tenant_id, first_day, last_day, run_id, part, state,
+                                         tasks, bytes, sha256, schema_version, written_at)
+         VALUES ('archive/' || $1::text || '/' || $2::text || '.parquet', $1, $3::date, $3::date,
+                 gen_random_uuid(), 0, 'written', 1, 100, 'sha', 1, now())
+         RETURNING id",
+    )
+    .bind(tenant)
+    .bind(task.0)
+    .bind(task.1)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO retention_archived_tasks (task_id, task_inserted_at, archive_id) VALUES ($1, $2, $3)")
+        .bind(task.0)
+        .bind(task.1)
+        .bind(id)
         .execute(pool)
         .await
         .unwrap();
@@ -291,6 +324,7 @@ impl Matrix {
             .await;
         hold(pool, t.a, Some(held_task.0)).await;
         self.deleted_tenants_tasks(pool, now, at, t).await;
+        self.archiving_tenant_tasks(pool, now, at, t.ar).await;
         self.task(
             pool,
             at,
@@ -305,6 +339,57 @@ impl Matrix {
             "no tenant row: succeeded long ago",
         )
         .await;
+    }
+
+    /// Seeds the task rows of `tenant`, which archives its failed tasks, in the range of `at`:
+    /// a failed task past its window goes only once an archive holds it; a succeeded one goes
+    /// without; an archive lets nothing go before its window.
+    pub async fn archiving_tenant_tasks(
+        &mut self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+        at: DateTime<Utc>,
+        tenant: Uuid,
+    ) {
+        let past = Some(now - Span::days(2) - MINUTE);
+        self.task(
+            pool,
+            at,
+            row(tenant, "failed", past, false, true),
+            "archiving tenant: failed past its window, not archived",
+        )
+        .await;
+        let archived = self
+            .task(
+                pool,
+                at,
+                row(tenant, "failed", past, true, true),
+                "archiving tenant: failed past its window, archived",
+            )
+            .await;
+        archive(pool, tenant, archived).await;
+        self.task(
+            pool,
+            at,
+            row(tenant, "succeeded", past, true, true),
+            "archiving tenant: succeeded past its window (not a status it archives)",
+        )
+        .await;
+        let young = self
+            .task(
+                pool,
+                at,
+                row(
+                    tenant,
+                    "failed",
+                    Some(now - Span::days(2) + MINUTE),
+                    false,
+                    true,
+                ),
+                "archiving tenant: failed within its window, archived",
+            )
+            .await;
+        archive(pool, tenant, young).await;
     }
 
     /// Seeds the deleted tenants' task rows in the range of `at`.
@@ -522,6 +607,14 @@ impl Matrix {
     }
 
     /// Whether every violation is a row a hold covers, deleted.
+    /// Whether the violations are the archiving tenant's task waiting for its archive, deleted
+    /// (the task among them), and what goes with it.
+    pub fn only_unarchived_rows_deleted(violations: &[String]) -> bool {
+        const TASK: &str =
+            "deleted (to keep): archiving tenant: failed past its window, not archived";
+        violations.iter().any(|v| v == TASK) && violations.iter().all(|v| v.starts_with(TASK))
+    }
+
     pub fn only_held_rows_deleted(violations: &[String]) -> bool {
         violations.iter().all(|v| {
             v.starts_with("deleted (to keep): held")
