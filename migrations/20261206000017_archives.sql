@@ -86,3 +86,7 @@ $$;
 CREATE TRIGGER retention_archived_tasks_added AFTER INSERT ON retention_archived_tasks
     REFERENCING NEW TABLE AS added
     FOR EACH STATEMENT EXECUTE FUNCTION retention_log_archived();
+
+-- The archiving's walk: a tenant's tasks in (inserted_at, id) order from a cursor, so each chunk
+-- reads only its own rows whatever the backlog.
+CREATE INDEX tasks_tenant_archive_idx ON tasks (tenant_id, inserted_at, id);

@@ -94,6 +94,16 @@ impl Rule {
     /// `failed_retention_period`, `cancelled_retention_period`): the `tenants` table, or anything
     /// with its columns (a preview's proposed windows, a rewrite's recorded ones). Never NULL.
     pub fn task_due(&self, t: &str, tn: &str) -> Fragment {
+        Fragment::text("(")
+            .then(self.task_due_unless_archiving(t, tn))
+            .push(" AND NOT ")
+            .then(self.archive_pending(t))
+            .push(")")
+    }
+
+    /// [`Rule::task_due`] but for the archive check: what the archiving writes (a task due by its
+    /// window, not held), before its archive lets it go.
+    pub fn task_due_unless_archiving(&self, t: &str, tn: &str) -> Fragment {
         Fragment::text(format!(
             "(coalesce(CASE WHEN {tn}.id IS NULL THEN false
                            WHEN {tn}.deleted_at IS NOT NULL THEN {tn}.deleted_at < "
@@ -108,8 +118,6 @@ impl Rule {
         .then(self.cutoff(&format!("{t}.status"), tn))
         .push(" END, false) AND NOT ")
         .then(self.held(&format!("{t}.tenant_id"), &format!("{t}.id")))
-        .push(" AND NOT ")
-        .then(self.archive_pending(t))
         .push(")")
     }
 

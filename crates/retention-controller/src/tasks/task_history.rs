@@ -54,6 +54,9 @@ pub struct TaskHistoryTask {
     /// The measured costs, and when they were read: they move slowly, so a run reads them at
     /// most every few minutes.
     costs: std::sync::Mutex<Option<(Costs, std::time::Instant)>>,
+    /// Where archiving tenants' runs are written before they may go (`storage.url`); none: an
+    /// archiving tenant's tasks wait (the rule keeps them until an archive holds them).
+    archive_storage: Option<std::sync::Arc<crate::storage::Storage>>,
 }
 
 /// How long measured costs are used before they are read again.
@@ -119,6 +122,7 @@ impl TaskHistoryTask {
             compaction_lock_timeout: crate::settings::DEFAULT_HISTORY_LOCK_TIMEOUT,
             log_window: crate::settings::DEFAULT_LOG_MAX_AGE,
             costs: Default::default(),
+            archive_storage: None,
         }
     }
 
@@ -131,6 +135,49 @@ impl TaskHistoryTask {
     }
 
     /// Every range's events are swept for late orphans this often (`retention.queue_items.sweep_interval`).
+    /// Archives go to `storage` (see [`crate::archive`]).
+    pub fn with_archive_storage(self, storage: std::sync::Arc<crate::storage::Storage>) -> Self {
+        TaskHistoryTask {
+            archive_storage: Some(storage),
+            ..self
+        }
+    }
+
+    /// The archiving tenants' due tasks written to their archives, before anything is deleted.
+    async fn archive_due(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
+        let Some(storage) = &self.archive_storage else {
+            return Ok(());
+        };
+        let rule = ctx.rule(self.settings.deleted_tenant_grace);
+        let interrupted = || ctx.interrupted().is_some();
+        match crate::archive::archive_due(
+            &ctx.pool,
+            storage,
+            &rule,
+            ctx.run_id,
+            crate::archive::ArchiveLimits::default(),
+            &interrupted,
+        )
+        .await
+        {
+            Ok(archived) => {
+                report.count("archive files written", archived.files);
+                report.count("tasks archived", archived.tasks);
+                report.count("archive bytes written", archived.bytes);
+                if !archived.keys.is_empty() {
+                    tracing::info!(files = archived.files, tasks = archived.tasks, bytes = archived.bytes, keys = ?archived.keys, "archived");
+                }
+                Ok(())
+            }
+            // The rest of the run goes on: what waits for its archive stays, by the rule.
+            Err(error) => {
+                tracing::warn!(%error, "archiving failed; the tasks waiting for their archive stay until a run archives them");
+                report.count("archive failures", 1);
+                Ok(())
+            }
+        }
+    }
+
     pub fn with_orphan_sweep_interval(self, interval: Duration) -> Self {
         TaskHistoryTask {
             orphan_sweep_interval: interval,
@@ -881,6 +928,7 @@ impl MaintenanceTask for TaskHistoryTask {
 
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let mut report = RunReport::default();
+        self.archive_due(ctx, &mut report).await?;
         // The due rows get most of the run; the orphan walk keeps the rest, so that a purge that
         // reaches its deadline does not starve it.
         self.purge_due(&ctx.narrowed(PURGE_SHARE), &mut report)

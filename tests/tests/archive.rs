@@ -1,0 +1,232 @@
+//! Archive before delete, end to end: a task-history run writes an archiving tenant's due runs
+//! to Parquet files in the store, records them, and only then deletes them; DuckDB reads the
+//! files back and finds exactly the runs the database says were archived, none twice. A store
+//! that refuses leaves every waiting run in place, and other tenants' due runs still go.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Arc;
+
+use chrono::Duration as Span;
+use common::*;
+use retention_controller::settings::TaskHistorySettings;
+use retention_controller::storage::{Storage, StorageSettings};
+use retention_controller::tasks::task_history::TaskHistoryTask;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// `pay` archives its failed runs; `other` archives nothing. Both keep 2 days.
+struct Seeded {
+    pay: Uuid,
+    other: Uuid,
+    /// `pay`'s failed tasks past their window (two days of them): to be archived, then deleted.
+    archived: BTreeSet<Uuid>,
+    /// `pay`'s failed tasks within their window: kept, not archived.
+    young: BTreeSet<Uuid>,
+}
+
+async fn seed(pool: &PgPool) -> Seeded {
+    let now = db_now(pool).await;
+    let pay = insert_tenant(pool, Some("2 days"), None).await;
+    let other = insert_tenant(pool, Some("2 days"), None).await;
+    sqlx::query("UPDATE tenants SET archive_statuses = '{failed}' WHERE id = $1")
+        .bind(pay)
+        .execute(pool)
+        .await
+        .unwrap();
+    let day1 = day_start(a_past_day(pool).await) + Span::hours(3);
+    let day2 = day1 + Span::days(1);
+    create_day(pool, day2.date_naive()).await;
+    let mut archived = BTreeSet::new();
+    for (i, at) in [(0, day1), (1, day2)] {
+        for n in 0..15 {
+            let key = insert_task(
+                pool,
+                pay,
+                "failed",
+                at + Span::minutes(n),
+                Some(now - Span::days(3)),
+            )
+            .await;
+            for e in 0..(n % 3) {
+                insert_event(pool, pay, key, at + Span::minutes(e)).await;
+            }
+            sqlx::query("INSERT INTO task_logs (tenant_id, task_id, task_inserted_at, level, line) VALUES ($1, $2, $3, 'error', $4)")
+                .bind(pay).bind(key.0).bind(key.1).bind(format!("declined {i}-{n}"))
+                .execute(pool).await.unwrap();
+            sqlx::query("INSERT INTO task_payloads (tenant_id, task_id, task_inserted_at, kind, location, inline_content, size_bytes) VALUES ($1, $2, $3, 'input', 'inline', '\\x00ff', 2)")
+                .bind(pay).bind(key.0).bind(key.1)
+                .execute(pool).await.unwrap();
+            archived.insert(key.0);
+        }
+    }
+    for n in 0..5 {
+        insert_task(
+            pool,
+            pay,
+            "succeeded",
+            day1 + Span::minutes(n),
+            Some(now - Span::days(3)),
+        )
+        .await;
+        insert_task(
+            pool,
+            other,
+            "failed",
+            day1 + Span::minutes(n),
+            Some(now - Span::days(3)),
+        )
+        .await;
+    }
+    let mut young = BTreeSet::new();
+    for n in 0..3 {
+        young.insert(
+            insert_task(
+                pool,
+                pay,
+                "failed",
+                day1 + Span::minutes(n),
+                Some(now - Span::days(1)),
+            )
+            .await
+            .0,
+        );
+    }
+    Seeded {
+        pay,
+        other,
+        archived,
+        young,
+    }
+}
+
+async fn tasks_of(pool: &PgPool, tenant: Uuid, status: &str) -> BTreeSet<Uuid> {
+    sqlx::query_scalar("SELECT id FROM tasks WHERE tenant_id = $1 AND status = $2")
+        .bind(tenant)
+        .bind(status)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn history(storage: Arc<Storage>) -> TaskHistoryTask {
+    TaskHistoryTask::new(TaskHistorySettings::default()).with_archive_storage(storage)
+}
+
+/// DuckDB over every file under `dir`: each task id with its event and log counts.
+fn duckdb_tasks(dir: &std::path::Path) -> Vec<(String, i64, i64, i64)> {
+    let script = format!(
+        "import duckdb, json, os\nos.chdir({:?})\nrows = duckdb.sql(\"SELECT task_id, len(events), len(logs), len(payloads) FROM 'archive/**/*.parquet' ORDER BY task_id\").fetchall()\nprint(json.dumps(rows))",
+        dir.display().to_string()
+    );
+    let output = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "DuckDB failed (pip install duckdb==1.4.2; .ci/run does): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn due_runs_of_an_archiving_tenant_go_only_after_their_archive_and_duckdb_reads_it() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let s = seed(pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = StorageSettings {
+        url: Some(format!("file://{}", dir.path().join("objects").display())),
+        ..Default::default()
+    };
+    let storage = Arc::new(Storage::open(&settings, dir.path()).unwrap());
+
+    let report = run_task(&history(storage), pool).await;
+
+    // Deleted: the archived failed runs, the succeeded ones (not archived), the other tenant's.
+    assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young, "{report:?}");
+    assert!(tasks_of(pool, s.pay, "succeeded").await.is_empty());
+    assert!(tasks_of(pool, s.other, "failed").await.is_empty());
+    // The manifest: one file per day, written, holding the 30.
+    let files: Vec<(String, String, i64, serde_json::Value, i64)> = sqlx::query_as(
+        "SELECT object_key, state, tasks, statuses, bytes FROM retention_archives WHERE tenant_id = $1 ORDER BY first_day",
+    )
+    .bind(s.pay)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for (key, state, tasks, statuses, bytes) in &files {
+        assert_eq!(state, "written");
+        assert_eq!(*tasks, 15);
+        assert_eq!(statuses, &serde_json::json!({"failed": 15}));
+        let on_disk = std::fs::metadata(dir.path().join("objects").join(key))
+            .unwrap()
+            .len();
+        assert_eq!(on_disk as i64, *bytes, "{key}");
+    }
+    // DuckDB finds exactly the archived runs, once each, with their events, logs and payloads.
+    let read = duckdb_tasks(&dir.path().join("objects"));
+    let ids: BTreeSet<Uuid> = read.iter().map(|(id, ..)| id.parse().unwrap()).collect();
+    assert_eq!(read.len(), 30, "none twice");
+    assert_eq!(ids, s.archived);
+    let events: i64 = read.iter().map(|(_, e, _, _)| e).sum();
+    assert_eq!(events, 2 * (0..15).map(|n| n % 3).sum::<i64>());
+    assert!(read
+        .iter()
+        .all(|(_, _, logs, payloads)| *logs == 1 && *payloads == 1));
+    // The mapping rows of deleted tasks are what let them go; nothing else was archived.
+    let archived_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM retention_archived_tasks")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(archived_rows, 30);
+}
+
+#[tokio::test]
+async fn a_store_that_refuses_keeps_every_waiting_run_and_others_still_go() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let s = seed(pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = StorageSettings {
+        url: Some(format!("file://{}", dir.path().join("objects").display())),
+        ..Default::default()
+    };
+    let storage = Arc::new(Storage::open(&settings, dir.path()).unwrap());
+    // Then the store's directory becomes a file: every upload fails.
+    std::fs::remove_dir_all(dir.path().join("objects")).unwrap();
+    std::fs::write(dir.path().join("objects"), b"not a directory").unwrap();
+
+    let report = run_task(&history(storage), pool).await;
+
+    assert!(
+        report
+            .counters
+            .iter()
+            .any(|(c, n)| *c == "archive failures" && *n == 1),
+        "{report:?}"
+    );
+    let waiting: BTreeSet<Uuid> = s.archived.union(&s.young).copied().collect();
+    assert_eq!(
+        tasks_of(pool, s.pay, "failed").await,
+        waiting,
+        "no run deleted without its archive"
+    );
+    assert!(tasks_of(pool, s.pay, "succeeded").await.is_empty());
+    assert!(tasks_of(pool, s.other, "failed").await.is_empty());
+    let (written, archived_rows): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM retention_archives WHERE state = 'written'),
+                (SELECT count(*) FROM retention_archived_tasks)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!((written, archived_rows), (0, 0));
+}
