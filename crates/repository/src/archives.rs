@@ -278,3 +278,50 @@ pub async fn list(
     .fetch_all(executor)
     .await
 }
+
+/// A tenant's archive policy as stored.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct Policy {
+    pub id: Uuid,
+    pub slug: String,
+    pub statuses: Vec<String>,
+    pub retention: Option<PgInterval>,
+    pub deleted: bool,
+}
+
+/// The archive policy of the tenant whose id or slug is `key`.
+pub async fn policy(
+    executor: impl PgExecutor<'_>,
+    key: &str,
+) -> Result<Option<Policy>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, slug, coalesce(archive_statuses, '{}') AS statuses,
+                archive_retention_period AS retention, archive_deleted AS deleted
+           FROM tenants WHERE id::text = $1 OR slug = $1",
+    )
+    .bind(key)
+    .fetch_optional(executor)
+    .await
+}
+
+/// Sets tenant `id`'s archived statuses and, when `retention` is `Some`, how long its archives
+/// are kept (`Some(None)`: forever).
+pub async fn set_policy(
+    executor: impl PgExecutor<'_>,
+    id: Uuid,
+    statuses: &[String],
+    retention: Option<Option<PgInterval>>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE tenants SET archive_statuses = $2,
+                archive_retention_period = CASE WHEN $3 THEN $4 ELSE archive_retention_period END
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(statuses)
+    .bind(retention.is_some())
+    .bind(retention.flatten())
+    .execute(executor)
+    .await?;
+    Ok(())
+}
