@@ -230,3 +230,64 @@ async fn a_store_that_refuses_keeps_every_waiting_run_and_others_still_go() {
     .unwrap();
     assert_eq!((written, archived_rows), (0, 0));
 }
+
+/// A run died after it began a file (its row `writing`, part of the object uploaded): the next
+/// run writes the same key again, with the day's waiting runs, and only then lets them go; a
+/// file begun for a tenant that no longer archives goes, object and row.
+#[tokio::test]
+async fn a_file_begun_by_a_run_that_died_is_written_again_under_its_key() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let s = seed(pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = StorageSettings {
+        url: Some(format!("file://{}", dir.path().join("objects").display())),
+        ..Default::default()
+    };
+    let storage = Arc::new(Storage::open(&settings, dir.path()).unwrap());
+    let day1: chrono::NaiveDate = sqlx::query_scalar(
+        "SELECT min(inserted_at)::date FROM tasks WHERE tenant_id = $1 AND status = 'failed'",
+    )
+    .bind(s.pay)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let begun_key = format!("archive/{}/{day1}/died-0.parquet", s.pay);
+    let gone_key = format!("archive/{}/{day1}/died-0.parquet", s.other);
+    for (tenant, key) in [(s.pay, &begun_key), (s.other, &gone_key)] {
+        sqlx::query(
+            "INSERT INTO retention_archives (object_key, tenant_id, first_day, last_day, run_id, part, schema_version)
+             VALUES ($1, $2, $3, $3, gen_random_uuid(), 0, 1)",
+        )
+        .bind(key)
+        .bind(tenant)
+        .bind(day1)
+        .execute(pool)
+        .await
+        .unwrap();
+        storage
+            .put(key, bytes::Bytes::from_static(b"PAR1 half an upload"))
+            .await
+            .unwrap();
+    }
+
+    run_task(&history(storage.clone()), pool).await;
+
+    assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young);
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT object_key, state, tasks FROM retention_archives ORDER BY first_day, object_key",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    // The begun key holds day 1's 15 (and day 2's went to a file of this run); the other
+    // tenant's begun file is gone.
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0], (begun_key.clone(), "written".into(), 15));
+    assert_eq!(rows[1].1, "written");
+    assert!(!storage.exists(&gone_key).await.unwrap());
+    let read = duckdb_tasks(&dir.path().join("objects"));
+    assert_eq!(read.len(), 30, "none twice");
+    let ids: BTreeSet<Uuid> = read.iter().map(|(id, ..)| id.parse().unwrap()).collect();
+    assert_eq!(ids, s.archived);
+}

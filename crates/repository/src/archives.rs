@@ -56,6 +56,18 @@ pub async fn pending(
     after: Option<(DateTime<Utc>, Uuid)>,
     limit: i64,
 ) -> Result<Vec<PendingTask>, sqlx::Error> {
+    pending_before(conn, rule, tenant, after, None, limit).await
+}
+
+/// [`pending`], of tasks inserted before `before` only (`None`: any).
+pub async fn pending_before(
+    conn: &mut PgConnection,
+    rule: &Rule,
+    tenant: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    before: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<PendingTask>, sqlx::Error> {
     // Before any task: the year 1 (PostgreSQL's range starts in 4713 BC, chrono's far earlier).
     let start = DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).expect("the year 1");
     let (after_at, after_id) = after.unwrap_or((start, Uuid::nil()));
@@ -63,6 +75,7 @@ pub async fn pending(
         "SELECT t.id, t.tenant_id, t.status, t.inserted_at, t.finished_at, t.payload::text AS payload
            FROM tasks t LEFT JOIN tenants tn ON tn.id = t.tenant_id
           WHERE t.tenant_id = {tenant} AND (t.inserted_at, t.id) > ({after_at}, {after_id})
+            AND t.inserted_at < {before}
             AND {due} AND {pending}
           ORDER BY t.inserted_at, t.id
           LIMIT {limit}",
@@ -70,6 +83,10 @@ pub async fn pending(
     .bind("tenant", tenant)
     .bind("after_at", after_at)
     .bind("after_id", after_id)
+    // After any task: the end of the year 9999.
+    .bind("before", before.unwrap_or(
+        DateTime::<Utc>::from_timestamp(253_402_300_799, 0).expect("the year 9999"),
+    ))
     .with("due", rule.task_due_unless_archiving("t", "tn"))
     .with("pending", rule.archive_pending("t"))
     .bind("limit", limit)
@@ -323,5 +340,34 @@ pub async fn set_policy(
     .bind(retention.flatten())
     .execute(executor)
     .await?;
+    Ok(())
+}
+
+/// A file a run began and did not finish (it died, or the store failed): its key is fixed.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct Unfinished {
+    pub id: i64,
+    pub object_key: String,
+    pub tenant_id: Uuid,
+    pub first_day: NaiveDate,
+}
+
+/// The files begun and not written, oldest first.
+pub async fn unfinished(executor: impl PgExecutor<'_>) -> Result<Vec<Unfinished>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, object_key, tenant_id, first_day FROM retention_archives
+          WHERE state = 'writing' ORDER BY id",
+    )
+    .fetch_all(executor)
+    .await
+}
+
+/// Forgets a begun file that holds nothing now (its tasks went another way): after its object
+/// was deleted.
+pub async fn forget(executor: impl PgExecutor<'_>, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM retention_archives WHERE id = $1 AND state = 'writing'")
+        .bind(id)
+        .execute(executor)
+        .await?;
     Ok(())
 }

@@ -82,7 +82,24 @@ pub async fn archive_due(
     interrupted: &(dyn Fn() -> bool + Sync),
 ) -> Result<Archived, ArchiveError> {
     let mut archived = Archived::default();
-    for tenant in archives::archiving_tenants(pool).await? {
+    let tenants = archives::archiving_tenants(pool).await?;
+    // First the files a run began and did not finish, under their own keys.
+    for begun in archives::unfinished(pool).await? {
+        if interrupted() {
+            return Ok(archived);
+        }
+        match tenants.iter().find(|t| t.id == begun.tenant_id) {
+            Some(tenant) => {
+                rewrite_begun(pool, storage, rule, limits, tenant, &begun, &mut archived).await?
+            }
+            // The tenant no longer archives: the begun file holds nothing that waits.
+            None => {
+                storage.delete(&begun.object_key).await?;
+                archives::forget(pool, begun.id).await?;
+            }
+        }
+    }
+    for tenant in tenants {
         if interrupted() {
             break;
         }
@@ -267,6 +284,53 @@ async fn add(
     Ok(())
 }
 
+/// A file begun by an earlier run (`writing`): written again under its key, with the tasks of
+/// its day that still wait (up to one file), the same rows in the same order when nothing else
+/// changed, so the same bytes. None left: its object and its row go.
+async fn rewrite_begun(
+    pool: &PgPool,
+    storage: &Storage,
+    rule: &Rule,
+    limits: ArchiveLimits,
+    tenant: &ArchivingTenant,
+    begun: &archives::Unfinished,
+    archived: &mut Archived,
+) -> Result<(), ArchiveError> {
+    let start = begun
+        .first_day
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc();
+    let end = start + chrono::Duration::days(1);
+    let mut conn = pool.acquire().await?;
+    let mut file = OpenFile::new(begun.first_day, &begun.object_key)?;
+    let mut cursor = Some((start - chrono::Duration::microseconds(1), Uuid::max()));
+    while file.writer.bytes_so_far() < limits.max_file_bytes {
+        let chunk =
+            archives::pending_before(&mut conn, rule, tenant.id, cursor, Some(end), limits.chunk)
+                .await?;
+        let Some(last) = chunk.last() else { break };
+        cursor = Some((last.inserted_at, last.id));
+        add(&mut conn, &mut file, &chunk, &begun.object_key).await?;
+    }
+    drop(conn);
+    if file.tasks.is_empty() {
+        storage.delete(&begun.object_key).await?;
+        archives::forget(pool, begun.id).await?;
+        return Ok(());
+    }
+    write_out(
+        pool,
+        storage,
+        tenant,
+        begun.id,
+        begun.object_key.clone(),
+        file,
+        archived,
+    )
+    .await
+}
+
 /// Steps 1 to 4 of the module's list for one file.
 async fn finish(
     pool: &PgPool,
@@ -289,6 +353,19 @@ async fn finish(
         SCHEMA_VERSION,
     )
     .await?;
+    write_out(pool, storage, tenant, id, key, file, archived).await
+}
+
+/// Steps 2 to 4 for the begun file `id` at `key`.
+async fn write_out(
+    pool: &PgPool,
+    storage: &Storage,
+    tenant: &ArchivingTenant,
+    id: i64,
+    key: String,
+    file: OpenFile,
+    archived: &mut Archived,
+) -> Result<(), ArchiveError> {
     let bytes = file.writer.finish().map_err(|e| format_error(&key, e))?;
     let sha256 = hex(&Sha256::digest(&bytes));
     let size = bytes.len();
