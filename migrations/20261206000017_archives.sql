@@ -9,7 +9,8 @@
 -- commit check and runs again (see `repository::rule::confirm`).
 
 ALTER TABLE tenants
-    ADD COLUMN archive_statuses text[] NULL
+    -- Empty: archives nothing (the default). Never NULL: one way to say "off".
+    ADD COLUMN archive_statuses text[] NOT NULL DEFAULT '{}'
         CONSTRAINT tenants_archive_statuses_final
         CHECK (archive_statuses <@ ARRAY['succeeded', 'failed', 'cancelled']::text[]),
     ADD COLUMN archive_retention_period interval NULL DEFAULT '1 year'
@@ -24,52 +25,75 @@ CREATE TRIGGER history_rules_changed
         log_retention_period, archive_statuses, archive_deleted ON tenants
     FOR EACH ROW EXECUTE FUNCTION history_log_tenant();
 
--- The manifest: one row per archive file, committed only after the store confirmed the file's
--- size and checksum. A file's key is fixed before it is written (`writing`), so a run that died
--- mid-upload is finished by the next, under the same key; a `writing` row never lets a task go.
+-- The manifest: one row per archive file, `written` only after the store confirmed the file's
+-- size and checksum. A file's key is fixed before it is written (`writing`, committed before the
+-- upload: no object without its row), so a run that died mid-upload is finished by the next,
+-- under the same key and with the same tasks: those of `tenant_id` and `status` whose
+-- (coalesce(finished_at, inserted_at), id) lies from `first_at`/`first_task` to
+-- `last_at`/`last_task`, in that order. A `writing` row never lets a task go.
 CREATE TABLE retention_archives (
     id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    object_key     text        NOT NULL UNIQUE,
+    object_key     text        NOT NULL,
+    -- The store the object is in (`storage.url` when it was written, without credentials): a
+    -- changed `storage.url` does not make another store's archives look missing or expired here.
+    store          text        NOT NULL,
     tenant_id      uuid        NOT NULL,
-    -- The days (of the tasks' inserted_at) the file's tasks come from, inclusive.
-    first_day      date        NOT NULL,
-    last_day       date        NOT NULL,
+    -- The one final status of the file's tasks.
+    status         text        NOT NULL
+        CONSTRAINT retention_archives_status_final CHECK (status IN ('succeeded', 'failed', 'cancelled')),
+    first_at       timestamptz NOT NULL,
+    first_task     uuid        NOT NULL,
+    last_at        timestamptz NOT NULL,
+    last_task      uuid        NOT NULL,
+    -- The days of first_at and last_at (UTC), for listing.
+    first_day      date        GENERATED ALWAYS AS ((first_at AT TIME ZONE 'UTC')::date) STORED,
+    last_day       date        GENERATED ALWAYS AS ((last_at AT TIME ZONE 'UTC')::date) STORED,
     run_id         uuid        NOT NULL,
     part           integer     NOT NULL,
     state          text        NOT NULL DEFAULT 'writing'
         CONSTRAINT retention_archives_state_known CHECK (state IN ('writing', 'written')),
-    tasks          bigint      NOT NULL DEFAULT 0,
+    tasks          bigint      NOT NULL,
     events         bigint      NOT NULL DEFAULT 0,
     payloads       bigint      NOT NULL DEFAULT 0,
     logs           bigint      NOT NULL DEFAULT 0,
-    -- Tasks by final status, e.g. {"failed": 12, "succeeded": 3}.
-    statuses       jsonb       NOT NULL DEFAULT '{}',
     bytes          bigint      NULL,
     sha256         text        NULL,
     schema_version integer     NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
     written_at     timestamptz NULL,
-    -- NULL: kept forever.
+    -- When the file goes (written_at + the tenant's archive_retention_period, moved when that
+    -- changes); NULL: kept forever.
     expires_at     timestamptz NULL,
+    CONSTRAINT retention_archives_key_unique UNIQUE (object_key, store),
     CONSTRAINT retention_archives_written_complete CHECK (
         state = 'writing' OR (bytes IS NOT NULL AND sha256 IS NOT NULL AND written_at IS NOT NULL))
 );
 CREATE INDEX retention_archives_tenant_idx ON retention_archives (tenant_id, first_day);
 CREATE INDEX retention_archives_expires_idx ON retention_archives (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX retention_archives_writing_idx ON retention_archives (id) WHERE state = 'writing';
 
--- The tasks a written archive holds, until they are deleted: what lets an archiving tenant's
--- task go (the rule's archive check). Rows of tasks already gone are removed by task-history.
+-- The tasks a written archive holds, as the file holds them, until the task is deleted: what
+-- lets an archiving tenant's task go (the rule's archive check). The task must still be as
+-- recorded (status, finish, number of events, payloads and log lines): one changed since (a late
+-- event, a retry) waits for a new archive. Rows of tasks gone are removed by task-history.
 CREATE TABLE retention_archived_tasks (
-    task_id          uuid        NOT NULL,
     task_inserted_at timestamptz NOT NULL,
-    archive_id       bigint      NOT NULL REFERENCES retention_archives ON DELETE CASCADE,
-    PRIMARY KEY (task_id, task_inserted_at)
+    task_id          uuid        NOT NULL,
+    archive_id       bigint      NOT NULL REFERENCES retention_archives,
+    status           text        NOT NULL,
+    finished_at      timestamptz NULL,
+    events           integer     NOT NULL,
+    payloads         integer     NOT NULL,
+    logs             integer     NOT NULL,
+    PRIMARY KEY (task_inserted_at, task_id)
 );
 CREATE INDEX retention_archived_tasks_archive_idx ON retention_archived_tasks (archive_id);
 
--- An archive committed makes its tasks due: a change of the rules, like a tenant's windows. A
--- rewrite that copied before it does not swap after it (the version moved), and the facts look
--- at the tenant's ranges again (a pair visited while its rows waited is visited again).
+-- An archive committed makes its tasks due: a change of the rules, like a tenant's windows. The
+-- facts look at the tenant's ranges again (a pair visited while its rows waited is visited
+-- again), and a delete or rewrite that read the rules before it checks again. Archives are
+-- committed only at the start of a task-history run, before its deletes, under its lease: no
+-- merge or rewrite of the same task is in flight then.
 CREATE FUNCTION retention_log_archived() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     changed bigint;
@@ -86,7 +110,29 @@ $$;
 CREATE TRIGGER retention_archived_tasks_added AFTER INSERT ON retention_archived_tasks
     REFERENCING NEW TABLE AS added
     FOR EACH STATEMENT EXECUTE FUNCTION retention_log_archived();
+-- A task archived again (it changed after its first archive) is recorded again in place.
+CREATE TRIGGER retention_archived_tasks_updated AFTER UPDATE ON retention_archived_tasks
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION retention_log_archived();
 
--- The archiving's walk: a tenant's tasks in (inserted_at, id) order from a cursor, so each chunk
--- reads only its own rows whatever the backlog.
-CREATE INDEX tasks_tenant_archive_idx ON tasks (tenant_id, inserted_at, id);
+-- Archive files leave through the outbox, like payload objects: a manifest row deleted (expired,
+-- or a begun file that holds nothing now) gives its object to `object_deletions` in the same
+-- transaction, and the blobs task deletes it exactly once.
+ALTER TABLE object_deletions
+    ALTER COLUMN payload_id DROP NOT NULL,
+    ALTER COLUMN task_inserted_at DROP NOT NULL,
+    ADD COLUMN archive_id bigint NULL,
+    ADD CONSTRAINT object_deletions_one_source CHECK ((payload_id IS NULL) <> (archive_id IS NULL));
+
+CREATE FUNCTION retention_archives_release_object() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO object_deletions (object_key, tenant_id, archive_id, size_bytes)
+    VALUES (OLD.object_key, OLD.tenant_id, OLD.id, coalesce(OLD.bytes, 0));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER retention_archives_deleted AFTER DELETE ON retention_archives
+    FOR EACH ROW EXECUTE FUNCTION retention_archives_release_object();
+
+-- Receipts name the archive files a run wrote (rule `archive`) or let expire (`archive-expired`).
+ALTER TABLE retention_receipts ADD COLUMN archive_keys text[] NOT NULL DEFAULT '{}';

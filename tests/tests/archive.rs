@@ -40,6 +40,11 @@ async fn seed(pool: &PgPool) -> Seeded {
     let day2 = day1 + Span::days(1);
     create_day(pool, day2.date_naive()).await;
     let mut archived = BTreeSet::new();
+    // Finished on two days (a file per day of finish), past the 2-day window.
+    let finished = [
+        day_start((now - Span::days(4)).date_naive()) + Span::hours(1),
+        day_start((now - Span::days(3)).date_naive()) + Span::hours(1),
+    ];
     for (i, at) in [(0, day1), (1, day2)] {
         for n in 0..15 {
             let key = insert_task(
@@ -47,7 +52,7 @@ async fn seed(pool: &PgPool) -> Seeded {
                 pay,
                 "failed",
                 at + Span::minutes(n),
-                Some(now - Span::days(3)),
+                Some(finished[i] + Span::minutes(n)),
             )
             .await;
             for e in 0..(n % 3) {
@@ -153,9 +158,9 @@ async fn due_runs_of_an_archiving_tenant_go_only_after_their_archive_and_duckdb_
     assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young, "{report:?}");
     assert!(tasks_of(pool, s.pay, "succeeded").await.is_empty());
     assert!(tasks_of(pool, s.other, "failed").await.is_empty());
-    // The manifest: one file per day, written, holding the 30.
-    let files: Vec<(String, String, i64, serde_json::Value, i64)> = sqlx::query_as(
-        "SELECT object_key, state, tasks, statuses, bytes FROM retention_archives WHERE tenant_id = $1 ORDER BY first_day",
+    // The manifest: one file per day of finish, written, holding the 30.
+    let files: Vec<(String, String, i64, String, i64)> = sqlx::query_as(
+        "SELECT object_key, state, tasks, status, bytes FROM retention_archives WHERE tenant_id = $1 ORDER BY first_day",
     )
     .bind(s.pay)
     .fetch_all(pool)
@@ -165,7 +170,7 @@ async fn due_runs_of_an_archiving_tenant_go_only_after_their_archive_and_duckdb_
     for (key, state, tasks, statuses, bytes) in &files {
         assert_eq!(state, "written");
         assert_eq!(*tasks, 15);
-        assert_eq!(statuses, &serde_json::json!({"failed": 15}));
+        assert_eq!(statuses, "failed");
         let on_disk = std::fs::metadata(dir.path().join("objects").join(key))
             .unwrap()
             .len();
@@ -245,23 +250,34 @@ async fn a_file_begun_by_a_run_that_died_is_written_again_under_its_key() {
         ..Default::default()
     };
     let storage = Arc::new(Storage::open(&settings, dir.path()).unwrap());
-    let day1: chrono::NaiveDate = sqlx::query_scalar(
-        "SELECT min(inserted_at)::date FROM tasks WHERE tenant_id = $1 AND status = 'failed'",
-    )
-    .bind(s.pay)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let begun_key = format!("archive/{}/{day1}/died-0.parquet", s.pay);
-    let gone_key = format!("archive/{}/{day1}/died-0.parquet", s.other);
+    // The first day's 15 waiting runs, as the run that died had fixed them.
+    let (first_at, first_task, last_at, last_task): (chrono::DateTime<chrono::Utc>, Uuid, chrono::DateTime<chrono::Utc>, Uuid) =
+        sqlx::query_as(
+            "SELECT min(k), (array_agg(id ORDER BY k, id))[1], max(k), (array_agg(id ORDER BY k DESC, id DESC))[1]
+               FROM (SELECT id, coalesce(finished_at, inserted_at) AS k FROM tasks
+                      WHERE tenant_id = $1 AND status = 'failed' ORDER BY k, id LIMIT 15) f",
+        )
+        .bind(s.pay)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let day1 = first_at.date_naive();
+    let begun_key = format!("archive/{}/{day1}/failed-died-0.parquet", s.pay);
+    let gone_key = format!("archive/{}/{day1}/failed-died-0.parquet", s.other);
+    let store = retention_controller::archive::store_id(&storage);
     for (tenant, key) in [(s.pay, &begun_key), (s.other, &gone_key)] {
         sqlx::query(
-            "INSERT INTO retention_archives (object_key, tenant_id, first_day, last_day, run_id, part, schema_version)
-             VALUES ($1, $2, $3, $3, gen_random_uuid(), 0, 1)",
+            "INSERT INTO retention_archives (object_key, store, tenant_id, status, first_at, first_task, last_at, last_task,
+                                             tasks, run_id, part, schema_version)
+             VALUES ($1, $2, $3, 'failed', $4, $5, $6, $7, 15, gen_random_uuid(), 0, 1)",
         )
         .bind(key)
+        .bind(&store)
         .bind(tenant)
-        .bind(day1)
+        .bind(first_at)
+        .bind(first_task)
+        .bind(last_at)
+        .bind(last_task)
         .execute(pool)
         .await
         .unwrap();
@@ -281,11 +297,16 @@ async fn a_file_begun_by_a_run_that_died_is_written_again_under_its_key() {
     .await
     .unwrap();
     // The begun key holds day 1's 15 (and day 2's went to a file of this run); the other
-    // tenant's begun file is gone.
+    // tenant's begun file is gone, its object given to the outbox (the blobs task deletes it).
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[0], (begun_key.clone(), "written".into(), 15));
     assert_eq!(rows[1].1, "written");
-    assert!(!storage.exists(&gone_key).await.unwrap());
+    let outbox: Vec<String> = sqlx::query_scalar("SELECT object_key FROM object_deletions")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox, vec![gone_key.clone()]);
+    std::fs::remove_file(dir.path().join("objects").join(&gone_key)).unwrap();
     let read = duckdb_tasks(&dir.path().join("objects"));
     assert_eq!(read.len(), 30, "none twice");
     let ids: BTreeSet<Uuid> = read.iter().map(|(id, ..)| id.parse().unwrap()).collect();

@@ -42,10 +42,15 @@ fn retention_shown(retention: &Option<PgInterval>) -> String {
 
 fn shown(policy: &Policy) -> String {
     format!(
-        "{}: archive {} (archives kept {})",
+        "{}: archive {} (archives kept {}{})",
         policy.slug,
         archive_policy::describe_statuses(&statuses(policy)),
-        retention_shown(&policy.retention)
+        retention_shown(&policy.retention),
+        if policy.deleted {
+            "; archived after the tenant is deleted too"
+        } else {
+            ""
+        }
     )
 }
 
@@ -54,6 +59,7 @@ fn json(policy: &Policy) -> serde_json::Value {
         "archive": archive_policy::describe_statuses(&statuses(policy)),
         "archive_retention_period": retention_shown(&policy.retention),
         "statuses": statuses(policy).iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "archive_deleted": policy.deleted,
         "tenant": policy.id,
         "slug": policy.slug,
     })
@@ -66,7 +72,10 @@ pub async fn tenant_archive(
     // Refuse a bad value before touching (or starting) any database.
     let change = match &command {
         TenantArchiveCommand::Set {
-            archive, retention, ..
+            archive,
+            retention,
+            deleted,
+            ..
         } => {
             let parsed: Result<_, PolicyError> = (|| {
                 let statuses = archive_policy::parse_statuses(archive)?;
@@ -74,7 +83,11 @@ pub async fn tenant_archive(
                     .as_deref()
                     .map(archive_policy::parse_retention)
                     .transpose()?;
-                Ok((statuses, retention))
+                let deleted = deleted
+                    .as_deref()
+                    .map(archive_policy::parse_on_off)
+                    .transpose()?;
+                Ok((statuses, retention, deleted))
             })();
             match parsed {
                 Ok(change) => Some(change),
@@ -95,7 +108,7 @@ pub async fn tenant_archive(
     }
 }
 
-type Change = (Vec<FinalStatus>, Option<Option<Duration>>);
+type Change = (Vec<FinalStatus>, Option<Option<Duration>>, Option<bool>);
 
 async fn run(
     db: &Database,
@@ -116,24 +129,39 @@ async fn run(
         } else {
             shown(&before)
         })),
-        (TenantArchiveCommand::Set { dry_run, .. }, Some((statuses, retention))) => {
+        (TenantArchiveCommand::Set { dry_run, .. }, Some((statuses, retention, deleted))) => {
             let names: Vec<String> = statuses.iter().map(|s| s.as_str().to_string()).collect();
             let retention = retention.map(|r| r.map(interval));
             let after = Policy {
                 statuses: names.clone(),
-                retention: retention.unwrap_or(before.retention),
+                retention: retention.clone().unwrap_or(before.retention.clone()),
+                deleted: deleted.unwrap_or(before.deleted),
                 ..before.clone()
             };
+            let change = archives::PolicyChange {
+                statuses: Some(names),
+                retention,
+                deleted,
+            };
+            // Applied in a transaction; a dry run rolls it back (it only reads what moved).
+            let mut tx = db.pool.begin().await?;
+            let moved = archives::set_policy(&mut tx, before.id, &change).await?;
+            let moved = if moved > 0 {
+                format!("; the expiry of {moved} archive(s) moves with it")
+            } else {
+                String::new()
+            };
             if *dry_run {
+                tx.rollback().await?;
                 return Ok(Ok(format!(
-                    "would change {} to {} (dry run: nothing changed)",
+                    "would change {} to {}{moved} (dry run: nothing changed)",
                     shown(&before),
                     shown(&after)
                 )));
             }
-            archives::set_policy(&db.pool, before.id, &names, retention).await?;
+            tx.commit().await?;
             Ok(Ok(format!(
-                "changed {} to {}",
+                "changed {} to {}{moved}",
                 shown(&before),
                 shown(&after)
             )))
@@ -190,12 +218,12 @@ pub async fn archive(settings: &Settings, command: ArchiveCommand) -> anyhow::Re
             .iter()
             .map(|a| {
                 serde_json::json!({
-                    "key": a.object_key, "tenant": a.tenant_id, "slug": a.slug,
-                    "first_day": a.first_day, "last_day": a.last_day, "run_id": a.run_id,
-                    "tasks": a.tasks, "events": a.events, "payloads": a.payloads, "logs": a.logs,
-                    "statuses": a.statuses, "bytes": a.bytes, "sha256": a.sha256,
+                    "key": a.object_key, "store": a.store, "tenant": a.tenant_id, "slug": a.slug,
+                    "status": a.status, "first_day": a.first_day, "last_day": a.last_day,
+                    "run_id": a.run_id, "tasks": a.tasks, "events": a.events,
+                    "payloads": a.payloads, "logs": a.logs, "bytes": a.bytes, "sha256": a.sha256,
                     "schema_version": a.schema_version, "created_at": a.created_at,
-                    "expires_at": a.expires_at,
+                    "written_at": a.written_at, "expires_at": a.expires_at,
                 })
             })
             .collect();
@@ -205,13 +233,13 @@ pub async fn archive(settings: &Settings, command: ArchiveCommand) -> anyhow::Re
     } else {
         for a in &files {
             output::line(format!(
-                "{}  {}  {}..{}  {} runs {}  {} bytes  expires {}",
+                "{}  {}  {}..{}  {} {} runs  {} bytes  expires {}",
                 a.object_key,
                 a.slug.as_deref().unwrap_or("(deleted tenant)"),
                 a.first_day,
                 a.last_day,
                 a.tasks,
-                a.statuses,
+                a.status,
                 a.bytes.unwrap_or(0),
                 a.expires_at
                     .map(|at| at.to_rfc3339())

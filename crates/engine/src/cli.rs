@@ -218,9 +218,14 @@ pub enum TenantArchiveCommand {
         /// off, on (every final status), or final statuses separated by commas.
         #[arg(value_name = "off|on|STATUS[,STATUS]")]
         archive: String,
-        /// How long archives are kept: a duration from 1day to 100years, or "forever".
+        /// How long archives are kept: a duration from 1day to 100years, or "forever". Moves the
+        /// expiry of the tenant's archives already written too.
         #[arg(long, value_name = "DURATION|forever")]
         retention: Option<String>,
+        /// Whether the tenant's runs are still archived after the tenant is deleted (before its
+        /// purge): on or off (the default: a deleted tenant's runs are not archived).
+        #[arg(long, value_name = "on|off")]
+        deleted: Option<String>,
         /// Print the change; change nothing.
         #[arg(long)]
         dry_run: bool,

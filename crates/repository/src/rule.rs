@@ -14,7 +14,8 @@
 //! * **Queue items** ([`Rule::queue_item_due`]): an item whose tenant has `deleted_at` set, or
 //!   whose task does not exist or is final.
 //! * **Archives** ([`Rule::archive_pending`]): a task of a tenant that archives its status is
-//!   due only once a written archive holds it.
+//!   due only once a written archive holds it as it is; its log lines stay with it
+//!   ([`Rule::log_kept_for_archive`]).
 //! * **Holds** ([`Rule::held`]) override all three: nothing of a tenant a hold covers, and nothing
 //!   of a task with an id a hold names, while the hold is in force (not removed, `until` not
 //!   passed at `now`).
@@ -94,10 +95,17 @@ impl Rule {
     /// `failed_retention_period`, `cancelled_retention_period`): the `tenants` table, or anything
     /// with its columns (a preview's proposed windows, a rewrite's recorded ones). Never NULL.
     pub fn task_due(&self, t: &str, tn: &str) -> Fragment {
+        self.task_due_with_events(t, tn, "task_events")
+    }
+
+    /// [`Rule::task_due`] for a task whose events are in `events` (a table or partition holding
+    /// every event of the task): a rewrite counting what it dropped reads them from the detached
+    /// source range, no longer part of `task_events`.
+    pub fn task_due_with_events(&self, t: &str, tn: &str, events: &str) -> Fragment {
         Fragment::text("(")
             .then(self.task_due_unless_archiving(t, tn))
             .push(" AND NOT ")
-            .then(self.archive_pending(t))
+            .then(self.archive_pending(t, events))
             .push(")")
     }
 
@@ -121,26 +129,62 @@ impl Rule {
         .push(")")
     }
 
-    /// Whether task `t` (with `id`, `tenant_id`, `status`, `inserted_at`) waits for its archive:
-    /// its tenant archives tasks of its status (`tenants.archive_statuses`; a deleted tenant
-    /// only with `archive_deleted`) and no written archive holds it yet
-    /// (`retention_archived_tasks`). Until one does, the task is not due, on every path. Read
-    /// from the live `tenants` whatever `tn` stands for (a preview's or a rewrite's recorded
-    /// windows have no archive columns); an archive committed moves the rules' version, so a
-    /// rewrite that copied before it does not swap after it. The archiving tenants are an
-    /// uncorrelated init plan: another tenant's row pays one array lookup. Never NULL (an
-    /// unknown answer is "waits").
-    pub fn archive_pending(&self, t: &str) -> Fragment {
+    /// Whether task `t` (with `id`, `tenant_id`, `status`, `inserted_at`, `finished_at`) waits
+    /// for its archive: its tenant archives tasks of its status (`tenants.archive_statuses`; a
+    /// deleted tenant only with `archive_deleted`) and no written archive holds it as it is now
+    /// (`retention_archived_tasks`: same status and finish, as many events, payloads and log
+    /// lines; one changed since waits for a new archive). Until then the task is not due, on
+    /// every path. `events`: where the task's events are (see [`Rule::task_due_with_events`]).
+    ///
+    /// Read from the live `tenants` whatever the windows' source is (a preview's or a rewrite's
+    /// recorded windows have no archive columns); an archive committed moves the rules' version.
+    /// The archiving tenants, and their (tenant, status) pairs, are uncorrelated init plans:
+    /// another tenant's row pays one array lookup, and only a task recorded as archived pays the
+    /// three counts. Never NULL (an unknown answer is "waits").
+    pub fn archive_pending(&self, t: &str, events: &str) -> Fragment {
         if testing::archive_check_broken() {
             return Fragment::text("false");
         }
         Fragment::text(format!(
             "coalesce(CASE WHEN {t}.tenant_id = ANY (ARRAY (SELECT atn.id FROM tenants atn
-                                                   WHERE cardinality(atn.archive_statuses) > 0
+                                                   WHERE atn.archive_statuses <> '{{}}'
                                                      AND (atn.deleted_at IS NULL OR atn.archive_deleted)))
-                          THEN (SELECT atn.archive_statuses @> ARRAY[{t}.status::text] FROM tenants atn WHERE atn.id = {t}.tenant_id)
-                               AND NOT EXISTS (SELECT 1 FROM retention_archived_tasks ra
-                                               WHERE ra.task_id = {t}.id AND ra.task_inserted_at = {t}.inserted_at)
+                          THEN ({t}.tenant_id::text || '/' || {t}.status)
+                                 = ANY (ARRAY (SELECT atn.id::text || '/' || ats.status
+                                               FROM tenants atn, unnest(atn.archive_statuses) AS ats(status)
+                                               WHERE atn.deleted_at IS NULL OR atn.archive_deleted))
+                               AND NOT EXISTS (
+                                   SELECT 1 FROM retention_archived_tasks ra
+                                   WHERE ra.task_inserted_at = {t}.inserted_at AND ra.task_id = {t}.id
+                                     AND ra.status = {t}.status
+                                     AND ra.finished_at IS NOT DISTINCT FROM {t}.finished_at
+                                     AND ra.events = (SELECT count(*) FROM {events} ae
+                                                      WHERE ae.task_id = {t}.id AND ae.task_inserted_at = {t}.inserted_at)
+                                     AND ra.payloads = (SELECT count(*) FROM task_payloads ap
+                                                        WHERE ap.task_id = {t}.id AND ap.task_inserted_at = {t}.inserted_at)
+                                     AND ra.logs = (SELECT count(*) FROM task_logs al
+                                                    WHERE al.task_id = {t}.id AND al.task_inserted_at = {t}.inserted_at))
+                          ELSE false END, true)"
+        ))
+    }
+
+    /// Whether log line `l` (with `tenant_id`, `task_id`, `task_inserted_at`) belongs to a task
+    /// its tenant archives by status: such lines stay until their task goes (they are in its
+    /// archive), whatever the log window. Lines of a task still running go by the log window.
+    pub fn log_kept_for_archive(&self, l: &str) -> Fragment {
+        if testing::archive_check_broken() {
+            return Fragment::text("false");
+        }
+        Fragment::text(format!(
+            "coalesce(CASE WHEN {l}.tenant_id = ANY (ARRAY (SELECT atn.id FROM tenants atn
+                                                   WHERE atn.archive_statuses <> '{{}}'
+                                                     AND (atn.deleted_at IS NULL OR atn.archive_deleted)))
+                          THEN EXISTS (SELECT 1 FROM tasks alt
+                                       WHERE alt.id = {l}.task_id AND alt.inserted_at = {l}.task_inserted_at
+                                         AND (alt.tenant_id::text || '/' || alt.status)
+                                             = ANY (ARRAY (SELECT atn.id::text || '/' || ats.status
+                                                           FROM tenants atn, unnest(atn.archive_statuses) AS ats(status)
+                                                           WHERE atn.deleted_at IS NULL OR atn.archive_deleted)))
                           ELSE false END, true)"
         ))
     }
@@ -242,6 +286,8 @@ impl Rule {
             .then(self.log_cutoff(tn, default_window))
             .push(" AND NOT ")
             .then(self.held(&format!("{l}.tenant_id"), &format!("{l}.task_id")))
+            .push(" AND NOT ")
+            .then(self.log_kept_for_archive(l))
             .push(")")
     }
 

@@ -110,10 +110,32 @@ pub fn parse_retention(value: &str) -> Result<Option<Duration>, PolicyError> {
     }
 }
 
+/// Whether a deleted tenant's runs are archived (`archive_deleted`): `on` or `off`.
+pub fn parse_on_off(value: &str) -> Result<bool, PolicyError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(PolicyError {
+            what: "archive of deleted tenants",
+            value: value.to_string(),
+            reason: "it is neither on nor off".to_string(),
+            allowed: "on or off",
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use FinalStatus::*;
+
+    #[test]
+    fn deleted_is_on_or_off() {
+        assert!(parse_on_off("on").unwrap());
+        assert!(!parse_on_off("OFF").unwrap());
+        let refused = parse_on_off("yes").unwrap_err().to_string();
+        assert!(refused.contains("\"yes\"") && refused.contains("on or off"), "{refused}");
+    }
 
     #[test]
     fn statuses_are_off_on_or_a_list_of_final_ones() {

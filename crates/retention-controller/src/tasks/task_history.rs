@@ -150,32 +150,46 @@ impl TaskHistoryTask {
         };
         let rule = ctx.rule(self.settings.deleted_tenant_grace);
         let interrupted = || ctx.interrupted().is_some();
-        match crate::archive::archive_due(
-            &ctx.pool,
+        let run = crate::archive::ArchiveRun {
+            pool: &ctx.pool,
             storage,
-            &rule,
-            ctx.run_id,
-            crate::archive::ArchiveLimits::default(),
-            &interrupted,
-        )
-        .await
-        {
-            Ok(archived) => {
-                report.count("archive files written", archived.files);
-                report.count("tasks archived", archived.tasks);
-                report.count("archive bytes written", archived.bytes);
-                if !archived.keys.is_empty() {
-                    tracing::info!(files = archived.files, tasks = archived.tasks, bytes = archived.bytes, keys = ?archived.keys, "archived");
-                }
-                Ok(())
-            }
+            rule: &rule,
+            run_id: ctx.run_id,
+            lease_run: Some(ctx.run_id),
+            receipt: receipt(ctx),
+            limits: crate::archive::ArchiveLimits::default(),
+            interrupted: &interrupted,
+        };
+        let archived = match crate::archive::archive_due(&run).await {
+            Ok(archived) => archived,
             // The rest of the run goes on: what waits for its archive stays, by the rule.
-            Err(error) => {
-                tracing::warn!(%error, "archiving failed; the tasks waiting for their archive stay until a run archives them");
-                report.count("archive failures", 1);
-                Ok(())
+            Err(error) => crate::archive::Archived {
+                failures: 1,
+                first_error: Some(error.to_string()),
+                ..Default::default()
+            },
+        };
+        report.count("archive files written", archived.files);
+        report.count("tasks archived", archived.tasks);
+        report.count("archive bytes written", archived.bytes);
+        report.count("archives expired", archived.expired);
+        if archived.failures > 0 {
+            report.count("archive failures", archived.failures);
+            tracing::warn!(failures = archived.failures, first_error = archived.first_error.as_deref().unwrap_or(""), "some archive files were not written; their tasks stay until a run archives them");
+        }
+        if !archived.keys.is_empty() {
+            tracing::info!(files = archived.files, tasks = archived.tasks, bytes = archived.bytes, keys = ?archived.keys, "archived");
+        }
+        // The archive lag: how long the oldest waiting task has been due.
+        if let Ok(mut conn) = ctx.pool.acquire().await {
+            if let Ok(oldest) = repository::archives::oldest_waiting(&mut conn, &rule).await {
+                let lag = oldest
+                    .map(|at| (ctx.now() - at).to_std().unwrap_or_default())
+                    .unwrap_or_default();
+                crate::telemetry::archive_lag(lag);
             }
         }
+        Ok(())
     }
 
     pub fn with_orphan_sweep_interval(self, interval: Duration) -> Self {
