@@ -36,7 +36,7 @@ async fn a_policy_is_set_read_back_and_bad_values_change_nothing() {
             .await
             .unwrap();
     // The default: off, kept a year once on.
-    assert_eq!(stored(&db, id).await, (None, Some("1 year".into())));
+    assert_eq!(stored(&db, id).await, (Some(vec![]), Some("1 year".into())));
     let (code, out, err) = cli(&db, &["tenant", "archive", "get", "acme"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "acme: archive off (archives kept 1year)");
@@ -56,7 +56,7 @@ async fn a_policy_is_set_read_back_and_bad_values_change_nothing() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("dry run: nothing changed"), "{out}");
-    assert_eq!(stored(&db, id).await, (None, Some("1 year".into())));
+    assert_eq!(stored(&db, id).await, (Some(vec![]), Some("1 year".into())));
 
     let (code, out, err) = cli(
         &db,
@@ -135,10 +135,14 @@ async fn the_manifest_lists_written_files_by_tenant_day_and_status() {
             .await
             .unwrap();
     sqlx::query(
-        "INSERT INTO retention_archives (object_key, tenant_id, first_day, last_day, run_id, part, state, tasks, statuses, bytes, sha256, schema_version, written_at)
-         VALUES ('archive/a/2026-11-01/r-0.parquet', $1, '2026-11-01', '2026-11-01', gen_random_uuid(), 0, 'written', 3, '{\"failed\": 3}', 900, 'aa', 1, now()),
-                ('archive/a/2026-11-02/r-0.parquet', $1, '2026-11-02', '2026-11-02', gen_random_uuid(), 0, 'written', 2, '{\"succeeded\": 2}', 800, 'bb', 1, now()),
-                ('archive/a/2026-11-03/r-0.parquet', $1, '2026-11-03', '2026-11-03', gen_random_uuid(), 0, 'writing', 0, '{}', NULL, NULL, 1, NULL)",
+        "INSERT INTO retention_archives (object_key, store, tenant_id, status, first_at, first_task, last_at, last_task,
+                                         run_id, part, state, tasks, bytes, sha256, schema_version, written_at)
+         VALUES ('archive/a/2026-11-01/r-0.parquet', 'file:///x', $1, 'failed', '2026-11-01 10:00Z', gen_random_uuid(),
+                 '2026-11-01 11:00Z', gen_random_uuid(), gen_random_uuid(), 0, 'written', 3, 900, 'aa', 1, now()),
+                ('archive/a/2026-11-02/r-0.parquet', 'file:///x', $1, 'succeeded', '2026-11-02 10:00Z', gen_random_uuid(),
+                 '2026-11-02 11:00Z', gen_random_uuid(), gen_random_uuid(), 0, 'written', 2, 800, 'bb', 1, now()),
+                ('archive/a/2026-11-03/r-0.parquet', 'file:///x', $1, 'failed', '2026-11-03 10:00Z', gen_random_uuid(),
+                 '2026-11-03 11:00Z', gen_random_uuid(), gen_random_uuid(), 0, 'writing', 4, NULL, NULL, 1, NULL)",
     )
     .bind(acme)
     .execute(&db.pool)
@@ -175,4 +179,37 @@ async fn the_manifest_lists_written_files_by_tenant_day_and_status() {
     assert!(err.contains("allowed: a date, YYYY-MM-DD"), "{err}");
     let (code, _, err) = cli(&db, &["archive", "list", "--tenant", "nobody"]);
     assert_eq!(code, 2, "{err}");
+
+    // A new retention moves the expiry of the written archives (not of the one being written;
+    // a year is 365.25 days, as humantime counts it);
+    // a dry run says so and moves nothing.
+    let expiries = || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT (expires_at - written_at)::text FROM retention_archives ORDER BY object_key",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(expiries().await, [None, None, None]);
+    let (code, out, err) = cli(
+        &db,
+        &["tenant", "archive", "set", "acme", "failed", "--retention", "2years", "--dry-run"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("the expiry of 2 archive(s) moves with it"), "{out}");
+    assert_eq!(expiries().await, [None, None, None]);
+    let (code, out, err) = cli(
+        &db,
+        &["tenant", "archive", "set", "acme", "failed", "--retention", "2years", "--deleted", "on"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("archived after the tenant is deleted too"), "{out}");
+    assert_eq!(
+        expiries().await,
+        [Some("730 days 12:00:00".to_string()), Some("730 days 12:00:00".to_string()), None]
+    );
+    let (code, _, err) = cli(&db, &["tenant", "archive", "set", "acme", "failed", "--deleted", "maybe"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("allowed: on or off"), "{err}");
 }

@@ -389,6 +389,10 @@ mod tests {
         objects_deleted("outbox", 3, 1);
         outbox(4, Duration::from_secs(60));
         orphan_objects(2);
+        archived(30, 4096);
+        archive_failures(1);
+        archive_lag(Duration::from_secs(90));
+        archives_expired(2);
         throttled(true);
         standby_stalled();
         paced("sessions", 1.5);
