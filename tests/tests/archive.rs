@@ -194,6 +194,84 @@ async fn due_runs_of_an_archiving_tenant_go_only_after_their_archive_and_duckdb_
     assert_eq!(archived_rows, 30);
 }
 
+/// An archive past its tenant's archive retention leaves through the outbox: the next
+/// task-history run deletes its manifest row, gives its object to the outbox and writes a
+/// receipt naming the key; the blobs task then deletes the object. The other file stays.
+#[tokio::test]
+async fn an_expired_archive_leaves_through_the_outbox_with_a_receipt() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let s = seed(pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = StorageSettings {
+        url: Some(format!("file://{}", dir.path().join("objects").display())),
+        ..Default::default()
+    };
+    let storage = Arc::new(Storage::open(&settings, dir.path()).unwrap());
+    run_task(&history(storage.clone()), pool).await;
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT object_key FROM retention_archives WHERE tenant_id = $1 ORDER BY first_day",
+    )
+    .bind(s.pay)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(keys.len(), 2);
+    let (expired, kept) = (&keys[0], &keys[1]);
+    sqlx::query("UPDATE retention_archives SET expires_at = now() - interval '1 minute' WHERE object_key = $1")
+        .bind(expired)
+        .execute(pool)
+        .await
+        .unwrap();
+
+    let report = run_task(&history(storage.clone()), pool).await;
+
+    assert!(
+        report.counters.iter().any(|(c, n)| *c == "archives expired" && *n == 1),
+        "{report:?}"
+    );
+    let left: Vec<String> = sqlx::query_scalar("SELECT object_key FROM retention_archives")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(&left, &[kept.clone()]);
+    let outbox: Vec<String> = sqlx::query_scalar("SELECT object_key FROM object_deletions")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(&outbox, &[expired.clone()]);
+    let receipt: (i64, Vec<String>) = sqlx::query_as(
+        "SELECT objects, archive_keys FROM retention_receipts WHERE rule = 'archive-expired' AND tenant_id = $1",
+    )
+    .bind(s.pay)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(receipt, (1, vec![expired.clone()]));
+    // The first run's receipt named the files it wrote.
+    let written: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(archive_keys) FROM retention_receipts WHERE rule = 'archived' AND tenant_id = $1 ORDER BY 1",
+    )
+    .bind(s.pay)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(written, keys);
+
+    let blobs = retention_controller::tasks::blobs::BlobsTask::new(
+        retention_controller::settings::BlobsSettings::default(),
+        storage.clone(),
+    );
+    run_task(&blobs, pool).await;
+    assert!(!storage.exists(expired).await.unwrap());
+    assert!(storage.exists(kept).await.unwrap());
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM object_deletions")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox, 0);
+}
+
 #[tokio::test]
 async fn a_store_that_refuses_keeps_every_waiting_run_and_others_still_go() {
     let db = TestDatabase::new().await;

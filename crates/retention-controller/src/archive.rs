@@ -19,9 +19,10 @@
 //! tasks from the file's first, so the same tasks give the same bytes. Memory: one chunk and one
 //! file.
 //!
-//! Then the step expires archives past their tenant's `archive_retention_period` (manifest row
-//! deleted, object given to the outbox, receipt `archive-expired`), and forgets the records of
-//! archived tasks that are gone.
+//! Then the step forgets the records of archived tasks that are gone, and expires archives past
+//! their tenant's `archive_retention_period` that hold no live task (manifest row deleted, object
+//! given to the outbox in the same transaction, receipt `archive-expired` naming the key); the
+//! blobs task deletes the object, exactly once.
 
 use std::collections::BTreeMap;
 
@@ -181,6 +182,9 @@ pub async fn archive_due(run: &ArchiveRun<'_>) -> Result<Archived, ArchiveError>
             }
         }
     }
+    // Records of archived tasks deleted since (by the last run) first: an archive expires only
+    // once none of its tasks lives.
+    archives::clean_gone(run.pool, 10_000).await?;
     // Archives past their time, a batch per transaction.
     loop {
         if (run.interrupted)() {
@@ -195,7 +199,6 @@ pub async fn archive_due(run: &ArchiveRun<'_>) -> Result<Archived, ArchiveError>
             break;
         }
     }
-    archives::clean_gone(run.pool, 10_000).await?;
     Ok(archived)
 }
 
