@@ -66,6 +66,32 @@ pub enum Command {
         after_help = "Example: engine payload get 42 > output.json"
     )]
     Payload(PayloadCommand),
+    /// Archives of run history (written before an archiving tenant's runs are deleted).
+    #[command(
+        subcommand,
+        after_help = "Example: engine archive list --tenant acme --status failed"
+    )]
+    Archive(ArchiveCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArchiveCommand {
+    /// The archive files written, oldest day first: key, tenant, days, runs by status, bytes.
+    #[command(after_help = "Example: engine archive list --tenant acme --since 2026-11-01 --json")]
+    List {
+        /// Only this tenant's (id or slug).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only files holding days from this date on (YYYY-MM-DD).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only files holding runs that ended in this status.
+        #[arg(long, value_parser = PossibleValuesParser::new(["succeeded", "failed", "cancelled"]))]
+        status: Option<String>,
+        /// As JSON (one array).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +188,48 @@ pub enum TenantCommand {
         after_help = "Example: engine tenant retention set acme 30days"
     )]
     Retention(TenantRetentionCommand),
+    /// A tenant's archive policy: which finished runs are archived before they are deleted.
+    #[command(
+        subcommand,
+        after_help = "Example: engine tenant archive set acme failed --retention 7years"
+    )]
+    Archive(TenantArchiveCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantArchiveCommand {
+    /// Show which final statuses the tenant archives and how long its archives are kept.
+    #[command(after_help = "Example: engine tenant archive get acme --json")]
+    Get {
+        /// The tenant's id or slug.
+        tenant: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the tenant's archive policy; applies from the next task-history run.
+    #[command(after_help = "Examples:
+  engine tenant archive set acme on                      # every final status
+  engine tenant archive set acme failed,cancelled --retention 7years
+  engine tenant archive set acme off --dry-run           # what would change; changes nothing")]
+    Set {
+        /// The tenant's id or slug.
+        tenant: String,
+        /// off, on (every final status), or final statuses separated by commas.
+        #[arg(value_name = "off|on|STATUS[,STATUS]")]
+        archive: String,
+        /// How long archives are kept: a duration from 1day to 100years, or "forever". Moves the
+        /// expiry of the tenant's archives already written too.
+        #[arg(long, value_name = "DURATION|forever")]
+        retention: Option<String>,
+        /// Whether the tenant's runs are still archived after the tenant is deleted (before its
+        /// purge): on or off (the default: a deleted tenant's runs are not archived).
+        #[arg(long, value_name = "on|off")]
+        deleted: Option<String>,
+        /// Print the change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,6 +367,6 @@ mod tests {
                 && checked.contains(&"engine retention receipts".to_string()),
             "{checked:?}"
         );
-        assert_eq!(checked.len(), 21, "{checked:?}");
+        assert_eq!(checked.len(), 26, "{checked:?}");
     }
 }

@@ -278,6 +278,7 @@ mod tests {
             newest: Some(now - Duration::days(31)),
             first_at: now,
             last_at: now,
+            archive_keys: vec![],
         };
         let orphan = Receipt {
             slug: None,

@@ -1,6 +1,7 @@
 //! `engine`: loads the settings, opens the database (the configured one, or a private local
 //! PostgreSQL) and runs a command.
 
+mod archive;
 mod chart;
 mod cli;
 mod database;
@@ -111,6 +112,10 @@ fn main() -> ExitCode {
                 }
                 Command::Hold(command) => hold::hold(&settings, command).await,
                 Command::Payload(command) => payload::payload(&settings, command).await,
+                Command::Archive(command) => archive::archive(&settings, command).await,
+                Command::Tenant(TenantCommand::Archive(command)) => {
+                    archive::tenant_archive(&settings, command).await
+                }
             }
         }
         .instrument(process.clone()),

@@ -8,6 +8,7 @@
 //! fragments ([`rule`]) with their values bound by name ([`sql`]), those naming a partition or a
 //! table, and those whose `SET LOCAL` values are spliced in; each is run by a test.
 
+pub mod archives;
 pub mod batch;
 pub mod clock;
 pub mod demo;

@@ -18,8 +18,11 @@ pub struct Entry {
     pub id: i64,
     pub object_key: String,
     pub tenant_id: Uuid,
-    pub payload_id: i64,
-    pub task_inserted_at: DateTime<Utc>,
+    /// The payload row whose object this is, or the archive (`retention_archives`) whose file
+    /// it is: one of the two.
+    pub payload_id: Option<i64>,
+    pub task_inserted_at: Option<DateTime<Utc>>,
+    pub archive_id: Option<i64>,
     pub size_bytes: i64,
     pub attempts: i32,
 }
@@ -32,7 +35,7 @@ pub async fn due(
 ) -> Result<Vec<Entry>, sqlx::Error> {
     sqlx::query_as!(
         Entry,
-        "SELECT id, object_key, tenant_id, payload_id, task_inserted_at, size_bytes, attempts
+        "SELECT id, object_key, tenant_id, payload_id, task_inserted_at, archive_id, size_bytes, attempts
          FROM object_deletions WHERE next_attempt_at <= $1 ORDER BY next_attempt_at, id LIMIT $2",
         now,
         limit
@@ -41,9 +44,10 @@ pub async fn due(
     .await
 }
 
-/// Of `entries`, the ids of those whose key no payload row points at now: only their objects may
-/// be deleted. (A row pointing at a key in the outbox is a writer's reuse of a key: its object
-/// stays, and the entry is removed with nothing deleted.)
+/// Of `entries`, the ids of those whose key no payload row and no archive points at now: only
+/// their objects may be deleted. (A row pointing at a key in the outbox is a writer's reuse of a
+/// key, or an archive file begun again under its key: its object stays, and the entry is removed
+/// with nothing deleted.)
 pub async fn unreferenced(
     executor: impl PgExecutor<'_>,
     entries: &[Entry],
@@ -53,6 +57,7 @@ pub async fn unreferenced(
         "SELECT o.id FROM object_deletions o
          WHERE o.id = ANY($1)
            AND NOT EXISTS (SELECT 1 FROM task_payloads p WHERE p.external_key = o.object_key)
+           AND NOT EXISTS (SELECT 1 FROM retention_archives a WHERE a.object_key = o.object_key)
          ORDER BY o.id",
         &ids
     )
@@ -91,12 +96,13 @@ pub async fn put_off(
     Ok(())
 }
 
-/// Whether any payload row or outbox entry names `key`: what the sweep checks before deleting
-/// an object it found in the store.
+/// Whether any payload row, archive or outbox entry names `key`: what the sweep checks before
+/// deleting an object it found in the store.
 pub async fn key_known(executor: impl PgExecutor<'_>, key: &str) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar!(
         r#"SELECT EXISTS (SELECT 1 FROM task_payloads WHERE external_key = $1)
-             OR EXISTS (SELECT 1 FROM object_deletions WHERE object_key = $1) AS "known!""#,
+             OR EXISTS (SELECT 1 FROM object_deletions WHERE object_key = $1)
+             OR EXISTS (SELECT 1 FROM retention_archives WHERE object_key = $1) AS "known!""#,
         key
     )
     .fetch_one(executor)

@@ -82,6 +82,9 @@ pub struct Receipt {
     /// When the run first and last deleted under this receipt.
     pub first_at: DateTime<Utc>,
     pub last_at: DateTime<Utc>,
+    /// The archive files named: written by the run (rule `archived`: what went into them, not
+    /// deleted), or expired and given to the outbox (rule `archive-expired`).
+    pub archive_keys: Vec<String>,
 }
 
 /// Receipts, oldest first: of one tenant or all, written since `since` (or all).
@@ -94,7 +97,7 @@ pub async fn list(
     sqlx::query_as!(
         Receipt,
         r#"SELECT r.run_id, r.tenant_id, tn.slug AS "slug?", r.rule, r.task, r.tasks, r.events, r.queue_items, r.payloads, r.logs, r.objects, r.oldest, r.newest,
-                r.first_at, r.last_at
+                r.first_at, r.last_at, r.archive_keys
          FROM retention_receipts r LEFT JOIN tenants tn ON tn.id = r.tenant_id
          WHERE ($1::uuid IS NULL OR r.tenant_id = $1) AND ($2::timestamptz IS NULL OR r.first_at >= $2)
          ORDER BY r.first_at, r.tenant_id, r.rule

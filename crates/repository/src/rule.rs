@@ -13,6 +13,9 @@
 //!   than [`ORPHAN_AGE`] before `now` (its task may not be committed yet).
 //! * **Queue items** ([`Rule::queue_item_due`]): an item whose tenant has `deleted_at` set, or
 //!   whose task does not exist or is final.
+//! * **Archives** ([`Rule::archive_pending`]): a task of a tenant that archives its status is
+//!   due only once a written archive holds it as it is; its log lines stay with it
+//!   ([`Rule::log_kept_for_archive`]).
 //! * **Holds** ([`Rule::held`]) override all three: nothing of a tenant a hold covers, and nothing
 //!   of a task with an id a hold names, while the hold is in force (not removed, `until` not
 //!   passed at `now`).
@@ -92,6 +95,23 @@ impl Rule {
     /// `failed_retention_period`, `cancelled_retention_period`): the `tenants` table, or anything
     /// with its columns (a preview's proposed windows, a rewrite's recorded ones). Never NULL.
     pub fn task_due(&self, t: &str, tn: &str) -> Fragment {
+        self.task_due_with_events(t, tn, "task_events")
+    }
+
+    /// [`Rule::task_due`] for a task whose events are in `events` (a table or partition holding
+    /// every event of the task): a rewrite counting what it dropped reads them from the detached
+    /// source range, no longer part of `task_events`.
+    pub fn task_due_with_events(&self, t: &str, tn: &str, events: &str) -> Fragment {
+        Fragment::text("(")
+            .then(self.task_due_unless_archiving(t, tn))
+            .push(" AND NOT ")
+            .then(self.archive_pending(t, events))
+            .push(")")
+    }
+
+    /// [`Rule::task_due`] but for the archive check: what the archiving writes (a task due by its
+    /// window, not held), before its archive lets it go.
+    pub fn task_due_unless_archiving(&self, t: &str, tn: &str) -> Fragment {
         Fragment::text(format!(
             "(coalesce(CASE WHEN {tn}.id IS NULL THEN false
                            WHEN {tn}.deleted_at IS NOT NULL THEN {tn}.deleted_at < "
@@ -107,6 +127,66 @@ impl Rule {
         .push(" END, false) AND NOT ")
         .then(self.held(&format!("{t}.tenant_id"), &format!("{t}.id")))
         .push(")")
+    }
+
+    /// Whether task `t` (with `id`, `tenant_id`, `status`, `inserted_at`, `finished_at`) waits
+    /// for its archive: its tenant archives tasks of its status (`tenants.archive_statuses`; a
+    /// deleted tenant only with `archive_deleted`) and no written archive holds it as it is now
+    /// (`retention_archived_tasks`: same status and finish, as many events, payloads and log
+    /// lines; one changed since waits for a new archive). Until then the task is not due, on
+    /// every path. `events`: where the task's events are (see [`Rule::task_due_with_events`]).
+    ///
+    /// Read from the live `tenants` whatever the windows' source is (a preview's or a rewrite's
+    /// recorded windows have no archive columns); an archive committed moves the rules' version.
+    /// The archiving tenants, and their (tenant, status) pairs, are uncorrelated init plans:
+    /// another tenant's row pays one array lookup, and only a task recorded as archived pays the
+    /// three counts. Never NULL (an unknown answer is "waits").
+    pub fn archive_pending(&self, t: &str, events: &str) -> Fragment {
+        if testing::archive_check_broken() {
+            return Fragment::text("false");
+        }
+        Fragment::text(format!(
+            "coalesce(CASE WHEN {t}.tenant_id = ANY (ARRAY (SELECT atn.id FROM tenants atn
+                                                   WHERE atn.archive_statuses <> '{{}}'
+                                                     AND (atn.deleted_at IS NULL OR atn.archive_deleted)))
+                          THEN ({t}.tenant_id::text || '/' || {t}.status)
+                                 = ANY (ARRAY (SELECT atn.id::text || '/' || ats.status
+                                               FROM tenants atn, unnest(atn.archive_statuses) AS ats(status)
+                                               WHERE atn.deleted_at IS NULL OR atn.archive_deleted))
+                               AND NOT EXISTS (
+                                   SELECT 1 FROM retention_archived_tasks ra
+                                   WHERE ra.task_inserted_at = {t}.inserted_at AND ra.task_id = {t}.id
+                                     AND ra.status = {t}.status
+                                     AND ra.finished_at IS NOT DISTINCT FROM {t}.finished_at
+                                     AND ra.events = (SELECT count(*) FROM {events} ae
+                                                      WHERE ae.task_id = {t}.id AND ae.task_inserted_at = {t}.inserted_at)
+                                     AND ra.payloads = (SELECT count(*) FROM task_payloads ap
+                                                        WHERE ap.task_id = {t}.id AND ap.task_inserted_at = {t}.inserted_at)
+                                     AND ra.logs = (SELECT count(*) FROM task_logs al
+                                                    WHERE al.task_id = {t}.id AND al.task_inserted_at = {t}.inserted_at))
+                          ELSE false END, true)"
+        ))
+    }
+
+    /// Whether log line `l` (with `tenant_id`, `task_id`, `task_inserted_at`) belongs to a task
+    /// its tenant archives by status: such lines stay until their task goes (they are in its
+    /// archive), whatever the log window. Lines of a task still running go by the log window.
+    pub fn log_kept_for_archive(&self, l: &str) -> Fragment {
+        if testing::archive_check_broken() {
+            return Fragment::text("false");
+        }
+        Fragment::text(format!(
+            "coalesce(CASE WHEN {l}.tenant_id = ANY (ARRAY (SELECT atn.id FROM tenants atn
+                                                   WHERE atn.archive_statuses <> '{{}}'
+                                                     AND (atn.deleted_at IS NULL OR atn.archive_deleted)))
+                          THEN EXISTS (SELECT 1 FROM tasks alt
+                                       WHERE alt.id = {l}.task_id AND alt.inserted_at = {l}.task_inserted_at
+                                         AND (alt.tenant_id::text || '/' || alt.status)
+                                             = ANY (ARRAY (SELECT atn.id::text || '/' || ats.status
+                                                           FROM tenants atn, unnest(atn.archive_statuses) AS ats(status)
+                                                           WHERE atn.deleted_at IS NULL OR atn.archive_deleted)))
+                          ELSE false END, true)"
+        ))
     }
 
     /// Whether tenant `tn` was deleted longer ago than the grace (every task of it is then due,
@@ -206,6 +286,8 @@ impl Rule {
             .then(self.log_cutoff(tn, default_window))
             .push(" AND NOT ")
             .then(self.held(&format!("{l}.tenant_id"), &format!("{l}.task_id")))
+            .push(" AND NOT ")
+            .then(self.log_kept_for_archive(l))
             .push(")")
     }
 
@@ -341,6 +423,28 @@ pub mod testing {
     #[cfg(feature = "testing")]
     pub fn break_the_hold_check(broken: bool) {
         HOLD_CHECK_BROKEN.store(broken, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[cfg(feature = "testing")]
+    static ARCHIVE_CHECK_BROKEN: std::sync::atomic::AtomicBool =
+        std::sync::atomic::AtomicBool::new(false);
+
+    /// Makes [`super::Rule::archive_pending`] say "archived" for everything, to show that each
+    /// path's archive check is that one. Only in builds with the `testing` feature.
+    #[cfg(feature = "testing")]
+    pub fn break_the_archive_check(broken: bool) {
+        ARCHIVE_CHECK_BROKEN.store(broken, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(super) fn archive_check_broken() -> bool {
+        #[cfg(feature = "testing")]
+        {
+            ARCHIVE_CHECK_BROKEN.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "testing"))]
+        {
+            false
+        }
     }
 
     pub(super) fn hold_check_broken() -> bool {

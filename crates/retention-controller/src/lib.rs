@@ -7,6 +7,9 @@
 //!   log line, a deadline and cancellation between batches.
 //! * [`Controller`] runs every task's loop until its `CancellationToken` is cancelled.
 
+pub mod archive;
+pub mod archive_format;
+pub mod archive_policy;
 pub mod batching;
 mod block_walk;
 pub mod clock_guard;

@@ -33,6 +33,8 @@ use crate::settings::SettingError;
 
 /// Where every payload object lives, under the configured prefix.
 pub const PAYLOADS_PREFIX: &str = "payloads/";
+/// Where archive files are (see [`crate::archive::archive_key`]).
+pub const ARCHIVE_PREFIX: &str = "archive/";
 
 /// How old an object with no row must be before a sweep may delete it: longer than any upload
 /// takes to be followed by its row's commit.

@@ -130,6 +130,11 @@ pub const METRICS: &[(&str, Kind, metrics::Unit, &str)] = &[
     ("retention_object_delete_failures_total", Kind::Counter, metrics::Unit::Count, "Object deletes the store refused or could not answer; each is tried again after a backoff."),
     ("retention_outbox_entries", Kind::Gauge, metrics::Unit::Count, "Objects waiting in the outbox (object_deletions) for the blobs task, as its last run ended."),
     ("retention_outbox_oldest_age_seconds", Kind::Gauge, metrics::Unit::Seconds, "Age of the oldest outbox entry as the blobs task's last run ended (seconds; 0 when empty)."),
+    ("retention_archived_tasks_total", Kind::Counter, metrics::Unit::Count, "Tasks written to archive files confirmed by the store (tasks), each with its events, payloads and log lines."),
+    ("retention_archive_bytes_total", Kind::Counter, metrics::Unit::Bytes, "Bytes of archive files confirmed by the store (bytes)."),
+    ("retention_archive_failures_total", Kind::Counter, metrics::Unit::Count, "Archive files not written (the store refused or failed, the read-back differed, the database failed): their tasks wait, by the rule, for a later run."),
+    ("retention_archive_lag_seconds", Kind::Gauge, metrics::Unit::Seconds, "How long the oldest task waiting for its archive has been due (seconds), as the last task-history run ended; 0 when none waits."),
+    ("retention_archives_expired_total", Kind::Counter, metrics::Unit::Count, "Archive files past their tenant's archive_retention_period, their manifest rows deleted and their objects given to the outbox."),
     ("retention_orphan_objects", Kind::Gauge, metrics::Unit::Count, "Objects the last sweep found that no payload row and no outbox entry names, older than storage.orphan_grace (deleted unless the sweep was a dry run)."),
     ("retention_task_interval_seconds", Kind::Gauge, metrics::Unit::Seconds, "The task's interval (retention.<task>.interval) as its loop last read it (seconds)."),
     ("retention_task_max_run_time_seconds", Kind::Gauge, metrics::Unit::Seconds, "The task's longest run (retention.<task>.max_run_time) as its loop last read it (seconds)."),
@@ -180,6 +185,27 @@ pub(crate) fn objects_deleted(source: &'static str, deleted: u64, failed: u64) {
 pub(crate) fn outbox(entries: i64, oldest_age: Duration) {
     metrics::gauge!("retention_outbox_entries").set(entries as f64);
     metrics::gauge!("retention_outbox_oldest_age_seconds").set(oldest_age.as_secs_f64());
+}
+
+/// Archive files confirmed and recorded.
+pub(crate) fn archived(tasks: u64, bytes: u64) {
+    metrics::counter!("retention_archived_tasks_total").increment(tasks);
+    metrics::counter!("retention_archive_bytes_total").increment(bytes);
+}
+
+/// Archive files that failed.
+pub(crate) fn archive_failures(failed: u64) {
+    metrics::counter!("retention_archive_failures_total").increment(failed);
+}
+
+/// The archive lag as a task-history run ended.
+pub(crate) fn archive_lag(lag: Duration) {
+    metrics::gauge!("retention_archive_lag_seconds").set(lag.as_secs_f64());
+}
+
+/// Archive files expired.
+pub(crate) fn archives_expired(files: u64) {
+    metrics::counter!("retention_archives_expired_total").increment(files);
 }
 
 /// Orphan objects the last sweep found.
@@ -363,6 +389,10 @@ mod tests {
         objects_deleted("outbox", 3, 1);
         outbox(4, Duration::from_secs(60));
         orphan_objects(2);
+        archived(30, 4096);
+        archive_failures(1);
+        archive_lag(Duration::from_secs(90));
+        archives_expired(2);
         throttled(true);
         standby_stalled();
         paced("sessions", 1.5);

@@ -171,6 +171,9 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
     }
     let mut matrix = Matrix::default();
     matrix.filler(pool, at, 2_000).await;
+    // The archiving tenant's, archived (or not) before the copy: an archive committed during
+    // the rewrite would move the rules' version under it.
+    matrix.archiving_tenant_tasks(pool, now, at, t.ar).await;
     // Rows of `h`, due until it is held: left out by the copy, before the hold.
     if !final_replay {
         matrix.live_tenant_tasks(pool, now, at, t.h, true).await;

@@ -56,6 +56,8 @@ pub struct Tenants {
     pub dph: Uuid,
     pub f: Uuid,
     pub u: Uuid,
+    /// Archives its failed tasks (windows as `a`'s, but 2 days for every status).
+    pub ar: Uuid,
 }
 
 /// What was seeded, with the fates.
@@ -90,7 +92,14 @@ pub async fn tenants(pool: &PgPool, now: DateTime<Utc>) -> Tenants {
     let dp = insert_tenant(pool, None, Some(now - Span::hours(25))).await;
     let dph = insert_tenant(pool, None, Some(now - Span::hours(25))).await;
     let f = insert_tenant(pool, None, None).await;
+    let ar = insert_tenant(pool, Some("2 days"), None).await;
+    sqlx::query("UPDATE tenants SET archive_statuses = '{failed}' WHERE id = $1")
+        .bind(ar)
+        .execute(pool)
+        .await
+        .unwrap();
     Tenants {
+        ar,
         a,
         h,
         dg,
@@ -108,6 +117,55 @@ pub async fn hold(pool: &PgPool, tenant: Uuid, task: Option<Uuid>) {
         .execute(pool)
         .await
         .unwrap();
+}
+
+/// Records `task` as held by a written archive of `tenant` (a manifest row of its own), as the
+/// task is now: its status, finish, and how many events, payloads and log lines it has.
+pub async fn archive(pool: &PgPool, tenant: Uuid, task: TaskKey) {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO retention_archives (object_key, store, tenant_id, status, first_at, first_task, last_at, last_task,
+                                         run_id, part, state, tasks, bytes, sha256, schema_version, written_at)
+         SELECT 'archive/' || $1::text || '/' || $2::text || '.parquet', 'file:///matrix', $1, t.status,
+                coalesce(t.finished_at, t.inserted_at), t.id, coalesce(t.finished_at, t.inserted_at), t.id,
+                gen_random_uuid(), 0, 'written', 1, 100, 'sha', 1, now()
+           FROM tasks t WHERE t.id = $2 AND t.inserted_at = $3
+         RETURNING id",
+    )
+    .bind(tenant)
+    .bind(task.0)
+    .bind(task.1)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO retention_archived_tasks (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs)
+         SELECT t.id, t.inserted_at, $3, t.status, t.finished_at,
+                (SELECT count(*) FROM task_events e WHERE e.task_id = t.id AND e.task_inserted_at = t.inserted_at),
+                (SELECT count(*) FROM task_payloads p WHERE p.task_id = t.id AND p.task_inserted_at = t.inserted_at),
+                (SELECT count(*) FROM task_logs l WHERE l.task_id = t.id AND l.task_inserted_at = t.inserted_at)
+           FROM tasks t WHERE t.id = $1 AND t.inserted_at = $2",
+    )
+    .bind(task.0)
+    .bind(task.1)
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A log line added to `task` (of `tenant`) after its archive: the archive no longer holds the
+/// task as it is.
+pub async fn add_late_log(pool: &PgPool, tenant: Uuid, task: TaskKey) {
+    sqlx::query(
+        "INSERT INTO task_logs (tenant_id, task_id, task_inserted_at, created_at, level, line)
+         VALUES ($1, $2, $3, $3, 'info', 'written after the archive')",
+    )
+    .bind(tenant)
+    .bind(task.0)
+    .bind(task.1)
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 /// Holds `h` and `dph` whole.
@@ -291,6 +349,7 @@ impl Matrix {
             .await;
         hold(pool, t.a, Some(held_task.0)).await;
         self.deleted_tenants_tasks(pool, now, at, t).await;
+        self.archiving_tenant_tasks(pool, now, at, t.ar).await;
         self.task(
             pool,
             at,
@@ -305,6 +364,67 @@ impl Matrix {
             "no tenant row: succeeded long ago",
         )
         .await;
+    }
+
+    /// Seeds the task rows of `tenant`, which archives its failed tasks, in the range of `at`:
+    /// a failed task past its window goes only once an archive holds it; a succeeded one goes
+    /// without; an archive lets nothing go before its window.
+    pub async fn archiving_tenant_tasks(
+        &mut self,
+        pool: &PgPool,
+        now: DateTime<Utc>,
+        at: DateTime<Utc>,
+        tenant: Uuid,
+    ) {
+        let past = Some(now - Span::days(2) - MINUTE);
+        self.task(
+            pool,
+            at,
+            row(tenant, "failed", past, false, true),
+            "archiving tenant: failed past its window, not archived",
+        )
+        .await;
+        let archived = self
+            .task(
+                pool,
+                at,
+                row(tenant, "failed", past, true, true),
+                "archiving tenant: failed past its window, archived",
+            )
+            .await;
+        archive(pool, tenant, archived).await;
+        let changed = self
+            .task(
+                pool,
+                at,
+                row(tenant, "failed", past, false, true),
+                "archiving tenant: failed past its window, archived, then a log line added",
+            )
+            .await;
+        archive(pool, tenant, changed).await;
+        add_late_log(pool, tenant, changed).await;
+        self.task(
+            pool,
+            at,
+            row(tenant, "succeeded", past, true, true),
+            "archiving tenant: succeeded past its window (not a status it archives)",
+        )
+        .await;
+        let young = self
+            .task(
+                pool,
+                at,
+                row(
+                    tenant,
+                    "failed",
+                    Some(now - Span::days(2) + MINUTE),
+                    false,
+                    true,
+                ),
+                "archiving tenant: failed within its window, archived",
+            )
+            .await;
+        archive(pool, tenant, young).await;
     }
 
     /// Seeds the deleted tenants' task rows in the range of `at`.
@@ -522,6 +642,20 @@ impl Matrix {
     }
 
     /// Whether every violation is a row a hold covers, deleted.
+    /// Whether the violations are the archiving tenant's task waiting for its archive, deleted
+    /// (the task among them), and what goes with it.
+    pub fn only_unarchived_rows_deleted(violations: &[String]) -> bool {
+        const TASK: &str =
+            "deleted (to keep): archiving tenant: failed past its window, not archived";
+        const CHANGED: &str =
+            "deleted (to keep): archiving tenant: failed past its window, archived, then a log line added";
+        violations.iter().any(|v| v == TASK)
+            && violations.iter().any(|v| v == CHANGED)
+            && violations
+                .iter()
+                .all(|v| v.starts_with(TASK) || v.starts_with(CHANGED))
+    }
+
     pub fn only_held_rows_deleted(violations: &[String]) -> bool {
         violations.iter().all(|v| {
             v.starts_with("deleted (to keep): held")

@@ -1,6 +1,6 @@
-//! `blobs`: deletes the stored objects of payload rows that are gone, exactly once and only after
-//! the rows' delete committed; and, as a backstop, objects under the engine's prefix that no row
-//! and no outbox entry names.
+//! `blobs`: deletes the stored objects of payload rows that are gone, and the files of archives
+//! that expired, exactly once and only after the rows' delete committed; and, as a backstop,
+//! objects under the engine's prefix that no row and no outbox entry names.
 //!
 //! The intent is in the outbox (`object_deletions`), written by trigger in the transaction that
 //! deleted the payload row ([`repository::outbox`]). A batch reads entries, deletes their objects
@@ -9,9 +9,9 @@
 //! to [`MAX_BACKOFF`]. A crash anywhere leaves the entry for the next run: deleting an object
 //! twice is harmless, forgetting one is not.
 //!
-//! The sweep, every `storage.sweep_interval`, lists the store under `payloads/` and deletes objects
-//! older than `storage.orphan_grace` that neither a payload row nor an outbox entry names (an
-//! object put by a writer that crashed before inserting its row). Its first run only counts,
+//! The sweep, every `storage.sweep_interval`, lists the store under `payloads/` and `archive/` and
+//! deletes objects older than `storage.orphan_grace` that no payload row, archive (manifest row)
+//! or outbox entry names (an object put by a writer that crashed before inserting its row). Its first run only counts,
 //! unless `storage.sweep_dry_run = false`.
 
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::schedule::Schedule;
 pub use crate::settings::BlobsSettings;
-use crate::storage::{Storage, PAYLOADS_PREFIX};
+use crate::storage::{Storage, ARCHIVE_PREFIX, PAYLOADS_PREFIX};
 use crate::task::{DryRunReport, MaintenanceTask, RunContext, RunReport, TaskError};
 
 pub const NAME: &str = "blobs";
@@ -163,8 +163,8 @@ impl BlobsTask {
         })
     }
 
-    /// The backstop: objects under `payloads/` older than the grace that no row and no outbox
-    /// entry names.
+    /// The backstop: objects under `payloads/` and `archive/` older than the grace that no
+    /// payload row, archive and outbox entry names.
     async fn sweep(
         &self,
         ctx: &RunContext,
@@ -181,11 +181,12 @@ impl BlobsTask {
                 "the object store is not there; no sweep: {error}"
             )));
         }
-        let listed = self
-            .storage
-            .list_all(PAYLOADS_PREFIX)
-            .await
-            .map_err(|error| TaskError::Incomplete(format!("listing the object store: {error}")))?;
+        let mut listed = Vec::new();
+        for prefix in [PAYLOADS_PREFIX, ARCHIVE_PREFIX] {
+            listed.extend(self.storage.list_all(prefix).await.map_err(|error| {
+                TaskError::Incomplete(format!("listing the object store: {error}"))
+            })?);
+        }
         let mut orphans = Vec::new();
         for object in &listed {
             if ctx.interrupted().is_some() {

@@ -21,17 +21,19 @@ pub fn all(
     settings: &RetentionSettings,
     storage: Option<(Arc<Storage>, &StorageSettings)>,
 ) -> Vec<Arc<dyn MaintenanceTask>> {
+    let mut history = task_history::TaskHistoryTask::new(settings.task_history.clone())
+        .with_compaction_lock_timeout(settings.partitions.lock_timeout)
+        .with_orphan_sweep_interval(settings.queue_items.sweep_interval)
+        .with_log_window(settings.task_logs.max_age);
+    if let Some((storage, _)) = &storage {
+        history = history.with_archive_storage(storage.clone());
+    }
     let mut tasks: Vec<Arc<dyn MaintenanceTask>> = vec![
         Arc::new(partitions::PartitionsTask::new(
             settings.partitions.clone(),
             settings.task_history.deleted_tenant_grace,
         )),
-        Arc::new(
-            task_history::TaskHistoryTask::new(settings.task_history.clone())
-                .with_compaction_lock_timeout(settings.partitions.lock_timeout)
-                .with_orphan_sweep_interval(settings.queue_items.sweep_interval)
-                .with_log_window(settings.task_logs.max_age),
-        ),
+        Arc::new(history),
         Arc::new(queue_items::QueueItemsTask::new(
             settings.queue_items.clone(),
         )),

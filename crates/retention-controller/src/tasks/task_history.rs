@@ -54,6 +54,9 @@ pub struct TaskHistoryTask {
     /// The measured costs, and when they were read: they move slowly, so a run reads them at
     /// most every few minutes.
     costs: std::sync::Mutex<Option<(Costs, std::time::Instant)>>,
+    /// Where archiving tenants' runs are written before they may go (`storage.url`); none: an
+    /// archiving tenant's tasks wait (the rule keeps them until an archive holds them).
+    archive_storage: Option<std::sync::Arc<crate::storage::Storage>>,
 }
 
 /// How long measured costs are used before they are read again.
@@ -119,6 +122,7 @@ impl TaskHistoryTask {
             compaction_lock_timeout: crate::settings::DEFAULT_HISTORY_LOCK_TIMEOUT,
             log_window: crate::settings::DEFAULT_LOG_MAX_AGE,
             costs: Default::default(),
+            archive_storage: None,
         }
     }
 
@@ -131,6 +135,63 @@ impl TaskHistoryTask {
     }
 
     /// Every range's events are swept for late orphans this often (`retention.queue_items.sweep_interval`).
+    /// Archives go to `storage` (see [`crate::archive`]).
+    pub fn with_archive_storage(self, storage: std::sync::Arc<crate::storage::Storage>) -> Self {
+        TaskHistoryTask {
+            archive_storage: Some(storage),
+            ..self
+        }
+    }
+
+    /// The archiving tenants' due tasks written to their archives, before anything is deleted.
+    async fn archive_due(&self, ctx: &RunContext, report: &mut RunReport) -> Result<(), TaskError> {
+        let Some(storage) = &self.archive_storage else {
+            return Ok(());
+        };
+        let rule = ctx.rule(self.settings.deleted_tenant_grace);
+        let interrupted = || ctx.interrupted().is_some();
+        let run = crate::archive::ArchiveRun {
+            pool: &ctx.pool,
+            storage,
+            rule: &rule,
+            run_id: ctx.run_id,
+            lease_run: Some(ctx.run_id),
+            receipt: receipt(ctx),
+            limits: crate::archive::ArchiveLimits::default(),
+            interrupted: &interrupted,
+        };
+        let archived = match crate::archive::archive_due(&run).await {
+            Ok(archived) => archived,
+            // The rest of the run goes on: what waits for its archive stays, by the rule.
+            Err(error) => crate::archive::Archived {
+                failures: 1,
+                first_error: Some(error.to_string()),
+                ..Default::default()
+            },
+        };
+        report.count("archive files written", archived.files);
+        report.count("tasks archived", archived.tasks);
+        report.count("archive bytes written", archived.bytes);
+        report.count("archives expired", archived.expired);
+        if archived.failures > 0 {
+            report.count("archive failures", archived.failures);
+            tracing::warn!(failures = archived.failures, first_error = archived.first_error.as_deref().unwrap_or(""), "some archive files were not written; their tasks stay until a run archives them");
+        }
+        if !archived.keys.is_empty() {
+            tracing::info!(files = archived.files, tasks = archived.tasks, bytes = archived.bytes, keys = ?archived.keys, "archived");
+        }
+        // The archive lag: how long the oldest waiting task has been due.
+        if let Ok(mut conn) = ctx.pool.acquire().await {
+            if let Ok(oldest) = repository::archives::oldest_waiting(&mut conn, &rule).await {
+                let lag = oldest
+                    .map(|at| (ctx.now() - at).to_std().unwrap_or_default())
+                    .unwrap_or_default();
+                crate::telemetry::archive_lag(lag);
+            }
+        }
+        Ok(())
+    }
+
     pub fn with_orphan_sweep_interval(self, interval: Duration) -> Self {
         TaskHistoryTask {
             orphan_sweep_interval: interval,
@@ -881,6 +942,7 @@ impl MaintenanceTask for TaskHistoryTask {
 
     async fn run(&self, ctx: &RunContext) -> Result<RunReport, TaskError> {
         let mut report = RunReport::default();
+        self.archive_due(ctx, &mut report).await?;
         // The due rows get most of the run; the orphan walk keeps the rest, so that a purge that
         // reaches its deadline does not starve it.
         self.purge_due(&ctx.narrowed(PURGE_SHARE), &mut report)

@@ -155,7 +155,8 @@ pub async fn chunk(
                  FROM went",
             );
             sql.raw("tasks", tasks)
-                .with("due", recorded.task_due("t", "rt"))
+                // The dropped tasks' events are in the detached source, not in `task_events`.
+                .with("due", recorded.task_due_with_events("t", "rt", &events))
                 .with("queue_due", queue_rule.queue_item_due("q"))
                 .with(
                     "dependents",
@@ -208,9 +209,9 @@ pub async fn chunk(
                         {version} AS rules_version
                  FROM went",
             );
-            sql.raw("events", events)
+            sql.raw("events", events.clone())
                 .raw("tasks", tasks.clone())
-                .with("due", recorded.task_due("ev", "rt"))
+                .with("due", recorded.task_due_with_events("ev", "rt", &events))
                 .with("orphan_due", recorded.orphan_due("o", &tasks));
             sql
         }
