@@ -171,12 +171,20 @@ async fn run(
 }
 
 pub async fn archive(settings: &Settings, command: ArchiveCommand) -> anyhow::Result<ExitCode> {
-    let ArchiveCommand::List {
-        tenant,
-        since,
-        status,
-        json,
-    } = command;
+    let (tenant, since, status, json) = match command {
+        ArchiveCommand::List {
+            tenant,
+            since,
+            status,
+            json,
+        } => (tenant, since, status, json),
+        ArchiveCommand::Restore {
+            tenant,
+            from,
+            to,
+            into,
+        } => return restore(settings, &tenant, &from, &to, &into).await,
+    };
     let since = match since
         .as_deref()
         .map(|s| s.parse::<chrono::NaiveDate>())
@@ -248,4 +256,155 @@ pub async fn archive(settings: &Settings, command: ArchiveCommand) -> anyhow::Re
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn day(what: &str, value: &str) -> Result<chrono::NaiveDate, String> {
+    value
+        .parse::<chrono::NaiveDate>()
+        .map_err(|_| format!("invalid {what} {value:?}: allowed: a date, YYYY-MM-DD"))
+}
+
+/// `engine archive restore`: the files of `tenant` holding days `from` to `to`, each checked
+/// against its manifest row, their runs of those days loaded into `into` in one transaction.
+async fn restore(
+    settings: &Settings,
+    tenant: &str,
+    from: &str,
+    to: &str,
+    into: &str,
+) -> anyhow::Result<ExitCode> {
+    let (from, to) = match (day("--from", from), day("--to", to)) {
+        (Ok(from), Ok(to)) if from <= to => (from, to),
+        (Ok(from), Ok(to)) => {
+            return refuse(format!(
+                "invalid --from {from} after --to {to}: allowed: --from on or before --to"
+            ))
+        }
+        (Err(e), _) | (_, Err(e)) => return refuse(e),
+    };
+    let db = Database::open(settings, settings.database.migrate).await?;
+    let result = restore_with(settings, &db, tenant, from, to, into).await;
+    db.close().await;
+    match result? {
+        Ok(line) => {
+            output::line(line)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(refusal) => refuse(refusal),
+    }
+}
+
+async fn restore_with(
+    settings: &Settings,
+    db: &Database,
+    tenant: &str,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+    into: &str,
+) -> anyhow::Result<Result<String, String>> {
+    use retention_controller::archive_format;
+    use sha2::{Digest, Sha256};
+    let mut conn = db.pool.acquire().await?;
+    if let Some(reason) = repository::restore::refusal(&mut conn, into).await? {
+        return Ok(Err(format!(
+            "invalid --into {into:?}: {reason}; allowed: {}",
+            repository::restore::ALLOWED_SCHEMA
+        )));
+    }
+    let Some(policy) = archives::policy(&mut *conn, tenant).await? else {
+        return Ok(Err(format!("no tenant with id or slug {tenant:?}")));
+    };
+    let mut files = archives::list_between(&mut *conn, Some(policy.id), Some(from), Some(to), None).await?;
+    // Oldest written first: a run archived again (it changed) ends as its later file has it.
+    files.sort_by_key(|a| (a.written_at, a.id));
+    let storage = settings.open_storage()?;
+    let store = retention_controller::archive::store_id(&storage);
+    // Every file read and checked before anything is loaded.
+    let mut loaded = Vec::new();
+    for file in &files {
+        if file.store != store {
+            return Ok(Err(format!(
+                "the archive {} is in the store {}, not in storage.url's {store}: set storage.url to it to restore",
+                file.object_key, file.store
+            )));
+        }
+        let bytes = storage
+            .get(&file.object_key)
+            .await
+            .map_err(|error| anyhow::anyhow!("reading {}: {error}", file.object_key))?
+            .ok_or_else(|| anyhow::anyhow!("the archive {} is not in the store", file.object_key))?;
+        let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        if Some(bytes.len() as i64) != file.bytes || Some(&sha256) != file.sha256.as_ref() {
+            anyhow::bail!(
+                "the archive {} in the store is not the file recorded ({} bytes, SHA-256 {sha256}; recorded {:?} bytes, {:?}): nothing restored",
+                file.object_key,
+                bytes.len(),
+                file.bytes,
+                file.sha256
+            );
+        }
+        let runs = archive_format::read(bytes)
+            .map_err(|error| anyhow::anyhow!("reading {}: {error}", file.object_key))?;
+        loaded.push((file.object_key.clone(), runs));
+    }
+    let mut tx = db.pool.begin().await?;
+    repository::restore::prepare(&mut tx, into).await?;
+    let (mut tasks, mut events, mut payloads, mut logs) = (0u64, 0usize, 0usize, 0usize);
+    for (key, runs) in loaded {
+        let mut columns = repository::restore::Runs::default();
+        for run in runs {
+            let day = run.finished_at.unwrap_or(run.inserted_at).date_naive();
+            if day < from || day > to {
+                continue;
+            }
+            events += run.events.len();
+            payloads += run.payloads.len();
+            logs += run.logs.len();
+            push_run(&mut columns, &key, run);
+        }
+        tasks += repository::restore::load(&mut tx, into, &columns).await?;
+    }
+    tx.commit().await?;
+    Ok(Ok(format!(
+        "restored {tasks} runs of {} ({events} events, {payloads} payloads, {logs} log lines) from {} archive files into schema {into}",
+        policy.slug,
+        files.len()
+    )))
+}
+
+fn push_run(c: &mut repository::restore::Runs, key: &str, run: retention_controller::archive_format::ArchivedTask) {
+    for e in run.events {
+        c.event_id.push(e.id);
+        c.event_task.push(run.task_id);
+        c.event_task_inserted_at.push(run.inserted_at);
+        c.event_type.push(e.event_type);
+        c.event_created_at.push(e.created_at);
+        c.event_data.push(e.data);
+    }
+    for p in run.payloads {
+        c.payload_id.push(p.id);
+        c.payload_task.push(run.task_id);
+        c.payload_task_inserted_at.push(run.inserted_at);
+        c.payload_kind.push(p.kind);
+        c.payload_location.push(p.location);
+        c.payload_inline.push(p.inline_content);
+        c.payload_key.push(p.external_key);
+        c.payload_size.push(p.size_bytes);
+        c.payload_created_at.push(p.created_at);
+    }
+    for l in run.logs {
+        c.log_id.push(l.id);
+        c.log_task.push(run.task_id);
+        c.log_task_inserted_at.push(run.inserted_at);
+        c.log_created_at.push(l.created_at);
+        c.log_level.push(l.level);
+        c.log_line.push(l.line);
+    }
+    c.task_tenant.push(run.tenant_id);
+    c.task_id.push(run.task_id);
+    c.task_status.push(run.status);
+    c.task_inserted_at.push(run.inserted_at);
+    c.task_finished_at.push(run.finished_at);
+    c.task_payload.push(run.payload);
+    c.task_archive_key.push(key.to_string());
 }

@@ -92,6 +92,27 @@ pub enum ArchiveCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Load a tenant's archived runs of some days into a schema of your choosing (created if
+    /// missing; never the live tables, where retention would delete them again). Each file is
+    /// checked against its manifest row (size, SHA-256) first; a run restored again replaces
+    /// its earlier copy.
+    #[command(
+        after_help = "Example: engine archive restore --tenant acme --from 2026-11-01 --to 2026-11-30 --into restored_acme"
+    )]
+    Restore {
+        /// The tenant's id or slug.
+        #[arg(long)]
+        tenant: String,
+        /// The first day (YYYY-MM-DD, UTC) of the runs' finish (else insertion).
+        #[arg(long)]
+        from: String,
+        /// The last day, inclusive.
+        #[arg(long)]
+        to: String,
+        /// The schema to load into: tables tasks, task_events, task_payloads and task_logs.
+        #[arg(long)]
+        into: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -367,6 +388,6 @@ mod tests {
                 && checked.contains(&"engine retention receipts".to_string()),
             "{checked:?}"
         );
-        assert_eq!(checked.len(), 26, "{checked:?}");
+        assert_eq!(checked.len(), 27, "{checked:?}");
     }
 }

@@ -22,6 +22,7 @@ pub mod payloads;
 pub mod queue_items;
 pub mod receipts;
 pub mod replication;
+pub mod restore;
 pub mod rule;
 pub mod sessions;
 pub mod sql;

@@ -18,7 +18,9 @@ use arrow_array::builder::{
     BinaryBuilder, Int64Builder, ListBuilder, StringBuilder, StructBuilder,
     TimestampMicrosecondBuilder,
 };
-use arrow_array::{ArrayRef, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_array::{
+    Array, ArrayRef, Int32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
@@ -273,9 +275,228 @@ impl FileWriter {
     }
 }
 
+/// Why a file could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error(transparent)]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error("schema version {found:?} in the file's metadata; this engine reads version {SCHEMA_VERSION}")]
+    Version { found: Option<String> },
+    #[error("column {0}: {1}")]
+    Column(&'static str, String),
+}
+
+/// Reads a whole archive file back (of [`SCHEMA_VERSION`]): its runs in file order.
+pub fn read(bytes: bytes::Bytes) -> Result<Vec<ArchivedTask>, ReadError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let version = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|e| e.key == SCHEMA_VERSION_KEY))
+        .and_then(|e| e.value.clone());
+    if version.as_deref() != Some(&SCHEMA_VERSION.to_string()) {
+        return Err(ReadError::Version { found: version });
+    }
+    let mut tasks = Vec::new();
+    for batch in builder.build()? {
+        read_batch(&batch?, &mut tasks)?;
+    }
+    Ok(tasks)
+}
+
+fn column<'a>(
+    batch: &'a RecordBatch,
+    name: &'static str,
+) -> Result<&'a ArrayRef, ReadError> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| ReadError::Column(name, "missing".into()))
+}
+
+fn struct_column<'a>(
+    array: &'a arrow_array::StructArray,
+    name: &'static str,
+) -> Result<&'a ArrayRef, ReadError> {
+    array
+        .column_by_name(name)
+        .ok_or_else(|| ReadError::Column(name, "missing".into()))
+}
+
+fn strings<'a>(array: &'a ArrayRef, name: &'static str) -> Result<&'a StringArray, ReadError> {
+    array
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| ReadError::Column(name, "not strings".into()))
+}
+
+fn times<'a>(
+    array: &'a ArrayRef,
+    name: &'static str,
+) -> Result<&'a TimestampMicrosecondArray, ReadError> {
+    array
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .ok_or_else(|| ReadError::Column(name, "not timestamps (µs)".into()))
+}
+
+fn int64s<'a>(array: &'a ArrayRef, name: &'static str) -> Result<&'a arrow_array::Int64Array, ReadError> {
+    array
+        .as_any()
+        .downcast_ref::<arrow_array::Int64Array>()
+        .ok_or_else(|| ReadError::Column(name, "not int64".into()))
+}
+
+fn instant(array: &TimestampMicrosecondArray, i: usize, name: &'static str) -> Result<DateTime<Utc>, ReadError> {
+    DateTime::from_timestamp_micros(array.value(i))
+        .ok_or_else(|| ReadError::Column(name, format!("{} is out of range", array.value(i))))
+}
+
+fn optional_instant(
+    array: &TimestampMicrosecondArray,
+    i: usize,
+    name: &'static str,
+) -> Result<Option<DateTime<Utc>>, ReadError> {
+    if array.is_null(i) {
+        Ok(None)
+    } else {
+        instant(array, i, name).map(Some)
+    }
+}
+
+fn optional_string(array: &StringArray, i: usize) -> Option<String> {
+    (!array.is_null(i)).then(|| array.value(i).to_string())
+}
+
+fn uuid_at(array: &StringArray, i: usize, name: &'static str) -> Result<Uuid, ReadError> {
+    array
+        .value(i)
+        .parse()
+        .map_err(|e| ReadError::Column(name, format!("{:?} is not a UUID ({e})", array.value(i))))
+}
+
+/// The structs of row `i` of list column `name`.
+fn items(
+    batch: &RecordBatch,
+    name: &'static str,
+    i: usize,
+) -> Result<arrow_array::StructArray, ReadError> {
+    let list = column(batch, name)?
+        .as_any()
+        .downcast_ref::<arrow_array::ListArray>()
+        .ok_or_else(|| ReadError::Column(name, "not a list".into()))?;
+    let value = list.value(i);
+    value
+        .as_any()
+        .downcast_ref::<arrow_array::StructArray>()
+        .cloned()
+        .ok_or_else(|| ReadError::Column(name, "not a list of structs".into()))
+}
+
+fn read_batch(batch: &RecordBatch, into: &mut Vec<ArchivedTask>) -> Result<(), ReadError> {
+    let tenant = strings(column(batch, "tenant_id")?, "tenant_id")?;
+    let task = strings(column(batch, "task_id")?, "task_id")?;
+    let status = strings(column(batch, "status")?, "status")?;
+    let inserted = times(column(batch, "inserted_at")?, "inserted_at")?;
+    let finished = times(column(batch, "finished_at")?, "finished_at")?;
+    let payload = strings(column(batch, "payload")?, "payload")?;
+    for i in 0..batch.num_rows() {
+        let mut row = ArchivedTask {
+            tenant_id: uuid_at(tenant, i, "tenant_id")?,
+            task_id: uuid_at(task, i, "task_id")?,
+            status: status.value(i).to_string(),
+            inserted_at: instant(inserted, i, "inserted_at")?,
+            finished_at: optional_instant(finished, i, "finished_at")?,
+            payload: optional_string(payload, i),
+            events: Vec::new(),
+            payloads: Vec::new(),
+            logs: Vec::new(),
+        };
+        let events = items(batch, "events", i)?;
+        let (id, kind, created, data) = (
+            int64s(struct_column(&events, "id")?, "events.id")?,
+            strings(struct_column(&events, "event_type")?, "events.event_type")?,
+            times(struct_column(&events, "created_at")?, "events.created_at")?,
+            strings(struct_column(&events, "data")?, "events.data")?,
+        );
+        for j in 0..events.len() {
+            row.events.push(ArchivedEvent {
+                id: id.value(j),
+                event_type: kind.value(j).to_string(),
+                created_at: instant(created, j, "events.created_at")?,
+                data: optional_string(data, j),
+            });
+        }
+        let payloads = items(batch, "payloads", i)?;
+        let inline = struct_column(&payloads, "inline_content")?
+            .as_any()
+            .downcast_ref::<arrow_array::BinaryArray>()
+            .ok_or_else(|| ReadError::Column("payloads.inline_content", "not binary".into()))?;
+        let (id, kind, location, key, size, created) = (
+            int64s(struct_column(&payloads, "id")?, "payloads.id")?,
+            strings(struct_column(&payloads, "kind")?, "payloads.kind")?,
+            strings(struct_column(&payloads, "location")?, "payloads.location")?,
+            strings(struct_column(&payloads, "external_key")?, "payloads.external_key")?,
+            int64s(struct_column(&payloads, "size_bytes")?, "payloads.size_bytes")?,
+            times(struct_column(&payloads, "created_at")?, "payloads.created_at")?,
+        );
+        for j in 0..payloads.len() {
+            row.payloads.push(ArchivedPayload {
+                id: id.value(j),
+                kind: kind.value(j).to_string(),
+                location: location.value(j).to_string(),
+                inline_content: (!inline.is_null(j)).then(|| inline.value(j).to_vec()),
+                external_key: optional_string(key, j),
+                size_bytes: size.value(j),
+                created_at: instant(created, j, "payloads.created_at")?,
+            });
+        }
+        let logs = items(batch, "logs", i)?;
+        let (id, created, level, line) = (
+            int64s(struct_column(&logs, "id")?, "logs.id")?,
+            times(struct_column(&logs, "created_at")?, "logs.created_at")?,
+            strings(struct_column(&logs, "level")?, "logs.level")?,
+            strings(struct_column(&logs, "line")?, "logs.line")?,
+        );
+        for j in 0..logs.len() {
+            row.logs.push(ArchivedLog {
+                id: id.value(j),
+                created_at: instant(created, j, "logs.created_at")?,
+                level: level.value(j).to_string(),
+                line: line.value(j).to_string(),
+            });
+        }
+        into.push(row);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_reads_back_as_written_in_two_row_groups() {
+        let rows = sample();
+        let mut writer = FileWriter::new().unwrap();
+        writer.write(&rows[..1]).unwrap();
+        writer.write(&rows[1..]).unwrap();
+        let bytes = writer.finish().unwrap();
+        assert_eq!(read(bytes::Bytes::from(bytes)).unwrap(), rows);
+    }
+
+    #[test]
+    fn a_file_of_another_schema_version_is_refused() {
+        let batch = batch(&sample()).unwrap();
+        let mut writer = ArrowWriter::try_new(Vec::new(), schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        let bytes = writer.into_inner().unwrap();
+        let error = read(bytes::Bytes::from(bytes)).unwrap_err().to_string();
+        assert!(error.contains("this engine reads version 1"), "{error}");
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
