@@ -89,21 +89,15 @@ CREATE TABLE retention_archived_tasks (
 );
 CREATE INDEX retention_archived_tasks_archive_idx ON retention_archived_tasks (archive_id);
 
--- An archive committed makes its tasks due: a change of the rules, like a tenant's windows. The
--- facts look at the tenant's ranges again (a pair visited while its rows waited is visited
--- again), and a delete or rewrite that read the rules before it checks again. Archives are
--- committed only at the start of a task-history run, before its deletes, under its lease: no
--- merge or rewrite of the same task is in flight then.
+-- An archive committed makes its tasks due: the facts look at the tenant's ranges again (a pair
+-- visited while its rows waited is visited again). It does not move the rules' version: an
+-- archive only makes rows due, so a delete or a rewrite that read the rules before it deletes
+-- less, never more (a rewrite's count asks whether a task left the live tables), and a long
+-- merge is never failed by archives committed while it copies.
 CREATE FUNCTION retention_log_archived() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    changed bigint;
 BEGIN
-    PERFORM pg_advisory_xact_lock(retention_rules_lock_key());
-    UPDATE retention_rules SET version = version + 1 RETURNING version INTO changed;
     INSERT INTO history_changes (relid, op, tenant_id)
         SELECT DISTINCT 0, 'T', a.tenant_id FROM added n JOIN retention_archives a ON a.id = n.archive_id;
-    INSERT INTO retention_rule_changes (version, tenant_id)
-        SELECT DISTINCT changed, a.tenant_id FROM added n JOIN retention_archives a ON a.id = n.archive_id;
     RETURN NULL;
 END
 $$;

@@ -47,6 +47,9 @@ pub struct PendingTask {
     /// `coalesce(finished_at, inserted_at)`: the instant its window counts from, and the walk's
     /// order (with the id).
     pub key_at: DateTime<Utc>,
+    /// Since when it has been due: its instant plus its window (its tenant's deletion plus the
+    /// grace, for a deleted tenant's).
+    pub due_since: DateTime<Utc>,
 }
 
 impl PendingTask {
@@ -80,12 +83,16 @@ pub async fn pending(
     Sql::new(
         "WITH tn AS MATERIALIZED (SELECT * FROM tenants WHERE id = {tenant})
          SELECT t.id, t.tenant_id, t.status, t.inserted_at, t.finished_at, t.payload::text AS payload,
-                coalesce(t.finished_at, t.inserted_at) AS key_at
+                coalesce(t.finished_at, t.inserted_at) AS key_at,
+                (CASE WHEN tn.deleted_at IS NULL THEN coalesce(t.finished_at, t.inserted_at) + ({now} - {cutoff2})
+                      ELSE tn.deleted_at + {grace} END) AS due_since
            FROM tn CROSS JOIN LATERAL (
                 SELECT * FROM tasks t
-                 WHERE t.tenant_id = tn.id AND t.status = {status}
+                 WHERE t.tenant_id = tn.id AND t.status = '{status}'
                    AND coalesce(t.finished_at, t.inserted_at)
-                       < (CASE WHEN tn.deleted_at IS NOT NULL THEN 'infinity'::timestamptz ELSE {cutoff} END)
+                       < (CASE WHEN tn.deleted_at IS NULL THEN {cutoff}
+                               WHEN {purged} THEN 'infinity'::timestamptz
+                               ELSE '-infinity'::timestamptz END)
                    AND (coalesce(t.finished_at, t.inserted_at), t.id) > ({after_at}, {after_id})
                    AND (coalesce(t.finished_at, t.inserted_at), t.id) <= ({through_at}, {through_id})
                    AND {due} AND {pending}
@@ -94,14 +101,19 @@ pub async fn pending(
           ORDER BY key_at, t.id",
     )
     .bind("tenant", tenant)
-    .bind("status", status.as_str())
+    // A literal: `tasks_due_idx` is partial (final statuses), which a parameter would not prove.
+    .raw("status", status.as_str())
     .with("cutoff", rule.status_cutoff(status, "tn"))
+    .with("purged", rule.tenant_purged("tn"))
+    .with("cutoff2", rule.status_cutoff(status, "tn"))
+    .bind("now", rule.now)
+    .bind("grace", crate::rule::interval(rule.grace))
     .bind("after_at", after_at)
     .bind("after_id", after_id)
     .bind("through_at", through_at)
     .bind("through_id", through_id)
     .with("due", rule.task_due_unless_archiving("t", "tn"))
-    .with("pending", rule.archive_pending("t", "task_events"))
+    .with("pending", rule.archive_pending("t"))
     .bind("limit", limit)
     .build_query_as()
     .fetch_all(conn)
@@ -527,15 +539,18 @@ pub async fn forget(executor: impl PgExecutor<'_>, id: i64) -> Result<u64, sqlx:
     )
 }
 
-/// Removes up to `limit` records of archived tasks that are gone (their task deleted): they
-/// let nothing go any more, and an archive expires only once none of its tasks is recorded.
-/// Not while a rewrite's detached source waits to be counted (its count reads them). Returns
-/// how many.
+/// Removes up to `limit` records of archived tasks that are gone (their task deleted, and no
+/// row of theirs left: see [`late_rows`]): they let nothing go any more, and an archive expires
+/// only once none of its tasks is recorded. Not while a rewrite's detached source waits to be
+/// counted (its count reads them). Returns how many.
 pub async fn clean_gone(executor: impl PgExecutor<'_>, limit: i64) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
         "DELETE FROM retention_archived_tasks WHERE (task_inserted_at, task_id) IN (
              SELECT ra.task_inserted_at, ra.task_id FROM retention_archived_tasks ra
               WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ra.task_id AND t.inserted_at = ra.task_inserted_at)
+                AND NOT EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = ra.task_id AND e.task_inserted_at = ra.task_inserted_at)
+                AND NOT EXISTS (SELECT 1 FROM task_payloads p WHERE p.task_id = ra.task_id AND p.task_inserted_at = ra.task_inserted_at)
+                AND NOT EXISTS (SELECT 1 FROM task_logs l WHERE l.task_id = ra.task_id AND l.task_inserted_at = ra.task_inserted_at)
               LIMIT $1)
            AND NOT EXISTS (SELECT 1 FROM history_detached)",
     )
@@ -543,6 +558,34 @@ pub async fn clean_gone(executor: impl PgExecutor<'_>, limit: i64) -> Result<u64
     .execute(executor)
     .await?
     .rows_affected())
+}
+
+/// Rows (events, payloads, log lines) left of runs an archiving tenant had archived and
+/// retention deleted: written while the run's delete ran, after its snapshot, so in no archive.
+/// The orphan rules keep them ([`Rule::orphan_of_archived`]); an operator decides (see
+/// docs/operations.md, "Archiving").
+pub async fn late_rows(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum((SELECT count(*) FROM task_events e WHERE e.task_id = ra.task_id AND e.task_inserted_at = ra.task_inserted_at)
+                           + (SELECT count(*) FROM task_payloads p WHERE p.task_id = ra.task_id AND p.task_inserted_at = ra.task_inserted_at)
+                           + (SELECT count(*) FROM task_logs l WHERE l.task_id = ra.task_id AND l.task_inserted_at = ra.task_inserted_at)), 0)::bigint
+           FROM retention_archived_tasks ra
+          WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ra.task_id AND t.inserted_at = ra.task_inserted_at)",
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// Whether run `run` holds task-history's lease now: checked before each upload, so that a
+/// run that lost it does not write a file another run may be writing.
+pub async fn lease_held(executor: impl PgExecutor<'_>, run: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM maintenance_tasks WHERE task = 'task-history' AND lease_run_id = $1
+                          AND lease_expires_at > now())",
+    )
+    .bind(run)
+    .fetch_one(executor)
+    .await
 }
 
 /// An expired archive given to the outbox.
@@ -599,8 +642,8 @@ pub async fn expire(
     Ok(gone)
 }
 
-/// Archive lag: the oldest task of an archiving tenant due but for its archive (its window's
-/// instant), or `None` when none waits. One probe per archiving tenant and status along
+/// Archive lag: since when the task of an archiving tenant that has waited longest for its
+/// archive has been due (its instant plus its window), or `None` when none waits. One probe per archiving tenant and status along
 /// `tasks_due_idx`.
 pub async fn oldest_waiting(
     conn: &mut PgConnection,
@@ -614,7 +657,8 @@ pub async fn oldest_waiting(
                 .into_iter()
                 .next()
             {
-                oldest = Some(oldest.map_or(first.key_at, |o| o.min(first.key_at)));
+                let since = first.due_since;
+                oldest = Some(oldest.map_or(since, |o| o.min(since)));
             }
         }
     }

@@ -80,6 +80,15 @@ pub fn interval(duration: Duration) -> PgInterval {
     }
 }
 
+/// The tenants that archive (an uncorrelated subquery: an init plan, run once per statement).
+pub(crate) const ARCHIVING_TENANTS: &str = "ARRAY (SELECT atn.id FROM tenants atn
+                                      WHERE atn.archive_statuses <> '{}'
+                                        AND (atn.deleted_at IS NULL OR atn.archive_deleted))";
+/// Their (tenant, status) pairs archived, as `tenant/status` (an init plan too).
+const ARCHIVING_PAIRS: &str = "ARRAY (SELECT atn.id::text || '/' || ats.status
+                                    FROM tenants atn, unnest(atn.archive_statuses) AS ats(status)
+                                    WHERE atn.deleted_at IS NULL OR atn.archive_deleted)";
+
 impl Rule {
     pub fn new(now: DateTime<Utc>, grace: Duration) -> Rule {
         Rule {
@@ -95,18 +104,34 @@ impl Rule {
     /// `failed_retention_period`, `cancelled_retention_period`): the `tenants` table, or anything
     /// with its columns (a preview's proposed windows, a rewrite's recorded ones). Never NULL.
     pub fn task_due(&self, t: &str, tn: &str) -> Fragment {
-        self.task_due_with_events(t, tn, "task_events")
-    }
-
-    /// [`Rule::task_due`] for a task whose events are in `events` (a table or partition holding
-    /// every event of the task): a rewrite counting what it dropped reads them from the detached
-    /// source range, no longer part of `task_events`.
-    pub fn task_due_with_events(&self, t: &str, tn: &str, events: &str) -> Fragment {
         Fragment::text("(")
             .then(self.task_due_unless_archiving(t, tn))
             .push(" AND NOT ")
-            .then(self.archive_pending(t, events))
+            .then(self.archive_pending(t))
             .push(")")
+    }
+
+    /// Whether task `t`, of a rewrite's source range (detached by its swap), was dropped by the
+    /// rewrite: due by the rule, and for a task its tenant archives by status, recorded as
+    /// archived in the state the rewrite's copy found it and absent from the live tables (the
+    /// copy kept one that changed after its archive; a count cannot compare what it held then,
+    /// the source's dependents being detached or gone since). What a rewrite's count counts.
+    pub fn task_dropped(&self, t: &str, tn: &str) -> Fragment {
+        Fragment::text("(")
+            .then(self.task_due_unless_archiving(t, tn))
+            .push(format!(
+                " AND NOT coalesce(CASE WHEN {t}.tenant_id = ANY ({tenants})
+                                   THEN ({t}.tenant_id::text || '/' || {t}.status) = ANY ({pairs})
+                                        AND NOT (EXISTS (SELECT 1 FROM retention_archived_tasks ra
+                                                         WHERE ra.task_inserted_at = {t}.inserted_at AND ra.task_id = {t}.id
+                                                           AND ra.status = {t}.status
+                                                           AND ra.finished_at IS NOT DISTINCT FROM {t}.finished_at)
+                                                 AND NOT EXISTS (SELECT 1 FROM tasks lt
+                                                                 WHERE lt.id = {t}.id AND lt.inserted_at = {t}.inserted_at))
+                                   ELSE false END, true))",
+                tenants = ARCHIVING_TENANTS,
+                pairs = ARCHIVING_PAIRS,
+            ))
     }
 
     /// [`Rule::task_due`] but for the archive check: what the archiving writes (a task due by its
@@ -134,37 +159,49 @@ impl Rule {
     /// deleted tenant only with `archive_deleted`) and no written archive holds it as it is now
     /// (`retention_archived_tasks`: same status and finish, as many events, payloads and log
     /// lines; one changed since waits for a new archive). Until then the task is not due, on
-    /// every path. `events`: where the task's events are (see [`Rule::task_due_with_events`]).
+    /// every path.
     ///
     /// Read from the live `tenants` whatever the windows' source is (a preview's or a rewrite's
-    /// recorded windows have no archive columns); an archive committed moves the rules' version.
+    /// recorded windows have no archive columns); an archive committed does not move the rules' version
+    /// (it only makes rows due: whatever read the rules before it deletes less, never more).
     /// The archiving tenants, and their (tenant, status) pairs, are uncorrelated init plans:
     /// another tenant's row pays one array lookup, and only a task recorded as archived pays the
     /// three counts. Never NULL (an unknown answer is "waits").
-    pub fn archive_pending(&self, t: &str, events: &str) -> Fragment {
+    pub fn archive_pending(&self, t: &str) -> Fragment {
         if testing::archive_check_broken() {
             return Fragment::text("false");
         }
         Fragment::text(format!(
-            "coalesce(CASE WHEN {t}.tenant_id = ANY (ARRAY (SELECT atn.id FROM tenants atn
-                                                   WHERE atn.archive_statuses <> '{{}}'
-                                                     AND (atn.deleted_at IS NULL OR atn.archive_deleted)))
-                          THEN ({t}.tenant_id::text || '/' || {t}.status)
-                                 = ANY (ARRAY (SELECT atn.id::text || '/' || ats.status
-                                               FROM tenants atn, unnest(atn.archive_statuses) AS ats(status)
-                                               WHERE atn.deleted_at IS NULL OR atn.archive_deleted))
+            "coalesce(CASE WHEN {t}.tenant_id = ANY ({ARCHIVING_TENANTS})
+                          THEN ({t}.tenant_id::text || '/' || {t}.status) = ANY ({ARCHIVING_PAIRS})
                                AND NOT EXISTS (
                                    SELECT 1 FROM retention_archived_tasks ra
                                    WHERE ra.task_inserted_at = {t}.inserted_at AND ra.task_id = {t}.id
                                      AND ra.status = {t}.status
                                      AND ra.finished_at IS NOT DISTINCT FROM {t}.finished_at
-                                     AND ra.events = (SELECT count(*) FROM {events} ae
+                                     AND ra.events = (SELECT count(*) FROM task_events ae
                                                       WHERE ae.task_id = {t}.id AND ae.task_inserted_at = {t}.inserted_at)
                                      AND ra.payloads = (SELECT count(*) FROM task_payloads ap
                                                         WHERE ap.task_id = {t}.id AND ap.task_inserted_at = {t}.inserted_at)
                                      AND ra.logs = (SELECT count(*) FROM task_logs al
                                                     WHERE al.task_id = {t}.id AND al.task_inserted_at = {t}.inserted_at))
                           ELSE false END, true)"
+        ))
+    }
+
+    /// Whether orphan `o` (an event, payload or log line with `tenant_id`, `task_id`,
+    /// `task_inserted_at`) belongs to a run its archiving tenant had archived and retention
+    /// deleted: a row written as the run's delete ran (after its snapshot), in no archive. Such
+    /// rows are kept, by every orphan rule, and counted (`archives::late_rows`): nothing leaves
+    /// without its archive.
+    pub fn orphan_of_archived(&self, o: &str) -> Fragment {
+        if testing::archive_check_broken() {
+            return Fragment::text("false");
+        }
+        Fragment::text(format!(
+            "coalesce({o}.tenant_id = ANY ({ARCHIVING_TENANTS})
+                      AND EXISTS (SELECT 1 FROM retention_archived_tasks ra
+                                  WHERE ra.task_inserted_at = {o}.task_inserted_at AND ra.task_id = {o}.task_id), true)"
         ))
     }
 
@@ -176,15 +213,10 @@ impl Rule {
             return Fragment::text("false");
         }
         Fragment::text(format!(
-            "coalesce(CASE WHEN {l}.tenant_id = ANY (ARRAY (SELECT atn.id FROM tenants atn
-                                                   WHERE atn.archive_statuses <> '{{}}'
-                                                     AND (atn.deleted_at IS NULL OR atn.archive_deleted)))
+            "coalesce(CASE WHEN {l}.tenant_id = ANY ({ARCHIVING_TENANTS})
                           THEN EXISTS (SELECT 1 FROM tasks alt
                                        WHERE alt.id = {l}.task_id AND alt.inserted_at = {l}.task_inserted_at
-                                         AND (alt.tenant_id::text || '/' || alt.status)
-                                             = ANY (ARRAY (SELECT atn.id::text || '/' || ats.status
-                                                           FROM tenants atn, unnest(atn.archive_statuses) AS ats(status)
-                                                           WHERE atn.deleted_at IS NULL OR atn.archive_deleted)))
+                                         AND (alt.tenant_id::text || '/' || alt.status) = ANY ({ARCHIVING_PAIRS}))
                           ELSE false END, true)"
         ))
     }
@@ -261,6 +293,8 @@ impl Rule {
             .bind(interval(ORPHAN_AGE))
             .push(" AND NOT ")
             .then(self.held(&format!("{e}.tenant_id"), &format!("{e}.task_id")))
+            .push(" AND NOT ")
+            .then(self.orphan_of_archived(e))
             .push(")")
     }
 

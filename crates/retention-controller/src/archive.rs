@@ -84,6 +84,8 @@ pub struct Archived {
     pub first_error: Option<String>,
     /// Archives expired and given to the outbox.
     pub expired: u64,
+    /// Rows left of archived runs retention deleted (see `archives::late_rows`).
+    pub late_rows: i64,
 }
 
 impl Archived {
@@ -184,7 +186,11 @@ pub async fn archive_due(run: &ArchiveRun<'_>) -> Result<Archived, ArchiveError>
     }
     // Records of archived tasks deleted since (by the last run) first: an archive expires only
     // once none of its tasks lives.
-    archives::clean_gone(run.pool, 10_000).await?;
+    while archives::clean_gone(run.pool, 10_000).await? == 10_000 {
+        if (run.interrupted)() {
+            return Ok(archived);
+        }
+    }
     // Archives past their time, a batch per transaction.
     loop {
         if (run.interrupted)() {
@@ -199,6 +205,8 @@ pub async fn archive_due(run: &ArchiveRun<'_>) -> Result<Archived, ArchiveError>
             break;
         }
     }
+    archived.late_rows = archives::late_rows(run.pool).await?;
+    crate::telemetry::archive_late_rows(archived.late_rows);
     Ok(archived)
 }
 
@@ -537,6 +545,15 @@ async fn write_out(
     let bytes = file.writer.finish().map_err(|e| format_error(&key, e))?;
     let sha256 = hex(&Sha256::digest(&bytes));
     let size = bytes.len();
+    // A run that lost the lease uploads nothing: the run that holds it may be writing this key.
+    if let Some(lease_run) = run.lease_run {
+        if !archives::lease_held(run.pool, lease_run).await? {
+            return Err(ArchiveError::NotRecorded {
+                key,
+                source: archives::NotRecorded::LeaseLost(lease_run),
+            });
+        }
+    }
     run.storage.put(&key, bytes::Bytes::from(bytes)).await?;
     let stored = run
         .storage

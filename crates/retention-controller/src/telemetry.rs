@@ -134,6 +134,7 @@ pub const METRICS: &[(&str, Kind, metrics::Unit, &str)] = &[
     ("retention_archive_bytes_total", Kind::Counter, metrics::Unit::Bytes, "Bytes of archive files confirmed by the store (bytes)."),
     ("retention_archive_failures_total", Kind::Counter, metrics::Unit::Count, "Archive files not written (the store refused or failed, the read-back differed, the database failed): their tasks wait, by the rule, for a later run."),
     ("retention_archive_lag_seconds", Kind::Gauge, metrics::Unit::Seconds, "How long the oldest task waiting for its archive has been due (seconds), as the last task-history run ended; 0 when none waits."),
+    ("retention_archive_late_rows", Kind::Gauge, metrics::Unit::Count, "Rows (events, payloads, log lines) written to an archived run while retention deleted it, so in no archive: kept, as the last task-history run counted them (docs/operations.md, \"Archiving\")."),
     ("retention_archives_expired_total", Kind::Counter, metrics::Unit::Count, "Archive files past their tenant's archive_retention_period, their manifest rows deleted and their objects given to the outbox."),
     ("retention_orphan_objects", Kind::Gauge, metrics::Unit::Count, "Objects the last sweep found that no payload row and no outbox entry names, older than storage.orphan_grace (deleted unless the sweep was a dry run)."),
     ("retention_task_interval_seconds", Kind::Gauge, metrics::Unit::Seconds, "The task's interval (retention.<task>.interval) as its loop last read it (seconds)."),
@@ -201,6 +202,11 @@ pub(crate) fn archive_failures(failed: u64) {
 /// The archive lag as a task-history run ended.
 pub(crate) fn archive_lag(lag: Duration) {
     metrics::gauge!("retention_archive_lag_seconds").set(lag.as_secs_f64());
+}
+
+/// Rows of archived runs left after their delete.
+pub(crate) fn archive_late_rows(rows: i64) {
+    metrics::gauge!("retention_archive_late_rows").set(rows as f64);
 }
 
 /// Archive files expired.
@@ -393,6 +399,7 @@ mod tests {
         archive_failures(1);
         archive_lag(Duration::from_secs(90));
         archives_expired(2);
+        archive_late_rows(1);
         throttled(true);
         standby_stalled();
         paced("sessions", 1.5);

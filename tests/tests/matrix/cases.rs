@@ -171,9 +171,18 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
     }
     let mut matrix = Matrix::default();
     matrix.filler(pool, at, 2_000).await;
-    // The archiving tenant's, archived (or not) before the copy: an archive committed during
-    // the rewrite would move the rules' version under it.
+    // The archiving tenant's, archived (or not) before the copy; and one archived whose event
+    // comes after the copy (it then differs from its archive: kept, waiting for a new one).
     matrix.archiving_tenant_tasks(pool, now, at, t.ar).await;
+    let late_event = matrix
+        .task(
+            pool,
+            at,
+            super::matrix::row(t.ar, "failed", Some(now - Span::days(3)), false, true),
+            "archiving tenant: failed past its window, archived, an event added as the rewrite ran",
+        )
+        .await;
+    super::matrix::archive(pool, t.ar, late_event).await;
     // Rows of `h`, due until it is held: left out by the copy, before the hold.
     if !final_replay {
         matrix.live_tenant_tasks(pool, now, at, t.h, true).await;
@@ -203,6 +212,7 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
         tx.commit().await.unwrap();
     }
     // The changes, while the rewrite catches up.
+    insert_event(pool, t.ar, late_event, at).await;
     if !final_replay {
         hold(pool, t.h, None).await;
     } else {
@@ -347,6 +357,17 @@ async fn orphan_sweep(pool: &PgPool) -> (Vec<String>, String) {
             item_due: false,
         });
     }
+    // A run the archiving tenant had archived, its event written as retention deleted it.
+    let archived = insert_task(pool, t.ar, "running", at, None).await;
+    tasks.push(archived);
+    super::matrix::archive_gone(pool, t.ar, archived).await;
+    let late = insert_event(pool, t.ar, archived, now - Span::hours(1) - MINUTE).await;
+    matrix.orphans.push(super::matrix::Fated {
+        key: late,
+        what: "archiving tenant: orphan of an archived run retention deleted, orphaned late".into(),
+        due: false,
+        item_due: false,
+    });
     let task = TaskHistoryTask::new(TaskHistorySettings::default());
     run_task(&task, pool).await; // the walk passes them: their tasks exist
     for key in &tasks {

@@ -153,6 +153,34 @@ pub async fn archive(pool: &PgPool, tenant: Uuid, task: TaskKey) {
     .unwrap();
 }
 
+/// Records `task`, gone, as archived by a written archive of `tenant` (as retention leaves a run
+/// it archived and deleted).
+pub async fn archive_gone(pool: &PgPool, tenant: Uuid, task: TaskKey) {
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO retention_archives (object_key, store, tenant_id, status, first_at, first_task, last_at, last_task,
+                                         run_id, part, state, tasks, bytes, sha256, schema_version, written_at)
+         VALUES ('archive/' || $1::text || '/' || $2::text || '.parquet', 'file:///matrix', $1, 'failed',
+                 $3, $2, $3, $2, gen_random_uuid(), 0, 'written', 1, 100, 'sha', 1, now())
+         RETURNING id",
+    )
+    .bind(tenant)
+    .bind(task.0)
+    .bind(task.1)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO retention_archived_tasks (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs)
+         VALUES ($1, $2, $3, 'failed', $2, 0, 0, 0)",
+    )
+    .bind(task.0)
+    .bind(task.1)
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// A log line added to `task` (of `tenant`) after its archive: the archive no longer holds the
 /// task as it is.
 pub async fn add_late_log(pool: &PgPool, tenant: Uuid, task: TaskKey) {
@@ -176,7 +204,7 @@ pub async fn hold_tenants(pool: &PgPool, t: &Tenants) {
 
 /// A task row to seed: who, what state, and its fates (under the task rule, and its queue item
 /// under the queue-items rule).
-struct Row<'a> {
+pub struct Row<'a> {
     tenant: Uuid,
     status: &'a str,
     finished: Option<DateTime<Utc>>,
@@ -184,7 +212,7 @@ struct Row<'a> {
     item_due: bool,
 }
 
-fn row(
+pub fn row(
     tenant: Uuid,
     status: &str,
     finished: Option<DateTime<Utc>>,
@@ -201,7 +229,7 @@ fn row(
 }
 
 impl Matrix {
-    async fn task(
+    pub async fn task(
         &mut self,
         pool: &PgPool,
         at: DateTime<Utc>,
@@ -509,6 +537,26 @@ impl Matrix {
                 item_due: false,
             });
         }
+        // The archiving tenant's: of a task the application deleted (no archive: a run's rows
+        // are archived, not an orphan's), and of a run archived and deleted by retention, written
+        // as its delete ran (in no archive: kept).
+        let missing: TaskKey = (Uuid::new_v4(), at);
+        let old = insert_event(pool, t.ar, missing, now - Span::hours(1) - MINUTE).await;
+        self.orphans.push(Fated {
+            key: old,
+            what: "archiving tenant: orphan a minute past an hour".into(),
+            due: true,
+            item_due: false,
+        });
+        let archived: TaskKey = (Uuid::new_v4(), at);
+        archive_gone(pool, t.ar, archived).await;
+        let late = insert_event(pool, t.ar, archived, now - Span::hours(1) - MINUTE).await;
+        self.orphans.push(Fated {
+            key: late,
+            what: "archiving tenant: orphan of an archived run retention deleted".into(),
+            due: false,
+            item_due: false,
+        });
     }
 
     /// Seeds queue items whose task does not exist.
@@ -649,11 +697,17 @@ impl Matrix {
             "deleted (to keep): archiving tenant: failed past its window, not archived";
         const CHANGED: &str =
             "deleted (to keep): archiving tenant: failed past its window, archived, then a log line added";
-        violations.iter().any(|v| v == TASK)
-            && violations.iter().any(|v| v == CHANGED)
+        const LATE: &str =
+            "deleted (to keep): archiving tenant: orphan of an archived run retention deleted";
+        let task_paths = violations.iter().any(|v| v == TASK)
+            && violations.iter().any(|v| v == CHANGED);
+        let orphan_paths = violations.iter().any(|v| v.starts_with(LATE));
+        // Every row deleted is one of the archiving tenant's waiting ones (a task, what goes
+        // with it, or a late row of an archived run).
+        (task_paths || orphan_paths)
             && violations
                 .iter()
-                .all(|v| v.starts_with(TASK) || v.starts_with(CHANGED))
+                .all(|v| v.starts_with("deleted (to keep): archiving tenant: "))
     }
 
     pub fn only_held_rows_deleted(violations: &[String]) -> bool {

@@ -155,8 +155,7 @@ pub async fn chunk(
                  FROM went",
             );
             sql.raw("tasks", tasks)
-                // The dropped tasks' events are in the detached source, not in `task_events`.
-                .with("due", recorded.task_due_with_events("t", "rt", &events))
+                .with("due", recorded.task_dropped("t", "rt"))
                 .with("queue_due", queue_rule.queue_item_due("q"))
                 .with(
                     "dependents",
@@ -209,9 +208,9 @@ pub async fn chunk(
                         {version} AS rules_version
                  FROM went",
             );
-            sql.raw("events", events.clone())
+            sql.raw("events", events)
                 .raw("tasks", tasks.clone())
-                .with("due", recorded.task_due_with_events("ev", "rt", &events))
+                .with("due", recorded.task_dropped("ev", "rt"))
                 .with("orphan_due", recorded.orphan_due("o", &tasks));
             sql
         }

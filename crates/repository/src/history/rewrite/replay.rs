@@ -43,6 +43,38 @@ pub(crate) async fn keys(
     if keys.is_empty() {
         return Ok(());
     }
+    // An archiving tenant's task whose event changed is decided again too: the copy may have
+    // dropped it as archived, and the event makes it differ from its archive (it then waits for
+    // a new one, kept).
+    let changed_tasks: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(&format!(
+        "SELECT DISTINCT e.task_id, e.task_inserted_at
+           FROM unnest($1::int8[], $2::timestamptz[]) AS ev(id, at)
+           JOIN task_events e ON e.id = ev.id AND e.task_inserted_at = ev.at
+          WHERE e.tenant_id = ANY ({})",
+        crate::rule::ARCHIVING_TENANTS
+    ))
+    .bind(&keys.event_ids)
+    .bind(&keys.event_ats)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut widened;
+    let keys = if changed_tasks.is_empty() {
+        keys
+    } else {
+        widened = keys.clone();
+        for (id, at) in changed_tasks {
+            if !widened
+                .task_ids
+                .iter()
+                .zip(&widened.task_ats)
+                .any(|(i, a)| *i == id && *a == at)
+            {
+                widened.task_ids.push(id);
+                widened.task_ats.push(at);
+            }
+        }
+        &widened
+    };
     let rule = rewrite.rule();
     let (new_tasks, new_events) = (
         ident(&rewrite.new_tasks_name),
