@@ -325,6 +325,7 @@ pub(crate) fn controller_started() {
     }
     metrics::counter!("retention_standbys_stalled_total").increment(0);
     metrics::counter!("retention_object_delete_failures_total").increment(0);
+    metrics::counter!("retention_archive_failures_total").increment(0);
 }
 
 pub(crate) fn history_lock_held(task: &'static str, held: Duration) {
