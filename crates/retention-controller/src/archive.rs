@@ -70,6 +70,18 @@ pub struct ArchiveRun<'a> {
     pub receipt: RunReceipt,
     pub limits: ArchiveLimits,
     pub interrupted: &'a (dyn Fn() -> bool + Sync),
+    /// The run, whose pacing (`--pace`, the feedback) and standby throttle each step honours
+    /// like a batch of deletes: a manifest row begun, a file uploaded and confirmed, a file
+    /// recorded. `None`: no pauses.
+    pub pace: Option<&'a crate::task::RunContext>,
+}
+
+impl ArchiveRun<'_> {
+    async fn step_done(&self, started: std::time::Instant) {
+        if let Some(ctx) = self.pace {
+            ctx.pause_after(started.elapsed()).await;
+        }
+    }
 }
 
 /// What an archive step did.
@@ -513,6 +525,7 @@ async fn finish(
     let (Some(first), Some(last)) = (file.first, file.last) else {
         return Ok(());
     };
+    let started = std::time::Instant::now();
     let id = archives::begin(
         run.pool,
         &archives::Begun {
@@ -529,6 +542,7 @@ async fn finish(
         },
     )
     .await?;
+    run.step_done(started).await;
     write_out(run, tenant, id, key, file, archived).await
 }
 
@@ -542,6 +556,7 @@ async fn write_out(
     archived: &mut Archived,
 ) -> Result<(), ArchiveError> {
     file.flush()?;
+    let started = std::time::Instant::now();
     let bytes = file.writer.finish().map_err(|e| format_error(&key, e))?;
     let sha256 = hex(&Sha256::digest(&bytes));
     let size = bytes.len();
@@ -573,6 +588,8 @@ async fn write_out(
         });
     }
     drop(stored);
+    run.step_done(started).await;
+    let started = std::time::Instant::now();
     let written = archives::Written {
         tasks: file.tasks,
         bytes: size as i64,
@@ -597,6 +614,7 @@ async fn write_out(
     archived.bytes += size as u64;
     crate::telemetry::archived(written.tasks.len() as u64, size as u64);
     archived.keys.push(key);
+    run.step_done(started).await;
     Ok(())
 }
 

@@ -159,6 +159,7 @@ impl TaskHistoryTask {
             receipt: receipt(ctx),
             limits: crate::archive::ArchiveLimits::default(),
             interrupted: &interrupted,
+            pace: Some(ctx),
         };
         let archived = match crate::archive::archive_due(&run).await {
             Ok(archived) => archived,
