@@ -6,7 +6,9 @@
 //! one task in 40 running for 10 days before it finishes; queued work that never finishes; a
 //! tenant keeping succeeded tasks 1 day and cancelled ones 3 of its 14 from day 0; a tenant
 //! deleted on day 8; a failed-task window of its own on day 10; a window shortened on day 12; a
-//! tenant held from day 14 to 20; a tenant switched to forever on day 16.
+//! tenant held from day 14 to 20; a tenant switched to forever on day 16; a tenant archiving its
+//! failed tasks from day 0, another everything from day 10 (at the end, DuckDB reads exactly
+//! the runs they had deleted from the archive files, each once).
 //! After every run: nothing that must be kept is gone (tasks, their events, their queue items),
 //! nothing that was due is left, no event outlives its task, and the attached partitions stay
 //! within the longest finite window, the days made ahead, and a small constant.
@@ -83,6 +85,8 @@ struct Tenant {
     /// A hold on the whole tenant, until then.
     held_until: Option<DateTime<Utc>>,
     deleted_at: Option<DateTime<Utc>>,
+    /// The final statuses it archives (`engine tenant archive set`).
+    archives: &'static [&'static str],
 }
 
 #[derive(Clone)]
@@ -122,6 +126,24 @@ fn due(task: &Task, inserted_at: DateTime<Utc>, tenant: &Tenant, at: DateTime<Ut
     }
 }
 
+/// Every run in the archive files under `dir`, as DuckDB reads them (PyPI `duckdb`).
+fn duckdb_task_ids(dir: &Path) -> Vec<String> {
+    let script = format!(
+        "import duckdb, json, os\nos.chdir({:?})\nprint(json.dumps([r[0] for r in duckdb.sql(\"SELECT task_id FROM 'archive/**/*.parquet'\").fetchall()]))",
+        dir.display().to_string()
+    );
+    let output = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "DuckDB failed (pip install duckdb==1.4.2; .ci/run does): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
 /// The final statuses, in the order of [`Tenant::own_windows`].
 const FINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
@@ -137,6 +159,8 @@ struct Ledger {
     items: HashMap<i64, TaskKey>,
     /// The large tenant keeping forever: its tasks (each with one event) by day inserted.
     large: Option<(Uuid, BTreeMap<NaiveDate, i64>)>,
+    /// Tasks deleted while their tenant archived their status: what the archives must hold.
+    archived: Vec<Uuid>,
 }
 
 /// How a simulation differs from the first.
@@ -218,9 +242,13 @@ async fn simulate(variant: Variant) {
             ]
         })
         .unwrap_or_default();
+    // Archives go to a directory of the test's.
+    let objects = dir.join("objects");
+    let storage_url = format!("file://{}", objects.display());
     let engine_run = |args: &[&str]| {
         let output = engine()
             .env("DATABASE_URL", &url)
+            .env("ENGINE__STORAGE__URL", &storage_url)
             .envs(clock.env(true))
             .envs(timeouts.iter().copied())
             .args(args)
@@ -271,6 +299,7 @@ async fn simulate(variant: Variant) {
                 own_windows: [None; 3],
                 held_until: None,
                 deleted_at: None,
+                archives: &[],
             },
         );
         ids.push(id);
@@ -290,6 +319,9 @@ async fn simulate(variant: Variant) {
         let i = FINAL.iter().position(|s| *s == status).unwrap();
         ledger.tenants.get_mut(&ids[11]).unwrap().own_windows[i] = Some(Some(Span::days(days)));
     }
+    // A 7-day tenant archiving its failed tasks from day 0 (another, everything from day 10).
+    engine_run(&["tenant", "archive", "set", "tenant-2", "failed"]);
+    ledger.tenants.get_mut(&ids[2]).unwrap().archives = &["failed"];
     if variant.large_forever_a_day > 0 {
         let id: Uuid = sqlx::query_scalar(
             "INSERT INTO tenants (slug, name, data_retention_period) VALUES ('large', 'large', NULL) RETURNING id",
@@ -334,6 +366,8 @@ async fn simulate(variant: Variant) {
             ledger.tenants.get_mut(&held).unwrap().window = None;
         }
         if day == 10 {
+            engine_run(&["tenant", "archive", "set", "tenant-6", "on"]);
+            ledger.tenants.get_mut(&ids[6]).unwrap().archives = &FINAL;
             // Failed tasks of a 14-day tenant kept a day.
             engine_run(&[
                 "tenant",
@@ -415,6 +449,15 @@ async fn simulate(variant: Variant) {
         most_partitions = most_partitions.max(partitions);
     }
     eprintln!("at most {most_partitions} partitions; {mechanisms:?}");
+    // The archives hold exactly the archiving tenants' runs deleted while they archived their
+    // status, each once, as DuckDB reads them.
+    let mut read = duckdb_task_ids(&objects);
+    read.sort();
+    let mut expected: Vec<String> = ledger.archived.iter().map(Uuid::to_string).collect();
+    expected.sort();
+    assert!(!expected.is_empty(), "the archiving tenants had runs deleted");
+    assert_eq!(read.len(), expected.len(), "archived runs, each once");
+    assert_eq!(read, expected, "the archived runs are those the ledger says were deleted");
     // With 20,000 tasks a day kept forever in every range, a compaction never pays: row deletes
     // take the due rows, and merges copy the kept ones.
     let expected: &[&str] = if variant.large_forever_a_day > 0 {
@@ -684,7 +727,10 @@ async fn check(pool: &PgPool, ledger: &mut Ledger, now: DateTime<Utc>, day: i64)
         .count();
     assert_eq!(unknown, 0, "day {day}: tasks the test never wrote");
     for key in &gone {
-        ledger.tasks.remove(key);
+        let task = ledger.tasks.remove(key).expect("a task of the ledger");
+        if ledger.tenants[&task.tenant].archives.contains(&task.status) {
+            ledger.archived.push(key.0);
+        }
     }
     // Events: exactly those of the tasks left (no orphans, none lost).
     let events: HashSet<i64> =
