@@ -18,6 +18,8 @@
 //! 5. `merge`: a cold month holding 5M tasks kept forever (and a due task a day), merged by a
 //!    `partitions` run under `statement_timeout = 1s`, against one `INSERT ... SELECT` of the same
 //!    rows into a table like the range's (without a timeout, and with it).
+//! 6. `archive` (only with `--archive`): an archiving tenant's backlog purged with and without
+//!    archiving, against a COPY of the same runs to a file (see [`crate::history_archive`]).
 
 use std::time::{Duration, Instant};
 
@@ -54,10 +56,13 @@ pub struct Args {
     pub backlog_days: i64,
     pub merge_rows: i64,
     pub merge_timeout: Duration,
+    pub archive_tasks: i64,
+    pub archive_days: i64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let bench = db::open().await?;
+    // The archive section runs only when asked for (`--archive`).
     let all = args.sections.is_empty();
     if all || args.sections.iter().any(|s| s == "steady") {
         steady_under(&bench, &args, Windows::Whole).await?;
@@ -74,12 +79,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if all || args.sections.iter().any(|s| s == "merge") {
         merge(&bench, &args).await?;
     }
+    if args.sections.iter().any(|s| s == "archive") {
+        crate::history_archive::run(&bench, args.archive_tasks, args.archive_days).await?;
+    }
     Ok(())
 }
 
 // ----- seeding ---------------------------------------------------------------------------------
 
-async fn tenants(
+pub(crate) async fn tenants(
     pool: &PgPool,
     prefix: &str,
     periods: &[Option<&str>],
@@ -101,7 +109,7 @@ async fn tenants(
 
 /// Makes day ranges from `first` up to today (moving the managed area's start back), and the
 /// week ahead.
-async fn make_days(pool: &PgPool, first: NaiveDate) -> anyhow::Result<()> {
+pub(crate) async fn make_days(pool: &PgPool, first: NaiveDate) -> anyhow::Result<()> {
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     let mut tx = pool.begin().await?;
     ranges::take_layout_lock(&mut tx, true).await?;
@@ -117,7 +125,7 @@ async fn make_days(pool: &PgPool, first: NaiveDate) -> anyhow::Result<()> {
 }
 
 /// Rebuilds the facts of the loaded ranges (what the first run after loading does).
-async fn settle(pool: &PgPool) -> anyhow::Result<()> {
+pub(crate) async fn settle(pool: &PgPool) -> anyhow::Result<()> {
     let started = Instant::now();
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     let rule = repository::rule::Rule::new(now, Duration::from_secs(86_400));
@@ -162,7 +170,7 @@ async fn settle(pool: &PgPool) -> anyhow::Result<()> {
 /// without indexes, then attaches them again (which builds the indexes), far faster than
 /// inserting through them. The loads are not logged (the engine's own write); the range's facts
 /// are rebuilt by the next run's settle.
-async fn load_day(
+pub(crate) async fn load_day(
     pool: &PgPool,
     day: NaiveDate,
     rows: i64,
@@ -267,7 +275,7 @@ async fn run_task(task: &dyn MaintenanceTask, pool: &PgPool) -> anyhow::Result<R
     }
 }
 
-fn today(now: DateTime<Utc>) -> NaiveDate {
+pub(crate) fn today(now: DateTime<Utc>) -> NaiveDate {
     now.date_naive()
 }
 

@@ -5,6 +5,7 @@
 
 mod db;
 mod history;
+mod history_archive;
 mod payloads;
 mod queue_items;
 mod sessions;
@@ -28,9 +29,20 @@ enum Bench {
     /// per status), a past day rewritten against row deletes, a backlog deleted row by row against
     /// a bare DELETE, and a cold month merged under a short statement timeout.
     History {
-        /// Sections to run (steady, compaction, backlog, status, merge); default: all five.
-        #[arg(long = "section", value_parser = ["steady", "compaction", "backlog", "status", "merge"])]
+        /// Sections to run (steady, compaction, backlog, status, merge, archive); default: the
+        /// first five.
+        #[arg(long = "section", value_parser = ["steady", "compaction", "backlog", "status", "merge", "archive"])]
         sections: Vec<String>,
+        /// The archive section alone (`--section archive`): an archiving tenant's backlog purged
+        /// with and without archiving, against a COPY of the same runs to a file.
+        #[arg(long)]
+        archive: bool,
+        /// Archive: due failed tasks (each with two events) of the archiving tenant.
+        #[arg(long, default_value_t = 1_000_000)]
+        archive_tasks: i64,
+        /// Archive: days they are spread over.
+        #[arg(long, default_value_t = 10)]
+        archive_days: i64,
         /// Steady state: tenants keeping long windows.
         #[arg(long, default_value_t = 1_000)]
         tenants: usize,
@@ -153,9 +165,18 @@ async fn main() -> anyhow::Result<()> {
             backlog_days,
             merge_rows,
             merge_timeout,
+            archive,
+            archive_tasks,
+            archive_days,
         } => {
+            let mut sections = sections;
+            if archive {
+                sections.push("archive".into());
+            }
             history::run(history::Args {
                 sections,
+                archive_tasks,
+                archive_days,
                 tenants,
                 days,
                 rows,
