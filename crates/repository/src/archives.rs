@@ -160,34 +160,49 @@ pub async fn dependents(
 ) -> Result<(Vec<EventRow>, Vec<PayloadRow>, Vec<LogRow>), sqlx::Error> {
     let ids: Vec<Uuid> = tasks.iter().map(|t| t.id).collect();
     let at: Vec<DateTime<Utc>> = tasks.iter().map(|t| t.inserted_at).collect();
+    // The tasks' days bound the partitions each statement reads (a chunk's tasks finished about
+    // together, mostly inserted on a day or two): without them, every task's lookup probes
+    // every day's index.
+    let (Some(lo), Some(hi)) = (at.iter().min().copied(), at.iter().max().copied()) else {
+        return Ok((Vec::new(), Vec::new(), Vec::new()));
+    };
     let events = sqlx::query_as(
         "SELECT e.task_id, e.id, e.event_type, e.created_at, e.data::text AS data
            FROM task_events e JOIN unnest($1::uuid[], $2::timestamptz[]) AS k(id, at)
              ON e.task_id = k.id AND e.task_inserted_at = k.at
+          WHERE e.task_inserted_at BETWEEN $3 AND $4
           ORDER BY e.task_id, e.id",
     )
     .bind(&ids)
     .bind(&at)
+    .bind(lo)
+    .bind(hi)
     .fetch_all(&mut *conn)
     .await?;
     let payloads = sqlx::query_as(
         "SELECT p.task_id, p.id, p.kind, p.location, p.inline_content, p.external_key, p.size_bytes, p.created_at
            FROM task_payloads p JOIN unnest($1::uuid[], $2::timestamptz[]) AS k(id, at)
              ON p.task_id = k.id AND p.task_inserted_at = k.at
+          WHERE p.task_inserted_at BETWEEN $3 AND $4
           ORDER BY p.task_id, p.id",
     )
     .bind(&ids)
     .bind(&at)
+    .bind(lo)
+    .bind(hi)
     .fetch_all(&mut *conn)
     .await?;
     let logs = sqlx::query_as(
         "SELECT l.task_id, l.id, l.created_at, l.level, l.line
            FROM task_logs l JOIN unnest($1::uuid[], $2::timestamptz[]) AS k(id, at)
              ON l.task_id = k.id AND l.task_inserted_at = k.at
+          WHERE l.task_inserted_at BETWEEN $3 AND $4
           ORDER BY l.task_id, l.id",
     )
     .bind(&ids)
     .bind(&at)
+    .bind(lo)
+    .bind(hi)
     .fetch_all(&mut *conn)
     .await?;
     Ok((events, payloads, logs))

@@ -307,6 +307,13 @@ async fn read_chunk(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
+    // The walk's generic plan: each partition's index in order, merged, a chunk's rows read. A
+    // custom plan for the first cursors estimates that most of the backlog follows and sorts
+    // all of it for each chunk (measured: 70-90 ms a chunk of 1,000 against 4 ms, on 50,000
+    // waiting runs; `bench history --archive`).
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut *tx)
+        .await?;
     let tasks = archives::pending(
         &mut tx,
         rule,
