@@ -54,15 +54,98 @@ fn shown(policy: &Policy) -> String {
     )
 }
 
-fn json(policy: &Policy) -> serde_json::Value {
-    serde_json::json!({
-        "archive": archive_policy::describe_statuses(&statuses(policy)),
-        "archive_retention_period": retention_shown(&policy.retention),
-        "statuses": statuses(policy).iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        "archive_deleted": policy.deleted,
-        "tenant": policy.id,
-        "slug": policy.slug,
-    })
+/// A tenant's archive policy, as `engine tenant archive get --json` and the admin API show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct TenantArchive {
+    /// `off`, `on` (every final status), or the statuses archived, e.g. `failed,cancelled`.
+    #[schema(examples("off", "on", "failed,cancelled"))]
+    pub archive: String,
+    /// Whether the tenant's finished runs are still archived after it is deleted.
+    pub archive_deleted: bool,
+    /// How long its archives are kept, e.g. `1year`, or `forever`.
+    #[schema(examples("1year", "forever"))]
+    pub archive_retention_period: String,
+    pub slug: String,
+    /// The final statuses archived, each once.
+    pub statuses: Vec<String>,
+    pub tenant: uuid::Uuid,
+}
+
+pub fn policy_json(policy: &Policy) -> TenantArchive {
+    TenantArchive {
+        archive: archive_policy::describe_statuses(&statuses(policy)),
+        archive_deleted: policy.deleted,
+        archive_retention_period: retention_shown(&policy.retention),
+        slug: policy.slug.clone(),
+        statuses: statuses(policy)
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect(),
+        tenant: policy.id,
+    }
+}
+
+/// A change of a tenant's archive policy, parsed: what is `None` stays.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Change {
+    pub statuses: Option<Vec<FinalStatus>>,
+    /// `Some(None)`: forever.
+    pub retention: Option<Option<Duration>>,
+    pub deleted: Option<bool>,
+}
+
+/// What a change did (or, in a dry run, would do).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    pub before: Policy,
+    pub after: Policy,
+    /// Written archives whose expiry moved with a new retention.
+    pub moved: u64,
+}
+
+/// Applies `change` to the tenant whose id or slug is `key`, in one transaction (rolled back in
+/// a dry run). `Ok(Err(..))`: no such tenant.
+pub async fn apply(
+    pool: &sqlx::PgPool,
+    key: &str,
+    change: &Change,
+    dry_run: bool,
+) -> anyhow::Result<Result<Applied, String>> {
+    let mut tx = pool.begin().await?;
+    let Some(before) = archives::policy(&mut *tx, key).await? else {
+        return Ok(Err(format!("no tenant with id or slug {key:?}")));
+    };
+    let names = change
+        .statuses
+        .as_ref()
+        .map(|s| s.iter().map(|s| s.as_str().to_string()).collect::<Vec<_>>());
+    let retention = change.retention.map(|r| r.map(interval));
+    let after = Policy {
+        statuses: names.clone().unwrap_or_else(|| before.statuses.clone()),
+        retention: retention.clone().unwrap_or(before.retention.clone()),
+        deleted: change.deleted.unwrap_or(before.deleted),
+        ..before.clone()
+    };
+    let moved = archives::set_policy(
+        &mut tx,
+        before.id,
+        &archives::PolicyChange {
+            statuses: names,
+            retention,
+            deleted: change.deleted,
+        },
+    )
+    .await?;
+    if dry_run {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
+    Ok(Ok(Applied {
+        before,
+        after,
+        moved,
+    }))
 }
 
 pub async fn tenant_archive(
@@ -87,7 +170,11 @@ pub async fn tenant_archive(
                     .as_deref()
                     .map(archive_policy::parse_on_off)
                     .transpose()?;
-                Ok((statuses, retention, deleted))
+                Ok(Change {
+                    statuses: Some(statuses),
+                    retention,
+                    deleted,
+                })
             })();
             match parsed {
                 Ok(change) => Some(change),
@@ -108,8 +195,6 @@ pub async fn tenant_archive(
     }
 }
 
-type Change = (Vec<FinalStatus>, Option<Option<Duration>>, Option<bool>);
-
 async fn run(
     db: &Database,
     command: &TenantArchiveCommand,
@@ -120,51 +205,40 @@ async fn run(
             tenant
         }
     };
-    let Some(before) = archives::policy(&db.pool, key).await? else {
-        return Ok(Err(format!("no tenant with id or slug {key:?}")));
-    };
     match (command, change) {
-        (TenantArchiveCommand::Get { json: as_json, .. }, _) => Ok(Ok(if *as_json {
-            json(&before).to_string()
-        } else {
-            shown(&before)
-        })),
-        (TenantArchiveCommand::Set { dry_run, .. }, Some((statuses, retention, deleted))) => {
-            let names: Vec<String> = statuses.iter().map(|s| s.as_str().to_string()).collect();
-            let retention = retention.map(|r| r.map(interval));
-            let after = Policy {
-                statuses: names.clone(),
-                retention: retention.clone().unwrap_or(before.retention.clone()),
-                deleted: deleted.unwrap_or(before.deleted),
-                ..before.clone()
+        (TenantArchiveCommand::Get { json: as_json, .. }, _) => {
+            let Some(policy) = archives::policy(&db.pool, key).await? else {
+                return Ok(Err(format!("no tenant with id or slug {key:?}")));
             };
-            let change = archives::PolicyChange {
-                statuses: Some(names),
-                retention,
-                deleted,
+            Ok(Ok(if *as_json {
+                serde_json::to_string(&policy_json(&policy)).expect("serializable")
+            } else {
+                shown(&policy)
+            }))
+        }
+        (TenantArchiveCommand::Set { dry_run, .. }, Some(change)) => {
+            let applied = match apply(&db.pool, key, &change, *dry_run).await? {
+                Ok(applied) => applied,
+                Err(refusal) => return Ok(Err(refusal)),
             };
-            // Applied in a transaction; a dry run rolls it back (it only reads what moved).
-            let mut tx = db.pool.begin().await?;
-            let moved = archives::set_policy(&mut tx, before.id, &change).await?;
-            let moved = if moved > 0 {
-                format!("; the expiry of {moved} archive(s) moves with it")
+            let moved = if applied.moved > 0 {
+                format!("; the expiry of {} archive(s) moves with it", applied.moved)
             } else {
                 String::new()
             };
-            if *dry_run {
-                tx.rollback().await?;
-                return Ok(Ok(format!(
+            Ok(Ok(if *dry_run {
+                format!(
                     "would change {} to {}{moved} (dry run: nothing changed)",
-                    shown(&before),
-                    shown(&after)
-                )));
-            }
-            tx.commit().await?;
-            Ok(Ok(format!(
-                "changed {} to {}{moved}",
-                shown(&before),
-                shown(&after)
-            )))
+                    shown(&applied.before),
+                    shown(&applied.after)
+                )
+            } else {
+                format!(
+                    "changed {} to {}{moved}",
+                    shown(&applied.before),
+                    shown(&applied.after)
+                )
+            }))
         }
         (TenantArchiveCommand::Set { .. }, None) => unreachable!("a set is parsed first"),
     }

@@ -146,6 +146,9 @@ pub fn hold_json(hold: &Hold) -> HoldJson {
 #[serde(deny_unknown_fields)]
 #[schema(as = Receipt)]
 pub struct ReceiptJson {
+    /// The archive files the receipt names: written by the run (rule `archived`: what went into
+    /// them, not a deletion), or expired and given to the outbox (rule `archive-expired`).
+    pub archive_keys: Vec<String>,
     pub events: i64,
     /// When the run first deleted under this receipt (RFC 3339).
     #[schema(format = DateTime)]
@@ -153,12 +156,18 @@ pub struct ReceiptJson {
     /// When the run last deleted under this receipt (RFC 3339).
     #[schema(format = DateTime)]
     pub last_at: String,
+    /// Log lines that went with the tasks (or by the log window).
+    pub logs: i64,
     /// The latest instant the rule counted from among the rows deleted (RFC 3339), or null.
     #[schema(required = true, format = DateTime)]
     pub newest: Option<String>,
+    /// Stored objects given to the outbox (external payloads, expired archive files).
+    pub objects: i64,
     /// The earliest instant the rule counted from among the rows deleted (RFC 3339), or null.
     #[schema(required = true, format = DateTime)]
     pub oldest: Option<String>,
+    /// Payload rows that went with the tasks.
+    pub payloads: i64,
     pub queue_items: i64,
     pub rule: String,
     pub run_id: uuid::Uuid,
@@ -173,11 +182,15 @@ pub struct ReceiptJson {
 
 pub fn receipt_json(receipt: &Receipt) -> ReceiptJson {
     ReceiptJson {
+        archive_keys: receipt.archive_keys.clone(),
         events: receipt.events,
         first_at: receipt.first_at.to_rfc3339(),
         last_at: receipt.last_at.to_rfc3339(),
+        logs: receipt.logs,
         newest: receipt.newest.map(|at| at.to_rfc3339()),
+        objects: receipt.objects,
         oldest: receipt.oldest.map(|at| at.to_rfc3339()),
+        payloads: receipt.payloads,
         queue_items: receipt.queue_items,
         rule: receipt.rule.clone(),
         run_id: receipt.run_id,
@@ -196,8 +209,13 @@ pub fn describe_receipt(r: &Receipt) -> String {
         }
         _ => String::new(),
     };
+    let files = if r.archive_keys.is_empty() {
+        String::new()
+    } else {
+        format!(", archive files {}", r.archive_keys.join(" "))
+    };
     format!(
-        "{} run {} tenant {} ({}): {} by {}: {} tasks, {} events, {} queue items{span}",
+        "{} run {} tenant {} ({}): {} by {}: {} tasks, {} events, {} queue items{span}{files}",
         r.first_at.to_rfc3339(),
         r.run_id,
         r.slug.as_deref().unwrap_or("-"),
@@ -218,7 +236,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn holds_and_receipts_are_byte_for_byte_what_they_were() {
+    fn holds_and_receipts_are_byte_for_byte_what_they_were_with_the_fields_added_since() {
         let now = Utc::now();
         let open = Hold {
             id: 7,
@@ -300,6 +318,12 @@ mod tests {
                 "newest": receipt.newest.map(|at| at.to_rfc3339()),
                 "first_at": receipt.first_at.to_rfc3339(),
                 "last_at": receipt.last_at.to_rfc3339(),
+                // Added since, each in its place in the alphabet: what went with the tasks, and
+                // the archive files named.
+                "payloads": receipt.payloads,
+                "logs": receipt.logs,
+                "objects": receipt.objects,
+                "archive_keys": receipt.archive_keys,
             });
             assert_eq!(
                 serde_json::to_string(&super::receipt_json(&receipt)).unwrap(),

@@ -22,6 +22,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use utoipa::{IntoParams, ToSchema};
 
+use crate::archive::TenantArchive;
 use crate::hold::{HoldJson, ReceiptJson};
 use crate::tenant::TenantRetention;
 
@@ -50,6 +51,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/tenants/{id}/retention",
             get(get_retention).put(put_retention),
+        )
+        .route(
+            "/api/v1/tenants/{id}/archive",
+            get(get_archive).put(put_archive),
         )
         .route("/api/v1/holds", get(list_holds).post(add_hold))
         .route("/api/v1/holds/{id}", get(get_hold).delete(remove_hold))
@@ -664,6 +669,175 @@ pub async fn put_retention(
             Json(RetentionAnswer::Set(crate::tenant::body(&change.tenant))).into_response()
         }
         Err(err) => failure(err),
+    }
+}
+
+/// The tenant's archive policy: which final statuses are written to Parquet files before their
+/// runs are deleted, how long the files are kept, and whether a deleted tenant's are.
+#[utoipa::path(
+    get,
+    path = "/api/v1/tenants/{id}/archive",
+    tag = "tenants",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = TENANT_KEY, min_length = 1)),
+    responses(
+        (status = 200, description = "The tenant's archive policy.", body = TenantArchive),
+        (status = 400, description = "The path is not valid UTF-8 once percent-decoded.", body = ErrorBody),
+        (status = 404, description = "No tenant with that id or slug.", body = ErrorBody),
+        (status = 503, description = UNAVAILABLE, body = ErrorBody),
+    )
+)]
+pub async fn get_archive(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    _: ApiQuery<NoQuery>,
+) -> Response {
+    match repository::archives::policy(&state.pool, &id).await {
+        Ok(Some(policy)) => Json(crate::archive::policy_json(&policy)).into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no tenant with id or slug {id:?}"),
+        ),
+        Err(err) => {
+            tracing::error!(error = %err, "tenant archive API");
+            error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+        }
+    }
+}
+
+const ARCHIVE_SHAPE: &str = r#"the body must be JSON {"archive": "off"|"on"|"<status>[,<status>]", "archive_retention_period": <duration from 1day to 100years> | "forever" | null, "archive_deleted": true|false}, with at least one key"#;
+
+/// A change of a tenant's archive policy: any of the keys (at least one: `minProperties`, set
+/// in [`crate::openapi`]). What is not named stays as it is.
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // documents the body `archive_change` reads
+pub struct ArchiveChange {
+    /// `off`, `on` (every final status), or final statuses separated by commas (succeeded,
+    /// failed, cancelled).
+    #[serde(default)]
+    #[schema(nullable = false, examples("failed", "on", "off"))]
+    archive: Option<String>,
+    /// How long archives are kept: a duration from 1day to 100years (humantime: "1year",
+    /// "90days"), or "forever"; null: forever. Moves the expiry of the tenant's written archives.
+    #[serde(default)]
+    #[schema(examples("7years", "forever"))]
+    archive_retention_period: Option<String>,
+    /// Whether the tenant's finished runs are still archived after it is deleted.
+    #[serde(default)]
+    #[schema(nullable = false)]
+    archive_deleted: Option<bool>,
+}
+
+/// The policy after the change (or, with `dry_run=true`, as it would be).
+#[derive(serde::Serialize, ToSchema)]
+pub struct ArchiveAnswer {
+    /// True when nothing was changed.
+    dry_run: bool,
+    /// Written archives whose expiry moved (or would move) with a new retention.
+    archives_expiry_moved: u64,
+    tenant: TenantArchive,
+}
+
+fn archive_change(payload: &Value) -> Result<crate::archive::Change, String> {
+    use retention_controller::archive_policy;
+    let Some(object) = payload.as_object() else {
+        return Err(format!("the body is {}, not an object", json_kind(payload)));
+    };
+    if object.is_empty() {
+        return Err("the body names no key".into());
+    }
+    if let Some(key) = object.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "archive" | "archive_retention_period" | "archive_deleted"
+        )
+    }) {
+        return Err(format!("unknown key {key:?}"));
+    }
+    let mut change = crate::archive::Change::default();
+    if let Some(value) = object.get("archive") {
+        let Value::String(text) = value else {
+            return Err(format!("archive is {}, not a string", json_kind(value)));
+        };
+        change.statuses =
+            Some(archive_policy::parse_statuses(text).map_err(|e| e.to_string())?);
+    }
+    if let Some(value) = object.get("archive_retention_period") {
+        change.retention = Some(match value {
+            Value::Null => None,
+            Value::String(text) => {
+                archive_policy::parse_retention(text).map_err(|e| e.to_string())?
+            }
+            other => {
+                return Err(format!(
+                    "archive_retention_period is {}, not a string or null",
+                    json_kind(other)
+                ))
+            }
+        });
+    }
+    if let Some(value) = object.get("archive_deleted") {
+        let Value::Bool(deleted) = value else {
+            return Err(format!(
+                "archive_deleted is {}, not true or false",
+                json_kind(value)
+            ));
+        };
+        change.deleted = Some(*deleted);
+    }
+    Ok(change)
+}
+
+/// Changes a tenant's archive policy (applied from the next `task-history` run), or with
+/// `dry_run=true` shows it as it would be, changing nothing.
+#[utoipa::path(
+    put,
+    path = "/api/v1/tenants/{id}/archive",
+    tag = "tenants",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = TENANT_KEY, min_length = 1), DryRun),
+    request_body(content = ArchiveChange, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The policy after the change; with `dry_run=true`, as it would be (nothing was changed).",
+            body = ArchiveAnswer),
+        (status = 400, description = "The body, a value or the query string is not as allowed (the message says what is); nothing was changed.",
+            body = ErrorBody),
+        (status = 404, description = "No tenant with that id or slug.", body = ErrorBody),
+        (status = 503, description = UNAVAILABLE, body = ErrorBody),
+    )
+)]
+pub async fn put_archive(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DryRun>,
+    payload: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    let payload = match payload {
+        Ok(Json(payload)) => payload,
+        Err(rejection) => {
+            let problem = body_problem(&rejection);
+            return error(StatusCode::BAD_REQUEST, format!("{problem}; {ARCHIVE_SHAPE}"));
+        }
+    };
+    let change = match archive_change(&payload) {
+        Ok(change) => change,
+        Err(problem) => {
+            return error(StatusCode::BAD_REQUEST, format!("{problem}; {ARCHIVE_SHAPE}"))
+        }
+    };
+    match crate::archive::apply(&state.pool, &id, &change, query.dry_run).await {
+        Ok(Ok(applied)) => Json(ArchiveAnswer {
+            dry_run: query.dry_run,
+            archives_expiry_moved: applied.moved,
+            tenant: crate::archive::policy_json(&applied.after),
+        })
+        .into_response(),
+        Ok(Err(refusal)) => error(StatusCode::NOT_FOUND, refusal),
+        Err(err) => {
+            tracing::error!(error = %err, "tenant archive API");
+            error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+        }
     }
 }
 

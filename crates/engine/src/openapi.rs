@@ -41,6 +41,8 @@ answers 503 with `Retry-After: 1` when all `http.max_connections` of the server'
         http::openapi_document,
         http::get_retention,
         http::put_retention,
+        http::get_archive,
+        http::put_archive,
         http::list_holds,
         http::add_hold,
         http::get_hold,
@@ -50,7 +52,7 @@ answers 503 with `Retry-After: 1` when all `http.max_connections` of the server'
     modifiers(&Bearer, &AtLeastOneKey, &GuardAnswers),
     tags(
         (name = "probes", description = "Open: liveness, readiness, metrics, the status page, this document."),
-        (name = "tenants", description = "A tenant's retention windows."),
+        (name = "tenants", description = "A tenant's retention windows and archive policy."),
         (name = "holds", description = "Legal holds: a tenant, or one task, that no retention rule deletes while held."),
         (name = "receipts", description = "What retention runs deleted, for auditors."),
     )
@@ -116,7 +118,7 @@ struct AtLeastOneKey;
 impl Modify for AtLeastOneKey {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        for name in ["RetentionChange", "StatusChanges"] {
+        for name in ["RetentionChange", "StatusChanges", "ArchiveChange"] {
             match components.schemas.get_mut(name) {
                 Some(RefOr::T(Schema::Object(object))) => object.min_properties = Some(1),
                 _ => panic!("no object schema {name} in the document"),

@@ -366,6 +366,7 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
         "task", "paused", "last run (UTC)", "outcome", "rows", "next due (about, UTC)"
     ))?;
     let outbox = states.iter().find_map(|s| s.outbox.clone());
+    let archives = states.iter().find_map(|s| s.archives.clone());
     for state in states {
         output::line(format_args!(
             "{:<13} {:<7} {:<20} {:<17} {:>10} {:<22} {}",
@@ -383,6 +384,9 @@ pub async fn status(settings: &Settings, json: bool) -> anyhow::Result<ExitCode>
             state.next_due.describe(),
             state.holder.as_deref().unwrap_or("-"),
         ))?;
+    }
+    if let Some(archives) = archives {
+        output::line(format!("archives: {}", archives.describe()))?;
     }
     if let Some(outbox) = outbox {
         output::line(format_args!(

@@ -31,6 +31,61 @@ pub struct TaskStatus {
     /// The `blobs` task's outbox: the stored objects waiting to be deleted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox: Option<OutboxStatus>,
+    /// The `task-history` task's archives, when a tenant archives or an archive exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archives: Option<ArchivesStatus>,
+}
+
+/// The archives (`retention_archives`), at a glance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArchivesStatus {
+    /// Tenants that archive.
+    pub tenants: i64,
+    pub files: i64,
+    pub tasks: i64,
+    pub bytes: i64,
+    pub last_written_at: Option<DateTime<Utc>>,
+    /// Files begun and not finished: written again by the next run.
+    pub writing: i64,
+}
+
+impl ArchivesStatus {
+    /// `None` when no tenant archives and no archive exists.
+    pub async fn read(pool: &PgPool) -> anyhow::Result<Option<ArchivesStatus>> {
+        let s = repository::archives::summary(pool).await?;
+        if s.tenants == 0 && s.files == 0 && s.writing == 0 {
+            return Ok(None);
+        }
+        Ok(Some(ArchivesStatus {
+            tenants: s.tenants,
+            files: s.files,
+            tasks: s.tasks,
+            bytes: s.bytes,
+            last_written_at: s.last_written_at,
+            writing: s.writing,
+        }))
+    }
+
+    /// "2 tenants archive; 14 files (3120 runs, 1.2 MB), last written 2026-12-04 07:00:00; 1 being written".
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "{} tenant(s) archive; {} files ({} runs, {} bytes), last written {}",
+            self.tenants,
+            self.files,
+            self.tasks,
+            self.bytes,
+            self.last_written_at
+                .map(format_time)
+                .unwrap_or_else(|| "never".into())
+        );
+        if self.writing > 0 {
+            text.push_str(&format!(
+                "; {} begun and not finished (written again next run)",
+                self.writing
+            ));
+        }
+        text
+    }
 }
 
 /// The outbox of stored objects to delete (`object_deletions`), at a glance.
@@ -155,6 +210,11 @@ pub async fn tasks(
             rows_due,
             outbox: if task.name() == retention_controller::tasks::blobs::NAME {
                 Some(OutboxStatus::read(pool).await?)
+            } else {
+                None
+            },
+            archives: if task.name() == retention_controller::tasks::task_history::NAME {
+                ArchivesStatus::read(pool).await?
             } else {
                 None
             },

@@ -142,6 +142,13 @@ fn tasks_section(page: &mut String, tasks: &[TaskStatus]) {
         );
     }
     page.push_str("</tbody></table>");
+    if let Some(archives) = tasks.iter().find_map(|t| t.archives.as_ref()) {
+        let _ = write!(
+            page,
+            r#"<p id="archives">Archives (runs written to Parquet before they go): {}</p>"#,
+            escape(&archives.describe())
+        );
+    }
     if let Some(outbox) = tasks.iter().find_map(|t| t.outbox.as_ref()) {
         let _ = write!(
             page,
@@ -307,6 +314,7 @@ mod tests {
             holder: None,
             rows_due: None,
             outbox: None,
+            archives: None,
         }
     }
 

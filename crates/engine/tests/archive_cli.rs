@@ -291,6 +291,25 @@ async fn archived_runs_restore_into_a_schema_of_their_own() {
         .await
         .unwrap();
     assert_eq!(left, 2, "the archived and the succeeded runs went");
+    // What an operator sees.
+    let (code, out, err) = run(&["retention", "status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("archives: 1 tenant(s) archive; 1 files (5 runs, "),
+        "{out}"
+    );
+    let (code, out, err) = run(&["retention", "status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let history: serde_json::Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["task"] == "task-history")
+        .expect("a line for task-history");
+    assert_eq!(history["archives"]["files"], 1, "{history}");
+    assert_eq!(history["archives"]["tasks"], 5, "{history}");
+    let (code, out, err) = run(&["retention", "receipts", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"archived\""), "the run's receipt of what it archived: {out}");
 
     for _ in 0..2 {
         let (code, out, err) = run(&[
@@ -344,4 +363,72 @@ async fn archived_runs_restore_into_a_schema_of_their_own() {
         .await
         .unwrap();
     assert_eq!(schemas, 0, "a refused restore creates nothing");
+}
+
+/// The admin API's `GET|PUT /api/v1/tenants/{id}/archive`: the policy read, changed (and in a
+/// dry run, shown as it would be, changing nothing), bad values refused with what is allowed,
+/// changing nothing.
+#[tokio::test]
+async fn the_admin_api_reads_and_sets_the_archive_policy() {
+    const TOKEN: &str = "test-admin-token-0123456789";
+    let db = TestDatabase::new().await;
+    let id: Uuid =
+        sqlx::query_scalar("INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme') RETURNING id")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let served = Served::start(&db.url, &[("ENGINE__HTTP__ADMIN_TOKEN", TOKEN)]);
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let path = format!("/api/v1/tenants/{id}/archive");
+
+    let (status, body) = http(served.port, "GET", &path, &auth, None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["archive"], "off");
+    assert_eq!(json["archive_retention_period"], "1year");
+    assert_eq!(json["archive_deleted"], false);
+
+    let change = r#"{"archive": "failed,cancelled", "archive_retention_period": "forever"}"#;
+    let (status, body) = http(
+        served.port,
+        "PUT",
+        &format!("{path}?dry_run=true"),
+        &auth,
+        Some(change),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["dry_run"], true);
+    assert_eq!(json["tenant"]["archive"], "failed,cancelled");
+    assert_eq!(stored(&db, id).await, (Some(vec![]), Some("1 year".into())));
+
+    let (status, body) = http(served.port, "PUT", "/api/v1/tenants/acme/archive", &auth, Some(change)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        stored(&db, id).await,
+        (Some(vec!["failed".to_string(), "cancelled".to_string()]), None)
+    );
+
+    for (body, says) in [
+        (r#"{"archive": "sometimes"}"#, "allowed: off, on"),
+        (r#"{"archive_retention_period": "2h"}"#, "it is below 1 day"),
+        (r#"{"archive_deleted": "yes"}"#, "archive_deleted is a string, not true or false"),
+        (r#"{}"#, "the body names no key"),
+        (r#"{"archive": "on", "window": "1d"}"#, "unknown key"),
+    ] {
+        let (status, answer) = http(served.port, "PUT", &path, &auth, Some(body)).unwrap();
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains(says), "{body}: {answer}");
+    }
+    let (status, _) = http(served.port, "PUT", "/api/v1/tenants/nobody/archive", &auth, Some(change)).unwrap();
+    assert_eq!(status, 404);
+    let (status, _) = http(served.port, "GET", &path, &[], None).unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(
+        stored(&db, id).await,
+        (Some(vec!["failed".to_string(), "cancelled".to_string()]), None),
+        "refused requests changed nothing"
+    );
 }

@@ -276,6 +276,7 @@ impl Exchange {
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {
             ["", "api", "v1", "tenants", _, "retention"] => "/api/v1/tenants/{id}/retention".into(),
+            ["", "api", "v1", "tenants", _, "archive"] => "/api/v1/tenants/{id}/archive".into(),
             ["", "api", "v1", "holds", _] => "/api/v1/holds/{id}".into(),
             _ => path.to_string(),
         }
@@ -771,9 +772,10 @@ parameters = {{ "path.id" = {{ dictionary = "holds", probability = 0.5 }} }}
 
 # A body the schema allows can still be refused for what no JSON Schema can say: a window out of
 # 1h..100years ("59m" is a string like "1h"), a hold's `until` already past by the database's
-# clock. Those two operations may answer 400 to schema-valid data (their documents say so).
+# clock, an archive policy naming no final status or one twice. Those operations may answer 400
+# to schema-valid data (their documents say so).
 [[operations]]
-include-operation-id = ["put_retention", "add_hold"]
+include-operation-id = ["put_retention", "add_hold", "put_archive"]
 checks = {{ positive_data_acceptance = {{ expected-statuses = ["2xx", "400", "401", "403", "404"] }} }}
 "#,
         tenants = quoted.join(", "),

@@ -679,3 +679,31 @@ pub async fn oldest_waiting(
     }
     Ok(oldest)
 }
+
+/// The archives at a glance, when any tenant archives or any archive exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, FromRow)]
+pub struct Summary {
+    /// Tenants with an archive policy.
+    pub tenants: i64,
+    /// Files written, the runs and bytes in them, the latest written.
+    pub files: i64,
+    pub tasks: i64,
+    pub bytes: i64,
+    pub last_written_at: Option<DateTime<Utc>>,
+    /// Files begun and not finished (a run died, or the store failed): written again next run.
+    pub writing: i64,
+}
+
+pub async fn summary(executor: impl PgExecutor<'_>) -> Result<Summary, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tenants WHERE archive_statuses <> '{}') AS tenants,
+                count(*) FILTER (WHERE state = 'written') AS files,
+                coalesce(sum(tasks) FILTER (WHERE state = 'written'), 0)::bigint AS tasks,
+                coalesce(sum(bytes) FILTER (WHERE state = 'written'), 0)::bigint AS bytes,
+                max(written_at) AS last_written_at,
+                count(*) FILTER (WHERE state = 'writing') AS writing
+           FROM retention_archives",
+    )
+    .fetch_one(executor)
+    .await
+}

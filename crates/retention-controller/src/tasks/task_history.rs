@@ -185,16 +185,34 @@ impl TaskHistoryTask {
         if !archived.keys.is_empty() {
             tracing::info!(files = archived.files, tasks = archived.tasks, bytes = archived.bytes, keys = ?archived.keys, "archived");
         }
-        // The archive lag: how long the oldest waiting task has been due.
-        if let Ok(mut conn) = ctx.pool.acquire().await {
-            if let Ok(oldest) = repository::archives::oldest_waiting(&mut conn, &rule).await {
-                let lag = oldest
-                    .map(|at| (ctx.now() - at).to_std().unwrap_or_default())
-                    .unwrap_or_default();
-                crate::telemetry::archive_lag(lag);
-            }
-        }
         Ok(())
+    }
+
+    /// The archive lag, at the end of a run (when the runs archived at its start are deleted,
+    /// and the probe has only what still waits to walk past): how long the oldest waiting task
+    /// has been due. Bounded by a statement timeout; left as it was when that passes.
+    async fn measure_archive_lag(&self, ctx: &RunContext) {
+        if self.archive_storage.is_none() {
+            return;
+        }
+        let rule = ctx.rule(self.settings.deleted_tenant_grace);
+        let probe = async {
+            let mut tx = ctx.pool.begin().await?;
+            sqlx::query("SET LOCAL statement_timeout = '5s'")
+                .execute(&mut *tx)
+                .await?;
+            let oldest = repository::archives::oldest_waiting(&mut tx, &rule).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(oldest)
+        };
+        match probe.await {
+            Ok(oldest) => crate::telemetry::archive_lag(
+                oldest
+                    .map(|at| (ctx.now() - at).to_std().unwrap_or_default())
+                    .unwrap_or_default(),
+            ),
+            Err(error) => tracing::debug!(%error, "measuring the archive lag"),
+        }
     }
 
     pub fn with_orphan_sweep_interval(self, interval: Duration) -> Self {
@@ -962,6 +980,7 @@ impl MaintenanceTask for TaskHistoryTask {
         self.purge_receipts(ctx, &mut report).await?;
         // Last: a walk of every payload and log partition, resumed where a run stopped it.
         self.sweep_orphan_dependents(ctx, &mut report).await?;
+        self.measure_archive_lag(ctx).await;
         if purged != crate::Completion::Done {
             report.completion = purged;
         }
