@@ -85,6 +85,12 @@ CREATE TABLE retention_archived_tasks (
     events           integer     NOT NULL,
     payloads         integer     NOT NULL,
     logs             integer     NOT NULL,
+    -- The highest id of each in the file (NULL: none): a row of the run with a higher id was
+    -- written after the archive read it, and is in no archive (kept by the orphan rules once its
+    -- run is gone; see `Rule::orphan_of_archived`).
+    max_event_id     bigint      NULL,
+    max_payload_id   bigint      NULL,
+    max_log_id       bigint      NULL,
     PRIMARY KEY (task_inserted_at, task_id)
 );
 CREATE INDEX retention_archived_tasks_archive_idx ON retention_archived_tasks (archive_id);

@@ -339,9 +339,19 @@ async fn archived_runs_restore_into_a_schema_of_their_own() {
     .unwrap();
     assert_eq!((events, logs, keys), (10, 5, 1));
 
-    // Refused, changing nothing: the live schema, a name that is not an identifier, days the
-    // wrong way round, an unknown tenant.
+    // Refused, changing nothing: the live schema, a schema on the search path or named after a
+    // role, one holding tables a restore did not make, a name that is not an identifier, days
+    // the wrong way round, an unknown tenant.
+    for statement in ["CREATE SCHEMA reports", "CREATE TABLE reports.monthly (n int)"] {
+        sqlx::query(statement).execute(&db.pool).await.unwrap();
+    }
+    sqlx::query("CREATE ROLE analyst NOLOGIN")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     for (from, to, into, says) in [
+        (day.as_str(), day.as_str(), "reports", "it holds tables a restore did not make"),
+        (day.as_str(), day.as_str(), "analyst", "named after a role"),
         (day.as_str(), day.as_str(), "public", "invalid --into \"public\""),
         (day.as_str(), day.as_str(), "Robert'); DROP", "not a plain lower-case identifier"),
         ("2026-11-02", "2026-11-01", "x", "invalid --from 2026-11-02 after --to 2026-11-01"),

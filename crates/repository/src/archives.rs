@@ -259,6 +259,10 @@ pub struct ArchivedTask {
     pub events: i32,
     pub payloads: i32,
     pub logs: i32,
+    /// The highest id of each the file holds, if any.
+    pub max_event_id: Option<i64>,
+    pub max_payload_id: Option<i64>,
+    pub max_log_id: Option<i64>,
 }
 
 /// What a written file holds.
@@ -332,13 +336,17 @@ pub async fn written(
     };
     let tasks = &written.tasks;
     sqlx::query(
-        "INSERT INTO retention_archived_tasks AS ra (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs)
-         SELECT k.id, k.at, $3, k.status, k.finished_at, k.events, k.payloads, k.logs
-           FROM unnest($1::uuid[], $2::timestamptz[], $4::text[], $5::timestamptz[], $6::int4[], $7::int4[], $8::int4[])
-                AS k(id, at, status, finished_at, events, payloads, logs)
+        "INSERT INTO retention_archived_tasks AS ra (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs,
+                                                     max_event_id, max_payload_id, max_log_id)
+         SELECT k.id, k.at, $3, k.status, k.finished_at, k.events, k.payloads, k.logs, k.me, k.mp, k.ml
+           FROM unnest($1::uuid[], $2::timestamptz[], $4::text[], $5::timestamptz[], $6::int4[], $7::int4[], $8::int4[],
+                       $9::int8[], $10::int8[], $11::int8[])
+                AS k(id, at, status, finished_at, events, payloads, logs, me, mp, ml)
          ON CONFLICT (task_inserted_at, task_id) DO UPDATE
             SET archive_id = excluded.archive_id, status = excluded.status, finished_at = excluded.finished_at,
-                events = excluded.events, payloads = excluded.payloads, logs = excluded.logs",
+                events = excluded.events, payloads = excluded.payloads, logs = excluded.logs,
+                max_event_id = excluded.max_event_id, max_payload_id = excluded.max_payload_id,
+                max_log_id = excluded.max_log_id",
     )
     .bind(tasks.iter().map(|t| t.id).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| t.inserted_at).collect::<Vec<_>>())
@@ -348,6 +356,9 @@ pub async fn written(
     .bind(tasks.iter().map(|t| t.events).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| t.payloads).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| t.logs).collect::<Vec<_>>())
+    .bind(tasks.iter().map(|t| t.max_event_id).collect::<Vec<_>>())
+    .bind(tasks.iter().map(|t| t.max_payload_id).collect::<Vec<_>>())
+    .bind(tasks.iter().map(|t| t.max_log_id).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
     sqlx::query(
@@ -563,9 +574,12 @@ pub async fn clean_gone(executor: impl PgExecutor<'_>, limit: i64) -> Result<u64
         "DELETE FROM retention_archived_tasks WHERE (task_inserted_at, task_id) IN (
              SELECT ra.task_inserted_at, ra.task_id FROM retention_archived_tasks ra
               WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ra.task_id AND t.inserted_at = ra.task_inserted_at)
-                AND NOT EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = ra.task_id AND e.task_inserted_at = ra.task_inserted_at)
-                AND NOT EXISTS (SELECT 1 FROM task_payloads p WHERE p.task_id = ra.task_id AND p.task_inserted_at = ra.task_inserted_at)
-                AND NOT EXISTS (SELECT 1 FROM task_logs l WHERE l.task_id = ra.task_id AND l.task_inserted_at = ra.task_inserted_at)
+                AND NOT EXISTS (SELECT 1 FROM task_events e WHERE e.task_id = ra.task_id AND e.task_inserted_at = ra.task_inserted_at
+                                   AND e.id > coalesce(ra.max_event_id, 0))
+                AND NOT EXISTS (SELECT 1 FROM task_payloads p WHERE p.task_id = ra.task_id AND p.task_inserted_at = ra.task_inserted_at
+                                   AND p.id > coalesce(ra.max_payload_id, 0))
+                AND NOT EXISTS (SELECT 1 FROM task_logs l WHERE l.task_id = ra.task_id AND l.task_inserted_at = ra.task_inserted_at
+                                   AND l.id > coalesce(ra.max_log_id, 0))
               LIMIT $1)
            AND NOT EXISTS (SELECT 1 FROM history_detached)",
     )
@@ -581,9 +595,12 @@ pub async fn clean_gone(executor: impl PgExecutor<'_>, limit: i64) -> Result<u64
 /// docs/operations.md, "Archiving").
 pub async fn late_rows(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT coalesce(sum((SELECT count(*) FROM task_events e WHERE e.task_id = ra.task_id AND e.task_inserted_at = ra.task_inserted_at)
-                           + (SELECT count(*) FROM task_payloads p WHERE p.task_id = ra.task_id AND p.task_inserted_at = ra.task_inserted_at)
-                           + (SELECT count(*) FROM task_logs l WHERE l.task_id = ra.task_id AND l.task_inserted_at = ra.task_inserted_at)), 0)::bigint
+        "SELECT coalesce(sum((SELECT count(*) FROM task_events e WHERE e.task_id = ra.task_id AND e.task_inserted_at = ra.task_inserted_at
+                                AND e.id > coalesce(ra.max_event_id, 0))
+                           + (SELECT count(*) FROM task_payloads p WHERE p.task_id = ra.task_id AND p.task_inserted_at = ra.task_inserted_at
+                                AND p.id > coalesce(ra.max_payload_id, 0))
+                           + (SELECT count(*) FROM task_logs l WHERE l.task_id = ra.task_id AND l.task_inserted_at = ra.task_inserted_at
+                                AND l.id > coalesce(ra.max_log_id, 0))), 0)::bigint
            FROM retention_archived_tasks ra
           WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ra.task_id AND t.inserted_at = ra.task_inserted_at)",
     )

@@ -446,7 +446,18 @@ pub async fn delete_orphans_in_blocks(
     sql.raw("partition", partition.to_string())
         .bind("from", from)
         .bind("to", to)
-        .with("due", rule.orphan_due("d", "tasks"))
+        .with(
+            "due",
+            rule.orphan_due_of(
+                if payloads {
+                    crate::rule::Dependent::Payloads
+                } else {
+                    crate::rule::Dependent::Logs
+                },
+                "d",
+                "tasks",
+            ),
+        )
         .raw(
             "external",
             if payloads {

@@ -33,6 +33,34 @@ pub async fn refusal(conn: &mut PgConnection, schema: &str) -> Result<Option<Str
     if schema == "public" || schema == "information_schema" || schema.starts_with("pg_") {
         return Ok(Some("it is a system or the default schema".into()));
     }
+    // A schema on the search path (or one that would be: `$user`, named after a role) would put
+    // the restored tables in front of the live ones for every unqualified statement.
+    let (searched, a_role): (bool, bool) = sqlx::query_as(
+        "SELECT $1 = ANY (current_schemas(true)), EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+    )
+    .bind(schema)
+    .fetch_one(&mut *conn)
+    .await?;
+    if searched || a_role {
+        return Ok(Some(
+            "it is on the search path, or named after a role (\"$user\" is on it)".into(),
+        ));
+    }
+    // Only a new schema, or one a restore made: never tables of someone else's.
+    let (relations, restore_made): (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')),
+                EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                          JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE n.nspname = $1 AND c.relname = 'tasks' AND c.relkind = 'r'
+                           AND a.attname = 'archive_key' AND NOT a.attisdropped)",
+    )
+    .bind(schema)
+    .fetch_one(&mut *conn)
+    .await?;
+    if relations > 0 && !restore_made {
+        return Ok(Some("it holds tables a restore did not make".into()));
+    }
     let (migrations, live_tasks, restore_tasks): (bool, bool, bool) = sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                          WHERE n.nspname = $1 AND c.relname = '_sqlx_migrations'),

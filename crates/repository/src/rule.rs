@@ -80,6 +80,25 @@ pub fn interval(duration: Duration) -> PgInterval {
     }
 }
 
+/// What an orphan row is: an event, a payload or a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependent {
+    Events,
+    Payloads,
+    Logs,
+}
+
+impl Dependent {
+    /// The column of `retention_archived_tasks` with the highest id of this kind archived.
+    fn max_id_column(self) -> &'static str {
+        match self {
+            Dependent::Events => "max_event_id",
+            Dependent::Payloads => "max_payload_id",
+            Dependent::Logs => "max_log_id",
+        }
+    }
+}
+
 /// The tenants that archive (an uncorrelated subquery: an init plan, run once per statement).
 pub(crate) const ARCHIVING_TENANTS: &str = "ARRAY (SELECT atn.id FROM tenants atn
                                       WHERE atn.archive_statuses <> '{}'
@@ -113,9 +132,11 @@ impl Rule {
 
     /// Whether task `t`, of a rewrite's source range (detached by its swap), was dropped by the
     /// rewrite: due by the rule, and for a task its tenant archives by status, recorded as
-    /// archived in the state the rewrite's copy found it and absent from the live tables (the
-    /// copy kept one that changed after its archive; a count cannot compare what it held then,
-    /// the source's dependents being detached or gone since). What a rewrite's count counts.
+    /// archived with the status and finish it has and as many payloads and log lines as are
+    /// live (those tables are not rewritten: one written since the copy makes the run differ from
+    /// its archive, and its rows stay), and absent from the live tables (the copy kept one whose
+    /// event changed; its events, detached with the source, cannot be counted). What a
+    /// rewrite's count counts.
     pub fn task_dropped(&self, t: &str, tn: &str) -> Fragment {
         Fragment::text("(")
             .then(self.task_due_unless_archiving(t, tn))
@@ -125,7 +146,11 @@ impl Rule {
                                         AND NOT (EXISTS (SELECT 1 FROM retention_archived_tasks ra
                                                          WHERE ra.task_inserted_at = {t}.inserted_at AND ra.task_id = {t}.id
                                                            AND ra.status = {t}.status
-                                                           AND ra.finished_at IS NOT DISTINCT FROM {t}.finished_at)
+                                                           AND ra.finished_at IS NOT DISTINCT FROM {t}.finished_at
+                                                           AND ra.payloads = (SELECT count(*) FROM task_payloads ap
+                                                                              WHERE ap.task_id = {t}.id AND ap.task_inserted_at = {t}.inserted_at)
+                                                           AND ra.logs = (SELECT count(*) FROM task_logs al
+                                                                          WHERE al.task_id = {t}.id AND al.task_inserted_at = {t}.inserted_at))
                                                  AND NOT EXISTS (SELECT 1 FROM tasks lt
                                                                  WHERE lt.id = {t}.id AND lt.inserted_at = {t}.inserted_at))
                                    ELSE false END, true))",
@@ -189,25 +214,30 @@ impl Rule {
         ))
     }
 
-    /// Whether orphan `o` (an event, payload or log line with `tenant_id`, `task_id`,
-    /// `task_inserted_at`) belongs to a run its archiving tenant had archived and retention
-    /// deleted: a row written as the run's delete ran (after its snapshot), in no archive. Such
-    /// rows are kept, by every orphan rule, and counted (`archives::late_rows`): nothing leaves
-    /// without its archive.
-    pub fn orphan_of_archived(&self, o: &str) -> Fragment {
+    /// Whether orphan `o` (a row of `kind` with `id`, `tenant_id`, `task_id`,
+    /// `task_inserted_at`) belongs to a run its archiving tenant had archived, and is not in the
+    /// archive (its id is above the highest the file holds): written as the run's delete ran,
+    /// after its snapshot. Such rows are kept, by every orphan rule, and counted
+    /// (`archives::late_rows`): nothing leaves without its archive. A row the archive holds (its
+    /// run deleted by the application) goes as any orphan.
+    pub fn orphan_of_archived(&self, o: &str, kind: Dependent) -> Fragment {
         if testing::archive_check_broken() {
             return Fragment::text("false");
         }
+        let max = kind.max_id_column();
         Fragment::text(format!(
             "coalesce({o}.tenant_id = ANY ({ARCHIVING_TENANTS})
                       AND EXISTS (SELECT 1 FROM retention_archived_tasks ra
-                                  WHERE ra.task_inserted_at = {o}.task_inserted_at AND ra.task_id = {o}.task_id), true)"
+                                  WHERE ra.task_inserted_at = {o}.task_inserted_at AND ra.task_id = {o}.task_id
+                                    AND {o}.id > coalesce(ra.{max}, 0)), true)"
         ))
     }
 
-    /// Whether log line `l` (with `tenant_id`, `task_id`, `task_inserted_at`) belongs to a task
-    /// its tenant archives by status: such lines stay until their task goes (they are in its
-    /// archive), whatever the log window. Lines of a task still running go by the log window.
+    /// Whether log line `l` (with `id`, `tenant_id`, `task_id`, `task_inserted_at`) belongs to a
+    /// task its tenant archives by status: such lines stay until their task goes (they are in its
+    /// archive), whatever the log window; and so does a line written to an archived run as it
+    /// was deleted (in no archive: see [`Rule::orphan_of_archived`]). Lines of a task still
+    /// running go by the log window.
     pub fn log_kept_for_archive(&self, l: &str) -> Fragment {
         if testing::archive_check_broken() {
             return Fragment::text("false");
@@ -217,6 +247,11 @@ impl Rule {
                           THEN EXISTS (SELECT 1 FROM tasks alt
                                        WHERE alt.id = {l}.task_id AND alt.inserted_at = {l}.task_inserted_at
                                          AND (alt.tenant_id::text || '/' || alt.status) = ANY ({ARCHIVING_PAIRS}))
+                               OR EXISTS (SELECT 1 FROM retention_archived_tasks alr
+                                          WHERE alr.task_inserted_at = {l}.task_inserted_at AND alr.task_id = {l}.task_id
+                                            AND {l}.id > coalesce(alr.max_log_id, 0)
+                                            AND NOT EXISTS (SELECT 1 FROM tasks alg
+                                                            WHERE alg.id = {l}.task_id AND alg.inserted_at = {l}.task_inserted_at))
                           ELSE false END, true)"
         ))
     }
@@ -254,16 +289,21 @@ impl Rule {
     /// Whether event `e` is an orphan, its task absent from `tasks` (a table or partition of tasks
     /// holding every task of the event's instant), old enough to go and not held.
     pub fn orphan_due(&self, e: &str, tasks: &str) -> Fragment {
+        self.orphan_due_of(Dependent::Events, e, tasks)
+    }
+
+    /// [`Rule::orphan_due`] for a row of `kind` (payloads and log lines have the same rule).
+    pub fn orphan_due_of(&self, kind: Dependent, e: &str, tasks: &str) -> Fragment {
         Fragment::text(orphan(e, tasks))
             .push(" AND ")
-            .then(self.orphan_expired(e))
+            .then(self.orphan_expired(e, kind))
     }
 
     /// Whether event `e`, an orphan, is kept: too young, or held.
     pub fn orphan_kept(&self, e: &str, tasks: &str) -> Fragment {
         Fragment::text(orphan(e, tasks))
             .push(" AND NOT ")
-            .then(self.orphan_expired(e))
+            .then(self.orphan_expired(e, Dependent::Events))
     }
 
     /// Whether event `e` is too young to be an orphan by the rule: its task may not be committed
@@ -286,7 +326,7 @@ impl Rule {
     }
 
     /// The orphan rule's age and hold, for an event known to be an orphan.
-    fn orphan_expired(&self, e: &str) -> Fragment {
+    fn orphan_expired(&self, e: &str, kind: Dependent) -> Fragment {
         Fragment::text(format!("({e}.created_at < "))
             .bind(self.now)
             .push(" - ")
@@ -294,7 +334,7 @@ impl Rule {
             .push(" AND NOT ")
             .then(self.held(&format!("{e}.tenant_id"), &format!("{e}.task_id")))
             .push(" AND NOT ")
-            .then(self.orphan_of_archived(e))
+            .then(self.orphan_of_archived(e, kind))
             .push(")")
     }
 

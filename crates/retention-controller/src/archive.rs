@@ -265,6 +265,9 @@ impl OpenFile {
                 events: row.events.len() as i32,
                 payloads: row.payloads.len() as i32,
                 logs: row.logs.len() as i32,
+                max_event_id: row.events.iter().map(|e| e.id).max(),
+                max_payload_id: row.payloads.iter().map(|p| p.id).max(),
+                max_log_id: row.logs.iter().map(|l| l.id).max(),
             });
             self.buffered.push(row);
             if self.buffered.len() >= chunk {

@@ -360,7 +360,7 @@ async fn orphan_sweep(pool: &PgPool) -> (Vec<String>, String) {
     // A run the archiving tenant had archived, its event written as retention deleted it.
     let archived = insert_task(pool, t.ar, "running", at, None).await;
     tasks.push(archived);
-    super::matrix::archive_gone(pool, t.ar, archived).await;
+    super::matrix::archive_gone(pool, t.ar, archived, None).await;
     let late = insert_event(pool, t.ar, archived, now - Span::hours(1) - MINUTE).await;
     matrix.orphans.push(super::matrix::Fated {
         key: late,

@@ -154,8 +154,8 @@ pub async fn archive(pool: &PgPool, tenant: Uuid, task: TaskKey) {
 }
 
 /// Records `task`, gone, as archived by a written archive of `tenant` (as retention leaves a run
-/// it archived and deleted).
-pub async fn archive_gone(pool: &PgPool, tenant: Uuid, task: TaskKey) {
+/// it archived and deleted), the archive holding its events up to `max_event_id`.
+pub async fn archive_gone(pool: &PgPool, tenant: Uuid, task: TaskKey, max_event_id: Option<i64>) {
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO retention_archives (object_key, store, tenant_id, status, first_at, first_task, last_at, last_task,
                                          run_id, part, state, tasks, bytes, sha256, schema_version, written_at)
@@ -170,12 +170,13 @@ pub async fn archive_gone(pool: &PgPool, tenant: Uuid, task: TaskKey) {
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO retention_archived_tasks (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs)
-         VALUES ($1, $2, $3, 'failed', $2, 0, 0, 0)",
+        "INSERT INTO retention_archived_tasks (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs, max_event_id)
+         VALUES ($1, $2, $3, 'failed', $2, 0, 0, 0, $4)",
     )
     .bind(task.0)
     .bind(task.1)
     .bind(id)
+    .bind(max_event_id)
     .execute(pool)
     .await
     .unwrap();
@@ -549,7 +550,14 @@ impl Matrix {
             item_due: false,
         });
         let archived: TaskKey = (Uuid::new_v4(), at);
-        archive_gone(pool, t.ar, archived).await;
+        let held_by_archive = insert_event(pool, t.ar, archived, now - Span::hours(1) - MINUTE).await;
+        archive_gone(pool, t.ar, archived, Some(held_by_archive)).await;
+        self.orphans.push(Fated {
+            key: held_by_archive,
+            what: "archiving tenant: orphan its run's archive holds (the run deleted by the application)".into(),
+            due: true,
+            item_due: false,
+        });
         let late = insert_event(pool, t.ar, archived, now - Span::hours(1) - MINUTE).await;
         self.orphans.push(Fated {
             key: late,

@@ -175,12 +175,12 @@ pub async fn chunk(
             let mut sql = Sql::new(
                 "WITH rt AS MATERIALIZED (SELECT * FROM history_rewrite_tenants WHERE rewrite_id = {id}),
                  ev AS MATERIALIZED (
-                     SELECT e.tenant_id AS e_tenant_id, e.task_id AS e_task_id, e.task_inserted_at AS e_task_inserted_at,
+                     SELECT e.id AS e_id, e.tenant_id AS e_tenant_id, e.task_id AS e_task_id, e.task_inserted_at AS e_task_inserted_at,
                             e.created_at AS e_created_at, t.id, t.tenant_id, t.status, t.finished_at, t.inserted_at
                      FROM {events} e LEFT JOIN {tasks} t ON t.id = e.task_id AND t.inserted_at = e.task_inserted_at
                      WHERE e.ctid >= {from}::tid AND e.ctid < {to}::tid
                  ), orphan AS (
-                     SELECT e_tenant_id AS tenant_id, e_task_id AS task_id, e_task_inserted_at AS task_inserted_at, e_created_at AS created_at
+                     SELECT e_id AS id, e_tenant_id AS tenant_id, e_task_id AS task_id, e_task_inserted_at AS task_inserted_at, e_created_at AS created_at
                      FROM ev WHERE ev.id IS NULL
                  ), went AS (
                      SELECT ev.tenant_id, CASE WHEN rt.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END AS rule,
