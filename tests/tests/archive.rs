@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::Arc;
 
 use chrono::Duration as Span;
@@ -124,20 +123,16 @@ fn history(storage: Arc<Storage>) -> TaskHistoryTask {
 
 /// DuckDB over every file under `dir`: each task id with its event and log counts.
 fn duckdb_tasks(dir: &std::path::Path) -> Vec<(String, i64, i64, i64)> {
-    let script = format!(
-        "import duckdb, json, os\nos.chdir({:?})\nrows = duckdb.sql(\"SELECT task_id, len(events), len(logs), len(payloads) FROM 'archive/**/*.parquet' ORDER BY task_id\").fetchall()\nprint(json.dumps(rows))",
-        dir.display().to_string()
-    );
-    let output = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "DuckDB failed (pip install duckdb==1.4.2; .ci/run does): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    testkit::duckdb::rows(
+        dir,
+        "SELECT task_id, len(events), len(logs), len(payloads) FROM 'archive/**/*.parquet' ORDER BY task_id",
+    )
+    .into_iter()
+    .map(|row| {
+        let n = |i: usize| row[i].parse::<i64>().expect("a count");
+        (row[0].clone(), n(1), n(2), n(3))
+    })
+    .collect()
 }
 
 #[tokio::test]

@@ -1,7 +1,6 @@
 //! The archive's files read by a reader no one here wrote: DuckDB (PyPI `duckdb`), over a
 //! directory of them by glob, runs and their nested events, payloads and logs.
 
-use std::process::Command;
 
 use chrono::{DateTime, Utc};
 use retention_controller::archive_format::{
@@ -47,24 +46,6 @@ fn task(n: u128, status: &str, events: usize) -> ArchivedTask {
     }
 }
 
-/// Runs `sql` in DuckDB (Python), returning its rows as JSON arrays of strings.
-fn duckdb(dir: &std::path::Path, sql: &str) -> Vec<Vec<String>> {
-    let script = format!(
-        "import duckdb, json, os\nos.chdir({dir:?})\nrows = duckdb.sql({sql:?}).fetchall()\nprint(json.dumps([[str(v) for v in row] for row in rows]))",
-        dir = dir.display().to_string(),
-    );
-    let output = Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "DuckDB failed (pip install duckdb==1.4.2; .ci/run does): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 #[test]
 fn duckdb_reads_the_runs_with_their_events_payloads_and_logs() {
     let dir = tempfile::tempdir().unwrap();
@@ -89,7 +70,7 @@ fn duckdb_reads_the_runs_with_their_events_payloads_and_logs() {
     )
     .unwrap();
 
-    let runs = duckdb(
+    let runs = testkit::duckdb::rows(
         dir.path(),
         "SELECT task_id, status, len(events), len(payloads), len(logs), schema_version, epoch_us(finished_at)
            FROM 'archive/**/*.parquet' ORDER BY task_id",
@@ -138,7 +119,7 @@ fn duckdb_reads_the_runs_with_their_events_payloads_and_logs() {
         ]
     );
     // The failed runs' events, unnested, each once.
-    let events = duckdb(
+    let events = testkit::duckdb::rows(
         dir.path(),
         "SELECT t.task_id, e.event.event_type, e.event.data
            FROM 'archive/**/*.parquet' t, unnest(t.events) AS e(event)
@@ -153,7 +134,7 @@ fn duckdb_reads_the_runs_with_their_events_payloads_and_logs() {
             vec![id(3), "step-0".into(), r#"{"ok": true}"#.into()],
         ]
     );
-    let keys = duckdb(
+    let keys = testkit::duckdb::rows(
         dir.path(),
         "SELECT p.payload.external_key, l.log.line FROM 'archive/**/*.parquet' t,
                 unnest(t.payloads) AS p(payload), unnest(t.logs) AS l(log) WHERE t.task_id = '00000000-0000-0000-0000-000000000004'",

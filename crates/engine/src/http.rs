@@ -581,6 +581,17 @@ fn put_settings(payload: &Value) -> Result<Vec<Setting>, PutRefusal> {
 }
 
 /// "a number", "an array", ... for refusals.
+/// A PUT's JSON body, or the 400 that says what was wrong with it and what `shape` it must have.
+fn json_body(
+    payload: Result<Json<Value>, JsonRejection>,
+    shape: &str,
+) -> Result<Value, Response> {
+    payload.map(|Json(payload)| payload).map_err(|rejection| {
+        let problem = body_problem(&rejection);
+        error(StatusCode::BAD_REQUEST, format!("{problem}; {shape}"))
+    })
+}
+
 fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -636,12 +647,9 @@ pub async fn put_retention(
     ApiQuery(query): ApiQuery<DryRun>,
     payload: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let payload = match payload {
-        Ok(Json(payload)) => payload,
-        Err(rejection) => {
-            let problem = body_problem(&rejection);
-            return error(StatusCode::BAD_REQUEST, format!("{problem}; {PUT_SHAPE}"));
-        }
+    let payload = match json_body(payload, PUT_SHAPE) {
+        Ok(payload) => payload,
+        Err(refused) => return refused,
     };
     let settings = match put_settings(&payload) {
         Ok(settings) => settings,
@@ -813,12 +821,9 @@ pub async fn put_archive(
     ApiQuery(query): ApiQuery<DryRun>,
     payload: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let payload = match payload {
-        Ok(Json(payload)) => payload,
-        Err(rejection) => {
-            let problem = body_problem(&rejection);
-            return error(StatusCode::BAD_REQUEST, format!("{problem}; {ARCHIVE_SHAPE}"));
-        }
+    let payload = match json_body(payload, ARCHIVE_SHAPE) {
+        Ok(payload) => payload,
+        Err(refused) => return refused,
     };
     let change = match archive_change(&payload) {
         Ok(change) => change,

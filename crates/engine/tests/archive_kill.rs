@@ -154,23 +154,6 @@ async fn check(db: &TestDatabase, storage: &Storage, ledger: &Ledger, when: &str
     );
 }
 
-fn duckdb_task_ids(dir: &Path) -> Vec<String> {
-    let script = format!(
-        "import duckdb, json, os\nos.chdir({:?})\nprint(json.dumps([r[0] for r in duckdb.sql(\"SELECT task_id FROM 'archive/**/*.parquet' ORDER BY task_id\").fetchall()]))",
-        dir.display().to_string()
-    );
-    let output = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "DuckDB failed (pip install duckdb==1.4.2; .ci/run does): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 #[test]
 fn the_engine_killed_while_it_archives_deletes_nothing_without_its_archive_on_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -298,7 +281,7 @@ fn killed_while_archiving(settings: StorageSettings, scratch: &Path) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, rt.block_on(storage.get(&key)).unwrap().unwrap()).unwrap();
     }
-    let read = duckdb_task_ids(&local);
+    let read = testkit::duckdb::archived_task_ids(&local);
     let read_set: BTreeSet<Uuid> = read.iter().map(|id| id.parse().unwrap()).collect();
     assert_eq!(read.len(), read_set.len(), "no run twice");
     assert_eq!(read_set, ledger.due, "exactly the due runs, in the store's files");

@@ -126,24 +126,6 @@ fn due(task: &Task, inserted_at: DateTime<Utc>, tenant: &Tenant, at: DateTime<Ut
     }
 }
 
-/// Every run in the archive files under `dir`, as DuckDB reads them (PyPI `duckdb`).
-fn duckdb_task_ids(dir: &Path) -> Vec<String> {
-    let script = format!(
-        "import duckdb, json, os\nos.chdir({:?})\nprint(json.dumps([r[0] for r in duckdb.sql(\"SELECT task_id FROM 'archive/**/*.parquet'\").fetchall()]))",
-        dir.display().to_string()
-    );
-    let output = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "DuckDB failed (pip install duckdb==1.4.2; .ci/run does): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 /// The final statuses, in the order of [`Tenant::own_windows`].
 const FINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
@@ -451,7 +433,7 @@ async fn simulate(variant: Variant) {
     eprintln!("at most {most_partitions} partitions; {mechanisms:?}");
     // The archives hold exactly the archiving tenants' runs deleted while they archived their
     // status, each once, as DuckDB reads them.
-    let mut read = duckdb_task_ids(&objects);
+    let mut read = testkit::duckdb::archived_task_ids(&objects);
     read.sort();
     let mut expected: Vec<String> = ledger.archived.iter().map(Uuid::to_string).collect();
     expected.sort();

@@ -16,6 +16,7 @@ use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 
 pub use local_postgres;
 
+pub mod duckdb;
 pub mod seaweed;
 pub mod tools;
 
