@@ -1,7 +1,6 @@
 //! The archive's files read by a reader no one here wrote: DuckDB (PyPI `duckdb`), over a
 //! directory of them by glob, runs and their nested events, payloads and logs.
 
-
 use chrono::{DateTime, Utc};
 use retention_controller::archive_format::{
     ArchivedEvent, ArchivedLog, ArchivedPayload, ArchivedTask, FileWriter,

@@ -37,7 +37,15 @@ pub async fn run(bench: &BenchDb, tasks: i64, days: i64) -> anyhow::Result<()> {
     make_days(&pool, first).await?;
     let started = Instant::now();
     for n in 0..days {
-        load_day(&pool, first + chrono::Duration::days(n), per_day, &tenant, "failed", 2).await?;
+        load_day(
+            &pool,
+            first + chrono::Duration::days(n),
+            per_day,
+            &tenant,
+            "failed",
+            2,
+        )
+        .await?;
     }
     eprintln!("  seeded in {:.0}s", started.elapsed().as_secs_f64());
     step(&pool, "VACUUM ANALYZE", "VACUUM ANALYZE tasks, task_events").await?;
@@ -168,7 +176,10 @@ async fn run_engine(engine: &Path, url: &str, objects: &Path) -> anyhow::Result<
         .args(["retention", "run", "--task", "task-history", "--json"])
         .env("DATABASE_URL", url)
         .env("RUST_LOG", log)
-        .env("ENGINE__STORAGE__URL", format!("file://{}", objects.display()))
+        .env(
+            "ENGINE__STORAGE__URL",
+            format!("file://{}", objects.display()),
+        )
         .env("ENGINE__RETENTION__TASK_HISTORY__MAX_RUN_TIME", "1day")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

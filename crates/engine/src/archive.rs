@@ -122,7 +122,7 @@ pub async fn apply(
     let retention = change.retention.map(|r| r.map(interval));
     let after = Policy {
         statuses: names.clone().unwrap_or_else(|| before.statuses.clone()),
-        retention: retention.clone().unwrap_or(before.retention.clone()),
+        retention: retention.unwrap_or(before.retention),
         deleted: change.deleted.unwrap_or(before.deleted),
         ..before.clone()
     };
@@ -388,7 +388,8 @@ async fn restore_with(
     let Some(policy) = archives::policy(&mut *conn, tenant).await? else {
         return Ok(Err(format!("no tenant with id or slug {tenant:?}")));
     };
-    let mut files = archives::list_between(&mut *conn, Some(policy.id), Some(from), Some(to), None).await?;
+    let mut files =
+        archives::list_between(&mut *conn, Some(policy.id), Some(from), Some(to), None).await?;
     // Oldest written first: a run archived again (it changed) ends as its later file has it.
     files.sort_by_key(|a| (a.written_at, a.id));
     let storage = settings.open_storage()?;
@@ -406,8 +407,13 @@ async fn restore_with(
             .get(&file.object_key)
             .await
             .map_err(|error| anyhow::anyhow!("reading {}: {error}", file.object_key))?
-            .ok_or_else(|| anyhow::anyhow!("the archive {} is not in the store", file.object_key))?;
-        let sha256: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            .ok_or_else(|| {
+                anyhow::anyhow!("the archive {} is not in the store", file.object_key)
+            })?;
+        let sha256: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         if Some(bytes.len() as i64) != file.bytes || Some(&sha256) != file.sha256.as_ref() {
             anyhow::bail!(
                 "the archive {} in the store is not the file recorded ({} bytes, SHA-256 {sha256}; recorded {:?} bytes, {:?}): nothing restored",
@@ -446,7 +452,11 @@ async fn restore_with(
     )))
 }
 
-fn push_run(c: &mut repository::restore::Runs, key: &str, run: retention_controller::archive_format::ArchivedTask) {
+fn push_run(
+    c: &mut repository::restore::Runs,
+    key: &str,
+    run: retention_controller::archive_format::ArchivedTask,
+) {
     for e in run.events {
         c.event_id.push(e.id);
         c.event_task.push(run.task_id);

@@ -580,18 +580,16 @@ fn put_settings(payload: &Value) -> Result<Vec<Setting>, PutRefusal> {
     Ok(settings)
 }
 
-/// "a number", "an array", ... for refusals.
 /// A PUT's JSON body, or the 400 that says what was wrong with it and what `shape` it must have.
-fn json_body(
-    payload: Result<Json<Value>, JsonRejection>,
-    shape: &str,
-) -> Result<Value, Response> {
+#[allow(clippy::result_large_err)] // the error is the answer, built once per refused request
+fn json_body(payload: Result<Json<Value>, JsonRejection>, shape: &str) -> Result<Value, Response> {
     payload.map(|Json(payload)| payload).map_err(|rejection| {
         let problem = body_problem(&rejection);
         error(StatusCode::BAD_REQUEST, format!("{problem}; {shape}"))
     })
 }
 
+/// "a number", "an array", ... for refusals.
 fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -768,8 +766,7 @@ fn archive_change(payload: &Value) -> Result<crate::archive::Change, String> {
         let Value::String(text) = value else {
             return Err(format!("archive is {}, not a string", json_kind(value)));
         };
-        change.statuses =
-            Some(archive_policy::parse_statuses(text).map_err(|e| e.to_string())?);
+        change.statuses = Some(archive_policy::parse_statuses(text).map_err(|e| e.to_string())?);
     }
     if let Some(value) = object.get("archive_retention_period") {
         change.retention = Some(match value {
@@ -828,7 +825,10 @@ pub async fn put_archive(
     let change = match archive_change(&payload) {
         Ok(change) => change,
         Err(problem) => {
-            return error(StatusCode::BAD_REQUEST, format!("{problem}; {ARCHIVE_SHAPE}"))
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{problem}; {ARCHIVE_SHAPE}"),
+            )
         }
     };
     match crate::archive::apply(&state.pool, &id, &change, query.dry_run).await {

@@ -194,22 +194,62 @@ async fn the_manifest_lists_written_files_by_tenant_day_and_status() {
     assert_eq!(expiries().await, [None, None, None]);
     let (code, out, err) = cli(
         &db,
-        &["tenant", "archive", "set", "acme", "failed", "--retention", "2years", "--dry-run"],
+        &[
+            "tenant",
+            "archive",
+            "set",
+            "acme",
+            "failed",
+            "--retention",
+            "2years",
+            "--dry-run",
+        ],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("the expiry of 2 archive(s) moves with it"), "{out}");
+    assert!(
+        out.contains("the expiry of 2 archive(s) moves with it"),
+        "{out}"
+    );
     assert_eq!(expiries().await, [None, None, None]);
     let (code, out, err) = cli(
         &db,
-        &["tenant", "archive", "set", "acme", "failed", "--retention", "2years", "--deleted", "on"],
+        &[
+            "tenant",
+            "archive",
+            "set",
+            "acme",
+            "failed",
+            "--retention",
+            "2years",
+            "--deleted",
+            "on",
+        ],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("archived after the tenant is deleted too"), "{out}");
+    assert!(
+        out.contains("archived after the tenant is deleted too"),
+        "{out}"
+    );
     assert_eq!(
         expiries().await,
-        [Some("730 days 12:00:00".to_string()), Some("730 days 12:00:00".to_string()), None]
+        [
+            Some("730 days 12:00:00".to_string()),
+            Some("730 days 12:00:00".to_string()),
+            None
+        ]
     );
-    let (code, _, err) = cli(&db, &["tenant", "archive", "set", "acme", "failed", "--deleted", "maybe"]);
+    let (code, _, err) = cli(
+        &db,
+        &[
+            "tenant",
+            "archive",
+            "set",
+            "acme",
+            "failed",
+            "--deleted",
+            "maybe",
+        ],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("allowed: on or off"), "{err}");
 }
@@ -309,11 +349,22 @@ async fn archived_runs_restore_into_a_schema_of_their_own() {
     assert_eq!(history["archives"]["tasks"], 5, "{history}");
     let (code, out, err) = run(&["retention", "receipts", "--json"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("\"archived\""), "the run's receipt of what it archived: {out}");
+    assert!(
+        out.contains("\"archived\""),
+        "the run's receipt of what it archived: {out}"
+    );
 
     for _ in 0..2 {
         let (code, out, err) = run(&[
-            "archive", "restore", "--tenant", "acme", "--from", &day, "--to", &day, "--into",
+            "archive",
+            "restore",
+            "--tenant",
+            "acme",
+            "--from",
+            &day,
+            "--to",
+            &day,
+            "--into",
             "restored_acme",
         ]);
         assert_eq!(code, 0, "{err}");
@@ -342,7 +393,10 @@ async fn archived_runs_restore_into_a_schema_of_their_own() {
     // Refused, changing nothing: the live schema, a schema on the search path or named after a
     // role, one holding tables a restore did not make, a name that is not an identifier, days
     // the wrong way round, an unknown tenant.
-    for statement in ["CREATE SCHEMA reports", "CREATE TABLE reports.monthly (n int)"] {
+    for statement in [
+        "CREATE SCHEMA reports",
+        "CREATE TABLE reports.monthly (n int)",
+    ] {
         sqlx::query(statement).execute(&db.pool).await.unwrap();
     }
     sqlx::query("CREATE ROLE analyst NOLOGIN")
@@ -350,12 +404,37 @@ async fn archived_runs_restore_into_a_schema_of_their_own() {
         .await
         .unwrap();
     for (from, to, into, says) in [
-        (day.as_str(), day.as_str(), "reports", "it holds tables a restore did not make"),
+        (
+            day.as_str(),
+            day.as_str(),
+            "reports",
+            "it holds tables a restore did not make",
+        ),
         (day.as_str(), day.as_str(), "analyst", "named after a role"),
-        (day.as_str(), day.as_str(), "public", "invalid --into \"public\""),
-        (day.as_str(), day.as_str(), "Robert'); DROP", "not a plain lower-case identifier"),
-        ("2026-11-02", "2026-11-01", "x", "invalid --from 2026-11-02 after --to 2026-11-01"),
-        ("yesterday", day.as_str(), "x", "invalid --from \"yesterday\""),
+        (
+            day.as_str(),
+            day.as_str(),
+            "public",
+            "invalid --into \"public\"",
+        ),
+        (
+            day.as_str(),
+            day.as_str(),
+            "Robert'); DROP",
+            "not a plain lower-case identifier",
+        ),
+        (
+            "2026-11-02",
+            "2026-11-01",
+            "x",
+            "invalid --from 2026-11-02 after --to 2026-11-01",
+        ),
+        (
+            "yesterday",
+            day.as_str(),
+            "x",
+            "invalid --from \"yesterday\"",
+        ),
     ] {
         let all = [
             "archive", "restore", "--tenant", "acme", "--from", from, "--to", to, "--into", into,
@@ -414,17 +493,30 @@ async fn the_admin_api_reads_and_sets_the_archive_policy() {
     assert_eq!(json["tenant"]["archive"], "failed,cancelled");
     assert_eq!(stored(&db, id).await, (Some(vec![]), Some("1 year".into())));
 
-    let (status, body) = http(served.port, "PUT", "/api/v1/tenants/acme/archive", &auth, Some(change)).unwrap();
+    let (status, body) = http(
+        served.port,
+        "PUT",
+        "/api/v1/tenants/acme/archive",
+        &auth,
+        Some(change),
+    )
+    .unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         stored(&db, id).await,
-        (Some(vec!["failed".to_string(), "cancelled".to_string()]), None)
+        (
+            Some(vec!["failed".to_string(), "cancelled".to_string()]),
+            None
+        )
     );
 
     for (body, says) in [
         (r#"{"archive": "sometimes"}"#, "allowed: off, on"),
         (r#"{"archive_retention_period": "2h"}"#, "it is below 1 day"),
-        (r#"{"archive_deleted": "yes"}"#, "archive_deleted is a string, not true or false"),
+        (
+            r#"{"archive_deleted": "yes"}"#,
+            "archive_deleted is a string, not true or false",
+        ),
         (r#"{}"#, "the body names no key"),
         (r#"{"archive": "on", "window": "1d"}"#, "unknown key"),
     ] {
@@ -432,13 +524,23 @@ async fn the_admin_api_reads_and_sets_the_archive_policy() {
         assert_eq!(status, 400, "{body}: {answer}");
         assert!(answer.contains(says), "{body}: {answer}");
     }
-    let (status, _) = http(served.port, "PUT", "/api/v1/tenants/nobody/archive", &auth, Some(change)).unwrap();
+    let (status, _) = http(
+        served.port,
+        "PUT",
+        "/api/v1/tenants/nobody/archive",
+        &auth,
+        Some(change),
+    )
+    .unwrap();
     assert_eq!(status, 404);
     let (status, _) = http(served.port, "GET", &path, &[], None).unwrap();
     assert_eq!(status, 401);
     assert_eq!(
         stored(&db, id).await,
-        (Some(vec!["failed".to_string(), "cancelled".to_string()]), None),
+        (
+            Some(vec!["failed".to_string(), "cancelled".to_string()]),
+            None
+        ),
         "refused requests changed nothing"
     );
 }

@@ -24,8 +24,14 @@ fn store_env(settings: &StorageSettings) -> Vec<(&'static str, String)> {
     for (key, value) in [
         ("ENGINE__STORAGE__S3__ENDPOINT", s3.endpoint.clone()),
         ("ENGINE__STORAGE__S3__REGION", s3.region.clone()),
-        ("ENGINE__STORAGE__S3__ACCESS_KEY_ID", s3.access_key_id.clone()),
-        ("ENGINE__STORAGE__S3__SECRET_ACCESS_KEY", s3.secret_access_key.clone()),
+        (
+            "ENGINE__STORAGE__S3__ACCESS_KEY_ID",
+            s3.access_key_id.clone(),
+        ),
+        (
+            "ENGINE__STORAGE__S3__SECRET_ACCESS_KEY",
+            s3.secret_access_key.clone(),
+        ),
     ] {
         if let Some(value) = value {
             env.push((key, value));
@@ -124,7 +130,10 @@ async fn check(db: &TestDatabase, storage: &Storage, ledger: &Ledger, when: &str
         "{when}: {} runs deleted without a written archive",
         gone.difference(&archived).count()
     );
-    assert!(ledger.young.is_subset(&live), "{when}: a run within its window went");
+    assert!(
+        ledger.young.is_subset(&live),
+        "{when}: a run within its window went"
+    );
     let manifest: Vec<(String, String, Option<i64>, Option<String>)> =
         sqlx::query_as("SELECT object_key, state, bytes, sha256 FROM retention_archives")
             .fetch_all(&db.pool)
@@ -132,11 +141,10 @@ async fn check(db: &TestDatabase, storage: &Storage, ledger: &Ledger, when: &str
             .unwrap();
     for (key, state, bytes, sha256) in &manifest {
         if state == "written" {
-            let content = storage
-                .get(key)
-                .await
-                .unwrap()
-                .unwrap_or_else(|| panic!("{when}: the written archive {key} is not in the store"));
+            let content =
+                storage.get(key).await.unwrap().unwrap_or_else(|| {
+                    panic!("{when}: the written archive {key} is not in the store")
+                });
             let digest: String = Sha256::digest(&content)
                 .iter()
                 .map(|b| format!("{b:02x}"))
@@ -205,8 +213,10 @@ fn killed_while_archiving(settings: StorageSettings, scratch: &Path) {
     // its time to live).
     let lease_ran_out = || {
         rt.block_on(
-            sqlx::query("UPDATE maintenance_tasks SET lease_expires_at = now() WHERE task = 'task-history'")
-                .execute(&db.pool),
+            sqlx::query(
+                "UPDATE maintenance_tasks SET lease_expires_at = now() WHERE task = 'task-history'",
+            )
+            .execute(&db.pool),
         )
         .unwrap();
     };
@@ -254,7 +264,12 @@ fn killed_while_archiving(settings: StorageSettings, scratch: &Path) {
         wait_until(when, Duration::from_secs(120), reached);
         run.kill().unwrap();
         run.wait().unwrap();
-        rt.block_on(check(&db, &storage, &ledger, &format!("killed with {when}")));
+        rt.block_on(check(
+            &db,
+            &storage,
+            &ledger,
+            &format!("killed with {when}"),
+        ));
         lease_ran_out();
     }
 
@@ -284,5 +299,8 @@ fn killed_while_archiving(settings: StorageSettings, scratch: &Path) {
     let read = testkit::duckdb::archived_task_ids(&local);
     let read_set: BTreeSet<Uuid> = read.iter().map(|id| id.parse().unwrap()).collect();
     assert_eq!(read.len(), read_set.len(), "no run twice");
-    assert_eq!(read_set, ledger.due, "exactly the due runs, in the store's files");
+    assert_eq!(
+        read_set, ledger.due,
+        "exactly the due runs, in the store's files"
+    );
 }

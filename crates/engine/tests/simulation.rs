@@ -437,9 +437,15 @@ async fn simulate(variant: Variant) {
     read.sort();
     let mut expected: Vec<String> = ledger.archived.iter().map(Uuid::to_string).collect();
     expected.sort();
-    assert!(!expected.is_empty(), "the archiving tenants had runs deleted");
+    assert!(
+        !expected.is_empty(),
+        "the archiving tenants had runs deleted"
+    );
     assert_eq!(read.len(), expected.len(), "archived runs, each once");
-    assert_eq!(read, expected, "the archived runs are those the ledger says were deleted");
+    assert_eq!(
+        read, expected,
+        "the archived runs are those the ledger says were deleted"
+    );
     // With 20,000 tasks a day kept forever in every range, a compaction never pays: row deletes
     // take the due rows, and merges copy the kept ones.
     let expected: &[&str] = if variant.large_forever_a_day > 0 {

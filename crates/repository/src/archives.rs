@@ -279,7 +279,9 @@ pub enum NotRecorded {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// The run no longer holds task-history's lease: another run may be writing the same file.
-    #[error("the run {0} no longer holds the task-history lease; the file is left to the run that does")]
+    #[error(
+        "the run {0} no longer holds the task-history lease; the file is left to the run that does"
+    )]
     LeaseLost(Uuid),
     /// The manifest row is not `writing` any more (another run finished or removed it).
     #[error("the manifest row {0} is no longer being written")]
@@ -499,7 +501,7 @@ pub async fn set_policy(
     .bind(id)
     .bind(&change.statuses)
     .bind(change.retention.is_some())
-    .bind(change.retention.clone().flatten())
+    .bind(change.retention.flatten())
     .bind(change.deleted)
     .execute(&mut *conn)
     .await?;
@@ -511,7 +513,7 @@ pub async fn set_policy(
           WHERE tenant_id = $1 AND state = 'written' AND expires_at IS DISTINCT FROM written_at + $2",
     )
     .bind(id)
-    .bind(retention.clone())
+    .bind(*retention)
     .execute(&mut *conn)
     .await?
     .rows_affected())
@@ -653,7 +655,10 @@ pub async fn expire(
     .await?;
     let mut by_tenant: std::collections::BTreeMap<Uuid, Vec<String>> = Default::default();
     for e in &gone {
-        by_tenant.entry(e.tenant_id).or_default().push(e.object_key.clone());
+        by_tenant
+            .entry(e.tenant_id)
+            .or_default()
+            .push(e.object_key.clone());
     }
     for (tenant, keys) in by_tenant {
         sqlx::query(

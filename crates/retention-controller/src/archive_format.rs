@@ -308,10 +308,7 @@ pub fn read(bytes: bytes::Bytes) -> Result<Vec<ArchivedTask>, ReadError> {
     Ok(tasks)
 }
 
-fn column<'a>(
-    batch: &'a RecordBatch,
-    name: &'static str,
-) -> Result<&'a ArrayRef, ReadError> {
+fn column<'a>(batch: &'a RecordBatch, name: &'static str) -> Result<&'a ArrayRef, ReadError> {
     batch
         .column_by_name(name)
         .ok_or_else(|| ReadError::Column(name, "missing".into()))
@@ -343,14 +340,21 @@ fn times<'a>(
         .ok_or_else(|| ReadError::Column(name, "not timestamps (µs)".into()))
 }
 
-fn int64s<'a>(array: &'a ArrayRef, name: &'static str) -> Result<&'a arrow_array::Int64Array, ReadError> {
+fn int64s<'a>(
+    array: &'a ArrayRef,
+    name: &'static str,
+) -> Result<&'a arrow_array::Int64Array, ReadError> {
     array
         .as_any()
         .downcast_ref::<arrow_array::Int64Array>()
         .ok_or_else(|| ReadError::Column(name, "not int64".into()))
 }
 
-fn instant(array: &TimestampMicrosecondArray, i: usize, name: &'static str) -> Result<DateTime<Utc>, ReadError> {
+fn instant(
+    array: &TimestampMicrosecondArray,
+    i: usize,
+    name: &'static str,
+) -> Result<DateTime<Utc>, ReadError> {
     DateTime::from_timestamp_micros(array.value(i))
         .ok_or_else(|| ReadError::Column(name, format!("{} is out of range", array.value(i))))
 }
@@ -439,9 +443,18 @@ fn read_batch(batch: &RecordBatch, into: &mut Vec<ArchivedTask>) -> Result<(), R
             int64s(struct_column(&payloads, "id")?, "payloads.id")?,
             strings(struct_column(&payloads, "kind")?, "payloads.kind")?,
             strings(struct_column(&payloads, "location")?, "payloads.location")?,
-            strings(struct_column(&payloads, "external_key")?, "payloads.external_key")?,
-            int64s(struct_column(&payloads, "size_bytes")?, "payloads.size_bytes")?,
-            times(struct_column(&payloads, "created_at")?, "payloads.created_at")?,
+            strings(
+                struct_column(&payloads, "external_key")?,
+                "payloads.external_key",
+            )?,
+            int64s(
+                struct_column(&payloads, "size_bytes")?,
+                "payloads.size_bytes",
+            )?,
+            times(
+                struct_column(&payloads, "created_at")?,
+                "payloads.created_at",
+            )?,
         );
         for j in 0..payloads.len() {
             row.payloads.push(ArchivedPayload {

@@ -134,7 +134,10 @@ mod tests {
         assert!(parse_on_off("on").unwrap());
         assert!(!parse_on_off("OFF").unwrap());
         let refused = parse_on_off("yes").unwrap_err().to_string();
-        assert!(refused.contains("\"yes\"") && refused.contains("on or off"), "{refused}");
+        assert!(
+            refused.contains("\"yes\"") && refused.contains("on or off"),
+            "{refused}"
+        );
     }
 
     #[test]

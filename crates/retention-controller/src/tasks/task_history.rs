@@ -180,7 +180,11 @@ impl TaskHistoryTask {
         }
         if archived.failures > 0 {
             report.count("archive failures", archived.failures);
-            tracing::warn!(failures = archived.failures, first_error = archived.first_error.as_deref().unwrap_or(""), "some archive files were not written; their tasks stay until a run archives them");
+            tracing::warn!(
+                failures = archived.failures,
+                first_error = archived.first_error.as_deref().unwrap_or(""),
+                "some archive files were not written; their tasks stay until a run archives them"
+            );
         }
         if !archived.keys.is_empty() {
             tracing::info!(files = archived.files, tasks = archived.tasks, bytes = archived.bytes, keys = ?archived.keys, "archived");
