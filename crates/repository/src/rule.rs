@@ -130,33 +130,62 @@ impl Rule {
             .push(")")
     }
 
-    /// Whether task `t`, of a rewrite's source range (detached by its swap), was dropped by the
-    /// rewrite: due by the rule, and for a task its tenant archives by status, recorded as
-    /// archived with the status and finish it has and as many payloads and log lines as are
-    /// live (those tables are not rewritten: one written since the copy makes the run differ from
-    /// its archive, and its rows stay), and absent from the live tables (the copy kept one whose
-    /// event changed; its events, detached with the source, cannot be counted). What a
-    /// rewrite's count counts.
-    pub fn task_dropped(&self, t: &str, tn: &str) -> Fragment {
+    /// [`Rule::task_due`] for tasks inserted within `[lower, upper)`, with `t`'s archive record
+    /// joined by the caller as `ra` (see [`Rule::archive_pending_of`]): for statements over a
+    /// chunk of a range, whose records the planner joins at once instead of looking them up
+    /// task by task.
+    pub fn task_due_with_record(
+        &self,
+        t: &str,
+        tn: &str,
+        ra: &str,
+        lower: DateTime<Utc>,
+        upper: DateTime<Utc>,
+    ) -> Fragment {
+        Fragment::text("(")
+            .then(self.task_due_unless_archiving(t, tn))
+            .push(" AND NOT ")
+            .then(self.archive_pending_of(t, ra, lower, upper))
+            .push(")")
+    }
+
+    /// Whether task `t`, of a rewrite's source range `[lower, upper)` (detached by its swap),
+    /// was dropped by the rewrite: due by the rule, and for a task its tenant archives by
+    /// status, recorded as archived (`ra`, its record joined by the caller as in
+    /// [`Rule::archive_pending_of`]) with the status and finish it has, and absent from the
+    /// live tables (the copy kept it if its archive was pending then). What a rewrite's count
+    /// counts. Payloads and log lines are not rewritten: the count deletes those of an archived
+    /// task up to the highest ids its archive holds, and one written since stays, a late row
+    /// (see [`Rule::orphan_of_archived`]). The lookup names the range, so it reads the one
+    /// partition (pruned once per statement, not once per task).
+    pub fn task_dropped(
+        &self,
+        t: &str,
+        tn: &str,
+        ra: &str,
+        lower: DateTime<Utc>,
+        upper: DateTime<Utc>,
+    ) -> Fragment {
         Fragment::text("(")
             .then(self.task_due_unless_archiving(t, tn))
             .push(format!(
                 " AND NOT coalesce(CASE WHEN {t}.tenant_id = ANY ({tenants})
                                    THEN ({t}.tenant_id::text || '/' || {t}.status) = ANY ({pairs})
-                                        AND NOT (EXISTS (SELECT 1 FROM retention_archived_tasks ra
-                                                         WHERE ra.task_inserted_at = {t}.inserted_at AND ra.task_id = {t}.id
-                                                           AND ra.status = {t}.status
-                                                           AND ra.finished_at IS NOT DISTINCT FROM {t}.finished_at
-                                                           AND ra.payloads = (SELECT count(*) FROM task_payloads ap
-                                                                              WHERE ap.task_id = {t}.id AND ap.task_inserted_at = {t}.inserted_at)
-                                                           AND ra.logs = (SELECT count(*) FROM task_logs al
-                                                                          WHERE al.task_id = {t}.id AND al.task_inserted_at = {t}.inserted_at))
+                                        AND NOT ({ra}.status = {t}.status
+                                                 AND {ra}.finished_at IS NOT DISTINCT FROM {t}.finished_at
                                                  AND NOT EXISTS (SELECT 1 FROM tasks lt
-                                                                 WHERE lt.id = {t}.id AND lt.inserted_at = {t}.inserted_at))
-                                   ELSE false END, true))",
+                                                                 WHERE lt.id = {t}.id AND lt.inserted_at = {t}.inserted_at
+                                                                   AND lt.inserted_at >= ",
                 tenants = ARCHIVING_TENANTS,
                 pairs = ARCHIVING_PAIRS,
             ))
+            .bind(lower)
+            .push(" AND lt.inserted_at < ")
+            .bind(upper)
+            .push(
+                "))
+                                   ELSE false END, true))",
+            )
     }
 
     /// [`Rule::task_due`] but for the archive check: what the archiving writes (a task due by its
@@ -212,6 +241,51 @@ impl Rule {
                                                     WHERE al.task_id = {t}.id AND al.task_inserted_at = {t}.inserted_at))
                           ELSE false END, true)"
         ))
+    }
+
+    /// [`Rule::archive_pending`] with `t`'s record in `retention_archived_tasks` joined by the
+    /// caller as `ra` (`LEFT JOIN retention_archived_tasks ra ON ra.task_inserted_at =
+    /// t.inserted_at AND ra.task_id = t.id`, NULL columns when it has none), for tasks inserted
+    /// within `[lower, upper)` (the counts then read one partition of each table, pruned once
+    /// per statement). Only a task whose record has its status and finish pays the counts.
+    pub fn archive_pending_of(
+        &self,
+        t: &str,
+        ra: &str,
+        lower: DateTime<Utc>,
+        upper: DateTime<Utc>,
+    ) -> Fragment {
+        if testing::archive_check_broken() {
+            return Fragment::text("false");
+        }
+        let mut f = Fragment::text(format!(
+            "coalesce(CASE WHEN {t}.tenant_id = ANY ({ARCHIVING_TENANTS})
+                          THEN ({t}.tenant_id::text || '/' || {t}.status) = ANY ({ARCHIVING_PAIRS})
+                               AND NOT (CASE WHEN {ra}.task_id IS NULL OR {ra}.status <> {t}.status
+                                                  OR {ra}.finished_at IS DISTINCT FROM {t}.finished_at THEN false
+                                             ELSE true"
+        ));
+        for (table, alias, column) in [
+            ("task_events", "ae", "events"),
+            ("task_payloads", "ap", "payloads"),
+            ("task_logs", "al", "logs"),
+        ] {
+            f = f
+                .push(format!(
+                    "
+                                                  AND {ra}.{column} = (SELECT count(*) FROM {table} {alias}
+                                                                       WHERE {alias}.task_id = {t}.id AND {alias}.task_inserted_at = {t}.inserted_at
+                                                                         AND {alias}.task_inserted_at >= "
+                ))
+                .bind(lower)
+                .push(format!(" AND {alias}.task_inserted_at < "))
+                .bind(upper)
+                .push(")");
+        }
+        f.push(
+            " END)
+                          ELSE false END, true)",
+        )
     }
 
     /// Whether orphan `o` (a row of `kind` with `id`, `tenant_id`, `task_id`,

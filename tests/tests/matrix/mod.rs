@@ -120,7 +120,8 @@ pub async fn hold(pool: &PgPool, tenant: Uuid, task: Option<Uuid>) {
 }
 
 /// Records `task` as held by a written archive of `tenant` (a manifest row of its own), as the
-/// task is now: its status, finish, and how many events, payloads and log lines it has.
+/// task is now and as the engine records it: its status, finish, how many events, payloads and
+/// log lines it has and the highest id of each.
 pub async fn archive(pool: &PgPool, tenant: Uuid, task: TaskKey) {
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO retention_archives (object_key, store, tenant_id, status, first_at, first_task, last_at, last_task,
@@ -138,12 +139,14 @@ pub async fn archive(pool: &PgPool, tenant: Uuid, task: TaskKey) {
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO retention_archived_tasks (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs)
-         SELECT t.id, t.inserted_at, $3, t.status, t.finished_at,
-                (SELECT count(*) FROM task_events e WHERE e.task_id = t.id AND e.task_inserted_at = t.inserted_at),
-                (SELECT count(*) FROM task_payloads p WHERE p.task_id = t.id AND p.task_inserted_at = t.inserted_at),
-                (SELECT count(*) FROM task_logs l WHERE l.task_id = t.id AND l.task_inserted_at = t.inserted_at)
-           FROM tasks t WHERE t.id = $1 AND t.inserted_at = $2",
+        "INSERT INTO retention_archived_tasks (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs,
+                                               max_event_id, max_payload_id, max_log_id)
+         SELECT t.id, t.inserted_at, $3, t.status, t.finished_at, e.n, p.n, l.n, e.max, p.max, l.max
+           FROM tasks t,
+                LATERAL (SELECT count(*) AS n, max(id) AS max FROM task_events e WHERE e.task_id = t.id AND e.task_inserted_at = t.inserted_at) e,
+                LATERAL (SELECT count(*) AS n, max(id) AS max FROM task_payloads p WHERE p.task_id = t.id AND p.task_inserted_at = t.inserted_at) p,
+                LATERAL (SELECT count(*) AS n, max(id) AS max FROM task_logs l WHERE l.task_id = t.id AND l.task_inserted_at = t.inserted_at) l
+          WHERE t.id = $1 AND t.inserted_at = $2",
     )
     .bind(task.0)
     .bind(task.1)
@@ -550,7 +553,8 @@ impl Matrix {
             item_due: false,
         });
         let archived: TaskKey = (Uuid::new_v4(), at);
-        let held_by_archive = insert_event(pool, t.ar, archived, now - Span::hours(1) - MINUTE).await;
+        let held_by_archive =
+            insert_event(pool, t.ar, archived, now - Span::hours(1) - MINUTE).await;
         archive_gone(pool, t.ar, archived, Some(held_by_archive)).await;
         self.orphans.push(Fated {
             key: held_by_archive,
@@ -707,8 +711,8 @@ impl Matrix {
             "deleted (to keep): archiving tenant: failed past its window, archived, then a log line added";
         const LATE: &str =
             "deleted (to keep): archiving tenant: orphan of an archived run retention deleted";
-        let task_paths = violations.iter().any(|v| v == TASK)
-            && violations.iter().any(|v| v == CHANGED);
+        let task_paths =
+            violations.iter().any(|v| v == TASK) && violations.iter().any(|v| v == CHANGED);
         let orphan_paths = violations.iter().any(|v| v.starts_with(LATE));
         // Every row deleted is one of the archiving tenant's waiting ones (a task, what goes
         // with it, or a late row of an archived run).

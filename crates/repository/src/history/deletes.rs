@@ -219,6 +219,7 @@ pub async fn delete_batch(
                 upper: pair.upper.clone(),
                 only_if_gone: false,
                 unless_held_now: None,
+                up_to_archived: false,
             }),
         )
         .raw("version", rule::VERSION);
@@ -382,6 +383,7 @@ pub async fn delete_block_range(
                 upper: range.upper_text(),
                 only_if_gone: false,
                 unless_held_now: None,
+                up_to_archived: false,
             }),
         )
         .raw("version", rule::VERSION);

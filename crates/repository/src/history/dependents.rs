@@ -27,6 +27,11 @@ pub(crate) struct Victims<'a> {
     /// recorded at its swap: a hold added since keeps their payloads and log lines, which the
     /// orphan sweep then treats as held orphans).
     pub unless_held_now: Option<&'a crate::rule::Rule>,
+    /// The CTE also has `archived` (the task has an archive record) and the record's
+    /// `max_payload_id` and `max_log_id`: of an archived task only the rows its archive holds
+    /// go (ids up to those), and one written since stays, a late row (a rewrite's count, whose
+    /// tasks were decided before such a row could be written).
+    pub up_to_archived: bool,
 }
 
 /// Two CTEs, `payloads` (yielding `tenant_id`, `external`) and `logs` (yielding `tenant_id`),
@@ -34,13 +39,14 @@ pub(crate) struct Victims<'a> {
 /// the victims, separated by commas as the caller writes them.
 pub(crate) fn delete_ctes(victims: &Victims<'_>) -> Fragment {
     let mut fragment = Fragment::default();
-    for (name, table, returning) in [
+    for (name, table, returning, max_id) in [
         (
             "payloads",
             "task_payloads",
             "d.tenant_id, d.external_key IS NOT NULL AS external",
+            "max_payload_id",
         ),
-        ("logs", "task_logs", "d.tenant_id"),
+        ("logs", "task_logs", "d.tenant_id", "max_log_id"),
     ] {
         if name == "logs" {
             fragment = fragment.push(", ");
@@ -51,6 +57,11 @@ pub(crate) fn delete_ctes(victims: &Victims<'_>) -> Fragment {
                 .replace("__at", victims.inserted_at)
         } else {
             String::new()
+        };
+        let guard = if victims.up_to_archived {
+            format!("{guard} AND (NOT v.archived OR d.id <= coalesce(v.{max_id}, 0))")
+        } else {
+            guard
         };
         fragment = fragment.push(format!(
             "{name} AS (DELETE FROM {table} d USING {cte} v

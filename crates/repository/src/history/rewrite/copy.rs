@@ -118,6 +118,9 @@ pub async fn chunk(
             let mut sql = Sql::new(
                 "WITH scanned AS MATERIALIZED (
                      SELECT t.*, {due} AS due FROM {source} t LEFT JOIN tenants tn ON tn.id = t.tenant_id
+                     LEFT JOIN retention_archived_tasks ra
+                            ON ra.task_inserted_at = t.inserted_at AND ra.task_id = t.id
+                           AND ra.task_inserted_at >= {lower} AND ra.task_inserted_at < {upper}
                      WHERE t.ctid >= {from}::tid AND t.ctid < {to}::tid
                  ), kept AS (
                      INSERT INTO {new} ({columns}) SELECT {columns2} FROM scanned WHERE NOT due
@@ -133,10 +136,15 @@ pub async fn chunk(
                  SELECT (SELECT count(*) FROM scanned) AS read, (SELECT count(*) FROM kept) AS kept",
             );
             let columns = columns(&mut *conn, "tasks").await?;
-            sql.with("due", rule.task_due("t", "tn"))
-                .raw("source", source_tasks)
-                .raw("columns", columns.clone())
-                .raw("columns2", columns);
+            sql.with(
+                "due",
+                rule.task_due_with_record("t", "tn", "ra", source.lower, source.upper),
+            )
+            .bind("lower", source.lower)
+            .bind("upper", source.upper)
+            .raw("source", source_tasks)
+            .raw("columns", columns.clone())
+            .raw("columns2", columns);
             sql
         }
         _ => {

@@ -114,8 +114,12 @@ pub async fn chunk(
                 "WITH rt AS MATERIALIZED (SELECT * FROM history_rewrite_tenants WHERE rewrite_id = {id}),
                  dropped AS MATERIALIZED (
                      SELECT t.id, t.inserted_at, t.tenant_id, coalesce(t.finished_at, t.inserted_at) AS key,
-                            rt.deleted_at IS NOT NULL AS purged
+                            rt.deleted_at IS NOT NULL AS purged,
+                            ra.task_id IS NOT NULL AS archived, ra.max_payload_id, ra.max_log_id
                      FROM {tasks} t LEFT JOIN rt ON rt.tenant_id = t.tenant_id
+                     LEFT JOIN retention_archived_tasks ra
+                            ON ra.task_inserted_at = t.inserted_at AND ra.task_id = t.id
+                           AND ra.task_inserted_at >= {lower} AND ra.task_inserted_at < {upper}
                      WHERE t.ctid >= {from}::tid AND t.ctid < {to}::tid AND {due}
                  ), queue AS (
                      DELETE FROM queue_items q USING dropped d
@@ -155,7 +159,10 @@ pub async fn chunk(
                  FROM went",
             );
             sql.raw("tasks", tasks)
-                .with("due", recorded.task_dropped("t", "rt"))
+                .with(
+                    "due",
+                    recorded.task_dropped("t", "rt", "ra", source.lower, source.upper),
+                )
                 .with("queue_due", queue_rule.queue_item_due("q"))
                 .with(
                     "dependents",
@@ -167,6 +174,7 @@ pub async fn chunk(
                         upper: source.upper.to_rfc3339(),
                         only_if_gone: true,
                         unless_held_now: Some(queue_rule),
+                        up_to_archived: true,
                     }),
                 );
             sql
@@ -182,13 +190,20 @@ pub async fn chunk(
                  ), orphan AS (
                      SELECT e_id AS id, e_tenant_id AS tenant_id, e_task_id AS task_id, e_task_inserted_at AS task_inserted_at, e_created_at AS created_at
                      FROM ev WHERE ev.id IS NULL
+                 ), tk AS MATERIALIZED (
+                     SELECT id, tenant_id, status, finished_at, inserted_at, count(*) AS events
+                     FROM ev WHERE ev.id IS NOT NULL
+                     GROUP BY id, inserted_at, tenant_id, status, finished_at
                  ), went AS (
-                     SELECT ev.tenant_id, CASE WHEN rt.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END AS rule,
-                            0::bigint AS tasks, count(*) AS events, 0::bigint AS queue_items,
+                     SELECT tk.tenant_id, CASE WHEN rt.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END AS rule,
+                            0::bigint AS tasks, sum(tk.events)::bigint AS events, 0::bigint AS queue_items,
                             0::bigint AS payloads, 0::bigint AS logs, 0::bigint AS objects,
                             NULL::timestamptz AS oldest, NULL::timestamptz AS newest
-                     FROM ev LEFT JOIN rt ON rt.tenant_id = ev.tenant_id
-                     WHERE ev.id IS NOT NULL AND {due}
+                     FROM tk LEFT JOIN rt ON rt.tenant_id = tk.tenant_id
+                     LEFT JOIN retention_archived_tasks ra
+                            ON ra.task_inserted_at = tk.inserted_at AND ra.task_id = tk.id
+                           AND ra.task_inserted_at >= {lower} AND ra.task_inserted_at < {upper}
+                     WHERE {due}
                      GROUP BY 1, 2
                      UNION ALL
                      SELECT o.tenant_id, 'orphan-events', 0, count(*), 0, 0, 0, 0, min(o.created_at), max(o.created_at)
@@ -210,13 +225,18 @@ pub async fn chunk(
             );
             sql.raw("events", events)
                 .raw("tasks", tasks.clone())
-                .with("due", recorded.task_dropped("ev", "rt"))
+                .with(
+                    "due",
+                    recorded.task_dropped("tk", "rt", "ra", source.lower, source.upper),
+                )
                 .with("orphan_due", recorded.orphan_due("o", &tasks));
             sql
         }
     };
     sql.bind("id", rewrite.id)
         .bind("id2", rewrite.id)
+        .bind("lower", source.lower)
+        .bind("upper", source.upper)
         .bind("from", from)
         .bind("to", to)
         .bind("end", i64::from(end))
