@@ -51,10 +51,15 @@ pub(crate) fn delete_ctes(victims: &Victims<'_>) -> Fragment {
         if name == "logs" {
             fragment = fragment.push(", ");
         }
+        // Within the range's bounds: the one partition is read (not every live task of every
+        // partition, hashed, as the planner chose without them).
         let guard = if victims.only_if_gone {
-            " AND NOT EXISTS (SELECT 1 FROM tasks k WHERE k.id = v.__id AND k.inserted_at = v.__at)"
+            " AND NOT EXISTS (SELECT 1 FROM tasks k WHERE k.id = v.__id AND k.inserted_at = v.__at
+                                AND k.inserted_at >= __lower::timestamptz AND k.inserted_at < __upper::timestamptz)"
                 .replace("__id", victims.id)
                 .replace("__at", victims.inserted_at)
+                .replace("__lower", &sql_literal(&victims.lower))
+                .replace("__upper", &sql_literal(&victims.upper))
         } else {
             String::new()
         };
@@ -93,3 +98,8 @@ pub(crate) const BY_TENANT: &str =
     "(SELECT tenant_id, sum(p) AS payloads, sum(l) AS logs, sum(o) AS objects FROM (
          SELECT tenant_id, 1 AS p, 0 AS l, CASE WHEN external THEN 1 ELSE 0 END AS o FROM payloads
          UNION ALL SELECT tenant_id, 0, 1, 0 FROM logs) z GROUP BY tenant_id)";
+
+/// `text` as an SQL string literal.
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
