@@ -44,3 +44,16 @@ $$;
 CREATE TRIGGER retention_archives_unreferenced AFTER DELETE ON retention_archives
     REFERENCING OLD TABLE AS gone
     FOR EACH STATEMENT EXECUTE FUNCTION retention_archives_check_unreferenced();
+
+-- The foreign key also refused a TRUNCATE of the archives while records named them.
+CREATE FUNCTION retention_archives_check_not_truncated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM retention_archived_tasks) THEN
+        RAISE EXCEPTION 'retention_archives cannot be truncated while archived tasks'' records name its archives'
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER retention_archives_not_truncated BEFORE TRUNCATE ON retention_archives
+    FOR EACH STATEMENT EXECUTE FUNCTION retention_archives_check_not_truncated();

@@ -487,6 +487,12 @@ async fn a_record_names_a_written_archive_and_a_named_archive_cannot_be_deleted(
     .await
     .unwrap();
     assert_eq!((archives, records, outbox), (2, 1, 0), "nothing changed");
+    let error = sqlx::query("TRUNCATE retention_archives")
+        .execute(pool)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("cannot be truncated"), "{error}");
     // Once its records are gone, it goes (its object to the outbox).
     sqlx::query("DELETE FROM retention_archived_tasks")
         .execute(pool)
@@ -500,9 +506,10 @@ async fn a_record_names_a_written_archive_and_a_named_archive_cannot_be_deleted(
 }
 
 /// A rewrite dropped archived runs; before its count, the application writes a log line to one
-/// of them (a late row: in no archive). The count still counts every run the rewrite dropped
-/// (the receipt is exact), deletes their payloads and log lines the archive holds, and leaves the
-/// late line, counted as a late row, for the operator.
+/// of them (a late row: in no archive), and deletes, with its rows, a run the copy kept (a log
+/// line written after its archive made it differ). The count counts exactly the runs the rewrite
+/// dropped, with their events, payloads and log lines (the receipt is exact), deletes the
+/// payloads and lines their archive holds, and leaves the late line, counted as a late row.
 #[tokio::test]
 async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_count_is_exact() {
     use repository::batch::{self, BatchLimits};
@@ -523,13 +530,25 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
         .unwrap();
     let at = day_start(a_past_day(pool).await) + Span::hours(12);
     let finished = Some(now - Span::days(3));
-    let mut runs = Vec::new();
-    for _ in 0..3 {
-        let task = insert_task(pool, tenant, "failed", at, finished).await;
-        insert_event(pool, tenant, task, at).await;
-        sqlx::query(
+    let log_line = |task: TaskKey, line: &'static str| {
+        sqlx::query_scalar::<_, i64>(
             "INSERT INTO task_logs (tenant_id, task_id, task_inserted_at, created_at, level, line)
-             VALUES ($1, $2, $3, $3, 'info', 'archived')",
+             VALUES ($1, $2, $3, $3, 'info', $4) RETURNING id",
+        )
+        .bind(tenant)
+        .bind(task.0)
+        .bind(task.1)
+        .bind(line)
+    };
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let task = insert_task(pool, tenant, "failed", at, finished).await;
+        for _ in 0..2 {
+            insert_event(pool, tenant, task, at).await;
+        }
+        sqlx::query(
+            "INSERT INTO task_payloads (tenant_id, task_id, task_inserted_at, kind, location, inline_content, size_bytes, created_at)
+             VALUES ($1, $2, $3, 'output', 'inline', '\\x00', 1, $3)",
         )
         .bind(tenant)
         .bind(task.0)
@@ -537,6 +556,7 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
         .execute(pool)
         .await
         .unwrap();
+        log_line(task, "archived").fetch_one(pool).await.unwrap();
         runs.push(task);
     }
     // Recorded as the archive step records them (a written archive holding each as it is).
@@ -544,7 +564,7 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
         "INSERT INTO retention_archives (object_key, store, tenant_id, status, first_at, first_task, last_at, last_task,
                                          run_id, part, state, tasks, bytes, sha256, schema_version, written_at)
          VALUES ('archive/x.parquet', 'file:///x', $1, 'failed', now(), gen_random_uuid(), now(), gen_random_uuid(),
-                 gen_random_uuid(), 0, 'written', 3, 1, 'ab', 1, now())
+                 gen_random_uuid(), 0, 'written', 4, 1, 'ab', 1, now())
          RETURNING id",
     )
     .bind(tenant)
@@ -555,9 +575,11 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
         "INSERT INTO retention_archived_tasks (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs,
                                                max_event_id, max_payload_id, max_log_id)
          SELECT t.id, t.inserted_at, $2, t.status, t.finished_at,
-                (SELECT count(*) FROM task_events e WHERE e.task_id = t.id), 0,
+                (SELECT count(*) FROM task_events e WHERE e.task_id = t.id),
+                (SELECT count(*) FROM task_payloads p WHERE p.task_id = t.id),
                 (SELECT count(*) FROM task_logs l WHERE l.task_id = t.id),
-                (SELECT max(id) FROM task_events e WHERE e.task_id = t.id), NULL,
+                (SELECT max(id) FROM task_events e WHERE e.task_id = t.id),
+                (SELECT max(id) FROM task_payloads p WHERE p.task_id = t.id),
                 (SELECT max(id) FROM task_logs l WHERE l.task_id = t.id)
            FROM tasks t WHERE t.tenant_id = $1",
     )
@@ -566,6 +588,12 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
     .execute(pool)
     .await
     .unwrap();
+    // The fourth run gets a line after its archive: the copy keeps it (it waits for a new one).
+    let kept = runs[3];
+    log_line(kept, "after its archive")
+        .fetch_one(pool)
+        .await
+        .unwrap();
 
     let limits = BatchLimits::new(Duration::from_secs(30), Duration::from_secs(5))
         .with_generic_plans()
@@ -603,17 +631,25 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
         .await
         .unwrap();
     assert!(swapped.is_ok(), "{swapped:?}");
-    // The runs are out of the live tables; a log line comes for the first one.
-    let late: i64 = sqlx::query_scalar(
-        "INSERT INTO task_logs (tenant_id, task_id, task_inserted_at, created_at, level, line)
-         VALUES ($1, $2, $3, $3, 'info', 'late') RETURNING id",
-    )
-    .bind(tenant)
-    .bind(runs[0].0)
-    .bind(runs[0].1)
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    // The three dropped runs are out of the live tables; a log line comes for the first one.
+    // The application deletes the kept run, with its rows.
+    let late = log_line(runs[0], "late").fetch_one(pool).await.unwrap();
+    for table in ["task_events", "task_payloads", "task_logs"] {
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE task_id = $1 AND task_inserted_at = $2"
+        ))
+        .bind(kept.0)
+        .bind(kept.1)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("DELETE FROM tasks WHERE id = $1 AND inserted_at = $2")
+        .bind(kept.0)
+        .bind(kept.1)
+        .execute(pool)
+        .await
+        .unwrap();
 
     let ctx = RunContext::new(
         pool.clone(),
@@ -634,9 +670,10 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
         .unwrap();
     assert!(matches!(outcome, Outcome::Done(_)), "{outcome:?}");
 
-    let (tasks_left, logs_left): (i64, Vec<i64>) = sqlx::query_as(
+    let (tasks_left, logs_left, payloads_left): (i64, Vec<i64>, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM tasks WHERE tenant_id = $1),
-                (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM task_logs WHERE tenant_id = $1)",
+                (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM task_logs WHERE tenant_id = $1),
+                (SELECT count(*) FROM task_payloads WHERE tenant_id = $1)",
     )
     .bind(tenant)
     .fetch_one(pool)
@@ -644,8 +681,10 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
     .unwrap();
     assert_eq!(tasks_left, 0);
     assert_eq!(logs_left, vec![late], "only the late line stays");
-    let (tasks, events, logs): (i64, i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(tasks), 0)::bigint, coalesce(sum(events), 0)::bigint, coalesce(sum(logs), 0)::bigint
+    assert_eq!(payloads_left, 0);
+    let (tasks, events, payloads, logs): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(tasks), 0)::bigint, coalesce(sum(events), 0)::bigint,
+                coalesce(sum(payloads), 0)::bigint, coalesce(sum(logs), 0)::bigint
            FROM retention_receipts WHERE tenant_id = $1 AND rule = 'retention'",
     )
     .bind(tenant)
@@ -653,9 +692,9 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
     .await
     .unwrap();
     assert_eq!(
-        (tasks, events, logs),
-        (3, 3, 3),
-        "every run the rewrite dropped, with what its archive holds"
+        (tasks, events, payloads, logs),
+        (3, 6, 3, 3),
+        "every run the rewrite dropped, with what its archive holds; not the run it kept"
     );
     assert_eq!(repository::archives::late_rows(pool).await.unwrap(), 1);
 }

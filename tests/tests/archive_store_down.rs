@@ -305,9 +305,10 @@ async fn runs_while_down(
     for attempt in 1..=2 {
         let what = format!("{label}, store down, run {attempt}");
         let report = run_task(&history(storage.clone()), pool).await;
-        assert!(
-            counter(&report, "archive failures") >= 1,
-            "{what}: {report:?}"
+        assert_eq!(
+            counter(&report, "archive failures"),
+            3,
+            "{what}: one per file (a day of finish each): {report:?}"
         );
         assert_eq!(
             counter(&report, "archive files written"),
@@ -459,7 +460,11 @@ async fn one_day_refused(refused: usize) {
         .filter(|r| r.1 == "writing")
         .map(|r| &r.0)
         .collect();
-    assert!(writing.len() <= 1, "{what}: {rows:#?}");
+    assert_eq!(
+        writing.len(),
+        1,
+        "{what}: the refused file, begun: {rows:#?}"
+    );
     let written = rows.iter().filter(|r| r.1 == "written").count();
     assert_eq!(written, s.days.len() - 1, "{what}: {rows:#?}");
 

@@ -340,3 +340,39 @@ async fn cold_ranges_merge_and_keep_every_kept_row() {
         "tasks after a second pass",
     );
 }
+
+/// Adding days waits for the parents' lock; a wait that the statement timeout ends (here a
+/// reader holding `tasks_future`, and a `lock_timeout` above the statement timeout) is retried
+/// on the next run, like a lock not had in time: the run does not fail, and nothing changed.
+#[tokio::test]
+async fn days_that_cannot_be_locked_within_the_statement_timeout_are_added_next_run() {
+    let db = TestDatabase::new().await;
+    let pool = &db.pool;
+    let today = db_now(pool).await.date_naive();
+    let task = PartitionsTask::new(
+        PartitionsSettings {
+            lock_timeout: std::time::Duration::from_secs(30),
+            statement_timeout: std::time::Duration::from_secs(1),
+            ..PartitionsSettings::default()
+        },
+        std::time::Duration::from_secs(86_400),
+    );
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM tasks_future")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+
+    let report = run_task(&task, pool).await;
+
+    assert!(
+        !report.counters.iter().any(|(c, _)| *c == "days created"),
+        "{report:?}"
+    );
+    assert!(day_partitions(pool).await.is_empty());
+    reader.rollback().await.unwrap();
+    let report = run_task(&task, pool).await;
+    assert!(report.counters.contains(&("days created", 7)), "{report:?}");
+    let expected: Vec<String> = (0..7).map(|n| day_name(today + Span::days(n))).collect();
+    assert_eq!(day_partitions(pool).await, expected);
+}

@@ -152,12 +152,13 @@ impl Rule {
     /// Whether task `t`, of a rewrite's source range `[lower, upper)` (detached by its swap),
     /// was dropped by the rewrite: due by the rule, and for a task its tenant archives by
     /// status, recorded as archived (`ra`, its record joined by the caller as in
-    /// [`Rule::archive_pending_of`]) with the status and finish it has, and absent from the
-    /// live tables (the copy kept it if its archive was pending then). What a rewrite's count
-    /// counts. Payloads and log lines are not rewritten: the count deletes those of an archived
-    /// task up to the highest ids its archive holds, and one written since stays, a late row
-    /// (see [`Rule::orphan_of_archived`]). The lookup names the range, so it reads the one
-    /// partition (pruned once per statement, not once per task).
+    /// [`Rule::archive_pending_of`]) with the status and finish it has, absent from the live
+    /// tables, and with as many live payloads and log lines up to the highest ids its archive
+    /// holds as the archive has (a run the copy kept, its record stale then, and that the
+    /// application deleted since with its rows, differs; one written since, above those ids,
+    /// does not count: the count leaves it, a late row, see [`Rule::orphan_of_archived`]). What
+    /// a rewrite's count counts. The lookups name the range, so each reads the one partition of
+    /// its table (pruned once per statement, not once per task).
     pub fn task_dropped(
         &self,
         t: &str,
@@ -166,26 +167,49 @@ impl Rule {
         lower: DateTime<Utc>,
         upper: DateTime<Utc>,
     ) -> Fragment {
-        Fragment::text("(")
+        let in_range = |column: &str, f: Fragment| {
+            f.push(format!(" AND {column} >= "))
+                .bind(lower)
+                .push(format!(" AND {column} < "))
+                .bind(upper)
+        };
+        let mut f = Fragment::text("(")
             .then(self.task_due_unless_archiving(t, tn))
             .push(format!(
                 " AND NOT coalesce(CASE WHEN {t}.tenant_id = ANY ({tenants})
                                    THEN ({t}.tenant_id::text || '/' || {t}.status) = ANY ({pairs})
-                                        AND NOT ({ra}.status = {t}.status
-                                                 AND {ra}.finished_at IS NOT DISTINCT FROM {t}.finished_at
-                                                 AND NOT EXISTS (SELECT 1 FROM tasks lt
-                                                                 WHERE lt.id = {t}.id AND lt.inserted_at = {t}.inserted_at
-                                                                   AND lt.inserted_at >= ",
+                                        AND NOT (CASE WHEN {ra}.task_id IS NULL OR {ra}.status <> {t}.status
+                                                           OR {ra}.finished_at IS DISTINCT FROM {t}.finished_at THEN false
+                                                      ELSE NOT EXISTS (SELECT 1 FROM tasks lt
+                                                                       WHERE lt.id = {t}.id AND lt.inserted_at = {t}.inserted_at",
                 tenants = ARCHIVING_TENANTS,
                 pairs = ARCHIVING_PAIRS,
-            ))
-            .bind(lower)
-            .push(" AND lt.inserted_at < ")
-            .bind(upper)
-            .push(
-                "))
+            ));
+        f = in_range("lt.inserted_at", f);
+        for (table, alias, column, max) in [
+            ("task_payloads", "ap", "payloads", "max_payload_id"),
+            ("task_logs", "al", "logs", "max_log_id"),
+        ] {
+            f = f.push(format!(
+                ")
+                                                           AND {ra}.{column} = (SELECT count(*) FROM {table} {alias}
+                                                                                WHERE {alias}.task_id = {t}.id AND {alias}.task_inserted_at = {t}.inserted_at
+                                                                                  AND {alias}.id <= coalesce({ra}.{max}, 0)"
+            ));
+            f = in_range(&format!("{alias}.task_inserted_at"), f);
+        }
+        f.push(
+            ") END)
                                    ELSE false END, true))",
-            )
+        )
+    }
+
+    /// Whether task `t`'s tenant archives tasks of its status now (`tenants.archive_statuses`;
+    /// a deleted tenant only with `archive_deleted`). Never NULL.
+    pub fn archives_status(&self, t: &str) -> Fragment {
+        Fragment::text(format!(
+            "coalesce(({t}.tenant_id::text || '/' || {t}.status) = ANY ({ARCHIVING_PAIRS}), false)"
+        ))
     }
 
     /// [`Rule::task_due`] but for the archive check: what the archiving writes (a task due by its

@@ -27,7 +27,8 @@ pub(crate) struct Victims<'a> {
     /// recorded at its swap: a hold added since keeps their payloads and log lines, which the
     /// orphan sweep then treats as held orphans).
     pub unless_held_now: Option<&'a crate::rule::Rule>,
-    /// The CTE also has `archived` (the task has an archive record) and the record's
+    /// The CTE also has `archived` (the task has an archive record, and its tenant archives its
+    /// status) and the record's
     /// `max_payload_id` and `max_log_id`: of an archived task only the rows its archive holds
     /// go (ids up to those), and one written since stays, a late row (a rewrite's count, whose
     /// tasks were decided before such a row could be written).

@@ -50,8 +50,10 @@ struct ChunkRow {
     rules_version: i64,
 }
 
-/// Counts up to `pages` pages of the detached source the cursor is at (its tasks in the
-/// `count-tasks` phase, its events in `count-events`), adds what went to the receipts and
+/// Counts up to `pages` pages of the detached source the cursor is at (its tasks, with the events
+/// of those that went, in the `count-tasks` phase: an event goes with its task, decided once; its
+/// orphan events, whose task is not in the source, in `count-events`), adds what went to the
+/// receipts and
 /// deletes the queue items of the tasks that went (by `queue_rule`, the run's), then confirms
 /// the rules if it deleted any. Past a source's last page, moves the cursor on; past the last
 /// source's events, the rewrite is [`Rewrite::counted`]. In the caller's transaction.
@@ -115,7 +117,7 @@ pub async fn chunk(
                  dropped AS MATERIALIZED (
                      SELECT t.id, t.inserted_at, t.tenant_id, coalesce(t.finished_at, t.inserted_at) AS key,
                             rt.deleted_at IS NOT NULL AS purged,
-                            ra.task_id IS NOT NULL AS archived, ra.max_payload_id, ra.max_log_id
+                            ra.task_id IS NOT NULL AND {archives_status} AS archived, ra.max_payload_id, ra.max_log_id
                      FROM {tasks} t LEFT JOIN rt ON rt.tenant_id = t.tenant_id
                      LEFT JOIN retention_archived_tasks ra
                             ON ra.task_inserted_at = t.inserted_at AND ra.task_id = t.id
@@ -130,6 +132,9 @@ pub async fn chunk(
                  ), by_queue AS (
                      SELECT d.tenant_id, d.purged, count(*) AS n
                      FROM queue q JOIN dropped d ON d.id = q.task_id AND d.inserted_at = q.task_inserted_at GROUP BY 1, 2
+                 ), by_events AS (
+                     SELECT d.tenant_id, d.purged, count(*) AS n
+                     FROM dropped d JOIN {events} e ON e.task_id = d.id AND e.task_inserted_at = d.inserted_at GROUP BY 1, 2
                  ), by_dependents AS (
                      SELECT d.tenant_id, d.purged, count(*) FILTER (WHERE x.payload) AS payloads,
                             count(*) FILTER (WHERE NOT x.payload) AS logs, count(*) FILTER (WHERE x.external) AS objects
@@ -139,10 +144,11 @@ pub async fn chunk(
                      GROUP BY 1, 2
                  ), went AS (
                      SELECT b.tenant_id, CASE WHEN b.purged THEN 'deleted-tenants' ELSE 'retention' END AS rule,
-                            b.tasks, 0::bigint AS events, coalesce(q.n, 0) AS queue_items,
+                            b.tasks, coalesce(ev.n, 0) AS events, coalesce(q.n, 0) AS queue_items,
                             coalesce(p.payloads, 0) AS payloads, coalesce(p.logs, 0) AS logs,
                             coalesce(p.objects, 0) AS objects, b.oldest, b.newest
                      FROM by_task b LEFT JOIN by_queue q ON q.tenant_id = b.tenant_id AND q.purged = b.purged
+                     LEFT JOIN by_events ev ON ev.tenant_id = b.tenant_id AND ev.purged = b.purged
                      LEFT JOIN by_dependents p ON p.tenant_id = b.tenant_id AND p.purged = b.purged
                  ), receipt AS (
                      {receipt}
@@ -159,10 +165,15 @@ pub async fn chunk(
                  FROM went",
             );
             sql.raw("tasks", tasks)
+                .raw("events", events)
+                .bind("id", rewrite.id)
+                .bind("lower", source.lower)
+                .bind("upper", source.upper)
                 .with(
                     "due",
                     recorded.task_dropped("t", "rt", "ra", source.lower, source.upper),
                 )
+                .with("archives_status", recorded.archives_status("t"))
                 .with("queue_due", queue_rule.queue_item_due("q"))
                 .with(
                     "dependents",
@@ -181,32 +192,15 @@ pub async fn chunk(
         }
         _ => {
             let mut sql = Sql::new(
-                "WITH rt AS MATERIALIZED (SELECT * FROM history_rewrite_tenants WHERE rewrite_id = {id}),
-                 ev AS MATERIALIZED (
-                     SELECT e.id AS e_id, e.tenant_id AS e_tenant_id, e.task_id AS e_task_id, e.task_inserted_at AS e_task_inserted_at,
-                            e.created_at AS e_created_at, t.id, t.tenant_id, t.status, t.finished_at, t.inserted_at
-                     FROM {events} e LEFT JOIN {tasks} t ON t.id = e.task_id AND t.inserted_at = e.task_inserted_at
+                "WITH orphan AS MATERIALIZED (
+                     SELECT e.id, e.tenant_id, e.task_id, e.task_inserted_at, e.created_at
+                     FROM {events} e
                      WHERE e.ctid >= {from}::tid AND e.ctid < {to}::tid
-                 ), orphan AS (
-                     SELECT e_id AS id, e_tenant_id AS tenant_id, e_task_id AS task_id, e_task_inserted_at AS task_inserted_at, e_created_at AS created_at
-                     FROM ev WHERE ev.id IS NULL
-                 ), tk AS MATERIALIZED (
-                     SELECT id, tenant_id, status, finished_at, inserted_at, count(*) AS events
-                     FROM ev WHERE ev.id IS NOT NULL
-                     GROUP BY id, inserted_at, tenant_id, status, finished_at
+                       AND NOT EXISTS (SELECT 1 FROM {tasks} t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)
                  ), went AS (
-                     SELECT tk.tenant_id, CASE WHEN rt.deleted_at IS NOT NULL THEN 'deleted-tenants' ELSE 'retention' END AS rule,
-                            0::bigint AS tasks, sum(tk.events)::bigint AS events, 0::bigint AS queue_items,
+                     SELECT o.tenant_id, 'orphan-events' AS rule, 0::bigint AS tasks, count(*) AS events, 0::bigint AS queue_items,
                             0::bigint AS payloads, 0::bigint AS logs, 0::bigint AS objects,
-                            NULL::timestamptz AS oldest, NULL::timestamptz AS newest
-                     FROM tk LEFT JOIN rt ON rt.tenant_id = tk.tenant_id
-                     LEFT JOIN retention_archived_tasks ra
-                            ON ra.task_inserted_at = tk.inserted_at AND ra.task_id = tk.id
-                           AND ra.task_inserted_at >= {lower} AND ra.task_inserted_at < {upper}
-                     WHERE {due}
-                     GROUP BY 1, 2
-                     UNION ALL
-                     SELECT o.tenant_id, 'orphan-events', 0, count(*), 0, 0, 0, 0, min(o.created_at), max(o.created_at)
+                            min(o.created_at) AS oldest, max(o.created_at) AS newest
                      FROM orphan o WHERE {orphan_due}
                      GROUP BY 1
                  ), receipt AS (
@@ -225,18 +219,11 @@ pub async fn chunk(
             );
             sql.raw("events", events)
                 .raw("tasks", tasks.clone())
-                .with(
-                    "due",
-                    recorded.task_dropped("tk", "rt", "ra", source.lower, source.upper),
-                )
                 .with("orphan_due", recorded.orphan_due("o", &tasks));
             sql
         }
     };
-    sql.bind("id", rewrite.id)
-        .bind("id2", rewrite.id)
-        .bind("lower", source.lower)
-        .bind("upper", source.upper)
+    sql.bind("id2", rewrite.id)
         .bind("from", from)
         .bind("to", to)
         .bind("end", i64::from(end))
