@@ -149,59 +149,49 @@ impl Rule {
             .push(")")
     }
 
-    /// Whether task `t`, of a rewrite's source range `[lower, upper)` (detached by its swap),
-    /// was dropped by the rewrite: due by the rule, and for a task its tenant archives by
-    /// status, recorded as archived (`ra`, its record joined by the caller as in
-    /// [`Rule::archive_pending_of`]) with the status and finish it has, absent from the live
-    /// tables, and with as many live payloads and log lines up to the highest ids its archive
-    /// holds as the archive has (a run the copy kept, its record stale then, and that the
-    /// application deleted since with its rows, differs; one written since, above those ids,
-    /// does not count: the count leaves it, a late row, see [`Rule::orphan_of_archived`]). What
-    /// a rewrite's count counts. The lookups name the range, so each reads the one partition of
-    /// its table (pruned once per statement, not once per task).
+    /// Whether task `t`, of a rewrite's source range `[lower, upper)` (detached by its swap,
+    /// its events in the detached table `events`), was dropped by the rewrite: due by the rule,
+    /// and for a task its tenant archives by status, recorded as archived (`ra`, its record
+    /// joined by the caller as in [`Rule::archive_pending_of`]) with the status and finish it
+    /// has and as many events as the source holds (a run the copy or its replays kept for an
+    /// event written after its archive differs), and absent from the live tables. What a
+    /// rewrite's count counts. Decided from the record and the detached source only: the
+    /// payloads and log lines of a dropped run may go by other rules before the count gets to it
+    /// (orphans, the log window), and that must not change what it counts. Not told apart: a
+    /// run the copy kept only for a payload or log line written after its archive, and that the
+    /// application deleted between the swap and the count, is counted. The live lookup names the
+    /// range, so it reads the one partition (pruned once per statement, not once per task).
     pub fn task_dropped(
         &self,
         t: &str,
         tn: &str,
         ra: &str,
+        events: &str,
         lower: DateTime<Utc>,
         upper: DateTime<Utc>,
     ) -> Fragment {
-        let in_range = |column: &str, f: Fragment| {
-            f.push(format!(" AND {column} >= "))
-                .bind(lower)
-                .push(format!(" AND {column} < "))
-                .bind(upper)
-        };
-        let mut f = Fragment::text("(")
+        Fragment::text("(")
             .then(self.task_due_unless_archiving(t, tn))
             .push(format!(
                 " AND NOT coalesce(CASE WHEN {t}.tenant_id = ANY ({tenants})
                                    THEN ({t}.tenant_id::text || '/' || {t}.status) = ANY ({pairs})
                                         AND NOT (CASE WHEN {ra}.task_id IS NULL OR {ra}.status <> {t}.status
                                                            OR {ra}.finished_at IS DISTINCT FROM {t}.finished_at THEN false
-                                                      ELSE NOT EXISTS (SELECT 1 FROM tasks lt
-                                                                       WHERE lt.id = {t}.id AND lt.inserted_at = {t}.inserted_at",
+                                                      ELSE {ra}.events = (SELECT count(*) FROM {events} de
+                                                                          WHERE de.task_id = {t}.id AND de.task_inserted_at = {t}.inserted_at)
+                                                           AND NOT EXISTS (SELECT 1 FROM tasks lt
+                                                                           WHERE lt.id = {t}.id AND lt.inserted_at = {t}.inserted_at
+                                                                             AND lt.inserted_at >= ",
                 tenants = ARCHIVING_TENANTS,
                 pairs = ARCHIVING_PAIRS,
-            ));
-        f = in_range("lt.inserted_at", f);
-        for (table, alias, column, max) in [
-            ("task_payloads", "ap", "payloads", "max_payload_id"),
-            ("task_logs", "al", "logs", "max_log_id"),
-        ] {
-            f = f.push(format!(
-                ")
-                                                           AND {ra}.{column} = (SELECT count(*) FROM {table} {alias}
-                                                                                WHERE {alias}.task_id = {t}.id AND {alias}.task_inserted_at = {t}.inserted_at
-                                                                                  AND {alias}.id <= coalesce({ra}.{max}, 0)"
-            ));
-            f = in_range(&format!("{alias}.task_inserted_at"), f);
-        }
-        f.push(
-            ") END)
+            ))
+            .bind(lower)
+            .push(" AND lt.inserted_at < ")
+            .bind(upper)
+            .push(
+                ") END)
                                    ELSE false END, true))",
-        )
+            )
     }
 
     /// Whether task `t`'s tenant archives tasks of its status now (`tenants.archive_statuses`;

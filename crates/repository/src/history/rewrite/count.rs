@@ -165,13 +165,13 @@ pub async fn chunk(
                  FROM went",
             );
             sql.raw("tasks", tasks)
-                .raw("events", events)
+                .raw("events", events.clone())
                 .bind("id", rewrite.id)
                 .bind("lower", source.lower)
                 .bind("upper", source.upper)
                 .with(
                     "due",
-                    recorded.task_dropped("t", "rt", "ra", source.lower, source.upper),
+                    recorded.task_dropped("t", "rt", "ra", &events, source.lower, source.upper),
                 )
                 .with("archives_status", recorded.archives_status("t"))
                 .with("queue_due", queue_rule.queue_item_due("q"))
