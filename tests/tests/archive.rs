@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use chrono::Duration as Span;
 use common::*;
-use retention_controller::settings::TaskHistorySettings;
 use retention_controller::storage::{Storage, StorageSettings};
-use retention_controller::tasks::task_history::TaskHistoryTask;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -106,21 +104,6 @@ async fn seed(pool: &PgPool) -> Seeded {
     }
 }
 
-async fn tasks_of(pool: &PgPool, tenant: Uuid, status: &str) -> BTreeSet<Uuid> {
-    sqlx::query_scalar("SELECT id FROM tasks WHERE tenant_id = $1 AND status = $2")
-        .bind(tenant)
-        .bind(status)
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-fn history(storage: Arc<Storage>) -> TaskHistoryTask {
-    TaskHistoryTask::new(TaskHistorySettings::default()).with_archive_storage(storage)
-}
-
 /// DuckDB over every file under `dir`: each task id with its event and log counts.
 fn duckdb_tasks(dir: &std::path::Path) -> Vec<(String, i64, i64, i64)> {
     testkit::duckdb::rows(
@@ -147,12 +130,16 @@ async fn due_runs_of_an_archiving_tenant_go_only_after_their_archive_and_duckdb_
     };
     let storage = Arc::new(Storage::open(&settings, dir.path()).unwrap());
 
-    let report = run_task(&history(storage), pool).await;
+    let report = run_task(&archiving_history(storage), pool).await;
 
     // Deleted: the archived failed runs, the succeeded ones (not archived), the other tenant's.
-    assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young, "{report:?}");
-    assert!(tasks_of(pool, s.pay, "succeeded").await.is_empty());
-    assert!(tasks_of(pool, s.other, "failed").await.is_empty());
+    assert_eq!(
+        task_ids_of(pool, s.pay, "failed").await,
+        s.young,
+        "{report:?}"
+    );
+    assert!(task_ids_of(pool, s.pay, "succeeded").await.is_empty());
+    assert!(task_ids_of(pool, s.other, "failed").await.is_empty());
     // The manifest: one file per day of finish, written, holding the 30.
     let files: Vec<(String, String, i64, String, i64)> = sqlx::query_as(
         "SELECT object_key, state, tasks, status, bytes FROM retention_archives WHERE tenant_id = $1 ORDER BY first_day",
@@ -203,7 +190,7 @@ async fn an_expired_archive_leaves_through_the_outbox_with_a_receipt() {
         ..Default::default()
     };
     let storage = Arc::new(Storage::open(&settings, dir.path()).unwrap());
-    run_task(&history(storage.clone()), pool).await;
+    run_task(&archiving_history(storage.clone()), pool).await;
     let keys: Vec<String> = sqlx::query_scalar(
         "SELECT object_key FROM retention_archives WHERE tenant_id = $1 ORDER BY first_day",
     )
@@ -219,7 +206,7 @@ async fn an_expired_archive_leaves_through_the_outbox_with_a_receipt() {
         .await
         .unwrap();
 
-    let report = run_task(&history(storage.clone()), pool).await;
+    let report = run_task(&archiving_history(storage.clone()), pool).await;
 
     assert!(
         report
@@ -285,7 +272,7 @@ async fn a_store_that_refuses_keeps_every_waiting_run_and_others_still_go() {
     std::fs::remove_dir_all(dir.path().join("objects")).unwrap();
     std::fs::write(dir.path().join("objects"), b"not a directory").unwrap();
 
-    let report = run_task(&history(storage), pool).await;
+    let report = run_task(&archiving_history(storage), pool).await;
 
     assert!(
         report
@@ -296,12 +283,12 @@ async fn a_store_that_refuses_keeps_every_waiting_run_and_others_still_go() {
     );
     let waiting: BTreeSet<Uuid> = s.archived.union(&s.young).copied().collect();
     assert_eq!(
-        tasks_of(pool, s.pay, "failed").await,
+        task_ids_of(pool, s.pay, "failed").await,
         waiting,
         "no run deleted without its archive"
     );
-    assert!(tasks_of(pool, s.pay, "succeeded").await.is_empty());
-    assert!(tasks_of(pool, s.other, "failed").await.is_empty());
+    assert!(task_ids_of(pool, s.pay, "succeeded").await.is_empty());
+    assert!(task_ids_of(pool, s.other, "failed").await.is_empty());
     let (written, archived_rows): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM retention_archives WHERE state = 'written'),
                 (SELECT count(*) FROM retention_archived_tasks)",
@@ -363,9 +350,9 @@ async fn a_file_begun_by_a_run_that_died_is_written_again_under_its_key() {
             .unwrap();
     }
 
-    run_task(&history(storage.clone()), pool).await;
+    run_task(&archiving_history(storage.clone()), pool).await;
 
-    assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young);
+    assert_eq!(task_ids_of(pool, s.pay, "failed").await, s.young);
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT object_key, state, tasks FROM retention_archives ORDER BY first_day, object_key",
     )
@@ -400,9 +387,9 @@ async fn archives_in_an_s3_store_hold_exactly_the_deleted_runs() {
     let pool = &db.pool;
     let s = seed(pool).await;
 
-    run_task(&history(storage.clone()), pool).await;
+    run_task(&archiving_history(storage.clone()), pool).await;
 
-    assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young);
+    assert_eq!(task_ids_of(pool, s.pay, "failed").await, s.young);
     let files: Vec<(String, i64, String)> = sqlx::query_as(
         "SELECT object_key, bytes, sha256 FROM retention_archives WHERE state = 'written' ORDER BY object_key",
     )

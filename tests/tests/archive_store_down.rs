@@ -14,10 +14,9 @@ use std::sync::Arc;
 
 use chrono::{Duration as Span, NaiveDate};
 use common::*;
-use retention_controller::settings::{BlobsSettings, TaskHistorySettings};
+use retention_controller::settings::BlobsSettings;
 use retention_controller::storage::{Storage, StorageSettings};
 use retention_controller::tasks::blobs::BlobsTask;
-use retention_controller::tasks::task_history::TaskHistoryTask;
 use retention_controller::RunReport;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -98,21 +97,6 @@ async fn seed(pool: &PgPool) -> Seeded {
     }
 }
 
-async fn tasks_of(pool: &PgPool, tenant: Uuid, status: &str) -> BTreeSet<Uuid> {
-    sqlx::query_scalar("SELECT id FROM tasks WHERE tenant_id = $1 AND status = $2")
-        .bind(tenant)
-        .bind(status)
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect()
-}
-
-fn history(storage: Arc<Storage>) -> TaskHistoryTask {
-    TaskHistoryTask::new(TaskHistorySettings::default()).with_archive_storage(storage)
-}
-
 fn counter(report: &RunReport, name: &str) -> u64 {
     report
         .counters
@@ -151,15 +135,18 @@ async fn check_waiting(
 ) -> Vec<(String, String)> {
     let expected: BTreeSet<Uuid> = waiting.union(&s.young).copied().collect();
     assert_eq!(
-        tasks_of(pool, s.pay, "failed").await,
+        task_ids_of(pool, s.pay, "failed").await,
         expected,
         "{what}: no run deleted without its archive, and none kept that had one; {report:?}"
     );
     assert!(
-        tasks_of(pool, s.pay, "succeeded").await.is_empty(),
+        task_ids_of(pool, s.pay, "succeeded").await.is_empty(),
         "{what}"
     );
-    assert!(tasks_of(pool, s.other, "failed").await.is_empty(), "{what}");
+    assert!(
+        task_ids_of(pool, s.other, "failed").await.is_empty(),
+        "{what}"
+    );
     let rows = manifest(pool).await;
     eprintln!("{what}: {report:?}\n{what}: manifest {rows:#?}");
     rows
@@ -304,7 +291,7 @@ async fn runs_while_down(
     let mut after_down = Vec::new();
     for attempt in 1..=2 {
         let what = format!("{label}, store down, run {attempt}");
-        let report = run_task(&history(storage.clone()), pool).await;
+        let report = run_task(&archiving_history(storage.clone()), pool).await;
         assert_eq!(
             counter(&report, "archive failures"),
             3,
@@ -336,6 +323,42 @@ async fn runs_while_down(
     after_down
 }
 
+/// The run after the store came back: no failure, exactly the young runs left, a file per day
+/// of finish holding exactly the due runs (see `check_archives`; `files` lists the store's own
+/// files, when it has them, after the run), and the outbox drained by `blobs`. Returns the keys.
+async fn recovered(
+    pool: &PgPool,
+    s: &Seeded,
+    storage: &Arc<Storage>,
+    label: &str,
+    files: impl Fn() -> BTreeSet<String>,
+) -> BTreeSet<String> {
+    let report = run_task(&archiving_history(storage.clone()), pool).await;
+
+    assert_eq!(counter(&report, "archive failures"), 0, "{report:?}");
+    assert_eq!(
+        task_ids_of(pool, s.pay, "failed").await,
+        s.young,
+        "{report:?}"
+    );
+    eprintln!(
+        "{label} back: {report:?}\nmanifest {:#?}",
+        manifest(pool).await
+    );
+    let keys = check_archives(
+        pool,
+        storage,
+        &s.all_due(),
+        &s.all_due(),
+        DUE_EVENTS,
+        files(),
+    )
+    .await;
+    assert_eq!(keys.len(), 3, "a file per day of finish: {keys:?}");
+    sweep_and_drain(pool, storage.clone(), &keys).await;
+    keys
+}
+
 #[tokio::test]
 async fn an_archiving_tenants_runs_wait_while_seaweedfs_is_down_then_go_with_their_archive() {
     let mut server = testkit::seaweed::SeaweedFs::start().await;
@@ -352,25 +375,7 @@ async fn an_archiving_tenants_runs_wait_while_seaweedfs_is_down_then_go_with_the
     );
     server.restart().await;
 
-    let report = run_task(&history(storage.clone()), pool).await;
-
-    assert_eq!(counter(&report, "archive failures"), 0, "{report:?}");
-    assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young, "{report:?}");
-    eprintln!(
-        "SeaweedFS back: {report:?}\nmanifest {:#?}",
-        manifest(pool).await
-    );
-    let keys = check_archives(
-        pool,
-        &storage,
-        &s.all_due(),
-        &s.all_due(),
-        DUE_EVENTS,
-        BTreeSet::new(),
-    )
-    .await;
-    assert_eq!(keys.len(), 3, "a file per day of finish: {keys:?}");
-    sweep_and_drain(pool, storage.clone(), &keys).await;
+    let keys = recovered(pool, &s, &storage, "SeaweedFS", BTreeSet::new).await;
     let listed = storage.list_all("").await.unwrap().len();
     assert_eq!(listed, keys.len());
 }
@@ -393,25 +398,7 @@ async fn an_archiving_tenants_runs_wait_while_the_file_store_is_down_then_go_wit
     std::fs::remove_file(&objects).unwrap();
     std::fs::create_dir(&objects).unwrap();
 
-    let report = run_task(&history(storage.clone()), pool).await;
-
-    assert_eq!(counter(&report, "archive failures"), 0, "{report:?}");
-    assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young, "{report:?}");
-    eprintln!(
-        "file store back: {report:?}\nmanifest {:#?}",
-        manifest(pool).await
-    );
-    let keys = check_archives(
-        pool,
-        &storage,
-        &s.all_due(),
-        &s.all_due(),
-        DUE_EVENTS,
-        files_under(&objects),
-    )
-    .await;
-    assert_eq!(keys.len(), 3, "a file per day of finish: {keys:?}");
-    sweep_and_drain(pool, storage.clone(), &keys).await;
+    let keys = recovered(pool, &s, &storage, "file store", || files_under(&objects)).await;
     assert_eq!(files_under(&objects), keys);
 }
 
@@ -436,9 +423,9 @@ async fn one_day_refused(refused: usize) {
         .to_string_lossy()
         .into_owned();
 
-    let report = run_task(&history(storage.clone()), pool).await;
+    let report = run_task(&archiving_history(storage.clone()), pool).await;
 
-    let survivors = tasks_of(pool, s.pay, "failed").await;
+    let survivors = task_ids_of(pool, s.pay, "failed").await;
     let kept_days: Vec<NaiveDate> = (0..s.days.len())
         .filter(|&i| s.due[i].is_subset(&survivors))
         .map(|i| s.days[i])
@@ -469,10 +456,14 @@ async fn one_day_refused(refused: usize) {
     assert_eq!(written, s.days.len() - 1, "{what}: {rows:#?}");
 
     std::fs::remove_file(&day_dir).unwrap();
-    let report = run_task(&history(storage.clone()), pool).await;
+    let report = run_task(&archiving_history(storage.clone()), pool).await;
 
     assert_eq!(counter(&report, "archive failures"), 0, "{report:?}");
-    assert_eq!(tasks_of(pool, s.pay, "failed").await, s.young, "{report:?}");
+    assert_eq!(
+        task_ids_of(pool, s.pay, "failed").await,
+        s.young,
+        "{report:?}"
+    );
     eprintln!(
         "{what}, then not: {report:?}\nmanifest {:#?}",
         manifest(pool).await

@@ -36,18 +36,10 @@ pub struct TaskStatus {
     pub archives: Option<ArchivesStatus>,
 }
 
-/// The archives (`retention_archives`), at a glance.
+/// The archives (`retention_archives`), at a glance: the repository's summary, as it is.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ArchivesStatus {
-    /// Tenants that archive.
-    pub tenants: i64,
-    pub files: i64,
-    pub tasks: i64,
-    pub bytes: i64,
-    pub last_written_at: Option<DateTime<Utc>>,
-    /// Files begun and not finished: written again by the next run.
-    pub writing: i64,
-}
+#[serde(transparent)]
+pub struct ArchivesStatus(pub repository::archives::Summary);
 
 impl ArchivesStatus {
     /// `None` when no tenant archives and no archive exists.
@@ -56,32 +48,26 @@ impl ArchivesStatus {
         if s.tenants == 0 && s.files == 0 && s.writing == 0 {
             return Ok(None);
         }
-        Ok(Some(ArchivesStatus {
-            tenants: s.tenants,
-            files: s.files,
-            tasks: s.tasks,
-            bytes: s.bytes,
-            last_written_at: s.last_written_at,
-            writing: s.writing,
-        }))
+        Ok(Some(ArchivesStatus(s)))
     }
 
     /// "2 tenants archive; 14 files (3120 runs, 1.2 MB), last written 2026-12-04 07:00:00; 1 being written".
     pub fn describe(&self) -> String {
+        let s = &self.0;
         let mut text = format!(
             "{} tenant(s) archive; {} files ({} runs, {} bytes), last written {}",
-            self.tenants,
-            self.files,
-            self.tasks,
-            self.bytes,
-            self.last_written_at
+            s.tenants,
+            s.files,
+            s.tasks,
+            s.bytes,
+            s.last_written_at
                 .map(format_time)
                 .unwrap_or_else(|| "never".into())
         );
-        if self.writing > 0 {
+        if s.writing > 0 {
             text.push_str(&format!(
                 "; {} begun and not finished (written again next run)",
-                self.writing
+                s.writing
             ));
         }
         text

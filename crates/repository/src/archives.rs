@@ -703,7 +703,7 @@ pub async fn oldest_waiting(
 }
 
 /// The archives at a glance, when any tenant archives or any archive exists.
-#[derive(Debug, Clone, Default, PartialEq, Eq, FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, FromRow, serde::Serialize)]
 pub struct Summary {
     /// Tenants with an archive policy.
     pub tenants: i64,

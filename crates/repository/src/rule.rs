@@ -236,25 +236,15 @@ impl Rule {
     /// another tenant's row pays one array lookup, and only a task recorded as archived pays the
     /// three counts. Never NULL (an unknown answer is "waits").
     pub fn archive_pending(&self, t: &str) -> Fragment {
-        if testing::archive_check_broken() {
-            return Fragment::text("false");
-        }
-        Fragment::text(format!(
-            "coalesce(CASE WHEN {t}.tenant_id = ANY ({ARCHIVING_TENANTS})
-                          THEN ({t}.tenant_id::text || '/' || {t}.status) = ANY ({ARCHIVING_PAIRS})
-                               AND NOT EXISTS (
-                                   SELECT 1 FROM retention_archived_tasks ra
-                                   WHERE ra.task_inserted_at = {t}.inserted_at AND ra.task_id = {t}.id
-                                     AND ra.status = {t}.status
-                                     AND ra.finished_at IS NOT DISTINCT FROM {t}.finished_at
-                                     AND ra.events = (SELECT count(*) FROM task_events ae
-                                                      WHERE ae.task_id = {t}.id AND ae.task_inserted_at = {t}.inserted_at)
-                                     AND ra.payloads = (SELECT count(*) FROM task_payloads ap
-                                                        WHERE ap.task_id = {t}.id AND ap.task_inserted_at = {t}.inserted_at)
-                                     AND ra.logs = (SELECT count(*) FROM task_logs al
-                                                    WHERE al.task_id = {t}.id AND al.task_inserted_at = {t}.inserted_at))
-                          ELSE false END, true)"
-        ))
+        Self::pending_unless(
+            t,
+            Fragment::text(format!(
+                "EXISTS (SELECT 1 FROM retention_archived_tasks ra
+                         WHERE ra.task_inserted_at = {t}.inserted_at AND ra.task_id = {t}.id AND "
+            ))
+            .then(Self::record_holds(t, "ra", None))
+            .push(")"),
+        )
     }
 
     /// [`Rule::archive_pending`] with `t`'s record in `retention_archived_tasks` joined by the
@@ -269,37 +259,58 @@ impl Rule {
         lower: DateTime<Utc>,
         upper: DateTime<Utc>,
     ) -> Fragment {
+        Self::pending_unless(t, Self::record_holds(t, ra, Some((lower, upper))))
+    }
+
+    /// Whether task `t` waits for its archive, `archived` saying whether a written archive holds
+    /// it as it is: [`Rule::archive_pending`] and [`Rule::archive_pending_of`] differ only in
+    /// how they find the record.
+    fn pending_unless(t: &str, archived: Fragment) -> Fragment {
         if testing::archive_check_broken() {
             return Fragment::text("false");
         }
-        let mut f = Fragment::text(format!(
+        Fragment::text(format!(
             "coalesce(CASE WHEN {t}.tenant_id = ANY ({ARCHIVING_TENANTS})
                           THEN ({t}.tenant_id::text || '/' || {t}.status) = ANY ({ARCHIVING_PAIRS})
-                               AND NOT (CASE WHEN {ra}.task_id IS NULL OR {ra}.status <> {t}.status
-                                                  OR {ra}.finished_at IS DISTINCT FROM {t}.finished_at THEN false
-                                             ELSE true"
+                               AND NOT "
+        ))
+        .then(archived)
+        .push(
+            "
+                          ELSE false END, true)",
+        )
+    }
+
+    /// Whether record `ra` (NULL columns: none) holds task `t` as it is now: the same status and
+    /// finish, and as many events, payloads and log lines (counted within `range`, the task's
+    /// `inserted_at` bounds when the caller knows them: one partition read). Only a record with
+    /// the task's status and finish pays the counts. Never NULL.
+    fn record_holds(t: &str, ra: &str, range: Option<(DateTime<Utc>, DateTime<Utc>)>) -> Fragment {
+        let mut f = Fragment::text(format!(
+            "(CASE WHEN {ra}.task_id IS NULL OR {ra}.status <> {t}.status
+                        OR {ra}.finished_at IS DISTINCT FROM {t}.finished_at THEN false
+                   ELSE true"
         ));
         for (table, alias, column) in [
             ("task_events", "ae", "events"),
             ("task_payloads", "ap", "payloads"),
             ("task_logs", "al", "logs"),
         ] {
-            f = f
-                .push(format!(
-                    "
-                                                  AND {ra}.{column} = (SELECT count(*) FROM {table} {alias}
-                                                                       WHERE {alias}.task_id = {t}.id AND {alias}.task_inserted_at = {t}.inserted_at
-                                                                         AND {alias}.task_inserted_at >= "
-                ))
-                .bind(lower)
-                .push(format!(" AND {alias}.task_inserted_at < "))
-                .bind(upper)
-                .push(")");
+            f = f.push(format!(
+                "
+                        AND {ra}.{column} = (SELECT count(*) FROM {table} {alias}
+                                             WHERE {alias}.task_id = {t}.id AND {alias}.task_inserted_at = {t}.inserted_at"
+            ));
+            if let Some((lower, upper)) = range {
+                f = f
+                    .push(format!(" AND {alias}.task_inserted_at >= "))
+                    .bind(lower)
+                    .push(format!(" AND {alias}.task_inserted_at < "))
+                    .bind(upper);
+            }
+            f = f.push(")");
         }
-        f.push(
-            " END)
-                          ELSE false END, true)",
-        )
+        f.push(" END)")
     }
 
     /// Whether orphan `o` (a row of `kind` with `id`, `tenant_id`, `task_id`,

@@ -417,3 +417,29 @@ pub fn series_value(text: &str, name: &str, labels: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(&prefix))
         .and_then(|value| value.trim().parse().ok())
 }
+
+/// The ids of `tenant`'s tasks of `status` now.
+pub async fn task_ids_of(
+    pool: &PgPool,
+    tenant: Uuid,
+    status: &str,
+) -> std::collections::BTreeSet<Uuid> {
+    sqlx::query_scalar("SELECT id FROM tasks WHERE tenant_id = $1 AND status = $2")
+        .bind(tenant)
+        .bind(status)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// The task-history task with its default settings, archiving to `storage`.
+pub fn archiving_history(
+    storage: std::sync::Arc<retention_controller::storage::Storage>,
+) -> retention_controller::tasks::task_history::TaskHistoryTask {
+    retention_controller::tasks::task_history::TaskHistoryTask::new(
+        retention_controller::settings::TaskHistorySettings::default(),
+    )
+    .with_archive_storage(storage)
+}
