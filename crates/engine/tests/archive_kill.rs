@@ -17,36 +17,6 @@ use sha2::{Digest, Sha256};
 use testkit::TestDatabase;
 use uuid::Uuid;
 
-/// The engine's environment for `settings`' store.
-fn store_env(settings: &StorageSettings) -> Vec<(&'static str, String)> {
-    let mut env = vec![("ENGINE__STORAGE__URL", settings.url.clone().unwrap())];
-    let s3 = &settings.s3;
-    for (key, value) in [
-        ("ENGINE__STORAGE__S3__ENDPOINT", s3.endpoint.clone()),
-        ("ENGINE__STORAGE__S3__REGION", s3.region.clone()),
-        (
-            "ENGINE__STORAGE__S3__ACCESS_KEY_ID",
-            s3.access_key_id.clone(),
-        ),
-        (
-            "ENGINE__STORAGE__S3__SECRET_ACCESS_KEY",
-            s3.secret_access_key.clone(),
-        ),
-    ] {
-        if let Some(value) = value {
-            env.push((key, value));
-        }
-    }
-    if s3.endpoint.is_some() {
-        env.push(("ENGINE__STORAGE__S3__ALLOW_HTTP", s3.allow_http.to_string()));
-        env.push((
-            "ENGINE__STORAGE__S3__VIRTUAL_HOSTED_STYLE",
-            s3.virtual_hosted_style.to_string(),
-        ));
-    }
-    env
-}
-
 /// Every key under `archive/` in the store.
 async fn stored(storage: &Storage) -> BTreeSet<String> {
     storage
@@ -192,7 +162,7 @@ fn killed_while_archiving(settings: StorageSettings, scratch: &Path) {
     let db = rt.block_on(TestDatabase::new());
     let storage = Storage::open(&settings, scratch).unwrap();
     let ledger = rt.block_on(seed(&db));
-    let env = store_env(&settings);
+    let env = store_env(&settings, Credentials::Settings);
     let start = |pace: &str| {
         let mut args = vec!["retention", "run", "--task", "task-history"];
         if !pace.is_empty() {

@@ -7,7 +7,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::*;
+use retention_controller::storage::{Storage, StorageSettings, PAYLOADS_PREFIX};
+use testkit::seaweed::SeaweedFs;
 use testkit::TestDatabase;
 
 fn put(db: &TestDatabase, objects: &Path, args: &[&str], file: &Path) -> std::process::Output {
@@ -159,15 +162,56 @@ fn a_payload_put_in_the_store_reads_back_and_bad_input_changes_nothing() {
 }
 
 #[test]
-fn the_engine_killed_while_deleting_objects_leaves_nothing_behind_after_the_next_run() {
+fn the_engine_killed_while_deleting_objects_leaves_nothing_behind_on_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = StorageSettings {
+        url: Some(format!("file://{}", dir.path().join("objects").display())),
+        ..Default::default()
+    };
+    killed_while_deleting_objects(settings, dir.path(), Credentials::Settings, None);
+}
+
+/// On SeaweedFS, with the credentials in AWS's environment variables (none in the engine's
+/// settings), and with the store down for a while after the kill: a run against it is killed
+/// too, and nothing is lost.
+#[test]
+fn the_engine_killed_while_deleting_objects_leaves_nothing_behind_on_seaweedfs() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut server = rt.block_on(SeaweedFs::start());
+    let dir = tempfile::tempdir().unwrap();
+    killed_while_deleting_objects(
+        server.settings("engine"),
+        dir.path(),
+        Credentials::Environment,
+        Some(&mut server),
+    );
+    rt.block_on(server.stop());
+}
+
+fn killed_while_deleting_objects(
+    settings: StorageSettings,
+    scratch: &Path,
+    credentials: Credentials,
+    mut seaweed: Option<&mut SeaweedFs>,
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let db = rt.block_on(TestDatabase::new());
     let pool = db.pool.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let objects = dir.path().join("objects");
+    let storage = Storage::open(&settings, scratch).unwrap();
+    let env = store_env(&settings, credentials);
+    let stored = || -> BTreeSet<String> {
+        rt.block_on(storage.list_all(PAYLOADS_PREFIX))
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect()
+    };
     // 600 payload rows already deleted: their objects are in the outbox.
     let keys: BTreeSet<String> = rt.block_on(async {
         let tenant: uuid::Uuid = sqlx::query_scalar(
@@ -178,10 +222,8 @@ fn the_engine_killed_while_deleting_objects_leaves_nothing_behind_after_the_next
         .unwrap();
         let mut keys = BTreeSet::new();
         for i in 0..600 {
-            let key = format!("payloads/{tenant}/2026-11-01/{i}");
-            let path = objects.join(&key);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, b"bytes").unwrap();
+            let key = format!("{PAYLOADS_PREFIX}{tenant}/2026-11-01/{i}");
+            storage.put(&key, Bytes::from_static(b"bytes")).await.unwrap();
             keys.insert(key);
         }
         sqlx::query(
@@ -195,75 +237,104 @@ fn the_engine_killed_while_deleting_objects_leaves_nothing_behind_after_the_next
         .unwrap();
         keys
     });
-    assert_eq!(stored(&objects), keys);
-    let outbox = || -> i64 {
-        rt.block_on(sqlx::query_scalar("SELECT count(*) FROM object_deletions").fetch_one(&pool))
+    assert_eq!(stored(), keys);
+    let entries = || -> BTreeSet<String> {
+        rt.block_on(sqlx::query_scalar("SELECT object_key FROM object_deletions").fetch_all(&pool))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    // A killed run's lease lasts until it runs out: here it runs out at once.
+    let lease_ran_out = || {
+        rt.block_on(
+            sqlx::query(
+                "UPDATE maintenance_tasks SET lease_expires_at = now() WHERE task = 'blobs'",
+            )
+            .execute(&pool),
+        )
+        .unwrap();
+    };
+    let blobs = |paced: bool| {
+        let mut args = vec!["retention", "run", "--task", "blobs"];
+        if paced {
+            args.extend(["--pace", "20"]);
+        }
+        engine()
+            .env("DATABASE_URL", &db.url)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("ENGINE__RETENTION__BLOBS__BATCH_SIZE", "20")
+            .env("ENGINE__RETENTION__PACING__FEEDBACK", "false")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
             .unwrap()
     };
     // Small batches, paced: the kill lands between or inside batches.
-    let mut run = engine()
-        .env("DATABASE_URL", &db.url)
-        .env(
-            "ENGINE__STORAGE__URL",
-            format!("file://{}", objects.display()),
-        )
-        .env("ENGINE__RETENTION__BLOBS__BATCH_SIZE", "20")
-        .env("ENGINE__RETENTION__PACING__FEEDBACK", "false")
-        .args(["retention", "run", "--task", "blobs", "--pace", "20"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut run = blobs(true);
     wait_until("some objects deleted", Duration::from_secs(120), || {
-        stored(&objects).len() < 500
+        stored().len() < 500
     });
     run.kill().unwrap();
     run.wait().unwrap();
-    let left_objects = stored(&objects);
+    let left_objects = stored();
     assert!(!left_objects.is_empty(), "killed before the end");
-    let entries: BTreeSet<String> = rt
-        .block_on(sqlx::query_scalar("SELECT object_key FROM object_deletions").fetch_all(&pool))
-        .unwrap()
-        .into_iter()
-        .collect();
+    let left_entries = entries();
     assert!(
-        left_objects.is_subset(&entries),
+        left_objects.is_subset(&left_entries),
         "every object still there has its outbox entry: {} objects, {} entries",
         left_objects.len(),
-        entries.len()
+        left_entries.len()
     );
-    assert_eq!(entries.len(), outbox() as usize);
+    assert!(
+        left_entries.len() < keys.len(),
+        "some entries removed, after their objects"
+    );
     // What an operator sees meanwhile.
     let status = engine()
         .env("DATABASE_URL", &db.url)
-        .env(
-            "ENGINE__STORAGE__URL",
-            format!("file://{}", objects.display()),
-        )
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .args(["retention", "status", "--json"])
         .output()
         .unwrap();
     let (stdout, stderr) = text(&status);
     assert!(status.status.success(), "{stderr}");
-    let blobs: serde_json::Value = stdout
+    let line: serde_json::Value = stdout
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .find(|v| v["task"] == "blobs")
         .expect("a line for blobs");
-    assert_eq!(blobs["outbox"]["entries"], entries.len() as i64, "{blobs}");
-    assert!(blobs["outbox"]["oldest_enqueued_at"].is_string(), "{blobs}");
-    // The next run (after the killed run's lease ran out) finishes.
-    std::thread::sleep(Duration::from_secs(11));
-    let output = engine()
-        .env("DATABASE_URL", &db.url)
-        .env(
-            "ENGINE__STORAGE__URL",
-            format!("file://{}", objects.display()),
+    assert_eq!(
+        line["outbox"]["entries"],
+        left_entries.len() as i64,
+        "{line}"
+    );
+    assert!(line["outbox"]["oldest_enqueued_at"].is_string(), "{line}");
+    lease_ran_out();
+    if let Some(server) = seaweed.as_deref_mut() {
+        // The store goes down; a run against it is killed while it tries. Nothing is lost.
+        rt.block_on(server.stop());
+        let mut run = blobs(false);
+        std::thread::sleep(Duration::from_secs(3));
+        run.kill().unwrap();
+        run.wait().unwrap();
+        assert_eq!(
+            entries(),
+            left_entries,
+            "no entry removed while the store is down"
+        );
+        lease_ran_out();
+        rt.block_on(server.restart());
+        assert_eq!(stored(), left_objects);
+        // Entries a run failed on wait out their backoff: here it passes at once.
+        rt.block_on(
+            sqlx::query("UPDATE object_deletions SET next_attempt_at = now()").execute(&pool),
         )
-        .args(["retention", "run", "--task", "blobs"])
-        .output()
         .unwrap();
+    }
+    // The next run finishes: an object deleted twice is no error.
+    let output = blobs(false).wait_with_output().unwrap();
     assert!(output.status.success(), "{:?}", text(&output));
-    assert_eq!(outbox(), 0);
-    assert!(stored(&objects).is_empty());
+    assert!(entries().is_empty());
+    assert!(stored().is_empty());
 }

@@ -29,6 +29,12 @@ use retention_controller::storage::{S3Settings, Storage, StorageSettings};
 /// The identity every request is signed with.
 pub const ACCESS_KEY_ID: &str = "engine-test";
 pub const SECRET_ACCESS_KEY: &str = "engine-test-secret";
+/// A second identity, for a store that refuses some keys: it may read and list the whole
+/// bucket but write (put or delete) only under the prefixes given to
+/// [`SeaweedFs::start_refusing_writes_outside`]; SeaweedFS answers `AccessDenied` for any other
+/// key, in a bulk delete key by key (see [`SeaweedFs::limited_settings`]).
+pub const LIMITED_ACCESS_KEY_ID: &str = "engine-test-limited";
+pub const LIMITED_SECRET_ACCESS_KEY: &str = "engine-test-limited-secret";
 /// The bucket [`SeaweedFs::start`] creates.
 pub const BUCKET: &str = "engine-test";
 /// The region requests are signed for (SeaweedFS accepts any).
@@ -112,6 +118,12 @@ impl SeaweedFs {
     /// (a few seconds). Panics with the server's log if it does not within a minute, and with
     /// a word on how to install it if `weed` is not installed.
     pub async fn start() -> SeaweedFs {
+        SeaweedFs::start_refusing_writes_outside(&[]).await
+    }
+
+    /// Like [`SeaweedFs::start`], with the [`LIMITED_ACCESS_KEY_ID`] identity allowed to write
+    /// only under `writable` (key prefixes in the bucket, such as `engine/payloads/<tenant>/`).
+    pub async fn start_refusing_writes_outside(writable: &[String]) -> SeaweedFs {
         let weed = weed_binary().to_path_buf();
         // A port taken between picking and binding fails the server at once: pick again.
         let mut attempt = 0;
@@ -132,7 +144,7 @@ impl SeaweedFs {
                 starts: 0,
             };
             server.watchdog = Some(server.spawn_watchdog());
-            server.write_config();
+            server.write_config(writable);
             match server.launch(true).await {
                 Ok(()) => return server,
                 Err(log) if attempt < 3 && log.contains("address already in use") => {
@@ -182,6 +194,15 @@ impl SeaweedFs {
             },
             ..StorageSettings::default()
         }
+    }
+
+    /// [`SeaweedFs::settings`] signed with the [`LIMITED_ACCESS_KEY_ID`] identity: the same
+    /// store, refusing to write or delete outside the prefixes the server was started with.
+    pub fn limited_settings(&self, prefix: &str) -> StorageSettings {
+        let mut settings = self.settings(prefix);
+        settings.s3.access_key_id = Some(LIMITED_ACCESS_KEY_ID.into());
+        settings.s3.secret_access_key = Some(LIMITED_SECRET_ACCESS_KEY.into());
+        settings
     }
 
     /// [`Storage`] on `s3://<bucket>/<prefix>` of this server.
@@ -269,10 +290,18 @@ impl SeaweedFs {
         self.dir.join("s3.json")
     }
 
-    /// The S3 identities: one key pair that may do everything.
-    fn write_config(&self) {
+    /// The S3 identities: one key pair that may do everything, and one that may write only
+    /// under `writable` (SeaweedFS's `Write:<bucket>/<prefix>*` actions).
+    fn write_config(&self, writable: &[String]) {
+        let mut limited = vec![r#""Read""#.to_string(), r#""List""#.to_string()];
+        limited.extend(
+            writable
+                .iter()
+                .map(|prefix| format!(r#""Write:{BUCKET}/{prefix}*""#)),
+        );
         let config = format!(
-            r#"{{"identities": [{{"name": "engine-test", "credentials": [{{"accessKey": "{ACCESS_KEY_ID}", "secretKey": "{SECRET_ACCESS_KEY}"}}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}}]}}"#
+            r#"{{"identities": [{{"name": "engine-test", "credentials": [{{"accessKey": "{ACCESS_KEY_ID}", "secretKey": "{SECRET_ACCESS_KEY}"}}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}}, {{"name": "engine-test-limited", "credentials": [{{"accessKey": "{LIMITED_ACCESS_KEY_ID}", "secretKey": "{LIMITED_SECRET_ACCESS_KEY}"}}], "actions": [{}]}}]}}"#,
+            limited.join(", ")
         );
         std::fs::write(self.config_path(), config).expect("write SeaweedFS's S3 identities");
         std::fs::create_dir_all(self.data_dir()).expect("create SeaweedFS's data directory");

@@ -118,3 +118,47 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// Where the engine is to find an S3 store's credentials.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Credentials {
+    /// In its settings (`ENGINE__STORAGE__S3__ACCESS_KEY_ID`, ...).
+    Settings,
+    /// In the environment, as AWS's tools read them (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`), with no key in the engine's settings.
+    Environment,
+}
+
+/// The engine's environment for `settings`' store.
+pub fn store_env(
+    settings: &retention_controller::storage::StorageSettings,
+    credentials: Credentials,
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![("ENGINE__STORAGE__URL", settings.url.clone().unwrap())];
+    let s3 = &settings.s3;
+    let (id, secret) = match credentials {
+        Credentials::Settings => (
+            "ENGINE__STORAGE__S3__ACCESS_KEY_ID",
+            "ENGINE__STORAGE__S3__SECRET_ACCESS_KEY",
+        ),
+        Credentials::Environment => ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+    };
+    for (key, value) in [
+        ("ENGINE__STORAGE__S3__ENDPOINT", s3.endpoint.clone()),
+        ("ENGINE__STORAGE__S3__REGION", s3.region.clone()),
+        (id, s3.access_key_id.clone()),
+        (secret, s3.secret_access_key.clone()),
+    ] {
+        if let Some(value) = value {
+            env.push((key, value));
+        }
+    }
+    if s3.endpoint.is_some() {
+        env.push(("ENGINE__STORAGE__S3__ALLOW_HTTP", s3.allow_http.to_string()));
+        env.push((
+            "ENGINE__STORAGE__S3__VIRTUAL_HOSTED_STYLE",
+            s3.virtual_hosted_style.to_string(),
+        ));
+    }
+    env
+}
