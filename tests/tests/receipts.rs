@@ -24,12 +24,16 @@ use retention_controller::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// A task as the ledger knows it: its tenant, its events and its queue items.
+/// A task as the ledger knows it: its tenant, its events, its queue items, its payloads (those
+/// whose bytes are in the object store too) and its log lines.
 #[derive(Debug, Clone, Default)]
 struct Known {
     tenant: Uuid,
     events: BTreeSet<i64>,
     items: BTreeSet<i64>,
+    payloads: BTreeSet<i64>,
+    external: BTreeSet<i64>,
+    logs: BTreeSet<i64>,
 }
 
 /// What the writers did.
@@ -77,6 +81,30 @@ async fn snapshot(pool: &PgPool) -> BTreeMap<TaskKey, Known> {
             known.items.insert(id);
         }
     }
+    let payloads: Vec<(i64, Uuid, DateTime<Utc>, bool)> = sqlx::query_as(
+        "SELECT id, task_id, task_inserted_at, location = 'external' FROM task_payloads",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for (id, task, at, external) in payloads {
+        if let Some(known) = tasks.get_mut(&(task, at)) {
+            known.payloads.insert(id);
+            if external {
+                known.external.insert(id);
+            }
+        }
+    }
+    let logs: Vec<(i64, Uuid, DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, task_id, task_inserted_at FROM task_logs")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    for (id, task, at) in logs {
+        if let Some(known) = tasks.get_mut(&(task, at)) {
+            known.logs.insert(id);
+        }
+    }
     tasks
 }
 
@@ -111,6 +139,7 @@ async fn writer(
                         tenant: kept,
                         events: [event].into(),
                         items: [item].into(),
+                        ..Default::default()
                     },
                 );
                 mine.push(task);
@@ -152,16 +181,20 @@ async fn delete(pool: &PgPool, task: TaskKey, writes: &Arc<Mutex<Writes>>) {
 
 /// Per (tenant, rule): tasks, events, queue items.
 type Counts = BTreeMap<(Uuid, String), (i64, i64, i64)>;
+/// Per (tenant, rule): payloads, log lines, objects given to the outbox.
+type DependentCounts = BTreeMap<(Uuid, String), (i64, i64, i64)>;
 
 /// What went by the engine, from the ledger: tasks there before or added since, gone now, not
-/// deleted by a writer; under `deleted-tenants` for the tenants in `purged`.
+/// deleted by a writer; under `deleted-tenants` for the tenants in `purged`. Their tasks, events
+/// and queue items; and their payloads, log lines and objects.
 fn expected(
     before: &BTreeMap<TaskKey, Known>,
     writes: &Writes,
     after: &BTreeMap<TaskKey, Known>,
     purged: &[Uuid],
-) -> Counts {
+) -> (Counts, DependentCounts) {
     let mut counts = Counts::new();
+    let mut dependents = DependentCounts::new();
     for (key, known) in before.iter().chain(writes.inserted.iter()) {
         if after.contains_key(key) || writes.deleted.contains(key) {
             continue;
@@ -175,16 +208,38 @@ fn expected(
         c.0 += 1;
         c.1 += known.events.len() as i64;
         c.2 += known.items.len() as i64;
+        let d = dependents
+            .entry((known.tenant, rule.to_string()))
+            .or_default();
+        d.0 += known.payloads.len() as i64;
+        d.1 += known.logs.len() as i64;
+        d.2 += known.external.len() as i64;
     }
-    counts
+    (counts, dependents)
 }
 
 async fn receipts_of(pool: &PgPool, rules: &[&str]) -> Counts {
-    let rows: Vec<(Uuid, String, i64, i64, i64)> =
-        sqlx::query_as("SELECT tenant_id, rule, sum(tasks)::bigint, sum(events)::bigint, sum(queue_items)::bigint FROM retention_receipts GROUP BY 1, 2")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    receipt_sums(pool, rules, "tasks", "events", "queue_items").await
+}
+
+async fn dependent_receipts_of(pool: &PgPool, rules: &[&str]) -> DependentCounts {
+    receipt_sums(pool, rules, "payloads", "logs", "objects").await
+}
+
+async fn receipt_sums(
+    pool: &PgPool,
+    rules: &[&str],
+    a: &str,
+    b: &str,
+    c: &str,
+) -> BTreeMap<(Uuid, String), (i64, i64, i64)> {
+    let rows: Vec<(Uuid, String, i64, i64, i64)> = sqlx::query_as(&format!(
+        "SELECT tenant_id, rule, sum({a})::bigint, sum({b})::bigint, sum({c})::bigint
+           FROM retention_receipts GROUP BY 1, 2"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap();
     rows.into_iter()
         .filter(|r| rules.contains(&r.1.as_str()))
         .map(|(t, r, a, b, c)| ((t, r), (a, b, c)))
@@ -200,13 +255,22 @@ async fn due_tasks(pool: &PgPool, tenant: Uuid) -> Vec<TaskKey> {
         .unwrap()
 }
 
-/// Seeds `n` due tasks of `tenant` at `at`, each with an event and a queue item.
+/// Seeds `n` due tasks of `tenant` at `at`, each with an event, a queue item, an input payload
+/// kept inline, an output payload in the object store (on every second task) and a log line
+/// (written now: within the log window, it goes with its task only).
 async fn seed_due(pool: &PgPool, tenant: Uuid, at: DateTime<Utc>, n: i64) {
     sqlx::query(
         "WITH t AS (INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
                     SELECT $1, 'succeeded', $2, $2 + interval '1 hour' FROM generate_series(1, $3) RETURNING id, inserted_at),
               e AS (INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
-                    SELECT $1, id, inserted_at, 'done', inserted_at FROM t)
+                    SELECT $1, id, inserted_at, 'done', inserted_at FROM t),
+              i AS (INSERT INTO task_payloads (tenant_id, task_id, task_inserted_at, kind, location, inline_content, size_bytes)
+                    SELECT $1, id, inserted_at, 'input', 'inline', '\\x00', 1 FROM t),
+              o AS (INSERT INTO task_payloads (tenant_id, task_id, task_inserted_at, kind, location, external_key, size_bytes)
+                    SELECT $1, id, inserted_at, 'output', 'external', 'payloads/' || $1 || '/' || id, 10 FROM t
+                     WHERE get_byte(uuid_send(id), 15) % 2 = 0),
+              l AS (INSERT INTO task_logs (tenant_id, task_id, task_inserted_at, level, line)
+                    SELECT $1, id, inserted_at, 'info', 'done' FROM t)
          INSERT INTO queue_items (tenant_id, task_id, task_inserted_at) SELECT $1, id, inserted_at FROM t",
     )
     .bind(tenant)
@@ -250,10 +314,22 @@ where
     let after = snapshot(pool).await;
     let writes = std::mem::take(&mut *writes.lock().unwrap());
     assert!(!writes.inserted.is_empty(), "the writer wrote");
-    let expected = expected(&before, &writes, &after, purged);
-    let got = receipts_of(pool, &["retention", "deleted-tenants"]).await;
+    let (expected, dependents) = expected(&before, &writes, &after, purged);
+    let rules = ["retention", "deleted-tenants"];
+    let got = receipts_of(pool, &rules).await;
     assert!(!expected.is_empty(), "something went: {report}");
     assert_eq!(got, expected, "receipts against the ledger: {report}");
+    assert!(
+        dependents
+            .values()
+            .all(|(p, l, o)| *p > 0 && *l > 0 && *o > 0),
+        "payloads, log lines and objects went: {dependents:?}"
+    );
+    assert_eq!(
+        dependent_receipts_of(pool, &rules).await,
+        dependents,
+        "payloads, log lines and objects in the receipts against the ledger: {report}"
+    );
     report
 }
 
