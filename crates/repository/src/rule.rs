@@ -61,6 +61,21 @@ pub enum Holds {
     },
 }
 
+/// The holds in force at `now` (a fragment: a bound instant, or a column): the tenants held
+/// whole and the tasks held, as two `uuid[]` expressions. The one place where a hold's being in
+/// force is spelled: the live hold check ([`Rule::held`]) and the holds a rewrite records at its
+/// instant for its count both take it from here.
+pub fn holds_in_force(now: impl Fn() -> Fragment) -> [Fragment; 2] {
+    [("tenant_id", "IS NULL"), ("task_id", "IS NOT NULL")].map(|(held, scope)| {
+        Fragment::text(format!(
+            "ARRAY (SELECT h.{held} FROM retention_holds h
+                    WHERE h.task_id {scope} AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > "
+        ))
+        .then(now())
+        .push("))")
+    })
+}
+
 /// The rule as of one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
@@ -485,23 +500,14 @@ impl Rule {
             return Fragment::text("false");
         }
         let (tenants, tasks) = match &self.holds {
-            Holds::Live => (
-                Fragment::text(
-                    "ARRAY (SELECT h.tenant_id FROM retention_holds h
-                            WHERE h.task_id IS NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > ",
-                )
-                .bind(self.now)
-                .push("))"),
-                Fragment::text(
-                    "ARRAY (SELECT h.task_id FROM retention_holds h
-                            WHERE h.task_id IS NOT NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > ",
-                )
-                .bind(self.now)
-                .push("))"),
-            ),
-            Holds::Recorded { tenants, tasks } => {
-                (Fragment::value(tenants.clone()).push("::uuid[]"), Fragment::value(tasks.clone()).push("::uuid[]"))
+            Holds::Live => {
+                let [tenants, tasks] = holds_in_force(|| Fragment::value(self.now));
+                (tenants, tasks)
             }
+            Holds::Recorded { tenants, tasks } => (
+                Fragment::value(tenants.clone()).push("::uuid[]"),
+                Fragment::value(tasks.clone()).push("::uuid[]"),
+            ),
         };
         Fragment::text(format!("coalesce({tenant} = ANY ("))
             .then(tenants)

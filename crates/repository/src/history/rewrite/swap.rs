@@ -18,6 +18,7 @@ use crate::batch::{self, BatchLimits};
 use crate::history::ranges::{self, take_layout_lock, NewRange};
 use crate::history::{ident, LogMode, ENGINE_WRITE};
 use crate::rule;
+use crate::sql::{Fragment, Sql};
 
 /// What a swap did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,17 +108,14 @@ pub async fn swap(
     if !replay::record_tenant_rules(&mut tx, &rewrite).await? {
         return not_now(tx, NotNow::RulesChanged).await;
     }
-    sqlx::query(
-        "UPDATE history_rewrites SET
-             held_tenants = ARRAY (SELECT h.tenant_id FROM retention_holds h
-                                   WHERE h.task_id IS NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > rule_now)),
-             held_tasks = ARRAY (SELECT h.task_id FROM retention_holds h
-                                 WHERE h.task_id IS NOT NULL AND h.removed_at IS NULL AND (h.until IS NULL OR h.until > rule_now))
-         WHERE id = $1",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
+    let [held_tenants, held_tasks] = rule::holds_in_force(|| Fragment::text("rule_now"));
+    Sql::new("UPDATE history_rewrites SET held_tenants = {tenants}, held_tasks = {tasks} WHERE id = {id}")
+        .with("tenants", held_tenants)
+        .with("tasks", held_tasks)
+        .bind("id", id)
+        .build()
+        .execute(&mut *tx)
+        .await?;
 
     // The catalog changes in one round trip: the lock is held for the server's work only. A
     // source is renamed only when the new range takes its name (a compaction of one range): a
