@@ -96,6 +96,11 @@ pub async fn chunk(
             )))
         }
     };
+    if testing::copies_stall() {
+        sqlx::query("SELECT pg_sleep(60)")
+            .execute(&mut *conn)
+            .await?;
+    }
     let total = pages(&mut *conn, relid).await?;
     if rewrite.block >= total {
         next_source(&mut *conn, rewrite).await?;
@@ -197,4 +202,29 @@ pub async fn chunk(
         read: row.read,
         kept: row.kept,
     })
+}
+
+/// Fault injection for tests.
+pub mod testing {
+    #[cfg(feature = "testing")]
+    static COPIES_STALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Makes every copy step wait (`pg_sleep`) until its statement timeout cancels it, as a copy
+    /// of pages too slow for the timeout would: to show what a rewrite whose steps keep failing
+    /// does. Only in builds with the `testing` feature.
+    #[cfg(feature = "testing")]
+    pub fn stall_copies(stall: bool) {
+        COPIES_STALL.store(stall, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(super) fn copies_stall() -> bool {
+        #[cfg(feature = "testing")]
+        {
+            COPIES_STALL.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "testing"))]
+        {
+            false
+        }
+    }
 }
