@@ -96,16 +96,20 @@ pub async fn put_off(
     Ok(())
 }
 
-/// Whether any payload row, archive or outbox entry names `key`: what the sweep checks before
-/// deleting an object it found in the store.
-pub async fn key_known(executor: impl PgExecutor<'_>, key: &str) -> Result<bool, sqlx::Error> {
+/// Of `keys`, those that no payload row, archive or outbox entry names: what the sweep may
+/// delete of a batch of objects it found in the store (checked right before it deletes them).
+pub async fn keys_unknown(
+    executor: impl PgExecutor<'_>,
+    keys: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM task_payloads WHERE external_key = $1)
-             OR EXISTS (SELECT 1 FROM object_deletions WHERE object_key = $1)
-             OR EXISTS (SELECT 1 FROM retention_archives WHERE object_key = $1) AS "known!""#,
-        key
+        r#"SELECT k AS "key!" FROM unnest($1::text[]) AS k
+            WHERE NOT EXISTS (SELECT 1 FROM task_payloads WHERE external_key = k)
+              AND NOT EXISTS (SELECT 1 FROM object_deletions WHERE object_key = k)
+              AND NOT EXISTS (SELECT 1 FROM retention_archives WHERE object_key = k)"#,
+        keys
     )
-    .fetch_one(executor)
+    .fetch_all(executor)
     .await
 }
 

@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use repository::{outbox, watermarks, PgPool};
 use tokio::time::Instant;
 
@@ -171,7 +172,6 @@ impl BlobsTask {
         report: &mut RunReport,
         dry: bool,
     ) -> Result<bool, TaskError> {
-        let pool = &ctx.pool;
         let started = ctx.now();
         let cutoff = started
             - chrono::Duration::from_std(self.settings.orphan_grace)
@@ -181,54 +181,72 @@ impl BlobsTask {
                 "the object store is not there; no sweep: {error}"
             )));
         }
-        let mut listed = Vec::new();
+        // The listing is streamed and judged a batch at a time: memory and round trips stay
+        // bounded by the batch, whatever the bucket holds.
+        let batch = self.settings.batch_size.max(1) as usize;
+        let (mut listed, mut found) = (0u64, 0u64);
         for prefix in [PAYLOADS_PREFIX, ARCHIVE_PREFIX] {
-            listed.extend(self.storage.list_all(prefix).await.map_err(|error| {
-                TaskError::Incomplete(format!("listing the object store: {error}"))
-            })?);
-        }
-        let mut orphans = Vec::new();
-        for object in &listed {
-            if ctx.interrupted().is_some() {
-                return Ok(false);
-            }
-            if object.last_modified >= cutoff {
-                continue;
-            }
-            if !outbox::key_known(pool, &object.key).await? {
-                orphans.push(object.key.clone());
-            }
-        }
-        report.count("objects listed", listed.len() as u64);
-        report.count("orphan objects found", orphans.len() as u64);
-        crate::telemetry::orphan_objects(orphans.len());
-        if dry {
-            if !orphans.is_empty() {
-                tracing::warn!(orphans = orphans.len(), "the sweep found objects no row names; this first sweep only counts them (storage.sweep_dry_run)");
-            }
-            return Ok(true);
-        }
-        for chunk in orphans.chunks(self.settings.batch_size as usize) {
-            // Checked again right before: a row may have been inserted since (a writer's put,
-            // then insert, slower than the grace).
-            let mut confirmed = Vec::new();
-            for key in chunk {
-                if !outbox::key_known(pool, key).await? {
-                    confirmed.push(key.clone());
+            let mut objects = self.storage.list(prefix);
+            let mut old = Vec::with_capacity(batch);
+            loop {
+                let next = objects.try_next().await.map_err(|error| {
+                    TaskError::Incomplete(format!("listing the object store: {error}"))
+                })?;
+                let end = next.is_none();
+                if let Some(object) = next {
+                    listed += 1;
+                    if object.last_modified < cutoff {
+                        old.push(object.key);
+                    }
+                }
+                if old.len() >= batch || (end && !old.is_empty()) {
+                    found += self
+                        .sweep_batch(ctx, report, std::mem::take(&mut old), dry)
+                        .await?;
+                }
+                if end {
+                    break;
+                }
+                if ctx.interrupted().is_some() {
+                    return Ok(false);
                 }
             }
-            let started = Instant::now();
-            let outcomes = self.storage.delete_many(confirmed).await;
-            let deleted = outcomes.iter().filter(|(_, r)| r.is_ok()).count();
-            crate::telemetry::objects_deleted(
-                "sweep",
-                deleted as u64,
-                (outcomes.len() - deleted) as u64,
-            );
-            report.record_batch("orphan-objects", deleted as u64);
-            ctx.batch_done(started.elapsed(), report, None).await;
+        }
+        report.count("objects listed", listed);
+        report.count("orphan objects found", found);
+        crate::telemetry::orphan_objects(found as usize);
+        if dry && found > 0 {
+            tracing::warn!(orphans = found, "the sweep found objects no row names; this first sweep only counts them (storage.sweep_dry_run)");
         }
         Ok(true)
+    }
+
+    /// One batch of the sweep: of `keys` (objects older than the grace), those no row, archive
+    /// or outbox entry names, checked right before they are deleted (a writer may have inserted
+    /// a row since it put its object); counted only, in a dry run. How many were orphans.
+    async fn sweep_batch(
+        &self,
+        ctx: &RunContext,
+        report: &mut RunReport,
+        keys: Vec<String>,
+        dry: bool,
+    ) -> Result<u64, TaskError> {
+        let orphans = outbox::keys_unknown(&ctx.pool, &keys).await?;
+        let found = orphans.len() as u64;
+        if dry || orphans.is_empty() {
+            return Ok(found);
+        }
+        let started = Instant::now();
+        let outcomes = self.storage.delete_many(orphans).await;
+        let deleted = outcomes.iter().filter(|(_, r)| r.is_ok()).count();
+        crate::telemetry::objects_deleted(
+            "sweep",
+            deleted as u64,
+            (outcomes.len() - deleted) as u64,
+        );
+        report.record_batch("orphan-objects", deleted as u64);
+        ctx.batch_done(started.elapsed(), report, None).await;
+        Ok(found)
     }
 }
 
