@@ -58,11 +58,16 @@ async fn the_orphan_sweep_follows_the_rule() {
 }
 
 #[tokio::test]
-async fn queue_item_cleanup_follows_the_rule() {
-    exact("queue items").await;
+async fn queue_item_cleanup_by_its_candidates_follows_the_rule() {
+    exact("queue items by candidates").await;
+}
+
+#[tokio::test]
+async fn queue_item_cleanup_by_its_heap_sweep_follows_the_rule() {
+    exact("queue items by heap sweep").await;
 }
 
 #[test]
 fn every_path_has_a_case() {
-    assert_eq!(cases::PATHS.len(), 9);
+    assert_eq!(cases::PATHS.len(), 10);
 }

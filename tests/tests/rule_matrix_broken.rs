@@ -17,7 +17,7 @@ async fn breaking_the_one_hold_check_breaks_every_path() {
         // orphans, which would fail it whatever the path itself checked.
         let own_kind = |v: &&String| match *path {
             "orphan walk" | "orphan sweep" => v.contains(": orphan"),
-            "queue items" => v.contains("queue item"),
+            "queue items by candidates" | "queue items by heap sweep" => v.contains("queue item"),
             _ => !v.contains(": orphan") && !v.contains("queue item of no task"),
         };
         if !wrong.iter().any(|v| own_kind(&v)) {

@@ -17,7 +17,7 @@ async fn breaking_the_one_archive_check_breaks_every_task_path() {
         // Queue items are not archived, and the purge has no live archiving tenant's rows:
         // their paths have nothing to break. The orphan paths keep the rows of an archived run
         // that retention deleted (written as the delete ran, in no archive).
-        if matches!(*path, "queue items" | "purge") {
+        if path.starts_with("queue items") || *path == "purge" {
             continue;
         }
         let (wrong, _) = cases::run(path).await;
