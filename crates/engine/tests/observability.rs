@@ -360,3 +360,74 @@ async fn the_last_success_gauge_starts_from_the_run_log() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_blobs_metrics_show_objects_deleted_the_outbox_and_orphans() {
+    let db = TestDatabase::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    let tenant: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme') RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    // Ten objects: six whose payload rows went (their keys in the outbox), four that no row
+    // names (writers that died between the object and its row).
+    let keys: Vec<String> = (0..10)
+        .map(|i| format!("payloads/{tenant}/2026-11-01/{i}"))
+        .collect();
+    for key in &keys {
+        let path = objects.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"bytes").unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO object_deletions (object_key, tenant_id, payload_id, task_inserted_at, size_bytes)
+         SELECT k, $2, 0, '2026-11-01', 5 FROM unnest($1::text[]) k",
+    )
+    .bind(keys[..6].to_vec())
+    .bind(tenant)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Older than the sweep's grace.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let url = format!("file://{}", objects.display());
+    let served = Served::start(
+        &db.url,
+        &[
+            ("ENGINE__STORAGE__URL", url.as_str()),
+            ("ENGINE__STORAGE__ORPHAN_GRACE", "1s"),
+            ("ENGINE__STORAGE__SWEEP_DRY_RUN", "true"),
+            ("ENGINE__RETENTION__BLOBS__INTERVAL", "1s"),
+        ],
+    );
+    let get = || {
+        http(served.port, "GET", "/metrics", &[], None)
+            .map(|(_, text)| text)
+            .unwrap_or_default()
+    };
+    wait_until("the blobs run's metrics", Duration::from_secs(30), || {
+        let text = get();
+        metric(&text, "retention_objects_deleted_total", &["source=\"outbox\""]) == Some(6.0)
+            && metric(&text, "retention_outbox_entries", &[]) == Some(0.0)
+            && metric(&text, "retention_orphan_objects", &[]) == Some(4.0)
+    });
+    let text = get();
+    assert_eq!(
+        metric(&text, "retention_outbox_oldest_age_seconds", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "retention_object_delete_failures_total", &[]),
+        Some(0.0),
+        "{text}"
+    );
+    // The dry sweep deleted nothing: the orphans are still there.
+    let left = std::fs::read_dir(objects.join(format!("payloads/{tenant}/2026-11-01")))
+        .unwrap()
+        .count();
+    assert_eq!(left, 4);
+}
