@@ -7,6 +7,7 @@ use repository::archives::{self, Policy};
 use repository::rule::interval;
 use repository::tenants::FinalStatus;
 use retention_controller::archive_policy::{self, PolicyError};
+use retention_controller::human::{bytes, count, thousands};
 use sqlx::postgres::types::PgInterval;
 
 use crate::cli::{ArchiveCommand, TenantArchiveCommand};
@@ -222,7 +223,10 @@ async fn run(
                 Err(refusal) => return Ok(Err(refusal)),
             };
             let moved = if applied.moved > 0 {
-                format!("; the expiry of {} archive(s) moves with it", applied.moved)
+                format!(
+                    "; the expiry of {} moves with it",
+                    count(applied.moved, "archive", "archives")
+                )
             } else {
                 String::new()
             };
@@ -315,14 +319,17 @@ pub async fn archive(settings: &Settings, command: ArchiveCommand) -> anyhow::Re
     } else {
         for a in &files {
             output::line(format!(
-                "{}  {}  {}..{}  {} {} runs  {} bytes  expires {}",
+                "{}  {}  {}..{}  {} {} {}  {}  expires {}",
                 a.object_key,
                 a.slug.as_deref().unwrap_or("(deleted tenant)"),
                 a.first_day,
                 a.last_day,
-                a.tasks,
+                thousands(a.tasks.max(0) as u64),
                 a.status,
-                a.bytes.unwrap_or(0),
+                if a.tasks == 1 { "run" } else { "runs" },
+                a.bytes
+                    .map(|b| bytes(b.max(0) as u64))
+                    .unwrap_or_else(|| "size unknown".into()),
                 a.expires_at
                     .map(|at| at.to_rfc3339())
                     .unwrap_or_else(|| "never".into())
@@ -446,9 +453,13 @@ async fn restore_with(
     }
     tx.commit().await?;
     Ok(Ok(format!(
-        "restored {tasks} runs of {} ({events} events, {payloads} payloads, {logs} log lines) from {} archive files into schema {into}",
+        "restored {} of {} ({}, {}, {}) from {} into schema {into}",
+        count(tasks, "run", "runs"),
         policy.slug,
-        files.len()
+        count(events as u64, "event", "events"),
+        count(payloads as u64, "payload", "payloads"),
+        count(logs as u64, "log line", "log lines"),
+        count(files.len() as u64, "archive file", "archive files"),
     )))
 }
 

@@ -34,7 +34,11 @@ pub enum Command {
     Migrate,
     /// Run the engine: migrations, the retention controller (paced) and the admin server with the status page.
     #[command(
-        after_help = "Example: ENGINE__HTTP__ADDR=0.0.0.0:8080 engine serve   # then open http://<host>:8080/"
+        after_help = "Example: engine serve   # then open http://127.0.0.1:8080/ (http.addr, loopback by default)
+
+The admin server speaks plain HTTP: to reach it from other hosts, keep it on loopback (or a
+private network) and put a TLS-terminating proxy in front (docs/operations.md, \"Exposing the
+admin server\")."
     )]
     Serve,
     /// Seed a demo database on the embedded PostgreSQL, clean it as `serve` would, and show the status page.
@@ -54,7 +58,7 @@ pub enum Command {
     /// Retention tasks on demand: run, pause, resume, status, receipts.
     #[command(subcommand, after_help = "Example: engine retention status")]
     Retention(RetentionCommand),
-    /// Tenant settings: how long each tenant's run history is kept.
+    /// Tenant settings: how long each tenant's run history is kept, and whether it is archived first.
     #[command(subcommand, after_help = "Example: engine tenant retention get acme")]
     Tenant(TenantCommand),
     /// Legal holds: a tenant, or one task, that no retention rule deletes while held.

@@ -112,19 +112,26 @@ fn describe(seeded: Seeded) -> String {
             anonymous,
             logged_in,
         } => {
-            format!("{} anonymous sessions created over 30 days, and {logged_in} logged-in users' sessions", n(anonymous))
+            format!(
+                "{} anonymous sessions created over 30 days, and {} logged-in users' sessions",
+                n(anonymous),
+                n(logged_in)
+            )
         }
         Seeded::Tenants { tenants, deleted } => format!(
-            "{tenants} tenants keeping 1 day to 30 days or forever, {deleted} of them deleted"
+            "{} tenants keeping 1 day to 30 days or forever, {} of them deleted",
+            n(tenants as i64),
+            n(deleted as i64)
         ),
         Seeded::History {
             tasks,
             events,
             days,
         } => format!(
-            "{} finished tasks with {} events over {days} days",
+            "{} finished tasks with {} events over {} days",
             n(tasks),
-            n(events)
+            n(events),
+            n(days)
         ),
         Seeded::QueueItems {
             of_gone_tasks,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use retention_controller::human::{bytes, count, thousands};
 use retention_controller::MaintenanceTask;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -51,15 +52,22 @@ impl ArchivesStatus {
         Ok(Some(ArchivesStatus(s)))
     }
 
-    /// "2 tenants archive; 14 files (3120 runs, 1.2 MB), last written 2026-12-04 07:00:00; 1 being written".
+    /// "2 tenants archive; 14 files (3,120 runs, 1.2 MB), last written 2026-12-04 07:00:00; 1 begun
+    /// and not finished (written again next run)".
     pub fn describe(&self) -> String {
         let s = &self.0;
+        let n = |v: i64| v.max(0) as u64;
         let mut text = format!(
-            "{} tenant(s) archive; {} files ({} runs, {} bytes), last written {}",
-            s.tenants,
-            s.files,
-            s.tasks,
-            s.bytes,
+            "{} {}; {} ({}, {}), last written {}",
+            count(n(s.tenants), "tenant", "tenants"),
+            if s.tenants == 1 {
+                "archives"
+            } else {
+                "archive"
+            },
+            count(n(s.files), "file", "files"),
+            count(n(s.tasks), "run", "runs"),
+            bytes(n(s.bytes)),
             s.last_written_at
                 .map(format_time)
                 .unwrap_or_else(|| "never".into())
@@ -67,7 +75,7 @@ impl ArchivesStatus {
         if s.writing > 0 {
             text.push_str(&format!(
                 "; {} begun and not finished (written again next run)",
-                s.writing
+                thousands(n(s.writing))
             ));
         }
         text
@@ -103,15 +111,15 @@ impl OutboxStatus {
             return "empty".into();
         }
         let mut text = format!(
-            "{} objects ({} bytes), oldest {}",
-            self.entries,
-            self.bytes,
+            "{} ({}), oldest {}",
+            count(self.entries.max(0) as u64, "object", "objects"),
+            bytes(self.bytes.max(0) as u64),
             self.oldest_enqueued_at
                 .map(format_time)
                 .unwrap_or_else(|| "-".into())
         );
         if self.failing > 0 {
-            text.push_str(&format!(", {} failing", self.failing));
+            text.push_str(&format!(", {} failing", thousands(self.failing as u64)));
             if let Some(error) = &self.last_error {
                 text.push_str(&format!(": {error}"));
             }
@@ -227,5 +235,48 @@ mod tests {
             serde_json::json!({"state": "paused"})
         );
         assert_eq!(NextDue::At(at).describe(), "2026-11-29 14:03:07");
+    }
+
+    #[test]
+    fn archives_and_outbox_read_with_separators_units_and_plurals() {
+        let at = DateTime::parse_from_rfc3339("2026-12-04T07:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let archives = ArchivesStatus(repository::archives::Summary {
+            tenants: 2,
+            files: 14,
+            tasks: 3_120,
+            bytes: 1_234_567,
+            last_written_at: Some(at),
+            writing: 1,
+        });
+        assert_eq!(
+            archives.describe(),
+            "2 tenants archive; 14 files (3,120 runs, 1.2 MB), last written 2026-12-04 07:00:00; \
+             1 begun and not finished (written again next run)"
+        );
+        let one = ArchivesStatus(repository::archives::Summary {
+            tenants: 1,
+            files: 1,
+            tasks: 1,
+            bytes: 900,
+            last_written_at: None,
+            writing: 0,
+        });
+        assert_eq!(
+            one.describe(),
+            "1 tenant archives; 1 file (1 run, 900 B), last written never"
+        );
+        let outbox = OutboxStatus {
+            entries: 12_000,
+            bytes: 3_100_000,
+            oldest_enqueued_at: Some(at),
+            failing: 2,
+            last_error: Some("refused".into()),
+        };
+        assert_eq!(
+            outbox.describe(),
+            "12,000 objects (3.1 MB), oldest 2026-12-04 07:00:00, 2 failing: refused"
+        );
     }
 }

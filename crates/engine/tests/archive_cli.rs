@@ -174,6 +174,17 @@ async fn the_manifest_lists_written_files_by_tenant_day_and_status() {
         keys(&["--since", "2026-11-02", "--tenant", "acme"]),
         ["archive/a/2026-11-02/r-0.parquet"]
     );
+    // As an operator reads it: the runs counted, the size with its unit.
+    let (code, out, err) = cli(&db, &["archive", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("acme  2026-11-01..2026-11-01  3 failed runs  900 B  expires "),
+        "{out}"
+    );
+    assert!(
+        out.contains("acme  2026-11-02..2026-11-02  2 succeeded runs  800 B  expires "),
+        "{out}"
+    );
     let (code, _, err) = cli(&db, &["archive", "list", "--since", "yesterday"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("allowed: a date, YYYY-MM-DD"), "{err}");
@@ -207,7 +218,7 @@ async fn the_manifest_lists_written_files_by_tenant_day_and_status() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("the expiry of 2 archive(s) moves with it"),
+        out.contains("the expiry of 2 archives moves with it"),
         "{out}"
     );
     assert_eq!(expiries().await, [None, None, None]);
@@ -335,7 +346,7 @@ async fn archived_runs_restore_into_a_schema_of_their_own() {
     let (code, out, err) = run(&["retention", "status"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("archives: 1 tenant(s) archive; 1 files (5 runs, "),
+        out.contains("archives: 1 tenant archives; 1 file (5 runs, "),
         "{out}"
     );
     let (code, out, err) = run(&["retention", "status", "--json"]);
@@ -369,7 +380,7 @@ async fn archived_runs_restore_into_a_schema_of_their_own() {
         ]);
         assert_eq!(code, 0, "{err}");
         assert!(
-            out.contains("restored 5 runs of acme (10 events, 0 payloads, 5 log lines) from 1 archive files into schema restored_acme"),
+            out.contains("restored 5 runs of acme (10 events, 0 payloads, 5 log lines) from 1 archive file into schema restored_acme"),
             "{out}"
         );
     }

@@ -25,7 +25,8 @@ pub struct ArchivingTenant {
 pub async fn archiving_tenants(
     executor: impl PgExecutor<'_>,
 ) -> Result<Vec<ArchivingTenant>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        ArchivingTenant,
         "SELECT id, slug, archive_statuses AS statuses, archive_retention_period AS retention
            FROM tenants
           WHERE archive_statuses <> '{}' AND (deleted_at IS NULL OR archive_deleted)
@@ -166,43 +167,46 @@ pub async fn dependents(
     let (Some(lo), Some(hi)) = (at.iter().min().copied(), at.iter().max().copied()) else {
         return Ok((Vec::new(), Vec::new(), Vec::new()));
     };
-    let events = sqlx::query_as(
-        "SELECT e.task_id, e.id, e.event_type, e.created_at, e.data::text AS data
-           FROM task_events e JOIN unnest($1::uuid[], $2::timestamptz[]) AS k(id, at)
-             ON e.task_id = k.id AND e.task_inserted_at = k.at
-          WHERE e.task_inserted_at BETWEEN $3 AND $4
-          ORDER BY e.task_id, e.id",
+    let events = sqlx::query_as!(
+        EventRow,
+        r#"SELECT e.task_id, e.id, e.event_type, e.created_at, e.data::text AS "data?"
+             FROM task_events e JOIN unnest($1::uuid[], $2::timestamptz[]) AS k(id, at)
+               ON e.task_id = k.id AND e.task_inserted_at = k.at
+            WHERE e.task_inserted_at BETWEEN $3 AND $4
+            ORDER BY e.task_id, e.id"#,
+        &ids,
+        &at,
+        lo,
+        hi
     )
-    .bind(&ids)
-    .bind(&at)
-    .bind(lo)
-    .bind(hi)
     .fetch_all(&mut *conn)
     .await?;
-    let payloads = sqlx::query_as(
+    let payloads = sqlx::query_as!(
+        PayloadRow,
         "SELECT p.task_id, p.id, p.kind, p.location, p.inline_content, p.external_key, p.size_bytes, p.created_at
            FROM task_payloads p JOIN unnest($1::uuid[], $2::timestamptz[]) AS k(id, at)
              ON p.task_id = k.id AND p.task_inserted_at = k.at
           WHERE p.task_inserted_at BETWEEN $3 AND $4
           ORDER BY p.task_id, p.id",
+        &ids,
+        &at,
+        lo,
+        hi
     )
-    .bind(&ids)
-    .bind(&at)
-    .bind(lo)
-    .bind(hi)
     .fetch_all(&mut *conn)
     .await?;
-    let logs = sqlx::query_as(
+    let logs = sqlx::query_as!(
+        LogRow,
         "SELECT l.task_id, l.id, l.created_at, l.level, l.line
            FROM task_logs l JOIN unnest($1::uuid[], $2::timestamptz[]) AS k(id, at)
              ON l.task_id = k.id AND l.task_inserted_at = k.at
           WHERE l.task_inserted_at BETWEEN $3 AND $4
           ORDER BY l.task_id, l.id",
+        &ids,
+        &at,
+        lo,
+        hi
     )
-    .bind(&ids)
-    .bind(&at)
-    .bind(lo)
-    .bind(hi)
     .fetch_all(&mut *conn)
     .await?;
     Ok((events, payloads, logs))
@@ -228,23 +232,23 @@ pub struct Begun<'a> {
 /// Records that the file `begun` is being written (committed before the upload: no object is
 /// ever without its manifest row). Returns its id.
 pub async fn begin(executor: impl PgExecutor<'_>, begun: &Begun<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
+    sqlx::query_scalar!(
         "INSERT INTO retention_archives (object_key, store, tenant_id, status, first_at, first_task, last_at, last_task,
                                          tasks, run_id, part, schema_version)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
+        begun.key,
+        begun.store,
+        begun.tenant,
+        begun.status.as_str(),
+        begun.first.0,
+        begun.first.1,
+        begun.last.0,
+        begun.last.1,
+        begun.tasks,
+        begun.run_id,
+        begun.part,
+        begun.schema_version
     )
-    .bind(begun.key)
-    .bind(begun.store)
-    .bind(begun.tenant)
-    .bind(begun.status.as_str())
-    .bind(begun.first.0)
-    .bind(begun.first.1)
-    .bind(begun.last.0)
-    .bind(begun.last.1)
-    .bind(begun.tasks)
-    .bind(begun.run_id)
-    .bind(begun.part)
-    .bind(begun.schema_version)
     .fetch_one(executor)
     .await
 }
@@ -302,11 +306,11 @@ pub async fn written(
     receipt: &crate::receipts::RunReceipt,
 ) -> Result<(), NotRecorded> {
     if let Some(run) = lease_run {
-        let held: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM maintenance_tasks WHERE task = 'task-history' AND lease_run_id = $1
-                AND lease_expires_at > now() FOR SHARE",
+        let held: Option<i32> = sqlx::query_scalar!(
+            r#"SELECT 1 AS "held!" FROM maintenance_tasks WHERE task = 'task-history' AND lease_run_id = $1
+                AND lease_expires_at > now() FOR SHARE"#,
+            run
         )
-        .bind(run)
         .fetch_optional(&mut *conn)
         .await?;
         if held.is_none() {
@@ -316,28 +320,34 @@ pub async fn written(
     let events: i64 = written.tasks.iter().map(|t| i64::from(t.events)).sum();
     let payloads: i64 = written.tasks.iter().map(|t| i64::from(t.payloads)).sum();
     let logs: i64 = written.tasks.iter().map(|t| i64::from(t.logs)).sum();
-    let row: Option<(Uuid, String)> = sqlx::query_as(
+    let row = sqlx::query!(
         "UPDATE retention_archives
             SET state = 'written', tasks = $2, events = $3, payloads = $4, logs = $5,
                 bytes = $6, sha256 = $7, written_at = now(), expires_at = now() + $8
           WHERE id = $1 AND state = 'writing'
           RETURNING tenant_id, object_key",
+        id,
+        written.tasks.len() as i64,
+        events,
+        payloads,
+        logs,
+        written.bytes,
+        written.sha256,
+        retention
     )
-    .bind(id)
-    .bind(written.tasks.len() as i64)
-    .bind(events)
-    .bind(payloads)
-    .bind(logs)
-    .bind(written.bytes)
-    .bind(&written.sha256)
-    .bind(retention)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some((tenant, key)) = row else {
+    let Some((tenant, key)) = row.map(|row| (row.tenant_id, row.object_key)) else {
         return Err(NotRecorded::NotWriting(id));
     };
     let tasks = &written.tasks;
-    sqlx::query(
+    let finished: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.finished_at).collect();
+    let max_event_ids: Vec<Option<i64>> = tasks.iter().map(|t| t.max_event_id).collect();
+    let max_payload_ids: Vec<Option<i64>> = tasks.iter().map(|t| t.max_payload_id).collect();
+    let max_log_ids: Vec<Option<i64>> = tasks.iter().map(|t| t.max_log_id).collect();
+    // The macro's check of an array parameter takes no NULL elements: the arrays that hold them
+    // are bound with their type stated (`as`), which skips that check.
+    sqlx::query!(
         "INSERT INTO retention_archived_tasks AS ra (task_id, task_inserted_at, archive_id, status, finished_at, events, payloads, logs,
                                                      max_event_id, max_payload_id, max_log_id)
          SELECT k.id, k.at, $3, k.status, k.finished_at, k.events, k.payloads, k.logs, k.me, k.mp, k.ml
@@ -349,21 +359,21 @@ pub async fn written(
                 events = excluded.events, payloads = excluded.payloads, logs = excluded.logs,
                 max_event_id = excluded.max_event_id, max_payload_id = excluded.max_payload_id,
                 max_log_id = excluded.max_log_id",
+        &tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        &tasks.iter().map(|t| t.inserted_at).collect::<Vec<_>>(),
+        id,
+        &tasks.iter().map(|t| t.status.clone()).collect::<Vec<_>>(),
+        &finished as &[Option<DateTime<Utc>>],
+        &tasks.iter().map(|t| t.events).collect::<Vec<_>>(),
+        &tasks.iter().map(|t| t.payloads).collect::<Vec<_>>(),
+        &tasks.iter().map(|t| t.logs).collect::<Vec<_>>(),
+        &max_event_ids as &[Option<i64>],
+        &max_payload_ids as &[Option<i64>],
+        &max_log_ids as &[Option<i64>]
     )
-    .bind(tasks.iter().map(|t| t.id).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.inserted_at).collect::<Vec<_>>())
-    .bind(id)
-    .bind(tasks.iter().map(|t| t.status.clone()).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.events).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.payloads).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.logs).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.max_event_id).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.max_payload_id).collect::<Vec<_>>())
-    .bind(tasks.iter().map(|t| t.max_log_id).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO retention_receipts AS rr (run_id, task, tenant_id, rule, tasks, events, payloads, logs, archive_keys, oldest, newest)
          VALUES ($1, $2, $3, 'archived', $4, $5, $6, $7, ARRAY[$8], $9, $10)
          ON CONFLICT (run_id, tenant_id, rule) DO UPDATE
@@ -371,17 +381,17 @@ pub async fn written(
              payloads = rr.payloads + excluded.payloads, logs = rr.logs + excluded.logs,
              archive_keys = rr.archive_keys || excluded.archive_keys,
              oldest = least(rr.oldest, excluded.oldest), newest = greatest(rr.newest, excluded.newest), last_at = now()",
+        receipt.run_id,
+        receipt.task,
+        tenant,
+        tasks.len() as i64,
+        events,
+        payloads,
+        logs,
+        key,
+        tasks.iter().map(|t| t.finished_at.unwrap_or(t.inserted_at)).min(),
+        tasks.iter().map(|t| t.finished_at.unwrap_or(t.inserted_at)).max()
     )
-    .bind(receipt.run_id)
-    .bind(&receipt.task)
-    .bind(tenant)
-    .bind(tasks.len() as i64)
-    .bind(events)
-    .bind(payloads)
-    .bind(logs)
-    .bind(key)
-    .bind(tasks.iter().map(|t| t.finished_at.unwrap_or(t.inserted_at)).min())
-    .bind(tasks.iter().map(|t| t.finished_at.unwrap_or(t.inserted_at)).max())
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -431,21 +441,25 @@ pub async fn list_between(
     until: Option<NaiveDate>,
     status: Option<&str>,
 ) -> Result<Vec<Archive>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT a.id, a.object_key, a.store, a.tenant_id, tn.slug, a.status, a.first_day, a.last_day, a.run_id,
-                a.state, a.tasks, a.events, a.payloads, a.logs, a.bytes, a.sha256, a.schema_version,
-                a.created_at, a.written_at, a.expires_at
-           FROM retention_archives a LEFT JOIN tenants tn ON tn.id = a.tenant_id
-          WHERE a.state = 'written' AND ($1::uuid IS NULL OR a.tenant_id = $1)
-            AND ($2::date IS NULL OR a.last_day >= $2)
-            AND ($3::date IS NULL OR a.first_day <= $3)
-            AND ($4::text IS NULL OR a.status = $4)
-          ORDER BY a.first_day, a.tenant_id, a.id",
+    // The days are generated columns (never NULL, though not declared so); the tenant's row may
+    // be gone (the outer join).
+    sqlx::query_as!(
+        Archive,
+        r#"SELECT a.id, a.object_key, a.store, a.tenant_id, tn.slug AS "slug?", a.status,
+                  a.first_day AS "first_day!", a.last_day AS "last_day!", a.run_id,
+                  a.state, a.tasks, a.events, a.payloads, a.logs, a.bytes, a.sha256, a.schema_version,
+                  a.created_at, a.written_at, a.expires_at
+             FROM retention_archives a LEFT JOIN tenants tn ON tn.id = a.tenant_id
+            WHERE a.state = 'written' AND ($1::uuid IS NULL OR a.tenant_id = $1)
+              AND ($2::date IS NULL OR a.last_day >= $2)
+              AND ($3::date IS NULL OR a.first_day <= $3)
+              AND ($4::text IS NULL OR a.status = $4)
+            ORDER BY a.first_day, a.tenant_id, a.id"#,
+        tenant,
+        since,
+        until,
+        status
     )
-    .bind(tenant)
-    .bind(since)
-    .bind(until)
-    .bind(status)
     .fetch_all(executor)
     .await
 }
@@ -465,12 +479,13 @@ pub async fn policy(
     executor: impl PgExecutor<'_>,
     key: &str,
 ) -> Result<Option<Policy>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Policy,
         "SELECT id, slug, archive_statuses AS statuses,
                 archive_retention_period AS retention, archive_deleted AS deleted
            FROM tenants WHERE id::text = $1 OR slug = $1",
+        key
     )
-    .bind(key)
     .fetch_optional(executor)
     .await
 }
@@ -492,28 +507,28 @@ pub async fn set_policy(
     id: Uuid,
     change: &PolicyChange,
 ) -> Result<u64, sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE tenants SET archive_statuses = coalesce($2, archive_statuses),
                 archive_retention_period = CASE WHEN $3 THEN $4 ELSE archive_retention_period END,
                 archive_deleted = coalesce($5, archive_deleted)
           WHERE id = $1",
+        id,
+        change.statuses.as_deref(),
+        change.retention.is_some(),
+        change.retention.flatten(),
+        change.deleted
     )
-    .bind(id)
-    .bind(&change.statuses)
-    .bind(change.retention.is_some())
-    .bind(change.retention.flatten())
-    .bind(change.deleted)
     .execute(&mut *conn)
     .await?;
     let Some(retention) = &change.retention else {
         return Ok(0);
     };
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "UPDATE retention_archives SET expires_at = written_at + $2
           WHERE tenant_id = $1 AND state = 'written' AND expires_at IS DISTINCT FROM written_at + $2",
+        id,
+        *retention
     )
-    .bind(id)
-    .bind(*retention)
     .execute(&mut *conn)
     .await?
     .rows_affected())
@@ -546,7 +561,8 @@ impl Unfinished {
 
 /// The files begun and not written, oldest first.
 pub async fn unfinished(executor: impl PgExecutor<'_>) -> Result<Vec<Unfinished>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Unfinished,
         "SELECT id, object_key, store, tenant_id, status, first_at, first_task, last_at, last_task, tasks
            FROM retention_archives WHERE state = 'writing' ORDER BY id",
     )
@@ -558,13 +574,13 @@ pub async fn unfinished(executor: impl PgExecutor<'_>) -> Result<Vec<Unfinished>
 /// longer archives): the row goes and its object, if the upload got that far, goes through the
 /// outbox (the row's delete trigger), exactly once.
 pub async fn forget(executor: impl PgExecutor<'_>, id: i64) -> Result<u64, sqlx::Error> {
-    Ok(
-        sqlx::query("DELETE FROM retention_archives WHERE id = $1 AND state = 'writing'")
-            .bind(id)
-            .execute(executor)
-            .await?
-            .rows_affected(),
+    Ok(sqlx::query!(
+        "DELETE FROM retention_archives WHERE id = $1 AND state = 'writing'",
+        id
     )
+    .execute(executor)
+    .await?
+    .rows_affected())
 }
 
 /// Removes up to `limit` records of archived tasks that are gone (their task deleted, and no
@@ -572,7 +588,7 @@ pub async fn forget(executor: impl PgExecutor<'_>, id: i64) -> Result<u64, sqlx:
 /// only once none of its tasks is recorded. Not while a rewrite's detached source waits to be
 /// counted (its count reads them). Returns how many.
 pub async fn clean_gone(executor: impl PgExecutor<'_>, limit: i64) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "DELETE FROM retention_archived_tasks WHERE (task_inserted_at, task_id) IN (
              SELECT ra.task_inserted_at, ra.task_id FROM retention_archived_tasks ra
               WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ra.task_id AND t.inserted_at = ra.task_inserted_at)
@@ -584,8 +600,8 @@ pub async fn clean_gone(executor: impl PgExecutor<'_>, limit: i64) -> Result<u64
                                    AND l.id > coalesce(ra.max_log_id, 0))
               LIMIT $1)
            AND NOT EXISTS (SELECT 1 FROM history_detached)",
+        limit
     )
-    .bind(limit)
     .execute(executor)
     .await?
     .rows_affected())
@@ -596,15 +612,15 @@ pub async fn clean_gone(executor: impl PgExecutor<'_>, limit: i64) -> Result<u64
 /// The orphan rules keep them ([`Rule::orphan_of_archived`]); an operator decides (see
 /// docs/operations.md, "Archiving").
 pub async fn late_rows(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce(sum((SELECT count(*) FROM task_events e WHERE e.task_id = ra.task_id AND e.task_inserted_at = ra.task_inserted_at
+    sqlx::query_scalar!(
+        r#"SELECT coalesce(sum((SELECT count(*) FROM task_events e WHERE e.task_id = ra.task_id AND e.task_inserted_at = ra.task_inserted_at
                                 AND e.id > coalesce(ra.max_event_id, 0))
                            + (SELECT count(*) FROM task_payloads p WHERE p.task_id = ra.task_id AND p.task_inserted_at = ra.task_inserted_at
                                 AND p.id > coalesce(ra.max_payload_id, 0))
                            + (SELECT count(*) FROM task_logs l WHERE l.task_id = ra.task_id AND l.task_inserted_at = ra.task_inserted_at
-                                AND l.id > coalesce(ra.max_log_id, 0))), 0)::bigint
+                                AND l.id > coalesce(ra.max_log_id, 0))), 0)::bigint AS "late!"
            FROM retention_archived_tasks ra
-          WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ra.task_id AND t.inserted_at = ra.task_inserted_at)",
+          WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = ra.task_id AND t.inserted_at = ra.task_inserted_at)"#,
     )
     .fetch_one(executor)
     .await
@@ -613,11 +629,11 @@ pub async fn late_rows(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error
 /// Whether run `run` holds task-history's lease now: checked before each upload, so that a
 /// run that lost it does not write a file another run may be writing.
 pub async fn lease_held(executor: impl PgExecutor<'_>, run: Uuid) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM maintenance_tasks WHERE task = 'task-history' AND lease_run_id = $1
-                          AND lease_expires_at > now())",
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM maintenance_tasks WHERE task = 'task-history' AND lease_run_id = $1
+                            AND lease_expires_at > now()) AS "held!""#,
+        run
     )
-    .bind(run)
     .fetch_one(executor)
     .await
 }
@@ -640,17 +656,18 @@ pub async fn expire(
     limit: i64,
     receipt: &crate::receipts::RunReceipt,
 ) -> Result<Vec<Expired>, sqlx::Error> {
-    let gone: Vec<Expired> = sqlx::query_as(
+    let gone: Vec<Expired> = sqlx::query_as!(
+        Expired,
         "DELETE FROM retention_archives WHERE id IN (
              SELECT a.id FROM retention_archives a
               WHERE a.store = $1 AND a.state = 'written' AND a.expires_at <= $2
                 AND NOT EXISTS (SELECT 1 FROM retention_archived_tasks ra WHERE ra.archive_id = a.id)
               ORDER BY a.expires_at, a.id LIMIT $3 FOR UPDATE SKIP LOCKED)
          RETURNING tenant_id, object_key, bytes",
+        store,
+        now,
+        limit
     )
-    .bind(store)
-    .bind(now)
-    .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
     let mut by_tenant: std::collections::BTreeMap<Uuid, Vec<String>> = Default::default();
@@ -661,18 +678,18 @@ pub async fn expire(
             .push(e.object_key.clone());
     }
     for (tenant, keys) in by_tenant {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO retention_receipts AS rr (run_id, task, tenant_id, rule, objects, archive_keys)
              VALUES ($1, $2, $3, 'archive-expired', $4, $5)
              ON CONFLICT (run_id, tenant_id, rule) DO UPDATE
              SET objects = rr.objects + excluded.objects, archive_keys = rr.archive_keys || excluded.archive_keys,
                  last_at = now()",
+            receipt.run_id,
+            receipt.task,
+            tenant,
+            keys.len() as i64,
+            &keys
         )
-        .bind(receipt.run_id)
-        .bind(&receipt.task)
-        .bind(tenant)
-        .bind(keys.len() as i64)
-        .bind(&keys)
         .execute(&mut *conn)
         .await?;
     }
@@ -717,14 +734,15 @@ pub struct Summary {
 }
 
 pub async fn summary(executor: impl PgExecutor<'_>) -> Result<Summary, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT (SELECT count(*) FROM tenants WHERE archive_statuses <> '{}') AS tenants,
-                count(*) FILTER (WHERE state = 'written') AS files,
-                coalesce(sum(tasks) FILTER (WHERE state = 'written'), 0)::bigint AS tasks,
-                coalesce(sum(bytes) FILTER (WHERE state = 'written'), 0)::bigint AS bytes,
-                max(written_at) AS last_written_at,
-                count(*) FILTER (WHERE state = 'writing') AS writing
-           FROM retention_archives",
+    sqlx::query_as!(
+        Summary,
+        r#"SELECT (SELECT count(*) FROM tenants WHERE archive_statuses <> '{}') AS "tenants!",
+                  count(*) FILTER (WHERE state = 'written') AS "files!",
+                  coalesce(sum(tasks) FILTER (WHERE state = 'written'), 0)::bigint AS "tasks!",
+                  coalesce(sum(bytes) FILTER (WHERE state = 'written'), 0)::bigint AS "bytes!",
+                  max(written_at) AS "last_written_at?",
+                  count(*) FILTER (WHERE state = 'writing') AS "writing!"
+             FROM retention_archives"#,
     )
     .fetch_one(executor)
     .await

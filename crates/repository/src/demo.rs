@@ -114,7 +114,7 @@ pub async fn seed(
     step(Seeded::OrphanEvents {
         events: size.orphan_events,
     });
-    sqlx::query("ANALYZE").execute(pool).await?;
+    sqlx::query!("ANALYZE").execute(pool).await?;
     Ok(())
 }
 
@@ -124,27 +124,27 @@ async fn seed_sessions(pool: &PgPool, anonymous: i64) -> Result<(), sqlx::Error>
     while done < anonymous {
         let n = CHUNK.min(anonymous - done);
         // ~280 bytes of session data each, as in the report (969 MB for 2.6M rows with indexes).
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO user_sessions (user_id, data, created_at, updated_at, expires_at)
              SELECT NULL, jsonb_build_object('csrf', md5(g::text), 'ua', repeat('Mozilla/5.0 ', 14), 'ip', '10.1.2.3',
                                              'flash', md5((g * 7)::text)),
                     c, c, c + interval '30 days'
              FROM generate_series($1::bigint, $2::bigint) g,
                   LATERAL (SELECT now() - (g::float8 / $3) * interval '30 days' AS c) t",
+            done + 1,
+            done + n,
+            anonymous as f64
         )
-        .bind(done + 1)
-        .bind(done + n)
-        .bind(anonymous as f64)
         .execute(pool)
         .await?;
         done += n;
     }
-    sqlx::query(
-        "WITH u AS (INSERT INTO users (email) SELECT 'user' || g || '@demo.example' FROM generate_series(1, $1) g RETURNING id)
+    sqlx::query!(
+        "WITH u AS (INSERT INTO users (email) SELECT 'user' || g || '@demo.example' FROM generate_series(1, $1::bigint) g RETURNING id)
          INSERT INTO user_sessions (user_id, created_at, updated_at, expires_at)
          SELECT id, now() - interval '20 days', now(), now() + interval '10 days' FROM u",
+        LOGGED_IN_USERS
     )
-    .bind(LOGGED_IN_USERS)
     .execute(pool)
     .await?;
     Ok(())
@@ -154,13 +154,14 @@ async fn seed_tenants(pool: &PgPool) -> Result<Vec<uuid::Uuid>, sqlx::Error> {
     let mut ids = Vec::with_capacity(TENANTS);
     for i in 0..TENANTS {
         let deleted = i >= TENANTS - DELETED_TENANTS;
-        let id = sqlx::query_scalar(
+        // The windows are interval text (`'7 days'`), cast by the server.
+        let id = sqlx::query_scalar!(
             "INSERT INTO tenants (slug, name, data_retention_period, deleted_at)
-             VALUES ($1, $1, $2::interval, CASE WHEN $3 THEN now() - interval '2 days' END) RETURNING id",
+             VALUES ($1, $1, $2::text::interval, CASE WHEN $3 THEN now() - interval '2 days' END) RETURNING id",
+            format!("demo-{:02}", i + 1),
+            TENANT_WINDOWS[i % TENANT_WINDOWS.len()],
+            deleted
         )
-        .bind(format!("demo-{:02}", i + 1))
-        .bind(TENANT_WINDOWS[i % TENANT_WINDOWS.len()])
-        .bind(deleted)
         .fetch_one(pool)
         .await?;
         ids.push(id);
@@ -183,32 +184,32 @@ async fn seed_history(
     ranges::extend_back(&mut tx, first, std::time::Duration::from_secs(60)).await?;
     tx.commit().await?;
     for day in 0..DAYS {
-        sqlx::query(
+        sqlx::query!(
             "WITH t AS (
                  INSERT INTO tasks (tenant_id, status, inserted_at, finished_at)
                  SELECT ($1::uuid[])[1 + g % array_length($1::uuid[], 1)],
                         CASE WHEN g % 20 = 0 THEN 'cancelled' WHEN g % 10 = 1 THEN 'failed' ELSE 'succeeded' END,
                         s, s + (g % 600) * interval '1 second'
-                 FROM generate_series(0, $3 - 1) g,
-                      LATERAL (SELECT $2::timestamptz + (g * 86400.0 / $3) * interval '1 second' AS s) x
+                 FROM generate_series(0, $3::bigint - 1) g,
+                      LATERAL (SELECT $2::timestamptz + (g * 86400.0 / $3::bigint) * interval '1 second' AS s) x
                  RETURNING id, tenant_id, inserted_at, finished_at, status)
              INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
              SELECT tenant_id, id, inserted_at, 'started', inserted_at FROM t
              UNION ALL
              SELECT tenant_id, id, inserted_at, status, finished_at FROM t",
+            tenants,
+            ranges::day_start(first + chrono::Duration::days(day)),
+            per_day
         )
-        .bind(tenants)
-        .bind(ranges::day_start(first + chrono::Duration::days(day)))
-        .bind(per_day)
         .execute(pool)
         .await?;
     }
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO tasks (tenant_id, status, inserted_at)
          SELECT ($1::uuid[])[1 + g % array_length($1::uuid[], 1)], 'running', now() - g * interval '1 minute'
          FROM generate_series(1, 100) g",
+        tenants
     )
-    .bind(tenants)
     .execute(pool)
     .await?;
     Ok(())
@@ -220,27 +221,27 @@ async fn seed_queue_items(
     n: i64,
 ) -> Result<(), sqlx::Error> {
     // Of tasks long gone (due), and of tasks queued now (kept).
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO queue_items (tenant_id, task_id, task_inserted_at, inserted_at)
          SELECT ($1::uuid[])[1 + g % array_length($1::uuid[], 1)], gen_random_uuid(), now() - interval '20 days',
                 now() - interval '20 days'
-         FROM generate_series(1, $2) g",
+         FROM generate_series(1, $2::bigint) g",
+        tenants,
+        n
     )
-    .bind(tenants)
-    .bind(n)
     .execute(pool)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "WITH t AS (
              INSERT INTO tasks (tenant_id, status, inserted_at)
              SELECT ($1::uuid[])[1 + g % ($3 - 3)], 'queued', now() - (g % 3600) * interval '1 second'
-             FROM generate_series(1, $2) g
+             FROM generate_series(1, $2::bigint) g
              RETURNING id, tenant_id, inserted_at)
          INSERT INTO queue_items (tenant_id, task_id, task_inserted_at) SELECT tenant_id, id, inserted_at FROM t",
+        tenants,
+        n,
+        tenants.len() as i32
     )
-    .bind(tenants)
-    .bind(n)
-    .bind(tenants.len() as i32)
     .execute(pool)
     .await?;
     Ok(())
@@ -251,13 +252,13 @@ async fn seed_orphan_events(
     tenants: &[uuid::Uuid],
     n: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO task_events (tenant_id, task_id, task_inserted_at, event_type, created_at)
          SELECT ($1::uuid[])[1 + g % array_length($1::uuid[], 1)], gen_random_uuid(), c, 'started', c
-         FROM generate_series(1, $2) g, LATERAL (SELECT now() - interval '2 hours' - (g % 86400) * interval '1 second' AS c) x",
+         FROM generate_series(1, $2::bigint) g, LATERAL (SELECT now() - interval '2 hours' - (g % 86400) * interval '1 second' AS c) x",
+        tenants,
+        n
     )
-    .bind(tenants)
-    .bind(n)
     .execute(pool)
     .await?;
     Ok(())

@@ -18,6 +18,7 @@ pub mod holds;
 pub mod lease;
 pub mod maintenance;
 pub mod outbox;
+pub mod pacing;
 pub mod payloads;
 pub mod queue_items;
 pub mod receipts;

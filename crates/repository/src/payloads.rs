@@ -405,6 +405,30 @@ pub async fn partitions(
     .await
 }
 
+/// The OID of the relation `name` (a partition, as [`partitions`] names it), or 0 when there is
+/// none (dropped since).
+pub async fn relid_of(executor: impl PgExecutor<'_>, name: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT coalesce(to_regclass($1)::oid::bigint, 0) AS "relid!""#,
+        name
+    )
+    .fetch_one(executor)
+    .await
+}
+
+/// Whether a relation with this OID still exists.
+pub async fn relation_exists(
+    executor: impl PgExecutor<'_>,
+    relid: i64,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = $1::bigint::oid) AS "exists!""#,
+        relid
+    )
+    .fetch_one(executor)
+    .await
+}
+
 #[derive(FromRow)]
 struct OrphansRow {
     deleted: i64,

@@ -35,46 +35,47 @@ pub async fn refusal(conn: &mut PgConnection, schema: &str) -> Result<Option<Str
     }
     // A schema on the search path (or one that would be: `$user`, named after a role) would put
     // the restored tables in front of the live ones for every unqualified statement.
-    let (searched, a_role): (bool, bool) = sqlx::query_as(
-        "SELECT $1 = ANY (current_schemas(true)), EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+    let found = sqlx::query!(
+        r#"SELECT $1 = ANY (current_schemas(true)) AS "searched!",
+                  EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AS "a_role!""#,
+        schema
     )
-    .bind(schema)
     .fetch_one(&mut *conn)
     .await?;
-    if searched || a_role {
+    if found.searched || found.a_role {
         return Ok(Some(
             "it is on the search path, or named after a role (\"$user\" is on it)".into(),
         ));
     }
     // Only a new schema, or one a restore made: never tables of someone else's.
-    let (relations, restore_made): (i64, bool) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')),
+    let held = sqlx::query!(
+        r#"SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')) AS "relations!",
                 EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
                           JOIN pg_namespace n ON n.oid = c.relnamespace
                          WHERE n.nspname = $1 AND c.relname = 'tasks' AND c.relkind = 'r'
-                           AND a.attname = 'archive_key' AND NOT a.attisdropped)",
+                           AND a.attname = 'archive_key' AND NOT a.attisdropped) AS "restore_made!""#,
+        schema
     )
-    .bind(schema)
     .fetch_one(&mut *conn)
     .await?;
-    if relations > 0 && !restore_made {
+    if held.relations > 0 && !held.restore_made {
         return Ok(Some("it holds tables a restore did not make".into()));
     }
-    let (migrations, live_tasks, restore_tasks): (bool, bool, bool) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                         WHERE n.nspname = $1 AND c.relname = '_sqlx_migrations'),
+    let engine = sqlx::query!(
+        r#"SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE n.nspname = $1 AND c.relname = '_sqlx_migrations') AS "migrations!",
                 EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                         WHERE n.nspname = $1 AND c.relname = 'tasks'),
+                         WHERE n.nspname = $1 AND c.relname = 'tasks') AS "live_tasks!",
                 EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
                           JOIN pg_namespace n ON n.oid = c.relnamespace
                          WHERE n.nspname = $1 AND c.relname = 'tasks' AND c.relkind = 'r'
-                           AND a.attname = 'archive_key' AND NOT a.attisdropped)",
+                           AND a.attname = 'archive_key' AND NOT a.attisdropped) AS "restore_tasks!""#,
+        schema
     )
-    .bind(schema)
     .fetch_one(&mut *conn)
     .await?;
-    if migrations || (live_tasks && !restore_tasks) {
+    if engine.migrations || (engine.live_tasks && !engine.restore_tasks) {
         return Ok(Some("it holds the engine's own tables".into()));
     }
     Ok(None)

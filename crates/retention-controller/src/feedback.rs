@@ -299,18 +299,6 @@ impl Drop for PauseGuard<'_> {
     }
 }
 
-/// Other client backends of this database, active and waiting on a lock, a lightweight lock or
-/// I/O. The engine's own connections share the probe's `application_name` (the engine names
-/// them), or extend it as `<name>/...` (its admin server's), and are left out.
-const WAITING: &str = "
-    SELECT count(*)::int4 FROM pg_stat_activity
-     WHERE backend_type = 'client backend' AND state = 'active' AND pid <> pg_backend_pid()
-       AND datname = current_database()
-       AND wait_event_type IN ('Lock', 'LWLock', 'IO')
-       AND (current_setting('application_name') = ''
-            OR (application_name <> current_setting('application_name')
-                AND NOT starts_with(application_name, current_setting('application_name') || '/')))";
-
 /// The longest a probe waits for the run to reach the phase it wants (a run plans, or waits for
 /// a standby, between its batches).
 const PHASE_WAIT: Duration = Duration::from_secs(1);
@@ -359,14 +347,11 @@ async fn probe_loop(
         }
         let before = *phase.epoch.borrow();
         let started = Instant::now();
-        let committed = sqlx::query("SELECT pg_current_xact_id()")
-            .execute(&mut connection)
-            .await;
+        let committed = repository::pacing::commit(&mut connection).await;
         let latency = started.elapsed();
         let in_pause = before % 2 == 1 && *phase.epoch.borrow() == before;
-        let waiting = sqlx::query_scalar::<_, i32>(WAITING)
-            .fetch_one(&mut connection)
-            .await;
+        // Other client backends waiting (see `repository::pacing::foreground_waiting`).
+        let waiting = repository::pacing::foreground_waiting(&mut connection).await;
         match (committed, waiting) {
             (Ok(_), Ok(waiting)) => governor.lock().unwrap().observe(
                 Probe {

@@ -15,6 +15,11 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
+/// "1 file", "0 files", "3,120 runs": `n` with thousands separators and the word that goes with it.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{} {}", thousands(n), if n == 1 { one } else { many })
+}
+
 /// "512 B", "9.8 kB", "969 MB", "1.2 GB" (powers of 1000, as `pg_size_pretty` does not).
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
@@ -54,6 +59,9 @@ mod tests {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(1_000), "1,000");
         assert_eq!(thousands(2_598_000), "2,598,000");
+        assert_eq!(count(1, "file", "files"), "1 file");
+        assert_eq!(count(0, "file", "files"), "0 files");
+        assert_eq!(count(3_120, "run", "runs"), "3,120 runs");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(9_800), "9.8 kB");
         assert_eq!(bytes(969_000_000), "969 MB");

@@ -444,8 +444,8 @@ pub fn is_undefined_table(error: &sqlx::Error) -> bool {
 
 /// The highest event id handed out so far (committed or not), or 0. One read of the sequence.
 pub async fn last_event_id(executor: impl PgExecutor<'_>) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM task_events_id_seq",
+    sqlx::query_scalar!(
+        r#"SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS "last!" FROM task_events_id_seq"#,
     )
     .fetch_one(executor)
     .await

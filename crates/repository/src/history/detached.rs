@@ -20,14 +20,14 @@ pub async fn record(
     upper: &str,
     rewrite_id: Option<i64>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO history_detached (relid, relname, lower, upper, rewrite_id) VALUES ($1, $2, $3::timestamptz, $4::timestamptz, $5)",
+    sqlx::query!(
+        "INSERT INTO history_detached (relid, relname, lower, upper, rewrite_id) VALUES ($1, $2, $3::text::timestamptz, $4::text::timestamptz, $5)",
+        relid,
+        relname,
+        lower,
+        upper,
+        rewrite_id
     )
-    .bind(relid)
-    .bind(relname)
-    .bind(lower)
-    .bind(upper)
-    .bind(rewrite_id)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -47,22 +47,30 @@ pub struct Dropped {
 /// sources of a rewrite whose count is not done are left to it (they are what it counts): its
 /// last step drops them ([`super::rewrite::count::finish`]).
 pub async fn drop_recorded(pool: &PgPool, lock_timeout: Duration) -> Result<Dropped, sqlx::Error> {
-    let recorded: Vec<(Oid, String)> =
-        sqlx::query_as("SELECT relid, relname FROM history_detached WHERE rewrite_id IS NULL ORDER BY detached_at, relid")
-            .fetch_all(pool)
-            .await?;
+    let recorded: Vec<(Oid, String)> = sqlx::query!(
+        "SELECT relid, relname FROM history_detached WHERE rewrite_id IS NULL ORDER BY detached_at, relid"
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|row| (row.relid, row.relname))
+    .collect();
     let mut outcome = Dropped::default();
     for (relid, relname) in recorded {
         let mut tx = pool.begin().await?;
-        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-            .bind(format!("{}ms", lock_timeout.as_millis().max(1)))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!(
+            "SELECT set_config('lock_timeout', $1, true)",
+            format!("{}ms", lock_timeout.as_millis().max(1))
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         // The record's row lock: another runner dropping the same table meanwhile is left to it.
-        let mine: Option<Oid> = sqlx::query_scalar("SELECT relid FROM history_detached WHERE relid = $1 AND rewrite_id IS NULL FOR UPDATE SKIP LOCKED")
-            .bind(relid)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let mine: Option<Oid> = sqlx::query_scalar!(
+            "SELECT relid FROM history_detached WHERE relid = $1 AND rewrite_id IS NULL FOR UPDATE SKIP LOCKED",
+            relid
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         if mine.is_none() {
             continue;
         }
@@ -73,8 +81,7 @@ pub async fn drop_recorded(pool: &PgPool, lock_timeout: Duration) -> Result<Drop
             Err(error) if crate::batch::is_lock_not_had(&error) => continue,
             Err(error) => return Err(error),
         }
-        sqlx::query("DELETE FROM history_detached WHERE relid = $1")
-            .bind(relid)
+        sqlx::query!("DELETE FROM history_detached WHERE relid = $1", relid)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -91,13 +98,14 @@ pub(crate) async fn drop_if_ours(
     relid: Oid,
     relname: &str,
 ) -> Result<Option<Result<String, String>>, sqlx::Error> {
-    let current: Option<(String, bool)> = sqlx::query_as(
-        "SELECT c.relname::text, c.relispartition FROM pg_class c
-         WHERE c.oid = $1 AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'tasks'::regclass)",
+    let current: Option<(String, bool)> = sqlx::query!(
+        r#"SELECT c.relname::text AS "relname!", c.relispartition FROM pg_class c
+         WHERE c.oid = $1 AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'tasks'::regclass)"#,
+        relid
     )
-    .bind(relid)
     .fetch_optional(&mut *conn)
-    .await?;
+    .await?
+    .map(|row| (row.relname, row.relispartition));
     Ok(match current {
         Some((name, false)) if name == relname => {
             sqlx::query(&format!("DROP TABLE {}", super::ident(&name)))

@@ -30,11 +30,33 @@ pub mod rewrite;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::types::Oid;
-use sqlx::FromRow;
+use sqlx::{FromRow, PgConnection};
 
-/// The GUC the engine sets in its own history writes: the change log skips them (the engine
-/// keeps the facts of what it deletes or moves itself).
-pub(crate) const ENGINE_WRITE: &str = "SELECT set_config('engine.retention_write', 'on', true)";
+/// Sets the GUC the engine sets in its own history writes, for the caller's transaction: the
+/// change log skips them (the engine keeps the facts of what it deletes or moves itself).
+pub(crate) async fn engine_write(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query!("SELECT set_config('engine.retention_write', 'on', true)")
+        .fetch_one(conn)
+        .await?;
+    Ok(())
+}
+
+/// The names of two relations (a range's partitions, by OID) as SQL identifiers, qualified
+/// where the search path needs it.
+pub(crate) async fn relation_names(
+    conn: &mut PgConnection,
+    first: Oid,
+    second: Oid,
+) -> Result<(String, String), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT $1::oid::regclass::text AS "first!", $2::oid::regclass::text AS "second!""#,
+        first,
+        second
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((row.first, row.second))
+}
 
 pub use crate::rule::ORPHAN_AGE;
 

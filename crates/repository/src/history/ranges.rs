@@ -15,7 +15,7 @@ use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::postgres::types::Oid;
 use sqlx::{PgConnection, PgExecutor};
 
-use super::{LogMode, Range, RangeRow, ENGINE_WRITE, RANGE_COLUMNS};
+use super::{engine_write, relation_names, LogMode, Range, RangeRow, RANGE_COLUMNS};
 
 /// Every attached range the engine manages, oldest first (the default partition first, the
 /// future range last).
@@ -35,16 +35,17 @@ const LAYOUT_LOCK: i64 = 0x656e_6769_6e65_4c59; // "engineLY"
 /// `lock_timeout`) when `wait`, else returns false at once if another holds it.
 pub async fn take_layout_lock(conn: &mut PgConnection, wait: bool) -> Result<bool, sqlx::Error> {
     if wait {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(LAYOUT_LOCK)
+        sqlx::query!("SELECT pg_advisory_xact_lock($1)", LAYOUT_LOCK)
             .execute(&mut *conn)
             .await?;
         Ok(true)
     } else {
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(LAYOUT_LOCK)
-            .fetch_one(&mut *conn)
-            .await
+        sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_xact_lock($1) AS "taken!""#,
+            LAYOUT_LOCK
+        )
+        .fetch_one(&mut *conn)
+        .await
     }
 }
 
@@ -57,10 +58,12 @@ pub(crate) async fn lock_parents(
     partitions: &[&str],
     lock_timeout: Duration,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-        .bind(format!("{}ms", lock_timeout.as_millis().max(1)))
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "SELECT set_config('lock_timeout', $1, true)",
+        format!("{}ms", lock_timeout.as_millis().max(1))
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     let mut tables = vec!["ONLY tasks", "ONLY task_events"];
     tables.extend_from_slice(partitions);
     sqlx::query(&format!(
@@ -86,13 +89,18 @@ pub(crate) async fn create_tables(
     suffix: &str,
     mode: LogMode,
 ) -> Result<(Oid, Oid), sqlx::Error> {
-    sqlx::query_as("SELECT tasks_relid, events_relid FROM history_create_range_tables($1::timestamptz, $2::timestamptz, $3, $4)")
-        .bind(lower)
-        .bind(upper)
-        .bind(suffix)
-        .bind(mode.as_str())
-        .fetch_one(&mut *conn)
-        .await
+    // The bounds are SQL text (`-infinity`, `infinity` among them), cast by the server.
+    let row = sqlx::query!(
+        r#"SELECT tasks_relid AS "tasks_relid!", events_relid AS "events_relid!"
+             FROM history_create_range_tables($1::text::timestamptz, $2::text::timestamptz, $3, $4)"#,
+        lower,
+        upper,
+        suffix,
+        mode.as_str()
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((row.tasks_relid, row.events_relid))
 }
 
 /// Puts the change log of the range with partitions `tasks` and `events` (lower bound `lower`,
@@ -106,18 +114,22 @@ pub(crate) async fn set_log_mode(
     lower: &str,
     mode: LogMode,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT history_install_triggers($1::regclass, $2::regclass, $3::timestamptz, $4)")
-        .bind(tasks)
-        .bind(events)
-        .bind(lower)
-        .bind(mode.as_str())
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("UPDATE history_ranges SET log_mode = $2 WHERE tasks_relid = $1")
-        .bind(tasks)
-        .bind(mode.as_str())
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "SELECT history_install_triggers($1::oid::regclass, $2::oid::regclass, $3::text::timestamptz, $4)",
+        tasks,
+        events,
+        lower,
+        mode.as_str()
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query!(
+        "UPDATE history_ranges SET log_mode = $2 WHERE tasks_relid = $1",
+        tasks,
+        mode.as_str()
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -155,12 +167,7 @@ pub(crate) async fn attach(
     lower: &str,
     upper: &str,
 ) -> Result<(), sqlx::Error> {
-    let (tasks, events): (String, String) =
-        sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
-            .bind(tasks)
-            .bind(events)
-            .fetch_one(&mut *conn)
-            .await?;
+    let (tasks, events) = relation_names(&mut *conn, tasks, events).await?;
     sqlx::Executor::execute(
         &mut *conn,
         attach_statements(&tasks, &events, lower, upper).as_str(),
@@ -193,18 +200,18 @@ pub(crate) async fn record(
     conn: &mut PgConnection,
     range: NewRange<'_>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO history_ranges (tasks_relid, events_relid, lower, upper, kind, rows, settled_at, log_mode)
-         VALUES ($1, $2, $3::timestamptz, $4::timestamptz, $5, $6, CASE WHEN $7 THEN now() END, $8)",
+         VALUES ($1, $2, $3::text::timestamptz, $4::text::timestamptz, $5, $6, CASE WHEN $7 THEN now() END, $8)",
+        range.tables.0,
+        range.tables.1,
+        range.lower,
+        range.upper,
+        range.kind,
+        range.rows,
+        range.settled,
+        range.log_mode.as_str()
     )
-    .bind(range.tables.0)
-    .bind(range.tables.1)
-    .bind(range.lower)
-    .bind(range.upper)
-    .bind(range.kind)
-    .bind(range.rows)
-    .bind(range.settled)
-    .bind(range.log_mode.as_str())
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -271,10 +278,12 @@ pub async fn carve_days(
     }
 
     // Row locks first: under the parents' lock nothing may wait for one (see the module docs).
-    sqlx::query("SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE")
-        .bind(future.tasks_relid)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        r#"SELECT 1 AS "locked!" FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE"#,
+        future.tasks_relid
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     lock_parents(
         &mut *conn,
         &[&future.tasks_name, &future.events_name],
@@ -283,7 +292,7 @@ pub async fn carve_days(
     .await?;
     let started = std::time::Instant::now();
     verify_bounds(&mut *conn, &future).await?;
-    sqlx::query(ENGINE_WRITE).execute(&mut *conn).await?;
+    engine_write(&mut *conn).await?;
     let (future_tasks, future_events) = (&future.tasks_name, &future.events_name);
     sqlx::query(&format!(
         "ALTER TABLE tasks DETACH PARTITION {future_tasks}"
@@ -296,20 +305,17 @@ pub async fn carve_days(
     .execute(&mut *conn)
     .await?;
     let end_text = end.to_rfc3339();
-    sqlx::query("UPDATE history_ranges SET lower = $2::timestamptz WHERE tasks_relid = $1")
-        .bind(future.tasks_relid)
-        .bind(&end_text)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE history_ranges SET lower = $2::text::timestamptz WHERE tasks_relid = $1",
+        future.tasks_relid,
+        end_text
+    )
+    .execute(&mut *conn)
+    .await?;
     let mut carved = Carved::default();
     for ((lower, upper), (tasks, events)) in pieces.iter().zip(created) {
         let (lower_text, upper_text) = (lower.to_rfc3339(), upper.to_rfc3339());
-        let names: (String, String) =
-            sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
-                .bind(tasks)
-                .bind(events)
-                .fetch_one(&mut *conn)
-                .await?;
+        let names = relation_names(&mut *conn, tasks, events).await?;
         let moved: i64 = sqlx::query_scalar(&format!(
             "WITH moved AS (DELETE FROM {future_tasks} WHERE inserted_at < $1::timestamptz RETURNING *),
                   ins AS (INSERT INTO {} SELECT * FROM moved RETURNING 1)
@@ -373,16 +379,20 @@ pub async fn carve_days(
         LogMode::All,
     )
     .await?;
-    sqlx::query("UPDATE history_ranges SET rows = greatest(rows - $2, 0) WHERE tasks_relid = $1")
-        .bind(future.tasks_relid)
-        .bind(carved.rows_moved)
+    sqlx::query!(
+        "UPDATE history_ranges SET rows = greatest(rows - $2, 0) WHERE tasks_relid = $1",
+        future.tasks_relid,
+        carved.rows_moved
+    )
+    .execute(&mut *conn)
+    .await?;
+    if carved.rows_moved > 0 {
+        sqlx::query!(
+            "UPDATE history_ranges SET settled_at = NULL WHERE tasks_relid = $1",
+            future.tasks_relid
+        )
         .execute(&mut *conn)
         .await?;
-    if carved.rows_moved > 0 {
-        sqlx::query("UPDATE history_ranges SET settled_at = NULL WHERE tasks_relid = $1")
-            .bind(future.tasks_relid)
-            .execute(&mut *conn)
-            .await?;
     }
     carved.locked = started.elapsed();
     Ok(carved)
@@ -395,15 +405,18 @@ pub(crate) async fn verify_bounds(
     range: &Range,
 ) -> Result<(), sqlx::Error> {
     let expected = for_values(&range.lower_text(), &range.upper_text());
-    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT c.oid::regclass::text, (SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i
-                                        WHERE i.inhrelid = c.oid AND i.inhparent IN ('tasks'::regclass, 'task_events'::regclass))
-         FROM pg_class c WHERE c.oid IN ($1, $2)",
+    let rows: Vec<(String, Option<String>)> = sqlx::query!(
+        r#"SELECT c.oid::regclass::text AS "name!", (SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i
+                                        WHERE i.inhrelid = c.oid AND i.inhparent IN ('tasks'::regclass, 'task_events'::regclass)) AS "bound?"
+         FROM pg_class c WHERE c.oid IN ($1, $2)"#,
+        range.tasks_relid,
+        range.events_relid
     )
-    .bind(range.tasks_relid)
-    .bind(range.events_relid)
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|row| (row.name, row.bound))
+    .collect();
     let default = range.kind == super::RangeKind::Default;
     for (name, bound) in &rows {
         let matches = match bound.as_deref() {
@@ -462,8 +475,8 @@ pub async fn in_shape(
     executor: impl PgExecutor<'_>,
     through: NaiveDate,
 ) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT NOT EXISTS (SELECT 1 FROM pg_inherits i
+    sqlx::query_scalar!(
+        r#"SELECT NOT EXISTS (SELECT 1 FROM pg_inherits i
                             WHERE i.inhparent IN ('tasks'::regclass, 'task_events'::regclass)
                               AND NOT EXISTS (SELECT 1 FROM history_ranges r WHERE i.inhrelid IN (r.tasks_relid, r.events_relid)))
             AND NOT EXISTS (SELECT 1 FROM history_ranges r
@@ -471,9 +484,9 @@ pub async fn in_shape(
                                OR NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = r.events_relid AND NOT i.inhdetachpending))
             AND NOT EXISTS (SELECT 1 FROM (SELECT upper, lead(lower) OVER (ORDER BY lower) AS next FROM history_ranges) g
                             WHERE g.next IS NOT NULL AND g.next <> g.upper)
-            AND (SELECT lower FROM history_ranges WHERE kind = 'future') >= $1",
+            AND (SELECT lower FROM history_ranges WHERE kind = 'future') >= $1 AS "in_shape!""#,
+        day_start(through + chrono::Duration::days(1))
     )
-    .bind(day_start(through + chrono::Duration::days(1)))
     .fetch_one(executor)
     .await
 }
@@ -506,30 +519,40 @@ pub async fn reconcile(
 ) -> Result<Reconciled, sqlx::Error> {
     let mut reconciled = Reconciled::default();
     // Attached partitions of each parent with their bound text, and the recorded ranges.
-    let attached: Vec<(Oid, String, String, String)> = sqlx::query_as(
-        "SELECT c.oid, c.oid::regclass::text, p.relname::text, pg_get_expr(c.relpartbound, c.oid)
+    let attached: Vec<(Oid, String, String, String)> = sqlx::query!(
+        r#"SELECT c.oid, c.oid::regclass::text AS "name!", p.relname::text AS "parent!",
+                  pg_get_expr(c.relpartbound, c.oid) AS "bound!"
          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent
-         WHERE i.inhparent IN ('tasks'::regclass, 'task_events'::regclass) AND NOT i.inhdetachpending",
+         WHERE i.inhparent IN ('tasks'::regclass, 'task_events'::regclass) AND NOT i.inhdetachpending"#
     )
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|row| (row.oid, row.name, row.parent, row.bound))
+    .collect();
     let recorded = all(&mut *conn).await?;
     let is_attached = |relid: Oid| attached.iter().any(|(oid, ..)| *oid == relid);
     for range in &recorded {
         if !is_attached(range.tasks_relid) || !is_attached(range.events_relid) {
-            sqlx::query("DELETE FROM history_ranges WHERE tasks_relid = $1")
-                .bind(range.tasks_relid)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = $1")
-                .bind(range.tasks_relid)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("DELETE FROM history_changes WHERE relid IN ($1, $2)")
-                .bind(range.tasks_relid)
-                .bind(range.events_relid)
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query!(
+                "DELETE FROM history_ranges WHERE tasks_relid = $1",
+                range.tasks_relid
+            )
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query!(
+                "DELETE FROM history_range_tenants WHERE tasks_relid = $1",
+                range.tasks_relid
+            )
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query!(
+                "DELETE FROM history_changes WHERE relid IN ($1, $2)",
+                range.tasks_relid,
+                range.events_relid
+            )
+            .execute(&mut *conn)
+            .await?;
             reconciled.forgotten.push(range.tasks_name.clone());
         }
     }
@@ -660,17 +683,19 @@ pub async fn extend_back(
         ));
         lower = upper;
     }
-    sqlx::query("SELECT 1 FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE")
-        .bind(default.tasks_relid)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        r#"SELECT 1 AS "locked!" FROM history_ranges WHERE tasks_relid = $1 FOR UPDATE"#,
+        default.tasks_relid
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     lock_parents(
         &mut *conn,
         &[&default.tasks_name, &default.events_name],
         lock_timeout,
     )
     .await?;
-    sqlx::query(ENGINE_WRITE).execute(&mut *conn).await?;
+    engine_write(&mut *conn).await?;
     let start_text = start.to_rfc3339();
     // Rows of the default partition from `start` on move out first, so the narrower CHECK holds.
     sqlx::query(&format!(
@@ -689,6 +714,7 @@ pub async fn extend_back(
     .bind(&start_text)
     .execute(&mut *conn)
     .await?;
+    // A temporary table of this transaction: not in the schema the macros check against.
     let moved: i64 = sqlx::query_scalar("SELECT count(*) FROM history_backfill_tasks")
         .fetch_one(&mut *conn)
         .await?;
@@ -711,12 +737,14 @@ pub async fn extend_back(
     )
     .await?;
     // Facts change only where rows moved: those ranges are rebuilt once settled.
-    sqlx::query("UPDATE history_ranges SET upper = $2::timestamptz, settled_at = CASE WHEN $3 THEN NULL ELSE settled_at END WHERE tasks_relid = $1")
-        .bind(default.tasks_relid)
-        .bind(&start_text)
-        .bind(moved > 0)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE history_ranges SET upper = $2::text::timestamptz, settled_at = CASE WHEN $3 THEN NULL ELSE settled_at END WHERE tasks_relid = $1",
+        default.tasks_relid,
+        start_text,
+        moved > 0
+    )
+    .execute(&mut *conn)
+    .await?;
     for (lower, upper, (tasks, events)) in created {
         let (lower_text, upper_text) = (lower.to_rfc3339(), upper.to_rfc3339());
         attach(&mut *conn, tasks, events, &lower_text, &upper_text).await?;
@@ -734,6 +762,7 @@ pub async fn extend_back(
             days.push(lower.date_naive());
         }
     }
+    // Temporary tables of this transaction: not in the schema the macros check against.
     sqlx::query("INSERT INTO tasks SELECT * FROM history_backfill_tasks")
         .execute(&mut *conn)
         .await?;

@@ -25,14 +25,16 @@ struct ChunkRow {
 }
 
 /// Pages in table `relid` now.
-async fn pages(
+pub(super) async fn pages(
     conn: &mut PgConnection,
     relid: sqlx::postgres::types::Oid,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT pg_relation_size($1) / current_setting('block_size')::bigint")
-        .bind(relid)
-        .fetch_one(conn)
-        .await
+    sqlx::query_scalar!(
+        r#"SELECT pg_relation_size($1::oid::regclass) / current_setting('block_size')::bigint AS "pages!""#,
+        relid
+    )
+    .fetch_one(conn)
+    .await
 }
 
 /// Moves the rewrite's cursor to the next source, or the next phase after the last.
@@ -44,15 +46,17 @@ async fn next_source(conn: &mut PgConnection, rewrite: &Rewrite) -> Result<(), s
         (phase, _) => phase,
     };
     let source = if last { 0 } else { rewrite.source + 1 };
-    sqlx::query("UPDATE history_rewrites SET phase = $2, source = $3, block = 0 WHERE id = $1")
-        .bind(rewrite.id)
-        .bind(phase.as_str())
-        .bind(source)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE history_rewrites SET phase = $2, source = $3, block = 0 WHERE id = $1",
+        rewrite.id,
+        phase.as_str(),
+        source
+    )
+    .execute(&mut *conn)
+    .await?;
     if phase == Phase::CatchUp {
         // Statistics for the replays' lookups into the new tables (a small sample: bounded).
-        sqlx::query("SET LOCAL default_statistics_target = 10")
+        sqlx::query!("SET LOCAL default_statistics_target = 10")
             .execute(&mut *conn)
             .await?;
         for table in [&rewrite.new_tasks_name, &rewrite.new_events_name] {
@@ -112,12 +116,8 @@ pub async fn chunk(
     let blocks = BlockRange { start, end };
     let (from, to) = blocks.tids();
     let rule = rewrite.rule();
-    let (source_tasks, source_events): (String, String) =
-        sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
-            .bind(source.tasks_relid)
-            .bind(source.events_relid)
-            .fetch_one(&mut *conn)
-            .await?;
+    let (source_tasks, source_events) =
+        crate::history::relation_names(&mut *conn, source.tasks_relid, source.events_relid).await?;
     let mut sql = match rewrite.phase {
         Phase::CopyTasks => {
             let mut sql = Sql::new(

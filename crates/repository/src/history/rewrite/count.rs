@@ -77,11 +77,7 @@ pub async fn chunk(
             )))
         }
     };
-    let total: i64 =
-        sqlx::query_scalar("SELECT pg_relation_size($1) / current_setting('block_size')::bigint")
-            .bind(relid)
-            .fetch_one(&mut *conn)
-            .await?;
+    let total: i64 = super::copy::pages(&mut *conn, relid).await?;
     if rewrite.block >= total {
         let (phase, next) = match rewrite.phase {
             Phase::CountTasks if rewrite.source + 1 >= rewrite.sources.len() as i32 => {
@@ -89,12 +85,14 @@ pub async fn chunk(
             }
             phase => (phase, rewrite.source + 1),
         };
-        sqlx::query("UPDATE history_rewrites SET phase = $2, source = $3, block = 0 WHERE id = $1")
-            .bind(rewrite.id)
-            .bind(phase.as_str())
-            .bind(next)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query!(
+            "UPDATE history_rewrites SET phase = $2, source = $3, block = 0 WHERE id = $1",
+            rewrite.id,
+            phase.as_str(),
+            next
+        )
+        .execute(&mut *conn)
+        .await?;
         return Ok(Counted::default());
     }
     let start = u32::try_from(rewrite.block).unwrap_or(u32::MAX);
@@ -102,12 +100,8 @@ pub async fn chunk(
         u32::try_from((rewrite.block + i64::from(pages.max(1))).min(total)).unwrap_or(u32::MAX);
     let blocks = BlockRange { start, end };
     let (from, to) = blocks.tids();
-    let (tasks, events): (String, String) =
-        sqlx::query_as("SELECT $1::regclass::text, $2::regclass::text")
-            .bind(source.tasks_relid)
-            .bind(source.events_relid)
-            .fetch_one(&mut *conn)
-            .await?;
+    let (tasks, events) =
+        crate::history::relation_names(&mut *conn, source.tasks_relid, source.events_relid).await?;
     let recorded = rewrite.recorded_rule();
     let receipt = rewrite.receipt();
     let mut sql = match rewrite.phase {
@@ -275,13 +269,13 @@ pub async fn finish(
         Err(error) if batch::is_lock_not_had(&error) => return Ok(false),
         Err(error) => return Err(error),
     }
-    let recorded: Vec<(sqlx::postgres::types::Oid, String)> = sqlx::query_as(
+    let recorded = sqlx::query!(
         "SELECT relid, relname FROM history_detached WHERE rewrite_id = $1 FOR UPDATE",
+        id
     )
-    .bind(id)
     .fetch_all(&mut *tx)
     .await?;
-    for (relid, relname) in recorded {
+    for (relid, relname) in recorded.into_iter().map(|row| (row.relid, row.relname)) {
         match crate::history::detached::drop_if_ours(&mut tx, relid, &relname).await {
             Ok(_) => {}
             // Someone is reading it: the next run drops it.
@@ -291,13 +285,11 @@ pub async fn finish(
             }
             Err(error) => return Err(error),
         }
-        sqlx::query("DELETE FROM history_detached WHERE relid = $1")
-            .bind(relid)
+        sqlx::query!("DELETE FROM history_detached WHERE relid = $1", relid)
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("DELETE FROM history_rewrites WHERE id = $1")
-        .bind(id)
+    sqlx::query!("DELETE FROM history_rewrites WHERE id = $1", id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -46,7 +46,7 @@ use sqlx::{FromRow, PgConnection, PgExecutor, PgPool};
 use uuid::Uuid;
 
 use super::ranges::{self, take_layout_lock};
-use super::{LogMode, Range, RangeKind, ENGINE_WRITE};
+use super::{engine_write, LogMode, Range, RangeKind};
 use crate::batch::{self, BatchLimits};
 use crate::receipts::RunReceipt;
 use crate::rule::{Holds, Rule};
@@ -248,10 +248,11 @@ impl Rewrite {
 }
 
 async fn sources_of(executor: impl PgExecutor<'_>, id: i64) -> Result<Vec<Source>, sqlx::Error> {
-    sqlx::query_as(
+    sqlx::query_as!(
+        Source,
         "SELECT position, tasks_relid, events_relid, lower, upper FROM history_rewrite_sources WHERE rewrite_id = $1 ORDER BY position",
+        id
     )
-    .bind(id)
     .fetch_all(executor)
     .await
 }
@@ -288,22 +289,25 @@ pub async fn lock(conn: &mut PgConnection, id: i64) -> Result<Option<Rewrite>, s
 
 /// Adds the time a step took to the rewrite's record (in the step's transaction).
 pub async fn spent(conn: &mut PgConnection, id: i64, seconds: f64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE history_rewrites SET seconds = seconds + $2 WHERE id = $1")
-        .bind(id)
-        .bind(seconds)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE history_rewrites SET seconds = seconds + $2 WHERE id = $1",
+        id,
+        seconds
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
 /// Records a step that failed (in a transaction of its own); returns the failures so far.
 pub async fn failed(pool: &PgPool, id: i64, error: &str) -> Result<i32, sqlx::Error> {
-    let failures: Option<i32> =
-        sqlx::query_scalar("UPDATE history_rewrites SET failures = failures + 1, last_error = $2 WHERE id = $1 RETURNING failures")
-            .bind(id)
-            .bind(error)
-            .fetch_optional(pool)
-            .await?;
+    let failures: Option<i32> = sqlx::query_scalar!(
+        "UPDATE history_rewrites SET failures = failures + 1, last_error = $2 WHERE id = $1 RETURNING failures",
+        id,
+        error
+    )
+    .fetch_optional(pool)
+    .await?;
     Ok(failures.unwrap_or(0))
 }
 
@@ -357,11 +361,12 @@ pub(crate) async fn not_now<T>(
 /// The names of `parent`'s columns, in order, as an SQL list (a copy names them, so that it does
 /// not depend on the order of a partition's columns).
 pub(crate) async fn columns(conn: &mut PgConnection, parent: &str) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
-         WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped",
+    // The parent by name: the server resolves it (`regclass`'s input).
+    sqlx::query_scalar!(
+        r#"SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) AS "columns!" FROM pg_attribute
+         WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped"#,
+        parent
     )
-    .bind(parent)
     .fetch_one(conn)
     .await
 }
@@ -399,7 +404,7 @@ pub async fn start(
     let (lower, upper) = (first.lower.unwrap(), last.upper.unwrap());
     let (lower_text, upper_text) = (lower.to_rfc3339(), upper.to_rfc3339());
     let mut tx = batch::begin(pool, limits.with_lock_timeout(lock_timeout)).await?;
-    sqlx::query(ENGINE_WRITE).execute(&mut *tx).await?;
+    engine_write(&mut tx).await?;
     match take_layout_lock(&mut tx, wait).await {
         Ok(true) => {}
         Ok(false) => return not_now(tx, NotNow::LayoutBusy).await,
@@ -409,12 +414,12 @@ pub async fn start(
         Err(error) => return Err(error),
     }
     let relids: Vec<Oid> = sources.iter().map(|r| r.tasks_relid).collect();
-    let locked: Vec<Oid> = match sqlx::query_scalar(
+    let locked: Vec<Oid> = match sqlx::query_scalar!(
         "SELECT tasks_relid FROM history_ranges
          WHERE tasks_relid = ANY($1) AND rewrite_id IS NULL AND log_mode = 'all' AND settled_at IS NOT NULL
          FOR UPDATE NOWAIT",
+        &relids
     )
-    .bind(&relids)
     .fetch_all(&mut *tx)
     .await
     {
@@ -430,47 +435,52 @@ pub async fn start(
     }
     let (new_tasks, new_events) =
         ranges::create_tables(&mut tx, &lower_text, &upper_text, "_new", LogMode::All).await?;
-    let (new_tasks_name, new_events_name): (String, String) = sqlx::query_as("SELECT relname::text, (SELECT relname::text FROM pg_class WHERE oid = $2) FROM pg_class WHERE oid = $1")
-        .bind(new_tasks)
-        .bind(new_events)
-        .fetch_one(&mut *tx)
-        .await?;
-    let id: i64 = sqlx::query_scalar(
+    let names = sqlx::query!(
+        r#"SELECT relname::text AS "tasks!", (SELECT relname::text FROM pg_class WHERE oid = $2) AS "events!" FROM pg_class WHERE oid = $1"#,
+        new_tasks,
+        new_events
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let (new_tasks_name, new_events_name) = (names.tasks, names.events);
+    let id: i64 = sqlx::query_scalar!(
         "INSERT INTO history_rewrites (task, run_id, lower, upper, new_tasks_relid, new_events_relid, new_tasks_name, new_events_name,
                                        rule_now, grace, rules_version, phase)
          SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, version, 'copy-tasks' FROM retention_rules
          RETURNING id",
+        task,
+        run_id,
+        lower,
+        upper,
+        new_tasks,
+        new_events,
+        new_tasks_name,
+        new_events_name,
+        rule.now,
+        crate::rule::interval(rule.grace)
     )
-    .bind(task)
-    .bind(run_id)
-    .bind(lower)
-    .bind(upper)
-    .bind(new_tasks)
-    .bind(new_events)
-    .bind(&new_tasks_name)
-    .bind(&new_events_name)
-    .bind(rule.now)
-    .bind(crate::rule::interval(rule.grace))
     .fetch_one(&mut *tx)
     .await?;
     for (position, source) in sources.iter().enumerate() {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO history_rewrite_sources (rewrite_id, position, tasks_relid, events_relid, lower, upper) VALUES ($1, $2, $3, $4, $5, $6)",
+            id,
+            position as i32,
+            source.tasks_relid,
+            source.events_relid,
+            source.lower,
+            source.upper
         )
-        .bind(id)
-        .bind(position as i32)
-        .bind(source.tasks_relid)
-        .bind(source.events_relid)
-        .bind(source.lower)
-        .bind(source.upper)
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("UPDATE history_ranges SET rewrite_id = $2 WHERE tasks_relid = ANY($1)")
-        .bind(&relids)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "UPDATE history_ranges SET rewrite_id = $2 WHERE tasks_relid = ANY($1)",
+        &relids,
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
     for source in sources {
         match ranges::set_log_mode(
             &mut tx,
@@ -527,35 +537,46 @@ async fn abandon_now(
         Err(error) if batch::is_lock_not_had(&error) => return Ok(false),
         Err(error) => return Err(error),
     };
-    let marked: Vec<(Oid, Oid, String)> =
-        sqlx::query_as("SELECT tasks_relid, events_relid, lower::text FROM history_ranges WHERE rewrite_id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await?;
-    for (tasks, events, lower) in marked {
-        ranges::set_log_mode(&mut tx, tasks, events, &lower, LogMode::All).await?;
-    }
-    sqlx::query("UPDATE history_ranges SET rewrite_id = NULL WHERE rewrite_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
+    let marked = sqlx::query!(
+        r#"SELECT tasks_relid, events_relid, lower::text AS "lower!" FROM history_ranges WHERE rewrite_id = $1 FOR UPDATE"#,
+        id
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for range in marked {
+        ranges::set_log_mode(
+            &mut tx,
+            range.tasks_relid,
+            range.events_relid,
+            &range.lower,
+            LogMode::All,
+        )
         .await?;
+    }
+    sqlx::query!(
+        "UPDATE history_ranges SET rewrite_id = NULL WHERE rewrite_id = $1",
+        id
+    )
+    .execute(&mut *tx)
+    .await?;
     for (relid, name) in [
         (rewrite.new_tasks, &rewrite.new_tasks_name),
         (rewrite.new_events, &rewrite.new_events_name),
     ] {
-        let current: Option<(String, bool)> =
-            sqlx::query_as("SELECT relname::text, relispartition FROM pg_class WHERE oid = $1")
-                .bind(relid)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let current: Option<(String, bool)> = sqlx::query!(
+            r#"SELECT relname::text AS "relname!", relispartition FROM pg_class WHERE oid = $1"#,
+            relid
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|row| (row.relname, row.relispartition));
         if matches!(&current, Some((current, false)) if current == name) {
             sqlx::query(&format!("DROP TABLE {}", super::ident(name)))
                 .execute(&mut *tx)
                 .await?;
         }
     }
-    sqlx::query("DELETE FROM history_rewrites WHERE id = $1")
-        .bind(id)
+    sqlx::query!("DELETE FROM history_rewrites WHERE id = $1", id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -568,16 +589,11 @@ pub(crate) async fn sources_attached(
     conn: &mut PgConnection,
     rewrite: &Rewrite,
 ) -> Result<bool, sqlx::Error> {
-    let marked: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM history_ranges WHERE rewrite_id = $1 AND tasks_relid = ANY($2)",
-    )
-    .bind(rewrite.id)
-    .bind(
-        rewrite
-            .sources
-            .iter()
-            .map(|s| s.tasks_relid)
-            .collect::<Vec<_>>(),
+    let relids: Vec<Oid> = rewrite.sources.iter().map(|s| s.tasks_relid).collect();
+    let marked: i64 = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "marked!" FROM history_ranges WHERE rewrite_id = $1 AND tasks_relid = ANY($2)"#,
+        rewrite.id,
+        &relids
     )
     .fetch_one(&mut *conn)
     .await?;
@@ -589,7 +605,7 @@ pub(crate) async fn sources_attached(
 pub async fn prune_rule_changes(pool: &PgPool) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
-        let deleted = sqlx::query(
+        let deleted = sqlx::query!(
             "DELETE FROM retention_rule_changes WHERE ctid = ANY (ARRAY (
                  SELECT ctid FROM retention_rule_changes
                  WHERE version <= coalesce((SELECT min(rules_version) FROM history_rewrites), (SELECT version FROM retention_rules))

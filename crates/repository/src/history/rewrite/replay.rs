@@ -161,35 +161,35 @@ pub(crate) async fn keys(
         .with("orphan_kept", rule.orphan_kept("e", "tasks"));
     copy_events.build().execute(&mut *conn).await?;
     // The orphans met: the events named are looked at again.
-    sqlx::query(
+    sqlx::query!(
         "DELETE FROM history_rewrite_orphans o USING unnest($2::int8[], $3::timestamptz[]) AS ev(id, at)
          WHERE o.rewrite_id = $1 AND o.event_id = ev.id AND o.task_inserted_at = ev.at",
+        rewrite.id,
+        &event_ids,
+        &event_ats
     )
-    .bind(rewrite.id)
-    .bind(&event_ids)
-    .bind(&event_ats)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO history_rewrite_orphans (rewrite_id, event_id, task_inserted_at, tenant_id)
          SELECT $1, e.id, e.task_inserted_at, e.tenant_id FROM unnest($2::int8[], $3::timestamptz[]) AS ev(id, at)
          JOIN task_events e ON e.id = ev.id AND e.task_inserted_at = ev.at
          WHERE e.task_inserted_at >= $4 AND e.task_inserted_at < $5
            AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id AND t.inserted_at = e.task_inserted_at)",
+        rewrite.id,
+        &event_ids,
+        &event_ats,
+        lower,
+        upper
     )
-    .bind(rewrite.id)
-    .bind(&event_ids)
-    .bind(&event_ats)
-    .bind(lower)
-    .bind(upper)
     .execute(&mut *conn)
     .await?;
 
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO history_rewrite_tenants (rewrite_id, tenant_id) SELECT $1, t FROM unnest($2::uuid[]) AS t ON CONFLICT DO NOTHING",
+        rewrite.id,
+        &keys.tenants
     )
-    .bind(rewrite.id)
-    .bind(&keys.tenants)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -215,15 +215,26 @@ pub async fn log_pass(
     let task_relids: Vec<Oid> = rewrite.sources.iter().map(|s| s.tasks_relid).collect();
     let relids = rewrite.source_relids();
     type Entry = (Oid, Uuid, Option<Uuid>, Option<DateTime<Utc>>, Option<i64>);
-    let entries: Vec<Entry> = sqlx::query_as(
+    let entries: Vec<Entry> = sqlx::query!(
         "DELETE FROM history_changes WHERE id = ANY (ARRAY (
              SELECT id FROM history_changes WHERE relid = ANY($1) LIMIT $2))
          RETURNING relid, tenant_id, task_id, task_inserted_at, event_id",
+        &relids,
+        limit
     )
-    .bind(&relids)
-    .bind(limit)
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|row| {
+        (
+            row.relid,
+            row.tenant_id,
+            row.task_id,
+            row.task_inserted_at,
+            row.event_id,
+        )
+    })
+    .collect();
     let mut pass = Keys::default();
     for (relid, tenant, task_id, task_at, event_id) in &entries {
         if task_relids.contains(relid) {
@@ -249,18 +260,18 @@ pub async fn changed_tenants(
     conn: &mut PgConnection,
     rewrite: &Rewrite,
 ) -> Result<(i64, Vec<Uuid>), sqlx::Error> {
-    let version: i64 = sqlx::query_scalar("SELECT version FROM retention_rules")
+    let version: i64 = sqlx::query_scalar!("SELECT version FROM retention_rules")
         .fetch_one(&mut *conn)
         .await?;
-    let tenants: Vec<Uuid> = sqlx::query_scalar(
+    let tenants: Vec<Uuid> = sqlx::query_scalar!(
         "SELECT DISTINCT c.tenant_id FROM retention_rule_changes c
          WHERE c.version > $1 AND c.version <= $2
            AND EXISTS (SELECT 1 FROM history_rewrite_tenants s WHERE s.rewrite_id = $3 AND s.tenant_id = c.tenant_id)
          ORDER BY 1",
+        rewrite.rules_version,
+        version,
+        rewrite.id
     )
-    .bind(rewrite.rules_version)
-    .bind(version)
-    .bind(rewrite.id)
     .fetch_all(&mut *conn)
     .await?;
     Ok((version, tenants))
@@ -277,18 +288,21 @@ pub async fn tenant_chunk(
     after: Option<Uuid>,
     limit: i64,
 ) -> Result<Option<Uuid>, sqlx::Error> {
-    let tasks: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+    let tasks: Vec<(Uuid, DateTime<Utc>)> = sqlx::query!(
         "SELECT id, inserted_at FROM tasks
          WHERE tenant_id = $1 AND id > $2 AND inserted_at >= $3 AND inserted_at < $4
          ORDER BY id LIMIT $5",
+        tenant,
+        after.unwrap_or_else(Uuid::nil),
+        rewrite.lower,
+        rewrite.upper,
+        limit
     )
-    .bind(tenant)
-    .bind(after.unwrap_or_else(Uuid::nil))
-    .bind(rewrite.lower)
-    .bind(rewrite.upper)
-    .bind(limit)
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|row| (row.id, row.inserted_at))
+    .collect();
     let mut chunk = Keys {
         tenants: vec![tenant],
         ..Keys::default()
@@ -298,13 +312,15 @@ pub async fn tenant_chunk(
         chunk.task_ats.push(*at);
     }
     if after.is_none() {
-        let orphans: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(
+        let orphans = sqlx::query!(
             "SELECT event_id, task_inserted_at FROM history_rewrite_orphans WHERE rewrite_id = $1 AND tenant_id = $2",
+            rewrite.id,
+            tenant
         )
-        .bind(rewrite.id)
-        .bind(tenant)
         .fetch_all(&mut *conn)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|row| (row.event_id, row.task_inserted_at));
         for (id, at) in orphans {
             chunk.event_ids.push(id);
             chunk.event_ats.push(at);
@@ -325,11 +341,13 @@ pub async fn caught_up_with(
     rewrite: &Rewrite,
     version: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE history_rewrites SET rules_version = $2 WHERE id = $1")
-        .bind(rewrite.id)
-        .bind(version)
-        .execute(conn)
-        .await?;
+    sqlx::query!(
+        "UPDATE history_rewrites SET rules_version = $2 WHERE id = $1",
+        rewrite.id,
+        version
+    )
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -340,7 +358,7 @@ pub async fn record_tenant_rules(
     conn: &mut PgConnection,
     rewrite: &Rewrite,
 ) -> Result<bool, sqlx::Error> {
-    let recorded: Option<i64> = sqlx::query_scalar(
+    let recorded: Option<i64> = sqlx::query_scalar!(
         "WITH current AS (SELECT version FROM retention_rules WHERE version = $2),
               recorded AS (
                   UPDATE history_rewrite_tenants s
@@ -352,9 +370,9 @@ pub async fn record_tenant_rules(
                     AND s.recorded_version IS DISTINCT FROM $2 AND EXISTS (SELECT 1 FROM current)
                   RETURNING 1)
          SELECT version FROM current",
+        rewrite.id,
+        rewrite.rules_version
     )
-    .bind(rewrite.id)
-    .bind(rewrite.rules_version)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(recorded.is_some())

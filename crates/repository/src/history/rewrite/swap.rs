@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use super::{lock, not_now, replay, NotNow, Phase};
 use crate::batch::{self, BatchLimits};
 use crate::history::ranges::{self, take_layout_lock, NewRange};
-use crate::history::{ident, LogMode, ENGINE_WRITE};
+use crate::history::{engine_write, ident, LogMode};
 use crate::rule;
 use crate::sql::{Fragment, Sql};
 
@@ -41,7 +41,7 @@ pub async fn swap(
 ) -> Result<Result<Swapped, NotNow>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = batch::begin_on(&mut conn, limits.with_lock_timeout(lock_timeout)).await?;
-    sqlx::query(ENGINE_WRITE).execute(&mut *tx).await?;
+    engine_write(&mut tx).await?;
     match take_layout_lock(&mut tx, true).await {
         Ok(true) => {}
         Ok(false) => return not_now(tx, NotNow::LayoutBusy).await,
@@ -57,13 +57,14 @@ pub async fn swap(
         Err(error) => return Err(error),
     };
     let relids: Vec<Oid> = rewrite.sources.iter().map(|s| s.tasks_relid).collect();
-    let locked: Vec<Oid> =
-        match sqlx::query_scalar("SELECT tasks_relid FROM history_ranges WHERE tasks_relid = ANY($1) AND rewrite_id = $2 FOR UPDATE NOWAIT")
-            .bind(&relids)
-            .bind(id)
-            .fetch_all(&mut *tx)
-            .await
-        {
+    let locked: Vec<Oid> = match sqlx::query_scalar!(
+        "SELECT tasks_relid FROM history_ranges WHERE tasks_relid = ANY($1) AND rewrite_id = $2 FOR UPDATE NOWAIT",
+        &relids,
+        id
+    )
+    .fetch_all(&mut *tx)
+    .await
+    {
             Ok(locked) => locked,
             // A row-delete batch holds a source's row for a moment: try again soon.
             Err(error) if batch::is_lock_not_had(&error) => return not_now(tx, NotNow::SourcesBusy).await,
@@ -164,10 +165,12 @@ pub async fn swap(
     ));
     sqlx::Executor::execute(&mut *tx, catalog.as_str()).await?;
     detached.record(&mut tx, id).await?;
-    sqlx::query("DELETE FROM history_ranges WHERE tasks_relid = ANY($1)")
-        .bind(&relids)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM history_ranges WHERE tasks_relid = ANY($1)",
+        &relids
+    )
+    .execute(&mut *tx)
+    .await?;
     // Not settled: until its facts are rebuilt (right after the commit, or by the next run's
     // settle after a crash) the new range is probed, never trusted.
     let new_range = NewRange {
@@ -181,11 +184,11 @@ pub async fn swap(
     };
     ranges::record(&mut tx, new_range).await?;
     let locked = lock_started.elapsed();
-    sqlx::query(
+    sqlx::query!(
         "UPDATE history_rewrites SET phase = 'count-tasks', source = 0, block = 0, swapped_at = now(), lock_ms = $2 WHERE id = $1",
+        id,
+        locked.as_secs_f64() * 1000.0
     )
-    .bind(id)
-    .bind(locked.as_secs_f64() * 1000.0)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -193,10 +196,12 @@ pub async fn swap(
 
     // The old ranges' facts (ignored since their ranges are gone: removed for tidiness). The new
     // range's are built by the next settle, in block ranges; until then it is probed.
-    sqlx::query("DELETE FROM history_range_tenants WHERE tasks_relid = ANY($1)")
-        .bind(&relids)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM history_range_tenants WHERE tasks_relid = ANY($1)",
+        &relids
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(Ok(Swapped { locked }))
 }
 
@@ -236,16 +241,16 @@ impl Detached {
         conn: &mut sqlx::PgConnection,
         rewrite_id: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO history_detached (relid, relname, lower, upper, rewrite_id)
              SELECT relid, relname, lower::timestamptz, upper::timestamptz, $5
              FROM unnest($1::oid[], $2::text[], $3::text[], $4::text[]) AS d(relid, relname, lower, upper)",
+            &self.relids,
+            &self.names,
+            &self.lowers,
+            &self.uppers,
+            rewrite_id
         )
-        .bind(&self.relids)
-        .bind(&self.names)
-        .bind(&self.lowers)
-        .bind(&self.uppers)
-        .bind(rewrite_id)
         .execute(conn)
         .await?;
         Ok(())
