@@ -8,7 +8,8 @@
 //!
 //! `task_payloads` and `task_logs` are partitioned by day on their own: the statements bound the
 //! task's `inserted_at` by the range's bounds, so that only the partitions of those days are
-//! opened (pruned when the executor starts, generic plans included).
+//! planned and opened (pruned by the planner for a custom plan, when the executor starts for a
+//! generic one).
 
 use crate::sql::Fragment;
 
@@ -83,12 +84,18 @@ pub(crate) fn delete_ctes(victims: &Victims<'_>) -> Fragment {
                 .then(rule.held("d.tenant_id", "d.task_id")),
             None => fragment.push("true"),
         };
-        fragment = fragment
-            .push(" AND d.task_inserted_at >= ")
-            .bind(victims.lower.clone())
-            .push("::timestamptz AND d.task_inserted_at < ")
-            .bind(victims.upper.clone())
-            .push(format!("::timestamptz RETURNING {returning})"));
+        // Bound as `timestamptz` values, not text cast by the server (a stable cast, evaluated
+        // only when the executor starts): the planner then prunes to the range's day partitions
+        // itself, instead of planning every partition of both tables (8 ms of planning a run
+        // with 70 days, in `bench history --section status`). An infinite bound is no bound.
+        for (bound, op) in [(&victims.lower, ">="), (&victims.upper, "<")] {
+            if let Ok(at) = chrono::DateTime::parse_from_rfc3339(bound) {
+                fragment = fragment
+                    .push(format!(" AND d.task_inserted_at {op} "))
+                    .bind(at.with_timezone(&chrono::Utc));
+            }
+        }
+        fragment = fragment.push(format!(" RETURNING {returning})"));
     }
     fragment
 }
