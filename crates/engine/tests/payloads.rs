@@ -315,8 +315,21 @@ fn killed_while_deleting_objects(
         // The store goes down; a run against it is killed while it tries. Nothing is lost.
         rt.block_on(server.stop());
         let mut run = blobs(false);
-        std::thread::sleep(Duration::from_secs(3));
-        run.kill().unwrap();
+        wait_until(
+            "the run against the store that is down records its failures",
+            Duration::from_secs(60),
+            || {
+                rt.block_on(
+                    sqlx::query_scalar::<_, i64>(
+                        "SELECT count(*) FROM object_deletions WHERE attempts > 0 AND last_error IS NOT NULL",
+                    )
+                    .fetch_one(&pool),
+                )
+                .unwrap()
+                    > 0
+            },
+        );
+        let _ = run.kill();
         run.wait().unwrap();
         assert_eq!(
             entries(),
