@@ -66,6 +66,9 @@ pub enum Holds {
 /// force is spelled: the live hold check ([`Rule::held`]) and the holds a rewrite records at its
 /// instant for its count both take it from here.
 pub fn holds_in_force(now: impl Fn() -> Fragment) -> [Fragment; 2] {
+    if testing::hold_check_broken() {
+        return [(), ()].map(|()| Fragment::text("ARRAY[]::uuid[]"));
+    }
     [("tenant_id", "IS NULL"), ("task_id", "IS NOT NULL")].map(|(held, scope)| {
         Fragment::text(format!(
             "ARRAY (SELECT h.{held} FROM retention_holds h
@@ -496,9 +499,6 @@ impl Rule {
     /// row: 1.1M rows copied by a rewrite took 40% longer. A SQL function with a subquery is not
     /// inlined.) Never NULL.
     pub fn held(&self, tenant: &str, task: &str) -> Fragment {
-        if testing::hold_check_broken() {
-            return Fragment::text("false");
-        }
         let (tenants, tasks) = match &self.holds {
             Holds::Live => {
                 let [tenants, tasks] = holds_in_force(|| Fragment::value(self.now));
@@ -596,9 +596,10 @@ pub mod testing {
     static HOLD_CHECK_BROKEN: std::sync::atomic::AtomicBool =
         std::sync::atomic::AtomicBool::new(false);
 
-    /// Makes [`super::Rule::held`] say "not held" for everything (every statement built from then
-    /// on), to show that each path's hold check is that one: with it broken, each path deletes
-    /// what holds cover. Only in builds with the `testing` feature.
+    /// Makes [`super::holds_in_force`] find no hold in force (every statement built from then
+    /// on), so that [`super::Rule::held`] says "not held" for everything, live or as a rewrite
+    /// recorded it at its swap: to show that each path's hold check is that one. With it broken,
+    /// each path deletes what holds cover. Only in builds with the `testing` feature.
     #[cfg(feature = "testing")]
     pub fn break_the_hold_check(broken: bool) {
         HOLD_CHECK_BROKEN.store(broken, std::sync::atomic::Ordering::SeqCst);
