@@ -366,12 +366,11 @@ async fn the_blobs_metrics_show_objects_deleted_the_outbox_and_orphans() {
     let db = TestDatabase::new().await;
     let dir = tempfile::tempdir().unwrap();
     let objects = dir.path().join("objects");
-    let tenant: uuid::Uuid = sqlx::query_scalar(
-        "INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme') RETURNING id",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let tenant: uuid::Uuid =
+        sqlx::query_scalar("INSERT INTO tenants (slug, name) VALUES ('acme', 'Acme') RETURNING id")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     // Ten objects: six whose payload rows went (their keys in the outbox), four that no row
     // names (writers that died between the object and its row).
     let keys: Vec<String> = (0..10)
@@ -410,7 +409,11 @@ async fn the_blobs_metrics_show_objects_deleted_the_outbox_and_orphans() {
     };
     wait_until("the blobs run's metrics", Duration::from_secs(30), || {
         let text = get();
-        metric(&text, "retention_objects_deleted_total", &["source=\"outbox\""]) == Some(6.0)
+        metric(
+            &text,
+            "retention_objects_deleted_total",
+            &["source=\"outbox\""],
+        ) == Some(6.0)
             && metric(&text, "retention_outbox_entries", &[]) == Some(0.0)
             && metric(&text, "retention_orphan_objects", &[]) == Some(4.0)
     });
