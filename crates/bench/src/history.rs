@@ -535,10 +535,14 @@ impl Due {
 
     async fn seed(&self, pool: &PgPool, sample: i64) -> anyhow::Result<()> {
         let start = ranges::day_start(self.today - chrono::Duration::days(self.days + 2));
+        // Inserted over the two days from `start` and finished 5 minutes later, all before the
+        // day their window ends on begins: due at any time of that day. (Over the whole two days,
+        // the last ones finished up to 4 minutes into it, and a section started just after
+        // midnight found them not yet due: "deleted 99 tasks, expected 100".)
         sqlx::query(
             "INSERT INTO tasks (id, tenant_id, status, inserted_at, finished_at)
              SELECT gen_random_uuid(), $1, $5, t, t + interval '5 minutes'
-             FROM (SELECT $2::timestamptz + ((g * 7919 + $3) % (2 * 24 * 60)) * interval '1 minute' AS t
+             FROM (SELECT $2::timestamptz + ((g * 7919 + $3) % (2 * 24 * 60 - 10)) * interval '1 minute' AS t
                    FROM generate_series(1, $4) g) s",
         )
         .bind(self.tenant)
