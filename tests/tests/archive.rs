@@ -26,13 +26,8 @@ struct Seeded {
 
 async fn seed(pool: &PgPool) -> Seeded {
     let now = db_now(pool).await;
-    let pay = insert_tenant(pool, Some("2 days"), None).await;
+    let pay = archiving_tenant(pool, "2 days").await;
     let other = insert_tenant(pool, Some("2 days"), None).await;
-    sqlx::query("UPDATE tenants SET archive_statuses = '{failed}' WHERE id = $1")
-        .bind(pay)
-        .execute(pool)
-        .await
-        .unwrap();
     let day1 = day_start(a_past_day(pool).await) + Span::hours(3);
     let day2 = day1 + Span::days(1);
     create_day(pool, day2.date_naive()).await;
@@ -500,9 +495,8 @@ async fn a_record_names_a_written_archive_and_a_named_archive_cannot_be_deleted(
 /// their archive holds, and leaves the late line, counted as a late row.
 #[tokio::test]
 async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_count_is_exact() {
-    use repository::batch::{self, BatchLimits};
-    use repository::history::rewrite::{self, copy, swap, Phase};
-    use repository::rule::Rule;
+    use repository::batch::BatchLimits;
+    use repository::history::rewrite::swap;
     use retention_controller::rewrites::{self, Naming, Outcome, Steps};
     use retention_controller::{RunContext, RunOptions, RunReport};
     use std::time::Duration;
@@ -510,12 +504,7 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
     let db = TestDatabase::new().await;
     let pool = &db.pool;
     let now = db_now(pool).await;
-    let tenant = insert_tenant(pool, Some("2 days"), None).await;
-    sqlx::query("UPDATE tenants SET archive_statuses = '{failed}' WHERE id = $1")
-        .bind(tenant)
-        .execute(pool)
-        .await
-        .unwrap();
+    let tenant = archiving_tenant(pool, "2 days").await;
     let at = day_start(a_past_day(pool).await) + Span::hours(12);
     let finished = Some(now - Span::days(3));
     let log_line = |task: TaskKey, line: &'static str| {
@@ -583,36 +572,18 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
     let limits = BatchLimits::new(Duration::from_secs(30), Duration::from_secs(5))
         .with_generic_plans()
         .with_history_write();
-    let range = repository::history::ranges::all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.lower.is_some_and(|l| l <= at) && r.upper.is_some_and(|u| u > at))
-        .unwrap();
+    let range = range_at(pool, at).await;
     let run_id = uuid::Uuid::now_v7();
-    let started = rewrite::start(
+    let id = rewrite_copied(
         pool,
-        std::slice::from_ref(&range),
-        ("task-history", run_id),
-        &Rule::new(now, Duration::from_secs(86_400)),
+        run_id,
+        &range,
+        now,
+        Duration::from_secs(86_400),
         limits,
-        Duration::from_secs(5),
-        true,
     )
-    .await
-    .unwrap()
-    .unwrap();
-    loop {
-        let mut tx = batch::begin(pool, limits).await.unwrap();
-        let current = rewrite::lock(&mut tx, started.id).await.unwrap().unwrap();
-        if current.phase == Phase::CatchUp {
-            tx.commit().await.unwrap();
-            break;
-        }
-        copy::chunk(&mut tx, &current, 64).await.unwrap();
-        tx.commit().await.unwrap();
-    }
-    let swapped = swap::swap(pool, started.id, limits, Duration::from_secs(5))
+    .await;
+    let swapped = swap::swap(pool, id, limits, Duration::from_secs(5))
         .await
         .unwrap();
     assert!(swapped.is_ok(), "{swapped:?}");
@@ -657,7 +628,7 @@ async fn a_log_line_written_between_a_rewrites_swap_and_its_count_stays_and_the_
         grace: Duration::from_secs(86_400),
     };
     let mut report = RunReport::default();
-    let outcome = rewrites::advance(&ctx, started.id, steps, Naming::Rules, &mut report)
+    let outcome = rewrites::advance(&ctx, id, steps, Naming::Rules, &mut report)
         .await
         .unwrap();
     assert!(matches!(outcome, Outcome::Done(_)), "{outcome:?}");

@@ -45,13 +45,8 @@ const DUE_EVENTS: i64 = 3 * 7;
 
 async fn seed(pool: &PgPool) -> Seeded {
     let now = db_now(pool).await;
-    let pay = insert_tenant(pool, Some("2 days"), None).await;
+    let pay = archiving_tenant(pool, "2 days").await;
     let other = insert_tenant(pool, Some("2 days"), None).await;
-    sqlx::query("UPDATE tenants SET archive_statuses = '{failed}' WHERE id = $1")
-        .bind(pay)
-        .execute(pool)
-        .await
-        .unwrap();
     let at = day_start(a_past_day(pool).await) + Span::hours(3);
     let days: Vec<NaiveDate> = [5, 4, 3]
         .into_iter()

@@ -443,3 +443,60 @@ pub fn archiving_history(
     )
     .with_archive_storage(storage)
 }
+
+/// A tenant keeping run history for `window` that archives its failed runs.
+pub async fn archiving_tenant(pool: &PgPool, window: &str) -> Uuid {
+    let tenant = insert_tenant(pool, Some(window), None).await;
+    sqlx::query("UPDATE tenants SET archive_statuses = '{failed}' WHERE id = $1")
+        .bind(tenant)
+        .execute(pool)
+        .await
+        .unwrap();
+    tenant
+}
+
+/// The history range holding the instant `at`.
+pub async fn range_at(pool: &PgPool, at: DateTime<Utc>) -> repository::history::Range {
+    repository::history::ranges::all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.lower.is_some_and(|l| l <= at) && r.upper.is_some_and(|u| u > at))
+        .unwrap()
+}
+
+/// A rewrite of `range` started as `task-history`'s run `run_id` starts one (under the rule at
+/// `now` with `grace`), its copy stepped through until it reaches its catch-up: the caller
+/// writes, then swaps. Its id.
+pub async fn rewrite_copied(
+    pool: &PgPool,
+    run_id: Uuid,
+    range: &repository::history::Range,
+    now: DateTime<Utc>,
+    grace: std::time::Duration,
+    limits: repository::batch::BatchLimits,
+) -> i64 {
+    use repository::history::rewrite::{self, copy, Phase};
+    let started = rewrite::start(
+        pool,
+        std::slice::from_ref(range),
+        ("task-history", run_id),
+        &repository::rule::Rule::new(now, grace),
+        limits,
+        std::time::Duration::from_secs(5),
+        true,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    loop {
+        let mut tx = repository::batch::begin(pool, limits).await.unwrap();
+        let current = rewrite::lock(&mut tx, started.id).await.unwrap().unwrap();
+        if current.phase == Phase::CatchUp {
+            tx.commit().await.unwrap();
+            return started.id;
+        }
+        copy::chunk(&mut tx, &current, 64).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+}

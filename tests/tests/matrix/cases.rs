@@ -4,10 +4,8 @@
 use std::time::Duration;
 
 use chrono::Duration as Span;
-use repository::batch::{self, BatchLimits};
-use repository::history::rewrite::{self, copy, swap, Phase};
-use repository::history::{ranges, Range};
-use repository::rule::Rule;
+use repository::batch::BatchLimits;
+use repository::history::rewrite::swap;
 use retention_controller::rewrites::{self, Naming, Outcome, Steps};
 use retention_controller::settings::{QueueItemsSettings, TaskHistorySettings};
 use retention_controller::tasks::queue_items::QueueItemsTask;
@@ -144,16 +142,6 @@ fn steps() -> Steps {
     }
 }
 
-/// The range holding `at`.
-async fn range_at(pool: &PgPool, at: chrono::DateTime<chrono::Utc>) -> Range {
-    ranges::all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|r| r.lower.is_some_and(|l| l <= at) && r.upper.is_some_and(|u| u > at))
-        .unwrap()
-}
-
 /// A compaction of a past day, started before the matrix's rows exist (only due filler rows are
 /// there when it copies): the rows are written, and the tenant `h` put on hold, once its copy is
 /// done. They reach the new range through its catch-up (the writes' replay and the copy again of
@@ -190,29 +178,7 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
         matrix.live_tenant_tasks(pool, now, at, t.h, true).await;
     }
     let range = range_at(pool, at).await;
-    let run_id = Uuid::now_v7();
-    let started = rewrite::start(
-        pool,
-        std::slice::from_ref(&range),
-        ("task-history", run_id),
-        &Rule::new(now, GRACE),
-        limits(),
-        Duration::from_secs(5),
-        true,
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    loop {
-        let mut tx = batch::begin(pool, limits()).await.unwrap();
-        let current = rewrite::lock(&mut tx, started.id).await.unwrap().unwrap();
-        if current.phase == Phase::CatchUp {
-            tx.commit().await.unwrap();
-            break;
-        }
-        copy::chunk(&mut tx, &current, 64).await.unwrap();
-        tx.commit().await.unwrap();
-    }
+    let id = rewrite_copied(pool, Uuid::now_v7(), &range, now, GRACE, limits()).await;
     // The changes, while the rewrite catches up.
     insert_event(pool, t.ar, late_event, at).await;
     if !final_replay {
@@ -251,12 +217,12 @@ async fn rewrite_with_changes(pool: &PgPool, final_replay: bool) -> (Vec<String>
     let mut report = RunReport::default();
     if final_replay {
         // Straight to the swap: its replay, under the lock, is the first to see the changes.
-        let swapped = swap::swap(pool, started.id, limits(), Duration::from_secs(5))
+        let swapped = swap::swap(pool, id, limits(), Duration::from_secs(5))
             .await
             .unwrap();
         assert!(swapped.is_ok(), "{swapped:?}");
     }
-    let outcome = rewrites::advance(&ctx, started.id, steps(), Naming::Rules, &mut report)
+    let outcome = rewrites::advance(&ctx, id, steps(), Naming::Rules, &mut report)
         .await
         .unwrap();
     assert!(matches!(outcome, Outcome::Done(_)), "{outcome:?}");

@@ -92,12 +92,7 @@ pub async fn tenants(pool: &PgPool, now: DateTime<Utc>) -> Tenants {
     let dp = insert_tenant(pool, None, Some(now - Span::hours(25))).await;
     let dph = insert_tenant(pool, None, Some(now - Span::hours(25))).await;
     let f = insert_tenant(pool, None, None).await;
-    let ar = insert_tenant(pool, Some("2 days"), None).await;
-    sqlx::query("UPDATE tenants SET archive_statuses = '{failed}' WHERE id = $1")
-        .bind(ar)
-        .execute(pool)
-        .await
-        .unwrap();
+    let ar = archiving_tenant(pool, "2 days").await;
     Tenants {
         ar,
         a,
